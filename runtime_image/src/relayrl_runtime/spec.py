@@ -1,0 +1,820 @@
+"""The Agent custom resource, as typed models: the one source of truth for its API.
+
+Everything about an Agent's shape lives here: fields, defaults, bounds, enums, the
+description `kubectl explain` prints, and the cross-field rules. The operator
+generates the CRD from these models (`make crds`), validates specs with them, and
+renders the runtime config from them; the runtime reads the parts it needs.
+
+This module is deliberately light (pydantic only): the operator imports it without
+pulling in torch, onnxruntime or gymnasium (an import-linter contract keeps it so).
+
+Cross-field rules are declared once, as `Rule`s next to the model they constrain.
+Each carries a CEL expression for the apiserver (`x-kubernetes-validations`) and the
+same predicate in Python, with one message, so a bad spec is rejected with the same
+words by `Agent.model_validate` and by `kubectl apply`.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Annotated, Any, ClassVar, Final, Self
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+from pydantic_core import PydanticCustomError
+
+GROUP: Final = "relayrl.io"
+VERSION: Final = "v1alpha1"
+API_VERSION: Final = f"{GROUP}/{VERSION}"
+KIND: Final = "Agent"
+PLURAL: Final = "agents"
+SINGULAR: Final = "agent"
+
+# Child object names are built as "<agent>-<suffix>" and StatefulSet pods add
+# "-<ordinal>" plus a 10-character revision hash label; 40 leaves room for all.
+MAX_NAME_LENGTH: Final = 40
+
+GPU_RESOURCE: Final = "nvidia.com/gpu"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A cross-field rule, checked by the model and by the apiserver.
+
+    `cel` is the expression the apiserver evaluates with `self` bound to the
+    object the rule sits on; `holds` is the same predicate over the parsed model.
+    `field` names the (camelCase) field the error is reported on, relative to
+    that object, or "" for the object itself.
+    """
+
+    cel: str
+    message: str
+    holds: Callable[[Any], bool]
+    field: str = ""
+
+    def to_openapi(self) -> dict[str, str]:
+        """The `x-kubernetes-validations` entry for this rule."""
+        out = {"rule": self.cel, "message": self.message}
+        if self.field:
+            out["fieldPath"] = f".{self.field}"
+        return out
+
+
+class SpecModel(BaseModel):
+    """Base for every Agent model: camelCase on the wire, unknown fields rejected."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        frozen=True,
+        use_enum_values=False,
+        validate_default=True,
+    )
+
+    rules: ClassVar[tuple[Rule, ...]] = ()
+
+    @pydantic.model_validator(mode="after")
+    def _check_rules(self) -> Self:
+        for rule in type(self).rules:
+            if not rule.holds(self):
+                raise PydanticCustomError(
+                    "rule", "{message}", {"message": rule.message, "field": rule.field}
+                )
+        return self
+
+    @classmethod
+    def __get_pydantic_json_schema__(
+        cls,
+        core_schema: Any,
+        handler: pydantic.GetJsonSchemaHandler,
+    ) -> dict[str, Any]:
+        schema: dict[str, Any] = handler(core_schema)
+        if cls.rules:
+            target = handler.resolve_ref_schema(schema)
+            target["x-kubernetes-validations"] = [r.to_openapi() for r in cls.rules]
+        return schema
+
+
+def _one_of(*fields: str) -> Callable[[Any], bool]:
+    def holds(obj: Any) -> bool:
+        return sum(getattr(obj, f) is not None for f in fields) == 1
+
+    return holds
+
+
+def _one_of_cel(*fields: str) -> str:
+    present = ", ".join(f"has(self.{f})" for f in fields)
+    return f"[{present}].filter(x, x).size() == 1"
+
+
+def _preserve_unknown(description: str) -> Any:
+    """A free-form object field (kwargs, affinity): kept as given by the apiserver."""
+    return Field(
+        default_factory=dict,
+        description=description,
+        json_schema_extra={"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+    )
+
+
+# Fields whose model default is built by a factory get `default: {}` in the CRD, so
+# the apiserver fills in their nested defaults as the models do.
+_EMPTY_OBJECT_DEFAULT: Final[dict[str, Any]] = {"default": {}}
+
+# A Kubernetes resource quantity ("500m", "2Gi", 4).
+Quantity = Annotated[
+    int | str,
+    pydantic.WithJsonSchema({"x-kubernetes-int-or-string": True}),
+]
+
+_DNS_LABEL: Final = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+_SQL_IDENT: Final = r"^[a-z_][a-z0-9_]{0,62}$"
+
+
+class Device(enum.StrEnum):
+    """Where inference runs."""
+
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+class ModelFormat(enum.StrEnum):
+    """Serialized policy formats the runtime can load."""
+
+    ONNX = "onnx"
+    TORCHSCRIPT = "torchscript"
+
+
+class ModelMode(enum.StrEnum):
+    """Whether a pod's actors share one policy instance or each hold their own."""
+
+    SHARED = "shared"
+    INDEPENDENT = "independent"
+
+
+class SinkFormat(enum.StrEnum):
+    """File format written by the Arrow sink."""
+
+    PARQUET = "parquet"
+    ARROW = "arrow"
+
+
+class VectorMode(enum.StrEnum):
+    """How a pod steps its gymnasium environments."""
+
+    SYNC = "sync"
+    ASYNC = "async"
+
+
+class PullPolicy(enum.StrEnum):
+    """Container image pull policy."""
+
+    ALWAYS = "Always"
+    IF_NOT_PRESENT = "IfNotPresent"
+    NEVER = "Never"
+
+
+class Phase(enum.StrEnum):
+    """The coarse state of an Agent, shown by `kubectl get agents`."""
+
+    PENDING = "Pending"
+    PROGRESSING = "Progressing"
+    READY = "Ready"
+    DEGRADED = "Degraded"
+    PAUSED = "Paused"
+    FAILED = "Failed"
+
+
+class ConditionType(enum.StrEnum):
+    """Condition types reported in `status.conditions`."""
+
+    READY = "Ready"
+    PROGRESSING = "Progressing"
+    DEGRADED = "Degraded"
+    PAUSED = "Paused"
+    STREAM_READY = "StreamReady"
+    SINKS_READY = "SinksReady"
+    MODEL_READY = "ModelReady"
+
+
+class ConditionStatus(enum.StrEnum):
+    """Kubernetes condition status values."""
+
+    TRUE = "True"
+    FALSE = "False"
+    UNKNOWN = "Unknown"
+
+
+# --------------------------------------------------------------------------- model
+
+
+class ModelSpec(SpecModel):
+    """The policy every actor runs."""
+
+    uri: str = Field(
+        min_length=1,
+        max_length=2048,
+        pattern=r"^(/|file://|objectstore://)",
+        description=(
+            "Where the model is: an absolute path or file:// URI of a model directory "
+            "(with relayrl-model.json) or file, or objectstore://<bucket>/<name> for the "
+            "NATS JetStream object store used as the model registry."
+        ),
+    )
+    format: ModelFormat = Field(description="Serialized model format: onnx or torchscript.")
+    version: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Model version to run. Unset means the newest version the registry has; "
+            "a change is hot-reloaded by running pods."
+        ),
+    )
+    mode: ModelMode = Field(
+        default=ModelMode.SHARED,
+        description=(
+            "shared: one model instance per pod, one batched forward pass for all its "
+            "actors; independent: one instance per actor."
+        ),
+    )
+
+
+# --------------------------------------------------------------------- environment
+
+
+class GymnasiumEnv(SpecModel):
+    """A gymnasium environment stepped inside the actor pod."""
+
+    id: str = Field(
+        min_length=1,
+        max_length=253,
+        pattern=r"^[A-Za-z0-9_./:-]+$",
+        description="Registered gymnasium environment id, e.g. CartPole-v1.",
+    )
+    envs_per_actor: int = Field(
+        default=1, ge=1, le=1024, description="Environment copies each actor steps."
+    )
+    vector_mode: VectorMode = Field(
+        default=VectorMode.SYNC,
+        description="sync steps all copies in the runtime process; async uses subprocesses.",
+    )
+    kwargs: dict[str, Any] = _preserve_unknown("Keyword arguments passed to gymnasium.make.")
+
+
+class RemoteEnv(SpecModel):
+    """Environments outside the pod, connecting over ZMQ with the client library."""
+
+    port: int = Field(default=5555, ge=1024, le=65535, description="TCP port of the ZMQ endpoint.")
+    max_frame_bytes: int = Field(
+        default=1 << 20,
+        ge=1024,
+        le=64 << 20,
+        description="Largest request frame accepted; bigger frames get an error reply.",
+    )
+    max_clients: int = Field(
+        default=1024, ge=1, le=65536, description="Most remote clients served at once."
+    )
+
+
+class PythonEnv(SpecModel):
+    """A custom environment factory loaded from a Python entry point."""
+
+    entry_point: str = Field(
+        max_length=512,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$",
+        description="module.path:callable returning a gymnasium-style environment.",
+    )
+    envs_per_actor: int = Field(
+        default=1, ge=1, le=1024, description="Environment copies each actor steps."
+    )
+    kwargs: dict[str, Any] = _preserve_unknown("Keyword arguments passed to the callable.")
+
+
+class EnvironmentSpec(SpecModel):
+    """Where observations come from: exactly one of gymnasium, remote or python."""
+
+    rules = (
+        Rule(
+            cel=_one_of_cel("gymnasium", "remote", "python"),
+            message="exactly one of gymnasium, remote or python must be set",
+            holds=_one_of("gymnasium", "remote", "python"),
+        ),
+    )
+
+    gymnasium: GymnasiumEnv | None = Field(
+        default=None, description="Step a gymnasium environment in the pod."
+    )
+    remote: RemoteEnv | None = Field(
+        default=None, description="Serve remote environment clients over ZMQ."
+    )
+    python: PythonEnv | None = Field(
+        default=None, description="Load a custom environment from a Python entry point."
+    )
+
+
+# --------------------------------------------------------------------- trajectories
+
+
+class SecretRef(SpecModel):
+    """A Secret in the Agent's namespace."""
+
+    name: str = Field(min_length=1, max_length=253, pattern=_DNS_LABEL, description="Secret name.")
+
+
+class SecretKeyRef(SpecModel):
+    """One key of a Secret in the Agent's namespace."""
+
+    name: str = Field(min_length=1, max_length=253, pattern=_DNS_LABEL, description="Secret name.")
+    key: str = Field(
+        default="dsn",
+        min_length=1,
+        max_length=253,
+        pattern=r"^[-._a-zA-Z0-9]+$",
+        description="Key within the Secret.",
+    )
+
+
+class NatsTLS(SpecModel):
+    """TLS towards NATS."""
+
+    secret_name: str = Field(
+        max_length=253,
+        pattern=_DNS_LABEL,
+        description="Secret holding ca.crt and, for mutual TLS, tls.crt and tls.key.",
+    )
+
+
+class NatsSpec(SpecModel):
+    """How the runtime reaches NATS JetStream."""
+
+    url: str = Field(
+        default="nats://nats:4222",
+        max_length=2048,
+        pattern=r"^(nats|tls)://[^\s]+$",
+        description="NATS server URL(s), comma separated.",
+    )
+    stream: str | None = Field(
+        default=None,
+        max_length=200,
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="JetStream stream name; defaults to one derived from namespace and agent.",
+    )
+    credentials_secret: SecretRef | None = Field(
+        default=None,
+        description=(
+            "Secret with NATS credentials: keys user and password, or token, or creds "
+            "(a .creds file)."
+        ),
+    )
+    tls: NatsTLS | None = Field(default=None, description="TLS settings; unset means plain TCP.")
+    max_batch_bytes: int = Field(
+        default=1 << 20,
+        ge=64 << 10,
+        le=8 << 20,
+        description="Largest published message; several trajectories go in one message.",
+    )
+    retain_on_delete: bool = Field(
+        default=False,
+        description="Keep the stream and model bucket when the Agent is deleted.",
+    )
+
+
+class TrajectoriesSpec(SpecModel):
+    """How trajectories are cut and shipped."""
+
+    max_length: int = Field(
+        default=1000,
+        ge=1,
+        le=1_000_000,
+        description="Steps after which a trajectory is cut and marked truncated.",
+    )
+    nats: NatsSpec = Field(
+        default_factory=NatsSpec,
+        description="NATS JetStream transport.",
+        json_schema_extra=_EMPTY_OBJECT_DEFAULT,
+    )
+
+
+# ---------------------------------------------------------------------------- sinks
+
+
+class ArrowStorage(SpecModel):
+    """Volume for the Arrow sink's files."""
+
+    rules = (
+        Rule(
+            cel="!(has(self.existingClaim) && has(self.size))",
+            message="set either existingClaim or size, not both",
+            holds=lambda s: not (s.existing_claim is not None and s.size is not None),
+        ),
+    )
+
+    existing_claim: str | None = Field(
+        default=None,
+        max_length=253,
+        pattern=_DNS_LABEL,
+        description="Use this PersistentVolumeClaim.",
+    )
+    size: Quantity | None = Field(
+        default=None, description="Create a PersistentVolumeClaim of this size."
+    )
+    storage_class_name: str | None = Field(
+        default=None, max_length=253, description="Storage class for a created claim."
+    )
+
+
+class ArrowSink(SpecModel):
+    """Write trajectories to Parquet or Arrow IPC files."""
+
+    format: SinkFormat = Field(default=SinkFormat.PARQUET, description="parquet or arrow.")
+    path: str = Field(
+        default="/data/trajectories",
+        max_length=1024,
+        pattern=r"^/",
+        description="Directory in the sink pod files are written under.",
+    )
+    storage: ArrowStorage | None = Field(
+        default=None, description="Persistent volume for path; unset means an emptyDir."
+    )
+    rotate_bytes: int = Field(
+        default=128 << 20,
+        ge=1 << 20,
+        le=4 << 30,
+        description="Start a new file after this many bytes.",
+    )
+    rotate_seconds: int = Field(
+        default=300, ge=1, le=86400, description="Start a new file after this many seconds."
+    )
+
+
+class PostgresSink(SpecModel):
+    """Write trajectory steps as PostgreSQL rows."""
+
+    dsn_secret: SecretKeyRef = Field(description="Secret key holding the libpq connection string.")
+    schema_name: str = Field(
+        default="relayrl",
+        pattern=_SQL_IDENT,
+        description="Database schema the sink creates and migrates.",
+    )
+    table: str = Field(
+        default="steps", pattern=_SQL_IDENT, description="Table the steps are written to."
+    )
+    batch_rows: int = Field(default=10_000, ge=1, le=1_000_000, description="Rows per COPY batch.")
+
+
+class SinkSpec(SpecModel):
+    """One trajectory sink: exactly one of arrow or postgres."""
+
+    rules = (
+        Rule(
+            cel=_one_of_cel("arrow", "postgres"),
+            message="exactly one of arrow or postgres must be set",
+            holds=_one_of("arrow", "postgres"),
+        ),
+    )
+
+    arrow: ArrowSink | None = Field(default=None, description="An Arrow/Parquet file sink.")
+    postgres: PostgresSink | None = Field(default=None, description="A PostgreSQL sink.")
+
+
+# ------------------------------------------------------------------------- template
+
+
+class Toleration(SpecModel):
+    """A pod toleration (see core/v1 Toleration)."""
+
+    key: str | None = Field(default=None, max_length=316, description="Taint key.")
+    operator: str | None = Field(
+        default=None, pattern=r"^(Exists|Equal)$", description="Exists or Equal."
+    )
+    value: str | None = Field(default=None, max_length=63, description="Taint value.")
+    effect: str | None = Field(
+        default=None,
+        pattern=r"^(NoSchedule|PreferNoSchedule|NoExecute)$",
+        description="Taint effect to tolerate; unset tolerates all.",
+    )
+    toleration_seconds: int | None = Field(
+        default=None, description="How long a NoExecute taint is tolerated."
+    )
+
+
+class Resources(SpecModel):
+    """Compute resources of the actor container."""
+
+    requests: dict[str, Quantity] = Field(
+        default_factory=dict,
+        description="Minimum resources, e.g. cpu: 500m.",
+        json_schema_extra=_EMPTY_OBJECT_DEFAULT,
+    )
+    limits: dict[str, Quantity] = Field(
+        default_factory=dict,
+        description="Maximum resources, e.g. memory: 2Gi.",
+        json_schema_extra=_EMPTY_OBJECT_DEFAULT,
+    )
+
+
+class EnvVar(SpecModel):
+    """An extra environment variable for the runtime container."""
+
+    name: str = Field(
+        min_length=1,
+        max_length=256,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Variable name.",
+    )
+    value: str = Field(default="", max_length=32768, description="Variable value.")
+
+
+def _no_gpu_in(resources: Resources | None) -> bool:
+    return resources is None or (
+        GPU_RESOURCE not in resources.limits and GPU_RESOURCE not in resources.requests
+    )
+
+
+class PodTemplate(SpecModel):
+    """Overrides for the actor pods."""
+
+    rules = (
+        Rule(
+            cel=(
+                "!has(self.resources) || "
+                "(!('nvidia.com/gpu' in self.resources.limits) && "
+                "!('nvidia.com/gpu' in self.resources.requests))"
+            ),
+            message="set GPUs with spec.gpusPerPod, not template.resources",
+            holds=lambda t: _no_gpu_in(t.resources),
+            field="resources",
+        ),
+    )
+
+    image: str | None = Field(
+        default=None, max_length=1024, description="Runtime image; defaults to the operator's."
+    )
+    image_pull_policy: PullPolicy | None = Field(
+        default=None, description="Image pull policy of the runtime container."
+    )
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Node labels the actor pods must match."
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, max_length=64, description="Taints the actor pods tolerate."
+    )
+    affinity: dict[str, Any] = _preserve_unknown("Pod affinity rules (core/v1 Affinity).")
+    priority_class_name: str | None = Field(
+        default=None, max_length=253, description="PriorityClass of the actor pods."
+    )
+    runtime_class_name: str | None = Field(
+        default=None, max_length=253, description="RuntimeClass of the actor pods (e.g. nvidia)."
+    )
+    service_account_name: str | None = Field(
+        default=None, max_length=253, description="ServiceAccount the actor pods run as."
+    )
+    resources: Resources | None = Field(
+        default=None, description="CPU and memory of the runtime container."
+    )
+    env: list[EnvVar] = Field(
+        default_factory=list, max_length=128, description="Extra environment variables."
+    )
+    labels: dict[str, str] = Field(
+        default_factory=dict, description="Extra labels on the actor pods."
+    )
+    annotations: dict[str, str] = Field(
+        default_factory=dict, description="Extra annotations on the actor pods."
+    )
+
+
+# ----------------------------------------------------------------------------- spec
+
+
+def _at_most_one_per_kind(sinks: Sequence[SinkSpec]) -> bool:
+    return (
+        sum(s.arrow is not None for s in sinks) <= 1
+        and sum(s.postgres is not None for s in sinks) <= 1
+    )
+
+
+class AgentSpec(SpecModel):
+    """The desired state of an actor fleet."""
+
+    rules = (
+        Rule(
+            cel="self.device != 'cuda' || self.gpusPerPod >= 1",
+            message="device cuda needs gpusPerPod >= 1",
+            holds=lambda s: s.device != Device.CUDA or s.gpus_per_pod >= 1,
+            field="gpusPerPod",
+        ),
+        Rule(
+            cel="self.device != 'cpu' || self.gpusPerPod == 0",
+            message="device cpu must not request GPUs: gpusPerPod must be 0",
+            holds=lambda s: s.device != Device.CPU or s.gpus_per_pod == 0,
+            field="gpusPerPod",
+        ),
+        Rule(
+            cel="!has(self.actorsPerPod) || self.actors == 0 || self.actorsPerPod <= self.actors",
+            message="actorsPerPod must be <= actors (unless actors is 0)",
+            holds=lambda s: (
+                s.actors_per_pod is None or s.actors == 0 or s.actors_per_pod <= s.actors
+            ),
+            field="actorsPerPod",
+        ),
+        Rule(
+            cel=(
+                "self.sinks.filter(s, has(s.arrow)).size() <= 1 && "
+                "self.sinks.filter(s, has(s.postgres)).size() <= 1"
+            ),
+            message="at most one arrow and one postgres sink",
+            holds=lambda s: _at_most_one_per_kind(s.sinks),
+            field="sinks",
+        ),
+    )
+
+    actors: int = Field(
+        default=1,
+        ge=0,
+        le=100_000,
+        description="Number of actors; the scale subresource maps to this field.",
+    )
+    routers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Router workers per pod that encode and ship finished trajectories.",
+    )
+    actors_per_pod: int | None = Field(
+        default=None,
+        ge=1,
+        le=4096,
+        description="Actors each pod runs (pods = ceil(actors / actorsPerPod)); unset: one pod.",
+    )
+    device: Device = Field(default=Device.CPU, description="Inference device: cpu or cuda.")
+    gpus_per_pod: int = Field(
+        default=0,
+        ge=0,
+        le=16,
+        description="nvidia.com/gpu each actor pod requests; >= 1 for cuda, 0 for cpu.",
+    )
+    model: ModelSpec = Field(description="The policy the actors run.")
+    environment: EnvironmentSpec = Field(description="Where observations come from.")
+    trajectories: TrajectoriesSpec = Field(
+        default_factory=TrajectoriesSpec,
+        description="Trajectory length and NATS transport.",
+        json_schema_extra=_EMPTY_OBJECT_DEFAULT,
+    )
+    sinks: list[SinkSpec] = Field(
+        default_factory=list,
+        max_length=2,
+        description="Where trajectories are written: at most one arrow and one postgres sink.",
+        json_schema_extra={"default": []},
+    )
+    template: PodTemplate | None = Field(
+        default=None, description="Overrides for the actor pods (scheduling, resources, image)."
+    )
+    paused: bool = Field(
+        default=False,
+        description="Scale actors to zero while keeping the stream and sinks.",
+    )
+
+    def pods(self) -> int:
+        """Actor pods the spec asks for."""
+        if self.paused or self.actors == 0:
+            return 0
+        per_pod = self.actors_per_pod or self.actors
+        return -(-self.actors // per_pod)
+
+
+# --------------------------------------------------------------------------- status
+
+
+class Condition(SpecModel):
+    """A status condition, as Kubernetes conventions define it."""
+
+    type: ConditionType = Field(description="Condition type.")
+    status: ConditionStatus = Field(description="True, False or Unknown.")
+    reason: str = Field(
+        default="", max_length=1024, description="CamelCase reason for the last transition."
+    )
+    message: str = Field(default="", max_length=32768, description="Human-readable details.")
+    last_transition_time: datetime | None = Field(
+        default=None, description="When the status last changed."
+    )
+    observed_generation: int | None = Field(
+        default=None, ge=0, description="Spec generation the condition was computed from."
+    )
+
+
+class AgentStatus(SpecModel):
+    """The observed state of an actor fleet, written by the operator."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    observed_generation: int | None = Field(
+        default=None, ge=0, description="Spec generation the operator last acted on."
+    )
+    phase: Phase | None = Field(default=None, description="Coarse state of the Agent.")
+    conditions: list[Condition] = Field(
+        default_factory=list, max_length=16, description="Detailed status conditions."
+    )
+    desired_actors: int | None = Field(
+        default=None, ge=0, description="Actors the spec asks for (0 while paused)."
+    )
+    ready_actors: int | None = Field(default=None, ge=0, description="Actors in ready pods.")
+    desired_pods: int | None = Field(default=None, ge=0, description="Actor pods wanted.")
+    ready_pods: int | None = Field(default=None, ge=0, description="Actor pods ready.")
+    model_version: int | None = Field(
+        default=None, ge=0, description="Model version the ready pods run."
+    )
+    selector: str | None = Field(
+        default=None, description="Label selector of the actor pods (for the scale subresource)."
+    )
+
+
+# --------------------------------------------------------------------------- object
+
+
+class ObjectMeta(BaseModel):
+    """The part of metadata the Agent API constrains; everything else passes through."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    name: str = Field(
+        min_length=1,
+        max_length=MAX_NAME_LENGTH,
+        pattern=_DNS_LABEL,
+        description="Agent name.",
+    )
+    namespace: str | None = None
+
+
+class Agent(BaseModel):
+    """A whole Agent object as read from a manifest or the apiserver."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    api_version: str = Field(default=API_VERSION, alias="apiVersion", pattern=f"^{API_VERSION}$")
+    kind: str = Field(default=KIND, pattern=f"^{KIND}$")
+    metadata: ObjectMeta
+    spec: AgentSpec
+    status: AgentStatus | None = None
+
+
+# ------------------------------------------------------------------------- errors
+
+
+class InvalidSpecError(ValueError):
+    """A spec that breaks the Agent API, with one line per broken field."""
+
+    def __init__(self, problems: Sequence[tuple[str, str]]) -> None:
+        self.problems: tuple[tuple[str, str], ...] = tuple(problems)
+        super().__init__("; ".join(f"{path}: {msg}" for path, msg in self.problems))
+
+    @classmethod
+    def from_validation_error(cls, err: pydantic.ValidationError, root: str = "") -> Self:
+        """Translate pydantic's errors into `field.path: rule` lines in wire (camelCase) names."""
+        problems = []
+        for e in err.errors(include_url=False):
+            parts = [root] if root else []
+            for p in e["loc"]:
+                if isinstance(p, int):
+                    parts[-1] += f"[{p}]"
+                elif not _is_union_tag(p):
+                    parts.append(p)
+            field = (e.get("ctx") or {}).get("field")
+            if field:
+                parts.append(str(field))
+            problems.append((".".join(parts) or "<root>", _describe(e)))
+        return cls(problems)
+
+
+def _is_union_tag(part: object) -> bool:
+    # pydantic puts the chosen union member ("int", "str") in the location of
+    # errors under a union; it names no field, so it is left out.
+    return isinstance(part, str) and part in {"int", "str", "function-after[...]"}
+
+
+def _describe(e: Mapping[str, Any]) -> str:
+    msg = str(e["msg"])
+    if e["type"] in {"rule", "missing", "extra_forbidden"}:
+        return {"missing": "required field is missing", "extra_forbidden": "unknown field"}.get(
+            e["type"], msg
+        )
+    return f"{msg} (got {e['input']!r})"
+
+
+def parse_agent(obj: Mapping[str, Any]) -> Agent:
+    """Validate a whole Agent object; raise InvalidSpecError naming each bad field."""
+    try:
+        return Agent.model_validate(obj)
+    except pydantic.ValidationError as err:
+        raise InvalidSpecError.from_validation_error(err) from None
+
+
+def parse_spec(spec: Mapping[str, Any]) -> AgentSpec:
+    """Validate just a spec (as Kopf hands it over); errors are rooted at `spec`."""
+    try:
+        return AgentSpec.model_validate(spec)
+    except pydantic.ValidationError as err:
+        raise InvalidSpecError.from_validation_error(err, root="spec") from None

@@ -1,0 +1,59 @@
+"""Agent manifests for tests: the valid base and the shared invalid cases.
+
+`tests/data/invalid_agents.yaml` is read by the unit tests (the spec models must
+reject each case) and by the cluster tests (a real apiserver must reject it too).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """Apply an RFC 7386 JSON merge patch (null deletes a key) and return the result."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    out = copy.deepcopy(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = merge_patch(out.get(key), value)
+    return out
+
+
+@dataclass(frozen=True)
+class InvalidCase:
+    """One invalid manifest and where and how it must be rejected."""
+
+    id: str
+    manifest: dict[str, Any]
+    field: str
+    message: str
+
+
+def base_manifest() -> dict[str, Any]:
+    """A valid Agent manifest the invalid cases patch."""
+    data = yaml.safe_load((DATA / "invalid_agents.yaml").read_text())
+    return dict(data["base"])
+
+
+def invalid_cases() -> list[InvalidCase]:
+    """All invalid cases, as whole manifests."""
+    data = yaml.safe_load((DATA / "invalid_agents.yaml").read_text())
+    return [
+        InvalidCase(
+            id=c["id"],
+            manifest=merge_patch(data["base"], c["patch"]),
+            field=c["field"],
+            message=c["message"],
+        )
+        for c in data["cases"]
+    ]

@@ -1,0 +1,77 @@
+"""The Agent spec models: defaults, derived values and rejection of bad specs."""
+
+from __future__ import annotations
+
+import pytest
+
+from relayrl_runtime import spec
+from support import specs
+
+
+def test_base_manifest_is_valid_and_defaulted() -> None:
+    agent = spec.parse_agent(specs.base_manifest())
+    assert agent.metadata.name == "cartpole"
+    assert agent.spec.routers == 1
+    assert agent.spec.device is spec.Device.CPU
+    assert agent.spec.model.mode is spec.ModelMode.SHARED
+    assert agent.spec.trajectories.max_length == 1000
+    assert agent.spec.trajectories.nats.url == "nats://nats:4222"
+    arrow = agent.spec.sinks[0].arrow
+    assert arrow is not None
+    assert arrow.format is spec.SinkFormat.PARQUET
+
+
+def test_wire_names_are_camel_case_and_round_trip() -> None:
+    agent = spec.parse_agent(specs.base_manifest())
+    wire = agent.spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+    assert wire["actorsPerPod"] == 4
+    assert wire["gpusPerPod"] == 0
+    assert spec.parse_spec(wire) == agent.spec
+
+
+@pytest.mark.parametrize(
+    ("actors", "per_pod", "paused", "pods"),
+    [(8, 4, False, 2), (9, 4, False, 3), (5, None, False, 1), (0, 4, False, 0), (8, 4, True, 0)],
+)
+def test_pods_is_ceil_of_actors_over_actors_per_pod(
+    actors: int, per_pod: int | None, paused: bool, pods: int
+) -> None:
+    manifest = specs.merge_patch(
+        specs.base_manifest(),
+        {"spec": {"actors": actors, "actorsPerPod": per_pod, "paused": paused}},
+    )
+    assert spec.parse_agent(manifest).spec.pods() == pods
+
+
+def test_cuda_with_gpus_is_valid() -> None:
+    manifest = specs.merge_patch(
+        specs.base_manifest(), {"spec": {"device": "cuda", "gpusPerPod": 2}}
+    )
+    assert spec.parse_agent(manifest).spec.gpus_per_pod == 2
+
+
+def test_there_are_enough_invalid_cases() -> None:
+    assert len(specs.invalid_cases()) >= 15
+
+
+@pytest.mark.parametrize("case", specs.invalid_cases(), ids=lambda c: c.id)
+def test_invalid_spec_is_rejected_naming_field_and_rule(case: specs.InvalidCase) -> None:
+    with pytest.raises(spec.InvalidSpecError) as caught:
+        spec.parse_agent(case.manifest)
+    problems = dict(caught.value.problems)
+    assert case.field in problems, f"expected an error on {case.field}, got {problems}"
+    assert case.message in problems[case.field]
+    assert case.field in str(caught.value)
+
+
+def test_error_message_shows_what_was_given() -> None:
+    manifest = specs.merge_patch(specs.base_manifest(), {"spec": {"device": "tpu"}})
+    with pytest.raises(
+        spec.InvalidSpecError, match=r"spec\.device: .*'cpu' or 'cuda' \(got 'tpu'\)"
+    ):
+        spec.parse_agent(manifest)
+
+
+def test_parse_spec_roots_errors_at_spec() -> None:
+    with pytest.raises(spec.InvalidSpecError, match=r"^spec\.routers: "):
+        spec.parse_spec({**specs.base_manifest()["spec"], "routers": 0})
