@@ -14,7 +14,8 @@ BIN := $(VENV)/bin
 export RELAYRL_CACHE ?= $(HOME)/.cache/relayrl
 
 CRD := crds/agents.relayrl.io.yaml
-CHART_CRD := helm/relayrl-operator/crds/agents.relayrl.io.yaml
+PEERING_CRD := crds/kopf.dev.yaml
+CHART_CRDS := helm/relayrl-operator/crds
 PY_PROJECTS := runtime_image/pyproject.toml operator/pyproject.toml localstack/pyproject.toml
 # Editable installs of the three projects, with every runtime backend.
 INSTALL_ARGS := -e 'runtime_image[all]' -e operator -e localstack -r requirements-dev.txt
@@ -36,6 +37,10 @@ $(VENV)/.installed: $(PY_PROJECTS) requirements-dev.txt
 .PHONY: venv
 venv: $(VENV)/.installed ## Create .venv with both packages (editable) and the test tools
 
+.PHONY: system-deps
+system-deps: ## Install the Debian packages of the real test servers (PostgreSQL) if missing
+	hack/system-deps.sh
+
 .PHONY: k8s-bins
 k8s-bins: ## Build (once) the pinned control-plane binaries into $(RELAYRL_CACHE)
 	hack/k8s/build.sh
@@ -55,7 +60,7 @@ fmt: venv ## Format the code and fix what ruff can
 	$(BIN)/ruff check --fix .
 
 .PHONY: test
-test: venv k8s-bins lint ## Install what is missing, then lint, type check and run all tests
+test: venv system-deps k8s-bins lint ## Install what is missing, then lint, type check and run all tests
 	$(BIN)/pytest tests
 
 .PHONY: test-unit
@@ -65,8 +70,9 @@ test-unit: venv ## Only the hermetic unit tests
 .PHONY: crds
 crds: venv ## Generate the Agent CRD from the spec models (and the chart's copy)
 	$(BIN)/relayrl-operator crd > $(CRD)
-	@mkdir -p $(dir $(CHART_CRD))
-	cp $(CRD) $(CHART_CRD)
+	$(BIN)/relayrl-operator crd --peering > $(PEERING_CRD)
+	@mkdir -p $(CHART_CRDS)
+	cp $(CRD) $(PEERING_CRD) $(CHART_CRDS)/
 
 # -------------------------------------------------------------------- run things
 

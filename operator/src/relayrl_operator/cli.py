@@ -1,28 +1,120 @@
 """The `relayrl-operator` command.
 
-`relayrl-operator crd` prints the Agent CRD generated from the spec models (used by
-`make crds`); `relayrl-operator run` starts the operator (added with the operator's
-reconcilers).
+`relayrl-operator run` starts the operator: Kopf watches Agents and their children,
+the reconciler keeps them converged, `/metrics` serves Prometheus metrics and Kopf's
+liveness endpoint `/healthz` the probes. `relayrl-operator crd` prints the Agent CRD
+generated from the spec models (used by `make crds`).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
+import logging
+import os
 import sys
+import time
 from collections.abc import Sequence
 
-from relayrl_operator import crd
+import kopf
+import prometheus_client
+
+from relayrl_operator import crd, kube, metrics, natsadmin, settings
+
+
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per line: what log collectors in a cluster expect."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def _setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    # Kopf logs every watch event at debug; keep it at info unless asked.
+    logging.getLogger("kopf").setLevel(max(logging.INFO, logging.getLevelName(level.upper())))
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def _run(args: argparse.Namespace) -> int:
+    _setup_logging(args.log_level, args.log_format)
+    # Registers the handlers with Kopf's default registry.
+    from relayrl_operator import handlers  # noqa: F401
+
+    if args.metrics_port >= 0:
+        prometheus_client.start_http_server(
+            args.metrics_port, addr=args.bind, registry=metrics.REGISTRY
+        )
+    cfg = settings.Settings.from_env()
+    if args.runtime_image:
+        cfg = settings.Settings(
+            runtime_image=args.runtime_image,
+            image_pull_policy=cfg.image_pull_policy,
+            resync_seconds=cfg.resync_seconds,
+        )
+    memo = kopf.Memo()
+    memo.config = cfg
+    memo.kubeconfig = args.kubeconfig
+    memo.workers = args.workers
+    memo.streams = natsadmin.NatsStreams(kube.Client.from_config(args.kubeconfig))
+    if args.kubeconfig:
+        # Kopf logs in by itself from KUBECONFIG; point it at the same file.
+        os.environ["KUBECONFIG"] = args.kubeconfig
+    namespaces = args.namespace or []
+    asyncio.run(
+        kopf.operator(
+            clusterwide=not namespaces,
+            namespaces=namespaces,
+            standalone=args.standalone,
+            peering_name=None if args.standalone else "relayrl-operator",
+            liveness_endpoint=f"http://{args.bind}:{args.health_port}/healthz",
+            memo=memo,
+        )
+    )
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script."""
     parser = argparse.ArgumentParser(prog="relayrl-operator", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("crd", help="print the Agent CustomResourceDefinition as YAML")
+    crd_cmd = commands.add_parser("crd", help="print the Agent CustomResourceDefinition as YAML")
+    crd_cmd.add_argument("--peering", action="store_true", help="print Kopf's peering CRDs instead")
+    run = commands.add_parser("run", help="run the operator")
+    run.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster or ~/.kube)")
+    run.add_argument(
+        "--namespace",
+        action="append",
+        help="watch only this namespace (repeatable; default: all namespaces)",
+    )
+    run.add_argument("--workers", type=int, default=16, help="parallel reconciles (default 16)")
+    run.add_argument("--runtime-image", help="runtime image for actor and sink pods")
+    run.add_argument("--bind", default="0.0.0.0", help="address of the HTTP endpoints")
+    run.add_argument("--metrics-port", type=int, default=8080, help="/metrics port (-1: off)")
+    run.add_argument("--health-port", type=int, default=8081, help="/healthz port")
+    run.add_argument("--standalone", action="store_true", help="no peering: act even if others run")
+    run.add_argument("--log-level", default="info")
+    run.add_argument("--log-format", choices=["json", "text"], default="json")
     args = parser.parse_args(argv)
     if args.command == "crd":
-        sys.stdout.write(crd.render())
-    return 0
+        sys.stdout.write(crd.render_peering() if args.peering else crd.render())
+        return 0
+    return _run(args)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ Light on purpose (pydantic and yaml only): the operator imports it.
 
 from __future__ import annotations
 
+import enum
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -36,6 +37,44 @@ class LocalSink(spec.SpecModel):
     format: spec.SinkFormat = Field(
         default=spec.SinkFormat.PARQUET, description="parquet or arrow."
     )
+    rotate_rows: int = Field(
+        default=1_000_000, ge=1, description="Start a new file after this many rows."
+    )
+    rotate_seconds: float = Field(
+        default=300.0, gt=0, description="Start a new file after this many seconds."
+    )
+
+
+class PolicyConfig(spec.SpecModel):
+    """How actions are chosen from the model's outputs."""
+
+    sample: bool = Field(
+        default=True, description="Sample actions (true) or take the most likely one (false)."
+    )
+    seed: int | None = Field(default=None, description="Seed of the action sampler.")
+
+
+class ReloadConfig(spec.SpecModel):
+    """Hot reload of the model from its path or the model registry."""
+
+    enabled: bool = Field(default=True, description="Watch for new model versions.")
+    poll_seconds: float = Field(
+        default=2.0, ge=0.05, le=3600, description="How often the model source is checked."
+    )
+
+
+class RunLimits(spec.SpecModel):
+    """Stop by itself after a bound (demos, tests); unset runs until SIGTERM."""
+
+    max_env_steps: int | None = Field(default=None, ge=1, description="Env steps, then drain.")
+    max_seconds: float | None = Field(default=None, gt=0, description="Seconds, then drain.")
+
+
+class LogFormat(enum.StrEnum):
+    """Log line format."""
+
+    JSON = "json"
+    TEXT = "text"
 
 
 class ServerConfig(spec.SpecModel):
@@ -78,6 +117,13 @@ class RuntimeConfig(spec.SpecModel):
         default=None, description="Write to local files instead of publishing to NATS."
     )
     server: ServerConfig = Field(default_factory=ServerConfig, description="HTTP endpoints.")
+    policy: PolicyConfig = Field(default_factory=PolicyConfig, description="Action selection.")
+    reload: ReloadConfig = Field(default_factory=ReloadConfig, description="Model hot reload.")
+    limits: RunLimits = Field(default_factory=RunLimits, description="Optional run bounds.")
+    log_format: LogFormat = Field(default=LogFormat.JSON, description="json or text logs.")
+    drain_seconds: float = Field(
+        default=30.0, gt=0, description="Longest SIGTERM drain before giving up."
+    )
 
     def actor_slice(self) -> range:
         """Global actor indices this process runs."""

@@ -41,6 +41,13 @@ def test_chart_copy_matches_the_committed_crd() -> None:
     assert CHART_COPY.read_text() == COMMITTED.read_text(), "run `make crds`"
 
 
+def test_committed_peering_crds_match_and_are_in_the_chart() -> None:
+    committed = REPO / "crds" / "kopf.dev.yaml"
+    assert committed.read_text() == crd.render_peering(), "run `make crds`"
+    chart = REPO / "helm" / "relayrl-operator" / "crds" / "kopf.dev.yaml"
+    assert chart.read_text() == committed.read_text(), "run `make crds`"
+
+
 def test_every_field_has_a_description(schema: dict[str, Any]) -> None:
     missing = [
         path

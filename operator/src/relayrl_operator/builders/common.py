@@ -1,0 +1,129 @@
+"""What every builder shares: the Agent being built for, names, labels, owner refs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from relayrl_operator import constants
+from relayrl_runtime import spec
+
+
+@dataclass(frozen=True)
+class AgentRef:
+    """The Agent a reconcile works on: identity plus its validated spec."""
+
+    name: str
+    namespace: str
+    uid: str
+    generation: int
+    spec: spec.AgentSpec
+
+    @property
+    def actors_per_pod(self) -> int:
+        """Actors in each pod; the last pod may hold fewer."""
+        return self.spec.actors_per_pod or max(self.spec.actors, 1)
+
+
+# Child names, derived from the Agent name (at most 40 characters, see spec).
+def configmap_name(agent: AgentRef) -> str:
+    """ConfigMap holding the rendered runtime and sink configs."""
+    return f"{agent.name}-runtime"
+
+
+def actors_name(agent: AgentRef) -> str:
+    """StatefulSet, headless Service and PodDisruptionBudget of the actor pods."""
+    return f"{agent.name}-actors"
+
+
+def remote_service_name(agent: AgentRef) -> str:
+    """Service in front of the ZMQ endpoint for remote environment clients."""
+    return f"{agent.name}-remote"
+
+
+def sink_name(agent: AgentRef, component: str) -> str:
+    """Deployment (and PersistentVolumeClaim) of one sink."""
+    return f"{agent.name}-{component}"
+
+
+def selector_labels(agent: AgentRef, component: str) -> dict[str, str]:
+    """Labels that select one component's pods; never change on a live object."""
+    return {constants.LABEL_AGENT: agent.name, constants.LABEL_COMPONENT: component}
+
+
+def labels(agent: AgentRef, component: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """All labels of a child object or pod."""
+    return {
+        **(extra or {}),
+        constants.LABEL_NAME: constants.APP_NAME,
+        constants.LABEL_INSTANCE: agent.name,
+        constants.LABEL_PART_OF: constants.PART_OF,
+        constants.LABEL_MANAGED_BY: constants.OPERATOR_NAME,
+        **selector_labels(agent, component),
+    }
+
+
+def owner_reference(agent: AgentRef) -> dict[str, Any]:
+    """Makes the Agent the controller of a child, for garbage collection."""
+    return {
+        "apiVersion": spec.API_VERSION,
+        "kind": spec.KIND,
+        "name": agent.name,
+        "uid": agent.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def metadata(
+    agent: AgentRef, name: str, component: str, extra_labels: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Metadata of a namespaced child owned by the Agent."""
+    return {
+        "name": name,
+        "namespace": agent.namespace,
+        "labels": labels(agent, component, extra_labels),
+        "ownerReferences": [owner_reference(agent)],
+    }
+
+
+def digest(data: Any) -> str:
+    """A short stable hash of JSON-able data, for change-detecting annotations."""
+    raw = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def restricted_security_context() -> dict[str, Any]:
+    """Container securityContext meeting the 'restricted' Pod Security Standard."""
+    return {
+        "runAsNonRoot": True,
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def http_probe(path: str, period: int = 5, failures: int = 3) -> dict[str, Any]:
+    """An HTTP probe on the metrics port."""
+    return {
+        "httpGet": {"path": path, "port": constants.PORT_NAME_METRICS},
+        "periodSeconds": period,
+        "failureThreshold": failures,
+        "timeoutSeconds": 2,
+    }
+
+
+def nats_env(agent: AgentRef) -> list[dict[str, Any]]:
+    """Tell the process where the NATS credential and TLS Secrets are mounted."""
+    nats = agent.spec.trajectories.nats
+    env: list[dict[str, Any]] = []
+    if nats.credentials_secret is not None:
+        env.append(
+            {"name": constants.ENV_NATS_CREDENTIALS_DIR, "value": constants.NATS_CREDENTIALS_DIR}
+        )
+    if nats.tls is not None:
+        env.append({"name": constants.ENV_NATS_TLS_DIR, "value": constants.NATS_TLS_DIR})
+    return env

@@ -1,0 +1,65 @@
+"""The ConfigMap with the rendered runtime config every actor pod of an Agent reads.
+
+All pods share it; each finds its actor slice from its pod index. Some fields are
+applied by running pods without a restart (`HOT_FIELDS`); the actor pods carry a hash
+of the rest (`restart_hash`) so a change there rolls them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from relayrl_operator import constants
+from relayrl_operator.builders import common
+from relayrl_runtime import config
+
+# Fields (paths in the rendered config) running runtimes apply from the mounted file
+# without a restart: a new model version is hot-reloaded, routers are rescaled in
+# place, and a changed actor count or slice size makes each pod add or remove actors.
+HOT_FIELDS: Final = (("model", "version"), ("routers",), ("actors",), ("actorsPerPod",))
+
+
+def runtime_config(agent: common.AgentRef) -> config.RuntimeConfig:
+    """The runtime config for the Agent's actor pods."""
+    s = agent.spec
+    return config.RuntimeConfig(
+        agent=agent.name,
+        namespace=agent.namespace,
+        actors=s.actors,
+        actors_per_pod=agent.actors_per_pod,
+        routers=s.routers,
+        device=s.device,
+        model=s.model,
+        environment=s.environment,
+        trajectories=s.trajectories,
+        server=config.ServerConfig(port=constants.PORT_METRICS),
+    )
+
+
+def _wire(cfg: config.RuntimeConfig) -> dict[str, Any]:
+    return cfg.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def restart_hash(agent: common.AgentRef) -> str:
+    """Hash of the config fields that need a pod restart to take effect."""
+    data = _wire(runtime_config(agent))
+    for path in HOT_FIELDS:
+        node = data
+        for key in path[:-1]:
+            node = node.get(key, {})
+        node.pop(path[-1], None)
+    return common.digest(data)
+
+
+def build(agent: common.AgentRef) -> dict[str, Any]:
+    """The ConfigMap manifest."""
+    rendered = config.dump(runtime_config(agent))
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            **common.metadata(agent, common.configmap_name(agent), constants.COMPONENT_ACTORS),
+            "annotations": {constants.ANNOTATION_CONFIG_HASH: common.digest(rendered)},
+        },
+        "data": {constants.CONFIG_KEY: rendered},
+    }

@@ -1,0 +1,22 @@
+"""The PodDisruptionBudget of the actor pods: voluntary evictions one pod at a time."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from relayrl_operator import constants
+from relayrl_operator.builders import common
+
+
+def build(agent: common.AgentRef) -> dict[str, Any]:
+    """The PodDisruptionBudget manifest."""
+    component = constants.COMPONENT_ACTORS
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": common.metadata(agent, common.actors_name(agent), component),
+        "spec": {
+            "maxUnavailable": 1,
+            "selector": {"matchLabels": common.selector_labels(agent, component)},
+        },
+    }

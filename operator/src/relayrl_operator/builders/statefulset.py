@@ -1,0 +1,160 @@
+"""The StatefulSet running an Agent's actor pods.
+
+pods = ceil(actors / actorsPerPod); pod i runs actors [i*actorsPerPod, ...), read
+from its pod index. GPU Agents request `nvidia.com/gpu` = gpusPerPod and tolerate the
+usual GPU taint; CPU Agents never ask for GPUs. Scheduling and resources come from
+`spec.template`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from relayrl_operator import constants, settings
+from relayrl_operator.builders import common, configmap
+from relayrl_runtime import spec
+
+
+def _field_env(name: str, path: str) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}
+
+
+def _env(agent: common.AgentRef) -> list[dict[str, Any]]:
+    env = [
+        _field_env(constants.ENV_POD_INDEX, f"metadata.labels['{constants.LABEL_POD_INDEX}']"),
+        _field_env(constants.ENV_POD_NAME, "metadata.name"),
+        _field_env(constants.ENV_NAMESPACE, "metadata.namespace"),
+    ]
+    env += common.nats_env(agent)
+    template = agent.spec.template
+    if template is not None:
+        env += [{"name": e.name, "value": e.value} for e in template.env]
+    return env
+
+
+def _resources(agent: common.AgentRef) -> dict[str, Any]:
+    template = agent.spec.template
+    res = template.resources if template is not None else None
+    requests: dict[str, Any] = dict(res.requests) if res is not None else {}
+    limits: dict[str, Any] = dict(res.limits) if res is not None else {}
+    if agent.spec.device is spec.Device.CUDA:
+        # Extended resources are requested through limits (requests default to them).
+        limits[constants.GPU_RESOURCE] = agent.spec.gpus_per_pod
+    out: dict[str, Any] = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def _volumes(agent: common.AgentRef) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    volumes: list[dict[str, Any]] = [
+        {"name": "config", "configMap": {"name": common.configmap_name(agent)}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "config", "mountPath": constants.CONFIG_DIR, "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    nats = agent.spec.trajectories.nats
+    if nats.credentials_secret is not None:
+        volumes.append(
+            {"name": "nats-credentials", "secret": {"secretName": nats.credentials_secret.name}}
+        )
+        mounts.append(
+            {
+                "name": "nats-credentials",
+                "mountPath": constants.NATS_CREDENTIALS_DIR,
+                "readOnly": True,
+            }
+        )
+    if nats.tls is not None:
+        volumes.append({"name": "nats-tls", "secret": {"secretName": nats.tls.secret_name}})
+        mounts.append({"name": "nats-tls", "mountPath": constants.NATS_TLS_DIR, "readOnly": True})
+    return volumes, mounts
+
+
+def _ports(agent: common.AgentRef) -> list[dict[str, Any]]:
+    ports = [{"name": constants.PORT_NAME_METRICS, "containerPort": constants.PORT_METRICS}]
+    remote = agent.spec.environment.remote
+    if remote is not None:
+        ports.append({"name": constants.PORT_NAME_REMOTE, "containerPort": remote.port})
+    return ports
+
+
+def _scheduling(agent: common.AgentRef) -> dict[str, Any]:
+    template = agent.spec.template or spec.PodTemplate()
+    tolerations = [t.model_dump(by_alias=True, exclude_none=True) for t in template.tolerations]
+    if agent.spec.device is spec.Device.CUDA:
+        gpu_taint = {"key": constants.GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
+        if gpu_taint not in tolerations:
+            tolerations.append(gpu_taint)
+    out: dict[str, Any] = {}
+    if template.node_selector:
+        out["nodeSelector"] = dict(template.node_selector)
+    if tolerations:
+        out["tolerations"] = tolerations
+    if template.affinity:
+        out["affinity"] = dict(template.affinity)
+    for key, value in (
+        ("priorityClassName", template.priority_class_name),
+        ("runtimeClassName", template.runtime_class_name),
+        ("serviceAccountName", template.service_account_name),
+    ):
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def build(agent: common.AgentRef, cfg: settings.Settings) -> dict[str, Any]:
+    """The StatefulSet manifest."""
+    template = agent.spec.template or spec.PodTemplate()
+    name = common.actors_name(agent)
+    component = constants.COMPONENT_ACTORS
+    volumes, mounts = _volumes(agent)
+    container: dict[str, Any] = {
+        "name": constants.CONTAINER_RUNTIME,
+        "image": template.image or cfg.runtime_image,
+        "imagePullPolicy": str(template.image_pull_policy or cfg.image_pull_policy),
+        "command": ["relayrl-runtime"],
+        "args": ["run", "--config", f"{constants.CONFIG_DIR}/{constants.CONFIG_KEY}"],
+        "env": _env(agent),
+        "ports": _ports(agent),
+        "readinessProbe": common.http_probe("/readyz", period=2),
+        "livenessProbe": common.http_probe("/healthz", period=10, failures=6),
+        "resources": _resources(agent),
+        "volumeMounts": mounts,
+        "securityContext": common.restricted_security_context(),
+    }
+    pod_annotations = {
+        **template.annotations,
+        constants.ANNOTATION_RESTART_HASH: configmap.restart_hash(agent),
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": common.metadata(agent, name, component, dict(cfg.extra_labels)),
+        "spec": {
+            "replicas": agent.spec.pods(),
+            "serviceName": name,
+            "podManagementPolicy": "Parallel",
+            "updateStrategy": {"type": "RollingUpdate"},
+            "revisionHistoryLimit": 5,
+            "selector": {"matchLabels": common.selector_labels(agent, component)},
+            "template": {
+                "metadata": {
+                    "labels": common.labels(agent, component, dict(template.labels)),
+                    "annotations": pod_annotations,
+                },
+                "spec": {
+                    "containers": [container],
+                    "volumes": volumes,
+                    "terminationGracePeriodSeconds": constants.TERMINATION_GRACE_SECONDS,
+                    "securityContext": {"runAsNonRoot": True, "fsGroup": 10001},
+                    "enableServiceLinks": False,
+                    **_scheduling(agent),
+                },
+            },
+        },
+    }

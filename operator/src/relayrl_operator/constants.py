@@ -1,0 +1,62 @@
+"""Every label, annotation, finalizer, port and file name the operator writes.
+
+Builders and handlers import these instead of spelling strings, so tracing a field
+from the CRD to the pod is one grep away.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from relayrl_runtime import config, spec, streams
+
+OPERATOR_NAME: Final = "relayrl-operator"
+FIELD_MANAGER: Final = OPERATOR_NAME
+
+# Labels (the recommended app.kubernetes.io set, plus our own selector labels).
+LABEL_NAME: Final = "app.kubernetes.io/name"
+LABEL_INSTANCE: Final = "app.kubernetes.io/instance"
+LABEL_COMPONENT: Final = "app.kubernetes.io/component"
+LABEL_PART_OF: Final = "app.kubernetes.io/part-of"
+LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
+LABEL_AGENT: Final = f"{spec.GROUP}/agent"
+# Set by the StatefulSet controller on each pod (GA in Kubernetes 1.32).
+LABEL_POD_INDEX: Final = "apps.kubernetes.io/pod-index"
+
+APP_NAME: Final = "relayrl-agent"
+PART_OF: Final = "relayrl-fleet"
+
+COMPONENT_ACTORS: Final = "actors"
+COMPONENT_ARROW_SINK: Final = "arrow-sink"
+COMPONENT_POSTGRES_SINK: Final = "postgres-sink"
+
+# Annotations.
+ANNOTATION_RESTART_HASH: Final = f"{spec.GROUP}/restart-hash"
+ANNOTATION_CONFIG_HASH: Final = f"{spec.GROUP}/config-hash"
+
+FINALIZER: Final = f"{spec.GROUP}/finalizer"
+
+# The runtime container.
+CONTAINER_RUNTIME: Final = "runtime"
+CONTAINER_SINK: Final = "sink"
+CONFIG_KEY: Final = "runtime.yaml"
+CONFIG_DIR: Final = "/etc/relayrl"
+NATS_CREDENTIALS_DIR: Final = "/etc/relayrl/nats"
+NATS_TLS_DIR: Final = "/etc/relayrl/nats-tls"
+POSTGRES_SECRET_DIR: Final = "/etc/relayrl/postgres"
+
+PORT_METRICS: Final = 9090
+PORT_NAME_METRICS: Final = "metrics"
+PORT_NAME_REMOTE: Final = "remote"
+
+# Actor pods drain (flush partial trajectories, wait for acks) on SIGTERM.
+TERMINATION_GRACE_SECONDS: Final = 60
+
+ENV_POD_INDEX: Final = config.ENV_POD_INDEX
+ENV_POD_NAME: Final = config.ENV_POD_NAME
+ENV_NAMESPACE: Final = config.ENV_NAMESPACE
+
+ENV_NATS_CREDENTIALS_DIR: Final = streams.ENV_NATS_CREDENTIALS_DIR
+ENV_NATS_TLS_DIR: Final = streams.ENV_NATS_TLS_DIR
+
+GPU_RESOURCE: Final = spec.GPU_RESOURCE

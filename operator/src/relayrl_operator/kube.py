@@ -1,0 +1,225 @@
+"""A small asyncio Kubernetes client: server-side apply, get, list, delete, status patch.
+
+The reconciler applies every desired child with server-side apply (field manager
+`relayrl-operator`, force): the apiserver computes the diff, a child that is already
+right costs no write, a deleted one is re-created and a hand-edited field of ours is
+taken back. Credentials come from the kubeconfig or the in-cluster service account,
+loaded once at startup with the `kubernetes` package; requests go through aiohttp.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+import aiohttp
+import kubernetes
+
+from relayrl_operator import constants
+from relayrl_runtime import spec
+
+log = logging.getLogger(__name__)
+
+APPLY_CONTENT_TYPE: Final = "application/apply-patch+yaml"
+MERGE_CONTENT_TYPE: Final = "application/merge-patch+json"
+
+
+@dataclass(frozen=True)
+class Kind:
+    """Where the apiserver serves one kind."""
+
+    api_version: str
+    kind: str
+    plural: str
+
+    def path(self, namespace: str, name: str | None = None, sub: str | None = None) -> str:
+        """The REST path of a collection or an object (optionally a subresource)."""
+        root = "/api/v1" if self.api_version == "v1" else f"/apis/{self.api_version}"
+        out = f"{root}/namespaces/{namespace}/{self.plural}"
+        if name is not None:
+            out += f"/{name}"
+        if sub is not None:
+            out += f"/{sub}"
+        return out
+
+
+CONFIGMAP: Final = Kind("v1", "ConfigMap", "configmaps")
+SERVICE: Final = Kind("v1", "Service", "services")
+SECRET: Final = Kind("v1", "Secret", "secrets")
+PVC: Final = Kind("v1", "PersistentVolumeClaim", "persistentvolumeclaims")
+POD: Final = Kind("v1", "Pod", "pods")
+STATEFULSET: Final = Kind("apps/v1", "StatefulSet", "statefulsets")
+DEPLOYMENT: Final = Kind("apps/v1", "Deployment", "deployments")
+PDB: Final = Kind("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets")
+PODMONITOR: Final = Kind("monitoring.coreos.com/v1", "PodMonitor", "podmonitors")
+AGENT: Final = Kind(spec.API_VERSION, spec.KIND, spec.PLURAL)
+
+KINDS: Final = {
+    (k.api_version, k.kind): k
+    for k in (CONFIGMAP, SERVICE, SECRET, PVC, POD, STATEFULSET, DEPLOYMENT, PDB, PODMONITOR, AGENT)
+}
+
+
+def kind_of(obj: Mapping[str, Any]) -> Kind:
+    """The Kind of a manifest."""
+    return KINDS[(obj["apiVersion"], obj["kind"])]
+
+
+class ApiError(Exception):
+    """The apiserver refused a request."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(f"{status} {reason}: {message}")
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+    @property
+    def transient(self) -> bool:
+        """Worth retrying: conflicts, throttling and server-side failures."""
+        return self.status in (409, 429) or self.status >= 500
+
+
+class Client:
+    """An aiohttp session bound to one apiserver and credential."""
+
+    def __init__(self, host: str, headers: Mapping[str, str], ssl_context: ssl.SSLContext | bool):
+        self._host = host.rstrip("/")
+        self._headers = dict(headers)
+        self._ssl = ssl_context
+        self._session: aiohttp.ClientSession | None = None
+
+    @classmethod
+    def from_config(cls, kubeconfig: str | None = None) -> Client:
+        """Credentials from a kubeconfig file, or from the pod's service account."""
+        cfg = kubernetes.client.Configuration()
+        try:
+            kubernetes.config.load_incluster_config(client_configuration=cfg)
+        except kubernetes.config.ConfigException:
+            kubernetes.config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
+        headers: dict[str, str] = {}
+        token = cfg.api_key.get("authorization") or cfg.api_key.get("BearerToken")
+        if token:
+            prefix = cfg.api_key_prefix.get("authorization", "Bearer")
+            headers["Authorization"] = token if " " in token else f"{prefix} {token}"
+        context: ssl.SSLContext | bool = False
+        if cfg.host.startswith("https"):
+            context = ssl.create_default_context(cafile=cfg.ssl_ca_cert)
+            if not cfg.verify_ssl:
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+            if cfg.cert_file:
+                context.load_cert_chain(cfg.cert_file, cfg.key_file)
+        return cls(cfg.host, headers, context)
+
+    async def close(self) -> None:
+        """Close the HTTP session."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                headers=self._headers,
+                connector=aiohttp.TCPConnector(ssl=self._ssl, limit=64),
+                timeout=aiohttp.ClientTimeout(total=30),
+            )
+        return self._session
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        params: Mapping[str, str] | None = None,
+        content_type: str = "application/json",
+    ) -> dict[str, Any]:
+        """One API call; raises ApiError on a non-2xx answer."""
+        data = None if body is None else json.dumps(body)
+        headers = {"Content-Type": content_type} if data is not None else {}
+        try:
+            async with self._http().request(
+                method, self._host + path, data=data, params=params, headers=headers
+            ) as resp:
+                text = await resp.text()
+                if resp.status >= 400:
+                    raise _error(resp.status, text)
+                return json.loads(text) if text else {}
+        except (TimeoutError, aiohttp.ClientError) as err:
+            raise ApiError(503, "Unavailable", f"{method} {path}: {err!r}") from err
+
+    async def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        """Server-side apply of a manifest, taking ownership of its fields."""
+        meta = obj["metadata"]
+        return await self.request(
+            "PATCH",
+            kind_of(obj).path(meta["namespace"], meta["name"]),
+            body=obj,
+            params={"fieldManager": constants.FIELD_MANAGER, "force": "true"},
+            content_type=APPLY_CONTENT_TYPE,
+        )
+
+    async def get(self, kind: Kind, namespace: str, name: str) -> dict[str, Any] | None:
+        """An object, or None when it does not exist."""
+        try:
+            return await self.request("GET", kind.path(namespace, name))
+        except ApiError as err:
+            if err.status == 404:
+                return None
+            raise
+
+    async def list(self, kind: Kind, namespace: str, selector: str = "") -> list[dict[str, Any]]:
+        """Objects of a kind in a namespace, filtered by a label selector."""
+        params = {"labelSelector": selector} if selector else None
+        result = await self.request("GET", kind.path(namespace), params=params)
+        items: list[dict[str, Any]] = result.get("items", [])
+        return items
+
+    async def delete(self, kind: Kind, namespace: str, name: str) -> bool:
+        """Delete an object (dependents in the background); False if it was not there."""
+        try:
+            await self.request(
+                "DELETE", kind.path(namespace, name), body={"propagationPolicy": "Background"}
+            )
+        except ApiError as err:
+            if err.status == 404:
+                return False
+            raise
+        return True
+
+    async def merge_patch(
+        self,
+        kind: Kind,
+        namespace: str,
+        name: str,
+        patch: Mapping[str, Any],
+        sub: str | None = None,
+    ) -> dict[str, Any]:
+        """A JSON merge patch of an object or its subresource (e.g. status)."""
+        return await self.request(
+            "PATCH", kind.path(namespace, name, sub), body=patch, content_type=MERGE_CONTENT_TYPE
+        )
+
+    async def has_api(self, api_version: str) -> bool:
+        """Whether the apiserver serves a group/version (e.g. monitoring.coreos.com/v1)."""
+        try:
+            await self.request("GET", f"/apis/{api_version}")
+        except ApiError as err:
+            if err.status == 404:
+                return False
+            raise
+        return True
+
+
+def _error(status: int, text: str) -> ApiError:
+    try:
+        body = json.loads(text)
+        return ApiError(status, str(body.get("reason", "")), str(body.get("message", text)))
+    except ValueError:
+        return ApiError(status, "", text)

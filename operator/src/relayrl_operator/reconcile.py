@@ -1,0 +1,568 @@
+"""The level-based reconciler: desired children vs actual ones, for every Agent.
+
+Kopf's watch handlers (handlers/) only feed this module: they store the latest Agent
+and child objects in memory and enqueue the Agent's key. A pool of workers takes keys
+from the queue; one key is never worked on by two workers at once, and a key that is
+enqueued again while it is worked on is coalesced into one more pass. So one slow
+Agent holds one worker, never the others.
+
+A pass (`_reconcile`):
+1. a deleted Agent runs the finalizer (stream and bucket removed unless retained);
+2. desired children are built (pure builders) and server-side applied, when the spec
+   changed, a child was deleted or edited, or the periodic resync came round;
+   children no longer desired (a removed sink, the remote Service) are deleted;
+3. the JetStream stream and model bucket are ensured through NATS;
+4. status is computed from the cached children and patched when it changed.
+Transient failures are retried with a jittered, growing, bounded delay; permanent
+ones (a spec the apiserver let through but we cannot build, a child it rejects) are
+shown in status and wait for the next spec change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from relayrl_operator import changes, constants, kube, metrics, settings, status
+from relayrl_operator.builders import (
+    common,
+    configmap,
+    monitoring,
+    pdb,
+    services,
+    sinks,
+    statefulset,
+)
+from relayrl_runtime import spec
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, str]  # (namespace, name)
+
+# Retry delays for transient errors: 0.5 s doubling up to 60 s, with jitter.
+BACKOFF_BASE = 0.5
+BACKOFF_MAX = 60.0
+
+# Kinds the operator may have created for an Agent and may need to delete again.
+_PRUNABLE = (kube.SERVICE, kube.DEPLOYMENT, kube.PODMONITOR)
+
+_FAILING_REASONS = frozenset(
+    {
+        "CrashLoopBackOff",
+        "ImagePullBackOff",
+        "ErrImagePull",
+        "CreateContainerConfigError",
+        "CreateContainerError",
+        "InvalidImageName",
+    }
+)
+
+
+class Streams(Protocol):
+    """Creates and removes an Agent's JetStream stream and model bucket."""
+
+    async def ensure(self, agent: common.AgentRef) -> str:
+        """Create or update them; return a short description. Raise on failure."""
+
+    async def remove(self, agent: common.AgentRef) -> None:
+        """Delete them."""
+
+
+class PermanentError(Exception):
+    """A failure retrying will not fix; shown in status until the spec changes."""
+
+
+@dataclass
+class _State:
+    """What the reconciler remembers about one Agent between passes."""
+
+    body: dict[str, Any] | None = None
+    applied_generation: int | None = None
+    applied_spec: spec.AgentSpec | None = None
+    applied: set[tuple[str, str]] = field(default_factory=set)  # (kind, name) last applied
+    needs_apply: bool = True
+    failures: int = 0
+    stream_ready: bool | None = None
+    stream_message: str = ""
+    error: str | None = None
+    error_generation: int | None = None
+    applied_message: str = ""
+    last_status: dict[str, Any] | None = None
+    pods: dict[str, dict[str, Any]] = field(default_factory=dict)
+    deployments: dict[str, dict[str, Any]] = field(default_factory=dict)
+    child_generations: dict[tuple[str, str], int] = field(default_factory=dict)
+
+
+class Reconciler:
+    """Owns the queue, the workers and the in-memory view of Agents and children."""
+
+    def __init__(
+        self,
+        client: kube.Client,
+        cfg: settings.Settings,
+        streams: Streams | None,
+        workers: int = 16,
+    ) -> None:
+        self._client = client
+        self._settings = cfg
+        self._streams = streams
+        self._workers = workers
+        self._states: dict[Key, _State] = {}
+        self._queue: asyncio.Queue[Key] = asyncio.Queue()
+        self._queued: set[Key] = set()
+        self._busy: set[Key] = set()
+        self._again: set[Key] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._timers: set[asyncio.TimerHandle] = set()
+        self._podmonitors = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Start the workers and the periodic resync."""
+        self._podmonitors = await self._client.has_api(monitoring.API_VERSION)
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._worker(), name=f"reconcile-worker-{i}")
+            for i in range(self._workers)
+        ]
+        self._tasks.append(loop.create_task(self._resync(), name="reconcile-resync"))
+
+    async def stop(self) -> None:
+        """Cancel and await every task this reconciler owns."""
+        for handle in self._timers:
+            handle.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+
+    @property
+    def healthy(self) -> bool:
+        """Whether every worker is still running."""
+        return bool(self._tasks) and not any(t.done() for t in self._tasks)
+
+    # -------------------------------------------------------------- watch events
+
+    def agent_event(self, event_type: str, body: Mapping[str, Any]) -> None:
+        """An Agent was added, changed or deleted (from the watch stream)."""
+        meta = body["metadata"]
+        key = (meta["namespace"], meta["name"])
+        if event_type == "DELETED":
+            self._states.pop(key, None)
+            return
+        state = self._states.setdefault(key, _State())
+        state.body = dict(body)
+        if meta.get("generation") != state.applied_generation:
+            state.needs_apply = True
+        self.enqueue(key)
+
+    def child_event(self, event_type: str, body: Mapping[str, Any]) -> None:
+        """A child object changed; refresh caches, repair drift, recompute status."""
+        meta = body["metadata"]
+        labels = meta.get("labels") or {}
+        agent = labels.get(constants.LABEL_AGENT)
+        if agent is None:
+            return
+        key = (meta["namespace"], agent)
+        state = self._states.get(key)
+        if state is None:
+            return
+        kind, name = body.get("kind", ""), meta["name"]
+        deleted = event_type == "DELETED"
+        if kind == "Pod":
+            if deleted:
+                state.pods.pop(name, None)
+            else:
+                state.pods[name] = dict(body)
+        elif kind == "Deployment":
+            if deleted:
+                state.deployments.pop(name, None)
+            else:
+                state.deployments[name] = dict(body)
+        if kind != "Pod":
+            generation = meta.get("generation")
+            previous = state.child_generations.get((kind, name))
+            edited = generation is None or (previous is not None and previous != generation)
+            if deleted or edited:
+                # Deleted or changed by someone: server-side apply puts our fields back.
+                state.needs_apply = True
+            if generation is not None and not deleted:
+                state.child_generations[(kind, name)] = generation
+        self.enqueue(key)
+
+    def enqueue(self, key: Key) -> None:
+        """Schedule a pass for an Agent; coalesces with a pending or running one."""
+        if key in self._busy:
+            self._again.add(key)
+        elif key not in self._queued:
+            self._queued.add(key)
+            self._queue.put_nowait(key)
+        metrics.QUEUE_DEPTH.set(self._queue.qsize())
+
+    def _enqueue_later(self, key: Key, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+
+        def fire() -> None:
+            self._timers.discard(handle)
+            self.enqueue(key)
+
+        handle = loop.call_later(delay, fire)
+        self._timers.add(handle)
+
+    # -------------------------------------------------------------------- workers
+
+    async def _resync(self) -> None:
+        while True:
+            await asyncio.sleep(self._settings.resync_seconds)
+            for key, state in list(self._states.items()):
+                state.needs_apply = True
+                self.enqueue(key)
+            self._count_phases()
+
+    def _count_phases(self) -> None:
+        counts = dict.fromkeys((p.value for p in spec.Phase), 0)
+        for state in self._states.values():
+            phase = (state.last_status or {}).get("phase")
+            if phase in counts:
+                counts[phase] += 1
+        for phase, n in counts.items():
+            metrics.AGENTS.labels(phase).set(n)
+
+    async def _worker(self) -> None:
+        while True:
+            key = await self._queue.get()
+            self._queued.discard(key)
+            self._busy.add(key)
+            try:
+                await self._run_one(key)
+            finally:
+                self._busy.discard(key)
+                if key in self._again:
+                    self._again.discard(key)
+                    self.enqueue(key)
+
+    async def _run_one(self, key: Key) -> None:
+        state = self._states.get(key)
+        if state is None or state.body is None:
+            return
+        started = time.perf_counter()
+        try:
+            await self._reconcile(key, state)
+        except (kube.ApiError, OSError, TimeoutError) as err:
+            transient = not isinstance(err, kube.ApiError) or err.transient
+            if not transient:
+                metrics.RECONCILES.labels("permanent_error").inc()
+                log.warning("reconcile %s/%s failed permanently: %s", *key, err)
+                return
+            state.failures += 1
+            delay = min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (state.failures - 1))
+            delay *= random.uniform(0.8, 1.2)  # jitter, not crypto
+            metrics.RECONCILES.labels("transient_error").inc()
+            metrics.ERRORS.labels("api").inc()
+            log.info("reconcile %s/%s: %s; retrying in %.1fs", *key, err, delay)
+            self._enqueue_later(key, delay)
+        except Exception:
+            metrics.RECONCILES.labels("transient_error").inc()
+            state.failures += 1
+            delay = min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (state.failures - 1))
+            log.exception("reconcile %s/%s crashed; retrying in %.1fs", *key, delay)
+            self._enqueue_later(key, delay)
+        else:
+            state.failures = 0
+            metrics.RECONCILES.labels("ok").inc()
+        finally:
+            metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
+
+    # ------------------------------------------------------------------ one pass
+
+    async def _reconcile(self, key: Key, state: _State) -> None:
+        body = state.body
+        assert body is not None
+        meta = body["metadata"]
+        generation = int(meta.get("generation", 0))
+        if meta.get("deletionTimestamp"):
+            await self._finalize(key, state)
+            return
+        try:
+            agent_spec = spec.parse_spec(body.get("spec") or {})
+        except spec.InvalidSpecError as err:
+            metrics.ERRORS.labels("spec").inc()
+            await self._fail(key, state, generation, f"invalid spec: {err}")
+            return
+        agent = common.AgentRef(
+            name=meta["name"],
+            namespace=meta["namespace"],
+            uid=meta["uid"],
+            generation=generation,
+            spec=agent_spec,
+        )
+        if constants.FINALIZER not in (meta.get("finalizers") or []):
+            await self._add_finalizer(agent, meta)
+
+        if state.error is not None and state.error_generation == generation:
+            return  # a permanent error on this generation: wait for a spec change
+        state.error = None
+
+        if state.needs_apply:
+            state.needs_apply = False
+            try:
+                await self._apply_children(agent, state)
+            except kube.ApiError as err:
+                if err.transient:
+                    state.needs_apply = True
+                    raise
+                await self._fail(key, state, generation, f"apiserver rejected a child: {err}")
+                return
+            if state.applied_generation != generation:
+                lines = changes.describe(state.applied_spec, agent_spec)
+                if lines:
+                    state.applied_message = "; ".join(lines)
+                    await self._event(agent, "Normal", "SpecApplied", state.applied_message)
+                state.applied_generation = generation
+                state.applied_spec = agent_spec
+
+        if self._streams is not None and state.stream_ready is not True:
+            try:
+                state.stream_message = await self._streams.ensure(agent)
+                state.stream_ready = True
+            except Exception as err:  # any NATS failure is shown and retried
+                metrics.ERRORS.labels("nats").inc()
+                state.stream_ready = False
+                state.stream_message = f"cannot reach NATS: {err}"
+                self._enqueue_later(key, min(BACKOFF_MAX, BACKOFF_BASE * 2**state.failures))
+                state.failures += 1
+
+        await self._write_status(agent, state)
+
+    def desired_children(self, agent: common.AgentRef) -> list[dict[str, Any]]:
+        """Every child manifest the Agent should have now."""
+        out = [
+            configmap.build(agent),
+            statefulset.build(agent, self._settings),
+            services.build_headless(agent),
+            pdb.build(agent),
+        ]
+        remote = services.build_remote(agent)
+        if remote is not None:
+            out.append(remote)
+        out += sinks.build_all(agent, self._settings)
+        if self._podmonitors:
+            out.append(monitoring.build(agent))
+        return out
+
+    async def _apply_children(self, agent: common.AgentRef, state: _State) -> None:
+        desired = self.desired_children(agent)
+        results = await asyncio.gather(
+            *(self._client.apply(obj) for obj in desired), return_exceptions=True
+        )
+        for obj, result in zip(desired, results, strict=True):
+            if isinstance(result, BaseException):
+                raise result
+            created = result.get("metadata", {}).get("creationTimestamp") and (
+                (obj["kind"], obj["metadata"]["name"]) not in state.applied
+            )
+            metrics.CHILDREN.labels(obj["kind"], "created" if created else "updated").inc()
+            generation = result.get("metadata", {}).get("generation")
+            if generation is not None:
+                state.child_generations[(obj["kind"], obj["metadata"]["name"])] = generation
+        now = {(obj["kind"], obj["metadata"]["name"]) for obj in desired}
+        # What may exist but is not desired: what we applied before, and on the first
+        # pass after a restart every optional child name this Agent could have had.
+        candidates = state.applied or self._optional_children(agent)
+        for kind_name, name in sorted(candidates - now):
+            kind = next(k for k in _PRUNABLE if k.kind == kind_name)
+            if await self._client.delete(kind, agent.namespace, name):
+                metrics.CHILDREN.labels(kind_name, "deleted").inc()
+                log.info("deleted %s %s/%s: no longer desired", kind_name, agent.namespace, name)
+            state.child_generations.pop((kind_name, name), None)
+        state.applied = now
+
+    def _optional_children(self, agent: common.AgentRef) -> set[tuple[str, str]]:
+        out = {(kube.SERVICE.kind, common.remote_service_name(agent))}
+        out |= {(kube.DEPLOYMENT.kind, n) for n in sinks.possible_names(agent)}
+        if self._podmonitors:
+            out.add((kube.PODMONITOR.kind, agent.name))
+        return out
+
+    async def _add_finalizer(self, agent: common.AgentRef, meta: Mapping[str, Any]) -> None:
+        finalizers = [*meta.get("finalizers", []), constants.FINALIZER]
+        await self._client.merge_patch(
+            kube.AGENT,
+            agent.namespace,
+            agent.name,
+            {"metadata": {"finalizers": finalizers, "resourceVersion": meta["resourceVersion"]}},
+        )
+
+    async def _finalize(self, key: Key, state: _State) -> None:
+        assert state.body is not None
+        meta = state.body["metadata"]
+        finalizers = meta.get("finalizers") or []
+        if constants.FINALIZER not in finalizers:
+            return
+        agent_spec = spec.parse_spec(state.body.get("spec") or {})
+        agent = common.AgentRef(meta["name"], meta["namespace"], meta["uid"], 0, agent_spec)
+        if self._streams is not None and not agent_spec.trajectories.nats.retain_on_delete:
+            await self._streams.remove(agent)
+        remaining = [f for f in finalizers if f != constants.FINALIZER]
+        await self._client.merge_patch(
+            kube.AGENT,
+            agent.namespace,
+            agent.name,
+            {"metadata": {"finalizers": remaining, "resourceVersion": meta["resourceVersion"]}},
+        )
+        log.info("finalized %s/%s", *key)
+
+    async def _fail(self, key: Key, state: _State, generation: int, message: str) -> None:
+        state.error = message
+        state.error_generation = generation
+        metrics.RECONCILES.labels("permanent_error").inc()
+        log.warning("agent %s/%s: %s", *key, message)
+        assert state.body is not None
+        meta = state.body["metadata"]
+        try:
+            agent_spec = spec.parse_spec(state.body.get("spec") or {})
+        except spec.InvalidSpecError:
+            agent_spec = None
+        if agent_spec is None:
+            patch = {
+                "status": {
+                    "observedGeneration": generation,
+                    "phase": spec.Phase.FAILED.value,
+                    "conditions": [],
+                }
+            }
+            await self._client.merge_patch(kube.AGENT, *key, patch, sub="status")
+            return
+        agent = common.AgentRef(
+            meta["name"], meta["namespace"], meta["uid"], generation, agent_spec
+        )
+        await self._event(agent, "Warning", "ReconcileFailed", message)
+        await self._write_status(agent, state)
+
+    # -------------------------------------------------------------------- status
+
+    def observe(self, agent: common.AgentRef, state: _State) -> status.Observed:
+        """Turn cached pods and Deployments into the facts status depends on."""
+        restart = configmap.restart_hash(agent)
+        pods = []
+        for pod in state.pods.values():
+            labels = pod["metadata"].get("labels") or {}
+            if labels.get(constants.LABEL_COMPONENT) != constants.COMPONENT_ACTORS:
+                continue
+            if pod["metadata"].get("deletionTimestamp"):
+                continue
+            pods.append(_pod_view(pod, restart))
+        sink_views = []
+        for name in sinks.desired_names(agent):
+            deployment = state.deployments.get(name)
+            if deployment is not None:
+                sink_views.append(_sink_view(deployment))
+        return status.Observed(
+            pods=pods,
+            sinks=sink_views,
+            stream_ready=state.stream_ready if self._streams is not None else None,
+            stream_message=state.stream_message,
+            error=state.error,
+            applied=state.applied_message,
+        )
+
+    async def _write_status(self, agent: common.AgentRef, state: _State) -> None:
+        assert state.body is not None
+        previous = (state.body.get("status") or {}).get("conditions") or []
+        selector = ",".join(
+            f"{k}={v}" for k, v in common.selector_labels(agent, constants.COMPONENT_ACTORS).items()
+        )
+        new = status.compute(
+            agent.spec, agent.generation, selector, self.observe(agent, state), previous
+        )
+        if new == state.last_status:
+            return
+        old_phase = (state.last_status or state.body.get("status") or {}).get("phase")
+        await self._client.merge_patch(
+            kube.AGENT, agent.namespace, agent.name, {"status": new}, sub="status"
+        )
+        state.last_status = new
+        if old_phase != new["phase"]:
+            kind = "Warning" if new["phase"] in ("Degraded", "Failed") else "Normal"
+            ready = next(c for c in new["conditions"] if c["type"] == "Ready")
+            await self._event(agent, kind, f"Phase{new['phase']}", ready["message"])
+
+    async def _event(self, agent: common.AgentRef, kind: str, reason: str, message: str) -> None:
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{agent.name}.", "namespace": agent.namespace},
+            "involvedObject": {
+                "apiVersion": spec.API_VERSION,
+                "kind": spec.KIND,
+                "name": agent.name,
+                "namespace": agent.namespace,
+                "uid": agent.uid,
+            },
+            "type": kind,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": constants.OPERATOR_NAME},
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        try:
+            await self._client.request(
+                "POST", f"/api/v1/namespaces/{agent.namespace}/events", body=event
+            )
+        except kube.ApiError as err:  # events are best effort; never fail a reconcile
+            log.debug("event for %s/%s not posted: %s", agent.namespace, agent.name, err)
+
+
+def _pod_view(pod: Mapping[str, Any], restart_hash: str) -> status.PodView:
+    meta = pod["metadata"]
+    labels = meta.get("labels") or {}
+    index_label = labels.get(constants.LABEL_POD_INDEX)
+    index = int(index_label) if index_label is not None else int(meta["name"].rsplit("-", 1)[1])
+    conditions = {c["type"]: c for c in (pod.get("status") or {}).get("conditions") or []}
+    ready = conditions.get("Ready", {}).get("status") == "True"
+    scheduled = conditions.get("PodScheduled", {})
+    unschedulable = None
+    if scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable":
+        unschedulable = scheduled.get("message") or "no node fits"
+    failing = None
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in _FAILING_REASONS:
+            failing = f"{waiting['reason']}: {waiting.get('message', '')}".rstrip(": ")
+    annotations = meta.get("annotations") or {}
+    return status.PodView(
+        index=index,
+        ready=ready,
+        current=annotations.get(constants.ANNOTATION_RESTART_HASH) == restart_hash,
+        unschedulable=unschedulable,
+        failing=failing,
+    )
+
+
+def _sink_view(deployment: Mapping[str, Any]) -> status.SinkView:
+    meta = deployment["metadata"]
+    st = deployment.get("status") or {}
+    want = (deployment.get("spec") or {}).get("replicas", 1)
+    ready = (
+        st.get("observedGeneration", 0) >= meta.get("generation", 0)
+        and st.get("availableReplicas", 0) >= want
+        and st.get("updatedReplicas", 0) >= want
+    )
+    message = ""
+    for cond in st.get("conditions") or []:
+        if cond.get("type") == "Available" and cond.get("status") != "True":
+            message = cond.get("message", "")
+    component = (meta.get("labels") or {}).get(constants.LABEL_COMPONENT, meta["name"])
+    return status.SinkView(component=component, ready=ready, message=message)

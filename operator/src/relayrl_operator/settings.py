@@ -1,0 +1,40 @@
+"""Operator-wide settings: read once at startup, passed down explicitly.
+
+Builders never read the environment; the CLI builds a `Settings` from flags and
+environment variables and hands it to the reconciler.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Final
+
+ENV_RUNTIME_IMAGE: Final = "RELAYRL_RUNTIME_IMAGE"
+ENV_IMAGE_PULL_POLICY: Final = "RELAYRL_IMAGE_PULL_POLICY"
+ENV_RESYNC_SECONDS: Final = "RELAYRL_RESYNC_SECONDS"
+
+DEFAULT_RUNTIME_IMAGE: Final = "ghcr.io/relayrl-fleet/runtime:0.1.0"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What every reconcile needs to know about the operator's installation."""
+
+    runtime_image: str = DEFAULT_RUNTIME_IMAGE
+    image_pull_policy: str = "IfNotPresent"
+    # Level-based resync period: how often actual children are compared with desired.
+    resync_seconds: float = 30.0
+    # Extra labels on every child (e.g. from the chart).
+    extra_labels: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Settings from RELAYRL_* environment variables, defaults otherwise."""
+        env = os.environ if environ is None else environ
+        return cls(
+            runtime_image=env.get(ENV_RUNTIME_IMAGE, DEFAULT_RUNTIME_IMAGE),
+            image_pull_policy=env.get(ENV_IMAGE_PULL_POLICY, "IfNotPresent"),
+            resync_seconds=float(env.get(ENV_RESYNC_SECONDS, "30")),
+        )

@@ -1,0 +1,234 @@
+"""Agent status from what the reconciler observed: counts, conditions, phase.
+
+Pure functions over plain data (`Observed`), so every rule of what the status says
+is unit-tested without a cluster. Conditions keep their lastTransitionTime while
+their status does not change, as Kubernetes conventions ask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from relayrl_runtime import spec
+
+Cond = spec.ConditionType
+TRUE, FALSE, UNKNOWN = (
+    spec.ConditionStatus.TRUE,
+    spec.ConditionStatus.FALSE,
+    spec.ConditionStatus.UNKNOWN,
+)
+
+
+@dataclass(frozen=True)
+class PodView:
+    """The facts about one actor pod that status depends on."""
+
+    index: int
+    ready: bool
+    current: bool  # runs the current pod template (restart hash)
+    unschedulable: str | None = None  # the scheduler's message while it cannot place the pod
+    failing: str | None = None  # e.g. "CrashLoopBackOff: ..." for a container that keeps failing
+    model_version: int | None = None  # reported by the runtime, when it reports
+
+
+@dataclass(frozen=True)
+class SinkView:
+    """One sink Deployment."""
+
+    component: str
+    ready: bool
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class Observed:
+    """Everything one reconcile saw about an Agent's children."""
+
+    pods: Sequence[PodView] = ()
+    sinks: Sequence[SinkView] = ()
+    stream_ready: bool | None = None  # None: not checked yet
+    stream_message: str = ""
+    error: str | None = None  # a permanent error applying children (shown, not retried)
+    applied: str = ""  # how the last spec change was applied, for the Progressing message
+
+
+@dataclass
+class _Conditions:
+    previous: Mapping[str, Mapping[str, Any]]
+    generation: int
+    now: str
+    out: list[dict[str, Any]] = field(default_factory=list)
+
+    def set(self, kind: Cond, status: spec.ConditionStatus, reason: str, message: str) -> None:
+        before = self.previous.get(kind.value, {})
+        changed = before.get("status") != status.value
+        self.out.append(
+            {
+                "type": kind.value,
+                "status": status.value,
+                "reason": reason,
+                "message": message,
+                "lastTransitionTime": self.now
+                if changed or "lastTransitionTime" not in before
+                else before["lastTransitionTime"],
+                "observedGeneration": self.generation,
+            }
+        )
+
+
+def _slice_size(index: int, actors: int, per_pod: int) -> int:
+    return max(0, min(per_pod, actors - index * per_pod))
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def compute(
+    agent_spec: spec.AgentSpec,
+    generation: int,
+    selector: str,
+    observed: Observed,
+    previous: Iterable[Mapping[str, Any]] = (),
+    now: datetime | None = None,
+) -> dict[str, Any]:
+    """The `status` of an Agent, in wire (camelCase) form."""
+    stamp = (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    conds = _Conditions({c["type"]: c for c in previous if "type" in c}, generation, stamp)
+
+    desired_pods = agent_spec.pods()
+    desired_actors = 0 if agent_spec.paused else agent_spec.actors
+    per_pod = agent_spec.actors_per_pod or max(agent_spec.actors, 1)
+    wanted = [p for p in observed.pods if p.index < desired_pods]
+    ready = [p for p in wanted if p.ready]
+    ready_actors = sum(_slice_size(p.index, desired_actors, per_pod) for p in ready)
+    updated = [p for p in wanted if p.current]
+    unschedulable = [p for p in wanted if p.unschedulable]
+    failing = [p for p in wanted if p.failing]
+    versions = {p.model_version for p in ready if p.model_version is not None}
+
+    # Paused
+    if agent_spec.paused:
+        conds.set(Cond.PAUSED, TRUE, "Paused", "spec.paused is true: actors scaled to zero")
+    else:
+        conds.set(Cond.PAUSED, FALSE, "Running", "spec.paused is false")
+
+    # StreamReady
+    if observed.stream_ready is None:
+        conds.set(Cond.STREAM_READY, UNKNOWN, "Pending", "stream not checked yet")
+    elif observed.stream_ready:
+        conds.set(Cond.STREAM_READY, TRUE, "StreamReady", observed.stream_message)
+    else:
+        conds.set(Cond.STREAM_READY, FALSE, "StreamUnavailable", observed.stream_message)
+
+    # SinksReady
+    sinks_down = [s for s in observed.sinks if not s.ready]
+    sinks_ok = not sinks_down and len(observed.sinks) == len(agent_spec.sinks)
+    if not agent_spec.sinks:
+        conds.set(Cond.SINKS_READY, TRUE, "NoSinks", "no sinks configured")
+    elif sinks_ok:
+        names = ", ".join(s.component for s in observed.sinks)
+        conds.set(Cond.SINKS_READY, TRUE, "SinksAvailable", f"available: {names}")
+    else:
+        waiting = [s.component + (f" ({s.message})" if s.message else "") for s in sinks_down]
+        missing = len(agent_spec.sinks) - len(observed.sinks)
+        if missing > 0:
+            waiting.append(f"{_plural(missing, 'sink')} not created yet")
+        conds.set(Cond.SINKS_READY, FALSE, "SinksUnavailable", "waiting for " + "; ".join(waiting))
+
+    # ModelReady: an actor pod is ready only once its runtime has loaded the model.
+    if desired_pods == 0:
+        conds.set(Cond.MODEL_READY, UNKNOWN, "NoActorPods", "no actor pods to load the model")
+    elif not ready:
+        conds.set(Cond.MODEL_READY, FALSE, "NotLoaded", "no actor pod has loaded the model yet")
+    elif len(versions) > 1:
+        conds.set(
+            Cond.MODEL_READY,
+            FALSE,
+            "Rolling",
+            f"pods run model versions {sorted(versions)}",
+        )
+    else:
+        conds.set(Cond.MODEL_READY, TRUE, "Loaded", f"{_plural(len(ready), 'ready pod')} loaded it")
+
+    # Degraded
+    problems = []
+    if observed.error:
+        problems.append(observed.error)
+    if failing:
+        problems.append(f"{_plural(len(failing), 'actor pod')} failing: {failing[0].failing}")
+    if sinks_down and any(s.message for s in sinks_down):
+        problems.append("sinks unavailable")
+    if observed.stream_ready is False:
+        problems.append("stream unavailable")
+    if problems:
+        conds.set(Cond.DEGRADED, TRUE, "Failing", "; ".join(problems))
+    else:
+        conds.set(Cond.DEGRADED, FALSE, "Healthy", "no failures observed")
+
+    # Progressing
+    converged = len(ready) == desired_pods and len(updated) == desired_pods
+    if not converged:
+        message = (
+            f"{len(ready)}/{desired_pods} actor pods ready, {len(updated)}/{desired_pods} updated"
+        )
+        if observed.applied:
+            message = f"{observed.applied}; {message}"
+        conds.set(Cond.PROGRESSING, TRUE, "Rolling", message)
+    else:
+        conds.set(
+            Cond.PROGRESSING, FALSE, "Converged", observed.applied or "all actor pods up to date"
+        )
+
+    # Ready
+    stream_ok = observed.stream_ready is True
+    all_ok = converged and stream_ok and (sinks_ok or not agent_spec.sinks) and not problems
+    if all_ok:
+        conds.set(Cond.READY, TRUE, "Ready", f"{ready_actors}/{desired_actors} actors ready")
+    elif unschedulable:
+        conds.set(
+            Cond.READY,
+            FALSE,
+            "Unschedulable",
+            f"{_plural(len(unschedulable), 'actor pod')} cannot be scheduled: "
+            f"{unschedulable[0].unschedulable}",
+        )
+    else:
+        reasons = []
+        if not converged:
+            reasons.append(f"{len(ready)}/{desired_pods} actor pods ready")
+        if not stream_ok:
+            reasons.append("stream not ready")
+        if agent_spec.sinks and not sinks_ok:
+            reasons.append("sinks not ready")
+        reasons += problems
+        conds.set(Cond.READY, FALSE, "NotReady", "; ".join(reasons))
+
+    if observed.error:
+        phase = spec.Phase.FAILED
+    elif agent_spec.paused:
+        phase = spec.Phase.PAUSED
+    elif all_ok:
+        phase = spec.Phase.READY
+    elif problems:
+        phase = spec.Phase.DEGRADED
+    elif unschedulable and not ready:
+        phase = spec.Phase.PENDING
+    else:
+        phase = spec.Phase.PROGRESSING
+
+    status: dict[str, Any] = {
+        "observedGeneration": generation,
+        "phase": phase.value,
+        "conditions": conds.out,
+        "desiredActors": desired_actors,
+        "readyActors": ready_actors,
+        "desiredPods": desired_pods,
+        "readyPods": len(ready),
+        "selector": selector,
+        "modelVersion": min(versions) if versions else None,
+    }
+    return status

@@ -1,0 +1,174 @@
+"""Router workers: encode finished trajectories to Arrow and hand them to the sink.
+
+`RouterPool` owns `router_scale` threads reading one bounded queue. The agent puts
+`trajectory.Steps` in; a router takes what is queued (coalescing up to a row budget),
+encodes one record batch and writes it. The queue bound is the backpressure: when the
+sink is slow the queue fills and `submit` blocks the actors. Scaling up starts threads;
+scaling down retires routers after their current batch. Threads are joined on shutdown.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Final
+
+import pyarrow as pa
+
+from relayrl_runtime import errors, metrics, trajectory
+from relayrl_runtime.sinks import base
+
+log = logging.getLogger(__name__)
+
+_RETIRE: Final = object()
+_COALESCE_ROWS: Final = 65_536
+_SINK_RETRIES: Final = 3
+MAX_ROUTERS: Final = 64
+
+
+class RouterPool:
+    """Router threads between the actor pool and a sink."""
+
+    def __init__(
+        self,
+        layout: trajectory.Layout,
+        sink: base.TrajectorySink | None,
+        metrics_: metrics.RuntimeMetrics,
+        routers: int = 1,
+        queue_size: int = 256,
+    ) -> None:
+        check_scale(routers)
+        self.layout = layout
+        self.schema = trajectory.schema(layout)
+        self.sink = sink
+        self._metrics = metrics_
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=queue_size)
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._next_name = 0
+        self._closed = False
+        self._retiring = 0
+        metrics_.router_queue.set_function(self._queue.qsize)
+        self.scale_to(routers)
+
+    @property
+    def size(self) -> int:
+        """Routers running (not counting ones asked to retire)."""
+        with self._lock:
+            return sum(t.is_alive() for t in self._threads) - self._retiring
+
+    def scale_to(self, routers: int) -> int:
+        """Run exactly `routers` workers."""
+        check_scale(routers)
+        with self._lock:
+            if self._closed:
+                raise errors.AgentClosedError("routers: the agent is shut down")
+            self._threads = [t for t in self._threads if t.is_alive()]
+            current = len(self._threads) - self._retiring
+            for _ in range(routers - current):
+                self._next_name += 1
+                thread = threading.Thread(
+                    target=self._run, name=f"relayrl-router-{self._next_name}", daemon=True
+                )
+                self._threads.append(thread)
+                thread.start()
+            for _ in range(current - routers):
+                self._retiring += 1
+                self._queue.put(_RETIRE)
+            self._metrics.routers.set(routers)
+        return routers
+
+    def submit(self, steps: trajectory.Steps) -> None:
+        """Queue finished trajectories; blocks while the queue is full (backpressure)."""
+        self._metrics.trajectories.inc(steps.trajectories)
+        self._metrics.steps_recorded.inc(steps.rows)
+        self._queue.put(steps)
+
+    def drain(self) -> None:
+        """Wait until every queued batch has been written (or failed)."""
+        self._queue.join()
+
+    def shutdown(self) -> None:
+        """Drain, then stop and join every router."""
+        self.drain()
+        with self._lock:
+            self._closed = True
+            alive = [t for t in self._threads if t.is_alive()]
+            for _ in range(len(alive) - self._retiring):
+                self._queue.put(_RETIRE)
+        for thread in alive:
+            thread.join()
+        self._metrics.routers.set(0)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _RETIRE:
+                with self._lock:
+                    self._retiring -= 1
+                self._queue.task_done()
+                return
+            batch = [item]
+            rows = item.rows  # type: ignore[attr-defined]
+            retire = False
+            while rows < _COALESCE_ROWS:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is _RETIRE:
+                    retire = True
+                    break
+                batch.append(more)
+                rows += more.rows  # type: ignore[attr-defined]
+            try:
+                self._write(batch)  # type: ignore[arg-type]
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+            if retire:
+                with self._lock:
+                    self._retiring -= 1
+                self._queue.task_done()
+                return
+
+    def _write(self, parts: list[trajectory.Steps]) -> None:
+        steps = trajectory.concat(parts)
+        try:
+            record = trajectory.encode(self.layout, steps, self.schema)
+        except (pa.ArrowException, ValueError):
+            log.exception("router: could not encode %d trajectories", steps.trajectories)
+            self._metrics.sink_errors.inc()
+            return
+        if self.sink is None:
+            return
+        delay = 0.05
+        for attempt in range(1, _SINK_RETRIES + 1):
+            try:
+                self.sink.write(record)
+            except Exception:
+                if attempt == _SINK_RETRIES:
+                    log.exception(
+                        "router: sink refused %d trajectories (%d rows) after %d attempts",
+                        steps.trajectories,
+                        steps.rows,
+                        attempt,
+                    )
+                    self._metrics.sink_errors.inc()
+                    return
+                log.warning("router: sink write failed (attempt %d), retrying", attempt)
+                time.sleep(delay)
+                delay *= 4
+            else:
+                self._metrics.trajectories_written.inc(steps.trajectories)
+                return
+
+
+def check_scale(routers: int) -> None:
+    """Reject a router count outside 1..MAX_ROUTERS."""
+    if not 1 <= routers <= MAX_ROUTERS:
+        raise errors.InvalidArgumentError.mismatch(
+            "router_scale", f"between 1 and {MAX_ROUTERS} routers", routers
+        )

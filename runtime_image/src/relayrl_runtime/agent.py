@@ -1,0 +1,546 @@
+"""The agent: RelayRL's multi-actor client API over a vectorised actor pool.
+
+What users (and the env drivers, the ZMQ endpoint and the process in `app`) call::
+
+    agent = Agent(model="/models/cartpole", actor_count=4, router_scale=2,
+                  sink=LocalFileSink(Path("out")))
+    result = agent.request_action([0, 1, 2, 3], obs, reward=rewards)
+    agent.flag_last_action([2], reward=[1.0])
+    agent.shutdown()
+
+A request for N actors is one forward pass (shared model mode) and one columnar write;
+finished trajectories go to router threads. Methods are thread-safe (one lock around the
+pool); the `a*` variants run the same calls on the agent's inference thread for asyncio
+code. Every method validates its input before touching state, so an error leaves the
+agent unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from relayrl_runtime import errors, metrics, spec, trajectory
+from relayrl_runtime.actors import pool as pool_mod
+from relayrl_runtime.actors import routers as routers_mod
+from relayrl_runtime.inference import loader, model, policy
+from relayrl_runtime.sinks import base as sink_base
+
+log = logging.getLogger(__name__)
+
+ActorIds = int | Sequence[int] | npt.NDArray[np.integer[Any]]
+Floats = float | Sequence[float] | npt.NDArray[np.floating[Any]]
+Bools = bool | Sequence[bool] | npt.NDArray[np.bool_]
+ModelRef = Path | str | policy.Policy
+
+# Outbox limits: rows and age before finished trajectories go to a router.
+_OUTBOX_ROWS = 8192
+_OUTBOX_SECONDS = 0.5
+
+
+class ActionResult:
+    """Actions for the requested actors, in request order, with what the model gave.
+
+    `aux` holds every model output by name (e.g. logits, value); `logp` is the
+    log-probability of each action, computed on first access (it is not needed to act,
+    so the request path does not pay for it).
+    """
+
+    __slots__ = ("_kind", "_logp", "_mask", "actions", "aux", "version")
+
+    def __init__(
+        self,
+        actions: npt.NDArray[np.generic],
+        aux: Mapping[str, npt.NDArray[np.generic]],
+        version: int,
+        layout: trajectory.Layout,
+        mask: npt.NDArray[np.bool_] | None,
+    ) -> None:
+        self.actions = actions  # int64 (n,) or float32 (n, size)
+        self.aux = aux
+        self.version = version  # policy version that chose these actions
+        self._kind = layout
+        self._mask = mask
+        self._logp: npt.NDArray[np.float32] | None = None
+
+    @property
+    def logp(self) -> npt.NDArray[np.float32]:
+        """Log-probability of each action, shape (n,)."""
+        if self._logp is None:
+            lay = self._kind
+            log_std: Any = (
+                self.aux[lay.log_std_output] if lay.log_std_output is not None else lay.log_std
+            )
+            self._logp = policy.log_prob(
+                lay.action_kind, self.aux[lay.head], self.actions, self._mask, log_std
+            )
+        return self._logp
+
+    def __repr__(self) -> str:
+        return f"ActionResult(actions={self.actions!r}, version={self.version})"
+
+
+class Agent:
+    """Actors, a model and routers; see the module docstring."""
+
+    def __init__(
+        self,
+        model_ref: ModelRef,
+        *,
+        actor_count: int = 1,
+        router_scale: int = 1,
+        device: spec.Device | str = spec.Device.CPU,
+        model_mode: spec.ModelMode | str = spec.ModelMode.SHARED,
+        model_format: spec.ModelFormat | str | None = None,
+        model_version: int | None = None,
+        model_metadata: model.ModelMetadata | None = None,
+        sink: sink_base.TrajectorySink | None = None,
+        name: str = "agent",
+        max_length: int = 1000,
+        sample: bool = True,
+        seed: int | None = None,
+        metrics_: metrics.RuntimeMetrics | None = None,
+        queue_size: int = 256,
+        actor_ids: Sequence[int] | None = None,
+    ) -> None:
+        if actor_count < 0:
+            raise errors.InvalidArgumentError.mismatch("actor_count", ">= 0", actor_count)
+        routers_mod.check_scale(router_scale)
+        if max_length < 1:
+            raise errors.InvalidArgumentError.mismatch("max_length", ">= 1", max_length)
+        ids = list(range(actor_count)) if actor_ids is None else [int(i) for i in actor_ids]
+        if len(ids) != actor_count:
+            raise errors.InvalidArgumentError.mismatch(
+                "actor_ids", f"{actor_count} ids (actor_count)", len(ids)
+            )
+        self.name = name
+        self.device = spec.Device(device)
+        self.mode = spec.ModelMode(model_mode)
+        self.sample = sample
+        self.metrics = metrics_ if metrics_ is not None else metrics.RuntimeMetrics()
+        self._format = None if model_format is None else spec.ModelFormat(model_format)
+        self._model_metadata = model_metadata
+        self._rng = np.random.default_rng(seed)
+        self._lock = threading.RLock()
+        self._reload_lock = threading.Lock()
+        self._closed = False
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._outbox: list[trajectory.Steps] = []
+        self._outbox_rows = 0
+        self._outbox_since = 0.0
+
+        self._policy = self._load(model_ref, model_version)
+        self._source = model_ref if not isinstance(model_ref, policy.Policy) else None
+        self.layout = trajectory.Layout.from_metadata(name, self._policy.metadata)
+        run_prefix = int.from_bytes(os.urandom(4), "little")
+        self._pool = pool_mod.ActorPool(self.layout, max_length, run_prefix)
+        self._pool.check_new_ids(ids)
+        # Independent mode: one policy instance per actor row (RelayRL's per-actor model).
+        self._own: dict[int, policy.Policy] = {}
+        rows = self._pool.add(ids)
+        if self.mode is spec.ModelMode.INDEPENDENT:
+            for row in rows:
+                self._own[row] = self._clone_policy()
+        self._routers = routers_mod.RouterPool(
+            self.layout, sink, self.metrics, router_scale, queue_size
+        )
+        self.sink = sink
+        self.metrics.model_version.set(self._policy.version)
+        self.metrics.actors.set(len(self._pool))
+
+    # ------------------------------------------------------------------ models
+
+    def _load(self, ref: ModelRef, version: int | None) -> policy.Policy:
+        if isinstance(ref, policy.Policy):
+            return ref
+        return loader.load_policy(
+            Path(ref),
+            self.device,
+            model_format=self._format,
+            version=version,
+            metadata=self._model_metadata,
+        )
+
+    def _clone_policy(self) -> policy.Policy:
+        source = Path(self._policy.source)
+        meta = self._policy.metadata
+        return loader.load_policy(source, self.device, metadata=meta)
+
+    @property
+    def current_policy(self) -> policy.Policy:
+        """The shared policy in use."""
+        return self._policy
+
+    def get_model_version(self) -> int:
+        """Version of the policy that answers new requests."""
+        return self._policy.version
+
+    def reload_model(self, model_ref: ModelRef, version: int | None = None) -> int:
+        """Swap in a new model version without stopping; returns the new version.
+
+        The new model is loaded and validated off the request path; the swap happens
+        between requests, so no request fails and each step records the version that
+        chose it. A model with a different observation or action layout is refused.
+        """
+        with self._reload_lock:
+            self._check_open()
+            new = self._load(model_ref, version)
+            why = self._policy.metadata.compatible_with(new.metadata)
+            if why is not None:
+                new.close()
+                self.metrics.model_reloads.labels("rejected").inc()
+                raise errors.ModelMetadataError(f"reload refused: {why}")
+            own: dict[int, policy.Policy] = {}
+            if self.mode is spec.ModelMode.INDEPENDENT:
+                meta = new.metadata
+                own = {
+                    row: loader.load_policy(Path(new.source), self.device, metadata=meta)
+                    for row in self._own
+                }
+            with self._lock:
+                old, old_own = self._policy, self._own
+                self._policy = new
+                if self.mode is spec.ModelMode.INDEPENDENT:
+                    self._own = own
+            old.close()
+            for p in old_own.values():
+                p.close()
+            self.metrics.model_version.set(new.version)
+            self.metrics.model_reloads.labels("ok").inc()
+            log.info("model reloaded: version %d from %s", new.version, new.source)
+            return new.version
+
+    # ----------------------------------------------------------------- actions
+
+    def request_action(
+        self,
+        actor_ids: ActorIds,
+        obs: npt.NDArray[np.generic],
+        mask: npt.NDArray[np.generic] | None = None,
+        reward: Floats = 0.0,
+    ) -> ActionResult:
+        """Actions for these actors from one forward pass.
+
+        `obs` has one row per actor id; `reward` (scalar or one per actor) is the reward
+        for each actor's previous action; `mask` (discrete models) marks allowed actions.
+        """
+        ids = _ids(actor_ids)
+        n = len(ids)
+        rewards = _per_actor("reward", reward, n, np.float64)
+        with self._lock:
+            self._check_open()
+            try:
+                rows = self._pool.rows_for(ids)
+                pol = self._policy
+                pol.check_obs(obs, n)
+                m = pol.check_mask(np.asarray(mask), n) if mask is not None else None
+            except errors.RelayRLError as err:
+                self.metrics.request_errors.labels(err.kind).inc()
+                raise
+            t_obs = time.time_ns() // 1000
+            t0 = time.perf_counter()
+            if self.mode is spec.ModelMode.SHARED or n == 0:
+                out = pol.act(obs, m, self._rng, self.sample)
+            else:
+                out = self._act_independent(rows, obs, m)
+            elapsed = time.perf_counter() - t0
+            t_act = time.time_ns() // 1000
+            record = pool_mod.StepRecord(
+                obs=obs,
+                action=out.actions,
+                mask=m,
+                aux=out.outputs,
+                version=out.version,
+                obs_time_us=t_obs,
+                action_time_us=t_act,
+            )
+            cut = self._pool.record(rows, record, rewards)
+            if cut is not None:
+                self._outbox_add(cut)
+            ready = self._outbox_take(t0)
+        mt = self.metrics
+        mt.inference_seconds.observe(elapsed)
+        mt.batch_size.observe(n)
+        mt.requests.inc()
+        mt.actions.inc(n)
+        if ready is not None:
+            self._routers.submit(ready)
+        return ActionResult(out.actions, out.outputs, out.version, self.layout, m)
+
+    def _act_independent(
+        self,
+        rows: npt.NDArray[np.int64],
+        obs: npt.NDArray[np.generic],
+        mask: npt.NDArray[np.bool_] | None,
+    ) -> policy.PolicyOutput:
+        outs = [
+            self._own[int(row)].act(
+                obs[i : i + 1], None if mask is None else mask[i : i + 1], self._rng, self.sample
+            )
+            for i, row in enumerate(rows.tolist())
+        ]
+        return policy.PolicyOutput(
+            actions=np.concatenate([o.actions for o in outs]),
+            outputs={k: np.concatenate([o.outputs[k] for o in outs]) for k in outs[0].outputs},
+            mask=mask,
+            version=outs[0].version,
+        )
+
+    def flag_last_action(
+        self,
+        actor_ids: ActorIds,
+        reward: Floats = 0.0,
+        terminated: Bools = True,
+        truncated: Bools = False,
+    ) -> int:
+        """End these actors' episodes: `reward` is for their last action.
+
+        `terminated`/`truncated` (scalar or one per actor) say how the episode ended.
+        Actors without a recorded step are ignored. Returns trajectories finished.
+        """
+        ids = _ids(actor_ids)
+        n = len(ids)
+        rewards = _per_actor("reward", reward, n, np.float64)
+        term = _per_actor("terminated", terminated, n, np.bool_)
+        trunc = _per_actor("truncated", truncated, n, np.bool_)
+        term_arr = np.broadcast_to(term, (n,)).copy() if np.ndim(term) == 0 else term
+        trunc_arr = np.broadcast_to(trunc, (n,)).copy() if np.ndim(trunc) == 0 else trunc
+        with self._lock:
+            self._check_open()
+            rows = self._pool.rows_for(ids)
+            done = self._pool.flag_last(rows, rewards, term_arr, trunc_arr)
+            if done is None:
+                return 0
+            self._outbox_add(done)
+            ready = self._outbox_take(time.perf_counter())
+        if ready is not None:
+            self._routers.submit(ready)
+        return done.trajectories
+
+    # Finished trajectories wait in a small outbox and go to the routers in batches of
+    # `_OUTBOX_ROWS` rows or after `_OUTBOX_SECONDS`, so the request path pays for one
+    # queue hand-off per batch rather than one per trajectory.
+
+    def _outbox_add(self, steps: trajectory.Steps) -> None:
+        if not self._outbox:
+            self._outbox_since = time.perf_counter()
+        self._outbox.append(steps)
+        self._outbox_rows += steps.rows
+
+    def _outbox_take(self, now: float, force: bool = False) -> trajectory.Steps | None:
+        if not self._outbox:
+            return None
+        if (
+            not force
+            and self._outbox_rows < _OUTBOX_ROWS
+            and now - self._outbox_since < _OUTBOX_SECONDS
+        ):
+            return None
+        steps = trajectory.concat(self._outbox)
+        self._outbox = []
+        self._outbox_rows = 0
+        return steps
+
+    # ------------------------------------------------------------------ actors
+
+    def new_actor(self, actor_id: int | None = None) -> int:
+        """Add one actor (the next free id unless given); returns its id."""
+        return self.new_actors(1, None if actor_id is None else [actor_id])[0]
+
+    def new_actors(self, count: int, actor_ids: Sequence[int] | None = None) -> list[int]:
+        """Add `count` actors; returns their ids."""
+        if count < 0:
+            raise errors.InvalidArgumentError.mismatch("count", ">= 0", count)
+        with self._lock:
+            self._check_open()
+            if actor_ids is None:
+                start = self._pool.next_free_id()
+                ids = list(range(start, start + count))
+            else:
+                ids = self._pool.check_new_ids(actor_ids)
+                if len(ids) != count:
+                    raise errors.InvalidArgumentError.mismatch(
+                        "actor_ids", f"{count} ids", len(ids)
+                    )
+            own = []
+            if self.mode is spec.ModelMode.INDEPENDENT:
+                own = [self._clone_policy() for _ in ids]
+            rows = self._pool.add(ids)
+            for row, p in zip(rows, own, strict=False):
+                self._own[row] = p
+            self.metrics.actors.set(len(self._pool))
+            return ids
+
+    def remove_actor(self, actor_id: int) -> None:
+        """Remove an actor; its partial trajectory is flushed (cut)."""
+        with self._lock:
+            self._check_open()
+            row = self._pool.row_of(int(actor_id))
+            partial = self._pool.remove(int(actor_id))
+            p = self._own.pop(row, None)
+            if p is not None:
+                p.close()
+            self.metrics.actors.set(len(self._pool))
+            if partial is not None:
+                self._outbox_add(partial)
+            ready = self._outbox_take(time.perf_counter())
+        if ready is not None:
+            self._routers.submit(ready)
+
+    def set_actor_id(self, current_id: int, new_id: int) -> None:
+        """Rename an actor; its in-progress trajectory continues under the new id."""
+        with self._lock:
+            self._check_open()
+            self._pool.rename(int(current_id), int(new_id))
+
+    def get_actor_ids(self) -> list[int]:
+        """Ids of all actors."""
+        with self._lock:
+            return self._pool.actor_ids
+
+    def has_actors(self, actor_ids: ActorIds) -> bool:
+        """Whether every id is an actor of this agent."""
+        with self._lock:
+            return all(int(i) in self._pool for i in _ids(actor_ids).tolist())
+
+    # ----------------------------------------------------------------- routers
+
+    @property
+    def router_scale(self) -> int:
+        """Router workers running."""
+        return self._routers.size
+
+    def scale_throughput(self, delta: int) -> int:
+        """Add (+n) or remove (-n) router workers; returns the new count (at least 1)."""
+        with self._lock:
+            self._check_open()
+            target = self._routers.size + delta
+            routers_mod.check_scale(target)
+            return self._routers.scale_to(target)
+
+    # --------------------------------------------------------------- lifecycle
+
+    def flush(self) -> None:
+        """Cut every in-progress trajectory, write everything queued and flush the sink."""
+        with self._lock:
+            partial = self._pool.flush()
+            if partial is not None:
+                self._outbox_add(partial)
+            ready = self._outbox_take(0.0, force=True)
+        if ready is not None:
+            self._routers.submit(ready)
+        self._routers.drain()
+        if self.sink is not None:
+            self.sink.flush()
+
+    def shutdown(self, flush: bool = True) -> None:
+        """Flush partial trajectories (unless told not to), stop routers, close the sink."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            partial = self._pool.flush() if flush else None
+            if partial is not None:
+                self._outbox_add(partial)
+            ready = self._outbox_take(0.0, force=True)
+        if ready is not None:
+            self._routers.submit(ready)
+        self._routers.shutdown()
+        if self.sink is not None:
+            self.sink.close()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+        self._policy.close()
+        for p in self._own.values():
+            p.close()
+
+    @property
+    def closed(self) -> bool:
+        """Whether `shutdown` was called."""
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise errors.AgentClosedError("agent: expected a running agent, got one shut down")
+
+    def __enter__(self) -> Agent:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    # ----------------------------------------------------------------- asyncio
+
+    async def _in_thread(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="relayrl-agent"
+            )
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+
+    async def arequest_action(
+        self,
+        actor_ids: ActorIds,
+        obs: npt.NDArray[np.generic],
+        mask: npt.NDArray[np.generic] | None = None,
+        reward: Floats = 0.0,
+    ) -> ActionResult:
+        """`request_action` for asyncio code (runs on the agent's inference thread)."""
+        result: ActionResult = await self._in_thread(
+            self.request_action, actor_ids, obs, mask, reward
+        )
+        return result
+
+    async def aflag_last_action(
+        self,
+        actor_ids: ActorIds,
+        reward: Floats = 0.0,
+        terminated: Bools = True,
+        truncated: Bools = False,
+    ) -> int:
+        """`flag_last_action` for asyncio code."""
+        done: int = await self._in_thread(
+            self.flag_last_action, actor_ids, reward, terminated, truncated
+        )
+        return done
+
+    async def areload_model(self, model_ref: ModelRef, version: int | None = None) -> int:
+        """`reload_model` for asyncio code (loads in a worker thread)."""
+        return await asyncio.to_thread(self.reload_model, model_ref, version)
+
+    async def ashutdown(self, flush: bool = True) -> None:
+        """`shutdown` for asyncio code."""
+        executor, self._executor = self._executor, None
+        await asyncio.to_thread(self.shutdown, flush)
+        if executor is not None:
+            executor.shutdown(wait=True)
+
+
+def _ids(actor_ids: ActorIds) -> npt.NDArray[np.int64]:
+    arr = np.asarray(actor_ids)
+    if arr.dtype.kind not in "iu":
+        raise errors.InvalidArgumentError.mismatch("actor_ids", "integer ids", arr.dtype)
+    return arr.astype(np.int64, copy=False).reshape(-1)
+
+
+def _per_actor(field: str, value: Any, n: int, dtype: type[np.generic]) -> Any:
+    """A scalar, or an array of length n, of dtype."""
+    if np.ndim(value) == 0:
+        return dtype(value)
+    arr = np.asarray(value, dtype=dtype)
+    if arr.shape != (n,):
+        raise errors.InvalidArgumentError.mismatch(
+            f"{field}.shape", f"scalar or [{n}]", list(arr.shape)
+        )
+    return arr

@@ -1,0 +1,75 @@
+"""Typed errors of the runtime: every message names the field, what was expected and what came.
+
+Raised by the agent API, model loading and the process; the ZMQ endpoint turns them into
+error replies (their `kind` goes on the wire), so a remote client sees the same words.
+"""
+
+from __future__ import annotations
+
+
+class RelayRLError(Exception):
+    """Base of every error the runtime raises on purpose."""
+
+    kind = "error"
+
+
+class InvalidArgumentError(RelayRLError, ValueError):
+    """A caller passed something the agent cannot use; the agent's state is unchanged."""
+
+    kind = "invalid_argument"
+
+    @classmethod
+    def mismatch(cls, field: str, expected: object, got: object) -> InvalidArgumentError:
+        """`field: expected X, got Y`."""
+        return cls(f"{field}: expected {expected}, got {got}")
+
+
+class UnknownActorError(RelayRLError, KeyError):
+    """An actor id the agent does not have."""
+
+    kind = "unknown_actor"
+
+    def __init__(self, actor_ids: object) -> None:
+        self.actor_ids = actor_ids
+        super().__init__(f"actor_ids: unknown actor id(s) {actor_ids}")
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class DuplicateActorError(RelayRLError, ValueError):
+    """An actor id that is already in use."""
+
+    kind = "duplicate_actor"
+
+
+class ModelLoadError(RelayRLError):
+    """A model that cannot be read or run (missing, corrupt, wrong format)."""
+
+    kind = "model_load"
+
+
+class ModelMetadataError(ModelLoadError):
+    """A model directory whose metadata is invalid or disagrees with the graph."""
+
+    kind = "model_metadata"
+
+
+class DeviceUnavailableError(ModelLoadError):
+    """A device (cuda) asked for on a host that cannot provide it: never a silent fallback."""
+
+    kind = "device_unavailable"
+
+
+class AgentClosedError(RelayRLError):
+    """The agent was shut down."""
+
+    kind = "closed"
+
+
+class RemoteError(RelayRLError):
+    """An error reply from a remote runtime endpoint, carrying its kind and message."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        self.remote_kind = kind
+        super().__init__(f"{kind}: {message}")

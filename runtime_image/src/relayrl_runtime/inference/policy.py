@@ -1,0 +1,185 @@
+"""The policy head: one forward pass per batch, then actions, log-probs and aux outputs.
+
+Wraps a `backend.Backend` with its `model.ModelMetadata`. Discrete actions take the
+argmax of (masked) logits or sample from them with the Gumbel-max trick; continuous
+actions are the mean or a Gaussian sample around it. Everything is vectorised over the
+batch: this is the agent's hot path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from relayrl_runtime import errors
+from relayrl_runtime.inference import backend as backend_mod
+from relayrl_runtime.inference import model
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PolicyOutput:
+    """What one forward pass gives for a batch of n rows."""
+
+    actions: npt.NDArray[np.generic]  # int64 (n,) discrete, float32 (n, size) continuous
+    outputs: Mapping[str, npt.NDArray[np.generic]]  # every model output by name
+    mask: npt.NDArray[np.bool_] | None
+    version: int
+
+
+class Policy:
+    """A loaded, validated model ready to act."""
+
+    def __init__(
+        self, backend: backend_mod.Backend, metadata: model.ModelMetadata, source: str
+    ) -> None:
+        self.backend = backend
+        self.metadata = metadata
+        self.source = source
+        self.version = metadata.version
+        self._obs_shape = metadata.input.item_shape
+        self._obs_dtype = np.dtype(metadata.input.dtype)
+        names = [o.name for o in metadata.outputs]
+        self._head = names.index(metadata.action.output)
+        self._log_std = (
+            names.index(metadata.action.log_std_output)
+            if metadata.action.log_std_output is not None
+            else None
+        )
+        self._names = tuple(names)
+        self._discrete = metadata.action.kind is model.ActionKind.DISCRETE
+        self._size = metadata.action.size
+
+    @property
+    def obs_shape(self) -> tuple[int, ...]:
+        """Shape of one observation."""
+        return self._obs_shape
+
+    @property
+    def obs_dtype(self) -> np.dtype[np.generic]:
+        """Dtype observations must have."""
+        return self._obs_dtype
+
+    def check_obs(self, obs: npt.NDArray[np.generic], rows: int) -> None:
+        """Raise `InvalidArgumentError` unless obs is `rows` observations of the model's kind."""
+        expected = (rows, *self._obs_shape)
+        if obs.shape != expected:
+            raise errors.InvalidArgumentError.mismatch("obs.shape", list(expected), list(obs.shape))
+        if obs.dtype != self._obs_dtype:
+            raise errors.InvalidArgumentError.mismatch("obs.dtype", self._obs_dtype, obs.dtype)
+
+    def check_mask(self, mask: npt.NDArray[np.generic], rows: int) -> npt.NDArray[np.bool_]:
+        """Validate an action mask; returns it as bool."""
+        if not self._discrete:
+            raise errors.InvalidArgumentError.mismatch(
+                "mask", "None for continuous actions", f"an array of shape {list(mask.shape)}"
+            )
+        expected = (rows, self._size)
+        if mask.shape != expected:
+            raise errors.InvalidArgumentError.mismatch(
+                "mask.shape", list(expected), list(mask.shape)
+            )
+        as_bool = mask.astype(np.bool_, copy=False)
+        if rows and not as_bool.any(axis=1).all():
+            empty = np.flatnonzero(~as_bool.any(axis=1)).tolist()
+            raise errors.InvalidArgumentError.mismatch(
+                "mask", "at least one allowed action per row", f"none allowed in rows {empty}"
+            )
+        return as_bool
+
+    def act(
+        self,
+        obs: npt.NDArray[np.generic],
+        mask: npt.NDArray[np.bool_] | None,
+        rng: np.random.Generator,
+        sample: bool,
+    ) -> PolicyOutput:
+        """One forward pass for the batch; obs and mask are already validated."""
+        outputs = self.backend.run(obs)
+        head = outputs[self._head]
+        n = obs.shape[0]
+        if head.shape != (n, self._size):
+            raise errors.ModelMetadataError(
+                f"outputs.{self.metadata.action.output}: expected shape {[n, self._size]}, "
+                f"got {list(head.shape)}"
+            )
+        named = dict(zip(self._names, outputs, strict=True))
+        if self._discrete:
+            actions: npt.NDArray[Any] = _discrete(head, mask, rng, sample)
+        else:
+            spec = self.metadata.action
+            actions = head.astype(np.float32, copy=True)
+            if sample:
+                log_std: npt.NDArray[Any] | float = (
+                    outputs[self._log_std] if self._log_std is not None else spec.log_std
+                )
+                noise = rng.standard_normal(actions.shape, dtype=np.float32)
+                actions += np.exp(log_std, dtype=np.float32) * noise
+            if spec.low is not None or spec.high is not None:
+                np.clip(actions, spec.low, spec.high, out=actions)
+        return PolicyOutput(actions=actions, outputs=named, mask=mask, version=self.version)
+
+    def close(self) -> None:
+        """Release the backend."""
+        self.backend.close()
+
+
+def _discrete(
+    logits: npt.NDArray[np.generic],
+    mask: npt.NDArray[np.bool_] | None,
+    rng: np.random.Generator,
+    sample: bool,
+) -> npt.NDArray[np.int64]:
+    # A handful of numpy calls: this runs once per request on the hot path. The
+    # log-probability is computed later, off the hot path (`log_prob`).
+    z: npt.NDArray[Any] = logits
+    if mask is not None:
+        z = np.where(mask, z, -np.inf)
+    if not sample:
+        return np.asarray(np.argmax(z, axis=1), dtype=np.int64)
+    # Gumbel-max: argmax(z - log(-log(U))) is a sample from softmax(z).
+    g = rng.random(z.shape, dtype=np.float32)
+    g += np.float32(1e-20)
+    np.log(g, out=g)
+    np.negative(g, out=g)
+    np.log(g, out=g)
+    return np.asarray(np.argmax(z - g, axis=1), dtype=np.int64)
+
+
+def log_prob(
+    kind: model.ActionKind,
+    head: npt.NDArray[Any],
+    actions: npt.NDArray[Any],
+    mask: npt.NDArray[np.bool_] | None = None,
+    log_std: npt.NDArray[Any] | float = 0.0,
+) -> npt.NDArray[np.float32]:
+    """Log-probability of `actions` under the policy head's distribution, per row.
+
+    Discrete: log-softmax of the (masked) logits at the action. Continuous: a diagonal
+    Gaussian around the mean with `log_std` (per row or constant).
+    """
+    if len(head) == 0:
+        return np.zeros(0, dtype=np.float32)
+    if kind is model.ActionKind.DISCRETE:
+        z = head.astype(np.float64)
+        if mask is not None:
+            z = np.where(mask, z, -np.inf)
+        zmax = z.max(axis=1)
+        lse = zmax + np.log(np.exp(z - zmax[:, None]).sum(axis=1))
+        chosen = z[np.arange(len(z)), actions]
+        out: npt.NDArray[np.float32] = (chosen - lse).astype(np.float32)
+        return out
+    mu = head.astype(np.float64)
+    ls = np.broadcast_to(np.asarray(log_std, dtype=np.float64), mu.shape)
+    a = np.asarray(actions, dtype=np.float64).reshape(mu.shape)
+    zs = (a - mu) / np.exp(ls)
+    logp: npt.NDArray[np.float32] = (
+        (-0.5 * zs**2 - ls - 0.5 * _LOG_2PI).sum(axis=1).astype(np.float32)
+    )
+    return logp

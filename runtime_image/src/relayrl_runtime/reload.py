@@ -1,0 +1,110 @@
+"""Hot reload: watch a model path or the registry and swap new versions into the agent.
+
+The process (`app`) runs one watcher as an asyncio task it owns. Loading happens in a
+worker thread (`Agent.areload_model`) and the swap between two requests, so no request
+fails during a reload. A version that fails to load or does not fit the running agent
+is logged and counted, and the agent keeps its current model.
+
+For a path, publish a new version by writing a new directory and renaming it over the
+old one (or writing `relayrl-model.json` last): the watcher reloads when the metadata
+file changes and its version differs from the running one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from relayrl_runtime import agent as agent_mod
+from relayrl_runtime import errors, registry
+from relayrl_runtime.inference import model
+
+log = logging.getLogger(__name__)
+
+
+class PathWatcher:
+    """Polls a model directory's metadata file."""
+
+    def __init__(self, agent: agent_mod.Agent, path: Path, poll_seconds: float) -> None:
+        self.agent = agent
+        self.path = path
+        self.poll_seconds = poll_seconds
+        self._seen = self._signature()
+
+    def _signature(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path / model.METADATA_FILE)
+        except OSError:
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size
+
+    async def run(self) -> None:
+        """Poll until cancelled."""
+        while True:
+            await asyncio.sleep(self.poll_seconds)
+            sig = self._signature()
+            if sig is None or sig == self._seen:
+                continue
+            self._seen = sig
+            await self.check()
+
+    async def check(self) -> None:
+        """Reload if the directory holds a version other than the running one."""
+        try:
+            meta = model.read_metadata(self.path)
+            if meta.version == self.agent.get_model_version():
+                return
+            await self.agent.areload_model(self.path)
+        except errors.RelayRLError as err:
+            self.agent.metrics.model_reloads.labels("failed").inc()
+            log.error("hot reload from %s failed, keeping the current model: %s", self.path, err)
+
+
+class RegistryWatcher:
+    """Polls the registry object of the model and reloads when its digest changes."""
+
+    def __init__(
+        self,
+        agent: agent_mod.Agent,
+        nc: Any,
+        ref: registry.ModelRef,
+        cache: Path,
+        poll_seconds: float,
+        digest: str,
+    ) -> None:
+        self.agent = agent
+        self.nc = nc
+        self.ref = ref
+        self.cache = cache
+        self.poll_seconds = poll_seconds
+        self._digest = digest
+
+    async def run(self) -> None:
+        """Poll until cancelled; transient registry errors are retried at the next poll."""
+        while True:
+            await asyncio.sleep(self.poll_seconds)
+            await self.check()
+
+    async def check(self) -> None:
+        """One poll."""
+        try:
+            entry = await registry.info(self.nc, self.ref)
+            if entry.digest == self._digest:
+                return
+            path, entry = await registry.fetch(self.nc, self.ref, self.cache)
+            self._digest = entry.digest
+            if entry.version == self.agent.get_model_version():
+                return
+            await self.agent.areload_model(path)
+        except errors.RelayRLError as err:
+            self.agent.metrics.model_reloads.labels("failed").inc()
+            log.error("hot reload from %s failed, keeping the current model: %s", self.ref, err)
+        except (TimeoutError, OSError, ConnectionError) as err:
+            log.warning(
+                "model registry unreachable (%s), retrying in %.1fs", err, self.poll_seconds
+            )
+        except Exception as err:  # nats-py raises its own error types for transient faults
+            log.warning("model registry poll failed (%r), retrying", err)

@@ -1,0 +1,453 @@
+"""NATS names, JetStream streams and connection options: the one place for all of them.
+
+Imported by the runtime's publisher, by the sink processes and by the operator (which
+creates the stream and the model bucket when an Agent appears), so that a subject, a
+stream name or a header means the same thing everywhere. Light on purpose: nats-py,
+the standard library and `relayrl_runtime.spec` only (the operator imports it).
+
+Layout of one Agent's data in NATS (issue 4, DESIGN.md "Delivery semantics"):
+
+- subject `relayrl.<namespace>.<agent>.trajectories`: Arrow IPC messages;
+- subject `relayrl.<namespace>.<agent>.deadletter`: messages a sink could not read,
+  with the reason in a header; both subjects live in one file-backed stream
+  (`RELAYRL_<namespace>_<agent>` unless the spec names one), whose duplicate window
+  drops re-published messages that carry a `Nats-Msg-Id` already stored;
+- object store bucket `relayrl-<namespace>-<agent>-models`: the model registry;
+- durable consumers `relayrl-sink-arrow` and `relayrl-sink-postgres`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import random
+import ssl
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Final
+
+import nats
+import nats.errors
+import nats.js
+import nats.js.api
+import nats.js.errors
+import nats.js.object_store
+from nats.aio.client import Client as NATS
+
+from relayrl_runtime import spec
+
+log = logging.getLogger(__name__)
+
+# ------------------------------------------------------------------------ names
+
+SUBJECT_PREFIX: Final = "relayrl"
+TRAJECTORIES_TOKEN: Final = "trajectories"
+DEADLETTER_TOKEN: Final = "deadletter"
+
+# Headers of a trajectory message (besides Nats-Msg-Id).
+HEADER_MSG_ID: Final = "Nats-Msg-Id"
+HEADER_SCHEMA_VERSION: Final = "Relayrl-Schema-Version"
+HEADER_TRAJECTORIES: Final = "Relayrl-Trajectories"
+HEADER_STEPS: Final = "Relayrl-Steps"
+HEADER_POLICY_MIN: Final = "Relayrl-Policy-Version-Min"
+HEADER_POLICY_MAX: Final = "Relayrl-Policy-Version-Max"
+HEADER_PRODUCER: Final = "Relayrl-Producer"
+# Headers a sink adds when it dead-letters a message.
+HEADER_DEAD_REASON: Final = "Relayrl-Dead-Letter-Reason"
+HEADER_DEAD_SINK: Final = "Relayrl-Dead-Letter-Sink"
+HEADER_ORIGINAL_SUBJECT: Final = "Relayrl-Original-Subject"
+HEADER_ORIGINAL_SEQUENCE: Final = "Relayrl-Original-Sequence"
+
+# Environment variables naming mounted secrets and NATS settings (set by the operator).
+ENV_NATS_URL: Final = "RELAYRL_NATS_URL"
+ENV_NATS_STREAM: Final = "RELAYRL_NATS_STREAM"
+ENV_NATS_CREDENTIALS_DIR: Final = "RELAYRL_NATS_CREDENTIALS_DIR"
+ENV_NATS_TLS_DIR: Final = "RELAYRL_NATS_TLS_DIR"
+ENV_NATS_USER: Final = "RELAYRL_NATS_USER"
+ENV_NATS_PASSWORD: Final = "RELAYRL_NATS_PASSWORD"
+ENV_NATS_TOKEN: Final = "RELAYRL_NATS_TOKEN"
+ENV_NATS_CREDS_FILE: Final = "RELAYRL_NATS_CREDS_FILE"
+
+# Keys of the credentials Secret (spec.NatsSpec.credentials_secret) and the TLS Secret.
+SECRET_KEY_USER: Final = "user"
+SECRET_KEY_PASSWORD: Final = "password"
+SECRET_KEY_TOKEN: Final = "token"
+SECRET_KEY_CREDS: Final = "creds"
+TLS_KEY_CA: Final = "ca.crt"
+TLS_KEY_CERT: Final = "tls.crt"
+TLS_KEY_KEY: Final = "tls.key"
+
+# Room left in a NATS message for headers (ids, counts) next to the Arrow payload.
+HEADER_ROOM_BYTES: Final = 4096
+
+
+class SinkKind:
+    """Names of the sink kinds; each has its own durable consumer."""
+
+    ARROW: Final = "arrow"
+    POSTGRES: Final = "postgres"
+
+
+def subject_root(namespace: str, agent: str) -> str:
+    """`relayrl.<namespace>.<agent>`: every subject of one Agent is under it."""
+    for token, what in ((namespace, "namespace"), (agent, "agent")):
+        if not token or any(c in token for c in ".*> \t\r\n"):
+            raise ValueError(f"{what}: not a valid NATS subject token (got {token!r})")
+    return f"{SUBJECT_PREFIX}.{namespace}.{agent}"
+
+
+def trajectories_subject(namespace: str, agent: str) -> str:
+    """Where the runtime publishes trajectories."""
+    return f"{subject_root(namespace, agent)}.{TRAJECTORIES_TOKEN}"
+
+
+def deadletter_subject(namespace: str, agent: str) -> str:
+    """Where sinks put messages they cannot read."""
+    return f"{subject_root(namespace, agent)}.{DEADLETTER_TOKEN}"
+
+
+def stream_name(namespace: str, agent: str, override: str | None = None) -> str:
+    """The JetStream stream of one Agent (spec.trajectories.nats.stream wins)."""
+    if override:
+        return override
+    return f"RELAYRL_{namespace}_{agent}"
+
+
+def model_bucket(namespace: str, agent: str) -> str:
+    """The object store bucket holding the Agent's models."""
+    return f"relayrl-{namespace}-{agent}-models"
+
+
+def durable_name(kind: str) -> str:
+    """The durable consumer name of one sink kind."""
+    return f"relayrl-sink-{kind}"
+
+
+# ---------------------------------------------------------------------- streams
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamSettings:
+    """Limits of an Agent's stream."""
+
+    max_age_seconds: float = 7 * 24 * 3600.0
+    max_bytes: int = -1
+    # How long JetStream remembers a Nats-Msg-Id. Longer than the publisher's longest
+    # retry of one message, so a retry after an outage is still dropped as a duplicate.
+    duplicate_window_seconds: float = 15 * 60.0
+    replicas: int = 1
+    max_msg_bytes: int = (8 << 20) + HEADER_ROOM_BYTES
+
+
+def stream_config(
+    namespace: str,
+    agent: str,
+    override: str | None = None,
+    settings: StreamSettings | None = None,
+) -> nats.js.api.StreamConfig:
+    """The desired config of an Agent's stream (file storage, limits retention)."""
+    settings = settings or StreamSettings()
+    return nats.js.api.StreamConfig(
+        name=stream_name(namespace, agent, override),
+        description=f"RelayRL trajectories of Agent {namespace}/{agent}",
+        subjects=[f"{subject_root(namespace, agent)}.>"],
+        retention=nats.js.api.RetentionPolicy.LIMITS,
+        storage=nats.js.api.StorageType.FILE,
+        discard=nats.js.api.DiscardPolicy.OLD,
+        max_age=settings.max_age_seconds,
+        max_bytes=settings.max_bytes,
+        max_msg_size=settings.max_msg_bytes,
+        duplicate_window=settings.duplicate_window_seconds,
+        num_replicas=settings.replicas,
+    )
+
+
+async def ensure_stream(
+    js: nats.js.JetStreamContext, config: nats.js.api.StreamConfig
+) -> nats.js.api.StreamInfo:
+    """Create the stream, or update it to `config` if it exists (idempotent)."""
+    assert config.name is not None
+    try:
+        await js.stream_info(config.name)
+    except nats.js.errors.NotFoundError:
+        try:
+            info = await js.add_stream(config)
+            log.info("created stream %s", config.name)
+            return info
+        except nats.js.errors.BadRequestError:
+            # Created concurrently by another process: fall through to the update.
+            pass
+    return await js.update_stream(config)
+
+
+async def delete_stream(js: nats.js.JetStreamContext, name: str) -> bool:
+    """Delete a stream; False if it was not there."""
+    try:
+        return await js.delete_stream(name)
+    except nats.js.errors.NotFoundError:
+        return False
+
+
+async def ensure_object_store(
+    js: nats.js.JetStreamContext, bucket: str, replicas: int = 1
+) -> nats.js.object_store.ObjectStore:
+    """Open the bucket, creating it (file storage) if it is missing."""
+    try:
+        return await js.object_store(bucket)
+    except (nats.js.errors.BucketNotFoundError, nats.js.errors.NotFoundError):
+        config = nats.js.api.ObjectStoreConfig(
+            bucket=bucket,
+            storage=nats.js.api.StorageType.FILE,
+            replicas=replicas,
+            description="RelayRL models",
+        )
+        return await js.create_object_store(bucket, config=config)
+
+
+# ---------------------------------------------------------------------- backoff
+
+
+@dataclasses.dataclass(frozen=True)
+class Backoff:
+    """Bounded, growing, jittered delays ("full jitter"): for every retry of a transient fault.
+
+    `delays()` yields `random.uniform(base/2, cap_n)` with cap_n doubling from `initial`
+    up to `maximum`, so many clients that lost the same server do not return in step.
+    """
+
+    initial: float = 0.05
+    maximum: float = 5.0
+    factor: float = 2.0
+
+    def delay(self, attempt: int) -> float:
+        """The delay before retry number `attempt` (0-based)."""
+        cap = min(self.maximum, self.initial * self.factor ** min(attempt, 60))
+        return random.uniform(cap / 2, cap)
+
+    def delays(self) -> Iterator[float]:
+        """An endless sequence of delays; the caller bounds the attempts or the time."""
+        attempt = 0
+        while True:
+            yield self.delay(attempt)
+            attempt += 1
+
+
+# --------------------------------------------------------------- connect options
+
+
+class ConnectError(Exception):
+    """NATS could not be reached within the deadline, or the options are unusable."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ConnectOptions:
+    """How to reach NATS: servers, auth (user/password, token or creds file) and TLS."""
+
+    servers: tuple[str, ...] = ("nats://127.0.0.1:4222",)
+    name: str | None = None
+    user: str | None = None
+    password: str | None = dataclasses.field(default=None, repr=False)
+    token: str | None = dataclasses.field(default=None, repr=False)
+    creds_file: str | None = None
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_hostname: str | None = None
+    connect_timeout: float = 5.0
+    # Reconnects go on forever with jittered backoff: the data waits, it is never dropped.
+    reconnect: Backoff = dataclasses.field(
+        default_factory=lambda: Backoff(initial=0.1, maximum=5.0)
+    )
+    ping_interval: float = 10.0
+    # Bytes nats-py buffers while reconnecting; the publisher's own backlog is the real
+    # bound, this only smooths short blips.
+    pending_bytes: int = 8 << 20
+
+    def __post_init__(self) -> None:
+        if self.token is not None and (self.user is not None or self.creds_file is not None):
+            raise ConnectError("nats auth: set one of user/password, token or creds, not several")
+        if (self.user is None) != (self.password is None):
+            raise ConnectError("nats auth: user and password go together")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ConnectError("nats tls: tls.crt and tls.key go together")
+
+    @property
+    def tls(self) -> bool:
+        """Whether the connection uses TLS."""
+        return (
+            self.tls_ca_file is not None
+            or self.tls_cert_file is not None
+            or any(s.startswith("tls://") for s in self.servers)
+        )
+
+    @classmethod
+    def from_env(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        *,
+        servers: str | None = None,
+        name: str | None = None,
+    ) -> ConnectOptions:
+        """Options from RELAYRL_NATS_* variables and mounted secret directories.
+
+        `RELAYRL_NATS_CREDENTIALS_DIR` is a mounted Secret with keys user and
+        password, or token, or creds; `RELAYRL_NATS_TLS_DIR` one with ca.crt and
+        optionally tls.crt + tls.key. Single values can also come from
+        RELAYRL_NATS_USER/PASSWORD/TOKEN/CREDS_FILE.
+        """
+        env = os.environ if environ is None else environ
+        url = servers or env.get(ENV_NATS_URL) or "nats://127.0.0.1:4222"
+        values: dict[str, Any] = {
+            "user": env.get(ENV_NATS_USER),
+            "password": env.get(ENV_NATS_PASSWORD),
+            "token": env.get(ENV_NATS_TOKEN),
+            "creds_file": env.get(ENV_NATS_CREDS_FILE),
+        }
+        cred_dir = env.get(ENV_NATS_CREDENTIALS_DIR)
+        if cred_dir:
+            values.update(_read_credentials_dir(Path(cred_dir)))
+        tls_dir = env.get(ENV_NATS_TLS_DIR)
+        if tls_dir:
+            values.update(_tls_dir(Path(tls_dir)))
+        return cls(
+            servers=split_servers(url),
+            name=name,
+            **{k: v for k, v in values.items() if v is not None},
+        )
+
+    def connect_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `nats.connect` (callbacks excluded)."""
+        kwargs: dict[str, Any] = {
+            "servers": list(self.servers),
+            "name": self.name,
+            "connect_timeout": self.connect_timeout,
+            "allow_reconnect": True,
+            "max_reconnect_attempts": -1,
+            "reconnect_to_server_handler": self._pick_server,
+            "ping_interval": self.ping_interval,
+            "max_outstanding_pings": 3,
+            "pending_size": self.pending_bytes,
+        }
+        if self.user is not None:
+            kwargs["user"] = self.user
+            kwargs["password"] = self.password
+        if self.token is not None:
+            kwargs["token"] = self.token
+        if self.creds_file is not None:
+            kwargs["user_credentials"] = self.creds_file
+        if self.tls:
+            kwargs["tls"] = self.ssl_context()
+            if self.tls_hostname:
+                kwargs["tls_hostname"] = self.tls_hostname
+        return kwargs
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """A client TLS context: the CA bundle if given, the client cert for mutual TLS."""
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.tls_ca_file)
+        if self.tls_cert_file is not None and self.tls_key_file is not None:
+            ctx.load_cert_chain(self.tls_cert_file, self.tls_key_file)
+        return ctx
+
+    def _pick_server(self, servers: list[Any], _info: dict[str, Any]) -> tuple[Any | None, float]:
+        # nats-py's own reconnect waits a fixed time; this gives every server a jittered,
+        # growing delay from its failed attempts instead (nats-core's reconnect jitter).
+        best = min(servers, key=lambda s: s.reconnects)
+        return best, self.reconnect.delay(best.reconnects)
+
+
+def split_servers(url: str) -> tuple[str, ...]:
+    """`nats://a:4222,nats://b:4222` -> both URLs."""
+    servers = tuple(s.strip() for s in url.split(",") if s.strip())
+    if not servers:
+        raise ConnectError("nats url: no server given")
+    return servers
+
+
+def _read_credentials_dir(path: Path) -> dict[str, str]:
+    def read(key: str) -> str | None:
+        f = path / key
+        return f.read_text().strip() if f.is_file() else None
+
+    out: dict[str, str] = {}
+    user, password, token = read(SECRET_KEY_USER), read(SECRET_KEY_PASSWORD), read(SECRET_KEY_TOKEN)
+    if user is not None:
+        out["user"] = user
+    if password is not None:
+        out["password"] = password
+    if token is not None:
+        out["token"] = token
+    if (path / SECRET_KEY_CREDS).is_file():
+        out["creds_file"] = str(path / SECRET_KEY_CREDS)
+    if not out:
+        raise ConnectError(
+            f"nats credentials: {path} has none of the keys "
+            f"{SECRET_KEY_USER}/{SECRET_KEY_PASSWORD}, {SECRET_KEY_TOKEN} or {SECRET_KEY_CREDS}"
+        )
+    return out
+
+
+def _tls_dir(path: Path) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, field in (
+        (TLS_KEY_CA, "tls_ca_file"),
+        (TLS_KEY_CERT, "tls_cert_file"),
+        (TLS_KEY_KEY, "tls_key_file"),
+    ):
+        if (path / key).is_file():
+            out[field] = str(path / key)
+    if "tls_ca_file" not in out and "tls_cert_file" not in out:
+        raise ConnectError(f"nats tls: {path} has neither {TLS_KEY_CA} nor {TLS_KEY_CERT}")
+    return out
+
+
+Callback = Callable[[], Awaitable[None]]
+
+
+async def connect(
+    options: ConnectOptions,
+    *,
+    deadline: float | None = None,
+    disconnected_cb: Callback | None = None,
+    reconnected_cb: Callback | None = None,
+    closed_cb: Callback | None = None,
+) -> NATS:
+    """Connect; the first connection is retried until `deadline` seconds (None: forever).
+
+    Later disconnects are handled by nats-py's reconnect loop, forever, with the jitter
+    of `ConnectOptions.reconnect`. Errors are logged by the error callback.
+    """
+
+    async def log_error(err: Exception) -> None:
+        log.warning("nats: %s", str(err) or type(err).__name__)
+
+    nc = NATS()
+    # With unlimited reconnects nats-py retries the first connection on its own too
+    # (every `reconnect_time_wait`), so the deadline is the only bound.
+    attempt = nc.connect(
+        **options.connect_kwargs(),
+        reconnect_time_wait=1,
+        error_cb=log_error,
+        disconnected_cb=disconnected_cb,
+        reconnected_cb=reconnected_cb,
+        closed_cb=closed_cb,
+    )
+    try:
+        await asyncio.wait_for(attempt, timeout=deadline)
+    except TimeoutError as err:
+        await nc.close()
+        raise ConnectError(
+            f"nats {', '.join(options.servers)}: not reachable within {deadline}s"
+            f" (last error: {nc.last_error or 'none'})"
+        ) from err
+    return nc
+
+
+def nats_spec_options(
+    nats_spec: spec.NatsSpec,
+    environ: Mapping[str, str] | None = None,
+    name: str | None = None,
+) -> ConnectOptions:
+    """Connect options for an Agent's `trajectories.nats`, secrets from the mounted dirs."""
+    return ConnectOptions.from_env(environ, servers=nats_spec.url, name=name)

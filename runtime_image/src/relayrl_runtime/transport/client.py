@@ -1,0 +1,134 @@
+"""The remote-environment client library: what a simulator outside the pod imports.
+
+    client = RemoteClient("tcp://actor-0.cartpole:5555")
+    ids = client.new_actors(4)
+    result = client.request_action(ids, obs)          # obs: (4, *obs_shape)
+    client.flag_last_action(ids[:1], reward=[1.0])
+
+Synchronous, one request in flight per client (a DEALER socket); speaks `wire`.
+Errors from the runtime arrive as `errors.RemoteError` with the runtime's kind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import zmq
+
+from relayrl_runtime.transport import wire
+
+
+@dataclasses.dataclass(frozen=True)
+class RemoteActionResult:
+    """Actions (request order), their log-probabilities and the policy version."""
+
+    actions: npt.NDArray[Any]
+    logp: npt.NDArray[np.float32]
+    version: int
+
+
+class RemoteClient:
+    """A connection to one runtime's remote endpoint."""
+
+    def __init__(self, address: str, timeout: float = 10.0) -> None:
+        self.address = address
+        self.timeout_ms = int(timeout * 1000)
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(address)
+        self._ids = itertools.count(1)
+
+    def close(self) -> None:
+        """Close the socket."""
+        self._sock.close()
+
+    def __enter__(self) -> RemoteClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def call(self, op: int, payload: Sequence[bytes]) -> list[bytes]:
+        """Send one request and wait for its reply payload (raises on an error reply)."""
+        request_id = next(self._ids) & 0xFFFFFFFF
+        self._sock.send_multipart([wire.header(op, request_id), *payload], copy=False)
+        while True:
+            if not self._sock.poll(self.timeout_ms):
+                raise TimeoutError(
+                    f"{self.address}: no reply to op {op} within {self.timeout_ms} ms"
+                )
+            frames = self._sock.recv_multipart()
+            _, flags, reply_id = wire.parse_header(frames[0])
+            if reply_id != request_id:
+                continue  # a late reply to a request that timed out
+            if flags & wire.FLAG_ERROR:
+                raise wire.parse_error(frames)
+            return list(frames[1:])
+
+    def new_actors(self, count: int) -> list[int]:
+        """Create actors in the runtime; returns their ids."""
+        (frame,) = self.call(wire.Op.NEW_ACTORS, [struct.pack("<I", count)])
+        return [int(i) for i in wire.unpack_array(frame, "ids")]
+
+    def remove_actors(self, actor_ids: Sequence[int]) -> None:
+        """Remove actors (their partial trajectories are flushed)."""
+        self.call(wire.Op.REMOVE_ACTORS, [wire.pack_array(np.asarray(actor_ids, np.int64))])
+
+    def request_action(
+        self,
+        actor_ids: Sequence[int] | npt.NDArray[Any],
+        obs: npt.NDArray[Any],
+        mask: npt.NDArray[Any] | None = None,
+        reward: float | Sequence[float] | npt.NDArray[Any] = 0.0,
+    ) -> RemoteActionResult:
+        """Actions for these actors; `reward` is for each actor's previous action."""
+        ids = np.asarray(actor_ids, dtype=np.int64)
+        rewards = np.broadcast_to(np.asarray(reward, dtype=np.float64), ids.shape)
+        payload = [
+            wire.pack_array(ids),
+            wire.pack_array(obs),
+            wire.pack_array(rewards),
+            b"" if mask is None else wire.pack_array(np.asarray(mask, dtype=np.bool_)),
+        ]
+        actions, logp, version = self.call(wire.Op.REQUEST_ACTION, payload)
+        return RemoteActionResult(
+            actions=wire.unpack_array(actions, "actions"),
+            logp=wire.unpack_array(logp, "logp"),
+            version=struct.unpack("<q", version)[0],
+        )
+
+    def flag_last_action(
+        self,
+        actor_ids: Sequence[int] | npt.NDArray[Any],
+        reward: float | Sequence[float] | npt.NDArray[Any] = 0.0,
+        terminated: bool | Sequence[bool] | npt.NDArray[Any] = True,
+        truncated: bool | Sequence[bool] | npt.NDArray[Any] = False,
+    ) -> int:
+        """End these actors' episodes; returns the trajectories finished."""
+        ids = np.asarray(actor_ids, dtype=np.int64)
+
+        def vec(value: Any, dtype: Any) -> bytes:
+            return wire.pack_array(np.broadcast_to(np.asarray(value, dtype=dtype), ids.shape))
+
+        (frame,) = self.call(
+            wire.Op.FLAG_LAST_ACTION,
+            [
+                wire.pack_array(ids),
+                vec(reward, np.float64),
+                vec(terminated, np.bool_),
+                vec(truncated, np.bool_),
+            ],
+        )
+        return int(struct.unpack("<I", frame)[0])
+
+    def get_model_version(self) -> int:
+        """Policy version the runtime answers with."""
+        (frame,) = self.call(wire.Op.MODEL_VERSION, [])
+        return int(struct.unpack("<q", frame)[0])

@@ -1,0 +1,137 @@
+"""The remote-environment wire format (version 1): ZMQ multipart frames, little-endian.
+
+Shared by `endpoint` (server) and `client`. A request is `[header, *payload]` sent on a
+DEALER socket; the reply is `[header, *payload]` with the same op and request id, and
+flag bit 0 set for an error (payload: one UTF-8 JSON frame `{"kind", "message"}`).
+
+header  = struct "<4sBBHI": magic b"RLRW", wire version 1, op, flags, request id
+array   = struct "<BB" dtype code, ndim; then ndim x "<I" dims; then the raw C-order data
+empty   = a zero-length frame (an omitted optional argument)
+
+ops (request payload -> reply payload):
+  1 NEW_ACTORS        u32 count                         -> array int64 ids
+  2 REMOVE_ACTORS     array int64 ids                   -> (none)
+  3 REQUEST_ACTION    ids, obs, reward|empty, mask|empty -> actions, logp f32, i64 version
+  4 FLAG_LAST_ACTION  ids, reward, terminated bool, truncated bool -> u32 trajectories
+  5 MODEL_VERSION     (none)                            -> i64 version
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import struct
+from collections.abc import Sequence
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+
+from relayrl_runtime import errors
+
+MAGIC: Final = b"RLRW"
+VERSION: Final = 1
+HEADER: Final = struct.Struct("<4sBBHI")
+FLAG_ERROR: Final = 1
+MAX_NDIM: Final = 8
+
+DTYPES: Final[dict[int, np.dtype[Any]]] = {
+    1: np.dtype("<f4"),
+    2: np.dtype("<f8"),
+    3: np.dtype("<i8"),
+    4: np.dtype("<i4"),
+    5: np.dtype("u1"),
+    6: np.dtype("?"),
+    7: np.dtype("<f2"),
+}
+CODES: Final = {dt: code for code, dt in DTYPES.items()}
+
+
+class Op(enum.IntEnum):
+    """Request kinds."""
+
+    NEW_ACTORS = 1
+    REMOVE_ACTORS = 2
+    REQUEST_ACTION = 3
+    FLAG_LAST_ACTION = 4
+    MODEL_VERSION = 5
+
+
+class WireError(errors.RelayRLError):
+    """A frame that does not follow the wire format."""
+
+    kind = "malformed"
+
+
+def header(op: int, request_id: int, flags: int = 0) -> bytes:
+    """Pack a header frame."""
+    return HEADER.pack(MAGIC, VERSION, op, flags, request_id)
+
+
+def parse_header(frame: bytes) -> tuple[int, int, int]:
+    """(op, flags, request id) of a header frame."""
+    if len(frame) != HEADER.size:
+        raise WireError(f"header: expected {HEADER.size} bytes, got {len(frame)}")
+    magic, version, op, flags, request_id = HEADER.unpack(frame)
+    if magic != MAGIC:
+        raise WireError(f"header.magic: expected {MAGIC!r}, got {magic!r}")
+    if version != VERSION:
+        raise WireError(f"header.version: expected {VERSION}, got {version}")
+    return op, flags, request_id
+
+
+def pack_array(arr: npt.NDArray[Any]) -> bytes:
+    """Encode an array frame."""
+    dt = arr.dtype.newbyteorder("<") if arr.dtype.byteorder == ">" else arr.dtype
+    code = CODES.get(np.dtype(dt))
+    if code is None:
+        raise errors.InvalidArgumentError.mismatch(
+            "array dtype", sorted(str(d) for d in CODES), arr.dtype
+        )
+    if arr.ndim > MAX_NDIM:
+        raise errors.InvalidArgumentError.mismatch("array ndim", f"<= {MAX_NDIM}", arr.ndim)
+    head = struct.pack(f"<BB{arr.ndim}I", code, arr.ndim, *arr.shape)
+    return head + np.ascontiguousarray(arr, dtype=dt).tobytes()
+
+
+def unpack_array(frame: bytes | memoryview, field: str) -> npt.NDArray[Any]:
+    """Decode an array frame (a read-only view of the frame's bytes)."""
+    if len(frame) < 2:
+        raise WireError(f"{field}: expected an array frame, got {len(frame)} bytes")
+    code, ndim = frame[0], frame[1]
+    dtype = DTYPES.get(code)
+    if dtype is None:
+        raise WireError(f"{field}.dtype: expected a code in {sorted(DTYPES)}, got {code}")
+    if ndim > MAX_NDIM:
+        raise WireError(f"{field}.ndim: expected <= {MAX_NDIM}, got {ndim}")
+    start = 2 + 4 * ndim
+    if len(frame) < start:
+        raise WireError(f"{field}: frame too short for {ndim} dims")
+    shape = struct.unpack_from(f"<{ndim}I", frame, 2)
+    count = int(np.prod(shape, dtype=np.int64)) if ndim else 1
+    if len(frame) - start != count * dtype.itemsize:
+        raise WireError(
+            f"{field}: shape {list(shape)} {dtype} needs {count * dtype.itemsize} bytes, "
+            f"got {len(frame) - start}"
+        )
+    return np.frombuffer(frame, dtype=dtype, count=count, offset=start).reshape(shape)
+
+
+def optional_array(frame: bytes | memoryview, field: str) -> npt.NDArray[Any] | None:
+    """An array frame, or None for an empty frame."""
+    return None if len(frame) == 0 else unpack_array(frame, field)
+
+
+def error_frames(op: int, request_id: int, kind: str, message: str) -> list[bytes]:
+    """An error reply."""
+    body = json.dumps({"kind": kind, "message": message}).encode()
+    return [header(op, request_id, FLAG_ERROR), body]
+
+
+def parse_error(frames: Sequence[bytes]) -> errors.RemoteError:
+    """The error of an error reply."""
+    try:
+        body = json.loads(bytes(frames[1]))
+        return errors.RemoteError(str(body["kind"]), str(body["message"]))
+    except (IndexError, ValueError, KeyError, TypeError):
+        return errors.RemoteError("malformed", "unreadable error reply")

@@ -1,0 +1,47 @@
+"""Fixtures for the Agent tests on a cluster: the CRDs, NATS and a running operator."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from relayrl_localstack import testing
+from support import fleet, natsserver
+
+REPO = Path(__file__).resolve().parents[3]
+CRDS = [REPO / "crds" / "agents.relayrl.io.yaml", REPO / "crds" / "kopf.dev.yaml"]
+
+
+@pytest.fixture(scope="session")
+def agent_crd(k8s: testing.ClusterHandle) -> testing.ClusterHandle:
+    """The cluster with the Agent and peering CRDs applied and established."""
+    for path in CRDS:
+        k8s.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(path))
+    k8s.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/agents.relayrl.io")
+    return k8s
+
+
+@pytest.fixture(scope="session")
+def nats() -> Iterator[natsserver.NatsServer]:
+    """A real nats-server with JetStream for the session."""
+    with natsserver.NatsServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def operator(agent_crd: testing.ClusterHandle) -> Iterator[fleet.Operator]:
+    """One operator process for the session, watching every namespace."""
+    log = Path(tempfile.mkdtemp(prefix="relayrl-operator-")) / "operator.log"
+    op = fleet.Operator(agent_crd.kubeconfig, log)
+    op.start()
+    yield op
+    op.stop()
+
+
+@pytest.fixture
+def agents(agent_crd: testing.ClusterHandle, namespace: str) -> fleet.Agents:
+    """Agents in this test's namespace."""
+    return fleet.Agents(agent_crd, namespace)

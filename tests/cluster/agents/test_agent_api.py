@@ -1,0 +1,88 @@
+"""The Agent API on a real apiserver: schema, defaults, CEL rules, subresources."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from kubernetes import client
+
+from relayrl_localstack import testing
+from relayrl_runtime import spec
+from support import specs
+
+RULE_MESSAGES = {rule.message for model in spec.SpecModel.__subclasses__() for rule in model.rules}
+
+
+def _create(k8s: testing.ClusterHandle, namespace: str, manifest: dict[str, object]) -> None:
+    api = client.CustomObjectsApi(k8s.api)
+    api.create_namespaced_custom_object(
+        spec.GROUP,
+        spec.VERSION,
+        namespace,
+        spec.PLURAL,
+        manifest,
+        field_validation="Strict",
+    )
+
+
+def test_explain_reads_the_field_descriptions(agent_crd: testing.ClusterHandle) -> None:
+    out = agent_crd.kubectl("explain", "agent.spec").stdout
+    assert "The desired state of an actor fleet." in out
+    assert "actorsPerPod" in out
+    model = agent_crd.kubectl("explain", "agent.spec.model").stdout
+    assert "objectstore://<bucket>/<name>" in model
+    assert "onnx" in model
+
+
+def test_valid_agent_is_stored_with_defaults(
+    agent_crd: testing.ClusterHandle, namespace: str
+) -> None:
+    _create(agent_crd, namespace, specs.base_manifest())
+    stored = client.CustomObjectsApi(agent_crd.api).get_namespaced_custom_object(
+        spec.GROUP, spec.VERSION, namespace, spec.PLURAL, "cartpole"
+    )
+    s = stored["spec"]
+    assert (s["routers"], s["device"], s["gpusPerPod"], s["paused"]) == (1, "cpu", 0, False)
+    assert s["trajectories"]["maxLength"] == 1000
+    assert s["trajectories"]["nats"]["url"] == "nats://nats:4222"
+    assert s["sinks"][0]["arrow"]["format"] == "parquet"
+    # What the apiserver stored parses with the models to the same spec.
+    assert spec.parse_spec(s) == spec.parse_agent(specs.base_manifest()).spec
+
+
+@pytest.mark.parametrize("case", specs.invalid_cases(), ids=lambda c: c.id)
+def test_invalid_spec_is_rejected_by_the_apiserver(
+    agent_crd: testing.ClusterHandle, namespace: str, case: specs.InvalidCase
+) -> None:
+    with pytest.raises(client.ApiException) as caught:
+        _create(agent_crd, namespace, case.manifest)
+    assert caught.value.status == 422, caught.value.body
+    message = json.loads(caught.value.body)["message"]
+    if case.field != "metadata.name":  # a root-level rule names no field path
+        assert case.field in message, message
+    if case.message in " ".join(RULE_MESSAGES) or case.field == "metadata.name":
+        assert case.message in message, message
+
+
+def test_scale_subresource_sets_actors(agent_crd: testing.ClusterHandle, namespace: str) -> None:
+    _create(agent_crd, namespace, specs.base_manifest())
+    agent_crd.kubectl("-n", namespace, "scale", "agent/cartpole", "--replicas=12")
+    stored = client.CustomObjectsApi(agent_crd.api).get_namespaced_custom_object(
+        spec.GROUP, spec.VERSION, namespace, spec.PLURAL, "cartpole"
+    )
+    assert stored["spec"]["actors"] == 12
+    # Scaling below actorsPerPod breaks a CEL rule, and the apiserver says so.
+    refused = agent_crd.kubectl(
+        "-n", namespace, "scale", "agent/cartpole", "--replicas=2", check=False
+    )
+    assert refused.returncode != 0
+    assert "actorsPerPod must be <= actors" in refused.stderr
+
+
+def test_printer_columns(agent_crd: testing.ClusterHandle, namespace: str) -> None:
+    _create(agent_crd, namespace, specs.base_manifest())
+    header = agent_crd.kubectl("-n", namespace, "get", "agents").stdout.splitlines()[0].split()
+    assert header == ["NAME", "READY", "ACTORS", "DEVICE", "MODEL", "PHASE", "AGE"]
+    short = agent_crd.kubectl("-n", namespace, "get", "rla", "-o", "name").stdout
+    assert short.strip() == "agent.relayrl.io/cartpole"

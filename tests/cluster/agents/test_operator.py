@@ -1,0 +1,235 @@
+"""The operator on a real control plane: Agents reconciled into fleets on kwok nodes.
+
+Actor and sink pods land on kwok's fake nodes here (they run for real on the process
+node in the end-to-end test); NATS is a real nats-server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import nats
+import nats.js.errors
+import pytest
+from kubernetes import client
+
+from relayrl_localstack import testing
+from relayrl_runtime import streams
+from support import fleet, natsserver, specs
+
+
+def manifest(nats_url: str, patch: dict[str, Any] | None = None) -> dict[str, Any]:
+    base = specs.merge_patch(
+        specs.base_manifest(), {"spec": {"trajectories": {"nats": {"url": nats_url}}}}
+    )
+    return specs.merge_patch(base, patch or {})
+
+
+def conditions(agent: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["type"]: c for c in (agent.get("status") or {}).get("conditions") or []}
+
+
+def statefulset(k8s: testing.ClusterHandle, namespace: str, name: str) -> dict[str, Any]:
+    return k8s.get_json(client.AppsV1Api(k8s.api).read_namespaced_stateful_set, name, namespace)
+
+
+def stream_exists(url: str, namespace: str, agent: str) -> bool:
+    async def check() -> bool:
+        nc = await nats.connect(url)
+        try:
+            await nc.jetstream().stream_info(streams.stream_name(namespace, agent))
+        except nats.js.errors.NotFoundError:
+            return False
+        finally:
+            await nc.close()
+        return True
+
+    return asyncio.run(check())
+
+
+def events(k8s: testing.ClusterHandle, namespace: str, reason: str) -> list[str]:
+    items = k8s.core.list_namespaced_event(namespace).items
+    return [e.message for e in items if e.reason == reason]
+
+
+@pytest.mark.usefixtures("operator")
+def test_lifecycle_create_scale_pause_resume_delete(
+    agents: fleet.Agents, nats: natsserver.NatsServer, namespace: str
+) -> None:
+    k8s = agents.k8s
+    agents.create(manifest(nats.url))
+    agent = agents.wait_phase("cartpole", "Ready")
+    st = agent["status"]
+    assert (st["readyActors"], st["desiredActors"], st["readyPods"]) == (8, 8, 2)
+    assert st["selector"] == "relayrl.io/agent=cartpole,app.kubernetes.io/component=actors"
+    assert conditions(agent)["StreamReady"]["status"] == "True"
+    assert stream_exists(nats.url, namespace, "cartpole")
+    sts = statefulset(k8s, namespace, "cartpole-actors")
+    assert sts["metadata"]["ownerReferences"][0]["uid"] == agent["metadata"]["uid"]
+    assert "relayrl.io/finalizer" in agent["metadata"]["finalizers"]
+
+    # Scale through the spec, then through the scale subresource.
+    agents.patch("cartpole", {"spec": {"actors": 12}})
+    agent = agents.wait_phase("cartpole", "Ready")
+    assert (agent["status"]["readyActors"], agent["status"]["readyPods"]) == (12, 3)
+    k8s.kubectl("-n", namespace, "scale", "agent/cartpole", "--replicas=16")
+    agent = agents.wait_phase("cartpole", "Ready")
+    assert agent["status"]["readyActors"] == 16
+    assert any("scaled to 4 actor pods" in m for m in events(k8s, namespace, "SpecApplied"))
+
+    # Pause keeps stream and sinks, scales actors to zero; resume brings them back.
+    agents.patch("cartpole", {"spec": {"paused": True}})
+    agent = agents.wait_phase("cartpole", "Paused")
+    assert agent["status"]["readyPods"] == 0
+    testing.wait_for(
+        lambda: statefulset(k8s, namespace, "cartpole-actors")["spec"]["replicas"] == 0,
+        timeout=30,
+        what="actors scaled to zero",
+    )
+    assert stream_exists(nats.url, namespace, "cartpole")
+    agents.patch("cartpole", {"spec": {"paused": False}})
+    agents.wait_phase("cartpole", "Ready")
+
+    # Delete: the finalizer removes the stream, garbage collection the children.
+    agents.delete("cartpole")
+    testing.wait_for(
+        lambda: (
+            not k8s.exists(
+                client.CustomObjectsApi(k8s.api).get_namespaced_custom_object,
+                "relayrl.io",
+                "v1alpha1",
+                namespace,
+                "agents",
+                "cartpole",
+            )
+        ),
+        timeout=60,
+        what="agent gone",
+    )
+    assert not stream_exists(nats.url, namespace, "cartpole")
+
+
+@pytest.mark.usefixtures("operator")
+def test_gpu_agent_lands_only_on_gpu_nodes(
+    agents: fleet.Agents, nats: natsserver.NatsServer, namespace: str
+) -> None:
+    agents.create(manifest(nats.url, {"spec": {"device": "cuda", "gpusPerPod": 2}}))
+    agents.wait_phase("cartpole", "Ready")
+    nodes = {n.metadata.name: n for n in agents.k8s.core.list_node().items}
+    pods = agents.k8s.core.list_namespaced_pod(namespace).items
+    assert len(pods) == 2
+    for pod in pods:
+        node = nodes[pod.spec.node_name]
+        assert int(node.status.capacity.get("nvidia.com/gpu", "0")) >= 2, pod.spec.node_name
+        limits = pod.spec.containers[0].resources.limits
+        assert limits["nvidia.com/gpu"] == "2"
+
+
+@pytest.mark.usefixtures("operator")
+def test_gpu_agent_that_fits_nowhere_stays_pending_with_the_reason(
+    agents: fleet.Agents, nats: natsserver.NatsServer
+) -> None:
+    agents.create(manifest(nats.url, {"spec": {"device": "cuda", "gpusPerPod": 16}}))
+
+    def pending(a: dict[str, Any]) -> bool:
+        return bool(
+            (a.get("status") or {}).get("phase") == "Pending"
+            and conditions(a)["Ready"]["reason"] == "Unschedulable"
+        )
+
+    agent = agents.wait("cartpole", "pending for lack of GPUs", pending)
+    assert "nvidia.com/gpu" in conditions(agent)["Ready"]["message"]
+
+
+@pytest.mark.usefixtures("operator")
+def test_deleted_or_edited_children_come_back(
+    agents: fleet.Agents, nats: natsserver.NatsServer, namespace: str
+) -> None:
+    k8s = agents.k8s
+    agents.create(manifest(nats.url))
+    agents.wait_phase("cartpole", "Ready")
+    core = k8s.core
+    apps = client.AppsV1Api(k8s.api)
+
+    core.delete_namespaced_config_map("cartpole-runtime", namespace)
+    core.delete_namespaced_service("cartpole-actors", namespace)
+    apps.patch_namespaced_stateful_set("cartpole-actors", namespace, {"spec": {"replicas": 5}})
+
+    testing.wait_for(
+        lambda: (
+            k8s.exists(core.read_namespaced_config_map, "cartpole-runtime", namespace)
+            and k8s.exists(core.read_namespaced_service, "cartpole-actors", namespace)
+            and statefulset(k8s, namespace, "cartpole-actors")["spec"]["replicas"] == 2
+        ),
+        timeout=30,
+        what="children repaired",
+    )
+    agents.wait_phase("cartpole", "Ready")
+
+
+@pytest.mark.usefixtures("operator")
+def test_sinks_added_and_removed(
+    agents: fleet.Agents, nats: natsserver.NatsServer, namespace: str
+) -> None:
+    k8s = agents.k8s
+    apps = client.AppsV1Api(k8s.api)
+    agents.create(manifest(nats.url))
+    agents.wait_phase("cartpole", "Ready")
+    assert k8s.exists(apps.read_namespaced_deployment, "cartpole-arrow-sink", namespace)
+
+    two = [{"arrow": {}}, {"postgres": {"dsnSecret": {"name": "pg"}}}]
+    agents.patch("cartpole", {"spec": {"sinks": two}})
+    agent = agents.wait_phase("cartpole", "Ready")
+    assert conditions(agent)["SinksReady"]["message"] == "available: arrow-sink, postgres-sink"
+    assert any("sink postgres added" in m for m in events(k8s, namespace, "SpecApplied"))
+
+    agents.patch("cartpole", {"spec": {"sinks": [{"postgres": {"dsnSecret": {"name": "pg"}}}]}})
+    testing.wait_for(
+        lambda: not k8s.exists(apps.read_namespaced_deployment, "cartpole-arrow-sink", namespace),
+        timeout=30,
+        what="arrow sink removed",
+    )
+    agents.wait_phase("cartpole", "Ready")
+
+
+@pytest.mark.usefixtures("operator")
+def test_model_version_is_hot_and_template_change_rolls(
+    agents: fleet.Agents, nats: natsserver.NatsServer, namespace: str
+) -> None:
+    k8s = agents.k8s
+    agents.create(manifest(nats.url))
+    agents.wait_phase("cartpole", "Ready")
+    before = {
+        p.metadata.name: p.metadata.uid for p in k8s.core.list_namespaced_pod(namespace).items
+    }
+
+    agents.patch("cartpole", {"spec": {"model": {"version": 2}}})
+    agent = agents.wait_phase("cartpole", "Ready")
+    assert "hot reload" in conditions(agent)["Progressing"]["message"]
+    config = k8s.core.read_namespaced_config_map("cartpole-runtime", namespace)
+    assert "version: 2" in config.data["runtime.yaml"]
+    after = {p.metadata.name: p.metadata.uid for p in k8s.core.list_namespaced_pod(namespace).items}
+    assert after == before, "a model version change must not restart pods"
+
+    agents.patch("cartpole", {"spec": {"template": {"labels": {"team": "rl"}}}})
+
+    def rolled(a: dict[str, Any]) -> bool:
+        pods = k8s.core.list_namespaced_pod(namespace, label_selector="team=rl").items
+        return len(pods) == 2 and (a.get("status") or {}).get("phase") == "Ready"
+
+    agents.wait("cartpole", "pods rolled with the new template", rolled, timeout=90)
+
+
+def test_operator_killed_mid_reconcile_converges_after_restart(
+    operator: fleet.Operator, agents: fleet.Agents, nats: natsserver.NatsServer
+) -> None:
+    names = [f"fleet-{i}" for i in range(8)]
+    for name in names:
+        agents.create(manifest(nats.url, {"metadata": {"name": name}}))
+    operator.kill()
+    operator.start()
+    for name in names:
+        agents.wait_phase(name, "Ready", timeout=90)
+    page = operator.metrics()
+    assert 'relayrl_operator_reconciles_total{result="ok"}' in page

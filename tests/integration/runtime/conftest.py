@@ -1,0 +1,22 @@
+"""Fixtures for runtime integration tests: models made by the tests themselves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from relayrl_runtime import spec
+from relayrl_runtime.inference import export
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    out = {}
+    for fmt in spec.ModelFormat:
+        out[fmt.value] = root / fmt.value
+        export.export_mlp(out[fmt.value], fmt, version=1)
+    out["onnx_v2"] = root / "onnx_v2"
+    export.export_mlp(out["onnx_v2"], spec.ModelFormat.ONNX, seed=1, version=2)
+    return out

@@ -1,0 +1,95 @@
+"""Remote environment clients in separate processes against the real runtime process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zmq
+from integration.runtime import helpers
+
+from relayrl_runtime import errors
+from relayrl_runtime.transport import client, wire
+
+CLIENT = Path(__file__).with_name("remote_client.py")
+
+
+@pytest.fixture
+def remote_runtime(models: dict[str, Path], tmp_path: Path):  # type: ignore[no-untyped-def]
+    zport = helpers.free_port()
+    cfg = {
+        "agent": "remote",
+        "actors": 0,
+        "model": {"uri": str(models["onnx"]), "format": "onnx"},
+        "environment": {"remote": {"port": zport, "maxFrameBytes": 4096, "maxClients": 8}},
+        "localSink": {"path": str(tmp_path / "out")},
+    }
+    proc = helpers.RuntimeProcess(tmp_path, cfg)
+    try:
+        proc.wait_ready()
+        yield proc, f"tcp://127.0.0.1:{zport}", tmp_path / "out"
+    finally:
+        proc.kill()
+
+
+def test_clients_in_separate_processes(remote_runtime, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    proc, address, out = remote_runtime
+    results = [tmp_path / f"client{i}.json" for i in range(3)]
+    children = [
+        subprocess.Popen([sys.executable, str(CLIENT), address, "300", str(r)]) for r in results
+    ]
+    for child in children:
+        assert child.wait(120) == 0
+    summaries = [json.loads(r.read_text()) for r in results]
+    assert all(s["versions"] == [1] for s in summaries)
+    text = proc.metrics()
+    assert helpers.metric(text, "relayrl_runtime_actions_total") == 3 * 300 * 2
+    assert proc.terminate() == 0, proc.logs()
+    table = pa.concat_tables([pq.read_table(f) for f in out.glob("*.parquet")])
+    assert table.num_rows == 3 * 300 * 2
+    assert len(set(table["actor_id"].to_pylist())) == 6
+
+
+def test_bad_frames_get_error_replies_and_others_are_served(remote_runtime) -> None:  # type: ignore[no-untyped-def]
+    proc, address, _ = remote_runtime
+    good = client.RemoteClient(address, timeout=10)
+    ids = good.new_actors(1)
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+    raw = ctx.socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(address)
+    try:
+        cases = [
+            ([b"garbage"], "malformed"),
+            ([wire.header(wire.Op.REQUEST_ACTION, 1), b"\x03\x01"], "malformed"),
+            ([wire.header(wire.Op.REQUEST_ACTION, 2), b"x" * 10_000], "too_large"),
+            ([wire.header(77, 3)], "malformed"),
+        ]
+        for frames, kind in cases:
+            raw.send_multipart(frames)
+            assert raw.poll(10_000), f"no reply to {frames[:1]!r}"
+            reply = raw.recv_multipart()
+            _, flags, _ = wire.parse_header(reply[0])
+            assert flags & wire.FLAG_ERROR
+            assert json.loads(reply[1])["kind"] == kind
+            # The well-behaved client is unaffected.
+            result = good.request_action(ids, np.zeros((1, 4), np.float32))
+            assert result.actions.shape == (1,)
+        with pytest.raises(errors.RemoteError, match=r"obs.shape: expected \[1, 4\], got \[1, 3\]"):
+            good.request_action(ids, np.zeros((1, 3), np.float32))
+        with pytest.raises(errors.RemoteError, match="unknown_actor"):
+            good.request_action([999], np.zeros((1, 4), np.float32))
+        assert good.get_model_version() == 1
+        text = proc.metrics()
+        assert helpers.metric(text, 'relayrl_runtime_remote_errors_total{reason="malformed"}') == 3
+        assert helpers.metric(text, 'relayrl_runtime_remote_errors_total{reason="too_large"}') == 1
+    finally:
+        raw.close()
+        good.close()
+    assert proc.terminate() == 0

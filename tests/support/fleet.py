@@ -1,0 +1,160 @@
+"""Drive the operator and Agents from cluster tests and benchmarks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client
+
+from relayrl_localstack import testing
+from relayrl_runtime import spec
+from support import natsserver
+
+
+class Operator:
+    """The operator as a separate process, as it runs in a cluster."""
+
+    def __init__(self, kubeconfig: Path, log: Path) -> None:
+        self.kubeconfig = kubeconfig
+        self.log = log
+        self.metrics_port = natsserver.free_port()
+        self.health_port = natsserver.free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Start it and wait until its liveness endpoint answers."""
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "relayrl_operator.cli",
+                    "run",
+                    "--kubeconfig",
+                    str(self.kubeconfig),
+                    "--standalone",
+                    "--bind",
+                    "127.0.0.1",
+                    "--metrics-port",
+                    str(self.metrics_port),
+                    "--health-port",
+                    str(self.health_port),
+                    "--log-format",
+                    "text",
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "RELAYRL_RESYNC_SECONDS": "5"},
+            )
+        testing.wait_for(self._healthy, timeout=60, what=f"operator healthy (log: {self.log})")
+
+    def _healthy(self) -> bool:
+
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"operator exited {self.proc.returncode}:\n{self.logs()}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=2):
+                return True
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or an OOM kill would."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        """SIGTERM and wait."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=30)
+
+    def logs(self) -> str:
+        """What it logged so far."""
+        return self.log.read_text(errors="replace")[-20000:]
+
+    def metrics(self) -> str:
+        """Its /metrics page."""
+
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return str(resp.read().decode())
+
+
+class Agents:
+    """Create, change and wait for Agents in one namespace."""
+
+    def __init__(self, k8s: testing.ClusterHandle, namespace: str) -> None:
+        self.k8s = k8s
+        self.namespace = namespace
+        self.api = client.CustomObjectsApi(k8s.api)
+
+    def create(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Create an Agent."""
+        out: dict[str, Any] = self.api.create_namespaced_custom_object(
+            spec.GROUP, spec.VERSION, self.namespace, spec.PLURAL, manifest
+        )
+        return out
+
+    def get(self, name: str) -> dict[str, Any]:
+        """The Agent as the apiserver has it."""
+        out: dict[str, Any] = self.api.get_namespaced_custom_object(
+            spec.GROUP, spec.VERSION, self.namespace, spec.PLURAL, name
+        )
+        return out
+
+    def patch(self, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        """A merge patch of the Agent."""
+        out: dict[str, Any] = self.api.patch_namespaced_custom_object(
+            spec.GROUP, spec.VERSION, self.namespace, spec.PLURAL, name, patch
+        )
+        return out
+
+    def delete(self, name: str) -> None:
+        """Delete the Agent."""
+        self.api.delete_namespaced_custom_object(
+            spec.GROUP, spec.VERSION, self.namespace, spec.PLURAL, name
+        )
+
+    def wait(self, name: str, what: str, check: Any, timeout: float = 60) -> dict[str, Any]:
+        """Wait until `check(agent)` is true; return the Agent."""
+        seen: dict[str, Any] = {}
+
+        def ready() -> bool:
+            seen.update(self.get(name))
+            return bool(check(seen))
+
+        try:
+            testing.wait_for(ready, timeout=timeout, what=what)
+        except Exception as err:
+            raise AssertionError(f"{what}: last seen status {seen.get('status')}") from err
+        return seen
+
+    def wait_phase(self, name: str, phase: str, timeout: float = 60) -> dict[str, Any]:
+        """Wait for a phase at the current generation."""
+
+        def check(a: dict[str, Any]) -> bool:
+            st = a.get("status") or {}
+            return bool(
+                st.get("phase") == phase
+                and st.get("observedGeneration") == a["metadata"]["generation"]
+            )
+
+        return self.wait(name, f"agent {name} phase {phase}", check, timeout)
+
+
+def elapsed_since(start: float) -> float:
+    """Seconds since a monotonic timestamp."""
+    return time.monotonic() - start

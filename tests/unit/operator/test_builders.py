@@ -1,0 +1,188 @@
+"""The pure builders: what each child manifest says for a given Agent."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import yaml
+
+from relayrl_operator import constants, settings
+from relayrl_operator.builders import common, configmap, monitoring, pdb, services, statefulset
+from relayrl_runtime import config, spec
+from support import specs
+
+SETTINGS = settings.Settings(runtime_image="registry.example/runtime:1")
+
+
+def make_agent(patch: dict[str, Any] | None = None) -> common.AgentRef:
+    manifest = specs.merge_patch(specs.base_manifest(), patch or {})
+    parsed = spec.parse_agent(manifest)
+    return common.AgentRef(
+        name=parsed.metadata.name, namespace="fleet", uid="uid-1", generation=3, spec=parsed.spec
+    )
+
+
+def pod_spec(agent: common.AgentRef) -> dict[str, Any]:
+    return statefulset.build(agent, SETTINGS)["spec"]["template"]["spec"]  # type: ignore[no-any-return]
+
+
+def test_configmap_renders_a_runtime_config_each_pod_can_load() -> None:
+    agent = make_agent({"spec": {"actors": 10, "actorsPerPod": 4, "routers": 3}})
+    rendered = configmap.build(agent)["data"][constants.CONFIG_KEY]
+    slices = []
+    for index in range(agent.spec.pods()):
+        cfg = config.from_mapping(yaml.safe_load(rendered), {constants.ENV_POD_INDEX: str(index)})
+        assert cfg.agent == "cartpole"
+        assert cfg.namespace == "fleet"
+        assert cfg.routers == 3
+        slices.append(cfg.actor_slice())
+    assert slices == [range(0, 4), range(4, 8), range(8, 10)]
+
+
+def test_statefulset_has_one_pod_per_actor_slice_and_runs_the_runtime() -> None:
+    agent = make_agent({"spec": {"actors": 10, "actorsPerPod": 4}})
+    sts = statefulset.build(agent, SETTINGS)
+    assert sts["spec"]["replicas"] == 3
+    container = sts["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == "registry.example/runtime:1"
+    assert container["command"] == ["relayrl-runtime"]
+    assert container["args"] == ["run", "--config", "/etc/relayrl/runtime.yaml"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env[constants.ENV_POD_INDEX]["valueFrom"]["fieldRef"]["fieldPath"] == (
+        "metadata.labels['apps.kubernetes.io/pod-index']"
+    )
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert sts["spec"]["selector"]["matchLabels"] == {
+        constants.LABEL_AGENT: "cartpole",
+        constants.LABEL_COMPONENT: constants.COMPONENT_ACTORS,
+    }
+
+
+def test_paused_agent_scales_actor_pods_to_zero() -> None:
+    assert (
+        statefulset.build(make_agent({"spec": {"paused": True}}), SETTINGS)["spec"]["replicas"] == 0
+    )
+
+
+def test_cuda_agent_requests_gpus_and_tolerates_the_gpu_taint() -> None:
+    agent = make_agent({"spec": {"device": "cuda", "gpusPerPod": 2}})
+    podspec = pod_spec(agent)
+    assert podspec["containers"][0]["resources"]["limits"] == {constants.GPU_RESOURCE: 2}
+    assert {"key": constants.GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"} in (
+        podspec["tolerations"]
+    )
+
+
+def test_cpu_agent_never_asks_for_gpus() -> None:
+    manifest = json.dumps(statefulset.build(make_agent(), SETTINGS))
+    assert constants.GPU_RESOURCE not in manifest
+
+
+def test_template_overrides_reach_the_pod() -> None:
+    agent = make_agent(
+        {
+            "spec": {
+                "template": {
+                    "image": "mine:2",
+                    "nodeSelector": {"pool": "actors"},
+                    "tolerations": [{"key": "dedicated", "operator": "Exists"}],
+                    "affinity": {"nodeAffinity": {"x": 1}},
+                    "priorityClassName": "high",
+                    "runtimeClassName": "nvidia",
+                    "serviceAccountName": "actors",
+                    "resources": {"requests": {"cpu": "500m"}, "limits": {"memory": "2Gi"}},
+                    "env": [{"name": "EXTRA", "value": "1"}],
+                    "labels": {"team": "rl"},
+                    "annotations": {"note": "x"},
+                }
+            }
+        }
+    )
+    sts = statefulset.build(agent, SETTINGS)
+    podspec = sts["spec"]["template"]["spec"]
+    container = podspec["containers"][0]
+    assert container["image"] == "mine:2"
+    assert podspec["nodeSelector"] == {"pool": "actors"}
+    assert podspec["tolerations"] == [{"key": "dedicated", "operator": "Exists"}]
+    assert podspec["affinity"] == {"nodeAffinity": {"x": 1}}
+    assert podspec["priorityClassName"] == "high"
+    assert podspec["runtimeClassName"] == "nvidia"
+    assert podspec["serviceAccountName"] == "actors"
+    assert container["resources"] == {"requests": {"cpu": "500m"}, "limits": {"memory": "2Gi"}}
+    assert {"name": "EXTRA", "value": "1"} in container["env"]
+    assert sts["spec"]["template"]["metadata"]["labels"]["team"] == "rl"
+    assert sts["spec"]["template"]["metadata"]["annotations"]["note"] == "x"
+
+
+@pytest.mark.parametrize(
+    ("patch", "restarts"),
+    [
+        ({"spec": {"model": {"version": 7}}}, False),
+        ({"spec": {"routers": 4}}, False),
+        ({"spec": {"actors": 16, "actorsPerPod": 8}}, False),
+        ({"spec": {"environment": {"gymnasium": {"envsPerActor": 8}}}}, True),
+        ({"spec": {"model": {"format": "torchscript"}}}, True),
+        ({"spec": {"trajectories": {"maxLength": 10}}}, True),
+    ],
+)
+def test_only_cold_fields_change_the_restart_hash(patch: dict[str, Any], restarts: bool) -> None:
+    before = configmap.restart_hash(make_agent())
+    after = configmap.restart_hash(make_agent(patch))
+    assert (before != after) is restarts
+    assert (
+        configmap.build(make_agent())["metadata"]["annotations"]
+        != configmap.build(make_agent(patch))["metadata"]["annotations"]
+    )
+
+
+def test_nats_secrets_are_mounted() -> None:
+    agent = make_agent(
+        {
+            "spec": {
+                "trajectories": {
+                    "nats": {"credentialsSecret": {"name": "n"}, "tls": {"secretName": "t"}}
+                }
+            }
+        }
+    )
+    podspec = pod_spec(agent)
+    secrets = {v["secret"]["secretName"] for v in podspec["volumes"] if "secret" in v}
+    assert secrets == {"n", "t"}
+
+
+def test_remote_environment_gets_a_service_and_port() -> None:
+    assert services.build_remote(make_agent()) is None
+    agent = make_agent({"spec": {"environment": {"gymnasium": None, "remote": {"port": 6000}}}})
+    svc = services.build_remote(agent)
+    assert svc is not None
+    assert svc["spec"]["ports"][0]["port"] == 6000
+    ports = pod_spec(agent)["containers"][0]["ports"]
+    assert {"name": "remote", "containerPort": 6000} in ports
+
+
+@pytest.mark.parametrize(
+    "manifest",
+    [
+        lambda a: configmap.build(a),
+        lambda a: statefulset.build(a, SETTINGS),
+        lambda a: services.build_headless(a),
+        lambda a: pdb.build(a),
+        lambda a: monitoring.build(a),
+    ],
+)
+def test_every_child_is_owned_by_the_agent_in_its_namespace(manifest: Any) -> None:
+    meta = manifest(make_agent())["metadata"]
+    assert meta["namespace"] == "fleet"
+    assert meta["ownerReferences"] == [
+        {
+            "apiVersion": "relayrl.io/v1alpha1",
+            "kind": "Agent",
+            "name": "cartpole",
+            "uid": "uid-1",
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+    ]
+    assert meta["labels"][constants.LABEL_MANAGED_BY] == "relayrl-operator"

@@ -1,0 +1,153 @@
+"""Agent status: counts, conditions and phase for what the reconciler observed."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from relayrl_operator import changes, status
+from relayrl_runtime import spec
+from support import specs
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def make_spec(patch: dict[str, Any] | None = None) -> spec.AgentSpec:
+    return spec.parse_agent(specs.merge_patch(specs.base_manifest(), patch or {})).spec
+
+
+def ready_pods(n: int, **kw: Any) -> list[status.PodView]:
+    return [status.PodView(index=i, ready=True, current=True, **kw) for i in range(n)]
+
+
+def conditions(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["type"]: c for c in result["conditions"]}
+
+
+def compute(agent_spec: spec.AgentSpec, observed: status.Observed, previous: Any = ()) -> Any:
+    return status.compute(agent_spec, 4, "sel=1", observed, previous, NOW)
+
+
+ARROW_READY = (status.SinkView("arrow-sink", ready=True),)
+
+
+def test_all_pods_stream_and_sinks_ready_is_ready() -> None:
+    s = make_spec({"spec": {"actors": 10, "actorsPerPod": 4}})
+    result = compute(s, status.Observed(ready_pods(3), ARROW_READY, stream_ready=True))
+    assert result["phase"] == "Ready"
+    assert (result["readyActors"], result["desiredActors"]) == (10, 10)
+    assert (result["readyPods"], result["desiredPods"]) == (3, 3)
+    assert result["observedGeneration"] == 4
+    assert result["selector"] == "sel=1"
+    cond = conditions(result)
+    assert cond["Ready"]["status"] == "True"
+    assert cond["Ready"]["message"] == "10/10 actors ready"
+    assert {c["status"] for t, c in cond.items() if t in ("Degraded", "Paused", "Progressing")} == {
+        "False"
+    }
+
+
+def test_ready_actors_count_only_ready_slices() -> None:
+    s = make_spec({"spec": {"actors": 10, "actorsPerPod": 4}})
+    pods = [
+        status.PodView(0, ready=False, current=True),
+        status.PodView(1, ready=True, current=True),
+        status.PodView(2, ready=True, current=True),
+    ]
+    result = compute(s, status.Observed(pods, ARROW_READY, stream_ready=True))
+    assert result["readyActors"] == 6  # 4 + the last, partial slice of 2
+    assert result["phase"] == "Progressing"
+    assert conditions(result)["Progressing"]["status"] == "True"
+
+
+def test_unschedulable_gpu_pods_leave_the_agent_pending_with_the_scheduler_message() -> None:
+    s = make_spec({"spec": {"device": "cuda", "gpusPerPod": 8}})
+    message = "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
+    pods = [status.PodView(i, ready=False, current=True, unschedulable=message) for i in range(2)]
+    result = compute(s, status.Observed(pods, ARROW_READY, stream_ready=True))
+    assert result["phase"] == "Pending"
+    ready = conditions(result)["Ready"]
+    assert ready["reason"] == "Unschedulable"
+    assert "Insufficient nvidia.com/gpu" in ready["message"]
+
+
+def test_paused_agent_is_paused_with_zero_desired() -> None:
+    s = make_spec({"spec": {"paused": True}})
+    result = compute(s, status.Observed((), ARROW_READY, stream_ready=True))
+    assert result["phase"] == "Paused"
+    assert result["desiredActors"] == 0
+    assert conditions(result)["Paused"]["status"] == "True"
+
+
+def test_crashlooping_pod_degrades_the_agent() -> None:
+    s = make_spec({"spec": {"actors": 4, "actorsPerPod": 4}})
+    pods = [status.PodView(0, ready=False, current=True, failing="CrashLoopBackOff: boom")]
+    result = compute(s, status.Observed(pods, ARROW_READY, stream_ready=True))
+    assert result["phase"] == "Degraded"
+    assert "CrashLoopBackOff" in conditions(result)["Degraded"]["message"]
+
+
+def test_stream_and_sinks_gate_readiness() -> None:
+    s = make_spec({"spec": {"actors": 4, "actorsPerPod": 4}})
+    no_stream = compute(s, status.Observed(ready_pods(1), ARROW_READY, stream_ready=None))
+    assert conditions(no_stream)["Ready"]["status"] == "False"
+    assert conditions(no_stream)["StreamReady"]["status"] == "Unknown"
+    no_sink = compute(s, status.Observed(ready_pods(1), (), stream_ready=True))
+    assert conditions(no_sink)["SinksReady"]["status"] == "False"
+    assert "not created yet" in conditions(no_sink)["SinksReady"]["message"]
+    assert no_sink["phase"] == "Progressing"
+
+
+def test_permanent_error_fails_the_agent() -> None:
+    s = make_spec()
+    result = compute(s, status.Observed((), ARROW_READY, stream_ready=True, error="rejected"))
+    assert result["phase"] == "Failed"
+
+
+def test_model_version_comes_from_pod_reports() -> None:
+    s = make_spec({"spec": {"actors": 8, "actorsPerPod": 4}})
+    pods = [status.PodView(i, True, True, model_version=3) for i in range(2)]
+    result = compute(s, status.Observed(pods, ARROW_READY, stream_ready=True))
+    assert result["modelVersion"] == 3
+    mixed = [
+        status.PodView(0, True, True, model_version=3),
+        status.PodView(1, True, True, model_version=4),
+    ]
+    rolling = compute(s, status.Observed(mixed, ARROW_READY, stream_ready=True))
+    assert conditions(rolling)["ModelReady"]["reason"] == "Rolling"
+
+
+def test_transition_time_is_kept_while_status_does_not_change() -> None:
+    s = make_spec()
+    first = compute(s, status.Observed((), ARROW_READY, stream_ready=True))
+    later = status.compute(
+        s,
+        5,
+        "sel=1",
+        status.Observed((), ARROW_READY, stream_ready=True),
+        first["conditions"],
+        datetime(2026, 1, 2, tzinfo=UTC),
+    )
+    assert conditions(later)["Paused"]["lastTransitionTime"] == "2026-01-01T00:00:00Z"
+    assert conditions(later)["Paused"]["observedGeneration"] == 5
+
+
+def test_changes_say_how_each_field_was_applied() -> None:
+    old = make_spec()
+    assert changes.describe(None, old) == []
+    assert "hot reload" in changes.describe(old, make_spec({"spec": {"model": {"version": 2}}}))[0]
+    assert (
+        "rolling update"
+        in changes.describe(old, make_spec({"spec": {"model": {"format": "torchscript"}}}))[0]
+    )
+    assert "without a restart" in changes.describe(old, make_spec({"spec": {"actors": 12}}))[0]
+    assert changes.describe(old, make_spec({"spec": {"paused": True}})) == [
+        "paused: actor pods scaled to zero"
+    ]
+    added = changes.describe(
+        old,
+        make_spec(
+            {"spec": {"sinks": [{"arrow": {}}, {"postgres": {"dsnSecret": {"name": "pg"}}}]}}
+        ),
+    )
+    assert added == ["sink postgres added"]

@@ -1,0 +1,25 @@
+"""Fixtures for the runtime unit tests: small models exported into tmp dirs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from relayrl_runtime import spec
+from relayrl_runtime.inference import export
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """An ONNX and a TorchScript export of the same 4-64-64-2 MLP (version 1), plus v2."""
+    root = tmp_path_factory.mktemp("models")
+    out = {}
+    for fmt in spec.ModelFormat:
+        out[fmt.value] = root / fmt.value
+        export.export_mlp(out[fmt.value], fmt, seed=0, version=1)
+    out["onnx_v2"] = root / "onnx_v2"
+    export.export_mlp(out["onnx_v2"], spec.ModelFormat.ONNX, seed=1, version=2)
+    out["onnx_wide"] = root / "onnx_wide"
+    export.export_mlp(out["onnx_wide"], spec.ModelFormat.ONNX, obs_dim=6, version=3)
+    return out

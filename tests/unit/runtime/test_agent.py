@@ -1,0 +1,259 @@
+"""The agent API over real models and the local Parquet sink (no servers)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from relayrl_runtime import agent as agent_mod
+from relayrl_runtime import errors, spec, trajectory
+from relayrl_runtime.sinks import local
+
+
+def _obs(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, 4)).astype(np.float32)
+
+
+def _read(sink: local.LocalFileSink) -> pa.Table:
+    assert sink.files, "no trajectory files were written"
+    table = pa.concat_tables([pq.read_table(f) for f in sink.files])
+    return table.sort_by(
+        [("actor_id", "ascending"), ("episode_id", "ascending"), ("step", "ascending")]
+    )
+
+
+@pytest.fixture
+def sink(tmp_path: Path) -> local.LocalFileSink:
+    return local.LocalFileSink(tmp_path / "out")
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_request_action_records_trajectories(
+    models: dict[str, Path], sink: local.LocalFileSink, fmt: str
+) -> None:
+    a = agent_mod.Agent(models[fmt], actor_count=3, router_scale=2, sink=sink, name="t")
+    for t in range(5):
+        result = a.request_action([0, 1, 2], _obs(3, t), reward=float(t))
+        assert result.actions.shape == (3,)
+        assert result.actions.dtype == np.int64
+        assert result.logp.shape == (3,)
+        assert set(result.aux) == {"logits", "value"}
+        assert result.version == 1
+    assert a.flag_last_action([1], reward=[10.0]) == 1
+    a.shutdown()
+    table = _read(sink)
+    assert table.num_rows == 15
+    rows = table.filter(pa.compute.equal(table["actor_id"], 1)).to_pylist()
+    assert [r["reward"] for r in rows] == [1.0, 2.0, 3.0, 4.0, 10.0]
+    assert [r["terminated"] for r in rows] == [False] * 4 + [True]
+    assert not any(r["cut"] for r in rows)
+    rows0 = table.filter(pa.compute.equal(table["actor_id"], 0)).to_pylist()
+    # Actor 0's episode was still running at shutdown: flushed, cut and truncated.
+    assert rows0[-1]["truncated"]
+    assert rows0[-1]["cut"]
+    assert rows0[-1]["reward"] == 0.0
+    assert table.schema.metadata[trajectory.META_SCHEMA_VERSION] == b"1"
+    assert set(table["agent"].to_pylist()) == {"t"}
+
+
+def test_max_length_cuts_and_continues_the_episode(
+    models: dict[str, Path], sink: local.LocalFileSink
+) -> None:
+    a = agent_mod.Agent(models["onnx"], actor_count=1, sink=sink, max_length=4)
+    for t in range(10):
+        a.request_action([0], _obs(1, t), reward=1.0)
+    a.flag_last_action([0], reward=1.0)
+    a.shutdown()
+    rows = _read(sink).to_pylist()
+    assert len(rows) == 10
+    assert len({r["episode_id"] for r in rows}) == 1
+    assert [r["step"] for r in rows] == list(range(10))
+    assert [r["segment"] for r in rows] == [0] * 4 + [1] * 4 + [2] * 2
+    assert [i for i, r in enumerate(rows) if r["cut"]] == [3, 7]
+    assert [i for i, r in enumerate(rows) if r["truncated"]] == [3, 7]
+    assert rows[-1]["terminated"]
+    assert all(r["reward"] == 1.0 for r in rows)
+
+
+def test_bad_input_leaves_state_unchanged(models: dict[str, Path]) -> None:
+    a = agent_mod.Agent(models["onnx"], actor_count=2)
+    a.request_action([0, 1], _obs(2))
+    before = a._pool.in_progress_steps()
+    with pytest.raises(errors.UnknownActorError, match=r"unknown actor id\(s\) \[7\]"):
+        a.request_action([0, 7], _obs(2))
+    with pytest.raises(
+        errors.InvalidArgumentError, match=r"obs.shape: expected \[2, 4\], got \[2, 3\]"
+    ):
+        a.request_action([0, 1], np.zeros((2, 3), np.float32))
+    with pytest.raises(
+        errors.InvalidArgumentError, match=r"obs\.dtype: expected float32, got float64"
+    ):
+        a.request_action([0, 1], np.zeros((2, 4)))
+    with pytest.raises(errors.InvalidArgumentError, match="at most once"):
+        a.request_action([0, 0], _obs(2))
+    with pytest.raises(errors.InvalidArgumentError, match=r"reward.shape"):
+        a.request_action([0, 1], _obs(2), reward=[1.0, 2.0, 3.0])
+    with pytest.raises(errors.UnknownActorError):
+        a.flag_last_action([5])
+    assert a._pool.in_progress_steps() == before
+    assert a.get_actor_ids() == [0, 1]
+    a.shutdown()
+
+
+def test_actor_lifecycle(models: dict[str, Path], sink: local.LocalFileSink) -> None:
+    a = agent_mod.Agent(models["onnx"], actor_count=2, sink=sink)
+    assert a.new_actor() == 2
+    assert a.new_actors(2) == [3, 4]
+    assert a.new_actor(100) == 100
+    with pytest.raises(errors.DuplicateActorError, match="already taken"):
+        a.new_actors(1, [3])
+    a.request_action([3, 100], _obs(2))
+    a.set_actor_id(3, 30)
+    with pytest.raises(errors.DuplicateActorError):
+        a.set_actor_id(30, 100)
+    with pytest.raises(errors.UnknownActorError):
+        a.set_actor_id(3, 31)
+    a.request_action([30, 100], _obs(2))
+    a.remove_actor(100)
+    with pytest.raises(errors.UnknownActorError):
+        a.remove_actor(100)
+    assert sorted(a.get_actor_ids()) == [0, 1, 2, 4, 30]
+    a.shutdown()
+    rows = _read(sink).to_pylist()
+    assert {r["actor_id"] for r in rows} == {30, 100}
+    assert [r["step"] for r in rows if r["actor_id"] == 30] == [0, 1]
+
+
+def test_router_scaling(models: dict[str, Path]) -> None:
+    with pytest.raises(errors.InvalidArgumentError, match="router_scale"):
+        agent_mod.Agent(models["onnx"], router_scale=0)
+    a = agent_mod.Agent(models["onnx"], router_scale=2)
+    assert a.scale_throughput(+3) == 5
+    assert a.scale_throughput(-4) == 1
+    with pytest.raises(errors.InvalidArgumentError, match="between 1 and 64 routers, got 0"):
+        a.scale_throughput(-1)
+    assert a.router_scale == 1
+    a.shutdown()
+    with pytest.raises(errors.AgentClosedError):
+        a.request_action([0], _obs(1))
+
+
+def test_independent_mode_matches_shared(models: dict[str, Path]) -> None:
+    shared = agent_mod.Agent(models["onnx"], actor_count=3, sample=False)
+    own = agent_mod.Agent(
+        models["onnx"], actor_count=3, sample=False, model_mode=spec.ModelMode.INDEPENDENT
+    )
+    own.new_actor()
+    obs = _obs(3)
+    np.testing.assert_array_equal(
+        shared.request_action([0, 1, 2], obs).actions, own.request_action([0, 1, 3], obs).actions
+    )
+    assert own.reload_model(models["onnx_v2"]) == 2
+    assert own.request_action([0, 1, 2], obs).version == 2
+    shared.shutdown()
+    own.shutdown()
+
+
+def test_reload_records_versions_and_refuses_other_layouts(
+    models: dict[str, Path], sink: local.LocalFileSink
+) -> None:
+    a = agent_mod.Agent(models["onnx"], actor_count=1, sink=sink)
+    a.request_action([0], _obs(1))
+    assert a.reload_model(models["onnx_v2"]) == 2
+    a.request_action([0], _obs(1))
+    with pytest.raises(
+        errors.ModelMetadataError, match=r"inputs: expected \[4\] float32, got \[6\]"
+    ):
+        a.reload_model(models["onnx_wide"])
+    assert a.get_model_version() == 2
+    a.flag_last_action([0])
+    a.shutdown()
+    assert [r["policy_version"] for r in _read(sink).to_pylist()] == [1, 2]
+
+
+def test_hot_reload_under_load_fails_no_request(models: dict[str, Path]) -> None:
+    a = agent_mod.Agent(models["onnx"], actor_count=8, max_length=50)
+    failures: list[BaseException] = []
+    versions: set[int] = set()
+    stop = threading.Event()
+
+    def hammer() -> None:
+        while not stop.is_set():
+            try:
+                versions.add(a.request_action(np.arange(8), _obs(8)).version)
+            except BaseException as err:
+                failures.append(err)
+                return
+
+    thread = threading.Thread(target=hammer)
+    thread.start()
+    for i in range(6):
+        want = 2 if i % 2 == 0 else 1
+        a.reload_model(models["onnx_v2"] if want == 2 else models["onnx"])
+        # Let the hammering thread answer at least once with the new version.
+        deadline = time.monotonic() + 30
+        while want not in versions and not failures and time.monotonic() < deadline:
+            time.sleep(0.001)
+    stop.set()
+    thread.join()
+    a.shutdown()
+    assert failures == []
+    assert versions == {1, 2}
+
+
+async def test_asyncio_api(models: dict[str, Path], sink: local.LocalFileSink) -> None:
+    a = agent_mod.Agent(models["onnx"], actor_count=4, sink=sink)
+    results = await asyncio.gather(
+        *(a.arequest_action([i], _obs(1, i), reward=1.0) for i in range(4))
+    )
+    assert [r.actions.shape for r in results] == [(1,)] * 4
+    assert await a.aflag_last_action([0, 1, 2, 3], reward=2.0) == 4
+    assert await a.areload_model(models["onnx_v2"]) == 2
+    await a.ashutdown()
+    assert _read(sink).num_rows == 4
+
+
+def test_masks_are_recorded(models: dict[str, Path], sink: local.LocalFileSink) -> None:
+    a = agent_mod.Agent(models["onnx"], actor_count=2, sink=sink)
+    a.request_action([0, 1], _obs(2))
+    r = a.request_action([0, 1], _obs(2), mask=np.array([[True, False], [False, True]]))
+    np.testing.assert_array_equal(r.actions, [0, 1])
+    a.flag_last_action([0, 1])
+    a.shutdown()
+    rows = _read(sink).to_pylist()
+    assert [row["mask"] for row in rows] == [
+        [True, True],
+        [True, False],
+        [True, True],
+        [False, True],
+    ]
+
+
+def test_long_episodes_keep_every_step(models: dict[str, Path], sink: local.LocalFileSink) -> None:
+    # Buffers start short and grow; steps recorded across a growth must all survive.
+    a = agent_mod.Agent(models["onnx"], actor_count=3, sink=sink, max_length=1000)
+    for t in range(300):
+        a.request_action([0, 1, 2], _obs(3, t), reward=1.0)
+        if t == 100:
+            a.flag_last_action([1])
+    a.flag_last_action([0, 1, 2])
+    a.shutdown()
+    table = _read(sink)
+    assert table.num_rows == 900
+    steps = [r["step"] for r in table.to_pylist() if r["actor_id"] == 0]
+    assert steps == list(range(300))
+
+
+def test_ids_are_not_recycled(models: dict[str, Path]) -> None:
+    a = agent_mod.Agent(models["onnx"], actor_count=2)
+    a.remove_actor(0)
+    a.remove_actor(1)
+    assert a.new_actors(2) == [2, 3]
+    a.shutdown()

@@ -1,0 +1,175 @@
+"""Model loading, validation and the policy head (ONNX and TorchScript, no servers)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import pytest
+import torch
+
+from relayrl_runtime import errors, spec
+from relayrl_runtime.inference import export, loader, model, policy
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_both_backends_compute_the_reference_mlp(models: dict[str, Path], fmt: str) -> None:
+    pol = loader.load_policy(models[fmt], model_format=spec.ModelFormat(fmt))
+    obs = np.random.default_rng(3).standard_normal((7, 4)).astype(np.float32)
+    logits, value = export.mlp_weights(4, 2, seed=0).forward(obs)
+    out = pol.act(obs, None, np.random.default_rng(0), sample=False)
+    np.testing.assert_allclose(
+        np.asarray(out.outputs["logits"], np.float32), logits, rtol=1e-4, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        np.asarray(out.outputs["value"], np.float32), value, rtol=1e-4, atol=1e-5
+    )
+    np.testing.assert_array_equal(out.actions, logits.argmax(axis=1))
+    assert out.version == 1
+
+
+def test_single_file_needs_explicit_settings(models: dict[str, Path]) -> None:
+    graph = models["onnx"] / "model.onnx"
+    with pytest.raises(errors.InvalidArgumentError, match="explicit settings"):
+        loader.load_policy(graph)
+    meta = model.read_metadata(models["onnx"])
+    pol = loader.load_policy(graph, metadata=meta, version=7)
+    assert pol.version == 7
+
+
+def test_format_and_version_must_agree_with_metadata(models: dict[str, Path]) -> None:
+    with pytest.raises(errors.ModelMetadataError, match="format: expected torchscript, got onnx"):
+        loader.load_policy(models["onnx"], model_format=spec.ModelFormat.TORCHSCRIPT)
+    with pytest.raises(errors.ModelMetadataError, match="version: expected 5, got 1"):
+        loader.load_policy(models["onnx"], version=5)
+
+
+def test_corrupt_model_file_is_a_load_error(models: dict[str, Path], tmp_path: Path) -> None:
+    for fmt, name in (("onnx", "model.onnx"), ("torchscript", "model.pt")):
+        bad = tmp_path / fmt
+        shutil.copytree(models[fmt], bad)
+        (bad / name).write_bytes(b"\x00not a model" * 10)
+        with pytest.raises(errors.ModelLoadError, match=name):
+            loader.load_policy(bad)
+
+
+def test_missing_metadata_file(tmp_path: Path) -> None:
+    with pytest.raises(errors.ModelMetadataError, match=r"relayrl-model\.json"):
+        loader.load_policy(tmp_path)
+
+
+def _edit_metadata(src: Path, dst: Path, edit: dict[str, object]) -> Path:
+    shutil.copytree(src, dst)
+    data = json.loads((dst / model.METADATA_FILE).read_text())
+    data.update(edit)
+    (dst / model.METADATA_FILE).write_text(json.dumps(data))
+    return dst
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_metadata_that_disagrees_with_graph(
+    models: dict[str, Path], tmp_path: Path, fmt: str
+) -> None:
+    wrong_shape = _edit_metadata(
+        models[fmt],
+        tmp_path / "shape",
+        {
+            "outputs": [
+                {"name": "logits", "shape": [-1, 3], "dtype": "float32"},
+                {"name": "value", "shape": [-1, 1], "dtype": "float32"},
+            ],
+            "action": {"kind": "discrete", "output": "logits", "size": 3},
+        },
+    )
+    with pytest.raises(errors.ModelMetadataError, match=r"outputs.logits.shape.*\[-1, 3\]"):
+        loader.load_policy(wrong_shape)
+    wrong_input = _edit_metadata(
+        models[fmt],
+        tmp_path / "input",
+        {"inputs": [{"name": "obs", "shape": [-1, 5], "dtype": "float32"}]},
+    )
+    with pytest.raises(errors.ModelMetadataError, match="inputs"):
+        loader.load_policy(wrong_input)
+
+
+def test_invalid_metadata_names_the_field(models: dict[str, Path], tmp_path: Path) -> None:
+    bad = _edit_metadata(
+        models["onnx"], tmp_path / "bad", {"action": {"kind": "discrete", "output": "q", "size": 2}}
+    )
+    with pytest.raises(errors.ModelMetadataError, match=r"action\.output"):
+        loader.load_policy(bad)
+
+
+def test_cuda_without_cuda_is_an_error_not_a_fallback(models: dict[str, Path]) -> None:
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        assert loader.load_policy(models["onnx"], spec.Device.CUDA).backend.device == "cuda"
+    else:
+        with pytest.raises(errors.DeviceUnavailableError, match="CUDAExecutionProvider"):
+            loader.load_policy(models["onnx"], spec.Device.CUDA)
+    if torch.cuda.is_available():
+        assert loader.load_policy(models["torchscript"], spec.Device.CUDA).backend.device == "cuda"
+    else:
+        with pytest.raises(errors.DeviceUnavailableError, match="cuda"):
+            loader.load_policy(models["torchscript"], spec.Device.CUDA)
+
+
+def test_mask_is_applied_to_logits(models: dict[str, Path]) -> None:
+    pol = loader.load_policy(models["onnx"])
+    obs = np.random.default_rng(0).standard_normal((256, 4)).astype(np.float32)
+    mask = np.zeros((256, 2), dtype=bool)
+    mask[:128, 0] = True
+    mask[128:, 1] = True
+    out = pol.act(obs, pol.check_mask(mask, 256), np.random.default_rng(1), sample=True)
+    np.testing.assert_array_equal(out.actions[:128], 0)
+    np.testing.assert_array_equal(out.actions[128:], 1)
+    logp = policy.log_prob(model.ActionKind.DISCRETE, out.outputs["logits"], out.actions, mask)
+    np.testing.assert_allclose(logp, 0.0, atol=1e-6)
+    with pytest.raises(errors.InvalidArgumentError, match="none allowed in rows"):
+        pol.check_mask(np.zeros((2, 2), dtype=bool), 2)
+
+
+def test_sampling_follows_softmax(models: dict[str, Path]) -> None:
+    pol = loader.load_policy(models["onnx"])
+    obs = np.tile(np.array([[0.5, -1.0, 0.2, 0.3]], dtype=np.float32), (20_000, 1))
+    out = pol.act(obs, None, np.random.default_rng(0), sample=True)
+    logits = out.outputs["logits"][0].astype(np.float64)
+    p1 = np.exp(logits[1]) / np.exp(logits).sum()
+    assert abs(out.actions.mean() - p1) < 0.02
+    logp = policy.log_prob(model.ActionKind.DISCRETE, out.outputs["logits"], out.actions)
+    expected = np.where(out.actions == 1, np.log(p1), np.log(1 - p1))
+    np.testing.assert_allclose(logp, expected, rtol=1e-4)
+
+
+def test_continuous_actions(tmp_path: Path) -> None:
+    export.export_mlp(
+        tmp_path / "c",
+        spec.ModelFormat.ONNX,
+        obs_dim=3,
+        action_size=2,
+        action_kind=model.ActionKind.CONTINUOUS,
+    )
+    pol = loader.load_policy(tmp_path / "c")
+    obs = np.zeros((4000, 3), dtype=np.float32)
+    mean = pol.act(obs, None, np.random.default_rng(0), sample=False)
+    sampled = pol.act(obs, None, np.random.default_rng(0), sample=True)
+    assert mean.actions.shape == (4000, 2)
+    assert mean.actions.dtype == np.float32
+    std = float(np.exp(-0.5))
+    np.testing.assert_allclose(sampled.actions.std(axis=0), std, rtol=0.1)
+    with pytest.raises(errors.InvalidArgumentError, match="None for continuous"):
+        pol.check_mask(np.ones((1, 2)), 1)
+
+
+def test_obs_checks_say_expected_and_got(models: dict[str, Path]) -> None:
+    pol = loader.load_policy(models["onnx"])
+    with pytest.raises(
+        errors.InvalidArgumentError, match=r"obs.shape: expected \[2, 4\], got \[2, 5\]"
+    ):
+        pol.check_obs(np.zeros((2, 5), np.float32), 2)
+    with pytest.raises(
+        errors.InvalidArgumentError, match=r"obs\.dtype: expected float32, got float64"
+    ):
+        pol.check_obs(np.zeros((2, 4)), 2)
