@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -72,9 +71,6 @@ def _run(args: argparse.Namespace) -> int:
     memo.kubeconfig = args.kubeconfig
     memo.workers = args.workers
     memo.streams = natsadmin.NatsStreams(kube.Client.from_config(args.kubeconfig))
-    if args.kubeconfig:
-        # Kopf logs in by itself from KUBECONFIG; point it at the same file.
-        os.environ["KUBECONFIG"] = args.kubeconfig
     namespaces = args.namespace or []
     asyncio.run(
         kopf.operator(

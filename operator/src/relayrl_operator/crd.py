@@ -106,7 +106,8 @@ def openapi_schema() -> dict[str, Any]:
                 "description": "Versioned schema of this object: relayrl.io/v1alpha1.",
             },
             "kind": {"type": "string", "description": "Always Agent."},
-            "metadata": {"type": "object", "description": "Standard object metadata."},
+            # The apiserver owns metadata's schema: only `type` may be given here.
+            "metadata": {"type": "object"},
             "spec": _schema_of(spec.AgentSpec),
             "status": _schema_of(spec.AgentStatus),
         },

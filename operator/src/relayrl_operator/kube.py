@@ -69,6 +69,32 @@ def kind_of(obj: Mapping[str, Any]) -> Kind:
     return KINDS[(obj["apiVersion"], obj["kind"])]
 
 
+def load_configuration(kubeconfig: str | None = None) -> Any:
+    """A `kubernetes.client.Configuration`: the given kubeconfig, else in-cluster, else default.
+
+    An explicit kubeconfig wins; without one the pod's service account is used when
+    running in a cluster, and `$KUBECONFIG` / `~/.kube/config` otherwise.
+    """
+    cfg = kubernetes.client.Configuration()
+    if kubeconfig is None:
+        try:
+            kubernetes.config.load_incluster_config(client_configuration=cfg)
+        except kubernetes.config.ConfigException:
+            pass
+        else:
+            return cfg
+    kubernetes.config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
+    return cfg
+
+
+def bearer_token(cfg: Any) -> str | None:
+    """The bearer token of a loaded configuration, without its "Bearer " prefix."""
+    token = cfg.api_key.get("authorization") or cfg.api_key.get("BearerToken")
+    if not token:
+        return None
+    return str(token).removeprefix("Bearer ").strip()
+
+
 class ApiError(Exception):
     """The apiserver refused a request."""
 
@@ -96,16 +122,11 @@ class Client:
     @classmethod
     def from_config(cls, kubeconfig: str | None = None) -> Client:
         """Credentials from a kubeconfig file, or from the pod's service account."""
-        cfg = kubernetes.client.Configuration()
-        try:
-            kubernetes.config.load_incluster_config(client_configuration=cfg)
-        except kubernetes.config.ConfigException:
-            kubernetes.config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
+        cfg = load_configuration(kubeconfig)
         headers: dict[str, str] = {}
-        token = cfg.api_key.get("authorization") or cfg.api_key.get("BearerToken")
+        token = bearer_token(cfg)
         if token:
-            prefix = cfg.api_key_prefix.get("authorization", "Bearer")
-            headers["Authorization"] = token if " " in token else f"{prefix} {token}"
+            headers["Authorization"] = f"Bearer {token}"
         context: ssl.SSLContext | bool = False
         if cfg.host.startswith("https"):
             context = ssl.create_default_context(cafile=cfg.ssl_ca_cert)

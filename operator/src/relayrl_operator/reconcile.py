@@ -173,9 +173,8 @@ class Reconciler:
         if agent is None:
             return
         key = (meta["namespace"], agent)
-        state = self._states.get(key)
-        if state is None:
-            return
+        # After a restart, children can be listed before their Agent: keep them.
+        state = self._states.setdefault(key, _State())
         kind, name = body.get("kind", ""), meta["name"]
         deleted = event_type == "DELETED"
         if kind == "Pod":
@@ -197,6 +196,10 @@ class Reconciler:
                 state.needs_apply = True
             if generation is not None and not deleted:
                 state.child_generations[(kind, name)] = generation
+        if state.body is None:
+            if deleted and not state.pods and not state.deployments:
+                self._states.pop(key, None)  # the last child of a deleted Agent
+            return
         self.enqueue(key)
 
     def enqueue(self, key: Key) -> None:

@@ -21,6 +21,12 @@ def agent_crd(k8s: testing.ClusterHandle) -> testing.ClusterHandle:
     for path in CRDS:
         k8s.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(path))
     k8s.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/agents.relayrl.io")
+    # Established comes before discovery and the OpenAPI document list the new kind.
+    testing.wait_for(
+        lambda: k8s.kubectl("explain", "agent.spec", check=False).returncode == 0,
+        timeout=60,
+        what="Agent in the apiserver's OpenAPI",
+    )
     return k8s
 
 

@@ -117,7 +117,9 @@ def test_gpu_agent_lands_only_on_gpu_nodes(
     agents.create(manifest(nats.url, {"spec": {"device": "cuda", "gpusPerPod": 2}}))
     agents.wait_phase("cartpole", "Ready")
     nodes = {n.metadata.name: n for n in agents.k8s.core.list_node().items}
-    pods = agents.k8s.core.list_namespaced_pod(namespace).items
+    pods = agents.k8s.core.list_namespaced_pod(
+        namespace, label_selector="app.kubernetes.io/component=actors"
+    ).items
     assert len(pods) == 2
     for pod in pods:
         node = nodes[pod.spec.node_name]

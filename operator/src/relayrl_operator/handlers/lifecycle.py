@@ -19,15 +19,33 @@ log = logging.getLogger(__name__)
 WATCHED_CHILDREN = ("pods", "statefulsets", "deployments", "configmaps", "services")
 
 
+@kopf.on.login()
+def login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
+    """Kopf's own API access: the same credentials as the reconciler's client."""
+    cfg = kube.load_configuration(memo.kubeconfig)
+    return kopf.ConnectionInfo(
+        server=cfg.host,
+        ca_path=cfg.ssl_ca_cert,
+        insecure=not cfg.verify_ssl,
+        token=kube.bearer_token(cfg),
+        scheme="Bearer" if kube.bearer_token(cfg) else None,
+        certificate_path=cfg.cert_file,
+        private_key_path=cfg.key_file,
+        username=cfg.username or None,
+        password=cfg.password or None,
+    )
+
+
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     """Configure Kopf and start the reconciler."""
     selector = f"{constants.LABEL_MANAGED_BY}={constants.OPERATOR_NAME}"
     for plural in WATCHED_CHILDREN:
         settings.watching.label_selectors[plural] = selector
-    # Our own finalizer and status, no Kopf annotations on the Agents: handlers here
-    # are watch-event handlers only, so nothing needs Kopf's progress storage.
-    settings.persistence.finalizer = constants.FINALIZER
+    # The handlers here are watch-event handlers only: Kopf stores no progress on
+    # Agents and adds no finalizer of its own. The reconciler manages its own
+    # finalizer (constants.FINALIZER), which must not be Kopf's: Kopf removes its
+    # finalizer from objects that have no deletion handlers.
     settings.posting.enabled = False
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330

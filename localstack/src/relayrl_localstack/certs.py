@@ -1,0 +1,135 @@
+"""Credentials generated when a local cluster starts.
+
+A throwaway CA and apiserver serving certificate, the service-account signing key
+pair and random static tokens. Nothing here is meant to protect anything beyond a
+test run on loopback; keys live in the cluster's temporary work dir. Used by
+:mod:`relayrl_localstack.cluster`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import ipaddress
+import secrets
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
+
+# Names and addresses the apiserver is reached by, from the host and from pods.
+_DNS_NAMES = (
+    "localhost",
+    "kubernetes",
+    "kubernetes.default",
+    "kubernetes.default.svc",
+    "kubernetes.default.svc.cluster.local",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterCredentials:
+    """Files written by :func:`generate`."""
+
+    ca_cert: Path
+    serving_cert: Path
+    serving_key: Path
+    sa_private_key: Path
+    sa_public_key: Path
+
+
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> None:
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    path.chmod(0o600)
+
+
+def generate(directory: Path, *, service_ip: str = "10.96.0.1") -> ClusterCredentials:
+    """Write a CA, an apiserver serving cert signed by it and the SA key pair."""
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    not_before = now - datetime.timedelta(minutes=5)
+    not_after = now + datetime.timedelta(days=365)
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "relayrl-localstack-ca")])
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    sans: list[x509.GeneralName] = [x509.DNSName(name) for name in _DNS_NAMES]
+    sans += [
+        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+        x509.IPAddress(ipaddress.ip_address(service_ip)),
+    ]
+    server_cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
+        .issuer_name(ca_name)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    # RS256 is what every service-account token consumer accepts.
+    sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+    creds = ClusterCredentials(
+        ca_cert=directory / "ca.crt",
+        serving_cert=directory / "apiserver.crt",
+        serving_key=directory / "apiserver.key",
+        sa_private_key=directory / "sa.key",
+        sa_public_key=directory / "sa.pub",
+    )
+    creds.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    creds.serving_cert.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
+    _write_key(creds.serving_key, server_key)
+    _write_key(creds.sa_private_key, sa_key)
+    creds.sa_public_key.write_bytes(
+        sa_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    return creds
+
+
+def new_token() -> str:
+    """Return a random bearer token for the static token file."""
+    return secrets.token_urlsafe(32)

@@ -1,0 +1,223 @@
+"""``relayrl-localstack``: start and stop the whole local stack from a shell.
+
+``relayrl-localstack up`` builds the binaries if needed, then starts, in a background
+process of its own, the control plane (:class:`~relayrl_localstack.cluster.LocalCluster`),
+kwok with fake CPU and GPU nodes, and the process node. It writes
+``<dir>/kubeconfig`` and ``<dir>/state.json`` (``<dir>`` defaults to
+``${RELAYRL_CACHE:-~/.cache/relayrl}/localstack``) and prints the ``export
+KUBECONFIG=...`` line. ``relayrl-localstack down`` stops everything recorded in the
+state file, and leaves no process behind even if the background process died.
+``make cluster-up`` / ``make cluster-down`` call these.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from relayrl_localstack import binaries, cluster, kwok, processnode, procs
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "state.json"
+
+
+def default_dir() -> Path:
+    """``${RELAYRL_CACHE:-~/.cache/relayrl}/localstack``."""
+    return binaries.cache_root() / "localstack"
+
+
+def _read_state(directory: Path) -> dict[str, Any] | None:
+    try:
+        state: dict[str, Any] = json.loads((directory / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return state
+
+
+def _write_state(directory: Path, state: dict[str, Any]) -> None:
+    tmp = directory / f"{STATE_FILE}.tmp"
+    tmp.write_text(json.dumps(state, indent=2))
+    tmp.replace(directory / STATE_FILE)
+
+
+def _export_line(directory: Path) -> str:
+    return f"export KUBECONFIG={directory / 'kubeconfig'}"
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """Start the stack in the background and wait until it is ready."""
+    directory: Path = args.dir
+    directory.mkdir(parents=True, exist_ok=True)
+    state = _read_state(directory)
+    if state and procs.group_alive(int(state["pid"])) and state.get("ready"):
+        print(f"local stack already up (pid {state['pid']})", file=sys.stderr)
+        print(_export_line(directory))
+        return 0
+    if state:
+        _stop_recorded(directory, state)
+    binaries.ensure_binaries()
+    log = directory / "localstack.log"
+    log.write_text("")
+    daemon = procs.spawn(
+        [
+            sys.executable,
+            "-m",
+            "relayrl_localstack.cli",
+            "serve",
+            "--dir",
+            str(directory),
+            "--cpu-nodes",
+            str(args.cpu_nodes),
+            "--gpu-nodes",
+            str(args.gpu_nodes),
+            "--gpus-per-node",
+            str(args.gpus_per_node),
+        ],
+        log_path=log,
+        die_with_parent=False,
+    )
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        code = daemon.poll()
+        if code is not None:
+            print(f"local stack failed to start (exit {code}); log: {log}", file=sys.stderr)
+            print(procs.tail(log, 40), file=sys.stderr)
+            return 1
+        state = _read_state(directory)
+        if state and state.get("ready"):
+            print(f"local stack up: {state['server']} (log: {log})", file=sys.stderr)
+            print(_export_line(directory))
+            return 0
+        time.sleep(0.3)
+    print(f"local stack not ready within {args.timeout:.0f}s; log: {log}", file=sys.stderr)
+    procs.stop_group(daemon.pid, grace_seconds=30, popen=daemon)
+    return 1
+
+
+def _stop_recorded(directory: Path, state: dict[str, Any]) -> None:
+    """Stop the background process, then anything it recorded that is still alive."""
+    procs.stop_group(int(state["pid"]), grace_seconds=60)
+    for pid in (state.get("components") or {}).values():
+        procs.stop_group(int(pid), grace_seconds=2)
+    with contextlib.suppress(FileNotFoundError):
+        (directory / STATE_FILE).unlink()
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    """Stop the stack recorded in the state file."""
+    directory: Path = args.dir
+    state = _read_state(directory)
+    if state is None:
+        print(f"no local stack recorded in {directory}", file=sys.stderr)
+        return 0
+    _stop_recorded(directory, state)
+    print("local stack stopped", file=sys.stderr)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print the state file; exit 1 when the stack is not running."""
+    state = _read_state(args.dir)
+    if state is None or not procs.group_alive(int(state["pid"])):
+        print("down")
+        return 1
+    print(json.dumps(state, indent=2))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the stack in this process until SIGTERM (started by ``up``)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    directory: Path = args.dir
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    work = directory / "cluster"
+    shutil.rmtree(work, ignore_errors=True)
+    state: dict[str, Any] = {"pid": os.getpid(), "ready": False, "components": {}}
+    _write_state(directory, state)
+    bins = binaries.ensure_binaries(build=False)
+    with cluster.LocalCluster(work, bins=bins) as local:
+        state["components"] = local.pids()
+        _write_state(directory, state)
+        with kwok.Kwok(local.kubeconfig, work, bins=bins) as kwok_proc:
+            state["components"]["kwok"] = kwok_proc.pid
+            _write_state(directory, state)
+            with local.api_client() as api:
+                kwok.create_nodes(
+                    api,
+                    cpu=args.cpu_nodes,
+                    gpu=args.gpu_nodes,
+                    gpus_per_node=args.gpus_per_node,
+                )
+                with processnode.ProcessNode(api, work_dir=work / "process-node"):
+                    shutil.copyfile(local.kubeconfig, directory / "kubeconfig")
+                    (directory / "kubeconfig").chmod(0o600)
+                    state.update(
+                        ready=True,
+                        server=local.info.server,
+                        kubeconfig=str(directory / "kubeconfig"),
+                        kubernetes_version=bins.kubernetes_version,
+                        bin_dir=str(bins.bin_dir),
+                    )
+                    _write_state(directory, state)
+                    stop.wait()
+    with contextlib.suppress(FileNotFoundError):
+        (directory / STATE_FILE).unlink()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for docs and tests)."""
+    parser = argparse.ArgumentParser(prog="relayrl-localstack", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add_common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--dir", type=Path, default=default_dir(), help="state directory")
+
+    up = sub.add_parser("up", help="start cluster, kwok nodes and the process node")
+    add_common(up)
+    up.add_argument("--cpu-nodes", type=int, default=2)
+    up.add_argument("--gpu-nodes", type=int, default=2)
+    up.add_argument("--gpus-per-node", type=int, default=8)
+    up.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for ready")
+    up.set_defaults(func=cmd_up)
+
+    down = sub.add_parser("down", help="stop everything started by up")
+    add_common(down)
+    down.set_defaults(func=cmd_down)
+
+    status = sub.add_parser("status", help="print the state of the stack")
+    add_common(status)
+    status.set_defaults(func=cmd_status)
+
+    serve = sub.add_parser("serve", help=argparse.SUPPRESS)
+    add_common(serve)
+    serve.add_argument("--cpu-nodes", type=int, default=2)
+    serve.add_argument("--gpu-nodes", type=int, default=2)
+    serve.add_argument("--gpus-per-node", type=int, default=8)
+    serve.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``relayrl-localstack`` console script."""
+    args = build_parser().parse_args(argv)
+    args.dir = args.dir.expanduser().resolve()
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

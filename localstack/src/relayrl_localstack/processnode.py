@@ -1,0 +1,544 @@
+"""A process node: a Node whose pods run as real host processes. A dev/test tool, not a kubelet.
+
+The local stack has no container engine, yet the pods the operator generates must
+really run. The process node registers a Node (``relayrl-process-node`` by default),
+watches the pods bound to it and runs each container as a host process from its pod
+spec, reporting status back like a kubelet would, closely enough for an operator
+and for tests. It is not a kubelet: no images, no isolation, no resource limits, no
+``kubectl logs/exec/port-forward`` (container output goes to files, see
+:meth:`ProcessNode.log_path`).
+
+Scheduling. The node is labelled ``relayrl.io/process-node=true`` and tainted
+``relayrl.io/process-node=true:NoSchedule``: only pods that tolerate the taint (and
+usually select the label) land here, so a Deployment scaled to 1000 replicas in a
+scale test ends up on kwok's fake nodes, not as 1000 host processes. kwok does not
+manage this node (it only manages nodes annotated ``kwok.x-k8s.io/node=fake``).
+
+What a container gets:
+
+- argv = ``command`` + ``args`` (``$(VAR)`` expanded); the image is ignored, so a
+  command is required. The process runs with the current Python environment:
+  the bin directory of ``sys.executable`` leads PATH, so ``python`` and the
+  project's console scripts are the project's.
+- env: a small host base (PATH, HOME, LANG, TMPDIR), HOSTNAME = pod name,
+  ``KUBERNETES_SERVICE_HOST/PORT`` = the real apiserver, ``KUBECONFIG`` = a
+  kubeconfig holding the pod's own service-account token when the pod mounts one
+  (so in-cluster clients such as kopf fall back to it and RBAC is exercised as the
+  pod's service account), then envFrom and env with valueFrom configMapKeyRef,
+  secretKeyRef, fieldRef (metadata.*, spec.nodeName, status.podIP = 127.0.0.1) and
+  resourceFieldRef.
+- volumes and mount paths: see :mod:`relayrl_localstack.podspec` (each pod has a root
+  dir, exported as ``RELAYRL_MOUNT_ROOT``; mount paths named in command, args, env
+  and workingDir are rewritten to their place under it).
+- cwd: workingDir (rewritten; created under the pod root when it does not exist),
+  else the pod root.
+
+Ports. Every pod on this node shares the host's loopback: its podIP is reported as
+127.0.0.1 and probes connect to 127.0.0.1 at the probe's port (a number, or a
+container port name). Two pods listening on the same port collide, so pods meant
+for this node take their ports from their spec (tests pick free ports).
+
+Lifecycle. Init containers run to completion in order. Containers are restarted per
+``restartPolicy`` with a doubling back-off (1 s to 30 s; reset after 60 s of running),
+and report ``restartCount``, ``lastState`` and CrashLoopBackOff while waiting.
+Readiness and liveness probes (httpGet, tcpSocket, exec) honour initialDelaySeconds,
+periodSeconds, timeoutSeconds, successThreshold and failureThreshold; startup and
+gRPC probes are not run (treated as passing). Pod conditions PodScheduled,
+Initialized, ContainersReady and Ready and the phase follow. On deletion every
+process group gets SIGTERM, then SIGKILL after the grace period
+(``deletionGracePeriodSeconds``, else ``terminationGracePeriodSeconds``), and the
+pod is removed with a grace-0 delete. The node keeps its Ready condition and its
+Lease in ``kube-node-lease`` fresh.
+
+Run in-process (``with ProcessNode(api_client, work_dir=...)``) or as
+``python -m relayrl_localstack.processnode --kubeconfig PATH``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import types
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Final, Self
+from urllib.parse import urlparse
+
+import yaml
+from kubernetes import client, watch
+
+from relayrl_localstack import cluster, podrunner, podspec
+
+logger = logging.getLogger(__name__)
+
+NODE_NAME: Final = "relayrl-process-node"
+NODE_LABEL: Final = "relayrl.io/process-node"
+NODE_TAINT: Final = {"key": NODE_LABEL, "value": "true", "effect": "NoSchedule"}
+LEASE_NAMESPACE: Final = "kube-node-lease"
+LEASE_SECONDS: Final = 40
+
+Json = dict[str, Any]
+
+
+def now_micro() -> str:
+    """Kubernetes ``MicroTime`` (for Lease renewTime)."""
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _json(response: Any) -> Json:
+    data: Json = json.loads(response.data)
+    return data
+
+
+class ProcessNode:
+    """Registers a Node and runs the pods bound to it as host processes.
+
+    ``api_client`` is a ``kubernetes.client.ApiClient``. Use as a context manager or
+    call :meth:`start` / :meth:`stop`. ``taint=False`` registers the node without the
+    ``relayrl.io/process-node`` taint (then any pod may land here).
+    """
+
+    def __init__(
+        self,
+        api_client: Any,
+        *,
+        name: str = NODE_NAME,
+        work_dir: Path | None = None,
+        taint: bool = True,
+        capacity: Mapping[str, str] | None = None,
+        heartbeat_seconds: float = 10.0,
+        delete_node_on_stop: bool = True,
+    ) -> None:
+        self.api_client = api_client
+        # Any: request bodies are plain dicts (see cluster.api_client_for).
+        self.core: Any = client.CoreV1Api(api_client)
+        self.coordination: Any = client.CoordinationV1Api(api_client)
+        self.name = name
+        self._own_work_dir = work_dir is None
+        self.work_dir = work_dir or Path(tempfile.mkdtemp(prefix="relayrl-process-node-"))
+        self.taint = taint
+        self.capacity = dict(capacity or {"cpu": "16", "memory": "64Gi", "pods": "110"})
+        self.heartbeat_seconds = heartbeat_seconds
+        self.delete_node_on_stop = delete_node_on_stop
+        self.stopping = threading.Event()
+        self._runners: dict[str, podrunner.PodRunner] = {}
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._transitions: dict[tuple[str, str], tuple[str, str]] = {}
+        self.sources = podspec.Sources(
+            config_map=self._get_config_map,
+            secret=self._get_secret,
+            token=self._issue_token,
+            pvc_root=self.work_dir / "pvc",
+        )
+        host = api_client.configuration.host
+        parsed = urlparse(str(host))
+        self._server = str(host).rstrip("/")
+        self._server_host = parsed.hostname or "127.0.0.1"
+        self._server_port = str(parsed.port or 443)
+        self._ca_file: str | None = api_client.configuration.ssl_ca_cert
+
+    # -- lifecycle
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: types.TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def start(self) -> Self:
+        """Register the node, then start the heartbeat and pod watch threads."""
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self._register()
+        self._heartbeat_once()
+        for target, name in ((self._heartbeat_loop, "heartbeat"), (self._watch_loop, "watch")):
+            thread = threading.Thread(target=target, name=f"process-node-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        logger.info("process node %s up (work dir %s)", self.name, self.work_dir)
+        return self
+
+    def stop(self) -> None:
+        """Stop every pod's processes and the threads; delete the Node if configured."""
+        self.stopping.set()
+        with self._lock:
+            runners = list(self._runners.values())
+        for runner in runners:
+            runner.join(timeout=15)
+        for thread in self._threads:
+            thread.join(timeout=15)
+        self._threads.clear()
+        if self.delete_node_on_stop:
+            with contextlib.suppress(Exception):
+                self.core.delete_node(self.name)
+        if self._own_work_dir:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+
+    # -- helpers used by runners
+
+    def pod_dir(self, namespace: str, name: str, uid: str) -> Path:
+        """The pod's directory (root, volumes, logs)."""
+        return self.work_dir / "pods" / namespace / f"{name}-{uid[:8]}"
+
+    def log_path(self, namespace: str, pod: str, container: str) -> Path | None:
+        """The log file of a running pod's container, or None if unknown."""
+        with self._lock:
+            for runner in self._runners.values():
+                if runner.namespace == namespace and runner.pod_name == pod:
+                    return runner.dir / "logs" / f"{container}.log"
+        return None
+
+    def pids(self) -> dict[str, int]:
+        """``namespace/pod/container`` -> pid of each running container process."""
+        result: dict[str, int] = {}
+        with self._lock:
+            runners = list(self._runners.values())
+        for runner in runners:
+            for container in runner.init_containers + runner.containers:
+                popen = container.popen
+                if popen is not None:
+                    result[f"{runner.namespace}/{runner.pod_name}/{container.name}"] = popen.pid
+        return result
+
+    def forget(self, uid: str) -> None:
+        """Drop a finished runner."""
+        with self._lock:
+            self._runners.pop(uid, None)
+            for key in [k for k in self._transitions if k[0] == uid]:
+                del self._transitions[key]
+
+    def transition_time(self, uid: str, condition: Json) -> str:
+        """Keep lastTransitionTime stable until the condition's status changes."""
+        key = (uid, str(condition["type"]))
+        with self._lock:
+            previous = self._transitions.get(key)
+            if previous is None or previous[0] != condition["status"]:
+                previous = (str(condition["status"]), podrunner.now_rfc3339())
+                self._transitions[key] = previous
+            return previous[1]
+
+    def patch_pod_status(self, namespace: str, name: str, status: Json) -> None:
+        """JSON merge patch of the status: lists (conditions, statuses) replaced whole."""
+        self.core.patch_namespaced_pod_status(
+            name, namespace, {"status": status}, _content_type="application/merge-patch+json"
+        )
+
+    def delete_pod_now(self, namespace: str, name: str, uid: str) -> None:
+        """Delete the pod with grace 0 (the kubelet's final step), if it is still that pod."""
+        try:
+            self.core.delete_namespaced_pod(
+                name,
+                namespace,
+                body={"gracePeriodSeconds": 0, "preconditions": {"uid": uid}},
+            )
+        except client.ApiException as err:
+            if err.status not in (404, 409):
+                logger.warning("pod %s/%s: final delete failed: %s", namespace, name, err)
+
+    def pod_extra_env(
+        self, pod: Json, volume_dirs: Mapping[str, Path], pod_dir: Path
+    ) -> dict[str, str]:
+        """Env every container of ``pod`` gets from the node: API address and KUBECONFIG."""
+        env = {
+            "KUBERNETES_SERVICE_HOST": self._server_host,
+            "KUBERNETES_SERVICE_PORT": self._server_port,
+            "KUBERNETES_SERVICE_PORT_HTTPS": self._server_port,
+        }
+        token = self._mounted_token(pod, volume_dirs)
+        if token is not None:
+            kubeconfig = pod_dir / "kubeconfig"
+            cluster: Json = {"server": self._server}
+            if self._ca_file:
+                cluster["certificate-authority"] = self._ca_file
+            else:
+                cluster["insecure-skip-tls-verify"] = True
+            account = str(pod.get("spec", {}).get("serviceAccountName") or "default")
+            document = {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "local", "cluster": cluster}],
+                "users": [{"name": account, "user": {"token": token.read_text().strip()}}],
+                "contexts": [
+                    {
+                        "name": "pod",
+                        "context": {
+                            "cluster": "local",
+                            "user": account,
+                            "namespace": pod["metadata"]["namespace"],
+                        },
+                    }
+                ],
+                "current-context": "pod",
+            }
+            kubeconfig.write_text(yaml.safe_dump(document))
+            kubeconfig.chmod(0o600)
+            env["KUBECONFIG"] = str(kubeconfig)
+        return env
+
+    @staticmethod
+    def _mounted_token(pod: Json, volume_dirs: Mapping[str, Path]) -> Path | None:
+        for volume in pod.get("spec", {}).get("volumes") or []:
+            for source in (volume.get("projected") or {}).get("sources") or []:
+                token = source.get("serviceAccountToken")
+                if token and not token.get("audience"):
+                    path = volume_dirs[str(volume["name"])] / str(token["path"])
+                    if path.is_file():
+                        return path
+        return None
+
+    # -- object access for podspec.Sources
+
+    def _get(self, reader: Any, namespace: str, name: str) -> Json:
+        try:
+            return _json(reader(name, namespace, _preload_content=False))
+        except client.ApiException as err:
+            if err.status == 404:
+                raise LookupError(name) from err
+            raise
+
+    def _get_config_map(self, namespace: str, name: str) -> Json:
+        return self._get(self.core.read_namespaced_config_map, namespace, name)
+
+    def _get_secret(self, namespace: str, name: str) -> Json:
+        return self._get(self.core.read_namespaced_secret, namespace, name)
+
+    def _issue_token(
+        self, namespace: str, account: str, audience: str | None, expiration: int, pod: Json
+    ) -> str:
+        spec: Json = {
+            # At least a day: the process node does not rotate tokens.
+            "expirationSeconds": max(expiration, 86400),
+            "boundObjectRef": {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "name": pod["metadata"]["name"],
+                "uid": pod["metadata"]["uid"],
+            },
+        }
+        if audience:
+            spec["audiences"] = [audience]
+        response = self.core.create_namespaced_service_account_token(
+            account,
+            namespace,
+            {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec},
+            _preload_content=False,
+        )
+        return str(_json(response)["status"]["token"])
+
+    # -- node registration and heartbeat
+
+    def _register(self) -> None:
+        labels = {
+            NODE_LABEL: "true",
+            "kubernetes.io/hostname": self.name,
+            "kubernetes.io/os": "linux",
+            "kubernetes.io/arch": "amd64",
+        }
+        body: Json = {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {"name": self.name, "labels": labels},
+            "spec": {"taints": [dict(NODE_TAINT)] if self.taint else []},
+        }
+        try:
+            self.core.create_node(body)
+        except client.ApiException as err:
+            if err.status != 409:
+                raise
+            self.core.patch_node(
+                self.name,
+                {"metadata": {"labels": labels}, "spec": body["spec"]},
+                _content_type="application/merge-patch+json",
+            )
+
+    def _node_status(self) -> Json:
+        now = podrunner.now_rfc3339()
+
+        def cond(kind: str, status: str, reason: str, message: str) -> Json:
+            return {
+                "type": kind,
+                "status": status,
+                "reason": reason,
+                "message": message,
+                "lastHeartbeatTime": now,
+                "lastTransitionTime": self.transition_time(
+                    "node", {"type": kind, "status": status}
+                ),
+            }
+
+        return {
+            "capacity": self.capacity,
+            "allocatable": self.capacity,
+            "conditions": [
+                cond("MemoryPressure", "False", "KubeletHasSufficientMemory", "ok"),
+                cond("DiskPressure", "False", "KubeletHasNoDiskPressure", "ok"),
+                cond("PIDPressure", "False", "KubeletHasSufficientPID", "ok"),
+                cond("Ready", "True", "KubeletReady", "relayrl process node is ready"),
+            ],
+            "addresses": [
+                {"type": "InternalIP", "address": podspec.POD_IP},
+                {"type": "Hostname", "address": self.name},
+            ],
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": 0}},
+            "nodeInfo": {
+                "architecture": "amd64",
+                "operatingSystem": "linux",
+                "kubeletVersion": "v0.0.0-relayrl-process-node",
+                "kubeProxyVersion": "",
+                "containerRuntimeVersion": "process://",
+                "osImage": "host processes",
+                "kernelVersion": os.uname().release,
+                "machineID": "",
+                "systemUUID": "",
+                "bootID": "",
+            },
+        }
+
+    def _heartbeat_once(self) -> None:
+        self.core.patch_node_status(
+            self.name,
+            {"status": self._node_status()},
+            _content_type="application/merge-patch+json",
+        )
+        node_uid = _json(self.core.read_node(self.name, _preload_content=False))["metadata"]["uid"]
+        lease: Json = {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {
+                "name": self.name,
+                "namespace": LEASE_NAMESPACE,
+                "ownerReferences": [
+                    {"apiVersion": "v1", "kind": "Node", "name": self.name, "uid": node_uid}
+                ],
+            },
+            "spec": {
+                "holderIdentity": self.name,
+                "leaseDurationSeconds": LEASE_SECONDS,
+                "renewTime": now_micro(),
+            },
+        }
+        try:
+            self.coordination.patch_namespaced_lease(
+                self.name,
+                LEASE_NAMESPACE,
+                {"spec": lease["spec"]},
+                _content_type="application/merge-patch+json",
+            )
+        except client.ApiException as err:
+            if err.status != 404:
+                raise
+            self.coordination.create_namespaced_lease(LEASE_NAMESPACE, lease)
+
+    def _heartbeat_loop(self) -> None:
+        while not self.stopping.wait(self.heartbeat_seconds):
+            try:
+                self._heartbeat_once()
+            except Exception as err:
+                logger.warning("process node heartbeat failed: %s", err)
+
+    # -- pods
+
+    def _watch_loop(self) -> None:
+        selector = f"spec.nodeName={self.name}"
+        delay = 0.5
+        while not self.stopping.is_set():
+            try:
+                listed = _json(
+                    self.core.list_pod_for_all_namespaces(
+                        field_selector=selector, _preload_content=False
+                    )
+                )
+                for pod in listed.get("items") or []:
+                    self._handle("ADDED", pod)
+                version = listed["metadata"]["resourceVersion"]
+                while not self.stopping.is_set():
+                    stream = watch.Watch().stream(  # type: ignore[no-untyped-call]
+                        self.core.list_pod_for_all_namespaces,
+                        field_selector=selector,
+                        resource_version=version,
+                        timeout_seconds=5,
+                        allow_watch_bookmarks=True,
+                        deserialize=False,
+                    )
+                    for event in stream:
+                        obj = event["object"]
+                        if event["type"] == "ERROR":
+                            raise client.ApiException(status=int(obj.get("code") or 500))
+                        version = obj["metadata"]["resourceVersion"]
+                        if event["type"] != "BOOKMARK":
+                            self._handle(str(event["type"]), obj)
+                        if self.stopping.is_set():
+                            break
+                delay = 0.5
+            except Exception as err:
+                if self.stopping.is_set():
+                    return
+                logger.info("process node watch restarting after: %s", err)
+                self.stopping.wait(delay)
+                delay = min(delay * 2, 10.0)
+
+    def _handle(self, kind: str, pod: Json) -> None:
+        meta = pod["metadata"]
+        uid = str(meta["uid"])
+        with self._lock:
+            runner = self._runners.get(uid)
+        if kind == "DELETED":
+            if runner is not None:
+                runner.request_delete(0.0)
+            return
+        deleting = meta.get("deletionTimestamp") is not None
+        if runner is None:
+            if deleting:
+                # Not ours to run (e.g. the node restarted): finish the deletion.
+                self.delete_pod_now(str(meta["namespace"]), str(meta["name"]), uid)
+                return
+            if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+                return
+            runner = podrunner.PodRunner(self, pod)
+            with self._lock:
+                if self.stopping.is_set():
+                    return
+                self._runners[uid] = runner
+            runner.start()
+            return
+        if deleting:
+            grace = meta.get("deletionGracePeriodSeconds")
+            runner.request_delete(float(grace) if grace is not None else None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a process node until SIGTERM/SIGINT."""
+    parser = argparse.ArgumentParser(prog="python -m relayrl_localstack.processnode")
+    parser.add_argument("--kubeconfig", required=True, type=Path)
+    parser.add_argument("--name", default=NODE_NAME)
+    parser.add_argument("--work-dir", type=Path, default=None)
+    parser.add_argument("--no-taint", action="store_true", help="register without the taint")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    signal.signal(signal.SIGINT, lambda *_: done.set())
+    with (
+        cluster.api_client_for(args.kubeconfig) as api,
+        ProcessNode(api, name=args.name, work_dir=args.work_dir, taint=not args.no_taint),
+    ):
+        done.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

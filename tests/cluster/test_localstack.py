@@ -1,0 +1,438 @@
+"""The local stack behaves like a cluster: versions, scheduling on kwok nodes, the process node.
+
+Runs against the session cluster of ``conftest.py`` (the local stack, or an existing
+cluster with ``RELAYRL_USE_EXISTING_CLUSTER=1``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import textwrap
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from relayrl_localstack import binaries, cluster, procs
+from relayrl_localstack.testing import (
+    ClusterHandle,
+    condition,
+    process_alive,
+    process_node_placement,
+    wait_for,
+)
+
+
+def _pinned_version() -> str:
+    return binaries.read_versions()["KUBERNETES_VERSION"]
+
+
+def _pod_gone(k8s: ClusterHandle, namespace: str, name: str) -> bool:
+    return not k8s.exists(k8s.core.read_namespaced_pod, name, namespace)
+
+
+@pytest.mark.timeout(60)
+def test_apiserver_and_kubectl_report_the_pinned_version(k8s: ClusterHandle) -> None:
+    version = cluster.server_version(k8s.kubeconfig)
+    if k8s.local is not None:
+        assert version["gitVersion"] == _pinned_version()
+        assert version["major"] == "1"
+        assert version["minor"] == _pinned_version().split(".")[1]
+    else:
+        assert version["gitVersion"].startswith("v1.")
+    client_version = json.loads(k8s.kubectl("version", "--client", "-o", "json").stdout)
+    assert client_version["clientVersion"]["gitVersion"] == _pinned_version()
+
+
+@pytest.mark.timeout(120)
+def test_deployment_pods_schedule_onto_kwok_nodes_and_run(
+    k8s: ClusterHandle, namespace: str
+) -> None:
+    labels = {"app": "web"}
+    apps: Any = client.AppsV1Api(k8s.api)
+    apps.create_namespaced_deployment(
+        namespace,
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": "web"},
+            "spec": {
+                "replicas": 3,
+                "selector": {"matchLabels": labels},
+                "template": {
+                    "metadata": {"labels": labels},
+                    "spec": {
+                        "nodeSelector": {"type": "kwok"},
+                        "containers": [{"name": "web", "image": "registry.invalid/web:1"}],
+                    },
+                },
+            },
+        },
+    )
+
+    def running_pods() -> list[dict[str, Any]] | None:
+        pods = k8s.get_json(k8s.core.list_namespaced_pod, namespace)["items"]
+        running = [p for p in pods if p["status"].get("phase") == "Running"]
+        return running if len(running) == 3 else None
+
+    pods = wait_for(running_pods, timeout=90, what="3 Running pods of the Deployment")
+    assert {p["spec"]["nodeName"] for p in pods} <= set(k8s.kwok_nodes)
+    wait_for(
+        lambda: (
+            k8s.get_json(apps.read_namespaced_deployment, "web", namespace)["status"].get(
+                "availableReplicas"
+            )
+            == 3
+        ),
+        timeout=60,
+        what="Deployment available",
+    )
+
+
+@pytest.mark.timeout(120)
+def test_gpu_pod_lands_on_a_gpu_node(k8s: ClusterHandle, namespace: str) -> None:
+    k8s.core.create_namespaced_pod(
+        namespace,
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "trainer"},
+            "spec": {
+                "containers": [
+                    {
+                        "name": "trainer",
+                        "image": "registry.invalid/trainer:1",
+                        "resources": {"limits": {"nvidia.com/gpu": "2"}},
+                    }
+                ]
+            },
+        },
+    )
+    pod = wait_for(
+        lambda: (p := k8s.pod(namespace, "trainer"))["status"].get("phase") == "Running" and p,
+        timeout=90,
+        what="the GPU pod Running",
+    )
+    node = k8s.get_json(k8s.core.read_node, pod["spec"]["nodeName"])
+    assert node["metadata"]["labels"]["nvidia.com/gpu.present"] == "true"
+
+
+@pytest.mark.timeout(120)
+def test_pod_asking_for_too_many_gpus_stays_pending_with_the_schedulers_reason(
+    k8s: ClusterHandle, namespace: str
+) -> None:
+    nodes = k8s.get_json(k8s.core.list_node)["items"]
+    most = max(int(n["status"].get("allocatable", {}).get("nvidia.com/gpu", "0")) for n in nodes)
+    assert most > 0, "the session's kwok GPU nodes are missing"
+    too_many = str(most + 1)
+    k8s.core.create_namespaced_pod(
+        namespace,
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "greedy"},
+            "spec": {
+                "containers": [
+                    {
+                        "name": "greedy",
+                        "image": "registry.invalid/greedy:1",
+                        "resources": {"limits": {"nvidia.com/gpu": too_many}},
+                    }
+                ]
+            },
+        },
+    )
+    scheduled = wait_for(
+        lambda: condition(k8s.pod(namespace, "greedy"), "PodScheduled"),
+        timeout=60,
+        what="a PodScheduled condition",
+    )
+    assert scheduled["status"] == "False"
+    assert scheduled["reason"] == "Unschedulable"
+    assert "Insufficient nvidia.com/gpu" in scheduled["message"]
+    assert k8s.pod(namespace, "greedy")["status"]["phase"] == "Pending"
+
+
+SERVER = textwrap.dedent(
+    """
+    import http.server, json, os, sys
+    config_path, secret_path, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    report = {
+        "greeting": os.environ["GREETING"],
+        "token": os.environ["API_TOKEN"],
+        "pod": os.environ["POD_NAME"],
+        "namespace": os.environ["POD_NAMESPACE"],
+        "pod_ip": os.environ["POD_IP"],
+        "config": open(config_path).read(),
+        "secret_file": open(secret_path).read(),
+        "cwd": os.getcwd(),
+        "python": sys.executable,
+        "mount_root": os.environ["RELAYRL_MOUNT_ROOT"],
+    }
+    with open("report.json", "w") as f:
+        json.dump(report, f)
+    http.server.ThreadingHTTPServer.allow_reuse_address = True
+    handler = http.server.SimpleHTTPRequestHandler
+    http.server.ThreadingHTTPServer(("127.0.0.1", port), handler).serve_forever()
+    """
+)
+
+
+@pytest.mark.timeout(120)
+def test_pod_on_the_process_node_runs_turns_ready_and_is_killed_on_delete(
+    k8s: ClusterHandle, namespace: str
+) -> None:
+    core = k8s.core
+    core.create_namespaced_config_map(
+        namespace,
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "settings"},
+            "data": {"greeting": "hello from a configmap", "app.conf": "answer = 42\n"},
+        },
+    )
+    core.create_namespaced_secret(
+        namespace,
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "creds"},
+            "stringData": {"token": "s3cr3t", "password": "hunter2"},
+        },
+    )
+    port = procs.free_port()
+    core.create_namespaced_pod(
+        namespace,
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "server"},
+            "spec": {
+                **process_node_placement(),
+                "terminationGracePeriodSeconds": 5,
+                "containers": [
+                    {
+                        "name": "server",
+                        "image": "ignored:latest",
+                        "command": ["python", "-c", SERVER],
+                        "args": [
+                            "/etc/relayrl/app.conf",
+                            "/var/run/creds/password",
+                            str(port),
+                        ],
+                        "workingDir": "/srv/www",
+                        "ports": [{"name": "http", "containerPort": port}],
+                        "env": [
+                            {
+                                "name": "GREETING",
+                                "valueFrom": {
+                                    "configMapKeyRef": {"name": "settings", "key": "greeting"}
+                                },
+                            },
+                            {
+                                "name": "API_TOKEN",
+                                "valueFrom": {"secretKeyRef": {"name": "creds", "key": "token"}},
+                            },
+                            {
+                                "name": "POD_NAME",
+                                "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}},
+                            },
+                            {
+                                "name": "POD_NAMESPACE",
+                                "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
+                            },
+                            {
+                                "name": "POD_IP",
+                                "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}},
+                            },
+                        ],
+                        "volumeMounts": [
+                            {"name": "config", "mountPath": "/etc/relayrl"},
+                            {"name": "creds", "mountPath": "/var/run/creds", "readOnly": True},
+                        ],
+                        "readinessProbe": {
+                            "httpGet": {"path": "/report.json", "port": "http"},
+                            "periodSeconds": 1,
+                        },
+                    }
+                ],
+                "volumes": [
+                    {"name": "config", "configMap": {"name": "settings"}},
+                    {"name": "creds", "secret": {"secretName": "creds"}},
+                ],
+            },
+        },
+    )
+    pod = wait_for(
+        lambda: (
+            (condition(p := k8s.pod(namespace, "server"), "Ready") or {}).get("status") == "True"
+            and p
+        ),
+        timeout=60,
+        what="the process-node pod Ready",
+    )
+    assert pod["spec"]["nodeName"] == k8s.process_node
+    assert pod["status"]["phase"] == "Running"
+    assert pod["status"]["podIP"] == "127.0.0.1"
+    (status,) = pod["status"]["containerStatuses"]
+    assert status["ready"] is True
+    assert "running" in status["state"]
+    pid = int(status["containerID"].removeprefix("process://"))
+    assert process_alive(pid)
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/report.json", timeout=5) as response:
+        report = json.loads(response.read())
+    assert report["greeting"] == "hello from a configmap"
+    assert report["token"] == "s3cr3t"
+    assert report["pod"] == "server"
+    assert report["namespace"] == namespace
+    assert report["pod_ip"] == "127.0.0.1"
+    assert report["config"] == "answer = 42\n"
+    assert report["secret_file"] == "hunter2"
+    assert report["cwd"] == os.path.join(report["mount_root"], "srv/www")
+    assert Path(report["python"]).parent == Path(sys.executable).parent
+
+    core.delete_namespaced_pod("server", namespace)
+    wait_for(lambda: _pod_gone(k8s, namespace, "server"), timeout=30, what="the pod deleted")
+    wait_for(lambda: not process_alive(pid), timeout=10, what=f"process {pid} gone")
+
+
+@pytest.mark.timeout(120)
+def test_process_node_restarts_a_failing_container_per_restart_policy(
+    k8s: ClusterHandle, namespace: str
+) -> None:
+    k8s.core.create_namespaced_pod(
+        namespace,
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "crasher"},
+            "spec": {
+                **process_node_placement(),
+                "restartPolicy": "OnFailure",
+                "containers": [
+                    {
+                        "name": "crasher",
+                        "image": "ignored",
+                        "command": ["python", "-c", "import sys; sys.exit(3)"],
+                    }
+                ],
+            },
+        },
+    )
+
+    def restarted() -> dict[str, Any] | None:
+        statuses = k8s.pod(namespace, "crasher")["status"].get("containerStatuses") or []
+        if statuses and statuses[0]["restartCount"] >= 2 and statuses[0].get("lastState"):
+            return dict(statuses[0])
+        return None
+
+    status = wait_for(restarted, timeout=60, what="two restarts")
+    assert status["lastState"]["terminated"]["exitCode"] == 3
+    assert k8s.pod(namespace, "crasher")["status"]["phase"] == "Running"
+
+
+@pytest.mark.timeout(60)
+def test_process_node_pod_that_succeeds_reports_succeeded(
+    k8s: ClusterHandle, namespace: str
+) -> None:
+    k8s.core.create_namespaced_pod(
+        namespace,
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "job"},
+            "spec": {
+                **process_node_placement(),
+                "restartPolicy": "Never",
+                "containers": [
+                    {"name": "job", "image": "ignored", "command": ["python", "-c", "pass"]}
+                ],
+            },
+        },
+    )
+    pod = wait_for(
+        lambda: (p := k8s.pod(namespace, "job"))["status"].get("phase") == "Succeeded" and p,
+        timeout=30,
+        what="the pod Succeeded",
+    )
+    (status,) = pod["status"]["containerStatuses"]
+    assert status["state"]["terminated"]["exitCode"] == 0
+    assert status["state"]["terminated"]["reason"] == "Completed"
+
+
+@pytest.mark.timeout(180)
+def test_local_cluster_teardown_leaves_no_process_behind(
+    k8s: ClusterHandle, tmp_path: Path
+) -> None:
+    with cluster.LocalCluster(tmp_path / "cluster", bins=k8s.bins) as local:
+        pids = local.pids()
+        assert set(pids) == {"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler"}
+        assert all(process_alive(pid) for pid in pids.values())
+        assert cluster.server_version(local.kubeconfig)["gitVersion"] == _pinned_version()
+    leftovers = {name: pid for name, pid in pids.items() if procs.group_alive(pid)}
+    assert leftovers == {}
+    # Nothing else was started from the cluster's work dir either.
+    work = str(tmp_path / "cluster")
+    strays = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if work in cmdline and process_alive(int(entry.name)):
+                strays.append(cmdline)
+    assert strays == []
+
+
+@pytest.mark.timeout(60)
+def test_process_node_kills_a_process_ignoring_sigterm_after_the_grace_period(
+    k8s: ClusterHandle, namespace: str
+) -> None:
+    port = procs.free_port()
+    # Ignores SIGTERM, then listens: the tcpSocket readiness probe tells when it is armed.
+    stubborn = (
+        "import signal, socket, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        f"s = socket.create_server(('127.0.0.1', {port})); time.sleep(600)"
+    )
+    k8s.core.create_namespaced_pod(
+        namespace,
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "stubborn"},
+            "spec": {
+                **process_node_placement(),
+                "terminationGracePeriodSeconds": 2,
+                "containers": [
+                    {
+                        "name": "stubborn",
+                        "image": "ignored",
+                        "command": ["python", "-c", stubborn],
+                        "readinessProbe": {"tcpSocket": {"port": port}, "periodSeconds": 1},
+                    }
+                ],
+            },
+        },
+    )
+
+    def ready_pid() -> int | None:
+        statuses = k8s.pod(namespace, "stubborn")["status"].get("containerStatuses") or []
+        if statuses and statuses[0]["ready"]:
+            return int(statuses[0]["containerID"].removeprefix("process://"))
+        return None
+
+    pid = wait_for(ready_pid, timeout=30, what="the stubborn pod Ready")
+    started = time.monotonic()
+    k8s.core.delete_namespaced_pod("stubborn", namespace)
+    wait_for(lambda: not process_alive(pid), timeout=20, what=f"process {pid} killed")
+    took = time.monotonic() - started
+    assert 1.5 <= took < 10, f"killed after {took:.1f}s, expected the 2s grace period"
+    wait_for(lambda: _pod_gone(k8s, namespace, "stubborn"), timeout=20, what="the pod deleted")
