@@ -178,7 +178,7 @@ SERVER = textwrap.dedent(
         json.dump(report, f)
     http.server.ThreadingHTTPServer.allow_reuse_address = True
     handler = http.server.SimpleHTTPRequestHandler
-    http.server.ThreadingHTTPServer(("127.0.0.1", port), handler).serve_forever()
+    http.server.ThreadingHTTPServer((os.environ["POD_IP"], port), handler).serve_forever()
     """
 )
 
@@ -279,20 +279,21 @@ def test_pod_on_the_process_node_runs_turns_ready_and_is_killed_on_delete(
     )
     assert pod["spec"]["nodeName"] == k8s.process_node
     assert pod["status"]["phase"] == "Running"
-    assert pod["status"]["podIP"] == "127.0.0.1"
+    pod_ip = pod["status"]["podIP"]
+    assert pod_ip.startswith("127.1.")
     (status,) = pod["status"]["containerStatuses"]
     assert status["ready"] is True
     assert "running" in status["state"]
     pid = int(status["containerID"].removeprefix("process://"))
     assert process_alive(pid)
 
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/report.json", timeout=5) as response:
+    with urllib.request.urlopen(f"http://{pod_ip}:{port}/report.json", timeout=5) as response:
         report = json.loads(response.read())
     assert report["greeting"] == "hello from a configmap"
     assert report["token"] == "s3cr3t"
     assert report["pod"] == "server"
     assert report["namespace"] == namespace
-    assert report["pod_ip"] == "127.0.0.1"
+    assert report["pod_ip"] == pod_ip
     assert report["config"] == "answer = 42\n"
     assert report["secret_file"] == "hunter2"
     assert report["cwd"] == os.path.join(report["mount_root"], "srv/www")
@@ -400,7 +401,7 @@ def test_process_node_kills_a_process_ignoring_sigterm_after_the_grace_period(
     # Ignores SIGTERM, then listens: the tcpSocket readiness probe tells when it is armed.
     stubborn = (
         "import signal, socket, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-        f"s = socket.create_server(('127.0.0.1', {port})); time.sleep(600)"
+        f"s = socket.create_server(('0.0.0.0', {port})); time.sleep(600)"
     )
     k8s.core.create_namespaced_pod(
         namespace,
@@ -436,3 +437,79 @@ def test_process_node_kills_a_process_ignoring_sigterm_after_the_grace_period(
     took = time.monotonic() - started
     assert 1.5 <= took < 10, f"killed after {took:.1f}s, expected the 2s grace period"
     wait_for(lambda: _pod_gone(k8s, namespace, "stubborn"), timeout=20, what="the pod deleted")
+
+
+@pytest.mark.timeout(90)
+def test_pods_on_the_process_node_have_their_own_ips_and_live_volumes(
+    k8s: ClusterHandle, namespace: str
+) -> None:
+    """Two pods bind the same port on their own pod IPs; a changed ConfigMap reaches them."""
+    port = procs.free_port()
+    core = k8s.core
+    core.create_namespaced_config_map(
+        namespace,
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "live"}, "data": {"v": "1"}},
+    )
+    serve = (
+        "import http.server, os; os.chdir(os.environ['DATA']); "
+        "http.server.ThreadingHTTPServer((os.environ['POD_IP'], "
+        f"{port}), http.server.SimpleHTTPRequestHandler).serve_forever()"
+    )
+    for name in ("one", "two"):
+        core.create_namespaced_pod(
+            namespace,
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": name},
+                "spec": {
+                    "nodeName": k8s.process_node,
+                    "tolerations": [{"operator": "Exists"}],
+                    "containers": [
+                        {
+                            "name": "web",
+                            "image": "ignored",
+                            "command": ["python", "-c", serve],
+                            "ports": [{"name": "http", "containerPort": port}],
+                            "env": [
+                                {
+                                    "name": "POD_IP",
+                                    "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}},
+                                },
+                                {"name": "DATA", "value": "/data"},
+                            ],
+                            "volumeMounts": [{"name": "live", "mountPath": "/data"}],
+                            "readinessProbe": {
+                                "httpGet": {"path": "/v", "port": "http"},
+                                "periodSeconds": 1,
+                            },
+                        }
+                    ],
+                    "volumes": [{"name": "live", "configMap": {"name": "live"}}],
+                },
+            },
+        )
+    ips = []
+    for name in ("one", "two"):
+        pod = wait_for(
+            lambda name=name: (
+                (condition(p := k8s.pod(namespace, name), "Ready") or {}).get("status") == "True"
+                and p
+            ),
+            timeout=60,
+            what=f"pod {name} Ready",
+        )
+        ips.append(pod["status"]["podIP"])
+    assert len(set(ips)) == 2
+
+    def served(ip: str) -> str:
+        with urllib.request.urlopen(f"http://{ip}:{port}/v", timeout=5) as response:
+            return str(response.read().decode())
+
+    assert [served(ip) for ip in ips] == ["1", "1"]
+    core.patch_namespaced_config_map("live", namespace, {"data": {"v": "2"}})
+    wait_for(
+        lambda: [served(ip) for ip in ips] == ["2", "2"],
+        timeout=30,
+        what="the changed ConfigMap in both pods' volumes",
+    )

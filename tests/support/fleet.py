@@ -139,8 +139,21 @@ class Agents:
         try:
             testing.wait_for(ready, timeout=timeout, what=what)
         except Exception as err:
-            raise AssertionError(f"{what}: last seen status {seen.get('status')}") from err
+            raise AssertionError(
+                f"{what}: last seen status {seen.get('status')}\n{self.pod_logs()}"
+            ) from err
         return seen
+
+    def pod_logs(self, tail: int = 3000) -> str:
+        """The last output of every container that ran on the process node here."""
+        out = []
+        for pod in self.k8s.core.list_namespaced_pod(self.namespace).items:
+            for container in pod.spec.containers:
+                path = self.k8s.node.log_path(self.namespace, pod.metadata.name, container.name)
+                if path is not None and path.is_file():
+                    text = path.read_text(errors="replace")[-tail:]
+                    out.append(f"--- {pod.metadata.name}/{container.name}\n{text}")
+        return "\n".join(out)
 
     def wait_phase(self, name: str, phase: str, timeout: float = 60) -> dict[str, Any]:
         """Wait for a phase at the current generation."""

@@ -34,6 +34,8 @@ BACKOFF_START: Final = 1.0
 BACKOFF_MAX: Final = 30.0
 BACKOFF_RESET_AFTER: Final = 60.0
 TICK: Final = 0.2
+# How often ConfigMap and Secret volumes are compared with their objects.
+VOLUME_REFRESH_SECONDS = 2.0
 
 Json = dict[str, Any]
 
@@ -68,6 +70,9 @@ class RunnerHost(Protocol):
         self, pod: Json, volume_dirs: Mapping[str, Path], pod_dir: Path
     ) -> dict[str, str]:
         """Env the node gives every container of the pod."""
+
+    def pod_ip(self, uid: str) -> str:
+        """The pod's own loopback address (allocated on first call, freed by forget)."""
 
 
 @dataclasses.dataclass
@@ -134,8 +139,12 @@ class PodRunner(threading.Thread):
         meta = pod["metadata"]
         super().__init__(name=f"pod-{meta['namespace']}/{meta['name']}", daemon=True)
         self.node = node
-        self.pod = pod
         self.uid = str(meta["uid"])
+        self.pod_ip = node.pod_ip(self.uid)
+        # The runner's own copy, with the pod IP the downward API reports.
+        self.pod = {**pod, "status": {**(pod.get("status") or {}), "podIP": self.pod_ip}}
+        self._volume_dirs: dict[str, Path] = {}
+        self._volumes_checked = 0.0
         self.namespace = str(meta["namespace"])
         self.pod_name = str(meta["name"])
         self.dir = node.pod_dir(self.namespace, self.pod_name, self.uid)
@@ -205,6 +214,9 @@ class PodRunner(threading.Thread):
         self._report()
         while not self._stopping():
             now = time.monotonic()
+            if now - self._volumes_checked >= VOLUME_REFRESH_SECONDS:
+                self._refresh_volumes()
+                self._volumes_checked = now
             for container in self.containers:
                 self._tick(container, policy, now)
             self._update_phase()
@@ -241,6 +253,7 @@ class PodRunner(threading.Thread):
             volume_dirs[str(volume["name"])] = podspec.materialise_volume(
                 self.pod, volume, volumes_dir / str(volume["name"]), self.node.sources
             )
+        self._volume_dirs = volume_dirs
         extra = self.node.pod_extra_env(self.pod, volume_dirs, self.dir)
         for container in self.init_containers + self.containers:
             paths = podspec.prepare_mounts(self.pod, container.spec, volume_dirs, root)
@@ -251,6 +264,17 @@ class PodRunner(threading.Thread):
             container.argv = podspec.argv_for(container.spec, container.env, paths)
             container.cwd = podspec.working_dir(container.spec, paths)
             container.state = {"waiting": {"reason": "PodInitializing"}}
+
+    def _refresh_volumes(self) -> None:
+        """Update ConfigMap and Secret volumes whose objects changed (like a kubelet)."""
+        for volume in (self.pod.get("spec") or {}).get("volumes") or []:
+            target = self._volume_dirs.get(str(volume["name"]))
+            if target is None:
+                continue
+            if podspec.refresh_volume(self.pod, volume, target, self.node.sources):
+                logger.info(
+                    "pod %s/%s: volume %s updated", self.namespace, self.pod_name, volume["name"]
+                )
 
     def _set_waiting_all(self, reason: str, message: str) -> None:
         for container in self.init_containers + self.containers:
@@ -390,12 +414,20 @@ class PodRunner(threading.Thread):
         assert container.cwd is not None
         if container.readiness is not None and container.readiness.due(now):
             ok = probes.run_probe(
-                container.readiness.spec, container.spec, container.env, container.cwd
+                container.readiness.spec,
+                container.spec,
+                container.env,
+                container.cwd,
+                self.pod_ip,
             )
             container.readiness.record(ok, now)
         if container.liveness is not None and container.liveness.due(now):
             ok = probes.run_probe(
-                container.liveness.spec, container.spec, container.env, container.cwd
+                container.liveness.spec,
+                container.spec,
+                container.env,
+                container.cwd,
+                self.pod_ip,
             )
             container.liveness.record(ok, now)
             if not container.liveness.ok and container.popen is not None:
@@ -432,8 +464,8 @@ class PodRunner(threading.Thread):
             "phase": self.phase,
             "hostIP": podspec.POD_IP,
             "hostIPs": [{"ip": podspec.POD_IP}],
-            "podIP": podspec.POD_IP,
-            "podIPs": [{"ip": podspec.POD_IP}],
+            "podIP": self.pod_ip,
+            "podIPs": [{"ip": self.pod_ip}],
             "startTime": self._start_time,
             "conditions": [
                 condition("PodScheduled", True),

@@ -90,7 +90,7 @@ def _field(obj: Mapping[str, Any] | None, *keys: str) -> Any:
 
 
 def field_ref(pod: Json, path: str) -> str:
-    """Resolve a downward-API ``fieldPath`` on the process node (podIP is 127.0.0.1)."""
+    """Resolve a downward-API ``fieldPath`` on the process node (podIP: the pod's own)."""
     meta = pod.get("metadata") or {}
     simple = {
         "metadata.name": meta.get("name"),
@@ -98,8 +98,8 @@ def field_ref(pod: Json, path: str) -> str:
         "metadata.uid": meta.get("uid"),
         "spec.nodeName": _field(pod, "spec", "nodeName"),
         "spec.serviceAccountName": _field(pod, "spec", "serviceAccountName"),
-        "status.podIP": POD_IP,
-        "status.podIPs": POD_IP,
+        "status.podIP": _field(pod, "status", "podIP") or POD_IP,
+        "status.podIPs": _field(pod, "status", "podIP") or POD_IP,
         "status.hostIP": POD_IP,
         "status.hostIPs": POD_IP,
     }
@@ -435,3 +435,37 @@ def working_dir(container: Json, paths: MountedPaths) -> Path:
     inside = paths.root / str(wanted).lstrip("/")
     inside.mkdir(parents=True, exist_ok=True)
     return inside
+
+
+def refresh_volume(pod: Json, volume: Json, target: Path, sources: Sources) -> bool:
+    """Bring a materialised ConfigMap/Secret/projected volume up to date, as a kubelet does.
+
+    The new content is written beside ``target`` and each changed file is moved into
+    place with an atomic rename, so a reader never sees a half-written file. Returns
+    whether anything changed. Other volume kinds are left alone.
+    """
+    if not any(volume.get(k) for k in ("configMap", "secret", "projected")):
+        return False
+    fresh = target.parent / f".{target.name}.refresh"
+    if fresh.exists():
+        shutil.rmtree(fresh)
+    try:
+        materialise_volume(pod, volume, fresh, sources)
+    except PodConfigError:
+        shutil.rmtree(fresh, ignore_errors=True)
+        return False  # a deleted ConfigMap keeps the last content, like a kubelet
+    changed = False
+    new_files = {p.relative_to(fresh) for p in fresh.rglob("*") if p.is_file()}
+    for rel in sorted(new_files):
+        src, dst = fresh / rel, target / rel
+        if dst.is_file() and dst.read_bytes() == src.read_bytes():
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(src, dst)
+        changed = True
+    for old in [p for p in target.rglob("*") if p.is_file()]:
+        if old.relative_to(target) not in new_files:
+            old.unlink()
+            changed = True
+    shutil.rmtree(fresh, ignore_errors=True)
+    return changed

@@ -67,14 +67,20 @@ def probe_port(container: Json, port: Any) -> int:
     raise podspec.PodSpecError(f"probe port {port!r} names no container port")
 
 
-def run_probe(spec: Json, container: Json, env: Mapping[str, str], cwd: Path) -> bool:
-    """Run one probe attempt against 127.0.0.1; True on success."""
+def run_probe(
+    spec: Json,
+    container: Json,
+    env: Mapping[str, str],
+    cwd: Path,
+    pod_ip: str = podspec.POD_IP,
+) -> bool:
+    """Run one probe attempt against the pod's IP; True on success."""
     timeout = float(spec.get("timeoutSeconds") or 1)
     try:
         if spec.get("httpGet"):
             get = spec["httpGet"]
             scheme = str(get.get("scheme") or "HTTP").lower()
-            host = str(get.get("host") or podspec.POD_IP)
+            host = str(get.get("host") or pod_ip)
             port = probe_port(container, get.get("port"))
             path = str(get.get("path") or "/")
             request = urllib.request.Request(f"{scheme}://{host}:{port}{path}")
@@ -94,7 +100,7 @@ def run_probe(spec: Json, container: Json, env: Mapping[str, str], cwd: Path) ->
             sock_spec = spec["tcpSocket"]
             port = probe_port(container, sock_spec.get("port"))
             with socket.create_connection(
-                (str(sock_spec.get("host") or podspec.POD_IP), port), timeout=timeout
+                (str(sock_spec.get("host") or pod_ip), port), timeout=timeout
             ):
                 return True
         if spec.get("exec"):

@@ -33,10 +33,12 @@ What a container gets:
 - cwd: workingDir (rewritten; created under the pod root when it does not exist),
   else the pod root.
 
-Ports. Every pod on this node shares the host's loopback: its podIP is reported as
-127.0.0.1 and probes connect to 127.0.0.1 at the probe's port (a number, or a
-container port name). Two pods listening on the same port collide, so pods meant
-for this node take their ports from their spec (tests pick free ports).
+Ports. Every pod on this node gets its own loopback address, 127.1.x.y (all of
+127.0.0.0/8 is loopback on Linux): it is the pod's ``status.podIP``, what the
+downward API gives for ``status.podIP``, and where probes connect (at the probe's
+port: a number or a container port name). A process that binds to its pod IP (the
+downward API's ``status.podIP``) can use the same port as other pods; one that binds
+0.0.0.0 takes the port on every address and collides with other pods on that port.
 
 Lifecycle. Init containers run to completion in order. Containers are restarted per
 ``restartPolicy`` with a doubling back-off (1 s to 30 s; reset after 60 s of running),
@@ -98,6 +100,11 @@ def _json(response: Any) -> Json:
     return data
 
 
+def _loopback(index: int) -> str:
+    """The index-th pod address in 127.1.0.0/16 (all of 127.0.0.0/8 is loopback)."""
+    return f"127.1.{index // 250}.{index % 250 + 1}"
+
+
 class ProcessNode:
     """Registers a Node and runs the pods bound to it as host processes.
 
@@ -130,6 +137,7 @@ class ProcessNode:
         self.delete_node_on_stop = delete_node_on_stop
         self.stopping = threading.Event()
         self._runners: dict[str, podrunner.PodRunner] = {}
+        self._pod_ips: dict[str, str] = {}
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._transitions: dict[tuple[str, str], tuple[str, str]] = {}
@@ -213,10 +221,21 @@ class ProcessNode:
                     result[f"{runner.namespace}/{runner.pod_name}/{container.name}"] = popen.pid
         return result
 
+    def pod_ip(self, uid: str) -> str:
+        """The pod's own loopback address: 127.1.x.y, unique among running pods."""
+        with self._lock:
+            ip = self._pod_ips.get(uid)
+            if ip is None:
+                used = set(self._pod_ips.values())
+                index = next(i for i in range(1, 250 * 250) if _loopback(i) not in used)
+                ip = self._pod_ips[uid] = _loopback(index)
+            return ip
+
     def forget(self, uid: str) -> None:
         """Drop a finished runner."""
         with self._lock:
             self._runners.pop(uid, None)
+            self._pod_ips.pop(uid, None)
             for key in [k for k in self._transitions if k[0] == uid]:
                 del self._transitions[key]
 

@@ -4,14 +4,21 @@ Names and stream settings come from `relayrl_runtime.streams`, the one place the
 runtime, the sinks and the operator share. Connections are cached per server URL and
 credential; credentials and TLS material are read from the Agent's Secrets through
 the apiserver and written to a private temporary directory for nats-py.
+
+Each connection also watches the `relayrl-status` key-value bucket, where actor pods
+report the model version they run (`relayrl_runtime.reporting`); the latest report of
+every pod is kept in memory and a listener (the reconciler) is told which Agent's
+pods reported, so status follows a model push without polling.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import logging
 import tempfile
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +28,7 @@ from nats.aio.client import Client as NATS
 
 from relayrl_operator import kube
 from relayrl_operator.builders import common
-from relayrl_runtime import spec, streams
+from relayrl_runtime import reporting, spec, streams
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +49,26 @@ class NatsStreams:
         self._deadline = connect_deadline
         self._conns: dict[_ConnKey, NATS] = {}
         self._tmp = tempfile.TemporaryDirectory(prefix="relayrl-operator-nats-")
+        self._watchers: dict[_ConnKey, asyncio.Task[None]] = {}
+        self._reports: dict[tuple[str, str], dict[str, reporting.PodReport]] = {}
+        self._listener: Callable[[tuple[str, str]], None] | None = None
+
+    def set_listener(self, listener: Callable[[tuple[str, str]], None]) -> None:
+        """Call `listener((namespace, agent))` when a pod of that Agent reports."""
+        self._listener = listener
+
+    def reports(self, namespace: str, agent: str) -> Mapping[str, reporting.PodReport]:
+        """The latest report of each pod of an Agent, by pod name."""
+        return self._reports.get((namespace, agent), {})
 
     async def close(self) -> None:
-        """Close every connection and remove the temporary credential files."""
+        """Stop the watchers, close every connection, remove the credential files."""
+        for task in self._watchers.values():
+            task.cancel()
+        for task in self._watchers.values():
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._watchers.clear()
         for nc in self._conns.values():
             with contextlib.suppress(Exception):
                 await nc.close()
@@ -86,7 +110,48 @@ class NatsStreams:
         options = await self._options(key, nats_spec)
         nc = await streams.connect(options, deadline=self._deadline)
         self._conns[key] = nc
+        old = self._watchers.pop(key, None)
+        if old is not None:
+            old.cancel()
+        self._watchers[key] = asyncio.get_running_loop().create_task(
+            self._watch_reports(nc), name=f"status-reports {nats_spec.url}"
+        )
         return nc
+
+    async def _watch_reports(self, nc: NATS) -> None:
+        """Follow the status bucket for as long as the connection lives."""
+        delay = 0.5
+        while not nc.is_closed:
+            try:
+                kv = await reporting.ensure_bucket(nc.jetstream())
+                watcher: Any = await kv.watch(">")
+                delay = 0.5
+                async for entry in watcher:
+                    if entry is not None:
+                        self._report_entry(entry)
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:  # a NATS outage: watch again once it is back
+                log.info("status bucket watch: %s; again in %.1fs", err, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    def _report_entry(self, entry: Any) -> None:
+        parts = str(entry.key).split(".", 2)
+        if len(parts) != 3:
+            return
+        namespace, agent, pod = parts
+        pods = self._reports.setdefault((namespace, agent), {})
+        if entry.operation is not None or entry.value is None:  # deleted or purged
+            pods.pop(pod, None)
+        else:
+            try:
+                pods[pod] = reporting.PodReport.from_json(entry.value)
+            except ValueError as err:
+                log.warning("status bucket: skipping %s: %s", entry.key, err)
+                return
+        if self._listener is not None:
+            self._listener((namespace, agent))
 
     async def _options(self, key: _ConnKey, nats_spec: spec.NatsSpec) -> streams.ConnectOptions:
         values: dict[str, Any] = {}

@@ -25,7 +25,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -39,7 +39,7 @@ from relayrl_operator.builders import (
     sinks,
     statefulset,
 )
-from relayrl_runtime import spec
+from relayrl_runtime import reporting, spec
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,12 @@ class Streams(Protocol):
 
     async def remove(self, agent: common.AgentRef) -> None:
         """Delete them."""
+
+    def set_listener(self, listener: Callable[[Key], None]) -> None:
+        """Be told which Agent's pods reported (to refresh its status)."""
+
+    def reports(self, namespace: str, agent: str) -> Mapping[str, reporting.PodReport]:
+        """The latest report of each pod of an Agent, by pod name."""
 
 
 class PermanentError(Exception):
@@ -127,6 +133,8 @@ class Reconciler:
     async def start(self) -> None:
         """Start the workers and the periodic resync."""
         self._podmonitors = await self._client.has_api(monitoring.API_VERSION)
+        if self._streams is not None:
+            self._streams.set_listener(self._reported)
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._worker(), name=f"reconcile-worker-{i}")
@@ -201,6 +209,11 @@ class Reconciler:
                 self._states.pop(key, None)  # the last child of a deleted Agent
             return
         self.enqueue(key)
+
+    def _reported(self, key: Key) -> None:
+        state = self._states.get(key)
+        if state is not None and state.body is not None:
+            self.enqueue(key)
 
     def enqueue(self, key: Key) -> None:
         """Schedule a pass for an Agent; coalesces with a pending or running one."""
@@ -456,6 +469,10 @@ class Reconciler:
     def observe(self, agent: common.AgentRef, state: _State) -> status.Observed:
         """Turn cached pods and Deployments into the facts status depends on."""
         restart = configmap.restart_hash(agent)
+        reports = (
+            self._streams.reports(agent.namespace, agent.name) if self._streams is not None else {}
+        )
+        fresh_after = time.time() - reporting.MAX_AGE_SECONDS
         pods = []
         for pod in state.pods.values():
             labels = pod["metadata"].get("labels") or {}
@@ -463,7 +480,9 @@ class Reconciler:
                 continue
             if pod["metadata"].get("deletionTimestamp"):
                 continue
-            pods.append(_pod_view(pod, restart))
+            report = reports.get(pod["metadata"]["name"])
+            version = report.model_version if report and report.time > fresh_after else None
+            pods.append(_pod_view(pod, restart, version))
         sink_views = []
         for name in sinks.desired_names(agent):
             deployment = state.deployments.get(name)
@@ -528,7 +547,9 @@ class Reconciler:
             log.debug("event for %s/%s not posted: %s", agent.namespace, agent.name, err)
 
 
-def _pod_view(pod: Mapping[str, Any], restart_hash: str) -> status.PodView:
+def _pod_view(
+    pod: Mapping[str, Any], restart_hash: str, model_version: int | None
+) -> status.PodView:
     meta = pod["metadata"]
     labels = meta.get("labels") or {}
     index_label = labels.get(constants.LABEL_POD_INDEX)
@@ -551,6 +572,7 @@ def _pod_view(pod: Mapping[str, Any], restart_hash: str) -> status.PodView:
         current=annotations.get(constants.ANNOTATION_RESTART_HASH) == restart_hash,
         unschedulable=unschedulable,
         failing=failing,
+        model_version=model_version,
     )
 
 

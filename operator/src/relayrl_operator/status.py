@@ -109,6 +109,7 @@ def compute(
     unschedulable = [p for p in wanted if p.unschedulable]
     failing = [p for p in wanted if p.failing]
     versions = {p.model_version for p in ready if p.model_version is not None}
+    pinned = agent_spec.model.version
 
     # Paused
     if agent_spec.paused:
@@ -150,6 +151,20 @@ def compute(
             FALSE,
             "Rolling",
             f"pods run model versions {sorted(versions)}",
+        )
+    elif pinned is not None and versions and versions != {pinned}:
+        conds.set(
+            Cond.MODEL_READY,
+            FALSE,
+            "Reloading",
+            f"pods run model version {min(versions)}, spec.model.version is {pinned}",
+        )
+    elif versions:
+        conds.set(
+            Cond.MODEL_READY,
+            TRUE,
+            "Loaded",
+            f"{_plural(len(ready), 'ready pod')} run model version {min(versions)}",
         )
     else:
         conds.set(Cond.MODEL_READY, TRUE, "Loaded", f"{_plural(len(ready), 'ready pod')} loaded it")

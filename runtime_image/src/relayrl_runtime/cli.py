@@ -174,3 +174,7 @@ def _demo(args: argparse.Namespace) -> int:
             print(f"{key:>18}: {value}")
         print(json.dumps(summary))
     return 0 if stats.steps > 0 and sink.rows_written > 0 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

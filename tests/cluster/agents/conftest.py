@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from relayrl_localstack import testing
-from support import fleet, natsserver
+from support import fleet, natsserver, postgres
 
 REPO = Path(__file__).resolve().parents[3]
 CRDS = [REPO / "crds" / "agents.relayrl.io.yaml", REPO / "crds" / "kopf.dev.yaml"]
@@ -51,3 +51,10 @@ def operator(agent_crd: testing.ClusterHandle) -> Iterator[fleet.Operator]:
 def agents(agent_crd: testing.ClusterHandle, namespace: str) -> fleet.Agents:
     """Agents in this test's namespace."""
     return fleet.Agents(agent_crd, namespace)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[postgres.PostgresServer]:
+    """A real PostgreSQL for the session."""
+    with postgres.PostgresServer() as server:
+        yield server

@@ -9,7 +9,15 @@ import pytest
 import yaml
 
 from relayrl_operator import constants, settings
-from relayrl_operator.builders import common, configmap, monitoring, pdb, services, statefulset
+from relayrl_operator.builders import (
+    common,
+    configmap,
+    monitoring,
+    pdb,
+    services,
+    sinks,
+    statefulset,
+)
 from relayrl_runtime import config, spec
 from support import specs
 
@@ -186,3 +194,47 @@ def test_every_child_is_owned_by_the_agent_in_its_namespace(manifest: Any) -> No
         }
     ]
     assert meta["labels"][constants.LABEL_MANAGED_BY] == "relayrl-operator"
+
+
+def test_sink_deployments_consume_the_stream_and_follow_the_template_placement() -> None:
+    agent = make_agent(
+        {
+            "spec": {
+                "device": "cuda",
+                "gpusPerPod": 1,
+                "template": {
+                    "nodeSelector": {"pool": "rl"},
+                    "runtimeClassName": "nvidia",
+                    "resources": {"requests": {"cpu": "2"}},
+                },
+                "sinks": [
+                    {"arrow": {"format": "arrow", "storage": {"size": "5Gi"}}},
+                    {"postgres": {"dsnSecret": {"name": "pg", "key": "url"}, "table": "t"}},
+                ],
+            }
+        }
+    )
+    objs = sinks.build_all(agent, SETTINGS)
+    kinds = [(o["kind"], o["metadata"]["name"]) for o in objs]
+    assert kinds == [
+        ("PersistentVolumeClaim", "cartpole-arrow-sink"),
+        ("Deployment", "cartpole-arrow-sink"),
+        ("Deployment", "cartpole-postgres-sink"),
+    ]
+    assert objs[0]["spec"]["resources"]["requests"]["storage"] == "5Gi"
+    arrow, pg = objs[1], objs[2]
+    arrow_args = arrow["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert arrow_args[:2] == ["arrow", "--path"]
+    assert "--no-create-stream" in arrow_args
+    assert arrow_args[arrow_args.index("--format") + 1] == "arrow"
+    pg_container = pg["spec"]["template"]["spec"]["containers"][0]
+    assert pg_container["args"][pg_container["args"].index("--dsn-file") + 1] == (
+        "/etc/relayrl/postgres/url"
+    )
+    assert pg_container["args"][pg_container["args"].index("--table") + 1] == "t"
+    podspec = pg["spec"]["template"]["spec"]
+    assert podspec["nodeSelector"] == {"pool": "rl"}
+    assert "runtimeClassName" not in podspec
+    assert constants.GPU_RESOURCE not in json.dumps(pg)
+    assert pg["spec"]["strategy"] == {"type": "Recreate"}
+    assert sinks.desired_names(agent) == ["cartpole-arrow-sink", "cartpole-postgres-sink"]

@@ -116,6 +116,24 @@ def http_probe(path: str, period: int = 5, failures: int = 3) -> dict[str, Any]:
     }
 
 
+def field_env(name: str, path: str) -> dict[str, Any]:
+    """An env var from the downward API."""
+    return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}
+
+
+def pod_env() -> list[dict[str, Any]]:
+    """Who and where the process is: pod name, namespace, and the address to bind.
+
+    Binding to the pod IP rather than 0.0.0.0 changes nothing in a cluster and lets
+    pods share ports on the local stack's process node (one loopback IP per pod).
+    """
+    return [
+        field_env(constants.ENV_POD_NAME, "metadata.name"),
+        field_env(constants.ENV_NAMESPACE, "metadata.namespace"),
+        field_env(constants.ENV_BIND_ADDRESS, "status.podIP"),
+    ]
+
+
 def nats_env(agent: AgentRef) -> list[dict[str, Any]]:
     """Tell the process where the NATS credential and TLS Secrets are mounted."""
     nats = agent.spec.trajectories.nats
@@ -127,3 +145,35 @@ def nats_env(agent: AgentRef) -> list[dict[str, Any]]:
     if nats.tls is not None:
         env.append({"name": constants.ENV_NATS_TLS_DIR, "value": constants.NATS_TLS_DIR})
     return env
+
+
+def scheduling(agent: AgentRef, *, actor_pods: bool) -> dict[str, Any]:
+    """Pod placement from spec.template, for actor pods and (in part) sink pods.
+
+    Sink pods follow the same node selector, tolerations, affinity, priority and
+    service account, so an Agent's pods stay in the pool it was given; GPUs, the GPU
+    toleration and the runtime class are for actor pods only.
+    """
+    template = agent.spec.template or spec.PodTemplate()
+    tolerations = [t.model_dump(by_alias=True, exclude_none=True) for t in template.tolerations]
+    if actor_pods and agent.spec.device is spec.Device.CUDA:
+        gpu_taint = {"key": constants.GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
+        if gpu_taint not in tolerations:
+            tolerations.append(gpu_taint)
+    out: dict[str, Any] = {}
+    if template.node_selector:
+        out["nodeSelector"] = dict(template.node_selector)
+    if tolerations:
+        out["tolerations"] = tolerations
+    if template.affinity:
+        out["affinity"] = dict(template.affinity)
+    fields = [
+        ("priorityClassName", template.priority_class_name),
+        ("serviceAccountName", template.service_account_name),
+    ]
+    if actor_pods:
+        fields.append(("runtimeClassName", template.runtime_class_name))
+    for key, value in fields:
+        if value is not None:
+            out[key] = value
+    return out

@@ -15,12 +15,27 @@ from relayrl_operator.builders import common
 from relayrl_runtime import spec
 
 
-def _nats_args(agent: common.AgentRef) -> list[str]:
+def _common_args(agent: common.AgentRef) -> list[str]:
     nats = agent.spec.trajectories.nats
-    args = ["--agent", agent.name, "--namespace", agent.namespace, "--nats", nats.url]
+    args = [
+        "--agent",
+        agent.name,
+        "--namespace",
+        agent.namespace,
+        "--nats-url",
+        nats.url,
+        # The operator creates and owns the stream; the sink only consumes it.
+        "--no-create-stream",
+        "--http-host",
+        f"$({constants.ENV_BIND_ADDRESS})",
+        "--http-port",
+        str(constants.PORT_METRICS),
+        "--log-format",
+        "json",
+    ]
     if nats.stream:
         args += ["--stream", nats.stream]
-    return [*args, "--port", str(constants.PORT_METRICS)]
+    return args
 
 
 def _nats_volumes(agent: common.AgentRef) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -56,8 +71,8 @@ def _deployment(
         "image": template.image or cfg.runtime_image,
         "imagePullPolicy": str(template.image_pull_policy or cfg.image_pull_policy),
         "command": ["relayrl-sink"],
-        "args": args + _nats_args(agent),
-        "env": common.nats_env(agent),
+        "args": args + _common_args(agent),
+        "env": [*common.pod_env(), *common.nats_env(agent)],
         "ports": [{"name": constants.PORT_NAME_METRICS, "containerPort": constants.PORT_METRICS}],
         "readinessProbe": common.http_probe("/readyz", period=2),
         "livenessProbe": common.http_probe("/healthz", period=10, failures=6),
@@ -82,6 +97,7 @@ def _deployment(
                     "terminationGracePeriodSeconds": constants.TERMINATION_GRACE_SECONDS,
                     "securityContext": {"runAsNonRoot": True, "fsGroup": 10001},
                     "enableServiceLinks": False,
+                    **common.scheduling(agent, actor_pods=False),
                 },
             },
         },

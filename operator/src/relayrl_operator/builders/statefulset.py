@@ -15,15 +15,12 @@ from relayrl_operator.builders import common, configmap
 from relayrl_runtime import spec
 
 
-def _field_env(name: str, path: str) -> dict[str, Any]:
-    return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}
-
-
 def _env(agent: common.AgentRef) -> list[dict[str, Any]]:
     env = [
-        _field_env(constants.ENV_POD_INDEX, f"metadata.labels['{constants.LABEL_POD_INDEX}']"),
-        _field_env(constants.ENV_POD_NAME, "metadata.name"),
-        _field_env(constants.ENV_NAMESPACE, "metadata.namespace"),
+        common.field_env(
+            constants.ENV_POD_INDEX, f"metadata.labels['{constants.LABEL_POD_INDEX}']"
+        ),
+        *common.pod_env(),
     ]
     env += common.nats_env(agent)
     template = agent.spec.template
@@ -83,30 +80,6 @@ def _ports(agent: common.AgentRef) -> list[dict[str, Any]]:
     return ports
 
 
-def _scheduling(agent: common.AgentRef) -> dict[str, Any]:
-    template = agent.spec.template or spec.PodTemplate()
-    tolerations = [t.model_dump(by_alias=True, exclude_none=True) for t in template.tolerations]
-    if agent.spec.device is spec.Device.CUDA:
-        gpu_taint = {"key": constants.GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
-        if gpu_taint not in tolerations:
-            tolerations.append(gpu_taint)
-    out: dict[str, Any] = {}
-    if template.node_selector:
-        out["nodeSelector"] = dict(template.node_selector)
-    if tolerations:
-        out["tolerations"] = tolerations
-    if template.affinity:
-        out["affinity"] = dict(template.affinity)
-    for key, value in (
-        ("priorityClassName", template.priority_class_name),
-        ("runtimeClassName", template.runtime_class_name),
-        ("serviceAccountName", template.service_account_name),
-    ):
-        if value is not None:
-            out[key] = value
-    return out
-
-
 def build(agent: common.AgentRef, cfg: settings.Settings) -> dict[str, Any]:
     """The StatefulSet manifest."""
     template = agent.spec.template or spec.PodTemplate()
@@ -153,7 +126,7 @@ def build(agent: common.AgentRef, cfg: settings.Settings) -> dict[str, Any]:
                     "terminationGracePeriodSeconds": constants.TERMINATION_GRACE_SECONDS,
                     "securityContext": {"runAsNonRoot": True, "fsGroup": 10001},
                     "enableServiceLinks": False,
-                    **_scheduling(agent),
+                    **common.scheduling(agent, actor_pods=True),
                 },
             },
         },
