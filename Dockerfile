@@ -1,6 +1,6 @@
+# syntax=docker/dockerfile:1
 # The operator image. Multi-stage: wheels are built in the first stage, the final
 # stage has only the installed packages and runs as a non-root user.
-# syntax=docker/dockerfile:1
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build

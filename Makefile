@@ -77,8 +77,8 @@ crds: venv ## Generate the Agent CRD from the spec models (and the chart's copy)
 # -------------------------------------------------------------------- run things
 
 .PHONY: demo
-demo: venv ## The main job: run the actor runtime on CartPole and summarise it
-	$(BIN)/relayrl-runtime demo
+demo: venv system-deps k8s-bins ## The main job: local stack, operator chart, a CartPole fleet on it, a summary
+	$(BIN)/relayrl-localstack demo
 
 .PHONY: bench
 bench: venv ## Benchmarks: figures and ratios against baselines measured in the same run

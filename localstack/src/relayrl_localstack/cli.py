@@ -7,7 +7,8 @@ kwok with fake CPU and GPU nodes, and the process node. It writes
 ``${RELAYRL_CACHE:-~/.cache/relayrl}/localstack``) and prints the ``export
 KUBECONFIG=...`` line. ``relayrl-localstack down`` stops everything recorded in the
 state file, and leaves no process behind even if the background process died.
-``make cluster-up`` / ``make cluster-down`` call these.
+``make cluster-up`` / ``make cluster-down`` call these. ``relayrl-localstack demo``
+(``make demo``) runs :mod:`relayrl_localstack.demo` on a stack of its own.
 """
 
 from __future__ import annotations
@@ -55,15 +56,25 @@ def _export_line(directory: Path) -> str:
     return f"export KUBECONFIG={directory / 'kubeconfig'}"
 
 
-def cmd_up(args: argparse.Namespace) -> int:
-    """Start the stack in the background and wait until it is ready."""
-    directory: Path = args.dir
+class StackError(RuntimeError):
+    """The background stack did not come up; the message says why and where the log is."""
+
+
+def start_stack(
+    directory: Path,
+    *,
+    cpu_nodes: int,
+    gpu_nodes: int,
+    gpus_per_node: int,
+    timeout: float,
+) -> dict[str, Any]:
+    """Start the stack in a background process of its own; return its ready state.
+
+    Used by ``up`` and by ``demo``. Raises :class:`StackError` when it fails or is not
+    ready within ``timeout`` seconds (then nothing it started is left running).
+    """
     directory.mkdir(parents=True, exist_ok=True)
     state = _read_state(directory)
-    if state and procs.group_alive(int(state["pid"])) and state.get("ready"):
-        print(f"local stack already up (pid {state['pid']})", file=sys.stderr)
-        print(_export_line(directory))
-        return 0
     if state:
         _stop_recorded(directory, state)
     binaries.ensure_binaries()
@@ -78,38 +89,91 @@ def cmd_up(args: argparse.Namespace) -> int:
             "--dir",
             str(directory),
             "--cpu-nodes",
-            str(args.cpu_nodes),
+            str(cpu_nodes),
             "--gpu-nodes",
-            str(args.gpu_nodes),
+            str(gpu_nodes),
             "--gpus-per-node",
-            str(args.gpus_per_node),
+            str(gpus_per_node),
         ],
         log_path=log,
         die_with_parent=False,
     )
-    deadline = time.monotonic() + args.timeout
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         code = daemon.poll()
         if code is not None:
-            print(f"local stack failed to start (exit {code}); log: {log}", file=sys.stderr)
-            print(procs.tail(log, 40), file=sys.stderr)
-            return 1
+            raise StackError(
+                f"local stack failed to start (exit {code}); log: {log}\n{procs.tail(log, 40)}"
+            )
         state = _read_state(directory)
         if state and state.get("ready"):
-            print(f"local stack up: {state['server']} (log: {log})", file=sys.stderr)
-            print(_export_line(directory))
-            return 0
+            return state
         time.sleep(0.3)
-    print(f"local stack not ready within {args.timeout:.0f}s; log: {log}", file=sys.stderr)
     procs.stop_group(daemon.pid, grace_seconds=30, popen=daemon)
-    return 1
+    raise StackError(f"local stack not ready within {timeout:.0f}s; log: {log}")
+
+
+def running_state(directory: Path) -> dict[str, Any] | None:
+    """The state of a stack that is up in ``directory``, if any."""
+    state = _read_state(directory)
+    if state and procs.group_alive(int(state["pid"])) and state.get("ready"):
+        return state
+    return None
+
+
+def record(directory: Path, components: dict[str, int], cleanup: list[Path]) -> None:
+    """Add processes and directories to the state file, for ``down`` to stop and remove."""
+    state = _read_state(directory)
+    if state is None:
+        raise StackError(f"no local stack recorded in {directory}")
+    state.setdefault("components", {}).update(components)
+    state["cleanup"] = [*state.get("cleanup", []), *(str(p) for p in cleanup)]
+    _write_state(directory, state)
+
+
+def stop_stack(directory: Path) -> bool:
+    """Stop the stack recorded in ``directory``; False when none was recorded."""
+    state = _read_state(directory)
+    if state is None:
+        return False
+    _stop_recorded(directory, state)
+    return True
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """Start the stack in the background and wait until it is ready."""
+    directory: Path = args.dir
+    if running_state(directory) is not None:
+        state = _read_state(directory) or {}
+        print(f"local stack already up (pid {state.get('pid')})", file=sys.stderr)
+        print(_export_line(directory))
+        return 0
+    try:
+        state = start_stack(
+            directory,
+            cpu_nodes=args.cpu_nodes,
+            gpu_nodes=args.gpu_nodes,
+            gpus_per_node=args.gpus_per_node,
+            timeout=args.timeout,
+        )
+    except StackError as err:
+        print(err, file=sys.stderr)
+        return 1
+    print(
+        f"local stack up: {state['server']} (log: {directory / 'localstack.log'})", file=sys.stderr
+    )
+    print(_export_line(directory))
+    return 0
 
 
 def _stop_recorded(directory: Path, state: dict[str, Any]) -> None:
     """Stop the background process, then anything it recorded that is still alive."""
     procs.stop_group(int(state["pid"]), grace_seconds=60)
     for pid in (state.get("components") or {}).values():
-        procs.stop_group(int(pid), grace_seconds=2)
+        # Postgres needs a moment for its shutdown checkpoint.
+        procs.stop_group(int(pid), grace_seconds=10)
+    for path in state.get("cleanup") or []:
+        shutil.rmtree(path, ignore_errors=True)
     with contextlib.suppress(FileNotFoundError):
         (directory / STATE_FILE).unlink()
 
@@ -117,11 +181,9 @@ def _stop_recorded(directory: Path, state: dict[str, Any]) -> None:
 def cmd_down(args: argparse.Namespace) -> int:
     """Stop the stack recorded in the state file."""
     directory: Path = args.dir
-    state = _read_state(directory)
-    if state is None:
+    if not stop_stack(directory):
         print(f"no local stack recorded in {directory}", file=sys.stderr)
         return 0
-    _stop_recorded(directory, state)
     print("local stack stopped", file=sys.stderr)
     return 0
 
@@ -134,6 +196,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 1
     print(json.dumps(state, indent=2))
     return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Run the demo (:mod:`relayrl_localstack.demo`)."""
+    from relayrl_localstack import demo
+
+    return demo.run(args)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -201,6 +270,15 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="print the state of the stack")
     add_common(status)
     status.set_defaults(func=cmd_status)
+
+    demo = sub.add_parser(
+        "demo", help="bring up the stack, the operator chart and a CartPole fleet; summarise"
+    )
+    demo.set_defaults(func=cmd_demo)
+    # Imported here: the demo imports this module (start_stack, record, stop_stack).
+    from relayrl_localstack import demo as demo_module
+
+    demo_module.add_arguments(demo)
 
     serve = sub.add_parser("serve", help=argparse.SUPPRESS)
     add_common(serve)

@@ -1,0 +1,317 @@
+"""The Helm chart `helm/relayrl-operator`: lint, schema, server-side dry runs, a real install.
+
+- `helm lint` with the defaults and every values file under `ci/`;
+- `values.schema.json` refuses bad values with a message naming the key;
+- `helm template` with every `ci/` values file, applied with
+  `kubectl apply --dry-run=server` to the cluster (the apiserver validates every object
+  against its real schema, CRDs included). The Prometheus Operator's kinds
+  (ServiceMonitor, PrometheusRule) have no CRD here, so they are checked apart: every
+  metric their queries and the dashboards' queries name is one the code exports;
+- `helm install` with the operator pod on the process node (a real process with a
+  KUBECONFIG holding its ServiceAccount token, so the chart's RBAC is what it gets),
+  after which an Agent on kwok nodes becomes Ready; the chart's in-cluster NATS runs
+  there too (a real nats-server) and serves JetStream with file storage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import secrets
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+import yaml
+from nats.js.api import StorageType
+from prometheus_client import CollectorRegistry
+
+from relayrl_localstack import binaries, testing
+from relayrl_operator import metrics as operator_metrics
+from relayrl_runtime import metrics as runtime_metrics
+from relayrl_runtime.sinks import service as sink_service
+from relayrl_runtime.transport import publisher
+from support import fleet, natsserver, specs
+
+REPO = Path(__file__).resolve().parents[3]
+CHART = REPO / "helm" / "relayrl-operator"
+CI_VALUES = sorted((CHART / "ci").glob("*.yaml"))
+MONITORING_GROUP = "monitoring.coreos.com/"
+
+
+def helm(*args: str, check: bool = True, kubeconfig: Path | None = None) -> str:
+    """Run the pinned helm; with ``check``, fail with its output."""
+    argv = [str(binaries.ensure_binaries(build=False).helm), *args]
+    if kubeconfig is not None:
+        argv += ["--kubeconfig", str(kubeconfig)]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=180, check=False)
+    if check and result.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result.stdout + result.stderr
+
+
+def render(values: Path | None, namespace: str, *extra: str) -> list[dict[str, Any]]:
+    """`helm template` (test hooks included) as a list of objects."""
+    args = ["template", "relayrl-ci", str(CHART), "--namespace", namespace, *extra]
+    if values is not None:
+        args += ["--values", str(values)]
+    return [d for d in yaml.safe_load_all(helm(*args)) if d]
+
+
+def exported_metric_names() -> set[str]:
+    """Every sample name the operator, runtime, publisher and sinks can expose."""
+    registries = [
+        operator_metrics.REGISTRY,
+        runtime_metrics.RuntimeMetrics(CollectorRegistry()).registry,
+        publisher.PublisherMetrics(CollectorRegistry()).registry,
+        sink_service.SinkMetrics("postgres", CollectorRegistry()).registry,
+    ]
+    suffixes = {
+        "counter": ("_total",),
+        "histogram": ("_bucket", "_sum", "_count"),
+        "gauge": ("",),
+    }
+    names: set[str] = set()
+    for registry in registries:
+        for family in registry.collect():
+            for suffix in suffixes.get(family.type, ("",)):
+                names.add(family.name + suffix)
+    return names
+
+
+def test_helm_lint_defaults_and_ci_values() -> None:
+    assert CI_VALUES, "helm/relayrl-operator/ci/*.yaml: no values files"
+    out = helm("lint", "--strict", str(CHART))
+    assert "0 chart(s) failed" in out
+    for values in CI_VALUES:
+        out = helm("lint", "--strict", str(CHART), "--values", str(values))
+        assert "0 chart(s) failed" in out, values.name
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("operator.logFormat=xml", "/operator/logFormat"),
+        ("operator.workers=0", "/operator/workers"),
+        ("nats.storageSize=lots", "/nats/storageSize"),
+        ("operator.bogus=1", "bogus"),
+        ("watchNamespaces[0]=Not_A_Namespace", "/watchNamespaces/0"),
+    ],
+)
+def test_schema_refuses_bad_values(setting: str, message: str) -> None:
+    out = helm("template", "x", str(CHART), "--set", setting, check=False)
+    assert "values don't meet the specifications of the schema" in out
+    assert message in out
+
+
+def test_every_values_key_has_a_schema_entry() -> None:
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    schema = json.loads((CHART / "values.schema.json").read_text())
+
+    def walk(node: dict[str, Any], props: dict[str, Any], path: str) -> None:
+        for key, value in node.items():
+            assert key in props, f"values.schema.json has no entry for {path}{key}"
+            sub = props[key]
+            if "$ref" in sub:
+                sub = schema["definitions"][sub["$ref"].rsplit("/", 1)[1]]
+            if isinstance(value, dict) and "properties" in sub:
+                walk(value, sub["properties"], f"{path}{key}.")
+
+    walk(values, schema["properties"], "")
+    assert schema.get("additionalProperties") is False
+
+
+def test_every_values_key_has_a_comment() -> None:
+    """Top-level keys and their children carry a `# --` line (resource quantities aside)."""
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    parent = ""
+    for i, line in enumerate(lines):
+        key = re.match(r"^( {0,2})([A-Za-z][A-Za-z0-9]*):", line)
+        if not key:
+            continue
+        indent, name = key.groups()
+        if not indent:
+            parent = name
+        elif parent == "resources":
+            continue
+        assert lines[i - 1].strip().startswith("# --"), (
+            f"values.yaml:{i + 1}: {name} has no comment"
+        )
+
+
+def test_monitoring_queries_name_exported_metrics() -> None:
+    docs = render(CHART / "ci" / "full-values.yaml", "default")
+    exprs = [
+        rule["expr"]
+        for d in docs
+        if d["kind"] == "PrometheusRule"
+        for group in d["spec"]["groups"]
+        for rule in group["rules"]
+    ]
+    dashboards = [
+        json.loads(text)
+        for d in docs
+        if d["kind"] == "ConfigMap" and "-dashboard-" in d["metadata"]["name"]
+        for text in d["data"].values()
+    ]
+    assert {d["uid"] for d in dashboards} == {"relayrl-operator", "relayrl-fleet"}
+    for dashboard in dashboards:
+        for panel in dashboard["panels"]:
+            assert panel["targets"], panel["title"]
+            exprs += [t["expr"] for t in panel["targets"]]
+    names = set()
+    for expr in exprs:
+        names |= set(re.findall(r"\brelayrl_[a-z_]+", expr))
+    assert names, "no RelayRL metric in the rules and dashboards"
+    unknown = names - exported_metric_names()
+    assert not unknown, f"queries name metrics nothing exports: {sorted(unknown)}"
+    titles = {p["title"] for d in dashboards for p in d["panels"]}
+    for wanted in ("Actions per second", "Inference latency", "Trajectories per second"):
+        assert any(t.startswith(wanted) for t in titles), wanted
+    assert any(t.startswith("Sink lag") for t in titles)
+    assert any(t.startswith("Model version") for t in titles)
+    alerts = {
+        rule["alert"]
+        for d in docs
+        if d["kind"] == "PrometheusRule"
+        for group in d["spec"]["groups"]
+        for rule in group["rules"]
+    }
+    assert {"RelayRLAgentDegraded", "RelayRLPublishFailures", "RelayRLSinkLag"} <= alerts
+
+
+@pytest.mark.parametrize("values", CI_VALUES, ids=[p.stem for p in CI_VALUES])
+def test_rendered_chart_passes_server_side_dry_run(
+    agent_crd: testing.ClusterHandle, namespace: str, values: Path
+) -> None:
+    docs = render(values, namespace)
+    kinds = {d["kind"] for d in docs}
+    assert {"Deployment", "ServiceAccount", "Service", "Pod"} <= kinds
+    applied = [d for d in docs if not d["apiVersion"].startswith(MONITORING_GROUP)]
+    if "full" in values.stem:
+        assert {"StatefulSet", "ServiceMonitor", "PrometheusRule"} <= kinds
+    out = agent_crd.kubectl(
+        "apply",
+        "--dry-run=server",
+        "-f",
+        "-",
+        input_text="\n---\n".join(yaml.safe_dump(d) for d in applied),
+    ).stdout
+    for d in applied:
+        assert f"{d['metadata']['name']} " in out or f"{d['metadata']['name']}\n" in out, out
+
+
+async def jetstream_file_store_works(url: str) -> bool:
+    """Create a file-backed stream, publish to it and read the ack."""
+    nc = await nats.connect(url, connect_timeout=5)
+    try:
+        js = nc.jetstream()
+        await js.add_stream(name="CHART", subjects=["chart.>"], storage=StorageType.FILE)
+        ack = await js.publish("chart.check", b"hello")
+        return ack.stream == "CHART" and ack.seq == 1
+    finally:
+        await nc.close()
+
+
+@pytest.fixture
+def host_operator_paused(operator: fleet.Operator) -> Iterator[None]:
+    """Stop the session's host-process operator, so only the chart's one reconciles."""
+    operator.stop()
+    try:
+        yield
+    finally:
+        operator.start()
+
+
+@pytest.mark.timeout(420)
+@pytest.mark.usefixtures("host_operator_paused")
+def test_helm_install_runs_the_operator_that_makes_an_agent_ready(
+    agent_crd: testing.ClusterHandle,
+    namespace: str,
+    nats: natsserver.NatsServer,
+    tmp_path: Path,
+) -> None:
+    k8s = agent_crd
+    release = f"op-{secrets.token_hex(3)}"
+    placement = testing.process_node_placement()
+    values = {
+        "watchNamespaces": [namespace],
+        "nats": {"enabled": True},
+        "nodeSelector": placement["nodeSelector"],
+        "tolerations": placement["tolerations"],
+        "operator": {"bindPodIP": True, "logFormat": "text", "resyncSeconds": 5},
+    }
+    values_file = tmp_path / "values.yaml"
+    values_file.write_text(yaml.safe_dump(values))
+    helm(
+        "install",
+        release,
+        str(CHART),
+        "--namespace",
+        namespace,
+        "--values",
+        str(values_file),
+        "--skip-crds",
+        kubeconfig=k8s.kubeconfig,
+    )
+    try:
+        deployment = f"deployment/{release}-relayrl-operator"
+        result = k8s.kubectl(
+            "rollout", "status", deployment, "-n", namespace, "--timeout=120s", check=False
+        )
+        agents = fleet.Agents(k8s, namespace)
+        assert result.returncode == 0, f"{result.stderr}\n{agents.pod_logs()}"
+        pods = k8s.core.list_namespaced_pod(
+            namespace,
+            label_selector=f"app.kubernetes.io/instance={release},!app.kubernetes.io/component",
+        ).items
+        assert [p.spec.node_name for p in pods] == [k8s.process_node]
+        assert pods[0].spec.service_account_name == f"{release}-relayrl-operator"
+
+        # The chart's in-cluster NATS: a real nats-server on the process node.
+        statefulset = f"statefulset/{release}-relayrl-operator-nats"
+        result = k8s.kubectl(
+            "rollout", "status", statefulset, "-n", namespace, "--timeout=120s", check=False
+        )
+        assert result.returncode == 0, f"{result.stderr}\n{agents.pod_logs()}"
+        nats_pod = k8s.pod(namespace, f"{release}-relayrl-operator-nats-0")
+        assert asyncio.run(jetstream_file_store_works(f"nats://{nats_pod['status']['podIP']}:4222"))
+
+        manifest = specs.merge_patch(
+            specs.base_manifest(), {"spec": {"trajectories": {"nats": {"url": nats.url}}}}
+        )
+        agents.create(manifest)
+        agent = agents.wait_phase("cartpole", "Ready", timeout=120)
+        st = agent["status"]
+        assert st["readyActors"] == st["desiredActors"] > 0
+        actor_pods = k8s.core.list_namespaced_pod(
+            namespace, label_selector="app.kubernetes.io/component=actors"
+        ).items
+        assert actor_pods
+        assert {p.spec.node_name for p in actor_pods} <= set(k8s.kwok_nodes)
+        agents.delete("cartpole")
+        testing.wait_for(
+            lambda: (
+                not k8s.core.list_namespaced_pod(
+                    namespace, label_selector="app.kubernetes.io/component=actors"
+                ).items
+            ),
+            timeout=60,
+            what="actor pods gone after the Agent's deletion",
+        )
+    finally:
+        helm("uninstall", release, "--namespace", namespace, "--wait", kubeconfig=k8s.kubeconfig)
+        # The operator's process stops before the test ends, not during session teardown.
+        testing.wait_for(
+            lambda: (
+                not k8s.core.list_namespaced_pod(
+                    namespace, label_selector=f"app.kubernetes.io/instance={release}"
+                ).items
+            ),
+            timeout=60,
+            what="operator pod gone after helm uninstall",
+        )
