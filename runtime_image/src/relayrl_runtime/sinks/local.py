@@ -24,6 +24,7 @@ from relayrl_runtime.sinks import base
 log = logging.getLogger(__name__)
 
 SUFFIXES = {spec.SinkFormat.PARQUET: ".parquet", spec.SinkFormat.ARROW: ".arrow"}
+_DICTIONARY_COLUMNS = ("agent", "policy_version")
 
 
 class LocalFileSink:
@@ -92,7 +93,12 @@ class LocalFileSink:
         self._final = self.directory / name
         self._tmp = self.directory / f".{name}.tmp"
         if self.format is spec.SinkFormat.PARQUET:
-            self._writer = pq.ParquetWriter(str(self._tmp), schema, compression="zstd")
+            # Dictionary pages only where values repeat: on float columns (obs, logits)
+            # they cost more than twice the write time and make the file bigger.
+            dictionary = [c for c in _DICTIONARY_COLUMNS if c in schema.names]
+            self._writer = pq.ParquetWriter(
+                str(self._tmp), schema, compression="zstd", use_dictionary=dictionary
+            )
         else:
             self._writer = pyarrow.ipc.new_file(str(self._tmp), schema)
         self._writer_schema = schema

@@ -1,0 +1,162 @@
+"""`relayrl-sink`: the sink processes' entry point (`arrow` and `postgres` subcommands).
+
+The operator runs one Deployment per sink of an Agent with this command; a user can run
+it by hand against any NATS. Settings come from flags, with NATS auth/TLS and the
+Postgres DSN from environment variables or mounted Secret files
+(`streams.ConnectOptions.from_env`, `sinks.postgres.read_dsn`), never from flags that
+would show up in `ps`.
+
+    relayrl-sink arrow --namespace default --agent cartpole --path /data/trajectories
+    relayrl-sink postgres --namespace default --agent cartpole   # DSN from RELAYRL_PG_DSN*
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from relayrl_runtime import spec, streams
+from relayrl_runtime.sinks import service
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def _setup_logging(fmt: str, level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="relayrl-sink", description=__doc__.split("\n\n")[0])
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--namespace", default=os.environ.get("RELAYRL_NAMESPACE", "default"))
+    common.add_argument("--agent", required=True, help="Agent name.")
+    common.add_argument("--stream", default=os.environ.get(streams.ENV_NATS_STREAM))
+    common.add_argument(
+        "--nats-url",
+        default=None,
+        help=f"NATS server URL(s), comma separated (default ${streams.ENV_NATS_URL}).",
+    )
+    common.add_argument("--http-host", default="0.0.0.0")
+    common.add_argument("--http-port", type=int, default=9090, help="0: any free port.")
+    common.add_argument("--fetch-batch", type=int, default=256)
+    common.add_argument(
+        "--no-create-stream",
+        action="store_true",
+        help="Do not create the stream (the operator owns it).",
+    )
+    common.add_argument("--log-format", choices=["text", "json"], default="text")
+    common.add_argument("--log-level", default="info")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    arrow = sub.add_parser("arrow", parents=[common], help="Write Parquet / Arrow IPC files.")
+    arrow.add_argument("--path", type=Path, required=True, help="Root directory of the files.")
+    arrow.add_argument(
+        "--format", choices=[f.value for f in spec.SinkFormat], default=spec.SinkFormat.PARQUET
+    )
+    arrow.add_argument("--rotate-bytes", type=int, default=128 << 20)
+    arrow.add_argument("--rotate-seconds", type=float, default=300.0)
+    arrow.add_argument("--compression", default="zstd", help="Parquet codec (zstd, snappy, none).")
+
+    pg = sub.add_parser("postgres", parents=[common], help="Write PostgreSQL rows.")
+    pg.add_argument(
+        "--dsn-file",
+        type=Path,
+        default=None,
+        help="File with the libpq DSN (a mounted Secret); default $RELAYRL_PG_DSN(_FILE).",
+    )
+    pg.add_argument("--schema", default="relayrl", help="Database schema the sink owns.")
+    pg.add_argument("--table", default="steps")
+    pg.add_argument("--batch-rows", type=int, default=50_000)
+    return p
+
+
+def build(args: argparse.Namespace) -> service.SinkService:
+    """The service for parsed arguments (separate for tests)."""
+    cfg = service.ServiceConfig(
+        namespace=args.namespace,
+        agent=args.agent,
+        stream=args.stream,
+        fetch_batch=args.fetch_batch,
+        create_stream=not args.no_create_stream,
+        http_host=args.http_host,
+        http_port=args.http_port,
+    )
+    options = streams.ConnectOptions.from_env(
+        servers=args.nats_url, name=f"relayrl-sink-{args.command}-{args.agent}"
+    )
+    writer: service.Writer
+    if args.command == "arrow":
+        from relayrl_runtime.sinks import arrow_stream
+
+        writer = arrow_stream.ArrowStreamWriter(
+            args.path,
+            args.agent,
+            spec.SinkFormat(args.format),
+            rotate_bytes=args.rotate_bytes,
+            rotate_seconds=args.rotate_seconds,
+            compression=args.compression,
+        )
+    else:
+        from relayrl_runtime.sinks import postgres
+
+        dsn_file: Path | None = args.dsn_file
+
+        def dsn() -> str:
+            if dsn_file is not None:
+                return dsn_file.read_text().strip()
+            return postgres.read_dsn()
+
+        dsn()  # fail now, with the message, if no DSN is configured at all
+        writer = postgres.PostgresWriter(
+            dsn,
+            stream=streams.stream_name(args.namespace, args.agent, args.stream),
+            consumer=streams.durable_name(streams.SinkKind.POSTGRES),
+            schema_name=args.schema,
+            table=args.table,
+            batch_rows=args.batch_rows,
+        )
+    return service.SinkService(writer, options, cfg)
+
+
+async def _run(svc: service.SinkService) -> None:
+    svc.install_signal_handlers()
+    await svc.run()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point."""
+    args = _parser().parse_args(argv)
+    _setup_logging(args.log_format, args.log_level)
+    try:
+        svc = build(args)
+        asyncio.run(_run(svc))
+    except (service.PermanentError, streams.ConnectError) as err:
+        logging.getLogger("relayrl_runtime.sink_cli").error("%s", err)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

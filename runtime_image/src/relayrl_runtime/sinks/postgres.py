@@ -1,0 +1,627 @@
+"""The Postgres sink: trajectory messages from JetStream to PostgreSQL rows, one row a step.
+
+Run by `relayrl-sink postgres` (one process per Agent) around `sinks.service.SinkService`.
+Rows go in with binary COPY, encoded column-wise with numpy (no Python per row for the
+fixed-width layouts the runtime produces; a general per-row path for the rest).
+
+Exactly once (issue 4): each commit is one transaction that locks the sink's offset row,
+checks it still holds the sequence this process last committed, COPYs the rows and moves
+the offset to the last stream sequence of the batch; only after COMMIT are the messages
+acked. If the connection dies after the server committed but before the client heard,
+the retry finds the offset already moved and does not write twice. On start the sink
+resumes after the stored offset.
+
+The sink creates and migrates its own tables (versioned, under an advisory lock): the
+bookkeeping tables and the fixed columns come from `MIGRATIONS`; the layout's own
+columns (obs, action, mask, aux_*) are added when a batch first carries them. The DSN
+comes from the command line, RELAYRL_PG_DSN, or a mounted Secret file
+(RELAYRL_PG_DSN_FILE, re-read on every reconnect so a rotated password is picked up).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import logging
+import os
+import struct
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+import psycopg
+import pyarrow as pa
+import pyarrow.compute as pc
+from psycopg import sql
+
+from relayrl_runtime.sinks import service
+
+log = logging.getLogger(__name__)
+
+ENV_DSN: Final = "RELAYRL_PG_DSN"
+ENV_DSN_FILE: Final = "RELAYRL_PG_DSN_FILE"
+
+# Advisory lock key for migrations ("relayrl" in ASCII, fits a bigint).
+_MIGRATION_LOCK: Final = 0x72656C6179726C
+_PG_EPOCH_US: Final = 946_684_800_000_000  # 2000-01-01 in Unix microseconds
+_COPY_HEADER: Final = b"PGCOPY\n\xff\r\n\x00" + struct.pack("!ii", 0, 0)
+_COPY_TRAILER: Final = struct.pack("!h", -1)
+
+_T = TypeVar("_T")
+
+
+@dataclasses.dataclass(frozen=True)
+class Migration:
+    """One schema version: statements run in one transaction, recorded when done."""
+
+    version: int
+    description: str
+    statements: tuple[str, ...]
+
+
+# {schema} and {table} are quoted identifiers. Append only; never edit a released one.
+MIGRATIONS: Final = (
+    Migration(
+        1,
+        "bookkeeping: committed stream sequence per stream and consumer",
+        (
+            """CREATE TABLE IF NOT EXISTS {schema}.sink_offsets (
+                stream text NOT NULL,
+                consumer text NOT NULL,
+                last_seq bigint NOT NULL,
+                updated_at timestamptz NOT NULL DEFAULT now(),
+                PRIMARY KEY (stream, consumer))""",
+        ),
+    ),
+    Migration(
+        2,
+        "steps table with the layout-independent columns of trajectory schema 1",
+        (
+            """CREATE TABLE IF NOT EXISTS {schema}.{table} (
+                stream_seq bigint NOT NULL,
+                schema_version smallint NOT NULL,
+                agent text NOT NULL,
+                actor_id bigint NOT NULL,
+                episode_id bigint NOT NULL,
+                segment integer NOT NULL,
+                step bigint NOT NULL,
+                reward double precision NOT NULL,
+                terminated boolean NOT NULL,
+                truncated boolean NOT NULL,
+                cut boolean NOT NULL,
+                policy_version bigint NOT NULL,
+                obs_time timestamptz NOT NULL,
+                action_time timestamptz NOT NULL,
+                logp real NOT NULL)""",
+            "COMMENT ON TABLE {schema}.{table} IS "
+            "'RelayRL trajectory steps; one row per step, see trajectory-schema.md'",
+        ),
+    ),
+)
+
+
+def read_dsn(dsn: str | None = None, environ: Mapping[str, str] | None = None) -> str:
+    """The DSN: given, else $RELAYRL_PG_DSN, else the file at $RELAYRL_PG_DSN_FILE."""
+    env = os.environ if environ is None else environ
+    if dsn:
+        return dsn
+    if env.get(ENV_DSN):
+        return env[ENV_DSN]
+    path = env.get(ENV_DSN_FILE)
+    if path:
+        return Path(path).read_text().strip()
+    raise service.PermanentError(
+        f"postgres: no DSN; pass --dsn-file, set {ENV_DSN}, "
+        f"or mount a Secret and set {ENV_DSN_FILE}"
+    )
+
+
+# ------------------------------------------------------------------ type mapping
+
+
+@dataclasses.dataclass(frozen=True)
+class _Scalar:
+    sql: str
+    oid: int
+    np: str  # big-endian numpy dtype of the binary value
+
+
+_SCALARS: Final = {
+    pa.int8(): _Scalar("smallint", 21, ">i2"),
+    pa.uint8(): _Scalar("smallint", 21, ">i2"),
+    pa.int16(): _Scalar("smallint", 21, ">i2"),
+    pa.uint16(): _Scalar("integer", 23, ">i4"),
+    pa.int32(): _Scalar("integer", 23, ">i4"),
+    pa.uint32(): _Scalar("bigint", 20, ">i8"),
+    pa.int64(): _Scalar("bigint", 20, ">i8"),
+    pa.uint64(): _Scalar("bigint", 20, ">i8"),
+    pa.float16(): _Scalar("real", 700, ">f4"),
+    pa.float32(): _Scalar("real", 700, ">f4"),
+    pa.float64(): _Scalar("double precision", 701, ">f8"),
+    pa.bool_(): _Scalar("boolean", 16, ">u1"),
+}
+
+
+# struct formats of the binary values (numpy's own codes differ in size: "l" is 8 bytes
+# in numpy and 4 in struct's standard sizes).
+_STRUCT: Final = {">i2": "!h", ">i4": "!i", ">i8": "!q", ">f4": "!f", ">f8": "!d", ">u1": "!B"}
+
+
+def sql_type(t: pa.DataType) -> str:
+    """The Postgres column type of an Arrow type of the trajectory schema."""
+    if pa.types.is_dictionary(t):
+        return sql_type(t.value_type)
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return "text"
+    if pa.types.is_timestamp(t):
+        return "timestamptz" if t.tz else "timestamp"
+    if pa.types.is_fixed_size_list(t) or pa.types.is_list(t):
+        return sql_type(t.value_type) + "[]"
+    scalar = _SCALARS.get(t)
+    if scalar is None:
+        raise service.PermanentError(f"postgres: no column type for Arrow type {t}")
+    return scalar.sql
+
+
+class _Slow(Exception):
+    """The fast encoder cannot handle this table (nulls, variable-width text)."""
+
+
+def _to_numpy(col: pa.ChunkedArray | pa.Array) -> npt.NDArray[Any]:
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if arr.null_count:
+        raise _Slow("nulls")
+    return np.asarray(arr.to_numpy(zero_copy_only=False))
+
+
+def _fixed_width_text(col: pa.ChunkedArray) -> npt.NDArray[Any]:
+    """utf-8 bytes of a text column as an "S<w>" array, if every value has the same width.
+
+    Dictionary columns (the agent name) encode each distinct value once and index.
+    """
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if arr.null_count:
+        raise _Slow("nulls")
+    if pa.types.is_dictionary(arr.type):
+        values = [str(v).encode() for v in arr.dictionary.to_pylist()]
+        indices = np.asarray(arr.indices.to_numpy(zero_copy_only=False))
+    else:
+        values = [str(v).encode() for v in pc.unique(arr).to_pylist()]
+        lookup = pa.array([v.decode() for v in values], pa.utf8())
+        indices = np.asarray(pc.index_in(arr, value_set=lookup).to_numpy(zero_copy_only=False))
+    widths = {len(v) for v in values}
+    if len(widths) != 1 or 0 in widths:
+        raise _Slow("variable-width or empty text")
+    table = np.array(values, dtype=f"S{widths.pop()}")
+    return table[indices] if len(indices) else table[:0]
+
+
+def _field(
+    name: str, col: pa.ChunkedArray, n: int
+) -> tuple[np.dtype[Any], Callable[[npt.NDArray[Any]], None]]:
+    """A structured dtype for one column's binary field (length + value) and a filler."""
+    t = col.type
+    if pa.types.is_dictionary(t) or pa.types.is_string(t):
+        encoded = _fixed_width_text(col)
+        width = encoded.dtype.itemsize
+        dtype = np.dtype([("len", ">i4"), ("v", f"S{width}")])
+
+        def fill_text(out: npt.NDArray[Any]) -> None:
+            out["len"] = width
+            out["v"] = encoded
+
+        return dtype, fill_text
+    if pa.types.is_timestamp(t):
+        micros = _to_numpy(col.cast(pa.timestamp("us", tz=t.tz)).cast(pa.int64()))
+        dtype = np.dtype([("len", ">i4"), ("v", ">i8")])
+
+        def fill_time(out: npt.NDArray[Any]) -> None:
+            out["len"] = 8
+            out["v"] = micros - _PG_EPOCH_US
+
+        return dtype, fill_time
+    if pa.types.is_fixed_size_list(t):
+        scalar = _SCALARS.get(t.value_type)
+        if scalar is None:
+            raise _Slow(f"list of {t.value_type}")
+        width = t.list_size
+        arr = col.combine_chunks()
+        if arr.null_count or arr.values.null_count:
+            raise _Slow("nulls")
+        flat = np.asarray(
+            arr.values.slice(arr.offset * width, len(arr) * width).to_numpy(zero_copy_only=False)
+        ).reshape(len(arr), width)
+        size = np.dtype(scalar.np).itemsize
+        elem = np.dtype([("len", ">i4"), ("v", scalar.np)])
+        dtype = np.dtype([("len", ">i4"), ("hdr", ">i4", (5,)), ("e", elem, (width,))])
+        header = np.array([1, 0, scalar.oid, width, 1], dtype=">i4")
+        total = 20 + width * (4 + size)
+
+        def fill_array(out: npt.NDArray[Any]) -> None:
+            out["len"] = total
+            out["hdr"] = header
+            out["e"]["len"] = size
+            out["e"]["v"] = flat
+
+        return dtype, fill_array
+    scalar = _SCALARS.get(t)
+    if scalar is None:
+        raise _Slow(f"type {t}")
+    values = _to_numpy(col)
+    dtype = np.dtype([("len", ">i4"), ("v", scalar.np)])
+    size = np.dtype(scalar.np).itemsize
+
+    def fill_scalar(out: npt.NDArray[Any]) -> None:
+        out["len"] = size
+        out["v"] = values
+
+    return dtype, fill_scalar
+
+
+def encode_copy(table: pa.Table, seq: int, schema_version: int) -> bytes:
+    """Rows of `table`, prefixed by (stream_seq, schema_version), as binary COPY tuples.
+
+    No header or trailer: the caller frames one COPY from many of these.
+    """
+    n = table.num_rows
+    try:
+        parts: list[tuple[str, np.dtype[Any], Callable[[npt.NDArray[Any]], None]]] = []
+        seqs = pa.chunked_array([pa.array(np.full(n, seq, dtype=np.int64))])
+        versions = pa.chunked_array([pa.array(np.full(n, schema_version, dtype=np.int16))])
+        for name, col in (("stream_seq", seqs), ("schema_version", versions)):
+            parts.append((name, *_field(name, col, n)))
+        for name in table.column_names:
+            parts.append((name, *_field(name, table.column(name), n)))
+    except _Slow as why:
+        log.debug("slow COPY path: %s", why)
+        return _encode_slow(table, seq, schema_version)
+    row = np.dtype([("count", ">i2")] + [(f"c{i}", d) for i, (_, d, _) in enumerate(parts)])
+    out = np.empty(n, dtype=row)
+    out["count"] = len(parts)
+    for i, (_, _, fill) in enumerate(parts):
+        fill(out[f"c{i}"])
+    return out.tobytes()
+
+
+def _encode_slow(table: pa.Table, seq: int, schema_version: int) -> bytes:
+    """The general path, one value at a time: nulls and variable-width text."""
+    columns: list[list[bytes | None]] = [
+        [struct.pack("!q", seq)] * table.num_rows,
+        [struct.pack("!h", schema_version)] * table.num_rows,
+    ]
+    for col in table.columns:
+        columns.append(_encode_column_slow(col))
+    out = bytearray()
+    count = struct.pack("!h", len(columns))
+    for values in zip(*columns, strict=True):
+        out += count
+        for v in values:
+            if v is None:
+                out += b"\xff\xff\xff\xff"
+            else:
+                out += struct.pack("!i", len(v))
+                out += v
+    return bytes(out)
+
+
+def _encode_column_slow(col: pa.ChunkedArray) -> list[bytes | None]:
+    t = col.type
+    if pa.types.is_dictionary(t):
+        return _encode_column_slow(col.cast(t.value_type))
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return [None if v is None else v.encode() for v in col.to_pylist()]
+    if pa.types.is_timestamp(t):
+        micros = col.cast(pa.timestamp("us", tz=t.tz)).cast(pa.int64()).to_pylist()
+        return [None if v is None else struct.pack("!q", v - _PG_EPOCH_US) for v in micros]
+    if pa.types.is_fixed_size_list(t) or pa.types.is_list(t):
+        scalar = _SCALARS.get(t.value_type)
+        if scalar is None:
+            raise service.PermanentError(f"postgres: no column type for Arrow type {t}")
+        fmt = _STRUCT[scalar.np]
+        size = np.dtype(scalar.np).itemsize
+        out: list[bytes | None] = []
+        for items in col.to_pylist():
+            if items is None:
+                out.append(None)
+                continue
+            has_null = int(any(x is None for x in items))
+            buf = bytearray(struct.pack("!iiiii", 1, has_null, scalar.oid, len(items), 1))
+            for x in items:
+                if x is None:
+                    buf += b"\xff\xff\xff\xff"
+                else:
+                    buf += struct.pack("!i", size) + struct.pack(fmt, x)
+            out.append(bytes(buf))
+        return out
+    scalar = _SCALARS.get(t)
+    if scalar is None:
+        raise service.PermanentError(f"postgres: no column type for Arrow type {t}")
+    fmt = _STRUCT[scalar.np]
+    return [None if v is None else struct.pack(fmt, v) for v in col.to_pylist()]
+
+
+def copy_columns(schema: pa.Schema) -> list[str]:
+    """Column names a COPY of this schema writes, in order."""
+    return ["stream_seq", "schema_version", *schema.names]
+
+
+# ----------------------------------------------------------------------- writer
+
+
+@dataclasses.dataclass(frozen=True)
+class _Sealed:
+    """One transaction's worth of rows: encoded payloads and the offset they move to."""
+
+    ticket: int
+    schema: pa.Schema
+    payloads: list[concurrent.futures.Future[bytes]]
+    last_seq: int
+
+
+class PostgresWriter:
+    """`service.Writer` for PostgreSQL."""
+
+    kind = "postgres"
+    pipelined = True
+
+    def __init__(
+        self,
+        dsn: Callable[[], str],
+        *,
+        stream: str,
+        consumer: str,
+        schema_name: str = "relayrl",
+        table: str = "steps",
+        batch_rows: int = 10_000,
+        linger_seconds: float = 0.2,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        self.dsn = dsn
+        self.stream = stream
+        self.consumer = consumer
+        self.schema_name = schema_name
+        self.table = table
+        self.batch_rows = batch_rows
+        self.linger_seconds = linger_seconds
+        self.connect_timeout = connect_timeout
+        self._conn: psycopg.Connection[Any] | None = None
+        self._committed = 0
+        self._columns: set[str] = set()
+        self._copy_schema: pa.Schema | None = None
+        self._payloads: list[concurrent.futures.Future[bytes]] = []
+        self._rows = 0
+        self._since = 0.0
+        self._last_added = 0
+        # Sealed batches commit strictly in order (offset checks rely on it).
+        self._ticket = 0
+        self._done_ticket = 0
+        self._order = asyncio.Condition()
+        self._pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="pg-sink")
+        self._db = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pg-sink-db")
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._payloads)
+
+    # -------------------------------------------------------------- protocol
+
+    async def open(self) -> int:
+        self._committed = await self._in_db(self._open)
+        return self._committed
+
+    async def add(self, delivery: service.Delivery) -> None:
+        table = delivery.table
+        if self._copy_schema is not None and not table.schema.equals(
+            self._copy_schema, check_metadata=False
+        ):
+            # One COPY has one column list: commit what has the old one first.
+            await self.commit(self.seal(self._last_added))
+        if not self._payloads:
+            self._since = time.monotonic()
+            self._copy_schema = table.schema
+        self._payloads.append(
+            self._pool.submit(encode_copy, table, delivery.seq, delivery.schema_version)
+        )
+        self._rows += table.num_rows
+        self._last_added = delivery.seq
+
+    def due(self, now: float) -> bool:
+        return bool(self._payloads) and (
+            self._rows >= self.batch_rows or now - self._since >= self.linger_seconds
+        )
+
+    def seal(self, last_seq: int) -> object:
+        """Take everything added so far as one transaction; later adds start the next."""
+        assert self._copy_schema is not None
+        self._ticket += 1
+        sealed = _Sealed(self._ticket, self._copy_schema, self._payloads, last_seq)
+        self._payloads, self._rows, self._copy_schema = [], 0, None
+        return sealed
+
+    async def commit(self, sealed: object) -> None:
+        """COPY one sealed batch and move the offset, in one transaction, in seal order.
+
+        The service retries this with the same `sealed` after a failure, and runs it
+        while the next batch is being fetched and encoded (pipelined).
+        """
+        assert isinstance(sealed, _Sealed)
+        async with self._order:
+            await self._order.wait_for(lambda: self._done_ticket == sealed.ticket - 1)
+        payloads = [await asyncio.wrap_future(f) for f in sealed.payloads]
+        await self._in_db(lambda: self._commit(sealed.schema, payloads, sealed.last_seq))
+        self._committed = sealed.last_seq
+        async with self._order:
+            self._done_ticket = sealed.ticket
+            self._order.notify_all()
+
+    async def close(self) -> None:
+        self._payloads = []
+        await self._in_db(self._disconnect)
+        self._pool.shutdown(wait=True)
+        self._db.shutdown(wait=True)
+
+    # -------------------------------------------------------------------- db
+
+    async def _in_db(self, fn: Callable[[], _T]) -> _T:
+        return await asyncio.wrap_future(self._db.submit(fn))
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        if self._conn is not None and not self._conn.closed and not self._conn.broken:
+            return self._conn
+        self._disconnect()
+        try:
+            self._conn = psycopg.connect(
+                self.dsn(),
+                autocommit=True,
+                connect_timeout=max(1, int(self.connect_timeout)),
+                application_name=f"relayrl-sink-{self.kind}",
+            )
+        except psycopg.OperationalError as err:
+            if "authentication failed" in str(err) or "does not exist" in str(err):
+                # Still retried (a Secret may be fixed), but said plainly.
+                log.error("postgres: %s", err)
+            raise
+        return self._conn
+
+    def _disconnect(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            finally:
+                self._conn = None
+
+    def _ids(self) -> dict[str, sql.Composable]:
+        return {
+            "schema": sql.Identifier(self.schema_name),
+            "table": sql.Identifier(self.table),
+            "idx_seq": sql.Identifier(f"{self.table}_stream_seq_idx"),
+        }
+
+    def _open(self) -> int:
+        conn = self._connect()
+        try:
+            self._migrate(conn)
+            with conn.transaction():
+                conn.execute(
+                    sql.SQL(
+                        "INSERT INTO {schema}.sink_offsets (stream, consumer, last_seq) "
+                        "VALUES (%s, %s, 0) ON CONFLICT DO NOTHING"
+                    ).format(**self._ids()),
+                    (self.stream, self.consumer),
+                )
+                row = conn.execute(
+                    sql.SQL(
+                        "SELECT last_seq FROM {schema}.sink_offsets "
+                        "WHERE stream = %s AND consumer = %s"
+                    ).format(**self._ids()),
+                    (self.stream, self.consumer),
+                ).fetchone()
+                self._columns = self._table_columns(conn)
+        except BaseException:
+            self._disconnect()
+            raise
+        assert row is not None
+        return int(row[0])
+
+    def _migrate(self, conn: psycopg.Connection[Any]) -> None:
+        ids = self._ids()
+        with conn.transaction():
+            # One sink migrates at a time; the others wait here, then find nothing to do.
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+            conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {schema}").format(**ids))
+            conn.execute(
+                sql.SQL(
+                    "CREATE TABLE IF NOT EXISTS {schema}.schema_migrations ("
+                    "version integer PRIMARY KEY, description text NOT NULL, "
+                    "applied_at timestamptz NOT NULL DEFAULT now())"
+                ).format(**ids)
+            )
+            done = {
+                int(r[0])
+                for r in conn.execute(
+                    sql.SQL("SELECT version FROM {schema}.schema_migrations").format(**ids)
+                )
+            }
+            for m in MIGRATIONS:
+                if m.version in done:
+                    continue
+                for statement in m.statements:
+                    conn.execute(sql.SQL(statement).format(**ids))
+                conn.execute(
+                    sql.SQL(
+                        "INSERT INTO {schema}.schema_migrations (version, description) "
+                        "VALUES (%s, %s)"
+                    ).format(**ids),
+                    (m.version, m.description),
+                )
+                log.info("postgres: applied migration %d: %s", m.version, m.description)
+
+    def _table_columns(self, conn: psycopg.Connection[Any]) -> set[str]:
+        rows = conn.execute(
+            "SELECT column_name FROM information_schema.columns "
+            "WHERE table_schema = %s AND table_name = %s",
+            (self.schema_name, self.table),
+        ).fetchall()
+        return {str(r[0]) for r in rows}
+
+    def _add_columns(self, conn: psycopg.Connection[Any], schema: pa.Schema) -> None:
+        for f in schema:
+            if f.name in self._columns:
+                continue
+            conn.execute(
+                sql.SQL("ALTER TABLE {schema}.{table} ADD COLUMN IF NOT EXISTS {col} {typ}").format(
+                    col=sql.Identifier(f.name),
+                    typ=sql.SQL(sql_type(f.type)),
+                    **self._ids(),
+                )
+            )
+            log.info("postgres: added column %s %s", f.name, sql_type(f.type))
+
+    def _commit(self, schema: pa.Schema, payloads: list[bytes], last_seq: int) -> None:
+        conn = self._connect()
+        ids = self._ids()
+        try:
+            with conn.transaction():
+                row = conn.execute(
+                    sql.SQL(
+                        "SELECT last_seq FROM {schema}.sink_offsets "
+                        "WHERE stream = %s AND consumer = %s FOR UPDATE"
+                    ).format(**ids),
+                    (self.stream, self.consumer),
+                ).fetchone()
+                stored = int(row[0]) if row is not None else -1
+                if stored >= last_seq:
+                    # An earlier attempt committed but its answer was lost: done already.
+                    log.info("postgres: batch up to %d was already committed", last_seq)
+                    return
+                if stored != self._committed:
+                    raise service.PermanentError(
+                        f"postgres: offset of {self.stream}/{self.consumer} is {stored}, "
+                        f"expected {self._committed}: is another sink writing?"
+                    )
+                if not set(schema.names) <= self._columns:
+                    self._add_columns(conn, schema)
+                    self._columns = self._table_columns(conn)
+                cols = sql.SQL(", ").join(sql.Identifier(c) for c in copy_columns(schema))
+                stmt = sql.SQL("COPY {schema}.{table} ({cols}) FROM STDIN (FORMAT BINARY)").format(
+                    cols=cols, **ids
+                )
+                with conn.cursor() as cur, cur.copy(stmt) as copy:
+                    copy.write(_COPY_HEADER)
+                    for p in payloads:
+                        copy.write(p)
+                    copy.write(_COPY_TRAILER)
+                conn.execute(
+                    sql.SQL(
+                        "UPDATE {schema}.sink_offsets SET last_seq = %s, updated_at = now() "
+                        "WHERE stream = %s AND consumer = %s"
+                    ).format(**ids),
+                    (last_seq, self.stream, self.consumer),
+                )
+        except (psycopg.OperationalError, psycopg.InterfaceError):
+            self._disconnect()
+            raise

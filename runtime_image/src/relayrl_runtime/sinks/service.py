@@ -1,0 +1,597 @@
+"""The consumer loop shared by the sink processes (`relayrl-sink arrow|postgres`).
+
+A sink process pulls an Agent's trajectory messages from its durable JetStream consumer,
+checks each one (valid Arrow IPC of a schema version it knows), hands the good ones to
+its `Writer` and sends the bad ones to the dead-letter subject with the reason. It acks
+only what the writer has made durable (issue 4, DESIGN.md "Delivery semantics").
+
+Exactly once, with the writer as the source of truth: each writer records the last
+stream sequence it committed in the same durable step as the data (the file name; the
+Postgres transaction). On start the consumer is re-created at that sequence + 1, so
+JetStream's own idea of what was acked never decides what is written. While running,
+first deliveries arrive in stream order; a redelivery (a sequence already seen) is
+skipped, and a gap in the consumer's delivery sequence (a message lost in flight, e.g.
+across a nats-server restart) re-creates the consumer after the last sequence seen.
+
+Also serves /metrics, /healthz and /readyz, and drains on SIGTERM: the last batch is
+committed and acked before the process exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime as dt
+import http.server
+import logging
+import signal
+import threading
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Final, Protocol, TypeVar
+
+import nats.errors
+import nats.js
+import nats.js.api
+import nats.js.errors
+import prometheus_client as prom
+import pyarrow as pa
+import pyarrow.compute as pc
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from relayrl_runtime import streams, trajectory
+
+log = logging.getLogger(__name__)
+
+PREFIX: Final = "relayrl_sink"
+SUPPORTED_SCHEMA_VERSIONS: Final = frozenset({trajectory.SCHEMA_VERSION})
+# Columns a sink relies on, whatever the layout's obs/action/aux columns are.
+REQUIRED_COLUMNS: Final = ("actor_id", "episode_id", "step", "policy_version")
+
+_T = TypeVar("_T")
+
+
+class DeadLetterReason:
+    """Reasons in the dead-letter header (stable strings, dashboards match on them)."""
+
+    INVALID_ARROW: Final = "invalid-arrow"
+    UNKNOWN_SCHEMA_VERSION: Final = "unknown-schema-version"
+    SCHEMA_MISMATCH: Final = "schema-mismatch"
+
+
+class InvalidMessageError(Exception):
+    """A message no writer can take; it goes to the dead-letter subject."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        super().__init__(f"{reason}: {detail}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Delivery:
+    """One good trajectory message, decoded."""
+
+    seq: int
+    time: dt.datetime
+    table: pa.Table
+    schema_version: int
+    size: int
+
+
+class Writer(Protocol):
+    """What a sink kind implements; the service owns the loop around it."""
+
+    kind: str
+
+    async def open(self) -> int:
+        """Prepare storage; return the last stream sequence already committed (0: none)."""
+        ...
+
+    async def add(self, delivery: Delivery) -> None:
+        """Take one message (not durable yet)."""
+        ...
+
+    pipelined: bool
+    """Whether commits may run while the next batch is fetched and added."""
+
+    def due(self, now: float) -> bool:
+        """Whether what was added should be committed now (size, time, batch end)."""
+        ...
+
+    def seal(self, last_seq: int) -> object:
+        """Take everything added so far as the next commit, `last_seq` its offset (sync)."""
+        ...
+
+    async def commit(self, sealed: object) -> None:
+        """Make a sealed batch durable with its offset, atomically; safe to retry."""
+        ...
+
+    @property
+    def pending(self) -> bool:
+        """Whether something was added since the last commit."""
+        ...
+
+    async def close(self) -> None:
+        """Release resources (after a final commit)."""
+        ...
+
+
+class SinkMetrics:
+    """Prometheus collectors of one sink process (own registry)."""
+
+    def __init__(self, kind: str, registry: prom.CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else prom.CollectorRegistry()
+        r = self.registry
+        labels = ["sink"]
+        self.messages = prom.Counter(
+            f"{PREFIX}_messages", "Messages committed.", labels, registry=r
+        ).labels(kind)
+        self.rows = prom.Counter(f"{PREFIX}_rows", "Steps committed.", labels, registry=r).labels(
+            kind
+        )
+        self.bytes = prom.Counter(
+            f"{PREFIX}_bytes", "Message payload bytes committed.", labels, registry=r
+        ).labels(kind)
+        self.dead_letters = prom.Counter(
+            f"{PREFIX}_dead_letters",
+            "Messages sent to the dead-letter subject.",
+            ["sink", "reason"],
+            registry=r,
+        )
+        self.redeliveries = prom.Counter(
+            f"{PREFIX}_redeliveries", "Deliveries skipped as already seen.", labels, registry=r
+        ).labels(kind)
+        self.repositions = prom.Counter(
+            f"{PREFIX}_repositions",
+            "Consumer re-creations after a delivery gap.",
+            labels,
+            registry=r,
+        ).labels(kind)
+        self.lag = prom.Gauge(
+            f"{PREFIX}_lag_messages",
+            "Messages in the stream not yet delivered.",
+            labels,
+            registry=r,
+        ).labels(kind)
+        self.committed_seq = prom.Gauge(
+            f"{PREFIX}_committed_sequence", "Last stream sequence committed.", labels, registry=r
+        ).labels(kind)
+        self.commit_seconds = prom.Histogram(
+            f"{PREFIX}_commit_seconds",
+            "Commit latency (fsync+rename, or COPY+COMMIT).",
+            labels,
+            buckets=(1e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0),
+            registry=r,
+        ).labels(kind)
+        self.errors = prom.Counter(
+            f"{PREFIX}_errors", "Transient errors retried.", ["sink", "where"], registry=r
+        )
+        self.kind = kind
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceConfig:
+    """Where to consume from and how."""
+
+    namespace: str
+    agent: str
+    stream: str | None = None
+    fetch_batch: int = 256
+    fetch_max_bytes: int = 8 << 20
+    fetch_timeout: float = 0.5
+    # Ack wait is long: a writer holds messages until its commit (file rotation).
+    ack_wait_seconds: float = 600.0
+    max_ack_pending: int = 100_000
+    create_stream: bool = True
+    http_host: str = "0.0.0.0"
+    http_port: int | None = 9090
+    retry: streams.Backoff = dataclasses.field(
+        default_factory=lambda: streams.Backoff(initial=0.1, maximum=5.0)
+    )
+
+
+def decode(
+    msg_data: bytes, headers: Mapping[str, str] | None, agent: str | None = None
+) -> tuple[pa.Table, int]:
+    """Check and decode one message; InvalidMessageError says why it is unusable.
+
+    With `agent`, every row's agent column must name it (the subject's Agent).
+    """
+    raw = (headers or {}).get(streams.HEADER_SCHEMA_VERSION)
+    if raw is None or not raw.isdigit() or int(raw) not in SUPPORTED_SCHEMA_VERSIONS:
+        raise InvalidMessageError(
+            DeadLetterReason.UNKNOWN_SCHEMA_VERSION,
+            f"header {streams.HEADER_SCHEMA_VERSION}={raw!r}; this sink reads "
+            f"{sorted(SUPPORTED_SCHEMA_VERSIONS)}",
+        )
+    version = int(raw)
+    try:
+        table = pa.ipc.open_stream(pa.py_buffer(msg_data)).read_all()
+    except (pa.ArrowInvalid, pa.ArrowException, OSError) as err:
+        raise InvalidMessageError(DeadLetterReason.INVALID_ARROW, str(err)) from err
+    meta = table.schema.metadata or {}
+    in_schema = meta.get(trajectory.META_SCHEMA_VERSION, b"").decode(errors="replace")
+    if in_schema != str(version):
+        raise InvalidMessageError(
+            DeadLetterReason.UNKNOWN_SCHEMA_VERSION,
+            f"schema metadata says version {in_schema!r}, header says {version}",
+        )
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.schema.names]
+    if missing:
+        raise InvalidMessageError(DeadLetterReason.SCHEMA_MISMATCH, f"missing columns {missing}")
+    if agent is not None and "agent" in table.column_names and table.num_rows:
+        names = _distinct_text(table.column("agent"))
+        if names != {agent}:
+            raise InvalidMessageError(
+                DeadLetterReason.SCHEMA_MISMATCH,
+                f"agent column holds {sorted(map(str, names))}, the subject is Agent {agent!r}",
+            )
+    return table, version
+
+
+def _distinct_text(col: pa.ChunkedArray) -> set[str]:
+    """Distinct values of a (dictionary) text column, without decoding every row."""
+    out: set[str] = set()
+    for chunk in col.chunks:
+        if pa.types.is_dictionary(chunk.type):
+            used = chunk.dictionary.take(pc.unique(chunk.indices))
+            out.update(str(v) for v in used.to_pylist())
+        else:
+            out.update(str(v) for v in pc.unique(chunk).to_pylist())
+    return out
+
+
+class SinkService:
+    """Runs one writer against one Agent's stream until stopped."""
+
+    def __init__(
+        self,
+        writer: Writer,
+        connect: streams.ConnectOptions,
+        config: ServiceConfig,
+        metrics: SinkMetrics | None = None,
+    ) -> None:
+        self.writer = writer
+        self.options = connect
+        self.config = config
+        self.metrics = metrics if metrics is not None else SinkMetrics(writer.kind)
+        self.stream = streams.stream_name(config.namespace, config.agent, config.stream)
+        self.subject = streams.trajectories_subject(config.namespace, config.agent)
+        self.deadletter = streams.deadletter_subject(config.namespace, config.agent)
+        self.durable = streams.durable_name(writer.kind)
+        self.stopping = asyncio.Event()
+        self.ready = False
+        self._failing: set[str] = set()
+        self._uncommitted = [0, 0, 0]  # messages, rows, bytes added since the last commit
+        self._avg_size = float(1 << 20)  # bytes per message, until measured
+        self._inflight: asyncio.Task[None] | None = None
+        self.heartbeat = time.monotonic()
+        self.http: http.server.ThreadingHTTPServer | None = None
+        self._nc: NATS | None = None
+        self._last_seen = 0
+        self._last_dseq = 0
+        self._last_msg: Msg | None = None
+
+    # --------------------------------------------------------------- lifecycle
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT start a graceful drain."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+
+    async def run(self) -> None:
+        """Open the writer, connect, consume until `stopping`; commit and ack on the way out."""
+        if self.config.http_port is not None:
+            self.http = serve_http(self, self.config.http_host, self.config.http_port)
+        try:
+            committed = await self._retry("open", self.writer.open)
+            self._last_seen = committed
+            self.metrics.committed_seq.set(committed)
+            log.info("%s sink: committed up to stream sequence %d", self.writer.kind, committed)
+            nc = await streams.connect(self.options)
+            self._nc = nc
+            try:
+                js = nc.jetstream()
+                if self.config.create_stream:
+                    cfg = streams.stream_config(
+                        self.config.namespace, self.config.agent, self.config.stream
+                    )
+                    await self._retry("stream", lambda: streams.ensure_stream(js, cfg))
+                await self._consume(js)
+            finally:
+                await self._final_commit()
+                # Not drain(): a pending pull request would hold it for drain_timeout.
+                with contextlib.suppress(Exception):
+                    await nc.flush(timeout=2)
+                with contextlib.suppress(Exception):
+                    await nc.close()
+        finally:
+            self.ready = False
+            await self.writer.close()
+            if self.http is not None:
+                self.http.shutdown()
+                self.http.server_close()
+
+    def is_ready(self) -> bool:
+        """Consuming, connected to NATS, and the writer's storage answering."""
+        nc = self._nc
+        return (
+            self.ready
+            and not self._failing
+            and not self.stopping.is_set()
+            and nc is not None
+            and nc.is_connected
+        )
+
+    async def _final_commit(self) -> None:
+        try:
+            await asyncio.wait_for(self._drain_commits(), timeout=60)
+            if self.writer.pending:
+                await asyncio.wait_for(self._commit(), timeout=60)
+                await asyncio.wait_for(self._drain_commits(), timeout=60)
+        except Exception:
+            # Not committed means not acked: the messages come again after restart.
+            log.exception("%s sink: final commit failed", self.writer.kind)
+
+    # ----------------------------------------------------------------- consume
+
+    async def _position(
+        self, js: nats.js.JetStreamContext
+    ) -> nats.js.JetStreamContext.PullSubscription:
+        """(Re)create the durable consumer to start right after the last sequence seen."""
+        start = self._last_seen + 1
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await js.delete_consumer(self.stream, self.durable)
+        await js.add_consumer(
+            self.stream,
+            nats.js.api.ConsumerConfig(
+                durable_name=self.durable,
+                description=f"RelayRL {self.writer.kind} sink",
+                deliver_policy=nats.js.api.DeliverPolicy.BY_START_SEQUENCE,
+                opt_start_seq=start,
+                ack_policy=nats.js.api.AckPolicy.ALL,
+                ack_wait=self.config.ack_wait_seconds,
+                max_ack_pending=self.config.max_ack_pending,
+                max_deliver=-1,
+                filter_subject=self.subject,
+            ),
+        )
+        self._last_dseq = 0
+        log.info(
+            "%s sink: consumer %s starts at sequence %d", self.writer.kind, self.durable, start
+        )
+        return await js.pull_subscribe_bind(durable=self.durable, stream=self.stream)
+
+    async def _consume(self, js: nats.js.JetStreamContext) -> None:
+        sub = await self._retry("consumer", lambda: self._position(js))
+        self.ready = True
+        fetch_errors = 0
+        while not self.stopping.is_set():
+            self.heartbeat = time.monotonic()
+            try:
+                msgs = await sub.fetch(self._batch_size(), timeout=self.config.fetch_timeout)
+                fetch_errors = 0
+            except (nats.errors.TimeoutError, TimeoutError):
+                # Nothing new (nats-py raises either kind). A lost pull request shows
+                # up as a delivery gap later, which re-positions the consumer.
+                msgs = []
+            except (nats.errors.Error, nats.js.errors.Error, OSError) as err:
+                # Disconnected, server restarting, consumer gone: wait, then re-position
+                # (a consumer lost with the server's state must be re-created).
+                fetch_errors += 1
+                self.metrics.errors.labels(self.writer.kind, "fetch").inc()
+                log.warning(
+                    "%s sink: fetch failed: %s: %s", self.writer.kind, type(err).__name__, err
+                )
+                await self._sleep(self.config.retry.delay(fetch_errors))
+                if fetch_errors >= 3 or isinstance(err, nats.js.errors.NotFoundError):
+                    with contextlib.suppress(Exception):
+                        await sub.unsubscribe()
+                    sub = await self._retry("consumer", lambda: self._position(js))
+                continue
+            gap = False
+            for msg in msgs:
+                if not await self._handle(js, msg):
+                    gap = True
+                    break
+            if self._inflight is not None and self._inflight.done():
+                await self._drain_commits()  # raises what the commit raised
+            # Commit when the writer says so, or before unacked messages reach the
+            # consumer's max_ack_pending (the server would stop delivering).
+            held = self._uncommitted[0] >= self.config.max_ack_pending // 2
+            if self.writer.pending and (held or self.writer.due(time.monotonic())):
+                await self._commit()
+            if gap:
+                self.metrics.repositions.inc()
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+                sub = await self._retry("consumer", lambda: self._position(js))
+
+    def _batch_size(self) -> int:
+        # nats-py's fetch has no byte bound, and a pull of hundreds of 1 MB messages
+        # makes the server cut the connection as a slow consumer: bound it by the
+        # average message size seen so far.
+        by_bytes = int(self.config.fetch_max_bytes // max(self._avg_size, 1.0))
+        return max(1, min(self.config.fetch_batch, by_bytes))
+
+    async def _handle(self, js: nats.js.JetStreamContext, msg: Msg) -> bool:
+        """Take one delivery; False when a delivery gap means the consumer must move."""
+        meta = msg.metadata
+        dseq, seq = meta.sequence.consumer, meta.sequence.stream
+        if seq <= self._last_seen:
+            # A redelivery: already taken. (Whether JetStream gives it a new consumer
+            # sequence or keeps the old one, the gap check below stays right.)
+            self._last_dseq = max(self._last_dseq, dseq)
+            self.metrics.redeliveries.inc()
+            return True
+        if self._last_dseq and dseq != self._last_dseq + 1:
+            # A first delivery that does not follow the last one: something between
+            # was lost in flight (e.g. across a server restart).
+            log.warning(
+                "%s sink: delivery gap (consumer sequence %d after %d); re-positioning at %d",
+                self.writer.kind,
+                dseq,
+                self._last_dseq,
+                self._last_seen + 1,
+            )
+            return False
+        self._last_dseq = dseq
+        self.metrics.lag.set(meta.num_pending)
+        self._last_seen = seq
+        self._last_msg = msg
+        self._avg_size += 0.2 * (len(msg.data) - self._avg_size)
+        try:
+            table, version = decode(msg.data, msg.headers, self.config.agent)
+        except InvalidMessageError as err:
+            await self._dead_letter(js, msg, seq, err)
+            if not self.writer.pending and self._inflight is None:
+                # Nothing waits for a commit: the dead letter alone moves the ack on.
+                await msg.ack()
+            return True
+        await self.writer.add(
+            Delivery(
+                seq=seq,
+                time=meta.timestamp,
+                table=table,
+                schema_version=version,
+                size=len(msg.data),
+            )
+        )
+        self._uncommitted[0] += 1
+        self._uncommitted[1] += table.num_rows
+        self._uncommitted[2] += len(msg.data)
+        return True
+
+    async def _dead_letter(
+        self, js: nats.js.JetStreamContext, msg: Msg, seq: int, err: InvalidMessageError
+    ) -> None:
+        log.warning("%s sink: message %d dead-lettered: %s", self.writer.kind, seq, err)
+        headers = {
+            streams.HEADER_MSG_ID: f"deadletter-{self.writer.kind}-{self.stream}-{seq}",
+            streams.HEADER_DEAD_REASON: err.reason,
+            streams.HEADER_DEAD_SINK: self.writer.kind,
+            streams.HEADER_ORIGINAL_SUBJECT: msg.subject,
+            streams.HEADER_ORIGINAL_SEQUENCE: str(seq),
+            "Relayrl-Dead-Letter-Detail": str(err)[:1000].replace("\r", " ").replace("\n", " "),
+        }
+        await self._retry(
+            "deadletter",
+            lambda: js.publish(self.deadletter, msg.data, headers=headers),
+        )
+        self.metrics.dead_letters.labels(self.writer.kind, err.reason).inc()
+
+    async def _commit(self) -> None:
+        """Seal what was added and commit it; pipelined writers commit in the background.
+
+        At most one commit is in flight: the next waits for it, so offsets move in order.
+        """
+        await self._drain_commits()
+        last, msg = self._last_seen, self._last_msg
+        counts, self._uncommitted = self._uncommitted, [0, 0, 0]
+        sealed = self.writer.seal(last)
+        work = self._commit_sealed(sealed, last, msg, counts)
+        if self.writer.pipelined:
+            self._inflight = asyncio.create_task(work)
+        else:
+            await work
+
+    async def _drain_commits(self) -> None:
+        task, self._inflight = self._inflight, None
+        if task is not None:
+            await task
+
+    async def _commit_sealed(
+        self, sealed: object, last: int, msg: Msg | None, counts: list[int]
+    ) -> None:
+        start = time.monotonic()
+        await self._retry("commit", lambda: self.writer.commit(sealed))
+        self.metrics.commit_seconds.observe(time.monotonic() - start)
+        self.metrics.committed_seq.set(last)
+        # Counted when committed: the metrics say what is durable.
+        messages, rows, size = counts
+        self.metrics.messages.inc(messages)
+        self.metrics.rows.inc(rows)
+        self.metrics.bytes.inc(size)
+        if msg is not None:
+            # AckPolicy.ALL: one ack covers every message up to this one. Best effort:
+            # after a crash the writer's record, not the ack, decides where to resume.
+            with contextlib.suppress(Exception):
+                await msg.ack()
+
+    # ----------------------------------------------------------------- helpers
+
+    async def _retry(self, where: str, op: Callable[[], Awaitable[_T]]) -> _T:
+        """Retry a transient failure with jittered backoff until it works or we stop."""
+        for attempt, delay in enumerate(self.config.retry.delays()):
+            try:
+                result = await op()
+                self._failing.discard(where)
+                return result
+            except PermanentError:
+                raise
+            except Exception as err:
+                if self.stopping.is_set() and where not in {"commit", "deadletter"}:
+                    raise
+                self._failing.add(where)
+                self.metrics.errors.labels(self.writer.kind, where).inc()
+                log.warning(
+                    "%s sink: %s failed (attempt %d): %s; retrying in %.2fs",
+                    self.writer.kind,
+                    where,
+                    attempt + 1,
+                    err,
+                    delay,
+                )
+                self.heartbeat = time.monotonic()
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), seconds)
+
+
+class PermanentError(Exception):
+    """A failure retrying cannot fix (bad DSN, permission denied): the process exits."""
+
+
+# --------------------------------------------------------------------- http
+
+
+def serve_http(service: SinkService, host: str, port: int) -> http.server.ThreadingHTTPServer:
+    """Serve /metrics, /healthz (loop alive) and /readyz (consuming) in a thread."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path == "/metrics":
+                body = prom.generate_latest(service.metrics.registry)
+                self._reply(200, body, prom.CONTENT_TYPE_LATEST)
+            elif self.path == "/healthz":
+                alive = time.monotonic() - service.heartbeat < 60
+                self._reply(200 if alive else 503, b"ok\n" if alive else b"stalled\n")
+            elif self.path == "/readyz":
+                ok = service.is_ready()
+                self._reply(200 if ok else 503, b"ready\n" if ok else b"not ready\n")
+            else:
+                self._reply(404, b"not found\n")
+
+        def _reply(self, code: int, body: bytes, ctype: str = "text/plain") -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            log.debug("http: %s", format % args)
+
+    server = http.server.ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="sink-http", daemon=True).start()
+    return server
+
+
+__all__: Sequence[str] = ("Delivery", "SinkService", "Writer", "decode")

@@ -1,0 +1,550 @@
+"""The NATS JetStream trajectory publisher: the runtime's sink when trajectories leave the pod.
+
+Implements `sinks.base.TrajectorySink` (router threads call `write`). Several record
+batches of whole trajectories are packed into one Arrow IPC stream message up to
+`max_message_bytes`, stamped with a `Nats-Msg-Id` that never changes across retries
+(JetStream drops a re-sent copy inside the stream's duplicate window) and headers with
+the schema version, step and trajectory counts and the policy version range.
+
+Delivery (DESIGN.md "Delivery semantics", issue 4): a message leaves the backlog only
+when JetStream has acked it. The backlog is bounded in bytes; when it is full, `write`
+blocks (backpressure to routers and actors), it never drops. While NATS is away the
+publisher retries each message with jittered backoff and nats-py reconnects with the
+jittered delays of `streams.ConnectOptions`. `flush` waits for every ack; `close` (the
+SIGTERM path of the runtime) flushes, then disconnects.
+
+The asyncio side runs on a loop in a thread the publisher owns, so the synchronous
+sink protocol can be called from any router thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Final
+
+import nats.errors
+import nats.js
+import nats.js.errors
+import prometheus_client as prom
+import pyarrow as pa
+import pyarrow.compute as pc
+from nats.aio.client import Client as NATS
+
+from relayrl_runtime import streams, trajectory
+from relayrl_runtime.sinks import base
+
+log = logging.getLogger(__name__)
+
+PREFIX: Final = "relayrl_publisher"
+# Arrow IPC framing per record batch (message header, padding) and the schema message;
+# counted so a message stays under the bound without encoding it twice.
+_BATCH_OVERHEAD: Final = 1024
+_SCHEMA_OVERHEAD: Final = 8192
+
+
+class PublisherMetrics:
+    """Prometheus collectors of one publisher (its own registry unless one is given)."""
+
+    def __init__(self, registry: prom.CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else prom.CollectorRegistry()
+        r = self.registry
+        self.messages = prom.Counter(
+            f"{PREFIX}_messages", "Messages acked by JetStream.", registry=r
+        )
+        self.bytes = prom.Counter(f"{PREFIX}_bytes", "Payload bytes acked.", registry=r)
+        self.steps = prom.Counter(f"{PREFIX}_steps", "Steps acked.", registry=r)
+        self.retries = prom.Counter(
+            f"{PREFIX}_retries", "Publish attempts that failed and were retried.", registry=r
+        )
+        self.duplicates = prom.Counter(
+            f"{PREFIX}_duplicates", "Retries JetStream recognised as already stored.", registry=r
+        )
+        self.backlog_bytes = prom.Gauge(
+            f"{PREFIX}_backlog_bytes", "Bytes encoded and not yet acked.", registry=r
+        )
+        self.backlog_messages = prom.Gauge(
+            f"{PREFIX}_backlog_messages", "Messages encoded and not yet acked.", registry=r
+        )
+        self.blocked_seconds = prom.Counter(
+            f"{PREFIX}_blocked_seconds", "Time writers waited on a full backlog.", registry=r
+        )
+        self.ack_seconds = prom.Histogram(
+            f"{PREFIX}_ack_seconds",
+            "From first publish attempt to ack.",
+            buckets=(1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 1.0, 5.0, 30.0),
+            registry=r,
+        )
+        self.connected = prom.Gauge(f"{PREFIX}_connected", "1 while connected to NATS.", registry=r)
+
+
+@dataclasses.dataclass(frozen=True)
+class PublisherConfig:
+    """Where and how to publish."""
+
+    namespace: str
+    agent: str
+    stream: str | None = None
+    max_message_bytes: int = 1 << 20
+    max_backlog_bytes: int = 256 << 20
+    max_in_flight: int = 32
+    ack_timeout: float = 5.0
+    # Seal a partly filled message after this long, so a slow actor's steps still move.
+    linger_seconds: float = 0.2
+    # Create or update the stream on connect (standalone use; under the operator it
+    # exists already and the runtime may lack the permission).
+    create_stream: bool = True
+    stream_settings: streams.StreamSettings = dataclasses.field(
+        default_factory=streams.StreamSettings
+    )
+    producer_id: str | None = None
+    retry: streams.Backoff = dataclasses.field(
+        default_factory=lambda: streams.Backoff(initial=0.05, maximum=2.0)
+    )
+
+
+@dataclasses.dataclass
+class _Message:
+    msg_id: str
+    payload: bytes
+    headers: dict[str, str]
+    steps: int
+    first_attempt: float = 0.0
+
+
+class NatsPublisher:
+    """A `TrajectorySink` that publishes to JetStream; start() before use, close() at the end."""
+
+    def __init__(
+        self,
+        connect: streams.ConnectOptions,
+        config: PublisherConfig,
+        metrics: PublisherMetrics | None = None,
+    ) -> None:
+        self.options = connect
+        self.config = config
+        self.metrics = metrics if metrics is not None else PublisherMetrics()
+        self.subject = streams.trajectories_subject(config.namespace, config.agent)
+        self.stream = streams.stream_name(config.namespace, config.agent, config.stream)
+        self.producer_id = config.producer_id or _default_producer_id()
+        self._lock = threading.Condition()
+        # Batches waiting to be packed, and their estimated encoded size.
+        self._pending: list[pa.RecordBatch] = []
+        self._pending_bytes = 0
+        self._pending_since = 0.0
+        self._seq = 0
+        # Encoded, not yet acked, in order. Guarded by _lock.
+        self._backlog: collections.deque[_Message] = collections.deque()
+        self._backlog_bytes = 0
+        self._unacked: dict[str, _Message] = {}
+        self._closed = False
+        self._failed: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._wake: asyncio.Event | None = None
+        self._stop: asyncio.Event | None = None
+        self._nc: NATS | None = None
+        self._max_payload = config.max_message_bytes
+        self.acked_messages = 0
+        self.acked_steps = 0
+
+    # ------------------------------------------------------------------ protocol
+
+    @property
+    def connected(self) -> bool:
+        """Whether NATS is connected now (feeds /readyz)."""
+        nc = self._nc
+        return nc is not None and nc.is_connected and not self._closed
+
+    def start(self) -> None:
+        """Start the I/O thread; connecting goes on in the background until it succeeds."""
+        if self._thread is not None:
+            return
+        ready = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(ready,), name="relayrl-publisher", daemon=True
+        )
+        self._thread.start()
+        ready.wait()
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        """Queue one record batch of whole trajectories; blocks while the backlog is full."""
+        if batch.num_rows == 0:
+            return
+        sealed: list[list[pa.RecordBatch]] = []
+        with self._lock:
+            self._check_open()
+            for piece in self._split(batch):
+                size = _estimate(piece)
+                if self._pending and (
+                    self._pending_bytes + size > self._budget()
+                    or not piece.schema.equals(self._pending[0].schema, check_metadata=True)
+                ):
+                    sealed.append(self._take_pending())
+                if not self._pending:
+                    self._pending_since = time.monotonic()
+                self._pending.append(piece)
+                self._pending_bytes += size
+        for group in sealed:
+            self._enqueue(self._encode(group))
+        self._poke()
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Send what is pending and wait until JetStream acked every message."""
+        self._seal_pending()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while self._backlog or self._unacked:
+                if self._failed is not None:
+                    raise base.SinkError(f"publisher failed: {self._failed}") from self._failed
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise base.SinkError(
+                        f"flush: {len(self._backlog) + len(self._unacked)} message(s) "
+                        f"({self._backlog_bytes} bytes) not acked after {timeout}s"
+                    )
+                self._lock.wait(0.1 if left is None else min(left, 0.1))
+
+    def close(self, timeout: float | None = 60.0) -> None:
+        """Flush (bounded by `timeout`), then disconnect. Unacked data raises, never vanishes."""
+        error: BaseException | None = None
+        try:
+            if self._thread is not None:
+                self.flush(timeout)
+        except base.SinkError as err:
+            error = err
+        finally:
+            with self._lock:
+                self._closed = True
+                self._lock.notify_all()
+            self._shutdown_loop()
+        if error is not None:
+            raise error
+
+    # ------------------------------------------------------------------- packing
+
+    def _budget(self) -> int:
+        return max(1, min(self.config.max_message_bytes, self._max_payload)) - (
+            streams.HEADER_ROOM_BYTES + _SCHEMA_OVERHEAD
+        )
+
+    def _split(self, batch: pa.RecordBatch) -> Iterator[pa.RecordBatch]:
+        """Cut a batch bigger than one message at trajectory ends (rows as a last resort)."""
+        budget = self._budget()
+        size = _estimate(batch)
+        if size <= budget:
+            yield batch
+            return
+        per_row = max(1.0, (size - _BATCH_OVERHEAD) / batch.num_rows)
+        max_rows = max(1, int((budget - _BATCH_OVERHEAD) / per_row))
+        ends = _trajectory_ends(batch)
+        start = 0
+        while start < batch.num_rows:
+            limit = start + max_rows
+            if limit >= batch.num_rows:
+                stop = batch.num_rows
+            else:
+                # The last trajectory end that fits; none fits: cut the trajectory.
+                fitting = [e for e in ends if start < e <= limit]
+                stop = fitting[-1] if fitting else limit
+            yield batch.slice(start, stop - start)
+            start = stop
+
+    def _take_pending(self) -> list[pa.RecordBatch]:
+        group, self._pending, self._pending_bytes = self._pending, [], 0
+        return group
+
+    def _seal_pending(self, block: bool = True) -> None:
+        with self._lock:
+            group = self._take_pending() if self._pending else []
+        if group:
+            self._enqueue(self._encode(group), block)
+        self._poke()
+
+    def _encode(self, group: list[pa.RecordBatch]) -> _Message:
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, group[0].schema) as writer:
+            for b in group:
+                writer.write_batch(b)
+        payload = sink.getvalue().to_pybytes()
+        steps = sum(b.num_rows for b in group)
+        policy = pc.min_max(pa.chunked_array([b.column("policy_version") for b in group]))
+        ends = sum(len(_trajectory_ends(b)) for b in group)
+        meta = group[0].schema.metadata or {}
+        version = meta.get(trajectory.META_SCHEMA_VERSION, str(trajectory.SCHEMA_VERSION).encode())
+        with self._lock:
+            self._seq += 1
+            msg_id = f"{self.producer_id}-{self._seq}"
+        headers = {
+            streams.HEADER_MSG_ID: msg_id,
+            streams.HEADER_SCHEMA_VERSION: version.decode(),
+            streams.HEADER_STEPS: str(steps),
+            streams.HEADER_TRAJECTORIES: str(ends),
+            streams.HEADER_POLICY_MIN: str(policy["min"].as_py()),
+            streams.HEADER_POLICY_MAX: str(policy["max"].as_py()),
+            streams.HEADER_PRODUCER: self.producer_id,
+        }
+        return _Message(msg_id=msg_id, payload=payload, headers=headers, steps=steps)
+
+    def _enqueue(self, message: _Message, block: bool = True) -> None:
+        size = len(message.payload)
+        with self._lock:
+            start = time.monotonic()
+            # Backpressure: wait for acks to make room (one message always fits). The
+            # I/O loop itself never waits here (it delivers the acks): its lingering
+            # partial message may overshoot the bound by one message.
+            limit = self.config.max_backlog_bytes
+            while block and self._backlog_bytes and self._backlog_bytes + size > limit:
+                self._check_open()
+                self._lock.wait(0.1)
+            waited = time.monotonic() - start
+            self._backlog.append(message)
+            self._backlog_bytes += size
+            self.metrics.backlog_bytes.set(self._backlog_bytes)
+            self.metrics.backlog_messages.set(len(self._backlog) + len(self._unacked))
+        if waited > 0.001:
+            self.metrics.blocked_seconds.inc(waited)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise base.SinkError(f"publisher to {self.subject} is closed")
+        if self._failed is not None:
+            raise base.SinkError(f"publisher failed: {self._failed}") from self._failed
+
+    def _poke(self) -> None:
+        loop, wake = self._loop, self._wake
+        if loop is not None and wake is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(wake.set)
+
+    # ---------------------------------------------------------------- I/O thread
+
+    def _run(self, ready: threading.Event) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
+        ready.set()
+        try:
+            loop.run_until_complete(self._main())
+        except BaseException as err:  # recorded for writers, then the thread ends
+            log.exception("publisher I/O loop failed")
+            with self._lock:
+                self._failed = err
+                self._lock.notify_all()
+        finally:
+            # nats-py leaves reader tasks behind a closed connection: end them here, so
+            # none is collected after the loop is gone.
+            loop.run_until_complete(_cancel_leftovers())
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+    def _shutdown_loop(self) -> None:
+        loop, stop = self._loop, self._stop
+        if loop is not None and stop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(stop.set)
+        if self._thread is not None:
+            self._thread.join(30)
+            self._thread = None
+
+    async def _main(self) -> None:
+        assert self._stop is not None
+        connecting = asyncio.create_task(self._connect())
+        stopping = asyncio.create_task(self._stop.wait())
+        done, _ = await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if connecting not in done:
+            connecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, streams.ConnectError):
+                await connecting
+            return
+        nc = connecting.result()
+        js = nc.jetstream(timeout=self.config.ack_timeout)
+        sender = asyncio.create_task(self._send_loop(js))
+        try:
+            await stopping
+        finally:
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sender
+            with contextlib.suppress(Exception):
+                await nc.flush(timeout=2)
+            with contextlib.suppress(Exception):
+                await nc.close()
+            self.metrics.connected.set(0)
+
+    async def _connect(self) -> NATS:
+        async def disconnected() -> None:
+            self.metrics.connected.set(0)
+            if not self._closed:
+                log.warning("publisher: disconnected from NATS; holding the backlog")
+
+        async def reconnected() -> None:
+            self.metrics.connected.set(1)
+            log.info("publisher: reconnected to NATS")
+
+        nc = await streams.connect(
+            self.options, disconnected_cb=disconnected, reconnected_cb=reconnected
+        )
+        self._nc = nc
+        self._max_payload = nc.max_payload
+        self.metrics.connected.set(1)
+        if self.config.create_stream:
+            js = nc.jetstream()
+            settings = dataclasses.replace(
+                self.config.stream_settings,
+                max_msg_bytes=max(self.config.stream_settings.max_msg_bytes, nc.max_payload),
+            )
+            cfg = streams.stream_config(
+                self.config.namespace, self.config.agent, self.config.stream, settings
+            )
+            for delay in self.config.retry.delays():
+                try:
+                    await streams.ensure_stream(js, cfg)
+                    break
+                except (nats.errors.Error, TimeoutError) as err:
+                    log.warning("publisher: creating stream %s failed: %s", cfg.name, err)
+                    await asyncio.sleep(delay)
+        log.info(
+            "publisher: connected to %s, publishing on %s",
+            nc.connected_url.netloc if nc.connected_url else "?",
+            self.subject,
+        )
+        return nc
+
+    async def _send_loop(self, js: nats.js.JetStreamContext) -> None:
+        assert self._wake is not None
+        assert self._stop is not None
+        slots = asyncio.Semaphore(self.config.max_in_flight)
+        tasks: set[asyncio.Task[None]] = set()
+        try:
+            # The stop flag, not only cancellation, ends the loop: Python 3.11's wait_for
+            # can swallow a cancel that races with the wake event (bpo-42130).
+            while not self._stop.is_set():
+                self._wake.clear()
+                if self._pending_due():
+                    self._seal_pending(block=False)
+                while True:
+                    with self._lock:
+                        message = self._backlog.popleft() if self._backlog else None
+                        if message is not None:
+                            self._unacked[message.msg_id] = message
+                    if message is None:
+                        break
+                    await slots.acquire()
+                    task = asyncio.create_task(self._deliver(js, message, slots))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.config.linger_seconds)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _pending_due(self) -> bool:
+        with self._lock:
+            return bool(self._pending) and (
+                time.monotonic() - self._pending_since >= self.config.linger_seconds
+            )
+
+    async def _deliver(
+        self, js: nats.js.JetStreamContext, message: _Message, slots: asyncio.Semaphore
+    ) -> None:
+        """Publish one message until JetStream acks it; the same id on every attempt."""
+        try:
+            message.first_attempt = time.monotonic()
+            for delay in self.config.retry.delays():
+                try:
+                    ack = await js.publish(
+                        self.subject,
+                        message.payload,
+                        timeout=self.config.ack_timeout,
+                        headers=dict(message.headers),
+                    )
+                except (
+                    nats.errors.TimeoutError,
+                    nats.errors.ConnectionClosedError,
+                    nats.errors.OutboundBufferLimitError,
+                    nats.errors.ConnectionReconnectingError,
+                    nats.errors.NoRespondersError,
+                    nats.js.errors.NoStreamResponseError,
+                    nats.js.errors.ServiceUnavailableError,
+                    nats.js.errors.ServerError,
+                    nats.errors.UnexpectedEOF,
+                    TimeoutError,
+                    OSError,
+                ) as err:
+                    self.metrics.retries.inc()
+                    log.debug("publish %s failed (%s); retry in %.2fs", message.msg_id, err, delay)
+                    await asyncio.sleep(delay)
+                    continue
+                except nats.js.errors.APIError as err:
+                    # A stream that refuses the message (too big, no such subject): the
+                    # data cannot go anywhere, so it is a hard failure, not a drop.
+                    if err.code is not None and err.code >= 500:
+                        self.metrics.retries.inc()
+                        await asyncio.sleep(delay)
+                        continue
+                    raise
+                if ack.duplicate:
+                    self.metrics.duplicates.inc()
+                self._acked(message)
+                return
+        except asyncio.CancelledError:
+            raise
+        except BaseException as err:
+            log.error("publish %s refused by JetStream: %s", message.msg_id, err)
+            with self._lock:
+                self._failed = err
+                self._lock.notify_all()
+        finally:
+            slots.release()
+
+    def _acked(self, message: _Message) -> None:
+        self.metrics.ack_seconds.observe(time.monotonic() - message.first_attempt)
+        self.metrics.messages.inc()
+        self.metrics.bytes.inc(len(message.payload))
+        self.metrics.steps.inc(message.steps)
+        with self._lock:
+            del self._unacked[message.msg_id]
+            self._backlog_bytes -= len(message.payload)
+            self.acked_messages += 1
+            self.acked_steps += message.steps
+            self.metrics.backlog_bytes.set(self._backlog_bytes)
+            self.metrics.backlog_messages.set(len(self._backlog) + len(self._unacked))
+            self._lock.notify_all()
+
+
+async def _cancel_leftovers() -> None:
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _estimate(batch: pa.RecordBatch) -> int:
+    return int(batch.nbytes) + _BATCH_OVERHEAD
+
+
+def _trajectory_ends(batch: pa.RecordBatch) -> list[int]:
+    """Row indices just past each trajectory's last row."""
+    ends = pc.or_(batch.column("terminated"), batch.column("truncated"))
+    idx = pc.indices_nonzero(ends).to_numpy()
+    return [int(i) + 1 for i in idx]
+
+
+def _default_producer_id() -> str:
+    # Pod name (stable) plus a per-process nonce: ids never collide with those of an
+    # earlier incarnation of the same pod, whose messages may still be in the window.
+    host = os.environ.get("RELAYRL_POD_NAME") or socket.gethostname()
+    return f"{host}-{os.getpid()}-{secrets.token_hex(4)}"

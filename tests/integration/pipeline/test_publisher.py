@@ -1,0 +1,162 @@
+"""The NATS publisher against a real nats-server: packing, headers, dedup, backpressure."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import nats
+import pyarrow as pa
+import pytest
+from nats.aio.msg import Msg
+
+from relayrl_runtime import streams
+from relayrl_runtime.transport import publisher
+from support import natsserver, trajectories
+from support.pipeline import wait_until
+
+SUBJECT = streams.trajectories_subject("default", trajectories.AGENT)
+STREAM = streams.stream_name("default", trajectories.AGENT)
+
+
+def _publisher(url: str, **kw: int | float) -> publisher.NatsPublisher:
+    cfg = publisher.PublisherConfig(namespace="default", agent=trajectories.AGENT, **kw)  # type: ignore[arg-type]
+    return publisher.NatsPublisher(streams.ConnectOptions(servers=(url,)), cfg)
+
+
+async def _stream_messages(url: str) -> list[Msg]:
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info(STREAM)
+        sub = await js.pull_subscribe(SUBJECT, durable=None, stream=STREAM)
+        out: list[Msg] = []
+        while len(out) < info.state.messages:
+            out += await sub.fetch(min(256, info.state.messages - len(out)), timeout=5)
+        return out
+    finally:
+        await nc.close()
+
+
+async def test_packs_whole_trajectories_with_headers(nats_server: natsserver.NatsServer) -> None:
+    pub = _publisher(nats_server.url, max_message_bytes=128 << 10)
+    pub.start()
+    batches = [trajectories.batch(7, i) for i in range(40)]
+    for b in batches:
+        pub.write(b)
+    # One batch bigger than a message: split at trajectory ends.
+    big = trajectories.batch(7, 40, trajectories=40, length=50)
+    pub.write(big)
+    pub.close()
+
+    msgs = await _stream_messages(nats_server.url)
+    steps = sum(b.num_rows for b in batches) + big.num_rows
+    assert sum(int((m.headers or {})[streams.HEADER_STEPS]) for m in msgs) == steps
+    assert len(msgs) < 41, "several trajectories go in one message"
+    ids = {(m.headers or {})[streams.HEADER_MSG_ID] for m in msgs}
+    assert len(ids) == len(msgs)
+    tables = []
+    for m in msgs:
+        assert len(m.data) <= 128 << 10
+        table = pa.ipc.open_stream(m.data).read_all()
+        tables.append(table)
+        ends = table.column("terminated").to_numpy() | table.column("truncated").to_numpy()
+        assert ends[-1], "a message ends with a whole trajectory"
+        assert int((m.headers or {})[streams.HEADER_TRAJECTORIES]) == int(ends.sum())
+        assert (m.headers or {})[streams.HEADER_SCHEMA_VERSION] == "1"
+        pv = table.column("policy_version").to_numpy()
+        assert int((m.headers or {})[streams.HEADER_POLICY_MIN]) == pv.min()
+        assert int((m.headers or {})[streams.HEADER_POLICY_MAX]) == pv.max()
+    got = trajectories.sort(pa.concat_tables(tables))
+    want = trajectories.sort(pa.Table.from_batches([*batches, big]))
+    assert got.equals(want)
+
+
+async def test_stream_drops_a_resent_message_id(nats_server: natsserver.NatsServer) -> None:
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        await streams.ensure_stream(js, streams.stream_config("default", trajectories.AGENT))
+        headers = {streams.HEADER_MSG_ID: "pod-0-abc-1"}
+        first = await js.publish(SUBJECT, b"x", headers=headers)
+        again = await js.publish(SUBJECT, b"x", headers=headers)
+        assert not first.duplicate
+        assert again.duplicate
+        assert again.seq == first.seq
+        info = await js.stream_info(STREAM)
+        assert info.state.messages == 1
+        assert info.config.duplicate_window == pytest.approx(900)
+    finally:
+        await nc.close()
+
+
+async def test_backpressure_while_nats_is_away_then_everything_once(
+    nats_server: natsserver.NatsServer,
+) -> None:
+    nats_server.stop()
+    pub = _publisher(nats_server.url, max_message_bytes=64 << 10, max_backlog_bytes=512 << 10)
+    pub.start()
+    batches = [trajectories.batch(3, i) for i in range(120)]  # ~5 MB, 10x the backlog
+    written = 0
+
+    def produce() -> None:
+        nonlocal written
+        for b in batches:
+            pub.write(b)
+            written += 1
+
+    writer = threading.Thread(target=produce)
+    writer.start()
+    await asyncio.sleep(2.0)
+    assert writer.is_alive(), "write blocks while the backlog is full"
+    blocked_at = written
+    assert blocked_at < len(batches)
+    assert pub.metrics.backlog_bytes._value.get() <= (512 << 10) + (64 << 10)
+    await asyncio.sleep(0.5)
+    assert written == blocked_at, "nothing is dropped to make room"
+
+    nats_server.start()
+    await asyncio.to_thread(writer.join, 60)
+    assert not writer.is_alive()
+    pub.close(timeout=60)
+    msgs = await _stream_messages(nats_server.url)
+    got = trajectories.sort(pa.concat_tables(pa.ipc.open_stream(m.data).read_all() for m in msgs))
+    assert got.equals(trajectories.sort(pa.Table.from_batches(batches)))
+
+
+async def test_close_with_nats_gone_raises_instead_of_dropping(
+    nats_server: natsserver.NatsServer,
+) -> None:
+    pub = _publisher(nats_server.url, ack_timeout=0.5)
+    pub.start()
+    wait_until("connected", lambda: pub.connected, 20)
+    nats_server.stop()
+    pub.write(trajectories.batch(1, 0))
+    with pytest.raises(Exception, match="not acked"):
+        pub.close(timeout=2)
+
+
+async def test_token_and_user_password_auth(tmp_path: object) -> None:
+    for conf, options in (
+        ('authorization { token: "s3cret" }', streams.ConnectOptions(token="s3cret")),
+        (
+            'authorization { user: "actor", password: "pw" }',
+            streams.ConnectOptions(user="actor", password="pw"),
+        ),
+    ):
+        with natsserver.NatsServer(extra_config=conf) as srv:
+            opts = streams.ConnectOptions(
+                servers=(srv.url,),
+                token=options.token,
+                user=options.user,
+                password=options.password,
+            )
+            pub = publisher.NatsPublisher(
+                opts, publisher.PublisherConfig(namespace="default", agent=trajectories.AGENT)
+            )
+            pub.start()
+            pub.write(trajectories.batch(1, 0))
+            pub.close(timeout=20)
+            assert pub.acked_steps == 400
+            with pytest.raises(streams.ConnectError):
+                await streams.connect(streams.ConnectOptions(servers=(srv.url,)), deadline=2)

@@ -1,0 +1,208 @@
+"""Both sinks end to end: producer process -> nats-server -> relayrl-sink processes.
+
+What a user sees: the Arrow output reads as a dataset in pyarrow, pandas, polars and
+duckdb; the Postgres rows equal what was produced; bad messages land on the dead-letter
+subject with a reason while good ones keep flowing; /metrics, /healthz and /readyz work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+
+import duckdb
+import nats
+import polars as pl
+import psycopg
+import pyarrow as pa
+from nats.aio.msg import Msg
+
+from relayrl_runtime import streams
+from relayrl_runtime.sinks import arrow_stream
+from relayrl_runtime.sinks import postgres as pg_sink
+from support import pipeline, postgres, trajectories
+
+SUBJECT = streams.trajectories_subject(pipeline.NAMESPACE, pipeline.AGENT)
+
+
+def test_arrow_sink_writes_a_partitioned_dataset(arrow_pipeline: pipeline.Pipeline) -> None:
+    producer = arrow_pipeline.producer(1, "--count", "60")
+    producer.start()
+    sink = arrow_pipeline.arrow_sink("--rotate-bytes", "300000", "--rotate-seconds", "1")
+    sink.start()
+    sink.wait_ready()
+    report = producer.result()
+    want = trajectories.expected({1: report["batches"]})
+    root = arrow_pipeline.arrow_dir
+    pipeline.wait_until("all rows", lambda: pipeline.arrow_rows(root) == want.num_rows)
+    assert sink.terminate() == 0
+
+    pipeline.assert_same(pipeline.read_arrow(root), want, "arrow sink")
+    files = arrow_stream.committed_files(root)
+    assert len(files) > 1, "rotation by size"
+    # The committed files cover the stream sequences once each, in order.
+    for (_, last, _), (first, _, _) in itertools.pairwise(files):
+        assert first == last + 1
+    assert not list(root.rglob(".*")), "no temporary files left"
+    assert all(p.parent.parent.name == f"agent={pipeline.AGENT}" for _, _, p in files)
+    assert all(p.parent.name.startswith("date=") for _, _, p in files)
+
+    # Readable by the tools users reach for.
+    glob = str(root / "**" / "*.parquet")
+    frame = pl.scan_parquet(glob, hive_partitioning=True).collect()
+    assert frame.height == want.num_rows
+    assert frame["agent"].unique().to_list() == [pipeline.AGENT]
+    con = duckdb.connect()
+    n, steps = con.execute(
+        f"SELECT count(*), count(DISTINCT (episode_id, step)) "
+        f"FROM read_parquet('{glob}', hive_partitioning = true)"
+    ).fetchone() or (0, 0)
+    assert n == steps == want.num_rows
+    df = pipeline.read_arrow(root).to_pandas()
+    assert len(df) == want.num_rows
+    assert df["reward"].sum() == want.num_rows
+
+
+def test_arrow_sink_ipc_format(arrow_pipeline: pipeline.Pipeline) -> None:
+    producer = arrow_pipeline.producer(2, "--count", "20")
+    producer.start()
+    sink = arrow_pipeline.arrow_sink("--format", "arrow", "--rotate-seconds", "1")
+    sink.start()
+    report = producer.result()
+    want = trajectories.expected({2: report["batches"]})
+    root = arrow_pipeline.arrow_dir
+
+    def rows() -> int:
+        return sum(
+            len(pa.ipc.open_file(p).read_all()) for _, _, p in arrow_stream.committed_files(root)
+        )
+
+    pipeline.wait_until("all rows", lambda: rows() == want.num_rows)
+    sink.terminate()
+    pipeline.assert_same(pipeline.read_arrow(root, "arrow"), want, "arrow sink (ipc)")
+
+
+def test_postgres_sink_writes_rows_once_and_migrates(
+    pg_pipeline: pipeline.Pipeline, pg: postgres.PostgresServer
+) -> None:
+    producer = pg_pipeline.producer(3, "--count", "60")
+    producer.start()
+    sink = pg_pipeline.postgres_sink("--batch-rows", "5000")
+    sink.start()
+    sink.wait_ready()
+    report = producer.result()
+    want = trajectories.expected({3: report["batches"]})
+    pipeline.wait_until("all rows", lambda: pipeline.postgres_rows(pg.dsn) == want.num_rows)
+    assert sink.terminate() == 0
+    pipeline.assert_same(pipeline.read_postgres(pg.dsn), want, "postgres sink")
+
+    with psycopg.connect(pg.dsn) as conn:
+        versions = [r[0] for r in conn.execute("SELECT version FROM relayrl.schema_migrations")]
+        offsets = conn.execute(
+            "SELECT stream, consumer, last_seq FROM relayrl.sink_offsets"
+        ).fetchall()
+        seqs = conn.execute(
+            "SELECT count(DISTINCT stream_seq), max(stream_seq) FROM relayrl.steps"
+        ).fetchone()
+    assert versions == [m.version for m in pg_sink.MIGRATIONS]
+    assert seqs is not None
+    assert offsets == [("RELAYRL_default_cartpole", "relayrl-sink-postgres", seqs[1])]
+
+    # A restart migrates nothing and writes nothing again.
+    sink.start()
+    sink.wait_ready()
+    assert sink.terminate() == 0
+    assert pipeline.postgres_rows(pg.dsn) == want.num_rows
+
+
+async def test_bad_messages_go_to_the_dead_letter_subject(
+    pg_pipeline: pipeline.Pipeline, pg: postgres.PostgresServer
+) -> None:
+    arrow = pg_pipeline.arrow_sink("--rotate-seconds", "1")
+    pgsink = pg_pipeline.postgres_sink()
+    for s in (arrow, pgsink):
+        s.start()
+        s.wait_ready()
+    nc = await nats.connect(pg_pipeline.nats.url)
+    try:
+        js = nc.jetstream()
+        good = trajectories.batch(4, 0)
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, good.schema) as w:
+            w.write_batch(good)
+        valid = sink.getvalue().to_pybytes()
+        v = streams.HEADER_SCHEMA_VERSION
+        garbage = await js.publish(SUBJECT, b"not arrow at all", headers={v: "1"})
+        unknown = await js.publish(SUBJECT, valid, headers={v: "99"})
+        missing = await js.publish(SUBJECT, valid)  # no version header
+        await js.publish(SUBJECT, valid, headers={v: "1"})
+
+        dead_subject = streams.deadletter_subject(pipeline.NAMESPACE, pipeline.AGENT)
+        sub = await js.pull_subscribe(dead_subject, durable=None)
+        dead: list[Msg] = []
+        for _ in range(50):
+            with contextlib.suppress(nats.errors.TimeoutError):
+                dead += await sub.fetch(10, timeout=1)
+            if len(dead) >= 6:
+                break
+        reasons = sorted(
+            (
+                (m.headers or {})[streams.HEADER_DEAD_SINK],
+                (m.headers or {})[streams.HEADER_DEAD_REASON],
+                int((m.headers or {})[streams.HEADER_ORIGINAL_SEQUENCE]),
+            )
+            for m in dead
+        )
+        assert reasons == sorted(
+            (kind, reason, seq)
+            for kind in ("arrow", "postgres")
+            for reason, seq in (
+                ("invalid-arrow", garbage.seq),
+                ("unknown-schema-version", unknown.seq),
+                ("unknown-schema-version", missing.seq),
+            )
+        )
+        assert all(m.data in (b"not arrow at all", valid) for m in dead)
+    finally:
+        await nc.close()
+
+    # The sinks kept going: the good message is stored, once.
+    want = trajectories.sort(pa.Table.from_batches([good]))
+    root = pg_pipeline.arrow_dir
+    pipeline.wait_until("arrow rows", lambda: pipeline.arrow_rows(root) == want.num_rows)
+    pipeline.wait_until("pg rows", lambda: pipeline.postgres_rows(pg.dsn) == want.num_rows)
+    assert arrow.alive()
+    assert pgsink.alive()
+    assert arrow.metric("relayrl_sink_dead_letters_total") == 3
+    for s in (arrow, pgsink):
+        assert s.terminate() == 0
+    pipeline.assert_same(pipeline.read_arrow(root), want, "arrow")
+    pipeline.assert_same(pipeline.read_postgres(pg.dsn), want, "postgres")
+
+
+def test_health_ready_and_metrics(arrow_pipeline: pipeline.Pipeline) -> None:
+    sink = arrow_pipeline.arrow_sink("--rotate-seconds", "1")
+    sink.start()
+    sink.wait_ready()
+    assert sink.get("/healthz")[0] == 200
+    producer = arrow_pipeline.producer(5, "--count", "10")
+    producer.start()
+    report = producer.result()
+    rows = report["batches"] * 400
+    pipeline.wait_until("committed", lambda: sink.metric("relayrl_sink_rows_total") == rows)
+    pipeline.wait_until("lag", lambda: sink.metric("relayrl_sink_lag_messages") == 0)
+    _, body = sink.get("/metrics")
+    for name in (
+        "relayrl_sink_messages_total",
+        "relayrl_sink_bytes_total",
+        "relayrl_sink_commit_seconds_bucket",
+        "relayrl_sink_committed_sequence",
+    ):
+        assert name in body
+    assert sink.metric("relayrl_sink_bytes_total") > 0
+    # Not ready once NATS is gone; ready again when it is back.
+    arrow_pipeline.nats.stop()
+    pipeline.wait_until("not ready", lambda: sink.get("/readyz")[0] == 503, 30)
+    arrow_pipeline.nats.start()
+    sink.wait_ready(30)
+    assert sink.terminate() == 0

@@ -1,0 +1,70 @@
+"""The Arrow sink's file commit protocol, without servers: temp, fsync, rename, resume."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from relayrl_runtime import spec
+from relayrl_runtime.sinks import arrow_stream, service
+from support import trajectories
+
+DAY1 = dt.datetime(2026, 3, 1, 23, 59, tzinfo=dt.UTC)
+DAY2 = dt.datetime(2026, 3, 2, 0, 1, tzinfo=dt.UTC)
+
+
+def _temp_files(root: Path) -> list[Path]:
+    return list(root.rglob(".part-*.tmp"))
+
+
+def _delivery(seq: int, when: dt.datetime) -> service.Delivery:
+    table = pa.Table.from_batches([trajectories.batch(1, seq)])
+    return service.Delivery(seq=seq, time=when, table=table, schema_version=1, size=table.nbytes)
+
+
+async def test_commit_renames_and_restart_resumes_after_it(tmp_path: Path) -> None:
+    w = arrow_stream.ArrowStreamWriter(tmp_path, trajectories.AGENT)
+    assert await w.open() == 0
+    await w.add(_delivery(1, DAY1))
+    await w.add(_delivery(2, DAY1))
+    await w.add(_delivery(3, DAY2))  # a new day: the first file is finished
+    await w.commit(4)  # seq 4 was a dead letter: recorded as done
+    await w.add(_delivery(5, DAY2))  # never committed: the process "crashes"
+    assert len(_temp_files(tmp_path)) == 1
+
+    files = arrow_stream.committed_files(tmp_path)
+    assert [(first, last) for first, last, _ in files] == [(1, 2), (3, 4)]
+    assert files[0][2].parent == tmp_path / "agent=cartpole" / "date=2026-03-01"
+    assert files[1][2].parent == tmp_path / "agent=cartpole" / "date=2026-03-02"
+    assert pq.read_table(files[0][2]).num_rows == 800
+    assert "agent" not in pq.read_schema(files[0][2]).names  # it lives in the path
+
+    again = arrow_stream.ArrowStreamWriter(tmp_path, trajectories.AGENT, spec.SinkFormat.PARQUET)
+    assert await again.open() == 4
+    assert not _temp_files(tmp_path), "uncommitted temp file removed"
+    await again.close()
+    await w.close()
+
+
+async def test_rotation_is_due_by_size_and_time(tmp_path: Path) -> None:
+    w = arrow_stream.ArrowStreamWriter(
+        tmp_path, trajectories.AGENT, spec.SinkFormat.ARROW, rotate_bytes=50_000, rotate_seconds=60
+    )
+    await w.open()
+    assert not w.due(0)
+    await w.add(_delivery(1, DAY1))
+    assert not w.due(w._file.opened if w._file else 0)
+    await w.add(_delivery(2, DAY1))
+    await w.add(_delivery(3, DAY1))
+    assert w.due(0.0 + (w._file.opened if w._file else 0))  # size
+    await w.commit(3)
+    await w.add(_delivery(4, DAY1))
+    assert w._file is not None
+    assert w.due(w._file.opened + 61)  # time
+    await w.commit(4)
+    await w.close()
+    tables = [pa.ipc.open_file(p).read_all() for _, _, p in arrow_stream.committed_files(tmp_path)]
+    assert sum(t.num_rows for t in tables) == 1600

@@ -1,0 +1,53 @@
+"""What a sink accepts, and the dead-letter reason for what it does not."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+
+from relayrl_runtime import streams
+from relayrl_runtime.sinks import service
+from support import trajectories
+
+V = streams.HEADER_SCHEMA_VERSION
+
+
+def _ipc(batch: pa.RecordBatch) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, batch.schema) as w:
+        w.write_batch(batch)
+    return bytes(sink.getvalue().to_pybytes())
+
+
+def test_a_good_message_decodes() -> None:
+    batch = trajectories.batch(1, 0)
+    table, version = service.decode(_ipc(batch), {V: "1"}, trajectories.AGENT)
+    assert version == 1
+    assert table.num_rows == batch.num_rows
+
+
+@pytest.mark.parametrize(
+    ("payload", "headers", "reason"),
+    [
+        (b"garbage", {V: "1"}, "invalid-arrow"),
+        (None, {V: "2"}, "unknown-schema-version"),
+        (None, {}, "unknown-schema-version"),
+        (None, {V: "x"}, "unknown-schema-version"),
+    ],
+)
+def test_bad_messages_carry_a_reason(
+    payload: bytes | None, headers: dict[str, str], reason: str
+) -> None:
+    data = payload if payload is not None else _ipc(trajectories.batch(1, 0))
+    with pytest.raises(service.InvalidMessageError) as err:
+        service.decode(data, headers, trajectories.AGENT)
+    assert err.value.reason == reason
+
+
+def test_missing_columns_and_foreign_agent_are_schema_mismatches() -> None:
+    batch = trajectories.batch(1, 0)
+    no_step = batch.drop_columns(["step"])
+    with pytest.raises(service.InvalidMessageError, match="missing columns"):
+        service.decode(_ipc(no_step), {V: "1"})
+    with pytest.raises(service.InvalidMessageError, match="Agent 'other'"):
+        service.decode(_ipc(batch), {V: "1"}, "other")
