@@ -10,43 +10,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import sys
-import time
 from collections.abc import Sequence
 
 import kopf
 import prometheus_client
 
 from relayrl_operator import crd, kube, metrics, natsadmin, settings
-
-
-class _JsonFormatter(logging.Formatter):
-    """One JSON object per line: what log collectors in a cluster expect."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        out = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            out["exception"] = self.formatException(record.exc_info)
-        return json.dumps(out)
+from relayrl_runtime import logs
 
 
 def _setup_logging(level: str, fmt: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
-    # Kopf logs every watch event at debug; keep it at info unless asked.
-    logging.getLogger("kopf").setLevel(max(logging.INFO, logging.getLevelName(level.upper())))
+    logs.setup(fmt, logging.getLevelName(level.upper()))
+    # Kopf logs every watch event at debug and every handler run at info: at fleet
+    # scale that is most of the operator's I/O. Keep Kopf's own lines to warnings
+    # unless debugging.
+    if logging.getLevelName(level.upper()) > logging.DEBUG:
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+        logging.getLogger("kopf").setLevel(logging.INFO)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 

@@ -14,37 +14,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from relayrl_runtime import spec, streams
+from relayrl_runtime import logs, spec, streams
 from relayrl_runtime.sinks import service
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        out = {
-            "time": self.formatTime(record),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out)
-
-
-def _setup_logging(fmt: str, level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -148,7 +125,7 @@ async def _run(svc: service.SinkService) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point."""
     args = _parser().parse_args(argv)
-    _setup_logging(args.log_format, args.log_level)
+    logs.setup(args.log_format, logging.getLevelName(args.log_level.upper()))
     try:
         svc = build(args)
         asyncio.run(_run(svc))
