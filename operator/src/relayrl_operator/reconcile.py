@@ -239,8 +239,15 @@ class Reconciler:
     async def _resync(self) -> None:
         while True:
             await asyncio.sleep(self._settings.resync_seconds)
+            # The Prometheus Operator may have been installed (or removed) since.
+            try:
+                self._podmonitors = await self._client.has_api(monitoring.API_VERSION)
+            except kube.ApiError as err:
+                log.info("cannot check for %s: %s", monitoring.API_VERSION, err)
             for key, state in list(self._states.items()):
                 state.needs_apply = True
+                if state.stream_ready:
+                    state.stream_ready = None  # check the stream still exists on this pass
                 self.enqueue(key)
             self._count_phases()
 
@@ -380,7 +387,17 @@ class Reconciler:
         results = await asyncio.gather(
             *(self._client.apply(obj) for obj in desired), return_exceptions=True
         )
-        for obj, result in zip(desired, results, strict=True):
+        for obj, result in zip(list(desired), results, strict=True):
+            if (
+                isinstance(result, kube.ApiError)
+                and result.status == 404
+                and obj["kind"] == kube.PODMONITOR.kind
+            ):
+                # The Prometheus Operator's CRDs went away: no PodMonitors until they
+                # are back (checked on every resync).
+                self._podmonitors = False
+                desired.remove(obj)
+                continue
             if isinstance(result, BaseException):
                 raise result
             created = result.get("metadata", {}).get("creationTimestamp") and (

@@ -235,3 +235,61 @@ def test_operator_killed_mid_reconcile_converges_after_restart(
         agents.wait_phase(name, "Ready", timeout=90)
     page = operator.metrics()
     assert 'relayrl_operator_reconciles_total{result="ok"}' in page
+
+
+PODMONITOR_CRD = {
+    "apiVersion": "apiextensions.k8s.io/v1",
+    "kind": "CustomResourceDefinition",
+    "metadata": {"name": "podmonitors.monitoring.coreos.com"},
+    "spec": {
+        "group": "monitoring.coreos.com",
+        "scope": "Namespaced",
+        "names": {"kind": "PodMonitor", "plural": "podmonitors", "singular": "podmonitor"},
+        "versions": [
+            {
+                "name": "v1",
+                "served": True,
+                "storage": True,
+                "schema": {
+                    "openAPIV3Schema": {
+                        "type": "object",
+                        "x-kubernetes-preserve-unknown-fields": True,
+                    }
+                },
+            }
+        ],
+    },
+}
+
+
+@pytest.mark.usefixtures("operator")
+def test_podmonitor_appears_once_the_prometheus_operator_api_exists(
+    agents: fleet.Agents, nats: natsserver.NatsServer, namespace: str
+) -> None:
+    """A stand-in PodMonitor CRD (the Prometheus Operator's is not on any registry here)."""
+    k8s = agents.k8s
+    ext = client.ApiextensionsV1Api(k8s.api)
+    custom = client.CustomObjectsApi(k8s.api)
+    ext.create_custom_resource_definition(PODMONITOR_CRD)
+    try:
+        agents.create(manifest(nats.url))
+        agents.wait_phase("cartpole", "Ready")
+
+        def podmonitor() -> dict[str, Any] | None:
+            try:
+                found: dict[str, Any] = custom.get_namespaced_custom_object(
+                    "monitoring.coreos.com", "v1", namespace, "podmonitors", "cartpole"
+                )
+            except client.ApiException as err:
+                if err.status == 404:
+                    return None
+                raise
+            return found
+
+        found = testing.wait_for(podmonitor, timeout=60, what="the Agent's PodMonitor")
+        assert found["spec"]["selector"]["matchLabels"] == {"relayrl.io/agent": "cartpole"}
+        assert found["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+        agents.delete("cartpole")
+        testing.wait_for(lambda: podmonitor() is None, timeout=60, what="PodMonitor collected")
+    finally:
+        ext.delete_custom_resource_definition("podmonitors.monitoring.coreos.com")
