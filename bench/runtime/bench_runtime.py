@@ -9,7 +9,8 @@
    this machine is shared and a single round is noisy.
 2. Agent.request_action p50/p99 for 1 and 64 actors.
 3. Remote-client round trip p50/p99 against a bare pyzmq DEALER/ROUTER echo of the same
-   request bytes (both servers in a thread of this process).
+   request bytes (both servers in a thread of this process, measured in alternating
+   blocks of calls, like the rounds of 1).
 """
 
 from __future__ import annotations
@@ -108,22 +109,15 @@ def _echo(sock_addr: list[str], ready: threading.Event, stop: threading.Event) -
     sock.close()
 
 
-def remote(model: Path, calls: int) -> None:
-    print(f"\n3. remote round trip, 1 actor ({calls} calls)")
+def remote(model: Path, calls: int, blocks: int = 10) -> None:
+    print(f"\n3. remote round trip, 1 actor ({calls} calls each, {blocks} alternating blocks)")
     a = agent_mod.Agent(model, actor_count=0, seed=0)
     ep = endpoint.RemoteEndpoint(a, "tcp://127.0.0.1:0")
     address = ep.start()
     obs = np.zeros((1, 4), dtype=np.float32)
     c = client.RemoteClient(address)
     ids = c.new_actors(1)
-    rt = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        c.request_action(ids, obs, reward=1.0)
-        rt.append(time.perf_counter() - t0)
-    c.close()
-    ep.stop()
-    a.shutdown()
+    # The echo gets the very bytes a runtime request carries.
     frames = [
         wire.header(wire.Op.REQUEST_ACTION, 1),
         wire.pack_array(np.asarray(ids, np.int64)),
@@ -140,15 +134,27 @@ def remote(model: Path, calls: int) -> None:
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(addr[0])
-    echo = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        sock.send_multipart(frames)
-        sock.recv_multipart()
-        echo.append(time.perf_counter() - t0)
+    # Blocks alternate between the two, so a change in machine load hits both alike;
+    # both servers are up throughout (the idle one waits in zmq_poll, off the GIL).
+    rt: list[float] = []
+    echo: list[float] = []
+    per_block = max(1, calls // blocks)
+    for _ in range(blocks):
+        for _ in range(per_block):
+            t0 = time.perf_counter()
+            c.request_action(ids, obs, reward=1.0)
+            rt.append(time.perf_counter() - t0)
+        for _ in range(per_block):
+            t0 = time.perf_counter()
+            sock.send_multipart(frames)
+            sock.recv_multipart()
+            echo.append(time.perf_counter() - t0)
     sock.close()
     stop.set()
     thread.join()
+    c.close()
+    ep.stop()
+    a.shutdown()
     r50, r99 = np.percentile(np.asarray(rt) * 1e6, [50, 99])
     e50, e99 = np.percentile(np.asarray(echo) * 1e6, [50, 99])
     print(f"{'':>12} {'p50 us':>10} {'p99 us':>10}")

@@ -8,11 +8,12 @@ What users (and the env drivers, the ZMQ endpoint and the process in `app`) call
     agent.flag_last_action([2], reward=[1.0])
     agent.shutdown()
 
-A request for N actors is one forward pass (shared model mode) and one columnar write;
-finished trajectories go to router threads. Methods are thread-safe (one lock around the
-pool); the `a*` variants run the same calls on the agent's inference thread for asyncio
-code. Every method validates its input before touching state, so an error leaves the
-agent unchanged.
+A request for N actors is one forward pass (shared model mode) and a few vectorised
+writes into the pool; finished trajectories leave in batches (an outbox of `pool.Chunk`s)
+for the router threads, which do the Arrow encoding off the request path. Methods are
+thread-safe (one lock around the pool); the `a*` variants run the same calls on the
+agent's inference thread for asyncio code. Every method validates its input before
+touching state, so an error leaves the agent unchanged.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +43,12 @@ ActorIds = int | Sequence[int] | npt.NDArray[np.integer[Any]]
 Floats = float | Sequence[float] | npt.NDArray[np.floating[Any]]
 Bools = bool | Sequence[bool] | npt.NDArray[np.bool_]
 ModelRef = Path | str | policy.Policy
+# Episodes that ended with the previous action: positions, terminated, truncated.
+Ended = tuple[npt.NDArray[np.intp], npt.NDArray[np.bool_], npt.NDArray[np.bool_]]
 
-# Outbox limits: rows and age before finished trajectories go to a router.
-_OUTBOX_ROWS = 8192
+# Outbox limits: rows and age before finished trajectories go to a router. Large
+# batches keep the routers' per-batch Python work (and their GIL time) small.
+_OUTBOX_ROWS = 16384
 _OUTBOX_SECONDS = 0.5
 
 
@@ -130,12 +134,12 @@ class Agent:
         self.metrics = metrics_ if metrics_ is not None else metrics.RuntimeMetrics()
         self._format = None if model_format is None else spec.ModelFormat(model_format)
         self._model_metadata = model_metadata
-        self._rng = np.random.default_rng(seed)
+        self._rng = policy.Sampler(seed)
         self._lock = threading.RLock()
         self._reload_lock = threading.Lock()
         self._closed = False
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self._outbox: list[trajectory.Steps] = []
+        self._outbox: list[pool_mod.Chunk] = []
         self._outbox_rows = 0
         self._outbox_since = 0.0
 
@@ -228,17 +232,37 @@ class Agent:
         obs: npt.NDArray[np.generic],
         mask: npt.NDArray[np.generic] | None = None,
         reward: Floats = 0.0,
+        on_result: Callable[[ActionResult], None] | None = None,
+        *,
+        ended: Ended | None = None,
     ) -> ActionResult:
         """Actions for these actors from one forward pass.
 
         `obs` has one row per actor id; `reward` (scalar or one per actor) is the reward
         for each actor's previous action; `mask` (discrete models) marks allowed actions.
+        `on_result`, if given, gets the result as soon as the actions are chosen, before
+        the step is recorded (still under the agent's lock, so it must be quick and must
+        not call the agent): a network reply can leave before the bookkeeping.
+
+        `ended` = (positions, terminated, truncated): the actors at these positions of
+        `actor_ids` finished their episode with their previous action (whose reward is
+        theirs in `reward`); it is `flag_last_action` for them, done first in the same
+        call. Their `obs` row then starts the next episode. Env drivers use it to end
+        episodes and step again with one lock and one id lookup.
         """
+        # The hot path: keep it to a few calls (no per-request objects beyond the result).
         ids = _ids(actor_ids)
         n = len(ids)
-        rewards = _per_actor("reward", reward, n, np.float64)
+        rewards: Any = reward
+        if type(reward) is not np.ndarray or reward.dtype != np.float64:
+            rewards = _per_actor("reward", reward, n, np.float64)
+        elif reward.shape != (n,):
+            raise errors.InvalidArgumentError.mismatch(
+                "reward.shape", f"scalar or [{n}]", list(reward.shape)
+            )
         with self._lock:
-            self._check_open()
+            if self._closed:
+                self._check_open()
             try:
                 rows = self._pool.rows_for(ids)
                 pol = self._policy
@@ -247,6 +271,8 @@ class Agent:
             except errors.RelayRLError as err:
                 self.metrics.request_errors.labels(err.kind).inc()
                 raise
+            if ended is not None:
+                self._end_at(rows, rewards, ended)
             t_obs = time.time_ns() // 1000
             t0 = time.perf_counter()
             if self.mode is spec.ModelMode.SHARED or n == 0:
@@ -254,28 +280,44 @@ class Agent:
             else:
                 out = self._act_independent(rows, obs, m)
             elapsed = time.perf_counter() - t0
-            t_act = time.time_ns() // 1000
-            record = pool_mod.StepRecord(
-                obs=obs,
-                action=out.actions,
-                mask=m,
-                aux=out.outputs,
-                version=out.version,
-                obs_time_us=t_obs,
-                action_time_us=t_act,
-            )
-            cut = self._pool.record(rows, record, rewards)
+            stamps = (out.version, t_obs, time.time_ns() // 1000)
+            result = ActionResult(out.actions, out.outputs, out.version, self.layout, m)
+            if on_result is not None:
+                on_result(result)
+            cut = self._pool.record(rows, obs, out.actions, m, out.outputs, stamps, rewards)
             if cut is not None:
                 self._outbox_add(cut)
-            ready = self._outbox_take(t0)
+            ready = self._outbox_take(t0) if self._outbox else None
         mt = self.metrics
         mt.inference_seconds.observe(elapsed)
         mt.batch_size.observe(n)
-        mt.requests.inc()
-        mt.actions.inc(n)
+        mt.requests.value += 1
+        mt.actions.value += n
         if ready is not None:
             self._routers.submit(ready)
-        return ActionResult(out.actions, out.outputs, out.version, self.layout, m)
+        return result
+
+    def _end_at(self, rows: npt.NDArray[np.int64], rewards: Any, ended: Ended) -> None:
+        positions, terminated, truncated = ended
+        k = len(positions)
+        if (
+            terminated.shape != (k,)
+            or truncated.shape != (k,)
+            or terminated.dtype != np.bool_
+            or truncated.dtype != np.bool_
+        ):
+            raise errors.InvalidArgumentError.mismatch(
+                "ended", f"positions and two bool arrays of length {k}", ended
+            )
+        listed = positions.tolist()
+        if k and (min(listed) < 0 or max(listed) >= len(rows)):
+            raise errors.InvalidArgumentError.mismatch(
+                "ended.positions", f"positions in [0, {len(rows)})", listed
+            )
+        r = rewards[positions] if isinstance(rewards, np.ndarray) else rewards
+        done = self._pool.flag_last(rows[positions], r, terminated, truncated)
+        if done is not None:
+            self._outbox_add(done)
 
     def _act_independent(
         self,
@@ -311,10 +353,8 @@ class Agent:
         ids = _ids(actor_ids)
         n = len(ids)
         rewards = _per_actor("reward", reward, n, np.float64)
-        term = _per_actor("terminated", terminated, n, np.bool_)
-        trunc = _per_actor("truncated", truncated, n, np.bool_)
-        term_arr = np.broadcast_to(term, (n,)).copy() if np.ndim(term) == 0 else term
-        trunc_arr = np.broadcast_to(trunc, (n,)).copy() if np.ndim(trunc) == 0 else trunc
+        term_arr = _flags("terminated", terminated, n)
+        trunc_arr = _flags("truncated", truncated, n)
         with self._lock:
             self._check_open()
             rows = self._pool.rows_for(ids)
@@ -327,17 +367,39 @@ class Agent:
             self._routers.submit(ready)
         return done.trajectories
 
+    def cut_trajectories(self, actor_ids: ActorIds, reward: Floats = 0.0) -> int:
+        """Cut these actors' in-progress trajectories (truncated and cut); episodes end.
+
+        `reward` is for each actor's last action. For a runtime that restarts an
+        actor's environment (a resized env driver). Returns trajectories finished.
+        """
+        ids = _ids(actor_ids)
+        n = len(ids)
+        rewards = _per_actor("reward", reward, n, np.float64)
+        with self._lock:
+            self._check_open()
+            rows = self._pool.rows_for(ids)
+            no = np.zeros(n, dtype=np.bool_)
+            done = self._pool.flag_last(rows, rewards, no, ~no, cut=True)
+            if done is None:
+                return 0
+            self._outbox_add(done)
+            ready = self._outbox_take(time.perf_counter())
+        if ready is not None:
+            self._routers.submit(ready)
+        return done.trajectories
+
     # Finished trajectories wait in a small outbox and go to the routers in batches of
     # `_OUTBOX_ROWS` rows or after `_OUTBOX_SECONDS`, so the request path pays for one
     # queue hand-off per batch rather than one per trajectory.
 
-    def _outbox_add(self, steps: trajectory.Steps) -> None:
+    def _outbox_add(self, chunk: pool_mod.Chunk) -> None:
         if not self._outbox:
             self._outbox_since = time.perf_counter()
-        self._outbox.append(steps)
-        self._outbox_rows += steps.rows
+        self._outbox.append(chunk)
+        self._outbox_rows += chunk.rows
 
-    def _outbox_take(self, now: float, force: bool = False) -> trajectory.Steps | None:
+    def _outbox_take(self, now: float, force: bool = False) -> list[pool_mod.Chunk] | None:
         if not self._outbox:
             return None
         if (
@@ -346,10 +408,10 @@ class Agent:
             and now - self._outbox_since < _OUTBOX_SECONDS
         ):
             return None
-        steps = trajectory.concat(self._outbox)
+        chunks = self._outbox
         self._outbox = []
         self._outbox_rows = 0
-        return steps
+        return chunks
 
     # ------------------------------------------------------------------ actors
 
@@ -402,6 +464,11 @@ class Agent:
         with self._lock:
             self._check_open()
             self._pool.rename(int(current_id), int(new_id))
+
+    @property
+    def actor_count(self) -> int:
+        """Number of actors (no lock: for metrics and status reports)."""
+        return len(self._pool)
 
     def get_actor_ids(self) -> list[int]:
         """Ids of all actors."""
@@ -527,7 +594,19 @@ class Agent:
             executor.shutdown(wait=True)
 
 
+def _flags(field: str, value: Bools, n: int) -> npt.NDArray[np.bool_]:
+    """One bool per actor from a scalar or an array."""
+    if type(value) is np.ndarray and value.dtype == np.bool_ and value.shape == (n,):
+        return value
+    if np.ndim(value) == 0:
+        return np.full(n, bool(value), dtype=np.bool_)
+    arr: npt.NDArray[np.bool_] = _per_actor(field, value, n, np.bool_)
+    return arr
+
+
 def _ids(actor_ids: ActorIds) -> npt.NDArray[np.int64]:
+    if type(actor_ids) is np.ndarray and actor_ids.dtype == np.int64 and actor_ids.ndim == 1:
+        return actor_ids  # type: ignore[return-value]
     arr = np.asarray(actor_ids)
     if arr.dtype.kind not in "iu":
         raise errors.InvalidArgumentError.mismatch("actor_ids", "integer ids", arr.dtype)
@@ -536,6 +615,8 @@ def _ids(actor_ids: ActorIds) -> npt.NDArray[np.int64]:
 
 def _per_actor(field: str, value: Any, n: int, dtype: type[np.generic]) -> Any:
     """A scalar, or an array of length n, of dtype."""
+    if type(value) is np.ndarray and value.dtype == dtype and value.shape == (n,):
+        return value
     if np.ndim(value) == 0:
         return dtype(value)
     arr = np.asarray(value, dtype=dtype)

@@ -2,10 +2,14 @@
 
 `App.run` owns everything it starts and tears it down in reverse on the way out:
 the HTTP server (/metrics, /healthz, /readyz), the model (local path or registry), the
-sink, the agent and its routers, the hot-reload watcher task, and the environment
+sink (local files, or the NATS publisher when the config has no `localSink`), the agent
+and its routers, the hot-reload watcher task, the config-file watcher (`live`), the
+status reporter (`reporting`, when the process talks to NATS), and the environment
 source (a gymnasium/python driver thread or the ZMQ endpoint thread). SIGTERM or SIGINT
 (or a configured run limit) starts the drain: stop stepping, cut and flush partial
 trajectories, let routers write everything queued, close the sink, then exit 0.
+
+Servers bind `server.host`, or `RELAYRL_BIND_ADDRESS` when it is set (`config.bind_host`).
 """
 
 from __future__ import annotations
@@ -16,17 +20,33 @@ import logging
 import signal
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from relayrl_runtime import agent as agent_mod
-from relayrl_runtime import config, errors, httpserver, metrics, registry, reload, spec
+from relayrl_runtime import (
+    config,
+    errors,
+    httpserver,
+    live,
+    metrics,
+    registry,
+    reload,
+    reporting,
+    spec,
+    streams,
+)
 from relayrl_runtime.envs import driver, gym, python
 from relayrl_runtime.sinks import base as sink_base
 from relayrl_runtime.sinks import local
-from relayrl_runtime.transport import endpoint
+from relayrl_runtime.transport import endpoint, publisher
+
+# How long the first NATS connection may take when the model comes from the registry
+# (nothing can run before it); later disconnects are retried forever.
+_NATS_CONNECT_SECONDS = 60.0
 
 log = logging.getLogger(__name__)
 
@@ -34,20 +54,42 @@ log = logging.getLogger(__name__)
 class App:
     """One runtime process for one config."""
 
-    def __init__(self, cfg: config.RuntimeConfig, *, model_cache: Path | None = None) -> None:
+    def __init__(
+        self,
+        cfg: config.RuntimeConfig,
+        *,
+        model_cache: Path | None = None,
+        config_path: Path | None = None,
+        config_bytes: bytes | None = None,
+        config_poll_seconds: float = 1.0,
+    ) -> None:
         self.cfg = cfg
         self.metrics = metrics.RuntimeMetrics()
         self.model_cache = model_cache
+        self.config_path = config_path
+        self.config_bytes = config_bytes
+        self.config_poll_seconds = config_poll_seconds
+        self.bind_host = config.bind_host(cfg)
+        self.pod = config.pod_name(cfg)
         self.agent: agent_mod.Agent | None = None
         self.sink: sink_base.TrajectorySink | None = None
         self.stats: driver.DriverStats | None = None
         self.http_port: int | None = None
         self.remote_address: str | None = None
+        self.reporter: reporting.Reporter | None = None
         self._failed: str | None = None
         self._stop = asyncio.Event()
         self._drv_stop = threading.Event()
         self._endpoint: endpoint.RemoteEndpoint | None = None
+        self._driver: driver.EnvDriver | None = None
+        self._watcher: reload.PathWatcher | reload.RegistryWatcher | None = None
+        self._nc: Any = None
         self._source_task: asyncio.Task[driver.DriverStats] | None = None
+
+    @property
+    def uses_nats(self) -> bool:
+        """Whether this process talks to NATS (publisher or model registry)."""
+        return self.cfg.local_sink is None or self.cfg.model.uri.startswith(registry.SCHEME + "://")
 
     # ------------------------------------------------------------------ probes
 
@@ -81,11 +123,10 @@ class App:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stop)
         server = httpserver.HttpServer(
-            self.metrics.exposition, self.healthy, self.ready, cfg.server.host, cfg.server.port
+            self.metrics.exposition, self.healthy, self.ready, self.bind_host, cfg.server.port
         )
         self.http_port = await server.start()
-        log.info("http server on %s:%d", cfg.server.host, self.http_port)
-        nc: Any = None
+        log.info("http server on %s:%d", self.bind_host, self.http_port)
         tasks: list[asyncio.Task[Any]] = []
         cache_dir = None
         code = 0
@@ -94,7 +135,7 @@ class App:
             if cache is None:
                 cache_dir = tempfile.TemporaryDirectory(prefix="relayrl-models-")
                 cache = Path(cache_dir.name)
-            model_path, watcher_factory, nc = await self._resolve_model(cache)
+            model_path, watcher_factory = await self._resolve_model(cache)
             self.sink = self._build_sink()
             self.agent = await asyncio.to_thread(self._build_agent, model_path)
             log.info(
@@ -104,9 +145,21 @@ class App:
                 self.agent.router_scale,
                 self.agent.get_model_version(),
             )
+            self._watcher = watcher_factory(self.agent)
             if cfg.reload.enabled:
-                tasks.append(asyncio.create_task(watcher_factory(self.agent).run()))
+                tasks.append(asyncio.create_task(self._watcher.run()))
             source = await self._start_source()
+            if self.config_path is not None:
+                watcher = live.ConfigWatcher(
+                    self.config_path,
+                    cfg,
+                    self.apply_config,
+                    poll_seconds=self.config_poll_seconds,
+                    loaded=self.config_bytes,
+                )
+                tasks.append(asyncio.create_task(watcher.run()))
+            if self.uses_nats:
+                tasks.append(asyncio.create_task(self._report()))
             waiters: list[asyncio.Task[Any]] = [asyncio.create_task(self._stop.wait())]
             if source is not None:
                 waiters.append(source)
@@ -129,9 +182,9 @@ class App:
             code = 2
         finally:
             code = await self._drain(tasks, code)
-            if nc is not None:
+            if self._nc is not None:
                 with contextlib.suppress(Exception):
-                    await nc.close()
+                    await self._nc.close()
             await server.close()
             if cache_dir is not None:
                 cache_dir.cleanup()
@@ -142,14 +195,26 @@ class App:
         for task in tasks:
             task.cancel()
         for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await task
+            except asyncio.CancelledError:
+                pass
+            except Exception:  # a background task that failed must not stop the drain
+                log.exception("background task %s failed", task.get_name())
         if self._source_task is not None:
             try:
                 self.stats = await self._source_task
             except errors.RelayRLError as err:
                 log.error("environment driver failed: %s", err)
                 code = code or 2
+            else:
+                # Every recorded step is flushed below, so a reader can check that the
+                # trajectories written hold exactly `env_steps` rows.
+                log.info(
+                    "environment driver stopped after %d env steps",
+                    self.stats.steps,
+                    extra={"env_steps": self.stats.steps, "episodes": self.stats.episodes},
+                )
         if self._endpoint is not None:
             await asyncio.to_thread(self._endpoint.stop)
         if self.agent is not None:
@@ -163,34 +228,56 @@ class App:
                 code = code or 3
         return code
 
-    async def _resolve_model(self, cache: Path) -> tuple[Path, Any, Any]:
+    def _nats_options(self) -> streams.ConnectOptions:
+        try:
+            return streams.nats_spec_options(self.cfg.trajectories.nats, name=self.pod)
+        except streams.ConnectError as err:
+            raise errors.InvalidArgumentError(f"trajectories.nats: {err}") from err
+
+    async def _resolve_model(self, cache: Path) -> tuple[Path, Any]:
         m = self.cfg.model
         poll = self.cfg.reload.poll_seconds
         if m.uri.startswith(registry.SCHEME + "://"):
             ref = registry.ModelRef.parse(m.uri, m.version)
-            nc = await registry.connect(self.cfg.trajectories.nats.url)
+            try:
+                nc = await streams.connect(self._nats_options(), deadline=_NATS_CONNECT_SECONDS)
+            except streams.ConnectError as err:
+                raise errors.ModelLoadError(f"model registry: {err}") from err
+            self._nc = nc
             path, entry = await registry.fetch(nc, ref, cache)
             log.info("model %s version %s fetched from the registry", ref.key, entry.version)
 
             def registry_watcher(a: agent_mod.Agent) -> reload.RegistryWatcher:
                 return reload.RegistryWatcher(a, nc, ref, cache, poll, entry.digest)
 
-            return path, registry_watcher, nc
+            return path, registry_watcher
         path = Path(m.uri.removeprefix("file://"))
 
         def path_watcher(a: agent_mod.Agent) -> reload.PathWatcher:
-            return reload.PathWatcher(a, path, poll)
+            return reload.PathWatcher(a, path, poll, m.version)
 
-        return path, path_watcher, None
+        return path, path_watcher
 
     def _build_sink(self) -> sink_base.TrajectorySink:
-        ls = self.cfg.local_sink
+        cfg = self.cfg
+        ls = cfg.local_sink
         if ls is None:
-            raise errors.InvalidArgumentError(
-                "localSink: expected a trajectory sink; this runtime build writes local "
-                "files only (the NATS publisher comes with the trajectory pipeline)"
+            nats_spec = cfg.trajectories.nats
+            pub = publisher.NatsPublisher(
+                self._nats_options(),
+                publisher.PublisherConfig(
+                    namespace=cfg.namespace,
+                    agent=cfg.agent,
+                    stream=nats_spec.stream,
+                    max_message_bytes=nats_spec.max_batch_bytes,
+                ),
+                publisher.PublisherMetrics(self.metrics.registry),
             )
-        prefix = f"{self.cfg.agent}-{self.cfg.pod_index}"
+            # Connects in the background; /readyz waits for it (sink.connected).
+            pub.start()
+            log.info("publishing trajectories on %s", pub.subject)
+            return pub
+        prefix = f"{cfg.agent}-{cfg.pod_index}"
         return local.LocalFileSink(
             Path(ls.path),
             ls.format,
@@ -198,6 +285,79 @@ class App:
             rotate_rows=ls.rotate_rows,
             rotate_seconds=ls.rotate_seconds,
         )
+
+    # ---------------------------------------------------------------- reporting
+
+    def _snapshot(self) -> reporting.PodReport:
+        agent = self.agent
+        return reporting.PodReport(
+            pod=self.pod,
+            model_version=None if agent is None else agent.get_model_version(),
+            actors=0 if agent is None else agent.actor_count,
+            ready=self.ready()[0],
+            time=time.time(),
+        )
+
+    async def _report(self) -> None:
+        """Report this pod's status to NATS (its own connection unless one is open)."""
+        nc = self._nc
+        own = nc is None
+        if own:
+            nc = await streams.connect(self._nats_options())
+        try:
+            self.reporter = reporting.Reporter(
+                nc.jetstream(), self.cfg.namespace, self.cfg.agent, self._snapshot
+            )
+            await self.reporter.run()
+        finally:
+            if own:
+                with contextlib.suppress(Exception):
+                    await nc.close()
+
+    # -------------------------------------------------------------- live config
+
+    def _slice_ids(self, cfg: config.RuntimeConfig) -> list[int]:
+        # Each env copy is one agent actor: actor a's copies get ids a*k .. a*k+k-1, so
+        # an actor keeps its ids (its global index) whatever slice it falls in.
+        copies = self._env_copies()
+        return [a * copies + j for a in cfg.actor_slice() for j in range(copies)]
+
+    async def apply_config(self, old: config.RuntimeConfig, new: config.RuntimeConfig) -> None:
+        """Apply the hot fields of a changed config (`live.ConfigWatcher` calls this)."""
+        agent = self.agent
+        if agent is None or agent.closed:
+            return
+        self.cfg = new
+        if new.routers != old.routers:
+            try:
+                routers = await asyncio.to_thread(
+                    agent.scale_throughput, new.routers - agent.router_scale
+                )
+                log.info("routers scaled to %d", routers)
+            except errors.RelayRLError as err:
+                log.error("routers: could not scale to %d: %s", new.routers, err)
+        if self._slice_ids(old) != self._slice_ids(new):
+            if self._driver is None:
+                log.info(
+                    "actors: %s; this process's actors come from remote clients",
+                    list(new.actor_slice()),
+                )
+            else:
+                try:
+                    await asyncio.to_thread(self._driver.resize, self._slice_ids(new))
+                    log.info(
+                        "actors: now running global actors %s (%d env copies)",
+                        list(new.actor_slice()),
+                        len(self._driver.actor_ids),
+                    )
+                except errors.RelayRLError as err:
+                    log.error("actors: could not apply the new slice: %s", err)
+        if new.model.version != old.model.version and self._watcher is not None:
+            log.info(
+                "model.version: %s",
+                "newest" if new.model.version is None else new.model.version,
+            )
+            await self._watcher.follow(new.model.version)
 
     def _env_copies(self) -> int:
         env = self.cfg.environment
@@ -209,10 +369,7 @@ class App:
 
     def _build_agent(self, model_path: Path) -> agent_mod.Agent:
         cfg = self.cfg
-        copies = self._env_copies()
-        actors = cfg.actor_slice()
-        # Each env copy is one agent actor: actor a's copies get ids a*k .. a*k+k-1.
-        ids = [a * copies + j for a in actors for j in range(copies)]
+        ids = self._slice_ids(cfg)
         return agent_mod.Agent(
             model_path,
             actor_count=len(ids),
@@ -240,22 +397,26 @@ class App:
         if env.remote is not None:
             self._endpoint = endpoint.RemoteEndpoint(
                 agent,
-                f"tcp://*:{env.remote.port}",
+                endpoint.tcp_address(self.bind_host, env.remote.port),
                 max_frame_bytes=env.remote.max_frame_bytes,
                 max_clients=env.remote.max_clients,
+                client_idle_seconds=cfg.limits.remote_client_idle_seconds,
             )
             self.remote_address = await asyncio.to_thread(self._endpoint.start)
             return None
         ids = np.asarray(agent.get_actor_ids(), dtype=np.int64)
-        if len(ids) == 0:
-            return None
-        if env.gymnasium is not None:
-            g = env.gymnasium
-            venv = gym.make(g.id, len(ids), vector_mode=g.vector_mode, kwargs=g.kwargs)
-        else:
+
+        def make_env(count: int) -> driver.VecEnv:
+            if env.gymnasium is not None:
+                g = env.gymnasium
+                return gym.make(g.id, count, vector_mode=g.vector_mode, kwargs=g.kwargs)
             assert env.python is not None
-            venv = python.make(env.python.entry_point, len(ids), env.python.kwargs)
-        drv = driver.EnvDriver(agent, venv, ids, seed=cfg.policy.seed)
+            return python.make(env.python.entry_point, count, env.python.kwargs)
+
+        # An empty slice still gets a driver: a live config change may give it actors.
+        venv = await asyncio.to_thread(make_env, len(ids)) if len(ids) else None
+        drv = driver.EnvDriver(agent, venv, ids, seed=cfg.policy.seed, make_env=make_env)
+        self._driver = drv
 
         def run() -> driver.DriverStats:
             try:
@@ -271,8 +432,9 @@ def main(config_path: Path) -> int:
     """Load the config and run the process; the CLI's `run` subcommand."""
     from relayrl_runtime import logs
 
-    cfg = config.load(config_path)
+    data = config_path.read_bytes()
+    cfg = config.parse(data, str(config_path))
     logs.setup(cfg.log_format.value)
     if cfg.device is spec.Device.CUDA:
         log.info("device cuda requested")
-    return asyncio.run(App(cfg).run())
+    return asyncio.run(App(cfg, config_path=config_path, config_bytes=data).run())

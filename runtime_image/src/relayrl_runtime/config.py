@@ -28,6 +28,15 @@ CONFIG_VERSION: Final = 1
 ENV_POD_INDEX: Final = "RELAYRL_POD_INDEX"
 ENV_POD_NAME: Final = "RELAYRL_POD_NAME"
 ENV_NAMESPACE: Final = "RELAYRL_NAMESPACE"
+# Address the HTTP server and the ZMQ endpoint bind instead of `server.host`: the
+# operator sets it from the pod IP (the local stack's process node runs several pods as
+# host processes, each with its own 127.0.0.0/8 address).
+ENV_BIND_ADDRESS: Final = "RELAYRL_BIND_ADDRESS"
+
+
+# Paths (wire names) of the fields a running process applies from its mounted config
+# file without a restart (`live`); a change to any other field needs a new pod.
+HOT_FIELDS: Final = (("model", "version"), ("routers",), ("actors",), ("actorsPerPod",))
 
 
 class LocalSink(spec.SpecModel):
@@ -64,10 +73,19 @@ class ReloadConfig(spec.SpecModel):
 
 
 class RunLimits(spec.SpecModel):
-    """Stop by itself after a bound (demos, tests); unset runs until SIGTERM."""
+    """Bounds: stop by itself after a run limit (demos, tests; unset runs until SIGTERM),
+    and forget remote clients that went quiet."""
 
     max_env_steps: int | None = Field(default=None, ge=1, description="Env steps, then drain.")
     max_seconds: float | None = Field(default=None, gt=0, description="Seconds, then drain.")
+    remote_client_idle_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description=(
+            "A remote client that sends nothing for this long is gone: its actors are "
+            "removed and their partial trajectories flushed."
+        ),
+    )
 
 
 class LogFormat(enum.StrEnum):
@@ -132,6 +150,18 @@ class RuntimeConfig(spec.SpecModel):
         return range(start, min(start + per_pod, self.actors))
 
 
+def bind_host(cfg: RuntimeConfig, environ: Mapping[str, str] | None = None) -> str:
+    """The address servers listen on: `RELAYRL_BIND_ADDRESS` if set, else `server.host`."""
+    environ = os.environ if environ is None else environ
+    return environ.get(ENV_BIND_ADDRESS, "").strip() or cfg.server.host
+
+
+def pod_name(cfg: RuntimeConfig, environ: Mapping[str, str] | None = None) -> str:
+    """This pod's name: `RELAYRL_POD_NAME`, else `<agent>-<pod index>` (StatefulSet naming)."""
+    environ = os.environ if environ is None else environ
+    return environ.get(ENV_POD_NAME, "").strip() or f"{cfg.agent}-{cfg.pod_index}"
+
+
 def from_mapping(
     data: Mapping[str, Any], environ: Mapping[str, str] | None = None
 ) -> RuntimeConfig:
@@ -148,9 +178,19 @@ def from_mapping(
 
 def load(path: Path, environ: Mapping[str, str] | None = None) -> RuntimeConfig:
     """Read and validate a YAML (or JSON) config file."""
-    data = yaml.safe_load(path.read_text())
+    return parse(path.read_bytes(), str(path), environ)
+
+
+def parse(
+    text: str | bytes, source: str = "config", environ: Mapping[str, str] | None = None
+) -> RuntimeConfig:
+    """Validate the YAML (or JSON) text of a config file."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise spec.InvalidSpecError([(source, f"not valid YAML: {err}")]) from None
     if not isinstance(data, Mapping):
-        raise spec.InvalidSpecError([(str(path), "expected a mapping at the top level")])
+        raise spec.InvalidSpecError([(source, "expected a mapping at the top level")])
     return from_mapping(data, environ)
 
 

@@ -152,6 +152,11 @@ class RuntimeMetrics:
         self.remote_clients = prom.Gauge(
             f"{PREFIX}_remote_clients", "Remote clients holding actors.", registry=r
         )
+        self.remote_idle_clients = prom.Counter(
+            f"{PREFIX}_remote_idle_clients",
+            "Remote clients dropped after the idle timeout (their actors removed).",
+            registry=r,
+        )
 
         r.register(
             _HotCollector(

@@ -28,10 +28,18 @@ log = logging.getLogger(__name__)
 class PathWatcher:
     """Polls a model directory's metadata file."""
 
-    def __init__(self, agent: agent_mod.Agent, path: Path, poll_seconds: float) -> None:
+    def __init__(
+        self,
+        agent: agent_mod.Agent,
+        path: Path,
+        poll_seconds: float,
+        version: int | None = None,
+    ) -> None:
         self.agent = agent
         self.path = path
         self.poll_seconds = poll_seconds
+        # A pinned version (config model.version): only that version is loaded.
+        self.version = version
         self._seen = self._signature()
 
     def _signature(self) -> tuple[int, int, int] | None:
@@ -51,11 +59,25 @@ class PathWatcher:
             self._seen = sig
             await self.check()
 
+    async def follow(self, version: int | None) -> None:
+        """Switch to a pinned version (None: whatever the path holds) and check now."""
+        self.version = version
+        await self.check()
+
     async def check(self) -> None:
         """Reload if the directory holds a version other than the running one."""
         try:
             meta = model.read_metadata(self.path)
             if meta.version == self.agent.get_model_version():
+                return
+            if self.version is not None and meta.version != self.version:
+                log.warning(
+                    "model.version %d is pinned but %s holds version %d; keeping version %d",
+                    self.version,
+                    self.path,
+                    meta.version,
+                    self.agent.get_model_version(),
+                )
                 return
             await self.agent.areload_model(self.path)
         except errors.RelayRLError as err:
@@ -87,6 +109,11 @@ class RegistryWatcher:
         while True:
             await asyncio.sleep(self.poll_seconds)
             await self.check()
+
+    async def follow(self, version: int | None) -> None:
+        """Switch to a pinned version (None: follow the newest) and load it now."""
+        self.ref = registry.ModelRef(self.ref.bucket, self.ref.name, version)
+        await self.check()
 
     async def check(self) -> None:
         """One poll."""

@@ -176,7 +176,7 @@ def schema(layout: Layout) -> pa.Schema:
 
 @dataclasses.dataclass(frozen=True)
 class Steps:
-    """Whole trajectories as numpy columns: what actors hand to routers.
+    """Whole trajectories as numpy columns: what routers encode (from `pool.Chunk`s).
 
     Every array has the same first dimension (rows); `trajectories` counts the
     trajectories in it (each ends at a row whose terminated or truncated is set).
@@ -234,46 +234,63 @@ def concat(parts: Sequence[Steps]) -> Steps:
     )
 
 
+def _arrow(values: npt.NDArray[Any], arrow_type: pa.DataType | None = None) -> pa.Array:
+    """A flat numpy array as an Arrow array, zero-copy where the layouts agree.
+
+    Built from buffers rather than with `pa.array`, which imports pandas (seconds, with
+    the GIL held) the first time it sees a numpy array, and checks more than needed.
+    """
+    arr = np.ascontiguousarray(values).reshape(-1)
+    if arr.dtype == np.bool_:
+        bits = np.packbits(arr, bitorder="little")
+        return pa.Array.from_buffers(pa.bool_(), len(arr), [None, pa.py_buffer(bits)])
+    target = arrow_type if arrow_type is not None else pa.from_numpy_dtype(arr.dtype)
+    return pa.Array.from_buffers(target, len(arr), [None, pa.py_buffer(arr)])
+
+
 def _fixed_list(values: npt.NDArray[np.generic], width: int) -> pa.Array:
-    flat = pa.array(np.ascontiguousarray(values).reshape(-1))
-    return pa.FixedSizeListArray.from_arrays(flat, width)
+    return pa.FixedSizeListArray.from_arrays(_arrow(values), width)
+
+
+def _utf8(value: str) -> pa.Array:
+    data = value.encode()
+    offsets = np.array([0, len(data)], dtype=np.int32)
+    return pa.Array.from_buffers(pa.utf8(), 1, [None, pa.py_buffer(offsets), pa.py_buffer(data)])
 
 
 def encode(layout: Layout, steps: Steps, arrow_schema: pa.Schema | None = None) -> pa.RecordBatch:
-    """Turn `Steps` into a record batch of `schema(layout)`."""
+    """Turn `Steps` into a record batch of `schema(layout)` (sharing the arrays' memory)."""
     n = steps.rows
     target = arrow_schema if arrow_schema is not None else schema(layout)
-    agent = pa.DictionaryArray.from_arrays(
-        pa.array(np.zeros(n, dtype=np.int32)), pa.array([layout.agent], type=pa.utf8())
-    )
+    agent = pa.DictionaryArray.from_arrays(_arrow(np.zeros(n, dtype=np.int32)), _utf8(layout.agent))
     columns: list[pa.Array] = [
         agent,
-        pa.array(steps.actor_id),
-        pa.array(steps.episode_id),
-        pa.array(steps.segment),
-        pa.array(steps.step),
+        _arrow(steps.actor_id.astype(np.int64, copy=False)),
+        _arrow(steps.episode_id.astype(np.int64, copy=False)),
+        _arrow(steps.segment.astype(np.int32, copy=False)),
+        _arrow(steps.step.astype(np.int64, copy=False)),
         _fixed_list(steps.obs, layout.obs_width),
-        pa.array(steps.action)
+        _arrow(steps.action.astype(np.int64, copy=False))
         if layout.discrete
         else _fixed_list(steps.action.astype(np.float32, copy=False), layout.action_size),
     ]
     if layout.discrete:
         mask = steps.mask if steps.mask is not None else np.ones((n, layout.action_size), bool)
-        columns.append(_fixed_list(mask, layout.action_size))
+        columns.append(_fixed_list(mask.astype(np.bool_, copy=False), layout.action_size))
     columns += [
-        pa.array(steps.reward),
-        pa.array(steps.terminated),
-        pa.array(steps.truncated),
-        pa.array(steps.cut),
-        pa.array(steps.policy_version),
-        pa.array(steps.obs_time, type=pa.int64()).view(_TIME),
-        pa.array(steps.action_time, type=pa.int64()).view(_TIME),
-        pa.array(log_prob(layout, steps)),
+        _arrow(steps.reward.astype(np.float64, copy=False)),
+        _arrow(steps.terminated.astype(np.bool_, copy=False)),
+        _arrow(steps.truncated.astype(np.bool_, copy=False)),
+        _arrow(steps.cut.astype(np.bool_, copy=False)),
+        _arrow(steps.policy_version.astype(np.int64, copy=False)),
+        _arrow(steps.obs_time.astype(np.int64, copy=False), _TIME),
+        _arrow(steps.action_time.astype(np.int64, copy=False), _TIME),
+        _arrow(log_prob(layout, steps).astype(np.float32, copy=False)),
     ]
     for aux in layout.aux:
-        values = steps.aux[aux.name]
+        values = steps.aux[aux.name].astype(np.dtype(aux.dtype), copy=False)
         if aux.width == 1:
-            columns.append(pa.array(np.ascontiguousarray(values).reshape(-1)))
+            columns.append(_arrow(values))
         else:
             columns.append(_fixed_list(values, aux.width))
     return pa.RecordBatch.from_arrays(columns, schema=target)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -37,9 +38,9 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0) -> Any:
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
-def http_get(port: int, path: str) -> tuple[int, str]:
+def http_get(port: int, path: str, host: str = "127.0.0.1") -> tuple[int, str]:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+        with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=5) as resp:
             return resp.status, resp.read().decode()
     except urllib.error.HTTPError as err:
         return err.code, err.read().decode()
@@ -54,33 +55,100 @@ def metric(text: str, name: str) -> float:
     raise AssertionError(f"metric {name} not in /metrics")
 
 
-class RuntimeProcess:
-    """`relayrl-runtime run --config FILE` as a real subprocess."""
+def logged(logs: str, field: str) -> Any:
+    """The value of `field` in the last JSON log line that has it."""
+    found: Any = None
+    for line in logs.splitlines():
+        if f'"{field}"' not in line:
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if field in record:
+            found = record[field]
+    if found is None:
+        raise AssertionError(f"no log line with {field!r}:\n{logs}")
+    return found
 
-    def __init__(self, tmp: Path, cfg: dict[str, Any]) -> None:
+
+def trajectories(table: Any) -> dict[tuple[int, int], list[dict[str, Any]]]:
+    """Rows of each trajectory (episode id, segment), in step order."""
+    out: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    for row in table.to_pylist():
+        out.setdefault((row["episode_id"], row["segment"]), []).append(row)
+    for rows in out.values():
+        rows.sort(key=lambda r: r["step"])
+    return out
+
+
+class RuntimeProcess:
+    """`relayrl-runtime run --config FILE` as a real subprocess.
+
+    With `mounted=True` the config file sits in a directory laid out the way the kubelet
+    mounts a ConfigMap (`runtime.yaml -> ..data/runtime.yaml`, `..data -> ..<version>`),
+    and `update_config` swaps it the way the kubelet does (an atomic rename of `..data`).
+    """
+
+    def __init__(
+        self,
+        tmp: Path,
+        cfg: dict[str, Any],
+        *,
+        env: dict[str, str] | None = None,
+        mounted: bool = False,
+        host: str = "127.0.0.1",
+    ) -> None:
         self.port = free_port()
-        cfg = {**cfg, "server": {"host": "127.0.0.1", "port": self.port}, "logFormat": "json"}
-        self.config = tmp / "runtime.yaml"
-        self.config.write_text(yaml.safe_dump(cfg))
+        self.host = host
+        self._server = {"host": "127.0.0.1", "port": self.port}
+        self._mount = tmp / "config" if mounted else None
+        self._versions = 0
+        if self._mount is not None:
+            self._mount.mkdir()
+            self.config = self._mount / "runtime.yaml"
+            self.config.symlink_to(Path("..data") / "runtime.yaml")
+        else:
+            self.config = tmp / "runtime.yaml"
+        self.update_config(cfg)
         self.log = tmp / "runtime.log"
         self._log = self.log.open("wb")
         self.proc = subprocess.Popen(
             [str(RUNTIME), "run", "--config", str(self.config)],
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
+
+    def update_config(self, cfg: dict[str, Any]) -> None:
+        """Write the config (atomically swapped in when mounted)."""
+        text = yaml.safe_dump({**cfg, "server": self._server, "logFormat": "json"})
+        if self._mount is None:
+            self.config.write_text(text)
+            return
+        self._versions += 1
+        version = self._mount / f"..v{self._versions}"
+        version.mkdir()
+        (version / "runtime.yaml").write_text(text)
+        tmp_link = self._mount / "..data_tmp"
+        tmp_link.symlink_to(version.name)
+        os.replace(tmp_link, self._mount / "..data")
+        old = self._mount / f"..v{self._versions - 1}"
+        if old.exists():
+            for f in old.iterdir():
+                f.unlink()
+            old.rmdir()
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         def ready() -> bool:
             if self.proc.poll() is not None:
                 raise AssertionError(f"runtime exited {self.proc.returncode}:\n{self.logs()}")
-            return http_get(self.port, "/readyz")[0] == 200
+            return http_get(self.port, "/readyz", self.host)[0] == 200
 
         wait_for("/readyz", ready, timeout)
 
     def metrics(self) -> str:
-        status, body = http_get(self.port, "/metrics")
+        status, body = http_get(self.port, "/metrics", self.host)
         assert status == 200
         return body
 

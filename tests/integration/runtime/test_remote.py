@@ -93,3 +93,49 @@ def test_bad_frames_get_error_replies_and_others_are_served(remote_runtime) -> N
         raw.close()
         good.close()
     assert proc.terminate() == 0
+
+
+def test_idle_client_actors_are_removed_and_flushed(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    zport = helpers.free_port()
+    out = tmp_path / "out"
+    cfg = {
+        "agent": "remote",
+        "actors": 0,
+        "model": {"uri": str(models["onnx"]), "format": "onnx"},
+        "environment": {"remote": {"port": zport}},
+        "localSink": {"path": str(out)},
+        "limits": {"remoteClientIdleSeconds": 1},
+    }
+    proc = helpers.RuntimeProcess(tmp_path, cfg)
+    try:
+        proc.wait_ready()
+        result = tmp_path / "client.json"
+        address = f"tcp://127.0.0.1:{zport}"
+        child = subprocess.Popen(
+            [sys.executable, str(CLIENT), address, "40", str(result), "--abandon"]
+        )
+        assert child.wait(120) == 0
+        # The client is gone without REMOVE_ACTORS: after the idle timeout its actors go.
+        helpers.wait_for(
+            "the idle client's actors removed",
+            lambda: (
+                helpers.metric(proc.metrics(), "relayrl_runtime_remote_idle_clients_total") == 1
+            ),
+        )
+        text = proc.metrics()
+        assert helpers.metric(text, "relayrl_runtime_actors") == 0
+        assert helpers.metric(text, "relayrl_runtime_remote_clients") == 0
+        assert proc.terminate() == 0, proc.logs()
+    finally:
+        proc.kill()
+    assert "idle for over 1s: removed its 2 actors" in proc.logs()
+    summary = json.loads(result.read_text())
+    table = pa.concat_tables([pq.read_table(f) for f in out.glob("*.parquet")])
+    # Every step the client took was written: the partial trajectories were flushed (cut)
+    # when the actors were removed.
+    assert table.num_rows == 40 * 2
+    assert set(table["actor_id"].to_pylist()) == set(summary["ids"])
+    trajectories = helpers.trajectories(table)
+    assert all(t[-1]["terminated"] or t[-1]["truncated"] for t in trajectories.values())

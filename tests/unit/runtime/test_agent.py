@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -181,31 +180,54 @@ def test_reload_records_versions_and_refuses_other_layouts(
 def test_hot_reload_under_load_fails_no_request(models: dict[str, Path]) -> None:
     a = agent_mod.Agent(models["onnx"], actor_count=8, max_length=50)
     failures: list[BaseException] = []
-    versions: set[int] = set()
+    # (reloads finished before the request started, version that answered it)
+    answers: list[tuple[int, int]] = []
+    reloads = 0
+    cond = threading.Condition()
     stop = threading.Event()
 
     def hammer() -> None:
         while not stop.is_set():
+            with cond:
+                started_after = reloads
             try:
-                versions.add(a.request_action(np.arange(8), _obs(8)).version)
+                version = a.request_action(np.arange(8), _obs(8)).version
             except BaseException as err:
-                failures.append(err)
+                with cond:
+                    failures.append(err)
+                    cond.notify_all()
                 return
+            with cond:
+                answers.append((started_after, version))
+                cond.notify_all()
 
+    expected = [1]  # version after 0, 1, 2, ... finished reloads
     thread = threading.Thread(target=hammer)
     thread.start()
-    for i in range(6):
-        want = 2 if i % 2 == 0 else 1
-        a.reload_model(models["onnx_v2"] if want == 2 else models["onnx"])
-        # Let the hammering thread answer at least once with the new version.
-        deadline = time.monotonic() + 30
-        while want not in versions and not failures and time.monotonic() < deadline:
-            time.sleep(0.001)
-    stop.set()
-    thread.join()
-    a.shutdown()
+    try:
+        for i in range(6):
+            want = 2 if i % 2 == 0 else 1
+            assert a.reload_model(models["onnx_v2"] if want == 2 else models["onnx"]) == want
+            expected.append(want)
+            with cond:
+                reloads += 1
+                done = reloads
+                # Wait (no sleep loop) until a request that started after this reload
+                # finished has been answered; the deadline only guards a hang.
+                assert cond.wait_for(
+                    lambda done=done: failures or any(n >= done for n, _ in answers),
+                    timeout=120,
+                ), "no request was answered after the reload"
+    finally:
+        stop.set()
+        thread.join()
+        a.shutdown()
     assert failures == []
-    assert versions == {1, 2}
+    # A request that started after a reload finished is answered by that version (or a
+    # later one, if another reload finished while it ran).
+    for started_after, version in answers:
+        assert version in expected[started_after:], (started_after, version)
+    assert {v for _, v in answers} == {1, 2}
 
 
 async def test_asyncio_api(models: dict[str, Path], sink: local.LocalFileSink) -> None:

@@ -14,9 +14,8 @@ from relayrl_operator.builders import common
 from relayrl_runtime import config
 
 # Fields (paths in the rendered config) running runtimes apply from the mounted file
-# without a restart: a new model version is hot-reloaded, routers are rescaled in
-# place, and a changed actor count or slice size makes each pod add or remove actors.
-HOT_FIELDS: Final = (("model", "version"), ("routers",), ("actors",), ("actorsPerPod",))
+# without a restart; the runtime owns the list (`config.HOT_FIELDS`).
+HOT_FIELDS: Final = config.HOT_FIELDS
 
 
 def runtime_config(agent: common.AgentRef) -> config.RuntimeConfig:

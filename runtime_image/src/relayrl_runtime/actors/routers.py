@@ -1,10 +1,12 @@
 """Router workers: encode finished trajectories to Arrow and hand them to the sink.
 
 `RouterPool` owns `router_scale` threads reading one bounded queue. The agent puts
-`trajectory.Steps` in; a router takes what is queued (coalescing up to a row budget),
-encodes one record batch and writes it. The queue bound is the backpressure: when the
-sink is slow the queue fills and `submit` blocks the actors. Scaling up starts threads;
-scaling down retires routers after their current batch. Threads are joined on shutdown.
+lists of `pool.Chunk` in (finished trajectories as gathered records); a router takes what
+is queued (coalescing up to a row budget), expands the chunks into columns, encodes one
+record batch and writes it, so the request path never touches Arrow. The queue bound is
+the backpressure: when the sink is slow the queue fills and `submit` blocks the actors.
+Scaling up starts threads; scaling down retires routers after their current batch.
+Threads are joined on shutdown.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Final
 import pyarrow as pa
 
 from relayrl_runtime import errors, metrics, trajectory
+from relayrl_runtime.actors import pool
 from relayrl_runtime.sinks import base
 
 log = logging.getLogger(__name__)
@@ -80,11 +83,11 @@ class RouterPool:
             self._metrics.routers.set(routers)
         return routers
 
-    def submit(self, steps: trajectory.Steps) -> None:
+    def submit(self, chunks: list[pool.Chunk]) -> None:
         """Queue finished trajectories; blocks while the queue is full (backpressure)."""
-        self._metrics.trajectories.inc(steps.trajectories)
-        self._metrics.steps_recorded.inc(steps.rows)
-        self._queue.put(steps)
+        self._metrics.trajectories.inc(sum(c.trajectories for c in chunks))
+        self._metrics.steps_recorded.inc(sum(c.rows for c in chunks))
+        self._queue.put(chunks)
 
     def drain(self) -> None:
         """Wait until every queued batch has been written (or failed)."""
@@ -110,8 +113,9 @@ class RouterPool:
                     self._retiring -= 1
                 self._queue.task_done()
                 return
-            batch = [item]
-            rows = item.rows  # type: ignore[attr-defined]
+            items: list[list[pool.Chunk]] = [item]  # type: ignore[list-item]
+            chunks = list(items[0])
+            rows = sum(c.rows for c in chunks)
             retire = False
             while rows < _COALESCE_ROWS:
                 try:
@@ -121,12 +125,13 @@ class RouterPool:
                 if more is _RETIRE:
                     retire = True
                     break
-                batch.append(more)
-                rows += more.rows  # type: ignore[attr-defined]
+                items.append(more)  # type: ignore[arg-type]
+                chunks += more  # type: ignore[arg-type]
+                rows += sum(c.rows for c in more)  # type: ignore[attr-defined]
             try:
-                self._write(batch)  # type: ignore[arg-type]
+                self._write(chunks)
             finally:
-                for _ in batch:
+                for _ in items:
                     self._queue.task_done()
             if retire:
                 with self._lock:
@@ -134,15 +139,17 @@ class RouterPool:
                 self._queue.task_done()
                 return
 
-    def _write(self, parts: list[trajectory.Steps]) -> None:
-        steps = trajectory.concat(parts)
+    def _write(self, chunks: list[pool.Chunk]) -> None:
+        if self.sink is None:
+            return  # nowhere to write: nothing to encode
         try:
+            steps = pool.to_steps(self.layout, chunks)
             record = trajectory.encode(self.layout, steps, self.schema)
         except (pa.ArrowException, ValueError):
-            log.exception("router: could not encode %d trajectories", steps.trajectories)
+            log.exception(
+                "router: could not encode %d trajectories", sum(c.trajectories for c in chunks)
+            )
             self._metrics.sink_errors.inc()
-            return
-        if self.sink is None:
             return
         delay = 0.05
         for attempt in range(1, _SINK_RETRIES + 1):

@@ -2,18 +2,23 @@
 
 Called by the process (`app`) in a worker thread, by the demo and the benchmark. Each
 env copy is one actor of the agent (ids given by the caller). Per step: one
-`request_action` for all copies (carrying the previous step's rewards), one vector env
-step, and one `flag_last_action` for the copies whose episode ended. Envs must autoreset
-in the same step (the observation after a done step is the next episode's first).
+`request_action` for all copies, carrying the previous step's rewards and the copies
+whose episode ended in it (`ended`: `flag_last_action` for them, inside the same call),
+then one vector env step. Envs must autoreset in the same step (the observation after a
+done step is the next episode's first). When the driver stops, episodes that ended in
+its last step are flagged at once. `EnvDriver.resize` (live config) changes the copies
+between two steps.
 """
 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
@@ -61,31 +66,217 @@ class DriverStats:
         return self.steps / self.seconds if self.seconds > 0 else 0.0
 
 
+EnvFactory = Callable[[int], VecEnv]
+
+
+class _Block:
+    """One vector env and the actor ids of its copies (in copy order)."""
+
+    __slots__ = ("env", "ids")
+
+    def __init__(self, env: VecEnv, ids: npt.NDArray[np.int64]) -> None:
+        self.env = env
+        self.ids = ids
+
+
 class EnvDriver:
-    """Steps a `VecEnv` through an agent until told to stop."""
+    """Steps one or more `VecEnv`s through an agent until told to stop.
+
+    Usually one vector env holds every copy. `resize` (the live config path) changes
+    the set of actor ids between two steps: new ids get a new vector env from
+    `make_env`; a vector env that loses some of its copies is rebuilt for the rest,
+    whose in-progress trajectories are cut first (their episodes restart). All vector
+    envs are stepped after one `request_action` for every copy.
+    """
 
     def __init__(
         self,
         agent: agent_mod.Agent,
-        env: VecEnv,
+        env: VecEnv | None,
         actor_ids: npt.NDArray[np.int64] | list[int],
         *,
         seed: int | None = None,
+        make_env: EnvFactory | None = None,
     ) -> None:
-        ids = np.asarray(actor_ids, dtype=np.int64)
-        if ids.shape != (env.num_envs,):
+        ids = np.asarray(actor_ids, dtype=np.int64).reshape(-1)
+        count = 0 if env is None else env.num_envs
+        if ids.shape != (count,):
             raise errors.InvalidArgumentError.mismatch(
-                "actor_ids", f"one id per env copy ({env.num_envs})", len(ids)
+                "actor_ids", f"one id per env copy ({count})", len(ids)
             )
         if not agent.has_actors(ids):
             missing = [i for i in ids.tolist() if not agent.has_actors([i])]
             raise errors.UnknownActorError(missing)
         self.agent = agent
-        self.env = env
-        self.actor_ids = ids
         self.seed = seed
+        self.make_env = make_env
+        self._blocks: list[_Block] = [] if env is None else [_Block(env, ids)]
+        self._resets = 0
         self._returns: collections.deque[float] = collections.deque(maxlen=1000)
         self._lengths: collections.deque[int] = collections.deque(maxlen=1000)
+        # Resize requests from other threads, applied by the stepping thread between steps.
+        self._requests: list[tuple[list[int], concurrent.futures.Future[None]]] = []
+        self._requests_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._running = False
+        # Episodes that ended in the last env step, flagged with the next request.
+        self._ended: agent_mod.Ended | None = None
+        # Per-copy state, aligned with `actor_ids` (the blocks' ids concatenated).
+        self._obs: npt.NDArray[Any] | None = None
+        self._rewards: npt.NDArray[np.float64] = np.zeros(0, dtype=np.float64)
+        self._ep_return = np.zeros(0, dtype=np.float64)
+        self._ep_length = np.zeros(0, dtype=np.int64)
+        self.actor_ids = ids
+
+    @property
+    def env(self) -> VecEnv | None:
+        """The vector env, when there is exactly one."""
+        return self._blocks[0].env if len(self._blocks) == 1 else None
+
+    # ------------------------------------------------------------------ resize
+
+    def resize(self, actor_ids: list[int] | npt.NDArray[np.int64]) -> None:
+        """Step exactly these actor ids from now on (adding and removing agent actors).
+
+        Called from any thread; applied by the stepping thread between two steps (or
+        here, when the driver is not running). Kept ids keep their env and episode
+        unless their vector env had to be rebuilt.
+        """
+        wanted = [int(i) for i in np.asarray(actor_ids, dtype=np.int64).reshape(-1)]
+        if len(set(wanted)) != len(wanted):
+            raise errors.InvalidArgumentError(f"actor_ids: expected unique ids, got {wanted}")
+        future: concurrent.futures.Future[None] = concurrent.futures.Future()
+        with self._requests_lock:
+            if not self._running:
+                # Not stepping: apply here (holding the lock keeps `run` from starting).
+                self._apply(wanted)
+                return
+            self._requests.append((wanted, future))
+            self._wake.set()
+        future.result()
+
+    def _apply_requests(self) -> None:
+        with self._requests_lock:
+            requests, self._requests = self._requests, []
+        for wanted, future in requests:
+            try:
+                self._apply(wanted)
+            except BaseException as err:  # handed to the caller of resize
+                future.set_exception(err)
+            else:
+                future.set_result(None)
+
+    def _new_block(self, ids: list[int]) -> _Block:
+        if self.make_env is None:
+            raise errors.InvalidArgumentError("resize: this driver has no env factory")
+        env = self.make_env(len(ids))
+        return _Block(env, np.asarray(ids, dtype=np.int64))
+
+    def _apply(self, wanted: list[int]) -> None:
+        agent = self.agent
+        self._start()
+        self._flush_ended()
+        current = self.actor_ids.tolist()
+        keep = set(wanted)
+        removed = [i for i in current if i not in keep]
+        known = set(current)
+        added = [i for i in wanted if i not in known]
+        if not removed and not added:
+            return
+        old_index = {actor: k for k, actor in enumerate(current)}
+        obs_by_id: dict[int, npt.NDArray[Any]] = {}
+        if self._obs is not None:
+            obs_by_id = {actor: self._obs[k] for actor, k in old_index.items()}
+        gone = set(removed)
+        blocks: list[_Block] = []
+        fresh: list[_Block] = []
+        cut: list[int] = []
+        for block in self._blocks:
+            ids = block.ids.tolist()
+            lost = [i for i in ids if i in gone]
+            if not lost:
+                blocks.append(block)
+                continue
+            block.env.close()
+            rest = [i for i in ids if i not in gone]
+            if rest:
+                # A vector env cannot drop copies: rebuild it, so the kept copies'
+                # episodes restart and their in-progress trajectories are cut.
+                cut += rest
+                fresh.append(self._new_block(rest))
+        ends = removed + cut
+        if ends:
+            rewards = self._rewards
+            r = np.asarray([rewards[old_index[i]] for i in ends], dtype=np.float64)
+            agent.cut_trajectories(ends, r)
+        for actor_id in removed:
+            agent.remove_actor(actor_id)
+        if added:
+            agent.new_actors(len(added), added)
+            fresh.append(self._new_block(added))
+        for block in fresh:
+            obs, _ = block.env.reset(seed=self._next_seed())
+            for k, actor in enumerate(block.ids.tolist()):
+                obs_by_id[actor] = obs[k]
+        for actor in cut:
+            old_index.pop(actor)
+        self._blocks = blocks + fresh
+        self._rebuild(old_index, obs_by_id)
+        log.info(
+            "env driver resized: %d env copies (%d added, %d removed)",
+            len(self.actor_ids),
+            len(added),
+            len(removed),
+            extra={"env_copies": len(self.actor_ids)},
+        )
+
+    def _flush_ended(self) -> None:
+        """Flag the episodes that ended in the last env step and are not flagged yet."""
+        ended, self._ended = self._ended, None
+        if ended is not None:
+            idx, terminated, truncated = ended
+            ids = self.actor_ids
+            self.agent.flag_last_action(ids[idx], self._rewards[idx], terminated, truncated)
+
+    def _start(self) -> None:
+        """Reset the initial vector env (once)."""
+        if self._obs is not None or not self._blocks:
+            return
+        obs, _ = self._blocks[0].env.reset(seed=self.seed)
+        self._resets += 1
+        self._obs = np.asarray(obs)
+        n = len(self.actor_ids)
+        self._rewards = np.zeros(n, dtype=np.float64)
+        self._ep_return = np.zeros(n, dtype=np.float64)
+        self._ep_length = np.zeros(n, dtype=np.int64)
+
+    def _next_seed(self) -> int | None:
+        seed = None if self.seed is None else self.seed + 1_000_003 * self._resets
+        self._resets += 1
+        return seed
+
+    def _rebuild(self, old_index: dict[int, int], obs_by_id: dict[int, npt.NDArray[Any]]) -> None:
+        """Realign the per-copy state with the blocks (by actor id)."""
+        ids = (
+            np.concatenate([b.ids for b in self._blocks])
+            if self._blocks
+            else np.zeros(0, dtype=np.int64)
+        )
+        n = len(ids)
+        rewards = np.zeros(n, dtype=np.float64)
+        ep_return = np.zeros(n, dtype=np.float64)
+        ep_length = np.zeros(n, dtype=np.int64)
+        for k, actor in enumerate(ids.tolist()):
+            j = old_index.get(actor)
+            if j is not None:
+                rewards[k] = self._rewards[j]
+                ep_return[k] = self._ep_return[j]
+                ep_length[k] = self._ep_length[j]
+        self.actor_ids = ids
+        self._rewards, self._ep_return, self._ep_length = rewards, ep_return, ep_length
+        self._obs = np.stack([obs_by_id[a] for a in ids.tolist()]) if n else None
+
+    # --------------------------------------------------------------------- run
 
     def run(
         self,
@@ -95,44 +286,79 @@ class EnvDriver:
         stop: threading.Event | None = None,
     ) -> DriverStats:
         """Run until `max_steps` env steps, `max_seconds`, or `stop` is set."""
-        agent, env, ids = self.agent, self.env, self.actor_ids
-        n = env.num_envs
+        agent = self.agent
         dtype = agent.current_policy.obs_dtype
-        obs, _ = env.reset(seed=self.seed)
-        rewards: npt.NDArray[np.float64] | float = 0.0
-        ep_return = np.zeros(n, dtype=np.float64)
-        ep_length = np.zeros(n, dtype=np.int64)
+        with self._requests_lock:
+            self._start()
+            self._running = True
+        # The first request carries no reward (there was no previous action).
+        first = True
         steps = episodes = 0
         env_steps = agent.metrics.env_steps
         episode_counter = agent.metrics.episodes
+        request_action = agent.request_action
         start = time.perf_counter()
         deadline = None if max_seconds is None else start + max_seconds
-        while True:
-            if stop is not None and stop.is_set():
-                break
-            if max_steps is not None and steps >= max_steps:
-                break
-            if deadline is not None and time.perf_counter() >= deadline:
-                break
-            if obs.dtype != dtype:
-                obs = obs.astype(dtype)
-            result = agent.request_action(ids, obs, reward=rewards)
-            obs, reward, terminated, truncated, _ = env.step(result.actions)
-            rewards = np.asarray(reward, dtype=np.float64)
-            ep_return += rewards
-            ep_length += 1
-            steps += n
-            env_steps.inc(n)
-            done = np.logical_or(terminated, truncated)
-            if done.any():
-                idx = np.flatnonzero(done)
-                agent.flag_last_action(ids[idx], rewards[idx], terminated[idx], truncated[idx])
-                self._returns.extend(ep_return[idx].tolist())
-                self._lengths.extend(ep_length[idx].tolist())
-                ep_return[idx] = 0.0
-                ep_length[idx] = 0
-                episodes += len(idx)
-                episode_counter.inc(len(idx))
+        try:
+            while True:
+                if self._requests:
+                    self._apply_requests()
+                if stop is not None and stop.is_set():
+                    break
+                if max_steps is not None and steps >= max_steps:
+                    break
+                if deadline is not None and time.perf_counter() >= deadline:
+                    break
+                blocks = self._blocks
+                obs = self._obs
+                if obs is None or not blocks:
+                    # No env copies in this slice (yet): wait for a resize or the stop.
+                    self._wake.wait(0.1)
+                    self._wake.clear()
+                    continue
+                ids = self.actor_ids
+                n = len(ids)
+                if obs.dtype != dtype:
+                    obs = obs.astype(dtype)
+                # Episodes that ended in the last env step are flagged by this request
+                # (`ended`): one agent call per step.
+                result = request_action(
+                    ids, obs, reward=0.0 if first else self._rewards, ended=self._ended
+                )
+                self._ended = None
+                first = False
+                if len(blocks) == 1:
+                    obs, reward, terminated, truncated, _ = blocks[0].env.step(result.actions)
+                else:
+                    obs, reward, terminated, truncated = self._step_blocks(result.actions)
+                self._obs = obs
+                rewards = self._rewards = np.asarray(reward, dtype=np.float64)
+                ep_return = self._ep_return
+                ep_return += rewards
+                self._ep_length += 1
+                steps += n
+                env_steps.inc(n)
+                done = np.logical_or(terminated, truncated)
+                if done.any():
+                    idx = np.flatnonzero(done)
+                    self._ended = (
+                        idx,
+                        np.asarray(terminated[idx], dtype=np.bool_),
+                        np.asarray(truncated[idx], dtype=np.bool_),
+                    )
+                    self._returns.extend(ep_return[idx].tolist())
+                    self._lengths.extend(self._ep_length[idx].tolist())
+                    ep_return[idx] = 0.0
+                    self._ep_length[idx] = 0
+                    episodes += len(idx)
+                    episode_counter.inc(len(idx))
+        finally:
+            # Episodes that ended in the last step are flagged now (not cut at drain).
+            self._flush_ended()
+            with self._requests_lock:
+                self._running = False
+            # Requests that raced with the stop are applied here, in this thread.
+            self._apply_requests()
         seconds = time.perf_counter() - start
         return DriverStats(
             steps=steps,
@@ -142,9 +368,26 @@ class EnvDriver:
             seconds=seconds,
         )
 
+    def _step_blocks(
+        self, actions: npt.NDArray[Any]
+    ) -> tuple[npt.NDArray[Any], npt.NDArray[Any], npt.NDArray[Any], npt.NDArray[Any]]:
+        parts = []
+        start = 0
+        for block in self._blocks:
+            end = start + len(block.ids)
+            parts.append(block.env.step(actions[start:end])[:4])
+            start = end
+        return (
+            np.concatenate([p[0] for p in parts]),
+            np.concatenate([np.asarray(p[1], dtype=np.float64) for p in parts]),
+            np.concatenate([np.asarray(p[2], dtype=np.bool_) for p in parts]),
+            np.concatenate([np.asarray(p[3], dtype=np.bool_) for p in parts]),
+        )
+
     def close(self) -> None:
         """Close the environments."""
-        self.env.close()
+        for block in self._blocks:
+            block.env.close()
 
 
 class ScalarEnvs:

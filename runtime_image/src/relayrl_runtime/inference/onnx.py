@@ -67,6 +67,11 @@ class OnnxBackend:
                 f"graph has {list(self._graph_outputs)}"
             )
         self._output_names = list(output_names)
+        # InferenceSession.run re-validates every call what the policy has checked
+        # already, and may fall back to another provider (never wanted here): the
+        # request path calls the bound session underneath when this onnxruntime has it.
+        inner = getattr(self._session, "_sess", None)
+        self._run = inner.run if inner is not None and hasattr(inner, "run") else None
 
     @property
     def device(self) -> str:
@@ -79,8 +84,13 @@ class OnnxBackend:
         return self._graph_outputs
 
     def run(self, obs: npt.NDArray[np.generic]) -> tuple[npt.NDArray[np.generic], ...]:
-        outputs = self._session.run(self._output_names, {self._input_name: obs})
-        return tuple(np.asarray(o) for o in outputs)
+        feed = {self._input_name: obs}
+        if self._run is not None:
+            outputs = self._run(self._output_names, feed, None)
+        else:
+            outputs = self._session.run(self._output_names, feed)
+        return tuple(outputs)
 
     def close(self) -> None:
         self._session = None
+        self._run = None

@@ -23,6 +23,8 @@ import zmq
 
 from relayrl_runtime.transport import wire
 
+_REWARD_HEAD = struct.Struct("<BBI")  # float64 code, 1 dim, length
+
 
 @dataclasses.dataclass(frozen=True)
 class RemoteActionResult:
@@ -42,8 +44,12 @@ class RemoteClient:
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        # A blocking receive with a timeout: one call per reply instead of poll + recv.
+        self._sock.setsockopt(zmq.RCVTIMEO, self.timeout_ms)
         self._sock.connect(address)
         self._ids = itertools.count(1)
+        # Simulators send the same ids every step: their frame is packed once.
+        self._last_ids: tuple[bytes, bytes] = (b"", b"")
 
     def close(self) -> None:
         """Close the socket."""
@@ -58,13 +64,14 @@ class RemoteClient:
     def call(self, op: int, payload: Sequence[bytes]) -> list[bytes]:
         """Send one request and wait for its reply payload (raises on an error reply)."""
         request_id = next(self._ids) & 0xFFFFFFFF
-        self._sock.send_multipart([wire.header(op, request_id), *payload], copy=False)
+        self._sock.send_multipart([wire.header(op, request_id), *payload])
         while True:
-            if not self._sock.poll(self.timeout_ms):
+            try:
+                frames = self._sock.recv_multipart()
+            except zmq.Again:
                 raise TimeoutError(
                     f"{self.address}: no reply to op {op} within {self.timeout_ms} ms"
-                )
-            frames = self._sock.recv_multipart()
+                ) from None
             _, flags, reply_id = wire.parse_header(frames[0])
             if reply_id != request_id:
                 continue  # a late reply to a request that timed out
@@ -90,11 +97,22 @@ class RemoteClient:
     ) -> RemoteActionResult:
         """Actions for these actors; `reward` is for each actor's previous action."""
         ids = np.asarray(actor_ids, dtype=np.int64)
-        rewards = np.broadcast_to(np.asarray(reward, dtype=np.float64), ids.shape)
+        key = ids.tobytes()
+        if key != self._last_ids[0]:
+            self._last_ids = (key, wire.pack_array(ids))
+        n = len(ids)
+        if isinstance(reward, (int, float)):
+            # A scalar reward for every actor: the frame is built without an array.
+            reward_frame = _REWARD_HEAD.pack(2, 1, n) + struct.pack(f"<{n}d", *([reward] * n))
+        else:
+            rewards = np.asarray(reward, dtype=np.float64)
+            if rewards.shape != ids.shape:
+                rewards = np.broadcast_to(rewards, ids.shape)
+            reward_frame = wire.pack_array(rewards)
         payload = [
-            wire.pack_array(ids),
+            self._last_ids[1],
             wire.pack_array(obs),
-            wire.pack_array(rewards),
+            reward_frame,
             b"" if mask is None else wire.pack_array(np.asarray(mask, dtype=np.bool_)),
         ]
         actions, logp, version = self.call(wire.Op.REQUEST_ACTION, payload)

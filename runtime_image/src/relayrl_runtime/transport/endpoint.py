@@ -1,11 +1,18 @@
 """The ZMQ endpoint remote environments connect to (`environment.remote`).
 
-A ROUTER socket served by one thread the process owns (`start`/`stop`). Each poll
-drains every waiting frame; consecutive REQUEST_ACTION frames from different clients are
-answered with one batched `request_action` (one forward pass), so many simulators cost
-one inference each tick. Every frame is validated on its own first: a malformed,
-oversized or otherwise bad frame gets an error reply and a counter, and the other
-clients' frames in the same batch are served as usual. Format: `wire`.
+A ROUTER socket served by one thread the process owns (`start`/`stop`), in one poll
+loop. Each wake-up drains every waiting message; consecutive REQUEST_ACTION messages
+from different clients are answered with one batched `request_action` (one forward
+pass), so many simulators cost one inference each tick. A lone request (the common case
+for one client) takes a short path: header checked with one precompiled struct, arrays
+decoded as views of the received bytes, the reply header reused from a cache. Every
+message is validated on its own: a malformed, oversized or otherwise bad message gets an
+error reply and a counter, and the other clients' messages in the same batch are served
+as usual (a batch that fails is answered request by request). Format: `wire`.
+
+Clients that create actors own them. A client that sends nothing for
+`client_idle_seconds` is considered gone (it crashed, or disconnected without calling
+REMOVE_ACTORS): its actors are removed, which flushes their partial trajectories.
 """
 
 from __future__ import annotations
@@ -13,7 +20,8 @@ from __future__ import annotations
 import logging
 import struct
 import threading
-from typing import Any
+import time
+from typing import Any, Final
 
 import numpy as np
 import zmq
@@ -24,14 +32,19 @@ from relayrl_runtime.transport import wire
 
 log = logging.getLogger(__name__)
 
-_DRAIN_MAX = 512
-_POLL_MS = 50
+_DRAIN_MAX: Final = 512
+_POLL_MS: Final = 50
+_VERSION: Final = struct.Struct("<q")
+_COUNT: Final = struct.Struct("<I")
+_REQUEST_ID: Final = struct.Struct("<I")
+_MAGIC_VERSION: Final = wire.MAGIC + bytes([wire.VERSION])
+_OPS: Final = frozenset(int(o) for o in wire.Op)
 
 
 class _Request:
     __slots__ = ("frames", "identity", "ids", "mask", "obs", "op", "request_id", "reward")
 
-    def __init__(self, identity: bytes, op: int, request_id: int, frames: list[Any]) -> None:
+    def __init__(self, identity: bytes, op: int, request_id: int, frames: list[bytes]) -> None:
         self.identity = identity
         self.op = op
         self.request_id = request_id
@@ -52,17 +65,26 @@ class RemoteEndpoint:
         *,
         max_frame_bytes: int = 1 << 20,
         max_clients: int = 1024,
+        client_idle_seconds: float = 60.0,
     ) -> None:
         self.agent = agent
         self.bind = bind
         self.max_frame_bytes = max_frame_bytes
         self.max_clients = max_clients
+        self.client_idle_seconds = client_idle_seconds
         self.metrics = agent.metrics
         self._owners: dict[bytes, set[int]] = {}
+        self._last_seen: dict[bytes, float] = {}
         self._stop = threading.Event()
         self._bound = threading.Event()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._headers: dict[tuple[int, int], bytes] = {}
+        self._served_actions = self.metrics.remote_requests.labels("request_action")
+        # REQUEST_ACTION messages served since the counter was last updated: counted
+        # here and added to the (locking) Prometheus counter once per sweep.
+        self._actions_pending = 0
+        self._send: Any = None
         self.address = ""
 
     def start(self) -> str:
@@ -87,10 +109,17 @@ class RemoteEndpoint:
         """Whether the serving thread runs."""
         return self._thread is not None and self._thread.is_alive()
 
+    @property
+    def clients(self) -> int:
+        """Remote clients holding actors."""
+        return len(self._owners)
+
     def _serve(self) -> None:
         ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
+        if "[" in self.bind:
+            sock.setsockopt(zmq.IPV6, 1)
         try:
             sock.bind(self.bind)
             self.address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -101,30 +130,128 @@ class RemoteEndpoint:
             return
         self._bound.set()
         log.info("remote endpoint listening on %s", self.address)
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
+        # Messages are small (bounded by max_frame_bytes): copying them into bytes is
+        # cheaper than zmq.Frame objects, and arrays are decoded as views of the bytes.
+        recv, send, poll = sock.recv_multipart, sock.send_multipart, sock.poll
+        self._send = send
+
+        def waiting() -> bool:
+            return bool(int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
+
+        sweep_every = min(1.0, self.client_idle_seconds / 4)
+        next_sweep = time.monotonic() + sweep_every
         try:
             while not self._stop.is_set():
-                if not poller.poll(_POLL_MS):
-                    continue
-                batch = []
-                for _ in range(_DRAIN_MAX):
-                    try:
-                        batch.append(sock.recv_multipart(zmq.NOBLOCK, copy=False))
-                    except zmq.Again:
-                        break
-                for reply in self._handle(batch):
-                    sock.send_multipart(reply, copy=False)
+                if poll(_POLL_MS):
+                    first = recv(zmq.NOBLOCK)
+                    if not waiting():
+                        # One message waiting: the short path (it may send the reply
+                        # itself, before the step is recorded).
+                        reply = self._handle_one(first)
+                        if reply is not None:
+                            send(reply)
+                    else:
+                        batch = [first]
+                        while len(batch) < _DRAIN_MAX and waiting():
+                            batch.append(recv(zmq.NOBLOCK))
+                        for reply in self._handle(batch):
+                            send(reply)
+                now = time.monotonic()
+                if now >= next_sweep:
+                    next_sweep = now + sweep_every
+                    self._sweep(now)
         finally:
+            if self._actions_pending:
+                self._served_actions.inc(self._actions_pending)
+                self._actions_pending = 0
             sock.close()
+
+    # ------------------------------------------------------------------ clients
+
+    def _sweep(self, now: float) -> None:
+        """Update counters; remove the actors of clients idle over `client_idle_seconds`."""
+        if self._actions_pending:
+            self._served_actions.inc(self._actions_pending)
+            self._actions_pending = 0
+        limit = now - self.client_idle_seconds
+        gone = [c for c, seen in self._last_seen.items() if seen < limit]
+        for identity in gone:
+            del self._last_seen[identity]
+            owned = self._owners.pop(identity, None)
+            if not owned:
+                continue
+            removed = 0
+            for actor_id in sorted(owned):
+                try:
+                    self.agent.remove_actor(actor_id)
+                    removed += 1
+                except errors.UnknownActorError:
+                    pass  # removed another way meanwhile
+                except errors.AgentClosedError:
+                    return
+            self.metrics.remote_idle_clients.inc()
+            log.warning(
+                "remote client %s idle for over %.0fs: removed its %d actors",
+                identity.hex(),
+                self.client_idle_seconds,
+                removed,
+                extra={"removed_actors": removed},
+            )
+        self.metrics.remote_clients.set(len(self._owners))
 
     # ------------------------------------------------------------------ requests
 
-    def _handle(self, raw: list[list[Any]]) -> list[list[Any]]:
-        replies: list[list[Any]] = []
+    def _header(self, op: int, request_id: int) -> bytes:
+        key = (op, request_id)
+        head = self._headers.get(key)
+        if head is None:
+            if len(self._headers) >= 4096:
+                self._headers.clear()
+            head = self._headers[key] = wire.header(op, request_id)
+        return head
+
+    def _handle_one(self, msg: list[bytes]) -> list[bytes] | None:
+        """Serve one message; returns the reply, or None when it was sent already."""
+        identity = msg[0]
+        self._last_seen[identity] = time.monotonic()
+        req = self._parse(identity, msg[1:])
+        if isinstance(req, list):
+            return req
+        if req.op != wire.Op.REQUEST_ACTION or self._send is None:
+            return self._one(req)
+        self._actions_pending += 1
+        head = self._header(req.op, req.request_id)
+        send = self._send
+
+        def reply(result: agent_mod.ActionResult) -> None:
+            send(
+                [
+                    identity,
+                    head,
+                    wire.pack_array(result.actions),
+                    wire.pack_array(result.logp),
+                    _VERSION.pack(result.version),
+                ]
+            )
+
+        try:
+            self.agent.request_action(req.ids, req.obs, req.mask, req.reward, reply)
+        except errors.RelayRLError as err:
+            self.metrics.remote_errors.labels(err.kind).inc()
+            return [identity, *wire.error_frames(req.op, req.request_id, err.kind, str(err))]
+        except Exception as err:  # a bug must not kill the endpoint for every client
+            log.exception("remote endpoint: request_action failed")
+            self.metrics.remote_errors.labels("internal").inc()
+            return [identity, *wire.error_frames(req.op, req.request_id, "internal", repr(err))]
+        return None
+
+    def _handle(self, raw: list[list[bytes]]) -> list[list[bytes]]:
+        replies: list[list[bytes]] = []
         run: list[_Request] = []
+        now = time.monotonic()
         for msg in raw:
-            identity = bytes(msg[0].buffer)
+            identity = msg[0]
+            self._last_seen[identity] = now
             req_or_reply = self._parse(identity, msg[1:])
             if isinstance(req_or_reply, list):
                 replies.append(req_or_reply)
@@ -144,16 +271,18 @@ class RemoteEndpoint:
             replies += self._request_actions(run)
         return replies
 
-    def _parse(self, identity: bytes, frames: list[Any]) -> _Request | list[Any]:
-        size = sum(len(f.buffer) for f in frames)
+    def _parse(self, identity: bytes, frames: list[bytes]) -> _Request | list[bytes]:
         request_id = 0
         op = 0
         try:
             if not frames:
                 raise wire.WireError("message: expected a header frame, got none")
-            head = bytes(frames[0].buffer)
+            head = frames[0]
             if len(head) == wire.HEADER.size:
-                op, request_id = head[5], struct.unpack_from("<I", head, 8)[0]
+                op, request_id = head[5], _REQUEST_ID.unpack_from(head, 8)[0]
+            size = 0
+            for f in frames:
+                size += len(f)
             if size > self.max_frame_bytes:
                 self.metrics.remote_errors.labels("too_large").inc()
                 return [
@@ -165,12 +294,13 @@ class RemoteEndpoint:
                         f"message: expected at most {self.max_frame_bytes} bytes, got {size}",
                     ),
                 ]
-            op, _, request_id = wire.parse_header(head)
-            if op not in wire.Op.__members__.values():
+            if len(head) != wire.HEADER.size or not head.startswith(_MAGIC_VERSION):
+                wire.parse_header(head)  # raises the precise error
+            if op not in _OPS:
                 raise wire.WireError(
                     f"header.op: expected one of {[int(o) for o in wire.Op]}, got {op}"
                 )
-            req = _Request(identity, op, request_id, [f.buffer for f in frames[1:]])
+            req = _Request(identity, op, request_id, frames[1:])
             if op == wire.Op.REQUEST_ACTION:
                 self._decode_request_action(req)
             return req
@@ -179,6 +309,8 @@ class RemoteEndpoint:
             return [identity, *wire.error_frames(op, request_id, err.kind, str(err))]
 
     def _decode_request_action(self, req: _Request) -> None:
+        # Shapes, dtypes and actor ids are checked by `request_action` itself (a batch
+        # that fails is retried request by request, so a bad one fails alone).
         if len(req.frames) != 4:
             raise wire.WireError(
                 f"REQUEST_ACTION: expected 4 payload frames (ids, obs, reward, mask), "
@@ -187,26 +319,19 @@ class RemoteEndpoint:
         req.ids = _ids(req.frames[0])
         req.obs = wire.unpack_array(req.frames[1], "obs")
         reward = wire.optional_array(req.frames[2], "reward")
-        req.reward = 0.0 if reward is None else reward.astype(np.float64)
+        req.reward = 0.0 if reward is None else reward.astype(np.float64, copy=False)
         req.mask = wire.optional_array(req.frames[3], "mask")
-        pol = self.agent.current_policy
-        pol.check_obs(req.obs, len(req.ids))
-        if req.mask is not None:
-            pol.check_mask(req.mask, len(req.ids))
-        if not self.agent.has_actors(req.ids):
-            missing = [i for i in req.ids.tolist() if not self.agent.has_actors([i])]
-            raise errors.UnknownActorError(missing)
 
-    def _request_actions(self, run: list[_Request]) -> list[list[Any]]:
-        self.metrics.remote_requests.labels("request_action").inc(len(run))
+    def _request_actions(self, run: list[_Request]) -> list[list[bytes]]:
+        self._actions_pending += len(run)
         if len(run) > 1:
             try:
                 return self._batched(run)
-            except errors.RelayRLError:
+            except (errors.RelayRLError, ValueError):
                 pass  # isolate the bad request: answer each on its own below
         return [self._one(req) for req in run]
 
-    def _batched(self, run: list[_Request]) -> list[list[Any]]:
+    def _batched(self, run: list[_Request]) -> list[list[bytes]]:
         ids = np.concatenate([r.ids for r in run])
         obs = np.concatenate([r.obs for r in run])
         rewards = np.concatenate(
@@ -224,13 +349,13 @@ class RemoteEndpoint:
         result = self.agent.request_action(ids, obs, mask, rewards)
         replies, start = [], 0
         logp = result.logp
-        version = struct.pack("<q", result.version)
+        version = _VERSION.pack(result.version)
         for r in run:
             end = start + len(r.ids)
             replies.append(
                 [
                     r.identity,
-                    wire.header(r.op, r.request_id),
+                    self._header(r.op, r.request_id),
                     wire.pack_array(result.actions[start:end]),
                     wire.pack_array(logp[start:end]),
                     version,
@@ -239,13 +364,17 @@ class RemoteEndpoint:
             start = end
         return replies
 
-    def _one(self, req: _Request) -> list[Any]:
+    def _one(self, req: _Request) -> list[bytes]:
         try:
             payload = self._dispatch(req)
         except errors.RelayRLError as err:
             self.metrics.remote_errors.labels(err.kind).inc()
             return [req.identity, *wire.error_frames(req.op, req.request_id, err.kind, str(err))]
-        return [req.identity, wire.header(req.op, req.request_id), *payload]
+        except Exception as err:  # a bug must not kill the endpoint for every client
+            log.exception("remote endpoint: op %d failed", req.op)
+            self.metrics.remote_errors.labels("internal").inc()
+            return [req.identity, *wire.error_frames(req.op, req.request_id, "internal", repr(err))]
+        return [req.identity, self._header(req.op, req.request_id), *payload]
 
     def _dispatch(self, req: _Request) -> list[bytes]:
         agent = self.agent
@@ -255,7 +384,7 @@ class RemoteEndpoint:
             return [
                 wire.pack_array(result.actions),
                 wire.pack_array(result.logp),
-                struct.pack("<q", result.version),
+                _VERSION.pack(result.version),
             ]
         self.metrics.remote_requests.labels(wire.Op(op).name.lower()).inc()
         if op == wire.Op.NEW_ACTORS:
@@ -264,7 +393,7 @@ class RemoteEndpoint:
                 raise wire.WireError(
                     f"NEW_ACTORS.count: expected 4 bytes, got {len(req.frames[0])}"
                 )
-            (count,) = struct.unpack("<I", req.frames[0])
+            (count,) = _COUNT.unpack(req.frames[0])
             if req.identity not in self._owners and len(self._owners) >= self.max_clients:
                 raise errors.InvalidArgumentError.mismatch(
                     "clients", f"at most {self.max_clients} remote clients", len(self._owners) + 1
@@ -297,9 +426,18 @@ class RemoteEndpoint:
             term = _vector(req.frames[2], "terminated", n, np.bool_)
             trunc = _vector(req.frames[3], "truncated", n, np.bool_)
             done = agent.flag_last_action(ids, reward, term, trunc)
-            return [struct.pack("<I", done)]
+            return [_COUNT.pack(done)]
         _expect(req, 0)
-        return [struct.pack("<q", agent.get_model_version())]
+        return [_VERSION.pack(agent.get_model_version())]
+
+
+def tcp_address(host: str, port: int) -> str:
+    """A ZMQ bind address for a listen host ("0.0.0.0", "::" and "*" mean every interface)."""
+    if host in ("", "*", "0.0.0.0"):
+        return f"tcp://*:{port}"
+    if ":" in host:
+        return f"tcp://[{host}]:{port}"
+    return f"tcp://{host}:{port}"
 
 
 def _expect(req: _Request, frames: int) -> None:
@@ -309,14 +447,14 @@ def _expect(req: _Request, frames: int) -> None:
         )
 
 
-def _ids(frame: Any) -> Any:
+def _ids(frame: bytes) -> Any:
     ids = wire.unpack_array(frame, "actor_ids")
     if ids.ndim != 1 or ids.dtype != np.int64:
         raise wire.WireError(f"actor_ids: expected a 1-d int64 array, got {ids.ndim}-d {ids.dtype}")
     return ids
 
 
-def _vector(frame: Any, field: str, n: int, dtype: Any) -> Any:
+def _vector(frame: bytes, field: str, n: int, dtype: Any) -> Any:
     arr = wire.unpack_array(frame, field)
     if arr.shape != (n,):
         raise wire.WireError(f"{field}.shape: expected [{n}], got {list(arr.shape)}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 import struct
 from collections.abc import Sequence
 from typing import Any, Final
@@ -45,6 +46,11 @@ DTYPES: Final[dict[int, np.dtype[Any]]] = {
     7: np.dtype("<f2"),
 }
 CODES: Final = {dt: code for code, dt in DTYPES.items()}
+# Precompiled formats of the array header and its dims, by ndim.
+_ARRAY_HEADS: Final = tuple(struct.Struct(f"<BB{n}I") for n in range(MAX_NDIM + 1))
+_DIMS: Final = tuple(f"<{n}I" for n in range(MAX_NDIM + 1))
+# Codes by dtype string, for arrays already little-endian (or byte-sized).
+_FAST_CODES: Final = {dt.str: code for dt, code in CODES.items()}
 
 
 class Op(enum.IntEnum):
@@ -82,6 +88,11 @@ def parse_header(frame: bytes) -> tuple[int, int, int]:
 
 def pack_array(arr: npt.NDArray[Any]) -> bytes:
     """Encode an array frame."""
+    ndim = arr.ndim
+    if ndim <= MAX_NDIM and arr.flags.c_contiguous:
+        code = _FAST_CODES.get(arr.dtype.str)
+        if code is not None:  # the common case: one header pack, one copy
+            return _ARRAY_HEADS[ndim].pack(code, ndim, *arr.shape) + arr.tobytes()
     dt = arr.dtype.newbyteorder("<") if arr.dtype.byteorder == ">" else arr.dtype
     code = CODES.get(np.dtype(dt))
     if code is None:
@@ -90,7 +101,7 @@ def pack_array(arr: npt.NDArray[Any]) -> bytes:
         )
     if arr.ndim > MAX_NDIM:
         raise errors.InvalidArgumentError.mismatch("array ndim", f"<= {MAX_NDIM}", arr.ndim)
-    head = struct.pack(f"<BB{arr.ndim}I", code, arr.ndim, *arr.shape)
+    head = _ARRAY_HEADS[arr.ndim].pack(code, arr.ndim, *arr.shape)
     return head + np.ascontiguousarray(arr, dtype=dt).tobytes()
 
 
@@ -107,8 +118,8 @@ def unpack_array(frame: bytes | memoryview, field: str) -> npt.NDArray[Any]:
     start = 2 + 4 * ndim
     if len(frame) < start:
         raise WireError(f"{field}: frame too short for {ndim} dims")
-    shape = struct.unpack_from(f"<{ndim}I", frame, 2)
-    count = int(np.prod(shape, dtype=np.int64)) if ndim else 1
+    shape = struct.unpack_from(_DIMS[ndim], frame, 2)
+    count = math.prod(shape)
     if len(frame) - start != count * dtype.itemsize:
         raise WireError(
             f"{field}: shape {list(shape)} {dtype} needs {count * dtype.itemsize} bytes, "

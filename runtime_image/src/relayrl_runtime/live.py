@@ -1,0 +1,136 @@
+"""Live config: watch the mounted config file and apply the fields that allow it.
+
+The operator renders the runtime config into a ConfigMap mounted as a file; the kubelet
+updates that file in place when the ConfigMap changes (an atomic swap of the `..data`
+symlink the file points through). `ConfigWatcher` (a task `app` owns) reads the file by
+its path about once a second, so it sees the new target of the symlink as well as an
+edit in place, and compares the bytes with the last ones it saw.
+
+A valid new config is split: the `config.HOT_FIELDS` (the operator's list in
+`relayrl_operator.builders.configmap` must match it) are applied without a restart;
+a change to any other field is logged as a warning that a restart is needed (the
+operator rolls the pods for those). An invalid file is logged and ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any, Final
+
+from relayrl_runtime import config, spec
+
+log = logging.getLogger(__name__)
+
+HOT_FIELDS: Final = config.HOT_FIELDS
+
+Apply = Callable[[config.RuntimeConfig, config.RuntimeConfig], Awaitable[None]]
+
+
+def _flatten(data: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    out: dict[tuple[str, ...], Any] = {}
+    for k, v in data.items():
+        path = (*prefix, k)
+        if isinstance(v, Mapping) and v:
+            out.update(_flatten(v, path))
+        else:
+            out[path] = v
+    return out
+
+
+def changed_fields(old: config.RuntimeConfig, new: config.RuntimeConfig) -> list[tuple[str, ...]]:
+    """Paths (wire names) whose values differ, sorted."""
+    a = _flatten(old.model_dump(mode="json", by_alias=True, exclude_none=True))
+    b = _flatten(new.model_dump(mode="json", by_alias=True, exclude_none=True))
+    return sorted(p for p in a.keys() | b.keys() if a.get(p) != b.get(p))
+
+
+def _is_hot(path: tuple[str, ...]) -> bool:
+    return path in HOT_FIELDS
+
+
+def with_hot_fields(
+    running: config.RuntimeConfig, new: config.RuntimeConfig
+) -> config.RuntimeConfig:
+    """`running` with the hot fields taken from `new`."""
+    return running.model_copy(
+        update={
+            "actors": new.actors,
+            "actors_per_pod": new.actors_per_pod,
+            "routers": new.routers,
+            "model": running.model.model_copy(update={"version": new.model.version}),
+        }
+    )
+
+
+class ConfigWatcher:
+    """Polls the config file; calls `apply(old, new)` with the hot fields changed."""
+
+    def __init__(
+        self,
+        path: Path,
+        running: config.RuntimeConfig,
+        apply: Apply,
+        *,
+        poll_seconds: float = 1.0,
+        environ: Mapping[str, str] | None = None,
+        loaded: bytes | None = None,
+    ) -> None:
+        self.path = path
+        self.running = running
+        self.apply = apply
+        self.poll_seconds = poll_seconds
+        self.environ = environ
+        # The bytes `running` was read from: a change made before the watcher started
+        # is still a change.
+        self._seen = self._read() if loaded is None else loaded
+        self.applied = 0
+
+    def _read(self) -> bytes | None:
+        try:
+            return self.path.read_bytes()
+        except OSError:
+            # Mid-swap or briefly missing: try again at the next poll.
+            return None
+
+    async def run(self) -> None:
+        """Poll until cancelled."""
+        while True:
+            await asyncio.sleep(self.poll_seconds)
+            await self.check()
+
+    async def check(self) -> None:
+        """Read the file once; apply it if its content changed."""
+        data = self._read()
+        if data is None or data == self._seen:
+            return
+        self._seen = data
+        try:
+            new = config.parse(data, str(self.path), self.environ)
+        except spec.InvalidSpecError as err:
+            log.error(
+                "config %s changed but is invalid, keeping the running one: %s", self.path, err
+            )
+            return
+        changed = changed_fields(self.running, new)
+        cold = [".".join(p) for p in changed if not _is_hot(p)]
+        if cold:
+            log.warning(
+                "config %s changed fields that need a restart to take effect: %s",
+                self.path,
+                ", ".join(cold),
+                extra={"restart_fields": ",".join(cold)},
+            )
+        hot = [".".join(p) for p in changed if _is_hot(p)]
+        if not hot:
+            return
+        old, target = self.running, with_hot_fields(self.running, new)
+        log.info("config %s changed; applying %s", self.path, ", ".join(hot))
+        try:
+            await self.apply(old, target)
+        except Exception:  # keep watching: the next change may apply
+            log.exception("config %s: applying %s failed", self.path, ", ".join(hot))
+        self.running = target
+        self.applied += 1

@@ -1,0 +1,202 @@
+"""Pod status reports in a NATS JetStream key-value bucket: what the operator reads.
+
+Each actor runtime that talks to NATS puts one small JSON value per pod into the bucket
+`relayrl-status` (history 1, entries expire after `MAX_AGE_SECONDS`, so a pod that is
+gone drops out by itself) under the key `<namespace>.<agent>.<pod>`::
+
+    {"pod": "cartpole-0", "modelVersion": 3, "actors": 16, "ready": true,
+     "time": 1767225600.25}
+
+`actors` counts the agent's actors (env copies, as the `relayrl_runtime_actors` metric),
+`ready` is the pod's readiness, `time` the Unix time of the report in seconds.
+`Reporter` (run by the runtime process, `app`) puts a report every `INTERVAL_SECONDS`
+and at once when the model version changes; the operator calls `read_reports` to set
+`status.modelVersion`.
+
+Light on purpose (nats-py and the standard library only): the operator imports it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+import nats.errors
+import nats.js
+import nats.js.api
+import nats.js.errors
+
+log = logging.getLogger(__name__)
+
+BUCKET: Final = "relayrl-status"
+HISTORY: Final = 1
+MAX_AGE_SECONDS: Final = 120.0
+INTERVAL_SECONDS: Final = 10.0
+# How often the reporter looks at the model version between two regular reports.
+CHECK_SECONDS: Final = 0.5
+
+_KEY_FORBIDDEN: Final = frozenset(".*> \t\r\n")
+
+
+def key(namespace: str, agent: str, pod: str) -> str:
+    """`<namespace>.<agent>.<pod>`: the key of one pod's report."""
+    for token, what in ((namespace, "namespace"), (agent, "agent"), (pod, "pod")):
+        if not token or any(c in _KEY_FORBIDDEN for c in token):
+            raise ValueError(f"{what}: not a valid key token (got {token!r})")
+    return f"{namespace}.{agent}.{pod}"
+
+
+def key_filter(namespace: str, agent: str) -> str:
+    """The key pattern matching every pod of one Agent."""
+    return key(namespace, agent, "x")[:-1] + "*"
+
+
+@dataclasses.dataclass(frozen=True)
+class PodReport:
+    """What one pod says about itself."""
+
+    pod: str
+    model_version: int | None
+    actors: int
+    ready: bool
+    time: float
+
+    def to_json(self) -> bytes:
+        """The bucket value."""
+        return json.dumps(
+            {
+                "pod": self.pod,
+                "modelVersion": self.model_version,
+                "actors": self.actors,
+                "ready": self.ready,
+                "time": self.time,
+            }
+        ).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> PodReport:
+        """Parse a bucket value; raises ValueError for anything else."""
+        try:
+            raw = json.loads(data)
+            version = raw["modelVersion"]
+            return cls(
+                pod=str(raw["pod"]),
+                model_version=None if version is None else int(version),
+                actors=int(raw["actors"]),
+                ready=bool(raw["ready"]),
+                time=float(raw["time"]),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"not a pod report: {err}") from err
+
+
+async def ensure_bucket(js: nats.js.JetStreamContext) -> Any:
+    """The status bucket, created (history 1, max age 120 s) if it is missing."""
+    try:
+        return await js.key_value(BUCKET)
+    except (nats.js.errors.BucketNotFoundError, nats.js.errors.NotFoundError):
+        config = nats.js.api.KeyValueConfig(
+            bucket=BUCKET,
+            description="RelayRL pod status reports",
+            history=HISTORY,
+            ttl=MAX_AGE_SECONDS,
+        )
+        try:
+            return await js.create_key_value(config)
+        except nats.js.errors.BadRequestError:
+            # Created concurrently by another pod.
+            return await js.key_value(BUCKET)
+
+
+async def put_report(kv: Any, namespace: str, agent: str, report: PodReport) -> int:
+    """Put one report; returns its sequence in the bucket."""
+    seq: int = await kv.put(key(namespace, agent, report.pod), report.to_json())
+    return seq
+
+
+async def read_reports(
+    js: nats.js.JetStreamContext, namespace: str, agent: str
+) -> dict[str, PodReport]:
+    """The current report of every pod of one Agent, by pod name (empty: none yet)."""
+    try:
+        kv = await js.key_value(BUCKET)
+    except (nats.js.errors.BucketNotFoundError, nats.js.errors.NotFoundError):
+        return {}
+    watcher: Any = await kv.watch(key_filter(namespace, agent), ignore_deletes=True)
+    reports: dict[str, PodReport] = {}
+    try:
+        async for entry in watcher:
+            if entry is None:  # the end of the current values
+                break
+            if entry.value is None or entry.operation is not None:
+                continue
+            try:
+                report = PodReport.from_json(entry.value)
+            except ValueError as err:
+                log.warning("status bucket: skipping %s: %s", entry.key, err)
+                continue
+            reports[report.pod] = report
+    finally:
+        await watcher.stop()
+    return reports
+
+
+class Reporter:
+    """Puts this pod's report every `interval` seconds and when the model version changes.
+
+    `snapshot` is called on the event loop and must be cheap (it reads the agent's
+    state). A failed put (NATS away) is logged and retried at the next check, so the
+    reporter never stops the runtime.
+    """
+
+    def __init__(
+        self,
+        js: nats.js.JetStreamContext,
+        namespace: str,
+        agent: str,
+        snapshot: Callable[[], PodReport],
+        *,
+        interval: float = INTERVAL_SECONDS,
+        check: float = CHECK_SECONDS,
+    ) -> None:
+        self.js = js
+        self.namespace = namespace
+        self.agent = agent
+        self.snapshot = snapshot
+        self.interval = interval
+        self.check = min(check, interval)
+        self.reports = 0
+
+    async def run(self) -> None:
+        """Report until cancelled."""
+        kv: Any = None
+        sent_version: int | None = None
+        sent_at: float | None = None
+        failures = 0
+        while True:
+            report = self.snapshot()
+            now = time.monotonic()
+            due = (
+                sent_at is None
+                or now - sent_at >= self.interval
+                or report.model_version != sent_version
+            )
+            if due:
+                try:
+                    if kv is None:
+                        kv = await ensure_bucket(self.js)
+                    await put_report(kv, self.namespace, self.agent, report)
+                except (nats.errors.Error, TimeoutError, OSError) as err:
+                    failures += 1
+                    if failures == 1 or failures % 20 == 0:
+                        log.warning("status report failed (%s), retrying", err)
+                else:
+                    failures = 0
+                    sent_version, sent_at = report.model_version, now
+                    self.reports += 1
+            await asyncio.sleep(self.check)

@@ -1,0 +1,172 @@
+"""Live config, bind address: a real runtime process whose mounted config file changes."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from integration.runtime import helpers
+
+from relayrl_runtime import config
+from relayrl_runtime.transport import client
+
+
+def _config(model: Path, out: Path, **extra: Any) -> dict[str, Any]:
+    return {
+        "agent": "cartpole",
+        "actors": 4,
+        "actorsPerPod": 2,
+        "podIndex": 1,
+        "routers": 1,
+        "model": {"uri": str(model), "format": "onnx", "version": 1},
+        "environment": {"gymnasium": {"id": "CartPole-v1", "envsPerActor": 2}},
+        "trajectories": {"maxLength": 50},
+        "localSink": {"path": str(out)},
+        "reload": {"pollSeconds": 0.2},
+        **extra,
+    }
+
+
+def _steps(proc: helpers.RuntimeProcess) -> float:
+    return helpers.metric(proc.metrics(), "relayrl_runtime_env_steps_total")
+
+
+def test_config_file_changes_apply_without_restart(models: dict[str, Path], tmp_path: Path) -> None:
+    live = tmp_path / "model"
+    shutil.copytree(models["onnx"], live)
+    out = tmp_path / "out"
+    cfg = _config(live, out)
+    proc = helpers.RuntimeProcess(tmp_path, cfg, mounted=True)
+    try:
+        proc.wait_ready()
+        # Pod 1 of 2 actors per pod runs global actors 2 and 3: ids 4..7 (2 envs each).
+        assert helpers.metric(proc.metrics(), "relayrl_runtime_actors") == 4
+        helpers.wait_for("env steps", lambda: _steps(proc) > 100)
+        pid = proc.proc.pid
+
+        # Scale: 6 actors, 3 per pod -> this pod runs global actors 3, 4, 5 (ids 6..11);
+        # actor 2 (ids 4, 5) goes away; 3 routers.
+        cfg = {**cfg, "actors": 6, "actorsPerPod": 3, "routers": 3}
+        proc.update_config(cfg)
+        helpers.wait_for(
+            "6 actors and 3 routers",
+            lambda: (
+                helpers.metric(proc.metrics(), "relayrl_runtime_actors") == 6
+                and helpers.metric(proc.metrics(), "relayrl_runtime_routers") == 3
+            ),
+        )
+        before = _steps(proc)
+        helpers.wait_for("env steps after the resize", lambda: _steps(proc) > before + 100)
+
+        # A cold field: logged as needing a restart, nothing else happens.
+        cfg = {**cfg, "trajectories": {"maxLength": 60}}
+        proc.update_config(cfg)
+        helpers.wait_for(
+            "restart warning",
+            lambda: "need a restart to take effect: trajectories.maxLength" in proc.logs(),
+        )
+
+        # A pinned version ignores a newer model in the path until the pin moves.
+        staged = tmp_path / "staged"
+        shutil.copytree(models["onnx_v2"], staged)
+        live.rename(tmp_path / "old")
+        staged.rename(live)
+        helpers.wait_for(
+            "pinned-version warning", lambda: "model.version 1 is pinned" in proc.logs()
+        )
+        assert helpers.metric(proc.metrics(), "relayrl_runtime_model_version") == 1
+        cfg = {**cfg, "model": {**cfg["model"], "version": 2}}
+        proc.update_config(cfg)
+        helpers.wait_for(
+            "model version 2",
+            lambda: helpers.metric(proc.metrics(), "relayrl_runtime_model_version") == 2,
+        )
+        before = _steps(proc)
+        helpers.wait_for("env steps with version 2", lambda: _steps(proc) > before + 100)
+        assert proc.proc.pid == pid
+        assert proc.proc.poll() is None
+        assert proc.terminate() == 0, proc.logs()
+    finally:
+        proc.kill()
+    logs = proc.logs()
+    assert "routers scaled to 3" in logs
+    assert "actors: now running global actors [3, 4, 5]" in logs
+    table = pa.concat_tables([pq.read_table(f) for f in out.glob("*.parquet")])
+    # Every step taken was written, by the ids of the global actors (stable across the
+    # resize: actor a's copies are ids 2a and 2a+1).
+    assert table.num_rows == helpers.logged(logs, "env_steps")
+    assert set(table["actor_id"].to_pylist()) == set(range(4, 12))
+    assert set(table["policy_version"].to_pylist()) == {1, 2}
+    trajectories = helpers.trajectories(table)
+    for rows in trajectories.values():
+        assert rows[-1]["terminated"] or rows[-1]["truncated"]
+    # The removed actor's copies stopped at the resize: their last trajectory was cut.
+    for actor_id in (4, 5):
+        mine = [t for t in trajectories.values() if t[0]["actor_id"] == actor_id]
+        last = max(mine, key=lambda t: t[-1]["action_time"])
+        assert last[-1]["cut"] or last[-1]["terminated"]
+        assert all(r["policy_version"] == 1 for t in mine for r in t)
+
+
+def test_invalid_config_change_is_ignored(models: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    cfg = _config(models["onnx"], out)
+    proc = helpers.RuntimeProcess(tmp_path, cfg, mounted=True)
+    try:
+        proc.wait_ready()
+        proc.update_config({**cfg, "routers": 0})
+        helpers.wait_for("invalid config error", lambda: "is invalid" in proc.logs())
+        proc.update_config({**cfg, "routers": 2})
+        helpers.wait_for(
+            "2 routers", lambda: helpers.metric(proc.metrics(), "relayrl_runtime_routers") == 2
+        )
+        assert proc.terminate() == 0, proc.logs()
+    finally:
+        proc.kill()
+
+
+def test_bind_address_from_environment(models: dict[str, Path], tmp_path: Path) -> None:
+    zport = helpers.free_port()
+    cfg = {
+        "agent": "remote",
+        "actors": 0,
+        "model": {"uri": str(models["onnx"]), "format": "onnx"},
+        "environment": {"remote": {"port": zport}},
+        "localSink": {"path": str(tmp_path / "out")},
+    }
+    # server.host is 127.0.0.1 in the config; the environment moves both servers.
+    proc = helpers.RuntimeProcess(
+        tmp_path, cfg, env={config.ENV_BIND_ADDRESS: "127.0.0.2"}, host="127.0.0.2"
+    )
+    try:
+        proc.wait_ready()
+        assert helpers.http_get(proc.port, "/healthz", "127.0.0.2")[0] == 200
+        # Nothing listens on the config's host: the connection is refused.
+        assert helpers.http_get(proc.port, "/healthz", "127.0.0.1")[0] == 0
+        with client.RemoteClient(f"tcp://127.0.0.2:{zport}", timeout=30) as c:
+            ids = c.new_actors(1)
+            result = c.request_action(ids, np.zeros((1, 4), np.float32))
+            assert result.version == 1
+        assert proc.terminate() == 0, proc.logs()
+    finally:
+        proc.kill()
+
+
+def test_bind_host_prefers_the_environment() -> None:
+    cfg = config.from_mapping(
+        {
+            "agent": "a",
+            "actors": 1,
+            "model": {"uri": "/m", "format": "onnx"},
+            "environment": {"gymnasium": {"id": "CartPole-v1"}},
+            "server": {"host": "0.0.0.0"},
+        },
+        environ={},
+    )
+    assert config.bind_host(cfg, {}) == "0.0.0.0"
+    assert config.bind_host(cfg, {config.ENV_BIND_ADDRESS: "127.0.0.7"}) == "127.0.0.7"
+    assert config.bind_host(cfg, {config.ENV_BIND_ADDRESS: " "}) == "0.0.0.0"

@@ -1,0 +1,204 @@
+"""Pod status reports in the `relayrl-status` KV bucket, on a real nats-server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+from integration.runtime import helpers
+
+from relayrl_runtime import app, config, reporting, streams
+from support import natsserver
+
+
+async def _reports(url: str, namespace: str, agent: str) -> dict[str, reporting.PodReport]:
+    nc = await nats.connect(url)
+    try:
+        return await reporting.read_reports(nc.jetstream(), namespace, agent)
+    finally:
+        await nc.close()
+
+
+def _reports_now(url: str, namespace: str, agent: str) -> dict[str, reporting.PodReport]:
+    return asyncio.run(_reports(url, namespace, agent))
+
+
+async def _wait_report(js: Any, what: str, check: Any) -> dict[str, reporting.PodReport]:
+    deadline = time.monotonic() + 30.0
+    last: dict[str, reporting.PodReport] = {}
+    while time.monotonic() < deadline:
+        last = await reporting.read_reports(js, "ns", "cartpole")
+        if check(last):
+            return last
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+
+
+async def test_reporter_puts_reports_and_reports_version_changes_at_once(
+    nats_server: natsserver.NatsServer,
+) -> None:
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        assert await reporting.read_reports(js, "ns", "cartpole") == {}
+        state = {"version": 1}
+
+        def snapshot() -> reporting.PodReport:
+            return reporting.PodReport("cartpole-0", state["version"], 4, True, time.time())
+
+        # A long interval: only the version change can explain a second report.
+        reporter = reporting.Reporter(js, "ns", "cartpole", snapshot, interval=3600, check=0.05)
+        task = asyncio.create_task(reporter.run())
+        try:
+            first = await _wait_report(js, "a report", lambda r: "cartpole-0" in r)
+            assert first["cartpole-0"].model_version == 1
+            assert first["cartpole-0"].actors == 4
+            assert first["cartpole-0"].ready
+            state["version"] = 2
+            second = await _wait_report(
+                js, "version 2", lambda r: r["cartpole-0"].model_version == 2
+            )
+            assert second["cartpole-0"].time >= first["cartpole-0"].time
+            assert reporter.reports == 2
+        finally:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        # Another Agent's reports are not mixed in; the bucket keeps one value per key.
+        kv = await reporting.ensure_bucket(js)
+        other = reporting.PodReport("other-0", 5, 1, False, time.time())
+        await reporting.put_report(kv, "ns", "other", other)
+        assert set(await reporting.read_reports(js, "ns", "cartpole")) == {"cartpole-0"}
+        assert (await reporting.read_reports(js, "ns", "other"))["other-0"] == other
+        status = await kv.status()
+        assert status.history == 1
+        assert status.ttl == pytest.approx(reporting.MAX_AGE_SECONDS)
+        entry = await kv.get(reporting.key("ns", "cartpole", "cartpole-0"))
+        assert set(json.loads(entry.value)) == {
+            "pod",
+            "modelVersion",
+            "actors",
+            "ready",
+            "time",
+        }
+    finally:
+        await nc.close()
+
+
+def _push(url: str, model: Path) -> None:
+    args = ["model", "push", "--nats", url, "--bucket", "models", "--name", "cp", str(model)]
+    done = subprocess.run(
+        [str(helpers.RUNTIME), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_runtime_reports_its_model_version(
+    nats_server: natsserver.NatsServer, models: dict[str, Path], tmp_path: Path
+) -> None:
+    url = nats_server.url
+    _push(url, models["onnx"])
+    _push(url, models["onnx_v2"])
+    cfg: dict[str, Any] = {
+        "agent": "cartpole",
+        "namespace": "ns",
+        "actors": 2,
+        "model": {"uri": "objectstore://models/cp", "format": "onnx", "version": 1},
+        "environment": {"gymnasium": {"id": "CartPole-v1", "envsPerActor": 2}},
+        "trajectories": {"nats": {"url": url}},
+        "localSink": {"path": str(tmp_path / "out")},
+        "reload": {"pollSeconds": 0.2},
+    }
+    env = {config.ENV_POD_NAME: "cartpole-7"}
+    proc = helpers.RuntimeProcess(tmp_path, cfg, env=env, mounted=True)
+    try:
+        proc.wait_ready()
+        reports = helpers.wait_for(
+            "a ready report",
+            lambda: (
+                (r := _reports_now(url, "ns", "cartpole")).get("cartpole-7")
+                and r["cartpole-7"].ready
+                and r
+            ),
+        )
+        report = reports["cartpole-7"]
+        assert (report.model_version, report.actors) == (1, 4)
+        # Unpinned: follow the newest version in the registry (2), and say so.
+        proc.update_config({**cfg, "model": {**cfg["model"], "version": None}})
+        helpers.wait_for(
+            "a version 2 report",
+            lambda: _reports_now(url, "ns", "cartpole")["cartpole-7"].model_version == 2,
+        )
+        assert helpers.metric(proc.metrics(), "relayrl_runtime_model_version") == 2
+        assert proc.terminate() == 0, proc.logs()
+    finally:
+        proc.kill()
+
+
+async def test_runtime_publishes_to_nats_without_a_local_sink(
+    nats_server: natsserver.NatsServer, models: dict[str, Path], tmp_path: Path
+) -> None:
+    url = nats_server.url
+    cfg: dict[str, Any] = {
+        "agent": "cartpole",
+        "namespace": "ns",
+        "actors": 2,
+        "model": {"uri": str(models["onnx"]), "format": "onnx"},
+        "environment": {"gymnasium": {"id": "CartPole-v1"}},
+        "trajectories": {"maxLength": 20, "nats": {"url": url}},
+        "limits": {"maxEnvSteps": 400},
+    }
+    proc = helpers.RuntimeProcess(tmp_path, cfg)
+    try:
+        code = await asyncio.to_thread(proc.proc.wait, 120)
+        assert code == 0, proc.logs()
+    finally:
+        proc.kill()
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info(streams.stream_name("ns", "cartpole"))
+        assert info.state.messages > 0
+        sub = await js.pull_subscribe(streams.trajectories_subject("ns", "cartpole"), "check")
+        steps = 0
+        while steps < 400:
+            for msg in await sub.fetch(100, timeout=10):
+                steps += int(msg.headers[streams.HEADER_STEPS])
+                await msg.ack()
+        assert steps == 400
+        reports = await reporting.read_reports(js, "ns", "cartpole")
+        assert reports["cartpole-0"].model_version == 1
+    finally:
+        await nc.close()
+
+
+def test_no_nats_no_reports(models: dict[str, Path], tmp_path: Path) -> None:
+    base = {
+        "agent": "a",
+        "actors": 1,
+        "model": {"uri": str(models["onnx"]), "format": "onnx"},
+        "environment": {"gymnasium": {"id": "CartPole-v1"}},
+    }
+    local = config.from_mapping({**base, "localSink": {"path": str(tmp_path)}}, environ={})
+    assert not app.App(local).uses_nats
+    published = config.from_mapping(base, environ={})
+    assert app.App(published).uses_nats
+    registry = config.from_mapping(
+        {
+            **base,
+            "localSink": {"path": str(tmp_path)},
+            "model": {"uri": "objectstore://models/cp", "format": "onnx"},
+        },
+        environ={},
+    )
+    assert app.App(registry).uses_nats

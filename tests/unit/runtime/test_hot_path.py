@@ -1,0 +1,193 @@
+"""The request path's shortcuts agree with the general code: single-row records, small
+log-probabilities, resizing env drivers, idle remote clients (no servers)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from relayrl_runtime import agent as agent_mod
+from relayrl_runtime.envs import driver, gym
+from relayrl_runtime.inference import model, policy
+from relayrl_runtime.sinks import local
+from relayrl_runtime.transport import endpoint, wire
+
+
+def _table(sink: local.LocalFileSink) -> pa.Table:
+    table = pa.concat_tables([pq.read_table(f) for f in sink.files])
+    return table.sort_by(
+        [("actor_id", "ascending"), ("episode_id", "ascending"), ("step", "ascending")]
+    )
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_single_and_batched_rows_record_the_same(
+    models: dict[str, Path], tmp_path: Path, n: int
+) -> None:
+    # 150 steps with max length 40: horizon growth and cuts on the single-row path too.
+    sink = local.LocalFileSink(tmp_path / str(n))
+    a = agent_mod.Agent(models["onnx"], actor_count=n, max_length=40, seed=0, sink=sink)
+    rng = np.random.default_rng(1)
+    obs_seen = []
+    for step in range(150):
+        obs = rng.standard_normal((n, 4)).astype(np.float32)
+        obs_seen.append(obs)
+        a.request_action(np.arange(n), obs, reward=float(step))
+    a.flag_last_action(np.arange(n), reward=-1.0)
+    a.shutdown()
+    table = _table(sink)
+    assert table.num_rows == 150 * n
+    for actor in range(n):
+        mine = table.filter(pa.compute.equal(table["actor_id"], actor)).to_pylist()
+        assert [r["step"] for r in mine] == list(range(150))
+        assert [r["segment"] for r in mine] == [s // 40 for s in range(150)]
+        # Each step's reward is the one given with the next request (the last: flagged).
+        assert [r["reward"] for r in mine] == [float(s + 1) for s in range(149)] + [-1.0]
+        np.testing.assert_array_equal(
+            np.stack([np.asarray(r["obs"], np.float32) for r in mine]),
+            np.stack([o[actor] for o in obs_seen]),
+        )
+        cuts = [r["step"] for r in mine if r["cut"]]
+        assert cuts == [39, 79, 119]
+        assert mine[-1]["terminated"]
+
+
+def test_small_log_prob_matches_the_vectorised_one() -> None:
+    rng = np.random.default_rng(0)
+    for rows, size in [(1, 2), (3, 5), (8, 8)]:
+        head = rng.standard_normal((rows, size)).astype(np.float32) * 5
+        actions = rng.integers(0, size, rows)
+        mask = rng.random((rows, size)) < 0.7
+        mask[np.arange(rows), actions] = True
+        for m in (None, mask):
+            small = policy._discrete_log_prob_small(head, actions, m)
+            z = head.astype(np.float64)
+            if m is not None:
+                z = np.where(m, z, -np.inf)
+            lse = np.log(np.exp(z - z.max(1, keepdims=True)).sum(1)) + z.max(1)
+            np.testing.assert_allclose(small, z[np.arange(rows), actions] - lse, rtol=1e-5)
+            big = policy.log_prob(model.ActionKind.DISCRETE, head, actions, m)
+            np.testing.assert_allclose(small, big, rtol=1e-5)
+
+
+def test_sampler_is_reproducible_and_samples_softmax() -> None:
+    logits = np.log(np.array([[0.2, 0.8]], dtype=np.float32)).repeat(20000, axis=0)
+    a = policy._discrete(logits, None, policy.Sampler(7), True)
+    b = policy._discrete(logits, None, policy.Sampler(7), True)
+    np.testing.assert_array_equal(a, b)
+    assert abs(a.mean() - 0.8) < 0.02
+    masked = policy._discrete(
+        logits[:100], np.array([[True, False]] * 100), policy.Sampler(7), True
+    )
+    assert (masked == 0).all()
+
+
+def test_driver_resize_keeps_ids_and_cuts_what_it_must(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    sink = local.LocalFileSink(tmp_path / "out")
+    a = agent_mod.Agent(models["onnx"], actor_count=4, actor_ids=[10, 11, 12, 13], sink=sink)
+
+    def make(count: int) -> driver.VecEnv:
+        return gym.make("CartPole-v1", count)
+
+    drv = driver.EnvDriver(a, make(4), [10, 11, 12, 13], seed=0, make_env=make)
+    first = drv.run(max_steps=200)
+    drv.resize([10, 11, 12, 13, 20, 21])  # grow: a second vector env for 20, 21
+    assert a.get_actor_ids() == [10, 11, 12, 13, 20, 21]
+    second = drv.run(max_steps=300)
+    drv.resize([11, 20])  # shrink: both vector envs lose copies and are rebuilt
+    assert sorted(a.get_actor_ids()) == [11, 20]
+    third = drv.run(max_steps=100)
+    drv.resize([])
+    assert a.get_actor_ids() == []
+    drv.close()
+    a.shutdown()
+    table = _table(sink)
+    assert table.num_rows == first.steps + second.steps + third.steps
+    assert set(table["actor_id"].to_pylist()) == {10, 11, 12, 13, 20, 21}
+    for row in table.to_pylist():
+        if row["cut"]:
+            assert row["truncated"]
+            assert not row["terminated"]
+
+
+def _msg(identity: bytes, op: int, request_id: int, *payload: bytes) -> list[bytes]:
+    return [identity, wire.header(op, request_id), *payload]
+
+
+def test_idle_clients_lose_their_actors(models: dict[str, Path], tmp_path: Path) -> None:
+    sink = local.LocalFileSink(tmp_path / "out")
+    a = agent_mod.Agent(models["onnx"], actor_count=0, sink=sink)
+    ep = endpoint.RemoteEndpoint(a, "tcp://127.0.0.1:0", client_idle_seconds=30)
+    ids = {}
+    for client in (b"idle", b"busy"):
+        reply = ep._handle_one(_msg(client, wire.Op.NEW_ACTORS, 1, (2).to_bytes(4, "little")))
+        ids[client] = wire.unpack_array(reply[2], "ids")
+        obs = wire.pack_array(np.zeros((2, 4), np.float32))
+        for step in range(5):
+            reply = ep._handle_one(
+                _msg(
+                    client, wire.Op.REQUEST_ACTION, 2 + step, reply_ids(ids[client]), obs, b"", b""
+                )
+            )
+            assert not wire.parse_header(reply[1])[1] & wire.FLAG_ERROR
+    assert ep.clients == 2
+    now = time.monotonic()
+    ep._sweep(now)  # nobody is idle yet
+    assert ep.clients == 2
+    ep._last_seen[b"busy"] = now + 100  # "busy" spoke recently, "idle" did not
+    ep._sweep(now + 31)
+    assert ep.clients == 1
+    assert sorted(a.get_actor_ids()) == sorted(ids[b"busy"].tolist())
+    idle_total = "relayrl_runtime_remote_idle_clients_total"
+    assert a.metrics.registry.get_sample_value(idle_total) == 1
+    a.shutdown()
+    table = _table(sink)
+    # The idle client's partial trajectories were flushed (cut) when its actors went.
+    idle = table.filter(pa.compute.is_in(table["actor_id"], pa.array(ids[b"idle"])))
+    assert idle.num_rows == 10
+    assert all(r["cut"] for r in idle.to_pylist() if r["step"] == 4)
+
+
+def reply_ids(ids: np.ndarray) -> bytes:
+    return wire.pack_array(np.asarray(ids, np.int64))
+
+
+def test_ended_is_flag_last_action_in_the_same_call(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    tables = []
+    for combined in (False, True):
+        sink = local.LocalFileSink(tmp_path / str(combined))
+        a = agent_mod.Agent(models["onnx"], actor_count=3, seed=0, sink=sink)
+        ids = np.arange(3)
+        obs = np.zeros((3, 4), np.float32)
+        a.request_action(ids, obs)
+        a.request_action(ids, obs + 1, reward=np.array([1.0, 2.0, 3.0]))
+        rewards = np.array([4.0, 5.0, 6.0])
+        pos = np.array([1])
+        term, trunc = np.array([True]), np.array([False])
+        if combined:
+            a.request_action(ids, obs + 2, reward=rewards, ended=(pos, term, trunc))
+        else:
+            a.flag_last_action(ids[pos], rewards[pos], term, trunc)
+            a.request_action(ids, obs + 2, reward=rewards)
+        with pytest.raises(agent_mod.errors.InvalidArgumentError):
+            a.request_action(ids, obs, ended=(np.array([3]), term, trunc))
+        a.shutdown()
+        table = _table(sink)
+        tables.append(table.drop_columns(["episode_id", "obs_time", "action_time"]))
+    assert tables[0].equals(tables[1])
+    rows = tables[1].to_pylist()
+    ended = [r for r in rows if r["actor_id"] == 1]
+    assert [(r["step"], r["reward"], r["terminated"]) for r in ended] == [
+        (0, 2.0, False),
+        (1, 5.0, True),
+        (0, 0.0, False),
+    ]

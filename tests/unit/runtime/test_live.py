@@ -1,0 +1,118 @@
+"""The config-file watcher: which changes are applied, which need a restart (no servers)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from relayrl_runtime import config, live
+
+BASE: dict[str, Any] = {
+    "agent": "cartpole",
+    "actors": 4,
+    "actorsPerPod": 2,
+    "podIndex": 1,
+    "routers": 1,
+    "model": {"uri": "/models/cp", "format": "onnx", "version": 1},
+    "environment": {"gymnasium": {"id": "CartPole-v1"}},
+}
+
+
+def _write(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(yaml.safe_dump(data))
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.calls: list[tuple[config.RuntimeConfig, config.RuntimeConfig]] = []
+
+    async def __call__(self, old: config.RuntimeConfig, new: config.RuntimeConfig) -> None:
+        self.calls.append((old, new))
+
+
+def _watcher(path: Path, rec: Recorder) -> live.ConfigWatcher:
+    return live.ConfigWatcher(path, config.load(path, environ={}), rec, environ={})
+
+
+async def test_hot_fields_are_applied_and_cold_ones_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "runtime.yaml"
+    _write(path, BASE)
+    rec = Recorder()
+    w = _watcher(path, rec)
+    await w.check()
+    assert rec.calls == []
+    changed = {
+        **BASE,
+        "actors": 6,
+        "actorsPerPod": 3,
+        "routers": 2,
+        "model": {**BASE["model"], "version": None},
+        "trajectories": {"maxLength": 10},
+    }
+    _write(path, changed)
+    with caplog.at_level(logging.WARNING):
+        await w.check()
+    ((old, new),) = rec.calls
+    assert (old.actors, old.actors_per_pod, old.routers, old.model.version) == (4, 2, 1, 1)
+    assert (new.actors, new.actors_per_pod, new.routers, new.model.version) == (6, 3, 2, None)
+    assert list(new.actor_slice()) == [3, 4, 5]
+    # The cold field is not applied, only reported.
+    assert new.trajectories.max_length == old.trajectories.max_length
+    assert "need a restart to take effect: trajectories.maxLength" in caplog.text
+    # The same bytes again: nothing to do.
+    await w.check()
+    assert len(rec.calls) == 1
+
+
+async def test_invalid_or_missing_file_keeps_the_running_config(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "runtime.yaml"
+    _write(path, BASE)
+    rec = Recorder()
+    w = _watcher(path, rec)
+    _write(path, {**BASE, "routers": 0})
+    with caplog.at_level(logging.ERROR):
+        await w.check()
+    assert "is invalid" in caplog.text
+    path.write_text(": not yaml [")
+    await w.check()
+    os.unlink(path)
+    await w.check()  # mid-swap: no file for a moment
+    assert rec.calls == []
+    _write(path, {**BASE, "routers": 3})
+    await w.check()
+    assert [new.routers for _, new in rec.calls] == [3]
+
+
+async def test_kubelet_symlink_swap_is_seen(tmp_path: Path) -> None:
+    mount = tmp_path / "config"
+    mount.mkdir()
+    first, second = mount / "..v1", mount / "..v2"
+    first.mkdir()
+    second.mkdir()
+    _write(first / "runtime.yaml", BASE)
+    _write(second / "runtime.yaml", {**BASE, "actors": 8})
+    (mount / "..data").symlink_to(first.name)
+    path = mount / "runtime.yaml"
+    path.symlink_to(Path("..data") / "runtime.yaml")
+    rec = Recorder()
+    w = _watcher(path, rec)
+    tmp_link = mount / "..data_tmp"
+    tmp_link.symlink_to(second.name)
+    os.replace(tmp_link, mount / "..data")
+    await w.check()
+    assert [new.actors for _, new in rec.calls] == [8]
+
+
+def test_changed_fields_use_wire_names() -> None:
+    a = config.from_mapping(BASE, environ={})
+    b = config.from_mapping({**BASE, "actorsPerPod": 5, "server": {"port": 1}}, environ={})
+    assert live.changed_fields(a, b) == [("actorsPerPod",), ("server", "port")]
