@@ -24,7 +24,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
 
 from relayrl_localstack import procs
 
@@ -55,7 +54,7 @@ def binary() -> Path:
     )
 
 
-class NatsServer:
+class NatsServer(procs.ServerProcess):
     """One nats-server process; JetStream with file storage in its own dir."""
 
     def __init__(
@@ -137,26 +136,6 @@ jetstream {{
         self.stop()
         self.start()
 
-    def close(self) -> None:
-        """Stop and remove the store."""
-        self.stop()
-        shutil.rmtree(self.base_dir, ignore_errors=True)
-
-    def logs(self) -> str:
-        """The server log so far."""
-        try:
-            return self.log_file.read_text(errors="replace")[-5000:]
-        except FileNotFoundError:
-            return ""
-
     def __enter__(self) -> NatsServer:
         self.start()
         return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -282,30 +282,18 @@ def materialise_volume(pod: Json, volume: Json, target: Path, sources: Sources) 
     target.mkdir(parents=True, exist_ok=True)
     if "emptyDir" in volume:
         return target
-    if volume.get("configMap"):
-        ref = volume["configMap"]
-        obj = _lookup(
-            sources.config_map,
-            namespace,
-            ref["name"],
-            optional=bool(ref.get("optional")),
-            kind="configmap",
-        )
-        if obj is not None:
-            _write_items(target, _config_map_data(obj), ref.get("items"), ref.get("defaultMode"))
-        return target
-    if volume.get("secret"):
-        ref = volume["secret"]
-        obj = _lookup(
-            sources.secret,
-            namespace,
-            ref["secretName"],
-            optional=bool(ref.get("optional")),
-            kind="secret",
-        )
-        if obj is not None:
-            _write_items(target, _secret_data(obj), ref.get("items"), ref.get("defaultMode"))
-        return target
+    for field, lookup, name_key, decode, kind in (
+        ("configMap", sources.config_map, "name", _config_map_data, "configmap"),
+        ("secret", sources.secret, "secretName", _secret_data, "secret"),
+    ):
+        if volume.get(field):
+            ref = volume[field]
+            obj = _lookup(
+                lookup, namespace, ref[name_key], optional=bool(ref.get("optional")), kind=kind
+            )
+            if obj is not None:
+                _write_items(target, decode(obj), ref.get("items"), ref.get("defaultMode"))
+            return target
     if volume.get("downwardAPI"):
         _write_downward(pod, volume["downwardAPI"].get("items") or [], target)
         return target

@@ -17,14 +17,12 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
-import shutil
 import signal
 import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import TracebackType
 
 from relayrl_localstack import procs
 
@@ -69,7 +67,7 @@ def bin_dir() -> Path:
     )
 
 
-class PostgresServer:
+class PostgresServer(procs.ServerProcess):
     """One postgres process with its own data directory; stop/start keep data and port."""
 
     def __init__(self, port: int | None = None) -> None:
@@ -207,29 +205,9 @@ class PostgresServer:
                 time.sleep(0.1)
         self.proc = None
 
-    def close(self) -> None:
-        """Stop the server and remove a temp dir this object created."""
-        self.stop()
-        shutil.rmtree(self.base_dir, ignore_errors=True)
-
-    def logs(self) -> str:
-        """The server log so far (for failure messages)."""
-        try:
-            return self.log_file.read_text(errors="replace")[-5000:]
-        except FileNotFoundError:
-            return ""
-
     def __enter__(self) -> PostgresServer:
         self.init()
         return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # -------------------------------------------------------------------- helpers
 

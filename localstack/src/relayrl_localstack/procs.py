@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,6 +22,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import TracebackType
 from typing import IO
 
 _PR_SET_PDEATHSIG = 1
@@ -130,3 +132,38 @@ def tail(path: Path, lines: int = 30) -> str:
     except OSError:
         return ""
     return "\n".join(text.splitlines()[-lines:])
+
+
+class ServerProcess:
+    """What the local servers (NATS, PostgreSQL) share: close, logs, context manager.
+
+    Subclasses set `base_dir` (removed on close) and `log_file`, and implement
+    `stop()` and `__enter__`.
+    """
+
+    base_dir: Path
+    log_file: Path
+
+    def stop(self) -> None:
+        """Stop the server process (data kept)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop the server and remove its directory."""
+        self.stop()
+        shutil.rmtree(self.base_dir, ignore_errors=True)
+
+    def logs(self) -> str:
+        """The end of the server log so far (for failure messages)."""
+        try:
+            return self.log_file.read_text(errors="replace")[-5000:]
+        except FileNotFoundError:
+            return ""
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
