@@ -95,6 +95,19 @@ def bearer_token(cfg: Any) -> str | None:
     return str(token).removeprefix("Bearer ").strip()
 
 
+@dataclass(frozen=True)
+class Applied:
+    """The object after a server-side apply, and whether the apply created it."""
+
+    obj: dict[str, Any]
+    created: bool
+
+    @property
+    def resource_version(self) -> str:
+        """The object's resourceVersion: unchanged when the apply changed nothing."""
+        return str(self.obj.get("metadata", {}).get("resourceVersion", ""))
+
+
 class ApiError(Exception):
     """The apiserver refused a request."""
 
@@ -162,6 +175,16 @@ class Client:
         content_type: str = "application/json",
     ) -> dict[str, Any]:
         """One API call; raises ApiError on a non-2xx answer."""
+        return (await self._send(method, path, body, params, content_type))[1]
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        body: Any,
+        params: Mapping[str, str] | None,
+        content_type: str,
+    ) -> tuple[int, dict[str, Any]]:
         data = None if body is None else json.dumps(body)
         headers = {"Content-Type": content_type} if data is not None else {}
         try:
@@ -171,20 +194,22 @@ class Client:
                 text = await resp.text()
                 if resp.status >= 400:
                     raise _error(resp.status, text)
-                return json.loads(text) if text else {}
+                return resp.status, (json.loads(text) if text else {})
         except (TimeoutError, aiohttp.ClientError) as err:
             raise ApiError(503, "Unavailable", f"{method} {path}: {err!r}") from err
 
-    async def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+    async def apply(self, obj: Mapping[str, Any]) -> Applied:
         """Server-side apply of a manifest, taking ownership of its fields."""
         meta = obj["metadata"]
-        return await self.request(
+        status, result = await self._send(
             "PATCH",
             kind_of(obj).path(meta["namespace"], meta["name"]),
-            body=obj,
-            params={"fieldManager": constants.FIELD_MANAGER, "force": "true"},
-            content_type=APPLY_CONTENT_TYPE,
+            obj,
+            {"fieldManager": constants.FIELD_MANAGER, "force": "true"},
+            APPLY_CONTENT_TYPE,
         )
+        # Server-side apply answers 201 when it created the object.
+        return Applied(result, created=status == 201)
 
     async def get(self, kind: Kind, namespace: str, name: str) -> dict[str, Any] | None:
         """An object, or None when it does not exist."""

@@ -103,6 +103,7 @@ class _State:
     pods: dict[str, dict[str, Any]] = field(default_factory=dict)
     deployments: dict[str, dict[str, Any]] = field(default_factory=dict)
     child_generations: dict[tuple[str, str], int] = field(default_factory=dict)
+    child_versions: dict[tuple[str, str], str] = field(default_factory=dict)
 
 
 class Reconciler:
@@ -400,13 +401,16 @@ class Reconciler:
                 continue
             if isinstance(result, BaseException):
                 raise result
-            created = result.get("metadata", {}).get("creationTimestamp") and (
-                (obj["kind"], obj["metadata"]["name"]) not in state.applied
-            )
-            metrics.CHILDREN.labels(obj["kind"], "created" if created else "updated").inc()
-            generation = result.get("metadata", {}).get("generation")
+            child = (obj["kind"], obj["metadata"]["name"])
+            before = state.child_versions.get(child)
+            state.child_versions[child] = result.resource_version
+            if result.created:
+                metrics.CHILDREN.labels(obj["kind"], "created").inc()
+            elif before is not None and before != result.resource_version:
+                metrics.CHILDREN.labels(obj["kind"], "updated").inc()
+            generation = result.obj.get("metadata", {}).get("generation")
             if generation is not None:
-                state.child_generations[(obj["kind"], obj["metadata"]["name"])] = generation
+                state.child_generations[child] = generation
         now = {(obj["kind"], obj["metadata"]["name"]) for obj in desired}
         # What may exist but is not desired: what we applied before, and on the first
         # pass after a restart every optional child name this Agent could have had.
@@ -417,6 +421,7 @@ class Reconciler:
                 metrics.CHILDREN.labels(kind_name, "deleted").inc()
                 log.info("deleted %s %s/%s: no longer desired", kind_name, agent.namespace, name)
             state.child_generations.pop((kind_name, name), None)
+            state.child_versions.pop((kind_name, name), None)
         state.applied = now
 
     def _optional_children(self, agent: common.AgentRef) -> set[tuple[str, str]]:

@@ -144,9 +144,8 @@ def test_gpu_agent_that_fits_nowhere_stays_pending_with_the_reason(
     assert "nvidia.com/gpu" in conditions(agent)["Ready"]["message"]
 
 
-@pytest.mark.usefixtures("operator")
 def test_deleted_or_edited_children_come_back(
-    agents: fleet.Agents, nats: natsserver.NatsServer, namespace: str
+    operator: fleet.Operator, agents: fleet.Agents, nats: natsserver.NatsServer, namespace: str
 ) -> None:
     k8s = agents.k8s
     agents.create(manifest(nats.url))
@@ -168,6 +167,9 @@ def test_deleted_or_edited_children_come_back(
         what="children repaired",
     )
     agents.wait_phase("cartpole", "Ready")
+    page = operator.metrics()
+    assert 'relayrl_operator_children_total{action="created",kind="ConfigMap"}' in page
+    assert 'relayrl_operator_children_total{action="updated",kind="StatefulSet"}' in page
 
 
 @pytest.mark.usefixtures("operator")
