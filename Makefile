@@ -38,7 +38,7 @@ $(VENV)/.installed: $(PY_PROJECTS) requirements-dev.txt
 venv: $(VENV)/.installed ## Create .venv with both packages (editable) and the test tools
 
 .PHONY: system-deps
-system-deps: ## Install the Debian packages of the real test servers (PostgreSQL) if missing
+system-deps: ## Install the Debian packages of the real test servers (PostgreSQL, Prometheus) if missing
 	hack/system-deps.sh
 
 .PHONY: k8s-bins

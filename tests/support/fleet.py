@@ -10,11 +10,69 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import yaml
 from kubernetes import client
 
-from relayrl_localstack import testing
+from relayrl_localstack import binaries, testing
 from relayrl_runtime import spec
 from support import natsserver
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "helm" / "relayrl-operator"
+RUNTIME_CLI = [sys.executable, "-m", "relayrl_runtime.cli"]
+
+
+def run(*argv: str, timeout: float = 120) -> str:
+    """Run a command; fail with its output."""
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"{' '.join(argv)} failed:\n{output}"
+    return output
+
+
+def push_model(directory: Path, version: int, nats_url: str, bucket: str) -> None:
+    """Export a CartPole MLP of the given version and push it to the model registry."""
+    run(
+        *RUNTIME_CLI,
+        "model",
+        "export",
+        str(directory),
+        "--version",
+        str(version),
+        "--seed",
+        str(version),
+    )
+    run(
+        *RUNTIME_CLI,
+        "model",
+        "push",
+        str(directory),
+        "--nats",
+        nats_url,
+        "--bucket",
+        bucket,
+        "--name",
+        "cartpole",
+    )
+
+
+def helm(*args: str, check: bool = True, kubeconfig: Path | None = None) -> str:
+    """Run the pinned helm; with ``check``, fail with its output."""
+    argv = [str(binaries.ensure_binaries(build=False).helm), *args]
+    if kubeconfig is not None:
+        argv += ["--kubeconfig", str(kubeconfig)]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=180, check=False)
+    if check and result.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result.stdout + result.stderr
+
+
+def render_chart(values: Path | None, namespace: str, *extra: str) -> list[dict[str, Any]]:
+    """`helm template` of the chart (test hooks included) as a list of objects."""
+    args = ["template", "relayrl-ci", str(CHART), "--namespace", namespace, *extra]
+    if values is not None:
+        args += ["--values", str(values)]
+    return [d for d in yaml.safe_load_all(helm(*args)) if d]
 
 
 class Operator:

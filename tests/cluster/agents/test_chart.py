@@ -19,7 +19,6 @@ import asyncio
 import json
 import re
 import secrets
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ import yaml
 from nats.js.api import StorageType
 from prometheus_client import CollectorRegistry
 
-from relayrl_localstack import binaries, testing
+from relayrl_localstack import testing
 from relayrl_operator import metrics as operator_metrics
 from relayrl_runtime import metrics as runtime_metrics
 from relayrl_runtime.sinks import service as sink_service
@@ -41,25 +40,6 @@ REPO = Path(__file__).resolve().parents[3]
 CHART = REPO / "helm" / "relayrl-operator"
 CI_VALUES = sorted((CHART / "ci").glob("*.yaml"))
 MONITORING_GROUP = "monitoring.coreos.com/"
-
-
-def helm(*args: str, check: bool = True, kubeconfig: Path | None = None) -> str:
-    """Run the pinned helm; with ``check``, fail with its output."""
-    argv = [str(binaries.ensure_binaries(build=False).helm), *args]
-    if kubeconfig is not None:
-        argv += ["--kubeconfig", str(kubeconfig)]
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=180, check=False)
-    if check and result.returncode != 0:
-        raise AssertionError(f"helm {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
-    return result.stdout + result.stderr
-
-
-def render(values: Path | None, namespace: str, *extra: str) -> list[dict[str, Any]]:
-    """`helm template` (test hooks included) as a list of objects."""
-    args = ["template", "relayrl-ci", str(CHART), "--namespace", namespace, *extra]
-    if values is not None:
-        args += ["--values", str(values)]
-    return [d for d in yaml.safe_load_all(helm(*args)) if d]
 
 
 def exported_metric_names() -> set[str]:
@@ -85,10 +65,10 @@ def exported_metric_names() -> set[str]:
 
 def test_helm_lint_defaults_and_ci_values() -> None:
     assert CI_VALUES, "helm/relayrl-operator/ci/*.yaml: no values files"
-    out = helm("lint", "--strict", str(CHART))
+    out = fleet.helm("lint", "--strict", str(CHART))
     assert "0 chart(s) failed" in out
     for values in CI_VALUES:
-        out = helm("lint", "--strict", str(CHART), "--values", str(values))
+        out = fleet.helm("lint", "--strict", str(CHART), "--values", str(values))
         assert "0 chart(s) failed" in out, values.name
 
 
@@ -103,7 +83,7 @@ def test_helm_lint_defaults_and_ci_values() -> None:
     ],
 )
 def test_schema_refuses_bad_values(setting: str, message: str) -> None:
-    out = helm("template", "x", str(CHART), "--set", setting, check=False)
+    out = fleet.helm("template", "x", str(CHART), "--set", setting, check=False)
     assert "values don't meet the specifications of the schema" in out
     assert message in out
 
@@ -144,7 +124,7 @@ def test_every_values_key_has_a_comment() -> None:
 
 
 def test_monitoring_queries_name_exported_metrics() -> None:
-    docs = render(CHART / "ci" / "full-values.yaml", "default")
+    docs = fleet.render_chart(CHART / "ci" / "full-values.yaml", "default")
     exprs = [
         rule["expr"]
         for d in docs
@@ -188,7 +168,7 @@ def test_monitoring_queries_name_exported_metrics() -> None:
 def test_rendered_chart_passes_server_side_dry_run(
     agent_crd: testing.ClusterHandle, namespace: str, values: Path
 ) -> None:
-    docs = render(values, namespace)
+    docs = fleet.render_chart(values, namespace)
     kinds = {d["kind"] for d in docs}
     assert {"Deployment", "ServiceAccount", "Service", "Pod"} <= kinds
     applied = [d for d in docs if not d["apiVersion"].startswith(MONITORING_GROUP)]
@@ -247,7 +227,7 @@ def test_helm_install_runs_the_operator_that_makes_an_agent_ready(
     }
     values_file = tmp_path / "values.yaml"
     values_file.write_text(yaml.safe_dump(values))
-    helm(
+    fleet.helm(
         "install",
         release,
         str(CHART),
@@ -304,7 +284,9 @@ def test_helm_install_runs_the_operator_that_makes_an_agent_ready(
             what="actor pods gone after the Agent's deletion",
         )
     finally:
-        helm("uninstall", release, "--namespace", namespace, "--wait", kubeconfig=k8s.kubeconfig)
+        fleet.helm(
+            "uninstall", release, "--namespace", namespace, "--wait", kubeconfig=k8s.kubeconfig
+        )
         # The operator's process stops before the test ends, not during session teardown.
         testing.wait_for(
             lambda: (

@@ -9,8 +9,6 @@ steps.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,44 +19,6 @@ import pytest
 from relayrl_localstack import testing
 from relayrl_runtime import streams
 from support import fleet, natsserver, postgres, specs
-
-RUNTIME = [sys.executable, "-m", "relayrl_runtime.cli"]
-
-
-def push_model(directory: Path, version: int, nats_url: str, bucket: str) -> None:
-    """Export a CartPole MLP of the given version and push it to the registry."""
-    subprocess.run(
-        [
-            *RUNTIME,
-            "model",
-            "export",
-            str(directory),
-            "--version",
-            str(version),
-            "--seed",
-            str(version),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-    subprocess.run(
-        [
-            *RUNTIME,
-            "model",
-            "push",
-            str(directory),
-            "--nats",
-            nats_url,
-            "--bucket",
-            bucket,
-            "--name",
-            "cartpole",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
 
 
 def rows(dsn: str, where: str = "true") -> int:
@@ -85,7 +45,7 @@ def test_agent_runs_on_the_process_node_end_to_end(
 ) -> None:
     k8s = agents.k8s
     bucket = streams.model_bucket(namespace, "cartpole")
-    push_model(tmp_path / "v1", 1, nats.url, bucket)
+    fleet.push_model(tmp_path / "v1", 1, nats.url, bucket)
     k8s.core.create_namespaced_secret(
         namespace,
         {
@@ -145,7 +105,7 @@ def test_agent_runs_on_the_process_node_end_to_end(
     }
 
     # A new model version in the registry: hot-reloaded, reported, recorded.
-    push_model(tmp_path / "v2", 2, nats.url, bucket)
+    fleet.push_model(tmp_path / "v2", 2, nats.url, bucket)
     agent = agents.wait(
         "cartpole",
         "model version 2 reported",

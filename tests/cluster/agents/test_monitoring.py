@@ -1,0 +1,304 @@
+"""The chart's monitoring against a real Prometheus (Debian's `prometheus` package).
+
+- `promtool check rules` on the PrometheusRule groups `helm template` renders with
+  `monitoring.prometheusRule=true`;
+- an Agent runs end to end (actor and sink pods as processes on the process node), a
+  real Prometheus scrapes the operator and every pod, and every query of the chart's
+  Grafana dashboards returns data; every alert expression is accepted by the query API.
+
+Prometheus scrapes static targets labelled `namespace` and `pod`, the labels the
+Prometheus Operator's PodMonitor adds in a cluster, which the dashboards and alerts use.
+`hack/system-deps.sh` installs the package; the test fails loudly without it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from relayrl_localstack import testing
+from relayrl_operator import constants
+from relayrl_runtime import streams
+from support import fleet, natsserver, postgres, specs
+
+REPO = Path(__file__).resolve().parents[3]
+CHART = REPO / "helm" / "relayrl-operator"
+DASHBOARDS = sorted((CHART / "dashboards").glob("*.json"))
+PROMETHEUS = Path("/usr/bin/prometheus")
+PROMTOOL = Path("/usr/bin/promtool")
+# Grafana's $__rate_interval is at least four scrape intervals; 30s covers 1s scrapes.
+RATE_INTERVAL = "30s"
+
+
+def require(binary: Path) -> Path:
+    """The binary, or a failure that says how to get it (never a skip)."""
+    if not binary.is_file():
+        pytest.fail(f"{binary} missing: run `make system-deps` (Debian package prometheus)")
+    return binary
+
+
+def promtool(*args: str) -> str:
+    """Run promtool; fail with its output."""
+    return fleet.run(str(require(PROMTOOL)), *args, timeout=60)
+
+
+def rule_groups(namespace: str) -> dict[str, Any]:
+    """The `spec` (with `groups:`) of the chart's PrometheusRule, rendered by the pinned helm."""
+    objects = fleet.render_chart(None, namespace, "--set", "monitoring.prometheusRule=true")
+    rules = [o for o in objects if o.get("kind") == "PrometheusRule"]
+    assert len(rules) == 1, f"expected one PrometheusRule, got {len(rules)}"
+    spec: dict[str, Any] = rules[0]["spec"]
+    assert spec.get("groups"), "the PrometheusRule has no groups"
+    return spec
+
+
+def alert_expressions(groups: dict[str, Any]) -> list[str]:
+    return [str(r["expr"]) for g in groups["groups"] for r in g["rules"]]
+
+
+def panel_expressions(panels: list[dict[str, Any]]) -> Iterator[tuple[str, str]]:
+    """(panel title, expr) of every target, rows' nested panels included."""
+    for panel in panels:
+        for target in panel.get("targets") or []:
+            if target.get("expr"):
+                yield panel.get("title", "?"), str(target["expr"])
+        yield from panel_expressions(panel.get("panels") or [])
+
+
+def dashboard_queries(variables: dict[str, str]) -> list[tuple[str, str]]:
+    """Every dashboard query with Grafana's variables replaced by concrete values."""
+    out = []
+    for path in DASHBOARDS:
+        dashboard = json.loads(path.read_text())
+        for title, expr in panel_expressions(dashboard.get("panels") or []):
+            for name, value in variables.items():
+                expr = re.sub(rf"\$(?:{name}\b|\{{{name}\}})", value, expr)
+            assert "$" not in expr, f"{path.name} '{title}': unknown variable in {expr}"
+            out.append((f"{path.name} '{title}'", expr))
+    assert out, "no dashboard queries found"
+    return out
+
+
+class Prometheus:
+    """A real Prometheus as a subprocess on a free loopback port."""
+
+    def __init__(self, config: Path, work: Path) -> None:
+        self.port = natsserver.free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = work / "prometheus.log"
+        self.argv = [
+            str(require(PROMETHEUS)),
+            f"--config.file={config}",
+            f"--storage.tsdb.path={work / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{self.port}",
+            "--log.level=warn",
+        ]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Prometheus:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT)
+        testing.wait_for(self._ready, timeout=60, what=f"Prometheus ready (log: {self.log})")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=30)
+
+    def _ready(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"prometheus exited {self.proc.returncode}:\n{self.logs()}")
+        try:
+            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as resp:
+                return bool(resp.status == 200)
+        except OSError:
+            return False
+
+    def logs(self) -> str:
+        return self.log.read_text(errors="replace")[-10000:]
+
+    def api(self, path: str, **params: str) -> dict[str, Any]:
+        """GET an HTTP API endpoint; the JSON body, error responses included."""
+        url = f"{self.url}/api/v1/{path}?{urllib.parse.urlencode(params)}"
+        try:
+            with urllib.request.urlopen(url, timeout=10) as resp:
+                body: dict[str, Any] = json.loads(resp.read())
+        except urllib.error.HTTPError as err:
+            body = json.loads(err.read())
+        return body
+
+    def targets(self) -> list[dict[str, Any]]:
+        body = self.api("targets", state="active")
+        assert body["status"] == "success", body
+        return list(body["data"]["activeTargets"])
+
+    def query(self, expr: str) -> dict[str, Any]:
+        return self.api("query", query=expr)
+
+
+def scrape_config(operator_port: int, pods: list[tuple[str, str, str]]) -> dict[str, Any]:
+    """prometheus.yml: the operator and every (namespace, pod, port) as static targets."""
+    return {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": [
+            {
+                "job_name": "relayrl-operator",
+                "static_configs": [{"targets": [f"127.0.0.1:{operator_port}"]}],
+            },
+            {
+                "job_name": "relayrl-pods",
+                "static_configs": [
+                    {"targets": [address], "labels": {"namespace": ns, "pod": pod}}
+                    for ns, pod, address in pods
+                ],
+            },
+        ],
+    }
+
+
+def metrics_address(pod: Any) -> str:
+    """podIP:port of the container port named `metrics` (the runtime's and sinks' /metrics)."""
+    for container in pod.spec.containers:
+        for port in container.ports or []:
+            if port.name == constants.PORT_NAME_METRICS:
+                return f"{pod.status.pod_ip}:{port.container_port}"
+    return f"{pod.status.pod_ip}:{constants.PORT_METRICS}"
+
+
+@pytest.mark.timeout(120)
+def test_promtool_accepts_the_charts_rules(tmp_path: Path) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(yaml.safe_dump(rule_groups("relayrl-ci")))
+    output = promtool("check", "rules", str(rules))
+    assert "SUCCESS" in output, output
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.usefixtures("postgres_server")
+def test_prometheus_scrapes_a_running_fleet_and_every_dashboard_query_has_data(
+    agents: fleet.Agents,
+    operator: fleet.Operator,
+    nats: natsserver.NatsServer,
+    postgres_server: postgres.PostgresServer,
+    namespace: str,
+    tmp_path: Path,
+) -> None:
+    k8s = agents.k8s
+    bucket = streams.model_bucket(namespace, "cartpole")
+    fleet.push_model(tmp_path / "v1", 1, nats.url, bucket)
+    k8s.core.create_namespaced_secret(
+        namespace,
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "pg"},
+            "stringData": {"dsn": postgres_server.dsn},
+        },
+    )
+    agents.create(
+        specs.merge_patch(
+            specs.base_manifest(),
+            {
+                "spec": {
+                    "actors": 2,
+                    "actorsPerPod": 1,
+                    "model": {"uri": f"objectstore://{bucket}/cartpole", "format": "onnx"},
+                    "environment": {"gymnasium": {"id": "CartPole-v1", "envsPerActor": 2}},
+                    "trajectories": {"maxLength": 200, "nats": {"url": nats.url}},
+                    "sinks": [
+                        {"arrow": {"rotateSeconds": 2}},
+                        {"postgres": {"dsnSecret": {"name": "pg"}}},
+                    ],
+                    "template": testing.process_node_placement(),
+                }
+            },
+        )
+    )
+    # An Agent whose NATS does not answer: the operator's errors panel gets data the way a
+    # user would see it, an error by kind (nats). Its pods stay on kwok nodes, unscraped.
+    unreachable = f"nats://127.0.0.1:{natsserver.free_port()}"
+    agents.create(
+        specs.merge_patch(
+            specs.base_manifest(),
+            {
+                "metadata": {"name": "unreachable"},
+                "spec": {"actors": 0, "trajectories": {"nats": {"url": unreachable}}},
+            },
+        )
+    )
+    agents.wait_phase("cartpole", "Ready", timeout=180)
+    pods = k8s.core.list_namespaced_pod(
+        namespace, label_selector=f"{constants.LABEL_AGENT}=cartpole"
+    ).items
+    assert {p.spec.node_name for p in pods} == {k8s.process_node}
+    assert len(pods) == 4, [p.metadata.name for p in pods]  # two actor pods, two sinks
+    targets = [(namespace, p.metadata.name, metrics_address(p)) for p in pods]
+
+    config = tmp_path / "prometheus.yml"
+    config.write_text(yaml.safe_dump(scrape_config(operator.metrics_port, targets)))
+    promtool("check", "config", str(config))
+
+    with Prometheus(config, tmp_path) as prom:
+
+        def all_up() -> bool:
+            active = prom.targets()
+            return len(active) == len(targets) + 1 and all(t["health"] == "up" for t in active)
+
+        try:
+            testing.wait_for(all_up, timeout=60, what="every target up", interval=1)
+        except TimeoutError as err:
+            seen = [(t["scrapeUrl"], t["health"], t["lastError"]) for t in prom.targets()]
+            raise AssertionError(f"targets: {seen}\n{prom.logs()}") from err
+
+        queries = dashboard_queries({"namespace": namespace, "__rate_interval": RATE_INTERVAL})
+        empty = dict(queries)
+        failed: dict[str, Any] = {}
+
+        def every_query_has_data() -> bool:
+            for where, expr in list(empty.items()):
+                body = prom.query(expr)
+                if body["status"] != "success":
+                    failed[where] = body
+                    continue
+                if body["data"]["result"]:
+                    del empty[where]
+            return not empty or bool(failed)
+
+        try:
+            testing.wait_for(every_query_has_data, timeout=120, what="data", interval=2)
+        except TimeoutError as err:
+            raise AssertionError(f"dashboard queries without data: {empty}") from err
+        assert not failed, f"dashboard queries Prometheus refused: {failed}"
+
+        for expr in alert_expressions(rule_groups(namespace)):
+            body = prom.query(expr)
+            assert body["status"] == "success", f"alert expr {expr!r}: {body}"
+
+    assert prom.proc is not None
+    assert prom.proc.poll() is not None, "prometheus still running"
+
+    # Let the operator reach a NATS for the unreachable Agent, so its finalizer completes.
+    agents.patch("unreachable", {"spec": {"trajectories": {"nats": {"url": nats.url}}}})
+    agents.delete("unreachable")
+    agents.delete("cartpole")
+    testing.wait_for(
+        lambda: not k8s.core.list_namespaced_pod(namespace).items,
+        timeout=120,
+        what="pods gone",
+    )
