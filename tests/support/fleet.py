@@ -14,7 +14,7 @@ import yaml
 from kubernetes import client
 
 from relayrl_localstack import binaries, testing
-from relayrl_runtime import spec
+from relayrl_runtime import spec, streams
 from support import natsserver
 
 REPO = Path(__file__).resolve().parents[2]
@@ -54,6 +54,25 @@ def push_model(directory: Path, version: int, nats_url: str, bucket: str) -> Non
         "--name",
         "cartpole",
     )
+
+
+def prepare_fleet(
+    k8s: testing.ClusterHandle, namespace: str, nats_url: str, dsn: str, directory: Path
+) -> str:
+    """For an Agent `cartpole` that really runs: model v1 in its registry bucket and the
+    Postgres DSN Secret `pg`. Returns the bucket."""
+    bucket = streams.model_bucket(namespace, "cartpole")
+    push_model(directory / "v1", 1, nats_url, bucket)
+    k8s.core.create_namespaced_secret(
+        namespace,
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "pg"},
+            "stringData": {"dsn": dsn},
+        },
+    )
+    return bucket
 
 
 def helm(*args: str, check: bool = True, kubeconfig: Path | None = None) -> str:

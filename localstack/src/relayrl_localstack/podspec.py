@@ -269,6 +269,42 @@ def _secret_data(obj: Json) -> dict[str, str | bytes]:
     return {k: base64.b64decode(v) for k, v in (obj.get("data") or {}).items()}
 
 
+def _write_object(
+    source: Json,
+    target: Path,
+    namespace: str,
+    sources: Sources,
+    *,
+    name_key: str,
+    modes: bool = True,
+) -> None:
+    """Write a ConfigMap's or Secret's keys (all, or the listed `items`) under `target`.
+
+    `source` is a volume or a projection source with a `configMap` or `secret` entry;
+    `name_key` names the Secret's name field (`secretName` in a volume).
+    """
+    if source.get("configMap"):
+        ref, lookup, name, decode, kind = (
+            source["configMap"],
+            sources.config_map,
+            "name",
+            _config_map_data,
+            "configmap",
+        )
+    else:
+        ref, lookup, name, decode, kind = (
+            source["secret"],
+            sources.secret,
+            name_key,
+            _secret_data,
+            "secret",
+        )
+    obj = _lookup(lookup, namespace, ref[name], optional=bool(ref.get("optional")), kind=kind)
+    if obj is not None:
+        mode = ref.get("defaultMode") if modes else None
+        _write_items(target, decode(obj), ref.get("items"), mode)
+
+
 def materialise_volume(pod: Json, volume: Json, target: Path, sources: Sources) -> Path:
     """Write one volume's content under ``target``; return the directory to mount."""
     namespace = str(pod["metadata"]["namespace"])
@@ -282,18 +318,9 @@ def materialise_volume(pod: Json, volume: Json, target: Path, sources: Sources) 
     target.mkdir(parents=True, exist_ok=True)
     if "emptyDir" in volume:
         return target
-    for field, lookup, name_key, decode, kind in (
-        ("configMap", sources.config_map, "name", _config_map_data, "configmap"),
-        ("secret", sources.secret, "secretName", _secret_data, "secret"),
-    ):
-        if volume.get(field):
-            ref = volume[field]
-            obj = _lookup(
-                lookup, namespace, ref[name_key], optional=bool(ref.get("optional")), kind=kind
-            )
-            if obj is not None:
-                _write_items(target, decode(obj), ref.get("items"), ref.get("defaultMode"))
-            return target
+    if volume.get("configMap") or volume.get("secret"):
+        _write_object(volume, target, namespace, sources, name_key="secretName")
+        return target
     if volume.get("downwardAPI"):
         _write_downward(pod, volume["downwardAPI"].get("items") or [], target)
         return target
@@ -317,28 +344,9 @@ def _write_downward(pod: Json, items: Sequence[Json], target: Path) -> None:
 
 def _materialise_projection(pod: Json, source: Json, target: Path, sources: Sources) -> None:
     namespace = str(pod["metadata"]["namespace"])
-    if source.get("configMap"):
-        ref = source["configMap"]
-        obj = _lookup(
-            sources.config_map,
-            namespace,
-            ref["name"],
-            optional=bool(ref.get("optional")),
-            kind="configmap",
-        )
-        if obj is not None:
-            _write_items(target, _config_map_data(obj), ref.get("items"), None)
-    elif source.get("secret"):
-        ref = source["secret"]
-        obj = _lookup(
-            sources.secret,
-            namespace,
-            ref["name"],
-            optional=bool(ref.get("optional")),
-            kind="secret",
-        )
-        if obj is not None:
-            _write_items(target, _secret_data(obj), ref.get("items"), None)
+    if source.get("configMap") or source.get("secret"):
+        # In a projected volume the mode is the volume's, and a Secret is named by `name`.
+        _write_object(source, target, namespace, sources, name_key="name", modes=False)
     elif source.get("downwardAPI"):
         _write_downward(pod, source["downwardAPI"].get("items") or [], target)
     elif source.get("serviceAccountToken"):

@@ -17,7 +17,6 @@ import pyarrow.dataset as ds
 import pytest
 
 from relayrl_localstack import testing
-from relayrl_runtime import streams
 from support import fleet, natsserver, postgres, specs
 
 
@@ -44,17 +43,7 @@ def test_agent_runs_on_the_process_node_end_to_end(
     tmp_path: Path,
 ) -> None:
     k8s = agents.k8s
-    bucket = streams.model_bucket(namespace, "cartpole")
-    fleet.push_model(tmp_path / "v1", 1, nats.url, bucket)
-    k8s.core.create_namespaced_secret(
-        namespace,
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": "pg"},
-            "stringData": {"dsn": postgres_server.dsn},
-        },
-    )
+    bucket = fleet.prepare_fleet(k8s, namespace, nats.url, postgres_server.dsn, tmp_path)
     placement = testing.process_node_placement()
     manifest = specs.merge_patch(
         specs.base_manifest(),

@@ -28,7 +28,6 @@ import yaml
 
 from relayrl_localstack import testing
 from relayrl_operator import constants
-from relayrl_runtime import streams
 from support import fleet, natsserver, postgres, specs
 
 REPO = Path(__file__).resolve().parents[3]
@@ -200,17 +199,7 @@ def test_prometheus_scrapes_a_running_fleet_and_every_dashboard_query_has_data(
     tmp_path: Path,
 ) -> None:
     k8s = agents.k8s
-    bucket = streams.model_bucket(namespace, "cartpole")
-    fleet.push_model(tmp_path / "v1", 1, nats.url, bucket)
-    k8s.core.create_namespaced_secret(
-        namespace,
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": "pg"},
-            "stringData": {"dsn": postgres_server.dsn},
-        },
-    )
+    bucket = fleet.prepare_fleet(k8s, namespace, nats.url, postgres_server.dsn, tmp_path)
     agents.create(
         specs.merge_patch(
             specs.base_manifest(),
