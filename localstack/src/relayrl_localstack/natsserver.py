@@ -113,16 +113,7 @@ jetstream {{
 
     def stop(self, timeout: float = 20.0) -> None:
         """Stop gracefully (SIGTERM); the store dir stays."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.proc = None
+        self._end(signal.SIGTERM, timeout)
 
     def kill(self) -> None:
         """SIGKILL (a crash); the store dir stays."""

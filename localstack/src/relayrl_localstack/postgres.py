@@ -179,17 +179,8 @@ class PostgresServer(procs.ServerProcess):
 
     def stop(self, mode: str = "fast", timeout: float = 30.0) -> None:
         """Stop postgres: fast (SIGINT, rollback open transactions) or immediate (SIGQUIT)."""
-        if self.proc is None or self.proc.poll() is not None:
-            self.proc = None
-            return
         sig = {"smart": signal.SIGTERM, "fast": signal.SIGINT, "immediate": signal.SIGQUIT}[mode]
-        self.proc.send_signal(sig)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-        self.proc = None
+        self._end(sig, timeout)
 
     def kill(self) -> None:
         """SIGKILL the postmaster (a crash); the next start runs crash recovery."""

@@ -148,6 +148,19 @@ class ServerProcess:
         """Stop the server process (data kept)."""
         raise NotImplementedError
 
+    proc: subprocess.Popen[bytes] | None
+
+    def _end(self, sig: int, timeout: float) -> None:
+        """Send `sig`, wait up to `timeout` seconds, then SIGKILL; forget the process."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc = None
+
     def close(self) -> None:
         """Stop the server and remove its directory."""
         self.stop()

@@ -393,6 +393,16 @@ class Agent:
     # `_OUTBOX_ROWS` rows or after `_OUTBOX_SECONDS`, so the request path pays for one
     # queue hand-off per batch rather than one per trajectory.
 
+    def _take_all(self, cut_partial: bool) -> list[pool_mod.Chunk] | None:
+        """Everything queued for the routers, with in-progress trajectories cut if asked.
+
+        Called with the lock held.
+        """
+        partial = self._pool.flush() if cut_partial else None
+        if partial is not None:
+            self._outbox_add(partial)
+        return self._outbox_take(0.0, force=True)
+
     def _outbox_add(self, chunk: pool_mod.Chunk) -> None:
         if not self._outbox:
             self._outbox_since = time.perf_counter()
@@ -500,10 +510,7 @@ class Agent:
     def flush(self) -> None:
         """Cut every in-progress trajectory, write everything queued and flush the sink."""
         with self._lock:
-            partial = self._pool.flush()
-            if partial is not None:
-                self._outbox_add(partial)
-            ready = self._outbox_take(0.0, force=True)
+            ready = self._take_all(cut_partial=True)
         if ready is not None:
             self._routers.submit(ready)
         self._routers.drain()
@@ -516,10 +523,7 @@ class Agent:
             if self._closed:
                 return
             self._closed = True
-            partial = self._pool.flush() if flush else None
-            if partial is not None:
-                self._outbox_add(partial)
-            ready = self._outbox_take(0.0, force=True)
+            ready = self._take_all(cut_partial=flush)
         if ready is not None:
             self._routers.submit(ready)
         self._routers.shutdown()
