@@ -15,6 +15,12 @@ app.kubernetes.io/name: {{ .Chart.Name }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
+{{- /* The operator's own pods and Service: apart from the chart's NATS pods. */ -}}
+{{- define "relayrl.operatorSelectorLabels" -}}
+{{ include "relayrl.selectorLabels" . }}
+app.kubernetes.io/component: operator
+{{- end -}}
+
 {{- define "relayrl.labels" -}}
 {{ include "relayrl.selectorLabels" . }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}

@@ -261,7 +261,9 @@ class PodRunner(threading.Thread):
             container.env = podspec.container_env(
                 self.pod, container.spec, self.node.sources, base, paths
             )
-            container.argv = podspec.argv_for(container.spec, container.env, paths)
+            container.argv = podspec.argv_for(
+                self.pod, container.spec, container.env, paths, self.node.sources
+            )
             container.cwd = podspec.working_dir(container.spec, paths)
             container.state = {"waiting": {"reason": "PodInitializing"}}
 

@@ -12,6 +12,16 @@ spec names it: in ``command``, ``args``, env values (literal and resolved) and
 ``--config=/etc/cfg/a.yaml``; not ``/etc/cfgx`` nor ``/x/etc/cfg``). Code that builds
 a path at run time from a constant can prefix it with ``$RELAYRL_MOUNT_ROOT``.
 
+Service names. There is no cluster DNS and no kube-proxy, so a Service name in
+``command``, ``args`` or an env value is replaced by a ready backend pod's own address
+when the containers are prepared: ``name.namespace.svc`` (or ``.svc.cluster.local``),
+and ``hostname.name.namespace.svc`` for a pod behind a headless Service. A ``:port``
+after the name is mapped to the backend's targetPort (a number, or a container port
+name), as kube-proxy would; a headless Service keeps the port. Only pods on the process
+node are backends (kwok pods have no process to reach); the container waits, like for
+a missing ConfigMap, until one is Ready. A name whose Service does not exist is left
+alone and fails to resolve, as it would in a cluster.
+
 Volumes: configMap, secret, emptyDir, projected (configMap, secret, downwardAPI,
 serviceAccountToken via the TokenRequest API), downwardAPI, hostPath (the host path
 itself) and persistentVolumeClaim (a directory per claim under the node's work dir
@@ -26,6 +36,7 @@ import os
 import re
 import shutil
 import sys
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -39,6 +50,8 @@ Json = dict[str, Any]
 Getter = Callable[[str, str], Json]
 # (namespace, service account, audience, expirationSeconds, pod) -> token
 TokenIssuer = Callable[[str, str, str | None, int, Json], str]
+# (namespace, label selector) -> the Ready pods on this node it selects, by name
+ReadyPods = Callable[[str, Mapping[str, str]], list[Json]]
 
 
 class PodConfigError(Exception):
@@ -55,6 +68,8 @@ class Sources:
 
     config_map: Getter
     secret: Getter
+    service: Getter
+    ready_pods: ReadyPods
     token: TokenIssuer
     pvc_root: Path
 
@@ -152,6 +167,72 @@ def expand(text: str, env: Mapping[str, str]) -> str:
     return _VAR_REF.sub(replace, text)
 
 
+_LABEL = r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?"
+_SERVICE_NAME = re.compile(
+    rf"(?<![\w.-])(?:({_LABEL})\.)?({_LABEL})\.({_LABEL})\.svc(?:\.cluster\.local)?"
+    r"(?::(\d{1,5}))?(?![\w.-])"
+)
+
+
+def _container_port(pod: Json, name: str) -> int | None:
+    for container in _field(pod, "spec", "containers") or []:
+        for port in container.get("ports") or []:
+            if port.get("name") == name:
+                return int(port["containerPort"])
+    return None
+
+
+def resolve_services(text: str, pod: Json, sources: Sources) -> str:
+    """Replace Service names in ``text`` with a ready backend's address (see the module doc).
+
+    The backend is chosen by a hash of the consuming pod's name, so the pods of a
+    Deployment spread over the Service's backends, as kube-proxy's connections would.
+    """
+
+    def replace(match: re.Match[str]) -> str:
+        hostname, name, namespace, port = match.groups()
+        try:
+            service = sources.service(namespace, name)
+        except LookupError:
+            return match.group(0)
+        selector = _field(service, "spec", "selector") or {}
+        where = f'service "{namespace}/{name}"'
+        if not selector:
+            raise PodConfigError(f"{where} has no selector; the process node resolves only those")
+        backends = sources.ready_pods(namespace, selector)
+        headless = _field(service, "spec", "clusterIP") == "None"
+        if hostname is not None:
+            if not headless:
+                return match.group(0)  # pod names exist only under headless Services
+            backends = [
+                b
+                for b in backends
+                if hostname in (_field(b, "spec", "hostname"), _field(b, "metadata", "name"))
+            ]
+        if not backends:
+            raise PodConfigError(f"{where} has no Ready pod on the process node yet")
+        me = str(_field(pod, "metadata", "name") or "")
+        backend = backends[zlib.crc32(me.encode()) % len(backends)]
+        ip = str(_field(backend, "status", "podIP"))
+        if port is None or headless:
+            return ip if port is None else f"{ip}:{port}"
+        entry = next(
+            (p for p in _field(service, "spec", "ports") or [] if int(p["port"]) == int(port)),
+            None,
+        )
+        if entry is None:
+            return f"{ip}:{port}"  # nothing listens there, as in a cluster
+        target = entry.get("targetPort", entry["port"])
+        if isinstance(target, str) and not target.isdigit():
+            number = _container_port(backend, target)
+            if number is None:
+                raise PodConfigError(f"{where}: backend has no container port named {target!r}")
+            target = number
+        return f"{ip}:{target}"
+
+    return _SERVICE_NAME.sub(replace, text)
+
+
 def container_env(
     pod: Json,
     container: Json,
@@ -196,7 +277,7 @@ def container_env(
         else:
             declared[name] = expand(str(item.get("value") or ""), {**env, **declared})
     for name, value in declared.items():
-        env[name] = paths.rewrite(value)
+        env[name] = paths.rewrite(resolve_services(value, pod, sources))
     return env
 
 
@@ -407,8 +488,11 @@ def base_env(pod: Json, root: Path, extra: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
-def argv_for(container: Json, env: Mapping[str, str], paths: MountedPaths) -> list[str]:
-    """Return command + args with ``$(VAR)`` expanded and mount paths rewritten."""
+def argv_for(
+    pod: Json, container: Json, env: Mapping[str, str], paths: MountedPaths, sources: Sources
+) -> list[str]:
+    """Return command + args with ``$(VAR)`` expanded, Service names resolved and mount
+    paths rewritten."""
     command = [str(x) for x in container.get("command") or []]
     args = [str(x) for x in container.get("args") or []]
     if not command:
@@ -416,7 +500,9 @@ def argv_for(container: Json, env: Mapping[str, str], paths: MountedPaths) -> li
             f"container {container.get('name')!r} has no command: the process node ignores "
             "images, so it cannot know their entrypoint"
         )
-    return [paths.rewrite(expand(part, env)) for part in command + args]
+    return [
+        paths.rewrite(resolve_services(expand(part, env), pod, sources)) for part in command + args
+    ]
 
 
 def working_dir(container: Json, paths: MountedPaths) -> Path:

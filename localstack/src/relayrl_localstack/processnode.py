@@ -16,10 +16,12 @@ manage this node (it only manages nodes annotated ``kwok.x-k8s.io/node=fake``).
 
 What a container gets:
 
-- argv = ``command`` + ``args`` (``$(VAR)`` expanded); the image is ignored, so a
-  command is required. The process runs with the current Python environment:
-  the bin directory of ``sys.executable`` leads PATH, so ``python`` and the
-  project's console scripts are the project's.
+- argv = ``command`` + ``args`` (``$(VAR)`` expanded, Service names such as
+  ``name.namespace.svc:port`` resolved to a ready backend pod on this node, see
+  :mod:`relayrl_localstack.podspec`); the image is ignored, so a command is
+  required. The process runs with the current Python environment: the bin
+  directory of ``sys.executable`` leads PATH, so ``python`` and the project's console
+  scripts are the project's.
 - env: a small host base (PATH, HOME, LANG, TMPDIR), HOSTNAME = pod name,
   ``KUBERNETES_SERVICE_HOST/PORT`` = the real apiserver, ``KUBECONFIG`` = a
   kubeconfig holding the pod's own service-account token when the pod mounts one
@@ -144,6 +146,8 @@ class ProcessNode:
         self.sources = podspec.Sources(
             config_map=self._get_config_map,
             secret=self._get_secret,
+            service=self._get_service,
+            ready_pods=self._ready_pods,
             token=self._issue_token,
             pvc_root=self.work_dir / "pvc",
         )
@@ -334,6 +338,32 @@ class ProcessNode:
     def _get_secret(self, namespace: str, name: str) -> Json:
         return self._get(self.core.read_namespaced_secret, namespace, name)
 
+    def _get_service(self, namespace: str, name: str) -> Json:
+        return self._get(self.core.read_namespaced_service, namespace, name)
+
+    def _ready_pods(self, namespace: str, selector: Mapping[str, str]) -> list[Json]:
+        """Ready pods on this node matching ``selector``, by name: a Service's backends."""
+        labels = ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
+        found = _json(
+            self.core.list_namespaced_pod(
+                namespace,
+                label_selector=labels,
+                field_selector=f"spec.nodeName={self.name}",
+                _preload_content=False,
+            )
+        )
+        ready = [
+            pod
+            for pod in found.get("items") or []
+            if (pod.get("status") or {}).get("podIP")
+            and not (pod.get("metadata") or {}).get("deletionTimestamp")
+            and any(
+                c.get("type") == "Ready" and c.get("status") == "True"
+                for c in (pod.get("status") or {}).get("conditions") or []
+            )
+        ]
+        return sorted(ready, key=lambda pod: str(pod["metadata"]["name"]))
+
     def _issue_token(
         self, namespace: str, account: str, audience: str | None, expiration: int, pod: Json
     ) -> str:
@@ -349,12 +379,19 @@ class ProcessNode:
         }
         if audience:
             spec["audiences"] = [audience]
-        response = self.core.create_namespaced_service_account_token(
-            account,
-            namespace,
-            {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec},
-            _preload_content=False,
-        )
+        try:
+            response = self.core.create_namespaced_service_account_token(
+                account,
+                namespace,
+                {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec},
+                _preload_content=False,
+            )
+        except client.ApiException as err:
+            # Retried like a missing ConfigMap (a refresh keeps the last token), e.g.
+            # while the namespace is terminating or the account is not created yet.
+            raise podspec.PodConfigError(
+                f"token for serviceaccount {namespace}/{account}: {err.status} {err.reason}"
+            ) from err
         return str(_json(response)["status"]["token"])
 
     # -- node registration and heartbeat

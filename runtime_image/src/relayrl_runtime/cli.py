@@ -1,7 +1,8 @@
 """The `relayrl-runtime` console script.
 
 Subcommands: `run --config FILE` (the actor pod process, see `app`), `demo` (CartPole
-with a fresh ONNX MLP through the real runtime, then a summary), and `model export`,
+with a fresh ONNX MLP through the real runtime, then a summary), `simulate` (a remote
+simulator: gymnasium envs stepped through a runtime's ZMQ endpoint), and `model export`,
 `model push`, `model list` (build a test MLP; the NATS object-store model registry).
 """
 
@@ -49,6 +50,19 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-length", type=int, default=500)
     demo.set_defaults(func=_demo)
 
+    sim = sub.add_parser("simulate", help="step gymnasium envs through a remote endpoint")
+    sim.add_argument("--address", required=True, help="the endpoint, tcp://HOST:PORT")
+    sim.add_argument("--env", default="CartPole-v1", help="gymnasium environment id")
+    sim.add_argument("--envs", type=int, default=4, help="environment copies (one actor each)")
+    sim.add_argument("--steps", type=int, default=None, help="stop after this many env steps")
+    sim.add_argument("--seconds", type=float, default=None, help="stop after this long")
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument(
+        "--connect-timeout", type=float, default=300.0, help="wait this long for the runtime"
+    )
+    sim.add_argument("--report-seconds", type=float, default=10.0, help="progress line period")
+    sim.set_defaults(func=_simulate)
+
     model = sub.add_parser("model", help="model directories and the model registry")
     msub = model.add_subparsers(dest="model_command", required=True)
     export = msub.add_parser("export", help="write a small MLP model directory")
@@ -77,6 +91,16 @@ def _run(args: argparse.Namespace) -> int:
     from relayrl_runtime import app
 
     return app.main(args.config)
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from relayrl_runtime import simulate
+
+    try:
+        return simulate.main(args)
+    except (TimeoutError, ValueError) as err:
+        print(f"relayrl-runtime: error: {err}", file=sys.stderr)
+        return 1
 
 
 def _export(args: argparse.Namespace) -> int:

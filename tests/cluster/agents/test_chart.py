@@ -247,10 +247,23 @@ def test_helm_install_runs_the_operator_that_makes_an_agent_ready(
         assert result.returncode == 0, f"{result.stderr}\n{agents.pod_logs()}"
         pods = k8s.core.list_namespaced_pod(
             namespace,
-            label_selector=f"app.kubernetes.io/instance={release},!app.kubernetes.io/component",
+            label_selector=f"app.kubernetes.io/instance={release},app.kubernetes.io/component=operator",
         ).items
         assert [p.spec.node_name for p in pods] == [k8s.process_node]
         assert pods[0].spec.service_account_name == f"{release}-relayrl-operator"
+
+        # `helm test`: its pod (on the process node) reaches the operator's metrics
+        # through the metrics Service's name.
+        out = fleet.helm(
+            "test",
+            release,
+            "--namespace",
+            namespace,
+            "--timeout",
+            "120s",
+            kubeconfig=k8s.kubeconfig,
+        )
+        assert "Phase:          Succeeded" in out, out
 
         # The chart's in-cluster NATS: a real nats-server on the process node.
         statefulset = f"statefulset/{release}-relayrl-operator-nats"

@@ -1,0 +1,152 @@
+"""A remote simulator: gymnasium environments stepped through a runtime's ZMQ endpoint.
+
+What `relayrl-runtime simulate` runs, and a worked example of the client library
+(:mod:`relayrl_runtime.transport.client`): the environments live in this process,
+the policy in the runtime. It creates one remote actor per environment copy, asks
+for their actions in one request per step, reports rewards with the next request and
+episode ends with ``flag_last_action``, and removes its actors when it stops
+(``--steps`` reached, ``--seconds`` passed, or SIGTERM/SIGINT).
+
+A runtime that is not up yet (a simulator Deployment started before the actor pods)
+is waited for: connecting is retried with a growing delay up to ``connect_timeout``.
+Progress goes to stdout as one JSON line every ``report_seconds``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import sys
+import threading
+import time
+from typing import Any, TextIO
+
+import numpy as np
+
+from relayrl_runtime.transport import client
+
+
+@dataclasses.dataclass
+class Summary:
+    """What one simulator did."""
+
+    steps: int = 0
+    episodes: int = 0
+    mean_return: float = 0.0
+    versions: list[int] = dataclasses.field(default_factory=list)
+    actor_ids: list[int] = dataclasses.field(default_factory=list)
+
+    def line(self, **extra: Any) -> str:
+        """One JSON line."""
+        return json.dumps({**dataclasses.asdict(self), **extra}, sort_keys=True)
+
+
+def _connect(
+    address: str, envs: int, connect_timeout: float
+) -> tuple[client.RemoteClient, list[int]]:
+    """A client with `envs` actors, retrying while the runtime is not there yet."""
+    deadline = time.monotonic() + connect_timeout
+    delay = 0.5
+    while True:
+        remote = client.RemoteClient(address, timeout=5.0)
+        try:
+            return remote, remote.new_actors(envs)
+        except TimeoutError:
+            remote.close()
+            if time.monotonic() + delay > deadline:
+                raise TimeoutError(
+                    f"no runtime answered at {address} within {connect_timeout:.0f} s"
+                ) from None
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+def run(
+    address: str,
+    env_id: str = "CartPole-v1",
+    envs: int = 4,
+    steps: int | None = None,
+    seconds: float | None = None,
+    seed: int = 0,
+    connect_timeout: float = 300.0,
+    report_seconds: float = 10.0,
+    stop: threading.Event | None = None,
+    out: TextIO = sys.stdout,
+) -> Summary:
+    """Step `envs` copies of `env_id` through the runtime at `address` until told to stop.
+
+    `steps` counts env steps over all copies; None means no bound (then `seconds` or
+    `stop` ends the run).
+    """
+    import gymnasium
+
+    if envs < 1:
+        raise ValueError(f"envs: expected at least 1, got {envs}")
+    stop = stop or threading.Event()
+    copies = [gymnasium.make(env_id) for _ in range(envs)]
+    obs = np.stack([env.reset(seed=seed + i)[0] for i, env in enumerate(copies)])
+    remote, ids = _connect(address, envs, connect_timeout)
+    summary = Summary(actor_ids=ids)
+    versions: set[int] = set()
+    rewards = np.zeros(envs)
+    returns = np.zeros(envs)
+    finished_return = 0.0
+    start = last_report = time.monotonic()
+    try:
+        while not stop.is_set():
+            if steps is not None and summary.steps >= steps:
+                break
+            now = time.monotonic()
+            if seconds is not None and now - start >= seconds:
+                break
+            result = remote.request_action(ids, obs.astype(np.float32, copy=False), reward=rewards)
+            versions.add(result.version)
+            for i, env in enumerate(copies):
+                o, r, terminated, truncated, _ = env.step(result.actions[i].item())
+                rewards[i] = r
+                returns[i] += r
+                if terminated or truncated:
+                    remote.flag_last_action(
+                        [ids[i]], reward=float(r), terminated=terminated, truncated=truncated
+                    )
+                    rewards[i] = 0.0
+                    summary.episodes += 1
+                    finished_return += returns[i]
+                    returns[i] = 0.0
+                    o, _ = env.reset()
+                obs[i] = o
+            summary.steps += envs
+            if now - last_report >= report_seconds:
+                last_report = now
+                summary.versions = sorted(versions)
+                summary.mean_return = finished_return / max(1, summary.episodes)
+                print(summary.line(event="progress"), file=out, flush=True)
+        remote.remove_actors(ids)
+    finally:
+        remote.close()
+        for env in copies:
+            env.close()
+    summary.versions = sorted(versions)
+    summary.mean_return = finished_return / max(1, summary.episodes)
+    print(summary.line(event="done"), file=out, flush=True)
+    return summary
+
+
+def main(args: Any) -> int:
+    """`relayrl-runtime simulate`: run until done or signalled."""
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    run(
+        args.address,
+        env_id=args.env,
+        envs=args.envs,
+        steps=args.steps,
+        seconds=args.seconds,
+        seed=args.seed,
+        connect_timeout=args.connect_timeout,
+        report_seconds=args.report_seconds,
+        stop=stop,
+    )
+    return 0
