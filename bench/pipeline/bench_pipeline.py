@@ -148,10 +148,11 @@ def run_sink_e2e(
 def raw_parquet(batches: list[pa.RecordBatch], repeat: int, out: Path) -> float:
     table = pa.Table.from_batches(batches).drop_columns(["agent"])
     start = time.perf_counter()
-    options = arrow_stream.parquet_options(table.schema, "zstd")
-    with pq.ParquetWriter(out, table.schema, **options) as w:
+    # The sink's own settings (its defaults, as the sink runs below).
+    settings = arrow_stream.ParquetSettings()
+    with pq.ParquetWriter(out, table.schema, **settings.options(table.schema)) as w:
         for _ in range(repeat):
-            w.write_table(table, row_group_size=256 * 1024)
+            w.write_table(table, row_group_size=settings.row_group_rows)
     fd = os.open(out, os.O_RDONLY)
     os.fsync(fd)
     os.close(fd)

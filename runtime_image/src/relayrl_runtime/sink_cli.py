@@ -54,7 +54,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     arrow.add_argument("--rotate-bytes", type=int, default=128 << 20)
     arrow.add_argument("--rotate-seconds", type=float, default=300.0)
-    arrow.add_argument("--compression", default="zstd", help="Parquet codec (zstd, snappy, none).")
+    arrow.add_argument(
+        "--compression", default="zstd", help="Parquet codec (zstd, lz4, snappy, none)."
+    )
+    arrow.add_argument(
+        "--compression-level", type=int, default=None, help="Parquet codec level (its default)."
+    )
+    arrow.add_argument(
+        "--row-group-rows", type=int, default=256 * 1024, help="Rows per Parquet row group."
+    )
 
     pg = sub.add_parser("postgres", parents=[common], help="Write PostgreSQL rows.")
     pg.add_argument(
@@ -93,7 +101,11 @@ def build(args: argparse.Namespace) -> service.SinkService:
             spec.SinkFormat(args.format),
             rotate_bytes=args.rotate_bytes,
             rotate_seconds=args.rotate_seconds,
-            compression=args.compression,
+            parquet=arrow_stream.ParquetSettings(
+                compression=args.compression,
+                compression_level=args.compression_level,
+                row_group_rows=args.row_group_rows,
+            ),
         )
     else:
         from relayrl_runtime.sinks import postgres

@@ -31,7 +31,7 @@ async def test_commit_renames_and_restart_resumes_after_it(tmp_path: Path) -> No
     await w.add(_delivery(1, DAY1))
     await w.add(_delivery(2, DAY1))
     await w.add(_delivery(3, DAY2))  # a new day: the first file is finished
-    await w.commit(4)  # seq 4 was a dead letter: recorded as done
+    await w.commit(w.seal(4))  # seq 4 was a dead letter: recorded as done
     await w.add(_delivery(5, DAY2))  # never committed: the process "crashes"
     assert len(_temp_files(tmp_path)) == 1
 
@@ -60,11 +60,11 @@ async def test_rotation_is_due_by_size_and_time(tmp_path: Path) -> None:
     await w.add(_delivery(2, DAY1))
     await w.add(_delivery(3, DAY1))
     assert w.due(0.0 + (w._file.opened if w._file else 0))  # size
-    await w.commit(3)
+    await w.commit(w.seal(3))
     await w.add(_delivery(4, DAY1))
     assert w._file is not None
     assert w.due(w._file.opened + 61)  # time
-    await w.commit(4)
+    await w.commit(w.seal(4))
     await w.close()
     tables = [pa.ipc.open_file(p).read_all() for _, _, p in arrow_stream.committed_files(tmp_path)]
     assert sum(t.num_rows for t in tables) == 1600

@@ -17,8 +17,10 @@ so a crash at any point neither skips nor repeats a message.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
+import dataclasses
 import datetime as dt
 import logging
 import os
@@ -47,24 +49,36 @@ ROW_GROUP_ROWS: Final = 256 * 1024
 # Low-cardinality columns worth a Parquet dictionary, and columns worth min/max stats.
 DICTIONARY_COLUMNS: Final = ("actor_id", "segment", "policy_version", "terminated", "truncated")
 STATISTICS_COLUMNS: Final = ("episode_id", "step", "actor_id", "policy_version", "obs_time")
-# Writes queued to the writer thread before `add` waits (bounds memory).
-_MAX_QUEUED: Final = 4
+# Message bytes queued to the encode thread before `add` waits (bounds memory; about
+# two Parquet row groups of CartPole steps).
+_MAX_QUEUED_BYTES: Final = 64 << 20
 
 _T = TypeVar("_T")
 
 
-def parquet_options(schema: pa.Schema, compression: str) -> dict[str, Any]:
-    """ParquetWriter settings: dictionaries and statistics only where they pay.
+@dataclasses.dataclass(frozen=True)
+class ParquetSettings:
+    """How Parquet files are encoded (`relayrl-sink arrow --compression/--compression-level`).
 
-    Dictionary-encoding random floats (obs, logp, aux) costs 2-3x the write time and
-    makes files bigger; statistics are kept for the columns queries filter on.
+    Dictionaries and statistics only where they pay: dictionary-encoding random floats
+    (obs, logp, aux) costs 2-3x the write time and makes files bigger; statistics are
+    kept for the columns queries filter on.
     """
-    names = set(schema.names)
-    return {
-        "compression": compression,
-        "use_dictionary": [c for c in DICTIONARY_COLUMNS if c in names],
-        "write_statistics": [c for c in STATISTICS_COLUMNS if c in names],
-    }
+
+    compression: str = "zstd"
+    # None: the codec's default (zstd: 1).
+    compression_level: int | None = None
+    row_group_rows: int = ROW_GROUP_ROWS
+
+    def options(self, schema: pa.Schema) -> dict[str, Any]:
+        """Keyword arguments of `pyarrow.parquet.ParquetWriter` for `schema`."""
+        names = set(schema.names)
+        return {
+            "compression": self.compression,
+            "compression_level": self.compression_level,
+            "use_dictionary": [c for c in DICTIONARY_COLUMNS if c in names],
+            "write_statistics": [c for c in STATISTICS_COLUMNS if c in names],
+        }
 
 
 def partition_dir(root: Path, agent: str, day: dt.date) -> Path:
@@ -91,7 +105,11 @@ def _fsync_dir(path: Path) -> None:
 
 
 class _OpenFile:
-    """The file being written: temp path, writer, what it holds."""
+    """The file being written: temp path, writer, what it holds.
+
+    `write` runs on the sink's encode thread, `finish` on its commit thread, never both
+    at once for one file (the commit awaits the file's writes first).
+    """
 
     def __init__(
         self,
@@ -99,7 +117,7 @@ class _OpenFile:
         first_seq: int,
         schema: pa.Schema,
         fmt: spec.SinkFormat,
-        compression: str,
+        parquet: ParquetSettings,
         day: dt.date,
     ) -> None:
         self.directory = directory
@@ -107,17 +125,27 @@ class _OpenFile:
         self.last_seq = first_seq
         self.schema = schema
         self.format = fmt
+        self.parquet = parquet
         self.day = day
         self.opened = time.monotonic()
         self.rows = 0
+        # Message bytes handed over (event loop) and those already in the file (encode
+        # thread): with the file's size, an estimate of how big it is going to be.
+        self.added_bytes = 0
+        self.encoded_bytes = 0
+        self.size = 0
         self.buffered: list[pa.Table] = []
         self.buffered_rows = 0
+        self.buffered_bytes = 0
+        # A write that failed leaves the file unusable: `finish` refuses it.
+        self.failed: BaseException | None = None
+        self.committed = False
         directory.mkdir(parents=True, exist_ok=True)
         self.temp = directory / f"{_TEMP_PREFIX}{first_seq:020d}-{os.getpid()}{_TEMP_SUFFIX}"
         self.out = pa.OSFile(str(self.temp), "wb")
         self.writer: Any
         if fmt is spec.SinkFormat.PARQUET:
-            self.writer = pq.ParquetWriter(self.out, schema, **parquet_options(schema, compression))
+            self.writer = pq.ParquetWriter(self.out, schema, **parquet.options(schema))
         else:
             self.writer = pyarrow.ipc.new_file(
                 self.out,
@@ -125,28 +153,53 @@ class _OpenFile:
                 options=pyarrow.ipc.IpcWriteOptions(unify_dictionaries=True),
             )
 
-    @property
-    def size(self) -> int:
-        return int(self.out.tell())
+    def pending_bytes(self) -> int:
+        """Estimated size once everything handed over is written."""
+        return self.size + max(0, self.added_bytes - self.encoded_bytes)
 
-    def write(self, table: pa.Table, flush: bool) -> None:
+    def take(self, table: pa.Table, nbytes: int) -> tuple[list[pa.Table], int] | None:
+        """Buffer one message's rows (event loop); what is ready to encode now, if anything.
+
+        Parquet gathers whole row groups here, so the encode thread gets one big piece
+        of work while the loop fetches the next, rather than waiting on it per message.
+        """
+        self.rows += table.num_rows
+        self.added_bytes += nbytes
         if self.format is spec.SinkFormat.ARROW:
-            self.writer.write_table(table)
-            return
+            return [table], nbytes
         self.buffered.append(table)
         self.buffered_rows += table.num_rows
-        if flush or self.buffered_rows >= ROW_GROUP_ROWS:
-            self.flush_row_group()
+        self.buffered_bytes += nbytes
+        if self.buffered_rows < self.parquet.row_group_rows:
+            return None
+        ready = (self.buffered, self.buffered_bytes)
+        self.buffered, self.buffered_rows, self.buffered_bytes = [], 0, 0
+        return ready
 
-    def flush_row_group(self) -> None:
-        if self.buffered:
-            table = pa.concat_tables(self.buffered).unify_dictionaries()
-            self.writer.write_table(table, row_group_size=max(1, table.num_rows))
-            self.buffered, self.buffered_rows = [], 0
+    def write(self, tables: list[pa.Table], nbytes: int) -> None:
+        """Encode taken rows (encode thread). Failures are kept, not raised."""
+        if self.failed is not None or not tables:
+            return
+        try:
+            if self.format is spec.SinkFormat.ARROW:
+                for table in tables:
+                    self.writer.write_table(table)
+            else:
+                table = pa.concat_tables(tables).unify_dictionaries()
+                self.writer.write_table(table, row_group_size=max(1, table.num_rows))
+            self.encoded_bytes += nbytes
+            self.size = int(self.out.tell())
+        except Exception as err:
+            log.error("writing %s failed: %s", self.temp, err)
+            self.failed = err
 
     def finish(self) -> Path:
-        """Close, fsync, rename to the committed name, fsync the directory."""
-        self.flush_row_group()
+        """Close, fsync, rename to the committed name, fsync the directory (commit thread)."""
+        rest, nbytes = self.buffered, self.buffered_bytes
+        self.buffered, self.buffered_rows, self.buffered_bytes = [], 0, 0
+        self.write(rest, nbytes)
+        if self.failed is not None:
+            raise service.PermanentError(f"{self.temp}: write failed: {self.failed}")
         self.writer.close()
         if not self.out.closed:
             self.out.close()
@@ -172,11 +225,26 @@ class _OpenFile:
             self.temp.unlink()
 
 
+@dataclasses.dataclass(frozen=True)
+class _Sealed:
+    """Files to commit together, in sequence order, and the writes they wait for."""
+
+    files: list[_OpenFile]
+    writes: list[asyncio.Future[None]]
+    last_seq: int
+
+
 class ArrowStreamWriter:
-    """`service.Writer` for Parquet / Arrow IPC files."""
+    """`service.Writer` for Parquet / Arrow IPC files.
+
+    Pipelined: `seal` hands the open file over to a commit (flush, close, fsync, rename on
+    a commit thread) while the next messages are fetched, decoded and encoded into a new
+    file on the encode thread. The service runs one commit at a time, in seal order, so
+    committed files, and the sequences in their names, only ever grow.
+    """
 
     kind = "arrow"
-    pipelined = False
+    pipelined = True
 
     def __init__(
         self,
@@ -186,23 +254,33 @@ class ArrowStreamWriter:
         *,
         rotate_bytes: int = 128 << 20,
         rotate_seconds: float = 300.0,
-        compression: str = "zstd",
+        parquet: ParquetSettings | None = None,
     ) -> None:
         self.root = root
         self.agent = agent
         self.format = fmt
         self.rotate_bytes = rotate_bytes
         self.rotate_seconds = rotate_seconds
-        self.compression = compression
+        self.parquet = parquet if parquet is not None else ParquetSettings()
         self._file: _OpenFile | None = None
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="arrow-sink")
-        self._queued: list[asyncio.Future[None]] = []
+        # Files ended by a new day or schema, committed with the next seal.
+        self._ended: list[_OpenFile] = []
+        # Writes handed to the encode thread since the last seal and not known to be
+        # done, with their message bytes (it runs them in order, so awaiting these
+        # awaits every earlier one too).
+        self._writes: collections.deque[tuple[asyncio.Future[None], int]] = collections.deque()
         self._queued_bytes = 0
+        self._encode = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="arrow-sink-encode"
+        )
+        self._finish = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="arrow-sink-commit"
+        )
         self.files_committed = 0
 
     @property
     def pending(self) -> bool:
-        return self._file is not None
+        return self._file is not None or bool(self._ended)
 
     async def open(self) -> int:
         """Remove uncommitted temp files; resume after the highest committed sequence."""
@@ -224,80 +302,93 @@ class ArrowStreamWriter:
         if f is not None and (
             f.day != day or not f.schema.equals(table.schema, check_metadata=True)
         ):
-            # A file holds one day and one schema: finish it, recording its last seq.
-            await self._drain()
-            await self._run(self._finish_current)
-            f = None
+            # A file holds one day and one schema: it is committed with the next seal.
+            self._ended.append(f)
+            f = self._file = None
         if f is None:
             directory = partition_dir(self.root, self.agent, day)
-            schema, fmt, comp = table.schema, self.format, self.compression
-            f = await self._run(lambda: _OpenFile(directory, delivery.seq, schema, fmt, comp, day))
+            schema, fmt, parquet = table.schema, self.format, self.parquet
+            f = await self._in_encode(
+                lambda: _OpenFile(directory, delivery.seq, schema, fmt, parquet, day)
+            )
             self._file = f
         f.last_seq = delivery.seq
-        f.rows += table.num_rows
-        self._queued_bytes += delivery.size
-        # Write on the writer thread, overlapping with the next fetch; bounded queue.
+        ready = f.take(table, delivery.size)
+        if ready is None:
+            return
+        # Encoded on the encode thread, overlapping with the next fetch; bounded queue.
+        tables, nbytes = ready
         loop = asyncio.get_running_loop()
-        opened = f
-        self._queued.append(
-            asyncio.wrap_future(self._pool.submit(opened.write, table, False), loop=loop)
-        )
-        if len(self._queued) >= _MAX_QUEUED:
-            await self._queued.pop(0)
+        fut = asyncio.wrap_future(self._encode.submit(f.write, tables, nbytes), loop=loop)
+        self._writes.append((fut, nbytes))
+        self._queued_bytes += nbytes
+        while self._writes and (
+            self._writes[0][0].done() or self._queued_bytes > _MAX_QUEUED_BYTES
+        ):
+            done, size = self._writes.popleft()
+            self._queued_bytes -= size
+            await done
 
     def due(self, now: float) -> bool:
+        if self._ended:
+            return True
         f = self._file
         if f is None:
             return False
-        return f.size + self._queued_bytes >= self.rotate_bytes or (
-            now - f.opened >= self.rotate_seconds
-        )
+        return f.pending_bytes() >= self.rotate_bytes or now - f.opened >= self.rotate_seconds
 
     def seal(self, last_seq: int) -> object:
-        # Not pipelined: the service awaits commit() right after, so nothing is added
-        # in between; the file itself is the sealed unit.
-        return last_seq
+        """Take the open file (and any ended by a day or schema change) as one commit."""
+        files = [*self._ended, *([self._file] if self._file is not None else [])]
+        sealed = _Sealed(files, [fut for fut, _ in self._writes], last_seq)
+        self._ended, self._file = [], None
+        self._writes, self._queued_bytes = collections.deque(), 0
+        return sealed
 
     async def commit(self, sealed: object) -> None:
-        assert isinstance(sealed, int)
-        last_seq = sealed
-        if self._file is None:
-            return
-        await self._drain()
-        # Sequences after the last data message (dead letters) are done too: the name
-        # records them, so a restart does not dead-letter them again.
-        self._file.last_seq = max(self._file.last_seq, last_seq)
-        await self._run(self._finish_current)
+        """Finish the sealed files in order: each durable under its final name, then the next.
+
+        Safe to retry (the service does on unexpected errors): finished files are skipped.
+        """
+        assert isinstance(sealed, _Sealed)
+        for write in sealed.writes:
+            await write  # never raises: a failed write marks its file
+        if sealed.files:
+            # Sequences after the last data message (dead letters) are done too: the
+            # name records them, so a restart does not dead-letter them again.
+            last = sealed.files[-1]
+            last.last_seq = max(last.last_seq, sealed.last_seq)
+        loop = asyncio.get_running_loop()
+        for f in sealed.files:
+            if not f.committed:
+                await asyncio.wrap_future(self._finish.submit(self._finish_file, f), loop=loop)
 
     async def close(self) -> None:
-        with contextlib.suppress(Exception):
-            await self._drain()
-        if self._file is not None:
-            # Not committed: the data comes again from the stream after a restart.
-            self._file.discard()
-            self._file = None
-        self._pool.shutdown(wait=True)
+        for write, _ in list(self._writes):
+            with contextlib.suppress(Exception):
+                await write
+        # Not committed: the data comes again from the stream after a restart.
+        for f in [*self._ended, *([self._file] if self._file is not None else [])]:
+            f.discard()
+        self._ended, self._file = [], None
+        self._writes, self._queued_bytes = collections.deque(), 0
+        self._encode.shutdown(wait=True)
+        self._finish.shutdown(wait=True)
 
-    async def _drain(self) -> None:
-        queued, self._queued = self._queued, []
-        self._queued_bytes = 0
-        for fut in queued:
-            await fut
-
-    def _finish_current(self) -> None:
-        f = self._file
-        assert f is not None
+    def _finish_file(self, f: _OpenFile) -> None:
         try:
             final = f.finish()
-        except OSError as err:
+        except service.PermanentError:
+            f.discard()
+            raise
+        except Exception as err:
             # Half-finished files are not retried in place: the process exits, and the
             # restart drops the temp file and reads the messages again.
             f.discard()
-            self._file = None
             raise service.PermanentError(f"{f.temp}: {err}") from err
-        self._file = None
+        f.committed = True
         self.files_committed += 1
         log.info("committed %s (%d rows)", final, f.rows)
 
-    async def _run(self, fn: Callable[[], _T]) -> _T:
-        return await asyncio.wrap_future(self._pool.submit(fn))
+    async def _in_encode(self, fn: Callable[[], _T]) -> _T:
+        return await asyncio.wrap_future(self._encode.submit(fn))

@@ -31,6 +31,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Final, Protocol, TypeVar
 
+import nats.aio.client
 import nats.errors
 import nats.js
 import nats.js.api
@@ -49,6 +50,12 @@ PREFIX: Final = "relayrl_sink"
 SUPPORTED_SCHEMA_VERSIONS: Final = frozenset({trajectory.SCHEMA_VERSION})
 # Columns a sink relies on, whatever the layout's obs/action/aux columns are.
 REQUIRED_COLUMNS: Final = ("actor_id", "episode_id", "step", "policy_version")
+# How often the consume loop looks at the writer's commit deadline while nothing arrives.
+_TICK_SECONDS: Final = 0.05
+# nats-py reads the socket in pieces of this size, and its stream reader stops reading
+# at twice that. Its 32 KiB default makes a 1 MB message 32 reads, each re-growing the
+# parser's buffer and pausing the socket: about a third of the sink's event loop time.
+NATS_READ_BUFFER_BYTES: Final = 1 << 20
 
 _T = TypeVar("_T")
 
@@ -291,6 +298,7 @@ class SinkService:
             self._last_seen = committed
             self.metrics.committed_seq.set(committed)
             log.info("%s sink: committed up to stream sequence %d", self.writer.kind, committed)
+            _widen_nats_reads()
             nc = await streams.connect(self.options)
             self._nc = nc
             try:
@@ -366,18 +374,38 @@ class SinkService:
         return await js.pull_subscribe_bind(durable=self.durable, stream=self.stream)
 
     async def _consume(self, js: nats.js.JetStreamContext) -> None:
-        sub = await self._retry("consumer", lambda: self._position(js))
-        self.ready = True
-        fetch_errors = 0
+        """Take fetched batches until stopped; re-position the consumer when told to."""
         while not self.stopping.is_set():
-            self.heartbeat = time.monotonic()
+            sub = await self._retry("consumer", lambda: self._position(js))
+            self.ready = True
+            # One batch waits here while the next is being fetched: the network, the
+            # server and the writer's threads work while this loop decodes and adds.
+            fetched: asyncio.Queue[list[Msg] | None] = asyncio.Queue(1)
+            fetcher = asyncio.create_task(self._fetch_loop(sub, fetched))
+            try:
+                await self._take(js, fetched, fetcher)
+            finally:
+                fetcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await fetcher
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+
+    async def _fetch_loop(
+        self,
+        sub: nats.js.JetStreamContext.PullSubscription,
+        out: asyncio.Queue[list[Msg] | None],
+    ) -> None:
+        """Fetch batches in stream order into `out`; None: the consumer must be re-created."""
+        fetch_errors = 0
+        while True:
             try:
                 msgs = await sub.fetch(self._batch_size(), timeout=self.config.fetch_timeout)
                 fetch_errors = 0
             except (nats.errors.TimeoutError, TimeoutError):
                 # Nothing new (nats-py raises either kind). A lost pull request shows
                 # up as a delivery gap later, which re-positions the consumer.
-                msgs = []
+                continue
             except (nats.errors.Error, nats.js.errors.Error, OSError) as err:
                 # Disconnected, server restarting, consumer gone: wait, then re-position
                 # (a consumer lost with the server's state must be re-created).
@@ -388,10 +416,31 @@ class SinkService:
                 )
                 await self._sleep(self.config.retry.delay(fetch_errors))
                 if fetch_errors >= 3 or isinstance(err, nats.js.errors.NotFoundError):
-                    with contextlib.suppress(Exception):
-                        await sub.unsubscribe()
-                    sub = await self._retry("consumer", lambda: self._position(js))
+                    await out.put(None)
+                    return
                 continue
+            await out.put(msgs)
+
+    async def _take(
+        self,
+        js: nats.js.JetStreamContext,
+        fetched: asyncio.Queue[list[Msg] | None],
+        fetcher: asyncio.Task[None],
+    ) -> None:
+        """Handle fetched batches and commit when due; return when the consumer must move."""
+        while not self.stopping.is_set():
+            self.heartbeat = time.monotonic()
+            try:
+                # Short waits: a commit that falls due while nothing arrives (the file's
+                # time is up) is not held back by a fetch waiting for messages.
+                msgs = await asyncio.wait_for(fetched.get(), _TICK_SECONDS)
+            except TimeoutError:
+                if fetcher.done() and fetched.empty():
+                    fetcher.result()  # raises what ended it
+                    return
+                msgs = []
+            if msgs is None:
+                return
             gap = False
             for msg in msgs:
                 if not await self._handle(js, msg):
@@ -406,9 +455,7 @@ class SinkService:
                 await self._commit()
             if gap:
                 self.metrics.repositions.inc()
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
-                sub = await self._retry("consumer", lambda: self._position(js))
+                return
 
     def _batch_size(self) -> int:
         # nats-py's fetch has no byte bound, and a pull of hundreds of 1 MB messages
@@ -556,6 +603,16 @@ class SinkService:
 
 class PermanentError(Exception):
     """A failure retrying cannot fix (bad DSN, permission denied): the process exits."""
+
+
+def _widen_nats_reads() -> None:
+    """Make nats-py read in `NATS_READ_BUFFER_BYTES` pieces (this process's connections).
+
+    nats-py has no option for it: its module constant is read at each connect and
+    read, so setting it is enough. A sink process has only its own connection.
+    """
+    if getattr(nats.aio.client, "DEFAULT_BUFFER_SIZE", 0) < NATS_READ_BUFFER_BYTES:
+        nats.aio.client.DEFAULT_BUFFER_SIZE = NATS_READ_BUFFER_BYTES
 
 
 # --------------------------------------------------------------------- http
