@@ -1,6 +1,6 @@
 """Actor runtime benchmark (issue 3): throughput and latency against hand-written baselines.
 
-    python bench/runtime/bench_runtime.py [--quick]
+    python bench/runtime/bench_runtime.py [--quick] [--sections 3]
 
 1. CartPole-v1 env steps/s, MLP 4-64-64-2 in ONNX, one process: the runtime's gymnasium
    driver (trajectories recorded and written to Parquet) against a hand-written gymnasium
@@ -166,6 +166,11 @@ def remote(model: Path, calls: int, blocks: int = 10) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="short rounds (~30s in all)")
+    parser.add_argument(
+        "--sections",
+        default="123",
+        help="which sections to run, e.g. 3 or 13 (default: all)",
+    )
     args = parser.parse_args()
     rounds, seconds, calls = (3, 0.5, 2000) if args.quick else (5, 1.5, 10000)
     with tempfile.TemporaryDirectory(prefix="relayrl-bench-") as tmp_name:
@@ -173,9 +178,12 @@ def main() -> None:
         model = tmp / "model"
         export.export_mlp(model, spec.ModelFormat.ONNX, obs_dim=4, action_size=2, hidden=(64, 64))
         print("relayrl-runtime benchmark: CartPole-v1, ONNX MLP 4-64-64-2, 1 process")
-        throughput(model, tmp, rounds, seconds)
-        latency(model, calls)
-        remote(model, calls)
+        if "1" in args.sections:
+            throughput(model, tmp, rounds, seconds)
+        if "2" in args.sections:
+            latency(model, calls)
+        if "3" in args.sections:
+            remote(model, calls)
 
 
 if __name__ == "__main__":

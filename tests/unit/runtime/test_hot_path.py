@@ -127,14 +127,17 @@ def test_idle_clients_lose_their_actors(models: dict[str, Path], tmp_path: Path)
     ep = endpoint.RemoteEndpoint(a, "tcp://127.0.0.1:0", client_idle_seconds=30)
     ids = {}
     for client in (b"idle", b"busy"):
-        reply = ep._handle_one(_msg(client, wire.Op.NEW_ACTORS, 1, (2).to_bytes(4, "little")))
+        reply = ep._handle_one(
+            _msg(client, wire.Op.NEW_ACTORS, 1, (2).to_bytes(4, "little")), time.monotonic()
+        )
         ids[client] = wire.unpack_array(reply[2], "ids")
         obs = wire.pack_array(np.zeros((2, 4), np.float32))
         for step in range(5):
             reply = ep._handle_one(
                 _msg(
                     client, wire.Op.REQUEST_ACTION, 2 + step, reply_ids(ids[client]), obs, b"", b""
-                )
+                ),
+                time.monotonic(),
             )
             assert not wire.parse_header(reply[1])[1] & wire.FLAG_ERROR
     assert ep.clients == 2

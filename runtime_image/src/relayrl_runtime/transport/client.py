@@ -7,6 +7,9 @@
 
 Synchronous, one request in flight per client (a DEALER socket); speaks `wire`.
 Errors from the runtime arrive as `errors.RemoteError` with the runtime's kind.
+A simulator steps in a tight loop, so `request_action` keeps its own Python small: the
+ids and scalar-reward frames are packed once and reused while they stay the same, and
+frames go through `wire`'s direct socket calls.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import zmq
 from relayrl_runtime.transport import wire
 
 _REWARD_HEAD = struct.Struct("<BBI")  # float64 code, 1 dim, length
+_VERSION = struct.Struct("<q")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,8 +52,13 @@ class RemoteClient:
         self._sock.setsockopt(zmq.RCVTIMEO, self.timeout_ms)
         self._sock.connect(address)
         self._ids = itertools.count(1)
-        # Simulators send the same ids every step: their frame is packed once.
-        self._last_ids: tuple[bytes, bytes] = (b"", b"")
+        # Simulators send the same ids (and often the same scalar reward) every step:
+        # their frames are packed once, and kept with what they were packed from.
+        self._ids_key: object = None
+        self._ids_frame = b""
+        self._ids_count = 0
+        self._reward_key: tuple[float, int] | None = None
+        self._reward_frame = b""
 
     def close(self) -> None:
         """Close the socket."""
@@ -64,20 +73,24 @@ class RemoteClient:
     def call(self, op: int, payload: Sequence[bytes]) -> list[bytes]:
         """Send one request and wait for its reply payload (raises on an error reply)."""
         request_id = next(self._ids) & 0xFFFFFFFF
-        self._sock.send_multipart([wire.header(op, request_id), *payload])
+        head = wire.HEADER.pack(wire.MAGIC, wire.VERSION, op, 0, request_id)
+        wire.send_frames(self._sock, [head, *payload])
         while True:
             try:
-                frames = self._sock.recv_multipart()
+                frames = wire.recv_frames(self._sock)
             except zmq.Again:
                 raise TimeoutError(
                     f"{self.address}: no reply to op {op} within {self.timeout_ms} ms"
                 ) from None
+            if frames[0] == head:  # a reply without flags carries the request's header
+                del frames[0]
+                return frames
             _, flags, reply_id = wire.parse_header(frames[0])
             if reply_id != request_id:
                 continue  # a late reply to a request that timed out
             if flags & wire.FLAG_ERROR:
                 raise wire.parse_error(frames)
-            return list(frames[1:])
+            return frames[1:]
 
     def new_actors(self, count: int) -> list[int]:
         """Create actors in the runtime; returns their ids."""
@@ -96,21 +109,22 @@ class RemoteClient:
         reward: float | Sequence[float] | npt.NDArray[Any] = 0.0,
     ) -> RemoteActionResult:
         """Actions for these actors; `reward` is for each actor's previous action."""
-        ids = np.asarray(actor_ids, dtype=np.int64)
-        key = ids.tobytes()
-        if key != self._last_ids[0]:
-            self._last_ids = (key, wire.pack_array(ids))
-        n = len(ids)
-        if isinstance(reward, (int, float)):
+        ids_frame, n = self._pack_ids(actor_ids)
+        if type(reward) is float or type(reward) is int:
             # A scalar reward for every actor: the frame is built without an array.
-            reward_frame = _REWARD_HEAD.pack(2, 1, n) + struct.pack(f"<{n}d", *([reward] * n))
+            if self._reward_key != (reward, n):
+                self._reward_key = (reward, n)
+                self._reward_frame = _REWARD_HEAD.pack(2, 1, n) + struct.pack(
+                    f"<{n}d", *([reward] * n)
+                )
+            reward_frame = self._reward_frame
         else:
             rewards = np.asarray(reward, dtype=np.float64)
-            if rewards.shape != ids.shape:
-                rewards = np.broadcast_to(rewards, ids.shape)
+            if rewards.shape != (n,):
+                rewards = np.broadcast_to(rewards, (n,))
             reward_frame = wire.pack_array(rewards)
         payload = [
-            self._last_ids[1],
+            ids_frame,
             wire.pack_array(obs),
             reward_frame,
             b"" if mask is None else wire.pack_array(np.asarray(mask, dtype=np.bool_)),
@@ -119,8 +133,20 @@ class RemoteClient:
         return RemoteActionResult(
             actions=wire.unpack_array(actions, "actions"),
             logp=wire.unpack_array(logp, "logp"),
-            version=struct.unpack("<q", version)[0],
+            version=_VERSION.unpack(version)[0],
         )
+
+    def _pack_ids(self, actor_ids: Sequence[int] | npt.NDArray[Any]) -> tuple[bytes, int]:
+        """The ids frame and the id count, packed again only when the ids change."""
+        if type(actor_ids) is list:
+            key: object = tuple(actor_ids)  # a list may change: compare its contents
+        else:
+            ids = np.asarray(actor_ids, dtype=np.int64)
+            key = ids.tobytes()
+        if key != self._ids_key:
+            ids = np.asarray(actor_ids, dtype=np.int64)
+            self._ids_key, self._ids_frame, self._ids_count = key, wire.pack_array(ids), len(ids)
+        return self._ids_frame, self._ids_count
 
     def flag_last_action(
         self,

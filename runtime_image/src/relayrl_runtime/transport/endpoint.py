@@ -1,14 +1,16 @@
 """The ZMQ endpoint remote environments connect to (`environment.remote`).
 
-A ROUTER socket served by one thread the process owns (`start`/`stop`), in one poll
-loop. Each wake-up drains every waiting message; consecutive REQUEST_ACTION messages
-from different clients are answered with one batched `request_action` (one forward
-pass), so many simulators cost one inference each tick. A lone request (the common case
-for one client) takes a short path: header checked with one precompiled struct, arrays
-decoded as views of the received bytes, the reply header reused from a cache. Every
-message is validated on its own: a malformed, oversized or otherwise bad message gets an
-error reply and a counter, and the other clients' messages in the same batch are served
-as usual (a batch that fails is answered request by request). Format: `wire`.
+A ROUTER socket served by one thread the process owns (`start`/`stop`), in one receive
+loop (a blocking receive with a timeout, so a request costs no poller). Each wake-up
+drains every waiting message; consecutive REQUEST_ACTION messages from different clients
+are answered with one batched `request_action` (one forward pass), so many simulators
+cost one inference each tick. A lone well-formed REQUEST_ACTION (the common case for one
+client) takes a short path on this thread: arrays decoded as views of the received
+bytes, the request's header reused as the reply's, and the reply sent as soon as the
+actions are chosen, before the step is recorded. Every message is validated on its own:
+a malformed, oversized or otherwise bad message gets an error reply and a counter, and
+the other clients' messages in the same batch are served as usual (a batch that fails is
+answered request by request). Format and socket calls: `wire`.
 
 Clients that create actors own them. A client that sends nothing for
 `client_idle_seconds` is considered gone (it crashed, or disconnected without calling
@@ -39,6 +41,13 @@ _COUNT: Final = struct.Struct("<I")
 _REQUEST_ID: Final = struct.Struct("<I")
 _MAGIC_VERSION: Final = wire.MAGIC + bytes([wire.VERSION])
 _OPS: Final = frozenset(int(o) for o in wire.Op)
+# The first 8 header bytes of a REQUEST_ACTION without flags: its reply header is the
+# request's header unchanged.
+_ACTION_HEAD: Final = wire.header(wire.Op.REQUEST_ACTION, 0)[:8]
+# Actor id frames decoded already (simulators send the same ids every step), for frames
+# of at most `_IDS_CACHE_BYTES`, at most `_IDS_CACHE` of them.
+_IDS_CACHE: Final = 1024
+_IDS_CACHE_BYTES: Final = 1024
 
 
 class _Request:
@@ -84,7 +93,13 @@ class RemoteEndpoint:
         # REQUEST_ACTION messages served since the counter was last updated: counted
         # here and added to the (locking) Prometheus counter once per sweep.
         self._actions_pending = 0
-        self._send: Any = None
+        self._sock: zmq.Socket[bytes] | None = None
+        self._ids_cache: dict[bytes, Any] = {}
+        # The short path's reply (identity, header) until `_reply_action` sends it.
+        self._owed: tuple[bytes, bytes] | None = None
+        self._on_result = self._reply_action
+        self._version = -1
+        self._version_frame = b""
         self.address = ""
 
     def start(self) -> str:
@@ -130,33 +145,35 @@ class RemoteEndpoint:
             return
         self._bound.set()
         log.info("remote endpoint listening on %s", self.address)
-        # Messages are small (bounded by max_frame_bytes): copying them into bytes is
-        # cheaper than zmq.Frame objects, and arrays are decoded as views of the bytes.
-        recv, send, poll = sock.recv_multipart, sock.send_multipart, sock.poll
-        self._send = send
-
-        def waiting() -> bool:
-            return bool(int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
-
+        # A blocking receive that gives up after _POLL_MS to look at the stop flag and
+        # the idle clients: one call per request (no poller).
+        sock.setsockopt(zmq.RCVTIMEO, _POLL_MS)
+        self._sock = sock
+        recv, send, waiting = wire.recv_frames, wire.send_frames, wire.waiting
+        monotonic = time.monotonic
+        stop = self._stop
         sweep_every = min(1.0, self.client_idle_seconds / 4)
-        next_sweep = time.monotonic() + sweep_every
+        next_sweep = monotonic() + sweep_every
         try:
-            while not self._stop.is_set():
-                if poll(_POLL_MS):
-                    first = recv(zmq.NOBLOCK)
-                    if not waiting():
+            while not stop.is_set():
+                try:
+                    first: list[bytes] | None = recv(sock)
+                except zmq.Again:
+                    first = None
+                now = monotonic()
+                if first is not None:
+                    if not waiting(sock):
                         # One message waiting: the short path (it may send the reply
                         # itself, before the step is recorded).
-                        reply = self._handle_one(first)
+                        reply = self._handle_one(first, now)
                         if reply is not None:
-                            send(reply)
+                            send(sock, reply)
                     else:
                         batch = [first]
-                        while len(batch) < _DRAIN_MAX and waiting():
-                            batch.append(recv(zmq.NOBLOCK))
-                        for reply in self._handle(batch):
-                            send(reply)
-                now = time.monotonic()
+                        while len(batch) < _DRAIN_MAX and waiting(sock):
+                            batch.append(recv(sock))
+                        for reply in self._handle(batch, now):
+                            send(sock, reply)
                 if now >= next_sweep:
                     next_sweep = now + sweep_every
                     self._sweep(now)
@@ -164,6 +181,7 @@ class RemoteEndpoint:
             if self._actions_pending:
                 self._served_actions.inc(self._actions_pending)
                 self._actions_pending = 0
+            self._sock = None
             sock.close()
 
     # ------------------------------------------------------------------ clients
@@ -210,45 +228,93 @@ class RemoteEndpoint:
             head = self._headers[key] = wire.header(op, request_id)
         return head
 
-    def _handle_one(self, msg: list[bytes]) -> list[bytes] | None:
+    def _handle_one(self, msg: list[bytes], now: float) -> list[bytes] | None:
         """Serve one message; returns the reply, or None when it was sent already."""
         identity = msg[0]
-        self._last_seen[identity] = time.monotonic()
+        self._last_seen[identity] = now
+        if len(msg) != 6 or self._sock is None:
+            return self._handle_parsed(identity, msg)
+        head = msg[1]
+        if (
+            len(head) != wire.HEADER.size
+            or head[:8] != _ACTION_HEAD
+            or len(head) + len(msg[2]) + len(msg[3]) + len(msg[4]) + len(msg[5])
+            > self.max_frame_bytes
+        ):
+            return self._handle_parsed(identity, msg)
+        # A well-formed REQUEST_ACTION: answered from `request_action`'s callback.
+        self._actions_pending += 1
+        self._owed = (identity, head)
+        try:
+            ids = self._ids_cache.get(msg[2])
+            if ids is None:
+                ids = self._cache_ids(msg[2])
+            obs = wire.unpack_array(msg[3], "obs")
+            frame = msg[4]
+            reward: Any = 0.0
+            if frame:
+                reward = wire.unpack_array(frame, "reward").astype(np.float64, copy=False)
+            frame = msg[5]
+            mask = wire.unpack_array(frame, "mask") if frame else None
+            self.agent.request_action(ids, obs, mask, reward, self._on_result)
+        except Exception as err:  # a bug must not kill the endpoint for every client
+            return self._action_failed(identity, head, err)
+        return None
+
+    def _reply_action(self, result: agent_mod.ActionResult) -> None:
+        """`request_action`'s callback on the short path: send the owed reply."""
+        owed, self._owed = self._owed, None
+        if owed is None or self._sock is None:
+            return
+        version = result.version
+        if version != self._version:
+            self._version, self._version_frame = version, _VERSION.pack(version)
+        wire.send_frames(
+            self._sock,
+            [
+                owed[0],
+                owed[1],  # the request's header: same op and id, no flags
+                wire.pack_array(result.actions),
+                wire.pack_array(result.logp),
+                self._version_frame,
+            ],
+        )
+
+    def _action_failed(self, identity: bytes, head: bytes, err: Exception) -> list[bytes] | None:
+        """The error reply to a short-path request, or None when its reply left already."""
+        owed, self._owed = self._owed, None
+        kind = err.kind if isinstance(err, errors.RelayRLError) else "internal"
+        if not isinstance(err, errors.RelayRLError):
+            log.error("remote endpoint: request_action failed", exc_info=err)
+        elif owed is None:  # the step failed after the actions were sent
+            log.error("remote endpoint: request_action failed after its reply: %s", err)
+        self.metrics.remote_errors.labels(kind).inc()
+        if owed is None:
+            return None
+        message = str(err) if isinstance(err, errors.RelayRLError) else repr(err)
+        (request_id,) = _REQUEST_ID.unpack_from(head, 8)
+        return [identity, *wire.error_frames(wire.Op.REQUEST_ACTION, request_id, kind, message)]
+
+    def _cache_ids(self, frame: bytes) -> Any:
+        ids = _ids(frame)
+        if len(frame) <= _IDS_CACHE_BYTES:
+            if len(self._ids_cache) >= _IDS_CACHE:
+                self._ids_cache.clear()
+            self._ids_cache[frame] = ids
+        return ids
+
+    def _handle_parsed(self, identity: bytes, msg: list[bytes]) -> list[bytes]:
+        """Serve one message of any kind through the general parser."""
         req = self._parse(identity, msg[1:])
         if isinstance(req, list):
             return req
-        if req.op != wire.Op.REQUEST_ACTION or self._send is None:
-            return self._one(req)
-        self._actions_pending += 1
-        head = self._header(req.op, req.request_id)
-        send = self._send
+        if req.op == wire.Op.REQUEST_ACTION:
+            self._actions_pending += 1
+        return self._one(req)
 
-        def reply(result: agent_mod.ActionResult) -> None:
-            send(
-                [
-                    identity,
-                    head,
-                    wire.pack_array(result.actions),
-                    wire.pack_array(result.logp),
-                    _VERSION.pack(result.version),
-                ]
-            )
-
-        try:
-            self.agent.request_action(req.ids, req.obs, req.mask, req.reward, reply)
-        except errors.RelayRLError as err:
-            self.metrics.remote_errors.labels(err.kind).inc()
-            return [identity, *wire.error_frames(req.op, req.request_id, err.kind, str(err))]
-        except Exception as err:  # a bug must not kill the endpoint for every client
-            log.exception("remote endpoint: request_action failed")
-            self.metrics.remote_errors.labels("internal").inc()
-            return [identity, *wire.error_frames(req.op, req.request_id, "internal", repr(err))]
-        return None
-
-    def _handle(self, raw: list[list[bytes]]) -> list[list[bytes]]:
+    def _handle(self, raw: list[list[bytes]], now: float) -> list[list[bytes]]:
         replies: list[list[bytes]] = []
         run: list[_Request] = []
-        now = time.monotonic()
         for msg in raw:
             identity = msg[0]
             self._last_seen[identity] = now

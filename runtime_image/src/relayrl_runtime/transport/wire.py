@@ -27,6 +27,8 @@ from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
+import zmq
+import zmq.backend
 
 from relayrl_runtime import errors
 
@@ -51,6 +53,21 @@ _ARRAY_HEADS: Final = tuple(struct.Struct(f"<BB{n}I") for n in range(MAX_NDIM + 
 _DIMS: Final = tuple(f"<{n}I" for n in range(MAX_NDIM + 1))
 # Codes by dtype string, for arrays already little-endian (or byte-sized).
 _FAST_CODES: Final = {dt.str: code for dt, code in CODES.items()}
+# Array layouts already decoded, by the frame's leading code, ndim and dims bytes:
+# (dtype, shape, data offset, data bytes). Peers send the same few shapes every step.
+_LAYOUTS: dict[bytes, tuple[np.dtype[Any], tuple[int, ...], int, int]] = {}
+_LAYOUTS_MAX: Final = 1024
+# Array headers already packed, by (dtype string, shape).
+_HEADS: dict[tuple[str, tuple[int, ...]], bytes] = {}
+_HEADS_MAX: Final = 1024
+# The socket methods underneath pyzmq's Python wrappers: a frame costs one call each.
+_send: Final = zmq.backend.Socket.send
+_recv: Final = zmq.backend.Socket.recv
+_get: Final = zmq.backend.Socket.get
+_SNDMORE: Final = int(zmq.SNDMORE)
+_RCVMORE: Final = int(zmq.RCVMORE)
+_EVENTS: Final = int(zmq.EVENTS)
+_POLLIN: Final = int(zmq.POLLIN)
 
 
 class Op(enum.IntEnum):
@@ -88,11 +105,19 @@ def parse_header(frame: bytes) -> tuple[int, int, int]:
 
 def pack_array(arr: npt.NDArray[Any]) -> bytes:
     """Encode an array frame."""
+    key = (arr.dtype.str, arr.shape)
+    head = _HEADS.get(key)
+    if head is not None and arr.flags.c_contiguous:
+        return head + arr.tobytes()  # the common case: a known shape, one copy
     ndim = arr.ndim
     if ndim <= MAX_NDIM and arr.flags.c_contiguous:
         code = _FAST_CODES.get(arr.dtype.str)
-        if code is not None:  # the common case: one header pack, one copy
-            return _ARRAY_HEADS[ndim].pack(code, ndim, *arr.shape) + arr.tobytes()
+        if code is not None:
+            head = _ARRAY_HEADS[ndim].pack(code, ndim, *arr.shape)
+            if len(_HEADS) >= _HEADS_MAX:
+                _HEADS.clear()
+            _HEADS[key] = head
+            return head + arr.tobytes()
     dt = arr.dtype.newbyteorder("<") if arr.dtype.byteorder == ">" else arr.dtype
     code = CODES.get(np.dtype(dt))
     if code is None:
@@ -105,8 +130,23 @@ def pack_array(arr: npt.NDArray[Any]) -> bytes:
     return head + np.ascontiguousarray(arr, dtype=dt).tobytes()
 
 
-def unpack_array(frame: bytes | memoryview, field: str) -> npt.NDArray[Any]:
+def unpack_array(frame: bytes, field: str) -> npt.NDArray[Any]:
     """Decode an array frame (a read-only view of the frame's bytes)."""
+    size = len(frame)
+    if size >= 2:
+        start = 2 + 4 * frame[1]
+        layout = _LAYOUTS.get(frame[:start])
+        if layout is not None and size - start == layout[3]:
+            return np.ndarray(layout[1], layout[0], frame, layout[2])
+    arr = _unpack_array(frame, field)
+    if len(_LAYOUTS) >= _LAYOUTS_MAX:
+        _LAYOUTS.clear()
+    start = 2 + 4 * arr.ndim
+    _LAYOUTS[frame[:start]] = (arr.dtype, arr.shape, start, arr.nbytes)
+    return arr
+
+
+def _unpack_array(frame: bytes, field: str) -> npt.NDArray[Any]:
     if len(frame) < 2:
         raise WireError(f"{field}: expected an array frame, got {len(frame)} bytes")
     code, ndim = frame[0], frame[1]
@@ -128,9 +168,35 @@ def unpack_array(frame: bytes | memoryview, field: str) -> npt.NDArray[Any]:
     return np.frombuffer(frame, dtype=dtype, count=count, offset=start).reshape(shape)
 
 
-def optional_array(frame: bytes | memoryview, field: str) -> npt.NDArray[Any] | None:
+def optional_array(frame: bytes, field: str) -> npt.NDArray[Any] | None:
     """An array frame, or None for an empty frame."""
     return None if len(frame) == 0 else unpack_array(frame, field)
+
+
+def send_frames(sock: zmq.Socket[bytes], frames: Sequence[bytes]) -> None:
+    """`send_multipart` of bytes frames, without pyzmq's per-frame Python wrappers."""
+    last = len(frames) - 1
+    for i in range(last):
+        _send(sock, frames[i], _SNDMORE)
+    _send(sock, frames[last], 0)
+
+
+def recv_frames(sock: zmq.Socket[bytes]) -> list[bytes]:
+    """`recv_multipart` (copied into bytes), without pyzmq's Python wrappers.
+
+    Blocks up to the socket's RCVTIMEO (`zmq.Again` after it). A multipart message is
+    delivered whole, so the frames after the first are there already.
+    """
+    frames: list[bytes] = [_recv(sock, 0)]
+    while _get(sock, _RCVMORE):
+        frames.append(_recv(sock, 0))
+    return frames
+
+
+def waiting(sock: zmq.Socket[bytes]) -> bool:
+    """Whether a message is waiting to be received (without receiving it)."""
+    events: int = _get(sock, _EVENTS)  # type: ignore[assignment]
+    return bool(events & _POLLIN)
 
 
 def error_frames(op: int, request_id: int, kind: str, message: str) -> list[bytes]:
