@@ -209,7 +209,8 @@ async def run(args: argparse.Namespace) -> None:
             direct_created, direct_ready = await baseline(kc, "direct", n, nats.url)
             client.CoreV1Api(api).delete_namespace("direct")
 
-            operator = fleet.Operator(local.kubeconfig, work / "operator.log")
+            # As deployed: the default resync period, not the tests' short one.
+            operator = fleet.Operator(local.kubeconfig, work / "operator.log", resync_seconds=None)
             operator.start()
             try:
                 create_namespace(api, "latency")

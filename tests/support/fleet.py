@@ -97,9 +97,11 @@ def render_chart(values: Path | None, namespace: str, *extra: str) -> list[dict[
 class Operator:
     """The operator as a separate process, as it runs in a cluster."""
 
-    def __init__(self, kubeconfig: Path, log: Path) -> None:
+    def __init__(self, kubeconfig: Path, log: Path, resync_seconds: float | None = 5) -> None:
+        """``resync_seconds`` is short for tests; None keeps the operator's default."""
         self.kubeconfig = kubeconfig
         self.log = log
+        self.resync_seconds = resync_seconds
         self.metrics_port = natsserver.free_port()
         self.health_port = natsserver.free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -127,7 +129,14 @@ class Operator:
                 ],
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, "RELAYRL_RESYNC_SECONDS": "5"},
+                env={
+                    **os.environ,
+                    **(
+                        {"RELAYRL_RESYNC_SECONDS": str(self.resync_seconds)}
+                        if self.resync_seconds is not None
+                        else {}
+                    ),
+                },
             )
         testing.wait_for(self._healthy, timeout=60, what=f"operator healthy (log: {self.log})")
 

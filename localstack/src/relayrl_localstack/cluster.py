@@ -49,6 +49,8 @@ from relayrl_localstack import certs, procs
 logger = logging.getLogger(__name__)
 
 SERVICE_CLUSTER_IP_RANGE: Final = "10.96.0.0/16"
+# kube-controller-manager and kube-scheduler client QPS/burst (defaults 20/30 and 50/100).
+CLIENT_RATE_FLAGS: Final = ("--kube-api-qps=1000", "--kube-api-burst=2000")
 SERVICE_ACCOUNT_ISSUER: Final = "https://kubernetes.default.svc.cluster.local"
 
 
@@ -284,6 +286,11 @@ class LocalCluster:
                 f"--root-ca-file={creds.ca_cert}",
                 "--use-service-account-credentials=true",
                 f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
+                # Client-side rate limits sized for kwok scale runs: at the defaults
+                # (20 requests/s per controller) the StatefulSet controller alone needs
+                # minutes to create 1,000 pods. The apiserver's own flow control stays.
+                *CLIENT_RATE_FLAGS,
+                "--concurrent-statefulset-syncs=20",
                 "--leader-elect=false",
                 "--profiling=false",
                 "--v=1",
@@ -301,6 +308,7 @@ class LocalCluster:
                 "--bind-address=127.0.0.1",
                 f"--secure-port={scheduler_port}",
                 f"--cert-dir={work_dir / 'scheduler'}",
+                *CLIENT_RATE_FLAGS,
                 "--leader-elect=false",
                 "--profiling=false",
                 "--v=1",

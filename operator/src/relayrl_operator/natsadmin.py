@@ -52,6 +52,9 @@ class NatsStreams:
         self._watchers: dict[_ConnKey, asyncio.Task[None]] = {}
         self._reports: dict[tuple[str, str], dict[str, reporting.PodReport]] = {}
         self._listener: Callable[[tuple[str, str]], None] | None = None
+        # One connection per key however many workers ask at once; a slow server
+        # holds up only the Agents that use it.
+        self._connecting: dict[_ConnKey, asyncio.Lock] = {}
 
     def set_listener(self, listener: Callable[[tuple[str, str]], None]) -> None:
         """Call `listener((namespace, agent))` when a pod of that Agent reports."""
@@ -107,6 +110,13 @@ class NatsStreams:
         nc = self._conns.get(key)
         if nc is not None and not nc.is_closed:
             return nc
+        async with self._connecting.setdefault(key, asyncio.Lock()):
+            nc = self._conns.get(key)
+            if nc is not None and not nc.is_closed:
+                return nc
+            return await self._open(key, nats_spec)
+
+    async def _open(self, key: _ConnKey, nats_spec: spec.NatsSpec) -> NATS:
         options = await self._options(key, nats_spec)
         nc = await streams.connect(options, deadline=self._deadline)
         self._conns[key] = nc

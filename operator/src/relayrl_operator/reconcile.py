@@ -9,7 +9,8 @@ Agent holds one worker, never the others.
 A pass (`_reconcile`):
 1. a deleted Agent runs the finalizer (stream and bucket removed unless retained);
 2. desired children are built (pure builders) and server-side applied, when the spec
-   changed, a child was deleted or edited, or the periodic resync came round;
+   changed, a child was deleted or edited (the watch tells), or the periodic resync
+   finds a child missing from the cache or comes round to a full re-apply;
    children no longer desired (a removed sink, the remote Service) are deleted;
 3. the JetStream stream and model bucket are ensured through NATS;
 4. status is computed from the cached children and patched when it changed.
@@ -25,6 +26,7 @@ import contextlib
 import logging
 import random
 import time
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -48,6 +50,8 @@ Key = tuple[str, str]  # (namespace, name)
 # Retry delays for transient errors: 0.5 s doubling up to 60 s, with jitter.
 BACKOFF_BASE = 0.5
 BACKOFF_MAX = 60.0
+# A resync re-applies each Agent's children unconditionally once in this many rounds.
+FULL_APPLY_EVERY = 10
 
 # Kinds the operator may have created for an Agent and may need to delete again.
 _PRUNABLE = (kube.SERVICE, kube.DEPLOYMENT, kube.PODMONITOR)
@@ -104,6 +108,7 @@ class _State:
     deployments: dict[str, dict[str, Any]] = field(default_factory=dict)
     child_generations: dict[tuple[str, str], int] = field(default_factory=dict)
     child_versions: dict[tuple[str, str], str] = field(default_factory=dict)
+    seen: set[tuple[str, str]] = field(default_factory=set)  # (kind, name) the watch has
 
 
 class Reconciler:
@@ -127,7 +132,9 @@ class Reconciler:
         self._again: set[Key] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._timers: set[asyncio.TimerHandle] = set()
+        self._events: set[asyncio.Task[None]] = set()
         self._podmonitors = False
+        self._resyncs = 0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -153,6 +160,8 @@ class Reconciler:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        if self._events:  # Events already on their way get a moment to land
+            await asyncio.wait(set(self._events), timeout=5)
 
     @property
     def healthy(self) -> bool:
@@ -197,14 +206,25 @@ class Reconciler:
             else:
                 state.deployments[name] = dict(body)
         if kind != "Pod":
+            child = (kind, name)
             generation = meta.get("generation")
-            previous = state.child_generations.get((kind, name))
-            edited = generation is None or (previous is not None and previous != generation)
+            if generation is None:
+                # ConfigMaps and Services have no generation: the resourceVersion our
+                # last apply returned tells our own writes from someone else's.
+                known = state.child_versions.get(child)
+                edited = known is not None and known != meta.get("resourceVersion")
+            else:
+                previous = state.child_generations.get(child)
+                edited = previous is not None and previous != generation
             if deleted or edited:
                 # Deleted or changed by someone: server-side apply puts our fields back.
                 state.needs_apply = True
-            if generation is not None and not deleted:
-                state.child_generations[(kind, name)] = generation
+            if deleted:
+                state.seen.discard(child)
+            else:
+                state.seen.add(child)
+                if generation is not None:
+                    state.child_generations[child] = generation
         if state.body is None:
             if deleted and not state.pods and not state.deployments:
                 self._states.pop(key, None)  # the last child of a deleted Agent
@@ -245,8 +265,15 @@ class Reconciler:
                 self._podmonitors = await self._client.has_api(monitoring.API_VERSION)
             except kube.ApiError as err:
                 log.info("cannot check for %s: %s", monitoring.API_VERSION, err)
+            self._resyncs += 1
             for key, state in list(self._states.items()):
-                state.needs_apply = True
+                # The watch keeps the cache of children current and repairs drift as it
+                # happens; a resync re-applies an Agent's children when the cache is
+                # missing one, and otherwise every FULL_APPLY_EVERY resyncs (spread
+                # over the Agents) for what no watch covers (PodMonitors).
+                turn = zlib.crc32("/".join(key).encode()) % FULL_APPLY_EVERY
+                if state.applied - state.seen or turn == self._resyncs % FULL_APPLY_EVERY:
+                    state.needs_apply = True
                 if state.stream_ready:
                     state.stream_ready = None  # check the stream still exists on this pass
                 self.enqueue(key)
@@ -329,23 +356,29 @@ class Reconciler:
             generation=generation,
             spec=agent_spec,
         )
-        if constants.FINALIZER not in (meta.get("finalizers") or []):
-            await self._add_finalizer(agent, meta)
-
+        add_finalizer = constants.FINALIZER not in (meta.get("finalizers") or [])
         if state.error is not None and state.error_generation == generation:
+            if add_finalizer:
+                await self._add_finalizer(agent, meta)
             return  # a permanent error on this generation: wait for a spec change
         state.error = None
 
         if state.needs_apply:
             state.needs_apply = False
-            try:
-                await self._apply_children(agent, state)
-            except kube.ApiError as err:
-                if err.transient:
-                    state.needs_apply = True
-                    raise
-                await self._fail(key, state, generation, f"apiserver rejected a child: {err}")
+            # The finalizer guards the NATS stream and bucket (ensured below), not the
+            # children (owner references collect those): both requests go out at once.
+            added, applied = await asyncio.gather(
+                self._add_finalizer(agent, meta) if add_finalizer else asyncio.sleep(0),
+                self._apply_children(agent, state),
+                return_exceptions=True,
+            )
+            if isinstance(applied, kube.ApiError) and not applied.transient:
+                await self._fail(key, state, generation, f"apiserver rejected a child: {applied}")
                 return
+            for result in (added, applied):
+                if isinstance(result, BaseException):
+                    state.needs_apply = True
+                    raise result
             if state.applied_generation != generation:
                 lines = changes.describe(state.applied_spec, agent_spec)
                 if lines:
@@ -353,6 +386,8 @@ class Reconciler:
                     await self._event(agent, "Normal", "SpecApplied", state.applied_message)
                 state.applied_generation = generation
                 state.applied_spec = agent_spec
+        elif add_finalizer:
+            await self._add_finalizer(agent, meta)
 
         if self._streams is not None and state.stream_ready is not True:
             try:
@@ -412,9 +447,9 @@ class Reconciler:
             if generation is not None:
                 state.child_generations[child] = generation
         now = {(obj["kind"], obj["metadata"]["name"]) for obj in desired}
-        # What may exist but is not desired: what we applied before, and on the first
-        # pass after a restart every optional child name this Agent could have had.
-        candidates = state.applied or self._optional_children(agent)
+        # What may exist but is not desired: what we applied before, and any optional
+        # child this Agent could have had that the watch shows (after a restart).
+        candidates = state.applied | (self._optional_children(agent) & state.seen)
         for kind_name, name in sorted(candidates - now):
             kind = next(k for k in _PRUNABLE if k.kind == kind_name)
             if await self._client.delete(kind, agent.namespace, name):
@@ -541,6 +576,16 @@ class Reconciler:
             await self._event(agent, kind, f"Phase{new['phase']}", ready["message"])
 
     async def _event(self, agent: common.AgentRef, kind: str, reason: str, message: str) -> None:
+        """Post an Event without holding up the pass (events are best effort)."""
+        task = asyncio.get_running_loop().create_task(
+            self._post_event(agent, kind, reason, message), name=f"event {agent.name} {reason}"
+        )
+        self._events.add(task)
+        task.add_done_callback(self._events.discard)
+
+    async def _post_event(
+        self, agent: common.AgentRef, kind: str, reason: str, message: str
+    ) -> None:
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         event = {
             "apiVersion": "v1",

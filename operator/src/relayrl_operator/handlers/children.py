@@ -43,3 +43,9 @@ def configmap_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
 def service_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     """A Service changed or was deleted: put it back."""
     _forward(event, memo)
+
+
+@kopf.on.event("policy", "v1", "poddisruptionbudgets")
+def pdb_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    """The actor PodDisruptionBudget changed or was deleted: put it back."""
+    _forward(event, memo)

@@ -16,7 +16,14 @@ from relayrl_operator import constants, kube, reconcile
 log = logging.getLogger(__name__)
 
 # Child kinds watched server-side filtered to objects this operator manages.
-WATCHED_CHILDREN = ("pods", "statefulsets", "deployments", "configmaps", "services")
+WATCHED_CHILDREN = (
+    "pods",
+    "statefulsets",
+    "deployments",
+    "configmaps",
+    "services",
+    "poddisruptionbudgets",
+)
 
 
 @kopf.on.login()
