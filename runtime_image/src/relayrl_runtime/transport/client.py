@@ -131,9 +131,9 @@ class RemoteClient:
         ]
         actions, logp, version = self.call(wire.Op.REQUEST_ACTION, payload)
         return RemoteActionResult(
-            actions=wire.unpack_array(actions, "actions"),
-            logp=wire.unpack_array(logp, "logp"),
-            version=_VERSION.unpack(version)[0],
+            wire.unpack_array(actions, "actions"),
+            wire.unpack_array(logp, "logp"),
+            _VERSION.unpack(version)[0],
         )
 
     def _pack_ids(self, actor_ids: Sequence[int] | npt.NDArray[Any]) -> tuple[bytes, int]:

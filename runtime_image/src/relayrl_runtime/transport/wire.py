@@ -65,7 +65,6 @@ _send: Final = zmq.backend.Socket.send
 _recv: Final = zmq.backend.Socket.recv
 _get: Final = zmq.backend.Socket.get
 _SNDMORE: Final = int(zmq.SNDMORE)
-_RCVMORE: Final = int(zmq.RCVMORE)
 _EVENTS: Final = int(zmq.EVENTS)
 _POLLIN: Final = int(zmq.POLLIN)
 
@@ -184,12 +183,15 @@ def send_frames(sock: zmq.Socket[bytes], frames: Sequence[bytes]) -> None:
 def recv_frames(sock: zmq.Socket[bytes]) -> list[bytes]:
     """`recv_multipart` (copied into bytes), without pyzmq's Python wrappers.
 
-    Blocks up to the socket's RCVTIMEO (`zmq.Again` after it). A multipart message is
-    delivered whole, so the frames after the first are there already.
+    Blocks up to the socket's RCVTIMEO (`zmq.Again` after it). Each part comes as a
+    `zmq.Frame`, which knows whether more follow (asking the socket costs a Python-level
+    option lookup per part); a multipart message is delivered whole.
     """
-    frames: list[bytes] = [_recv(sock, 0)]
-    while _get(sock, _RCVMORE):
-        frames.append(_recv(sock, 0))
+    frame: zmq.Frame = _recv(sock, 0, False)
+    frames = [frame.bytes]
+    while frame.more:
+        frame = _recv(sock, 0, False)
+        frames.append(frame.bytes)
     return frames
 
 
