@@ -85,13 +85,14 @@ def encoded_messages(batches: list[pa.RecordBatch]) -> list[tuple[bytes, dict[st
     group: list[pa.RecordBatch] = []
     size = 0
     budget = pub._budget()
-    for b in batches:
-        if group and size + b.nbytes + 1024 > budget:
-            m = pub._encode(group)
-            out.append((m.payload, m.headers))
-            group, size = [], 0
-        group.append(b)
-        size += b.nbytes + 1024
+    for batch in batches:
+        for piece, piece_size in pub._split(batch):
+            if group and size + piece_size > budget:
+                m = pub._encode(group)
+                out.append((m.payload, m.headers))
+                group, size = [], 0
+            group.append(piece)
+            size += piece_size
     if group:
         m = pub._encode(group)
         out.append((m.payload, m.headers))
@@ -145,11 +146,11 @@ def run_sink_e2e(
     return elapsed, pub_elapsed
 
 
-def raw_parquet(batches: list[pa.RecordBatch], repeat: int, out: Path) -> float:
+def raw_parquet(
+    batches: list[pa.RecordBatch], repeat: int, out: Path, settings: arrow_stream.ParquetSettings
+) -> float:
     table = pa.Table.from_batches(batches).drop_columns(["agent"])
     start = time.perf_counter()
-    # The sink's own settings (its defaults, as the sink runs below).
-    settings = arrow_stream.ParquetSettings()
     with pq.ParquetWriter(out, table.schema, **settings.options(table.schema)) as w:
         for _ in range(repeat):
             w.write_table(table, row_group_size=settings.row_group_rows)
@@ -184,7 +185,14 @@ def raw_copy(dsn: str, batches: list[pa.RecordBatch], repeat: int) -> float:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="Smaller runs (smoke test).")
+    p.add_argument(
+        "--compression",
+        default=arrow_stream.ParquetSettings().compression,
+        help="Parquet codec of the Arrow sink and of the raw Parquet write (default: the sink's).",
+    )
     args = p.parse_args()
+    # The same Parquet settings for the sink and for the raw write it is compared with.
+    parquet = arrow_stream.ParquetSettings(compression=args.compression)
     # CartPole-sized trajectories: 32 episodes of 200 steps per router batch.
     batches = make_batches(50, 32, 200)
     per_round = sum(b.num_rows for b in batches)
@@ -192,6 +200,8 @@ def main() -> int:
     pg_repeat = 1 if args.quick else 6  # 0.32M / 1.9M steps
     work = Path(tempfile.mkdtemp(prefix="relayrl-bench-"))
     results: dict[str, float] = {}
+    # Other work on the machine shows in every figure: the 1-minute load goes with them.
+    load_before = os.getloadavg()[0]
     try:
         with natsserver.NatsServer() as srv, postgres.PostgresServer() as pgs:
             messages = encoded_messages(batches)
@@ -205,7 +215,7 @@ def main() -> int:
             # Rotation every 0.5 s bounds the tail (the last file commits at most that
             # late); 256 MB files otherwise.
             rotate = ("--rotate-seconds", "0.5", "--rotate-bytes", str(256 << 20))
-            arrow = pl.arrow_sink(*rotate)
+            arrow = pl.arrow_sink(*rotate, "--compression", parquet.compression)
             elapsed, _ = run_sink_e2e(arrow, srv.url, batches, arrow_repeat)
             results["runtime -> NATS -> Arrow sink"] = arrow_repeat * per_round / elapsed
             shutil.rmtree(pl.arrow_dir, ignore_errors=True)
@@ -214,7 +224,9 @@ def main() -> int:
             results["runtime -> NATS -> Arrow sink (IPC)"] = arrow_repeat * per_round / elapsed
             shutil.rmtree(pl.arrow_dir, ignore_errors=True)
             results["raw Parquet write (same options)"] = (
-                arrow_repeat * per_round / raw_parquet(batches, arrow_repeat, work / "raw.parquet")
+                arrow_repeat
+                * per_round
+                / raw_parquet(batches, arrow_repeat, work / "raw.parquet", parquet)
             )
 
             pgsink = pl.postgres_sink("--batch-rows", "100000")
@@ -227,7 +239,10 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    print(f"\ntrajectory pipeline, {os.cpu_count()} cores, {'quick' if args.quick else 'full'} run")
+    print(
+        f"\ntrajectory pipeline, {os.cpu_count()} cores, {'quick' if args.quick else 'full'} run,"
+        f" Parquet {parquet.compression}, 1-min load {load_before:.2f} -> {os.getloadavg()[0]:.2f}"
+    )
     print(f"{'path':<40} {'steps/s':>12}")
     for name, rate in results.items():
         print(f"{name:<40} {rate:>12,.0f}")
