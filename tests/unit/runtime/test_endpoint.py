@@ -1,0 +1,221 @@
+"""The remote endpoint and client in one process, over loopback TCP: the short path for a
+lone REQUEST_ACTION, its error replies, batches from several clients, and the client's
+reused frames."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zmq
+
+from relayrl_runtime import agent as agent_mod
+from relayrl_runtime import errors, metrics
+from relayrl_runtime.sinks import local
+from relayrl_runtime.transport import client, endpoint, wire
+
+OBS = np.zeros((1, 4), np.float32)
+
+
+@pytest.fixture
+def served(models: dict[str, Path]) -> Iterator[tuple[agent_mod.Agent, str]]:
+    a = agent_mod.Agent(models["onnx"], actor_count=0, seed=0)
+    ep = endpoint.RemoteEndpoint(a, "tcp://127.0.0.1:0", max_frame_bytes=4096)
+    address = ep.start()
+    try:
+        yield a, address
+    finally:
+        ep.stop()
+        a.shutdown()
+
+
+@pytest.fixture
+def raw() -> Iterator[Callable[[str], zmq.Socket[bytes]]]:
+    """DEALER sockets that speak the wire format by hand."""
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+    socks: list[zmq.Socket[bytes]] = []
+
+    def connect(address: str) -> zmq.Socket[bytes]:
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVTIMEO, 10_000)
+        sock.connect(address)
+        socks.append(sock)
+        return sock
+
+    yield connect
+    for sock in socks:
+        sock.close()
+
+
+def _action_request(request_id: int, ids: list[int], obs: np.ndarray) -> list[bytes]:
+    return [
+        wire.header(wire.Op.REQUEST_ACTION, request_id),
+        wire.pack_array(np.asarray(ids, np.int64)),
+        wire.pack_array(obs),
+        b"",
+        b"",
+    ]
+
+
+def _errors(a: agent_mod.Agent, kind: str) -> float:
+    value = a.metrics.registry.get_sample_value(
+        "relayrl_runtime_remote_errors_total", {"reason": kind}
+    )
+    return value or 0.0
+
+
+def test_lone_requests_get_replies_and_bad_ones_errors(
+    served: tuple[agent_mod.Agent, str], raw: Callable[[str], zmq.Socket[bytes]]
+) -> None:
+    a, address = served
+    with client.RemoteClient(address, timeout=10) as good:
+        ids = good.new_actors(1)
+        result = good.request_action(ids, OBS, reward=1.0)
+        assert result.actions.shape == (1,)
+        assert result.logp.shape == (1,)
+        assert result.version == 1
+        bad = raw(address)
+        ok_header = wire.header(wire.Op.REQUEST_ACTION, 7)
+        cases = [
+            # Well-formed header and frame count (the short path), bad payloads.
+            (_action_request(1, ids, np.zeros((1, 3), np.float32)), "invalid_argument"),
+            (_action_request(2, [999], OBS), "unknown_actor"),
+            ([ok_header, b"\x03", wire.pack_array(OBS), b"", b""], "malformed"),
+            ([ok_header, wire.pack_array(np.zeros((1, 1), np.int64)), b"", b"", b""], "malformed"),
+            ([ok_header, wire.pack_array(np.asarray(ids)), b"x" * 5000, b"", b""], "too_large"),
+            # The general parser.
+            ([ok_header, wire.pack_array(np.asarray(ids)), wire.pack_array(OBS)], "malformed"),
+            ([b"garbage"], "malformed"),
+        ]
+        for request_id, (frames, kind) in enumerate(cases, start=1):
+            before = _errors(a, kind)
+            bad.send_multipart(frames)
+            reply = bad.recv_multipart()
+            op, flags, _ = wire.parse_header(reply[0])
+            assert op == frames[0][5] if len(frames[0]) == wire.HEADER.size else op == 0
+            assert flags & wire.FLAG_ERROR, (request_id, kind)
+            assert json.loads(reply[1])["kind"] == kind
+            assert _errors(a, kind) == before + 1
+            # The well-behaved client is unaffected.
+            assert good.request_action(ids, OBS).actions.shape == (1,)
+        # A request with header flags set goes through the general parser, and is served.
+        flagged = _action_request(9, ids, OBS)
+        flagged[0] = wire.header(wire.Op.REQUEST_ACTION, 9, flags=2)
+        bad.send_multipart(flagged)
+        reply = bad.recv_multipart()
+        assert wire.parse_header(reply[0]) == (wire.Op.REQUEST_ACTION, 0, 9)
+        assert wire.unpack_array(reply[1], "actions").shape == (1,)
+        with pytest.raises(errors.RemoteError, match="unknown_actor"):
+            good.request_action([999], OBS)
+
+
+def test_requests_of_several_clients_are_each_answered(
+    served: tuple[agent_mod.Agent, str], raw: Callable[[str], zmq.Socket[bytes]]
+) -> None:
+    a, address = served
+    with client.RemoteClient(address, timeout=10) as owner:
+        ids = owner.new_actors(6)
+    socks = [raw(address) for _ in range(6)]
+    for step in range(20):
+        # All at once, so the endpoint finds several waiting (one batched forward pass),
+        # one of them bad: it gets its error, the others their actions.
+        for i, sock in enumerate(socks):
+            obs = OBS if i != 3 or step % 2 else np.zeros((1, 5), np.float32)
+            sock.send_multipart(_action_request(100 * step + i, [ids[i]], obs))
+        for i, sock in enumerate(socks):
+            reply = sock.recv_multipart()
+            op, flags, request_id = wire.parse_header(reply[0])
+            assert (op, request_id) == (wire.Op.REQUEST_ACTION, 100 * step + i)
+            if i == 3 and step % 2 == 0:
+                assert flags & wire.FLAG_ERROR
+                assert json.loads(reply[1])["kind"] == "invalid_argument"
+            else:
+                assert flags == 0
+                assert wire.unpack_array(reply[1], "actions").shape == (1,)
+                assert int.from_bytes(reply[3], "little", signed=True) == 1
+    actions = a.metrics.registry.get_sample_value("relayrl_runtime_actions_total")
+    assert actions == 6 * 20 - 10
+
+
+class _FailsAfterReply:
+    """An agent whose step fails after the actions went out (in the reply callback)."""
+
+    def __init__(self) -> None:
+        self.metrics = metrics.RuntimeMetrics()
+
+    def request_action(
+        self, ids: Any, obs: Any, mask: Any, reward: Any, on_result: Any = None
+    ) -> None:
+        result = agent_mod.ActionResult.__new__(agent_mod.ActionResult)
+        result.actions = np.zeros(len(ids), np.int64)
+        result._logp = np.zeros(len(ids), np.float32)
+        result.version = 5
+        on_result(result)
+        raise RuntimeError("bookkeeping failed")
+
+    def get_model_version(self) -> int:
+        return 5
+
+
+def test_a_step_that_fails_after_its_reply_gets_no_second_reply(
+    raw: Callable[[str], zmq.Socket[bytes]],
+) -> None:
+    fake: Any = _FailsAfterReply()
+    ep = endpoint.RemoteEndpoint(fake, "tcp://127.0.0.1:0")
+    sock = raw(ep.start())
+    try:
+        sock.send_multipart(_action_request(1, [0], OBS))
+        reply = sock.recv_multipart()
+        assert wire.parse_header(reply[0]) == (wire.Op.REQUEST_ACTION, 0, 1)
+        sock.send_multipart([wire.header(wire.Op.MODEL_VERSION, 2)])
+        reply = sock.recv_multipart()  # the next reply is this one's, not an error
+        assert wire.parse_header(reply[0]) == (wire.Op.MODEL_VERSION, 0, 2)
+        sample = ("relayrl_runtime_remote_errors_total", {"reason": "internal"})
+        assert fake.metrics.registry.get_sample_value(*sample) == 1
+    finally:
+        ep.stop()
+
+
+def test_client_packs_changed_ids_and_rewards_again(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    sink = local.LocalFileSink(tmp_path / "out")
+    a = agent_mod.Agent(models["onnx"], actor_count=0, sink=sink, seed=0)
+    ep = endpoint.RemoteEndpoint(a, "tcp://127.0.0.1:0")
+    address = ep.start()
+    try:
+        with client.RemoteClient(address, timeout=10) as c:
+            first, second = c.new_actors(2)
+            ids = [first]
+            # Each reward is for the previous step: 1.5 and 2 for steps 0 and 1.
+            for reward in (0.0, 1.5, 2):
+                c.request_action(ids, OBS, reward=reward)
+            ids[0] = second  # the same list object, changed: the frame follows it
+            c.request_action(ids, OBS, reward=7.0)
+            c.request_action(np.asarray([first]), OBS, reward=2.5)
+            c.flag_last_action([first, second], reward=[4.0, 8.0])
+            ids[0] = 999
+            with pytest.raises(errors.RemoteError, match="unknown_actor"):
+                c.request_action(ids, OBS)
+    finally:
+        ep.stop()
+        a.shutdown()
+    table = pa.concat_tables([pq.read_table(f) for f in sink.files])
+    rows = sorted(
+        (r["actor_id"], r["step"], r["reward"])
+        for r in table.select(["actor_id", "step", "reward"]).to_pylist()
+    )
+    assert rows == [
+        (first, 0, 1.5),
+        (first, 1, 2.0),
+        (first, 2, 2.5),
+        (first, 3, 4.0),
+        (second, 0, 8.0),
+    ]
