@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from relayrl_runtime import spec
+from relayrl_runtime import sink_cli, spec
 from relayrl_runtime.sinks import arrow_stream, service
 from support import trajectories
 
@@ -68,3 +68,49 @@ async def test_rotation_is_due_by_size_and_time(tmp_path: Path) -> None:
     await w.close()
     tables = [pa.ipc.open_file(p).read_all() for _, _, p in arrow_stream.committed_files(tmp_path)]
     assert sum(t.num_rows for t in tables) == 1600
+
+
+async def test_parquet_settings_reach_the_files(tmp_path: Path) -> None:
+    settings = arrow_stream.ParquetSettings(compression="lz4", row_group_rows=1000)
+    w = arrow_stream.ArrowStreamWriter(tmp_path, trajectories.AGENT, parquet=settings)
+    await w.open()
+    deliveries = [_delivery(seq, DAY1) for seq in range(1, 6)]  # 400 rows each
+    for d in deliveries:
+        await w.add(d)
+    await w.commit(w.seal(5))
+    await w.close()
+
+    ((_, _, path),) = arrow_stream.committed_files(tmp_path)
+    meta = pq.ParquetFile(path).metadata
+    # Whole messages per row group, at least `row_group_rows` each; the rest at the end.
+    assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [1200, 800]
+    columns = {
+        meta.row_group(0).column(i).path_in_schema: meta.row_group(0).column(i)
+        for i in range(meta.num_columns)
+    }
+    assert columns["step"].compression.startswith("LZ4")
+    assert "DELTA_BINARY_PACKED" in columns["step"].encodings
+    assert "DELTA_BINARY_PACKED" in columns["obs_time"].encodings
+    want = pa.concat_tables(d.table for d in deliveries).drop_columns(["agent"])
+    assert pq.read_table(path).equals(want)
+
+
+def test_sink_cli_parquet_flags() -> None:
+    args = sink_cli._parser().parse_args(
+        [
+            "arrow",
+            "--agent",
+            "a",
+            "--path",
+            "/nonexistent",
+            "--compression",
+            "snappy",
+            "--compression-level",
+            "3",
+            "--row-group-rows",
+            "5000",
+        ]
+    )
+    writer = sink_cli.build(args).writer
+    assert isinstance(writer, arrow_stream.ArrowStreamWriter)
+    assert writer.parquet == arrow_stream.ParquetSettings("snappy", 3, 5000)

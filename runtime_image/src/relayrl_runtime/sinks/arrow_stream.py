@@ -49,6 +49,9 @@ ROW_GROUP_ROWS: Final = 256 * 1024
 # Low-cardinality columns worth a Parquet dictionary, and columns worth min/max stats.
 DICTIONARY_COLUMNS: Final = ("actor_id", "segment", "policy_version", "terminated", "truncated")
 STATISTICS_COLUMNS: Final = ("episode_id", "step", "actor_id", "policy_version", "obs_time")
+# Counters and clocks that grow along a trajectory: delta encoding stores them in next
+# to nothing, and saves the codec most of its work (a fifth of the write time with zstd).
+DELTA_COLUMNS: Final = ("step", "obs_time", "action_time")
 # Message bytes queued to the encode thread before `add` waits (bounds memory; about
 # two Parquet row groups of CartPole steps).
 _MAX_QUEUED_BYTES: Final = 64 << 20
@@ -60,9 +63,9 @@ _T = TypeVar("_T")
 class ParquetSettings:
     """How Parquet files are encoded (`relayrl-sink arrow --compression/--compression-level`).
 
-    Dictionaries and statistics only where they pay: dictionary-encoding random floats
-    (obs, logp, aux) costs 2-3x the write time and makes files bigger; statistics are
-    kept for the columns queries filter on.
+    Dictionaries, statistics and delta encoding only where they pay: dictionary-encoding
+    random floats (obs, logp, aux) costs 2-3x the write time and makes files bigger;
+    statistics are kept for the columns queries filter on.
     """
 
     compression: str = "zstd"
@@ -73,12 +76,23 @@ class ParquetSettings:
     def options(self, schema: pa.Schema) -> dict[str, Any]:
         """Keyword arguments of `pyarrow.parquet.ParquetWriter` for `schema`."""
         names = set(schema.names)
+        delta = [
+            c
+            for c in DELTA_COLUMNS
+            if c in names and pa.types.is_integer(_physical(schema.field(c).type))
+        ]
         return {
             "compression": self.compression,
             "compression_level": self.compression_level,
             "use_dictionary": [c for c in DICTIONARY_COLUMNS if c in names],
             "write_statistics": [c for c in STATISTICS_COLUMNS if c in names],
+            "column_encoding": dict.fromkeys(delta, "DELTA_BINARY_PACKED"),
         }
+
+
+def _physical(t: pa.DataType) -> pa.DataType:
+    """The integer type a timestamp is stored as; other types as they are."""
+    return pa.int64() if pa.types.is_timestamp(t) else t
 
 
 def partition_dir(root: Path, agent: str, day: dt.date) -> Path:
