@@ -162,9 +162,11 @@ class RemoteEndpoint:
                     first = None
                 now = monotonic()
                 if first is not None:
-                    if not waiting(sock):
-                        # One message waiting: the short path (it may send the reply
-                        # itself, before the step is recorded).
+                    # With one client (one request in flight) there is nothing to batch
+                    # with: no need to ask the socket what else is waiting.
+                    if len(self._last_seen) <= 1 or not waiting(sock):
+                        # The short path (it may send the reply itself, before the
+                        # step is recorded).
                         reply = self._handle_one(first, now)
                         if reply is not None:
                             send(sock, reply)
