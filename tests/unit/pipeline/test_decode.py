@@ -51,3 +51,30 @@ def test_missing_columns_and_foreign_agent_are_schema_mismatches() -> None:
         service.decode(_ipc(no_step), {V: "1"})
     with pytest.raises(service.InvalidMessageError, match="Agent 'other'"):
         service.decode(_ipc(batch), {V: "1"}, "other")
+
+
+def _with_agent_column(batch: pa.RecordBatch, indices: list[int], names: list[str]) -> bytes:
+    n = batch.num_rows
+    idx = pa.array((indices * n)[:n], pa.int32())
+    agent = pa.DictionaryArray.from_arrays(idx, pa.array(names), safe=False)
+    i = batch.schema.get_field_index("agent")
+    return _ipc(batch.set_column(i, batch.schema.field(i).with_type(agent.type), agent))
+
+
+def test_the_agent_column_is_checked_row_by_row() -> None:
+    batch = trajectories.batch(1, 0)
+    agent = trajectories.AGENT
+    # Another Agent in the dictionary but unused: fine.
+    table, _ = service.decode(_with_agent_column(batch, [1], ["other", agent]), {V: "1"}, agent)
+    assert table.num_rows == batch.num_rows
+    # Some rows of another Agent.
+    mixed = _with_agent_column(batch, [0, 1], [agent, "other"])
+    with pytest.raises(service.InvalidMessageError, match="Agent 'cartpole'") as err:
+        service.decode(mixed, {V: "1"}, agent)
+    assert err.value.reason == "schema-mismatch"
+    # Indices past the dictionary: not valid Arrow, whether all rows or some.
+    for indices in ([3], [0, 3]):
+        bad = _with_agent_column(batch, indices, [agent])
+        with pytest.raises(service.InvalidMessageError) as err:
+            service.decode(bad, {V: "1"}, agent)
+        assert err.value.reason == "invalid-arrow"

@@ -308,7 +308,7 @@ class ArrowStreamWriter:
     async def add(self, delivery: service.Delivery) -> None:
         day = delivery.time.astimezone(dt.UTC).date()
         table = delivery.table
-        if PARTITION_COLUMN in table.column_names:
+        if PARTITION_COLUMN in table.schema.names:
             # Hive layout: the agent lives in the path (the service checked every row
             # names this sink's Agent), not in the files.
             table = table.drop_columns([PARTITION_COLUMN])

@@ -225,11 +225,15 @@ def decode(
             DeadLetterReason.UNKNOWN_SCHEMA_VERSION,
             f"schema metadata says version {in_schema!r}, header says {version}",
         )
-    missing = [c for c in REQUIRED_COLUMNS if c not in table.schema.names]
+    columns = set(table.schema.names)
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
     if missing:
         raise InvalidMessageError(DeadLetterReason.SCHEMA_MISMATCH, f"missing columns {missing}")
-    if agent is not None and "agent" in table.column_names and table.num_rows:
-        names = _distinct_text(table.column("agent"))
+    if agent is not None and "agent" in columns and table.num_rows:
+        try:
+            names = _distinct_text(table.column("agent"))
+        except (pa.ArrowException, IndexError) as err:  # e.g. a dictionary index out of range
+            raise InvalidMessageError(DeadLetterReason.INVALID_ARROW, str(err)) from err
         if names != {agent}:
             raise InvalidMessageError(
                 DeadLetterReason.SCHEMA_MISMATCH,
@@ -243,6 +247,14 @@ def _distinct_text(col: pa.ChunkedArray) -> set[str]:
     out: set[str] = set()
     for chunk in col.chunks:
         if pa.types.is_dictionary(chunk.type):
+            if chunk.null_count == 0 and len(chunk):
+                # The usual message: every row the same index (one Agent). A min/max
+                # says so in a tenth of the time of a hash of all the indices.
+                bounds = pc.min_max(chunk.indices)
+                low, high = bounds["min"].as_py(), bounds["max"].as_py()
+                if low == high and 0 <= low < len(chunk.dictionary):
+                    out.add(str(chunk.dictionary[low].as_py()))
+                    continue
             used = chunk.dictionary.take(pc.unique(chunk.indices))
             out.update(str(v) for v in used.to_pylist())
         else:
