@@ -13,6 +13,10 @@ first deliveries arrive in stream order; a redelivery (a sequence already seen) 
 skipped, and a gap in the consumer's delivery sequence (a message lost in flight, e.g.
 across a nats-server restart) re-creates the consumer after the last sequence seen.
 
+A fetch task keeps one pull ahead of the loop (runtime_image/docs/pipeline.md, "How a
+sink keeps up"), and pipelined writers commit while the next batch is added; both keep
+stream order, so the checks above hold as they are.
+
 Also serves /metrics, /healthz and /readyz, and drains on SIGTERM: the last batch is
 committed and acked before the process exits.
 """
@@ -54,7 +58,7 @@ REQUIRED_COLUMNS: Final = ("actor_id", "episode_id", "step", "policy_version")
 _TICK_SECONDS: Final = 0.05
 # nats-py reads the socket in pieces of this size, and its stream reader stops reading
 # at twice that. Its 32 KiB default makes a 1 MB message 32 reads, each re-growing the
-# parser's buffer and pausing the socket: about a third of the sink's event loop time.
+# parser's buffer and pausing the socket: about a fifth of the sink's event loop CPU.
 NATS_READ_BUFFER_BYTES: Final = 1 << 20
 
 _T = TypeVar("_T")
