@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from pathlib import Path
 
@@ -20,6 +21,11 @@ def _temp_files(root: Path) -> list[Path]:
     return list(root.rglob(".part-*.tmp"))
 
 
+async def _encoded(w: arrow_stream.ArrowStreamWriter) -> None:
+    """Wait until the encode thread has run what was handed to it (it runs in order)."""
+    await asyncio.wrap_future(w._encode.submit(lambda: None))
+
+
 def _delivery(seq: int, when: dt.datetime) -> service.Delivery:
     table = pa.Table.from_batches([trajectories.batch(1, seq)])
     return service.Delivery(seq=seq, time=when, table=table, schema_version=1, size=table.nbytes)
@@ -33,6 +39,7 @@ async def test_commit_renames_and_restart_resumes_after_it(tmp_path: Path) -> No
     await w.add(_delivery(3, DAY2))  # a new day: the first file is finished
     await w.commit(w.seal(4))  # seq 4 was a dead letter: recorded as done
     await w.add(_delivery(5, DAY2))  # never committed: the process "crashes"
+    await _encoded(w)  # the temp file is created there
     assert len(_temp_files(tmp_path)) == 1
 
     files = arrow_stream.committed_files(tmp_path)

@@ -28,7 +28,7 @@ import re
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 import pyarrow as pa
 import pyarrow.ipc
@@ -55,8 +55,6 @@ DELTA_COLUMNS: Final = ("step", "obs_time", "action_time")
 # Message bytes queued to the encode thread before `add` waits (bounds memory; about
 # two Parquet row groups of CartPole steps).
 _MAX_QUEUED_BYTES: Final = 64 << 20
-
-_T = TypeVar("_T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,8 +119,9 @@ def _fsync_dir(path: Path) -> None:
 class _OpenFile:
     """The file being written: temp path, writer, what it holds.
 
-    `write` runs on the sink's encode thread, `finish` on its commit thread, never both
-    at once for one file (the commit awaits the file's writes first).
+    Made on the event loop; `create` and `write` run on the sink's encode thread (in the
+    order they were handed over), `finish` on its commit thread, never both at once for
+    one file (the commit awaits the file's writes first).
     """
 
     def __init__(
@@ -151,21 +150,30 @@ class _OpenFile:
         self.buffered: list[pa.Table] = []
         self.buffered_rows = 0
         self.buffered_bytes = 0
-        # A write that failed leaves the file unusable: `finish` refuses it.
+        # A create or write that failed leaves the file unusable: `finish` refuses it.
         self.failed: BaseException | None = None
         self.committed = False
-        directory.mkdir(parents=True, exist_ok=True)
         self.temp = directory / f"{_TEMP_PREFIX}{first_seq:020d}-{os.getpid()}{_TEMP_SUFFIX}"
-        self.out = pa.OSFile(str(self.temp), "wb")
-        self.writer: Any
-        if fmt is spec.SinkFormat.PARQUET:
-            self.writer = pq.ParquetWriter(self.out, schema, **parquet.options(schema))
-        else:
-            self.writer = pyarrow.ipc.new_file(
-                self.out,
-                schema,
-                options=pyarrow.ipc.IpcWriteOptions(unify_dictionaries=True),
-            )
+        self.out: pa.NativeFile | None = None
+        self.writer: Any = None
+
+    def create(self) -> None:
+        """Open the temp file and its writer (encode thread). Failures are kept."""
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self.out = pa.OSFile(str(self.temp), "wb")
+            if self.format is spec.SinkFormat.PARQUET:
+                options = self.parquet.options(self.schema)
+                self.writer = pq.ParquetWriter(self.out, self.schema, **options)
+            else:
+                self.writer = pyarrow.ipc.new_file(
+                    self.out,
+                    self.schema,
+                    options=pyarrow.ipc.IpcWriteOptions(unify_dictionaries=True),
+                )
+        except Exception as err:
+            log.error("creating %s failed: %s", self.temp, err)
+            self.failed = err
 
     def pending_bytes(self) -> int:
         """Estimated size once everything handed over is written."""
@@ -202,6 +210,7 @@ class _OpenFile:
                 table = pa.concat_tables(tables).unify_dictionaries()
                 self.writer.write_table(table, row_group_size=max(1, table.num_rows))
             self.encoded_bytes += nbytes
+            assert self.out is not None
             self.size = int(self.out.tell())
         except Exception as err:
             log.error("writing %s failed: %s", self.temp, err)
@@ -214,6 +223,7 @@ class _OpenFile:
         self.write(rest, nbytes)
         if self.failed is not None:
             raise service.PermanentError(f"{self.temp}: write failed: {self.failed}")
+        assert self.out is not None
         self.writer.close()
         if not self.out.closed:
             self.out.close()
@@ -232,9 +242,11 @@ class _OpenFile:
 
     def discard(self) -> None:
         with contextlib.suppress(Exception):
-            self.writer.close()
+            if self.writer is not None:
+                self.writer.close()
         with contextlib.suppress(Exception):
-            self.out.close()
+            if self.out is not None:
+                self.out.close()
         with contextlib.suppress(FileNotFoundError):
             self.temp.unlink()
 
@@ -321,21 +333,18 @@ class ArrowStreamWriter:
             f = self._file = None
         if f is None:
             directory = partition_dir(self.root, self.agent, day)
-            schema, fmt, parquet = table.schema, self.format, self.parquet
-            f = await self._in_encode(
-                lambda: _OpenFile(directory, delivery.seq, schema, fmt, parquet, day)
-            )
+            f = _OpenFile(directory, delivery.seq, table.schema, self.format, self.parquet, day)
             self._file = f
+            # Created on the encode thread, behind the last file's writes: not awaited,
+            # so the loop goes on while they finish.
+            self._hand_over(f.create, 0)
         f.last_seq = delivery.seq
         ready = f.take(table, delivery.size)
         if ready is None:
             return
         # Encoded on the encode thread, overlapping with the next fetch; bounded queue.
         tables, nbytes = ready
-        loop = asyncio.get_running_loop()
-        fut = asyncio.wrap_future(self._encode.submit(f.write, tables, nbytes), loop=loop)
-        self._writes.append((fut, nbytes))
-        self._queued_bytes += nbytes
+        self._hand_over(lambda: f.write(tables, nbytes), nbytes)
         while self._writes and (
             self._writes[0][0].done() or self._queued_bytes > _MAX_QUEUED_BYTES
         ):
@@ -404,5 +413,8 @@ class ArrowStreamWriter:
         self.files_committed += 1
         log.info("committed %s (%d rows)", final, f.rows)
 
-    async def _in_encode(self, fn: Callable[[], _T]) -> _T:
-        return await asyncio.wrap_future(self._encode.submit(fn))
+    def _hand_over(self, fn: Callable[[], None], nbytes: int) -> None:
+        """Queue work on the encode thread (in order) as part of the next commit."""
+        fut = asyncio.wrap_future(self._encode.submit(fn), loop=asyncio.get_running_loop())
+        self._writes.append((fut, nbytes))
+        self._queued_bytes += nbytes
