@@ -94,6 +94,7 @@ class _State:
 
     body: dict[str, Any] | None = None
     applied_generation: int | None = None
+    applying_generation: int | None = None  # set while a pass applies this generation
     applied_spec: spec.AgentSpec | None = None
     applied: set[tuple[str, str]] = field(default_factory=set)  # (kind, name) last applied
     needs_apply: bool = True
@@ -179,7 +180,9 @@ class Reconciler:
             return
         state = self._states.setdefault(key, _State())
         state.body = dict(body)
-        if meta.get("generation") != state.applied_generation:
+        # Our own finalizer and status writes come back as events during a pass: only
+        # a generation neither applied nor being applied needs the children applied.
+        if meta.get("generation") not in (state.applied_generation, state.applying_generation):
             state.needs_apply = True
         self.enqueue(key)
 
@@ -199,7 +202,7 @@ class Reconciler:
             if deleted:
                 state.pods.pop(name, None)
             else:
-                state.pods[name] = dict(body)
+                state.pods[name] = _pod_summary(body)
         elif kind == "Deployment":
             if deleted:
                 state.deployments.pop(name, None)
@@ -367,11 +370,15 @@ class Reconciler:
             state.needs_apply = False
             # The finalizer guards the NATS stream and bucket (ensured below), not the
             # children (owner references collect those): both requests go out at once.
-            added, applied = await asyncio.gather(
-                self._add_finalizer(agent, meta) if add_finalizer else asyncio.sleep(0),
-                self._apply_children(agent, state),
-                return_exceptions=True,
-            )
+            state.applying_generation = generation
+            try:
+                added, applied = await asyncio.gather(
+                    self._add_finalizer(agent, meta) if add_finalizer else asyncio.sleep(0),
+                    self._apply_children(agent, state),
+                    return_exceptions=True,
+                )
+            finally:
+                state.applying_generation = None
             if isinstance(applied, kube.ApiError) and not applied.transient:
                 await self._fail(key, state, generation, f"apiserver rejected a child: {applied}")
                 return
@@ -612,6 +619,36 @@ class Reconciler:
             )
         except kube.ApiError as err:  # events are best effort; never fail a reconcile
             log.debug("event for %s/%s not posted: %s", agent.namespace, agent.name, err)
+
+
+def _pod_summary(pod: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a pod that status reads (the cache holds one per pod of every Agent)."""
+    meta = pod["metadata"]
+    st = pod.get("status") or {}
+    annotations = meta.get("annotations") or {}
+    summary: dict[str, Any] = {
+        "metadata": {
+            "name": meta["name"],
+            "labels": meta.get("labels") or {},
+            "annotations": {
+                k: v for k, v in annotations.items() if k == constants.ANNOTATION_RESTART_HASH
+            },
+        },
+        "status": {
+            "conditions": [
+                {k: c[k] for k in ("type", "status", "reason", "message") if k in c}
+                for c in st.get("conditions") or []
+            ],
+            "containerStatuses": [
+                {"state": {"waiting": (cs.get("state") or {}).get("waiting")}}
+                for cs in st.get("containerStatuses") or []
+                if (cs.get("state") or {}).get("waiting")
+            ],
+        },
+    }
+    if meta.get("deletionTimestamp"):
+        summary["metadata"]["deletionTimestamp"] = meta["deletionTimestamp"]
+    return summary
 
 
 def _pod_view(
