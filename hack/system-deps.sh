@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Install the Debian packages the tests and the demo run as real servers, when missing:
 # PostgreSQL (for the Postgres sink) and Prometheus (its promtool checks the chart's rules;
-# the monitoring test runs it as a subprocess). Needs root or passwordless sudo; says so
-# if not.
+# the monitoring test runs it as a subprocess) and shellcheck (actionlint checks the
+# workflow's run: scripts with it). Needs root or passwordless sudo; says so if not.
 set -euo pipefail
 
 missing=()
 ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || missing+=(postgresql)
 { [ -x /usr/bin/promtool ] && [ -x /usr/bin/prometheus ]; } || missing+=(prometheus)
+command -v shellcheck >/dev/null || missing+=(shellcheck)
 
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0

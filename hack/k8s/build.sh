@@ -4,6 +4,7 @@
 #
 #   ${RELAYRL_CACHE:-$HOME/.cache/relayrl}/k8s-<KUBERNETES_VERSION>/bin/
 #     kube-apiserver kube-controller-manager kube-scheduler kubectl etcd kwok helm
+#     actionlint (not part of the control plane: the workflow linter `make test` runs)
 #   ${RELAYRL_CACHE:-$HOME/.cache/relayrl}/k8s-<KUBERNETES_VERSION>/kwok-stages.yaml
 #
 # Called by `make k8s-bins` and, when the binaries are missing, by
@@ -38,7 +39,7 @@ stamp="${out_dir}/stamp"
 kwok_stages="${out_dir}/kwok-stages.yaml"
 # Wall time of the build that produced the cached binaries.
 timing="${out_dir}/build-seconds"
-binaries=(kube-apiserver kube-controller-manager kube-scheduler kubectl etcd kwok helm)
+binaries=(kube-apiserver kube-controller-manager kube-scheduler kubectl etcd kwok helm actionlint)
 
 start="${EPOCHREALTIME}"
 elapsed() {
@@ -120,6 +121,10 @@ echo "building helm ${HELM_VERSION}"
 GOBIN="${bin_dir}" go install -trimpath \
   -ldflags "-s -w -X helm.sh/helm/v4/internal/version.version=${HELM_VERSION}" \
   "helm.sh/helm/v4/cmd/helm@${HELM_VERSION}"
+
+echo "building actionlint ${ACTIONLINT_VERSION}"
+GOBIN="${bin_dir}" go install -trimpath -ldflags "-s -w" \
+  "github.com/rhysd/actionlint/cmd/actionlint@${ACTIONLINT_VERSION}"
 
 # kwok runs no stage unless configured with some. Its default node and pod stages
 # (the ones kwokctl installs: node-initialize, node-heartbeat-with-lease, pod-ready,

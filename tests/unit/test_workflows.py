@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import yaml
+
+from relayrl_localstack import binaries
 
 REPO = Path(__file__).resolve().parents[2]
 WORKFLOW = REPO / ".github" / "workflows" / "ci.yaml"
@@ -41,3 +45,19 @@ def test_cluster_tests_run_against_the_existing_cluster() -> None:
     steps = data["jobs"]["e2e-kind"]["steps"]
     cluster = next(s for s in steps if "tests/cluster" in s.get("run", ""))
     assert cluster["env"]["RELAYRL_USE_EXISTING_CLUSTER"] == "1"
+
+
+def test_actionlint_is_clean() -> None:
+    """actionlint (built with the pinned tools) checks syntax, expressions, action inputs
+    and, through shellcheck, every run: script of the workflow."""
+    bins = binaries.ensure_binaries()
+    assert shutil.which("shellcheck"), "shellcheck missing: run hack/system-deps.sh"
+    result = subprocess.run(
+        [str(bins.actionlint), "-no-color", str(WORKFLOW)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -33,6 +33,7 @@ BINARY_NAMES: Final = (
     "etcd",
     "kwok",
     "helm",
+    "actionlint",
 )
 
 
@@ -88,6 +89,11 @@ class Binaries:
     def helm(self) -> Path:
         """helm."""
         return self.path("helm")
+
+    @property
+    def actionlint(self) -> Path:
+        """actionlint (the GitHub workflow linter; built with the rest)."""
+        return self.path("actionlint")
 
 
 def cache_root() -> Path:
