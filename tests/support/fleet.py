@@ -230,6 +230,14 @@ class Agents:
             ) from err
         return seen
 
+    def actor_pods(self) -> list[Any]:
+        """The actor pods in this namespace (every Agent's)."""
+        return list(
+            self.k8s.core.list_namespaced_pod(
+                self.namespace, label_selector="app.kubernetes.io/component=actors"
+            ).items
+        )
+
     def pod_logs(self, tail: int = 3000) -> str:
         """The last output of every container that ran on the process node here."""
         out = []

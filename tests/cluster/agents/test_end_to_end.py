@@ -86,12 +86,7 @@ def test_agent_runs_on_the_process_node_end_to_end(
         return ds.dataset(files, format="parquet").count_rows() if files else 0
 
     testing.wait_for(lambda: parquet_rows() > 500, timeout=120, what="Parquet rows")
-    actor_uids = {
-        p.metadata.name: p.metadata.uid
-        for p in k8s.core.list_namespaced_pod(
-            namespace, label_selector="app.kubernetes.io/component=actors"
-        ).items
-    }
+    actor_uids = {p.metadata.name: p.metadata.uid for p in agents.actor_pods()}
 
     # A new model version in the registry: hot-reloaded, reported, recorded.
     fleet.push_model(tmp_path / "v2", 2, nats.url, bucket)
@@ -107,12 +102,7 @@ def test_agent_runs_on_the_process_node_end_to_end(
         timeout=120,
         what="steps recorded with policy version 2",
     )
-    after = {
-        p.metadata.name: p.metadata.uid
-        for p in k8s.core.list_namespaced_pod(
-            namespace, label_selector="app.kubernetes.io/component=actors"
-        ).items
-    }
+    after = {p.metadata.name: p.metadata.uid for p in agents.actor_pods()}
     assert after == actor_uids, "a pushed model must not restart actor pods"
 
     agents.delete("cartpole")

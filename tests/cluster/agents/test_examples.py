@@ -102,9 +102,7 @@ def test_fleet_example_becomes_ready_on_kwok_nodes(
     name = doc["metadata"]["name"]
     agent = agents.wait_phase(name, "Ready", timeout=120)
     assert agent["status"]["readyActors"] == doc["spec"]["actors"]
-    pods = agents.k8s.core.list_namespaced_pod(
-        namespace, label_selector="app.kubernetes.io/component=actors"
-    ).items
+    pods = agents.actor_pods()
     assert len(pods) == doc["spec"]["actors"] // doc["spec"]["actorsPerPod"]
     gpus = doc["spec"].get("gpusPerPod", 0) if doc["spec"]["device"] == "cuda" else 0
     for pod in pods:
@@ -186,12 +184,7 @@ def test_remote_simulators_example_steps_through_the_service(
         (status,) = pod.status.container_statuses
         assert status.restart_count == 0, agents.pod_logs()
     # The Service name in their args was resolved to one of the actor pods.
-    actor_ips = {
-        p.status.pod_ip
-        for p in k8s.core.list_namespaced_pod(
-            namespace, label_selector="app.kubernetes.io/component=actors"
-        ).items
-    }
+    actor_ips = {p.status.pod_ip for p in agents.actor_pods()}
     pids = k8s.node.pids()
     for pod in simulator_pods():
         pid = pids[f"{namespace}/{pod.metadata.name}/simulator"]
@@ -215,12 +208,7 @@ def test_model_update_example_changes_the_running_version(
         ),
         timeout=240,
     )
-    uids = {
-        p.metadata.uid
-        for p in k8s.core.list_namespaced_pod(
-            namespace, label_selector="app.kubernetes.io/component=actors"
-        ).items
-    }
+    uids = {p.metadata.uid for p in agents.actor_pods()}
     venv_bin = str(Path(sys.executable).parent)
     result = subprocess.run(
         ["sh", str(EXAMPLES / "model-update" / "update-model.sh"), "2"],
@@ -242,10 +230,5 @@ def test_model_update_example_changes_the_running_version(
     assert result.returncode == 0, f"{result.stdout}\n{result.stderr}\n{agents.pod_logs()}"
     assert "cartpole-live" in result.stdout
     assert agents.get("cartpole-live")["status"]["modelVersion"] == 2
-    after = {
-        p.metadata.uid
-        for p in k8s.core.list_namespaced_pod(
-            namespace, label_selector="app.kubernetes.io/component=actors"
-        ).items
-    }
+    after = {p.metadata.uid for p in agents.actor_pods()}
     assert after == uids, "a pushed model must not restart actor pods"
