@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from relayrl_runtime import sink_cli, spec
 from relayrl_runtime.sinks import arrow_stream, service
@@ -121,3 +122,37 @@ def test_sink_cli_parquet_flags() -> None:
     writer = sink_cli.build(args).writer
     assert isinstance(writer, arrow_stream.ArrowStreamWriter)
     assert writer.parquet == arrow_stream.ParquetSettings("snappy", 3, 5000)
+
+
+async def test_a_sealed_file_commits_while_the_next_one_is_written(tmp_path: Path) -> None:
+    w = arrow_stream.ArrowStreamWriter(tmp_path, trajectories.AGENT)
+    await w.open()
+    await w.add(_delivery(1, DAY1))
+    first = w.seal(1)
+    assert not w.pending  # the next message opens a new file
+    await w.add(_delivery(2, DAY1))
+    await w.commit(first)
+    assert [(a, b) for a, b, _ in arrow_stream.committed_files(tmp_path)] == [(1, 1)]
+    await w.commit(w.seal(2))
+    assert [(a, b) for a, b, _ in arrow_stream.committed_files(tmp_path)] == [(1, 1), (2, 2)]
+    await w.close()
+
+
+async def test_a_failed_write_is_never_committed(tmp_path: Path) -> None:
+    settings = arrow_stream.ParquetSettings(row_group_rows=1)  # every message written at once
+    w = arrow_stream.ArrowStreamWriter(tmp_path, trajectories.AGENT, parquet=settings)
+    await w.open()
+    await w.add(_delivery(1, DAY1))
+    await _encoded(w)
+    assert w._file is not None
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    w._file.writer.write_table = disk_full
+    await w.add(_delivery(2, DAY1))
+    with pytest.raises(service.PermanentError, match="No space left"):
+        await w.commit(w.seal(2))
+    assert arrow_stream.committed_files(tmp_path) == []
+    assert not _temp_files(tmp_path)  # dropped; a restart reads the messages again
+    await w.close()
