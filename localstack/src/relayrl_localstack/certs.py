@@ -3,7 +3,8 @@
 A throwaway CA and apiserver serving certificate, the service-account signing key
 pair and random static tokens. Nothing here is meant to protect anything beyond a
 test run on loopback; keys live in the cluster's temporary work dir. Used by
-:mod:`relayrl_localstack.cluster`.
+:mod:`relayrl_localstack.cluster`; :func:`generate_mutual_tls` (a CA, a server and a
+client cert) by the tests that run nats-server with TLS client verification.
 """
 
 from __future__ import annotations
@@ -128,6 +129,115 @@ def generate(directory: Path, *, service_ip: str = "10.96.0.1") -> ClusterCreden
         )
     )
     return creds
+
+
+@dataclasses.dataclass(frozen=True)
+class MutualTLSFiles:
+    """Files written by :func:`generate_mutual_tls` (PEM; keys PKCS#8, mode 0600)."""
+
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=cert_sign,
+        crl_sign=cert_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def generate_mutual_tls(
+    directory: Path,
+    *,
+    hosts: tuple[str, ...] = ("127.0.0.1", "localhost"),
+    client_name: str = "relayrl-client",
+) -> MutualTLSFiles:
+    """Write a CA, a server cert for `hosts` (IPs or DNS names) and a client cert.
+
+    Both leaves are signed by the CA and carry the key identifiers and usages that
+    strict verifiers (OpenSSL's X509_STRICT, Go's crypto/tls) ask for, so either side
+    can verify the other: the server cert has serverAuth, the client cert clientAuth.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    not_before = now - datetime.timedelta(minutes=5)
+    not_after = now + datetime.timedelta(days=30)
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "relayrl-test-ca")])
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_key_usage(cert_sign=True), critical=True)
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    ca_aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
+
+    def leaf(
+        common_name: str, usage: x509.ObjectIdentifier, sans: list[x509.GeneralName]
+    ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(not_before)
+            .not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(_key_usage(cert_sign=False), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+            )
+            .add_extension(ca_aki, critical=False)
+        )
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        return builder.sign(ca_key, hashes.SHA256()), key
+
+    sans: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            sans.append(x509.DNSName(host))
+    server_cert, server_key = leaf(hosts[0], x509.oid.ExtendedKeyUsageOID.SERVER_AUTH, sans)
+    client_cert, client_key = leaf(client_name, x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH, [])
+
+    files = MutualTLSFiles(
+        ca_cert=directory / "ca.crt",
+        server_cert=directory / "server.crt",
+        server_key=directory / "server.key",
+        client_cert=directory / "client.crt",
+        client_key=directory / "client.key",
+    )
+    files.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    files.server_cert.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
+    files.client_cert.write_bytes(client_cert.public_bytes(serialization.Encoding.PEM))
+    _write_key(files.server_key, server_key)
+    _write_key(files.client_key, client_key)
+    return files
 
 
 def new_token() -> str:
