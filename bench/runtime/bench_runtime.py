@@ -10,7 +10,7 @@
 2. Agent.request_action p50/p99 for 1 and 64 actors.
 3. Remote-client round trip p50/p99 against a bare pyzmq DEALER/ROUTER echo of the same
    request bytes (both servers in a thread of this process, measured in alternating
-   blocks of calls, like the rounds of 1).
+   blocks of calls, like the rounds of 1), and the gap (runtime minus echo, in us).
 """
 
 from __future__ import annotations
@@ -161,6 +161,9 @@ def remote(model: Path, calls: int, blocks: int = 10) -> None:
     print(f"{'runtime':>12} {r50:>10.1f} {r99:>10.1f}")
     print(f"{'zmq echo':>12} {e50:>10.1f} {e99:>10.1f}")
     print(f"{'ratio':>12} {r50 / e50:>10.2f} {r99 / e99:>10.2f}   target <= 1.5")
+    # The runtime's own cost per round trip: steadier than the ratio when the machine's
+    # load moves the echo (a wake-up bound figure) up and down.
+    print(f"{'gap us':>12} {r50 - e50:>10.1f} {r99 - e99:>10.1f}   runtime minus echo")
 
 
 def main() -> None:

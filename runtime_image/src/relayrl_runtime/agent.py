@@ -56,8 +56,9 @@ class ActionResult:
     """Actions for the requested actors, in request order, with what the model gave.
 
     `aux` holds every model output by name (e.g. logits, value); `logp` is the
-    log-probability of each action, computed on first access (it is not needed to act,
-    so the request path does not pay for it).
+    log-probability of each action: given by the policy when choosing the actions
+    computed it anyway (a small discrete batch), else computed on first access (it is
+    not needed to act, so a large batch's request path does not pay for it).
     """
 
     __slots__ = ("_kind", "_logp", "_mask", "actions", "aux", "version")
@@ -69,13 +70,14 @@ class ActionResult:
         version: int,
         layout: trajectory.Layout,
         mask: npt.NDArray[np.bool_] | None,
+        logp: npt.NDArray[np.float32] | None = None,
     ) -> None:
         self.actions = actions  # int64 (n,) or float32 (n, size)
         self.aux = aux
         self.version = version  # policy version that chose these actions
         self._kind = layout
         self._mask = mask
-        self._logp: npt.NDArray[np.float32] | None = None
+        self._logp = logp
 
     @property
     def logp(self) -> npt.NDArray[np.float32]:
@@ -281,7 +283,7 @@ class Agent:
                 out = self._act_independent(rows, obs, m)
             elapsed = time.perf_counter() - t0
             stamps = (out.version, t_obs, time.time_ns() // 1000)
-            result = ActionResult(out.actions, out.outputs, out.version, self.layout, m)
+            result = ActionResult(out.actions, out.outputs, out.version, self.layout, m, out.logp)
             if on_result is not None:
                 on_result(result)
             cut = self._pool.record(rows, obs, out.actions, m, out.outputs, stamps, rewards)
@@ -331,11 +333,13 @@ class Agent:
             )
             for i, row in enumerate(rows.tolist())
         ]
+        logps = [o.logp for o in outs]
         return policy.PolicyOutput(
             actions=np.concatenate([o.actions for o in outs]),
             outputs={k: np.concatenate([o.outputs[k] for o in outs]) for k in outs[0].outputs},
             mask=mask,
             version=outs[0].version,
+            logp=None if None in logps else np.concatenate(logps),  # type: ignore[arg-type]
         )
 
     def flag_last_action(

@@ -1,5 +1,6 @@
 """The request path's shortcuts agree with the general code: single-row records, small
-log-probabilities, resizing env drivers, idle remote clients (no servers)."""
+log-probabilities, the small discrete sampler, bound ONNX runs, resizing env drivers,
+idle remote clients (no servers)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 
 from relayrl_runtime import agent as agent_mod
 from relayrl_runtime.envs import driver, gym
-from relayrl_runtime.inference import model, policy
+from relayrl_runtime.inference import loader, model, onnx, policy
 from relayrl_runtime.sinks import local
 from relayrl_runtime.transport import endpoint, wire
 
@@ -194,3 +195,84 @@ def test_ended_is_flag_last_action_in_the_same_call(
         (1, 5.0, True),
         (0, 0.0, False),
     ]
+
+
+@pytest.mark.parametrize("sample", [True, False])
+def test_small_discrete_path_agrees_with_the_vectorised_one(sample: bool) -> None:
+    rng = np.random.default_rng(2)
+    for rows, size in [(1, 2), (3, 5), (8, 8), (1, 64)]:
+        for masked in (False, True):
+            head = rng.standard_normal((rows, size)).astype(np.float32) * 3
+            mask = None
+            if masked:
+                mask = rng.random((rows, size)) < 0.5
+                mask[np.arange(rows), rng.integers(0, size, rows)] = True
+            for seed in range(20):
+                small = policy._discrete_small(head, mask, policy.Sampler(seed), sample)
+                assert small is not None
+                actions, logp = small
+                assert actions.dtype == np.int64
+                assert logp.dtype == np.float32
+                big = policy._discrete(head, mask, policy.Sampler(seed), sample)
+                np.testing.assert_array_equal(actions, big)
+                if mask is not None:
+                    assert mask[np.arange(rows), actions].all()
+                expected = policy.log_prob(model.ActionKind.DISCRETE, head, actions, mask)
+                np.testing.assert_allclose(logp, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_small_discrete_path_samples_softmax_and_leaves_non_finite_logits() -> None:
+    head = np.log(np.array([[0.2, 0.5, 0.3]], dtype=np.float32))
+    sampler = policy.Sampler(3)
+    counts = np.zeros(3)
+    for _ in range(20000):
+        small = policy._discrete_small(head, None, sampler, True)
+        assert small is not None
+        counts[small[0][0]] += 1
+    np.testing.assert_allclose(counts / counts.sum(), [0.2, 0.5, 0.3], atol=0.015)
+    # NaN, +inf or no finite allowed logit: left to the vectorised code.
+    for bad in ([0.0, np.nan], [np.nan, 0.0], [0.0, np.inf], [-np.inf, -np.inf]):
+        logits = np.array([bad], dtype=np.float32)
+        assert policy._discrete_small(logits, None, policy.Sampler(0), True) is None
+    # A -inf logit is an action never taken; a masked-out NaN does not matter.
+    for logits, mask in (([0.0, -np.inf], None), ([0.0, np.nan], np.array([[True, False]]))):
+        small = policy._discrete_small(
+            np.array([logits], np.float32), mask, policy.Sampler(0), True
+        )
+        assert small is not None
+        np.testing.assert_array_equal(small[0], [0])
+        np.testing.assert_allclose(small[1], [0.0])
+
+
+def test_agent_logp_from_the_small_path_matches_log_prob(models: dict[str, Path]) -> None:
+    a = agent_mod.Agent(models["onnx"], actor_count=3, seed=0)
+    obs = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    mask = np.array([[True, True], [False, True], [True, True]])
+    for m in (None, mask):
+        result = a.request_action([0, 1, 2], obs, m)
+        expected = policy.log_prob(
+            model.ActionKind.DISCRETE, result.aux["logits"], result.actions, m
+        )
+        np.testing.assert_allclose(result.logp, expected, rtol=1e-5, atol=1e-6)
+    a.shutdown()
+
+
+def test_onnx_bound_runs_match_plain_runs_and_return_fresh_arrays(
+    models: dict[str, Path],
+) -> None:
+    pol = loader.load_policy(models["onnx"])
+    backend = pol.backend
+    assert isinstance(backend, onnx.OnnxBackend)
+    rng = np.random.default_rng(4)
+    for rows in (1, 3, 1, 16, 17, 3):
+        first = backend.run(rng.standard_normal((rows, 4)).astype(np.float32))
+        obs = rng.standard_normal((rows, 4)).astype(np.float32)
+        kept = backend.run(obs)
+        again = backend.run(obs + 1)  # a bound run reuses its buffers: `kept` must not change
+        for got, want in zip(kept, backend._run_plain(obs), strict=True):
+            np.testing.assert_array_equal(got, want)
+        assert not np.array_equal(kept[0], again[0])
+        assert len(first) == len(kept) == 2
+    assert backend._bound.get((1, 4)) is not None
+    assert (17, 4) not in backend._bound  # too many rows to bind
+    pol.close()

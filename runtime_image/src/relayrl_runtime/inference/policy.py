@@ -3,7 +3,11 @@
 Wraps a `backend.Backend` with its `model.ModelMetadata`. Discrete actions take the
 argmax of (masked) logits or sample from them with the Gumbel-max trick; continuous
 actions are the mean or a Gaussian sample around it. Everything is vectorised over the
-batch: this is the agent's hot path.
+batch: this is the agent's hot path. A small discrete batch (a remote client's actor or
+two, at most `_SMALL_LOGP` logits) is instead chosen in one pass over the logits as
+Python floats, which also gives the log-probabilities: a dozen numpy calls on tiny
+arrays cost more than the arithmetic. Both use the same Gumbel noise, so a seeded
+sampler acts the same either way.
 """
 
 from __future__ import annotations
@@ -26,9 +30,11 @@ class PolicyOutput:
     """What one forward pass gives for a batch of n rows.
 
     A plain slotted class (made once per request, so its constructor is kept cheap).
+    `logp` is the log-probability of each action when choosing it gave it for free (a
+    small discrete batch), else None (see `log_prob`).
     """
 
-    __slots__ = ("actions", "mask", "outputs", "version")
+    __slots__ = ("actions", "logp", "mask", "outputs", "version")
 
     def __init__(
         self,
@@ -36,11 +42,13 @@ class PolicyOutput:
         outputs: Mapping[str, npt.NDArray[np.generic]],
         mask: npt.NDArray[np.bool_] | None,
         version: int,
+        logp: npt.NDArray[np.float32] | None = None,
     ) -> None:
         self.actions = actions  # int64 (n,) discrete, float32 (n, size) continuous
         self.outputs = outputs  # every model output by name
         self.mask = mask
         self.version = version
+        self.logp = logp
 
 
 class Policy:
@@ -121,6 +129,11 @@ class Policy:
             )
         named = dict(zip(self._names, outputs, strict=True))
         if self._discrete:
+            if head.size <= _SMALL_LOGP:
+                small = _discrete_small(head, mask, rng, sample)
+                if small is not None:
+                    return PolicyOutput(small[0], named, mask, self.version, small[1])
+                # Non-finite logits: the vectorised code below decides (with new noise).
             actions: npt.NDArray[Any] = _discrete(head, mask, rng, sample)
         else:
             spec = self.metadata.action
@@ -157,6 +170,51 @@ def _discrete(
     g = _gumbel(rng, z.size).reshape(z.shape)
     chosen: npt.NDArray[np.int64] = (z - g).argmax(axis=1)
     return chosen
+
+
+def _discrete_small(
+    logits: npt.NDArray[Any],
+    mask: npt.NDArray[np.bool_] | None,
+    rng: np.random.Generator,
+    sample: bool,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]] | None:
+    """`_discrete` plus `log_prob` for a few logits, in one pass over Python floats.
+
+    Per row: the argmax of the allowed `z - log(-log(U))` (the same noise `_discrete`
+    draws, in the same order; first index on ties) and a running log-sum-exp of the
+    allowed logits. Returns None when a row's logits are not all finite (NaN or inf
+    give NaN here), leaving those to the vectorised code.
+    """
+    rows: list[list[float]] = logits.tolist()
+    allowed: list[list[bool]] | None = None if mask is None else mask.tolist()
+    noise: list[float] | None = _gumbel(rng, logits.size).tolist() if sample else None
+    exp, inf = math.exp, math.inf
+    actions: list[int] = []
+    logps: list[float] = []
+    k = 0
+    for i, row in enumerate(rows):
+        ok = None if allowed is None else allowed[i]
+        best = top = -inf
+        total = 0.0  # sum of exp(v - top) over the allowed logits so far
+        choice = -1
+        for j, v in enumerate(row):
+            if ok is not None and not ok[j]:
+                continue
+            score = v if noise is None else v - noise[k + j]
+            if score > best:
+                best, choice = score, j
+            if v > top:
+                total = total * exp(top - v) + 1.0
+                top = v
+            else:
+                total += exp(v - top)
+        k += len(row)
+        lse = top + math.log(total) if total > 0.0 else math.nan
+        if choice < 0 or not math.isfinite(lse):
+            return None
+        actions.append(choice)
+        logps.append(row[choice] - lse)
+    return np.array(actions, dtype=np.int64), np.array(logps, dtype=np.float32)
 
 
 class Sampler(np.random.Generator):
