@@ -465,11 +465,10 @@ class SinkService:
             if self._inflight is not None and self._inflight.done():
                 await self._drain_commits()  # raises what the commit raised
             # Commit when the writer says so, or before unacked messages reach the
-            # consumer's max_ack_pending (the server would stop delivering). While the
-            # last commit still runs, the writer takes more instead of the loop waiting.
+            # consumer's max_ack_pending (the server would stop delivering). A commit
+            # still running is waited for: that bounds what a writer holds (backpressure).
             held = self._uncommitted[0] >= self.config.max_ack_pending // 2
-            idle = self._inflight is None
-            if self.writer.pending and (held or (idle and self.writer.due(time.monotonic()))):
+            if self.writer.pending and (held or self.writer.due(time.monotonic())):
                 await self._commit()
             if gap:
                 self.metrics.repositions.inc()
