@@ -132,6 +132,7 @@ class Agent:
         self.name = name
         self.device = spec.Device(device)
         self.mode = spec.ModelMode(model_mode)
+        self._shared = self.mode is spec.ModelMode.SHARED
         self.sample = sample
         self.metrics = metrics_ if metrics_ is not None else metrics.RuntimeMetrics()
         self._format = None if model_format is None else spec.ModelFormat(model_format)
@@ -277,7 +278,7 @@ class Agent:
                 self._end_at(rows, rewards, ended)
             t_obs = time.time_ns() // 1000
             t0 = time.perf_counter()
-            if self.mode is spec.ModelMode.SHARED or n == 0:
+            if self._shared or n == 0:
                 out = pol.act(obs, m, self._rng, self.sample)
             else:
                 out = self._act_independent(rows, obs, m)

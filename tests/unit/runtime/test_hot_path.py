@@ -13,8 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from relayrl_runtime import agent as agent_mod
+from relayrl_runtime import spec
 from relayrl_runtime.envs import driver, gym
-from relayrl_runtime.inference import loader, model, onnx, policy
+from relayrl_runtime.inference import export, loader, model, onnx, policy
 from relayrl_runtime.sinks import local
 from relayrl_runtime.transport import endpoint, wire
 
@@ -276,3 +277,32 @@ def test_onnx_bound_runs_match_plain_runs_and_return_fresh_arrays(
     assert backend._bound.get((1, 4)) is not None
     assert (17, 4) not in backend._bound  # too many rows to bind
     pol.close()
+
+
+def test_sampler_lists_the_same_noise_as_its_arrays() -> None:
+    arrays, lists = policy.Sampler(5), policy.Sampler(5)
+    rng = np.random.default_rng(0)
+    # Past a window and a block boundary, in uneven steps (and one larger than a window).
+    for count in [*rng.integers(1, 64, 3000).tolist(), 5000, 3]:
+        want = arrays.log_neg_log(count).tolist()
+        assert lists.log_neg_log_list(count) == want
+
+
+def test_single_row_records_continuous_actions_and_aux(tmp_path: Path) -> None:
+    kind = model.ActionKind.CONTINUOUS
+    export.export_mlp(tmp_path / "c", spec.ModelFormat.ONNX, obs_dim=3, action_kind=kind)
+    sink = local.LocalFileSink(tmp_path / "out")
+    a = agent_mod.Agent(tmp_path / "c", actor_count=1, sink=sink, seed=0)
+    results = [
+        a.request_action([0], np.full((1, 3), step, np.float32), reward=float(step))
+        for step in range(5)
+    ]
+    a.flag_last_action([0])
+    a.shutdown()
+    rows = _table(sink).to_pylist()
+    assert [r["obs"] for r in rows] == [[float(step)] * 3 for step in range(5)]
+    for row, result in zip(rows, results, strict=True):
+        np.testing.assert_array_equal(np.asarray(row["action"], np.float32), result.actions[0])
+        np.testing.assert_array_equal(
+            np.asarray(row["aux_mean"], np.float32), result.aux["mean"][0]
+        )

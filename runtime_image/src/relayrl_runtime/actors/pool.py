@@ -476,7 +476,7 @@ class ActorPool:
         reward: npt.NDArray[np.float64] | float,
     ) -> Chunk | None:
         """`record` for one row: scalar indexing instead of fancy indexing."""
-        slot = int(self._pos[row])
+        slot: int = self._pos.item(row)
         self._f_reward[slot] = reward[0] if isinstance(reward, np.ndarray) else reward
         length = slot - row * self._stride
         cut = None
@@ -492,8 +492,9 @@ class ActorPool:
             self._alloc(self._capacity, min(self.max_length, self._horizon * 2))
             slot = int(self._pos[row])
         slot += 1
-        self._f_obs[slot] = obs[0]
-        self._f_action[slot] = action[0]
+        # Whole (1, ...) arrays into one slot (numpy drops the leading 1): no row views.
+        self._f_obs[slot] = obs
+        self._f_action[slot] = action.item(0) if self.layout.discrete else action
         if mask is not None:
             self._f_mask[slot] = mask[0]  # type: ignore[index]
             self._masked = True
@@ -502,7 +503,7 @@ class ActorPool:
         stamp = self._f_stamps
         stamp[slot, 0], stamp[slot, 1], stamp[slot, 2] = stamps
         for name, field in self._f_aux:
-            field[slot] = aux[name][0]
+            field[slot] = aux[name]
         self._pos[row] = slot
         return cut
 

@@ -187,7 +187,12 @@ def _discrete_small(
     """
     rows: list[list[float]] = logits.tolist()
     allowed: list[list[bool]] | None = None if mask is None else mask.tolist()
-    noise: list[float] | None = _gumbel(rng, logits.size).tolist() if sample else None
+    noise: list[float] | None = None
+    if sample:
+        if isinstance(rng, Sampler):
+            noise = rng.log_neg_log_list(logits.size)
+        else:
+            noise = _log_neg_log(rng, logits.size).tolist()
     exp, inf = math.exp, math.inf
     actions: list[int] = []
     logps: list[float] = []
@@ -223,24 +228,44 @@ class Sampler(np.random.Generator):
     `log(-log(U))` (ready to subtract from logits) is computed for a block of values at
     once and handed out in slices, so a request pays one slice instead of five numpy
     calls on fresh arrays. Seeded, it acts reproducibly. A plain `Generator` works too
-    (each request then draws its own noise).
+    (each request then draws its own noise). Small batches take the same values as
+    Python floats (`log_neg_log_list`), converted a window at a time.
     """
 
     _BLOCK = 1 << 16
+    _WINDOW = 1 << 10
 
     def __init__(self, seed: int | None = None) -> None:
         super().__init__(np.random.PCG64(seed))
         self._noise: npt.NDArray[np.float32] = np.zeros(0, dtype=np.float32)
         self._next = 0
+        # `_noise[_window_at : _window_at + len(_window)]` as Python floats.
+        self._window: list[float] = []
+        self._window_at = 0
 
-    def log_neg_log(self, count: int) -> npt.NDArray[np.float32]:
-        """`count` values of log(-log(U)), U uniform on (0, 1)."""
+    def _take(self, count: int) -> int:
+        """Where the next `count` values start in `_noise` (drawing a block if needed)."""
         start = self._next
         if start + count > len(self._noise):
             self._noise = _log_neg_log(self, max(self._BLOCK, count))
+            self._window, self._window_at = [], 0
             start = 0
         self._next = start + count
+        return start
+
+    def log_neg_log(self, count: int) -> npt.NDArray[np.float32]:
+        """`count` values of log(-log(U)), U uniform on (0, 1)."""
+        start = self._take(count)
         return self._noise[start : start + count]
+
+    def log_neg_log_list(self, count: int) -> list[float]:
+        """`log_neg_log(count)` as Python floats (the same values, in the same order)."""
+        start = self._take(count)
+        at = start - self._window_at
+        if at < 0 or at + count > len(self._window):
+            self._window = self._noise[start : start + max(count, self._WINDOW)].tolist()
+            self._window_at, at = start, 0
+        return self._window[at : at + count]
 
 
 def _log_neg_log(rng: np.random.Generator, count: int) -> npt.NDArray[np.float32]:
