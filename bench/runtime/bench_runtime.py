@@ -9,17 +9,20 @@
    this machine is shared and a single round is noisy.
 2. Agent.request_action p50/p99 for 1 and 64 actors.
 3. Remote-client round trip p50/p99 against a bare pyzmq DEALER/ROUTER echo of the same
-   request bytes (both servers in a thread of this process, measured in alternating
-   blocks of calls, like the rounds of 1), and the gap (runtime minus echo, in us).
+   request bytes, and the gap (runtime minus echo, in us). Both servers run in this
+   process; the client, like a remote simulator, in a process of its own (and, for
+   reference, as a thread of this one), measuring in alternating blocks of calls.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import statistics
 import tempfile
 import threading
 import time
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import numpy as np
@@ -109,13 +112,16 @@ def _echo(sock_addr: list[str], ready: threading.Event, stop: threading.Event) -
     sock.close()
 
 
-def remote(model: Path, calls: int, blocks: int = 10) -> None:
-    print(f"\n3. remote round trip, 1 actor ({calls} calls each, {blocks} alternating blocks)")
-    a = agent_mod.Agent(model, actor_count=0, seed=0)
-    ep = endpoint.RemoteEndpoint(a, "tcp://127.0.0.1:0")
-    address = ep.start()
+def _client_blocks(
+    runtime_addr: str, echo_addr: str, calls: int, blocks: int
+) -> tuple[list[float], list[float]]:
+    """Round trips to the runtime and to the echo, in alternating blocks of calls.
+
+    Blocks alternate, so a change in machine load hits both alike; both servers are up
+    throughout (the idle one waits in a blocking receive, off the GIL).
+    """
     obs = np.zeros((1, 4), dtype=np.float32)
-    c = client.RemoteClient(address)
+    c = client.RemoteClient(runtime_addr)
     ids = c.new_actors(1)
     # The echo gets the very bytes a runtime request carries.
     frames = [
@@ -125,17 +131,10 @@ def remote(model: Path, calls: int, blocks: int = 10) -> None:
         wire.pack_array(np.ones(1)),
         b"",
     ]
-    addr: list[str] = []
-    ready, stop = threading.Event(), threading.Event()
-    thread = threading.Thread(target=_echo, args=(addr, ready, stop))
-    thread.start()
-    ready.wait()
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(addr[0])
-    # Blocks alternate between the two, so a change in machine load hits both alike;
-    # both servers are up throughout (the idle one waits in zmq_poll, off the GIL).
+    sock.connect(echo_addr)
     rt: list[float] = []
     echo: list[float] = []
     per_block = max(1, calls // blocks)
@@ -150,13 +149,22 @@ def remote(model: Path, calls: int, blocks: int = 10) -> None:
             sock.recv_multipart()
             echo.append(time.perf_counter() - t0)
     sock.close()
-    stop.set()
-    thread.join()
+    c.remove_actors(ids)
     c.close()
-    ep.stop()
-    a.shutdown()
+    return rt, echo
+
+
+def _client_process(
+    runtime_addr: str, echo_addr: str, calls: int, blocks: int, out: Connection
+) -> None:
+    out.send(_client_blocks(runtime_addr, echo_addr, calls, blocks))
+    out.close()
+
+
+def _print_round_trips(title: str, rt: list[float], echo: list[float]) -> None:
     r50, r99 = np.percentile(np.asarray(rt) * 1e6, [50, 99])
     e50, e99 = np.percentile(np.asarray(echo) * 1e6, [50, 99])
+    print(f"  {title}")
     print(f"{'':>12} {'p50 us':>10} {'p99 us':>10}")
     print(f"{'runtime':>12} {r50:>10.1f} {r99:>10.1f}")
     print(f"{'zmq echo':>12} {e50:>10.1f} {e99:>10.1f}")
@@ -164,6 +172,36 @@ def remote(model: Path, calls: int, blocks: int = 10) -> None:
     # The runtime's own cost per round trip: steadier than the ratio when the machine's
     # load moves the echo (a wake-up bound figure) up and down.
     print(f"{'gap us':>12} {r50 - e50:>10.1f} {r99 - e99:>10.1f}   runtime minus echo")
+
+
+def remote(model: Path, calls: int, blocks: int = 10) -> None:
+    print(f"\n3. remote round trip, 1 actor ({calls} calls each, {blocks} alternating blocks)")
+    a = agent_mod.Agent(model, actor_count=0, seed=0)
+    ep = endpoint.RemoteEndpoint(a, "tcp://127.0.0.1:0")
+    address = ep.start()
+    addr: list[str] = []
+    ready, stop = threading.Event(), threading.Event()
+    thread = threading.Thread(target=_echo, args=(addr, ready, stop))
+    thread.start()
+    ready.wait()
+    try:
+        # As a remote simulator runs: the client in a process of its own, both servers
+        # (the runtime's endpoint and the echo) in this one.
+        ctx = multiprocessing.get_context("spawn")
+        receive, send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_client_process, args=(address, addr[0], calls, blocks, send))
+        proc.start()
+        rt, echo = receive.recv()
+        proc.join(60)
+        _print_round_trips("client in its own process (the target's measure):", rt, echo)
+        # For reference: the client as a thread of the servers' process, sharing its GIL.
+        rt, echo = _client_blocks(address, addr[0], calls, blocks)
+        _print_round_trips("client in the servers' process (reference):", rt, echo)
+    finally:
+        stop.set()
+        thread.join()
+        ep.stop()
+        a.shutdown()
 
 
 def main() -> None:
