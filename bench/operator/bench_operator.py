@@ -207,7 +207,16 @@ async def run(args: argparse.Namespace) -> None:
         try:
             create_namespace(api, "direct")
             direct_created, direct_ready = await baseline(kc, "direct", n, nats.url)
-            client.CoreV1Api(api).delete_namespace("direct")
+            # The latency samples come after the baseline's 1,000 StatefulSets and pods
+            # are garbage collected, not while the control plane is busy with them.
+            core = client.CoreV1Api(api)
+            core.delete_namespace("direct")
+            testing.wait_for(
+                lambda: not any(n.metadata.name == "direct" for n in core.list_namespace().items),
+                timeout=900,
+                what="namespace direct deleted",
+                interval=2,
+            )
 
             # As deployed: the default resync period, not the tests' short one.
             operator = fleet.Operator(local.kubeconfig, work / "operator.log", resync_seconds=None)

@@ -179,7 +179,8 @@ class Reconciler:
             self._states.pop(key, None)
             return
         state = self._states.setdefault(key, _State())
-        state.body = dict(body)
+        # managedFields are the bulk of a stored Agent and nothing here reads them.
+        state.body = {**body, "metadata": {k: v for k, v in meta.items() if k != "managedFields"}}
         # Our own finalizer and status writes come back as events during a pass: only
         # a generation neither applied nor being applied needs the children applied.
         if meta.get("generation") not in (state.applied_generation, state.applying_generation):

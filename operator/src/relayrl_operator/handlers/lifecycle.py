@@ -98,7 +98,7 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.on.probe(id="reconciler")
-def reconciler_alive(memo: kopf.Memo, **_: Any) -> bool:
+async def reconciler_alive(memo: kopf.Memo, **_: Any) -> bool:
     """Liveness: the reconciler's workers are running."""
     healthy: bool = memo.reconciler.healthy
     if not healthy:
