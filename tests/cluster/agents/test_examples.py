@@ -5,7 +5,8 @@ An example names addresses only its reader's cluster has (``nats://nats:4222``, 
 :func:`localize` changes exactly those, and nothing else, before ``kubectl apply``:
 the NATS URL and model bucket become this session's, Postgres DSNs its server's,
 Arrow sinks drop a host ``path`` (on the process node that would be the host's own
-directory), and pods that must really run go to the process node. The CPU and GPU
+directory) and rotate their files every 5 s (a file's rows show once it is committed),
+and pods that must really run go to the process node. The CPU and GPU
 fleets run on kwok nodes; remote-simulators, postgres-sink and model-update run for
 real on the process node.
 """
@@ -47,7 +48,10 @@ def localize(
         model = agent["model"]
         model["uri"] = f"objectstore://{bucket}/{model['uri'].rsplit('/', 1)[1]}"
         for sink in agent.get("sinks") or []:
-            (sink.get("arrow") or {}).pop("path", None)
+            if "arrow" in sink:
+                sink["arrow"].pop("path", None)
+                # Files are committed (renamed into place) when they rotate: soon, here.
+                sink["arrow"]["rotateSeconds"] = 5
         agent.setdefault("template", {}).update(placement)
     elif out["kind"] == "Secret" and "dsn" in out.get("stringData", {}):
         out["stringData"]["dsn"] = dsn
