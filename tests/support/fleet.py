@@ -10,6 +10,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import psycopg
+import pyarrow.dataset as ds
 import yaml
 from kubernetes import client
 
@@ -73,6 +75,16 @@ def prepare_fleet(
         },
     )
     return bucket
+
+
+def postgres_steps(dsn: str, where: str = "true", params: tuple[Any, ...] = ()) -> int:
+    """Rows in the Postgres sinks' table matching `where` (0 before a sink created it)."""
+    with psycopg.connect(dsn) as conn:
+        found = conn.execute("SELECT to_regclass('relayrl.steps') IS NOT NULL").fetchone()
+        if not found or not found[0]:
+            return 0
+        row = conn.execute(f"SELECT count(*) FROM relayrl.steps WHERE {where}", params).fetchone()
+        return int(row[0]) if row else 0
 
 
 def helm(*args: str, check: bool = True, kubeconfig: Path | None = None) -> str:
@@ -237,6 +249,15 @@ class Agents:
                 self.namespace, label_selector="app.kubernetes.io/component=actors"
             ).items
         )
+
+    def parquet_rows(self, agent: str) -> int:
+        """Rows in the Parquet files an Agent's Arrow sink (on the process node) committed."""
+        files = list(
+            self.k8s.node.work_dir.glob(
+                f"pods/{self.namespace}/{agent}-arrow-sink-*/volumes/data/**/*.parquet"
+            )
+        )
+        return ds.dataset(files, format="parquet").count_rows() if files else 0
 
     def pod_logs(self, tail: int = 3000) -> str:
         """The last output of every container that ran on the process node here."""

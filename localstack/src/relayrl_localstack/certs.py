@@ -52,63 +52,98 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) 
     path.chmod(0o600)
 
 
-def generate(directory: Path, *, service_ip: str = "10.96.0.1") -> ClusterCredentials:
-    """Write a CA, an apiserver serving cert signed by it and the SA key pair."""
-    directory.mkdir(parents=True, exist_ok=True)
+@dataclasses.dataclass(frozen=True)
+class _Authority:
+    """A CA's key, name and certificate, and the validity window of what it signs."""
+
+    key: ec.EllipticCurvePrivateKey
+    name: x509.Name
+    cert: x509.Certificate
+    not_before: datetime.datetime
+    not_after: datetime.datetime
+
+
+def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=cert_sign,
+        crl_sign=cert_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def _authority(common_name: str, days: int) -> _Authority:
+    """A self-signed CA, valid from five minutes ago for `days` days."""
     now = datetime.datetime.now(datetime.UTC)
     not_before = now - datetime.timedelta(minutes=5)
-    not_after = now + datetime.timedelta(days=365)
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "relayrl-localstack-ca")])
-    ca_cert = (
+    not_after = now + datetime.timedelta(days=days)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    cert = (
         x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(not_before)
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .sign(ca_key, hashes.SHA256())
+        .add_extension(_key_usage(cert_sign=True), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
     )
+    return _Authority(key, name, cert, not_before, not_after)
 
-    server_key = ec.generate_private_key(ec.SECP256R1())
+
+def _leaf(
+    ca: _Authority, common_name: str, usage: x509.ObjectIdentifier, sans: list[x509.GeneralName]
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A certificate signed by `ca`, with the key identifiers and usages that strict
+    verifiers (OpenSSL's X509_STRICT, Go's crypto/tls) ask for."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .issuer_name(ca.name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(ca.not_before)
+        .not_valid_after(ca.not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_key_usage(cert_sign=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()),
+            critical=False,
+        )
+    )
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    return builder.sign(ca.key, hashes.SHA256()), key
+
+
+def _write_cert(path: Path, cert: x509.Certificate) -> None:
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def generate(directory: Path, *, service_ip: str = "10.96.0.1") -> ClusterCredentials:
+    """Write a CA, an apiserver serving cert signed by it and the SA key pair."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca = _authority("relayrl-localstack-ca", days=365)
     sans: list[x509.GeneralName] = [x509.DNSName(name) for name in _DNS_NAMES]
     sans += [
         x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
         x509.IPAddress(ipaddress.ip_address(service_ip)),
     ]
-    server_cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
-        .issuer_name(ca_name)
-        .public_key(server_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
+    server_cert, server_key = _leaf(
+        ca, "kube-apiserver", x509.oid.ExtendedKeyUsageOID.SERVER_AUTH, sans
     )
-
     # RS256 is what every service-account token consumer accepts.
     sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
@@ -119,8 +154,8 @@ def generate(directory: Path, *, service_ip: str = "10.96.0.1") -> ClusterCreden
         sa_private_key=directory / "sa.key",
         sa_public_key=directory / "sa.pub",
     )
-    creds.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    creds.serving_cert.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
+    _write_cert(creds.ca_cert, ca.cert)
+    _write_cert(creds.serving_cert, server_cert)
     _write_key(creds.serving_key, server_key)
     _write_key(creds.sa_private_key, sa_key)
     creds.sa_public_key.write_bytes(
@@ -142,20 +177,6 @@ class MutualTLSFiles:
     client_key: Path
 
 
-def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
-    return x509.KeyUsage(
-        digital_signature=True,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=cert_sign,
-        crl_sign=cert_sign,
-        encipher_only=False,
-        decipher_only=False,
-    )
-
-
 def generate_mutual_tls(
     directory: Path,
     *,
@@ -164,66 +185,19 @@ def generate_mutual_tls(
 ) -> MutualTLSFiles:
     """Write a CA, a server cert for `hosts` (IPs or DNS names) and a client cert.
 
-    Both leaves are signed by the CA and carry the key identifiers and usages that
-    strict verifiers (OpenSSL's X509_STRICT, Go's crypto/tls) ask for, so either side
-    can verify the other: the server cert has serverAuth, the client cert clientAuth.
+    Both leaves are signed by the CA, so either side can verify the other: the server
+    cert has serverAuth, the client cert clientAuth.
     """
     directory.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.UTC)
-    not_before = now - datetime.timedelta(minutes=5)
-    not_after = now + datetime.timedelta(days=30)
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "relayrl-test-ca")])
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(_key_usage(cert_sign=True), critical=True)
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    ca_aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
-
-    def leaf(
-        common_name: str, usage: x509.ObjectIdentifier, sans: list[x509.GeneralName]
-    ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
-            .issuer_name(ca_name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(not_before)
-            .not_valid_after(not_after)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(_key_usage(cert_sign=False), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-            .add_extension(
-                x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
-            )
-            .add_extension(ca_aki, critical=False)
-        )
-        if sans:
-            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        return builder.sign(ca_key, hashes.SHA256()), key
-
+    ca = _authority("relayrl-test-ca", days=30)
     sans: list[x509.GeneralName] = []
     for host in hosts:
         try:
             sans.append(x509.IPAddress(ipaddress.ip_address(host)))
         except ValueError:
             sans.append(x509.DNSName(host))
-    server_cert, server_key = leaf(hosts[0], x509.oid.ExtendedKeyUsageOID.SERVER_AUTH, sans)
-    client_cert, client_key = leaf(client_name, x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH, [])
+    server_cert, server_key = _leaf(ca, hosts[0], x509.oid.ExtendedKeyUsageOID.SERVER_AUTH, sans)
+    client_cert, client_key = _leaf(ca, client_name, x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH, [])
 
     files = MutualTLSFiles(
         ca_cert=directory / "ca.crt",
@@ -232,9 +206,9 @@ def generate_mutual_tls(
         client_cert=directory / "client.crt",
         client_key=directory / "client.key",
     )
-    files.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    files.server_cert.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
-    files.client_cert.write_bytes(client_cert.public_bytes(serialization.Encoding.PEM))
+    _write_cert(files.ca_cert, ca.cert)
+    _write_cert(files.server_cert, server_cert)
+    _write_cert(files.client_cert, client_cert)
     _write_key(files.server_key, server_key)
     _write_key(files.client_key, client_key)
     return files

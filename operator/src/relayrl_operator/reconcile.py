@@ -53,6 +53,18 @@ BACKOFF_MAX = 60.0
 # A resync re-applies each Agent's children unconditionally once in this many rounds.
 FULL_APPLY_EVERY = 10
 
+# Child kinds the operator watches (handlers/children.py), so its cache of them is
+# current; PodMonitors are not watched (their API may not exist).
+WATCHED_CHILDREN: tuple[kube.Kind, ...] = (
+    kube.POD,
+    kube.STATEFULSET,
+    kube.DEPLOYMENT,
+    kube.CONFIGMAP,
+    kube.SERVICE,
+    kube.PDB,
+)
+_WATCHED_KINDS = frozenset(k.kind for k in WATCHED_CHILDREN)
+
 # Kinds the operator may have created for an Agent and may need to delete again.
 _PRUNABLE = (kube.SERVICE, kube.DEPLOYMENT, kube.PODMONITOR)
 
@@ -273,10 +285,11 @@ class Reconciler:
             for key, state in list(self._states.items()):
                 # The watch keeps the cache of children current and repairs drift as it
                 # happens; a resync re-applies an Agent's children when the cache is
-                # missing one, and otherwise every FULL_APPLY_EVERY resyncs (spread
-                # over the Agents) for what no watch covers (PodMonitors).
+                # missing a watched one, and otherwise every FULL_APPLY_EVERY resyncs
+                # (spread over the Agents) for what no watch covers (PodMonitors).
+                missing = any(kind in _WATCHED_KINDS for kind, _ in state.applied - state.seen)
                 turn = zlib.crc32("/".join(key).encode()) % FULL_APPLY_EVERY
-                if state.applied - state.seen or turn == self._resyncs % FULL_APPLY_EVERY:
+                if missing or turn == self._resyncs % FULL_APPLY_EVERY:
                     state.needs_apply = True
                 if state.stream_ready:
                     state.stream_ready = None  # check the stream still exists on this pass
@@ -391,7 +404,7 @@ class Reconciler:
                 lines = changes.describe(state.applied_spec, agent_spec)
                 if lines:
                     state.applied_message = "; ".join(lines)
-                    await self._event(agent, "Normal", "SpecApplied", state.applied_message)
+                    self._event(agent, "Normal", "SpecApplied", state.applied_message)
                 state.applied_generation = generation
                 state.applied_spec = agent_spec
         elif add_finalizer:
@@ -526,7 +539,7 @@ class Reconciler:
         agent = common.AgentRef(
             meta["name"], meta["namespace"], meta["uid"], generation, agent_spec
         )
-        await self._event(agent, "Warning", "ReconcileFailed", message)
+        self._event(agent, "Warning", "ReconcileFailed", message)
         await self._write_status(agent, state)
 
     # -------------------------------------------------------------------- status
@@ -581,9 +594,9 @@ class Reconciler:
         if old_phase != new["phase"]:
             kind = "Warning" if new["phase"] in ("Degraded", "Failed") else "Normal"
             ready = next(c for c in new["conditions"] if c["type"] == "Ready")
-            await self._event(agent, kind, f"Phase{new['phase']}", ready["message"])
+            self._event(agent, kind, f"Phase{new['phase']}", ready["message"])
 
-    async def _event(self, agent: common.AgentRef, kind: str, reason: str, message: str) -> None:
+    def _event(self, agent: common.AgentRef, kind: str, reason: str, message: str) -> None:
         """Post an Event without holding up the pass (events are best effort)."""
         task = asyncio.get_running_loop().create_task(
             self._post_event(agent, kind, reason, message), name=f"event {agent.name} {reason}"

@@ -360,17 +360,7 @@ class Agent:
         rewards = _per_actor("reward", reward, n, np.float64)
         term_arr = _flags("terminated", terminated, n)
         trunc_arr = _flags("truncated", truncated, n)
-        with self._lock:
-            self._check_open()
-            rows = self._pool.rows_for(ids)
-            done = self._pool.flag_last(rows, rewards, term_arr, trunc_arr)
-            if done is None:
-                return 0
-            self._outbox_add(done)
-            ready = self._outbox_take(time.perf_counter())
-        if ready is not None:
-            self._routers.submit(ready)
-        return done.trajectories
+        return self._flag_last(ids, rewards, term_arr, trunc_arr, cut=False)
 
     def cut_trajectories(self, actor_ids: ActorIds, reward: Floats = 0.0) -> int:
         """Cut these actors' in-progress trajectories (truncated and cut); episodes end.
@@ -381,11 +371,23 @@ class Agent:
         ids = _ids(actor_ids)
         n = len(ids)
         rewards = _per_actor("reward", reward, n, np.float64)
+        no = np.zeros(n, dtype=np.bool_)
+        return self._flag_last(ids, rewards, no, ~no, cut=True)
+
+    def _flag_last(
+        self,
+        ids: npt.NDArray[np.int64],
+        rewards: npt.NDArray[np.float64],
+        terminated: npt.NDArray[np.bool_],
+        truncated: npt.NDArray[np.bool_],
+        *,
+        cut: bool,
+    ) -> int:
+        """End episodes and hand what finished to the routers; returns their count."""
         with self._lock:
             self._check_open()
             rows = self._pool.rows_for(ids)
-            no = np.zeros(n, dtype=np.bool_)
-            done = self._pool.flag_last(rows, rewards, no, ~no, cut=True)
+            done = self._pool.flag_last(rows, rewards, terminated, truncated, cut=cut)
             if done is None:
                 return 0
             self._outbox_add(done)

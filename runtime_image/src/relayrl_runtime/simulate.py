@@ -33,13 +33,28 @@ class Summary:
 
     steps: int = 0
     episodes: int = 0
-    mean_return: float = 0.0
-    versions: list[int] = dataclasses.field(default_factory=list)
+    total_return: float = 0.0  # of the finished episodes
+    versions: set[int] = dataclasses.field(default_factory=set)
     actor_ids: list[int] = dataclasses.field(default_factory=list)
 
-    def line(self, **extra: Any) -> str:
+    @property
+    def mean_return(self) -> float:
+        """Mean return of the finished episodes (0 before the first ends)."""
+        return self.total_return / max(1, self.episodes)
+
+    def line(self, event: str) -> str:
         """One JSON line."""
-        return json.dumps({**dataclasses.asdict(self), **extra}, sort_keys=True)
+        return json.dumps(
+            {
+                "event": event,
+                "steps": self.steps,
+                "episodes": self.episodes,
+                "mean_return": self.mean_return,
+                "versions": sorted(self.versions),
+                "actor_ids": self.actor_ids,
+            },
+            sort_keys=True,
+        )
 
 
 def _connect(
@@ -88,10 +103,10 @@ def run(
     obs = np.stack([env.reset(seed=seed + i)[0] for i, env in enumerate(copies)])
     remote, ids = _connect(address, envs, connect_timeout)
     summary = Summary(actor_ids=ids)
-    versions: set[int] = set()
     rewards = np.zeros(envs)
     returns = np.zeros(envs)
-    finished_return = 0.0
+    terminated = np.zeros(envs, dtype=np.bool_)
+    truncated = np.zeros(envs, dtype=np.bool_)
     start = last_report = time.monotonic()
     try:
         while not stop.is_set():
@@ -101,35 +116,38 @@ def run(
             if seconds is not None and now - start >= seconds:
                 break
             result = remote.request_action(ids, obs.astype(np.float32, copy=False), reward=rewards)
-            versions.add(result.version)
+            summary.versions.add(result.version)
             for i, env in enumerate(copies):
-                o, r, terminated, truncated, _ = env.step(result.actions[i].item())
-                rewards[i] = r
-                returns[i] += r
-                if terminated or truncated:
-                    remote.flag_last_action(
-                        [ids[i]], reward=float(r), terminated=terminated, truncated=truncated
-                    )
-                    rewards[i] = 0.0
-                    summary.episodes += 1
-                    finished_return += returns[i]
-                    returns[i] = 0.0
-                    o, _ = env.reset()
-                obs[i] = o
+                obs[i], rewards[i], terminated[i], truncated[i], _ = env.step(
+                    result.actions[i].item()
+                )
+            returns += rewards
+            ended = terminated | truncated
+            if ended.any():
+                # One request ends every episode that ended on this step.
+                done = np.flatnonzero(ended)
+                remote.flag_last_action(
+                    np.asarray(ids)[done],
+                    reward=rewards[done],
+                    terminated=terminated[done],
+                    truncated=truncated[done],
+                )
+                summary.episodes += len(done)
+                summary.total_return += float(returns[done].sum())
+                returns[done] = 0.0
+                rewards[done] = 0.0
+                for j in done.tolist():
+                    obs[j] = copies[j].reset()[0]
             summary.steps += envs
             if now - last_report >= report_seconds:
                 last_report = now
-                summary.versions = sorted(versions)
-                summary.mean_return = finished_return / max(1, summary.episodes)
-                print(summary.line(event="progress"), file=out, flush=True)
+                print(summary.line("progress"), file=out, flush=True)
         remote.remove_actors(ids)
     finally:
         remote.close()
         for env in copies:
             env.close()
-    summary.versions = sorted(versions)
-    summary.mean_return = finished_return / max(1, summary.episodes)
-    print(summary.line(event="done"), file=out, flush=True)
+    print(summary.line("done"), file=out, flush=True)
     return summary
 
 

@@ -12,21 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import psycopg
-import pyarrow.dataset as ds
 import pytest
 
 from relayrl_localstack import testing
 from support import fleet, natsserver, postgres, specs
-
-
-def rows(dsn: str, where: str = "true") -> int:
-    with psycopg.connect(dsn) as conn:
-        found = conn.execute("SELECT to_regclass('relayrl.steps') IS NOT NULL").fetchone()
-        if not found or not found[0]:
-            return 0
-        result = conn.execute(f"SELECT count(*) FROM relayrl.steps WHERE {where}").fetchone()
-        return int(result[0]) if result else 0
 
 
 def conditions(agent: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -75,17 +64,13 @@ def test_agent_runs_on_the_process_node_end_to_end(
         lambda a: (a.get("status") or {}).get("modelVersion") == 1,
         timeout=60,
     )
-    testing.wait_for(lambda: rows(postgres_server.dsn) > 500, timeout=120, what="Postgres rows")
+    testing.wait_for(
+        lambda: fleet.postgres_steps(postgres_server.dsn) > 500, timeout=120, what="Postgres rows"
+    )
 
-    def parquet_rows() -> int:
-        files = list(
-            k8s.node.work_dir.glob(
-                f"pods/{namespace}/cartpole-arrow-sink-*/volumes/data/**/*.parquet"
-            )
-        )
-        return ds.dataset(files, format="parquet").count_rows() if files else 0
-
-    testing.wait_for(lambda: parquet_rows() > 500, timeout=120, what="Parquet rows")
+    testing.wait_for(
+        lambda: agents.parquet_rows("cartpole") > 500, timeout=120, what="Parquet rows"
+    )
     actor_uids = {p.metadata.name: p.metadata.uid for p in agents.actor_pods()}
 
     # A new model version in the registry: hot-reloaded, reported, recorded.
@@ -98,7 +83,7 @@ def test_agent_runs_on_the_process_node_end_to_end(
     )
     assert conditions(agent)["ModelReady"]["status"] == "True"
     testing.wait_for(
-        lambda: rows(postgres_server.dsn, "policy_version = 2") > 100,
+        lambda: fleet.postgres_steps(postgres_server.dsn, "policy_version = 2") > 100,
         timeout=120,
         what="steps recorded with policy version 2",
     )

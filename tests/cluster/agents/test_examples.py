@@ -20,8 +20,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import psycopg
-import pyarrow.dataset as ds
 import pytest
 import yaml
 
@@ -62,24 +60,6 @@ def localize(
 
 def apply(k8s: testing.ClusterHandle, namespace: str, docs: list[dict[str, Any]]) -> None:
     k8s.kubectl("apply", "--namespace", namespace, "-f", "-", input_text=yaml.safe_dump_all(docs))
-
-
-def steps_in_postgres(dsn: str, agent: str) -> int:
-    with psycopg.connect(dsn) as conn:
-        found = conn.execute("SELECT to_regclass('relayrl.steps') IS NOT NULL").fetchone()
-        if not found or not found[0]:
-            return 0
-        row = conn.execute(
-            "SELECT count(*) FROM relayrl.steps WHERE agent = %s", (agent,)
-        ).fetchone()
-        return int(row[0]) if row else 0
-
-
-def parquet_rows(k8s: testing.ClusterHandle, namespace: str, agent: str) -> int:
-    files = list(
-        k8s.node.work_dir.glob(f"pods/{namespace}/{agent}-arrow-sink-*/volumes/data/**/*.parquet")
-    )
-    return ds.dataset(files, format="parquet").count_rows() if files else 0
 
 
 @pytest.fixture
@@ -143,7 +123,7 @@ def test_postgres_sink_example_writes_rows(
     )
     agents.wait_phase("cartpole-pg", "Ready", timeout=240)
     testing.wait_for(
-        lambda: steps_in_postgres(postgres_server.dsn, "cartpole-pg") > 1000,
+        lambda: fleet.postgres_steps(postgres_server.dsn, "agent = %s", ("cartpole-pg",)) > 1000,
         timeout=180,
         what=f"Postgres rows of cartpole-pg\n{agents.pod_logs()}",
     )
@@ -180,7 +160,7 @@ def test_remote_simulators_example_steps_through_the_service(
     )
     # Trajectories finished by remote actors reach the Agent's Arrow sink.
     testing.wait_for(
-        lambda: parquet_rows(k8s, namespace, "sim-policy") > 2000,
+        lambda: agents.parquet_rows("sim-policy") > 2000,
         timeout=240,
         what=f"Parquet rows from remote actors\n{agents.pod_logs()}",
     )

@@ -15,16 +15,6 @@ from relayrl_operator import constants, kube, reconcile
 
 log = logging.getLogger(__name__)
 
-# Child kinds watched server-side filtered to objects this operator manages.
-WATCHED_CHILDREN = (
-    "pods",
-    "statefulsets",
-    "deployments",
-    "configmaps",
-    "services",
-    "poddisruptionbudgets",
-)
-
 
 class NoDiffBase(kopf.DiffBaseStorage):
     """No last-handled state: with watch-event handlers only, Kopf never reads it.
@@ -67,8 +57,9 @@ def login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     """Configure Kopf and start the reconciler."""
     selector = f"{constants.LABEL_MANAGED_BY}={constants.OPERATOR_NAME}"
-    for plural in WATCHED_CHILDREN:
-        settings.watching.label_selectors[plural] = selector
+    # Child kinds are watched filtered server-side to objects this operator manages.
+    for kind in reconcile.WATCHED_CHILDREN:
+        settings.watching.label_selectors[kind.plural] = selector
     # The handlers here are watch-event handlers only: Kopf stores no progress on
     # Agents and adds no finalizer of its own. The reconciler manages its own
     # finalizer (constants.FINALIZER), which must not be Kopf's: Kopf removes its
