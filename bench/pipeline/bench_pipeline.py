@@ -1,6 +1,6 @@
 """Trajectory pipeline throughput: end to end vs the raw figures, measured in one run.
 
-    python bench/pipeline/bench_pipeline.py            # full (about a minute)
+    python bench/pipeline/bench_pipeline.py            # full: 3 rounds, about 3 minutes
     python bench/pipeline/bench_pipeline.py --quick    # smaller, for a smoke run
 
 Starts a real nats-server (JetStream, file storage) and PostgreSQL on loopback, then
@@ -10,27 +10,36 @@ measures, on the same machine in the same run:
   with pipelined acks, no packing;
 - publisher: `NatsPublisher.write` of CartPole record batches until every ack is in;
 - runtime -> NATS -> Arrow sink: the publisher writing while a `relayrl-sink arrow`
-  process consumes, until the sink has committed every step (fsync + rename);
+  process consumes, until the sink has committed every step (fsync + rename); the
+  stream is emptied before each end-to-end phase;
 - raw Parquet write of the same rows (one writer, same compression), for reference;
 - runtime -> NATS -> Postgres sink: the same, until every step is committed in Postgres;
 - raw COPY of the same rows: the sink's binary COPY payload sent straight to Postgres.
 
 Prints a table of steps/s and the ratios the issue asks for (targets: end to end at least
-0.5x each raw figure). Every phase has a deadline, so the run is bounded.
+0.5x each raw figure). Every phase also reports the CPU the whole machine spent on it
+(/proc/stat): on a small machine the publisher, nats-server and a sink share the cores,
+and the CPU per step shows which path costs what. Every phase has a deadline, so the run
+is bounded.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import dataclasses
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Final
 
 import nats
+import nats.js.errors
 import psycopg
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -47,6 +56,31 @@ from support import natsserver, pipeline, postgres, trajectories  # noqa: E402
 PHASE_DEADLINE = 180.0
 
 
+def machine_busy() -> float:
+    """CPU seconds all cores have spent busy since boot (/proc/stat; idle and iowait not)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclasses.dataclass(frozen=True)
+class Span:
+    """One measured phase: wall seconds and the CPU seconds the whole machine spent busy."""
+
+    seconds: float
+    cpu: float
+
+
+class Clock:
+    """Starts a `Span`: wall time and machine-wide busy CPU from now until `stop`."""
+
+    def __init__(self) -> None:
+        self.cpu = machine_busy()
+        self.wall = time.perf_counter()
+
+    def stop(self) -> Span:
+        return Span(time.perf_counter() - self.wall, machine_busy() - self.cpu)
+
+
 def make_batches(count: int, trajectories_per_batch: int, length: int) -> list[pa.RecordBatch]:
     return [
         trajectories.batch(9, i, trajectories=trajectories_per_batch, length=length)
@@ -54,8 +88,8 @@ def make_batches(count: int, trajectories_per_batch: int, length: int) -> list[p
     ]
 
 
-def publish_all(url: str, batches: list[pa.RecordBatch], repeat: int) -> tuple[float, int]:
-    """Write `batches` `repeat` times through the publisher; seconds until all acked."""
+def publish_all(url: str, batches: list[pa.RecordBatch], repeat: int) -> tuple[Span, int]:
+    """Write `batches` `repeat` times through the publisher; the span until all acked."""
     pub = publisher.NatsPublisher(
         streams.ConnectOptions(servers=(url,)),
         publisher.PublisherConfig(namespace="default", agent=trajectories.AGENT),
@@ -64,15 +98,15 @@ def publish_all(url: str, batches: list[pa.RecordBatch], repeat: int) -> tuple[f
     deadline = time.monotonic() + 30
     while not pub.connected and time.monotonic() < deadline:
         time.sleep(0.01)
-    start = time.perf_counter()
+    clock = Clock()
     for _ in range(repeat):
         for b in batches:
             pub.write(b)
     pub.flush(PHASE_DEADLINE)
-    elapsed = time.perf_counter() - start
+    span = clock.stop()
     steps = pub.acked_steps
     pub.close()
-    return elapsed, steps
+    return span, steps
 
 
 def encoded_messages(batches: list[pa.RecordBatch]) -> list[tuple[bytes, dict[str, str]]]:
@@ -99,12 +133,12 @@ def encoded_messages(batches: list[pa.RecordBatch]) -> list[tuple[bytes, dict[st
     return out
 
 
-async def raw_publish(url: str, messages: list[tuple[bytes, dict[str, str]]], repeat: int) -> float:
+async def raw_publish(url: str, messages: list[tuple[bytes, dict[str, str]]], repeat: int) -> Span:
     nc = await nats.connect(url)
     js = nc.jetstream()
     await streams.ensure_stream(js, streams.stream_config("default", "rawbench"))
     subject = streams.trajectories_subject("default", "rawbench")
-    start = time.perf_counter()
+    clock = Clock()
     futures = []
     n = 0
     for _ in range(repeat):
@@ -114,10 +148,10 @@ async def raw_publish(url: str, messages: list[tuple[bytes, dict[str, str]]], re
             hdr[streams.HEADER_MSG_ID] = f"raw-{n}"
             futures.append(await js.publish_async(subject, payload, headers=hdr))
     await asyncio.wait_for(asyncio.gather(*futures), PHASE_DEADLINE)
-    elapsed = time.perf_counter() - start
+    span = clock.stop()
     await streams.delete_stream(js, streams.stream_name("default", "rawbench"))
     await nc.close()
-    return elapsed
+    return span
 
 
 def sink_rows(sink: pipeline.Sink) -> float:
@@ -127,40 +161,54 @@ def sink_rows(sink: pipeline.Sink) -> float:
         return 0.0
 
 
-def run_sink_e2e(
-    sink: pipeline.Sink, url: str, batches: list[pa.RecordBatch], repeat: int
-) -> tuple[float, float]:
-    """Publisher writing while the sink consumes; seconds until the sink committed all."""
+async def purge_trajectories(url: str) -> None:
+    """Empty the Agent's stream: an end-to-end phase's sink sees only that phase's steps."""
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    name = streams.stream_name("default", trajectories.AGENT)
+    with contextlib.suppress(nats.js.errors.NotFoundError):
+        await js.purge_stream(name)
+    await nc.close()
+
+
+def run_sink_e2e(sink: pipeline.Sink, url: str, batches: list[pa.RecordBatch], repeat: int) -> Span:
+    """Publisher writing while the sink consumes; the span until the sink committed all.
+
+    The stream is emptied first, and every sink starts with no committed data: what it
+    drains is exactly what the publisher writes during the phase, not earlier phases'
+    messages still in the stream.
+    """
+    asyncio.run(purge_trajectories(url))
     sink.start()
     sink.wait_ready(60)
     base = sink_rows(sink)
-    start = time.perf_counter()
-    pub_elapsed, steps = publish_all(url, batches, repeat)
+    clock = Clock()
+    _, steps = publish_all(url, batches, repeat)
     deadline = time.monotonic() + PHASE_DEADLINE
     while sink_rows(sink) - base < steps:
         if time.monotonic() > deadline or not sink.alive():
             raise RuntimeError(f"{sink.name} did not commit {steps} steps:\n{sink.logs()}")
         time.sleep(0.02)
-    elapsed = time.perf_counter() - start
+    span = clock.stop()
     assert sink.terminate() == 0
-    return elapsed, pub_elapsed
+    return span
 
 
 def raw_parquet(
     batches: list[pa.RecordBatch], repeat: int, out: Path, settings: arrow_stream.ParquetSettings
-) -> float:
+) -> Span:
     table = pa.Table.from_batches(batches).drop_columns(["agent"])
-    start = time.perf_counter()
+    clock = Clock()
     with pq.ParquetWriter(out, table.schema, **settings.options(table.schema)) as w:
         for _ in range(repeat):
             w.write_table(table, row_group_size=settings.row_group_rows)
     fd = os.open(out, os.O_RDONLY)
     os.fsync(fd)
     os.close(fd)
-    return time.perf_counter() - start
+    return clock.stop()
 
 
-def raw_copy(dsn: str, batches: list[pa.RecordBatch], repeat: int) -> float:
+def raw_copy(dsn: str, batches: list[pa.RecordBatch], repeat: int) -> Span:
     table = pa.Table.from_batches(batches)
     payload = pg_sink.encode_copy(table, 1, 1)
     cols = ", ".join(
@@ -170,92 +218,158 @@ def raw_copy(dsn: str, batches: list[pa.RecordBatch], repeat: int) -> float:
     names = ", ".join(f'"{c}"' for c in pg_sink.copy_columns(table.schema))
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(f"CREATE TABLE raw_copy (stream_seq bigint, schema_version smallint, {cols})")
-        start = time.perf_counter()
+        clock = Clock()
         stmt = f"COPY raw_copy ({names}) FROM STDIN (FORMAT BINARY)"
         with conn.transaction(), conn.cursor() as cur, cur.copy(stmt) as copy:
             copy.write(pg_sink._COPY_HEADER)
             for _ in range(repeat):
                 copy.write(payload)
             copy.write(pg_sink._COPY_TRAILER)
-        elapsed = time.perf_counter() - start
+        span = clock.stop()
         conn.execute("DROP TABLE raw_copy")
-    return elapsed
+    return span
+
+
+RAW_JS: Final = "raw JetStream publish"
+RAW_COPY: Final = "raw COPY (same rows, binary)"
+E2E_PARQUET: Final = "runtime -> NATS -> Arrow sink"
+E2E_IPC: Final = "runtime -> NATS -> Arrow sink (IPC)"
+E2E_PG: Final = "runtime -> NATS -> Postgres sink"
+PUBLISHER: Final = "publisher -> NATS (acked)"
+RAW_PARQUET: Final = "raw Parquet write (same options)"
+
+
+Round = dict[str, tuple[int, Span]]
+
+
+def run_round(
+    srv: natsserver.NatsServer,
+    pgs: postgres.PostgresServer,
+    work: Path,
+    batches: list[pa.RecordBatch],
+    parquet: arrow_stream.ParquetSettings,
+    quick: bool,
+) -> Round:
+    """Every phase once, in order, on the same servers: steps and span of each."""
+    per_round = sum(b.num_rows for b in batches)
+    arrow_repeat = 2 if quick else 24  # 0.64M / 7.7M steps
+    pg_repeat = 1 if quick else 6  # 0.32M / 1.9M steps
+    arrow_steps = arrow_repeat * per_round
+    pg_steps = pg_repeat * per_round
+    results: Round = {}
+    messages = encoded_messages(batches)
+    results[RAW_JS] = (arrow_steps, asyncio.run(raw_publish(srv.url, messages, arrow_repeat)))
+    span, steps = publish_all(srv.url, batches, arrow_repeat)
+    results[PUBLISHER] = (steps, span)
+
+    pl = pipeline.Pipeline(srv, work, pgs.dsn)
+    try:
+        # Rotation every 0.5 s bounds the tail (the last file commits at most that late);
+        # 256 MB files otherwise.
+        rotate = ("--rotate-seconds", "0.5", "--rotate-bytes", str(256 << 20))
+        arrow = pl.arrow_sink(*rotate, "--compression", parquet.compression)
+        results[E2E_PARQUET] = (arrow_steps, run_sink_e2e(arrow, srv.url, batches, arrow_repeat))
+        shutil.rmtree(pl.arrow_dir, ignore_errors=True)
+        ipc = pl.arrow_sink(*rotate, "--format", "arrow")
+        results[E2E_IPC] = (arrow_steps, run_sink_e2e(ipc, srv.url, batches, arrow_repeat))
+        shutil.rmtree(pl.arrow_dir, ignore_errors=True)
+        span = raw_parquet(batches, arrow_repeat, work / "raw.parquet", parquet)
+        results[RAW_PARQUET] = (arrow_steps, span)
+
+        pgsink = pl.postgres_sink("--batch-rows", "100000")
+        results[E2E_PG] = (pg_steps, run_sink_e2e(pgsink, srv.url, batches, pg_repeat))
+        results[RAW_COPY] = (pg_steps, raw_copy(pgs.dsn, batches, pg_repeat))
+    finally:
+        pl.close()
+        shutil.rmtree(pl.arrow_dir, ignore_errors=True)
+        # A fresh Postgres sink table each round.
+        with psycopg.connect(pgs.dsn, autocommit=True) as conn:
+            conn.execute("DROP SCHEMA IF EXISTS relayrl CASCADE")
+    return results
+
+
+def rate(r: Round, name: str) -> float:
+    steps, span = r[name]
+    return steps / span.seconds
+
+
+def cost(r: Round, name: str) -> float:
+    """Machine CPU seconds per step."""
+    steps, span = r[name]
+    return span.cpu / steps
+
+
+def spread(values: list[float], fmt: str) -> str:
+    """Median, with the range when there is more than one value."""
+    text = format(statistics.median(values), fmt)
+    if len(values) > 1:
+        text += f" ({format(min(values), fmt)}-{format(max(values), fmt)})"
+    return text
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="Smaller runs (smoke test).")
     p.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="Times every phase runs; medians are reported (default: 3, quick: 1).",
+    )
+    p.add_argument(
         "--compression",
         default=arrow_stream.ParquetSettings().compression,
         help="Parquet codec of the Arrow sink and of the raw Parquet write (default: the sink's).",
     )
     args = p.parse_args()
+    rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
     # The same Parquet settings for the sink and for the raw write it is compared with.
     parquet = arrow_stream.ParquetSettings(compression=args.compression)
     # CartPole-sized trajectories: 32 episodes of 200 steps per router batch.
     batches = make_batches(50, 32, 200)
-    per_round = sum(b.num_rows for b in batches)
-    arrow_repeat = 2 if args.quick else 24  # 0.64M / 7.7M steps
-    pg_repeat = 1 if args.quick else 6  # 0.32M / 1.9M steps
     work = Path(tempfile.mkdtemp(prefix="relayrl-bench-"))
-    results: dict[str, float] = {}
+    runs: list[Round] = []
     # Other work on the machine shows in every figure: the 1-minute load goes with them.
     load_before = os.getloadavg()[0]
     try:
         with natsserver.NatsServer() as srv, postgres.PostgresServer() as pgs:
-            messages = encoded_messages(batches)
-            results["raw JetStream publish"] = (
-                arrow_repeat * per_round / asyncio.run(raw_publish(srv.url, messages, arrow_repeat))
-            )
-            elapsed, steps = publish_all(srv.url, batches, arrow_repeat)
-            results["publisher -> NATS (acked)"] = steps / elapsed
-
-            pl = pipeline.Pipeline(srv, work, pgs.dsn)
-            # Rotation every 0.5 s bounds the tail (the last file commits at most that
-            # late); 256 MB files otherwise.
-            rotate = ("--rotate-seconds", "0.5", "--rotate-bytes", str(256 << 20))
-            arrow = pl.arrow_sink(*rotate, "--compression", parquet.compression)
-            elapsed, _ = run_sink_e2e(arrow, srv.url, batches, arrow_repeat)
-            results["runtime -> NATS -> Arrow sink"] = arrow_repeat * per_round / elapsed
-            shutil.rmtree(pl.arrow_dir, ignore_errors=True)
-            ipc = pl.arrow_sink(*rotate, "--format", "arrow")
-            elapsed, _ = run_sink_e2e(ipc, srv.url, batches, arrow_repeat)
-            results["runtime -> NATS -> Arrow sink (IPC)"] = arrow_repeat * per_round / elapsed
-            shutil.rmtree(pl.arrow_dir, ignore_errors=True)
-            results["raw Parquet write (same options)"] = (
-                arrow_repeat
-                * per_round
-                / raw_parquet(batches, arrow_repeat, work / "raw.parquet", parquet)
-            )
-
-            pgsink = pl.postgres_sink("--batch-rows", "100000")
-            elapsed, _ = run_sink_e2e(pgsink, srv.url, batches, pg_repeat)
-            results["runtime -> NATS -> Postgres sink"] = pg_repeat * per_round / elapsed
-            results["raw COPY (same rows, binary)"] = (
-                pg_repeat * per_round / raw_copy(pgs.dsn, batches, pg_repeat)
-            )
-            pl.close()
+            for _ in range(rounds):
+                runs.append(run_round(srv, pgs, work, batches, parquet, args.quick))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     print(
         f"\ntrajectory pipeline, {os.cpu_count()} cores, {'quick' if args.quick else 'full'} run,"
-        f" Parquet {parquet.compression}, 1-min load {load_before:.2f} -> {os.getloadavg()[0]:.2f}"
+        f" {rounds} round(s), medians (range); Parquet {parquet.compression};"
+        f" 1-min load {load_before:.2f} -> {os.getloadavg()[0]:.2f}"
     )
-    print(f"{'path':<40} {'steps/s':>12}")
-    for name, rate in results.items():
-        print(f"{name:<40} {rate:>12,.0f}")
-    raw_js = results["raw JetStream publish"]
-    print("\nratios (target >= 0.5):")
+    # cores busy: machine CPU seconds / wall seconds over the phase (other processes too);
+    # CPU µs/step: what one step cost the machine, every process of the path together.
+    print(f"{'path':<38} {'steps/s':>27} {'cores busy':>11} {'CPU us/step':>12}")
+    for name in runs[0]:
+        rates = [rate(r, name) for r in runs]
+        busy = [r[name][1].cpu / r[name][1].seconds for r in runs]
+        per_step = [cost(r, name) * 1e6 for r in runs]
+        print(
+            f"{name:<38} {spread(rates, ',.0f'):>27} {statistics.median(busy):>11.2f}"
+            f" {statistics.median(per_step):>12.3f}"
+        )
+
+    print("\nratios (target >= 0.5); 'CPU-bound' is the ratio of CPU per step, the speed ratio")
+    print("both phases would have if each kept every core busy:")
+    print(f"{'':<38}   {'':<22} {'speed':>18}  {'CPU-bound':>9}")
     for name, base, label in (
-        ("publisher -> NATS (acked)", raw_js, "raw JetStream publish"),
-        ("runtime -> NATS -> Arrow sink", raw_js, "raw JetStream publish"),
-        ("runtime -> NATS -> Arrow sink (IPC)", raw_js, "raw JetStream publish"),
-        ("runtime -> NATS -> Postgres sink", raw_js, "raw JetStream publish"),
-        ("runtime -> NATS -> Postgres sink", results["raw COPY (same rows, binary)"], "raw COPY"),
+        (PUBLISHER, RAW_JS, "raw JetStream publish"),
+        (E2E_PARQUET, RAW_JS, "raw JetStream publish"),
+        (E2E_IPC, RAW_JS, "raw JetStream publish"),
+        (E2E_PG, RAW_JS, "raw JetStream publish"),
+        (E2E_PG, RAW_COPY, "raw COPY"),
     ):
-        print(f"{name:<40} / {label:<22} {results[name] / base:6.2f}x")
+        speed = [rate(r, name) / rate(r, base) for r in runs]
+        bound = [cost(r, base) / cost(r, name) for r in runs]
+        print(
+            f"{name:<38} / {label:<22} {spread(speed, '.2f'):>18}  {statistics.median(bound):8.2f}x"
+        )
     return 0
 
 

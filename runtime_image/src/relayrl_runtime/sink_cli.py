@@ -55,7 +55,10 @@ def _parser() -> argparse.ArgumentParser:
     arrow.add_argument("--rotate-bytes", type=int, default=128 << 20)
     arrow.add_argument("--rotate-seconds", type=float, default=300.0)
     arrow.add_argument(
-        "--compression", default="zstd", help="Parquet codec (zstd, lz4, snappy, none)."
+        "--compression",
+        choices=[c.value for c in spec.ParquetCompression],
+        default=spec.ParquetCompression.SNAPPY.value,
+        help="Parquet codec (default: snappy).",
     )
     arrow.add_argument(
         "--compression-level", type=int, default=None, help="Parquet codec level (its default)."

@@ -163,6 +163,19 @@ class SinkFormat(enum.StrEnum):
     ARROW = "arrow"
 
 
+class ParquetCompression(enum.StrEnum):
+    """Codec of the Arrow sink's Parquet files.
+
+    snappy, the default (as in pyarrow, Spark and DuckDB), is read everywhere and costs the
+    sink about a quarter less CPU per step than zstd; zstd files are about an eighth smaller.
+    """
+
+    SNAPPY = "snappy"
+    ZSTD = "zstd"
+    LZ4 = "lz4"
+    NONE = "none"
+
+
 class VectorMode(enum.StrEnum):
     """How a pod steps its gymnasium environments."""
 
@@ -431,6 +444,10 @@ class ArrowSink(SpecModel):
     """Write trajectories to Parquet or Arrow IPC files."""
 
     format: SinkFormat = Field(default=SinkFormat.PARQUET, description="parquet or arrow.")
+    compression: ParquetCompression = Field(
+        default=ParquetCompression.SNAPPY,
+        description="Parquet codec: snappy (fastest to write), zstd (smallest), lz4 or none.",
+    )
     path: str = Field(
         default="/data/trajectories",
         max_length=1024,

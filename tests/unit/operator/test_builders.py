@@ -227,6 +227,7 @@ def test_sink_deployments_consume_the_stream_and_follow_the_template_placement()
     assert arrow_args[:2] == ["arrow", "--path"]
     assert "--no-create-stream" in arrow_args
     assert arrow_args[arrow_args.index("--format") + 1] == "arrow"
+    assert arrow_args[arrow_args.index("--compression") + 1] == "snappy"
     pg_container = pg["spec"]["template"]["spec"]["containers"][0]
     assert pg_container["args"][pg_container["args"].index("--dsn-file") + 1] == (
         "/etc/relayrl/postgres/url"

@@ -139,6 +139,8 @@ def build_arrow(
         sink.path,
         "--format",
         sink.format.value,
+        "--compression",
+        sink.compression.value,
         "--rotate-bytes",
         str(sink.rotate_bytes),
         "--rotate-seconds",

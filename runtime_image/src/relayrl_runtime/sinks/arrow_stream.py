@@ -63,10 +63,11 @@ class ParquetSettings:
 
     Dictionaries, statistics and delta encoding only where they pay: dictionary-encoding
     random floats (obs, logp, aux) costs 2-3x the write time and makes files bigger;
-    statistics are kept for the columns queries filter on.
+    statistics are kept for the columns queries filter on. The codec is snappy unless
+    the Agent says otherwise (`spec.ParquetCompression` says why).
     """
 
-    compression: str = "zstd"
+    compression: str = spec.ParquetCompression.SNAPPY.value
     # None: the codec's default (zstd: 1).
     compression_level: int | None = None
     row_group_rows: int = ROW_GROUP_ROWS
