@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import subprocess
 import sys
@@ -32,13 +33,14 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
 
-from kubernetes import client  # noqa: E402
+from kubernetes import client, watch  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from relayrl_localstack import binaries, cluster, kwok, testing  # noqa: E402
 from relayrl_operator import kube, settings  # noqa: E402
 from relayrl_operator.builders import common, configmap, pdb, services, statefulset  # noqa: E402
 from relayrl_runtime import spec  # noqa: E402
-from support import fleet, natsserver  # noqa: E402
+from support import cputime, fleet, natsserver  # noqa: E402
 
 CONCURRENCY = 16
 
@@ -85,6 +87,49 @@ async def bounded(jobs: list[Callable[[], Awaitable[Any]]], limit: int = CONCURR
     await asyncio.gather(*(one(j) for j in jobs))
 
 
+def watch_until(
+    api: Any,
+    resource: tuple[str, str, str],
+    namespace: str,
+    n: int,
+    ready: Callable[[dict[str, Any]], bool],
+    within: float,
+) -> None:
+    """Block until `n` objects of `resource` (group, version, plural) in `namespace` are ready.
+
+    A watch, not polling: listing 1,000 objects every fraction of a second would load
+    the apiserver the benchmark measures (the first version of this bench did, and it
+    showed in the operator's figure).
+    """
+    group, version, plural = resource
+    custom = client.CustomObjectsApi(api)
+    seen: dict[str, bool] = {}
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        stream = watch.Watch()
+        # No resourceVersion: the watch starts with every existing object, then changes.
+        for event in stream.stream(
+            custom.list_namespaced_custom_object,
+            group,
+            version,
+            namespace,
+            plural,
+            timeout_seconds=max(1, min(300, int(deadline - time.monotonic()))),
+        ):
+            obj = event["object"]
+            if event["type"] == "ERROR":
+                break  # e.g. 410 Gone: start again from a fresh list
+            name = obj["metadata"]["name"]
+            if event["type"] == "DELETED":
+                seen.pop(name, None)
+            else:
+                seen[name] = ready(obj)
+            if sum(seen.values()) >= n:
+                stream.stop()
+                return
+    raise TimeoutError(f"{n} {plural} ready in {namespace}")
+
+
 async def wait_until(check: Callable[[], Awaitable[bool]], within: float, what: str) -> None:
     """Poll `check` every 0.2 s until true, or fail after `within` seconds."""
     deadline = time.monotonic() + within
@@ -94,25 +139,37 @@ async def wait_until(check: Callable[[], Awaitable[bool]], within: float, what: 
         await asyncio.sleep(0.2)
 
 
-async def baseline(kc: kube.Client, namespace: str, n: int, nats_url: str) -> tuple[float, float]:
+def statefulset_ready(sts: dict[str, Any]) -> bool:
+    return int((sts.get("status") or {}).get("readyReplicas", 0)) >= 1
+
+
+def agent_ready(agent: dict[str, Any]) -> bool:
+    return (agent.get("status") or {}).get("phase") == "Ready"
+
+
+async def baseline(
+    kc: kube.Client, api: Any, namespace: str, n: int, nats_url: str
+) -> tuple[float, float]:
     """Seconds to create N Agents' children directly, and until their pods are ready."""
     objs = [o for i in range(n) for o in direct_children(f"agent-{i}", namespace, nats_url)]
     start = time.monotonic()
     await bounded([lambda o=o: kc.apply(o) for o in objs])
     created = time.monotonic() - start
-
-    async def all_ready() -> bool:
-        items = await kc.list(kube.STATEFULSET, namespace)
-        ready = sum(1 for s in items if (s.get("status") or {}).get("readyReplicas", 0) >= 1)
-        return ready >= n
-
-    await wait_until(all_ready, 900, "direct StatefulSets ready")
+    await asyncio.to_thread(
+        watch_until, api, ("apps", "v1", "statefulsets"), namespace, n, statefulset_ready, 900
+    )
     return created, time.monotonic() - start
 
 
-async def operator_scale(kc: kube.Client, namespace: str, n: int, nats_url: str) -> float:
+async def operator_scale(kc: kube.Client, api: Any, namespace: str, n: int, nats_url: str) -> float:
     """Seconds from creating N Agents until all report phase Ready."""
     start = time.monotonic()
+    group, version = spec.API_VERSION.split("/")
+    watching = asyncio.create_task(
+        asyncio.to_thread(
+            watch_until, api, (group, version, "agents"), namespace, n, agent_ready, 1800
+        )
+    )
     await bounded(
         [
             lambda i=i: kc.request(
@@ -122,12 +179,7 @@ async def operator_scale(kc: kube.Client, namespace: str, n: int, nats_url: str)
         ]
     )
 
-    async def all_ready() -> bool:
-        items = await kc.list(kube.AGENT, namespace)
-        ready = sum(1 for a in items if (a.get("status") or {}).get("phase") == "Ready")
-        return ready >= n
-
-    await wait_until(all_ready, 1800, "agents ready")
+    await watching
     return time.monotonic() - start
 
 
@@ -145,6 +197,19 @@ async def latency(kc: kube.Client, namespace: str, samples: int, nats_url: str) 
 
         await wait_until(ready, 120, f"{name} ready")
         out.append(time.monotonic() - start)
+    return out
+
+
+def api_requests(page: str) -> dict[tuple[str, str], float]:
+    """The operator's API requests so far, by (verb, resource), from its /metrics page."""
+    out: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(page):
+        if family.name != "relayrl_operator_api_requests":
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                key = (sample.labels["verb"], sample.labels["resource"])
+                out[key] = out.get(key, 0.0) + sample.value
     return out
 
 
@@ -195,9 +260,10 @@ async def run(args: argparse.Namespace) -> None:
     n = args.agents
     bins = binaries.ensure_binaries()
     work = Path(tempfile.mkdtemp(prefix="relayrl-bench-operator-"))
+    cpu: dict[str, dict[str, float]] = {}
     with (
         cluster.LocalCluster(work / "cluster", bins=bins) as local,
-        kwok.Kwok(local.kubeconfig, work / "kwok", bins=bins),
+        kwok.Kwok(local.kubeconfig, work / "kwok", bins=bins) as kwok_proc,
         cluster.api_client_for(local.kubeconfig) as api,
         natsserver.NatsServer() as nats,
     ):
@@ -205,8 +271,20 @@ async def run(args: argparse.Namespace) -> None:
         await asyncio.to_thread(apply_crds, bins, local.kubeconfig)
         kc = kube.Client.from_config(str(local.kubeconfig))
         try:
+            # Who spends the 2 cores in each phase: the control plane's processes, kwok,
+            # nats-server, and (second phase) the operator.
+            assert nats.proc is not None
+            assert kwok_proc.pid is not None
+            pids = {
+                **local.pids(),
+                "kwok": kwok_proc.pid,
+                "nats-server": nats.proc.pid,
+                "bench client": os.getpid(),
+            }
             create_namespace(api, "direct")
-            direct_created, direct_ready = await baseline(kc, "direct", n, nats.url)
+            meter = cputime.Meter(pids)
+            direct_created, direct_ready = await baseline(kc, api, "direct", n, nats.url)
+            cpu["direct create + ready"] = meter.stop()
             # The latency samples come after the baseline's 1,000 StatefulSets and pods
             # are garbage collected, not while the control plane is busy with them.
             core = client.CoreV1Api(api)
@@ -225,7 +303,13 @@ async def run(args: argparse.Namespace) -> None:
                 create_namespace(api, "latency")
                 lat = await latency(kc, "latency", args.samples, nats.url)
                 create_namespace(api, "fleet")
-                op_ready = await operator_scale(kc, "fleet", n, nats.url)
+                assert operator.proc is not None
+                meter = cputime.Meter({**pids, "operator": operator.proc.pid})
+                before = api_requests(operator.metrics())
+                op_ready = await operator_scale(kc, api, "fleet", n, nats.url)
+                cpu["operator: all Ready"] = meter.stop()
+                after = api_requests(operator.metrics())
+                requests = {k: v - before.get(k, 0.0) for k, v in after.items()}
                 assert operator.proc is not None
                 memory = rss_mb(operator.proc.pid)
             finally:
@@ -247,6 +331,18 @@ async def run(args: argparse.Namespace) -> None:
     )
     print(f"{'ratio operator / direct create + ready':<52} {op_ready / direct_ready:>11.2f}x")
     print(f"{f'operator resident memory at {n} Agents':<52} {memory:>10.0f}MB {'<= 200 MB':>12}")
+    print(f"\noperator API requests per Agent while {n} Agents became Ready (watches aside)")
+    for (verb, resource), count in sorted(requests.items(), key=lambda kv: -kv[1]):
+        if count:
+            print(f"  {verb:<7} {resource:<28} {count / n:6.2f}")
+    writes = sum(c for (verb, _), c in requests.items() if verb != "get")
+    print(f"  {'writes':<36} {writes / n:6.2f}")
+    print("\nCPU seconds by process in each phase ('machine': all processes, all cores)")
+    phases = list(cpu)
+    print(f"{'process':<24}" + "".join(f"{p:>26}" for p in phases))
+    names = sorted({k for c in cpu.values() for k in c}, key=lambda k: (k == "machine", k))
+    for name in names:
+        print(f"{name:<24}" + "".join(f"{cpu[p].get(name, 0.0):>25.1f}s" for p in phases))
 
 
 def main() -> None:

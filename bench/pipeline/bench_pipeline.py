@@ -51,15 +51,9 @@ from relayrl_runtime import streams  # noqa: E402
 from relayrl_runtime.sinks import arrow_stream  # noqa: E402
 from relayrl_runtime.sinks import postgres as pg_sink  # noqa: E402
 from relayrl_runtime.transport import publisher  # noqa: E402
-from support import natsserver, pipeline, postgres, trajectories  # noqa: E402
+from support import cputime, natsserver, pipeline, postgres, trajectories  # noqa: E402
 
 PHASE_DEADLINE = 180.0
-
-
-def machine_busy() -> float:
-    """CPU seconds all cores have spent busy since boot (/proc/stat; idle and iowait not)."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,11 +68,11 @@ class Clock:
     """Starts a `Span`: wall time and machine-wide busy CPU from now until `stop`."""
 
     def __init__(self) -> None:
-        self.cpu = machine_busy()
+        self.cpu = cputime.machine_busy()
         self.wall = time.perf_counter()
 
     def stop(self) -> Span:
-        return Span(time.perf_counter() - self.wall, machine_busy() - self.cpu)
+        return Span(time.perf_counter() - self.wall, cputime.machine_busy() - self.cpu)
 
 
 def make_batches(count: int, trajectories_per_batch: int, length: int) -> list[pa.RecordBatch]:

@@ -19,7 +19,7 @@ from typing import Any, Final
 import aiohttp
 import kubernetes
 
-from relayrl_operator import constants
+from relayrl_operator import constants, metrics
 from relayrl_runtime import spec
 
 log = logging.getLogger(__name__)
@@ -123,6 +123,21 @@ class ApiError(Exception):
         return self.status in (409, 429) or self.status >= 500
 
 
+def resource_of(path: str) -> str:
+    """The resource an API path addresses, with its subresource: "statefulsets", "agents/status".
+
+    /api/v1/namespaces/ns/events -> "events"; /apis/g/v/namespaces/ns/agents/a/status ->
+    "agents/status"; /api/v1/namespaces/ns -> "namespaces".
+    """
+    parts = path.split("?", 1)[0].strip("/").split("/")
+    rest = parts[2:] if parts[:1] == ["api"] else parts[3:]
+    if rest[:1] == ["namespaces"]:
+        rest = rest[2:] or ["namespaces"]
+    if not rest:
+        return "other"
+    return rest[0] + (f"/{rest[2]}" if len(rest) >= 3 else "")
+
+
 class Client:
     """An aiohttp session bound to one apiserver and credential."""
 
@@ -187,16 +202,20 @@ class Client:
     ) -> tuple[int, dict[str, Any]]:
         data = None if body is None else json.dumps(body)
         headers = {"Content-Type": content_type} if data is not None else {}
+        code = "error"
         try:
             async with self._http().request(
                 method, self._host + path, data=data, params=params, headers=headers
             ) as resp:
+                code = str(resp.status)
                 text = await resp.text()
                 if resp.status >= 400:
                     raise _error(resp.status, text)
                 return resp.status, (json.loads(text) if text else {})
         except (TimeoutError, aiohttp.ClientError) as err:
             raise ApiError(503, "Unavailable", f"{method} {path}: {err!r}") from err
+        finally:
+            metrics.API_REQUESTS.labels(method.lower(), resource_of(path), code).inc()
 
     async def apply(self, obj: Mapping[str, Any]) -> Applied:
         """Server-side apply of a manifest, taking ownership of its fields."""

@@ -38,6 +38,13 @@ ERRORS: Final = prom.Counter(
     ["kind"],
     registry=REGISTRY,
 )
+API_REQUESTS: Final = prom.Counter(
+    "relayrl_operator_api_requests",
+    "Requests the operator made to the Kubernetes API (watches aside), by verb, resource"
+    " (with its subresource) and status code.",
+    ["verb", "resource", "code"],
+    registry=REGISTRY,
+)
 QUEUE_DEPTH: Final = prom.Gauge(
     "relayrl_operator_queue_depth",
     "Agents waiting to be reconciled.",

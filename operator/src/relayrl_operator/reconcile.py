@@ -109,6 +109,7 @@ class _State:
     applying_generation: int | None = None  # set while a pass applies this generation
     applied_spec: spec.AgentSpec | None = None
     applied: set[tuple[str, str]] = field(default_factory=set)  # (kind, name) last applied
+    applied_at: float = 0.0  # time.monotonic() of the last apply
     needs_apply: bool = True
     failures: int = 0
     stream_ready: bool | None = None
@@ -276,20 +277,30 @@ class Reconciler:
     async def _resync(self) -> None:
         while True:
             await asyncio.sleep(self._settings.resync_seconds)
-            # The Prometheus Operator may have been installed (or removed) since.
+            # The Prometheus Operator may have been installed (or removed) since: then
+            # every Agent's children change (a PodMonitor more or less).
+            podmonitors = self._podmonitors
             try:
-                self._podmonitors = await self._client.has_api(monitoring.API_VERSION)
+                podmonitors = await self._client.has_api(monitoring.API_VERSION)
             except kube.ApiError as err:
                 log.info("cannot check for %s: %s", monitoring.API_VERSION, err)
+            monitoring_changed = podmonitors != self._podmonitors
+            self._podmonitors = podmonitors
             self._resyncs += 1
+            # Children applied within the last period are left alone: their watch events
+            # may still be on the way (a busy apiserver lags), and re-applying them
+            # would only add no-op writes where the control plane is busiest.
+            recent = time.monotonic() - self._settings.resync_seconds
             for key, state in list(self._states.items()):
                 # The watch keeps the cache of children current and repairs drift as it
                 # happens; a resync re-applies an Agent's children when the cache is
-                # missing a watched one, and otherwise every FULL_APPLY_EVERY resyncs
-                # (spread over the Agents) for what no watch covers (PodMonitors).
+                # missing a watched one, and, when the Agent has PodMonitors (no watch
+                # covers them), every FULL_APPLY_EVERY resyncs, spread over the Agents.
                 missing = any(kind in _WATCHED_KINDS for kind, _ in state.applied - state.seen)
+                unwatched = any(kind not in _WATCHED_KINDS for kind, _ in state.applied)
                 turn = zlib.crc32("/".join(key).encode()) % FULL_APPLY_EVERY
-                if missing or turn == self._resyncs % FULL_APPLY_EVERY:
+                due = missing or (unwatched and turn == self._resyncs % FULL_APPLY_EVERY)
+                if monitoring_changed or (due and state.applied_at < recent):
                     state.needs_apply = True
                 if state.stream_ready:
                     state.stream_ready = None  # check the stream still exists on this pass
@@ -479,6 +490,7 @@ class Reconciler:
             state.child_generations.pop((kind_name, name), None)
             state.child_versions.pop((kind_name, name), None)
         state.applied = now
+        state.applied_at = time.monotonic()
 
     def _optional_children(self, agent: common.AgentRef) -> set[tuple[str, str]]:
         out = {(kube.SERVICE.kind, common.remote_service_name(agent))}
@@ -591,7 +603,11 @@ class Reconciler:
             kube.AGENT, agent.namespace, agent.name, {"status": new}, sub="status"
         )
         state.last_status = new
-        if old_phase != new["phase"]:
+        # Phase changes get an Event, except a new Agent's first Progressing: every Agent
+        # starts there, and at a thousand Agents those Events are a thousand apiserver
+        # writes that say nothing `kubectl get agents` does not.
+        first = old_phase is None and new["phase"] == spec.Phase.PROGRESSING
+        if old_phase != new["phase"] and not first:
             kind = "Warning" if new["phase"] in ("Degraded", "Failed") else "Normal"
             ready = next(c for c in new["conditions"] if c["type"] == "Ready")
             self._event(agent, kind, f"Phase{new['phase']}", ready["message"])

@@ -181,6 +181,9 @@ def load(path: Path, environ: Mapping[str, str] | None = None) -> RuntimeConfig:
     return parse(path.read_bytes(), str(path), environ)
 
 
+_DUMPER: Final = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
+
 def parse(
     text: str | bytes, source: str = "config", environ: Mapping[str, str] | None = None
 ) -> RuntimeConfig:
@@ -197,4 +200,6 @@ def parse(
 def dump(config: RuntimeConfig) -> str:
     """Render a config as YAML, the way the operator writes it into a ConfigMap."""
     data = config.model_dump(mode="json", by_alias=True, exclude_none=True)
-    return yaml.safe_dump(data, sort_keys=False)
+    # libyaml's emitter when PyYAML has it: the same text, a tenth of the CPU (the
+    # operator renders one per Agent on every apply).
+    return yaml.dump(data, Dumper=_DUMPER, sort_keys=False)

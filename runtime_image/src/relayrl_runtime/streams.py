@@ -167,10 +167,14 @@ def stream_config(
 async def ensure_stream(
     js: nats.js.JetStreamContext, config: nats.js.api.StreamConfig
 ) -> nats.js.api.StreamInfo:
-    """Create the stream, or update it to `config` if it exists (idempotent)."""
+    """Create the stream, or update it to `config` if it differs (idempotent).
+
+    An existing stream that already has the config is left alone: the operator checks
+    every Agent's stream each resync, and an update rewrites the stream's metadata.
+    """
     assert config.name is not None
     try:
-        await js.stream_info(config.name)
+        info = await js.stream_info(config.name)
     except nats.js.errors.NotFoundError:
         try:
             info = await js.add_stream(config)
@@ -179,7 +183,17 @@ async def ensure_stream(
         except nats.js.errors.BadRequestError:
             # Created concurrently by another process: fall through to the update.
             pass
+    else:
+        if not config_differs(config, info.config):
+            return info
     return await js.update_stream(config)
+
+
+def config_differs(want: nats.js.api.StreamConfig, have: nats.js.api.StreamConfig) -> bool:
+    """Whether a stream's config lacks any setting `want` makes (fields it leaves unset,
+    and the server's defaults for them, do not count)."""
+    current = have.as_dict()
+    return any(current.get(k) != v for k, v in want.as_dict().items())
 
 
 async def delete_stream(js: nats.js.JetStreamContext, name: str) -> bool:

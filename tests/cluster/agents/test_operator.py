@@ -170,6 +170,15 @@ def test_deleted_or_edited_children_come_back(
     page = operator.metrics()
     assert 'relayrl_operator_children_total{action="created",kind="ConfigMap"}' in page
     assert 'relayrl_operator_children_total{action="updated",kind="StatefulSet"}' in page
+    # Every API request is counted by verb, resource and answer: the repair re-created
+    # the ConfigMap with a server-side apply, and status went out on its subresource.
+    assert (
+        'relayrl_operator_api_requests_total{code="201",resource="configmaps",verb="patch"}' in page
+    )
+    assert (
+        'relayrl_operator_api_requests_total{code="200",resource="agents/status",verb="patch"}'
+        in page
+    )
 
 
 @pytest.mark.usefixtures("operator")

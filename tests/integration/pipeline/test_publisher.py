@@ -90,6 +90,31 @@ async def test_stream_drops_a_resent_message_id(nats_server: natsserver.NatsServ
         await nc.close()
 
 
+async def test_ensure_stream_updates_only_a_stream_whose_config_differs(
+    nats_server: natsserver.NatsServer,
+) -> None:
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        want = streams.stream_config("default", trajectories.AGENT)
+        created = await streams.ensure_stream(js, want)
+        # The server's own view of the config (its defaults filled in) matches: a second
+        # ensure is a read, not an update.
+        assert not streams.config_differs(want, created.config)
+        assert not streams.config_differs(want, (await js.stream_info(STREAM)).config)
+        longer = streams.stream_config(
+            "default",
+            trajectories.AGENT,
+            settings=streams.StreamSettings(max_age_seconds=3 * 24 * 3600.0),
+        )
+        assert streams.config_differs(longer, created.config)
+        updated = await streams.ensure_stream(js, longer)
+        assert updated.config.max_age == pytest.approx(3 * 24 * 3600.0)
+        assert not streams.config_differs(longer, (await js.stream_info(STREAM)).config)
+    finally:
+        await nc.close()
+
+
 async def test_backpressure_while_nats_is_away_then_everything_once(
     nats_server: natsserver.NatsServer,
 ) -> None:
