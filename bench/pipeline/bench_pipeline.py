@@ -128,7 +128,16 @@ def encoded_messages(batches: list[pa.RecordBatch]) -> list[tuple[bytes, dict[st
 
 
 async def raw_publish(url: str, messages: list[tuple[bytes, dict[str, str]]], repeat: int) -> Span:
-    nc = await nats.connect(url)
+    # What happened to the connection, for the error should acks go missing.
+    events: list[str] = []
+
+    async def on_error(err: Exception) -> None:
+        events.append(f"error {err!r}")
+
+    async def on_disconnect() -> None:
+        events.append("disconnected")
+
+    nc = await nats.connect(url, error_cb=on_error, disconnected_cb=on_disconnect)
     js = nc.jetstream()
     await streams.ensure_stream(js, streams.stream_config("default", "rawbench"))
     subject = streams.trajectories_subject("default", "rawbench")
@@ -141,7 +150,14 @@ async def raw_publish(url: str, messages: list[tuple[bytes, dict[str, str]]], re
             hdr = dict(headers)
             hdr[streams.HEADER_MSG_ID] = f"raw-{n}"
             futures.append(await js.publish_async(subject, payload, headers=hdr))
-    await asyncio.wait_for(asyncio.gather(*futures), PHASE_DEADLINE)
+    try:
+        await asyncio.wait_for(asyncio.gather(*futures), PHASE_DEADLINE)
+    except TimeoutError:
+        acked = sum(1 for f in futures if f.done() and not f.cancelled() and not f.exception())
+        raise RuntimeError(
+            f"raw publish: {acked} of {len(futures)} acks within {PHASE_DEADLINE}s;"
+            f" connection: {events or 'no errors'}"
+        ) from None
     span = clock.stop()
     await streams.delete_stream(js, streams.stream_name("default", "rawbench"))
     await nc.close()
