@@ -14,39 +14,59 @@ _TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def machine_busy() -> float:
-    """CPU seconds all cores have spent busy since boot (idle and iowait excluded)."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    """CPU seconds all cores have spent running something since boot.
+
+    user + nice + system + irq + softirq (guest time is inside user); idle, iowait and
+    steal (time the hypervisor gave to other machines) are not.
+    """
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
     return (sum(fields) - fields[3] - fields[4]) / _TICKS
 
 
+def _stat(pid: int | str) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name, or None if it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds of one process, so far (its threads; not its children)."""
+    fields = _stat(pid)
+    return 0.0 if fields is None else (int(fields[11]) + int(fields[12])) / _TICKS
+
+
 def group_cpu(pid: int) -> float:
-    """CPU seconds of the process group led by `pid` (its own if it leads none), so far."""
+    """CPU seconds of the process group led by `pid` (its own if it leads none), so far.
+
+    Members that exited count through the leader's reaped-children times.
+    """
     total = 0
-    own = 0
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:  # exited meanwhile
+        fields = _stat(entry.name)
+        if fields is None or int(fields[2]) != pid:
             continue
-        ticks = int(fields[11]) + int(fields[12])
-        if int(fields[2]) == pid:
-            total += ticks
+        total += int(fields[11]) + int(fields[12])
         if int(entry.name) == pid:
-            own = ticks
-    return (total or own) / _TICKS
+            total += int(fields[13]) + int(fields[14])  # children it has waited for
+    return total / _TICKS if total else process_cpu(pid)
 
 
 class Meter:
-    """CPU seconds of the machine and of named process groups between two readings."""
+    """CPU seconds of the machine, of named process groups and of single processes,
+    between two readings."""
 
-    def __init__(self, pids: dict[str, int]) -> None:
-        self.pids = dict(pids)
+    def __init__(self, groups: dict[str, int], processes: dict[str, int] | None = None) -> None:
+        self.groups = dict(groups)
+        self.processes = dict(processes or {})
         self._start = self._read()
 
     def _read(self) -> dict[str, float]:
-        out = {name: group_cpu(pid) for name, pid in self.pids.items()}
+        out = {name: group_cpu(pid) for name, pid in self.groups.items()}
+        out |= {name: process_cpu(pid) for name, pid in self.processes.items()}
         out["machine"] = machine_busy()
         return out
 

@@ -213,6 +213,7 @@ class Client:
                     raise _error(resp.status, text)
                 return resp.status, (json.loads(text) if text else {})
         except (TimeoutError, aiohttp.ClientError) as err:
+            code = "error"  # the answer may have started before the connection failed
             raise ApiError(503, "Unavailable", f"{method} {path}: {err!r}") from err
         finally:
             metrics.API_REQUESTS.labels(method.lower(), resource_of(path), code).inc()

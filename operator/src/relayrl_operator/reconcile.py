@@ -10,7 +10,9 @@ A pass (`_reconcile`):
 1. a deleted Agent runs the finalizer (stream and bucket removed unless retained);
 2. desired children are built (pure builders) and server-side applied, when the spec
    changed, a child was deleted or edited (the watch tells), or the periodic resync
-   finds a child missing from the cache or comes round to a full re-apply;
+   finds a child missing from the cache, or comes round to an Agent whose children
+   were last applied FULL_APPLY_EVERY periods ago or more (for what a watch can miss:
+   a deletion while it was reconnecting, an edited PodMonitor);
    children no longer desired (a removed sink, the remote Service) are deleted;
 3. the JetStream stream and model bucket are ensured through NATS;
 4. status is computed from the cached children and patched when it changed.
@@ -50,7 +52,9 @@ Key = tuple[str, str]  # (namespace, name)
 # Retry delays for transient errors: 0.5 s doubling up to 60 s, with jitter.
 BACKOFF_BASE = 0.5
 BACKOFF_MAX = 60.0
-# A resync re-applies each Agent's children unconditionally once in this many rounds.
+# A resync re-applies an Agent's children when it has not applied them for this many
+# rounds (each Agent's turn comes once in as many rounds): so every child is compared
+# with its desired state at least every 2 x FULL_APPLY_EVERY resync periods.
 FULL_APPLY_EVERY = 10
 
 # Child kinds the operator watches (handlers/children.py), so its cache of them is
@@ -147,7 +151,8 @@ class Reconciler:
         self._tasks: list[asyncio.Task[None]] = []
         self._timers: set[asyncio.TimerHandle] = set()
         self._events: set[asyncio.Task[None]] = set()
-        self._podmonitors = False
+        self._podmonitors = False  # whether Agents get PodMonitors now
+        self._podmonitor_api = False  # what the last check of the API found
         self._resyncs = 0
 
     # ------------------------------------------------------------------ lifecycle
@@ -155,6 +160,7 @@ class Reconciler:
     async def start(self) -> None:
         """Start the workers and the periodic resync."""
         self._podmonitors = await self._client.has_api(monitoring.API_VERSION)
+        self._podmonitor_api = self._podmonitors
         if self._streams is not None:
             self._streams.set_listener(self._reported)
         loop = asyncio.get_running_loop()
@@ -278,29 +284,34 @@ class Reconciler:
         while True:
             await asyncio.sleep(self._settings.resync_seconds)
             # The Prometheus Operator may have been installed (or removed) since: then
-            # every Agent's children change (a PodMonitor more or less).
-            podmonitors = self._podmonitors
+            # every Agent's children change (a PodMonitor more or less). A PodMonitor
+            # apply that found no API (see _apply_children) does not count as a change.
+            api = self._podmonitor_api
             try:
-                podmonitors = await self._client.has_api(monitoring.API_VERSION)
+                api = await self._client.has_api(monitoring.API_VERSION)
             except kube.ApiError as err:
                 log.info("cannot check for %s: %s", monitoring.API_VERSION, err)
-            monitoring_changed = podmonitors != self._podmonitors
-            self._podmonitors = podmonitors
+            monitoring_changed = api != self._podmonitor_api
+            self._podmonitor_api = self._podmonitors = api
             self._resyncs += 1
+            now = time.monotonic()
             # Children applied within the last period are left alone: their watch events
             # may still be on the way (a busy apiserver lags), and re-applying them
             # would only add no-op writes where the control plane is busiest.
-            recent = time.monotonic() - self._settings.resync_seconds
+            recent = now - self._settings.resync_seconds
+            stale = now - FULL_APPLY_EVERY * self._settings.resync_seconds
             for key, state in list(self._states.items()):
                 # The watch keeps the cache of children current and repairs drift as it
-                # happens; a resync re-applies an Agent's children when the cache is
-                # missing a watched one, and, when the Agent has PodMonitors (no watch
-                # covers them), every FULL_APPLY_EVERY resyncs, spread over the Agents.
+                # happens. A resync re-applies an Agent's children when the cache is
+                # missing a watched one, and on the Agent's turn (once in
+                # FULL_APPLY_EVERY rounds) when they were applied long enough ago.
                 missing = any(kind in _WATCHED_KINDS for kind, _ in state.applied - state.seen)
-                unwatched = any(kind not in _WATCHED_KINDS for kind, _ in state.applied)
                 turn = zlib.crc32("/".join(key).encode()) % FULL_APPLY_EVERY
-                due = missing or (unwatched and turn == self._resyncs % FULL_APPLY_EVERY)
-                if monitoring_changed or (due and state.applied_at < recent):
+                if (
+                    monitoring_changed
+                    or (missing and state.applied_at < recent)
+                    or (turn == self._resyncs % FULL_APPLY_EVERY and state.applied_at < stale)
+                ):
                     state.needs_apply = True
                 if state.stream_ready:
                     state.stream_ready = None  # check the stream still exists on this pass

@@ -190,8 +190,11 @@ async def ensure_stream(
 
 
 def config_differs(want: nats.js.api.StreamConfig, have: nats.js.api.StreamConfig) -> bool:
-    """Whether a stream's config lacks any setting `want` makes (fields it leaves unset,
-    and the server's defaults for them, do not count)."""
+    """Whether a stream's config differs from `want` in any field `want` has.
+
+    Fields `want` leaves unset (None) do not count, so the server's own additions are
+    ignored; its dataclass defaults (`sealed=False`, ...) do count.
+    """
     current = have.as_dict()
     return any(current.get(k) != v for k, v in want.as_dict().items())
 
