@@ -334,13 +334,14 @@ class Agent:
             )
             for i, row in enumerate(rows.tolist())
         ]
-        logps = [o.logp for o in outs]
+        logps = [o.logp for o in outs if o.logp is not None]
         return policy.PolicyOutput(
             actions=np.concatenate([o.actions for o in outs]),
             outputs={k: np.concatenate([o.outputs[k] for o in outs]) for k in outs[0].outputs},
             mask=mask,
             version=outs[0].version,
-            logp=None if None in logps else np.concatenate(logps),  # type: ignore[arg-type]
+            # Only when every actor's policy gave it (`in` would compare arrays with None).
+            logp=np.concatenate(logps) if len(logps) == len(outs) else None,
         )
 
     def flag_last_action(
