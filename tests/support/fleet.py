@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,11 +110,25 @@ def render_chart(values: Path | None, namespace: str, *extra: str) -> list[dict[
 class Operator:
     """The operator as a separate process, as it runs in a cluster."""
 
-    def __init__(self, kubeconfig: Path, log: Path, resync_seconds: float | None = 5) -> None:
-        """``resync_seconds`` is short for tests; None keeps the operator's default."""
+    def __init__(
+        self,
+        kubeconfig: Path,
+        log: Path,
+        resync_seconds: float | None = 5,
+        *,
+        priority: int | None = None,
+        namespaces: Sequence[str] = (),
+    ) -> None:
+        """``resync_seconds`` is short for tests; None keeps the operator's default.
+
+        With a ``priority`` the operator runs with Kopf peering at that priority
+        (the peering object must exist); without one, standalone.
+        """
         self.kubeconfig = kubeconfig
         self.log = log
         self.resync_seconds = resync_seconds
+        self.priority = priority
+        self.namespaces = tuple(namespaces)
         self.metrics_port = natsserver.free_port()
         self.health_port = natsserver.free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -129,7 +144,12 @@ class Operator:
                     "run",
                     "--kubeconfig",
                     str(self.kubeconfig),
-                    "--standalone",
+                    *(
+                        ["--standalone"]
+                        if self.priority is None
+                        else ["--priority", str(self.priority)]
+                    ),
+                    *(arg for ns in self.namespaces for arg in ("--namespace", ns)),
                     "--bind",
                     "127.0.0.1",
                     "--metrics-port",

@@ -13,11 +13,12 @@ import asyncio
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any, cast
 
 import kopf
 import prometheus_client
 
-from relayrl_operator import crd, kube, metrics, natsadmin, settings
+from relayrl_operator import crd, kube, metrics, natsadmin, peering, settings
 from relayrl_runtime import logs
 
 
@@ -52,6 +53,8 @@ def _run(args: argparse.Namespace) -> int:
     memo.config = cfg
     memo.kubeconfig = args.kubeconfig
     memo.workers = args.workers
+    memo.namespaces = args.namespace or []
+    memo.identity = peering.own_identity()
     memo.streams = natsadmin.NatsStreams(kube.Client.from_config(args.kubeconfig))
     namespaces = args.namespace or []
     asyncio.run(
@@ -60,6 +63,8 @@ def _run(args: argparse.Namespace) -> int:
             namespaces=namespaces,
             standalone=args.standalone,
             peering_name=None if args.standalone else "relayrl-operator",
+            identity=cast(Any, memo.identity),
+            priority=args.priority,
             liveness_endpoint=f"http://{args.bind}:{args.health_port}/healthz",
             memo=memo,
         )
@@ -86,6 +91,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--metrics-port", type=int, default=8080, help="/metrics port (-1: off)")
     run.add_argument("--health-port", type=int, default=8081, help="/healthz port")
     run.add_argument("--standalone", action="store_true", help="no peering: act even if others run")
+    run.add_argument(
+        "--priority",
+        type=int,
+        default=0,
+        help="peering priority: a live peer of higher priority pauses this operator, and"
+        " peers of equal priority all pause (default 0)",
+    )
     run.add_argument("--log-level", default="info")
     run.add_argument("--log-format", choices=["json", "text"], default="json")
     args = parser.parse_args(argv)

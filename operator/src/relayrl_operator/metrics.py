@@ -45,6 +45,11 @@ API_REQUESTS: Final = prom.Counter(
     ["verb", "resource", "code"],
     registry=REGISTRY,
 )
+ACTIVE: Final = prom.Gauge(
+    "relayrl_operator_active",
+    "1 while this operator acts, 0 while a peer of higher or equal priority pauses it.",
+    registry=REGISTRY,
+)
 QUEUE_DEPTH: Final = prom.Gauge(
     "relayrl_operator_queue_depth",
     "Agents waiting to be reconciled.",

@@ -33,7 +33,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from relayrl_operator import changes, constants, kube, metrics, settings, status
+from relayrl_operator import changes, constants, kube, metrics, peering, settings, status
 from relayrl_operator.builders import (
     common,
     configmap,
@@ -109,6 +109,11 @@ class _State:
     """What the reconciler remembers about one Agent between passes."""
 
     body: dict[str, Any] | None = None
+    # The parsed spec of the body's (uid, generation), and the restart hash its pods
+    # must carry: the spec only changes with the generation, and most passes come from
+    # pod and StatefulSet events, so neither is recomputed on them.
+    agent: common.AgentRef | None = None
+    restart_hash: str = ""
     applied_generation: int | None = None
     applying_generation: int | None = None  # set while a pass applies this generation
     applied_spec: spec.AgentSpec | None = None
@@ -138,8 +143,13 @@ class Reconciler:
         cfg: settings.Settings,
         streams: Streams | None,
         workers: int = 16,
+        peers: peering.Peering | None = None,
     ) -> None:
         self._client = client
+        self._peers = peers
+        # Set while this operator may act; cleared while a peer pauses it (see peering).
+        self._active = asyncio.Event()
+        self._active.set()
         self._settings = cfg
         self._streams = streams
         self._workers = workers
@@ -164,7 +174,11 @@ class Reconciler:
         if self._streams is not None:
             self._streams.set_listener(self._reported)
         loop = asyncio.get_running_loop()
-        self._tasks = [
+        if self._peers is not None:
+            await self._check_peers()
+            self._tasks.append(loop.create_task(self._follow_peers(), name="reconcile-peering"))
+        metrics.ACTIVE.set(1 if self._active.is_set() else 0)
+        self._tasks += [
             loop.create_task(self._worker(), name=f"reconcile-worker-{i}")
             for i in range(self._workers)
         ]
@@ -182,6 +196,40 @@ class Reconciler:
         self._tasks = []
         if self._events:  # Events already on their way get a moment to land
             await asyncio.wait(set(self._events), timeout=5)
+
+    @property
+    def active(self) -> bool:
+        """Whether this operator acts now (False while a peer pauses it)."""
+        return self._active.is_set()
+
+    async def _follow_peers(self) -> None:
+        while True:
+            await asyncio.sleep(peering.POLL_SECONDS)
+            await self._check_peers()
+
+    async def _check_peers(self) -> None:
+        """Pause or resume by the peering objects; an unreadable one changes nothing."""
+        assert self._peers is not None
+        try:
+            blocking = await self._peers.blockers()
+        except (kube.ApiError, OSError, TimeoutError) as err:
+            log.info("cannot read the peering objects: %s", err)
+            return
+        if blocking and self._active.is_set():
+            log.warning(
+                "pausing: peers %s outrank or equal priority %d", blocking, self._peers.priority
+            )
+            self._active.clear()
+        elif not blocking and not self._active.is_set():
+            log.warning("resuming: no peer outranks priority %d now", self._peers.priority)
+            # While paused the watches were stopped and a peer may have changed any
+            # child: compare every Agent's children with their desired state again.
+            for key, state in self._states.items():
+                state.needs_apply = True
+                state.stream_ready = None
+                self.enqueue(key)
+            self._active.set()
+        metrics.ACTIVE.set(1 if self._active.is_set() else 0)
 
     @property
     def healthy(self) -> bool:
@@ -283,6 +331,8 @@ class Reconciler:
     async def _resync(self) -> None:
         while True:
             await asyncio.sleep(self._settings.resync_seconds)
+            if not self._active.is_set():
+                continue  # standby; resuming compares every Agent anyway
             # The Prometheus Operator may have been installed (or removed) since: then
             # every Agent's children change (a PodMonitor more or less). A PodMonitor
             # apply that found no API (see _apply_children) does not count as a change.
@@ -330,6 +380,8 @@ class Reconciler:
     async def _worker(self) -> None:
         while True:
             key = await self._queue.get()
+            # A standby operator keeps its queue and writes nothing until it resumes.
+            await self._active.wait()
             self._queued.discard(key)
             self._busy.add(key)
             try:
@@ -382,19 +434,25 @@ class Reconciler:
         if meta.get("deletionTimestamp"):
             await self._finalize(key, state)
             return
-        try:
-            agent_spec = spec.parse_spec(body.get("spec") or {})
-        except spec.InvalidSpecError as err:
-            metrics.ERRORS.labels("spec").inc()
-            await self._fail(key, state, generation, f"invalid spec: {err}")
-            return
-        agent = common.AgentRef(
-            name=meta["name"],
-            namespace=meta["namespace"],
-            uid=meta["uid"],
-            generation=generation,
-            spec=agent_spec,
-        )
+        agent = state.agent
+        if agent is None or agent.uid != meta["uid"] or agent.generation != generation:
+            try:
+                agent_spec = spec.parse_spec(body.get("spec") or {})
+            except spec.InvalidSpecError as err:
+                state.agent = None
+                metrics.ERRORS.labels("spec").inc()
+                await self._fail(key, state, generation, f"invalid spec: {err}")
+                return
+            agent = common.AgentRef(
+                name=meta["name"],
+                namespace=meta["namespace"],
+                uid=meta["uid"],
+                generation=generation,
+                spec=agent_spec,
+            )
+            state.agent = agent
+            state.restart_hash = configmap.restart_hash(agent)
+        agent_spec = agent.spec
         add_finalizer = constants.FINALIZER not in (meta.get("finalizers") or [])
         if state.error is not None and state.error_generation == generation:
             if add_finalizer:
@@ -569,7 +627,7 @@ class Reconciler:
 
     def observe(self, agent: common.AgentRef, state: _State) -> status.Observed:
         """Turn cached pods and Deployments into the facts status depends on."""
-        restart = configmap.restart_hash(agent)
+        restart = state.restart_hash if agent is state.agent else configmap.restart_hash(agent)
         reports = (
             self._streams.reports(agent.namespace, agent.name) if self._streams is not None else {}
         )

@@ -7,16 +7,23 @@ node in the end-to-end test); NATS is a real nats-server.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import nats
 import nats.js.errors
 import pytest
 from kubernetes import client
+from prometheus_client.parser import text_string_to_metric_families
 
 from relayrl_localstack import testing
 from relayrl_runtime import streams
 from support import fleet, natsserver, specs
+
+RESYNC_SECONDS = 5  # fleet.Operator's default for tests
 
 
 def manifest(nats_url: str, patch: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -304,3 +311,98 @@ def test_podmonitor_appears_once_the_prometheus_operator_api_exists(
         testing.wait_for(lambda: podmonitor() is None, timeout=60, what="PodMonitor collected")
     finally:
         ext.delete_custom_resource_definition("podmonitors.monitoring.coreos.com")
+
+
+def sample_sum(op: fleet.Operator, name: str, skip: Callable[[dict[str, str]], bool]) -> float:
+    """Sum of one metric's samples on an operator's /metrics, leaving out some label sets."""
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(op.metrics())
+        for s in family.samples
+        if s.name == name and not skip(s.labels)
+    )
+
+
+def active(op: fleet.Operator) -> float:
+    return sample_sum(op, "relayrl_operator_active", lambda _: False)
+
+
+def writes(op: fleet.Operator) -> float:
+    """API writes an operator made (reads, such as its peering checks, aside)."""
+    return sample_sum(op, "relayrl_operator_api_requests_total", lambda lb: lb["verb"] == "get")
+
+
+def test_peering_one_operator_acts_at_a_time(
+    agents: fleet.Agents, nats: natsserver.NatsServer, namespace: str, tmp_path: Path
+) -> None:
+    """A higher-priority operator pauses the running one, which resumes when it leaves.
+
+    Both watch only this test's namespace, with Kopf peering through its KopfPeering.
+    The paused one must write nothing at all, through a resync period and a deleted
+    child, not just stop handling watch events.
+    """
+    k8s = agents.k8s
+    client.CustomObjectsApi(k8s.api).create_namespaced_custom_object(
+        "kopf.dev",
+        "v1",
+        namespace,
+        "kopfpeerings",
+        {
+            "apiVersion": "kopf.dev/v1",
+            "kind": "KopfPeering",
+            "metadata": {"name": "relayrl-operator"},
+        },
+    )
+    low = fleet.Operator(k8s.kubeconfig, tmp_path / "low.log", priority=0, namespaces=[namespace])
+    high = fleet.Operator(
+        k8s.kubeconfig, tmp_path / "high.log", priority=100, namespaces=[namespace]
+    )
+    ext = client.ApiextensionsV1Api(k8s.api)
+    low.start()
+    try:
+        testing.wait_for(lambda: active(low) == 1, timeout=30, what="the operator acting")
+        agents.create(manifest(nats.url, {"metadata": {"name": "first"}}))
+        agents.wait_phase("first", "Ready")
+
+        high.start()
+        try:
+            testing.wait_for(
+                lambda: active(low) == 0,
+                timeout=30,
+                what=f"the priority-0 operator paused (log: {low.log})",
+            )
+            assert active(high) == 1
+            before = writes(low)
+            agents.create(manifest(nats.url, {"metadata": {"name": "second"}}))
+            agents.wait_phase("second", "Ready")
+            k8s.core.delete_namespaced_config_map("second-runtime", namespace)
+            testing.wait_for(
+                lambda: k8s.exists(
+                    k8s.core.read_namespaced_config_map, "second-runtime", namespace
+                ),
+                timeout=60,
+                what="the deleted ConfigMap back",
+            )
+            # The PodMonitor API appearing makes a resync re-apply every Agent's children:
+            # an operator that only stopped its watches would write here.
+            ext.create_custom_resource_definition(PODMONITOR_CRD)
+            time.sleep(RESYNC_SECONDS + 2)  # a resync comes and goes
+            assert writes(low) == before, low.logs()
+            assert writes(high) > 0
+        finally:
+            high.stop()
+
+        # The priority-100 operator removed itself from the peering object on its way out.
+        testing.wait_for(
+            lambda: active(low) == 1, timeout=30, what=f"the operator resumed (log: {low.log})"
+        )
+        before = writes(low)
+        agents.create(manifest(nats.url, {"metadata": {"name": "third"}}))
+        agents.wait_phase("third", "Ready")
+        assert writes(low) > before
+        assert "pausing: peers" in low.logs()
+        assert "resuming" in low.logs()
+    finally:
+        low.stop()
+        with contextlib.suppress(client.ApiException):
+            ext.delete_custom_resource_definition(PODMONITOR_CRD["metadata"]["name"])

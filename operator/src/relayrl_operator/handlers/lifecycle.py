@@ -11,7 +11,7 @@ from typing import Any
 
 import kopf
 
-from relayrl_operator import constants, kube, reconcile
+from relayrl_operator import constants, kube, peering, reconcile
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +68,26 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.persistence.diffbase_storage = NoDiffBase()
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
-    # One operator acts at a time (Kopf peering); more replicas wait as standbys.
+    # One operator acts at a time (Kopf peering): one of a higher priority pauses the
+    # others, and operators of equal priority all pause. Kopf pauses its watches; the
+    # reconciler, which also acts on its own, follows the same peering objects.
     settings.peering.name = constants.OPERATOR_NAME
     settings.peering.mandatory = False
 
     client = kube.Client.from_config(memo.kubeconfig)
     memo.client = client
-    memo.reconciler = reconcile.Reconciler(client, memo.config, memo.streams, workers=memo.workers)
+    peers = None
+    if not settings.peering.standalone:
+        peers = peering.Peering(
+            client,
+            settings.peering.name,
+            memo.identity,
+            settings.peering.priority,
+            tuple(memo.namespaces),
+        )
+    memo.reconciler = reconcile.Reconciler(
+        client, memo.config, memo.streams, workers=memo.workers, peers=peers
+    )
     await memo.reconciler.start()
     log.info("reconciler started with %d workers", memo.workers)
 
