@@ -121,6 +121,7 @@ class _State:
     applied_at: float = 0.0  # time.monotonic() of the last apply
     needs_apply: bool = True
     failures: int = 0
+    nats_failures: int = 0  # stream/bucket attempts failed in a row
     stream_ready: bool | None = None
     stream_message: str = ""
     error: str | None = None
@@ -494,12 +495,16 @@ class Reconciler:
             try:
                 state.stream_message = await self._streams.ensure(agent)
                 state.stream_ready = True
+                state.nats_failures = 0
             except Exception as err:  # any NATS failure is shown and retried
                 metrics.ERRORS.labels("nats").inc()
                 state.stream_ready = False
                 state.stream_message = f"cannot reach NATS: {err}"
-                self._enqueue_later(key, min(BACKOFF_MAX, BACKOFF_BASE * 2**state.failures))
-                state.failures += 1
+                # Its own count: the pass itself succeeds (status is written), which
+                # resets `failures`, and the retries must still back off.
+                delay = min(BACKOFF_MAX, BACKOFF_BASE * 2**state.nats_failures)
+                self._enqueue_later(key, delay * random.uniform(0.8, 1.2))
+                state.nats_failures += 1
 
         await self._write_status(agent, state)
 
@@ -551,9 +556,14 @@ class Reconciler:
         # What may exist but is not desired: what we applied before, and any optional
         # child this Agent could have had that the watch shows (after a restart).
         candidates = state.applied | (self._optional_children(agent) & state.seen)
+        prunable = {k.kind: k for k in _PRUNABLE}
         for kind_name, name in sorted(candidates - now):
-            kind = next(k for k in _PRUNABLE if k.kind == kind_name)
-            if await self._client.delete(kind, agent.namespace, name):
+            kind = prunable.get(kind_name)
+            if kind is None:
+                # A sink's claim that is no longer used keeps its data: the Agent's owner
+                # reference collects it with the Agent, or the user deletes it.
+                log.info("kept %s %s/%s: no longer used", kind_name, agent.namespace, name)
+            elif await self._client.delete(kind, agent.namespace, name):
                 metrics.CHILDREN.labels(kind_name, "deleted").inc()
                 log.info("deleted %s %s/%s: no longer desired", kind_name, agent.namespace, name)
             state.child_generations.pop((kind_name, name), None)

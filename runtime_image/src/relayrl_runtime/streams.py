@@ -59,6 +59,10 @@ HEADER_DEAD_REASON: Final = "Relayrl-Dead-Letter-Reason"
 HEADER_DEAD_SINK: Final = "Relayrl-Dead-Letter-Sink"
 HEADER_ORIGINAL_SUBJECT: Final = "Relayrl-Original-Subject"
 HEADER_ORIGINAL_SEQUENCE: Final = "Relayrl-Original-Sequence"
+# Set when the dead-letter copy holds only the start of the message (the whole would
+# not fit under the server's max_payload with the headers): the original's size. The
+# original stays in the stream at its sequence.
+HEADER_DEAD_TRUNCATED: Final = "Relayrl-Dead-Letter-Truncated"
 
 # Environment variables naming mounted secrets and NATS settings (set by the operator).
 ENV_NATS_URL: Final = "RELAYRL_NATS_URL"

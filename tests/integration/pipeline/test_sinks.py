@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+from pathlib import Path
 
 import duckdb
 import nats
@@ -20,7 +21,7 @@ from nats.aio.msg import Msg
 from relayrl_runtime import streams
 from relayrl_runtime.sinks import arrow_stream
 from relayrl_runtime.sinks import postgres as pg_sink
-from support import pipeline, postgres, trajectories
+from support import natsserver, pipeline, postgres, trajectories
 
 SUBJECT = streams.trajectories_subject(pipeline.NAMESPACE, pipeline.AGENT)
 
@@ -178,6 +179,53 @@ async def test_bad_messages_go_to_the_dead_letter_subject(
         assert s.terminate() == 0
     pipeline.assert_same(pipeline.read_arrow(root), want, "arrow")
     pipeline.assert_same(pipeline.read_postgres(pg.dsn), want, "postgres")
+
+
+async def test_a_bad_message_near_max_payload_is_dead_lettered_cut_short(
+    tmp_path: Path,
+) -> None:
+    """Its copy plus the dead-letter headers would pass max_payload: the start goes."""
+    limit = 64 << 10
+    with natsserver.NatsServer(max_payload=limit) as srv:
+        p = pipeline.Pipeline(srv, tmp_path, None)
+        try:
+            arrow = p.arrow_sink("--rotate-seconds", "1")
+            arrow.start()
+            arrow.wait_ready()
+            nc = await nats.connect(srv.url)
+            try:
+                js = nc.jetstream()
+                v = streams.HEADER_SCHEMA_VERSION
+                big = b"x" * (limit - 200)
+                bad = await js.publish(SUBJECT, big, headers={v: "1"})
+                good = trajectories.batch(4, 0)
+                sink = pa.BufferOutputStream()
+                with pa.ipc.new_stream(sink, good.schema) as w:
+                    w.write_batch(good)
+                await js.publish(SUBJECT, sink.getvalue().to_pybytes(), headers={v: "1"})
+                dead_subject = streams.deadletter_subject(pipeline.NAMESPACE, pipeline.AGENT)
+                sub = await js.pull_subscribe(dead_subject, durable=None)
+                dead: list[Msg] = []
+                for _ in range(30):
+                    with contextlib.suppress(nats.errors.TimeoutError):
+                        dead += await sub.fetch(1, timeout=1)
+                    if dead:
+                        break
+            finally:
+                await nc.close()
+            assert len(dead) == 1
+            headers = dead[0].headers or {}
+            assert headers[streams.HEADER_ORIGINAL_SEQUENCE] == str(bad.seq)
+            assert headers[streams.HEADER_DEAD_TRUNCATED] == str(len(big))
+            assert big.startswith(dead[0].data)
+            assert len(dead[0].data) > limit // 2
+            want = trajectories.sort(pa.Table.from_batches([good]))
+            root = p.arrow_dir
+            pipeline.wait_until("arrow rows", lambda: pipeline.arrow_rows(root) == want.num_rows)
+            assert arrow.alive()
+            assert arrow.terminate() == 0
+        finally:
+            p.close()
 
 
 def test_health_ready_and_metrics(arrow_pipeline: pipeline.Pipeline) -> None:

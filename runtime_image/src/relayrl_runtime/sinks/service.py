@@ -246,6 +246,21 @@ def decode(
     return table, version
 
 
+def fit_dead_letter(data: bytes, headers: dict[str, str], max_payload: int) -> bytes:
+    """The payload of a dead-letter copy: all of `data`, or its start when headers and
+    data together would pass the server's max_payload (which it answers by closing the
+    connection, so the copy could never be published). Marks a cut in `headers`.
+    """
+    if max_payload <= 0:
+        return data
+    headers_size = len(b"NATS/1.0\r\n\r\n") + sum(len(k) + len(v) + 4 for k, v in headers.items())
+    room = max_payload - headers_size - 128  # 128: the truncation header and slack
+    if len(data) <= room:
+        return data
+    headers[streams.HEADER_DEAD_TRUNCATED] = str(len(data))
+    return data[: max(0, room)]
+
+
 def _distinct_text(col: pa.ChunkedArray) -> set[str]:
     """Distinct values of a (dictionary) text column, without decoding every row."""
     out: set[str] = set()
@@ -491,9 +506,10 @@ class SinkService:
             self._last_dseq = max(self._last_dseq, dseq)
             self.metrics.redeliveries.inc()
             return True
-        if self._last_dseq and dseq != self._last_dseq + 1:
+        if dseq != self._last_dseq + 1:
             # A first delivery that does not follow the last one: something between
-            # was lost in flight (e.g. across a server restart).
+            # was lost in flight (e.g. across a server restart). The consumer is made
+            # afresh at every (re-)positioning, so its first delivery must be number 1.
             log.warning(
                 "%s sink: delivery gap (consumer sequence %d after %d); re-positioning at %d",
                 self.writer.kind,
@@ -541,9 +557,12 @@ class SinkService:
             streams.HEADER_ORIGINAL_SEQUENCE: str(seq),
             "Relayrl-Dead-Letter-Detail": str(err)[:1000].replace("\r", " ").replace("\n", " "),
         }
+        payload = fit_dead_letter(
+            msg.data, headers, self._nc.max_payload if self._nc is not None else 0
+        )
         await self._retry(
             "deadletter",
-            lambda: js.publish(self.deadletter, msg.data, headers=headers),
+            lambda: js.publish(self.deadletter, payload, headers=headers),
         )
         self.metrics.dead_letters.labels(self.writer.kind, err.reason).inc()
 

@@ -1,0 +1,140 @@
+"""Reconcile passes against a recording stand-in for the apiserver and NATS.
+
+The cluster tests run the operator against a real control plane; these drive single
+passes through paths that are slow or awkward to reach there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from relayrl_operator import constants, kube, reconcile, settings
+from relayrl_operator.builders import common
+
+EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "cartpole-cpu" / "agent.yaml"
+KEY = ("ml", "cartpole")
+
+
+class Applied:
+    def __init__(self, obj: dict[str, Any]) -> None:
+        self.obj = obj
+        self.resource_version = "1"
+        self.created = True
+
+
+class Recorder:
+    """Answers every request with success and remembers the writes."""
+
+    def __init__(self) -> None:
+        self.applied: list[tuple[str, str]] = []
+        self.deleted: list[tuple[str, str]] = []
+        self.status: list[dict[str, Any]] = []
+
+    async def apply(self, obj: dict[str, Any]) -> Applied:
+        self.applied.append((obj["kind"], obj["metadata"]["name"]))
+        return Applied(obj)
+
+    async def merge_patch(self, *args: Any, sub: str | None = None) -> dict[str, Any]:
+        if sub == "status":
+            self.status.append(args[-1]["status"])
+        return {}
+
+    async def delete(self, kind: kube.Kind, namespace: str, name: str) -> bool:
+        self.deleted.append((kind.kind, name))
+        return True
+
+    async def request(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return {}
+
+    async def has_api(self, api_version: str) -> bool:
+        return False
+
+
+class FailingStreams:
+    """NATS that is never reachable; counts the attempts."""
+
+    def __init__(self) -> None:
+        self.attempts = 0
+
+    async def ensure(self, agent: common.AgentRef) -> str:
+        self.attempts += 1
+        raise ConnectionRefusedError("nats://nats:4222")
+
+    async def remove(self, agent: common.AgentRef) -> None:
+        pass
+
+    def set_listener(self, listener: Any) -> None:
+        pass
+
+    def reports(self, namespace: str, agent: str) -> dict[str, Any]:
+        return {}
+
+
+def agent_body(generation: int = 1, **spec: Any) -> dict[str, Any]:
+    body: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
+    body["metadata"].update(
+        namespace="ml",
+        uid="u1",
+        generation=generation,
+        resourceVersion=str(generation),
+        finalizers=[constants.FINALIZER],
+    )
+    body["spec"].update(spec)
+    return body
+
+
+async def settle(rec: reconcile.Reconciler, seconds: float = 0.3) -> None:
+    await asyncio.sleep(seconds)
+    assert rec.healthy
+
+
+async def test_removing_a_sink_with_a_claim_deletes_the_deployment_and_keeps_the_claim() -> None:
+    api = Recorder()
+    rec = reconcile.Reconciler(api, settings.Settings(), None, workers=1)  # type: ignore[arg-type]
+    await rec.start()
+    try:
+        first = agent_body()
+        first["spec"]["sinks"][0]["arrow"]["storage"] = {"size": "1Gi"}
+        rec.agent_event("ADDED", first)
+        await settle(rec)
+        sink = common.sink_name(
+            rec._states[KEY].agent,  # type: ignore[arg-type]
+            constants.COMPONENT_ARROW_SINK,
+        )
+        assert ("PersistentVolumeClaim", sink) in api.applied
+        second = copy.deepcopy(first)
+        second["metadata"].update(generation=2, resourceVersion="2")
+        second["spec"]["sinks"] = []
+        rec.agent_event("MODIFIED", second)
+        await settle(rec)
+        state = rec._states[KEY]
+        assert state.failures == 0
+        assert state.applied_generation == 2
+        assert api.deleted == [("Deployment", sink)]  # once; the claim and its data stay
+        assert api.status[-1]["observedGeneration"] == 2
+    finally:
+        await rec.stop()
+
+
+async def test_unreachable_nats_is_retried_with_growing_delays() -> None:
+    api = Recorder()
+    nats = FailingStreams()
+    rec = reconcile.Reconciler(api, settings.Settings(), nats, workers=1)  # type: ignore[arg-type]
+    await rec.start()
+    try:
+        rec.agent_event("ADDED", agent_body())
+        await settle(rec, 3.2)
+        # 0.5 s doubling (with jitter 0.8-1.2x): at most 4 attempts in 3.2 s, not one
+        # every half second.
+        assert 2 <= nats.attempts <= 4
+        status = api.status[-1]
+        stream = next(c for c in status["conditions"] if c["type"] == "StreamReady")
+        assert stream["status"] == "False"
+        assert "cannot reach NATS" in stream["message"]
+    finally:
+        await rec.stop()
