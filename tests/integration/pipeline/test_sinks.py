@@ -181,6 +181,65 @@ async def test_bad_messages_go_to_the_dead_letter_subject(
     pipeline.assert_same(pipeline.read_postgres(pg.dsn), want, "postgres")
 
 
+def _ipc(table: pa.Table) -> bytes:
+    out = pa.BufferOutputStream()
+    with pa.ipc.new_stream(out, table.schema) as w:
+        w.write_table(table)
+    return bytes(out.getvalue().to_pybytes())
+
+
+async def test_postgres_dead_letters_a_column_type_its_table_cannot_take(
+    pg_pipeline: pipeline.Pipeline, pg: postgres.PostgresServer
+) -> None:
+    """obs as float64 after the table has it as real[]: COPY would fail on every retry.
+
+    The messages after it, one with an extra aux column, are stored as usual (a
+    schema change inside a batch is one more COPY in the same transaction).
+    """
+    pgsink = pg_pipeline.postgres_sink()
+    pgsink.start()
+    pgsink.wait_ready()
+    first = pa.Table.from_batches([trajectories.batch(4, 0)])
+    i = first.schema.get_field_index("obs")
+    width = first.schema.field("obs").type.list_size
+    wide = pa.Table.from_batches([trajectories.batch(4, 1)])
+    wide = wide.set_column(i, "obs", wide.column(i).cast(pa.list_(pa.float64(), width)))
+    extra = pa.Table.from_batches([trajectories.batch(4, 2)])
+    extra = extra.append_column(
+        pa.field("aux_extra", pa.float32(), nullable=False),
+        pa.array([0.5] * extra.num_rows, pa.float32()),
+    )
+    last = pa.Table.from_batches([trajectories.batch(4, 3)])
+    nc = await nats.connect(pg_pipeline.nats.url)
+    try:
+        js = nc.jetstream()
+        v = streams.HEADER_SCHEMA_VERSION
+        await js.publish(SUBJECT, _ipc(first), headers={v: "1"})
+        pipeline.wait_until("first rows", lambda: pipeline.postgres_rows(pg.dsn) == first.num_rows)
+        bad = await js.publish(SUBJECT, _ipc(wide), headers={v: "1"})
+        for t in (extra, last):
+            await js.publish(SUBJECT, _ipc(t), headers={v: "1"})
+        dead_subject = streams.deadletter_subject(pipeline.NAMESPACE, pipeline.AGENT)
+        sub = await js.pull_subscribe(dead_subject, durable=None)
+        dead: list[Msg] = []
+        for _ in range(30):
+            with contextlib.suppress(nats.errors.TimeoutError):
+                dead += await sub.fetch(1, timeout=1)
+            if dead:
+                break
+    finally:
+        await nc.close()
+    assert [int((m.headers or {})[streams.HEADER_ORIGINAL_SEQUENCE]) for m in dead] == [bad.seq]
+    assert (dead[0].headers or {})[streams.HEADER_DEAD_REASON] == "schema-mismatch"
+    want = first.num_rows + extra.num_rows + last.num_rows
+    pipeline.wait_until("pg rows", lambda: pipeline.postgres_rows(pg.dsn) == want)
+    assert pgsink.alive()
+    assert pgsink.terminate() == 0
+    with psycopg.connect(pg.dsn) as conn:
+        row = conn.execute("SELECT count(aux_extra) FROM relayrl.steps").fetchone()
+    assert row == (extra.num_rows,)
+
+
 async def test_a_bad_message_near_max_payload_is_dead_lettered_cut_short(
     tmp_path: Path,
 ) -> None:

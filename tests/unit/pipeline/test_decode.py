@@ -78,3 +78,23 @@ def test_the_agent_column_is_checked_row_by_row() -> None:
         with pytest.raises(service.InvalidMessageError) as err:
             service.decode(bad, {V: "1"}, agent)
         assert err.value.reason == "invalid-arrow"
+
+
+@pytest.mark.parametrize("column", ["reward", "logp", "terminated", "obs_time", "obs", "action"])
+def test_a_version_1_message_without_a_fixed_column_is_refused(column: str) -> None:
+    batch = trajectories.batch(1, 0).drop_columns([column])
+    with pytest.raises(service.InvalidMessageError, match=rf"missing columns.*{column}") as err:
+        service.decode(_ipc(batch), {V: "1"})
+    assert err.value.reason == "schema-mismatch"
+
+
+def test_a_fixed_column_of_another_type_or_with_nulls_is_refused() -> None:
+    batch = trajectories.batch(1, 0)
+    i = batch.schema.get_field_index("reward")
+    as_float32 = batch.set_column(i, "reward", batch.column(i).cast(pa.float32()))
+    with pytest.raises(service.InvalidMessageError, match=r"column reward is float; .* double"):
+        service.decode(_ipc(as_float32), {V: "1"})
+    nulls = pa.array([None] + [1.0] * (batch.num_rows - 1), pa.float64())
+    with_nulls = batch.set_column(i, pa.field("reward", pa.float64()), nulls)
+    with pytest.raises(service.InvalidMessageError, match="column reward has 1 null"):
+        service.decode(_ipc(with_nulls), {V: "1"})

@@ -318,6 +318,9 @@ class ArrowStreamWriter:
         files = committed_files(self.root)
         return max((last for _, last, _ in files), default=0)
 
+    def check(self, table: pa.Table) -> None:
+        """Every decoded message fits: a new schema starts a new file."""
+
     async def add(self, delivery: service.Delivery) -> None:
         day = delivery.time.astimezone(dt.UTC).date()
         table = delivery.table

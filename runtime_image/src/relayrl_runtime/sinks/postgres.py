@@ -167,6 +167,18 @@ def sql_type(t: pa.DataType) -> str:
     return scalar.sql
 
 
+_FORMAT_TYPE_NAMES: Final = {
+    "timestamptz": "timestamp with time zone",
+    "timestamp": "timestamp without time zone",
+}
+
+
+def _canonical(typ: str) -> str:
+    """A type as Postgres's format_type spells it (sql_type writes timestamptz)."""
+    base, brackets = (typ[:-2], "[]") if typ.endswith("[]") else (typ, "")
+    return _FORMAT_TYPE_NAMES.get(base, base) + brackets
+
+
 class _Slow(Exception):
     """The fast encoder cannot handle this table (nulls, variable-width text)."""
 
@@ -354,11 +366,14 @@ def copy_columns(schema: pa.Schema) -> list[str]:
 
 @dataclasses.dataclass(frozen=True)
 class _Sealed:
-    """One transaction's worth of rows: encoded payloads and the offset they move to."""
+    """One transaction's worth of rows and the offset they move to.
+
+    The rows come in groups of one column list each (one COPY per group): messages
+    whose schema differs (a new aux output, say) share the transaction.
+    """
 
     ticket: int
-    schema: pa.Schema
-    payloads: list[concurrent.futures.Future[bytes]]
+    groups: list[tuple[pa.Schema, list[concurrent.futures.Future[bytes]]]]
     last_seq: int
 
 
@@ -390,9 +405,11 @@ class PostgresWriter:
         self.connect_timeout = connect_timeout
         self._conn: psycopg.Connection[Any] | None = None
         self._committed = 0
-        self._columns: set[str] = set()
-        self._copy_schema: pa.Schema | None = None
-        self._payloads: list[concurrent.futures.Future[bytes]] = []
+        self._columns: dict[str, str] = {}  # the table's columns and their types
+        # Column types messages accepted since the table was read will give it: a column
+        # is created with the type of the first message that has it.
+        self._expected: dict[str, str] = {}
+        self._groups: list[tuple[pa.Schema, list[concurrent.futures.Future[bytes]]]] = []
         self._rows = 0
         self._since = 0.0
         self._last_added = 0
@@ -405,7 +422,7 @@ class PostgresWriter:
 
     @property
     def pending(self) -> bool:
-        return bool(self._payloads)
+        return bool(self._groups)
 
     # -------------------------------------------------------------- protocol
 
@@ -413,33 +430,54 @@ class PostgresWriter:
         self._committed = await self._in_db(self._open)
         return self._committed
 
+    def check(self, table: pa.Table) -> None:
+        """Refuse a message whose columns the table has (or will have) in another type.
+
+        COPY would fail on it every time, holding up every message after it.
+        """
+        wanted: dict[str, str] = {}
+        for f in table.schema:
+            try:
+                wanted[f.name] = _canonical(sql_type(f.type))
+            except service.PermanentError as err:
+                raise service.InvalidMessageError(
+                    service.DeadLetterReason.SCHEMA_MISMATCH, f"column {f.name}: {err}"
+                ) from err
+        known = {**self._expected, **self._columns}
+        for name, typ in wanted.items():
+            have = known.get(name)
+            if have is not None and have != typ:
+                raise service.InvalidMessageError(
+                    service.DeadLetterReason.SCHEMA_MISMATCH,
+                    f"column {name} is {typ} in this message, {have} in "
+                    f"{self.schema_name}.{self.table}",
+                )
+        for name, typ in wanted.items():
+            self._expected.setdefault(name, typ)
+
     async def add(self, delivery: service.Delivery) -> None:
         table = delivery.table
-        if self._copy_schema is not None and not table.schema.equals(
-            self._copy_schema, check_metadata=False
-        ):
-            # One COPY has one column list: commit what has the old one first.
-            await self.commit(self.seal(self._last_added))
-        if not self._payloads:
+        if not self._groups:
             self._since = time.monotonic()
-            self._copy_schema = table.schema
-        self._payloads.append(
+        if not self._groups or not table.schema.equals(self._groups[-1][0], check_metadata=False):
+            # One COPY has one column list: a new schema starts a new group.
+            self._groups.append((table.schema, []))
+        self._groups[-1][1].append(
             self._pool.submit(encode_copy, table, delivery.seq, delivery.schema_version)
         )
         self._rows += table.num_rows
         self._last_added = delivery.seq
 
     def due(self, now: float) -> bool:
-        return bool(self._payloads) and (
+        return bool(self._groups) and (
             self._rows >= self.batch_rows or now - self._since >= self.linger_seconds
         )
 
     def seal(self, last_seq: int) -> object:
         """Take everything added so far as one transaction; later adds start the next."""
-        assert self._copy_schema is not None
         self._ticket += 1
-        sealed = _Sealed(self._ticket, self._copy_schema, self._payloads, last_seq)
-        self._payloads, self._rows, self._copy_schema = [], 0, None
+        sealed = _Sealed(self._ticket, self._groups, last_seq)
+        self._groups, self._rows = [], 0
         return sealed
 
     async def commit(self, sealed: object) -> None:
@@ -451,15 +489,18 @@ class PostgresWriter:
         assert isinstance(sealed, _Sealed)
         async with self._order:
             await self._order.wait_for(lambda: self._done_ticket == sealed.ticket - 1)
-        payloads = [await asyncio.wrap_future(f) for f in sealed.payloads]
-        await self._in_db(lambda: self._commit(sealed.schema, payloads, sealed.last_seq))
+        groups = [
+            (schema, [await asyncio.wrap_future(f) for f in futures])
+            for schema, futures in sealed.groups
+        ]
+        await self._in_db(lambda: self._commit(groups, sealed.last_seq))
         self._committed = sealed.last_seq
         async with self._order:
             self._done_ticket = sealed.ticket
             self._order.notify_all()
 
     async def close(self) -> None:
-        self._payloads = []
+        self._groups = []
         await self._in_db(self._disconnect)
         self._pool.shutdown(wait=True)
         self._db.shutdown(wait=True)
@@ -560,13 +601,13 @@ class PostgresWriter:
                 )
                 log.info("postgres: applied migration %d: %s", m.version, m.description)
 
-    def _table_columns(self, conn: psycopg.Connection[Any]) -> set[str]:
+    def _table_columns(self, conn: psycopg.Connection[Any]) -> dict[str, str]:
         rows = conn.execute(
-            "SELECT column_name FROM information_schema.columns "
-            "WHERE table_schema = %s AND table_name = %s",
-            (self.schema_name, self.table),
+            "SELECT attname, format_type(atttypid, NULL) FROM pg_attribute "
+            "WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped",
+            (f"{self.schema_name}.{self.table}",),
         ).fetchall()
-        return {str(r[0]) for r in rows}
+        return {str(r[0]): str(r[1]) for r in rows}
 
     def _add_columns(self, conn: psycopg.Connection[Any], schema: pa.Schema) -> None:
         for f in schema:
@@ -581,7 +622,7 @@ class PostgresWriter:
             )
             log.info("postgres: added column %s %s", f.name, sql_type(f.type))
 
-    def _commit(self, schema: pa.Schema, payloads: list[bytes], last_seq: int) -> None:
+    def _commit(self, groups: list[tuple[pa.Schema, list[bytes]]], last_seq: int) -> None:
         conn = self._connect()
         ids = self._ids()
         try:
@@ -603,18 +644,19 @@ class PostgresWriter:
                         f"postgres: offset of {self.stream}/{self.consumer} is {stored}, "
                         f"expected {self._committed}: is another sink writing?"
                     )
-                if not set(schema.names) <= self._columns:
-                    self._add_columns(conn, schema)
-                    self._columns = self._table_columns(conn)
-                cols = sql.SQL(", ").join(sql.Identifier(c) for c in copy_columns(schema))
-                stmt = sql.SQL("COPY {schema}.{table} ({cols}) FROM STDIN (FORMAT BINARY)").format(
-                    cols=cols, **ids
-                )
-                with conn.cursor() as cur, cur.copy(stmt) as copy:
-                    copy.write(_COPY_HEADER)
-                    for p in payloads:
-                        copy.write(p)
-                    copy.write(_COPY_TRAILER)
+                for schema, payloads in groups:
+                    if not set(schema.names) <= self._columns.keys():
+                        self._add_columns(conn, schema)
+                        self._columns = self._table_columns(conn)
+                    cols = sql.SQL(", ").join(sql.Identifier(c) for c in copy_columns(schema))
+                    stmt = sql.SQL(
+                        "COPY {schema}.{table} ({cols}) FROM STDIN (FORMAT BINARY)"
+                    ).format(cols=cols, **ids)
+                    with conn.cursor() as cur, cur.copy(stmt) as copy:
+                        copy.write(_COPY_HEADER)
+                        for p in payloads:
+                            copy.write(p)
+                        copy.write(_COPY_TRAILER)
                 conn.execute(
                     sql.SQL(
                         "UPDATE {schema}.sink_offsets SET last_seq = %s, updated_at = now() "

@@ -47,13 +47,27 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from relayrl_runtime import streams, trajectory
+from relayrl_runtime.inference import model
 
 log = logging.getLogger(__name__)
 
 PREFIX: Final = "relayrl_sink"
 SUPPORTED_SCHEMA_VERSIONS: Final = frozenset({trajectory.SCHEMA_VERSION})
-# Columns a sink relies on, whatever the layout's obs/action/aux columns are.
-REQUIRED_COLUMNS: Final = ("actor_id", "episode_id", "step", "policy_version")
+# The layout-independent columns of a schema-version-1 message and their types, as the
+# runtime writes them (trajectory.schema); obs, action, mask and aux_* depend on the model.
+FIXED_COLUMNS: Final = {
+    f.name: f.type
+    for f in trajectory.schema(
+        trajectory.Layout(
+            agent="-",
+            obs_shape=(1,),
+            obs_dtype="float32",
+            action_kind=model.ActionKind.DISCRETE,
+            action_size=1,
+        )
+    )
+    if f.name not in ("agent", "obs", "action", "mask")
+}
 # How often the consume loop looks at the writer's commit deadline while nothing arrives.
 _TICK_SECONDS: Final = 0.05
 # nats-py reads the socket in pieces of this size, and its stream reader stops reading
@@ -98,6 +112,14 @@ class Writer(Protocol):
 
     async def open(self) -> int:
         """Prepare storage; return the last stream sequence already committed (0: none)."""
+        ...
+
+    def check(self, table: pa.Table) -> None:
+        """Raise InvalidMessageError for a decoded message this writer could never store.
+
+        Called before `add`; the message then goes to the dead-letter subject instead of
+        failing every commit attempt and holding up everything behind it.
+        """
         ...
 
     async def add(self, delivery: Delivery) -> None:
@@ -230,9 +252,22 @@ def decode(
             f"schema metadata says version {in_schema!r}, header says {version}",
         )
     columns = set(table.schema.names)
-    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    missing = [c for c in (*FIXED_COLUMNS, "obs", "action") if c not in columns]
     if missing:
         raise InvalidMessageError(DeadLetterReason.SCHEMA_MISMATCH, f"missing columns {missing}")
+    for name, want in FIXED_COLUMNS.items():
+        have = table.schema.field(name).type
+        if have != want:
+            raise InvalidMessageError(
+                DeadLetterReason.SCHEMA_MISMATCH,
+                f"column {name} is {have}; schema version {version} has {want}",
+            )
+    for name in (*FIXED_COLUMNS, "obs", "action"):
+        nulls = table.column(name).null_count
+        if nulls:
+            raise InvalidMessageError(
+                DeadLetterReason.SCHEMA_MISMATCH, f"column {name} has {nulls} null value(s)"
+            )
     if agent is not None and "agent" in columns and table.num_rows:
         try:
             names = _distinct_text(table.column("agent"))
@@ -525,6 +560,7 @@ class SinkService:
         self._avg_size += 0.2 * (len(msg.data) - self._avg_size)
         try:
             table, version = decode(msg.data, msg.headers, self.config.agent)
+            self.writer.check(table)
         except InvalidMessageError as err:
             await self._dead_letter(js, msg, seq, err)
             if not self.writer.pending and self._inflight is None:

@@ -1,0 +1,48 @@
+"""The Postgres writer refuses, before COPY, a message whose column types the table cannot take."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+
+from relayrl_runtime.sinks import postgres, service
+from support import trajectories
+
+
+def writer(columns: dict[str, str]) -> postgres.PostgresWriter:
+    w = postgres.PostgresWriter(lambda: "", stream="S", consumer="c")
+    w._columns = columns  # as read from the table
+    return w
+
+
+def table(obs_type: pa.DataType | None = None) -> pa.Table:
+    t = pa.Table.from_batches([trajectories.batch(1, 0)])
+    if obs_type is not None:
+        i = t.schema.get_field_index("obs")
+        t = t.set_column(i, "obs", t.column(i).cast(obs_type))
+    return t
+
+
+def test_a_message_matching_the_table_passes() -> None:
+    good = table()
+    w = writer({"reward": "double precision", "obs_time": "timestamp with time zone"})
+    w.check(good)
+
+
+def test_a_column_of_another_type_than_the_tables_is_refused() -> None:
+    good = table()
+    width = good.schema.field("obs").type.list_size
+    w = writer({"obs": "real[]"})
+    with pytest.raises(service.InvalidMessageError, match="column obs is double precision"):
+        w.check(table(pa.list_(pa.float64(), width)))
+
+
+def test_the_first_accepted_message_fixes_a_new_columns_type() -> None:
+    """Two layouts in flight before the column exists: the second would fail its COPY."""
+    good = table()
+    width = good.schema.field("obs").type.list_size
+    w = writer({})
+    w.check(good)
+    with pytest.raises(service.InvalidMessageError) as err:
+        w.check(table(pa.list_(pa.float64(), width)))
+    assert err.value.reason == "schema-mismatch"
