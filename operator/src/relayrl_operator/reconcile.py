@@ -452,7 +452,7 @@ class Reconciler:
                 spec=agent_spec,
             )
             state.agent = agent
-            state.restart_hash = configmap.restart_hash(agent)
+            state.restart_hash = statefulset.restart_hash(agent, self._settings)
         agent_spec = agent.spec
         add_finalizer = constants.FINALIZER not in (meta.get("finalizers") or [])
         if state.error is not None and state.error_generation == generation:
@@ -637,15 +637,22 @@ class Reconciler:
 
     def observe(self, agent: common.AgentRef, state: _State) -> status.Observed:
         """Turn cached pods and Deployments into the facts status depends on."""
-        restart = state.restart_hash if agent is state.agent else configmap.restart_hash(agent)
+        restart = (
+            state.restart_hash
+            if agent is state.agent
+            else statefulset.restart_hash(agent, self._settings)
+        )
         reports = (
             self._streams.reports(agent.namespace, agent.name) if self._streams is not None else {}
         )
         fresh_after = time.time() - reporting.MAX_AGE_SECONDS
         pods = []
+        sink_pods: dict[str, list[Mapping[str, Any]]] = {}
         for pod in state.pods.values():
             labels = pod["metadata"].get("labels") or {}
-            if labels.get(constants.LABEL_COMPONENT) != constants.COMPONENT_ACTORS:
+            component = labels.get(constants.LABEL_COMPONENT)
+            if component != constants.COMPONENT_ACTORS:
+                sink_pods.setdefault(str(component), []).append(pod)
                 continue
             if pod["metadata"].get("deletionTimestamp"):
                 continue
@@ -656,7 +663,7 @@ class Reconciler:
         for name in sinks.desired_names(agent):
             deployment = state.deployments.get(name)
             if deployment is not None:
-                sink_views.append(_sink_view(deployment))
+                sink_views.append(_sink_view(deployment, sink_pods))
         return status.Observed(
             pods=pods,
             sinks=sink_views,
@@ -773,11 +780,7 @@ def _pod_view(
     unschedulable = None
     if scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable":
         unschedulable = scheduled.get("message") or "no node fits"
-    failing = None
-    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
-        waiting = (cs.get("state") or {}).get("waiting") or {}
-        if waiting.get("reason") in _FAILING_REASONS:
-            failing = f"{waiting['reason']}: {waiting.get('message', '')}".rstrip(": ")
+    failing = _waiting_failure(pod)
     annotations = meta.get("annotations") or {}
     return status.PodView(
         index=index,
@@ -789,7 +792,18 @@ def _pod_view(
     )
 
 
-def _sink_view(deployment: Mapping[str, Any]) -> status.SinkView:
+def _waiting_failure(pod: Mapping[str, Any]) -> str | None:
+    """The failure a pod's containers report while waiting (CrashLoopBackOff, ...)."""
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in _FAILING_REASONS:
+            return f"{waiting['reason']}: {waiting.get('message', '')}".rstrip(": ")
+    return None
+
+
+def _sink_view(
+    deployment: Mapping[str, Any], pods: Mapping[str, list[Mapping[str, Any]]]
+) -> status.SinkView:
     meta = deployment["metadata"]
     st = deployment.get("status") or {}
     want = (deployment.get("spec") or {}).get("replicas", 1)
@@ -798,9 +812,16 @@ def _sink_view(deployment: Mapping[str, Any]) -> status.SinkView:
         and st.get("availableReplicas", 0) >= want
         and st.get("updatedReplicas", 0) >= want
     )
-    message = ""
+    message = failing = ""
     for cond in st.get("conditions") or []:
         if cond.get("type") == "Available" and cond.get("status") != "True":
             message = cond.get("message", "")
+        # A starting Deployment is unavailable for a while; one whose rollout passed its
+        # progress deadline is failing.
+        if cond.get("type") == "Progressing" and cond.get("reason") == "ProgressDeadlineExceeded":
+            failing = cond.get("message", "") or "rollout exceeded its progress deadline"
     component = (meta.get("labels") or {}).get(constants.LABEL_COMPONENT, meta["name"])
-    return status.SinkView(component=component, ready=ready, message=message)
+    for pod in pods.get(component, []):
+        if not pod["metadata"].get("deletionTimestamp"):
+            failing = _waiting_failure(pod) or failing
+    return status.SinkView(component=component, ready=ready, message=message, failing=failing)

@@ -40,7 +40,8 @@ class SinkView:
 
     component: str
     ready: bool
-    message: str = ""
+    message: str = ""  # why it is not available yet (a starting pod says so too)
+    failing: str = ""  # a failure: a crash-looping pod, a rollout past its deadline
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,10 @@ def compute(
         names = ", ".join(s.component for s in observed.sinks)
         conds.set(Cond.SINKS_READY, TRUE, "SinksAvailable", f"available: {names}")
     else:
-        waiting = [s.component + (f" ({s.message})" if s.message else "") for s in sinks_down]
+        waiting = [
+            s.component + (f" ({s.failing or s.message})" if s.failing or s.message else "")
+            for s in sinks_down
+        ]
         missing = len(agent_spec.sinks) - len(observed.sinks)
         if missing > 0:
             waiting.append(f"{_plural(missing, 'sink')} not created yet")
@@ -175,8 +179,7 @@ def compute(
         problems.append(observed.error)
     if failing:
         problems.append(f"{_plural(len(failing), 'actor pod')} failing: {failing[0].failing}")
-    if sinks_down and any(s.message for s in sinks_down):
-        problems.append("sinks unavailable")
+    problems += [f"sink {s.component} failing: {s.failing}" for s in sinks_down if s.failing]
     if observed.stream_ready is False:
         problems.append("stream unavailable")
     if problems:

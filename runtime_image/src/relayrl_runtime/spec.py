@@ -64,6 +64,26 @@ class Rule:
         return out
 
 
+@dataclass(frozen=True)
+class Transition:
+    """A rule on how a field may change on an existing Agent: the apiserver's alone.
+
+    `cel` sees `self` (the new object) and `oldSelf` (the stored one); a model holds
+    one spec at a time, so there is no Python side to it.
+    """
+
+    cel: str
+    message: str
+    field: str = ""
+
+    def to_openapi(self) -> dict[str, str]:
+        """The `x-kubernetes-validations` entry for this transition rule."""
+        out = {"rule": self.cel, "message": self.message}
+        if self.field:
+            out["fieldPath"] = f".{self.field}"
+        return out
+
+
 class SpecModel(BaseModel):
     """Base for every Agent model: camelCase on the wire, unknown fields rejected."""
 
@@ -77,6 +97,7 @@ class SpecModel(BaseModel):
     )
 
     rules: ClassVar[tuple[Rule, ...]] = ()
+    transitions: ClassVar[tuple[Transition, ...]] = ()
 
     @pydantic.model_validator(mode="after")
     def _check_rules(self) -> Self:
@@ -94,9 +115,11 @@ class SpecModel(BaseModel):
         handler: pydantic.GetJsonSchemaHandler,
     ) -> dict[str, Any]:
         schema: dict[str, Any] = handler(core_schema)
-        if cls.rules:
+        if cls.rules or cls.transitions:
             target = handler.resolve_ref_schema(schema)
-            target["x-kubernetes-validations"] = [r.to_openapi() for r in cls.rules]
+            target["x-kubernetes-validations"] = [
+                r.to_openapi() for r in (*cls.rules, *cls.transitions)
+            ]
         return schema
 
 
@@ -363,6 +386,16 @@ class NatsTLS(SpecModel):
 
 class NatsSpec(SpecModel):
     """How the runtime reaches NATS JetStream."""
+
+    transitions = (
+        Transition(
+            "has(self.stream) == has(oldSelf.stream)"
+            " && (!has(self.stream) || self.stream == oldSelf.stream)",
+            "stream cannot change on an existing Agent (the stream holds its trajectories"
+            " and the sinks' positions in it); create a new Agent for a new stream",
+            "stream",
+        ),
+    )
 
     url: str = Field(
         default="nats://nats:4222",

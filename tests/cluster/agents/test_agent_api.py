@@ -87,3 +87,33 @@ def test_printer_columns(agent_crd: testing.ClusterHandle, namespace: str) -> No
     assert header == ["NAME", "READY", "ACTORS", "DEVICE", "MODEL", "PHASE", "AGE"]
     short = agent_crd.kubectl("-n", namespace, "get", "rla", "-o", "name").stdout
     assert short.strip() == "agent.relayrl.io/cartpole"
+
+
+def test_the_stream_name_cannot_change_on_an_existing_agent(
+    agent_crd: testing.ClusterHandle, namespace: str
+) -> None:
+    """A transition rule: the stream holds the trajectories and the sinks' positions."""
+    api = client.CustomObjectsApi(agent_crd.api)
+    manifest = specs.merge_patch(
+        specs.base_manifest(), {"spec": {"trajectories": {"nats": {"stream": "FIRST"}}}}
+    )
+    _create(agent_crd, namespace, manifest)
+
+    def patch(body: dict[str, object]) -> None:
+        api.patch_namespaced_custom_object(
+            spec.GROUP, spec.VERSION, namespace, spec.PLURAL, "cartpole", body
+        )
+
+    for stream in ("SECOND", None):
+        with pytest.raises(client.ApiException) as caught:
+            patch({"spec": {"trajectories": {"nats": {"stream": stream}}}})
+        assert caught.value.status == 422
+        message = json.loads(caught.value.body)["message"]
+        assert "spec.trajectories.nats.stream" in message
+        assert "stream cannot change on an existing Agent" in message
+    patch({"spec": {"actors": 12}})  # other fields still change
+    stored = api.get_namespaced_custom_object(
+        spec.GROUP, spec.VERSION, namespace, spec.PLURAL, "cartpole"
+    )
+    assert stored["spec"]["trajectories"]["nats"]["stream"] == "FIRST"
+    assert stored["spec"]["actors"] == 12

@@ -145,6 +145,26 @@ def test_only_cold_fields_change_the_restart_hash(patch: dict[str, Any], restart
     )
 
 
+@pytest.mark.parametrize(
+    ("patch", "rolls"),
+    [
+        ({"spec": {"model": {"version": 7}}}, False),
+        ({"spec": {"actors": 16, "actorsPerPod": 8}}, False),
+        ({"spec": {"template": {"resources": {"limits": {"memory": "4Gi"}}}}}, True),
+        ({"spec": {"template": {"nodeSelector": {"pool": "actors"}}}}, True),
+        ({"spec": {"template": {"image": "mine:3"}}}, True),
+        ({"spec": {"trajectories": {"maxLength": 10}}}, True),
+    ],
+)
+def test_the_pods_restart_hash_follows_the_pod_template(patch: dict[str, Any], rolls: bool) -> None:
+    """Template changes roll the pods: status must not count the old ones as updated."""
+    before = statefulset.restart_hash(make_agent(), SETTINGS)
+    after = statefulset.restart_hash(make_agent(patch), SETTINGS)
+    assert (before != after) is rolls
+    template = statefulset.build(make_agent(patch), SETTINGS)["spec"]["template"]
+    assert template["metadata"]["annotations"][constants.ANNOTATION_RESTART_HASH] == after
+
+
 def test_nats_secrets_are_mounted() -> None:
     agent = make_agent(
         {

@@ -138,3 +138,54 @@ async def test_unreachable_nats_is_retried_with_growing_delays() -> None:
         assert "cannot reach NATS" in stream["message"]
     finally:
         await rec.stop()
+
+
+def sink_deployment(*conditions: dict[str, str]) -> dict[str, Any]:
+    return {
+        "metadata": {
+            "name": "cartpole-arrow-sink",
+            "generation": 1,
+            "labels": {constants.LABEL_COMPONENT: constants.COMPONENT_ARROW_SINK},
+        },
+        "spec": {"replicas": 1},
+        "status": {"observedGeneration": 1, "conditions": list(conditions)},
+    }
+
+
+UNAVAILABLE = {
+    "type": "Available",
+    "status": "False",
+    "reason": "MinimumReplicasUnavailable",
+    "message": "Deployment does not have minimum availability.",
+}
+
+
+def test_a_sink_is_failing_only_when_its_pod_or_rollout_fails() -> None:
+    starting = reconcile._sink_view(sink_deployment(UNAVAILABLE), {})
+    assert (starting.ready, starting.failing) == (False, "")
+    assert "minimum availability" in starting.message
+    pod = {
+        "metadata": {"name": "cartpole-arrow-sink-x"},
+        "status": {
+            "containerStatuses": [
+                {"state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off"}}}
+            ]
+        },
+    }
+    crashing = reconcile._sink_view(
+        sink_deployment(UNAVAILABLE), {constants.COMPONENT_ARROW_SINK: [pod]}
+    )
+    assert crashing.failing == "CrashLoopBackOff: back-off"
+    stuck = reconcile._sink_view(
+        sink_deployment(
+            UNAVAILABLE,
+            {
+                "type": "Progressing",
+                "status": "False",
+                "reason": "ProgressDeadlineExceeded",
+                "message": 'ReplicaSet "x" has timed out progressing.',
+            },
+        ),
+        {},
+    )
+    assert "timed out progressing" in stuck.failing

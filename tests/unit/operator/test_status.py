@@ -98,6 +98,26 @@ def test_stream_and_sinks_gate_readiness() -> None:
     assert no_sink["phase"] == "Progressing"
 
 
+def test_a_starting_sink_is_progress_and_a_failing_one_degrades() -> None:
+    s = make_spec({"spec": {"actors": 4, "actorsPerPod": 4}})
+    starting = status.SinkView(
+        "arrow-sink", ready=False, message="Deployment does not have minimum availability."
+    )
+    result = compute(s, status.Observed(ready_pods(1), (starting,), stream_ready=True))
+    assert result["phase"] == "Progressing"
+    assert conditions(result)["Degraded"]["status"] == "False"
+    assert "minimum availability" in conditions(result)["SinksReady"]["message"]
+    crashing = status.SinkView(
+        "arrow-sink",
+        ready=False,
+        message="Deployment does not have minimum availability.",
+        failing="CrashLoopBackOff: back-off 40s restarting failed container",
+    )
+    result = compute(s, status.Observed(ready_pods(1), (crashing,), stream_ready=True))
+    assert result["phase"] == "Degraded"
+    assert "sink arrow-sink failing: CrashLoopBackOff" in conditions(result)["Degraded"]["message"]
+
+
 def test_permanent_error_fails_the_agent() -> None:
     s = make_spec()
     result = compute(s, status.Observed((), ARROW_READY, stream_ready=True, error="rejected"))

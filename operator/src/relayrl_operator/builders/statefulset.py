@@ -100,10 +100,26 @@ def build(agent: common.AgentRef, cfg: settings.Settings) -> dict[str, Any]:
         "volumeMounts": mounts,
         "securityContext": common.restricted_security_context(),
     }
-    pod_annotations = {
-        **template.annotations,
-        constants.ANNOTATION_RESTART_HASH: configmap.restart_hash(agent),
+    pod_template: dict[str, Any] = {
+        "metadata": {
+            "labels": common.labels(agent, component, dict(template.labels)),
+            "annotations": dict(template.annotations),
+        },
+        "spec": {
+            "containers": [container],
+            "volumes": volumes,
+            "terminationGracePeriodSeconds": constants.TERMINATION_GRACE_SECONDS,
+            "securityContext": {"runAsNonRoot": True, "fsGroup": 10001},
+            "enableServiceLinks": False,
+            **common.scheduling(agent, actor_pods=True),
+        },
     }
+    # What a pod started from this template runs: the pod template itself and the
+    # runtime config's cold fields (the pods read the ConfigMap, which the template
+    # does not show). Status counts a pod as updated when its hash is this one.
+    pod_template["metadata"]["annotations"][constants.ANNOTATION_RESTART_HASH] = common.digest(
+        {"config": configmap.restart_hash(agent), "template": pod_template}
+    )
     return {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
@@ -115,19 +131,12 @@ def build(agent: common.AgentRef, cfg: settings.Settings) -> dict[str, Any]:
             "updateStrategy": {"type": "RollingUpdate"},
             "revisionHistoryLimit": 5,
             "selector": {"matchLabels": common.selector_labels(agent, component)},
-            "template": {
-                "metadata": {
-                    "labels": common.labels(agent, component, dict(template.labels)),
-                    "annotations": pod_annotations,
-                },
-                "spec": {
-                    "containers": [container],
-                    "volumes": volumes,
-                    "terminationGracePeriodSeconds": constants.TERMINATION_GRACE_SECONDS,
-                    "securityContext": {"runAsNonRoot": True, "fsGroup": 10001},
-                    "enableServiceLinks": False,
-                    **common.scheduling(agent, actor_pods=True),
-                },
-            },
+            "template": pod_template,
         },
     }
+
+
+def restart_hash(agent: common.AgentRef, cfg: settings.Settings) -> str:
+    """The restart hash the Agent's up-to-date actor pods carry (see `build`)."""
+    annotations = build(agent, cfg)["spec"]["template"]["metadata"]["annotations"]
+    return str(annotations[constants.ANNOTATION_RESTART_HASH])
