@@ -117,8 +117,8 @@ class SpecModel(BaseModel):
         schema: dict[str, Any] = handler(core_schema)
         if cls.rules or cls.transitions:
             target = handler.resolve_ref_schema(schema)
-            target["x-kubernetes-validations"] = [
-                r.to_openapi() for r in (*cls.rules, *cls.transitions)
+            target["x-kubernetes-validations"] = [r.to_openapi() for r in cls.rules] + [
+                t.to_openapi() for t in cls.transitions
             ]
         return schema
 
