@@ -16,6 +16,7 @@ import nats
 import polars as pl
 import psycopg
 import pyarrow as pa
+import pyarrow.parquet as pq
 from nats.aio.msg import Msg
 
 from relayrl_runtime import streams
@@ -238,6 +239,51 @@ async def test_postgres_dead_letters_a_column_type_its_table_cannot_take(
     with psycopg.connect(pg.dsn) as conn:
         row = conn.execute("SELECT count(aux_extra) FROM relayrl.steps").fetchone()
     assert row == (extra.num_rows,)
+
+
+async def test_a_stream_made_anew_is_taken_from_its_start(
+    pg_pipeline: pipeline.Pipeline, pg: postgres.PostgresServer
+) -> None:
+    """An Agent deleted and made again: same stream name, sequences from 1 again.
+
+    The sinks' files and offsets table outlive the old stream; resuming after the old
+    position would skip the new stream's first messages.
+    """
+    old = [pa.Table.from_batches([trajectories.batch(5, i)]) for i in range(3)]
+    new = pa.Table.from_batches([trajectories.batch(6, 0)])
+    v = streams.HEADER_SCHEMA_VERSION
+    root = pg_pipeline.arrow_dir
+    old_rows = sum(t.num_rows for t in old)
+    arrow = pg_pipeline.arrow_sink("--rotate-seconds", "0.5")
+    pgsink = pg_pipeline.postgres_sink()
+    for s in (arrow, pgsink):
+        s.start()
+        s.wait_ready()
+    nc = await nats.connect(pg_pipeline.nats.url)
+    try:
+        js = nc.jetstream()
+        for t in old:
+            await js.publish(SUBJECT, _ipc(t), headers={v: "1"})
+        pipeline.wait_until("old arrow rows", lambda: pipeline.arrow_rows(root) == old_rows)
+        pipeline.wait_until("old pg rows", lambda: pipeline.postgres_rows(pg.dsn) == old_rows)
+        for s in (arrow, pgsink):
+            assert s.terminate() == 0
+        await js.delete_stream(streams.stream_name(pipeline.NAMESPACE, pipeline.AGENT))
+        for s in (arrow, pgsink):  # they make the stream again, empty
+            s.start()
+            s.wait_ready()
+        await js.publish(SUBJECT, _ipc(new), headers={v: "1"})
+        pipeline.wait_until("new arrow rows", lambda: pipeline.arrow_rows(root) == new.num_rows)
+        want = old_rows + new.num_rows
+        pipeline.wait_until("pg rows", lambda: pipeline.postgres_rows(pg.dsn) == want)
+    finally:
+        await nc.close()
+    for s in (arrow, pgsink):
+        assert s.terminate() == 0
+    pipeline.assert_same(pipeline.read_arrow(root), trajectories.sort(new), "arrow")
+    aside = list((root / f"agent={pipeline.AGENT}").glob("_replaced-*/date=*/part-*"))
+    assert sum(pq.ParquetFile(p).metadata.num_rows for p in aside) == old_rows
+    assert "made anew" in arrow.logs()
 
 
 async def test_a_bad_message_near_max_payload_is_dead_lettered_cut_short(

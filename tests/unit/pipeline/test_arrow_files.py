@@ -156,3 +156,28 @@ async def test_a_failed_write_is_never_committed(tmp_path: Path) -> None:
     assert arrow_stream.committed_files(tmp_path) == []
     assert not _temp_files(tmp_path)  # dropped; a restart reads the messages again
     await w.close()
+
+
+async def test_a_shared_root_holds_each_agents_own_position(tmp_path: Path) -> None:
+    """Two Agents' sinks on one claim: each resumes from its own files and leaves the
+    other's files, and the temp file it is writing, alone."""
+    other = tmp_path / "agent=other" / "date=2026-11-21"
+    other.mkdir(parents=True)
+    (other / "part-00000000000000000001-00000000000000000900.parquet").write_bytes(b"x")
+    writing = (
+        other / f"{arrow_stream._TEMP_PREFIX}00000000000000000901-1{arrow_stream._TEMP_SUFFIX}"
+    )
+    writing.write_bytes(b"x")
+    w = arrow_stream.ArrowStreamWriter(tmp_path, trajectories.AGENT)
+    try:
+        assert await w.open() == 0
+        assert writing.exists()
+        await w.add(_delivery(1, dt.datetime(2026, 11, 21, tzinfo=dt.UTC)))
+        await w.commit(w.seal(1))
+    finally:
+        await w.close()
+    w = arrow_stream.ArrowStreamWriter(tmp_path, trajectories.AGENT)
+    try:
+        assert await w.open() == 1
+    finally:
+        await w.close()

@@ -99,10 +99,11 @@ def partition_dir(root: Path, agent: str, day: dt.date) -> Path:
     return root / f"agent={agent}" / f"date={day.isoformat()}"
 
 
-def committed_files(root: Path) -> list[tuple[int, int, Path]]:
-    """(first seq, last seq, path) of every committed file under root, by first seq."""
+def committed_files(root: Path, agent: str = "*") -> list[tuple[int, int, Path]]:
+    """(first seq, last seq, path) of the committed files under root, by first seq:
+    one Agent's, or (by default) every Agent's."""
     out = []
-    for path in root.glob("agent=*/date=*/part-*"):
+    for path in root.glob(f"agent={agent}/date=*/part-*"):
         m = _COMMITTED.match(path.name)
         if m:
             out.append((int(m.group(1)), int(m.group(2)), path))
@@ -310,13 +311,37 @@ class ArrowStreamWriter:
         return self._file is not None or bool(self._ended)
 
     async def open(self) -> int:
-        """Remove uncommitted temp files; resume after the highest committed sequence."""
-        await asyncio.to_thread(self.root.mkdir, parents=True, exist_ok=True)
-        for tmp in self.root.glob(f"agent=*/date=*/{_TEMP_PREFIX}*{_TEMP_SUFFIX}"):
+        """Remove uncommitted temp files; resume after the highest committed sequence.
+
+        Only this Agent's partition counts: a claim may be shared with other Agents'
+        sinks, whose files (and temp files being written) are theirs.
+        """
+        own = self.root / f"agent={self.agent}"
+        await asyncio.to_thread(own.mkdir, parents=True, exist_ok=True)
+        for tmp in own.glob(f"date=*/{_TEMP_PREFIX}*{_TEMP_SUFFIX}"):
             log.info("removing uncommitted %s", tmp)
             tmp.unlink()
-        files = committed_files(self.root)
+        files = committed_files(self.root, self.agent)
         return max((last for _, last, _ in files), default=0)
+
+    async def restart(self, stale: int) -> int:
+        """Move this Agent's files of the old stream under `_replaced-<time>` (which
+        dataset readers skip, as they skip names starting with "_"); resume from 0."""
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+        own = self.root / f"agent={self.agent}"
+        aside = own / f"_replaced-{stamp}"
+
+        def move() -> None:
+            for _, _, path in committed_files(self.root, self.agent):
+                target = aside / path.parent.name / path.name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(path, target)
+                _fsync_dir(target.parent)
+                _fsync_dir(path.parent)
+
+        await asyncio.to_thread(move)
+        log.warning("moved files of sequences up to %d to %s", stale, aside)
+        return 0
 
     def check(self, table: pa.Table) -> None:
         """Every decoded message fits: a new schema starts a new file."""

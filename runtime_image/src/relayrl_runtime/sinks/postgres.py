@@ -430,6 +430,31 @@ class PostgresWriter:
         self._committed = await self._in_db(self._open)
         return self._committed
 
+    async def restart(self, stale: int) -> int:
+        """Set this stream's offset back to 0 (its rows stay); resume from the start."""
+
+        def reset() -> None:
+            conn = self._connect()
+            try:
+                with conn.transaction():
+                    conn.execute(
+                        sql.SQL(
+                            "UPDATE {schema}.sink_offsets SET last_seq = 0, updated_at = now() "
+                            "WHERE stream = %s AND consumer = %s AND last_seq = %s"
+                        ).format(**self._ids()),
+                        (self.stream, self.consumer, stale),
+                    )
+            except (psycopg.OperationalError, psycopg.InterfaceError):
+                self._disconnect()
+                raise
+
+        await self._in_db(reset)
+        self._committed = 0
+        log.warning(
+            "postgres: offset of %s/%s reset from %d to 0", self.stream, self.consumer, stale
+        )
+        return 0
+
     def check(self, table: pa.Table) -> None:
         """Refuse a message whose columns the table has (or will have) in another type.
 

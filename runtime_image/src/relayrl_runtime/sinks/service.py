@@ -114,6 +114,11 @@ class Writer(Protocol):
         """Prepare storage; return the last stream sequence already committed (0: none)."""
         ...
 
+    async def restart(self, stale: int) -> int:
+        """The stream was made anew since `stale` was committed: set aside what belongs
+        to the old one, so the new stream is taken from its start; return 0."""
+        ...
+
     def check(self, table: pa.Table) -> None:
         """Raise InvalidMessageError for a decoded message this writer could never store.
 
@@ -374,6 +379,7 @@ class SinkService:
                         self.config.namespace, self.config.agent, self.config.stream
                     )
                     await self._retry("stream", lambda: streams.ensure_stream(js, cfg))
+                await self._check_stream(js)
                 await self._consume(js)
             finally:
                 await self._final_commit()
@@ -388,6 +394,30 @@ class SinkService:
             if self.http is not None:
                 self.http.shutdown()
                 self.http.server_close()
+
+    async def _check_stream(self, js: nats.js.JetStreamContext) -> None:
+        """Start the stream over when it never reached what this sink committed.
+
+        That happens when an Agent is deleted (its stream with it) and made again with
+        the same name while the files or the offsets table stay: resuming after the old
+        position would skip the new stream's first messages. (A stream made again and
+        already past the old position by the time the sink starts cannot be told apart.)
+        """
+        info = await self._retry("stream", lambda: js.stream_info(self.stream))
+        last = info.state.last_seq
+        if self._last_seen <= last:
+            return
+        log.warning(
+            "%s sink: committed up to sequence %d, but stream %s ends at %d: it was made "
+            "anew; setting the old position aside and starting from its first message",
+            self.writer.kind,
+            self._last_seen,
+            self.stream,
+            last,
+        )
+        stale = self._last_seen
+        self._last_seen = await self._retry("restart", lambda: self.writer.restart(stale))
+        self.metrics.committed_seq.set(self._last_seen)
 
     def is_ready(self) -> bool:
         """Consuming, connected to NATS, and the writer's storage answering."""
