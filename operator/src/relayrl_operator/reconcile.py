@@ -121,6 +121,7 @@ class _State:
     applied_at: float = 0.0  # time.monotonic() of the last apply
     needs_apply: bool = True
     failures: int = 0
+    stale: bool = False  # body cached before a pause: read the Agent again before acting
     nats_failures: int = 0  # stream/bucket attempts failed in a row
     stream_ready: bool | None = None
     stream_message: str = ""
@@ -223,9 +224,11 @@ class Reconciler:
             self._active.clear()
         elif not blocking and not self._active.is_set():
             log.warning("resuming: no peer outranks priority %d now", self._peers.priority)
-            # While paused the watches were stopped and a peer may have changed any
-            # child: compare every Agent's children with their desired state again.
+            # While paused the watches were stopped: a peer may have changed or deleted
+            # any Agent and child. Each cached Agent is read again before its pass (one
+            # deleted meanwhile is forgotten), and its children compared again.
             for key, state in self._states.items():
+                state.stale = state.body is not None
                 state.needs_apply = True
                 state.stream_ready = None
                 self.enqueue(key)
@@ -246,13 +249,7 @@ class Reconciler:
         if event_type == "DELETED":
             self._states.pop(key, None)
             return
-        state = self._states.setdefault(key, _State())
-        # managedFields are the bulk of a stored Agent and nothing here reads them.
-        state.body = {**body, "metadata": {k: v for k, v in meta.items() if k != "managedFields"}}
-        # Our own finalizer and status writes come back as events during a pass: only
-        # a generation neither applied nor being applied needs the children applied.
-        if meta.get("generation") not in (state.applied_generation, state.applying_generation):
-            state.needs_apply = True
+        _store(self._states.setdefault(key, _State()), body)
         self.enqueue(key)
 
     def child_event(self, event_type: str, body: Mapping[str, Any]) -> None:
@@ -399,6 +396,8 @@ class Reconciler:
             return
         started = time.perf_counter()
         try:
+            if state.stale and not await self._refresh(key, state):
+                return
             await self._reconcile(key, state)
         except (kube.ApiError, OSError, TimeoutError) as err:
             transient = not isinstance(err, kube.ApiError) or err.transient
@@ -424,6 +423,16 @@ class Reconciler:
             metrics.RECONCILES.labels("ok").inc()
         finally:
             metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
+
+    async def _refresh(self, key: Key, state: _State) -> bool:
+        """Read a stale Agent again; False (and forgotten) when it no longer exists."""
+        body = await self._client.get(kube.AGENT, *key)
+        if body is None:
+            log.info("agent %s/%s was deleted while this operator was paused", *key)
+            self._states.pop(key, None)
+            return False
+        _store(state, body)
+        return True
 
     # ------------------------------------------------------------------ one pass
 
@@ -735,6 +744,18 @@ class Reconciler:
             )
         except kube.ApiError as err:  # events are best effort; never fail a reconcile
             log.debug("event for %s/%s not posted: %s", agent.namespace, agent.name, err)
+
+
+def _store(state: _State, body: Mapping[str, Any]) -> None:
+    """Keep an Agent as read (a watch event, or a GET after a pause)."""
+    meta = body["metadata"]
+    # managedFields are the bulk of a stored Agent and nothing here reads them.
+    state.body = {**body, "metadata": {k: v for k, v in meta.items() if k != "managedFields"}}
+    state.stale = False
+    # Our own finalizer and status writes come back as events during a pass: only
+    # a generation neither applied nor being applied needs the children applied.
+    if meta.get("generation") not in (state.applied_generation, state.applying_generation):
+        state.needs_apply = True
 
 
 def _pod_summary(pod: Mapping[str, Any]) -> dict[str, Any]:

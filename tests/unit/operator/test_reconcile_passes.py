@@ -189,3 +189,62 @@ def test_a_sink_is_failing_only_when_its_pod_or_rollout_fails() -> None:
         {},
     )
     assert "timed out progressing" in stuck.failing
+
+
+class Peers:
+    priority = 0
+
+    def __init__(self) -> None:
+        self.blocking: list[str] = []
+
+    async def blockers(self) -> list[str]:
+        return list(self.blocking)
+
+
+class AgentsOnServer(Recorder):
+    """The Recorder, plus the Agents the apiserver holds now (for GETs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.agents: dict[str, dict[str, Any]] = {}
+
+    async def get(self, kind: kube.Kind, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.agents.get(name)
+
+
+async def test_resuming_reads_each_agent_again_and_forgets_deleted_ones() -> None:
+    """While paused, a peer deleted one Agent and changed another; the cache knows neither."""
+    api = AgentsOnServer()
+    peers = Peers()
+    rec = reconcile.Reconciler(
+        api,  # type: ignore[arg-type]
+        settings.Settings(),
+        None,
+        workers=1,
+        peers=peers,  # type: ignore[arg-type]
+    )
+    await rec.start()
+    try:
+        kept, gone = agent_body(), agent_body()
+        gone["metadata"]["name"] = "gone"
+        for body in (kept, gone):
+            rec.agent_event("ADDED", body)
+        await settle(rec)
+        peers.blocking = ["relayrl-operator-peer"]
+        await rec._check_peers()
+        assert not rec.active
+        # Meanwhile the peer: "gone" deleted, "cartpole" scaled to generation 2.
+        changed = copy.deepcopy(kept)
+        changed["metadata"].update(generation=2, resourceVersion="7")
+        changed["spec"]["actors"] = 16
+        api.agents = {"cartpole": changed}
+        api.applied.clear()
+        peers.blocking = []
+        await rec._check_peers()
+        await settle(rec)
+        assert ("ml", "gone") not in rec._states
+        assert not any(name.startswith("gone") for _, name in api.applied)
+        assert rec._states[KEY].applied_generation == 2
+        assert api.status[-1]["desiredActors"] == 16
+    finally:
+        await rec.stop()

@@ -49,6 +49,13 @@ def sink(last_seen: int) -> service.SinkService:
         service.ServiceConfig(namespace="ml", agent="cartpole", http_port=None),
     )
     svc._last_seen = last_seen  # as if positioned at last_seen + 1
+
+    async def no_dead_letters(*args: Any) -> None:
+        # Past the gap check, the empty payload would be dead-lettered (through NATS,
+        # retried): fail at once instead.
+        raise AssertionError("the delivery got past the gap check")
+
+    svc._dead_letter = no_dead_letters  # type: ignore[method-assign]
     return svc
 
 

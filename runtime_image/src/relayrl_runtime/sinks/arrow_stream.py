@@ -94,6 +94,11 @@ def _physical(t: pa.DataType) -> pa.DataType:
     return pa.int64() if pa.types.is_timestamp(t) else t
 
 
+# Beside an Agent's date partitions: which stream (name@created) their sequences count
+# in. Names starting with "_" are skipped by dataset readers.
+_ORIGIN_FILE: Final = "_stream"
+
+
 def partition_dir(root: Path, agent: str, day: dt.date) -> Path:
     """Where one agent's files of one (UTC) day go."""
     return root / f"agent={agent}" / f"date={day.isoformat()}"
@@ -323,6 +328,32 @@ class ArrowStreamWriter:
             tmp.unlink()
         files = committed_files(self.root, self.agent)
         return max((last for _, last, _ in files), default=0)
+
+    def _origin_path(self) -> Path:
+        return self.root / f"agent={self.agent}" / _ORIGIN_FILE
+
+    async def origin(self) -> str | None:
+        """The stream the files' sequences belong to (a small file beside them)."""
+        try:
+            text = await asyncio.to_thread(self._origin_path().read_text)
+        except FileNotFoundError:
+            return None
+        return text.strip() or None
+
+    async def set_origin(self, origin: str) -> None:
+        """Write the origin file: temp name, fsync, rename, fsync the directory."""
+        path = self._origin_path()
+
+        def write() -> None:
+            tmp = path.with_name(f"{_TEMP_PREFIX}{_ORIGIN_FILE}-{os.getpid()}")
+            with open(tmp, "w") as f:
+                f.write(origin + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+
+        await asyncio.to_thread(write)
 
     async def restart(self, stale: int) -> int:
         """Move this Agent's files of the old stream under `_replaced-<time>` (which

@@ -101,6 +101,11 @@ MIGRATIONS: Final = (
             "'RelayRL trajectory steps; one row per step, see trajectory-schema.md'",
         ),
     ),
+    Migration(
+        3,
+        "the stream (name@created) each offset counts in, to tell a stream made anew",
+        ("ALTER TABLE {schema}.sink_offsets ADD COLUMN IF NOT EXISTS stream_origin text",),
+    ),
 )
 
 
@@ -430,6 +435,46 @@ class PostgresWriter:
         self._committed = await self._in_db(self._open)
         return self._committed
 
+    async def origin(self) -> str | None:
+        """The stream the stored offset counts in (sink_offsets.stream_origin)."""
+
+        def read() -> str | None:
+            conn = self._connect()
+            try:
+                row = conn.execute(
+                    sql.SQL(
+                        "SELECT stream_origin FROM {schema}.sink_offsets "
+                        "WHERE stream = %s AND consumer = %s"
+                    ).format(**self._ids()),
+                    (self.stream, self.consumer),
+                ).fetchone()
+            except (psycopg.OperationalError, psycopg.InterfaceError):
+                self._disconnect()
+                raise
+            return None if row is None or row[0] is None else str(row[0])
+
+        return await self._in_db(read)
+
+    async def set_origin(self, origin: str) -> None:
+        """Record the stream the offset counts in."""
+
+        def write() -> None:
+            conn = self._connect()
+            try:
+                with conn.transaction():
+                    conn.execute(
+                        sql.SQL(
+                            "UPDATE {schema}.sink_offsets SET stream_origin = %s "
+                            "WHERE stream = %s AND consumer = %s"
+                        ).format(**self._ids()),
+                        (origin, self.stream, self.consumer),
+                    )
+            except (psycopg.OperationalError, psycopg.InterfaceError):
+                self._disconnect()
+                raise
+
+        await self._in_db(write)
+
     async def restart(self, stale: int) -> int:
         """Set this stream's offset back to 0 (its rows stay); resume from the start."""
 
@@ -691,4 +736,11 @@ class PostgresWriter:
                 )
         except (psycopg.OperationalError, psycopg.InterfaceError):
             self._disconnect()
+            self._columns = {}  # an ALTER may have been rolled back: read the table again
             raise
+        except psycopg.Error as err:
+            # Not the connection: the data (say, a column another sink made in another
+            # type since this one read the table). Retrying the same COPY cannot work; a
+            # restart reads the table again and dead-letters what it cannot take.
+            self._columns = {}
+            raise service.PermanentError(f"postgres: COPY failed: {err}") from err

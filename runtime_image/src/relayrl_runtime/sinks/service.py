@@ -114,6 +114,14 @@ class Writer(Protocol):
         """Prepare storage; return the last stream sequence already committed (0: none)."""
         ...
 
+    async def origin(self) -> str | None:
+        """Which stream (name and creation time) the committed position belongs to."""
+        ...
+
+    async def set_origin(self, origin: str) -> None:
+        """Record which stream the committed position belongs to, durably."""
+        ...
+
     async def restart(self, stale: int) -> int:
         """The stream was made anew since `stale` was committed: set aside what belongs
         to the old one, so the new stream is taken from its start; return 0."""
@@ -351,6 +359,7 @@ class SinkService:
         self._last_seen = 0
         self._last_dseq = 0
         self._last_msg: Msg | None = None
+        self._max_msg = 0  # the stream's largest message (0: unknown)
 
     # --------------------------------------------------------------- lifecycle
 
@@ -396,28 +405,34 @@ class SinkService:
                 self.http.server_close()
 
     async def _check_stream(self, js: nats.js.JetStreamContext) -> None:
-        """Start the stream over when it never reached what this sink committed.
+        """Start over on a stream made anew since the committed position was recorded.
 
         That happens when an Agent is deleted (its stream with it) and made again with
         the same name while the files or the offsets table stay: resuming after the old
-        position would skip the new stream's first messages. (A stream made again and
-        already past the old position by the time the sink starts cannot be told apart.)
+        position would skip the new stream's first messages. The stream's creation time
+        tells, stored with the position (sequences alone cannot: a stream that lost its
+        tail in a crash also ends before the position, and starting over would repeat).
         """
         info = await self._retry("stream", lambda: js.stream_info(self.stream))
-        last = info.state.last_seq
-        if self._last_seen <= last:
+        self._max_msg = info.config.max_msg_size or 0
+        created = info.created.isoformat() if info.created is not None else ""
+        origin = f"{self.stream}@{created}"
+        stored = await self._retry("origin", self.writer.origin)
+        if stored == origin:
             return
-        log.warning(
-            "%s sink: committed up to sequence %d, but stream %s ends at %d: it was made "
-            "anew; setting the old position aside and starting from its first message",
-            self.writer.kind,
-            self._last_seen,
-            self.stream,
-            last,
-        )
-        stale = self._last_seen
-        self._last_seen = await self._retry("restart", lambda: self.writer.restart(stale))
-        self.metrics.committed_seq.set(self._last_seen)
+        if stored is not None and self._last_seen > 0:
+            log.warning(
+                "%s sink: committed up to sequence %d of %s, but the stream is now %s: "
+                "it was made anew; setting the old position aside, starting from its start",
+                self.writer.kind,
+                self._last_seen,
+                stored,
+                origin,
+            )
+            stale = self._last_seen
+            self._last_seen = await self._retry("restart", lambda: self.writer.restart(stale))
+            self.metrics.committed_seq.set(self._last_seen)
+        await self._retry("origin", lambda: self.writer.set_origin(origin))
 
     def is_ready(self) -> bool:
         """Consuming, connected to NATS, and the writer's storage answering."""
@@ -623,9 +638,8 @@ class SinkService:
             streams.HEADER_ORIGINAL_SEQUENCE: str(seq),
             "Relayrl-Dead-Letter-Detail": str(err)[:1000].replace("\r", " ").replace("\n", " "),
         }
-        payload = fit_dead_letter(
-            msg.data, headers, self._nc.max_payload if self._nc is not None else 0
-        )
+        limits = [self._max_msg, self._nc.max_payload if self._nc is not None else 0]
+        payload = fit_dead_letter(msg.data, headers, min((n for n in limits if n > 0), default=0))
         await self._retry(
             "deadletter",
             lambda: js.publish(self.deadletter, payload, headers=headers),
