@@ -62,6 +62,7 @@ class NatsServer(procs.ServerProcess):
         *,
         port: int | None = None,
         extra_config: str = "",
+        jetstream_config: str = "",
         max_payload: int = 8 << 20,
     ) -> None:
         self.base_dir = Path(tempfile.mkdtemp(prefix="relayrl-nats-"))
@@ -77,6 +78,7 @@ jetstream {{
   store_dir: "{self.store_dir}"
   max_memory_store: 256MB
   max_file_store: 8GB
+  {jetstream_config}
 }}
 {extra_config}
 """

@@ -149,6 +149,21 @@ async def test_backpressure_while_nats_is_away_then_everything_once(
     assert got.equals(trajectories.sort(pa.Table.from_batches(batches)))
 
 
+async def test_a_busy_stream_is_retried_not_a_failure() -> None:
+    """nats-server answers 429 when a stream's ingest queue is full (here: 2 messages)."""
+    with natsserver.NatsServer(jetstream_config="max_buffered_msgs: 2") as srv:
+        pub = _publisher(srv.url, max_message_bytes=256 << 10, max_in_flight=32)
+        pub.start()
+        batches = [trajectories.batch(8, i, trajectories=32, length=100) for i in range(60)]
+        for b in batches:
+            pub.write(b)
+        pub.close(timeout=120)  # raises if any message was refused
+        assert pub.metrics.retries._value.get() > 0, "the server never pushed back"
+        msgs = await _stream_messages(srv.url)
+    got = trajectories.sort(pa.concat_tables(pa.ipc.open_stream(m.data).read_all() for m in msgs))
+    assert got.equals(trajectories.sort(pa.Table.from_batches(batches)))
+
+
 async def test_close_with_nats_gone_raises_instead_of_dropping(
     nats_server: natsserver.NatsServer,
 ) -> None:

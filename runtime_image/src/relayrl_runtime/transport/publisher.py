@@ -45,6 +45,9 @@ from relayrl_runtime.sinks import base
 
 log = logging.getLogger(__name__)
 
+# JetStream answers a publish with these when it is busy, not because of the message.
+_BUSY_CODES: Final = frozenset({408, 429})
+
 PREFIX: Final = "relayrl_publisher"
 # Arrow IPC framing per record batch (message header, padding) and the schema message;
 # counted so a message stays under the bound without encoding it twice.
@@ -498,7 +501,9 @@ class NatsPublisher:
                 except nats.js.errors.APIError as err:
                     # A stream that refuses the message (too big, no such subject): the
                     # data cannot go anywhere, so it is a hard failure, not a drop.
-                    if err.code is not None and err.code >= 500:
+                    # 5xx, and 429: the stream's ingest queue is full (nats-server
+                    # answers so under load rather than queue without bound): retry.
+                    if err.code is not None and (err.code >= 500 or err.code in _BUSY_CODES):
                         self.metrics.retries.inc()
                         await asyncio.sleep(delay)
                         continue
