@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any, cast
@@ -72,6 +73,20 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+_NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+def _namespace(value: str) -> str:
+    """A namespace name. Kopf would also take a glob pattern, but the peering objects
+    are per namespace, and the reconciler must find the ones Kopf uses."""
+    if not _NAMESPACE.match(value):
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a namespace name (lowercase letters, digits and '-', at most"
+            " 63 characters; patterns are not supported)"
+        )
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script."""
     parser = argparse.ArgumentParser(prog="relayrl-operator", description=__doc__)
@@ -83,6 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument(
         "--namespace",
         action="append",
+        type=_namespace,
         help="watch only this namespace (repeatable; default: all namespaces)",
     )
     run.add_argument("--workers", type=int, default=16, help="parallel reconciles (default 16)")

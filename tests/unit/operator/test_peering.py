@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from relayrl_operator import metrics, peering, reconcile, settings
+from relayrl_operator import cli, metrics, peering, reconcile, settings
 
 NOW = dt.datetime(2026, 11, 21, 12, 0, 0, tzinfo=dt.UTC)
 ME = "relayrl-operator-7c9f-abcde"
@@ -121,3 +121,13 @@ async def test_a_paused_reconciler_keeps_its_queue_and_acts_on_resume() -> None:
         assert rec._states[("ml", "a")].needs_apply
     finally:
         await rec.stop()
+
+
+@pytest.mark.parametrize("value", ["ml-*", "ML", "x-", "a" * 64, "team/rl"])
+def test_the_cli_takes_namespace_names_not_patterns(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["run", "--namespace", value])
+    assert exit_.value.code == 2
+    assert "is not a namespace name" in capsys.readouterr().err
