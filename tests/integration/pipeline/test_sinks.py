@@ -241,6 +241,61 @@ async def test_postgres_dead_letters_a_column_type_its_table_cannot_take(
     assert row == (extra.num_rows,)
 
 
+def _as_agent(table: pa.Table, agent: str) -> pa.Table:
+    i = table.schema.get_field_index("agent")
+    indices = pa.array([0] * table.num_rows, pa.int32())
+    column = pa.DictionaryArray.from_arrays(indices, pa.array([agent]))
+    return table.set_column(i, table.schema.field(i), column)
+
+
+async def test_two_agents_sharing_a_table_with_clashing_column_types(
+    pg_pipeline: pipeline.Pipeline, pg: postgres.PostgresServer
+) -> None:
+    """Both sinks start before the table has an obs column; the second one's COPY fails.
+
+    That sink ends (exit 2), and its restart reads the table again and dead-letters the
+    message instead of retrying the COPY forever; the first Agent's rows are untouched.
+    """
+    first = pa.Table.from_batches([trajectories.batch(7, 0)])
+    i = first.schema.get_field_index("obs")
+    width = first.schema.field("obs").type.list_size
+    wide = _as_agent(pa.Table.from_batches([trajectories.batch(8, 0)]), "other")
+    wide = wide.set_column(i, "obs", wide.column(i).cast(pa.list_(pa.float64(), width)))
+    fits = _as_agent(pa.Table.from_batches([trajectories.batch(8, 1)]), "other")
+    mine = pg_pipeline.postgres_sink()
+    other = pg_pipeline.postgres_sink("--agent", "other")
+    for s in (mine, other):
+        s.start()
+        s.wait_ready()
+    other_subject = streams.trajectories_subject(pipeline.NAMESPACE, "other")
+    v = {streams.HEADER_SCHEMA_VERSION: "1"}
+    nc = await nats.connect(pg_pipeline.nats.url)
+    try:
+        js = nc.jetstream()
+        await js.publish(SUBJECT, _ipc(first), headers=v)
+        pipeline.wait_until("first rows", lambda: pipeline.postgres_rows(pg.dsn) == first.num_rows)
+        bad = await js.publish(other_subject, _ipc(wide), headers=v)
+        pipeline.wait_until("the other sink to end", lambda: not other.alive(), timeout=60)
+        assert other.proc is not None
+        assert other.proc.returncode == 2  # a permanent error (sink_cli)
+        assert "COPY failed" in other.logs()
+        other.start()  # as the Deployment's pod restarts
+        other.wait_ready()
+        await js.publish(other_subject, _ipc(fits), headers=v)
+        want = first.num_rows + fits.num_rows
+        pipeline.wait_until("pg rows", lambda: pipeline.postgres_rows(pg.dsn) == want)
+        dead_subject = streams.deadletter_subject(pipeline.NAMESPACE, "other")
+        sub = await js.pull_subscribe(dead_subject, durable=None)
+        dead = await sub.fetch(1, timeout=10)
+    finally:
+        await nc.close()
+    assert (dead[0].headers or {})[streams.HEADER_ORIGINAL_SEQUENCE] == str(bad.seq)
+    assert (dead[0].headers or {})[streams.HEADER_DEAD_REASON] == "schema-mismatch"
+    assert other.alive()
+    for s in (mine, other):
+        assert s.terminate() == 0
+
+
 async def test_a_stream_made_anew_is_taken_from_its_start(
     pg_pipeline: pipeline.Pipeline, pg: postgres.PostgresServer
 ) -> None:
