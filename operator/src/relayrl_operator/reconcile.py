@@ -406,8 +406,7 @@ class Reconciler:
                 log.warning("reconcile %s/%s failed permanently: %s", *key, err)
                 return
             state.failures += 1
-            delay = min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (state.failures - 1))
-            delay *= random.uniform(0.8, 1.2)  # jitter, not crypto
+            delay = _backoff(state.failures)
             metrics.RECONCILES.labels("transient_error").inc()
             metrics.ERRORS.labels("api").inc()
             log.info("reconcile %s/%s: %s; retrying in %.1fs", *key, err, delay)
@@ -415,7 +414,7 @@ class Reconciler:
         except Exception:
             metrics.RECONCILES.labels("transient_error").inc()
             state.failures += 1
-            delay = min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (state.failures - 1))
+            delay = _backoff(state.failures)
             log.exception("reconcile %s/%s crashed; retrying in %.1fs", *key, delay)
             self._enqueue_later(key, delay)
         else:
@@ -511,9 +510,8 @@ class Reconciler:
                 state.stream_message = f"cannot reach NATS: {err}"
                 # Its own count: the pass itself succeeds (status is written), which
                 # resets `failures`, and the retries must still back off.
-                delay = min(BACKOFF_MAX, BACKOFF_BASE * 2**state.nats_failures)
-                self._enqueue_later(key, delay * random.uniform(0.8, 1.2))
                 state.nats_failures += 1
+                self._enqueue_later(key, _backoff(state.nats_failures))
 
         await self._write_status(agent, state)
 
@@ -744,6 +742,12 @@ class Reconciler:
             )
         except kube.ApiError as err:  # events are best effort; never fail a reconcile
             log.debug("event for %s/%s not posted: %s", agent.namespace, agent.name, err)
+
+
+def _backoff(failures: int) -> float:
+    """Seconds before the next try after `failures` in a row: growing, bounded, jittered."""
+    delay = min(BACKOFF_MAX, BACKOFF_BASE * 2.0 ** (failures - 1))
+    return delay * random.uniform(0.8, 1.2)  # jitter, not crypto
 
 
 def _store(state: _State, body: Mapping[str, Any]) -> None:

@@ -58,10 +58,7 @@ class Rule:
 
     def to_openapi(self) -> dict[str, str]:
         """The `x-kubernetes-validations` entry for this rule."""
-        out = {"rule": self.cel, "message": self.message}
-        if self.field:
-            out["fieldPath"] = f".{self.field}"
-        return out
+        return _validation(self.cel, self.message, self.field)
 
 
 @dataclass(frozen=True)
@@ -78,10 +75,14 @@ class Transition:
 
     def to_openapi(self) -> dict[str, str]:
         """The `x-kubernetes-validations` entry for this transition rule."""
-        out = {"rule": self.cel, "message": self.message}
-        if self.field:
-            out["fieldPath"] = f".{self.field}"
-        return out
+        return _validation(self.cel, self.message, self.field)
+
+
+def _validation(cel: str, message: str, field: str) -> dict[str, str]:
+    out = {"rule": cel, "message": message}
+    if field:
+        out["fieldPath"] = f".{field}"
+    return out
 
 
 class SpecModel(BaseModel):

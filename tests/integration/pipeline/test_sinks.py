@@ -27,6 +27,28 @@ from support import natsserver, pipeline, postgres, trajectories
 SUBJECT = streams.trajectories_subject(pipeline.NAMESPACE, pipeline.AGENT)
 
 
+def _ipc(table: pa.Table) -> bytes:
+    out = pa.BufferOutputStream()
+    with pa.ipc.new_stream(out, table.schema) as w:
+        w.write_table(table)
+    return bytes(out.getvalue().to_pybytes())
+
+
+async def _dead_letters(
+    js: nats.js.JetStreamContext, want: int, agent: str = pipeline.AGENT, tries: int = 30
+) -> list[Msg]:
+    """The first `want` dead letters of an Agent, fetching for up to `tries` seconds."""
+    subject = streams.deadletter_subject(pipeline.NAMESPACE, agent)
+    sub = await js.pull_subscribe(subject, durable=None)
+    dead: list[Msg] = []
+    for _ in range(tries):
+        with contextlib.suppress(nats.errors.TimeoutError):
+            dead += await sub.fetch(want - len(dead), timeout=1)
+        if len(dead) >= want:
+            break
+    return dead
+
+
 def test_arrow_sink_writes_a_partitioned_dataset(arrow_pipeline: pipeline.Pipeline) -> None:
     producer = arrow_pipeline.producer(1, "--count", "60")
     producer.start()
@@ -139,14 +161,7 @@ async def test_bad_messages_go_to_the_dead_letter_subject(
         missing = await js.publish(SUBJECT, valid)  # no version header
         await js.publish(SUBJECT, valid, headers={v: "1"})
 
-        dead_subject = streams.deadletter_subject(pipeline.NAMESPACE, pipeline.AGENT)
-        sub = await js.pull_subscribe(dead_subject, durable=None)
-        dead: list[Msg] = []
-        for _ in range(50):
-            with contextlib.suppress(nats.errors.TimeoutError):
-                dead += await sub.fetch(10, timeout=1)
-            if len(dead) >= 6:
-                break
+        dead = await _dead_letters(js, 6, tries=50)
         reasons = sorted(
             (
                 (m.headers or {})[streams.HEADER_DEAD_SINK],
@@ -182,13 +197,6 @@ async def test_bad_messages_go_to_the_dead_letter_subject(
     pipeline.assert_same(pipeline.read_postgres(pg.dsn), want, "postgres")
 
 
-def _ipc(table: pa.Table) -> bytes:
-    out = pa.BufferOutputStream()
-    with pa.ipc.new_stream(out, table.schema) as w:
-        w.write_table(table)
-    return bytes(out.getvalue().to_pybytes())
-
-
 async def test_postgres_dead_letters_a_column_type_its_table_cannot_take(
     pg_pipeline: pipeline.Pipeline, pg: postgres.PostgresServer
 ) -> None:
@@ -220,14 +228,7 @@ async def test_postgres_dead_letters_a_column_type_its_table_cannot_take(
         bad = await js.publish(SUBJECT, _ipc(wide), headers={v: "1"})
         for t in (extra, last):
             await js.publish(SUBJECT, _ipc(t), headers={v: "1"})
-        dead_subject = streams.deadletter_subject(pipeline.NAMESPACE, pipeline.AGENT)
-        sub = await js.pull_subscribe(dead_subject, durable=None)
-        dead: list[Msg] = []
-        for _ in range(30):
-            with contextlib.suppress(nats.errors.TimeoutError):
-                dead += await sub.fetch(1, timeout=1)
-            if dead:
-                break
+        dead = await _dead_letters(js, 1)
     finally:
         await nc.close()
     assert [int((m.headers or {})[streams.HEADER_ORIGINAL_SEQUENCE]) for m in dead] == [bad.seq]
@@ -284,9 +285,7 @@ async def test_two_agents_sharing_a_table_with_clashing_column_types(
         await js.publish(other_subject, _ipc(fits), headers=v)
         want = first.num_rows + fits.num_rows
         pipeline.wait_until("pg rows", lambda: pipeline.postgres_rows(pg.dsn) == want)
-        dead_subject = streams.deadletter_subject(pipeline.NAMESPACE, "other")
-        sub = await js.pull_subscribe(dead_subject, durable=None)
-        dead = await sub.fetch(1, timeout=10)
+        dead = await _dead_letters(js, 1, agent="other")
     finally:
         await nc.close()
     assert (dead[0].headers or {})[streams.HEADER_ORIGINAL_SEQUENCE] == str(bad.seq)
@@ -359,18 +358,8 @@ async def test_a_bad_message_near_max_payload_is_dead_lettered_cut_short(
                 big = b"x" * (limit - 200)
                 bad = await js.publish(SUBJECT, big, headers={v: "1"})
                 good = trajectories.batch(4, 0)
-                sink = pa.BufferOutputStream()
-                with pa.ipc.new_stream(sink, good.schema) as w:
-                    w.write_batch(good)
-                await js.publish(SUBJECT, sink.getvalue().to_pybytes(), headers={v: "1"})
-                dead_subject = streams.deadletter_subject(pipeline.NAMESPACE, pipeline.AGENT)
-                sub = await js.pull_subscribe(dead_subject, durable=None)
-                dead: list[Msg] = []
-                for _ in range(30):
-                    with contextlib.suppress(nats.errors.TimeoutError):
-                        dead += await sub.fetch(1, timeout=1)
-                    if dead:
-                        break
+                await js.publish(SUBJECT, _ipc(pa.Table.from_batches([good])), headers={v: "1"})
+                dead = await _dead_letters(js, 1)
             finally:
                 await nc.close()
             assert len(dead) == 1

@@ -101,7 +101,12 @@ _ORIGIN_FILE: Final = "_stream"
 
 def partition_dir(root: Path, agent: str, day: dt.date) -> Path:
     """Where one agent's files of one (UTC) day go."""
-    return root / f"agent={agent}" / f"date={day.isoformat()}"
+    return agent_dir(root, agent) / f"date={day.isoformat()}"
+
+
+def agent_dir(root: Path, agent: str) -> Path:
+    """One agent's partition: its date directories, and what the sink keeps beside them."""
+    return root / f"agent={agent}"
 
 
 def committed_files(root: Path, agent: str = "*") -> list[tuple[int, int, Path]]:
@@ -321,7 +326,7 @@ class ArrowStreamWriter:
         Only this Agent's partition counts: a claim may be shared with other Agents'
         sinks, whose files (and temp files being written) are theirs.
         """
-        own = self.root / f"agent={self.agent}"
+        own = agent_dir(self.root, self.agent)
         await asyncio.to_thread(own.mkdir, parents=True, exist_ok=True)
         for tmp in own.glob(f"date=*/{_TEMP_PREFIX}*{_TEMP_SUFFIX}"):
             log.info("removing uncommitted %s", tmp)
@@ -330,7 +335,7 @@ class ArrowStreamWriter:
         return max((last for _, last, _ in files), default=0)
 
     def _origin_path(self) -> Path:
-        return self.root / f"agent={self.agent}" / _ORIGIN_FILE
+        return agent_dir(self.root, self.agent) / _ORIGIN_FILE
 
     async def origin(self) -> str | None:
         """The stream the files' sequences belong to (a small file beside them)."""
@@ -359,8 +364,7 @@ class ArrowStreamWriter:
         """Move this Agent's files of the old stream under `_replaced-<time>` (which
         dataset readers skip, as they skip names starting with "_"); resume from 0."""
         stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-        own = self.root / f"agent={self.agent}"
-        aside = own / f"_replaced-{stamp}"
+        aside = agent_dir(self.root, self.agent) / f"_replaced-{stamp}"
 
         def move() -> None:
             for _, _, path in committed_files(self.root, self.agent):

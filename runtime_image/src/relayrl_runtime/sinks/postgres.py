@@ -437,63 +437,26 @@ class PostgresWriter:
 
     async def origin(self) -> str | None:
         """The stream the stored offset counts in (sink_offsets.stream_origin)."""
-
-        def read() -> str | None:
-            conn = self._connect()
-            try:
-                row = conn.execute(
-                    sql.SQL(
-                        "SELECT stream_origin FROM {schema}.sink_offsets "
-                        "WHERE stream = %s AND consumer = %s"
-                    ).format(**self._ids()),
-                    (self.stream, self.consumer),
-                ).fetchone()
-            except (psycopg.OperationalError, psycopg.InterfaceError):
-                self._disconnect()
-                raise
-            return None if row is None or row[0] is None else str(row[0])
-
-        return await self._in_db(read)
+        row = await self._offsets(
+            "SELECT stream_origin FROM {schema}.sink_offsets WHERE stream = %s AND consumer = %s"
+        )
+        return None if row is None or row[0] is None else str(row[0])
 
     async def set_origin(self, origin: str) -> None:
         """Record the stream the offset counts in."""
-
-        def write() -> None:
-            conn = self._connect()
-            try:
-                with conn.transaction():
-                    conn.execute(
-                        sql.SQL(
-                            "UPDATE {schema}.sink_offsets SET stream_origin = %s "
-                            "WHERE stream = %s AND consumer = %s"
-                        ).format(**self._ids()),
-                        (origin, self.stream, self.consumer),
-                    )
-            except (psycopg.OperationalError, psycopg.InterfaceError):
-                self._disconnect()
-                raise
-
-        await self._in_db(write)
+        await self._offsets(
+            "UPDATE {schema}.sink_offsets SET stream_origin = %s "
+            "WHERE stream = %s AND consumer = %s",
+            origin,
+        )
 
     async def restart(self, stale: int) -> int:
         """Set this stream's offset back to 0 (its rows stay); resume from the start."""
-
-        def reset() -> None:
-            conn = self._connect()
-            try:
-                with conn.transaction():
-                    conn.execute(
-                        sql.SQL(
-                            "UPDATE {schema}.sink_offsets SET last_seq = 0, updated_at = now() "
-                            "WHERE stream = %s AND consumer = %s AND last_seq = %s"
-                        ).format(**self._ids()),
-                        (self.stream, self.consumer, stale),
-                    )
-            except (psycopg.OperationalError, psycopg.InterfaceError):
-                self._disconnect()
-                raise
-
-        await self._in_db(reset)
+        await self._offsets(
+            "UPDATE {schema}.sink_offsets SET last_seq = 0, updated_at = now() "
+            "WHERE stream = %s AND consumer = %s AND last_seq = %s",
+            after=(stale,),
+        )
         self._committed = 0
         log.warning(
             "postgres: offset of %s/%s reset from %d to 0", self.stream, self.consumer, stale
@@ -579,6 +542,27 @@ class PostgresWriter:
 
     async def _in_db(self, fn: Callable[[], _T]) -> _T:
         return await asyncio.wrap_future(self._db.submit(fn))
+
+    async def _offsets(
+        self, query: str, *before: object, after: tuple[object, ...] = ()
+    ) -> tuple[Any, ...] | None:
+        """One statement on this stream's sink_offsets row, in a transaction: `before`,
+        then (stream, consumer), then `after` fill its placeholders. Its row, if any."""
+
+        def run() -> tuple[Any, ...] | None:
+            conn = self._connect()
+            try:
+                with conn.transaction():
+                    cur = conn.execute(
+                        sql.SQL(query).format(**self._ids()),
+                        (*before, self.stream, self.consumer, *after),
+                    )
+                    return cur.fetchone() if cur.description else None
+            except (psycopg.OperationalError, psycopg.InterfaceError):
+                self._disconnect()
+                raise
+
+        return await self._in_db(run)
 
     def _connect(self) -> psycopg.Connection[Any]:
         if self._conn is not None and not self._conn.closed and not self._conn.broken:
