@@ -264,12 +264,21 @@ class Reconciler:
         state = self._states.setdefault(key, _State())
         kind, name = body.get("kind", ""), meta["name"]
         deleted = event_type == "DELETED"
+        # Whether a pass could come out differently: status reads pods and sink
+        # Deployments; any other child matters only when deleted or edited (drift).
+        # At a thousand Agents most child events are the controllers' status updates
+        # (StatefulSet replicas, PodDisruptionBudget counts, a pod's scheduling steps)
+        # that change nothing status shows.
+        relevant = deleted
         if kind == "Pod":
             if deleted:
                 state.pods.pop(name, None)
             else:
-                state.pods[name] = _pod_summary(body)
+                summary = _pod_summary(body)
+                relevant = state.pods.get(name) != summary
+                state.pods[name] = summary
         elif kind == "Deployment":
+            relevant = True
             if deleted:
                 state.deployments.pop(name, None)
             else:
@@ -288,6 +297,7 @@ class Reconciler:
             if deleted or edited:
                 # Deleted or changed by someone: server-side apply puts our fields back.
                 state.needs_apply = True
+                relevant = True
             if deleted:
                 state.seen.discard(child)
             else:
@@ -298,7 +308,8 @@ class Reconciler:
             if deleted and not state.pods and not state.deployments:
                 self._states.pop(key, None)  # the last child of a deleted Agent
             return
-        self.enqueue(key)
+        if relevant:
+            self.enqueue(key)
 
     def _reported(self, key: Key) -> None:
         state = self._states.get(key)

@@ -190,9 +190,12 @@ def compute(
     # Progressing
     converged = len(ready) == desired_pods and len(updated) == desired_pods
     if not converged:
-        message = (
-            f"{len(ready)}/{desired_pods} actor pods ready, {len(updated)}/{desired_pods} updated"
-        )
+        message = f"{len(ready)}/{desired_pods} actor pods ready"
+        # The updated count only while pods of an older template remain: a new Agent's
+        # pods are current from the start, and counting them as they are created would
+        # be one more status write per Agent that says nothing new.
+        if len(updated) < len(wanted):
+            message += f", {len(updated)}/{desired_pods} updated"
         if observed.applied:
             message = f"{observed.applied}; {message}"
         conds.set(Cond.PROGRESSING, TRUE, "Rolling", message)

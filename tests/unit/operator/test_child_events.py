@@ -55,3 +55,49 @@ def test_a_deleted_child_is_put_back_and_leaves_the_cache() -> None:
     rec.child_event("DELETED", child("Service", "cartpole-remote", resourceVersion="3"))
     assert st.needs_apply
     assert ("Service", "cartpole-remote") not in st.seen
+
+
+def drained(rec: reconcile.Reconciler) -> int:
+    """How many Agents were queued for a pass since the last call."""
+    n = 0
+    while not rec._queue.empty():
+        rec._queue.get_nowait()
+        n += 1
+    rec._queued.clear()
+    return n
+
+
+def pod(ready: str, **status: Any) -> dict[str, Any]:
+    body = child("Pod", "cartpole-actors-0", resourceVersion="1")
+    body["metadata"]["labels"][constants.LABEL_COMPONENT] = constants.COMPONENT_ACTORS
+    body["status"] = {"conditions": [{"type": "Ready", "status": ready}], **status}
+    return body
+
+
+def test_only_events_that_can_change_status_or_need_repair_queue_a_pass() -> None:
+    rec = reconciler()
+    st = state(rec)
+    drained(rec)
+    st.needs_apply = False
+    st.child_generations[("StatefulSet", "cartpole-actors")] = 3
+    st.child_versions[("PodDisruptionBudget", "cartpole-actors")] = "5"
+    # Controllers' status updates of children status does not read: no pass.
+    rec.child_event("MODIFIED", child("StatefulSet", "cartpole-actors", generation=3))
+    pdb = child("PodDisruptionBudget", "cartpole-actors", generation=1, resourceVersion="7")
+    rec.child_event("MODIFIED", pdb)
+    assert drained(rec) == 0
+    # A pod: its first sight and a change of readiness queue a pass; an update that
+    # leaves what status reads as it was (a new resourceVersion, a start time) does not.
+    rec.child_event("ADDED", pod("False"))
+    assert drained(rec) == 1
+    rec.child_event("MODIFIED", pod("False", startTime="2026-11-21T00:00:00Z"))
+    assert drained(rec) == 0
+    rec.child_event("MODIFIED", pod("True"))
+    assert drained(rec) == 1
+    # Drift and deletion queue a pass.
+    rec.child_event("MODIFIED", child("StatefulSet", "cartpole-actors", generation=4))
+    assert drained(rec) == 1
+    rec.child_event("DELETED", child("Service", "cartpole", resourceVersion="8"))
+    assert drained(rec) == 1
+    rec.child_event("DELETED", pod("True"))
+    assert drained(rec) == 1

@@ -171,3 +171,22 @@ def test_changes_say_how_each_field_was_applied() -> None:
         ),
     )
     assert added == ["sink postgres added"]
+
+
+def test_a_new_agents_status_does_not_change_as_its_pods_are_created() -> None:
+    # One status write fewer per new Agent: "created, not ready" says what "not created"
+    # said. A rollout, where pods of the old template remain, shows the updated count.
+    s = make_spec({"spec": {"actors": 8, "actorsPerPod": 4}})
+    none_yet = compute(s, status.Observed([], ARROW_READY, stream_ready=True))
+    created = [status.PodView(i, ready=False, current=True) for i in range(2)]
+    starting = compute(
+        s, status.Observed(created, ARROW_READY, stream_ready=True), none_yet["conditions"]
+    )
+    assert starting == none_yet
+    assert conditions(starting)["Progressing"]["message"] == "0/2 actor pods ready"
+    rolling = [
+        status.PodView(0, ready=True, current=False),
+        status.PodView(1, ready=False, current=True),
+    ]
+    result = compute(s, status.Observed(rolling, ARROW_READY, stream_ready=True))
+    assert conditions(result)["Progressing"]["message"] == "1/2 actor pods ready, 1/2 updated"
