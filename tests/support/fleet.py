@@ -107,6 +107,24 @@ def render_chart(values: Path | None, namespace: str, *extra: str) -> list[dict[
     return [d for d in yaml.safe_load_all(helm(*args)) if d]
 
 
+# The API the chart's finalizer policy needs; `helm template` does not assume it.
+ADMISSION_POLICY_API = "admissionregistration.k8s.io/v1/MutatingAdmissionPolicy"
+
+
+def finalizer_policy_yaml() -> str:
+    """The chart's MutatingAdmissionPolicy and binding for the Agent finalizer, as YAML
+    (release `relayrl`, every namespace), for clusters the operator runs on as a process."""
+    return helm(
+        "template",
+        "relayrl",
+        str(CHART),
+        "--api-versions",
+        ADMISSION_POLICY_API,
+        "--show-only",
+        "templates/finalizer-policy.yaml",
+    )
+
+
 class Operator:
     """The operator as a separate process, as it runs in a cluster."""
 

@@ -17,9 +17,13 @@ CRDS = [REPO / "crds" / "agents.relayrl.io.yaml", REPO / "crds" / "kopf.dev.yaml
 
 @pytest.fixture(scope="session")
 def agent_crd(k8s: testing.ClusterHandle) -> testing.ClusterHandle:
-    """The cluster with the Agent and peering CRDs applied and established."""
+    """The cluster with the Agent and peering CRDs applied and established, and the
+    chart's finalizer policy."""
     for path in CRDS:
         k8s.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(path))
+    # What the chart installs beside the operator: the policy that puts the finalizer
+    # on new Agents.
+    k8s.kubectl("apply", "-f", "-", input_text=fleet.finalizer_policy_yaml())
     k8s.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/agents.relayrl.io")
     # Established comes before discovery and the OpenAPI document list the new kind.
     testing.wait_for(

@@ -168,9 +168,10 @@ def test_monitoring_queries_name_exported_metrics() -> None:
 def test_rendered_chart_passes_server_side_dry_run(
     agent_crd: testing.ClusterHandle, namespace: str, values: Path
 ) -> None:
-    docs = fleet.render_chart(values, namespace)
+    # As on a cluster that serves the admission policy API (helm install asks it).
+    docs = fleet.render_chart(values, namespace, "--api-versions", fleet.ADMISSION_POLICY_API)
     kinds = {d["kind"] for d in docs}
-    assert {"Deployment", "ServiceAccount", "Service", "Pod"} <= kinds
+    assert {"Deployment", "ServiceAccount", "Service", "Pod", "MutatingAdmissionPolicy"} <= kinds
     applied = [d for d in docs if not d["apiVersion"].startswith(MONITORING_GROUP)]
     if "full" in values.stem:
         assert {"StatefulSet", "ServiceMonitor", "PrometheusRule"} <= kinds
@@ -251,6 +252,18 @@ def test_helm_install_runs_the_operator_that_makes_an_agent_ready(
         ).items
         assert [p.spec.node_name for p in pods] == [k8s.process_node]
         assert pods[0].spec.service_account_name == f"{release}-relayrl-operator"
+        # The finalizer policy (the cluster serves its API), scoped to the watched namespace.
+        binding = json.loads(
+            k8s.kubectl(
+                "get",
+                "mutatingadmissionpolicybinding",
+                f"{release}-relayrl-operator-agent-finalizer",
+                "-o",
+                "json",
+            ).stdout
+        )
+        selector = binding["spec"]["matchResources"]["namespaceSelector"]
+        assert selector["matchExpressions"][0]["values"] == [namespace]
 
         # `helm test`: its pod (on the process node) reaches the operator's metrics
         # through the metrics Service's name.

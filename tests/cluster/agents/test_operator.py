@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,10 +17,12 @@ from typing import Any
 import nats
 import nats.js.errors
 import pytest
+import yaml
 from kubernetes import client
 from prometheus_client.parser import text_string_to_metric_families
 
 from relayrl_localstack import testing
+from relayrl_operator import constants
 from relayrl_runtime import streams
 from support import fleet, natsserver, specs
 
@@ -115,6 +118,81 @@ def test_lifecycle_create_scale_pause_resume_delete(
         what="agent gone",
     )
     assert not stream_exists(nats.url, namespace, "cartpole")
+
+
+def finalizers_on_create(agents: fleet.Agents, name: str, url: str) -> list[str]:
+    """The finalizers admission gives a new Agent (a dry-run create: nothing stored)."""
+    body = specs.merge_patch(manifest(url), {"metadata": {"name": name}})
+    created = agents.api.create_namespaced_custom_object(
+        "relayrl.io", "v1alpha1", agents.namespace, "agents", body, dry_run="All"
+    )
+    return list(created["metadata"].get("finalizers") or [])
+
+
+@pytest.mark.usefixtures("operator")
+def test_the_finalizer_comes_with_the_create_or_else_from_the_operator(
+    agents: fleet.Agents, nats: natsserver.NatsServer
+) -> None:
+    k8s = agents.k8s
+    policy = fleet.finalizer_policy_yaml()
+    binding = next(
+        d["metadata"]["name"]
+        for d in yaml.safe_load_all(policy)
+        if d and d["kind"] == "MutatingAdmissionPolicyBinding"
+    )
+    # The chart's policy: the apiserver stores the Agent with the finalizer, so the
+    # operator has no finalizer write to make.
+    created = agents.create(manifest(nats.url))
+    assert created["metadata"]["finalizers"] == [constants.FINALIZER]
+    agents.wait_phase("cartpole", "Ready")
+
+    # Without the policy (an older cluster, or `operator.finalizerPolicy: false`) the
+    # operator adds it; either way deleting the Agent removes it (CREATE only: the
+    # policy does not put it back on the update that removes it).
+    k8s.kubectl("delete", "mutatingadmissionpolicybinding", binding)
+    try:
+        testing.wait_for(
+            lambda: finalizers_on_create(agents, "probe", nats.url) == [],
+            timeout=30,
+            what="the policy no longer applied",
+        )
+        created = agents.create(specs.merge_patch(manifest(nats.url), {"metadata": {"name": "b"}}))
+        assert not created["metadata"].get("finalizers")
+        agents.wait(
+            "b",
+            "the operator's finalizer",
+            lambda a: constants.FINALIZER in a["metadata"].get("finalizers", []),
+        )
+        agents.wait_phase("b", "Ready")
+    finally:
+        k8s.kubectl("apply", "-f", "-", input_text=policy)
+        testing.wait_for(
+            lambda: finalizers_on_create(agents, "probe", nats.url) == [constants.FINALIZER],
+            timeout=30,
+            what="the policy applied again",
+        )
+    # Server-side apply: admission's additions to an apply belong to its manager, so a
+    # second apply without the finalizer may take it off; the operator puts it back.
+    applied = specs.merge_patch(manifest(nats.url), {"metadata": {"name": "c"}})
+    for actors in (8, 4):
+        body = json.dumps(specs.merge_patch(applied, {"spec": {"actors": actors}}))
+        k8s.kubectl("apply", "--server-side", "-n", agents.namespace, "-f", "-", input_text=body)
+    agents.wait(
+        "c",
+        "the finalizer after a second apply",
+        lambda a: constants.FINALIZER in a["metadata"].get("finalizers", []),
+    )
+    for name in ("cartpole", "b", "c"):
+        agents.delete(name)
+    testing.wait_for(
+        lambda: (
+            not agents.api.list_namespaced_custom_object(
+                "relayrl.io", "v1alpha1", agents.namespace, "agents"
+            )["items"]
+        ),
+        timeout=60,
+        what="both Agents gone",
+    )
 
 
 @pytest.mark.usefixtures("operator")
