@@ -41,7 +41,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 from relayrl_localstack import binaries, cluster, kwok, testing  # noqa: E402
 from relayrl_operator import kube, settings  # noqa: E402
 from relayrl_operator.builders import common, configmap, pdb, services, statefulset  # noqa: E402
-from relayrl_runtime import spec  # noqa: E402
+from relayrl_runtime import spec, streams  # noqa: E402
 from support import cputime, fleet, natsserver  # noqa: E402
 
 CONCURRENCY = 16
@@ -64,7 +64,7 @@ def agent_manifest(name: str, nats_url: str) -> dict[str, Any]:
 
 
 def direct_children(name: str, namespace: str, nats_url: str) -> list[dict[str, Any]]:
-    """The children the operator would create for one Agent, without an owner."""
+    """The Kubernetes children the operator would create for one Agent, without an owner."""
     parsed = spec.parse_agent(agent_manifest(name, nats_url))
     ref = common.AgentRef(name, namespace, "none", 1, parsed.spec)
     out = [
@@ -76,6 +76,19 @@ def direct_children(name: str, namespace: str, nats_url: str) -> list[dict[str, 
     for obj in out:
         obj["metadata"].pop("ownerReferences")
     return out
+
+
+async def nats_children(js: Any, namespace: str, name: str) -> None:
+    """One Agent's stream and model bucket, made as the operator makes them."""
+    await streams.ensure_stream(js, streams.stream_config(namespace, name))
+    await streams.ensure_object_store(js, streams.model_bucket(namespace, name))
+
+
+async def remove_nats_children(js: Any, namespace: str, names: list[str]) -> None:
+    """Delete what `nats_children` made, so the next phase starts on an empty server."""
+    for name in names:
+        await streams.delete_stream(js, streams.stream_name(namespace, name))
+        await js.delete_object_store(streams.model_bucket(namespace, name))
 
 
 async def bounded(jobs: list[Callable[[], Awaitable[Any]]], limit: int = CONCURRENCY) -> None:
@@ -158,12 +171,20 @@ def agent_ready(agent: dict[str, Any]) -> bool:
 
 
 async def baseline(
-    kc: kube.Client, api: Any, namespace: str, n: int, nats_url: str
+    kc: kube.Client, js: Any, api: Any, namespace: str, n: int, nats_url: str
 ) -> tuple[float, float]:
-    """Seconds to create N Agents' children directly, and until their pods are ready."""
-    objs = [o for i in range(n) for o in direct_children(f"agent-{i}", namespace, nats_url)]
+    """Seconds to create N Agents' children directly, and until their pods are ready.
+
+    The children are those the operator makes for each Agent (`agent-<i>`): its four
+    Kubernetes objects, applied with the client, and its NATS stream and model bucket.
+    """
+    jobs: list[Callable[[], Awaitable[Any]]] = []
+    for i in range(n):  # Agent by Agent, as the operator's passes go
+        name = f"agent-{i}"
+        jobs += [lambda o=o: kc.apply(o) for o in direct_children(name, namespace, nats_url)]
+        jobs.append(lambda name=name: nats_children(js, namespace, name))
     start = time.monotonic()
-    await bounded([lambda o=o: kc.apply(o) for o in objs])
+    await bounded(jobs)
     created = time.monotonic() - start
     await asyncio.to_thread(
         watch_until, api, ("apps", "v1", "statefulsets"), namespace, n, statefulset_ready, 900
@@ -243,21 +264,15 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
 
 
-def apply_crds(bins: binaries.Binaries, kubeconfig: Path) -> None:
-    """Apply the Agent and peering CRDs with the pinned kubectl."""
+def apply_crds(bins: binaries.Binaries, kubeconfig: Path, policy: bool = True) -> None:
+    """Apply the Agent and peering CRDs, and (with `policy`) the chart's finalizer
+    policy, with the pinned kubectl: what `helm install` puts beside the operator."""
+    kubectl = [str(bins.kubectl), "--kubeconfig", str(kubeconfig), "apply", "-f"]
     for path in ("agents.relayrl.io.yaml", "kopf.dev.yaml"):
-        subprocess.run(
-            [
-                str(bins.kubectl),
-                "--kubeconfig",
-                str(kubeconfig),
-                "apply",
-                "-f",
-                str(REPO / "crds" / path),
-            ],
-            check=True,
-            capture_output=True,
-        )
+        subprocess.run([*kubectl, str(REPO / "crds" / path)], check=True, capture_output=True)
+    if policy:
+        yaml = fleet.finalizer_policy_yaml()
+        subprocess.run([*kubectl, "-"], input=yaml, text=True, check=True, capture_output=True)
 
 
 def create_namespace(k8s_api: Any, name: str) -> None:
@@ -295,9 +310,17 @@ async def run(args: argparse.Namespace) -> None:
             # The bench's own process only: the operator it starts shares its group.
             client_pid = {"bench client": os.getpid()}
             create_namespace(api, "direct")
-            meter = cputime.Meter(pids, client_pid)
-            direct_created, direct_ready = await baseline(kc, api, "direct", n, nats.url)
-            cpu["direct create + ready"] = meter.stop()
+            nc = await streams.connect(streams.ConnectOptions(servers=(nats.url,)), deadline=10)
+            try:
+                meter = cputime.Meter(pids, client_pid)
+                direct_created, direct_ready = await baseline(
+                    kc, nc.jetstream(), api, "direct", n, nats.url
+                )
+                cpu["direct create + ready"] = meter.stop()
+                names = [f"agent-{i}" for i in range(n)]
+                await remove_nats_children(nc.jetstream(), "direct", names)
+            finally:
+                await nc.close()
             # The latency samples come after the baseline's 1,000 StatefulSets and pods
             # are garbage collected, not while the control plane is busy with them.
             core = client.CoreV1Api(api)
@@ -335,7 +358,7 @@ async def run(args: argparse.Namespace) -> None:
     print(f"{'measure':<52} {'value':>12} {'target':>12}")
     print(f"{'apply -> Ready p50 (one Agent)':<52} {statistics.median(lat):>11.2f}s {'<= 2 s':>12}")
     print(f"{'apply -> Ready p99 (one Agent)':<52} {percentile(lat, 99):>11.2f}s {'':>12}")
-    print(f"{'baseline: create children directly':<52} {direct_created:>11.1f}s")
+    print(f"{'baseline: create children (k8s + NATS) directly':<52} {direct_created:>11.1f}s")
     print(f"{'baseline: create directly + pods ready':<52} {direct_ready:>11.1f}s")
     print(f"{f'operator: {n} Agents created -> all Ready':<52} {op_ready:>11.1f}s")
     print(
