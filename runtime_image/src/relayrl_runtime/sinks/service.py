@@ -383,12 +383,7 @@ class SinkService:
             self._nc = nc
             try:
                 js = nc.jetstream()
-                if self.config.create_stream:
-                    cfg = streams.stream_config(
-                        self.config.namespace, self.config.agent, self.config.stream
-                    )
-                    await self._retry("stream", lambda: streams.ensure_stream(js, cfg))
-                await self._check_stream(js)
+                await self._open_stream(js)
                 await self._consume(js)
             finally:
                 await self._final_commit()
@@ -403,6 +398,15 @@ class SinkService:
             if self.http is not None:
                 self.http.shutdown()
                 self.http.server_close()
+
+    async def _open_stream(self, js: nats.js.JetStreamContext) -> None:
+        """Make the stream if this sink is told to, then compare it with the position's."""
+        if self.config.create_stream:
+            cfg = streams.stream_config(
+                self.config.namespace, self.config.agent, self.config.stream
+            )
+            await self._retry("stream", lambda: streams.ensure_stream(js, cfg))
+        await self._check_stream(js)
 
     async def _check_stream(self, js: nats.js.JetStreamContext) -> None:
         """Start over on a stream made anew since the committed position was recorded.
@@ -486,7 +490,18 @@ class SinkService:
 
     async def _consume(self, js: nats.js.JetStreamContext) -> None:
         """Take fetched batches until stopped; re-position the consumer when told to."""
+        first = True
         while not self.stopping.is_set():
+            if not first:
+                # The consumer must move: a delivery gap, a server restart, or the stream
+                # gone. It may have been made anew meanwhile (deleted and made again, so
+                # its sequences start at 1): what was taken from the old one is committed
+                # first, then the stream is compared as at start.
+                if self.writer.pending:
+                    await self._commit()
+                await self._drain_commits()
+                await self._open_stream(js)
+            first = False
             sub = await self._retry("consumer", lambda: self._position(js))
             self.ready = True
             # One batch waits here while the next is being fetched: the network, the
