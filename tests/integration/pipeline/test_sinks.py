@@ -362,6 +362,10 @@ async def test_a_stream_made_anew_under_running_sinks_is_taken_from_its_start(
             await js.publish(SUBJECT, _ipc(t), headers={v: "1"})
         pipeline.wait_until("old arrow rows", lambda: pipeline.arrow_rows(root) == old_rows)
         pipeline.wait_until("old pg rows", lambda: pipeline.postgres_rows(pg.dsn) == old_rows)
+        # The old stream ends, after the last commit, on a message that is only
+        # dead-lettered: the sinks' last taken sequence is past their committed one.
+        await js.publish(SUBJECT, b"not arrow", headers={v: "1"})
+        assert len(await _dead_letters(js, 2)) == 2  # one from each sink
         await js.delete_stream(name)
         # Made again (as the operator would for an Agent made again), then published to.
         await streams.ensure_stream(js, streams.stream_config(pipeline.NAMESPACE, pipeline.AGENT))

@@ -451,16 +451,25 @@ class PostgresWriter:
         )
 
     async def restart(self, stale: int) -> int:
-        """Set this stream's offset back to 0 (its rows stay); resume from the start."""
+        """Set this stream's offset back to 0 (its rows stay); resume from the start.
+
+        The offset is matched against what this writer committed, not `stale` (the last
+        sequence the service took): messages after the last commit that were only
+        dead-lettered moved the one but not the other.
+        """
         await self._offsets(
             "UPDATE {schema}.sink_offsets SET last_seq = 0, updated_at = now() "
             "WHERE stream = %s AND consumer = %s AND last_seq = %s",
-            after=(stale,),
+            after=(self._committed,),
+        )
+        log.warning(
+            "postgres: offset of %s/%s reset from %d to 0 (sequences taken up to %d)",
+            self.stream,
+            self.consumer,
+            self._committed,
+            stale,
         )
         self._committed = 0
-        log.warning(
-            "postgres: offset of %s/%s reset from %d to 0", self.stream, self.consumer, stale
-        )
         return 0
 
     def check(self, table: pa.Table) -> None:
