@@ -34,7 +34,7 @@ from relayrl_localstack import binaries, cluster  # noqa: E402
 from relayrl_operator import constants, kube, status  # noqa: E402
 from relayrl_operator.builders import common, configmap  # noqa: E402
 from relayrl_runtime import spec  # noqa: E402
-from support import cputime  # noqa: E402
+from support import cputime, fleet  # noqa: E402
 
 NAMESPACE = "costs"
 NATS_URL = "nats://127.0.0.1:4222"  # only rendered into specs; nothing connects
@@ -165,7 +165,7 @@ async def run(count: int) -> list[tuple[str, float, dict[str, float]]]:
                 out.append((name, seconds, cpu))
             # The chart's policy puts the finalizer on at create instead.
             await asyncio.to_thread(bench_operator.apply_crds, bins, local.kubeconfig)
-            await asyncio.sleep(5)  # the apiserver's policy informer picks it up
+            await asyncio.to_thread(fleet.wait_finalizer_policy, api)
             jobs = [
                 lambda i=i: kc.request(
                     "POST",

@@ -17,8 +17,9 @@ import yaml
 from kubernetes import client
 
 from relayrl_localstack import binaries, testing
+from relayrl_operator import constants
 from relayrl_runtime import spec, streams
-from support import natsserver
+from support import natsserver, specs
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "relayrl-operator"
@@ -88,15 +89,18 @@ def postgres_steps(dsn: str, where: str = "true", params: tuple[Any, ...] = ()) 
         return int(row[0]) if row else 0
 
 
-def helm(*args: str, check: bool = True, kubeconfig: Path | None = None) -> str:
-    """Run the pinned helm; with ``check``, fail with its output."""
+def helm(
+    *args: str, check: bool = True, kubeconfig: Path | None = None, stderr: bool = True
+) -> str:
+    """Run the pinned helm; with ``check``, fail with its output. Returns its stdout and
+    (with ``stderr``) its stderr: without, for output that is parsed (templates)."""
     argv = [str(binaries.ensure_binaries(build=False).helm), *args]
     if kubeconfig is not None:
         argv += ["--kubeconfig", str(kubeconfig)]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=180, check=False)
     if check and result.returncode != 0:
         raise AssertionError(f"helm {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
-    return result.stdout + result.stderr
+    return result.stdout + (result.stderr if stderr else "")
 
 
 def render_chart(values: Path | None, namespace: str, *extra: str) -> list[dict[str, Any]]:
@@ -104,7 +108,7 @@ def render_chart(values: Path | None, namespace: str, *extra: str) -> list[dict[
     args = ["template", "relayrl-ci", str(CHART), "--namespace", namespace, *extra]
     if values is not None:
         args += ["--values", str(values)]
-    return [d for d in yaml.safe_load_all(helm(*args)) if d]
+    return [d for d in yaml.safe_load_all(helm(*args, stderr=False)) if d]
 
 
 # The API the chart's finalizer policy needs; `helm template` does not assume it.
@@ -122,7 +126,37 @@ def finalizer_policy_yaml() -> str:
         ADMISSION_POLICY_API,
         "--show-only",
         "templates/finalizer-policy.yaml",
+        stderr=False,
     )
+
+
+def finalizers_on_create(api: client.ApiClient, namespace: str, name: str = "probe") -> list[str]:
+    """The finalizers admission gives a new Agent (a dry-run create: nothing is stored)."""
+    body = {**specs.base_manifest(), "metadata": {"name": name}}
+    created = client.CustomObjectsApi(api).create_namespaced_custom_object(
+        spec.GROUP, spec.VERSION, namespace, spec.PLURAL, body, dry_run="All"
+    )
+    return list(created["metadata"].get("finalizers") or [])
+
+
+def wait_finalizer_policy(api: client.ApiClient, active: bool = True) -> None:
+    """Wait until the apiserver applies the finalizer policy (or, not ``active``, no longer
+    does): it picks policies up from an informer, a moment after they are written."""
+    want = [constants.FINALIZER] if active else []
+    errors: list[str] = []
+
+    def applied() -> bool:
+        try:
+            return finalizers_on_create(api, "default") == want
+        except client.ApiException as err:  # a CRD just made: its endpoint may lag
+            errors.append(f"{err.status} {err.reason}")
+            return False
+
+    what = f"the finalizer policy {'applied' if active else 'gone'}"
+    try:
+        testing.wait_for(applied, timeout=30, what=what)
+    except TimeoutError as err:
+        raise TimeoutError(f"{err}; last errors: {errors[-3:]}") from err
 
 
 class Operator:

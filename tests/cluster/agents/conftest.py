@@ -17,13 +17,9 @@ CRDS = [REPO / "crds" / "agents.relayrl.io.yaml", REPO / "crds" / "kopf.dev.yaml
 
 @pytest.fixture(scope="session")
 def agent_crd(k8s: testing.ClusterHandle) -> testing.ClusterHandle:
-    """The cluster with the Agent and peering CRDs applied and established, and the
-    chart's finalizer policy."""
+    """The cluster with the Agent and peering CRDs applied and established."""
     for path in CRDS:
         k8s.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(path))
-    # What the chart installs beside the operator: the policy that puts the finalizer
-    # on new Agents.
-    k8s.kubectl("apply", "-f", "-", input_text=fleet.finalizer_policy_yaml())
     k8s.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/agents.relayrl.io")
     # Established comes before discovery and the OpenAPI document list the new kind.
     testing.wait_for(
@@ -43,7 +39,12 @@ def nats() -> Iterator[natsserver.NatsServer]:
 
 @pytest.fixture(scope="session")
 def operator(agent_crd: testing.ClusterHandle) -> Iterator[fleet.Operator]:
-    """One operator process for the session, watching every namespace."""
+    """One operator process for the session, watching every namespace, and what the
+    chart installs beside it: the policy that puts the finalizer on Agents. (Only
+    beside a running operator: tests of the Agent API alone make Agents that no
+    operator would finalize.)"""
+    agent_crd.kubectl("apply", "-f", "-", input_text=fleet.finalizer_policy_yaml())
+    fleet.wait_finalizer_policy(agent_crd.api)
     log = Path(tempfile.mkdtemp(prefix="relayrl-operator-")) / "operator.log"
     op = fleet.Operator(agent_crd.kubeconfig, log)
     op.start()

@@ -120,15 +120,6 @@ def test_lifecycle_create_scale_pause_resume_delete(
     assert not stream_exists(nats.url, namespace, "cartpole")
 
 
-def finalizers_on_create(agents: fleet.Agents, name: str, url: str) -> list[str]:
-    """The finalizers admission gives a new Agent (a dry-run create: nothing stored)."""
-    body = specs.merge_patch(manifest(url), {"metadata": {"name": name}})
-    created = agents.api.create_namespaced_custom_object(
-        "relayrl.io", "v1alpha1", agents.namespace, "agents", body, dry_run="All"
-    )
-    return list(created["metadata"].get("finalizers") or [])
-
-
 @pytest.mark.usefixtures("operator")
 def test_the_finalizer_comes_with_the_create_or_else_from_the_operator(
     agents: fleet.Agents, nats: natsserver.NatsServer
@@ -146,16 +137,31 @@ def test_the_finalizer_comes_with_the_create_or_else_from_the_operator(
     assert created["metadata"]["finalizers"] == [constants.FINALIZER]
     agents.wait_phase("cartpole", "Ready")
 
+    # Server-side apply: admission's additions belong to the applier's field manager, so
+    # a second apply without the finalizer would take it off; the policy puts it back
+    # within the same request.
+    applied = specs.merge_patch(manifest(nats.url), {"metadata": {"name": "c"}})
+    for actors in (8, 4):
+        body = json.dumps(specs.merge_patch(applied, {"spec": {"actors": actors}}))
+        out = k8s.kubectl(
+            "apply",
+            "--server-side",
+            "-o",
+            "json",
+            "-n",
+            agents.namespace,
+            "-f",
+            "-",
+            input_text=body,
+        ).stdout
+        assert json.loads(out)["metadata"]["finalizers"] == [constants.FINALIZER]
+
     # Without the policy (an older cluster, or `operator.finalizerPolicy: false`) the
-    # operator adds it; either way deleting the Agent removes it (CREATE only: the
-    # policy does not put it back on the update that removes it).
+    # operator adds it; either way deleting the Agent removes it (the policy leaves an
+    # Agent being deleted alone).
     k8s.kubectl("delete", "mutatingadmissionpolicybinding", binding)
     try:
-        testing.wait_for(
-            lambda: finalizers_on_create(agents, "probe", nats.url) == [],
-            timeout=30,
-            what="the policy no longer applied",
-        )
+        fleet.wait_finalizer_policy(k8s.api, active=False)
         created = agents.create(specs.merge_patch(manifest(nats.url), {"metadata": {"name": "b"}}))
         assert not created["metadata"].get("finalizers")
         agents.wait(
@@ -166,22 +172,7 @@ def test_the_finalizer_comes_with_the_create_or_else_from_the_operator(
         agents.wait_phase("b", "Ready")
     finally:
         k8s.kubectl("apply", "-f", "-", input_text=policy)
-        testing.wait_for(
-            lambda: finalizers_on_create(agents, "probe", nats.url) == [constants.FINALIZER],
-            timeout=30,
-            what="the policy applied again",
-        )
-    # Server-side apply: admission's additions to an apply belong to its manager, so a
-    # second apply without the finalizer may take it off; the operator puts it back.
-    applied = specs.merge_patch(manifest(nats.url), {"metadata": {"name": "c"}})
-    for actors in (8, 4):
-        body = json.dumps(specs.merge_patch(applied, {"spec": {"actors": actors}}))
-        k8s.kubectl("apply", "--server-side", "-n", agents.namespace, "-f", "-", input_text=body)
-    agents.wait(
-        "c",
-        "the finalizer after a second apply",
-        lambda a: constants.FINALIZER in a["metadata"].get("finalizers", []),
-    )
+        fleet.wait_finalizer_policy(k8s.api)
     for name in ("cartpole", "b", "c"):
         agents.delete(name)
     testing.wait_for(
@@ -191,7 +182,7 @@ def test_the_finalizer_comes_with_the_create_or_else_from_the_operator(
             )["items"]
         ),
         timeout=60,
-        what="both Agents gone",
+        what="the three Agents gone",
     )
 
 
