@@ -130,9 +130,9 @@ def finalizer_policy_yaml() -> str:
     )
 
 
-def finalizers_on_create(api: client.ApiClient, namespace: str, name: str = "probe") -> list[str]:
+def finalizers_on_create(api: client.ApiClient, namespace: str) -> list[str]:
     """The finalizers admission gives a new Agent (a dry-run create: nothing is stored)."""
-    body = {**specs.base_manifest(), "metadata": {"name": name}}
+    body = {**specs.base_manifest(), "metadata": {"name": "probe"}}
     created = client.CustomObjectsApi(api).create_namespaced_custom_object(
         spec.GROUP, spec.VERSION, namespace, spec.PLURAL, body, dry_run="All"
     )

@@ -17,6 +17,7 @@ import polars as pl
 import psycopg
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from nats.aio.msg import Msg
 
 from relayrl_runtime import streams
@@ -295,13 +296,15 @@ async def test_two_agents_sharing_a_table_with_clashing_column_types(
         assert s.terminate() == 0
 
 
+@pytest.mark.parametrize("running", [False, True], ids=["sinks-stopped", "sinks-running"])
 async def test_a_stream_made_anew_is_taken_from_its_start(
-    pg_pipeline: pipeline.Pipeline, pg: postgres.PostgresServer
+    pg_pipeline: pipeline.Pipeline, pg: postgres.PostgresServer, running: bool
 ) -> None:
     """An Agent deleted and made again: same stream name, sequences from 1 again.
 
     The sinks' files and offsets table outlive the old stream; resuming after the old
-    position would skip the new stream's first messages.
+    position would skip the new stream's first messages. Stopped sinks notice at their
+    start; running ones when their consumer goes.
     """
     old = [pa.Table.from_batches([trajectories.batch(5, i)]) for i in range(3)]
     new = pa.Table.from_batches([trajectories.batch(6, 0)])
@@ -320,12 +323,23 @@ async def test_a_stream_made_anew_is_taken_from_its_start(
             await js.publish(SUBJECT, _ipc(t), headers={v: "1"})
         pipeline.wait_until("old arrow rows", lambda: pipeline.arrow_rows(root) == old_rows)
         pipeline.wait_until("old pg rows", lambda: pipeline.postgres_rows(pg.dsn) == old_rows)
-        for s in (arrow, pgsink):
-            assert s.terminate() == 0
+        if running:
+            # The old stream ends, after the last commit, on a message that is only
+            # dead-lettered: the sinks' last taken sequence is past their committed one.
+            await js.publish(SUBJECT, b"not arrow", headers={v: "1"})
+            assert len(await _dead_letters(js, 2)) == 2  # one from each sink
+        else:
+            for s in (arrow, pgsink):
+                assert s.terminate() == 0
         await js.delete_stream(streams.stream_name(pipeline.NAMESPACE, pipeline.AGENT))
-        for s in (arrow, pgsink):  # they make the stream again, empty
-            s.start()
-            s.wait_ready()
+        if running:
+            # Made again (as the operator would for an Agent made again).
+            config = streams.stream_config(pipeline.NAMESPACE, pipeline.AGENT)
+            await streams.ensure_stream(js, config)
+        else:
+            for s in (arrow, pgsink):  # they make the stream again, empty
+                s.start()
+                s.wait_ready()
         await js.publish(SUBJECT, _ipc(new), headers={v: "1"})
         pipeline.wait_until("new arrow rows", lambda: pipeline.arrow_rows(root) == new.num_rows)
         want = old_rows + new.num_rows
@@ -333,56 +347,15 @@ async def test_a_stream_made_anew_is_taken_from_its_start(
     finally:
         await nc.close()
     for s in (arrow, pgsink):
+        if running:
+            assert s.alive()
         assert s.terminate() == 0
     pipeline.assert_same(pipeline.read_arrow(root), trajectories.sort(new), "arrow")
     aside = list((root / f"agent={pipeline.AGENT}").glob("_replaced-*/date=*/part-*"))
     assert sum(pq.ParquetFile(p).metadata.num_rows for p in aside) == old_rows
     assert "made anew" in arrow.logs()
-
-
-async def test_a_stream_made_anew_under_running_sinks_is_taken_from_its_start(
-    pg_pipeline: pipeline.Pipeline, pg: postgres.PostgresServer
-) -> None:
-    """The same, with the sinks running through it: they notice when their consumer goes."""
-    old = [pa.Table.from_batches([trajectories.batch(5, i)]) for i in range(3)]
-    new = pa.Table.from_batches([trajectories.batch(6, 0)])
-    v = streams.HEADER_SCHEMA_VERSION
-    root = pg_pipeline.arrow_dir
-    old_rows = sum(t.num_rows for t in old)
-    arrow = pg_pipeline.arrow_sink("--rotate-seconds", "0.5")
-    pgsink = pg_pipeline.postgres_sink()
-    for s in (arrow, pgsink):
-        s.start()
-        s.wait_ready()
-    name = streams.stream_name(pipeline.NAMESPACE, pipeline.AGENT)
-    nc = await nats.connect(pg_pipeline.nats.url)
-    try:
-        js = nc.jetstream()
-        for t in old:
-            await js.publish(SUBJECT, _ipc(t), headers={v: "1"})
-        pipeline.wait_until("old arrow rows", lambda: pipeline.arrow_rows(root) == old_rows)
-        pipeline.wait_until("old pg rows", lambda: pipeline.postgres_rows(pg.dsn) == old_rows)
-        # The old stream ends, after the last commit, on a message that is only
-        # dead-lettered: the sinks' last taken sequence is past their committed one.
-        await js.publish(SUBJECT, b"not arrow", headers={v: "1"})
-        assert len(await _dead_letters(js, 2)) == 2  # one from each sink
-        await js.delete_stream(name)
-        # Made again (as the operator would for an Agent made again), then published to.
-        await streams.ensure_stream(js, streams.stream_config(pipeline.NAMESPACE, pipeline.AGENT))
-        await js.publish(SUBJECT, _ipc(new), headers={v: "1"})
-        pipeline.wait_until("new arrow rows", lambda: pipeline.arrow_rows(root) == new.num_rows)
-        want = old_rows + new.num_rows
-        pipeline.wait_until("pg rows", lambda: pipeline.postgres_rows(pg.dsn) == want)
-    finally:
-        await nc.close()
-    for s in (arrow, pgsink):
-        assert s.alive()
-        assert s.terminate() == 0
-    pipeline.assert_same(pipeline.read_arrow(root), trajectories.sort(new), "arrow")
-    aside = list((root / f"agent={pipeline.AGENT}").glob("_replaced-*/date=*/part-*"))
-    assert sum(pq.ParquetFile(p).metadata.num_rows for p in aside) == old_rows
-    assert "made anew" in arrow.logs()
-    assert "made anew" in pgsink.logs()
+    if running:
+        assert "made anew" in pgsink.logs()
 
 
 async def test_a_bad_message_near_max_payload_is_dead_lettered_cut_short(
