@@ -369,9 +369,9 @@ async def run(args: argparse.Namespace) -> None:
     print(f"{f'operator resident memory at {n} Agents':<52} {memory:>10.0f}MB {'<= 200 MB':>12}")
     print(f"\noperator API requests per Agent while {n} Agents became Ready (watches aside)")
     for (verb, resource), count in sorted(requests.items(), key=lambda kv: -kv[1]):
-        if count:
+        if count and verb != "watch":
             print(f"  {verb:<7} {resource:<28} {count / n:6.2f}")
-    writes = sum(c for (verb, _), c in requests.items() if verb != "get")
+    writes = sum(c for (verb, _), c in requests.items() if verb not in ("get", "watch"))
     print(f"  {'writes':<36} {writes / n:6.2f}")
     print("\nCPU seconds by process in each phase ('machine': all processes, all cores)")
     phases = list(cpu)

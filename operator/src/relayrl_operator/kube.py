@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import ssl
-from collections.abc import Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -23,6 +24,10 @@ from relayrl_operator import constants, metrics
 from relayrl_runtime import spec
 
 log = logging.getLogger(__name__)
+
+# Retry delays for transient errors: 0.5 s doubling up to 60 s, with jitter.
+BACKOFF_BASE: Final = 0.5
+BACKOFF_MAX: Final = 60.0
 
 APPLY_CONTENT_TYPE: Final = "application/apply-patch+yaml"
 MERGE_CONTENT_TYPE: Final = "application/merge-patch+json"
@@ -36,9 +41,12 @@ class Kind:
     kind: str
     plural: str
 
-    def path(self, namespace: str, name: str | None = None, sub: str | None = None) -> str:
-        """The REST path of a collection or an object (optionally a subresource)."""
+    def path(self, namespace: str | None, name: str | None = None, sub: str | None = None) -> str:
+        """The REST path of a collection (in every namespace with None) or an object
+        (optionally a subresource)."""
         root = "/api/v1" if self.api_version == "v1" else f"/apis/{self.api_version}"
+        if namespace is None:
+            return f"{root}/{self.plural}"
         out = f"{root}/namespaces/{namespace}/{self.plural}"
         if name is not None:
             out += f"/{name}"
@@ -123,6 +131,12 @@ class ApiError(Exception):
         return self.status in (409, 429) or self.status >= 500
 
 
+def retry_delay(failures: int) -> float:
+    """Seconds before the next try after `failures` in a row: growing, bounded, jittered."""
+    delay = min(BACKOFF_MAX, BACKOFF_BASE * 2.0 ** min(failures - 1, 16))
+    return delay * random.uniform(0.8, 1.2)  # jitter, not crypto
+
+
 def resource_of(path: str) -> str:
     """The resource an API path addresses, with its subresource: "statefulsets", "agents/status".
 
@@ -188,9 +202,10 @@ class Client:
         body: Any = None,
         params: Mapping[str, str] | None = None,
         content_type: str = "application/json",
+        accept: str | None = None,
     ) -> dict[str, Any]:
         """One API call; raises ApiError on a non-2xx answer."""
-        return (await self._send(method, path, body, params, content_type))[1]
+        return (await self._send(method, path, body, params, content_type, accept))[1]
 
     async def _send(
         self,
@@ -199,9 +214,12 @@ class Client:
         body: Any,
         params: Mapping[str, str] | None,
         content_type: str,
+        accept: str | None = None,
     ) -> tuple[int, dict[str, Any]]:
         data = None if body is None else json.dumps(body)
         headers = {"Content-Type": content_type} if data is not None else {}
+        if accept is not None:
+            headers["Accept"] = accept
         code = "error"
         try:
             async with self._http().request(
@@ -230,6 +248,40 @@ class Client:
         )
         # Server-side apply answers 201 when it created the object.
         return Applied(result, created=status == 201)
+
+    async def watch(
+        self, kind: Kind, namespace: str | None, params: Mapping[str, str], accept: str
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        """The events of one watch request, decoded, until the server ends it.
+
+        The answer is one JSON event per line; lines are split here rather than with
+        the response's readline, which has a length limit a large object can exceed.
+        """
+        path = kind.path(namespace)
+        idle = float(params.get("timeoutSeconds", "300")) + 60
+        code = "error"
+        try:
+            async with self._http().get(
+                self._host + path,
+                params={**params, "watch": "true"},
+                headers={"Accept": accept},
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=idle),
+            ) as resp:
+                code = str(resp.status)
+                if resp.status >= 400:
+                    raise _error(resp.status, await resp.text())
+                pending = b""
+                async for chunk in resp.content.iter_any():
+                    lines = (pending + chunk).split(b"\n")
+                    pending = lines.pop()
+                    for line in lines:
+                        if line.strip():
+                            yield json.loads(line)
+        except (TimeoutError, aiohttp.ClientError) as err:
+            code = "error"
+            raise ApiError(503, "Unavailable", f"watch {path}: {err!r}") from err
+        finally:
+            metrics.API_REQUESTS.labels("watch", resource_of(path), code).inc()
 
     async def get(self, kind: Kind, namespace: str, name: str) -> dict[str, Any] | None:
         """An object, or None when it does not exist."""

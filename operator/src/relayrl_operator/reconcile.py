@@ -1,7 +1,8 @@
 """The level-based reconciler: desired children vs actual ones, for every Agent.
 
-Kopf's watch handlers (handlers/) only feed this module: they store the latest Agent
-and child objects in memory and enqueue the Agent's key. A pool of workers takes keys
+The watches only feed this module (Kopf's Agent handler in handlers/, and the child
+watches of relayrl_operator.watch): they store the latest Agent and child objects in
+memory and enqueue the Agent's key. A pool of workers takes keys
 from the queue; one key is never worked on by two workers at once, and a key that is
 enqueued again while it is worked on is coalesced into one more pass. So one slow
 Agent holds one worker, never the others.
@@ -24,16 +25,14 @@ shown in status and wait for the next spec change.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import random
 import time
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from relayrl_operator import changes, constants, kube, metrics, peering, settings, status
+from relayrl_operator import changes, constants, kube, metrics, peering, settings, status, watch
 from relayrl_operator.builders import (
     common,
     configmap,
@@ -49,16 +48,13 @@ log = logging.getLogger(__name__)
 
 Key = tuple[str, str]  # (namespace, name)
 
-# Retry delays for transient errors: 0.5 s doubling up to 60 s, with jitter.
-BACKOFF_BASE = 0.5
-BACKOFF_MAX = 60.0
 # A resync re-applies an Agent's children when it has not applied them for this many
 # rounds (each Agent's turn comes once in as many rounds): so every child is compared
 # with its desired state at least every 2 x FULL_APPLY_EVERY resync periods.
 FULL_APPLY_EVERY = 10
 
-# Child kinds the operator watches (handlers/children.py), so its cache of them is
-# current; PodMonitors are not watched (their API may not exist).
+# Child kinds the operator watches (relayrl_operator.watch feeds `child_event`), so its
+# cache of them is current; PodMonitors are not watched (their API may not exist).
 WATCHED_CHILDREN: tuple[kube.Kind, ...] = (
     kube.POD,
     kube.STATEFULSET,
@@ -68,6 +64,12 @@ WATCHED_CHILDREN: tuple[kube.Kind, ...] = (
     kube.PDB,
 )
 _WATCHED_KINDS = frozenset(k.kind for k in WATCHED_CHILDREN)
+# Of those, the kinds `child_event` reads only the metadata of (drift is told by
+# generation or resourceVersion): watched as metadata only. Pods and sink Deployments
+# are read whole, for status.
+METADATA_ONLY: frozenset[kube.Kind] = frozenset(
+    {kube.STATEFULSET, kube.CONFIGMAP, kube.SERVICE, kube.PDB}
+)
 
 # Kinds the operator may have created for an Agent and may need to delete again.
 _PRUNABLE = (kube.SERVICE, kube.DEPLOYMENT, kube.PODMONITOR)
@@ -190,11 +192,7 @@ class Reconciler:
         """Cancel and await every task this reconciler owns."""
         for handle in self._timers:
             handle.cancel()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await watch.cancel(self._tasks)
         self._tasks = []
         if self._events:  # Events already on their way get a moment to land
             await asyncio.wait(set(self._events), timeout=5)
@@ -417,7 +415,7 @@ class Reconciler:
                 log.warning("reconcile %s/%s failed permanently: %s", *key, err)
                 return
             state.failures += 1
-            delay = _backoff(state.failures)
+            delay = kube.retry_delay(state.failures)
             metrics.RECONCILES.labels("transient_error").inc()
             metrics.ERRORS.labels("api").inc()
             log.info("reconcile %s/%s: %s; retrying in %.1fs", *key, err, delay)
@@ -425,7 +423,7 @@ class Reconciler:
         except Exception:
             metrics.RECONCILES.labels("transient_error").inc()
             state.failures += 1
-            delay = _backoff(state.failures)
+            delay = kube.retry_delay(state.failures)
             log.exception("reconcile %s/%s crashed; retrying in %.1fs", *key, delay)
             self._enqueue_later(key, delay)
         else:
@@ -522,7 +520,7 @@ class Reconciler:
                 # Its own count: the pass itself succeeds (status is written), which
                 # resets `failures`, and the retries must still back off.
                 state.nats_failures += 1
-                self._enqueue_later(key, _backoff(state.nats_failures))
+                self._enqueue_later(key, kube.retry_delay(state.nats_failures))
 
         await self._write_status(agent, state)
 
@@ -753,12 +751,6 @@ class Reconciler:
             )
         except kube.ApiError as err:  # events are best effort; never fail a reconcile
             log.debug("event for %s/%s not posted: %s", agent.namespace, agent.name, err)
-
-
-def _backoff(failures: int) -> float:
-    """Seconds before the next try after `failures` in a row: growing, bounded, jittered."""
-    delay = min(BACKOFF_MAX, BACKOFF_BASE * 2.0 ** (failures - 1))
-    return delay * random.uniform(0.8, 1.2)  # jitter, not crypto
 
 
 def _store(state: _State, body: Mapping[str, Any]) -> None:

@@ -3,6 +3,6 @@
 Importing this package registers every handler with Kopf's default registry.
 """
 
-from relayrl_operator.handlers import agents, children, lifecycle
+from relayrl_operator.handlers import agents, lifecycle
 
-__all__ = ["agents", "children", "lifecycle"]
+__all__ = ["agents", "lifecycle"]

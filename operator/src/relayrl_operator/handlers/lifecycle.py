@@ -11,7 +11,7 @@ from typing import Any
 
 import kopf
 
-from relayrl_operator import constants, kube, peering, reconcile
+from relayrl_operator import constants, kube, peering, reconcile, watch
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +55,9 @@ def login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
 
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    """Configure Kopf and start the reconciler."""
-    selector = f"{constants.LABEL_MANAGED_BY}={constants.OPERATOR_NAME}"
-    # Child kinds are watched filtered server-side to objects this operator manages.
-    for kind in reconcile.WATCHED_CHILDREN:
-        settings.watching.label_selectors[kind.plural] = selector
+    """Configure Kopf, start the reconciler and the watches of its children."""
+    # Kopf watches the Agents (handlers/agents.py); the reconciler's children are
+    # watched by relayrl_operator.watch, without Kopf's per-event machinery.
     # The handlers here are watch-event handlers only: Kopf stores no progress on
     # Agents and adds no finalizer of its own. The reconciler manages its own
     # finalizer (constants.FINALIZER), which must not be Kopf's: Kopf removes its
@@ -90,11 +88,29 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     )
     await memo.reconciler.start()
     log.info("reconciler started with %d workers", memo.workers)
+    # Only objects this operator manages, filtered server-side. The watches run while
+    # a peer pauses this operator too: the caches stay current, and the reconciler
+    # writes nothing until it resumes.
+    selector = f"{constants.LABEL_MANAGED_BY}={constants.OPERATOR_NAME}"
+    memo.watches = watch.Watches(
+        watch.Watch(
+            client,
+            kind,
+            namespace,
+            selector,
+            memo.reconciler.child_event,
+            metadata_only=kind in reconcile.METADATA_ONLY,
+        )
+        for kind in reconcile.WATCHED_CHILDREN
+        for namespace in (memo.namespaces or [None])
+    )
+    memo.watches.start()
 
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
-    """Stop the reconciler and close connections."""
+    """Stop the watches and the reconciler, and close connections."""
+    await memo.watches.stop()
     await memo.reconciler.stop()
     await memo.client.close()
     if memo.streams is not None:
@@ -103,8 +119,8 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
 
 @kopf.on.probe(id="reconciler")
 async def reconciler_alive(memo: kopf.Memo, **_: Any) -> bool:
-    """Liveness: the reconciler's workers are running."""
-    healthy: bool = memo.reconciler.healthy
+    """Liveness: the reconciler's workers and the child watches are running."""
+    healthy: bool = memo.reconciler.healthy and memo.watches.healthy
     if not healthy:
-        raise kopf.PermanentError("reconciler workers stopped")
+        raise kopf.PermanentError("reconciler workers or child watches stopped")
     return healthy
