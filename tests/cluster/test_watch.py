@@ -85,7 +85,7 @@ async def test_a_watch_lists_then_follows_only_the_selected_objects(
         w = watch.Watch(client, kube.CONFIGMAP, namespace, SELECTOR, seen, metadata_only=True)
         async with running(w):
             listed = await seen.wait("ADDED", "before")
-            # Metadata only: the kind is the child's own, the data never came.
+            # Metadata only: the data never came; the kind is set to the child's own.
             assert listed["kind"] == "ConfigMap"
             assert "data" not in listed
             assert listed["metadata"]["labels"] == LABELS
@@ -96,7 +96,9 @@ async def test_a_watch_lists_then_follows_only_the_selected_objects(
             changed["data"] = {"key": "changed"}
             await client.apply(changed)
             modified = await seen.wait("MODIFIED", "after")
-            assert modified["kind"] == "ConfigMap"
+            # Watch events too come as metadata only.
+            assert modified["apiVersion"] == "meta.k8s.io/v1"
+            assert "data" not in modified
             assert modified["metadata"]["resourceVersion"] != created.resource_version
             await client.delete(kube.CONFIGMAP, namespace, "after")
             deleted = await seen.wait("DELETED", "after")
@@ -150,5 +152,6 @@ async def test_a_watch_in_every_namespace_sees_pods_whole(
             )
             pod = await seen.wait("ADDED", "watched")
             assert pod["kind"] == "Pod"
+            assert pod["apiVersion"] == "v1"
             assert pod["metadata"]["namespace"] == namespace
             assert pod["spec"]["containers"][0]["name"] == "c"

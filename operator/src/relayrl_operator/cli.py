@@ -1,9 +1,10 @@
 """The `relayrl-operator` command.
 
-`relayrl-operator run` starts the operator: Kopf watches Agents and their children,
-the reconciler keeps them converged, `/metrics` serves Prometheus metrics and Kopf's
-liveness endpoint `/healthz` the probes. `relayrl-operator crd` prints the Agent CRD
-generated from the spec models (used by `make crds`).
+`relayrl-operator run` starts the operator: Kopf watches Agents, the operator's own
+watches (watch.py) their children, the reconciler keeps them converged, `/metrics`
+serves Prometheus metrics and Kopf's liveness endpoint `/healthz` the probes.
+`relayrl-operator crd` prints the Agent CRD generated from the spec models (used by
+`make crds`).
 """
 
 from __future__ import annotations

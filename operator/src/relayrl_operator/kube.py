@@ -9,6 +9,7 @@ loaded once at startup with the `kubernetes` package; requests go through aiohtt
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import random
@@ -29,6 +30,9 @@ log = logging.getLogger(__name__)
 BACKOFF_BASE: Final = 0.5
 BACKOFF_MAX: Final = 60.0
 
+# A watch that has sent nothing (not even a bookmark) for this long is given up.
+WATCH_IDLE_SECONDS: Final = 150
+
 APPLY_CONTENT_TYPE: Final = "application/apply-patch+yaml"
 MERGE_CONTENT_TYPE: Final = "application/merge-patch+json"
 
@@ -46,6 +50,8 @@ class Kind:
         (optionally a subresource)."""
         root = "/api/v1" if self.api_version == "v1" else f"/apis/{self.api_version}"
         if namespace is None:
+            if name is not None:
+                raise ValueError(f"{self.kind} {name}: a namespaced object needs its namespace")
             return f"{root}/{self.plural}"
         out = f"{root}/namespaces/{namespace}/{self.plural}"
         if name is not None:
@@ -160,6 +166,9 @@ class Client:
         self._headers = dict(headers)
         self._ssl = ssl_context
         self._session: aiohttp.ClientSession | None = None
+        # Watches hold their connection for minutes: a pool of their own, so they
+        # never take the slots requests wait for, however many namespaces are watched.
+        self._watch_session: aiohttp.ClientSession | None = None
 
     @classmethod
     def from_config(cls, kubeconfig: str | None = None) -> Client:
@@ -180,10 +189,17 @@ class Client:
         return cls(cfg.host, headers, context)
 
     async def close(self) -> None:
-        """Close the HTTP session."""
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        """Close the HTTP sessions."""
+        watched = self._watch_session is not None
+        for session in (self._session, self._watch_session):
+            if session is not None:
+                await session.close()
+        self._session = self._watch_session = None
+        if watched:
+            # A watch ended mid-answer leaves its TLS connection aborting: the socket
+            # is closed by a callback, which gets its turn here, before a caller may
+            # close the event loop.
+            await asyncio.sleep(0.1)
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -258,22 +274,31 @@ class Client:
         the response's readline, which has a length limit a large object can exceed.
         """
         path = kind.path(namespace)
-        idle = float(params.get("timeoutSeconds", "300")) + 60
+        if self._watch_session is None:
+            self._watch_session = aiohttp.ClientSession(
+                headers=self._headers,
+                connector=aiohttp.TCPConnector(ssl=self._ssl, limit=0),
+                # With bookmarks the server writes at least every minute or so: a
+                # silence this long is a dead connection.
+                timeout=aiohttp.ClientTimeout(total=None, connect=30, sock_read=WATCH_IDLE_SECONDS),
+            )
         code = "error"
         try:
-            async with self._http().get(
+            async with self._watch_session.get(
                 self._host + path,
                 params={**params, "watch": "true"},
                 headers={"Accept": accept},
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=idle),
             ) as resp:
                 code = str(resp.status)
                 if resp.status >= 400:
                     raise _error(resp.status, await resp.text())
-                pending = b""
+                pending: list[bytes] = []  # the start of a line not yet complete
                 async for chunk in resp.content.iter_any():
-                    lines = (pending + chunk).split(b"\n")
-                    pending = lines.pop()
+                    if b"\n" not in chunk:
+                        pending.append(chunk)
+                        continue
+                    lines = b"".join([*pending, chunk]).split(b"\n")
+                    pending = [lines.pop()]
                     for line in lines:
                         if line.strip():
                             yield json.loads(line)

@@ -40,8 +40,8 @@ ERRORS: Final = prom.Counter(
 )
 API_REQUESTS: Final = prom.Counter(
     "relayrl_operator_api_requests",
-    "Requests the operator made to the Kubernetes API (watches aside), by verb, resource"
-    " (with its subresource) and status code.",
+    "Requests the operator made to the Kubernetes API, by verb (its child watches as"
+    " 'watch'; Kopf's Agent watch aside), resource (with its subresource) and status code.",
     ["verb", "resource", "code"],
     registry=REGISTRY,
 )

@@ -222,8 +222,8 @@ class Reconciler:
             self._active.clear()
         elif not blocking and not self._active.is_set():
             log.warning("resuming: no peer outranks priority %d now", self._peers.priority)
-            # While paused the watches were stopped: a peer may have changed or deleted
-            # any Agent and child. Each cached Agent is read again before its pass (one
+            # While paused Kopf's Agent watch was stopped, and a peer may have changed or
+            # deleted any Agent and child. Each cached Agent is read again before its pass (one
             # deleted meanwhile is forgotten), and its children compared again.
             for key, state in self._states.items():
                 state.stale = state.body is not None

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final
 
@@ -38,6 +39,8 @@ METADATA_LIST: Final = "application/json;as=PartialObjectMetadataList;g=meta.k8s
 METADATA: Final = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
 
 PAGE_SIZE: Final = 500
+# A watch that ends sooner than this without an event counts as a failure.
+QUICK_END_SECONDS: Final = 1.0
 # The server ends a watch after this long (and the client gives up on a silent one
 # a minute later); the next one starts from the last resourceVersion seen.
 WATCH_SECONDS: Final = 300
@@ -70,6 +73,7 @@ class Watch:
         # labels): what a DELETED event for it needs, should a relist miss it.
         self._known: dict[tuple[str, str], dict[str, Any]] = {}
         self.listed = asyncio.Event()  # set once the first list has been handed over
+        self.version: str | None = None  # where the next watch starts; None: list first
 
     def __repr__(self) -> str:
         where = self.namespace or "all namespaces"
@@ -77,17 +81,25 @@ class Watch:
 
     async def run(self) -> None:
         """List, then watch, forever; errors are logged and retried."""
-        version: str | None = None
         failures = 0
         while True:
             try:
-                if version is None:
-                    version = await self._list()
-                version = await self._watch(version)
-                failures = 0
+                if self.version is None:
+                    self.version = await self._list()
+                started = time.monotonic()
+                if await self._watch() or time.monotonic() - started >= QUICK_END_SECONDS:
+                    failures = 0
+                    continue
+                # Ended at once without a single event: not a healthy watch (a proxy
+                # or a server shutting down); do not hammer it.
+                raise kube.ApiError(503, "Unavailable", "the watch ended at once")
             except Gone:
-                log.info("%r: resourceVersion %s is gone, listing again", self, version)
-                version = None
+                log.info("%r: resourceVersion %s is gone, listing again", self, self.version)
+                self.version = None
+                failures += 1
+                if failures == 1:
+                    continue  # the usual case: list again now
+                delay = kube.retry_delay(failures - 1)  # gone again right after a list
             except asyncio.CancelledError:
                 raise
             except Exception as err:  # the watch must outlive any failure
@@ -95,7 +107,7 @@ class Watch:
                 delay = kube.retry_delay(failures)
                 metrics.ERRORS.labels("watch").inc()
                 log.info("%r: %s; again in %.1fs", self, err, delay)
-                await asyncio.sleep(delay)
+            await asyncio.sleep(delay)
 
     def _params(self) -> dict[str, str]:
         return {"labelSelector": self._selector} if self._selector else {}
@@ -137,18 +149,20 @@ class Watch:
         self.listed.set()
         return version
 
-    async def _watch(self, version: str) -> str:
-        """Hand over events from `version` until the server ends the watch; the last
-        resourceVersion seen."""
+    async def _watch(self) -> bool:
+        """Hand over events from `self.version` until the server ends the watch, keeping
+        `self.version` at the last one seen; whether any event (or bookmark) came."""
+        assert self.version is not None
         params = {
             **self._params(),
-            "resourceVersion": version,
+            "resourceVersion": self.version,
             "allowWatchBookmarks": "true",
             "timeoutSeconds": str(WATCH_SECONDS),
         }
         events = self._client.watch(
             self.kind, self.namespace, params, METADATA if self._metadata_only else JSON
         )
+        progressed = False
         try:
             # Closed here, also on cancellation: the connection goes back at once.
             async with contextlib.aclosing(events):
@@ -162,7 +176,9 @@ class Watch:
                             str(obj.get("reason", "")),
                             str(obj.get("message", "")),
                         )
-                    version = str(obj.get("metadata", {}).get("resourceVersion") or version)
+                    progressed = True
+                    # Kept at once: a watch broken off later resumes from here.
+                    self.version = str(obj["metadata"].get("resourceVersion") or self.version)
                     if kind == "BOOKMARK":
                         continue
                     if kind == "DELETED":
@@ -174,7 +190,7 @@ class Watch:
             if err.status == 410:
                 raise Gone from err
             raise
-        return version
+        return progressed
 
     def _remember(self, obj: dict[str, Any]) -> tuple[str, str]:
         # List items carry no kind, and metadata-only objects say PartialObjectMetadata.

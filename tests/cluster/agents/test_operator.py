@@ -397,8 +397,10 @@ def active(op: fleet.Operator) -> float:
 
 
 def writes(op: fleet.Operator) -> float:
-    """API writes an operator made (reads, such as its peering checks, aside)."""
-    return sample_sum(op, "relayrl_operator_api_requests_total", lambda lb: lb["verb"] == "get")
+    """API writes an operator made (reads, such as its peering checks and its watches, aside)."""
+    return sample_sum(
+        op, "relayrl_operator_api_requests_total", lambda lb: lb["verb"] in ("get", "watch")
+    )
 
 
 def test_peering_one_operator_acts_at_a_time(

@@ -9,8 +9,10 @@ apiserver is in tests/cluster/test_watch.py.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from typing import Any
+
+import pytest
 
 from relayrl_operator import kube, watch
 
@@ -20,31 +22,62 @@ def cm(name: str, version: str) -> dict[str, Any]:
 
 
 class Server:
-    """Answers lists from `lists` and watches from `watches`, in order; records params."""
+    """Answers lists from `lists` and watches from `watches`, in order; records params.
 
-    def __init__(self, lists: list[list[dict[str, Any]]], watches: list[list[dict[str, Any]]]):
+    A watch answer is a list of events, or an ApiError raised as the request's answer.
+    """
+
+    def __init__(
+        self,
+        lists: list[list[dict[str, Any]]],
+        watches: list[list[dict[str, Any]] | kube.ApiError],
+    ) -> None:
         self.lists = lists
         self.watches = watches
         self.watch_params: list[Mapping[str, str]] = []
+        self.accepts: list[str] = []
         self.done = asyncio.Event()
 
     async def request(self, method: str, path: str, **kw: Any) -> dict[str, Any]:
+        self.accepts.append(kw["accept"])
         items = self.lists.pop(0)
         version = max((int(i["metadata"]["resourceVersion"]) for i in items), default=1)
         return {"metadata": {"resourceVersion": str(version)}, "items": items}
 
     async def watch(
         self, kind: kube.Kind, namespace: str | None, params: Mapping[str, str], accept: str
-    ) -> AsyncIterator[dict[str, Any]]:
+    ) -> AsyncGenerator[dict[str, Any], None]:
         self.watch_params.append(params)
+        self.accepts.append(accept)
         if not self.watches:
             self.done.set()
             await asyncio.Event().wait()  # a quiet watch
-        for event in self.watches.pop(0):
+        answer = self.watches.pop(0)
+        if isinstance(answer, kube.ApiError):
+            raise answer
+        for event in answer:
             yield event
 
 
-async def test_resumes_from_bookmarks_and_lists_again_after_gone() -> None:
+def recorder(seen: list[tuple[str, str, str]]) -> watch.Handler:
+    return lambda t, body: seen.append((t, body["kind"], body["metadata"]["name"]))
+
+
+async def run_until_quiet(w: watch.Watch, server: Server) -> None:
+    task = asyncio.get_running_loop().create_task(w.run())
+    try:
+        await asyncio.wait_for(server.done.wait(), 10)
+    finally:
+        task.cancel()
+
+
+@pytest.mark.parametrize("gone", ["event", "status"])
+async def test_resumes_from_the_last_version_and_lists_again_after_gone(gone: str) -> None:
+    expired: list[dict[str, Any]] | kube.ApiError = (
+        [{"type": "ERROR", "object": {"code": 410, "reason": "Expired"}}]
+        if gone == "event"
+        else kube.ApiError(410, "Gone", "too old resource version")
+    )
     server = Server(
         lists=[[cm("a", "10"), cm("b", "11")], [cm("a", "30")]],
         watches=[
@@ -52,7 +85,9 @@ async def test_resumes_from_bookmarks_and_lists_again_after_gone() -> None:
                 {"type": "MODIFIED", "object": cm("a", "12")},
                 {"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "20"}}},
             ],
-            [{"type": "ERROR", "object": {"code": 410, "reason": "Expired"}}],
+            # Broken off after one event: the next watch resumes after it.
+            [{"type": "MODIFIED", "object": cm("a", "21")}, {"type": "ERROR", "object": {}}],
+            expired,
         ],
     )
     seen: list[tuple[str, str, str]] = []
@@ -61,22 +96,33 @@ async def test_resumes_from_bookmarks_and_lists_again_after_gone() -> None:
         kube.CONFIGMAP,
         "ml",
         "x=y",
-        lambda t, body: seen.append((t, body["kind"], body["metadata"]["name"])),
+        recorder(seen),
+        metadata_only=True,
     )
-    task = asyncio.get_running_loop().create_task(w.run())
-    try:
-        await asyncio.wait_for(server.done.wait(), 10)
-    finally:
-        task.cancel()
+    await run_until_quiet(w, server)
     assert seen == [
         ("ADDED", "ConfigMap", "a"),
         ("ADDED", "ConfigMap", "b"),
+        ("MODIFIED", "ConfigMap", "a"),
         ("MODIFIED", "ConfigMap", "a"),
         # Gone: listed again; b went meanwhile.
         ("DELETED", "ConfigMap", "b"),
         ("ADDED", "ConfigMap", "a"),
     ]
-    # The first watch starts at the list's version, the second at the bookmark's, the
-    # third at the second list's.
-    assert [p["resourceVersion"] for p in server.watch_params] == ["11", "20", "30"]
+    # From the list's version, the bookmark's, the last event's, the second list's.
+    assert [p["resourceVersion"] for p in server.watch_params] == ["11", "20", "21", "30"]
     assert all(p["labelSelector"] == "x=y" for p in server.watch_params)
+    assert set(server.accepts) == {watch.METADATA_LIST, watch.METADATA}
+
+
+async def test_a_watch_that_ends_at_once_is_retried_after_a_delay() -> None:
+    server = Server(lists=[[cm("a", "10")]], watches=[[], []])
+    seen: list[tuple[str, str, str]] = []
+    w = watch.Watch(server, kube.POD, None, "", recorder(seen))  # type: ignore[arg-type]
+    started = asyncio.get_running_loop().time()
+    await run_until_quiet(w, server)
+    # Two empty answers: two delays of at least 0.8 x 0.5 s and 0.8 x 1 s.
+    assert asyncio.get_running_loop().time() - started >= 1.2
+    assert [p["resourceVersion"] for p in server.watch_params] == ["10", "10", "10"]
+    assert "labelSelector" not in server.watch_params[0]
+    assert set(server.accepts) == {watch.JSON}

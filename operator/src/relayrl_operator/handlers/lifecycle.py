@@ -110,7 +110,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     """Stop the watches and the reconciler, and close connections."""
-    await memo.watches.stop()
+    watches = getattr(memo, "watches", None)  # None when startup failed before them
+    if watches is not None:
+        await watches.stop()
     await memo.reconciler.stop()
     await memo.client.close()
     if memo.streams is not None:
@@ -120,7 +122,8 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
 @kopf.on.probe(id="reconciler")
 async def reconciler_alive(memo: kopf.Memo, **_: Any) -> bool:
     """Liveness: the reconciler's workers and the child watches are running."""
-    healthy: bool = memo.reconciler.healthy and memo.watches.healthy
+    watches = getattr(memo, "watches", None)
+    healthy: bool = memo.reconciler.healthy and watches is not None and watches.healthy
     if not healthy:
         raise kopf.PermanentError("reconciler workers or child watches stopped")
     return healthy
