@@ -190,12 +190,15 @@ class Client:
 
     async def close(self) -> None:
         """Close the HTTP sessions."""
-        watched = self._watch_session is not None
-        for session in (self._session, self._watch_session):
+        session, watching = self._session, self._watch_session
+        self._session = self._watch_session = None
+        try:
             if session is not None:
                 await session.close()
-        self._session = self._watch_session = None
-        if watched:
+        finally:
+            if watching is not None:
+                await watching.close()
+        if watching is not None:
             # A watch ended mid-answer leaves its TLS connection aborting: the socket
             # is closed by a callback, which gets its turn here, before a caller may
             # close the event loop.

@@ -74,6 +74,7 @@ class Watch:
         self._known: dict[tuple[str, str], dict[str, Any]] = {}
         self.listed = asyncio.Event()  # set once the first list has been handed over
         self.version: str | None = None  # where the next watch starts; None: list first
+        self._progressed = False  # whether the current watch has had an event
 
     def __repr__(self) -> str:
         where = self.namespace or "all namespaces"
@@ -81,29 +82,34 @@ class Watch:
 
     async def run(self) -> None:
         """List, then watch, forever; errors are logged and retried."""
-        failures = 0
+        failures = 0  # errors in a row, with no event in between
+        gone = 0  # lists in a row whose watch was gone before its first event
         while True:
+            fresh = self.version is None
+            self._progressed = False
             try:
-                if self.version is None:
+                if fresh:
                     self.version = await self._list()
                 started = time.monotonic()
-                if await self._watch() or time.monotonic() - started >= QUICK_END_SECONDS:
-                    failures = 0
-                    continue
-                # Ended at once without a single event: not a healthy watch (a proxy
-                # or a server shutting down); do not hammer it.
-                raise kube.ApiError(503, "Unavailable", "the watch ended at once")
+                await self._watch()
+                if not self._progressed and time.monotonic() - started < QUICK_END_SECONDS:
+                    # Ended at once without a single event: not a healthy watch (a
+                    # proxy, or a server shutting down); do not hammer it.
+                    raise kube.ApiError(503, "Unavailable", "the watch ended at once")
+                failures = gone = 0
+                continue
             except Gone:
                 log.info("%r: resourceVersion %s is gone, listing again", self, self.version)
                 self.version = None
-                failures += 1
-                if failures == 1:
+                failures = 0  # the server answers
+                gone = gone + 1 if fresh and not self._progressed else 0
+                if gone < 2:
                     continue  # the usual case: list again now
-                delay = kube.retry_delay(failures - 1)  # gone again right after a list
+                delay = kube.retry_delay(gone - 1)  # gone again right after a list
             except asyncio.CancelledError:
                 raise
             except Exception as err:  # the watch must outlive any failure
-                failures += 1
+                failures = 1 if self._progressed else failures + 1
                 delay = kube.retry_delay(failures)
                 metrics.ERRORS.labels("watch").inc()
                 log.info("%r: %s; again in %.1fs", self, err, delay)
@@ -149,9 +155,9 @@ class Watch:
         self.listed.set()
         return version
 
-    async def _watch(self) -> bool:
+    async def _watch(self) -> None:
         """Hand over events from `self.version` until the server ends the watch, keeping
-        `self.version` at the last one seen; whether any event (or bookmark) came."""
+        `self.version` at the last one handed over (`_progressed`: any event came)."""
         assert self.version is not None
         params = {
             **self._params(),
@@ -162,7 +168,6 @@ class Watch:
         events = self._client.watch(
             self.kind, self.namespace, params, METADATA if self._metadata_only else JSON
         )
-        progressed = False
         try:
             # Closed here, also on cancellation: the connection goes back at once.
             async with contextlib.aclosing(events):
@@ -176,21 +181,21 @@ class Watch:
                             str(obj.get("reason", "")),
                             str(obj.get("message", "")),
                         )
-                    progressed = True
-                    # Kept at once: a watch broken off later resumes from here.
-                    self.version = str(obj["metadata"].get("resourceVersion") or self.version)
-                    if kind == "BOOKMARK":
-                        continue
-                    if kind == "DELETED":
-                        self._forget(obj)
-                    else:
-                        self._remember(obj)
-                    self._handler(str(kind), obj)
+                    self._progressed = True
+                    version = (obj.get("metadata") or {}).get("resourceVersion")
+                    if kind != "BOOKMARK":
+                        if kind == "DELETED":
+                            self._forget(obj)
+                        else:
+                            self._remember(obj)
+                        self._handler(str(kind), obj)
+                    # Kept at once, once handed over: a watch broken off later resumes
+                    # after this event.
+                    self.version = str(version or self.version)
         except kube.ApiError as err:
             if err.status == 410:
                 raise Gone from err
             raise
-        return progressed
 
     def _remember(self, obj: dict[str, Any]) -> tuple[str, str]:
         # List items carry no kind, and metadata-only objects say PartialObjectMetadata.

@@ -36,10 +36,12 @@ class Server:
         self.watches = watches
         self.watch_params: list[Mapping[str, str]] = []
         self.accepts: list[str] = []
+        self.list_times: list[float] = []
         self.done = asyncio.Event()
 
     async def request(self, method: str, path: str, **kw: Any) -> dict[str, Any]:
         self.accepts.append(kw["accept"])
+        self.list_times.append(asyncio.get_running_loop().time())
         items = self.lists.pop(0)
         version = max((int(i["metadata"]["resourceVersion"]) for i in items), default=1)
         return {"metadata": {"resourceVersion": str(version)}, "items": items}
@@ -126,3 +128,43 @@ async def test_a_watch_that_ends_at_once_is_retried_after_a_delay() -> None:
     assert [p["resourceVersion"] for p in server.watch_params] == ["10", "10", "10"]
     assert "labelSelector" not in server.watch_params[0]
     assert set(server.accepts) == {watch.JSON}
+
+
+async def test_gone_lists_again_at_once_unless_it_follows_a_list_again() -> None:
+    """A Gone after a working watch lists again at once, and so does the first Gone of
+    a watch just listed; the second in a row waits (the server is not keeping up)."""
+    gone = [{"type": "ERROR", "object": {"code": 410}}]
+    server = Server(
+        lists=[[cm("a", "10")], [cm("a", "20")], [cm("a", "30")], [cm("a", "40")]],
+        watches=[[{"type": "MODIFIED", "object": cm("a", "11")}], gone, gone, gone],
+    )
+    w = watch.Watch(server, kube.CONFIGMAP, "ml", "", recorder([]))  # type: ignore[arg-type]
+    await run_until_quiet(w, server)
+    first, second, third, fourth = server.list_times
+    assert second - first < 0.3  # after a working watch
+    assert third - second < 0.3  # the first Gone right after a list
+    assert fourth - third >= 0.4  # the second: 0.8 x 0.5 s at least
+    assert [p["resourceVersion"] for p in server.watch_params] == ["10", "11", "20", "30", "40"]
+
+
+async def test_a_failing_handler_does_not_lose_the_event() -> None:
+    """The version moves past an event only once it is handed over: a handler that
+    fails gets the same event again from the next watch."""
+    server = Server(
+        lists=[[]],
+        watches=[
+            [{"type": "ADDED", "object": cm("a", "5")}],
+            [{"type": "ADDED", "object": cm("a", "5")}],
+        ],
+    )
+    calls: list[str] = []
+
+    def handler(event_type: str, body: Mapping[str, Any]) -> None:
+        calls.append(body["metadata"]["resourceVersion"])
+        if len(calls) == 1:
+            raise RuntimeError("handler failed")
+
+    w = watch.Watch(server, kube.CONFIGMAP, "ml", "", handler)  # type: ignore[arg-type]
+    await run_until_quiet(w, server)
+    assert calls == ["5", "5"]
+    assert [p["resourceVersion"] for p in server.watch_params] == ["1", "1", "5"]

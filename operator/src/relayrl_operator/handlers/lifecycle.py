@@ -110,11 +110,14 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     """Stop the watches and the reconciler, and close connections."""
-    watches = getattr(memo, "watches", None)  # None when startup failed before them
-    if watches is not None:
-        await watches.stop()
-    await memo.reconciler.stop()
-    await memo.client.close()
+    # What startup made, in reverse; a startup that failed part way made less.
+    for name in ("watches", "reconciler"):
+        part = getattr(memo, name, None)
+        if part is not None:
+            await part.stop()
+    client = getattr(memo, "client", None)
+    if client is not None:
+        await client.close()
     if memo.streams is not None:
         await memo.streams.close()
 
@@ -122,8 +125,8 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
 @kopf.on.probe(id="reconciler")
 async def reconciler_alive(memo: kopf.Memo, **_: Any) -> bool:
     """Liveness: the reconciler's workers and the child watches are running."""
-    watches = getattr(memo, "watches", None)
-    healthy: bool = memo.reconciler.healthy and watches is not None and watches.healthy
+    parts = [getattr(memo, name, None) for name in ("reconciler", "watches")]
+    healthy = all(part is not None and part.healthy for part in parts)
     if not healthy:
         raise kopf.PermanentError("reconciler workers or child watches stopped")
     return healthy
