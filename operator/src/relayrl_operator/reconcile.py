@@ -663,6 +663,7 @@ class Reconciler:
         )
         fresh_after = time.time() - reporting.MAX_AGE_SECONDS
         pods = []
+        replacing = 0
         sink_pods: dict[str, list[Mapping[str, Any]]] = {}
         for pod in state.pods.values():
             labels = pod["metadata"].get("labels") or {}
@@ -671,6 +672,9 @@ class Reconciler:
                 sink_pods.setdefault(str(component), []).append(pod)
                 continue
             if pod["metadata"].get("deletionTimestamp"):
+                annotations = pod["metadata"].get("annotations") or {}
+                if annotations.get(constants.ANNOTATION_RESTART_HASH) != restart:
+                    replacing += 1
                 continue
             report = reports.get(pod["metadata"]["name"])
             version = report.model_version if report and report.time > fresh_after else None
@@ -687,6 +691,7 @@ class Reconciler:
             stream_message=state.stream_message,
             error=state.error,
             applied=state.applied_message,
+            replacing=replacing,
         )
 
     async def _write_status(self, agent: common.AgentRef, state: _State) -> None:

@@ -54,6 +54,9 @@ class Observed:
     stream_message: str = ""
     error: str | None = None  # a permanent error applying children (shown, not retried)
     applied: str = ""  # how the last spec change was applied, for the Progressing message
+    # Actor pods of an older template that are terminating (not in `pods`): a rollout
+    # is replacing them.
+    replacing: int = 0
 
 
 @dataclass
@@ -191,10 +194,11 @@ def compute(
     converged = len(ready) == desired_pods and len(updated) == desired_pods
     if not converged:
         message = f"{len(ready)}/{desired_pods} actor pods ready"
-        # The updated count only while pods of an older template remain: a new Agent's
-        # pods are current from the start, and counting them as they are created would
-        # be one more status write per Agent that says nothing new.
-        if len(updated) < len(wanted):
+        # The updated count only while pods of an older template remain (running, or
+        # terminating to be replaced): a new Agent's pods are current from the start,
+        # and counting them as they are created would be one more status write per
+        # Agent that says nothing new.
+        if len(updated) < len(wanted) or observed.replacing:
             message += f", {len(updated)}/{desired_pods} updated"
         if observed.applied:
             message = f"{observed.applied}; {message}"

@@ -5,6 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from relayrl_operator import constants, reconcile, settings
+from relayrl_operator.builders import common, statefulset
+from relayrl_runtime import spec
+from support import specs
 
 KEY = ("ml", "cartpole")
 
@@ -101,3 +104,36 @@ def test_only_events_that_can_change_status_or_need_repair_queue_a_pass() -> Non
     assert drained(rec) == 1
     rec.child_event("DELETED", pod("True"))
     assert drained(rec) == 1
+
+
+def actor_pod(index: int, restart_hash: str, terminating: bool) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "namespace": "ml",
+        "name": f"cartpole-actors-{index}",
+        "labels": {
+            constants.LABEL_AGENT: "cartpole",
+            constants.LABEL_COMPONENT: constants.COMPONENT_ACTORS,
+            constants.LABEL_POD_INDEX: str(index),
+        },
+        "annotations": {constants.ANNOTATION_RESTART_HASH: restart_hash},
+    }
+    if terminating:
+        meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    ready = {"type": "Ready", "status": "True"}
+    return {"kind": "Pod", "metadata": meta, "status": {"conditions": [ready]}}
+
+
+def test_a_terminating_pod_of_an_older_template_counts_as_being_replaced() -> None:
+    rec = reconciler()
+    st = state(rec)
+    agent_spec = spec.parse_agent(specs.base_manifest()).spec
+    agent = common.AgentRef("cartpole", "ml", "uid", 1, agent_spec)
+    current = statefulset.restart_hash(agent, settings.Settings())
+    rec.child_event("ADDED", actor_pod(0, "older", terminating=True))
+    rec.child_event("ADDED", actor_pod(1, current, terminating=False))
+    observed = rec.observe(agent, st)
+    assert [p.index for p in observed.pods] == [1]
+    assert observed.replacing == 1
+    # A terminating pod of the current template (a scale-down, a deleted pod) is not.
+    rec.child_event("MODIFIED", actor_pod(0, current, terminating=True))
+    assert rec.observe(agent, st).replacing == 0

@@ -190,3 +190,7 @@ def test_a_new_agents_status_does_not_change_as_its_pods_are_created() -> None:
     ]
     result = compute(s, status.Observed(rolling, ARROW_READY, stream_ready=True))
     assert conditions(result)["Progressing"]["message"] == "1/2 actor pods ready, 1/2 updated"
+    # The old pod terminating before its replacement exists: still a rollout.
+    replacing = [status.PodView(1, ready=True, current=True)]
+    result = compute(s, status.Observed(replacing, ARROW_READY, stream_ready=True, replacing=1))
+    assert conditions(result)["Progressing"]["message"] == "1/2 actor pods ready, 1/2 updated"
