@@ -222,9 +222,9 @@ class Reconciler:
             self._active.clear()
         elif not blocking and not self._active.is_set():
             log.warning("resuming: no peer outranks priority %d now", self._peers.priority)
-            # While paused Kopf's Agent watch was stopped, and a peer may have changed or
-            # deleted any Agent and child. Each cached Agent is read again before its pass (one
-            # deleted meanwhile is forgotten), and its children compared again.
+            # While paused Kopf's Agent watch was stopped, and a peer may have changed
+            # or deleted any Agent and child. Each cached Agent is read again before its
+            # pass (one deleted meanwhile is forgotten), and its children compared again.
             for key, state in self._states.items():
                 state.stale = state.body is not None
                 state.needs_apply = True
@@ -236,7 +236,7 @@ class Reconciler:
     @property
     def healthy(self) -> bool:
         """Whether every worker is still running."""
-        return bool(self._tasks) and not any(t.done() for t in self._tasks)
+        return watch.running(self._tasks)
 
     # -------------------------------------------------------------- watch events
 

@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final
 
 from relayrl_operator import kube, metrics
@@ -212,11 +212,10 @@ class Watch:
         }
         return key
 
-    def _forget(self, obj: Mapping[str, Any]) -> None:
+    def _forget(self, obj: dict[str, Any]) -> None:
         meta = obj["metadata"]
         self._known.pop((meta.get("namespace", ""), meta["name"]), None)
-        if isinstance(obj, dict):
-            obj["kind"] = self.kind.kind
+        obj["kind"] = self.kind.kind
 
 
 class Watches:
@@ -234,19 +233,20 @@ class Watches:
             for w in self.watches
         ]
 
-    async def listed(self) -> None:
-        """Wait until every watch has handed over its first list."""
-        await asyncio.gather(*(w.listed.wait() for w in self.watches))
-
     @property
     def healthy(self) -> bool:
         """Whether every watch task still runs."""
-        return bool(self._tasks) and not any(t.done() for t in self._tasks)
+        return running(self._tasks)
 
     async def stop(self) -> None:
         """Cancel and await the tasks."""
         await cancel(self._tasks)
         self._tasks = []
+
+
+def running(tasks: Sequence[asyncio.Task[None]]) -> bool:
+    """Whether there are tasks and none of them has ended."""
+    return bool(tasks) and not any(t.done() for t in tasks)
 
 
 async def cancel(tasks: Iterable[asyncio.Task[None]]) -> None:

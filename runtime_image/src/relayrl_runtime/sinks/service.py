@@ -383,7 +383,6 @@ class SinkService:
             self._nc = nc
             try:
                 js = nc.jetstream()
-                await self._open_stream(js)
                 await self._consume(js)
             finally:
                 await self._final_commit()
@@ -490,18 +489,16 @@ class SinkService:
 
     async def _consume(self, js: nats.js.JetStreamContext) -> None:
         """Take fetched batches until stopped; re-position the consumer when told to."""
-        first = True
         while not self.stopping.is_set():
-            if not first:
-                # The consumer must move: a delivery gap, a server restart, or the stream
-                # gone. It may have been made anew meanwhile (deleted and made again, so
-                # its sequences start at 1): what was taken from the old one is committed
-                # first, then the stream is compared as at start.
-                if self.writer.pending:
-                    await self._commit()
-                await self._drain_commits()
-                await self._open_stream(js)
-            first = False
+            # At start, and whenever the consumer must move (a delivery gap, a server
+            # restart, the stream gone): the stream may have been made anew meanwhile
+            # (deleted and made again, so its sequences start at 1). What was taken from
+            # the old one is committed first (nothing at start), then the stream is
+            # made if configured and compared with the committed position.
+            if self.writer.pending:
+                await self._commit()
+            await self._drain_commits()
+            await self._open_stream(js)
             sub = await self._retry("consumer", lambda: self._position(js))
             self.ready = True
             # One batch waits here while the next is being fetched: the network, the
