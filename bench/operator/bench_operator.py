@@ -9,11 +9,17 @@ nodes; a real nats-server) and prints, measured in the same run:
   concurrency), and creating them and waiting for their pods to be ready;
 - the operator's resident memory with N Agents.
 
+Each phase (the baseline; the latency samples and the N Agents through the operator)
+runs on a stack of its own, started fresh, so neither inherits the other's leftovers.
+A round is one phase of each; the phase that goes first alternates between rounds,
+and the medians over the rounds are reported beside each round's figures.
+
 Targets (issue 6): p50 <= 2 s; N Agents Ready within 1.5x the direct-create time;
 <= 200 MB resident.
 
-    python bench/operator/bench_operator.py            # 1,000 Agents
-    python bench/operator/bench_operator.py --quick    # 100 Agents, fewer samples
+    python bench/operator/bench_operator.py              # 1,000 Agents, 3 rounds
+    python bench/operator/bench_operator.py --rounds 1   # one round
+    python bench/operator/bench_operator.py --quick      # 100 Agents, 1 round
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -286,12 +293,26 @@ def create_namespace(k8s_api: Any, name: str) -> None:
     )
 
 
-async def run(args: argparse.Namespace) -> None:
-    """Start the stack, measure, print the table."""
-    n = args.agents
+@dataclass
+class Stack:
+    """One fresh local stack: control plane, kwok nodes, NATS, with the CRDs applied."""
+
+    local: cluster.LocalCluster
+    api: Any
+    kc: kube.Client
+    nats_url: str
+    pids: dict[str, int]
+
+
+@contextlib.asynccontextmanager
+async def stack(work: Path, n: int) -> AsyncIterator[Stack]:
+    """Start a stack for one phase, and stop it after.
+
+    Each phase gets its own: a phase after another on the same control plane would find
+    etcd, the garbage collector and the controllers still busy with (or grown by) the
+    first phase's thousand objects.
+    """
     bins = binaries.ensure_binaries()
-    work = Path(tempfile.mkdtemp(prefix="relayrl-bench-operator-"))
-    cpu: dict[str, dict[str, float]] = {}
     with (
         cluster.LocalCluster(work / "cluster", bins=bins) as local,
         kwok.Kwok(local.kubeconfig, work / "kwok", bins=bins) as kwok_proc,
@@ -300,97 +321,162 @@ async def run(args: argparse.Namespace) -> None:
     ):
         kwok.create_nodes(api, cpu=max(2, n // 100 + 2), name_prefix="bench")
         await asyncio.to_thread(apply_crds, bins, local.kubeconfig)
+        # Served, and the finalizer comes with the create (else the operator would
+        # write it: one more write per Agent than a deployed operator makes).
+        await asyncio.to_thread(fleet.wait_finalizer_policy, api)
+        assert nats.proc is not None
+        assert kwok_proc.pid is not None
+        # Who spends the 2 cores: the control plane's processes, kwok, nats-server.
+        pids = {**local.pids(), "kwok": kwok_proc.pid, "nats-server": nats.proc.pid}
         kc = kube.Client.from_config(str(local.kubeconfig))
         try:
-            # Who spends the 2 cores in each phase: the control plane's processes, kwok,
-            # nats-server, and (second phase) the operator.
-            assert nats.proc is not None
-            assert kwok_proc.pid is not None
-            pids = {**local.pids(), "kwok": kwok_proc.pid, "nats-server": nats.proc.pid}
-            # The bench's own process only: the operator it starts shares its group.
-            client_pid = {"bench client": os.getpid()}
-            create_namespace(api, "direct")
-            nc = await streams.connect(streams.ConnectOptions(servers=(nats.url,)), deadline=10)
-            try:
-                meter = cputime.Meter(pids, client_pid)
-                direct_created, direct_ready = await baseline(
-                    kc, nc.jetstream(), api, "direct", n, nats.url
-                )
-                cpu["direct create + ready"] = meter.stop()
-                names = [f"agent-{i}" for i in range(n)]
-                await remove_nats_children(nc.jetstream(), "direct", names)
-            finally:
-                await nc.close()
-            # The latency samples come after the baseline's 1,000 StatefulSets and pods
-            # are garbage collected, not while the control plane is busy with them.
-            core = client.CoreV1Api(api)
-            core.delete_namespace("direct")
-            testing.wait_for(
-                lambda: not any(n.metadata.name == "direct" for n in core.list_namespace().items),
-                timeout=900,
-                what="namespace direct deleted",
-                interval=2,
-            )
-
-            # As deployed: the default resync period, not the tests' short one.
-            operator = fleet.Operator(local.kubeconfig, work / "operator.log", resync_seconds=None)
-            operator.start()
-            try:
-                create_namespace(api, "latency")
-                lat = await latency(kc, "latency", args.samples, nats.url)
-                create_namespace(api, "fleet")
-                assert operator.proc is not None
-                meter = cputime.Meter(pids, {**client_pid, "operator": operator.proc.pid})
-                before = api_requests(operator.metrics())
-                op_ready = await operator_scale(kc, api, "fleet", n, nats.url)
-                cpu["operator: all Ready"] = meter.stop()
-                after = api_requests(operator.metrics())
-                requests = {k: v - before.get(k, 0.0) for k, v in after.items()}
-                assert operator.proc is not None
-                memory = rss_mb(operator.proc.pid)
-            finally:
-                operator.stop()
+            yield Stack(local, api, kc, nats.url, pids)
         finally:
             await kc.close()
 
+
+@dataclass
+class Round:
+    """One round's figures: a baseline phase and an operator phase, each on its own stack."""
+
+    direct_created: float = 0.0
+    direct_ready: float = 0.0
+    op_ready: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+    memory: float = 0.0
+    requests: dict[tuple[str, str], float] = field(default_factory=dict)
+    cpu: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+async def baseline_phase(work: Path, n: int, out: Round) -> None:
+    """Create every Agent's children directly and wait for their pods."""
+    async with stack(work, n) as st:
+        create_namespace(st.api, "direct")
+        nc = await streams.connect(streams.ConnectOptions(servers=(st.nats_url,)), deadline=10)
+        try:
+            # The bench's own process only: the operator it starts shares its group.
+            meter = cputime.Meter(st.pids, {"bench client": os.getpid()})
+            out.direct_created, out.direct_ready = await baseline(
+                st.kc, nc.jetstream(), st.api, "direct", n, st.nats_url
+            )
+            out.cpu["direct create + ready"] = meter.stop()
+        finally:
+            await nc.close()
+
+
+async def operator_phase(work: Path, n: int, samples: int, out: Round) -> None:
+    """Latency samples, then N Agents at once, through the operator."""
+    async with stack(work, n) as st:
+        # As deployed: the default resync period, not the tests' short one.
+        operator = fleet.Operator(st.local.kubeconfig, work / "operator.log", resync_seconds=None)
+        operator.start()
+        try:
+            create_namespace(st.api, "latency")
+            out.latencies = await latency(st.kc, "latency", samples, st.nats_url)
+            create_namespace(st.api, "fleet")
+            assert operator.proc is not None
+            meter = cputime.Meter(
+                st.pids, {"bench client": os.getpid(), "operator": operator.proc.pid}
+            )
+            before = api_requests(operator.metrics())
+            out.op_ready = await operator_scale(st.kc, st.api, "fleet", n, st.nats_url)
+            out.cpu["operator: all Ready"] = meter.stop()
+            after = api_requests(operator.metrics())
+            out.requests = {k: v - before.get(k, 0.0) for k, v in after.items()}
+            out.memory = rss_mb(operator.proc.pid)
+        finally:
+            operator.stop()
+
+
+async def run(args: argparse.Namespace) -> list[Round]:
+    """Measure the rounds; the phase that goes first alternates from round to round."""
+    rounds = []
+    for i in range(args.rounds):
+        work = Path(tempfile.mkdtemp(prefix="relayrl-bench-operator-"))
+        out = Round()
+        phases = [
+            baseline_phase(work / "baseline", args.agents, out),
+            operator_phase(work / "operator", args.agents, args.samples, out),
+        ]
+        for phase in phases if i % 2 == 0 else phases[::-1]:
+            await phase
+        rounds.append(out)
+        print(
+            f"round {i + 1}: direct create {out.direct_created:.1f}s, operator "
+            f"{out.op_ready:.1f}s, ratio {out.op_ready / out.direct_created:.2f}x",
+            flush=True,
+        )
+    return rounds
+
+
+def report(n: int, rounds: list[Round]) -> None:
+    """Print each round's figures and their medians."""
+    med = statistics.median
+    lat = [x for r in rounds for x in r.latencies]
+    cols = len(rounds) + (1 if len(rounds) > 1 else 0)
+    heads = [f"round {i + 1}" for i in range(len(rounds))] + (["median"] if cols > 1 else [])
     print()
     print(f"operator benchmark: {n} Agents, kwok nodes, machine: 2 cores")
-    print(f"{'measure':<52} {'value':>12} {'target':>12}")
-    print(f"{'apply -> Ready p50 (one Agent)':<52} {statistics.median(lat):>11.2f}s {'<= 2 s':>12}")
-    print(f"{'apply -> Ready p99 (one Agent)':<52} {percentile(lat, 99):>11.2f}s {'':>12}")
-    print(f"{'baseline: create children (k8s + NATS) directly':<52} {direct_created:>11.1f}s")
-    print(f"{'baseline: create directly + pods ready':<52} {direct_ready:>11.1f}s")
-    print(f"{f'operator: {n} Agents created -> all Ready':<52} {op_ready:>11.1f}s")
-    print(
-        f"{'ratio operator / direct create':<52} {op_ready / direct_created:>11.2f}x "
-        f"{'<= 1.5x':>12}"
+    print(f"{'measure':<46}" + "".join(f"{h:>11}" for h in heads) + f"{'target':>12}")
+
+    def row(label: str, values: list[float], fmt: str, target: str = "") -> None:
+        """`fmt` is a format spec and a unit: ">10.2f s" prints 10 wide, then "s"."""
+        spec_, unit = fmt.split(" ")
+        if cols > 1:
+            values = [*values, med(values)]
+        cells = "".join(format(v, spec_) + unit for v in values)
+        print(f"{label:<46}{cells}{target:>12}")
+
+    row("apply -> Ready p50 (one Agent)", [med(r.latencies) for r in rounds], ">9.2f s", "<= 2 s")
+    row("apply -> Ready p99 (one Agent)", [percentile(r.latencies, 99) for r in rounds], ">9.2f s")
+    row("baseline: create children (k8s + NATS)", [r.direct_created for r in rounds], ">9.1f s")
+    row("baseline: create + pods ready", [r.direct_ready for r in rounds], ">9.1f s")
+    row(f"operator: {n} Agents created -> all Ready", [r.op_ready for r in rounds], ">9.1f s")
+    row(
+        "ratio operator / direct create",
+        [r.op_ready / r.direct_created for r in rounds],
+        ">9.2f x",
+        "<= 1.5x",
     )
-    print(f"{'ratio operator / direct create + ready':<52} {op_ready / direct_ready:>11.2f}x")
-    print(f"{f'operator resident memory at {n} Agents':<52} {memory:>10.0f}MB {'<= 200 MB':>12}")
-    print(f"\noperator API requests per Agent while {n} Agents became Ready (watches aside)")
-    for (verb, resource), count in sorted(requests.items(), key=lambda kv: -kv[1]):
+    row("ratio operator / create + ready", [r.op_ready / r.direct_ready for r in rounds], ">9.2f x")
+    memory = [r.memory for r in rounds]
+    row(f"operator resident memory, {n} Agents", memory, ">8.0f MB", "<= 200 MB")
+    print(
+        f"apply -> Ready over all {len(lat)} samples: p50 {med(lat):.2f}s, "
+        f"p99 {percentile(lat, 99):.2f}s"
+    )
+    last = rounds[-1]
+    print(f"\noperator API requests per Agent while {n} Agents became Ready (last round)")
+    for (verb, resource), count in sorted(last.requests.items(), key=lambda kv: -kv[1]):
         if count and verb != "watch":
             print(f"  {verb:<7} {resource:<28} {count / n:6.2f}")
-    writes = sum(c for (verb, _), c in requests.items() if verb not in ("get", "watch"))
+    writes = sum(c for (verb, _), c in last.requests.items() if verb not in ("get", "watch"))
     print(f"  {'writes':<36} {writes / n:6.2f}")
-    print("\nCPU seconds by process in each phase ('machine': all processes, all cores)")
-    phases = list(cpu)
+    print(
+        "\nCPU seconds by process in each phase, medians over the rounds "
+        "('machine': all processes, all cores)"
+    )
+    phases = list(last.cpu)
     print(f"{'process':<24}" + "".join(f"{p:>26}" for p in phases))
-    names = sorted({k for c in cpu.values() for k in c}, key=lambda k: (k == "machine", k))
+    names = sorted(
+        {k for r in rounds for c in r.cpu.values() for k in c}, key=lambda k: (k == "machine", k)
+    )
     for name in names:
-        print(f"{name:<24}" + "".join(f"{cpu[p].get(name, 0.0):>25.1f}s" for p in phases))
+        cells = [med([r.cpu[p].get(name, 0.0) for r in rounds]) for p in phases]
+        print(f"{name:<24}" + "".join(f"{c:>25.1f}s" for c in cells))
 
 
 def main() -> None:
     """Parse arguments and run."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--agents", type=int, default=1000)
-    parser.add_argument("--samples", type=int, default=20, help="latency samples")
-    parser.add_argument("--quick", action="store_true", help="100 Agents, 10 samples")
+    parser.add_argument("--samples", type=int, default=20, help="latency samples per round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds (medians are reported)")
+    parser.add_argument("--quick", action="store_true", help="100 Agents, 10 samples, 1 round")
     args = parser.parse_args()
     if args.quick:
-        args.agents, args.samples = 100, 10
-    asyncio.run(run(args))
+        args.agents, args.samples, args.rounds = 100, 10, 1
+    report(args.agents, asyncio.run(run(args)))
 
 
 if __name__ == "__main__":
