@@ -6,11 +6,12 @@
 Starts the local control plane (real apiserver and etcd), applies the CRDs, and sends
 `--count` requests of each kind, 16 in flight, as the operator does for each Agent:
 create the Agent, add its finalizer, two status updates, post an Event, server-side
-apply a ConfigMap (new, then unchanged), a GET for comparison, and last creating an
-Agent with the chart's finalizer policy installed (the finalizer comes with the
-create). For each kind it prints the apiserver's and etcd's CPU per request (from
-/proc), so the operator's writes per Agent (`bench_operator.py` prints them) can be
-priced. Machine noise shows in single runs; compare kinds within one run.
+apply a ConfigMap (new, then unchanged), a GET for comparison, a status update written
+whole (PUT) instead of as a merge patch, and last creating an Agent with the chart's
+finalizer policy installed (the finalizer comes with the create). For each kind it
+prints the apiserver's and etcd's CPU per request (from /proc), so the operator's
+writes per Agent (`bench_operator.py` prints them) can be priced. Machine noise
+shows in single runs; compare kinds within one run.
 """
 
 from __future__ import annotations
@@ -163,6 +164,22 @@ async def run(count: int) -> list[tuple[str, float, dict[str, float]]]:
             for name, jobs in phases:
                 seconds, cpu = await measure(pids, count, jobs)
                 out.append((name, seconds, cpu))
+            # The same status change written whole (PUT with the resourceVersion)
+            # instead of as a merge patch, for comparison: the Agents as they are now.
+            agents = await asyncio.gather(
+                *(kc.get(kube.AGENT, NAMESPACE, f"a{i}") for i in range(count))
+            )
+
+            async def put(agent: dict[str, Any]) -> None:
+                meta = agent["metadata"]
+                await kc.request(
+                    "PUT",
+                    kube.AGENT.path(NAMESPACE, meta["name"], "status"),
+                    body={**agent, "status": progressing},
+                )
+
+            seconds, cpu = await measure(pids, count, [lambda a=a: put(a) for a in agents])
+            out.append(("Agent status: PUT, Progressing", seconds, cpu))
             # The chart's policy puts the finalizer on at create instead.
             await asyncio.to_thread(bench_operator.apply_crds, bins, local.kubeconfig)
             await asyncio.to_thread(fleet.wait_finalizer_policy, api)
