@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import sys
 import tempfile
 import time
@@ -72,8 +73,20 @@ async def measure(
 
 
 async def run(count: int) -> list[tuple[str, float, dict[str, float]]]:
-    bins = binaries.ensure_binaries()
+    """Measure every kind; the stack's files are removed after, kept after a failure."""
     work = Path(tempfile.mkdtemp(prefix="relayrl-bench-api-"))
+    try:
+        out = await measure_all(work, count)
+    except BaseException:
+        print(f"failed; the control plane's logs and data are in {work}", file=sys.stderr)
+        raise
+    shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+async def measure_all(work: Path, count: int) -> list[tuple[str, float, dict[str, float]]]:
+    """Start the control plane in `work` and measure each kind of request."""
+    bins = binaries.ensure_binaries()
     out = []
     with (
         cluster.LocalCluster(work / "cluster", bins=bins) as local,

@@ -27,7 +27,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -395,11 +397,17 @@ async def run(args: argparse.Namespace) -> list[Round]:
         work = Path(tempfile.mkdtemp(prefix="relayrl-bench-operator-"))
         out = Round()
         phases = [
-            baseline_phase(work / "baseline", args.agents, out),
-            operator_phase(work / "operator", args.agents, args.samples, out),
+            functools.partial(baseline_phase, work / "baseline", args.agents, out),
+            functools.partial(operator_phase, work / "operator", args.agents, args.samples, out),
         ]
-        for phase in phases if i % 2 == 0 else phases[::-1]:
-            await phase
+        try:
+            for phase in phases if i % 2 == 0 else phases[::-1]:
+                await phase()
+        except BaseException:
+            print(f"round {i + 1} failed; its logs and data are in {work}", file=sys.stderr)
+            raise
+        # A round's stacks hold a few hundred MB (etcd, the stream store): gone with it.
+        shutil.rmtree(work, ignore_errors=True)
         rounds.append(out)
         print(
             f"round {i + 1}: direct create {out.direct_created:.1f}s, operator "

@@ -215,6 +215,9 @@ class Operator:
                 stderr=subprocess.STDOUT,
                 env={
                     **os.environ,
+                    # Its temporary files (NATS credentials) beside its log, so that they
+                    # go with the log's directory even when a test kills the operator.
+                    "TMPDIR": str(self.log.parent),
                     **(
                         {"RELAYRL_RESYNC_SECONDS": str(self.resync_seconds)}
                         if self.resync_seconds is not None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,14 +37,17 @@ def nats() -> Iterator[natsserver.NatsServer]:
 
 
 @pytest.fixture(scope="session")
-def operator(agent_crd: testing.ClusterHandle) -> Iterator[fleet.Operator]:
+def operator(
+    agent_crd: testing.ClusterHandle, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[fleet.Operator]:
     """One operator process for the session, watching every namespace, and what the
     chart installs beside it: the policy that puts the finalizer on Agents. (Only
     beside a running operator: tests of the Agent API alone make Agents that no
     operator would finalize.)"""
     agent_crd.kubectl("apply", "-f", "-", input_text=fleet.finalizer_policy_yaml())
     fleet.wait_finalizer_policy(agent_crd.api)
-    log = Path(tempfile.mkdtemp(prefix="relayrl-operator-")) / "operator.log"
+    # pytest's temporary directories: kept for the last few runs, then removed.
+    log = tmp_path_factory.mktemp("operator") / "operator.log"
     op = fleet.Operator(agent_crd.kubeconfig, log)
     op.start()
     yield op
