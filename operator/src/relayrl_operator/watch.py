@@ -122,7 +122,8 @@ class Watch:
         """Hand over every object as ADDED, and as DELETED what has gone; the list's
         resourceVersion, to watch from."""
         items: list[dict[str, Any]] = []
-        params = {**self._params(), "limit": str(PAGE_SIZE)}
+        first_page = {**self._params(), "limit": str(PAGE_SIZE)}
+        params = first_page
         while True:
             try:
                 page = await self._client.request(
@@ -134,7 +135,7 @@ class Watch:
             except kube.ApiError as err:
                 if err.status == 410 and "continue" in params:
                     # The paging token expired: start the list over.
-                    params = {**self._params(), "limit": str(PAGE_SIZE)}
+                    params = first_page
                     items = []
                     continue
                 raise
