@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -74,14 +72,8 @@ async def measure(
 
 async def run(count: int) -> list[tuple[str, float, dict[str, float]]]:
     """Measure every kind; the stack's files are removed after, kept after a failure."""
-    work = Path(tempfile.mkdtemp(prefix="relayrl-bench-api-"))
-    try:
-        out = await measure_all(work, count)
-    except BaseException:
-        print(f"failed; the control plane's logs and data are in {work}", file=sys.stderr)
-        raise
-    shutil.rmtree(work, ignore_errors=True)
-    return out
+    with bench_operator.scratch("relayrl-bench-api-", "the measurement") as work:
+        return await measure_all(work, count)
 
 
 async def measure_all(work: Path, count: int) -> list[tuple[str, float, dict[str, float]]]:

@@ -36,7 +36,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,13 +91,6 @@ async def nats_children(js: Any, namespace: str, name: str) -> None:
     """One Agent's stream and model bucket, made as the operator makes them."""
     await streams.ensure_stream(js, streams.stream_config(namespace, name))
     await streams.ensure_object_store(js, streams.model_bucket(namespace, name))
-
-
-async def remove_nats_children(js: Any, namespace: str, names: list[str]) -> None:
-    """Delete what `nats_children` made, so the next phase starts on an empty server."""
-    for name in names:
-        await streams.delete_stream(js, streams.stream_name(namespace, name))
-        await js.delete_object_store(streams.model_bucket(namespace, name))
 
 
 async def bounded(jobs: list[Callable[[], Awaitable[Any]]], limit: int = CONCURRENCY) -> None:
@@ -295,6 +288,19 @@ def create_namespace(k8s_api: Any, name: str) -> None:
     )
 
 
+@contextlib.contextmanager
+def scratch(prefix: str, what: str) -> Iterator[Path]:
+    """A new directory under the system's temporary one: removed when the block ends
+    well, kept (and its path printed) when it fails, for the logs in it."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield work
+    except BaseException:
+        print(f"{what} failed; its logs and data are in {work}", file=sys.stderr)
+        raise
+    shutil.rmtree(work, ignore_errors=True)
+
+
 @dataclass
 class Stack:
     """One fresh local stack: control plane, kwok nodes, NATS, with the CRDs applied."""
@@ -394,20 +400,17 @@ async def run(args: argparse.Namespace) -> list[Round]:
     """Measure the rounds; the phase that goes first alternates from round to round."""
     rounds = []
     for i in range(args.rounds):
-        work = Path(tempfile.mkdtemp(prefix="relayrl-bench-operator-"))
         out = Round()
-        phases = [
-            functools.partial(baseline_phase, work / "baseline", args.agents, out),
-            functools.partial(operator_phase, work / "operator", args.agents, args.samples, out),
-        ]
-        try:
+        # A round's stacks hold a few hundred MB (etcd, the stream store): gone with it.
+        with scratch("relayrl-bench-operator-", f"round {i + 1}") as work:
+            phases = [
+                functools.partial(baseline_phase, work / "baseline", args.agents, out),
+                functools.partial(
+                    operator_phase, work / "operator", args.agents, args.samples, out
+                ),
+            ]
             for phase in phases if i % 2 == 0 else phases[::-1]:
                 await phase()
-        except BaseException:
-            print(f"round {i + 1} failed; its logs and data are in {work}", file=sys.stderr)
-            raise
-        # A round's stacks hold a few hundred MB (etcd, the stream store): gone with it.
-        shutil.rmtree(work, ignore_errors=True)
         rounds.append(out)
         print(
             f"round {i + 1}: direct create {out.direct_created:.1f}s, operator "
