@@ -130,7 +130,10 @@ class _State:
     error: str | None = None
     error_generation: int | None = None
     applied_message: str = ""
+    # The status this operator last wrote, and for which Agent (uid): newer than the
+    # body's until the write's watch event arrives.
     last_status: dict[str, Any] | None = None
+    status_uid: str | None = None
     pods: dict[str, dict[str, Any]] = field(default_factory=dict)
     deployments: dict[str, dict[str, Any]] = field(default_factory=dict)
     child_generations: dict[tuple[str, str], int] = field(default_factory=dict)
@@ -440,6 +443,8 @@ class Reconciler:
             self._states.pop(key, None)
             return False
         _store(state, body)
+        # Another operator may have written status while this one was paused.
+        state.last_status = state.status_uid = None
         return True
 
     # ------------------------------------------------------------------ one pass
@@ -642,6 +647,7 @@ class Reconciler:
                 }
             }
             await self._client.merge_patch(kube.AGENT, *key, patch, sub="status")
+            state.last_status, state.status_uid = patch["status"], meta["uid"]
             return
         agent = common.AgentRef(
             meta["name"], meta["namespace"], meta["uid"], generation, agent_spec
@@ -696,20 +702,29 @@ class Reconciler:
 
     async def _write_status(self, agent: common.AgentRef, state: _State) -> None:
         assert state.body is not None
-        previous = (state.body.get("status") or {}).get("conditions") or []
+        # The status as it stands: our last write, when there is one for this Agent. The
+        # body lags it until the write's watch event arrives; conditions computed from
+        # the body then would move a lastTransitionTime back, and every write's event
+        # would cause another write.
+        written = state.last_status if state.status_uid == agent.uid else None
+        current = written if written is not None else state.body.get("status") or {}
         selector = ",".join(
             f"{k}={v}" for k, v in common.selector_labels(agent, constants.COMPONENT_ACTORS).items()
         )
         new = status.compute(
-            agent.spec, agent.generation, selector, self.observe(agent, state), previous
+            agent.spec,
+            agent.generation,
+            selector,
+            self.observe(agent, state),
+            current.get("conditions") or [],
         )
-        if new == state.last_status:
+        if new == written:
             return
-        old_phase = (state.last_status or state.body.get("status") or {}).get("phase")
+        old_phase = current.get("phase")
         await self._client.merge_patch(
             kube.AGENT, agent.namespace, agent.name, {"status": new}, sub="status"
         )
-        state.last_status = new
+        state.last_status, state.status_uid = new, agent.uid
         # Phase changes get an Event, except a new Agent's first Progressing: every Agent
         # starts there, and at a thousand Agents those Events are a thousand apiserver
         # writes that say nothing `kubectl get agents` does not.

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import copy
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import pytest
 import yaml
 
-from relayrl_operator import constants, kube, reconcile, settings
+from relayrl_operator import constants, kube, reconcile, settings, status
 from relayrl_operator.builders import common
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "cartpole-cpu" / "agent.yaml"
@@ -67,6 +71,9 @@ class FailingStreams:
 
     async def remove(self, agent: common.AgentRef) -> None:
         pass
+
+    async def verify(self, agents: Iterable[common.AgentRef]) -> set[tuple[str, str]]:
+        return {(a.namespace, a.name) for a in agents}
 
     def set_listener(self, listener: Any) -> None:
         pass
@@ -136,6 +143,56 @@ async def test_unreachable_nats_is_retried_with_growing_delays() -> None:
         stream = next(c for c in status["conditions"] if c["type"] == "StreamReady")
         assert stream["status"] == "False"
         assert "cannot reach NATS" in stream["message"]
+    finally:
+        await rec.stop()
+
+
+async def test_a_pass_while_the_last_status_write_is_on_its_way_writes_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Status is computed from the operator's last write, not from a body that lags it.
+
+    From the lagging body, a condition's lastTransitionTime would be stamped anew on a
+    pass a second later, and written; that write's event, lagging again, would cause
+    the next: a loop of status writes that says nothing new.
+    """
+    clock = [datetime(2026, 11, 22, 1, 0, 0, tzinfo=UTC)]
+    monkeypatch.setattr(status, "datetime", SimpleNamespace(now=lambda tz=None: clock[0]))
+    api = Recorder()
+    rec = reconcile.Reconciler(api, settings.Settings(), None, workers=1)  # type: ignore[arg-type]
+    await rec.start()
+    try:
+        body = agent_body()
+        rec.agent_event("ADDED", body)
+        await settle(rec)
+        assert len(api.status) == 1
+        written = api.status[0]
+        # A pass a few seconds later, before the write's watch event: nothing to write.
+        clock[0] += timedelta(seconds=5)
+        rec.enqueue(KEY)
+        await settle(rec)
+        assert len(api.status) == 1
+        # The write's event arrives: still nothing to write.
+        echo = copy.deepcopy(body)
+        echo["metadata"]["resourceVersion"] = "2"
+        echo["status"] = written
+        rec.agent_event("MODIFIED", echo)
+        await settle(rec)
+        assert len(api.status) == 1
+        # A real change is written, and keeps the transition times of what did not change.
+        changed = copy.deepcopy(echo)
+        changed["metadata"].update(generation=2, resourceVersion="3")
+        changed["spec"]["paused"] = True
+        rec.agent_event("MODIFIED", changed)
+        await settle(rec)
+        assert len(api.status) == 2
+        before = {c["type"]: c for c in written["conditions"]}
+        after = {c["type"]: c for c in api.status[1]["conditions"]}
+        kept = [t for t in after if after[t]["status"] == before[t]["status"]]
+        assert kept
+        for t in kept:
+            assert after[t]["lastTransitionTime"] == before[t]["lastTransitionTime"]
+        assert after["Paused"]["lastTransitionTime"] == "2026-11-22T01:00:05Z"
     finally:
         await rec.stop()
 
