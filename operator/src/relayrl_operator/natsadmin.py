@@ -18,11 +18,12 @@ import base64
 import contextlib
 import logging
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import nats.js.api
 import nats.js.errors
 from nats.aio.client import Client as NATS
 
@@ -81,12 +82,48 @@ class NatsStreams:
     async def ensure(self, agent: common.AgentRef) -> str:
         """Create or update the stream and the model bucket."""
         js = (await self._connect(agent)).jetstream()
-        nats_spec = agent.spec.trajectories.nats
-        config = streams.stream_config(agent.namespace, agent.name, nats_spec.stream)
+        config = _stream_config(agent)
         await streams.ensure_stream(js, config)
         bucket = streams.model_bucket(agent.namespace, agent.name)
         await streams.ensure_object_store(js, bucket)
         return f"stream {config.name} and model bucket {bucket} ready"
+
+    async def verify(self, agents: Iterable[common.AgentRef]) -> set[tuple[str, str]]:
+        """The Agents whose stream or model bucket is missing, or whose stream differs.
+
+        One paged listing of the streams per NATS connection stands in for a stream and
+        a bucket request per Agent: a resync of a thousand Agents costs NATS a few
+        requests, not two thousand. Agents whose server cannot be listed are returned
+        too; their own pass then tries, and its status says what fails.
+        """
+        groups: dict[_ConnKey, list[common.AgentRef]] = {}
+        for agent in agents:
+            groups.setdefault(_conn_key(agent), []).append(agent)
+        found = await asyncio.gather(*(self._verify(group) for group in groups.values()))
+        return set().union(*found)
+
+    async def _verify(self, agents: list[common.AgentRef]) -> set[tuple[str, str]]:
+        # What should exist: each Agent's stream (with its config) and bucket stream. What
+        # the listing shows as it should be is struck off; what is left was lost.
+        wanted: dict[str, tuple[tuple[str, str], nats.js.api.StreamConfig | None]] = {}
+        for agent in agents:
+            key = (agent.namespace, agent.name)
+            config = _stream_config(agent)
+            assert config.name is not None
+            wanted[config.name] = (key, config)
+            bucket = streams.model_bucket(agent.namespace, agent.name)
+            wanted[streams.object_store_stream(bucket)] = (key, None)
+        try:
+            js = (await self._connect(agents[0])).jetstream()
+            async for have in streams.iter_stream_configs(js):
+                name = have.name or ""
+                want = wanted.get(name, (None, None))[1]
+                if name in wanted and (want is None or not streams.config_differs(want, have)):
+                    del wanted[name]
+        except Exception as err:  # any NATS failure: each Agent's own pass finds out
+            log.info("cannot list streams at %s: %s", agents[0].spec.trajectories.nats.url, err)
+            return {(a.namespace, a.name) for a in agents}
+        return {key for key, _ in wanted.values()}
 
     async def remove(self, agent: common.AgentRef) -> None:
         """Delete the stream and the model bucket (absent ones are fine)."""
@@ -101,12 +138,7 @@ class NatsStreams:
 
     async def _connect(self, agent: common.AgentRef) -> NATS:
         nats_spec = agent.spec.trajectories.nats
-        key = _ConnKey(
-            url=nats_spec.url,
-            namespace=agent.namespace,
-            credentials=nats_spec.credentials_secret.name if nats_spec.credentials_secret else None,
-            tls=nats_spec.tls.secret_name if nats_spec.tls else None,
-        )
+        key = _conn_key(agent)
         nc = self._conns.get(key)
         if nc is not None and not nc.is_closed:
             return nc
@@ -198,3 +230,20 @@ class NatsStreams:
         path.write_bytes(content)
         path.chmod(0o600)
         return path
+
+
+def _conn_key(agent: common.AgentRef) -> _ConnKey:
+    """Which connection serves an Agent: its server, namespace and Secrets."""
+    nats_spec = agent.spec.trajectories.nats
+    return _ConnKey(
+        url=nats_spec.url,
+        namespace=agent.namespace,
+        credentials=nats_spec.credentials_secret.name if nats_spec.credentials_secret else None,
+        tls=nats_spec.tls.secret_name if nats_spec.tls else None,
+    )
+
+
+def _stream_config(agent: common.AgentRef) -> nats.js.api.StreamConfig:
+    """The config an Agent's stream should have."""
+    override = agent.spec.trajectories.nats.stream
+    return streams.stream_config(agent.namespace, agent.name, override)

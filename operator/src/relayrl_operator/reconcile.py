@@ -15,7 +15,9 @@ A pass (`_reconcile`):
    were last applied FULL_APPLY_EVERY periods ago or more (for what a watch can miss:
    a deletion while it was reconnecting, an edited PodMonitor);
    children no longer desired (a removed sink, the remote Service) are deleted;
-3. the JetStream stream and model bucket are ensured through NATS;
+3. the JetStream stream and model bucket are ensured through NATS: on the Agent's
+   first pass, after a failure, and when a resync's listing of the streams (one per
+   server for all Agents) finds them missing or changed;
 4. status is computed from the cached children and patched when it changed.
 Transient failures are retried with a jittered, growing, bounded delay; permanent
 ones (a spec the apiserver let through but we cannot build, a child it rejects) are
@@ -28,7 +30,7 @@ import asyncio
 import logging
 import time
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -94,6 +96,9 @@ class Streams(Protocol):
 
     async def remove(self, agent: common.AgentRef) -> None:
         """Delete them."""
+
+    async def verify(self, agents: Iterable[common.AgentRef]) -> set[Key]:
+        """The Agents whose stream or bucket is missing or differs, or cannot be checked."""
 
     def set_listener(self, listener: Callable[[Key], None]) -> None:
         """Be told which Agent's pods reported (to refresh its status)."""
@@ -354,6 +359,7 @@ class Reconciler:
             monitoring_changed = api != self._podmonitor_api
             self._podmonitor_api = self._podmonitors = api
             self._resyncs += 1
+            lost = await self._lost_streams()
             now = time.monotonic()
             # Children applied within the last period are left alone: their watch events
             # may still be on the way (a busy apiserver lags), and re-applying them
@@ -373,10 +379,29 @@ class Reconciler:
                     or (turn == self._resyncs % FULL_APPLY_EVERY and state.applied_at < stale)
                 ):
                     state.needs_apply = True
-                if state.stream_ready:
-                    state.stream_ready = None  # check the stream still exists on this pass
+                if key in lost:
+                    state.stream_ready = None  # this pass ensures the stream and bucket again
                 self.enqueue(key)
             self._count_phases()
+
+    async def _lost_streams(self) -> set[Key]:
+        """The Agents whose stream or bucket went missing or was changed behind our back.
+
+        One listing per NATS server for all Agents (`Streams.verify`); only Agents whose
+        stream was ready are asked about, the others' passes ensure theirs anyway.
+        """
+        agents = {
+            key: state.agent
+            for key, state in self._states.items()
+            if state.stream_ready and state.agent is not None
+        }
+        if self._streams is None or not agents:
+            return set()
+        try:
+            return await self._streams.verify(agents.values())
+        except Exception:  # never lose the resync loop: check each Agent on its pass
+            log.exception("checking the streams failed; each Agent's pass checks its own")
+            return set(agents)
 
     def _count_phases(self) -> None:
         counts = dict.fromkeys((p.value for p in spec.Phase), 0)

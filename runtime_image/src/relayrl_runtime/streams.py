@@ -24,9 +24,9 @@ import logging
 import os
 import random
 import ssl
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import nats
 import nats.errors
@@ -201,6 +201,34 @@ def config_differs(want: nats.js.api.StreamConfig, have: nats.js.api.StreamConfi
     """
     current = have.as_dict()
     return any(current.get(k) != v for k, v in want.as_dict().items())
+
+
+async def iter_stream_configs(
+    js: nats.js.JetStreamContext,
+) -> AsyncIterator[nats.js.api.StreamConfig]:
+    """Every stream's config: one paged listing, however many streams there are.
+
+    The server sends up to 256 streams a page, and only one page is held at a time. A
+    stream created or deleted while the pages go by may be missed or listed twice; a
+    caller that acts on what is missing must make that action idempotent
+    (`ensure_stream` is).
+    """
+    offset = 0
+    while True:
+        # A StreamsListIterator, whatever nats-py's annotation says: it has the total.
+        page = cast(nats.js.api.StreamsListIterator, await js.streams_info_iterator(offset))
+        count = 0
+        for info in page:
+            count += 1
+            yield info.config
+        offset += count
+        if not count or offset >= page.total:
+            return
+
+
+def object_store_stream(bucket: str) -> str:
+    """The stream that holds an object store bucket (how NATS names it)."""
+    return f"OBJ_{bucket}"
 
 
 async def delete_stream(js: nats.js.JetStreamContext, name: str) -> bool:

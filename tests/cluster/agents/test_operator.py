@@ -10,9 +10,9 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import nats
 import nats.js.errors
@@ -27,6 +27,8 @@ from relayrl_runtime import streams
 from support import fleet, natsserver, specs
 
 RESYNC_SECONDS = 5  # fleet.Operator's default for tests
+
+T = TypeVar("T")
 
 
 def manifest(nats_url: str, patch: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -56,6 +58,19 @@ def stream_exists(url: str, namespace: str, agent: str) -> bool:
         return True
 
     return asyncio.run(check())
+
+
+def jetstream(url: str, action: Callable[[Any], Awaitable[T]]) -> T:
+    """Run `action(JetStream context)` on a connection of its own."""
+
+    async def run() -> T:
+        nc = await nats.connect(url)
+        try:
+            return await action(nc.jetstream())
+        finally:
+            await nc.close()
+
+    return asyncio.run(run())
 
 
 def events(k8s: testing.ClusterHandle, namespace: str, reason: str) -> list[str]:
@@ -254,6 +269,30 @@ def test_deleted_or_edited_children_come_back(
     assert (
         'relayrl_operator_api_requests_total{code="200",resource="agents/status",verb="patch"}'
         in page
+    )
+
+    # The stream and the model bucket are children too. A resync lists the streams:
+    # a hand-edited stream is put back, a deleted bucket or stream is made again.
+    name = streams.stream_name(namespace, "cartpole")
+    bucket = streams.object_store_stream(streams.model_bucket(namespace, "cartpole"))
+    want = streams.stream_config(namespace, "cartpole")
+
+    async def tamper(js: Any) -> None:
+        info = await js.stream_info(name)
+        await js.update_stream(info.config.evolve(max_bytes=1 << 30))
+        await js.delete_stream(bucket)
+
+    async def restored(js: Any) -> bool:
+        have = {c.name: c async for c in streams.iter_stream_configs(js)}
+        return name in have and not streams.config_differs(want, have[name]) and bucket in have
+
+    jetstream(nats.url, tamper)
+    testing.wait_for(
+        lambda: jetstream(nats.url, restored), timeout=30, what="stream config and bucket back"
+    )
+    jetstream(nats.url, lambda js: js.delete_stream(name))
+    testing.wait_for(
+        lambda: stream_exists(nats.url, namespace, "cartpole"), timeout=30, what="stream back"
     )
 
 

@@ -115,6 +115,31 @@ async def test_ensure_stream_updates_only_a_stream_whose_config_differs(
         await nc.close()
 
 
+async def test_listing_the_streams_goes_through_every_page(
+    nats_server: natsserver.NatsServer,
+) -> None:
+    """More streams than the server lists a page (256): every one, with its config."""
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        names = [f"LIST_{i:03d}" for i in range(300)]
+        for name in names:
+            await js.add_stream(name=name, subjects=[f"list.{name}"], storage="memory")
+        await js.create_object_store("list-bucket")
+        want = streams.stream_config("default", trajectories.AGENT)
+        await streams.ensure_stream(js, want)
+        have = {c.name: c async for c in streams.iter_stream_configs(js)}
+        # A stream as ensure_stream made it is listed as not differing (no update due).
+        assert not streams.config_differs(want, have[STREAM])
+        assert set(names) <= set(have)
+        assert streams.object_store_stream("list-bucket") in have
+        assert have["LIST_299"].subjects == ["list.LIST_299"]
+        await js.delete_stream("LIST_000")
+        assert "LIST_000" not in [c.name async for c in streams.iter_stream_configs(js)]
+    finally:
+        await nc.close()
+
+
 async def test_backpressure_while_nats_is_away_then_everything_once(
     nats_server: natsserver.NatsServer,
 ) -> None:
