@@ -227,8 +227,8 @@ async def iter_stream_configs(
 
 
 def object_store_stream(bucket: str) -> str:
-    """The stream that holds an object store bucket (how NATS names it)."""
-    return f"OBJ_{bucket}"
+    """The stream that holds an object store bucket, named as nats-py names it."""
+    return nats.js.object_store.OBJ_STREAM_TEMPLATE.format(bucket=bucket)
 
 
 async def delete_stream(js: nats.js.JetStreamContext, name: str) -> bool:

@@ -46,20 +46,6 @@ def statefulset(k8s: testing.ClusterHandle, namespace: str, name: str) -> dict[s
     return k8s.get_json(client.AppsV1Api(k8s.api).read_namespaced_stateful_set, name, namespace)
 
 
-def stream_exists(url: str, namespace: str, agent: str) -> bool:
-    async def check() -> bool:
-        nc = await nats.connect(url)
-        try:
-            await nc.jetstream().stream_info(streams.stream_name(namespace, agent))
-        except nats.js.errors.NotFoundError:
-            return False
-        finally:
-            await nc.close()
-        return True
-
-    return asyncio.run(check())
-
-
 def jetstream(url: str, action: Callable[[Any], Awaitable[T]]) -> T:
     """Run `action(JetStream context)` on a connection of its own."""
 
@@ -71,6 +57,17 @@ def jetstream(url: str, action: Callable[[Any], Awaitable[T]]) -> T:
             await nc.close()
 
     return asyncio.run(run())
+
+
+def stream_exists(url: str, namespace: str, agent: str) -> bool:
+    async def check(js: Any) -> bool:
+        try:
+            await js.stream_info(streams.stream_name(namespace, agent))
+        except nats.js.errors.NotFoundError:
+            return False
+        return True
+
+    return jetstream(url, check)
 
 
 def events(k8s: testing.ClusterHandle, namespace: str, reason: str) -> list[str]:
