@@ -10,17 +10,18 @@ measures, on the same machine in the same run:
   with pipelined acks, no packing;
 - publisher: `NatsPublisher.write` of CartPole record batches until every ack is in;
 - runtime -> NATS -> Arrow sink: the publisher writing while a `relayrl-sink arrow`
-  process consumes, until the sink has committed every step (fsync + rename); the
-  stream is emptied before each end-to-end phase;
+  process consumes, until the sink has committed every step (fsync + rename) and acked
+  it (asked of nats-server, so the watching costs the sink nothing); the stream is
+  emptied before each end-to-end phase;
 - raw Parquet write of the same rows (one writer, same compression), for reference;
 - runtime -> NATS -> Postgres sink: the same, until every step is committed in Postgres;
 - raw COPY of the same rows: the sink's binary COPY payload sent straight to Postgres.
 
 Prints a table of steps/s and the ratios the issue asks for (targets: end to end at least
 0.5x each raw figure). Every phase also reports the CPU the whole machine spent on it
-(/proc/stat): on a small machine the publisher, nats-server and a sink share the cores,
-and the CPU per step shows which path costs what. Every phase has a deadline, so the run
-is bounded.
+(/proc/stat), and who spent it: this process (the publisher), nats-server, Postgres and
+the sink. On a small machine they share the cores, and the CPU per step shows which
+path costs what. Every phase has a deadline, so the run is bounded.
 """
 
 from __future__ import annotations
@@ -58,23 +59,38 @@ from support import cputime, natsserver, pipeline, postgres, trajectories  # noq
 PHASE_DEADLINE = 180.0
 
 
+# The servers' process groups, whose CPU every phase reports (set once they are up).
+SERVERS: dict[str, int] = {}
+BENCH: Final = "bench (publisher)"
+SINK: Final = "sink"
+OTHER: Final = "other"
+
+
 @dataclasses.dataclass(frozen=True)
 class Span:
-    """One measured phase: wall seconds and the CPU seconds the whole machine spent busy."""
+    """One measured phase: wall seconds and the CPU seconds the whole machine spent busy,
+    and who spent them: this process (it runs the publisher and the raw writes), each
+    server, the sink; `OTHER` is the rest of the machine."""
 
     seconds: float
     cpu: float
+    parts: dict[str, float]
 
 
 class Clock:
-    """Starts a `Span`: wall time and machine-wide busy CPU from now until `stop`."""
+    """Starts a `Span`: wall time and CPU from now until `stop`."""
 
-    def __init__(self) -> None:
-        self.cpu = cputime.machine_busy()
+    def __init__(self, sink: int | None = None) -> None:
+        processes = {BENCH: os.getpid()} | ({SINK: sink} if sink is not None else {})
+        self.meter = cputime.Meter(SERVERS, processes)
         self.wall = time.perf_counter()
 
     def stop(self) -> Span:
-        return Span(time.perf_counter() - self.wall, cputime.machine_busy() - self.cpu)
+        seconds = time.perf_counter() - self.wall
+        parts = self.meter.stop()
+        machine = parts.pop("machine")
+        parts[OTHER] = max(0.0, machine - sum(parts.values()))
+        return Span(seconds, machine, parts)
 
 
 def make_batches(count: int, trajectories_per_batch: int, length: int) -> list[pa.RecordBatch]:
@@ -205,6 +221,27 @@ def sink_rows(sink: pipeline.Sink) -> float:
         return 0.0
 
 
+async def wait_acked(url: str, sink: pipeline.Sink) -> None:
+    """Until the sink has acked everything in the stream, which it does once committed.
+
+    Asked of nats-server (the consumer's ack floor), not of the sink: polling its
+    /metrics costs the sink a millisecond of its event loop's time per request.
+    """
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        name = streams.stream_name(pipeline.NAMESPACE, trajectories.AGENT)
+        last = (await js.stream_info(name)).state.last_seq
+        durable = streams.durable_name(sink.kind)
+        deadline = time.monotonic() + PHASE_DEADLINE
+        while (await js.consumer_info(name, durable)).ack_floor.stream_seq < last:
+            if time.monotonic() > deadline or not sink.alive():
+                raise RuntimeError(f"{sink.name} did not commit up to {last}:\n{sink.logs()}")
+            await asyncio.sleep(0.01)
+    finally:
+        await nc.close()
+
+
 async def purge_trajectories(url: str) -> None:
     """Empty the Agent's stream: an end-to-end phase's sink sees only that phase's steps."""
     nc = await nats.connect(url)
@@ -226,14 +263,14 @@ def run_sink_e2e(sink: pipeline.Sink, url: str, batches: list[pa.RecordBatch], r
     sink.start()
     sink.wait_ready(60)
     base = sink_rows(sink)
-    clock = Clock()
+    assert sink.proc is not None
+    clock = Clock(sink.proc.pid)
     _, steps = publish_all(url, batches, repeat)
-    deadline = time.monotonic() + PHASE_DEADLINE
-    while sink_rows(sink) - base < steps:
-        if time.monotonic() > deadline or not sink.alive():
-            raise RuntimeError(f"{sink.name} did not commit {steps} steps:\n{sink.logs()}")
-        time.sleep(0.02)
+    asyncio.run(wait_acked(url, sink))
     span = clock.stop()
+    committed = sink_rows(sink) - base
+    if committed != steps:
+        raise RuntimeError(f"{sink.name} committed {committed:.0f} steps of {steps}")
     assert sink.terminate() == 0
     return span
 
@@ -377,6 +414,9 @@ def main() -> int:
     load_before = os.getloadavg()[0]
     try:
         with natsserver.NatsServer() as srv, postgres.PostgresServer() as pgs:
+            assert srv.proc is not None
+            assert pgs.proc is not None
+            SERVERS.update({"nats-server": srv.proc.pid, "postgres": pgs.proc.pid})
             for _ in range(rounds):
                 runs.append(run_round(srv, pgs, work, batches, parquet, args.quick))
     finally:
@@ -398,6 +438,16 @@ def main() -> int:
             f"{name:<38} {spread(rates, ',.0f'):>27} {statistics.median(busy):>11.2f}"
             f" {statistics.median(per_step):>12.3f}"
         )
+
+    who = [BENCH, *SERVERS, SINK, OTHER]
+    print("\nCPU us/step by process (medians): who pays for each path")
+    print(f"{'path':<38}" + "".join(f" {w:>17}" for w in who))
+    for name in runs[0]:
+        row = [
+            statistics.median(r[name][1].parts.get(w, 0.0) / r[name][0] * 1e6 for r in runs)
+            for w in who
+        ]
+        print(f"{name:<38}" + "".join(f" {v:>17.3f}" for v in row))
 
     print("\nratios (target >= 0.5); 'CPU-bound' is the ratio of CPU per step, the speed ratio")
     print("both phases would have if each kept every core busy:")

@@ -38,8 +38,10 @@ def process_cpu(pid: int) -> float:
 
 
 def group_cpu(pid: int) -> float:
-    """CPU seconds of the process group led by `pid` (its own if it leads none), so far.
+    """CPU seconds of `pid`, of the process group it leads and of its direct children,
+    so far.
 
+    Children count even when they lead groups of their own, as postgres backends do.
     Members that exited count through the leader's reaped-children times.
     """
     total = 0
@@ -47,12 +49,13 @@ def group_cpu(pid: int) -> float:
         if not entry.name.isdigit():
             continue
         fields = _stat(entry.name)
-        if fields is None or int(fields[2]) != pid:
+        # After the command name: state, ppid, pgrp.
+        if fields is None or pid not in (int(entry.name), int(fields[1]), int(fields[2])):
             continue
         total += int(fields[11]) + int(fields[12])
         if int(entry.name) == pid:
             total += int(fields[13]) + int(fields[14])  # children it has waited for
-    return total / _TICKS if total else process_cpu(pid)
+    return total / _TICKS
 
 
 class Meter:

@@ -102,6 +102,7 @@ class Sink(Proc):
     def __init__(
         self, kind: str, nats_url: str, log_dir: Path, extra: list[str], env: dict[str, str]
     ):
+        self.kind = kind
         self.port = free_port()
         cmd = [
             str(BIN / "relayrl-sink"),
