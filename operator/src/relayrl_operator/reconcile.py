@@ -34,7 +34,17 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from relayrl_operator import changes, constants, kube, metrics, peering, settings, status, watch
+from relayrl_operator import (
+    changes,
+    constants,
+    kube,
+    metrics,
+    peering,
+    settings,
+    status,
+    watch,
+    workqueue,
+)
 from relayrl_operator.builders import (
     common,
     configmap,
@@ -166,10 +176,11 @@ class Reconciler:
         self._streams = streams
         self._workers = workers
         self._states: dict[Key, _State] = {}
-        self._queue: asyncio.Queue[Key] = asyncio.Queue()
-        self._queued: set[Key] = set()
+        self._queue: workqueue.WorkQueue[Key] = workqueue.WorkQueue()
         self._busy: set[Key] = set()
-        self._again: set[Key] = set()
+        # Keys enqueued while their pass ran: one more pass each, urgent unless only the
+        # resync asked (value: background).
+        self._again: dict[Key, bool] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._timers: set[asyncio.TimerHandle] = set()
         self._events: set[asyncio.Task[None]] = set()
@@ -322,14 +333,16 @@ class Reconciler:
         if state is not None and state.body is not None:
             self.enqueue(key)
 
-    def enqueue(self, key: Key) -> None:
-        """Schedule a pass for an Agent; coalesces with a pending or running one."""
+    def enqueue(self, key: Key, *, background: bool = False) -> None:
+        """Schedule a pass for an Agent; coalesces with a pending or running one.
+
+        Background passes (the periodic resync's) wait behind every other (workqueue).
+        """
         if key in self._busy:
-            self._again.add(key)
-        elif key not in self._queued:
-            self._queued.add(key)
-            self._queue.put_nowait(key)
-        metrics.QUEUE_DEPTH.set(self._queue.qsize())
+            self._again[key] = self._again.get(key, True) and background
+        else:
+            self._queue.put(key, background=background)
+        metrics.QUEUE_DEPTH.set(len(self._queue))
 
     def _enqueue_later(self, key: Key, delay: float) -> None:
         loop = asyncio.get_running_loop()
@@ -381,7 +394,9 @@ class Reconciler:
                     state.needs_apply = True
                 if key in lost:
                     state.stream_ready = None  # this pass ensures the stream and bucket again
-                self.enqueue(key)
+                # Urgent when there is something to repair; otherwise a check that finds
+                # nothing to do nearly always, behind every pass that something asked for.
+                self.enqueue(key, background=not (state.needs_apply or key in lost))
             self._count_phases()
 
     async def _lost_streams(self) -> set[Key]:
@@ -414,18 +429,21 @@ class Reconciler:
 
     async def _worker(self) -> None:
         while True:
-            key = await self._queue.get()
             # A standby operator keeps its queue and writes nothing until it resumes.
             await self._active.wait()
-            self._queued.discard(key)
+            key = await self._queue.get()
+            if not self._active.is_set():  # paused while this worker waited for a key
+                self._queue.put(key)
+                continue
+            metrics.QUEUE_DEPTH.set(len(self._queue))
             self._busy.add(key)
             try:
                 await self._run_one(key)
             finally:
                 self._busy.discard(key)
-                if key in self._again:
-                    self._again.discard(key)
-                    self.enqueue(key)
+                again = self._again.pop(key, None)
+                if again is not None:
+                    self.enqueue(key, background=again)
 
     async def _run_one(self, key: Key) -> None:
         state = self._states.get(key)

@@ -62,11 +62,9 @@ def test_a_deleted_child_is_put_back_and_leaves_the_cache() -> None:
 
 def drained(rec: reconcile.Reconciler) -> int:
     """How many Agents were queued for a pass since the last call."""
-    n = 0
-    while not rec._queue.empty():
+    n = len(rec._queue)
+    while len(rec._queue):
         rec._queue.get_nowait()
-        n += 1
-    rec._queued.clear()
     return n
 
 

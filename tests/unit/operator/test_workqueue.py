@@ -1,0 +1,93 @@
+"""The reconciler's work queue: what something asked for first, the resync's checks after."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+
+from relayrl_operator import reconcile, settings, workqueue
+
+
+def taken(q: workqueue.WorkQueue[str], n: int) -> list[str]:
+    return [q.get_nowait() for _ in range(n)]
+
+
+def test_urgent_keys_come_first_and_each_key_once() -> None:
+    q: workqueue.WorkQueue[str] = workqueue.WorkQueue()
+    for key in ("r1", "r2"):
+        q.put(key, background=True)
+    q.put("e1")
+    q.put("e1")
+    q.put("r1", background=True)
+    q.put("e2")
+    assert len(q) == 4
+    assert taken(q, 4) == ["e1", "e2", "r1", "r2"]
+    assert len(q) == 0
+
+
+def test_an_urgent_put_moves_a_waiting_background_key_up_once() -> None:
+    q: workqueue.WorkQueue[str] = workqueue.WorkQueue()
+    for key in ("r1", "r2", "r3"):
+        q.put(key, background=True)
+    q.put("r3")
+    q.put("r3", background=True)  # still urgent: never moves down
+    assert taken(q, 3) == ["r3", "r1", "r2"]
+    with pytest.raises(IndexError):
+        q.get_nowait()  # r3's old place in the background lane is not a second r3
+
+
+def test_the_background_lane_moves_while_urgent_keys_keep_coming() -> None:
+    q: workqueue.WorkQueue[str] = workqueue.WorkQueue()
+    share = workqueue.BACKGROUND_SHARE
+    for i in range(3):
+        q.put(f"r{i}", background=True)
+    for i in range(3 * share):
+        q.put(f"e{i}")
+    order = taken(q, 3 * share)
+    assert [i for i, key in enumerate(order) if key.startswith("r")] == [
+        share - 1,
+        2 * share - 1,
+        3 * share - 1,
+    ]
+
+
+async def test_get_waits_for_a_key() -> None:
+    q: workqueue.WorkQueue[str] = workqueue.WorkQueue()
+    getter = asyncio.ensure_future(q.get())
+    await asyncio.sleep(0.01)
+    assert not getter.done()
+    q.put("a", background=True)
+    assert await asyncio.wait_for(getter, 1) == "a"
+
+
+class NoApis:
+    async def has_api(self, api_version: str) -> bool:
+        return False
+
+
+async def test_a_resync_queues_its_checks_behind_what_something_asked_for() -> None:
+    rec = reconcile.Reconciler(
+        client=NoApis(),  # type: ignore[arg-type]
+        cfg=settings.Settings(resync_seconds=0.05),
+        streams=None,
+    )
+    for name in ("a", "b", "c"):
+        rec.agent_event("ADDED", {"metadata": {"namespace": "ml", "name": name, "generation": 1}})
+    assert taken(rec._queue, 3) == [("ml", "a"), ("ml", "b"), ("ml", "c")]
+    rec._states["ml", "a"].needs_apply = False
+    rec._states["ml", "c"].needs_apply = False  # b still has children to apply
+    resync = asyncio.ensure_future(rec._resync())
+    try:
+        for _ in range(200):  # the first resync comes after 0.05 s
+            if len(rec._queue) == 3:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        resync.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await resync
+    assert len(rec._queue) == 3
+    rec.enqueue(("ml", "c"))  # a pod of c reported meanwhile
+    assert taken(rec._queue, 3) == [("ml", "b"), ("ml", "c"), ("ml", "a")]
