@@ -53,15 +53,15 @@ class WorkQueue(Generic[K]):
 
     def get_nowait(self) -> K:
         """The next key; IndexError when none waits."""
-        self._takes += 1
         lanes = (self._urgent, self._background)
-        if self._takes % BACKGROUND_SHARE == 0:
+        if (self._takes + 1) % BACKGROUND_SHARE == 0:
             lanes = (self._background, self._urgent)
         for lane in lanes:
             while lane:
                 key = lane.popleft()
                 if self._waiting.get(key) is (lane is self._urgent):
                     del self._waiting[key]
+                    self._takes += 1
                     return key
         self._nonempty.clear()
         raise IndexError("no key waits")

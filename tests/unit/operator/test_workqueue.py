@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 
 import pytest
 
@@ -76,8 +77,9 @@ async def test_a_resync_queues_its_checks_behind_what_something_asked_for() -> N
     for name in ("a", "b", "c"):
         rec.agent_event("ADDED", {"metadata": {"namespace": "ml", "name": name, "generation": 1}})
     assert taken(rec._queue, 3) == [("ml", "a"), ("ml", "b"), ("ml", "c")]
-    rec._states["ml", "a"].needs_apply = False
-    rec._states["ml", "c"].needs_apply = False  # b still has children to apply
+    for name in ("a", "c"):  # applied just now; b still has children to apply
+        rec._states["ml", name].needs_apply = False
+        rec._states["ml", name].applied_at = time.monotonic()
     resync = asyncio.ensure_future(rec._resync())
     try:
         for _ in range(200):  # the first resync comes after 0.05 s
@@ -91,3 +93,68 @@ async def test_a_resync_queues_its_checks_behind_what_something_asked_for() -> N
     assert len(rec._queue) == 3
     rec.enqueue(("ml", "c"))  # a pod of c reported meanwhile
     assert taken(rec._queue, 3) == [("ml", "b"), ("ml", "c"), ("ml", "a")]
+
+
+def recording(rec: reconcile.Reconciler, hold: asyncio.Event) -> list[tuple[str, str]]:
+    """Replace the reconciler's pass by one that records its key; the first waits for
+    `hold`."""
+    passes: list[tuple[str, str]] = []
+
+    async def run_one(key: tuple[str, str]) -> None:
+        passes.append(key)
+        if len(passes) == 1:
+            await hold.wait()
+
+    rec._run_one = run_one  # type: ignore[method-assign]
+    return passes
+
+
+async def test_an_urgent_enqueue_during_a_pass_makes_the_next_pass_urgent() -> None:
+    rec = reconcile.Reconciler(
+        client=NoApis(),  # type: ignore[arg-type]
+        cfg=settings.Settings(),
+        streams=None,
+        workers=1,
+    )
+    hold = asyncio.Event()
+    passes = recording(rec, hold)
+    a, b = ("ml", "a"), ("ml", "b")
+    await rec.start()
+    try:
+        rec.enqueue(a)
+        await asyncio.sleep(0.05)
+        assert passes == [a]  # a's pass is running
+        rec.enqueue(b, background=True)
+        rec.enqueue(a, background=True)
+        rec.enqueue(a)  # an event for a while its pass runs: the next pass is urgent
+        hold.set()
+        await asyncio.sleep(0.05)
+        assert passes == [a, a, b]
+    finally:
+        await rec.stop()
+
+
+async def test_a_key_taken_while_pausing_waits_for_the_resume() -> None:
+    rec = reconcile.Reconciler(
+        client=NoApis(),  # type: ignore[arg-type]
+        cfg=settings.Settings(),
+        streams=None,
+        workers=2,
+    )
+    hold = asyncio.Event()
+    hold.set()
+    passes = recording(rec, hold)
+    await rec.start()
+    try:
+        await asyncio.sleep(0.01)  # the workers wait for a key
+        rec._active.clear()  # paused by a peer
+        rec.enqueue(("ml", "a"))
+        await asyncio.sleep(0.05)
+        assert passes == []
+        assert len(rec._queue) == 1
+        rec._active.set()
+        await asyncio.sleep(0.05)
+        assert passes == [("ml", "a")]
+        assert len(rec._queue) == 0
+    finally:
+        await rec.stop()
