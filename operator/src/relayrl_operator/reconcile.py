@@ -5,7 +5,8 @@ watches of relayrl_operator.watch): they store the latest Agent and child object
 memory and enqueue the Agent's key. A pool of workers takes keys
 from the queue; one key is never worked on by two workers at once, and a key that is
 enqueued again while it is worked on is coalesced into one more pass. So one slow
-Agent holds one worker, never the others.
+Agent holds one worker, never the others. The periodic resync's routine checks wait
+behind every other pass (relayrl_operator.workqueue).
 
 A pass (`_reconcile`):
 1. a deleted Agent runs the finalizer (stream and bucket removed unless retained);
