@@ -117,8 +117,10 @@ class NatsStreams:
             js = (await self._connect(agents[0])).jetstream()
             async for have in streams.iter_stream_configs(js):
                 name = have.name or ""
-                want = wanted.get(name, (None, None))[1]
-                if name in wanted and (want is None or not streams.config_differs(want, have)):
+                entry = wanted.get(name)
+                if entry is not None and (
+                    entry[1] is None or not streams.config_differs(entry[1], have)
+                ):
                     del wanted[name]
         except Exception as err:  # any NATS failure: each Agent's own pass finds out
             log.info("cannot list streams at %s: %s", agents[0].spec.trajectories.nats.url, err)

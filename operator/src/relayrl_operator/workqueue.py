@@ -37,9 +37,6 @@ class WorkQueue(Generic[K]):
     def __len__(self) -> int:
         return len(self._waiting)
 
-    def __contains__(self, key: object) -> bool:
-        return key in self._waiting
-
     def put(self, key: K, *, background: bool = False) -> None:
         """Queue `key` unless it waits already; an urgent put moves a background key up."""
         urgent = self._waiting.get(key)

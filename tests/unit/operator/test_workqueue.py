@@ -68,12 +68,17 @@ class NoApis:
         return False
 
 
-async def test_a_resync_queues_its_checks_behind_what_something_asked_for() -> None:
-    rec = reconcile.Reconciler(
+def reconciler(workers: int = 1, resync_seconds: float = 30.0) -> reconcile.Reconciler:
+    return reconcile.Reconciler(
         client=NoApis(),  # type: ignore[arg-type]
-        cfg=settings.Settings(resync_seconds=0.05),
+        cfg=settings.Settings(resync_seconds=resync_seconds),
         streams=None,
+        workers=workers,
     )
+
+
+async def test_a_resync_queues_its_checks_behind_what_something_asked_for() -> None:
+    rec = reconciler(resync_seconds=0.05)
     for name in ("a", "b", "c"):
         rec.agent_event("ADDED", {"metadata": {"namespace": "ml", "name": name, "generation": 1}})
     assert taken(rec._queue, 3) == [("ml", "a"), ("ml", "b"), ("ml", "c")]
@@ -110,12 +115,7 @@ def recording(rec: reconcile.Reconciler, hold: asyncio.Event) -> list[tuple[str,
 
 
 async def test_an_urgent_enqueue_during_a_pass_makes_the_next_pass_urgent() -> None:
-    rec = reconcile.Reconciler(
-        client=NoApis(),  # type: ignore[arg-type]
-        cfg=settings.Settings(),
-        streams=None,
-        workers=1,
-    )
+    rec = reconciler(workers=1)
     hold = asyncio.Event()
     passes = recording(rec, hold)
     a, b = ("ml", "a"), ("ml", "b")
@@ -135,12 +135,7 @@ async def test_an_urgent_enqueue_during_a_pass_makes_the_next_pass_urgent() -> N
 
 
 async def test_a_key_taken_while_pausing_waits_for_the_resume() -> None:
-    rec = reconcile.Reconciler(
-        client=NoApis(),  # type: ignore[arg-type]
-        cfg=settings.Settings(),
-        streams=None,
-        workers=2,
-    )
+    rec = reconciler(workers=2)
     hold = asyncio.Event()
     hold.set()
     passes = recording(rec, hold)
