@@ -28,9 +28,35 @@ def test_variable_width_text_and_nulls_take_the_general_path() -> None:
             "obs": pa.array([[1.0, 2.0], None, [3.0, None]], pa.list_(pa.float32(), 2)),
         }
     )
-    out = postgres.encode_copy(table, seq=1, schema_version=1)
+    out = bytes(postgres.encode_copy(table, seq=1, schema_version=1))
     assert out == postgres._encode_slow(table, 1, 1)
     assert b"\xff\xff\xff\xff" in out  # NULLs
+
+
+def test_layouts_that_alternate_each_get_their_own_constant_bytes() -> None:
+    """The fast path copies each row from a template of the layout's constant bytes
+    (lengths, array headers), made once per layout: tables whose text width, list width
+    or columns differ, encoded in turn, each come out as the general path writes them."""
+
+    def table(agent: str, width: int, extra: bool) -> pa.Table:
+        columns = {
+            "agent": pa.DictionaryArray.from_arrays(
+                pa.array([0, 0, 0], pa.int32()), pa.array([agent], pa.utf8())
+            ),
+            "step": pa.array([7, 8, 9], pa.int64()),
+            "obs": pa.array(
+                [[float(i + j) for j in range(width)] for i in range(3)],
+                pa.list_(pa.float32(), width),
+            ),
+        }
+        if extra:
+            columns["done"] = pa.array([False, True, False])
+        return pa.table(columns)
+
+    tables = [table("a", 4, False), table("bbbb", 4, False), table("a", 2, True)]
+    for seq, t in enumerate([*tables, *tables, tables[2].slice(1)], start=1):
+        fast = postgres.encode_copy(t, seq=seq, schema_version=1)
+        assert bytes(fast) == postgres._encode_slow(t, seq, 1)
 
 
 @pytest.mark.parametrize(

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import os
 import struct
@@ -188,11 +189,43 @@ class _Slow(Exception):
     """The fast encoder cannot handle this table (nulls, variable-width text)."""
 
 
+# numpy types of the fixed-width Arrow types, as Arrow lays them out (little-endian).
+_NATIVE: Final[dict[pa.DataType, np.dtype[Any]]] = {
+    pa.int8(): np.dtype("<i1"),
+    pa.uint8(): np.dtype("<u1"),
+    pa.int16(): np.dtype("<i2"),
+    pa.uint16(): np.dtype("<u2"),
+    pa.int32(): np.dtype("<i4"),
+    pa.uint32(): np.dtype("<u4"),
+    pa.int64(): np.dtype("<i8"),
+    pa.uint64(): np.dtype("<u8"),
+    pa.float16(): np.dtype("<f2"),
+    pa.float32(): np.dtype("<f4"),
+    pa.float64(): np.dtype("<f8"),
+}
+
+
 def _to_numpy(col: pa.ChunkedArray | pa.Array) -> npt.NDArray[Any]:
+    """The values of a fixed-width column without nulls, read from its data buffer.
+
+    Not pyarrow's `to_numpy`: that imports pandas when it is installed (a second or more
+    of the sink's time, holding the GIL, on its first batch).
+    """
     arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     if arr.null_count:
         raise _Slow("nulls")
-    return np.asarray(arr.to_numpy(zero_copy_only=False))
+    data = arr.buffers()[1]
+    if pa.types.is_boolean(arr.type):
+        if data is None or not len(arr):
+            return np.zeros(0, np.bool_)
+        bits = np.unpackbits(np.frombuffer(data, np.uint8), bitorder="little")
+        return bits[arr.offset : arr.offset + len(arr)].view(np.bool_)
+    dtype = _NATIVE.get(arr.type)
+    if dtype is None:
+        raise _Slow(f"type {arr.type}")
+    if data is None or not len(arr):
+        return np.zeros(0, dtype)
+    return np.frombuffer(data, dtype, count=len(arr), offset=arr.offset * dtype.itemsize)
 
 
 def _fixed_width_text(col: pa.ChunkedArray) -> npt.NDArray[Any]:
@@ -205,11 +238,11 @@ def _fixed_width_text(col: pa.ChunkedArray) -> npt.NDArray[Any]:
         raise _Slow("nulls")
     if pa.types.is_dictionary(arr.type):
         values = [str(v).encode() for v in arr.dictionary.to_pylist()]
-        indices = np.asarray(arr.indices.to_numpy(zero_copy_only=False))
+        indices = _to_numpy(arr.indices)
     else:
         values = [str(v).encode() for v in pc.unique(arr).to_pylist()]
         lookup = pa.array([v.decode() for v in values], pa.utf8())
-        indices = np.asarray(pc.index_in(arr, value_set=lookup).to_numpy(zero_copy_only=False))
+        indices = _to_numpy(pc.index_in(arr, value_set=lookup))
     widths = {len(v) for v in values}
     if len(widths) != 1 or 0 in widths:
         raise _Slow("variable-width or empty text")
@@ -217,10 +250,14 @@ def _fixed_width_text(col: pa.ChunkedArray) -> npt.NDArray[Any]:
     return table[indices] if len(indices) else table[:0]
 
 
-def _field(
-    name: str, col: pa.ChunkedArray, n: int
-) -> tuple[np.dtype[Any], Callable[[npt.NDArray[Any]], None]]:
-    """A structured dtype for one column's binary field (length + value) and a filler."""
+# A column's constant bytes, the same in every row: (field path, value) pairs.
+_Consts = tuple[tuple[tuple[str, ...], Any], ...]
+# A column's binary layout: its structured dtype and constant bytes.
+_Layout = tuple[np.dtype[Any], _Consts]
+
+
+def _field(col: pa.ChunkedArray) -> tuple[_Layout, Callable[[npt.NDArray[Any]], None]]:
+    """One column's binary field (length + value): its layout, and a filler of its values."""
     t = col.type
     if pa.types.is_dictionary(t) or pa.types.is_string(t):
         encoded = _fixed_width_text(col)
@@ -228,19 +265,16 @@ def _field(
         dtype = np.dtype([("len", ">i4"), ("v", f"S{width}")])
 
         def fill_text(out: npt.NDArray[Any]) -> None:
-            out["len"] = width
             out["v"] = encoded
 
-        return dtype, fill_text
+        return (dtype, ((("len",), width),)), fill_text
     if pa.types.is_timestamp(t):
         micros = _to_numpy(col.cast(pa.timestamp("us", tz=t.tz)).cast(pa.int64()))
-        dtype = np.dtype([("len", ">i4"), ("v", ">i8")])
 
         def fill_time(out: npt.NDArray[Any]) -> None:
-            out["len"] = 8
             out["v"] = micros - _PG_EPOCH_US
 
-        return dtype, fill_time
+        return (np.dtype([("len", ">i4"), ("v", ">i8")]), ((("len",), 8),)), fill_time
     if pa.types.is_fixed_size_list(t):
         scalar = _SCALARS.get(t.value_type)
         if scalar is None:
@@ -249,59 +283,76 @@ def _field(
         arr = col.combine_chunks()
         if arr.null_count or arr.values.null_count:
             raise _Slow("nulls")
-        flat = np.asarray(
-            arr.values.slice(arr.offset * width, len(arr) * width).to_numpy(zero_copy_only=False)
-        ).reshape(len(arr), width)
+        flat = _to_numpy(arr.values.slice(arr.offset * width, len(arr) * width)).reshape(
+            len(arr), width
+        )
         size = np.dtype(scalar.np).itemsize
         elem = np.dtype([("len", ">i4"), ("v", scalar.np)])
         dtype = np.dtype([("len", ">i4"), ("hdr", ">i4", (5,)), ("e", elem, (width,))])
-        header = np.array([1, 0, scalar.oid, width, 1], dtype=">i4")
-        total = 20 + width * (4 + size)
+        consts = (
+            (("len",), 20 + width * (4 + size)),
+            (("hdr",), (1, 0, scalar.oid, width, 1)),
+            (("e", "len"), size),
+        )
 
         def fill_array(out: npt.NDArray[Any]) -> None:
-            out["len"] = total
-            out["hdr"] = header
-            out["e"]["len"] = size
             out["e"]["v"] = flat
 
-        return dtype, fill_array
+        return (dtype, consts), fill_array
     scalar = _SCALARS.get(t)
     if scalar is None:
         raise _Slow(f"type {t}")
-    values = _to_numpy(col)
-    dtype = np.dtype([("len", ">i4"), ("v", scalar.np)])
-    size = np.dtype(scalar.np).itemsize
+    return _scalar_field(_to_numpy(col), scalar)
+
+
+def _scalar_field(
+    values: npt.NDArray[Any] | int, scalar: _Scalar
+) -> tuple[_Layout, Callable[[npt.NDArray[Any]], None]]:
+    """A number column's binary field: values, or one value for every row."""
 
     def fill_scalar(out: npt.NDArray[Any]) -> None:
-        out["len"] = size
         out["v"] = values
 
-    return dtype, fill_scalar
+    dtype = np.dtype([("len", ">i4"), ("v", scalar.np)])
+    return (dtype, ((("len",), dtype["v"].itemsize),)), fill_scalar
 
 
-def encode_copy(table: pa.Table, seq: int, schema_version: int) -> bytes:
+@functools.lru_cache(maxsize=64)
+def _row_template(layouts: tuple[_Layout, ...]) -> npt.NDArray[Any]:
+    """One binary COPY tuple of these columns with every constant byte in place: the
+    field count, each value's length, array headers. Only the values differ by row."""
+    row = np.dtype([("count", ">i2")] + [(f"c{i}", d) for i, (d, _) in enumerate(layouts)])
+    template = np.zeros(1, dtype=row)
+    template["count"] = len(layouts)
+    for i, (_, consts) in enumerate(layouts):
+        for path, value in consts:
+            target = template[f"c{i}"]
+            for name in path[:-1]:
+                target = target[name]
+            target[path[-1]] = value
+    return template
+
+
+def encode_copy(table: pa.Table, seq: int, schema_version: int) -> memoryview:
     """Rows of `table`, prefixed by (stream_seq, schema_version), as binary COPY tuples.
 
-    No header or trailer: the caller frames one COPY from many of these.
+    No header or trailer: the caller frames one COPY from many of these. The rows start
+    as copies of a template holding every constant byte; only the values are written.
     """
     n = table.num_rows
     try:
-        parts: list[tuple[str, np.dtype[Any], Callable[[npt.NDArray[Any]], None]]] = []
-        seqs = pa.chunked_array([pa.array(np.full(n, seq, dtype=np.int64))])
-        versions = pa.chunked_array([pa.array(np.full(n, schema_version, dtype=np.int16))])
-        for name, col in (("stream_seq", seqs), ("schema_version", versions)):
-            parts.append((name, *_field(name, col, n)))
-        for name in table.column_names:
-            parts.append((name, *_field(name, table.column(name), n)))
+        fields = [
+            _scalar_field(seq, _SCALARS[pa.int64()]),
+            _scalar_field(schema_version, _SCALARS[pa.int16()]),
+            *(_field(c) for c in table.columns),
+        ]
     except _Slow as why:
         log.debug("slow COPY path: %s", why)
-        return _encode_slow(table, seq, schema_version)
-    row = np.dtype([("count", ">i2")] + [(f"c{i}", d) for i, (_, d, _) in enumerate(parts)])
-    out = np.empty(n, dtype=row)
-    out["count"] = len(parts)
-    for i, (_, _, fill) in enumerate(parts):
+        return memoryview(_encode_slow(table, seq, schema_version))
+    out = np.repeat(_row_template(tuple(layout for layout, _ in fields)), n)
+    for i, (_, fill) in enumerate(fields):
         fill(out[f"c{i}"])
-    return out.tobytes()
+    return out.view(np.uint8).data
 
 
 def _encode_slow(table: pa.Table, seq: int, schema_version: int) -> bytes:
@@ -378,7 +429,7 @@ class _Sealed:
     """
 
     ticket: int
-    groups: list[tuple[pa.Schema, list[concurrent.futures.Future[bytes]]]]
+    groups: list[tuple[pa.Schema, list[concurrent.futures.Future[memoryview]]]]
     last_seq: int
 
 
@@ -414,7 +465,7 @@ class PostgresWriter:
         # Column types messages accepted since the table was read will give it: a column
         # is created with the type of the first message that has it.
         self._expected: dict[str, str] = {}
-        self._groups: list[tuple[pa.Schema, list[concurrent.futures.Future[bytes]]]] = []
+        self._groups: list[tuple[pa.Schema, list[concurrent.futures.Future[memoryview]]]] = []
         self._rows = 0
         self._since = 0.0
         self._last_added = 0
@@ -685,7 +736,7 @@ class PostgresWriter:
             )
             log.info("postgres: added column %s %s", f.name, sql_type(f.type))
 
-    def _commit(self, groups: list[tuple[pa.Schema, list[bytes]]], last_seq: int) -> None:
+    def _commit(self, groups: list[tuple[pa.Schema, list[memoryview]]], last_seq: int) -> None:
         conn = self._connect()
         ids = self._ids()
         try:
