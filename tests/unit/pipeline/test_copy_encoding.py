@@ -59,6 +59,23 @@ def test_layouts_that_alternate_each_get_their_own_constant_bytes() -> None:
         assert bytes(fast) == postgres._encode_slow(t, seq, 1)
 
 
+def test_columns_the_fast_path_writes_as_their_values() -> None:
+    """A dictionary of numbers is written as numbers (its column is a number column); a
+    dictionary value that is null is NULL; plain text of one width takes the fast path."""
+    numbers = pa.DictionaryArray.from_arrays(pa.array([0, 1, 0], pa.int32()), pa.array([10, 20]))
+    table = pa.table({"n": numbers, "s": pa.array(["ab", "cd", "ab"])})
+    fast = bytes(postgres.encode_copy(table, seq=3, schema_version=1))
+    assert fast == postgres._encode_slow(table, 3, 1)
+    assert struct.pack("!iq", 8, 20) in fast
+
+    holes = pa.DictionaryArray.from_arrays(pa.array([0, 1], pa.int32()), pa.array(["ab", None]))
+    table = pa.table({"agent": holes})
+    out = bytes(postgres.encode_copy(table, seq=1, schema_version=1))
+    assert out == postgres._encode_slow(table, 1, 1)
+    assert b"None" not in out
+    assert b"\xff\xff\xff\xff" in out
+
+
 @pytest.mark.parametrize(
     ("arrow", "sql"),
     [

@@ -46,3 +46,14 @@ def test_the_first_accepted_message_fixes_a_new_columns_type() -> None:
     with pytest.raises(service.InvalidMessageError) as err:
         w.check(table(pa.list_(pa.float64(), width)))
     assert err.value.reason == "schema-mismatch"
+
+
+def test_a_uint64_beyond_bigint_is_refused_by_name() -> None:
+    w = writer({})
+    w.check(pa.table({"big": pa.array([2**63 - 1], pa.uint64())}))
+    for column in (
+        pa.array([1, 2**63 + 5], pa.uint64()),
+        pa.array([[1, 2**64 - 1]], pa.list_(pa.uint64(), 2)),
+    ):
+        with pytest.raises(service.InvalidMessageError, match=r"column big holds \d+, more than"):
+            w.check(pa.table({"big": column}))

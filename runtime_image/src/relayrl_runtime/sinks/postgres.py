@@ -51,6 +51,7 @@ _MIGRATION_LOCK: Final = 0x72656C6179726C
 _PG_EPOCH_US: Final = 946_684_800_000_000  # 2000-01-01 in Unix microseconds
 _COPY_HEADER: Final = b"PGCOPY\n\xff\r\n\x00" + struct.pack("!ii", 0, 0)
 _COPY_TRAILER: Final = struct.pack("!h", -1)
+_BIGINT_MAX: Final = 2**63 - 1
 
 _T = TypeVar("_T")
 
@@ -237,17 +238,23 @@ def _fixed_width_text(col: pa.ChunkedArray) -> npt.NDArray[Any]:
     if arr.null_count:
         raise _Slow("nulls")
     if pa.types.is_dictionary(arr.type):
+        if arr.dictionary.null_count:
+            raise _Slow("nulls in the dictionary")
         values = [str(v).encode() for v in arr.dictionary.to_pylist()]
         indices = _to_numpy(arr.indices)
     else:
-        values = [str(v).encode() for v in pc.unique(arr).to_pylist()]
-        lookup = pa.array([v.decode() for v in values], pa.utf8())
-        indices = _to_numpy(pc.index_in(arr, value_set=lookup))
+        distinct = pc.unique(arr)
+        values = [str(v).encode() for v in distinct.to_pylist()]
+        indices = _to_numpy(pc.index_in(arr, value_set=distinct))
     widths = {len(v) for v in values}
     if len(widths) != 1 or 0 in widths:
         raise _Slow("variable-width or empty text")
     table = np.array(values, dtype=f"S{widths.pop()}")
     return table[indices] if len(indices) else table[:0]
+
+
+def _is_text(t: pa.DataType) -> bool:
+    return bool(pa.types.is_string(t) or pa.types.is_large_string(t))
 
 
 # A column's constant bytes, the same in every row: (field path, value) pairs.
@@ -259,6 +266,8 @@ _Layout = tuple[np.dtype[Any], _Consts]
 def _field(col: pa.ChunkedArray) -> tuple[_Layout, Callable[[npt.NDArray[Any]], None]]:
     """One column's binary field (length + value): its layout, and a filler of its values."""
     t = col.type
+    if pa.types.is_dictionary(t) and not _is_text(t.value_type):
+        return _field(col.cast(t.value_type))  # written as its values' type
     if pa.types.is_dictionary(t) or pa.types.is_string(t):
         encoded = _fixed_width_text(col)
         width = encoded.dtype.itemsize
@@ -412,6 +421,42 @@ def _encode_column_slow(col: pa.ChunkedArray) -> list[bytes | None]:
     return [None if v is None else struct.pack(fmt, v) for v in col.to_pylist()]
 
 
+@functools.lru_cache(maxsize=64)
+def _column_types(schema: pa.Schema) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
+    """Each column's Postgres type (as format_type spells it), and the uint64 columns
+    (or lists of them), whose values a bigint holds only up to 2**63 - 1.
+
+    Per schema, not per message: every message of a layout has the same.
+    """
+    types = []
+    unsigned = []
+    for f in schema:
+        try:
+            types.append((f.name, _canonical(sql_type(f.type))))
+        except service.PermanentError as err:
+            raise service.InvalidMessageError(
+                service.DeadLetterReason.SCHEMA_MISMATCH, f"column {f.name}: {err}"
+            ) from err
+        leaf = f.type
+        while pa.types.is_fixed_size_list(leaf) or pa.types.is_list(leaf):
+            leaf = leaf.value_type
+        if pa.types.is_dictionary(leaf):
+            leaf = leaf.value_type
+        if leaf == pa.uint64():
+            unsigned.append(f.name)
+    return tuple(types), tuple(unsigned)
+
+
+def _beyond_bigint(col: pa.ChunkedArray) -> int | None:
+    """The largest value of a uint64 column (or list of them) if a bigint cannot hold it."""
+    while pa.types.is_fixed_size_list(col.type) or pa.types.is_list(col.type):
+        col = pc.list_flatten(col)
+    if pa.types.is_dictionary(col.type):
+        col = col.cast(col.type.value_type)
+    top = pc.max(col).as_py() if len(col) else None
+    return top if top is not None and top > _BIGINT_MAX else None
+
+
 def copy_columns(schema: pa.Schema) -> list[str]:
     """Column names a COPY of this schema writes, in order."""
     return ["stream_seq", "schema_version", *schema.names]
@@ -528,16 +573,16 @@ class PostgresWriter:
 
         COPY would fail on it every time, holding up every message after it.
         """
-        wanted: dict[str, str] = {}
-        for f in table.schema:
-            try:
-                wanted[f.name] = _canonical(sql_type(f.type))
-            except service.PermanentError as err:
+        wanted, unsigned = _column_types(table.schema)
+        for name in unsigned:
+            too_big = _beyond_bigint(table.column(name))
+            if too_big is not None:
                 raise service.InvalidMessageError(
-                    service.DeadLetterReason.SCHEMA_MISMATCH, f"column {f.name}: {err}"
-                ) from err
+                    service.DeadLetterReason.SCHEMA_MISMATCH,
+                    f"column {name} holds {too_big}, more than a bigint takes",
+                )
         known = {**self._expected, **self._columns}
-        for name, typ in wanted.items():
+        for name, typ in wanted:
             have = known.get(name)
             if have is not None and have != typ:
                 raise service.InvalidMessageError(
@@ -545,7 +590,7 @@ class PostgresWriter:
                     f"column {name} is {typ} in this message, {have} in "
                     f"{self.schema_name}.{self.table}",
                 )
-        for name, typ in wanted.items():
+        for name, typ in wanted:
             self._expected.setdefault(name, typ)
 
     async def add(self, delivery: service.Delivery) -> None:
