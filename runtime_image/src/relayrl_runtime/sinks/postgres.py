@@ -158,11 +158,15 @@ _SCALARS: Final = {
 _STRUCT: Final = {">i2": "!h", ">i4": "!i", ">i8": "!q", ">f4": "!f", ">f8": "!d", ">u1": "!B"}
 
 
+def _is_text(t: pa.DataType) -> bool:
+    return bool(pa.types.is_string(t) or pa.types.is_large_string(t))
+
+
 def sql_type(t: pa.DataType) -> str:
     """The Postgres column type of an Arrow type of the trajectory schema."""
     if pa.types.is_dictionary(t):
         return sql_type(t.value_type)
-    if pa.types.is_string(t) or pa.types.is_large_string(t):
+    if _is_text(t):
         return "text"
     if pa.types.is_timestamp(t):
         return "timestamptz" if t.tz else "timestamp"
@@ -251,10 +255,6 @@ def _fixed_width_text(col: pa.ChunkedArray) -> npt.NDArray[Any]:
         raise _Slow("variable-width or empty text")
     table = np.array(values, dtype=f"S{widths.pop()}")
     return table[indices] if len(indices) else table[:0]
-
-
-def _is_text(t: pa.DataType) -> bool:
-    return bool(pa.types.is_string(t) or pa.types.is_large_string(t))
 
 
 # A column's constant bytes, the same in every row: (field path, value) pairs.
@@ -389,7 +389,7 @@ def _encode_column_slow(col: pa.ChunkedArray) -> list[bytes | None]:
     t = col.type
     if pa.types.is_dictionary(t):
         return _encode_column_slow(col.cast(t.value_type))
-    if pa.types.is_string(t) or pa.types.is_large_string(t):
+    if _is_text(t):
         return [None if v is None else v.encode() for v in col.to_pylist()]
     if pa.types.is_timestamp(t):
         micros = col.cast(pa.timestamp("us", tz=t.tz)).cast(pa.int64()).to_pylist()
