@@ -7,7 +7,9 @@ and its routers, the hot-reload watcher task, the config-file watcher (`live`), 
 status reporter (`reporting`, when the process talks to NATS), and the environment
 source (a gymnasium/python driver thread or the ZMQ endpoint thread). SIGTERM or SIGINT
 (or a configured run limit) starts the drain: stop stepping, cut and flush partial
-trajectories, let routers write everything queued, close the sink, then exit 0.
+trajectories, let routers write everything queued, close the sink, then exit 0. The
+drain has `drainSeconds` in all; a step that overruns it is logged by name and the
+process exits 3 (and `watchdog` ends a process that is still alive shortly after).
 
 Servers bind `server.host`, or `RELAYRL_BIND_ADDRESS` when it is set (`config.bind_host`).
 """
@@ -16,13 +18,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -38,6 +42,7 @@ from relayrl_runtime import (
     reporting,
     spec,
     streams,
+    watchdog,
 )
 from relayrl_runtime.envs import driver, gym, python
 from relayrl_runtime.sinks import base as sink_base
@@ -47,8 +52,15 @@ from relayrl_runtime.transport import endpoint, publisher
 # How long the first NATS connection may take when the model comes from the registry
 # (nothing can run before it); later disconnects are retried forever.
 _NATS_CONNECT_SECONDS = 60.0
+# How long closing the NATS connection may take on the way out.
+_NATS_CLOSE_SECONDS = 5.0
+# How much longer than `drainSeconds` the process may take to exit before the watchdog
+# ends it (closing connections, the HTTP server, the interpreter's own finalization).
+_EXIT_GRACE_SECONDS = 10.0
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class App:
@@ -62,8 +74,11 @@ class App:
         config_path: Path | None = None,
         config_bytes: bytes | None = None,
         config_poll_seconds: float = 1.0,
+        exit_watchdog: bool = False,
     ) -> None:
         self.cfg = cfg
+        # Whether the drain arms `watchdog` (only for a process of its own: it exits).
+        self.exit_watchdog = exit_watchdog
         self.metrics = metrics.RuntimeMetrics()
         self.model_cache = model_cache
         self.config_path = config_path
@@ -84,7 +99,7 @@ class App:
         self._driver: driver.EnvDriver | None = None
         self._watcher: reload.PathWatcher | reload.RegistryWatcher | None = None
         self._nc: Any = None
-        self._source_task: asyncio.Task[driver.DriverStats] | None = None
+        self._source_task: asyncio.Future[driver.DriverStats] | None = None
 
     @property
     def uses_nats(self) -> bool:
@@ -111,7 +126,12 @@ class App:
 
     def stop(self) -> None:
         """Start the drain (what SIGTERM does)."""
+        self._arm_watchdog()
         self._stop.set()
+
+    def _arm_watchdog(self) -> None:
+        if self.exit_watchdog:
+            watchdog.arm(self.cfg.drain_seconds + _EXIT_GRACE_SECONDS)
 
     # --------------------------------------------------------------------- run
 
@@ -160,7 +180,7 @@ class App:
                 tasks.append(asyncio.create_task(watcher.run()))
             if self.uses_nats:
                 tasks.append(asyncio.create_task(self._report()))
-            waiters: list[asyncio.Task[Any]] = [asyncio.create_task(self._stop.wait())]
+            waiters: list[asyncio.Future[Any]] = [asyncio.create_task(self._stop.wait())]
             if source is not None:
                 waiters.append(source)
             if cfg.limits.max_seconds is not None:
@@ -184,13 +204,24 @@ class App:
             code = await self._drain(tasks, code)
             if self._nc is not None:
                 with contextlib.suppress(Exception):
-                    await self._nc.close()
+                    await asyncio.wait_for(self._nc.close(), _NATS_CLOSE_SECONDS)
             await server.close()
             if cache_dir is not None:
                 cache_dir.cleanup()
         return code
 
     async def _drain(self, tasks: list[asyncio.Task[Any]], code: int) -> int:
+        """Stop the source, flush and close; `drainSeconds` bounds the whole of it.
+
+        Stopping the source may take the first half; flushing has until the end, so a
+        source that does not stop still has what it recorded flushed. The blocking steps
+        run on daemon threads (`_off_loop`): one that overruns its share is named in the
+        log and abandoned, and cannot hold the process open.
+        """
+        self._arm_watchdog()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.cfg.drain_seconds
+        source_deadline = deadline - self.cfg.drain_seconds / 2
         self._drv_stop.set()
         for task in tasks:
             task.cancel()
@@ -201,9 +232,14 @@ class App:
                 pass
             except Exception:  # a background task that failed must not stop the drain
                 log.exception("background task %s failed", task.get_name())
+        overran: list[str] = []
         if self._source_task is not None:
             try:
-                self.stats = await self._source_task
+                self.stats = await asyncio.wait_for(
+                    asyncio.shield(self._source_task), max(0.0, source_deadline - loop.time())
+                )
+            except TimeoutError:
+                overran.append("the environment driver did not stop (stuck in an env step?)")
             except errors.RelayRLError as err:
                 log.error("environment driver failed: %s", err)
                 code = code or 2
@@ -216,16 +252,30 @@ class App:
                     extra={"env_steps": self.stats.steps, "episodes": self.stats.episodes},
                 )
         if self._endpoint is not None:
-            await asyncio.to_thread(self._endpoint.stop)
+            try:
+                await asyncio.wait_for(
+                    _off_loop(self._endpoint.stop, "relayrl-endpoint-stop"),
+                    max(0.0, source_deadline - loop.time()),
+                )
+            except TimeoutError:
+                overran.append("the remote endpoint did not stop")
         if self.agent is not None:
             try:
                 await asyncio.wait_for(
-                    asyncio.to_thread(self.agent.shutdown, True), self.cfg.drain_seconds
+                    _off_loop(functools.partial(self.agent.shutdown, True), "relayrl-shutdown"),
+                    max(0.0, deadline - loop.time()),
                 )
-                log.info("drained: trajectories flushed, sink closed")
             except TimeoutError:
-                log.error("drain did not finish in %.0fs", self.cfg.drain_seconds)
-                code = code or 3
+                overran.append("trajectories were not all flushed and the sink not closed")
+            else:
+                log.info("drained: trajectories flushed, sink closed")
+        if overran:
+            log.error(
+                "drain did not finish in %.0fs: %s",
+                self.cfg.drain_seconds,
+                "; ".join(overran),
+            )
+            code = code or watchdog.EXIT_CODE
         return code
 
     def _nats_options(self) -> streams.ConnectOptions:
@@ -389,7 +439,7 @@ class App:
             metrics_=self.metrics,
         )
 
-    async def _start_source(self) -> asyncio.Task[Any] | None:
+    async def _start_source(self) -> asyncio.Future[Any] | None:
         cfg = self.cfg
         env = cfg.environment
         agent = self.agent
@@ -424,7 +474,7 @@ class App:
             finally:
                 drv.close()
 
-        self._source_task = asyncio.create_task(asyncio.to_thread(run))
+        self._source_task = _off_loop(run, "relayrl-env-driver")
         return self._source_task
 
 
@@ -437,4 +487,35 @@ def main(config_path: Path) -> int:
     logs.setup(cfg.log_format.value)
     if cfg.device is spec.Device.CUDA:
         log.info("device cuda requested")
-    return asyncio.run(App(cfg, config_path=config_path, config_bytes=data).run())
+    watchdog.install_stack_dump()
+    runtime = App(cfg, config_path=config_path, config_bytes=data, exit_watchdog=True)
+    return asyncio.run(runtime.run())
+
+
+def _off_loop(fn: Callable[[], T], name: str) -> asyncio.Future[T]:
+    """Run `fn` on a daemon thread of its own; the future gets its result.
+
+    Unlike `asyncio.to_thread`, a call that never returns does not hold the process open
+    (the event loop's executor is joined on the way out; a daemon thread is not).
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, err: BaseException | None) -> None:
+        if future.done():  # cancelled: nobody waits for it any more
+            return
+        if err is not None:
+            future.set_exception(err)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def target() -> None:
+        try:
+            result, err = fn(), None
+        except BaseException as exc:  # handed to the awaiting coroutine
+            result, err = None, exc
+        with contextlib.suppress(RuntimeError):  # the loop is already closed
+            loop.call_soon_threadsafe(settle, result, err)
+
+    threading.Thread(target=target, name=name, daemon=True).start()
+    return future

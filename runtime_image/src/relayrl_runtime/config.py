@@ -140,7 +140,9 @@ class RuntimeConfig(spec.SpecModel):
     limits: RunLimits = Field(default_factory=RunLimits, description="Optional run bounds.")
     log_format: LogFormat = Field(default=LogFormat.JSON, description="json or text logs.")
     drain_seconds: float = Field(
-        default=30.0, gt=0, description="Longest SIGTERM drain before giving up."
+        default=30.0,
+        gt=0,
+        description="Longest SIGTERM drain (stop stepping, flush, close the sink); then exit 3.",
     )
 
     def actor_slice(self) -> range:

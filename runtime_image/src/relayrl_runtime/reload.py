@@ -41,6 +41,8 @@ class PathWatcher:
         # A pinned version (config model.version): only that version is loaded.
         self.version = version
         self._seen = self._signature()
+        # `follow` (a config change) and the poll must not load side by side.
+        self._checking = asyncio.Lock()
 
     def _signature(self) -> tuple[int, int, int] | None:
         try:
@@ -66,6 +68,10 @@ class PathWatcher:
 
     async def check(self) -> None:
         """Reload if the directory holds a version other than the running one."""
+        async with self._checking:
+            await self._check()
+
+    async def _check(self) -> None:
         try:
             meta = model.read_metadata(self.path)
             if meta.version == self.agent.get_model_version():
@@ -103,6 +109,8 @@ class RegistryWatcher:
         self.cache = cache
         self.poll_seconds = poll_seconds
         self._digest = digest
+        # `follow` (a config change) and the poll must not fetch and load side by side.
+        self._checking = asyncio.Lock()
 
     async def run(self) -> None:
         """Poll until cancelled; transient registry errors are retried at the next poll."""
@@ -117,6 +125,10 @@ class RegistryWatcher:
 
     async def check(self) -> None:
         """One poll."""
+        async with self._checking:
+            await self._check()
+
+    async def _check(self) -> None:
         try:
             entry = await registry.info(self.nc, self.ref)
             if entry.digest == self._digest:

@@ -153,8 +153,21 @@ class RuntimeProcess:
         return body
 
     def terminate(self, timeout: float = 60.0) -> int:
+        """SIGTERM and wait; a process still alive after `timeout` fails with its log.
+
+        Before it is killed it is sent SIGUSR1, so the log ends with every thread's
+        stack: where the drain was stuck.
+        """
         self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGUSR1)
+            time.sleep(2)
+            self.kill()
+            raise AssertionError(
+                f"runtime still running {timeout:.0f}s after SIGTERM:\n{self.logs()}"
+            ) from None
         self._log.close()
         return code
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import signal
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -122,3 +124,65 @@ def test_run_limit_stops_by_itself(models: dict[str, Path], tmp_path: Path) -> N
         proc.kill()
     table = pa.concat_tables([pq.read_table(f) for f in out.glob("*.parquet")])
     assert table.num_rows == 600
+
+
+_STUCK_ENV = '''
+import threading
+
+import numpy as np
+
+
+class StuckEnv:
+    """CartPole-shaped env whose step never returns after `steps` steps."""
+
+    def __init__(self, steps):
+        self.left = steps
+
+    def reset(self, seed=None, options=None):
+        return np.zeros(4, dtype=np.float32), {}
+
+    def step(self, action):
+        if self.left == 0:
+            threading.Event().wait()
+        self.left -= 1
+        return np.zeros(4, dtype=np.float32), 1.0, False, False, {}
+'''
+
+
+def test_drain_that_overruns_exits_3_and_keeps_what_was_recorded(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    (tmp_path / "stuck_env.py").write_text(_STUCK_ENV)
+    out = tmp_path / "out"
+    cfg = _config(models["onnx"], "onnx", out, drainSeconds=2)
+    cfg["actors"] = 2
+    cfg["environment"] = {
+        "python": {"entryPoint": "stuck_env:StuckEnv", "envsPerActor": 1, "kwargs": {"steps": 120}}
+    }
+    proc = helpers.RuntimeProcess(tmp_path, cfg, env={"PYTHONPATH": str(tmp_path)})
+    try:
+        proc.wait_ready()
+        helpers.wait_for(
+            "the env to get stuck",
+            lambda: helpers.metric(proc.metrics(), "relayrl_runtime_env_steps_total") == 240,
+        )
+        # SIGUSR1 shows where a live process is: here, the driver inside the env's step.
+        proc.proc.send_signal(signal.SIGUSR1)
+        helpers.wait_for("a stack dump", lambda: 'stuck_env.py", line' in proc.logs())
+        assert helpers.http_get(proc.port, "/healthz")[0] == 200
+        started = time.monotonic()
+        code = proc.terminate()
+        took = time.monotonic() - started
+    finally:
+        proc.kill()
+    logs = proc.logs()
+    assert code == 3, logs
+    # drainSeconds bounds the drain; the stuck driver thread does not hold the exit.
+    assert took < 2 + 8, (took, logs)
+    assert "the environment driver did not stop (stuck in an env step?)" in logs
+    assert "shutdown did not finish" not in logs  # the watchdog was not needed
+    # Nothing recorded is lost: 120 steps per actor completed, plus the action each
+    # actor was given for the step that never returned.
+    table = pa.concat_tables([pq.read_table(f) for f in out.glob("*.parquet")])
+    assert table.num_rows == 2 * 121, logs
+    assert '"msg": "drained: trajectories flushed, sink closed"' in logs

@@ -139,7 +139,11 @@ def test_runtime_reports_its_model_version(
             "a version 2 report",
             lambda: _reports_now(url, "ns", "cartpole")["cartpole-7"].model_version == 2,
         )
-        assert helpers.metric(proc.metrics(), "relayrl_runtime_model_version") == 2
+        text = proc.metrics()
+        assert helpers.metric(text, "relayrl_runtime_model_version") == 2
+        # The config change and the registry poll both saw version 2: loaded once.
+        ok = 'relayrl_runtime_model_reloads_total{result="ok"}'
+        assert helpers.metric(text, ok) == 1, proc.logs()
         assert proc.terminate() == 0, proc.logs()
     finally:
         proc.kill()

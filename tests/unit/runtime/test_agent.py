@@ -279,3 +279,36 @@ def test_ids_are_not_recycled(models: dict[str, Path]) -> None:
     a.remove_actor(1)
     assert a.new_actors(2) == [2, 3]
     a.shutdown()
+
+
+def test_a_batch_that_cannot_be_encoded_does_not_stop_the_router(
+    models: dict[str, Path], sink: local.LocalFileSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An encoding bug of any kind must cost that batch only: a router thread that died
+    # would leave the queue full and block every actor (and the drain) for good.
+    from relayrl_runtime.actors import routers
+
+    encode = routers.trajectory.encode
+    calls = 0
+
+    def fails_once(*args: object) -> pa.RecordBatch:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise TypeError("an encoder bug")
+        return encode(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(routers.trajectory, "encode", fails_once)
+    a = agent_mod.Agent(models["onnx"], actor_count=1, router_scale=1, sink=sink)
+    a.request_action([0], _obs(1))
+    a.flag_last_action([0])
+    a.flush()
+    assert a.metrics.sink_errors._value.get() == 1
+    a.request_action([0], _obs(1, 1))
+    a.request_action([0], _obs(1, 2))
+    a.flag_last_action([0])
+    done = threading.Thread(target=a.shutdown)
+    done.start()
+    done.join(30)
+    assert not done.is_alive(), "the drain blocked: the router thread is gone"
+    assert _read(sink).num_rows == 2

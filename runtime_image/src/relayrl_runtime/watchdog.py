@@ -1,0 +1,68 @@
+"""Bound the process's way out, and show where it is stuck when it overruns.
+
+`arm(seconds)` starts a timer when the drain begins. If the process is still alive when
+it expires (a thread that never returns, a close that never completes, a hang while the
+interpreter finalizes), it logs one error, writes every thread's stack to stderr and
+exits with `EXIT_CODE` at once. A second, C-level timer (`faulthandler`) does the same a
+little later in case the first cannot get the GIL. A pod then never sits out its whole
+termination grace period with nothing in its log to say why.
+
+`install_stack_dump()` makes SIGUSR1 write every thread's stack to stderr (the process
+keeps running): `kill -USR1 <pid>` shows what a live runtime is doing.
+
+Only the process entry point (`app.main`) uses these: they end the whole interpreter.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import logging
+import os
+import signal
+import sys
+import threading
+from typing import Final
+
+# What the process exits with when its drain overran (as `App` returns for a drain that
+# did not finish).
+EXIT_CODE: Final = 3
+# How much longer the C-level timer waits than the Python one.
+_LAST_RESORT_SECONDS: Final = 5.0
+
+log = logging.getLogger(__name__)
+
+_armed: threading.Timer | None = None
+
+
+def arm(seconds: float) -> None:
+    """Exit with `EXIT_CODE` (after logging and dumping stacks) if still alive in `seconds`.
+
+    Arming again is a no-op: the first deadline stands.
+    """
+    global _armed
+    if _armed is not None:
+        return
+    timer = threading.Timer(seconds, _expire, args=(seconds,))
+    timer.name = "relayrl-exit-watchdog"
+    timer.daemon = True
+    timer.start()
+    _armed = timer
+    faulthandler.dump_traceback_later(seconds + _LAST_RESORT_SECONDS, exit=True)
+
+
+def _expire(seconds: float) -> None:
+    log.error(
+        "shutdown did not finish in %.0fs; the stacks of all threads follow, exiting %d",
+        seconds,
+        EXIT_CODE,
+    )
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stderr.flush()
+    faulthandler.dump_traceback(all_threads=True)
+    os._exit(EXIT_CODE)
+
+
+def install_stack_dump() -> None:
+    """SIGUSR1 writes every thread's stack to stderr."""
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
