@@ -10,8 +10,8 @@ gone drops out by itself) under the key `<namespace>.<agent>.<pod>`::
 `actors` counts the agent's actors (env copies, as the `relayrl_runtime_actors` metric),
 `ready` is the pod's readiness, `time` the Unix time of the report in seconds.
 `Reporter` (run by the runtime process, `app`) puts a report every `INTERVAL_SECONDS`
-and at once when the model version changes; the operator calls `read_reports` to set
-`status.modelVersion`.
+and at once when the model version changes. The operator follows the bucket with a key
+watcher to set `status.modelVersion`; `read_reports` is a one-off snapshot of one Agent.
 
 Light on purpose (nats-py and the standard library only): the operator imports it.
 """
@@ -41,6 +41,9 @@ INTERVAL_SECONDS: Final = 10.0
 CHECK_SECONDS: Final = 0.5
 
 _KEY_FORBIDDEN: Final = frozenset(".*> \t\r\n")
+# The stream behind the bucket, and the subject prefix of its keys.
+_STREAM: Final = f"KV_{BUCKET}"
+_SUBJECT_PREFIX: Final = f"$KV.{BUCKET}."
 
 
 def key(namespace: str, agent: str, pod: str) -> str:
@@ -122,27 +125,33 @@ async def put_report(kv: Any, namespace: str, agent: str, report: PodReport) -> 
 async def read_reports(
     js: nats.js.JetStreamContext, namespace: str, agent: str
 ) -> dict[str, PodReport]:
-    """The current report of every pod of one Agent, by pod name (empty: none yet)."""
+    """The current report of every pod of one Agent, by pod name (empty: none yet).
+
+    A snapshot: the bucket's stream names the keys that hold a value, and each key's
+    latest value is read with a direct get. (A key watcher's "no more values" marker is
+    not used: nats-py sends it too early when a value is on its way but not yet
+    received, and the snapshot then comes back empty.)
+    """
     try:
         kv = await js.key_value(BUCKET)
     except (nats.js.errors.BucketNotFoundError, nats.js.errors.NotFoundError):
         return {}
-    watcher: Any = await kv.watch(key_filter(namespace, agent), ignore_deletes=True)
+    info = await js.stream_info(
+        _STREAM, subjects_filter=_SUBJECT_PREFIX + key_filter(namespace, agent)
+    )
     reports: dict[str, PodReport] = {}
-    try:
-        async for entry in watcher:
-            if entry is None:  # the end of the current values
-                break
-            if entry.value is None or entry.operation is not None:
-                continue
-            try:
-                report = PodReport.from_json(entry.value)
-            except ValueError as err:
-                log.warning("status bucket: skipping %s: %s", entry.key, err)
-                continue
-            reports[report.pod] = report
-    finally:
-        await watcher.stop()
+    for subject in sorted(info.state.subjects or {}):
+        name = subject.removeprefix(_SUBJECT_PREFIX)
+        try:
+            entry = await kv.get(name)
+        except nats.js.errors.KeyNotFoundError:  # deleted, or expired since
+            continue
+        try:
+            report = PodReport.from_json(entry.value or b"")
+        except ValueError as err:
+            log.warning("status bucket: skipping %s: %s", name, err)
+            continue
+        reports[report.pod] = report
     return reports
 
 

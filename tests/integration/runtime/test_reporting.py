@@ -91,6 +91,42 @@ async def test_reporter_puts_reports_and_reports_version_changes_at_once(
         await nc.close()
 
 
+async def test_read_reports_sees_every_pod_while_they_report(
+    nats_server: natsserver.NatsServer,
+) -> None:
+    # Reads racing with puts: each read must still see all three pods (with history 1 a
+    # put replaces the key's message, which once made a snapshot come back empty).
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        kv = await reporting.ensure_bucket(js)
+        for pod in range(3):
+            report = reporting.PodReport(f"cartpole-{pod}", 1, 4, True, time.time())
+            await reporting.put_report(kv, "ns", "cartpole", report)
+
+        async def keep_reporting() -> None:
+            version = 1
+            while True:
+                version += 1
+                report = reporting.PodReport("cartpole-0", version, 4, True, time.time())
+                await reporting.put_report(kv, "ns", "cartpole", report)
+                await asyncio.sleep(0.002)
+
+        putter = asyncio.create_task(keep_reporting())
+        try:
+            seen = [await reporting.read_reports(js, "ns", "cartpole") for _ in range(300)]
+        finally:
+            putter.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await putter
+        assert [sorted(r) for r in seen if len(r) != 3] == []
+        versions = [r["cartpole-0"].model_version for r in seen]
+        assert versions == sorted(versions)
+        assert versions[-1] > 1
+    finally:
+        await nc.close()
+
+
 def _push(url: str, model: Path) -> None:
     args = ["model", "push", "--nats", url, "--bucket", "models", "--name", "cp", str(model)]
     done = subprocess.run(
