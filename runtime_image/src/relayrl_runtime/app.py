@@ -8,8 +8,8 @@ status reporter (`reporting`, when the process talks to NATS), and the environme
 source (a gymnasium/python driver thread or the ZMQ endpoint thread). SIGTERM or SIGINT
 (or a configured run limit) starts the drain: stop stepping, cut and flush partial
 trajectories, let routers write everything queued, close the sink, then exit 0. The
-drain has `drainSeconds` in all; a step that overruns it is logged by name and the
-process exits 3 (and `watchdog` ends a process that is still alive shortly after).
+drain takes about `drainSeconds`: what overran is named in the log and the process
+exits 3, and `watchdog` ends a process still alive 10 s later.
 
 Servers bind `server.host`, or `RELAYRL_BIND_ADDRESS` when it is set (`config.bind_host`).
 """
@@ -52,8 +52,10 @@ from relayrl_runtime.transport import endpoint, publisher
 # How long the first NATS connection may take when the model comes from the registry
 # (nothing can run before it); later disconnects are retried forever.
 _NATS_CONNECT_SECONDS = 60.0
-# How long closing the NATS connection may take on the way out.
+# How long closing a NATS connection may take on the way out.
 _NATS_CLOSE_SECONDS = 5.0
+# How long the background tasks (watchers, reporter) may take to end once cancelled.
+_CANCEL_SECONDS = 10.0
 # How much longer than `drainSeconds` the process may take to exit before the watchdog
 # ends it (closing connections, the HTTP server, the interpreter's own finalization).
 _EXIT_GRACE_SECONDS = 10.0
@@ -126,7 +128,6 @@ class App:
 
     def stop(self) -> None:
         """Start the drain (what SIGTERM does)."""
-        self._arm_watchdog()
         self._stop.set()
 
     def _arm_watchdog(self) -> None:
@@ -211,37 +212,38 @@ class App:
         return code
 
     async def _drain(self, tasks: list[asyncio.Task[Any]], code: int) -> int:
-        """Stop the source, flush and close; `drainSeconds` bounds the whole of it.
+        """Stop the source, flush and close, in about `drainSeconds`.
 
-        Stopping the source may take the first half; flushing has until the end, so a
-        source that does not stop still has what it recorded flushed. The blocking steps
-        run on daemon threads (`_off_loop`): one that overruns its share is named in the
-        log and abandoned, and cannot hold the process open.
+        The source (env driver or remote endpoint) has the first half to stop; the
+        flush has until the end, and one still running then is waited for (the watchdog
+        bounds that) rather than dropped. Whatever overran is named in one error line
+        and the process exits 3. The blocking steps run on daemon threads (`_off_loop`):
+        one that never returns cannot hold the process open.
         """
         self._arm_watchdog()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.cfg.drain_seconds
-        source_deadline = deadline - self.cfg.drain_seconds / 2
+        source_deadline = loop.time() + self.cfg.drain_seconds / 2
         self._drv_stop.set()
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
-            except Exception:  # a background task that failed must not stop the drain
-                log.exception("background task %s failed", task.get_name())
-        overran: list[str] = []
+        await _cancel(tasks)
+        late: list[str] = []
         if self._source_task is not None:
+            source = self._source_task
             try:
                 self.stats = await asyncio.wait_for(
-                    asyncio.shield(self._source_task), max(0.0, source_deadline - loop.time())
+                    asyncio.shield(source), max(0.0, source_deadline - loop.time())
                 )
             except TimeoutError:
-                overran.append("the environment driver did not stop (stuck in an env step?)")
+                late.append(
+                    "the environment driver did not stop in time"
+                    " (a long env step, or actors held by a full router queue)"
+                )
+                source.add_done_callback(_ended_late)
             except errors.RelayRLError as err:
                 log.error("environment driver failed: %s", err)
+                code = code or 2
+            except Exception:
+                log.exception("environment driver failed")
                 code = code or 2
             else:
                 # Every recorded step is flushed below, so a reader can check that the
@@ -258,23 +260,26 @@ class App:
                     max(0.0, source_deadline - loop.time()),
                 )
             except TimeoutError:
-                overran.append("the remote endpoint did not stop")
+                late.append("the remote endpoint did not stop in time")
         if self.agent is not None:
+            flush = _off_loop(functools.partial(self.agent.shutdown, True), "relayrl-shutdown")
             try:
-                await asyncio.wait_for(
-                    _off_loop(functools.partial(self.agent.shutdown, True), "relayrl-shutdown"),
-                    max(0.0, deadline - loop.time()),
-                )
-            except TimeoutError:
-                overran.append("trajectories were not all flushed and the sink not closed")
+                try:
+                    await asyncio.wait_for(asyncio.shield(flush), max(0.0, deadline - loop.time()))
+                except TimeoutError:
+                    log.error(
+                        "drain: still flushing trajectories after %.0fs, waiting for them",
+                        self.cfg.drain_seconds,
+                    )
+                    late.append("trajectories were flushed late")
+                    await flush
+            except Exception:
+                log.exception("drain: flushing trajectories or closing the sink failed")
+                code = code or watchdog.EXIT_CODE
             else:
                 log.info("drained: trajectories flushed, sink closed")
-        if overran:
-            log.error(
-                "drain did not finish in %.0fs: %s",
-                self.cfg.drain_seconds,
-                "; ".join(overran),
-            )
+        if late:
+            log.error("drain did not finish in %.0fs: %s", self.cfg.drain_seconds, "; ".join(late))
             code = code or watchdog.EXIT_CODE
         return code
 
@@ -362,7 +367,7 @@ class App:
         finally:
             if own:
                 with contextlib.suppress(Exception):
-                    await nc.close()
+                    await asyncio.wait_for(nc.close(), _NATS_CLOSE_SECONDS)
 
     # -------------------------------------------------------------- live config
 
@@ -490,6 +495,28 @@ def main(config_path: Path) -> int:
     watchdog.install_stack_dump()
     runtime = App(cfg, config_path=config_path, config_bytes=data, exit_watchdog=True)
     return asyncio.run(runtime.run())
+
+
+async def _cancel(tasks: list[asyncio.Task[Any]]) -> None:
+    """Cancel the background tasks and wait (a little) for them to end."""
+    for task in tasks:
+        task.cancel()
+    if not tasks:
+        return
+    done, pending = await asyncio.wait(tasks, timeout=_CANCEL_SECONDS)
+    for task in done:
+        err = None if task.cancelled() else task.exception()
+        if err is not None:  # a background task that failed must not stop the drain
+            log.error("background task %s failed", task.get_name(), exc_info=err)
+    for task in pending:
+        log.error("background task %s did not end when cancelled", task.get_name())
+
+
+def _ended_late(source: asyncio.Future[Any]) -> None:
+    """Retrieve the outcome of a source that stopped after the drain gave up on it."""
+    err = None if source.cancelled() else source.exception()
+    if err is not None:
+        log.warning("environment driver ended after the drain: %r", err)
 
 
 def _off_loop(fn: Callable[[], T], name: str) -> asyncio.Future[T]:

@@ -3,9 +3,10 @@
 `arm(seconds)` starts a timer when the drain begins. If the process is still alive when
 it expires (a thread that never returns, a close that never completes, a hang while the
 interpreter finalizes), it logs one error, writes every thread's stack to stderr and
-exits with `EXIT_CODE` at once. A second, C-level timer (`faulthandler`) does the same a
-little later in case the first cannot get the GIL. A pod then never sits out its whole
-termination grace period with nothing in its log to say why.
+exits with `EXIT_CODE` at once. In case that timer cannot run Python code (the GIL
+never comes back), a C-level one (`faulthandler`) writes the stacks a little later and
+exits 1. A pod then never sits out its whole termination grace period with nothing in
+its log to say why.
 
 `install_stack_dump()` makes SIGUSR1 write every thread's stack to stderr (the process
 keeps running): `kill -USR1 <pid>` shows what a live runtime is doing.

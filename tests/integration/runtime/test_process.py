@@ -154,7 +154,7 @@ def test_drain_that_overruns_exits_3_and_keeps_what_was_recorded(
 ) -> None:
     (tmp_path / "stuck_env.py").write_text(_STUCK_ENV)
     out = tmp_path / "out"
-    cfg = _config(models["onnx"], "onnx", out, drainSeconds=2)
+    cfg = _config(models["onnx"], "onnx", out, drainSeconds=6)
     cfg["actors"] = 2
     cfg["environment"] = {
         "python": {"entryPoint": "stuck_env:StuckEnv", "envsPerActor": 1, "kwargs": {"steps": 120}}
@@ -177,9 +177,9 @@ def test_drain_that_overruns_exits_3_and_keeps_what_was_recorded(
         proc.kill()
     logs = proc.logs()
     assert code == 3, logs
-    # drainSeconds bounds the drain; the stuck driver thread does not hold the exit.
-    assert took < 2 + 8, (took, logs)
-    assert "the environment driver did not stop (stuck in an env step?)" in logs
+    # The driver had half of drainSeconds to stop; its stuck thread does not hold the exit.
+    assert took < 6 + 8, (took, logs)
+    assert "drain did not finish in 6s: the environment driver did not stop in time" in logs
     assert "shutdown did not finish" not in logs  # the watchdog was not needed
     # Nothing recorded is lost: 120 steps per actor completed, plus the action each
     # actor was given for the step that never returned.
