@@ -156,47 +156,18 @@ class App:
             if cache is None:
                 cache_dir = tempfile.TemporaryDirectory(prefix="relayrl-models-")
                 cache = Path(cache_dir.name)
-            model_path, watcher_factory = await self._resolve_model(cache)
-            self.sink = self._build_sink()
-            self.agent = await asyncio.to_thread(self._build_agent, model_path)
-            log.info(
-                "agent %s ready: %d actors, %d routers, model version %d",
-                cfg.agent,
-                len(self.agent.get_actor_ids()),
-                self.agent.router_scale,
-                self.agent.get_model_version(),
-            )
-            self._watcher = watcher_factory(self.agent)
-            if cfg.reload.enabled:
-                tasks.append(asyncio.create_task(self._watcher.run()))
-            source = await self._start_source()
-            if self.config_path is not None:
-                watcher = live.ConfigWatcher(
-                    self.config_path,
-                    cfg,
-                    self.apply_config,
-                    poll_seconds=self.config_poll_seconds,
-                    loaded=self.config_bytes,
-                )
-                tasks.append(asyncio.create_task(watcher.run()))
-            if self.uses_nats:
-                tasks.append(asyncio.create_task(self._report()))
-            waiters: list[asyncio.Future[Any]] = [asyncio.create_task(self._stop.wait())]
-            if source is not None:
-                waiters.append(source)
-            if cfg.limits.max_seconds is not None:
-                waiters.append(asyncio.create_task(asyncio.sleep(cfg.limits.max_seconds)))
-            done, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-            for task in pending:
-                if task is not source:
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
-            if source is not None and source in done:
-                exc = source.exception()
-                if exc is not None:
-                    raise exc
-            log.info("draining")
+            # SIGTERM is heeded while starting too (the first NATS connection alone may
+            # take a minute): what has started is drained as usual.
+            stopped = asyncio.create_task(self._stop.wait())
+            starting = asyncio.create_task(self._start(cache, tasks))
+            await asyncio.wait([starting, stopped], return_when=asyncio.FIRST_COMPLETED)
+            if not starting.done():
+                starting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await starting
+                log.info("stopped while starting")
+            else:
+                await self._serve(starting.result(), stopped)
         except errors.RelayRLError as err:
             self._failed = str(err)
             log.error("runtime failed: %s", err)
@@ -210,6 +181,61 @@ class App:
             if cache_dir is not None:
                 cache_dir.cleanup()
         return code
+
+    async def _start(
+        self, cache: Path, tasks: list[asyncio.Task[Any]]
+    ) -> asyncio.Future[Any] | None:
+        """Load the model, build the sink and agent, start the watchers and the source.
+
+        Background tasks go into `tasks` as they start (the drain cancels them); returns
+        the source's future (None for the remote endpoint).
+        """
+        cfg = self.cfg
+        model_path, watcher_factory = await self._resolve_model(cache)
+        self.sink = self._build_sink()
+        self.agent = await asyncio.to_thread(self._build_agent, model_path)
+        log.info(
+            "agent %s ready: %d actors, %d routers, model version %d",
+            cfg.agent,
+            len(self.agent.get_actor_ids()),
+            self.agent.router_scale,
+            self.agent.get_model_version(),
+        )
+        self._watcher = watcher_factory(self.agent)
+        if cfg.reload.enabled:
+            tasks.append(asyncio.create_task(self._watcher.run()))
+        source = await self._start_source()
+        if self.config_path is not None:
+            watcher = live.ConfigWatcher(
+                self.config_path,
+                cfg,
+                self.apply_config,
+                poll_seconds=self.config_poll_seconds,
+                loaded=self.config_bytes,
+            )
+            tasks.append(asyncio.create_task(watcher.run()))
+        if self.uses_nats:
+            tasks.append(asyncio.create_task(self._report()))
+        return source
+
+    async def _serve(self, source: asyncio.Future[Any] | None, stopped: asyncio.Task[Any]) -> None:
+        """Run until SIGTERM, a run limit, or the source ending (raises its error)."""
+        waiters: list[asyncio.Future[Any]] = [stopped]
+        if source is not None:
+            waiters.append(source)
+        if self.cfg.limits.max_seconds is not None:
+            waiters.append(asyncio.create_task(asyncio.sleep(self.cfg.limits.max_seconds)))
+        done, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            if task is not source:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if source is not None and source in done:
+            exc = source.exception()
+            if exc is not None:
+                raise exc
+        log.info("draining")
 
     async def _drain(self, tasks: list[asyncio.Task[Any]], code: int) -> int:
         """Stop the source, flush and close, in about `drainSeconds`.
@@ -278,6 +304,15 @@ class App:
                 code = code or watchdog.EXIT_CODE
             else:
                 log.info("drained: trajectories flushed, sink closed")
+        elif self.sink is not None:
+            # The agent never started, so nothing was recorded: just close the sink.
+            try:
+                await asyncio.wait_for(
+                    _off_loop(self.sink.close, "relayrl-sink-close"),
+                    max(0.0, deadline - loop.time()),
+                )
+            except Exception as err:
+                log.warning("closing the sink: %r", err)
         if late:
             log.error("drain did not finish in %.0fs: %s", self.cfg.drain_seconds, "; ".join(late))
             code = code or watchdog.EXIT_CODE

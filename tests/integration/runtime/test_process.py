@@ -186,3 +186,26 @@ def test_drain_that_overruns_exits_3_and_keeps_what_was_recorded(
     table = pa.concat_tables([pq.read_table(f) for f in out.glob("*.parquet")])
     assert table.num_rows == 2 * 121, logs
     assert '"msg": "drained: trajectories flushed, sink closed"' in logs
+
+
+def test_sigterm_while_starting_is_heeded(models: dict[str, Path], tmp_path: Path) -> None:
+    # The model comes from a registry whose NATS is not there: start-up would keep
+    # trying to connect for a minute. SIGTERM ends it at once, cleanly.
+    url = f"nats://127.0.0.1:{helpers.free_port()}"
+    cfg = _config(models["onnx"], "onnx", tmp_path / "out")
+    cfg["model"] = {"uri": "objectstore://models/cp", "format": "onnx"}
+    cfg["trajectories"] = {"nats": {"url": url}}
+    proc = helpers.RuntimeProcess(tmp_path, cfg)
+    try:
+        helpers.wait_for("the HTTP server", lambda: helpers.http_get(proc.port, "/healthz")[0])
+        assert helpers.http_get(proc.port, "/readyz")[0] == 503
+        started = time.monotonic()
+        code = proc.terminate(timeout=30)
+        took = time.monotonic() - started
+    finally:
+        proc.kill()
+    logs = proc.logs()
+    assert code == 0, logs
+    assert took < 10, (took, logs)
+    assert '"msg": "stopped while starting"' in logs
+    assert "agent cartpole ready" not in logs
