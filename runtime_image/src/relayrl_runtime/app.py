@@ -247,6 +247,7 @@ class App:
         one that never returns cannot hold the process open.
         """
         self._arm_watchdog()
+        # Timeouts below may come out negative: wait_for then only takes what is done.
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.cfg.drain_seconds
         source_deadline = loop.time() + self.cfg.drain_seconds / 2
@@ -257,7 +258,7 @@ class App:
             source = self._source_task
             try:
                 self.stats = await asyncio.wait_for(
-                    asyncio.shield(source), max(0.0, source_deadline - loop.time())
+                    asyncio.shield(source), source_deadline - loop.time()
                 )
             except TimeoutError:
                 late.append(
@@ -283,7 +284,7 @@ class App:
             try:
                 await asyncio.wait_for(
                     _off_loop(self._endpoint.stop, "relayrl-endpoint-stop"),
-                    max(0.0, source_deadline - loop.time()),
+                    source_deadline - loop.time(),
                 )
             except TimeoutError:
                 late.append("the remote endpoint did not stop in time")
@@ -291,7 +292,7 @@ class App:
             flush = _off_loop(functools.partial(self.agent.shutdown, True), "relayrl-shutdown")
             try:
                 try:
-                    await asyncio.wait_for(asyncio.shield(flush), max(0.0, deadline - loop.time()))
+                    await asyncio.wait_for(asyncio.shield(flush), deadline - loop.time())
                 except TimeoutError:
                     log.error(
                         "drain: still flushing trajectories after %.0fs, waiting for them",
@@ -309,7 +310,7 @@ class App:
             try:
                 await asyncio.wait_for(
                     _off_loop(self.sink.close, "relayrl-sink-close"),
-                    max(0.0, deadline - loop.time()),
+                    deadline - loop.time(),
                 )
             except Exception as err:
                 log.warning("closing the sink: %r", err)

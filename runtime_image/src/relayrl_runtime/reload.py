@@ -25,7 +25,25 @@ from relayrl_runtime.inference import model
 log = logging.getLogger(__name__)
 
 
-class PathWatcher:
+class _Watcher:
+    """What both watchers share: one check at a time.
+
+    `follow` (a config change) and the poll must not fetch and load side by side.
+    """
+
+    def __init__(self) -> None:
+        self._checking = asyncio.Lock()
+
+    async def check(self) -> None:
+        """Reload if the source holds a version other than the running one."""
+        async with self._checking:
+            await self._check()
+
+    async def _check(self) -> None:
+        raise NotImplementedError
+
+
+class PathWatcher(_Watcher):
     """Polls a model directory's metadata file."""
 
     def __init__(
@@ -35,14 +53,13 @@ class PathWatcher:
         poll_seconds: float,
         version: int | None = None,
     ) -> None:
+        super().__init__()
         self.agent = agent
         self.path = path
         self.poll_seconds = poll_seconds
         # A pinned version (config model.version): only that version is loaded.
         self.version = version
         self._seen = self._signature()
-        # `follow` (a config change) and the poll must not load side by side.
-        self._checking = asyncio.Lock()
 
     def _signature(self) -> tuple[int, int, int] | None:
         try:
@@ -66,11 +83,6 @@ class PathWatcher:
         self.version = version
         await self.check()
 
-    async def check(self) -> None:
-        """Reload if the directory holds a version other than the running one."""
-        async with self._checking:
-            await self._check()
-
     async def _check(self) -> None:
         try:
             meta = model.read_metadata(self.path)
@@ -91,7 +103,7 @@ class PathWatcher:
             log.error("hot reload from %s failed, keeping the current model: %s", self.path, err)
 
 
-class RegistryWatcher:
+class RegistryWatcher(_Watcher):
     """Polls the registry object of the model and reloads when its digest changes."""
 
     def __init__(
@@ -103,14 +115,13 @@ class RegistryWatcher:
         poll_seconds: float,
         digest: str,
     ) -> None:
+        super().__init__()
         self.agent = agent
         self.nc = nc
         self.ref = ref
         self.cache = cache
         self.poll_seconds = poll_seconds
         self._digest = digest
-        # `follow` (a config change) and the poll must not fetch and load side by side.
-        self._checking = asyncio.Lock()
 
     async def run(self) -> None:
         """Poll until cancelled; transient registry errors are retried at the next poll."""
@@ -122,11 +133,6 @@ class RegistryWatcher:
         """Switch to a pinned version (None: follow the newest) and load it now."""
         self.ref = registry.ModelRef(self.ref.bucket, self.ref.name, version)
         await self.check()
-
-    async def check(self) -> None:
-        """One poll."""
-        async with self._checking:
-            await self._check()
 
     async def _check(self) -> None:
         try:
