@@ -38,7 +38,7 @@ $(VENV)/.installed: $(PY_PROJECTS) requirements-dev.txt
 	@touch $@
 
 .PHONY: venv
-venv: $(VENV)/.installed ## Create .venv with both packages (editable) and the test tools
+venv: $(VENV)/.installed ## Create .venv with the runtime (every backend), operator and local stack (editable) and the test tools
 
 .PHONY: system-deps
 system-deps: ## Install the Debian packages of the real test servers (PostgreSQL, Prometheus) if missing

@@ -2,6 +2,7 @@
 
     python bench/operator/bench_api_costs.py            # 300 requests of each kind
     python bench/operator/bench_api_costs.py --count 1000
+    python bench/operator/bench_api_costs.py --quick    # 50 of each kind
 
 Starts the local control plane (real apiserver and etcd), applies the CRDs, and sends
 `--count` requests of each kind, 16 in flight, as the operator does for each Agent:
@@ -206,7 +207,10 @@ async def measure_all(work: Path, count: int) -> list[tuple[str, float, dict[str
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=300, help="requests of each kind")
+    parser.add_argument("--quick", action="store_true", help="50 requests of each kind")
     args = parser.parse_args()
+    if args.quick:
+        args.count = 50
     results = asyncio.run(run(args.count))
     print(f"\nper request, {args.count} of each kind, 16 in flight, 2-core machine")
     print(f"{'request':<32} {'wall ms':>9} {'apiserver CPU ms':>17} {'etcd CPU ms':>12}")

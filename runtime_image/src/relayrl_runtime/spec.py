@@ -587,7 +587,11 @@ def _no_gpu_in(resources: Resources | None) -> bool:
 
 
 class PodTemplate(SpecModel):
-    """Overrides for the actor pods."""
+    """Overrides for the Agent's pods.
+
+    Image, pull policy and placement (node selector, tolerations, affinity, priority
+    class, service account) apply to the sink pods as well; the rest to actor pods only.
+    """
 
     rules = (
         Rule(
@@ -603,26 +607,38 @@ class PodTemplate(SpecModel):
     )
 
     image: str | None = Field(
-        default=None, max_length=1024, description="Runtime image; defaults to the operator's."
+        default=None,
+        max_length=1024,
+        description=(
+            "Image of the actor and sink pods; defaults to the operator's runtime image"
+            " setting (RELAYRL_RUNTIME_IMAGE, the chart's runtimeImage)."
+        ),
     )
     image_pull_policy: PullPolicy | None = Field(
-        default=None, description="Image pull policy of the runtime container."
+        default=None, description="Image pull policy of the actor and sink containers."
     )
     node_selector: dict[str, str] = Field(
-        default_factory=dict, description="Node labels the actor pods must match."
+        default_factory=dict, description="Node labels the actor and sink pods must match."
     )
     tolerations: list[Toleration] = Field(
-        default_factory=list, max_length=64, description="Taints the actor pods tolerate."
+        default_factory=list,
+        max_length=64,
+        description=(
+            "Taints the actor and sink pods tolerate (actor pods of a cuda Agent"
+            " tolerate nvidia.com/gpu without it)."
+        ),
     )
-    affinity: dict[str, Any] = _preserve_unknown("Pod affinity rules (core/v1 Affinity).")
+    affinity: dict[str, Any] = _preserve_unknown(
+        "Affinity rules of the actor and sink pods (core/v1 Affinity)."
+    )
     priority_class_name: str | None = Field(
-        default=None, max_length=253, description="PriorityClass of the actor pods."
+        default=None, max_length=253, description="PriorityClass of the actor and sink pods."
     )
     runtime_class_name: str | None = Field(
         default=None, max_length=253, description="RuntimeClass of the actor pods (e.g. nvidia)."
     )
     service_account_name: str | None = Field(
-        default=None, max_length=253, description="ServiceAccount the actor pods run as."
+        default=None, max_length=253, description="ServiceAccount the actor and sink pods run as."
     )
     resources: Resources | None = Field(
         default=None, description="CPU and memory of the runtime container."
@@ -722,7 +738,11 @@ class AgentSpec(SpecModel):
         json_schema_extra={"default": []},
     )
     template: PodTemplate | None = Field(
-        default=None, description="Overrides for the actor pods (scheduling, resources, image)."
+        default=None,
+        description=(
+            "Overrides for the actor pods (scheduling, resources, image); image and"
+            " placement apply to the sink pods too."
+        ),
     )
     paused: bool = Field(
         default=False,

@@ -221,7 +221,8 @@ def test_helm_install_runs_the_operator_that_makes_an_agent_ready(
     placement = testing.process_node_placement()
     values = {
         "watchNamespaces": [namespace],
-        "nats": {"enabled": True},
+        # Process-node pods share the host's network: each listens on its own address.
+        "nats": {"enabled": True, "bindPodIP": True},
         "nodeSelector": placement["nodeSelector"],
         "tolerations": placement["tolerations"],
         "operator": {"bindPodIP": True, "logFormat": "text", "resyncSeconds": 5},
