@@ -160,9 +160,18 @@ async def test_bad_messages_go_to_the_dead_letter_subject(
         garbage = await js.publish(SUBJECT, b"not arrow at all", headers={v: "1"})
         unknown = await js.publish(SUBJECT, valid, headers={v: "99"})
         missing = await js.publish(SUBJECT, valid)  # no version header
+        # "²" passes str.isdigit() but not int(); a column twice breaks field lookups.
+        superscript = await js.publish(SUBJECT, valid, headers={v: "\u00b2"})
+        schema = pa.schema([*good.schema, good.schema.field("reward")], good.schema.metadata)
+        doubled = pa.RecordBatch.from_arrays([*good.columns, good.column("reward")], schema=schema)
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, doubled.schema) as w:
+            w.write_batch(doubled)
+        doubled_ipc = sink.getvalue().to_pybytes()
+        twice = await js.publish(SUBJECT, doubled_ipc, headers={v: "1"})
         await js.publish(SUBJECT, valid, headers={v: "1"})
 
-        dead = await _dead_letters(js, 6, tries=50)
+        dead = await _dead_letters(js, 10, tries=50)
         reasons = sorted(
             (
                 (m.headers or {})[streams.HEADER_DEAD_SINK],
@@ -178,9 +187,11 @@ async def test_bad_messages_go_to_the_dead_letter_subject(
                 ("invalid-arrow", garbage.seq),
                 ("unknown-schema-version", unknown.seq),
                 ("unknown-schema-version", missing.seq),
+                ("unknown-schema-version", superscript.seq),
+                ("schema-mismatch", twice.seq),
             )
         )
-        assert all(m.data in (b"not arrow at all", valid) for m in dead)
+        assert all(m.data in (b"not arrow at all", valid, doubled_ipc) for m in dead)
     finally:
         await nc.close()
 
@@ -191,7 +202,7 @@ async def test_bad_messages_go_to_the_dead_letter_subject(
     pipeline.wait_until("pg rows", lambda: pipeline.postgres_rows(pg.dsn) == want.num_rows)
     assert arrow.alive()
     assert pgsink.alive()
-    assert arrow.metric("relayrl_sink_dead_letters_total") == 3
+    assert arrow.metric("relayrl_sink_dead_letters_total") == 5
     for s in (arrow, pgsink):
         assert s.terminate() == 0
     pipeline.assert_same(pipeline.read_arrow(root), want, "arrow")

@@ -33,6 +33,7 @@ def test_a_good_message_decodes() -> None:
         (None, {V: "2"}, "unknown-schema-version"),
         (None, {}, "unknown-schema-version"),
         (None, {V: "x"}, "unknown-schema-version"),
+        (None, {V: "\u00b2"}, "unknown-schema-version"),  # a digit to str, not to int()
     ],
 )
 def test_bad_messages_carry_a_reason(
@@ -51,6 +52,15 @@ def test_missing_columns_and_foreign_agent_are_schema_mismatches() -> None:
         service.decode(_ipc(no_step), {V: "1"})
     with pytest.raises(service.InvalidMessageError, match="Agent 'other'"):
         service.decode(_ipc(batch), {V: "1"}, "other")
+
+
+def test_a_column_twice_is_a_schema_mismatch() -> None:
+    batch = trajectories.batch(1, 0)
+    schema = pa.schema([*batch.schema, batch.schema.field("reward")], batch.schema.metadata)
+    twice = pa.RecordBatch.from_arrays([*batch.columns, batch.column("reward")], schema=schema)
+    with pytest.raises(service.InvalidMessageError, match=r"columns \['reward'\] twice") as err:
+        service.decode(_ipc(twice), {V: "1"})
+    assert err.value.reason == "schema-mismatch"
 
 
 def _with_agent_column(batch: pa.RecordBatch, indices: list[int], names: list[str]) -> bytes:

@@ -29,6 +29,7 @@ import dataclasses
 import datetime as dt
 import http.server
 import logging
+import re
 import signal
 import threading
 import time
@@ -53,6 +54,7 @@ log = logging.getLogger(__name__)
 
 PREFIX: Final = "relayrl_sink"
 SUPPORTED_SCHEMA_VERSIONS: Final = frozenset({trajectory.SCHEMA_VERSION})
+_DIGITS: Final = re.compile(r"[0-9]+")
 # The layout-independent columns of a schema-version-1 message and their types, as the
 # runtime writes them (trajectory.schema); obs, action, mask and aux_* depend on the model.
 FIXED_COLUMNS: Final = {
@@ -246,7 +248,8 @@ def decode(
     With `agent`, every row's agent column must name it (the subject's Agent).
     """
     raw = (headers or {}).get(streams.HEADER_SCHEMA_VERSION)
-    if raw is None or not raw.isdigit() or int(raw) not in SUPPORTED_SCHEMA_VERSIONS:
+    # ASCII digits only: str.isdigit() also takes digits int() refuses (e.g. "²").
+    if raw is None or not _DIGITS.fullmatch(raw) or int(raw) not in SUPPORTED_SCHEMA_VERSIONS:
         raise InvalidMessageError(
             DeadLetterReason.UNKNOWN_SCHEMA_VERSION,
             f"header {streams.HEADER_SCHEMA_VERSION}={raw!r}; this sink reads "
@@ -265,6 +268,9 @@ def decode(
             f"schema metadata says version {in_schema!r}, header says {version}",
         )
     columns = set(table.schema.names)
+    if len(columns) != len(table.schema.names):
+        twice = sorted({n for n in table.schema.names if table.schema.names.count(n) > 1})
+        raise InvalidMessageError(DeadLetterReason.SCHEMA_MISMATCH, f"columns {twice} twice")
     missing = [c for c in (*FIXED_COLUMNS, "obs", "action") if c not in columns]
     if missing:
         raise InvalidMessageError(DeadLetterReason.SCHEMA_MISMATCH, f"missing columns {missing}")
@@ -618,7 +624,14 @@ class SinkService:
         try:
             table, version = decode(msg.data, msg.headers, self.config.agent)
             self.writer.check(table)
-        except InvalidMessageError as err:
+        except Exception as err:
+            if not isinstance(err, InvalidMessageError):
+                # Input no check foresaw: still the message's fault, not the sink's.
+                # Raised on, it would end the sink and come back after every restart.
+                log.exception("%s sink: message %d failed its checks", self.writer.kind, seq)
+                err = InvalidMessageError(
+                    DeadLetterReason.INVALID_ARROW, f"{type(err).__name__}: {err}"
+                )
             await self._dead_letter(js, msg, seq, err)
             if not self.writer.pending and self._inflight is None:
                 # Nothing waits for a commit: the dead letter alone moves the ack on.
