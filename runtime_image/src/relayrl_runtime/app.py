@@ -59,6 +59,8 @@ _CANCEL_SECONDS = 10.0
 # How much longer than `drainSeconds` the process may take to exit before the watchdog
 # ends it (closing connections, the HTTP server, the interpreter's own finalization).
 _EXIT_GRACE_SECONDS = 10.0
+# How often the sink is asked whether it has failed for good.
+_SINK_CHECK_SECONDS = 0.5
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +169,7 @@ class App:
                     await starting
                 log.info("stopped while starting")
             else:
-                await self._serve(starting.result(), stopped)
+                code = await self._serve(starting.result(), stopped)
         except errors.RelayRLError as err:
             self._failed = str(err)
             log.error("runtime failed: %s", err)
@@ -218,13 +220,16 @@ class App:
             tasks.append(asyncio.create_task(self._report()))
         return source
 
-    async def _serve(self, source: asyncio.Future[Any] | None, stopped: asyncio.Task[Any]) -> None:
-        """Run until SIGTERM, a run limit, or the source ending (raises its error)."""
+    async def _serve(self, source: asyncio.Future[Any] | None, stopped: asyncio.Task[Any]) -> int:
+        """Run until SIGTERM, a run limit, the source ending (raises its error) or the
+        sink failing for good (returns 3); returns the exit code so far."""
         waiters: list[asyncio.Future[Any]] = [stopped]
         if source is not None:
             waiters.append(source)
         if self.cfg.limits.max_seconds is not None:
             waiters.append(asyncio.create_task(asyncio.sleep(self.cfg.limits.max_seconds)))
+        sink_failed = asyncio.create_task(self._sink_failure())
+        waiters.append(sink_failed)
         done, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         for task in pending:
             if task is not source:
@@ -235,7 +240,21 @@ class App:
             exc = source.exception()
             if exc is not None:
                 raise exc
+        code = 0
+        if sink_failed in done:
+            self._failed = f"sink failed: {sink_failed.result()}"
+            log.error("runtime stopping: %s (trajectories cannot be written)", self._failed)
+            code = watchdog.EXIT_CODE
         log.info("draining")
+        return code
+
+    async def _sink_failure(self) -> str:
+        """Returns once the sink has failed for good, with the reason."""
+        while True:
+            failure = None if self.sink is None else self.sink.failure
+            if failure is not None:
+                return failure
+            await asyncio.sleep(_SINK_CHECK_SECONDS)
 
     async def _drain(self, tasks: list[asyncio.Task[Any]], code: int) -> int:
         """Stop the source, flush and close, in about `drainSeconds`.

@@ -125,7 +125,9 @@ class RuntimeMetrics:
             f"{PREFIX}_trajectories_written", "Trajectories a sink accepted.", registry=r
         )
         self.sink_errors = prom.Counter(
-            f"{PREFIX}_sink_errors", "Batches a sink refused (after retries).", registry=r
+            f"{PREFIX}_sink_errors",
+            "Batches a sink refused (each once, however often it was tried again).",
+            registry=r,
         )
         self.model_version = prom.Gauge(
             f"{PREFIX}_model_version", "Policy version in use.", registry=r

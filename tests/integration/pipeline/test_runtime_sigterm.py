@@ -9,6 +9,7 @@ Postgres rows hold exactly those steps, with the same content.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import signal
@@ -25,7 +26,7 @@ import yaml
 
 from relayrl_runtime import spec, streams
 from relayrl_runtime.inference import export
-from support import pipeline, postgres, trajectories
+from support import natsserver, pipeline, postgres, trajectories
 
 pytestmark = pytest.mark.slow
 
@@ -134,3 +135,66 @@ def _read_arrow_like(root: Path, schema: pa.Schema) -> pa.Table:
         table.schema.get_field_index("agent"), "agent", table.column("agent").cast(pa.utf8())
     )
     return trajectories.sort(table.select(schema.names).cast(schema))
+
+
+def test_a_stream_that_refuses_every_message_stops_the_runtime_with_exit_3(
+    nats_server: natsserver.NatsServer, tmp_path: Path
+) -> None:
+    # A stream that refuses the runtime's messages (here: its size limit cut by hand)
+    # is a sink failed for good. The runtime must not go on stepping environments
+    # whose trajectories it cannot write: it says why and exits 3.
+    model = tmp_path / "model"
+    export.export_mlp(model, spec.ModelFormat.ONNX, version=1)
+    cfg: dict[str, Any] = {
+        "agent": pipeline.AGENT,
+        "namespace": pipeline.NAMESPACE,
+        "actors": 4,
+        "model": {"uri": str(model), "format": "onnx"},
+        "environment": {"gymnasium": {"id": "CartPole-v1"}},
+        "trajectories": {"maxLength": 200, "nats": {"url": nats_server.url}},
+        "server": {"host": "127.0.0.1", "port": pipeline.free_port()},
+        "drainSeconds": 10,
+        "logFormat": "json",
+    }
+    config = tmp_path / "runtime.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    stream = streams.stream_name(pipeline.NAMESPACE, pipeline.AGENT)
+
+    async def messages() -> int:
+        nc = await nats.connect(nats_server.url)
+        try:
+            return int((await nc.jetstream().stream_info(stream)).state.messages)
+        except nats.js.errors.NotFoundError:
+            return 0
+        finally:
+            await nc.close()
+
+    async def refuse_all() -> None:
+        nc = await nats.connect(nats_server.url)
+        try:
+            js = nc.jetstream()
+            info = await js.stream_info(stream)
+            await js.update_stream(dataclasses.replace(info.config, max_msg_size=64))
+        finally:
+            await nc.close()
+
+    log_path = tmp_path / "runtime.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [str(RUNTIME), "run", "--config", str(config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    try:
+        pipeline.wait_until("runtime publishing", lambda: asyncio.run(messages()) > 0, 90)
+        asyncio.run(refuse_all())
+        code = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    logs = log_path.read_text()
+    assert code == 3, logs[-4000:]
+    assert "runtime stopping: sink failed" in logs, logs[-4000:]
+    assert "maximum" in logs, logs[-4000:]  # the server's reason, passed on

@@ -312,3 +312,65 @@ def test_a_batch_that_cannot_be_encoded_does_not_stop_the_router(
     done.join(30)
     assert not done.is_alive(), "the drain blocked: the router thread is gone"
     assert _read(sink).num_rows == 2
+
+
+class _Refusing:
+    """A local file sink whose writes fail `refusals` times, then for good if `final`."""
+
+    def __init__(self, inner: local.LocalFileSink, refusals: int, final: str | None = None):
+        self.inner = inner
+        self.refusals = refusals
+        self.final = final
+        self.attempts = 0
+
+    @property
+    def connected(self) -> bool:
+        return self.inner.connected
+
+    @property
+    def failure(self) -> str | None:
+        return self.final if self.attempts > self.refusals else None
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        self.attempts += 1
+        if self.attempts <= self.refusals or self.final is not None:
+            raise OSError("no space left on device")
+        self.inner.write(batch)
+
+    def flush(self) -> None:
+        self.inner.flush()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_a_sink_that_refuses_for_a_while_loses_nothing(
+    models: dict[str, Path], sink: local.LocalFileSink
+) -> None:
+    # Four refusals take 0.05 + 0.1 + 0.2 + 0.4 s: the router keeps the batch meanwhile.
+    refusing = _Refusing(sink, refusals=4)
+    a = agent_mod.Agent(models["onnx"], actor_count=1, router_scale=1, sink=refusing)
+    a.request_action([0], _obs(1))
+    a.request_action([0], _obs(1, 1))
+    a.flag_last_action([0])
+    a.shutdown()
+    assert refusing.attempts == 5
+    assert _read(sink).num_rows == 2
+    assert a.metrics.sink_errors._value.get() == 1  # one refused batch, however many tries
+    assert a.metrics.trajectories_written._value.get() == 1
+
+
+def test_a_sink_failed_for_good_does_not_hold_the_router(
+    models: dict[str, Path], sink: local.LocalFileSink
+) -> None:
+    refusing = _Refusing(sink, refusals=1, final="stream refuses every message")
+    a = agent_mod.Agent(models["onnx"], actor_count=1, router_scale=1, sink=refusing)
+    a.request_action([0], _obs(1))
+    a.flag_last_action([0])
+    done = threading.Thread(target=a.shutdown)
+    done.start()
+    done.join(30)
+    assert not done.is_alive(), "the router kept trying a sink that failed for good"
+    assert refusing.attempts == 2
+    assert a.metrics.sink_errors._value.get() == 2
+    assert a.metrics.trajectories_written._value.get() == 0

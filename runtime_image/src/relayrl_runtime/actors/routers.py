@@ -25,7 +25,11 @@ log = logging.getLogger(__name__)
 
 _RETIRE: Final = object()
 _COALESCE_ROWS: Final = 65_536
-_SINK_RETRIES: Final = 3
+# A refused write is tried again after these pauses (doubling up to the maximum); the
+# attempts in _LOUD_ATTEMPTS are logged as errors, the others at debug level.
+_RETRY_FIRST_SECONDS: Final = 0.05
+_RETRY_MAX_SECONDS: Final = 5.0
+_LOUD_ATTEMPTS: Final = frozenset({1, 3, 10, 30, 100, 300, 1000})
 MAX_ROUTERS: Final = 64
 
 
@@ -149,23 +153,40 @@ class RouterPool:
             )
             self._metrics.sink_errors.inc()
             return
-        delay = 0.05
-        for attempt in range(1, _SINK_RETRIES + 1):
+        # A sink that may still take the batch gets it again and again: the queue fills
+        # meanwhile and the actors wait (backpressure), nothing is dropped. One that
+        # has failed for good says so, and the runtime stops (the app watches it).
+        delay = _RETRY_FIRST_SECONDS
+        attempt = 0
+        while True:
+            attempt += 1
             try:
                 self.sink.write(record)
-            except Exception:
-                if attempt == _SINK_RETRIES:
-                    log.exception(
-                        "router: sink refused %d trajectories (%d rows) after %d attempts",
+            except Exception as err:
+                failure = self.sink.failure
+                if failure is not None:
+                    log.error(
+                        "router: %d trajectories (%d rows) not written: the sink failed (%s)",
                         steps.trajectories,
                         steps.rows,
-                        attempt,
+                        failure,
                     )
                     self._metrics.sink_errors.inc()
                     return
-                log.warning("router: sink write failed (attempt %d), retrying", attempt)
+                if attempt == 1:
+                    self._metrics.sink_errors.inc()
+                log.log(
+                    logging.ERROR if attempt in _LOUD_ATTEMPTS else logging.DEBUG,
+                    "router: sink refused %d trajectories (%d rows), attempt %d (%s);"
+                    " trying again in %.2gs",
+                    steps.trajectories,
+                    steps.rows,
+                    attempt,
+                    err,
+                    delay,
+                )
                 time.sleep(delay)
-                delay *= 4
+                delay = min(delay * 2, _RETRY_MAX_SECONDS)
             else:
                 self._metrics.trajectories_written.inc(steps.trajectories)
                 return

@@ -2,9 +2,11 @@
 
 Router threads call `write` concurrently, so implementations are thread-safe. `write`
 may block (that is the backpressure path: routers stop, their queue fills, actors wait)
-but must not drop a batch silently: it raises if the batch cannot be taken, and the
-router counts and logs the failure. `flush` makes everything written so far durable or
-visible; `close` flushes and releases resources; the agent calls both on drain.
+but must not drop a batch silently: it raises if the batch cannot be taken. The router
+then writes it again, with a growing pause, for as long as `failure` is None; a sink
+that can take nothing ever again says why in `failure`, and the runtime stops (exit 3).
+`flush` makes everything written so far durable or visible; `close` flushes and
+releases resources; the agent calls both on drain.
 """
 
 from __future__ import annotations
@@ -24,6 +26,11 @@ class TrajectorySink(Protocol):
     @property
     def connected(self) -> bool:
         """Whether the sink can take batches now (feeds /readyz)."""
+        ...
+
+    @property
+    def failure(self) -> str | None:
+        """Why the sink can take no batch ever again; None while it still may."""
         ...
 
     def write(self, batch: pa.RecordBatch) -> None:

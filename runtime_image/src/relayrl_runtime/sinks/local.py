@@ -60,6 +60,12 @@ class LocalFileSink:
     def connected(self) -> bool:
         return not self._closed and os.access(self.directory, os.W_OK)
 
+    @property
+    def failure(self) -> str | None:
+        # Only closing is for good: a failed write (a full disk, a directory made
+        # read-only) may succeed later.
+        return f"{self.directory}: sink is closed" if self._closed else None
+
     def write(self, batch: pa.RecordBatch) -> None:
         with self._lock:
             if self._closed:

@@ -168,6 +168,14 @@ class NatsPublisher:
         nc = self._nc
         return nc is not None and nc.is_connected and not self._closed
 
+    @property
+    def failure(self) -> str | None:
+        """Why publishing stopped for good (a refused message, a broken I/O loop)."""
+        failed = self._failed
+        if failed is not None:
+            return str(failed) or type(failed).__name__
+        return f"publisher to {self.subject} is closed" if self._closed else None
+
     def start(self) -> None:
         """Start the I/O thread; connecting goes on in the background until it succeeds."""
         if self._thread is not None:
