@@ -17,6 +17,7 @@ words by `Agent.model_validate` and by `kubectl apply`.
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -39,6 +40,19 @@ SINGULAR: Final = "agent"
 MAX_NAME_LENGTH: Final = 40
 
 GPU_RESOURCE: Final = "nvidia.com/gpu"
+
+# What nats-py can connect to: nats:// or tls:// URLs, comma separated, each with a
+# host (name, IPv4 or [IPv6]), optional user info and an optional port in 1..65535.
+_PORT: Final = (
+    r"(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3})"
+)
+_NATS_URL: Final = (
+    rf"(nats|tls)://([^\s@/,]+@)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9_.-]*[A-Za-z0-9])?)"
+    rf"(:{_PORT})?/?"
+)
+NATS_URLS: Final = rf"^{_NATS_URL}(,{_NATS_URL})*$"
+# A model's place: a path, a file:// URI, or a registry object (registry.ModelRef).
+MODEL_URI: Final = r"^(/.*|file://.*|objectstore://[A-Za-z0-9_-]+/[^/?#\s]+)$"
 
 
 @dataclass(frozen=True)
@@ -252,10 +266,18 @@ class ConditionStatus(enum.StrEnum):
 class ModelSpec(SpecModel):
     """The policy every actor runs."""
 
+    rules = (
+        Rule(
+            cel=f"self.uri.matches(r'{MODEL_URI}')",
+            message="expected an absolute path, a file:// URI or objectstore://<bucket>/<name>",
+            holds=lambda m: re.fullmatch(MODEL_URI, m.uri) is not None,
+            field="uri",
+        ),
+    )
+
     uri: str = Field(
         min_length=1,
         max_length=2048,
-        pattern=r"^(/|file://|objectstore://)",
         description=(
             "Where the model is: an absolute path or file:// URI of a model directory "
             "(with relayrl-model.json) or file, or objectstore://<bucket>/<name> for the "
@@ -398,10 +420,21 @@ class NatsSpec(SpecModel):
         ),
     )
 
+    rules = (
+        Rule(
+            cel=f"!has(self.url) || self.url.matches(r'{NATS_URLS}')",
+            message=(
+                "expected nats:// or tls:// URLs, comma separated, each with a host"
+                " and an optional port in 1..65535"
+            ),
+            holds=lambda n: re.fullmatch(NATS_URLS, n.url) is not None,
+            field="url",
+        ),
+    )
+
     url: str = Field(
         default="nats://nats:4222",
         max_length=2048,
-        pattern=r"^(nats|tls)://[^\s]+$",
         description="NATS server URL(s), comma separated.",
     )
     stream: str | None = Field(
