@@ -84,6 +84,10 @@ def _parser() -> argparse.ArgumentParser:
     lst.add_argument("--nats", required=True)
     lst.add_argument("--bucket", required=True)
     lst.set_defaults(func=_list)
+    for registry_command in (push, lst):
+        registry_command.add_argument(
+            "--connect-timeout", type=float, default=30.0, help="give up on NATS after this long"
+        )
     return parser
 
 
@@ -122,9 +126,12 @@ def _export(args: argparse.Namespace) -> int:
 
 def _push(args: argparse.Namespace) -> int:
     from relayrl_runtime import registry
+    from relayrl_runtime.inference import model
+
+    model.read_metadata(args.directory)  # a bad directory fails before any connection
 
     async def go() -> registry.Entry:
-        nc = await registry.connect(args.nats)
+        nc = await registry.connect(args.nats, args.connect_timeout)
         try:
             return await registry.push(nc, args.bucket, args.name, args.directory)
         finally:
@@ -139,7 +146,7 @@ def _list(args: argparse.Namespace) -> int:
     from relayrl_runtime import registry
 
     async def go() -> list[registry.Entry]:
-        nc = await registry.connect(args.nats)
+        nc = await registry.connect(args.nats, args.connect_timeout)
         try:
             return await registry.list_models(nc, args.bucket)
         finally:

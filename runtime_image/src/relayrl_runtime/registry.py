@@ -13,19 +13,21 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import re
 import tarfile
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import nats
 from nats.js import api
 from nats.js import errors as js_errors
 
-from relayrl_runtime import errors
+from relayrl_runtime import errors, spec, streams
 from relayrl_runtime.inference import model
 
 SCHEME = "objectstore"
+# How long the registry commands wait for NATS before they give up.
+CONNECT_SECONDS = 30.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,14 +159,22 @@ async def fetch(nc: Any, ref: ModelRef, cache: Path) -> tuple[Path, Entry]:
     return target, entry
 
 
-async def connect(url: str) -> Any:
-    """A NATS connection for registry use."""
-    return await nats.connect(
-        servers=[u.strip() for u in url.split(",")],
-        connect_timeout=5,
-        max_reconnect_attempts=-1,
-        reconnect_time_wait=1,
-    )
+async def connect(url: str, deadline: float = CONNECT_SECONDS) -> Any:
+    """A NATS connection for the registry commands (push, list).
+
+    Auth and TLS come from the RELAYRL_NATS_* variables, as for the runtime. A URL
+    that is not one is refused up front; a server not reachable within `deadline`
+    seconds raises `errors.RelayRLError` naming it.
+    """
+    if re.fullmatch(spec.NATS_URLS, url) is None:
+        raise errors.InvalidArgumentError.mismatch(
+            "nats URL", "nats:// or tls:// URLs, comma separated, each with a host", repr(url)
+        )
+    try:
+        options = streams.ConnectOptions.from_env(servers=url)
+        return await streams.connect(options, deadline=deadline)
+    except streams.ConnectError as err:
+        raise errors.RelayRLError(str(err)) from err
 
 
 def _entry(obj: Any) -> Entry:

@@ -101,3 +101,26 @@ def test_pinned_version_and_missing_model(
     finally:
         proc.kill()
     assert "no object 'nope' in bucket 'models'" in proc.logs()
+
+
+def test_registry_commands_fail_clearly_and_in_time(models: dict[str, Path]) -> None:
+    # Nothing listens on this port: the command must give up, not retry forever.
+    unreachable = f"nats://127.0.0.1:{helpers.free_port()}"
+    cases = [
+        (["push", str(models["onnx"]), "--nats", "nats://nats:42x2"], "nats URL: expected"),
+        (["push", "/nonexistent-model", "--nats", unreachable], "relayrl-model.json"),
+        (["push", str(models["onnx"]), "--nats", unreachable], "not reachable within 2.0s"),
+        (["list", "--nats", unreachable], "not reachable within 2.0s"),
+    ]
+    for args, message in cases:
+        done = subprocess.run(
+            [str(helpers.RUNTIME), "model", *args, "--bucket", "models", "--connect-timeout", "2"]
+            + (["--name", "cp"] if args[0] == "push" else []),
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert done.returncode == 2, (args, done.stderr)
+        assert message in done.stderr, (args, done.stderr)
+        assert "Traceback" not in done.stderr, done.stderr
