@@ -517,11 +517,19 @@ class App:
         ids = np.asarray(agent.get_actor_ids(), dtype=np.int64)
 
         def make_env(count: int) -> driver.VecEnv:
-            if env.gymnasium is not None:
-                g = env.gymnasium
-                return gym.make(g.id, count, vector_mode=g.vector_mode, kwargs=g.kwargs)
-            assert env.python is not None
-            return python.make(env.python.entry_point, count, env.python.kwargs)
+            field = "environment.gymnasium" if env.gymnasium is not None else "environment.python"
+            try:
+                if env.gymnasium is not None:
+                    g = env.gymnasium
+                    return gym.make(g.id, count, vector_mode=g.vector_mode, kwargs=g.kwargs)
+                assert env.python is not None
+                return python.make(env.python.entry_point, count, env.python.kwargs)
+            except errors.RelayRLError:
+                raise
+            except Exception as err:  # the env's own constructor: e.g. a kwarg it lacks
+                raise errors.InvalidArgumentError(
+                    f"{field}: the environment could not be made: {type(err).__name__}: {err}"
+                ) from err
 
         # An empty slice still gets a driver: a live config change may give it actors.
         venv = await asyncio.to_thread(make_env, len(ids)) if len(ids) else None

@@ -114,6 +114,11 @@ class ConfigWatcher:
                 "config %s changed but is invalid, keeping the running one: %s", self.path, err
             )
             return
+        except Exception:  # a parse failure nobody foresaw must not end the watch
+            log.exception(
+                "config %s changed but could not be read, keeping the running one", self.path
+            )
+            return
         changed = changed_fields(self.running, new)
         cold = [".".join(p) for p in changed if not _is_hot(p)]
         if cold:

@@ -101,6 +101,9 @@ class PathWatcher(_Watcher):
         except errors.RelayRLError as err:
             self.agent.metrics.model_reloads.labels("failed").inc()
             log.error("hot reload from %s failed, keeping the current model: %s", self.path, err)
+        except Exception:  # whatever else a half-written directory raises: poll on
+            self.agent.metrics.model_reloads.labels("failed").inc()
+            log.exception("hot reload from %s failed, keeping the current model", self.path)
 
 
 class RegistryWatcher(_Watcher):

@@ -881,10 +881,18 @@ class InvalidSpecError(ValueError):
         problems = []
         for e in err.errors(include_url=False):
             parts = [root] if root else []
-            for p in e["loc"]:
-                if isinstance(p, int):
-                    parts[-1] += f"[{p}]"
-                elif not _is_union_tag(p):
+            loc = e["loc"]
+            for i, p in enumerate(loc):
+                if e["type"] == "invalid_key" and i == len(loc) - 1:
+                    break  # stands for the key itself, which the message names
+                if isinstance(p, int) and not isinstance(p, bool) and parts:
+                    parts[-1] += f"[{p}]"  # a list index
+                elif not isinstance(p, str):
+                    parts.append(str(p))  # a mapping key YAML read as a number or bool
+                elif not _is_union_tag(p) or (
+                    # The unknown key itself, even one named like a union member.
+                    e["type"] == "extra_forbidden" and i == len(loc) - 1
+                ):
                     parts.append(p)
             field = (e.get("ctx") or {}).get("field")
             if field:
@@ -901,6 +909,9 @@ def _is_union_tag(part: object) -> bool:
 
 def _describe(e: Mapping[str, Any]) -> str:
     msg = str(e["msg"])
+    if e["type"] == "invalid_key":
+        # YAML reads bare on/off/yes/no as booleans and digits as numbers.
+        return f"expected text keys, got the key {e['input']!r} (quote it)"
     if e["type"] in {"rule", "missing", "extra_forbidden"}:
         return {"missing": "required field is missing", "extra_forbidden": "unknown field"}.get(
             e["type"], msg

@@ -113,6 +113,17 @@ def test_bad_config_and_corrupt_model_fail_clearly(models: dict[str, Path], tmp_
         proc.kill()
     assert "not a loadable ONNX model" in proc.logs()
 
+    # An env whose constructor refuses its kwargs is a bad config too (exit 2), named.
+    env = {"gymnasium": {"id": "CartPole-v1", "kwargs": {"no_such_option": 1}}}
+    cfg = _config(models["onnx"], "onnx", tmp_path / "out2", environment=env)
+    (tmp_path / "env").mkdir()
+    proc = helpers.RuntimeProcess(tmp_path / "env", cfg)
+    try:
+        assert proc.proc.wait(60) == 2, proc.logs()
+    finally:
+        proc.kill()
+    assert "environment.gymnasium: the environment could not be made: TypeError" in proc.logs()
+
 
 def test_run_limit_stops_by_itself(models: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "out"

@@ -84,6 +84,9 @@ async def test_invalid_or_missing_file_keeps_the_running_config(
     assert "is invalid" in caplog.text
     path.write_text(": not yaml [")
     await w.check()
+    _write(path, {**BASE, True: 1})  # a bare `on:` key, read back as True
+    await w.check()
+    assert "expected text keys" in caplog.text
     os.unlink(path)
     await w.check()  # mid-swap: no file for a moment
     assert rec.calls == []

@@ -75,3 +75,19 @@ def test_error_message_shows_what_was_given() -> None:
 def test_parse_spec_roots_errors_at_spec() -> None:
     with pytest.raises(spec.InvalidSpecError, match=r"^spec\.routers: "):
         spec.parse_spec({**specs.base_manifest()["spec"], "routers": 0})
+
+
+@pytest.mark.parametrize(
+    ("extra", "problem"),
+    [
+        # YAML reads a bare `on:` as True and `1:` as 1: keys that name no field.
+        ({True: 1}, ("spec", "expected text keys, got the key True (quote it)")),
+        ({1: "x"}, ("spec", "expected text keys, got the key 1 (quote it)")),
+        # An unknown key named like a union member ("int", "str") is still named.
+        ({"int": 1}, ("spec.int", "unknown field")),
+    ],
+)
+def test_odd_keys_are_named_not_a_crash(extra: dict[object, object], problem: tuple) -> None:
+    with pytest.raises(spec.InvalidSpecError) as caught:
+        spec.parse_spec({**specs.base_manifest()["spec"], **extra})
+    assert caught.value.problems == (problem,)

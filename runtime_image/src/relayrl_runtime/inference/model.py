@@ -176,11 +176,13 @@ def read_metadata(directory: Path) -> ModelMetadata:
     """Read and validate `relayrl-model.json` in a model directory."""
     path = directory / METADATA_FILE
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise errors.ModelMetadataError(
             f"{path}: expected a model metadata file ({METADATA_FILE}), got none"
         ) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise errors.ModelMetadataError(f"{path}: expected readable UTF-8 JSON: {err}") from err
     try:
         return ModelMetadata.model_validate_json(text)
     except pydantic.ValidationError as err:
