@@ -37,6 +37,11 @@ def _setup_logging(level: str, fmt: str) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level, args.log_format)
+    try:
+        cfg = settings.Settings.from_env()
+    except ValueError as err:
+        print(f"relayrl-operator: error: {err}", file=sys.stderr)
+        return 2
     # Registers the handlers with Kopf's default registry.
     from relayrl_operator import handlers  # noqa: F401
 
@@ -44,7 +49,6 @@ def _run(args: argparse.Namespace) -> int:
         prometheus_client.start_http_server(
             args.metrics_port, addr=args.bind, registry=metrics.REGISTRY
         )
-    cfg = settings.Settings.from_env()
     if args.runtime_image:
         cfg = settings.Settings(
             runtime_image=args.runtime_image,
@@ -77,6 +81,16 @@ def _run(args: argparse.Namespace) -> int:
 _NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
+def _at_least_one(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value!r}")
+    return number
+
+
 def _namespace(value: str) -> str:
     """A namespace name. Kopf would also take a glob pattern, but the peering objects
     are per namespace, and the reconciler must find the ones Kopf uses."""
@@ -102,7 +116,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=_namespace,
         help="watch only this namespace (repeatable; default: all namespaces)",
     )
-    run.add_argument("--workers", type=int, default=16, help="parallel reconciles (default 16)")
+    run.add_argument(
+        "--workers", type=_at_least_one, default=16, help="parallel reconciles (default 16)"
+    )
     run.add_argument("--runtime-image", help="runtime image for actor and sink pods")
     run.add_argument("--bind", default="0.0.0.0", help="address of the HTTP endpoints")
     run.add_argument("--metrics-port", type=int, default=8080, help="/metrics port (-1: off)")
@@ -115,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="peering priority: a live peer of higher priority pauses this operator, and"
         " peers of equal priority all pause (default 0)",
     )
-    run.add_argument("--log-level", default="info")
+    run.add_argument("--log-level", type=str.lower, choices=logs.LEVELS, default="info")
     run.add_argument("--log-format", choices=["json", "text"], default="json")
     args = parser.parse_args(argv)
     if args.command == "crd":

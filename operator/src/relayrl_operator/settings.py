@@ -33,8 +33,15 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Settings from RELAYRL_* environment variables, defaults otherwise."""
         env = os.environ if environ is None else environ
+        raw = env.get(ENV_RESYNC_SECONDS, "30")
+        try:
+            resync = float(raw)
+        except ValueError:
+            resync = 0.0
+        if not resync >= 1:  # also NaN
+            raise ValueError(f"{ENV_RESYNC_SECONDS}: expected seconds >= 1, got {raw!r}")
         return cls(
             runtime_image=env.get(ENV_RUNTIME_IMAGE, DEFAULT_RUNTIME_IMAGE),
             image_pull_policy=env.get(ENV_IMAGE_PULL_POLICY, "IfNotPresent"),
-            resync_seconds=float(env.get(ENV_RESYNC_SECONDS, "30")),
+            resync_seconds=resync,
         )

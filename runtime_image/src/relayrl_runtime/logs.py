@@ -11,6 +11,9 @@ import sys
 import time
 from typing import Final
 
+# The levels the command lines take (--log-level), lower case.
+LEVELS: Final = ("debug", "info", "warning", "error")
+
 _RESERVED: Final = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None)))
 
 

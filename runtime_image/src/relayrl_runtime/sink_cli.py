@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
         help="Do not create the stream (the operator owns it).",
     )
     common.add_argument("--log-format", choices=["text", "json"], default="text")
-    common.add_argument("--log-level", default="info")
+    common.add_argument("--log-level", type=str.lower, choices=logs.LEVELS, default="info")
     sub = p.add_subparsers(dest="command", required=True)
 
     arrow = sub.add_parser("arrow", parents=[common], help="Write Parquet / Arrow IPC files.")
@@ -117,7 +117,10 @@ def build(args: argparse.Namespace) -> service.SinkService:
 
         def dsn() -> str:
             if dsn_file is not None:
-                return dsn_file.read_text().strip()
+                try:
+                    return dsn_file.read_text().strip()
+                except OSError as err:
+                    raise OSError(f"--dsn-file {dsn_file}: {err.strerror or err}") from err
             return postgres.read_dsn()
 
         dsn()  # fail now, with the message, if no DSN is configured at all
@@ -138,14 +141,20 @@ async def _run(svc: service.SinkService) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry point."""
+    """Console entry point: exit 0 after a clean stop, 2 on bad arguments or settings."""
     args = _parser().parse_args(argv)
     logs.setup(args.log_format, logging.getLevelName(args.log_level.upper()))
+    log = logging.getLogger("relayrl_runtime.sink_cli")
     try:
         svc = build(args)
+    except (service.PermanentError, streams.ConnectError, ValueError, OSError) as err:
+        # A bad --agent or --nats-url, an unreadable --dsn-file: say which, no traceback.
+        log.error("relayrl-sink %s: %s", args.command, err)
+        return 2
+    try:
         asyncio.run(_run(svc))
     except (service.PermanentError, streams.ConnectError) as err:
-        logging.getLogger("relayrl_runtime.sink_cli").error("%s", err)
+        log.error("%s", err)
         return 2
     return 0
 

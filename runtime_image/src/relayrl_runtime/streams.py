@@ -23,6 +23,7 @@ import dataclasses
 import logging
 import os
 import random
+import re
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
@@ -410,7 +411,13 @@ def split_servers(url: str) -> tuple[str, ...]:
     """`nats://a:4222,nats://b:4222` -> both URLs."""
     servers = tuple(s.strip() for s in url.split(",") if s.strip())
     if not servers:
-        raise ConnectError("nats url: no server given")
+        raise ConnectError("nats URL: no server given")
+    for server in servers:
+        if re.fullmatch(spec.NATS_URLS, server) is None:
+            raise ConnectError(
+                f"nats URL: expected nats:// or tls:// URLs, comma separated, each with a host"
+                f" and an optional port in 1..65535, got {server!r}"
+            )
     return servers
 
 

@@ -120,7 +120,10 @@ def read_dsn(dsn: str | None = None, environ: Mapping[str, str] | None = None) -
         return env[ENV_DSN]
     path = env.get(ENV_DSN_FILE)
     if path:
-        return Path(path).read_text().strip()
+        try:
+            return Path(path).read_text().strip()
+        except OSError as err:
+            raise OSError(f"{ENV_DSN_FILE} {path}: {err.strerror or err}") from err
     raise service.PermanentError(
         f"postgres: no DSN; pass --dsn-file, set {ENV_DSN}, "
         f"or mount a Secret and set {ENV_DSN_FILE}"

@@ -1,0 +1,70 @@
+"""Ordinary mistakes on the command lines: a message naming what is wrong, exit 2, no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from relayrl_operator import settings
+from relayrl_runtime import streams
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["relayrl-sink", "arrow", "--agent", "a.b", "--path", "/tmp/x"],
+            "agent: not a valid NATS subject token",
+        ),
+        (
+            [
+                "relayrl-sink",
+                "arrow",
+                "--agent",
+                "a",
+                "--path",
+                "/tmp/x",
+                "--nats-url",
+                "nats://n:42x2",
+            ],
+            "nats URL: expected nats:// or tls:// URLs",
+        ),
+        (
+            ["relayrl-sink", "postgres", "--agent", "a", "--dsn-file", "/nonexistent/dsn"],
+            "--dsn-file /nonexistent/dsn: No such file or directory",
+        ),
+        (
+            ["relayrl-sink", "arrow", "--agent", "a", "--path", "/x", "--log-level", "loud"],
+            "invalid choice",
+        ),
+        (["relayrl-operator", "run", "--workers", "0"], "expected a whole number >= 1"),
+        (["relayrl-operator", "run", "--log-level", "verbose"], "invalid choice"),
+    ],
+)
+def test_bad_arguments_exit_2_with_a_message(argv: list[str], message: str) -> None:
+    done = subprocess.run(
+        [str(BIN / argv[0]), *argv[1:]], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("raw", ["0", "30s", "nan", "-5"])
+def test_a_bad_resync_period_is_named(raw: str) -> None:
+    with pytest.raises(
+        ValueError, match=f"RELAYRL_RESYNC_SECONDS: expected seconds >= 1, got '{raw}'"
+    ):
+        settings.Settings.from_env({"RELAYRL_RESYNC_SECONDS": raw})
+    assert settings.Settings.from_env({"RELAYRL_RESYNC_SECONDS": "5"}).resync_seconds == 5
+
+
+@pytest.mark.parametrize("url", ["nats://:4222", "nats://h:99999", "nats://a:1, http://b:2"])
+def test_connect_options_refuse_a_url_nats_cannot_use(url: str) -> None:
+    with pytest.raises(streams.ConnectError, match="nats URL: expected"):
+        streams.ConnectOptions.from_env({}, servers=url)
