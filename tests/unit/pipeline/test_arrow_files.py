@@ -181,3 +181,22 @@ async def test_a_shared_root_holds_each_agents_own_position(tmp_path: Path) -> N
         assert await w.open() == 1
     finally:
         await w.close()
+
+
+def test_a_column_parquet_cannot_hold_is_refused_before_any_file(tmp_path: Path) -> None:
+    # Accepted, it would fail the file's commit, and after each restart again.
+    good = pa.Table.from_batches([trajectories.batch(2, 0)])
+    kinds = pa.array([0, 1] * (good.num_rows // 2) + [0] * (good.num_rows % 2), pa.int8())
+    union = pa.UnionArray.from_sparse(
+        kinds, [pa.array(range(good.num_rows)), pa.array(["x"] * good.num_rows)]
+    )
+    odd = good.append_column("aux_union", union)
+    parquet = arrow_stream.ArrowStreamWriter(tmp_path, trajectories.AGENT)
+    parquet.check(good)
+    with pytest.raises(service.InvalidMessageError, match="no Parquet form") as err:
+        parquet.check(odd)
+    assert err.value.reason == service.DeadLetterReason.SCHEMA_MISMATCH
+    parquet.check(good)
+    # Arrow IPC files hold any Arrow type.
+    ipc = arrow_stream.ArrowStreamWriter(tmp_path, trajectories.AGENT, spec.SinkFormat.ARROW)
+    ipc.check(odd)

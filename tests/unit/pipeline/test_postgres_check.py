@@ -57,3 +57,12 @@ def test_a_uint64_beyond_bigint_is_refused_by_name() -> None:
     ):
         with pytest.raises(service.InvalidMessageError, match=r"column big holds \d+, more than"):
             w.check(pa.table({"big": column}))
+
+
+@pytest.mark.parametrize("name", ["stream_seq", "schema_version", ""])
+def test_a_column_named_like_the_sinks_own_or_unnamed_is_refused(name: str) -> None:
+    good = table()
+    odd = good.append_column(name, pa.array([1] * good.num_rows, pa.int64()))
+    with pytest.raises(service.InvalidMessageError, match="the sink's own or empty") as err:
+        writer({}).check(odd)
+    assert err.value.reason == service.DeadLetterReason.SCHEMA_MISMATCH

@@ -315,6 +315,8 @@ class ArrowStreamWriter:
             1, thread_name_prefix="arrow-sink-commit"
         )
         self.files_committed = 0
+        # The last schema found writable as Parquet (messages nearly always share one).
+        self._writable: pa.Schema | None = None
 
     @property
     def pending(self) -> bool:
@@ -379,7 +381,23 @@ class ArrowStreamWriter:
         return 0
 
     def check(self, table: pa.Table) -> None:
-        """Every decoded message fits: a new schema starts a new file."""
+        """A new schema starts a new file; for Parquet, it must be one Parquet can hold.
+
+        A column type Parquet has no form for (a union, say) would fail the file's
+        commit, after every restart again: such a message is dead-lettered instead.
+        """
+        if self.format is not spec.SinkFormat.PARQUET:
+            return
+        schema = table.schema
+        if self._writable is not None and self._writable.equals(schema, check_metadata=True):
+            return
+        try:
+            pq.ParquetWriter(pa.BufferOutputStream(), schema).close()
+        except (pa.ArrowNotImplementedError, pa.ArrowInvalid, pa.ArrowTypeError) as err:
+            raise service.InvalidMessageError(
+                service.DeadLetterReason.SCHEMA_MISMATCH, f"no Parquet form: {err}"
+            ) from err
+        self._writable = schema
 
     async def add(self, delivery: service.Delivery) -> None:
         day = delivery.time.astimezone(dt.UTC).date()

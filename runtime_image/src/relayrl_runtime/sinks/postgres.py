@@ -460,9 +460,13 @@ def _beyond_bigint(col: pa.ChunkedArray) -> int | None:
     return top if top is not None and top > _BIGINT_MAX else None
 
 
+# The columns the sink writes itself, ahead of a message's own.
+OWN_COLUMNS: Final = ("stream_seq", "schema_version")
+
+
 def copy_columns(schema: pa.Schema) -> list[str]:
     """Column names a COPY of this schema writes, in order."""
-    return ["stream_seq", "schema_version", *schema.names]
+    return [*OWN_COLUMNS, *schema.names]
 
 
 # ----------------------------------------------------------------------- writer
@@ -574,8 +578,15 @@ class PostgresWriter:
     def check(self, table: pa.Table) -> None:
         """Refuse a message whose columns the table has (or will have) in another type.
 
-        COPY would fail on it every time, holding up every message after it.
+        COPY would fail on it every time, holding up every message after it; so it
+        would on a column named like the sink's own ones, or without a name.
         """
+        clash = [n for n in table.schema.names if n in OWN_COLUMNS or not n]
+        if clash:
+            raise service.InvalidMessageError(
+                service.DeadLetterReason.SCHEMA_MISMATCH,
+                f"column names {clash} are the sink's own or empty",
+            )
         wanted, unsigned = _column_types(table.schema)
         for name in unsigned:
             too_big = _beyond_bigint(table.column(name))

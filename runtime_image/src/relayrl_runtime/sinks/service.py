@@ -743,7 +743,9 @@ class SinkService:
 
 
 class PermanentError(Exception):
-    """A failure retrying cannot fix (bad DSN, permission denied): the process exits."""
+    """A failure no retry can fix (a file write that failed midway, a COPY Postgres
+    refused): the sink exits 2 with nothing of it acked. Connection and credential
+    problems are retried instead, /readyz answering 503 meanwhile."""
 
 
 def _widen_nats_reads() -> None:
