@@ -43,6 +43,9 @@ BIN = Path(sys.executable).parent
             "invalid choice",
         ),
         (["relayrl-operator", "run", "--workers", "0"], "expected a whole number >= 1"),
+        (["relayrl-runtime", "model", "export", "/tmp/x", "--version", "0"], "expected a whole"),
+        (["relayrl-runtime", "model", "export", "/tmp/x", "--hidden", "64,a"], "layer widths"),
+        (["relayrl-runtime", "simulate", "--address", "localhost:5555"], "expected tcp://"),
         (["relayrl-operator", "run", "--log-level", "verbose"], "invalid choice"),
     ],
 )

@@ -39,9 +39,12 @@ def default_dir() -> Path:
 
 
 def _read_state(directory: Path) -> dict[str, Any] | None:
+    """The recorded state; None when there is none or it is not one (no process id)."""
     try:
-        state: dict[str, Any] = json.loads((directory / STATE_FILE).read_text())
+        state = json.loads((directory / STATE_FILE).read_text())
     except (OSError, ValueError):
+        return None
+    if not isinstance(state, dict) or not isinstance(state.get("pid"), int):
         return None
     return state
 
@@ -77,7 +80,10 @@ def start_stack(
     state = _read_state(directory)
     if state:
         _stop_recorded(directory, state)
-    binaries.ensure_binaries()
+    try:
+        binaries.ensure_binaries()
+    except binaries.BinariesError as err:
+        raise StackError(f"the control-plane binaries are not available: {err}") from err
     log = directory / "localstack.log"
     log.write_text("")
     daemon = procs.spawn(

@@ -51,7 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
 
     sim = sub.add_parser("simulate", help="step gymnasium envs through a remote endpoint")
-    sim.add_argument("--address", required=True, help="the endpoint, tcp://HOST:PORT")
+    sim.add_argument(
+        "--address", required=True, type=_zmq_address, help="the endpoint, tcp://HOST:PORT"
+    )
     sim.add_argument("--env", default="CartPole-v1", help="gymnasium environment id")
     sim.add_argument("--envs", type=int, default=4, help="environment copies (one actor each)")
     sim.add_argument("--steps", type=int, default=None, help="stop after this many env steps")
@@ -68,10 +70,12 @@ def _parser() -> argparse.ArgumentParser:
     export = msub.add_parser("export", help="write a small MLP model directory")
     export.add_argument("directory", type=Path)
     export.add_argument("--format", choices=[f.value for f in spec.ModelFormat], default="onnx")
-    export.add_argument("--obs-dim", type=int, default=4)
-    export.add_argument("--actions", type=int, default=2)
-    export.add_argument("--hidden", default="64,64", help="comma separated layer widths")
-    export.add_argument("--version", type=int, default=1)
+    export.add_argument("--obs-dim", type=_at_least_one, default=4)
+    export.add_argument("--actions", type=_at_least_one, default=2)
+    export.add_argument(
+        "--hidden", type=_widths, default=[64, 64], help="comma separated layer widths"
+    )
+    export.add_argument("--version", type=_at_least_one, default=1)
     export.add_argument("--seed", type=int, default=0)
     export.set_defaults(func=_export)
     push = msub.add_parser("push", help="upload a model directory to the registry")
@@ -89,6 +93,31 @@ def _parser() -> argparse.ArgumentParser:
             "--connect-timeout", type=float, default=30.0, help="give up on NATS after this long"
         )
     return parser
+
+
+def _at_least_one(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value!r}")
+    return number
+
+
+def _widths(value: str) -> list[int]:
+    try:
+        return [_at_least_one(w) for w in value.split(",") if w.strip()]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma separated layer widths >= 1, got {value!r}"
+        ) from None
+
+
+def _zmq_address(value: str) -> str:
+    if not value.startswith(("tcp://", "ipc://")) or value.endswith("//"):
+        raise argparse.ArgumentTypeError(f"expected tcp://HOST:PORT, got {value!r}")
+    return value
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -110,13 +139,12 @@ def _simulate(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from relayrl_runtime.inference import export
 
-    hidden = [int(h) for h in str(args.hidden).split(",") if h]
     meta = export.export_mlp(
         args.directory,
         spec.ModelFormat(args.format),
         obs_dim=args.obs_dim,
         action_size=args.actions,
-        hidden=hidden,
+        hidden=args.hidden,
         version=args.version,
         seed=args.seed,
     )

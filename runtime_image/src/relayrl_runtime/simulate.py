@@ -99,7 +99,10 @@ def run(
     if envs < 1:
         raise ValueError(f"envs: expected at least 1, got {envs}")
     stop = stop or threading.Event()
-    copies = [gymnasium.make(env_id) for _ in range(envs)]
+    try:
+        copies = [gymnasium.make(env_id) for _ in range(envs)]
+    except gymnasium.error.Error as err:
+        raise ValueError(f"env: {env_id!r}: {err}") from err
     obs = np.stack([env.reset(seed=seed + i)[0] for i, env in enumerate(copies)])
     remote, ids = _connect(address, envs, connect_timeout)
     summary = Summary(actor_ids=ids)
