@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from relayrl_operator import settings
 from relayrl_runtime import streams
@@ -71,3 +73,32 @@ def test_a_bad_resync_period_is_named(raw: str) -> None:
 def test_connect_options_refuse_a_url_nats_cannot_use(url: str) -> None:
     with pytest.raises(streams.ConnectError, match="nats URL: expected"):
         streams.ConnectOptions.from_env({}, servers=url)
+
+
+def test_a_runtime_port_in_use_is_named(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "runtime.yaml"
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "agent": "a",
+                    "actors": 1,
+                    "model": {"uri": str(tmp_path / "model"), "format": "onnx"},
+                    "environment": {"gymnasium": {"id": "CartPole-v1"}},
+                    "localSink": {"path": str(tmp_path / "out")},
+                    "server": {"host": "127.0.0.1", "port": port},
+                }
+            )
+        )
+        done = subprocess.run(
+            [str(BIN / "relayrl-runtime"), "run", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert done.returncode == 2, done.stderr
+    assert f"server.port: cannot listen on 127.0.0.1:{port}" in done.stderr, done.stderr

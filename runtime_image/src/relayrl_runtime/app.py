@@ -148,7 +148,13 @@ class App:
         server = httpserver.HttpServer(
             self.metrics.exposition, self.healthy, self.ready, self.bind_host, cfg.server.port
         )
-        self.http_port = await server.start()
+        try:
+            self.http_port = await server.start()
+        except OSError as err:
+            raise errors.InvalidArgumentError(
+                f"server.port: cannot listen on {self.bind_host}:{cfg.server.port}:"
+                f" {err.strerror or err}"
+            ) from err
         log.info("http server on %s:%d", self.bind_host, self.http_port)
         tasks: list[asyncio.Task[Any]] = []
         cache_dir = None
