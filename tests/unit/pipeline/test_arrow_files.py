@@ -197,6 +197,11 @@ def test_a_column_parquet_cannot_hold_is_refused_before_any_file(tmp_path: Path)
         parquet.check(odd)
     assert err.value.reason == service.DeadLetterReason.SCHEMA_MISMATCH
     parquet.check(good)
+    # A dictionary of lists has a Parquet schema, but no writer for its data.
+    obs = good.column("obs").combine_chunks()
+    nested = pa.DictionaryArray.from_arrays(pa.array(range(len(obs)), pa.int32()), obs)
+    with pytest.raises(service.InvalidMessageError, match="no Parquet form"):
+        parquet.check(good.set_column(good.schema.get_field_index("obs"), "obs", nested))
     # Arrow IPC files hold any Arrow type.
     ipc = arrow_stream.ArrowStreamWriter(tmp_path, trajectories.AGENT, spec.SinkFormat.ARROW)
     ipc.check(odd)

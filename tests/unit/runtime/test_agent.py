@@ -372,5 +372,24 @@ def test_a_sink_failed_for_good_does_not_hold_the_router(
     done.join(30)
     assert not done.is_alive(), "the router kept trying a sink that failed for good"
     assert refusing.attempts == 2
-    assert a.metrics.sink_errors._value.get() == 2
+    assert a.metrics.sink_errors._value.get() == 1
     assert a.metrics.trajectories_written._value.get() == 0
+
+
+def test_a_local_sink_whose_write_failed_is_done_and_says_why(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    sink = local.LocalFileSink(out)
+    out.rmdir()
+    out.write_text("a file where the directory was")  # every open now fails
+    a = agent_mod.Agent(models["onnx"], actor_count=1, router_scale=1, sink=sink)
+    a.request_action([0], _obs(1))
+    a.flag_last_action([0])
+    done = threading.Thread(target=a.shutdown)
+    done.start()
+    done.join(30)
+    assert not done.is_alive(), "the router kept trying a file that cannot be written"
+    assert "NotADirectoryError" in str(sink.failure)
+    assert a.metrics.sink_errors._value.get() == 1
+    assert sink.files == []

@@ -26,10 +26,11 @@ log = logging.getLogger(__name__)
 _RETIRE: Final = object()
 _COALESCE_ROWS: Final = 65_536
 # A refused write is tried again after these pauses (doubling up to the maximum); the
-# attempts in _LOUD_ATTEMPTS are logged as errors, the others at debug level.
+# first three attempts and every _LOUD_EVERY-th (5 minutes apart at the maximum) are
+# logged as errors, the others at debug level.
 _RETRY_FIRST_SECONDS: Final = 0.05
 _RETRY_MAX_SECONDS: Final = 5.0
-_LOUD_ATTEMPTS: Final = frozenset({1, 3, 10, 30, 100, 300, 1000})
+_LOUD_EVERY: Final = 60
 MAX_ROUTERS: Final = 64
 
 
@@ -163,7 +164,9 @@ class RouterPool:
             try:
                 self.sink.write(record)
             except Exception as err:
-                failure = self.sink.failure
+                if attempt == 1:
+                    self._metrics.sink_errors.inc()
+                failure = _failure(self.sink)
                 if failure is not None:
                     log.error(
                         "router: %d trajectories (%d rows) not written: the sink failed (%s)",
@@ -171,12 +174,9 @@ class RouterPool:
                         steps.rows,
                         failure,
                     )
-                    self._metrics.sink_errors.inc()
                     return
-                if attempt == 1:
-                    self._metrics.sink_errors.inc()
                 log.log(
-                    logging.ERROR if attempt in _LOUD_ATTEMPTS else logging.DEBUG,
+                    logging.ERROR if attempt <= 3 or attempt % _LOUD_EVERY == 0 else logging.DEBUG,
                     "router: sink refused %d trajectories (%d rows), attempt %d (%s);"
                     " trying again in %.2gs",
                     steps.trajectories,
@@ -190,6 +190,15 @@ class RouterPool:
             else:
                 self._metrics.trajectories_written.inc(steps.trajectories)
                 return
+
+
+def _failure(sink: base.TrajectorySink) -> str | None:
+    """The sink's `failure`, read so that it cannot end the router thread: a sink
+    written before the property existed, or whose property raises, has failed."""
+    try:
+        return getattr(sink, "failure", "the sink does not say whether it failed for good")
+    except Exception as err:
+        return f"reading the sink's failure raised {err!r}"
 
 
 def check_scale(routers: int) -> None:

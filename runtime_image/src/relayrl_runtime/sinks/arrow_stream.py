@@ -385,14 +385,22 @@ class ArrowStreamWriter:
 
         A column type Parquet has no form for (a union, say) would fail the file's
         commit, after every restart again: such a message is dead-lettered instead.
+        Each new schema is tried once, on one row (about 0.1 ms).
         """
         if self.format is not spec.SinkFormat.PARQUET:
             return
         schema = table.schema
         if self._writable is not None and self._writable.equals(schema, check_metadata=True):
             return
+        if PARTITION_COLUMN in schema.names:
+            table = table.drop_columns([PARTITION_COLUMN])  # as `add` writes it
         try:
-            pq.ParquetWriter(pa.BufferOutputStream(), schema).close()
+            # A row, with the files' own options: some types fail only on data (a
+            # dictionary of lists, say).
+            with pq.ParquetWriter(
+                pa.BufferOutputStream(), table.schema, **self.parquet.options(table.schema)
+            ) as probe:
+                probe.write_table(table.slice(0, 1))
         except (pa.ArrowNotImplementedError, pa.ArrowInvalid, pa.ArrowTypeError) as err:
             raise service.InvalidMessageError(
                 service.DeadLetterReason.SCHEMA_MISMATCH, f"no Parquet form: {err}"

@@ -53,6 +53,7 @@ class LocalFileSink:
         self._opened_at = 0.0
         self._seq = 0
         self._closed = False
+        self._failed: str | None = None  # why a write failed (then every later one fails)
         self.files: list[Path] = []
         self.rows_written = 0
 
@@ -62,35 +63,47 @@ class LocalFileSink:
 
     @property
     def failure(self) -> str | None:
-        # Only closing is for good: a failed write (a full disk, a directory made
-        # read-only) may succeed later.
+        if self._failed is not None:
+            return self._failed
         return f"{self.directory}: sink is closed" if self._closed else None
 
     def write(self, batch: pa.RecordBatch) -> None:
         with self._lock:
+            if self._failed is not None:
+                raise base.SinkError(self._failed)
             if self._closed:
                 raise base.SinkError(f"{self.directory}: sink is closed")
-            if self._writer is not None and self._writer_schema != batch.schema:
-                self._close_file()
-            if self._writer is None:
-                self._open(batch.schema)
-            self._writer.write_batch(batch)
-            self._rows_in_file += batch.num_rows
-            self.rows_written += batch.num_rows
-            if (
-                self._rows_in_file >= self.rotate_rows
-                or time.monotonic() - self._opened_at >= self.rotate_seconds
-            ):
-                self._close_file()
+            try:
+                if self._writer is not None and self._writer_schema != batch.schema:
+                    self._close_file()
+                if self._writer is None:
+                    self._open(batch.schema)
+                self._writer.write_batch(batch)
+                self._rows_in_file += batch.num_rows
+                self.rows_written += batch.num_rows
+                if (
+                    self._rows_in_file >= self.rotate_rows
+                    or time.monotonic() - self._opened_at >= self.rotate_seconds
+                ):
+                    self._close_file()
+            except Exception as err:
+                # A file a write or close failed on cannot be trusted, nor written again
+                # (what it holds is left under its temp name): this sink is done.
+                self._failed = f"{self.directory}: {type(err).__name__}: {err}"
+                raise
 
     def flush(self) -> None:
         with self._lock:
-            self._close_file()
+            if self._failed is None:  # a failed file is never renamed into place
+                self._close_file()
 
     def close(self) -> None:
         with self._lock:
-            self._close_file()
-            self._closed = True
+            try:
+                if self._failed is None:
+                    self._close_file()
+            finally:
+                self._closed = True
 
     def _open(self, schema: pa.Schema) -> None:
         self._seq += 1

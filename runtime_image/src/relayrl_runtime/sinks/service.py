@@ -622,16 +622,8 @@ class SinkService:
         self._last_msg = msg
         self._avg_size += 0.2 * (len(msg.data) - self._avg_size)
         try:
-            table, version = decode(msg.data, msg.headers, self.config.agent)
-            self.writer.check(table)
-        except Exception as err:
-            if not isinstance(err, InvalidMessageError):
-                # Input no check foresaw: still the message's fault, not the sink's.
-                # Raised on, it would end the sink and come back after every restart.
-                log.exception("%s sink: message %d failed its checks", self.writer.kind, seq)
-                err = InvalidMessageError(
-                    DeadLetterReason.INVALID_ARROW, f"{type(err).__name__}: {err}"
-                )
+            table, version = self._checked(msg, seq)
+        except InvalidMessageError as err:
             await self._dead_letter(js, msg, seq, err)
             if not self.writer.pending and self._inflight is None:
                 # Nothing waits for a commit: the dead letter alone moves the ack on.
@@ -650,6 +642,31 @@ class SinkService:
         self._uncommitted[1] += table.num_rows
         self._uncommitted[2] += len(msg.data)
         return True
+
+    def _checked(self, msg: Msg, seq: int) -> tuple[pa.Table, int]:
+        """Decode and check one message; InvalidMessageError when it cannot be taken.
+
+        What decoding raises beyond the foreseen cases is still the message's fault
+        (raised on, it would end the sink and come back after every restart), and so
+        is what a writer's check raises on odd data; running out of memory is not.
+        """
+        try:
+            table, version = decode(msg.data, msg.headers, self.config.agent)
+        except (InvalidMessageError, MemoryError):
+            raise
+        except Exception as err:
+            raise self._unforeseen(seq, err) from err
+        try:
+            self.writer.check(table)
+        except (InvalidMessageError, MemoryError):
+            raise
+        except (pa.ArrowException, ValueError, TypeError, KeyError, IndexError) as err:
+            raise self._unforeseen(seq, err) from err
+        return table, version
+
+    def _unforeseen(self, seq: int, err: Exception) -> InvalidMessageError:
+        log.error("%s sink: message %d failed its checks", self.writer.kind, seq, exc_info=err)
+        return InvalidMessageError(DeadLetterReason.INVALID_ARROW, f"{type(err).__name__}: {err}")
 
     async def _dead_letter(
         self, js: nats.js.JetStreamContext, msg: Msg, seq: int, err: InvalidMessageError
