@@ -658,15 +658,25 @@ class Reconciler:
         finalizers = meta.get("finalizers") or []
         if constants.FINALIZER not in finalizers:
             return
-        agent_spec = spec.parse_spec(state.body.get("spec") or {})
-        agent = common.AgentRef(meta["name"], meta["namespace"], meta["uid"], 0, agent_spec)
-        if self._streams is not None and not agent_spec.trajectories.nats.retain_on_delete:
-            await self._streams.remove(agent)
+        try:
+            agent_spec = spec.parse_spec(state.body.get("spec") or {})
+        except spec.InvalidSpecError as err:
+            # E.g. stored before a stricter rule: which NATS holds its stream is not
+            # known for sure, so the stream and bucket stay; the delete goes on.
+            log.warning(
+                "agent %s/%s: deleting with an invalid spec; its stream and model bucket,"
+                " if any, are left in place (%s)",
+                *key,
+                err,
+            )
+        else:
+            agent = common.AgentRef(meta["name"], meta["namespace"], meta["uid"], 0, agent_spec)
+            if self._streams is not None and not agent_spec.trajectories.nats.retain_on_delete:
+                await self._streams.remove(agent)
         remaining = [f for f in finalizers if f != constants.FINALIZER]
         await self._client.merge_patch(
             kube.AGENT,
-            agent.namespace,
-            agent.name,
+            *key,
             {"metadata": {"finalizers": remaining, "resourceVersion": meta["resourceVersion"]}},
         )
         log.info("finalized %s/%s", *key)

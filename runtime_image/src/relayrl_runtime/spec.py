@@ -41,18 +41,18 @@ MAX_NAME_LENGTH: Final = 40
 
 GPU_RESOURCE: Final = "nvidia.com/gpu"
 
-# What nats-py can connect to: nats:// or tls:// URLs, comma separated, each with a
-# host (name, IPv4 or [IPv6]), optional user info and an optional port in 1..65535.
+# What nats-py can connect to: nats:// or tls:// URLs, comma separated (a trailing comma
+# is skipped), each with a host (name, with or without the final dot, IPv4 or [IPv6]),
+# optional user info and an optional port in 1..65535. Whitespace is spelled out: the
+# apiserver's RE2 and Python differ on what \s matches.
 _PORT: Final = (
     r"(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3})"
 )
-_NATS_URL: Final = (
-    rf"(nats|tls)://([^\s@/,]+@)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9_.-]*[A-Za-z0-9])?)"
-    rf"(:{_PORT})?/?"
-)
-NATS_URLS: Final = rf"^{_NATS_URL}(,{_NATS_URL})*$"
+_HOST: Final = r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9_.-]*[A-Za-z0-9])?\.?)"
+_NATS_URL: Final = rf"(nats|tls)://([^ \t\n\f\r\v/,]+@)?{_HOST}(:{_PORT})?/?"
+NATS_URLS: Final = rf"^{_NATS_URL}(,{_NATS_URL})*,?$"
 # A model's place: a path, a file:// URI, or a registry object (registry.ModelRef).
-MODEL_URI: Final = r"^(/.*|file://.*|objectstore://[A-Za-z0-9_-]+/[^/?#\s]+)$"
+MODEL_URI: Final = r"^(/.*|file://.*|objectstore://[A-Za-z0-9_-]+/[^/?# \t\n\f\r\v]+)$"
 
 
 @dataclass(frozen=True)
@@ -883,17 +883,15 @@ class InvalidSpecError(ValueError):
             parts = [root] if root else []
             loc = e["loc"]
             for i, p in enumerate(loc):
-                if e["type"] == "invalid_key" and i == len(loc) - 1:
-                    break  # stands for the key itself, which the message names
-                if isinstance(p, int) and not isinstance(p, bool) and parts:
+                if _is_bad_key(e) and i >= len(loc) - (2 if loc[-1] == "[key]" else 1):
+                    break  # the key itself (pydantic puts True as 1), which the message names
+                if isinstance(p, int) and parts:
                     parts[-1] += f"[{p}]"  # a list index
-                elif not isinstance(p, str):
-                    parts.append(str(p))  # a mapping key YAML read as a number or bool
-                elif not _is_union_tag(p) or (
+                elif not _is_union_tag(str(p)) or (
                     # The unknown key itself, even one named like a union member.
                     e["type"] == "extra_forbidden" and i == len(loc) - 1
                 ):
-                    parts.append(p)
+                    parts.append(str(p))
             field = (e.get("ctx") or {}).get("field")
             if field:
                 parts.append(str(field))
@@ -907,9 +905,14 @@ def _is_union_tag(part: object) -> bool:
     return isinstance(part, str) and part in {"int", "str", "function-after[...]"}
 
 
+def _is_bad_key(e: Mapping[str, Any]) -> bool:
+    """A mapping key that is not text (YAML's `on:` or `1:`), top level or nested."""
+    return e["type"] == "invalid_key" or (bool(e["loc"]) and e["loc"][-1] == "[key]")
+
+
 def _describe(e: Mapping[str, Any]) -> str:
     msg = str(e["msg"])
-    if e["type"] == "invalid_key":
+    if _is_bad_key(e):
         # YAML reads bare on/off/yes/no as booleans and digits as numbers.
         return f"expected text keys, got the key {e['input']!r} (quote it)"
     if e["type"] in {"rule", "missing", "extra_forbidden"}:

@@ -117,3 +117,25 @@ def test_the_stream_name_cannot_change_on_an_existing_agent(
     )
     assert stored["spec"]["trajectories"]["nats"]["stream"] == "FIRST"
     assert stored["spec"]["actors"] == 12
+
+
+# NATS URLs and model URIs the models and the apiserver (RE2) must both take; the
+# invalid cases cover what both refuse.
+ACCEPTED = [
+    {"trajectories": {"nats": {"url": url}}}
+    for url in (
+        "nats://nats.ns.svc.cluster.local.:4222",
+        "tls://user:p@ss@nats-0.nats:4443/,nats://[fd00::1]:4222,",
+        "nats://nats",
+    )
+] + [{"model": {"uri": "objectstore://relayrl-models/cart\u00a0pole@v2", "format": "onnx"}}]
+
+
+def test_urls_the_models_take_the_apiserver_takes(
+    agent_crd: testing.ClusterHandle, namespace: str
+) -> None:
+    for i, patch in enumerate(ACCEPTED):
+        manifest = specs.merge_patch(specs.base_manifest(), {"spec": patch})
+        manifest["metadata"] = {"name": f"accepted-{i}"}
+        spec.parse_agent(manifest)
+        _create(agent_crd, namespace, manifest)

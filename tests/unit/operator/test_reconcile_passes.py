@@ -38,6 +38,7 @@ class Recorder:
         self.applied: list[tuple[str, str]] = []
         self.deleted: list[tuple[str, str]] = []
         self.status: list[dict[str, Any]] = []
+        self.patches: list[dict[str, Any]] = []
 
     async def apply(self, obj: dict[str, Any]) -> Applied:
         self.applied.append((obj["kind"], obj["metadata"]["name"]))
@@ -46,6 +47,8 @@ class Recorder:
     async def merge_patch(self, *args: Any, sub: str | None = None) -> dict[str, Any]:
         if sub == "status":
             self.status.append(args[-1]["status"])
+        else:
+            self.patches.append(args[-1])
         return {}
 
     async def delete(self, kind: kube.Kind, namespace: str, name: str) -> bool:
@@ -303,5 +306,24 @@ async def test_resuming_reads_each_agent_again_and_forgets_deleted_ones() -> Non
         assert not any(name.startswith("gone") for _, name in api.applied)
         assert rec._states[KEY].applied_generation == 2
         assert api.status[-1]["desiredActors"] == 16
+    finally:
+        await rec.stop()
+
+
+async def test_an_agent_with_an_invalid_spec_can_still_be_deleted() -> None:
+    # Stored before a stricter rule: the finalizer must still come off, or the
+    # Agent stays Terminating for good. Its stream is left alone (no NATS call).
+    api = Recorder()
+    nats = FailingStreams()
+    rec = reconcile.Reconciler(api, settings.Settings(), nats, workers=1)  # type: ignore[arg-type]
+    await rec.start()
+    try:
+        body = agent_body()
+        body["spec"]["trajectories"] = {"nats": {"url": "nats://:4222"}}
+        body["metadata"]["deletionTimestamp"] = "2026-11-22T12:00:00Z"
+        rec.agent_event("MODIFIED", body)
+        await settle(rec)
+        assert {"metadata": {"finalizers": [], "resourceVersion": "1"}} in api.patches
+        assert nats.attempts == 0
     finally:
         await rec.stop()

@@ -83,6 +83,10 @@ def test_parse_spec_roots_errors_at_spec() -> None:
         # YAML reads a bare `on:` as True and `1:` as 1: keys that name no field.
         ({True: 1}, ("spec", "expected text keys, got the key True (quote it)")),
         ({1: "x"}, ("spec", "expected text keys, got the key 1 (quote it)")),
+        (
+            {"template": {"nodeSelector": {True: "x"}}},
+            ("spec.template.nodeSelector", "expected text keys, got the key True (quote it)"),
+        ),
         # An unknown key named like a union member ("int", "str") is still named.
         ({"int": 1}, ("spec.int", "unknown field")),
     ],
@@ -91,3 +95,29 @@ def test_odd_keys_are_named_not_a_crash(extra: dict[object, object], problem: tu
     with pytest.raises(spec.InvalidSpecError) as caught:
         spec.parse_spec({**specs.base_manifest()["spec"], **extra})
     assert caught.value.problems == (problem,)
+
+
+@pytest.mark.parametrize(
+    ("url", "ok"),
+    [
+        ("nats://nats:4222", True),
+        ("nats://nats.ns.svc.cluster.local.:4222", True),  # the final dot of an FQDN
+        ("tls://user:p@ss@nats-0.nats:4443/", True),
+        ("nats://a:4222,nats://[fd00::1]:4222,", True),  # a trailing comma is skipped
+        ("nats://nats:42x2", False),
+        ("nats://:4222", False),
+        ("nats://nats:99999", False),
+        ("nats://a:4222,,nats://b:4222", False),
+        ("nats://a:4222, nats://b:4222", False),
+        ("http://nats:4222", False),
+    ],
+)
+def test_nats_urls(url: str, ok: bool) -> None:
+    manifest = specs.merge_patch(
+        specs.base_manifest(), {"spec": {"trajectories": {"nats": {"url": url}}}}
+    )
+    if ok:
+        spec.parse_agent(manifest)
+    else:
+        with pytest.raises(spec.InvalidSpecError, match=r"spec\.trajectories\.nats\.url: expected"):
+            spec.parse_agent(manifest)
