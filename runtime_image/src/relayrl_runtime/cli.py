@@ -41,13 +41,13 @@ def _parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_run)
 
     demo = sub.add_parser("demo", help="CartPole-v1 through the runtime, then a summary")
-    demo.add_argument("--actors", type=int, default=4)
-    demo.add_argument("--envs-per-actor", type=int, default=4)
-    demo.add_argument("--routers", type=int, default=2)
-    demo.add_argument("--steps", type=int, default=20_000, help="env steps (all copies)")
+    demo.add_argument("--actors", type=_at_least_one, default=4)
+    demo.add_argument("--envs-per-actor", type=_at_least_one, default=4)
+    demo.add_argument("--routers", type=_at_least_one, default=2)
+    demo.add_argument("--steps", type=_at_least_one, default=20_000, help="env steps (all copies)")
     demo.add_argument("--seconds", type=float, default=30.0, help="upper bound on run time")
     demo.add_argument("--out", type=Path, default=None, help="trajectory directory")
-    demo.add_argument("--max-length", type=int, default=500)
+    demo.add_argument("--max-length", type=_at_least_one, default=500)
     demo.set_defaults(func=_demo)
 
     sim = sub.add_parser("simulate", help="step gymnasium envs through a remote endpoint")

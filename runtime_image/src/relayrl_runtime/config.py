@@ -175,7 +175,14 @@ def from_mapping(
     try:
         return RuntimeConfig.model_validate(merged)
     except pydantic.ValidationError as err:
-        raise spec.InvalidSpecError.from_validation_error(err) from None
+        problems = spec.InvalidSpecError.from_validation_error(err).problems
+        if ENV_POD_INDEX in environ:
+            # The override, not the file, is where a bad pod index came from.
+            problems = tuple(
+                (f"{path} (from {ENV_POD_INDEX})" if path == "podIndex" else path, msg)
+                for path, msg in problems
+            )
+        raise spec.InvalidSpecError(problems) from None
 
 
 def load(path: Path, environ: Mapping[str, str] | None = None) -> RuntimeConfig:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from relayrl_runtime import config, live
+from relayrl_runtime import config, live, spec
 
 BASE: dict[str, Any] = {
     "agent": "cartpole",
@@ -119,3 +119,11 @@ def test_changed_fields_use_wire_names() -> None:
     a = config.from_mapping(BASE, environ={})
     b = config.from_mapping({**BASE, "actorsPerPod": 5, "server": {"port": 1}}, environ={})
     assert live.changed_fields(a, b) == [("actorsPerPod",), ("server", "port")]
+
+
+def test_a_bad_pod_index_from_the_environment_names_the_variable() -> None:
+    with pytest.raises(spec.InvalidSpecError, match=r"podIndex \(from RELAYRL_POD_INDEX\)"):
+        config.from_mapping(BASE, {"RELAYRL_POD_INDEX": "abc"})
+    with pytest.raises(spec.InvalidSpecError, match=r"podIndex: "):
+        config.from_mapping({**BASE, "podIndex": "abc"}, {})
+    assert config.from_mapping(BASE, {"RELAYRL_POD_INDEX": "3"}).pod_index == 3
