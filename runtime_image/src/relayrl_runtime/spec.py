@@ -163,10 +163,27 @@ def _preserve_unknown(description: str) -> Any:
 # the apiserver fills in their nested defaults as the models do.
 _EMPTY_OBJECT_DEFAULT: Final[dict[str, Any]] = {"default": {}}
 
-# A Kubernetes resource quantity ("500m", "2Gi", 4).
+# A Kubernetes resource quantity ("500m", "2Gi", 4): a number with an optional SI or
+# binary suffix or exponent, never negative. Checked here and by the apiserver, so a
+# "2GB" fails `kubectl apply` instead of the StatefulSet the operator makes of it.
+QUANTITY: Final = r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)(([KMGTPE]i)|[numkMGTPE]|[eE][+-]?[0-9]+)?$"
+
+
+def _quantity(value: int | str) -> int | str:
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("expected a quantity >= 0")
+    elif re.fullmatch(QUANTITY, value) is None:
+        raise ValueError("expected a Kubernetes quantity such as 500m, 2Gi or 4")
+    return value
+
+
 Quantity = Annotated[
     int | str,
-    pydantic.WithJsonSchema({"x-kubernetes-int-or-string": True}),
+    pydantic.AfterValidator(_quantity),
+    pydantic.WithJsonSchema(
+        {"x-kubernetes-int-or-string": True, "minimum": 0, "pattern": QUANTITY}
+    ),
 ]
 
 _DNS_LABEL: Final = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
@@ -911,7 +928,7 @@ def _is_bad_key(e: Mapping[str, Any]) -> bool:
 
 
 def _describe(e: Mapping[str, Any]) -> str:
-    msg = str(e["msg"])
+    msg = str(e["msg"]).removeprefix("Value error, ")
     if _is_bad_key(e):
         # YAML reads bare on/off/yes/no as booleans and digits as numbers.
         return f"expected text keys, got the key {e['input']!r} (quote it)"
