@@ -21,7 +21,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Annotated, Any, ClassVar, Final, Self
+from typing import Annotated, Any, ClassVar, Final, Literal, Self
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
@@ -589,14 +589,12 @@ class Toleration(SpecModel):
     """A pod toleration (see core/v1 Toleration)."""
 
     key: str | None = Field(default=None, max_length=316, description="Taint key.")
-    operator: str | None = Field(
-        default=None, pattern=r"^(Exists|Equal)$", description="Exists or Equal."
+    operator: Literal["Exists", "Equal"] | None = Field(
+        default=None, description="Exists or Equal."
     )
     value: str | None = Field(default=None, max_length=63, description="Taint value.")
-    effect: str | None = Field(
-        default=None,
-        pattern=r"^(NoSchedule|PreferNoSchedule|NoExecute)$",
-        description="Taint effect to tolerate; unset tolerates all.",
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="Taint effect to tolerate; unset tolerates all."
     )
     toleration_seconds: int | None = Field(
         default=None, description="How long a NoExecute taint is tolerated."
