@@ -925,8 +925,25 @@ def _is_bad_key(e: Mapping[str, Any]) -> bool:
     return e["type"] == "invalid_key" or (bool(e["loc"]) and e["loc"][-1] == "[key]")
 
 
+# What each pattern asks for, in words (the apiserver can only quote the pattern).
+_PATTERN_WORDS: Final = {
+    _DNS_LABEL: "lower-case letters, digits and '-', starting and ending alphanumeric",
+    _SQL_IDENT: "a SQL name: lower-case letters, digits and '_', not starting with a digit",
+    r"^[A-Za-z0-9_./:-]+$": "letters, digits and _ . / : -",
+    r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$": "module.path:callable",
+    r"^[-._a-zA-Z0-9]+$": "letters, digits and - . _",
+    r"^[A-Za-z0-9_-]+$": "letters, digits, '_' and '-'",
+    r"^/": "an absolute path",
+    r"^[A-Za-z_][A-Za-z0-9_]*$": "letters, digits and '_', not starting with a digit",
+}
+
+
 def _describe(e: Mapping[str, Any]) -> str:
     msg = str(e["msg"]).removeprefix("Value error, ")
+    if e["type"] == "string_pattern_mismatch":
+        words = _PATTERN_WORDS.get(str((e.get("ctx") or {}).get("pattern")))
+        if words is not None:
+            msg = f"expected {words}"
     if _is_bad_key(e):
         # YAML reads bare on/off/yes/no as booleans and digits as numbers.
         return f"expected text keys, got the key {e['input']!r} (quote it)"

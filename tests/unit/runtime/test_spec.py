@@ -121,3 +121,16 @@ def test_nats_urls(url: str, ok: bool) -> None:
     else:
         with pytest.raises(spec.InvalidSpecError, match=r"spec\.trajectories\.nats\.url: expected"):
             spec.parse_agent(manifest)
+
+
+def test_pattern_errors_say_what_is_expected_in_words() -> None:
+    sinks = [{"postgres": {"dsnSecret": {"name": "pg"}, "table": "steps; drop table x"}}]
+    with pytest.raises(spec.InvalidSpecError) as caught:
+        spec.parse_spec({**specs.base_manifest()["spec"], "sinks": sinks})
+    assert caught.value.problems == (
+        (
+            "spec.sinks[0].postgres.table",
+            "expected a SQL name: lower-case letters, digits and '_', not starting with a"
+            " digit (got 'steps; drop table x')",
+        ),
+    )
