@@ -75,6 +75,24 @@ def test_connect_options_refuse_a_url_nats_cannot_use(url: str) -> None:
         streams.ConnectOptions.from_env({}, servers=url)
 
 
+def test_a_sink_port_in_use_is_named(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        args = ["arrow", "--agent", "a", "--path", str(tmp_path), "--http-host", "127.0.0.1"]
+        done = subprocess.run(
+            [str(BIN / "relayrl-sink"), *args, "--http-port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert done.returncode == 2, done.stderr
+    assert f"--http-port: cannot listen on 127.0.0.1:{port}" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+
+
 def test_a_runtime_port_in_use_is_named(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

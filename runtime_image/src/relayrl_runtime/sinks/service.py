@@ -378,7 +378,13 @@ class SinkService:
     async def run(self) -> None:
         """Open the writer, connect, consume until `stopping`; commit and ack on the way out."""
         if self.config.http_port is not None:
-            self.http = serve_http(self, self.config.http_host, self.config.http_port)
+            try:
+                self.http = serve_http(self, self.config.http_host, self.config.http_port)
+            except OSError as err:
+                raise PermanentError(
+                    f"--http-port: cannot listen on {self.config.http_host}:"
+                    f"{self.config.http_port}: {err.strerror or err}"
+                ) from err
         try:
             committed = await self._retry("open", self.writer.open)
             self._last_seen = committed
