@@ -170,13 +170,14 @@ def from_mapping(
     """Validate a config mapping, applying the pod-index override from the environment."""
     environ = os.environ if environ is None else environ
     merged = dict(data)
-    if ENV_POD_INDEX in environ:
-        merged["podIndex"] = environ[ENV_POD_INDEX]
+    override = environ.get(ENV_POD_INDEX, "").strip()  # empty: unset, as for the others
+    if override:
+        merged["podIndex"] = override
     try:
         return RuntimeConfig.model_validate(merged)
     except pydantic.ValidationError as err:
         problems = spec.InvalidSpecError.from_validation_error(err).problems
-        if ENV_POD_INDEX in environ:
+        if override:
             # The override, not the file, is where a bad pod index came from.
             problems = tuple(
                 (f"{path} (from {ENV_POD_INDEX})" if path == "podIndex" else path, msg)

@@ -169,6 +169,21 @@ _EMPTY_OBJECT_DEFAULT: Final[dict[str, Any]] = {"default": {}}
 QUANTITY: Final = r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)(([KMGTPE]i)|[numkMGTPE]|[eE][+-]?[0-9]+)?$"
 
 
+def _quantity_input(value: Any) -> Any:
+    # YAML reads an unquoted 0.5 as a number and `true` as a bool; the apiserver takes
+    # neither for an int-or-string field, so neither is taken here.
+    if isinstance(value, bool):
+        raise ValueError("expected a quantity such as 500m, 2Gi or 4, not true/false")
+    if isinstance(value, float):
+        if value.is_integer():
+            return int(value)
+        raise ValueError(
+            f"expected a quantity; YAML reads {value} as a number: quote it"
+            f' ("{value}", or "500m" for half a CPU)'
+        )
+    return value
+
+
 def _quantity(value: int | str) -> int | str:
     if isinstance(value, int):
         if value < 0:
@@ -180,6 +195,7 @@ def _quantity(value: int | str) -> int | str:
 
 Quantity = Annotated[
     int | str,
+    pydantic.BeforeValidator(_quantity_input),
     pydantic.AfterValidator(_quantity),
     pydantic.WithJsonSchema(
         {"x-kubernetes-int-or-string": True, "minimum": 0, "pattern": QUANTITY}
@@ -187,6 +203,8 @@ Quantity = Annotated[
 ]
 
 _DNS_LABEL: Final = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# Secret and claim names: DNS subdomains (labels joined by dots).
+_DNS_SUBDOMAIN: Final = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 _SQL_IDENT: Final = r"^[a-z_][a-z0-9_]{0,62}$"
 
 
@@ -398,13 +416,17 @@ class EnvironmentSpec(SpecModel):
 class SecretRef(SpecModel):
     """A Secret in the Agent's namespace."""
 
-    name: str = Field(min_length=1, max_length=253, pattern=_DNS_LABEL, description="Secret name.")
+    name: str = Field(
+        min_length=1, max_length=253, pattern=_DNS_SUBDOMAIN, description="Secret name."
+    )
 
 
 class SecretKeyRef(SpecModel):
     """One key of a Secret in the Agent's namespace."""
 
-    name: str = Field(min_length=1, max_length=253, pattern=_DNS_LABEL, description="Secret name.")
+    name: str = Field(
+        min_length=1, max_length=253, pattern=_DNS_SUBDOMAIN, description="Secret name."
+    )
     key: str = Field(
         default="dsn",
         min_length=1,
@@ -419,7 +441,7 @@ class NatsTLS(SpecModel):
 
     secret_name: str = Field(
         max_length=253,
-        pattern=_DNS_LABEL,
+        pattern=_DNS_SUBDOMAIN,
         description="Secret holding ca.crt and, for mutual TLS, tls.crt and tls.key.",
     )
 
@@ -513,7 +535,7 @@ class ArrowStorage(SpecModel):
     existing_claim: str | None = Field(
         default=None,
         max_length=253,
-        pattern=_DNS_LABEL,
+        pattern=_DNS_SUBDOMAIN,
         description="Use this PersistentVolumeClaim.",
     )
     size: Quantity | None = Field(
@@ -928,7 +950,14 @@ def _is_bad_key(e: Mapping[str, Any]) -> bool:
 # What each pattern asks for, in words (the apiserver can only quote the pattern).
 _PATTERN_WORDS: Final = {
     _DNS_LABEL: "lower-case letters, digits and '-', starting and ending alphanumeric",
-    _SQL_IDENT: "a SQL name: lower-case letters, digits and '_', not starting with a digit",
+    _DNS_SUBDOMAIN: (
+        "lower-case letters, digits, '-' and '.', each dot-separated part starting and"
+        " ending alphanumeric"
+    ),
+    _SQL_IDENT: (
+        "a SQL name: lower-case letters, digits and '_', not starting with a digit,"
+        " at most 63 characters"
+    ),
     r"^[A-Za-z0-9_./:-]+$": "letters, digits and _ . / : -",
     r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$": "module.path:callable",
     r"^[-._a-zA-Z0-9]+$": "letters, digits and - . _",

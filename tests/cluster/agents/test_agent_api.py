@@ -128,7 +128,16 @@ ACCEPTED = [
         "tls://user:p@ss@nats-0.nats:4443/,nats://[fd00::1]:4222,",
         "nats://nats",
     )
-] + [{"model": {"uri": "objectstore://relayrl-models/cart\u00a0pole@v2", "format": "onnx"}}]
+] + [
+    {"model": {"uri": "objectstore://relayrl-models/cart\u00a0pole@v2", "format": "onnx"}},
+    # Secret names are DNS subdomains; quantities in their usual forms.
+    {"sinks": [{"postgres": {"dsnSecret": {"name": "pg.credentials"}}}]},
+    {
+        "template": {
+            "resources": {"requests": {"cpu": "1.5", "memory": "1e9"}, "limits": {"cpu": 2}}
+        }
+    },
+]
 
 
 def test_urls_the_models_take_the_apiserver_takes(

@@ -131,6 +131,6 @@ def test_pattern_errors_say_what_is_expected_in_words() -> None:
         (
             "spec.sinks[0].postgres.table",
             "expected a SQL name: lower-case letters, digits and '_', not starting with a"
-            " digit (got 'steps; drop table x')",
+            " digit, at most 63 characters (got 'steps; drop table x')",
         ),
     )

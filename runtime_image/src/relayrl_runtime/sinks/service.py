@@ -382,7 +382,7 @@ class SinkService:
                 self.http = serve_http(self, self.config.http_host, self.config.http_port)
             except OSError as err:
                 raise PermanentError(
-                    f"--http-port: cannot listen on {self.config.http_host}:"
+                    f"--http-host/--http-port: cannot listen on {self.config.http_host}:"
                     f"{self.config.http_port}: {err.strerror or err}"
                 ) from err
         try:
