@@ -610,6 +610,31 @@ class SinkSpec(SpecModel):
 class Toleration(SpecModel):
     """A pod toleration (see core/v1 Toleration)."""
 
+    # Kubernetes' own rules between the fields, checked here so that a bad toleration
+    # fails `kubectl apply`, not the pods the operator makes.
+    rules = (
+        Rule(
+            cel="!has(self.operator) || self.operator != 'Exists' || !has(self.value)"
+            " || self.value == ''",
+            message="value must be empty with operator Exists",
+            holds=lambda t: t.operator != "Exists" or not t.value,
+            field="value",
+        ),
+        Rule(
+            cel="(has(self.key) && self.key != '')"
+            " || (has(self.operator) && self.operator == 'Exists')",
+            message="an empty key needs operator Exists (it then tolerates every taint)",
+            holds=lambda t: bool(t.key) or t.operator == "Exists",
+            field="key",
+        ),
+        Rule(
+            cel="!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+            message="tolerationSeconds needs effect NoExecute",
+            holds=lambda t: t.toleration_seconds is None or t.effect == "NoExecute",
+            field="tolerationSeconds",
+        ),
+    )
+
     key: str | None = Field(default=None, max_length=316, description="Taint key.")
     operator: Literal["Exists", "Equal"] | None = Field(
         default=None, description="Exists or Equal."
