@@ -21,7 +21,7 @@ import kopf
 import prometheus_client
 
 from relayrl_operator import crd, kube, metrics, natsadmin, peering, settings
-from relayrl_runtime import logs
+from relayrl_runtime import argtypes, logs
 
 
 def _setup_logging(level: str, fmt: str) -> None:
@@ -81,16 +81,6 @@ def _run(args: argparse.Namespace) -> int:
 _NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
-def _at_least_one(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value!r}")
-    return number
-
-
 def _namespace(value: str) -> str:
     """A namespace name. Kopf would also take a glob pattern, but the peering objects
     are per namespace, and the reconciler must find the ones Kopf uses."""
@@ -117,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="watch only this namespace (repeatable; default: all namespaces)",
     )
     run.add_argument(
-        "--workers", type=_at_least_one, default=16, help="parallel reconciles (default 16)"
+        "--workers", type=argtypes.at_least_one, default=16, help="parallel reconciles (default 16)"
     )
     run.add_argument("--runtime-image", help="runtime image for actor and sink pods")
     run.add_argument("--bind", default="0.0.0.0", help="address of the HTTP endpoints")

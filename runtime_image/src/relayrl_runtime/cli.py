@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from relayrl_runtime import errors, spec
+from relayrl_runtime import argtypes, errors, spec
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -41,13 +41,15 @@ def _parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_run)
 
     demo = sub.add_parser("demo", help="CartPole-v1 through the runtime, then a summary")
-    demo.add_argument("--actors", type=_at_least_one, default=4)
-    demo.add_argument("--envs-per-actor", type=_at_least_one, default=4)
-    demo.add_argument("--routers", type=_at_least_one, default=2)
-    demo.add_argument("--steps", type=_at_least_one, default=20_000, help="env steps (all copies)")
+    demo.add_argument("--actors", type=argtypes.at_least_one, default=4)
+    demo.add_argument("--envs-per-actor", type=argtypes.at_least_one, default=4)
+    demo.add_argument("--routers", type=argtypes.at_least_one, default=2)
+    demo.add_argument(
+        "--steps", type=argtypes.at_least_one, default=20_000, help="env steps (all copies)"
+    )
     demo.add_argument("--seconds", type=float, default=30.0, help="upper bound on run time")
     demo.add_argument("--out", type=Path, default=None, help="trajectory directory")
-    demo.add_argument("--max-length", type=_at_least_one, default=500)
+    demo.add_argument("--max-length", type=argtypes.at_least_one, default=500)
     demo.set_defaults(func=_demo)
 
     sim = sub.add_parser("simulate", help="step gymnasium envs through a remote endpoint")
@@ -70,12 +72,12 @@ def _parser() -> argparse.ArgumentParser:
     export = msub.add_parser("export", help="write a small MLP model directory")
     export.add_argument("directory", type=Path)
     export.add_argument("--format", choices=[f.value for f in spec.ModelFormat], default="onnx")
-    export.add_argument("--obs-dim", type=_at_least_one, default=4)
-    export.add_argument("--actions", type=_at_least_one, default=2)
+    export.add_argument("--obs-dim", type=argtypes.at_least_one, default=4)
+    export.add_argument("--actions", type=argtypes.at_least_one, default=2)
     export.add_argument(
         "--hidden", type=_widths, default=[64, 64], help="comma separated layer widths"
     )
-    export.add_argument("--version", type=_at_least_one, default=1)
+    export.add_argument("--version", type=argtypes.at_least_one, default=1)
     export.add_argument("--seed", type=int, default=0)
     export.set_defaults(func=_export)
     push = msub.add_parser("push", help="upload a model directory to the registry")
@@ -95,19 +97,9 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _at_least_one(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value!r}")
-    return number
-
-
 def _widths(value: str) -> list[int]:
     try:
-        return [_at_least_one(w) for w in value.split(",") if w.strip()]
+        return [argtypes.at_least_one(w) for w in value.split(",") if w.strip()]
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(
             f"expected comma separated layer widths >= 1, got {value!r}"

@@ -63,30 +63,25 @@ async def _stream_table(url: str) -> pa.Table:
         await nc.close()
 
 
-def test_sigterm_of_the_runtime_flushes_every_step(
-    pg_pipeline: pipeline.Pipeline, pg: postgres.PostgresServer, tmp_path: Path
-) -> None:
+def _start_runtime(
+    tmp_path: Path, nats_url: str, actors: int, **extra: Any
+) -> tuple[subprocess.Popen[bytes], Path]:
+    """`relayrl-runtime run` of CartPole with an ONNX policy, publishing to `nats_url`."""
     model = tmp_path / "model"
     export.export_mlp(model, spec.ModelFormat.ONNX, version=1)
-    port = pipeline.free_port()
     cfg: dict[str, Any] = {
         "agent": pipeline.AGENT,
         "namespace": pipeline.NAMESPACE,
-        "actors": 8,
+        "actors": actors,
         "model": {"uri": str(model), "format": "onnx"},
         "environment": {"gymnasium": {"id": "CartPole-v1"}},
-        "trajectories": {"maxLength": 200, "nats": {"url": pg_pipeline.nats.url}},
-        "server": {"host": "127.0.0.1", "port": port},
+        "trajectories": {"maxLength": 200, "nats": {"url": nats_url}},
+        "server": {"host": "127.0.0.1", "port": pipeline.free_port()},
         "logFormat": "json",
+        **extra,
     }
     config = tmp_path / "runtime.yaml"
     config.write_text(yaml.safe_dump(cfg))
-    arrow = pg_pipeline.arrow_sink("--rotate-seconds", "1")
-    pgsink = pg_pipeline.postgres_sink()
-    for s in (arrow, pgsink):
-        s.start()
-        s.wait_ready()
-
     log_path = tmp_path / "runtime.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
@@ -95,6 +90,19 @@ def test_sigterm_of_the_runtime_flushes_every_step(
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
+    return proc, log_path
+
+
+def test_sigterm_of_the_runtime_flushes_every_step(
+    pg_pipeline: pipeline.Pipeline, pg: postgres.PostgresServer, tmp_path: Path
+) -> None:
+    arrow = pg_pipeline.arrow_sink("--rotate-seconds", "1")
+    pgsink = pg_pipeline.postgres_sink()
+    for s in (arrow, pgsink):
+        s.start()
+        s.wait_ready()
+
+    proc, log_path = _start_runtime(tmp_path, pg_pipeline.nats.url, actors=8)
     try:
         pipeline.wait_until(
             "runtime publishing",
@@ -143,21 +151,6 @@ def test_a_stream_that_refuses_every_message_stops_the_runtime_with_exit_3(
     # A stream that refuses the runtime's messages (here: its size limit cut by hand)
     # is a sink failed for good. The runtime must not go on stepping environments
     # whose trajectories it cannot write: it says why and exits 3.
-    model = tmp_path / "model"
-    export.export_mlp(model, spec.ModelFormat.ONNX, version=1)
-    cfg: dict[str, Any] = {
-        "agent": pipeline.AGENT,
-        "namespace": pipeline.NAMESPACE,
-        "actors": 4,
-        "model": {"uri": str(model), "format": "onnx"},
-        "environment": {"gymnasium": {"id": "CartPole-v1"}},
-        "trajectories": {"maxLength": 200, "nats": {"url": nats_server.url}},
-        "server": {"host": "127.0.0.1", "port": pipeline.free_port()},
-        "drainSeconds": 10,
-        "logFormat": "json",
-    }
-    config = tmp_path / "runtime.yaml"
-    config.write_text(yaml.safe_dump(cfg))
     stream = streams.stream_name(pipeline.NAMESPACE, pipeline.AGENT)
 
     async def messages() -> int:
@@ -178,14 +171,7 @@ def test_a_stream_that_refuses_every_message_stops_the_runtime_with_exit_3(
         finally:
             await nc.close()
 
-    log_path = tmp_path / "runtime.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [str(RUNTIME), "run", "--config", str(config)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
+    proc, log_path = _start_runtime(tmp_path, nats_server.url, actors=4, drainSeconds=10)
     try:
         pipeline.wait_until("runtime publishing", lambda: asyncio.run(messages()) > 0, 90)
         asyncio.run(refuse_all())
