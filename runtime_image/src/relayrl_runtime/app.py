@@ -523,7 +523,6 @@ class App:
         ids = np.asarray(agent.get_actor_ids(), dtype=np.int64)
 
         def make_env(count: int) -> driver.VecEnv:
-            field = "environment.gymnasium" if env.gymnasium is not None else "environment.python"
             try:
                 if env.gymnasium is not None:
                     g = env.gymnasium
@@ -533,6 +532,7 @@ class App:
             except errors.RelayRLError:
                 raise
             except Exception as err:  # the env's own constructor: e.g. a kwarg it lacks
+                field = "environment.gymnasium" if env.gymnasium else "environment.python"
                 raise errors.InvalidArgumentError(
                     f"{field}: the environment could not be made: {type(err).__name__}: {err}"
                 ) from err

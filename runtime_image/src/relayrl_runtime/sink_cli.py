@@ -117,10 +117,7 @@ def build(args: argparse.Namespace) -> service.SinkService:
 
         def dsn() -> str:
             if dsn_file is not None:
-                try:
-                    return dsn_file.read_text().strip()
-                except OSError as err:
-                    raise OSError(f"--dsn-file {dsn_file}: {err.strerror or err}") from err
+                return postgres.read_dsn_file(dsn_file, "--dsn-file")
             return postgres.read_dsn()
 
         dsn()  # fail now, with the message, if no DSN is configured at all

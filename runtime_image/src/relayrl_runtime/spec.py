@@ -51,6 +51,9 @@ _PORT: Final = (
 _HOST: Final = r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9_.-]*[A-Za-z0-9])?\.?)"
 _NATS_URL: Final = rf"(nats|tls)://([^ \t\n\f\r\v/,]+@)?{_HOST}(:{_PORT})?/?"
 NATS_URLS: Final = rf"^{_NATS_URL}(,{_NATS_URL})*,?$"
+NATS_URLS_EXPECTED: Final = (
+    "nats:// or tls:// URLs, comma separated, each with a host and an optional port in 1..65535"
+)
 # A model's place: a path, a file:// URI, or a registry object (registry.ModelRef).
 MODEL_URI: Final = r"^(/.*|file://.*|objectstore://[A-Za-z0-9_-]+/[^/?# \t\n\f\r\v]+)$"
 
@@ -206,6 +209,12 @@ _DNS_LABEL: Final = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 # Secret and claim names: DNS subdomains (labels joined by dots).
 _DNS_SUBDOMAIN: Final = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 _SQL_IDENT: Final = r"^[a-z_][a-z0-9_]{0,62}$"
+_GYM_ID: Final = r"^[A-Za-z0-9_./:-]+$"
+_ENTRY_POINT: Final = r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$"
+_SECRET_KEY: Final = r"^[-._a-zA-Z0-9]+$"
+_STREAM_NAME: Final = r"^[A-Za-z0-9_-]+$"
+_ABSOLUTE_PATH: Final = r"^/"
+_ENV_NAME: Final = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
 
 class Device(enum.StrEnum):
@@ -346,7 +355,7 @@ class GymnasiumEnv(SpecModel):
     id: str = Field(
         min_length=1,
         max_length=253,
-        pattern=r"^[A-Za-z0-9_./:-]+$",
+        pattern=_GYM_ID,
         description="Registered gymnasium environment id, e.g. CartPole-v1.",
     )
     envs_per_actor: int = Field(
@@ -379,7 +388,7 @@ class PythonEnv(SpecModel):
 
     entry_point: str = Field(
         max_length=512,
-        pattern=r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$",
+        pattern=_ENTRY_POINT,
         description="module.path:callable returning a gymnasium-style environment.",
     )
     envs_per_actor: int = Field(
@@ -431,7 +440,7 @@ class SecretKeyRef(SpecModel):
         default="dsn",
         min_length=1,
         max_length=253,
-        pattern=r"^[-._a-zA-Z0-9]+$",
+        pattern=_SECRET_KEY,
         description="Key within the Secret.",
     )
 
@@ -462,10 +471,7 @@ class NatsSpec(SpecModel):
     rules = (
         Rule(
             cel=f"!has(self.url) || self.url.matches(r'{NATS_URLS}')",
-            message=(
-                "expected nats:// or tls:// URLs, comma separated, each with a host"
-                " and an optional port in 1..65535"
-            ),
+            message=f"expected {NATS_URLS_EXPECTED}",
             holds=lambda n: re.fullmatch(NATS_URLS, n.url) is not None,
             field="url",
         ),
@@ -479,7 +485,7 @@ class NatsSpec(SpecModel):
     stream: str | None = Field(
         default=None,
         max_length=200,
-        pattern=r"^[A-Za-z0-9_-]+$",
+        pattern=_STREAM_NAME,
         description="JetStream stream name; defaults to one derived from namespace and agent.",
     )
     credentials_secret: SecretRef | None = Field(
@@ -557,7 +563,7 @@ class ArrowSink(SpecModel):
     path: str = Field(
         default="/data/trajectories",
         max_length=1024,
-        pattern=r"^/",
+        pattern=_ABSOLUTE_PATH,
         description="Directory in the sink pod files are written under.",
     )
     storage: ArrowStorage | None = Field(
@@ -669,7 +675,7 @@ class EnvVar(SpecModel):
     name: str = Field(
         min_length=1,
         max_length=256,
-        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        pattern=_ENV_NAME,
         description="Variable name.",
     )
     value: str = Field(default="", max_length=32768, description="Variable value.")
@@ -983,12 +989,12 @@ _PATTERN_WORDS: Final = {
         "a SQL name: lower-case letters, digits and '_', not starting with a digit,"
         " at most 63 characters"
     ),
-    r"^[A-Za-z0-9_./:-]+$": "letters, digits and _ . / : -",
-    r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$": "module.path:callable",
-    r"^[-._a-zA-Z0-9]+$": "letters, digits and - . _",
-    r"^[A-Za-z0-9_-]+$": "letters, digits, '_' and '-'",
-    r"^/": "an absolute path",
-    r"^[A-Za-z_][A-Za-z0-9_]*$": "letters, digits and '_', not starting with a digit",
+    _GYM_ID: "letters, digits and _ . / : -",
+    _ENTRY_POINT: "module.path:callable",
+    _SECRET_KEY: "letters, digits and - . _",
+    _STREAM_NAME: "letters, digits, '_' and '-'",
+    _ABSOLUTE_PATH: "an absolute path",
+    _ENV_NAME: "letters, digits and '_', not starting with a digit",
 }
 
 

@@ -414,10 +414,7 @@ def split_servers(url: str) -> tuple[str, ...]:
         raise ConnectError("nats URL: no server given")
     for server in servers:
         if re.fullmatch(spec.NATS_URLS, server) is None:
-            raise ConnectError(
-                f"nats URL: expected nats:// or tls:// URLs, comma separated, each with a host"
-                f" and an optional port in 1..65535, got {server!r}"
-            )
+            raise ConnectError(f"nats URL: expected {spec.NATS_URLS_EXPECTED}, got {server!r}")
     return servers
 
 

@@ -69,10 +69,9 @@ class LocalFileSink:
 
     def write(self, batch: pa.RecordBatch) -> None:
         with self._lock:
-            if self._failed is not None:
-                raise base.SinkError(self._failed)
-            if self._closed:
-                raise base.SinkError(f"{self.directory}: sink is closed")
+            failure = self.failure
+            if failure is not None:
+                raise base.SinkError(failure)
             try:
                 if self._writer is not None and self._writer_schema != batch.schema:
                     self._close_file()

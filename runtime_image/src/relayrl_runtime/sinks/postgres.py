@@ -111,6 +111,14 @@ MIGRATIONS: Final = (
 )
 
 
+def read_dsn_file(path: Path, source: str) -> str:
+    """The DSN in a file; one that cannot be read is an OSError naming `source` and it."""
+    try:
+        return path.read_text().strip()
+    except OSError as err:
+        raise OSError(f"{source} {path}: {err.strerror or err}") from err
+
+
 def read_dsn(dsn: str | None = None, environ: Mapping[str, str] | None = None) -> str:
     """The DSN: given, else $RELAYRL_PG_DSN, else the file at $RELAYRL_PG_DSN_FILE."""
     env = os.environ if environ is None else environ
@@ -120,10 +128,7 @@ def read_dsn(dsn: str | None = None, environ: Mapping[str, str] | None = None) -
         return env[ENV_DSN]
     path = env.get(ENV_DSN_FILE)
     if path:
-        try:
-            return Path(path).read_text().strip()
-        except OSError as err:
-            raise OSError(f"{ENV_DSN_FILE} {path}: {err.strerror or err}") from err
+        return read_dsn_file(Path(path), ENV_DSN_FILE)
     raise service.PermanentError(
         f"postgres: no DSN; pass --dsn-file, set {ENV_DSN}, "
         f"or mount a Secret and set {ENV_DSN_FILE}"
