@@ -123,13 +123,17 @@ def test_postgres_sink_writes_rows_once_and_migrates(
 
     with psycopg.connect(pg.dsn) as conn:
         versions = [r[0] for r in conn.execute("SELECT version FROM relayrl.schema_migrations")]
+        table_versions = conn.execute(
+            "SELECT table_name, version FROM relayrl.table_migrations"
+        ).fetchall()
         offsets = conn.execute(
             "SELECT stream, consumer, last_seq FROM relayrl.sink_offsets"
         ).fetchall()
         seqs = conn.execute(
             "SELECT count(DISTINCT stream_seq), max(stream_seq) FROM relayrl.steps"
         ).fetchone()
-    assert versions == [m.version for m in pg_sink.MIGRATIONS]
+    assert versions == [m.version for m in pg_sink.MIGRATIONS if not m.per_table]
+    assert table_versions == [("steps", m.version) for m in pg_sink.MIGRATIONS if m.per_table]
     assert seqs is not None
     assert offsets == [("RELAYRL_default_cartpole", "relayrl-sink-postgres", seqs[1])]
 
@@ -138,6 +142,31 @@ def test_postgres_sink_writes_rows_once_and_migrates(
     sink.wait_ready()
     assert sink.terminate() == 0
     assert pipeline.postgres_rows(pg.dsn) == want.num_rows
+
+
+async def test_each_agents_table_in_one_schema_gets_made(pg: postgres.PostgresServer) -> None:
+    """Two Agents writing to one database schema, each to a table of its own."""
+    for table in ("cartpole_steps", "pendulum_steps"):
+        writer = pg_sink.PostgresWriter(
+            lambda: pg.dsn, stream=f"S_{table}", consumer="c", schema_name="shared", table=table
+        )
+        assert await writer.open() == 0
+        await writer.close()
+    with psycopg.connect(pg.dsn) as conn:
+        made = conn.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'shared' ORDER BY 1"
+        ).fetchall()
+        recorded = conn.execute(
+            "SELECT table_name, version FROM shared.table_migrations ORDER BY 1"
+        ).fetchall()
+    assert [r[0] for r in made] == [
+        "cartpole_steps",
+        "pendulum_steps",
+        "schema_migrations",
+        "sink_offsets",
+        "table_migrations",
+    ]
+    assert recorded == [("cartpole_steps", 2), ("pendulum_steps", 2)]
 
 
 async def test_bad_messages_go_to_the_dead_letter_subject(

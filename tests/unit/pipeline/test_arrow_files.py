@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from relayrl_runtime import sink_cli, spec
+from relayrl_runtime import sink_cli, spec, streams
 from relayrl_runtime.sinks import arrow_stream, service
 from support import trajectories
 
@@ -205,3 +205,41 @@ def test_a_column_parquet_cannot_hold_is_refused_before_any_file(tmp_path: Path)
     # Arrow IPC files hold any Arrow type.
     ipc = arrow_stream.ArrowStreamWriter(tmp_path, trajectories.AGENT, spec.SinkFormat.ARROW)
     ipc.check(odd)
+
+
+async def test_after_a_failed_commit_the_final_commit_commits_nothing(tmp_path: Path) -> None:
+    """Files commit in order: one that failed must not be skipped by the next one's name.
+
+    A later file committed on the way out would move the position past the failed one's
+    messages: resumed after it, they would be lost.
+    """
+    w = arrow_stream.ArrowStreamWriter(tmp_path, trajectories.AGENT)
+    svc = service.SinkService(
+        w, streams.ConnectOptions(), service.ServiceConfig(namespace="ml", agent="cartpole")
+    )
+    assert await w.open() == 0
+    real_commit = w.commit
+    failed: list[object] = []
+
+    async def commit_fails_once(sealed: object) -> None:
+        if not failed:
+            failed.append(sealed)
+            raise service.PermanentError("disk full")
+        await real_commit(sealed)
+
+    w.commit = commit_fails_once  # type: ignore[method-assign]
+    await w.add(_delivery(1, DAY1))
+    svc._last_seen = 1
+    await svc._commit()  # in the background (pipelined); it fails
+    await w.add(_delivery(2, DAY1))  # the next file, held by the writer
+    svc._last_seen = 2
+    with pytest.raises(service.PermanentError, match="disk full"):
+        await svc._drain_commits()
+    await svc._final_commit()
+    assert arrow_stream.committed_files(tmp_path) == []
+    with pytest.raises(service.PermanentError, match="a commit failed before"):
+        await svc._commit()
+    await w.close()
+    again = arrow_stream.ArrowStreamWriter(tmp_path, trajectories.AGENT)
+    assert await again.open() == 0, "a restart resumes before the failed file's messages"
+    await again.close()

@@ -66,3 +66,21 @@ def test_a_column_named_like_the_sinks_own_or_unnamed_is_refused(name: str) -> N
     with pytest.raises(service.InvalidMessageError, match="the sink's own or empty") as err:
         writer({}).check(odd)
     assert err.value.reason == service.DeadLetterReason.SCHEMA_MISMATCH
+
+
+@pytest.mark.parametrize(
+    "column",
+    [
+        pa.array([["a", "b"]], pa.list_(pa.string())),
+        pa.array([[[1.0], [2.0]]], pa.list_(pa.list_(pa.float32()))),
+        pa.DictionaryArray.from_arrays(
+            pa.array([0], pa.int32()), pa.array([[1.5]], pa.list_(pa.float32()))
+        ),
+    ],
+    ids=["list of strings", "list of lists", "dictionary of lists"],
+)
+def test_a_column_type_copy_cannot_write_is_refused_before_the_commit(column: pa.Array) -> None:
+    """Else its COPY fails every time: a crash loop, or a commit retried forever."""
+    with pytest.raises(service.InvalidMessageError, match="COPY cannot write its columns") as err:
+        writer({}).check(table().slice(0, 1).append_column("aux_odd", pa.chunked_array([column])))
+    assert err.value.reason == "schema-mismatch"

@@ -58,11 +58,19 @@ _T = TypeVar("_T")
 
 @dataclasses.dataclass(frozen=True)
 class Migration:
-    """One schema version: statements run in one transaction, recorded when done."""
+    """One schema version: statements run in one transaction, recorded when done.
+
+    A migration of the steps table (`per_table`) is recorded per table, in
+    `{schema}.table_migrations`: Agents writing to one database schema may each have a
+    table of their own, and each gets every table migration. Their statements must be
+    safe to run on a table that has them already (IF NOT EXISTS): databases migrated
+    before that record existed run them once more.
+    """
 
     version: int
     description: str
     statements: tuple[str, ...]
+    per_table: bool = False
 
 
 # {schema} and {table} are quoted identifiers. Append only; never edit a released one.
@@ -102,6 +110,7 @@ MIGRATIONS: Final = (
             "COMMENT ON TABLE {schema}.{table} IS "
             "'RelayRL trajectory steps; one row per step, see trajectory-schema.md'",
         ),
+        per_table=True,
     ),
     Migration(
         3,
@@ -522,6 +531,9 @@ class PostgresWriter:
         # Column types messages accepted since the table was read will give it: a column
         # is created with the type of the first message that has it.
         self._expected: dict[str, str] = {}
+        # Schemas whose rows COPY's encoder was seen to write (messages nearly always
+        # share one): each new one is tried on a row first.
+        self._encodable: set[pa.Schema] = set()
         self._groups: list[tuple[pa.Schema, list[concurrent.futures.Future[memoryview]]]] = []
         self._rows = 0
         self._since = 0.0
@@ -609,8 +621,29 @@ class PostgresWriter:
                     f"column {name} is {typ} in this message, {have} in "
                     f"{self.schema_name}.{self.table}",
                 )
+        self._check_encodable(table)
         for name, typ in wanted:
             self._expected.setdefault(name, typ)
+
+    def _check_encodable(self, table: pa.Table) -> None:
+        """Encode one row of a schema not seen before: a column type the COPY encoder
+        cannot write (a list of strings, a dictionary of lists) fails there, once,
+        instead of failing its commit every time after each restart."""
+        if table.schema in self._encodable:
+            return
+        try:
+            encode_copy(table.slice(0, 1), 0, 0)
+        except MemoryError:
+            raise
+        except (service.PermanentError, pa.ArrowException, ValueError, TypeError, KeyError,
+                struct.error, OverflowError) as err:  # fmt: skip
+            raise service.InvalidMessageError(
+                service.DeadLetterReason.SCHEMA_MISMATCH,
+                f"COPY cannot write its columns: {type(err).__name__}: {err}",
+            ) from err
+        if len(self._encodable) >= 64:
+            self._encodable.clear()
+        self._encodable.add(table.schema)
 
     async def add(self, delivery: service.Delivery) -> None:
         table = delivery.table
@@ -759,17 +792,49 @@ class PostgresWriter:
                     "applied_at timestamptz NOT NULL DEFAULT now())"
                 ).format(**ids)
             )
+            conn.execute(
+                sql.SQL(
+                    "CREATE TABLE IF NOT EXISTS {schema}.table_migrations ("
+                    "table_name text NOT NULL, version integer NOT NULL, "
+                    "description text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now(), "
+                    "PRIMARY KEY (table_name, version))"
+                ).format(**ids)
+            )
             done = {
                 int(r[0])
                 for r in conn.execute(
                     sql.SQL("SELECT version FROM {schema}.schema_migrations").format(**ids)
                 )
             }
+            table_done = {
+                int(r[0])
+                for r in conn.execute(
+                    sql.SQL(
+                        "SELECT version FROM {schema}.table_migrations WHERE table_name = %s"
+                    ).format(**ids),
+                    (self.table,),
+                )
+            }
             for m in MIGRATIONS:
-                if m.version in done:
+                if m.version in (table_done if m.per_table else done):
                     continue
                 for statement in m.statements:
                     conn.execute(sql.SQL(statement).format(**ids))
+                if m.per_table:
+                    conn.execute(
+                        sql.SQL(
+                            "INSERT INTO {schema}.table_migrations "
+                            "(table_name, version, description) VALUES (%s, %s, %s)"
+                        ).format(**ids),
+                        (self.table, m.version, m.description),
+                    )
+                    log.info(
+                        "postgres: applied migration %d to %s: %s",
+                        m.version,
+                        self.table,
+                        m.description,
+                    )
+                    continue
                 conn.execute(
                     sql.SQL(
                         "INSERT INTO {schema}.schema_migrations (version, description) "

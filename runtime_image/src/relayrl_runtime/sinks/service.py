@@ -359,6 +359,9 @@ class SinkService:
         self._uncommitted = [0, 0, 0]  # messages, rows, bytes added since the last commit
         self._avg_size = float(1 << 20)  # bytes per message, until measured
         self._inflight: asyncio.Task[None] | None = None
+        # Set once a commit failed or was cut short: nothing after it may be committed,
+        # or the position would move past what that commit held (lost on restart).
+        self._commit_failed = False
         self.heartbeat = time.monotonic()
         self.http: http.server.ThreadingHTTPServer | None = None
         self._nc: NATS | None = None
@@ -461,6 +464,13 @@ class SinkService:
         )
 
     async def _final_commit(self) -> None:
+        if self._commit_failed:
+            log.warning(
+                "%s sink: a commit failed; what came after it is not committed either"
+                " (it comes again after the restart)",
+                self.writer.kind,
+            )
+            return
         try:
             await asyncio.wait_for(self._drain_commits(), timeout=60)
             if self.writer.pending:
@@ -702,17 +712,27 @@ class SinkService:
         await self._drain_commits()
         last, msg = self._last_seen, self._last_msg
         counts, self._uncommitted = self._uncommitted, [0, 0, 0]
+        if self._commit_failed:
+            raise PermanentError("a commit failed before: nothing after it is committed")
         sealed = self.writer.seal(last)
         work = self._commit_sealed(sealed, last, msg, counts)
         if self.writer.pipelined:
             self._inflight = asyncio.create_task(work)
         else:
-            await work
+            await self._watched(work)
 
     async def _drain_commits(self) -> None:
         task, self._inflight = self._inflight, None
         if task is not None:
-            await task
+            await self._watched(task)
+
+    async def _watched(self, commit: Awaitable[None]) -> None:
+        """Await a commit; one that fails or is cancelled stops all later commits."""
+        try:
+            await commit
+        except BaseException:
+            self._commit_failed = True
+            raise
 
     async def _commit_sealed(
         self, sealed: object, last: int, msg: Msg | None, counts: list[int]
