@@ -197,7 +197,9 @@ class Agent:
 
         The new model is loaded and validated off the request path; the swap happens
         between requests, so no request fails and each step records the version that
-        chose it. A model with a different observation or action layout is refused.
+        chose it. A model with a different observation, action or output layout is
+        refused (`ModelIncompatibleError`): the trajectories this agent records have
+        the layout of the model it started with.
         """
         with self._reload_lock:
             self._check_open()
@@ -206,7 +208,7 @@ class Agent:
             if why is not None:
                 new.close()
                 self.metrics.model_reloads.labels("rejected").inc()
-                raise errors.ModelMetadataError(f"reload refused: {why}")
+                raise errors.ModelIncompatibleError(f"reload refused: {why}")
             own: dict[int, policy.Policy] = {}
             if self.mode is spec.ModelMode.INDEPENDENT:
                 meta = new.metadata

@@ -55,6 +55,15 @@ class ModelMetadataError(ModelLoadError):
     kind = "model_metadata"
 
 
+class ModelIncompatibleError(ModelMetadataError):
+    """A model that loads but cannot replace the running one in place (other layout).
+
+    A process started with it would run it: the operator answers with a rolling update.
+    """
+
+    kind = "model_incompatible"
+
+
 class DeviceUnavailableError(ModelLoadError):
     """A device (cuda) asked for on a host that cannot provide it: never a silent fallback."""
 

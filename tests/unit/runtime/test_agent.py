@@ -168,7 +168,7 @@ def test_reload_records_versions_and_refuses_other_layouts(
     assert a.reload_model(models["onnx_v2"]) == 2
     a.request_action([0], _obs(1))
     with pytest.raises(
-        errors.ModelMetadataError, match=r"inputs: expected \[4\] float32, got \[6\]"
+        errors.ModelIncompatibleError, match=r"inputs: expected \[4\] float32, got \[6\]"
     ):
         a.reload_model(models["onnx_wide"])
     assert a.get_model_version() == 2

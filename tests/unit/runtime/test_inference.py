@@ -173,3 +173,60 @@ def test_obs_checks_say_expected_and_got(models: dict[str, Path]) -> None:
         errors.InvalidArgumentError, match=r"obs\.dtype: expected float32, got float64"
     ):
         pol.check_obs(np.zeros((2, 4)), 2)
+
+
+def _meta(**changes: object) -> model.ModelMetadata:
+    """A continuous-action model's metadata: mean `mu`, an aux `value` output."""
+    raw: dict[str, object] = {
+        "format": "onnx",
+        "inputs": [{"name": "obs", "shape": [-1, 3], "dtype": "float32"}],
+        "outputs": [
+            {"name": "mu", "shape": [-1, 2], "dtype": "float32"},
+            {"name": "value", "shape": [-1, 1], "dtype": "float32"},
+        ],
+        "action": {"kind": "continuous", "output": "mu", "size": 2, "logStd": -0.5},
+    }
+    raw.update(changes)
+    return model.ModelMetadata.model_validate(raw)
+
+
+def test_a_running_agent_takes_only_a_model_it_records_the_same_way() -> None:
+    base = _meta()
+    assert base.compatible_with(_meta(version=2)) is None
+    # Clipping bounds are not recorded: they may change in place.
+    clipped = _meta(action={"kind": "continuous", "output": "mu", "size": 2, "logStd": -0.5,
+                            "low": -1.0, "high": 1.0})  # fmt: skip
+    assert base.compatible_with(clipped) is None
+    renamed = _meta(
+        outputs=[
+            {"name": "pi", "shape": [-1, 2], "dtype": "float32"},
+            {"name": "value", "shape": [-1, 1], "dtype": "float32"},
+        ],
+        action={"kind": "continuous", "output": "pi", "size": 2, "logStd": -0.5},
+    )
+    assert base.compatible_with(renamed) == "action.output: expected 'mu', got 'pi'"
+    # The recorded logp is computed with the fixed log-std of the model the agent started with.
+    annealed = _meta(action={"kind": "continuous", "output": "mu", "size": 2, "logStd": -1.0})
+    assert base.compatible_with(annealed) == "action.logStd: expected -0.5, got -1.0"
+    learned = _meta(
+        outputs=[
+            {"name": "mu", "shape": [-1, 2], "dtype": "float32"},
+            {"name": "log_std", "shape": [-1, 2], "dtype": "float32"},
+            {"name": "value", "shape": [-1, 1], "dtype": "float32"},
+        ],
+        action={"kind": "continuous", "output": "mu", "size": 2, "logStdOutput": "log_std"},
+    )
+    assert base.compatible_with(learned) == "action.logStdOutput: expected None, got 'log_std'"
+    more = _meta(
+        outputs=[
+            {"name": "mu", "shape": [-1, 2], "dtype": "float32"},
+            {"name": "value", "shape": [-1, 1], "dtype": "float32"},
+            {"name": "entropy", "shape": [-1, 1], "dtype": "float32"},
+        ]
+    )
+    assert base.compatible_with(more) == (
+        "outputs: expected mu [2] float32, value [1] float32, "
+        "got entropy [1] float32, mu [2] float32, value [1] float32"
+    )
+    wider = _meta(inputs=[{"name": "obs", "shape": [-1, 4], "dtype": "float32"}])
+    assert base.compatible_with(wider) == "inputs: expected [3] float32, got [4] float32"

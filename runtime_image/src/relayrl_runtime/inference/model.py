@@ -150,26 +150,43 @@ class ModelMetadata(_Model):
         return self.file or DEFAULT_FILES[self.format]
 
     def compatible_with(self, other: ModelMetadata) -> str | None:
-        """Why `other` cannot replace this model in a running agent, or None if it can."""
+        """Why `other` cannot replace this model in a running agent, or None if it can.
+
+        A running agent records what this model's metadata describes (its trajectory
+        layout is fixed at start): the observation, the action head and how its log-std
+        is had, and every output by name, shape and dtype. A fixed log-std must stay the
+        same too: the recorded logp is computed with it.
+        """
         if other.input.item_shape != self.input.item_shape or other.input.dtype != self.input.dtype:
             return (
                 f"inputs: expected {list(self.input.item_shape)} {self.input.dtype}, "
                 f"got {list(other.input.item_shape)} {other.input.dtype}"
             )
-        if other.action.kind != self.action.kind or other.action.size != self.action.size:
-            return (
-                f"action: expected {self.action.kind.value} size {self.action.size}, "
-                f"got {other.action.kind.value} size {other.action.size}"
-            )
-        mine = {o.name: (o.item_shape, o.dtype) for o in self.aux_outputs}
-        theirs = {o.name: (o.item_shape, o.dtype) for o in other.aux_outputs}
-        if mine != theirs:
-            return f"aux outputs: expected {sorted(mine)}, got {sorted(theirs)}"
+        mine, theirs = self.action, other.action
+        for field, a, b in (
+            ("kind", mine.kind.value, theirs.kind.value),
+            ("size", mine.size, theirs.size),
+            ("output", mine.output, theirs.output),
+            ("logStdOutput", mine.log_std_output, theirs.log_std_output),
+        ):
+            if a != b:
+                return f"action.{field}: expected {a!r}, got {b!r}"
+        fixed_std = mine.kind is ActionKind.CONTINUOUS and mine.log_std_output is None
+        if fixed_std and theirs.log_std != mine.log_std:
+            return f"action.logStd: expected {mine.log_std}, got {theirs.log_std}"
+        outputs = {o.name: (list(o.item_shape), o.dtype) for o in self.outputs}
+        other_outputs = {o.name: (list(o.item_shape), o.dtype) for o in other.outputs}
+        if outputs != other_outputs:
+            return f"outputs: expected {_describe(outputs)}, got {_describe(other_outputs)}"
         return None
 
     def to_json(self) -> str:
         """Serialise as the metadata file's text."""
         return json.dumps(self.model_dump(mode="json", by_alias=True, exclude_none=True), indent=2)
+
+
+def _describe(outputs: dict[str, tuple[list[int], str]]) -> str:
+    return ", ".join(f"{name} {shape} {dtype}" for name, (shape, dtype) in sorted(outputs.items()))
 
 
 def read_metadata(directory: Path) -> ModelMetadata:
