@@ -39,17 +39,58 @@ def describe(old: spec.AgentSpec | None, new: spec.AgentSpec) -> list[str]:
             else:
                 out.append("model changed: rolling update of the actor pods")
         elif key == "sinks":
-            kinds = {_kind(s) for s in new.sinks}
-            before_kinds = {_kind(s) for s in old.sinks}
-            for added in sorted(kinds - before_kinds):
-                out.append(f"sink {added} added")
-            for removed in sorted(before_kinds - kinds):
-                out.append(f"sink {removed} removed (its data is kept)")
-            if kinds == before_kinds:
-                out.append("sink settings changed: sink pods rolled")
+            out += _sinks(old, new)
+        elif key == "trajectories":
+            out += _trajectories(old.trajectories, new.trajectories, bool(new.sinks))
+        elif key == "template" and new.sinks:
+            out.append(
+                "template changed: rolling update of the actor pods, and of the sink pods "
+                "where their image or placement changed"
+            )
         else:
             out.append(f"{key} changed: rolling update of the actor pods")
     return out
+
+
+def _sinks(old: spec.AgentSpec, new: spec.AgentSpec) -> list[str]:
+    before = {_kind(s): s for s in old.sinks}
+    after = {_kind(s): s for s in new.sinks}
+    out = [f"sink {k} added" for k in sorted(after.keys() - before.keys())]
+    out += [f"sink {k} removed (its data is kept)" for k in sorted(before.keys() - after.keys())]
+    changed = sorted(k for k in after.keys() & before.keys() if after[k] != before[k])
+    out += [f"sink {k} settings changed: its pods rolled" for k in changed]
+    return out
+
+
+def _trajectories(old: spec.TrajectoriesSpec, new: spec.TrajectoriesSpec, sinks: bool) -> list[str]:
+    a, b = old.nats, new.nats
+    out = []
+    if a.retain_on_delete != b.retain_on_delete:
+        out.append(
+            f"trajectories.nats.retainOnDelete {str(a.retain_on_delete).lower()} -> "
+            f"{str(b.retain_on_delete).lower()}: "
+            "read when the Agent is deleted (no restart)"
+        )
+    if a.url != b.url:
+        out.append(
+            "trajectories.nats.url changed: stream and model bucket made on the new server "
+            "(those on the old one are left in place)"
+        )
+    rest = old.model_copy(update={"nats": a.model_copy(update={"retain_on_delete": False})})
+    if rest != new.model_copy(update={"nats": b.model_copy(update={"retain_on_delete": False})}):
+        pods = "actor and sink pods" if sinks and _sinks_follow(a, b) else "actor pods"
+        out.append(f"trajectories changed: rolling update of the {pods}")
+    return out
+
+
+def _sinks_follow(a: spec.NatsSpec, b: spec.NatsSpec) -> bool:
+    """Whether sink pods read a changed field: how to reach NATS, and which stream."""
+    return connection(a) != connection(b)
+
+
+def connection(nats: spec.NatsSpec) -> tuple[object, ...]:
+    """Which server, which stream, as whom: a change means the stream is made anew there."""
+    return (nats.url, nats.stream, nats.credentials_secret, nats.tls)
 
 
 def _only_version_changed(a: spec.ModelSpec, b: spec.ModelSpec) -> bool:

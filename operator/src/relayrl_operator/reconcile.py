@@ -521,11 +521,8 @@ class Reconciler:
             state.restart_hash = statefulset.restart_hash(agent, self._settings)
         agent_spec = agent.spec
         add_finalizer = constants.FINALIZER not in (meta.get("finalizers") or [])
-        if state.error is not None and state.error_generation == generation:
-            if add_finalizer:
-                await self._add_finalizer(agent, meta)
-            return  # a permanent error on this generation: wait for a spec change
-        state.error = None
+        if state.error_generation != generation:
+            state.error = None  # a new spec: try it
 
         if state.needs_apply:
             state.needs_apply = False
@@ -540,15 +537,29 @@ class Reconciler:
                 )
             finally:
                 state.applying_generation = None
-            if isinstance(applied, kube.ApiError) and not applied.transient:
-                await self._fail(key, state, generation, f"apiserver rejected a child: {applied}")
-                return
-            for result in (added, applied):
+            rejected = isinstance(applied, kube.ApiError) and not applied.transient
+            for result in (added, None if rejected else applied):
                 if isinstance(result, BaseException):
                     state.needs_apply = True
                     raise result
-            if state.applied_generation != generation:
-                lines = changes.describe(state.applied_spec, agent_spec)
+            before = state.applied_spec
+            if (
+                state.applied_generation != generation
+                and before is not None
+                and changes.connection(before.trajectories.nats)
+                != changes.connection(agent_spec.trajectories.nats)
+            ):
+                # Another server, stream or credential: this pass makes the stream and
+                # bucket there (sinks and runtimes need them), not the next resync.
+                state.stream_ready = None
+            if rejected:
+                # Shown in status, the stream and status kept up; applied again on the
+                # next spec change, or when a child is deleted or edited (drift).
+                self._rejected(key, state, agent, f"apiserver rejected a child: {applied}")
+            else:
+                state.error = state.error_generation = None
+            if not rejected and state.applied_generation != generation:
+                lines = changes.describe(before, agent_spec)
                 if lines:
                     state.applied_message = "; ".join(lines)
                     self._event(agent, "Normal", "SpecApplied", state.applied_message)
@@ -594,6 +605,7 @@ class Reconciler:
         results = await asyncio.gather(
             *(self._client.apply(obj) for obj in desired), return_exceptions=True
         )
+        rejected: kube.ApiError | None = None
         for obj, result in zip(list(desired), results, strict=True):
             if (
                 isinstance(result, kube.ApiError)
@@ -603,6 +615,12 @@ class Reconciler:
                 # The Prometheus Operator's CRDs went away: no PodMonitors until they
                 # are back (checked on every resync).
                 self._podmonitors = False
+                desired.remove(obj)
+                continue
+            if isinstance(result, kube.ApiError) and not result.transient:
+                # Rejected for good (e.g. a claim asked to shrink): the other children
+                # are still applied and pruned; the pass reports it.
+                rejected = rejected or result
                 desired.remove(obj)
                 continue
             if isinstance(result, BaseException):
@@ -635,6 +653,8 @@ class Reconciler:
             state.child_versions.pop((kind_name, name), None)
         state.applied = now
         state.applied_at = time.monotonic()
+        if rejected is not None:
+            raise rejected
 
     def _optional_children(self, agent: common.AgentRef) -> set[tuple[str, str]]:
         out = {(kube.SERVICE.kind, common.remote_service_name(agent))}
@@ -680,6 +700,15 @@ class Reconciler:
             {"metadata": {"finalizers": remaining, "resourceVersion": meta["resourceVersion"]}},
         )
         log.info("finalized %s/%s", *key)
+
+    def _rejected(self, key: Key, state: _State, agent: common.AgentRef, message: str) -> None:
+        """A child the apiserver refuses for good: said once per spec and message."""
+        if state.error == message and state.error_generation == agent.generation:
+            return
+        state.error, state.error_generation = message, agent.generation
+        metrics.RECONCILES.labels("permanent_error").inc()
+        log.warning("agent %s/%s: %s", *key, message)
+        self._event(agent, "Warning", "ReconcileFailed", message)
 
     async def _fail(self, key: Key, state: _State, generation: int, message: str) -> None:
         state.error = message
@@ -835,7 +864,8 @@ def _store(state: _State, body: Mapping[str, Any]) -> None:
     state.stale = False
     # Our own finalizer and status writes come back as events during a pass: only
     # a generation neither applied nor being applied needs the children applied.
-    if meta.get("generation") not in (state.applied_generation, state.applying_generation):
+    done = (state.applied_generation, state.applying_generation, state.error_generation)
+    if meta.get("generation") not in done:
         state.needs_apply = True
 
 

@@ -37,6 +37,9 @@ ENV_BIND_ADDRESS: Final = "RELAYRL_BIND_ADDRESS"
 # Paths (wire names) of the fields a running process applies from its mounted config
 # file without a restart (`live`); a change to any other field needs a new pod.
 HOT_FIELDS: Final = (("model", "version"), ("routers",), ("actors",), ("actorsPerPod",))
+# Fields the rendered config carries for the reader's sake that no runtime reads (the
+# operator's finalizer does): a change to them neither restarts nor reloads anything.
+UNUSED_FIELDS: Final = (("trajectories", "nats", "retainOnDelete"),)
 
 
 class LocalSink(spec.SpecModel):

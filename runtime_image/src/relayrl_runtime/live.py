@@ -120,7 +120,7 @@ class ConfigWatcher:
             )
             return
         changed = changed_fields(self.running, new)
-        cold = [".".join(p) for p in changed if not _is_hot(p)]
+        cold = [".".join(p) for p in changed if not _is_hot(p) and p not in config.UNUSED_FIELDS]
         if cold:
             log.warning(
                 "config %s changed fields that need a restart to take effect: %s",

@@ -782,14 +782,6 @@ class AgentSpec(SpecModel):
             field="gpusPerPod",
         ),
         Rule(
-            cel="!has(self.actorsPerPod) || self.actors == 0 || self.actorsPerPod <= self.actors",
-            message="actorsPerPod must be <= actors (unless actors is 0)",
-            holds=lambda s: (
-                s.actors_per_pod is None or s.actors == 0 or s.actors_per_pod <= s.actors
-            ),
-            field="actorsPerPod",
-        ),
-        Rule(
             cel=(
                 "self.sinks.filter(s, has(s.arrow)).size() <= 1 && "
                 "self.sinks.filter(s, has(s.postgres)).size() <= 1"

@@ -133,6 +133,8 @@ def test_template_overrides_reach_the_pod() -> None:
         ({"spec": {"environment": {"gymnasium": {"envsPerActor": 8}}}}, True),
         ({"spec": {"model": {"format": "torchscript"}}}, True),
         ({"spec": {"trajectories": {"maxLength": 10}}}, True),
+        # Read by the operator's finalizer only: toggling it restarts no pod.
+        ({"spec": {"trajectories": {"nats": {"retainOnDelete": True}}}}, False),
     ],
 )
 def test_only_cold_fields_change_the_restart_hash(patch: dict[str, Any], restarts: bool) -> None:

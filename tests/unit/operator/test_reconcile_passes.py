@@ -327,3 +327,145 @@ async def test_an_agent_with_an_invalid_spec_can_still_be_deleted() -> None:
         assert nats.attempts == 0
     finally:
         await rec.stop()
+
+
+class Rejecting(Recorder):
+    """An apiserver that refuses one kind of child for good (a 422, as for a claim
+    asked to shrink), until `fixed`."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.fixed = False
+        self.events: list[dict[str, Any]] = []
+
+    async def apply(self, obj: dict[str, Any]) -> Applied:
+        if obj["kind"] == self.kind and not self.fixed:
+            raise kube.ApiError(422, "Invalid", f"{self.kind} is invalid: spec: Forbidden")
+        return await super().apply(obj)
+
+    async def request(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        if kwargs.get("body", {}).get("kind") == "Event":
+            self.events.append(kwargs["body"])
+        return {}
+
+
+class Streams(FailingStreams):
+    """NATS that answers; remembers the server of each ensure."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ensured: list[str] = []
+
+    async def ensure(self, agent: common.AgentRef) -> str:
+        self.ensured.append(agent.spec.trajectories.nats.url)
+        return "stream ok"
+
+    async def verify(self, agents: Iterable[common.AgentRef]) -> set[tuple[str, str]]:
+        return set()
+
+
+async def test_a_rejected_child_leaves_the_agent_watched_and_the_rest_applied() -> None:
+    api = Rejecting("PersistentVolumeClaim")
+    nats = Streams()
+    rec = reconcile.Reconciler(api, settings.Settings(), nats, workers=1)  # type: ignore[arg-type]
+    await rec.start()
+    try:
+        first = agent_body()
+        first["spec"]["sinks"][0]["arrow"]["storage"] = {"size": "1Gi"}
+        rec.agent_event("ADDED", first)
+        await settle(rec)
+        state = rec._states[KEY]
+        # Every other child is applied; the stream is made; status says what failed.
+        assert {kind for kind, _ in api.applied} >= {"ConfigMap", "StatefulSet", "Deployment"}
+        assert nats.ensured == ["nats://nats:4222"]
+        assert api.status[-1]["phase"] == "Failed"
+        degraded = next(c for c in api.status[-1]["conditions"] if c["type"] == "Degraded")
+        assert "PersistentVolumeClaim is invalid" in degraded["message"]
+        assert [e["reason"] for e in api.events] == ["ReconcileFailed", "PhaseFailed"]
+
+        # A pod failing meanwhile still shows: status is kept up for a failed spec too.
+        rec.child_event("ADDED", crashing_pod(state))
+        await settle(rec)
+        assert (
+            "CrashLoopBackOff"
+            in next(c for c in api.status[-1]["conditions"] if c["type"] == "Degraded")["message"]
+        )
+
+        # A child deleted by hand comes back, though the spec still has the error; the
+        # same error is not said again.
+        api.applied.clear()
+        sts = {"kind": "StatefulSet", "metadata": {**pod_meta(state), "name": "cartpole-actors"}}
+        rec.child_event("ADDED", sts)
+        rec.child_event("DELETED", sts)
+        await settle(rec)
+        assert ("StatefulSet", "cartpole-actors") in api.applied
+        assert [e["reason"] for e in api.events].count("ReconcileFailed") == 1
+
+        # Once the apiserver takes it (e.g. the claim was fixed by hand), the error goes.
+        api.fixed = True
+        rec.child_event("DELETED", sts)
+        await settle(rec)
+        assert api.status[-1]["phase"] != "Failed"
+        assert state.error is None
+    finally:
+        await rec.stop()
+
+
+def pod_meta(state: Any) -> dict[str, Any]:
+    agent = state.agent
+    return {
+        "namespace": "ml",
+        "labels": {
+            constants.LABEL_AGENT: agent.name,
+            constants.LABEL_COMPONENT: constants.COMPONENT_ACTORS,
+        },
+        "generation": 1,
+        "resourceVersion": "9",
+    }
+
+
+def crashing_pod(state: Any) -> dict[str, Any]:
+    return {
+        "kind": "Pod",
+        "metadata": {
+            **pod_meta(state),
+            "name": "cartpole-0",
+            "annotations": {constants.ANNOTATION_RESTART_HASH: state.restart_hash},
+        },
+        "status": {
+            "containerStatuses": [
+                {"state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off"}}}
+            ]
+        },
+    }
+
+
+async def test_another_nats_server_gets_the_stream_in_the_same_pass() -> None:
+    api = Recorder()
+    nats = Streams()
+    rec = reconcile.Reconciler(api, settings.Settings(), nats, workers=1)  # type: ignore[arg-type]
+    await rec.start()
+    try:
+        first = agent_body()
+        rec.agent_event("ADDED", first)
+        await settle(rec)
+        second = copy.deepcopy(first)
+        second["metadata"].update(generation=2, resourceVersion="2")
+        second["spec"]["trajectories"] = {"nats": {"url": "nats://nats-b.relayrl-system:4222"}}
+        rec.agent_event("MODIFIED", second)
+        await settle(rec)
+        assert nats.ensured == [
+            "nats://nats:4222",
+            "nats://nats-b.relayrl-system:4222",
+        ]
+        # Toggling what only the finalizer reads makes nothing anew.
+        third = copy.deepcopy(second)
+        third["metadata"].update(generation=3, resourceVersion="3")
+        third["spec"]["trajectories"]["nats"]["retainOnDelete"] = True
+        rec.agent_event("MODIFIED", third)
+        await settle(rec)
+        assert len(nats.ensured) == 2
+        assert "retainOnDelete false -> true" in rec._states[KEY].applied_message
+    finally:
+        await rec.stop()

@@ -54,7 +54,8 @@ async def test_hot_fields_are_applied_and_cold_ones_logged(
         "actorsPerPod": 3,
         "routers": 2,
         "model": {**BASE["model"], "version": None},
-        "trajectories": {"maxLength": 10},
+        # retainOnDelete is the operator's alone: no runtime reads it.
+        "trajectories": {"maxLength": 10, "nats": {"retainOnDelete": True}},
     }
     _write(path, changed)
     with caplog.at_level(logging.WARNING):
@@ -65,7 +66,7 @@ async def test_hot_fields_are_applied_and_cold_ones_logged(
     assert list(new.actor_slice()) == [3, 4, 5]
     # The cold field is not applied, only reported.
     assert new.trajectories.max_length == old.trajectories.max_length
-    assert "need a restart to take effect: trajectories.maxLength" in caplog.text
+    assert "need a restart to take effect: trajectories.maxLength\n" in caplog.text
     # The same bytes again: nothing to do.
     await w.check()
     assert len(rec.calls) == 1

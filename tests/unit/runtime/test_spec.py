@@ -31,7 +31,14 @@ def test_wire_names_are_camel_case_and_round_trip() -> None:
 
 @pytest.mark.parametrize(
     ("actors", "per_pod", "paused", "pods"),
-    [(8, 4, False, 2), (9, 4, False, 3), (5, None, False, 1), (0, 4, False, 0), (8, 4, True, 0)],
+    [
+        (8, 4, False, 2),
+        (9, 4, False, 3),
+        (2, 4, False, 1),
+        (5, None, False, 1),
+        (0, 4, False, 0),
+        (8, 4, True, 0),
+    ],
 )
 def test_pods_is_ceil_of_actors_over_actors_per_pod(
     actors: int, per_pod: int | None, paused: bool, pods: int

@@ -42,7 +42,7 @@ def _wire(cfg: config.RuntimeConfig) -> dict[str, Any]:
 def restart_hash(agent: common.AgentRef) -> str:
     """Hash of the config fields that need a pod restart to take effect."""
     data = _wire(runtime_config(agent))
-    for path in HOT_FIELDS:
+    for path in (*HOT_FIELDS, *config.UNUSED_FIELDS):
         node = data
         for key in path[:-1]:
             node = node.get(key, {})
