@@ -21,8 +21,10 @@ A pass (`_reconcile`):
    server for all Agents) finds them missing or changed;
 4. status is computed from the cached children and patched when it changed.
 Transient failures are retried with a jittered, growing, bounded delay; permanent
-ones (a spec the apiserver let through but we cannot build, a child it rejects) are
-shown in status and wait for the next spec change.
+ones are shown in status (phase Failed). A spec the apiserver let through but we
+cannot build waits for the next spec change. A child the apiserver rejects is tried
+again on the next spec change or drift, while the other children, the stream and
+status are kept up.
 """
 
 from __future__ import annotations
@@ -116,10 +118,6 @@ class Streams(Protocol):
 
     def reports(self, namespace: str, agent: str) -> Mapping[str, reporting.PodReport]:
         """The latest report of each pod of an Agent, by pod name."""
-
-
-class PermanentError(Exception):
-    """A failure retrying will not fix; shown in status until the spec changes."""
 
 
 @dataclass
