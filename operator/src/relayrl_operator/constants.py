@@ -33,6 +33,9 @@ COMPONENT_POSTGRES_SINK: Final = "postgres-sink"
 # Annotations.
 ANNOTATION_RESTART_HASH: Final = f"{spec.GROUP}/restart-hash"
 ANNOTATION_CONFIG_HASH: Final = f"{spec.GROUP}/config-hash"
+# On the actor pod template: the model version the pods were rolled for, because the
+# running ones could not hot-reload it (status.modelRollout).
+ANNOTATION_MODEL_ROLLOUT: Final = f"{spec.GROUP}/model-rollout"
 
 FINALIZER: Final = f"{spec.GROUP}/finalizer"
 

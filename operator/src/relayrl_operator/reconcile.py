@@ -30,6 +30,7 @@ status are kept up.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import zlib
@@ -153,6 +154,10 @@ class _State:
     child_generations: dict[tuple[str, str], int] = field(default_factory=dict)
     child_versions: dict[tuple[str, str], str] = field(default_factory=dict)
     seen: set[tuple[str, str]] = field(default_factory=set)  # (kind, name) the watch has
+    # The model version the actor pods were rolled for (status.modelRollout); read from
+    # the Agent's status once, so an operator restart does not roll them again.
+    model_rollout: int | None = None
+    rollout_read: bool = False
 
 
 class Reconciler:
@@ -517,6 +522,15 @@ class Reconciler:
             )
             state.agent = agent
             state.restart_hash = statefulset.restart_hash(agent, self._settings)
+        if not state.rollout_read:
+            stored = (body.get("status") or {}).get("modelRollout")
+            state.model_rollout = stored if isinstance(stored, int) else None
+            state.rollout_read = True
+        self._follow_refusals(key, state, agent)
+        if agent.model_rollout != state.model_rollout:
+            agent = dataclasses.replace(agent, model_rollout=state.model_rollout)
+            state.agent = agent
+            state.restart_hash = statefulset.restart_hash(agent, self._settings)
         agent_spec = agent.spec
         add_finalizer = constants.FINALIZER not in (meta.get("finalizers") or [])
         if state.error_generation != generation:
@@ -581,6 +595,43 @@ class Reconciler:
                 self._enqueue_later(key, kube.retry_delay(state.nats_failures))
 
         await self._write_status(agent, state)
+
+    def _fresh_reports(self, agent: common.AgentRef) -> dict[str, reporting.PodReport]:
+        """The pods' reports of the last `reporting.MAX_AGE_SECONDS`, by pod name."""
+        if self._streams is None:
+            return {}
+        fresh_after = time.time() - reporting.MAX_AGE_SECONDS
+        reports = self._streams.reports(agent.namespace, agent.name)
+        return {pod: r for pod, r in reports.items() if r.time > fresh_after}
+
+    def _follow_refusals(self, key: Key, state: _State, agent: common.AgentRef) -> None:
+        """Roll the actor pods for a model version the running ones cannot hot-reload.
+
+        A version whose layout differs from the running model's loads fine in a new
+        process: the pods are replaced (their template carries the version), the way a
+        template change replaces them.
+        """
+        wanted = [
+            r.refused
+            for r in self._fresh_reports(agent).values()
+            if r.refused is not None
+            and r.refused.incompatible
+            and r.refused.version is not None
+            and r.refused.version != state.model_rollout
+        ]
+        if not wanted:
+            return
+        refusal = max(wanted, key=lambda r: r.version or 0)
+        state.model_rollout = refusal.version
+        state.needs_apply = True
+        message = (
+            f"model version {refusal.version} cannot replace the running one in place "
+            f"({refusal.reason.removeprefix('reload refused: ')}): rolling update of the "
+            "actor pods"
+        )
+        state.applied_message = message
+        log.info("agent %s/%s: %s", *key, message)
+        self._event(agent, "Normal", "ModelRollout", message)
 
     def desired_children(self, agent: common.AgentRef) -> list[dict[str, Any]]:
         """Every child manifest the Agent should have now."""
@@ -745,10 +796,7 @@ class Reconciler:
             if agent is state.agent
             else statefulset.restart_hash(agent, self._settings)
         )
-        reports = (
-            self._streams.reports(agent.namespace, agent.name) if self._streams is not None else {}
-        )
-        fresh_after = time.time() - reporting.MAX_AGE_SECONDS
+        reports = self._fresh_reports(agent)
         pods = []
         replacing = 0
         sink_pods: dict[str, list[Mapping[str, Any]]] = {}
@@ -764,8 +812,7 @@ class Reconciler:
                     replacing += 1
                 continue
             report = reports.get(pod["metadata"]["name"])
-            version = report.model_version if report and report.time > fresh_after else None
-            pods.append(_pod_view(pod, restart, version))
+            pods.append(_pod_view(pod, restart, report, state.model_rollout))
         sink_views = []
         for name in sinks.desired_names(agent):
             deployment = state.deployments.get(name)
@@ -779,6 +826,7 @@ class Reconciler:
             error=state.error,
             applied=state.applied_message,
             replacing=replacing,
+            model_rollout=state.model_rollout,
         )
 
     async def _write_status(self, agent: common.AgentRef, state: _State) -> None:
@@ -898,7 +946,10 @@ def _pod_summary(pod: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _pod_view(
-    pod: Mapping[str, Any], restart_hash: str, model_version: int | None
+    pod: Mapping[str, Any],
+    restart_hash: str,
+    report: reporting.PodReport | None,
+    model_rollout: int | None,
 ) -> status.PodView:
     meta = pod["metadata"]
     labels = meta.get("labels") or {}
@@ -912,13 +963,17 @@ def _pod_view(
         unschedulable = scheduled.get("message") or "no node fits"
     failing = _waiting_failure(pod)
     annotations = meta.get("annotations") or {}
+    refused = report.refused if report is not None else None
+    if refused is not None and refused.incompatible and refused.version == model_rollout:
+        refused = None  # the rolling update for it replaces this pod
     return status.PodView(
         index=index,
         ready=ready,
         current=annotations.get(constants.ANNOTATION_RESTART_HASH) == restart_hash,
         unschedulable=unschedulable,
         failing=failing,
-        model_version=model_version,
+        model_version=report.model_version if report is not None else None,
+        refused=None if refused is None else f"version {refused.version}: {refused.reason}",
     )
 
 

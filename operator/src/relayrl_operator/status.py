@@ -32,6 +32,9 @@ class PodView:
     unschedulable: str | None = None  # the scheduler's message while it cannot place the pod
     failing: str | None = None  # e.g. "CrashLoopBackOff: ..." for a container that keeps failing
     model_version: int | None = None  # reported by the runtime, when it reports
+    # A model version the pod failed to hot-reload, and why, unless a rolling update
+    # for it is under way (reported by the runtime).
+    refused: str | None = None
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,8 @@ class Observed:
     # Actor pods of an older template that are terminating (not in `pods`): a rollout
     # is replacing them.
     replacing: int = 0
+    # The model version the actor pods were rolled for (status.modelRollout).
+    model_rollout: int | None = None
 
 
 @dataclass
@@ -114,6 +119,14 @@ def compute(
     failing = [p for p in wanted if p.failing]
     versions = {p.model_version for p in ready if p.model_version is not None}
     pinned = agent_spec.model.version
+    refused = [p for p in ready if p.refused]
+    model_problem = ""
+    if refused:
+        running = f"; they run version {min(versions)}" if versions else ""
+        model_problem = (
+            f"{_plural(len(refused), 'actor pod')} could not hot-reload model "
+            f"{refused[0].refused}{running}"
+        )
 
     # Paused
     if agent_spec.paused:
@@ -152,6 +165,8 @@ def compute(
         conds.set(Cond.MODEL_READY, UNKNOWN, "NoActorPods", "no actor pods to load the model")
     elif not ready:
         conds.set(Cond.MODEL_READY, FALSE, "NotLoaded", "no actor pod has loaded the model yet")
+    elif refused:
+        conds.set(Cond.MODEL_READY, FALSE, "ReloadFailed", model_problem)
     elif len(versions) > 1:
         conds.set(
             Cond.MODEL_READY,
@@ -185,8 +200,12 @@ def compute(
     problems += [f"sink {s.component} failing: {s.failing}" for s in sinks_down if s.failing]
     if observed.stream_ready is False:
         problems.append("stream unavailable")
-    if problems:
-        conds.set(Cond.DEGRADED, TRUE, "Failing", "; ".join(problems))
+    if problems or refused:
+        # A model that failed to load leaves the pods on the one they run: degraded,
+        # not unready.
+        conds.set(
+            Cond.DEGRADED, TRUE, "Failing", "; ".join(filter(None, [*problems, model_problem]))
+        )
     else:
         conds.set(Cond.DEGRADED, FALSE, "Healthy", "no failures observed")
 
@@ -236,9 +255,9 @@ def compute(
         phase = spec.Phase.FAILED
     elif agent_spec.paused:
         phase = spec.Phase.PAUSED
-    elif all_ok:
+    elif all_ok and not refused:
         phase = spec.Phase.READY
-    elif problems:
+    elif problems or refused:
         phase = spec.Phase.DEGRADED
     elif unschedulable and not ready:
         phase = spec.Phase.PENDING
@@ -256,4 +275,6 @@ def compute(
         "selector": selector,
         "modelVersion": min(versions) if versions else None,
     }
+    if observed.model_rollout is not None:
+        status["modelRollout"] = observed.model_rollout
     return status

@@ -412,6 +412,7 @@ class App:
             actors=0 if agent is None else agent.actor_count,
             ready=self.ready()[0],
             time=time.time(),
+            refused=None if self._watcher is None else self._watcher.refused,
         )
 
     async def _report(self) -> None:

@@ -19,20 +19,28 @@ from pathlib import Path
 from typing import Any
 
 from relayrl_runtime import agent as agent_mod
-from relayrl_runtime import errors, registry
+from relayrl_runtime import errors, registry, reporting
 from relayrl_runtime.inference import model
 
 log = logging.getLogger(__name__)
 
 
 class _Watcher:
-    """What both watchers share: one check at a time.
+    """What both watchers share: one check at a time, and the last reload refused.
 
     `follow` (a config change) and the poll must not fetch and load side by side.
+    `refused` is what the pod reports (`reporting.PodReport`): the operator answers a
+    version the running agent cannot take in place with a rolling update, and shows
+    any other failed reload in status.
     """
 
     def __init__(self) -> None:
         self._checking = asyncio.Lock()
+        self.refused: reporting.Refusal | None = None
+
+    def _refuse(self, version: int | None, err: Exception) -> None:
+        incompatible = isinstance(err, errors.ModelIncompatibleError)
+        self.refused = reporting.Refusal(version, str(err), incompatible)
 
     async def check(self) -> None:
         """Reload if the source holds a version other than the running one."""
@@ -84,9 +92,12 @@ class PathWatcher(_Watcher):
         await self.check()
 
     async def _check(self) -> None:
+        version = None
         try:
             meta = model.read_metadata(self.path)
+            version = meta.version
             if meta.version == self.agent.get_model_version():
+                self.refused = None
                 return
             if self.version is not None and meta.version != self.version:
                 log.warning(
@@ -98,11 +109,14 @@ class PathWatcher(_Watcher):
                 )
                 return
             await self.agent.areload_model(self.path)
+            self.refused = None
         except errors.RelayRLError as err:
             self.agent.metrics.model_reloads.labels("failed").inc()
+            self._refuse(version, err)
             log.error("hot reload from %s failed, keeping the current model: %s", self.path, err)
-        except Exception:  # whatever else a half-written directory raises: poll on
+        except Exception as err:  # whatever else a half-written directory raises: poll on
             self.agent.metrics.model_reloads.labels("failed").inc()
+            self._refuse(version, err)
             log.exception("hot reload from %s failed, keeping the current model", self.path)
 
 
@@ -143,10 +157,18 @@ class RegistryWatcher(_Watcher):
             if entry.digest == self._digest:
                 return
             path, entry = await registry.fetch(self.nc, self.ref, self.cache)
+            # Whatever the load below makes of this version, it is not tried again (a
+            # model that did not load once will not the next time): a newer one is.
             self._digest = entry.digest
             if entry.version == self.agent.get_model_version():
+                self.refused = None
                 return
-            await self.agent.areload_model(path)
+            try:
+                await self.agent.areload_model(path)
+            except errors.RelayRLError as err:
+                self._refuse(entry.version, err)
+                raise
+            self.refused = None
         except errors.RelayRLError as err:
             self.agent.metrics.model_reloads.labels("failed").inc()
             log.error("hot reload from %s failed, keeping the current model: %s", self.ref, err)

@@ -5,13 +5,16 @@ Each actor runtime that talks to NATS puts one small JSON value per pod into the
 gone drops out by itself) under the key `<namespace>.<agent>.<pod>`::
 
     {"pod": "cartpole-0", "modelVersion": 3, "actors": 16, "ready": true,
-     "time": 1767225600.25}
+     "time": 1767225600.25,
+     "refused": {"version": 4, "reason": "reload refused: ...", "incompatible": true}}
 
 `actors` counts the agent's actors (env copies, as the `relayrl_runtime_actors` metric),
-`ready` is the pod's readiness, `time` the Unix time of the report in seconds.
+`ready` is the pod's readiness, `time` the Unix time of the report in seconds,
+`refused` the last hot reload that failed (null once one succeeds; see `Refusal`).
 `Reporter` (run by the runtime process, `app`) puts a report every `INTERVAL_SECONDS`
-and at once when the model version changes. The operator follows the bucket with a key
-watcher to set `status.modelVersion`; `read_reports` is a one-off snapshot of one Agent.
+and at once when the model version or the refusal changes. The operator follows the
+bucket with a key watcher to set `status.modelVersion` (and to roll the pods for a
+refused version, see `Refusal`); `read_reports` is a one-off snapshot of one Agent.
 
 Light on purpose (nats-py and the standard library only): the operator imports it.
 """
@@ -60,6 +63,40 @@ def key_filter(namespace: str, agent: str) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
+class Refusal:
+    """The last model version a pod would not or could not hot-reload, and why.
+
+    `incompatible`: the model loads but records differently from the running one (a
+    fresh process would run it, so the operator rolls the pods); otherwise it did not
+    load at all (corrupt, wrong format) and the pod keeps its model.
+    """
+
+    version: int | None
+    reason: str
+    incompatible: bool
+
+    def to_wire(self) -> dict[str, Any]:
+        """The report's `refused` value."""
+        return {
+            "version": self.version,
+            "reason": self.reason[:500],
+            "incompatible": self.incompatible,
+        }
+
+    @classmethod
+    def from_wire(cls, raw: Any) -> Refusal | None:
+        """Parse a report's `refused` value (absent or null: none)."""
+        if raw is None:
+            return None
+        version = raw["version"]
+        return cls(
+            None if version is None else int(version),
+            str(raw["reason"]),
+            bool(raw["incompatible"]),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
 class PodReport:
     """What one pod says about itself."""
 
@@ -68,6 +105,7 @@ class PodReport:
     actors: int
     ready: bool
     time: float
+    refused: Refusal | None = None
 
     def to_json(self) -> bytes:
         """The bucket value."""
@@ -78,6 +116,7 @@ class PodReport:
                 "actors": self.actors,
                 "ready": self.ready,
                 "time": self.time,
+                "refused": None if self.refused is None else self.refused.to_wire(),
             }
         ).encode()
 
@@ -93,6 +132,7 @@ class PodReport:
                 actors=int(raw["actors"]),
                 ready=bool(raw["ready"]),
                 time=float(raw["time"]),
+                refused=Refusal.from_wire(raw.get("refused")),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"not a pod report: {err}") from err
@@ -184,7 +224,7 @@ class Reporter:
     async def run(self) -> None:
         """Report until cancelled."""
         kv: Any = None
-        sent_version: int | None = None
+        sent_version: tuple[int | None, Refusal | None] | None = None
         sent_at: float | None = None
         failures = 0
         while True:
@@ -193,7 +233,7 @@ class Reporter:
             due = (
                 sent_at is None
                 or now - sent_at >= self.interval
-                or report.model_version != sent_version
+                or (report.model_version, report.refused) != sent_version
             )
             if due:
                 try:
@@ -206,6 +246,6 @@ class Reporter:
                         log.warning("status report failed (%s), retrying", err)
                 else:
                     failures = 0
-                    sent_version, sent_at = report.model_version, now
+                    sent_version, sent_at = (report.model_version, report.refused), now
                     self.reports += 1
             await asyncio.sleep(self.check)

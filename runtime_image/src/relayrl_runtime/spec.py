@@ -891,6 +891,14 @@ class AgentStatus(SpecModel):
     model_version: int | None = Field(
         default=None, ge=0, description="Model version the ready pods run."
     )
+    model_rollout: int | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "The last model version running pods could not hot-reload (another layout), "
+            "for which the actor pods were rolled instead."
+        ),
+    )
     selector: str | None = Field(
         default=None, description="Label selector of the actor pods (for the scale subresource)."
     )

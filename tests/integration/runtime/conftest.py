@@ -19,4 +19,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         export.export_mlp(out[fmt.value], fmt, version=1)
     out["onnx_v2"] = root / "onnx_v2"
     export.export_mlp(out["onnx_v2"], spec.ModelFormat.ONNX, seed=1, version=2)
+    # Another observation width: no running agent of the others can take it in place.
+    out["onnx_v3_wide"] = root / "onnx_v3_wide"
+    export.export_mlp(out["onnx_v3_wide"], spec.ModelFormat.ONNX, obs_dim=6, version=3)
     return out

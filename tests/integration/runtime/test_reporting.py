@@ -86,6 +86,7 @@ async def test_reporter_puts_reports_and_reports_version_changes_at_once(
             "actors",
             "ready",
             "time",
+            "refused",
         }
     finally:
         await nc.close()
@@ -180,6 +181,19 @@ def test_runtime_reports_its_model_version(
         # The config change and the registry poll both saw version 2: loaded once.
         ok = 'relayrl_runtime_model_reloads_total{result="ok"}'
         assert helpers.metric(text, ok) == 1, proc.logs()
+        assert _reports_now(url, "ns", "cartpole")["cartpole-7"].refused is None
+        # A version of another layout is refused, and the report says so (the operator
+        # rolls the pods for it); the pod keeps running version 2.
+        _push(url, models["onnx_v3_wide"])
+        report = helpers.wait_for(
+            "a report of the refusal",
+            lambda: _reports_now(url, "ns", "cartpole")["cartpole-7"].refused is not None
+            and _reports_now(url, "ns", "cartpole")["cartpole-7"],
+        )
+        assert report.model_version == 2
+        assert report.refused is not None
+        assert (report.refused.version, report.refused.incompatible) == (3, True)
+        assert "inputs: expected [4] float32, got [6] float32" in report.refused.reason
         assert proc.terminate() == 0, proc.logs()
     finally:
         proc.kill()

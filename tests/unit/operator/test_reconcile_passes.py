@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import time
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,6 +20,7 @@ import yaml
 
 from relayrl_operator import constants, kube, reconcile, settings, status
 from relayrl_operator.builders import common
+from relayrl_runtime import reporting
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "cartpole-cpu" / "agent.yaml"
 KEY = ("ml", "cartpole")
@@ -430,7 +432,7 @@ def crashing_pod(state: Any) -> dict[str, Any]:
         "kind": "Pod",
         "metadata": {
             **pod_meta(state),
-            "name": "cartpole-0",
+            "name": "cartpole-actors-0",
             "annotations": {constants.ANNOTATION_RESTART_HASH: state.restart_hash},
         },
         "status": {
@@ -467,5 +469,110 @@ async def test_another_nats_server_gets_the_stream_in_the_same_pass() -> None:
         await settle(rec)
         assert len(nats.ensured) == 2
         assert "retainOnDelete false -> true" in rec._states[KEY].applied_message
+    finally:
+        await rec.stop()
+
+
+class Reporting(Streams):
+    """NATS that answers, with the pods' reports set by the test."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pod_reports: dict[str, reporting.PodReport] = {}
+
+    def reports(self, namespace: str, agent: str) -> dict[str, Any]:
+        return dict(self.pod_reports)
+
+
+def refusing(version: int, incompatible: bool, running: int = 2) -> reporting.PodReport:
+    reason = "reload refused: inputs: expected [4] float32, got [6] float32"
+    if not incompatible:
+        reason = "cannot load model.onnx: INVALID_PROTOBUF"
+    return reporting.PodReport(
+        "cartpole-actors-0",
+        running,
+        4,
+        True,
+        time.time(),
+        reporting.Refusal(version, reason, incompatible),
+    )
+
+
+def ready_pod(state: Any) -> dict[str, Any]:
+    pod = crashing_pod(state)
+    pod["status"] = {"conditions": [{"type": "Ready", "status": "True"}]}
+    return pod
+
+
+async def test_a_model_the_pods_cannot_take_in_place_rolls_them_once() -> None:
+    api = Rejecting("none")
+    nats = Reporting()
+    rec = reconcile.Reconciler(api, settings.Settings(), nats, workers=1)  # type: ignore[arg-type]
+    await rec.start()
+    try:
+        rec.agent_event("ADDED", agent_body())
+        await settle(rec)
+        state = rec._states[KEY]
+        rec.child_event("ADDED", ready_pod(state))
+        await settle(rec)
+        hash_before = state.restart_hash
+        api.applied.clear()
+
+        nats.pod_reports = {"cartpole-actors-0": refusing(3, incompatible=True)}
+        rec._reported(KEY)
+        await settle(rec)
+        assert ("StatefulSet", "cartpole-actors") in api.applied
+        assert state.restart_hash != hash_before  # the pods are replaced
+        assert api.status[-1]["modelRollout"] == 3
+        assert "rolling update" in state.applied_message
+        assert [e["reason"] for e in api.events].count("ModelRollout") == 1
+        model = next(c for c in api.status[-1]["conditions"] if c["type"] == "ModelReady")
+        assert model["reason"] != "ReloadFailed"  # being rolled, not failing
+
+        # The same refusal again (the old pod's report, until its successor reports):
+        # no second rollout.
+        api.applied.clear()
+        rec._reported(KEY)
+        await settle(rec)
+        assert ("StatefulSet", "cartpole-actors") not in api.applied
+        assert [e["reason"] for e in api.events].count("ModelRollout") == 1
+
+        # An operator started afresh reads the rollout from status: no roll either.
+        again = reconcile.Reconciler(api, settings.Settings(), nats, workers=1)  # type: ignore[arg-type]
+        body = agent_body()
+        body["status"] = api.status[-1]
+        await again.start()
+        try:
+            again.agent_event("ADDED", body)
+            await settle(again)
+            assert again._states[KEY].restart_hash == state.restart_hash
+        finally:
+            await again.stop()
+    finally:
+        await rec.stop()
+
+
+async def test_a_model_that_does_not_load_is_shown_not_rolled_for() -> None:
+    api = Rejecting("none")
+    nats = Reporting()
+    rec = reconcile.Reconciler(api, settings.Settings(), nats, workers=1)  # type: ignore[arg-type]
+    await rec.start()
+    try:
+        rec.agent_event("ADDED", agent_body())
+        await settle(rec)
+        state = rec._states[KEY]
+        rec.child_event("ADDED", ready_pod(state))
+        hash_before = state.restart_hash
+        nats.pod_reports = {"cartpole-actors-0": refusing(3, incompatible=False)}
+        rec._reported(KEY)
+        await settle(rec)
+        assert state.restart_hash == hash_before
+        assert "modelRollout" not in api.status[-1]
+        conditions = {c["type"]: c for c in api.status[-1]["conditions"]}
+        assert conditions["ModelReady"]["reason"] == "ReloadFailed"
+        assert "version 3: cannot load model.onnx" in conditions["ModelReady"]["message"]
+        assert "they run version 2" in conditions["ModelReady"]["message"]
+        assert conditions["Degraded"]["status"] == "True"
+        assert api.status[-1]["phase"] == "Degraded"
     finally:
         await rec.stop()

@@ -20,6 +20,8 @@ class AgentRef:
     uid: str
     generation: int
     spec: spec.AgentSpec
+    # The model version the actor pods are rolled for (status.modelRollout), if any.
+    model_rollout: int | None = None
 
     @property
     def actors_per_pod(self) -> int:

@@ -114,6 +114,10 @@ def build(agent: common.AgentRef, cfg: settings.Settings) -> dict[str, Any]:
             **common.scheduling(agent, actor_pods=True),
         },
     }
+    if agent.model_rollout is not None:
+        pod_template["metadata"]["annotations"][constants.ANNOTATION_MODEL_ROLLOUT] = str(
+            agent.model_rollout
+        )
     # What a pod started from this template runs: the pod template itself and the
     # runtime config's cold fields (the pods read the ConfigMap, which the template
     # does not show). Status counts a pod as updated when its hash is this one.
