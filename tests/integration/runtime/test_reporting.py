@@ -187,8 +187,10 @@ def test_runtime_reports_its_model_version(
         _push(url, models["onnx_v3_wide"])
         report = helpers.wait_for(
             "a report of the refusal",
-            lambda: _reports_now(url, "ns", "cartpole")["cartpole-7"].refused is not None
-            and _reports_now(url, "ns", "cartpole")["cartpole-7"],
+            lambda: (
+                _reports_now(url, "ns", "cartpole")["cartpole-7"].refused is not None
+                and _reports_now(url, "ns", "cartpole")["cartpole-7"]
+            ),
         )
         assert report.model_version == 2
         assert report.refused is not None
