@@ -210,19 +210,26 @@ class Agent:
                 self.metrics.model_reloads.labels("rejected").inc()
                 raise errors.ModelIncompatibleError(f"reload refused: {why}")
             own: dict[int, policy.Policy] = {}
-            if self.mode is spec.ModelMode.INDEPENDENT:
-                meta = new.metadata
-                own = {
-                    row: loader.load_policy(Path(new.source), self.device, metadata=meta)
-                    for row in self._own
-                }
+            dropped: list[policy.Policy] = []
+            independent = self.mode is spec.ModelMode.INDEPENDENT
+
+            def copy() -> policy.Policy:
+                return loader.load_policy(Path(new.source), self.device, metadata=new.metadata)
+
+            if independent:
+                with self._lock:
+                    rows = list(self._own)
+                own = {row: copy() for row in rows}  # slow: off the lock
             with self._lock:
                 old, old_own = self._policy, self._own
                 self._policy = new
-                if self.mode is spec.ModelMode.INDEPENDENT:
+                if independent:
+                    # Actors added or removed while the copies loaded.
+                    dropped = [own.pop(row) for row in list(own) if row not in old_own]
+                    own.update({row: copy() for row in old_own if row not in own})
                     self._own = own
             old.close()
-            for p in old_own.values():
+            for p in [*old_own.values(), *dropped]:
                 p.close()
             self.metrics.model_version.set(new.version)
             self.metrics.model_reloads.labels("ok").inc()

@@ -116,6 +116,15 @@ class App:
         """/healthz: the process is alive and has not failed."""
         if self._failed is not None:
             return False, f"failed: {self._failed}"
+        remote = self._endpoint
+        # Started, and not stopped by a drain: it ends by itself only on a fault.
+        if (
+            remote is not None
+            and self.remote_address is not None
+            and not remote.alive
+            and not self._stop.is_set()
+        ):
+            return False, "the remote endpoint stopped serving"
         return True, "ok"
 
     def ready(self) -> tuple[bool, str]:

@@ -13,6 +13,7 @@ import pytest
 
 from relayrl_runtime import agent as agent_mod
 from relayrl_runtime import errors, spec, trajectory
+from relayrl_runtime.inference import loader
 from relayrl_runtime.sinks import local
 
 
@@ -157,6 +158,40 @@ def test_independent_mode_matches_shared(models: dict[str, Path]) -> None:
     assert own.reload_model(models["onnx_v2"]) == 2
     assert own.request_action([0, 1, 2], obs).version == 2
     shared.shutdown()
+    own.shutdown()
+
+
+def test_independent_reload_takes_actors_added_and_removed_meanwhile(
+    models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The per-actor copies load off the lock: actors may come and go meanwhile."""
+    own = agent_mod.Agent(
+        models["onnx"], actor_count=3, sample=False, model_mode=spec.ModelMode.INDEPENDENT
+    )
+    real_load = loader.load_policy
+    loading, release = threading.Event(), threading.Event()
+
+    def slow_load(*args: object, **kwargs: object) -> object:
+        if threading.current_thread().name == "reload":
+            loading.set()
+            assert release.wait(10)
+        return real_load(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(loader, "load_policy", slow_load)
+    versions: list[int] = []
+    reload = threading.Thread(
+        target=lambda: versions.append(own.reload_model(models["onnx_v2"])), name="reload"
+    )
+    reload.start()
+    assert loading.wait(10)
+    added = own.new_actor()  # while the reload loads its copies
+    own.remove_actor(0)
+    release.set()
+    reload.join(10)
+    assert versions == [2]
+    result = own.request_action([1, 2, added], _obs(3))
+    assert result.version == 2
+    assert len(own._own) == 3
     own.shutdown()
 
 

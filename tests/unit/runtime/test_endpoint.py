@@ -183,6 +183,52 @@ def test_a_step_that_fails_after_its_reply_gets_no_second_reply(
         ep.stop()
 
 
+class _BackendFails(_FailsAfterReply):
+    """An agent whose inference backend raises its own error type (not a RelayRLError)."""
+
+    def request_action(
+        self, ids: Any, obs: Any, mask: Any, reward: Any, on_result: Any = None
+    ) -> None:
+        raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : Gather: indices out of range")
+
+
+def test_a_backend_error_in_a_batch_answers_errors_and_keeps_serving(
+    raw: Callable[[str], zmq.Socket[bytes]],
+) -> None:
+    fake: Any = _BackendFails()
+    ep = endpoint.RemoteEndpoint(fake, "tcp://127.0.0.1:0")
+    address = ep.start()
+    socks = [raw(address) for _ in range(6)]
+    try:
+        for step in range(20):
+            # All at once: the endpoint finds several waiting and serves them as a batch.
+            for i, sock in enumerate(socks):
+                sock.send_multipart(_action_request(100 * step + i, [i], OBS))
+            for i, sock in enumerate(socks):
+                reply = sock.recv_multipart()
+                op, flags, request_id = wire.parse_header(reply[0])
+                assert (op, request_id) == (wire.Op.REQUEST_ACTION, 100 * step + i)
+                assert flags & wire.FLAG_ERROR
+                assert json.loads(reply[1])["kind"] == "internal"
+        assert ep.alive
+    finally:
+        ep.stop()
+
+
+def test_new_actors_beyond_the_bound_are_refused_by_name(
+    served: tuple[agent_mod.Agent, str], raw: Callable[[str], zmq.Socket[bytes]]
+) -> None:
+    a, address = served
+    sock = raw(address)
+    sock.send_multipart([wire.header(wire.Op.NEW_ACTORS, 7), (2**32 - 1).to_bytes(4, "little")])
+    reply = sock.recv_multipart()
+    assert wire.parse_header(reply[0])[1] & wire.FLAG_ERROR
+    error = json.loads(reply[1])
+    assert error["kind"] == "invalid_argument"
+    assert "NEW_ACTORS.count: expected at most 65536 more actors" in error["message"]
+    assert a.actor_count == 0
+
+
 def test_client_packs_changed_ids_and_rewards_again(
     models: dict[str, Path], tmp_path: Path
 ) -> None:

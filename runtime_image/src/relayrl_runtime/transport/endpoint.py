@@ -47,6 +47,9 @@ _ACTION_HEAD: Final = wire.header(wire.Op.REQUEST_ACTION, 0)[:8]
 # Actor id frames decoded already (simulators send the same ids every step), for frames
 # of at most `_IDS_CACHE_BYTES`, at most `_IDS_CACHE` of them.
 _IDS_CACHE: Final = 1024
+# Actors remote clients may hold at once (all clients together): a NEW_ACTORS count is
+# any u32, and each actor's trajectory buffer is allocated at once.
+MAX_REMOTE_ACTORS: Final = 65_536
 _IDS_CACHE_BYTES: Final = 1024
 
 
@@ -174,7 +177,13 @@ class RemoteEndpoint:
                         batch = [first]
                         while len(batch) < _DRAIN_MAX and waiting(sock):
                             batch.append(recv(sock))
-                        for reply in self._handle(batch, now):
+                        try:
+                            replies = self._handle(batch, now)
+                        except Exception:  # a bug must not end the endpoint for every client
+                            log.exception("remote endpoint: %d messages not served", len(batch))
+                            self.metrics.remote_errors.labels("internal").inc()
+                            replies = []
+                        for reply in replies:
                             send(sock, reply)
                 if now >= next_sweep:
                     next_sweep = now + sweep_every
@@ -397,6 +406,8 @@ class RemoteEndpoint:
                 return self._batched(run)
             except (errors.RelayRLError, ValueError):
                 pass  # isolate the bad request: answer each on its own below
+            except Exception:  # e.g. the inference backend's own errors
+                log.exception("remote endpoint: a batch of %d requests failed", len(run))
         return [self._one(req) for req in run]
 
     def _batched(self, run: list[_Request]) -> list[list[bytes]]:
@@ -462,6 +473,14 @@ class RemoteEndpoint:
                     f"NEW_ACTORS.count: expected 4 bytes, got {len(req.frames[0])}"
                 )
             (count,) = _COUNT.unpack(req.frames[0])
+            held = sum(len(owned) for owned in self._owners.values())
+            if held + count > MAX_REMOTE_ACTORS:
+                raise errors.InvalidArgumentError.mismatch(
+                    "NEW_ACTORS.count",
+                    f"at most {MAX_REMOTE_ACTORS - held} more actors "
+                    f"({MAX_REMOTE_ACTORS} for all remote clients, {held} held)",
+                    count,
+                )
             if req.identity not in self._owners and len(self._owners) >= self.max_clients:
                 raise errors.InvalidArgumentError.mismatch(
                     "clients", f"at most {self.max_clients} remote clients", len(self._owners) + 1
