@@ -389,7 +389,10 @@ class PythonEnv(SpecModel):
     entry_point: str = Field(
         max_length=512,
         pattern=_ENTRY_POINT,
-        description="module.path:callable returning a gymnasium-style environment.",
+        description=(
+            "module.path:callable returning a gymnasium-style environment, or a vector "
+            "env (num_envs) with same-step autoreset."
+        ),
     )
     envs_per_actor: int = Field(
         default=1, ge=1, le=1024, description="Environment copies each actor steps."

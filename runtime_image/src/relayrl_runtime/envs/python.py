@@ -50,6 +50,31 @@ def make(entry_point: str, num_envs: int, kwargs: Mapping[str, Any] | None = Non
             raise errors.InvalidArgumentError.mismatch(
                 "environment.python: vector env num_envs", num_envs, env.num_envs
             )
+        _check_same_step(env)
         return env
     rest = [factory(**dict(kwargs or {})) for _ in range(num_envs - 1)]
     return driver.ScalarEnvs([first, *rest])
+
+
+def _check_same_step(env: Any) -> None:
+    """Refuse a vector env that says it resets on the next step (gymnasium's default).
+
+    The driver records the observation a step returns for a finished copy as the first
+    of its next episode; with next-step autoreset that step would be a reset whose
+    action is ignored, recorded as a real one. An env that does not say is taken at
+    its word (the entry point's contract).
+    """
+    metadata = getattr(env, "metadata", None)
+    mode = metadata.get("autoreset_mode") if isinstance(metadata, Mapping) else None
+    if mode is None:
+        return
+    name = str(getattr(mode, "value", mode))
+    if name.replace("_", "").lower() != "samestep":
+        close = getattr(env, "close", None)
+        if close is not None:
+            close()
+        raise errors.InvalidArgumentError.mismatch(
+            "environment.python: vector env autoreset_mode",
+            "same-step autoreset (gymnasium: vector_kwargs={'autoreset_mode': SAME_STEP})",
+            name,
+        )
