@@ -651,8 +651,20 @@ class Reconciler:
 
     async def _apply_children(self, agent: common.AgentRef, state: _State) -> None:
         desired = self.desired_children(agent)
-        results = await asyncio.gather(
-            *(self._client.apply(obj) for obj in desired), return_exceptions=True
+        results: list[Any] = []
+        if state.applied_generation is not None:
+            # A change to a running Agent: the config first. A pod the StatefulSet
+            # replaces meanwhile must mount the new one, or it runs the old settings
+            # while it counts as updated (its restart hash is the new template's).
+            results = list(
+                await asyncio.gather(self._client.apply(desired[0]), return_exceptions=True)
+            )
+            failed = results[0]
+            rejected_for_good = isinstance(failed, kube.ApiError) and not failed.transient
+            if isinstance(failed, BaseException) and not rejected_for_good:
+                raise failed  # retried before the pods are touched
+        results += await asyncio.gather(
+            *(self._client.apply(obj) for obj in desired[len(results) :]), return_exceptions=True
         )
         rejected: kube.ApiError | None = None
         for obj, result in zip(list(desired), results, strict=True):
@@ -798,7 +810,7 @@ class Reconciler:
         )
         reports = self._fresh_reports(agent)
         pods = []
-        replacing = 0
+        replacing = removing = 0
         sink_pods: dict[str, list[Mapping[str, Any]]] = {}
         for pod in state.pods.values():
             labels = pod["metadata"].get("labels") or {}
@@ -808,7 +820,9 @@ class Reconciler:
                 continue
             if pod["metadata"].get("deletionTimestamp"):
                 annotations = pod["metadata"].get("annotations") or {}
-                if annotations.get(constants.ANNOTATION_RESTART_HASH) != restart:
+                if _pod_index(pod) >= agent.spec.pods():
+                    removing += 1
+                elif annotations.get(constants.ANNOTATION_RESTART_HASH) != restart:
                     replacing += 1
                 continue
             report = reports.get(pod["metadata"]["name"])
@@ -826,6 +840,7 @@ class Reconciler:
             error=state.error,
             applied=state.applied_message,
             replacing=replacing,
+            removing=removing,
             model_rollout=state.model_rollout,
         )
 
@@ -952,9 +967,7 @@ def _pod_view(
     model_rollout: int | None,
 ) -> status.PodView:
     meta = pod["metadata"]
-    labels = meta.get("labels") or {}
-    index_label = labels.get(constants.LABEL_POD_INDEX)
-    index = int(index_label) if index_label is not None else int(meta["name"].rsplit("-", 1)[1])
+    index = _pod_index(pod)
     conditions = {c["type"]: c for c in (pod.get("status") or {}).get("conditions") or []}
     ready = conditions.get("Ready", {}).get("status") == "True"
     scheduled = conditions.get("PodScheduled", {})
@@ -975,6 +988,13 @@ def _pod_view(
         model_version=report.model_version if report is not None else None,
         refused=None if refused is None else f"version {refused.version}: {refused.reason}",
     )
+
+
+def _pod_index(pod: Mapping[str, Any]) -> int:
+    """An actor pod's ordinal: its label, else the end of its StatefulSet name."""
+    meta = pod["metadata"]
+    index_label = (meta.get("labels") or {}).get(constants.LABEL_POD_INDEX)
+    return int(index_label) if index_label is not None else int(meta["name"].rsplit("-", 1)[1])
 
 
 def _waiting_failure(pod: Mapping[str, Any]) -> str | None:

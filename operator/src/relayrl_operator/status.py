@@ -60,6 +60,9 @@ class Observed:
     # Actor pods of an older template that are terminating (not in `pods`): a rollout
     # is replacing them.
     replacing: int = 0
+    # Actor pods past the desired count that are terminating (scaled down or paused):
+    # they still run, and publish, until they are gone.
+    removing: int = 0
     # The model version the actor pods were rolled for (status.modelRollout).
     model_rollout: int | None = None
 
@@ -210,9 +213,12 @@ def compute(
         conds.set(Cond.DEGRADED, FALSE, "Healthy", "no failures observed")
 
     # Progressing
-    converged = len(ready) == desired_pods and len(updated) == desired_pods
+    removing = len(observed.pods) - len(wanted) + observed.removing
+    converged = len(ready) == desired_pods and len(updated) == desired_pods and not removing
     if not converged:
         message = f"{len(ready)}/{desired_pods} actor pods ready"
+        if removing:
+            message += f", {removing} being removed"
         # The updated count only while pods of an older template remain (running, or
         # terminating to be replaced): a new Agent's pods are current from the start,
         # and counting them as they are created would be one more status write per

@@ -164,6 +164,11 @@ class Agent:
         self.sink = sink
         self.metrics.model_version.set(self._policy.version)
         self.metrics.actors.set(len(self._pool))
+        # Sends what waited in the outbox its time though no call came since (the last
+        # episodes of a remote client that went quiet, a slice resized to nothing).
+        self._tick_stop = threading.Event()
+        self._ticker = threading.Thread(target=self._tick, name="relayrl-outbox", daemon=True)
+        self._ticker.start()
 
     # ------------------------------------------------------------------ models
 
@@ -420,6 +425,15 @@ class Agent:
             self._outbox_add(partial)
         return self._outbox_take(0.0, force=True)
 
+    def _tick(self) -> None:
+        while not self._tick_stop.wait(_OUTBOX_SECONDS):
+            with self._lock:
+                if self._closed:
+                    return
+                ready = self._outbox_take(time.perf_counter())
+            if ready is not None:
+                self._routers.submit(ready)
+
     def _outbox_add(self, chunk: pool_mod.Chunk) -> None:
         if not self._outbox:
             self._outbox_since = time.perf_counter()
@@ -541,6 +555,9 @@ class Agent:
                 return
             self._closed = True
             ready = self._take_all(cut_partial=flush)
+        self._tick_stop.set()
+        if self._ticker is not threading.current_thread():
+            self._ticker.join()  # what it took goes to the routers before they stop
         if ready is not None:
             self._routers.submit(ready)
         self._routers.shutdown()

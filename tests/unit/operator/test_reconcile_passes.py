@@ -576,3 +576,37 @@ async def test_a_model_that_does_not_load_is_shown_not_rolled_for() -> None:
         assert api.status[-1]["phase"] == "Degraded"
     finally:
         await rec.stop()
+
+
+class Timed(Recorder):
+    """Records when each apply starts and ends; a ConfigMap apply takes a while."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log: list[tuple[str, str]] = []
+
+    async def apply(self, obj: dict[str, Any]) -> Applied:
+        self.log.append(("start", obj["kind"]))
+        if obj["kind"] == "ConfigMap":
+            await asyncio.sleep(0.05)
+        self.log.append(("end", obj["kind"]))
+        return await super().apply(obj)
+
+
+async def test_a_change_writes_the_config_before_the_pods_roll() -> None:
+    api = Timed()
+    rec = reconcile.Reconciler(api, settings.Settings(), None, workers=1)  # type: ignore[arg-type]
+    await rec.start()
+    try:
+        first = agent_body()
+        rec.agent_event("ADDED", first)
+        await settle(rec)
+        api.log.clear()
+        second = copy.deepcopy(first)
+        second["metadata"].update(generation=2, resourceVersion="2")
+        second["spec"]["environment"]["gymnasium"]["envsPerActor"] = 8
+        rec.agent_event("MODIFIED", second)
+        await settle(rec)
+        assert api.log.index(("end", "ConfigMap")) < api.log.index(("start", "StatefulSet"))
+    finally:
+        await rec.stop()

@@ -194,3 +194,26 @@ def test_a_new_agents_status_does_not_change_as_its_pods_are_created() -> None:
     replacing = [status.PodView(1, ready=True, current=True)]
     result = compute(s, status.Observed(replacing, ARROW_READY, stream_ready=True, replacing=1))
     assert conditions(result)["Progressing"]["message"] == "1/2 actor pods ready, 1/2 updated"
+
+
+def test_pods_past_the_desired_count_keep_it_progressing_until_gone() -> None:
+    """Scaled down: the pods to go still run and publish until they are gone."""
+    s = make_spec({"spec": {"actors": 4, "actorsPerPod": 4}})
+    not_deleted_yet = compute(s, status.Observed(ready_pods(2), ARROW_READY, stream_ready=True))
+    terminating = compute(
+        s, status.Observed(ready_pods(1), ARROW_READY, stream_ready=True, removing=1)
+    )
+    for result in (not_deleted_yet, terminating):
+        progressing = conditions(result)["Progressing"]
+        assert progressing["status"] == "True"
+        assert progressing["message"] == "1/1 actor pods ready, 1 being removed"
+        assert result["phase"] == "Progressing"
+    gone = compute(s, status.Observed(ready_pods(1), ARROW_READY, stream_ready=True))
+    assert gone["phase"] == "Ready"
+    # Paused: Paused at once, and Progressing until the last actor pod is gone.
+    paused = make_spec({"spec": {"actors": 4, "actorsPerPod": 4, "paused": True}})
+    draining = compute(paused, status.Observed([], ARROW_READY, stream_ready=True, removing=1))
+    assert draining["phase"] == "Paused"
+    assert conditions(draining)["Progressing"]["status"] == "True"
+    done = compute(paused, status.Observed([], ARROW_READY, stream_ready=True))
+    assert conditions(done)["Progressing"]["status"] == "False"

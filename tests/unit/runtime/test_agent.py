@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -377,6 +378,40 @@ class _Refusing:
 
     def close(self) -> None:
         self.inner.close()
+
+
+class _Recording:
+    """A sink that keeps what it is given."""
+
+    connected = True
+    failure = None
+
+    def __init__(self) -> None:
+        self.rows = 0
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        self.rows += batch.num_rows
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_finished_episode_reaches_the_sink_though_no_call_follows(
+    models: dict[str, Path],
+) -> None:
+    """A client's last episode does not wait in the outbox for a call that never comes."""
+    recording = _Recording()
+    a = agent_mod.Agent(models["onnx"], actor_count=1, router_scale=1, sink=recording)
+    a.request_action([0], _obs(1))
+    a.flag_last_action([0])
+    deadline = time.monotonic() + 5
+    while recording.rows == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert recording.rows == 1
+    a.shutdown()
 
 
 def test_a_sink_that_refuses_for_a_while_loses_nothing(
