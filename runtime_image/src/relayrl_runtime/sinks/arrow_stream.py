@@ -25,6 +25,7 @@ import datetime as dt
 import logging
 import os
 import re
+import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -165,7 +166,10 @@ class _OpenFile:
         # A create or write that failed leaves the file unusable: `finish` refuses it.
         self.failed: BaseException | None = None
         self.committed = False
-        self.temp = directory / f"{_TEMP_PREFIX}{first_seq:020d}-{os.getpid()}{_TEMP_SUFFIX}"
+        # The pid alone is not unique across pods (the sink is pid 1 in each): a second
+        # writer by mistake must never write into this one's file.
+        unique = f"{os.getpid()}-{secrets.token_hex(4)}"
+        self.temp = directory / f"{_TEMP_PREFIX}{first_seq:020d}-{unique}{_TEMP_SUFFIX}"
         self.out: pa.NativeFile | None = None
         self.writer: Any = None
 
@@ -352,7 +356,7 @@ class ArrowStreamWriter:
         path = self._origin_path()
 
         def write() -> None:
-            tmp = path.with_name(f"{_TEMP_PREFIX}{_ORIGIN_FILE}-{os.getpid()}")
+            tmp = path.with_name(f"{_TEMP_PREFIX}{_ORIGIN_FILE}-{secrets.token_hex(8)}")
             with open(tmp, "w") as f:
                 f.write(origin + "\n")
                 f.flush()
