@@ -119,6 +119,36 @@ def test_driver_resize_keeps_ids_and_cuts_what_it_must(
             assert not row["terminated"]
 
 
+def test_a_resize_whose_env_factory_fails_changes_nothing(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    sink = local.LocalFileSink(tmp_path / "out")
+    a = agent_mod.Agent(models["onnx"], actor_count=4, actor_ids=[10, 11, 12, 13], sink=sink)
+    failing = {"on": False}
+
+    def make(count: int) -> driver.VecEnv:
+        if failing["on"]:
+            raise RuntimeError("simulator licence server unreachable")
+        return gym.make("CartPole-v1", count)
+
+    drv = driver.EnvDriver(a, make(4), [10, 11, 12, 13], seed=0, make_env=make)
+    first = drv.run(max_steps=50)
+    failing["on"] = True
+    # Both removes (the vector env is rebuilt without 12, 13) and adds (20): nothing
+    # of it may happen when a new env cannot be made.
+    with pytest.raises(RuntimeError, match="licence"):
+        drv.resize([10, 11, 20])
+    assert a.get_actor_ids() == [10, 11, 12, 13]
+    second = drv.run(max_steps=50)  # steps on with the actors it had
+    failing["on"] = False
+    drv.resize([10, 11, 20])  # and the same resize works once the factory does
+    assert sorted(a.get_actor_ids()) == [10, 11, 20]
+    third = drv.run(max_steps=50)
+    drv.close()
+    a.shutdown()
+    assert _table(sink).num_rows == first.steps + second.steps + third.steps
+
+
 def _msg(identity: bytes, op: int, request_id: int, *payload: bytes) -> list[bytes]:
     return [identity, wire.header(op, request_id), *payload]
 

@@ -189,21 +189,33 @@ class EnvDriver:
             obs_by_id = {actor: self._obs[k] for actor, k in old_index.items()}
         gone = set(removed)
         blocks: list[_Block] = []
-        fresh: list[_Block] = []
+        closing: list[_Block] = []
+        rebuilt: list[list[int]] = []
         cut: list[int] = []
         for block in self._blocks:
             ids = block.ids.tolist()
-            lost = [i for i in ids if i in gone]
-            if not lost:
+            if not any(i in gone for i in ids):
                 blocks.append(block)
                 continue
-            block.env.close()
+            closing.append(block)
             rest = [i for i in ids if i not in gone]
             if rest:
                 # A vector env cannot drop copies: rebuild it, so the kept copies'
                 # episodes restart and their in-progress trajectories are cut.
                 cut += rest
-                fresh.append(self._new_block(rest))
+                rebuilt.append(rest)
+        # Every new env first: a factory that fails leaves the driver and the agent as
+        # they were (the resize can be tried again), not half resized.
+        fresh: list[_Block] = []
+        try:
+            for ids in [*rebuilt, *([added] if added else [])]:
+                fresh.append(self._new_block(ids))
+        except BaseException:
+            for block in fresh:
+                block.env.close()
+            raise
+        for block in closing:
+            block.env.close()
         ends = removed + cut
         if ends:
             rewards = self._rewards
@@ -213,7 +225,6 @@ class EnvDriver:
             agent.remove_actor(actor_id)
         if added:
             agent.new_actors(len(added), added)
-            fresh.append(self._new_block(added))
         for block in fresh:
             obs, _ = block.env.reset(seed=self._next_seed())
             for k, actor in enumerate(block.ids.tolist()):
