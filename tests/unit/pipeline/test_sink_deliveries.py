@@ -7,6 +7,7 @@ fault tests with a real nats-server cover the re-positioning itself).
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,3 +82,47 @@ async def test_a_redelivery_is_taken_as_seen() -> None:
     svc._last_dseq = 3
     assert await svc._handle(None, delivery(consumer=4, stream=9)) is True  # type: ignore[arg-type]
     assert svc._last_dseq == 4
+
+
+class IdleWriter(NoWriter):
+    """A writer holding nothing: every delivery here is dead-lettered."""
+
+    pending = False
+
+
+@dataclass
+class Ackable(Delivery):
+    acks: int = 0
+
+    async def ack(self) -> None:
+        self.acks += 1
+
+
+async def test_a_dead_letter_during_a_commit_is_acked_once_the_commit_is_done() -> None:
+    """Else nothing acks it (no later message), and it comes back every ack-wait."""
+    svc = service.SinkService(
+        IdleWriter(),  # type: ignore[arg-type]
+        streams.ConnectOptions(),
+        service.ServiceConfig(namespace="ml", agent="cartpole", http_port=None),
+    )
+    svc._last_seen = 10
+
+    async def dead_letter(*args: Any) -> None:
+        pass
+
+    svc._dead_letter = dead_letter  # type: ignore[method-assign]
+    running = asyncio.get_running_loop().create_future()
+
+    async def commit() -> None:
+        await running
+
+    svc._inflight = asyncio.create_task(commit())
+    bad = Ackable(Metadata(Sequence(1, 11)), data=b"not arrow")
+    assert await svc._handle(None, bad) is True  # type: ignore[arg-type]
+    assert bad.acks == 0, "acking now would ack the messages the commit holds"
+    running.set_result(None)
+    await svc._drain_commits()
+    await svc._ack_dead_letters()
+    assert bad.acks == 1
+    await svc._ack_dead_letters()
+    assert bad.acks == 1

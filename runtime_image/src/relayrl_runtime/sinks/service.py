@@ -368,6 +368,8 @@ class SinkService:
         self._last_seen = 0
         self._last_dseq = 0
         self._last_msg: Msg | None = None
+        # The last message that was only dead-lettered, when no commit has acked it yet.
+        self._dead_unacked: Msg | None = None
         self._max_msg = 0  # the stream's largest message (0: unknown)
 
     # --------------------------------------------------------------- lifecycle
@@ -593,6 +595,7 @@ class SinkService:
                     break
             if self._inflight is not None and self._inflight.done():
                 await self._drain_commits()  # raises what the commit raised
+                await self._ack_dead_letters()
             # Commit when the writer says so, or before unacked messages reach the
             # consumer's max_ack_pending (the server would stop delivering). A commit
             # still running is waited for: that bounds what a writer holds (backpressure).
@@ -641,9 +644,8 @@ class SinkService:
             table, version = self._checked(msg, seq)
         except InvalidMessageError as err:
             await self._dead_letter(js, msg, seq, err)
-            if not self.writer.pending and self._inflight is None:
-                # Nothing waits for a commit: the dead letter alone moves the ack on.
-                await msg.ack()
+            self._dead_unacked = msg
+            await self._ack_dead_letters()
             return True
         await self.writer.add(
             Delivery(
@@ -658,6 +660,20 @@ class SinkService:
         self._uncommitted[1] += table.num_rows
         self._uncommitted[2] += len(msg.data)
         return True
+
+    async def _ack_dead_letters(self) -> None:
+        """Ack a dead-lettered message once nothing before it waits for a commit.
+
+        A commit acks through the last message taken, dead letters included; this is
+        for dead letters after the last data message (acked alone, they would come
+        again every ack-wait for good).
+        """
+        msg = self._dead_unacked
+        if msg is None or self.writer.pending or self._inflight is not None:
+            return
+        self._dead_unacked = None
+        with contextlib.suppress(Exception):  # best effort, as a commit's ack
+            await msg.ack()
 
     def _checked(self, msg: Msg, seq: int) -> tuple[pa.Table, int]:
         """Decode and check one message; InvalidMessageError when it cannot be taken.
@@ -711,6 +727,7 @@ class SinkService:
         """
         await self._drain_commits()
         last, msg = self._last_seen, self._last_msg
+        self._dead_unacked = None  # this commit's ack covers it
         counts, self._uncommitted = self._uncommitted, [0, 0, 0]
         if self._commit_failed:
             raise PermanentError("a commit failed before: nothing after it is committed")
