@@ -490,8 +490,10 @@ class Reconciler:
             self._states.pop(key, None)
             return False
         _store(state, body)
-        # Another operator may have written status while this one was paused.
+        # Another operator may have written status while this one was paused (and
+        # rolled the pods for a model: status.modelRollout).
         state.last_status = state.status_uid = None
+        state.rollout_read = False
         return True
 
     # ------------------------------------------------------------------ one pass
@@ -526,6 +528,11 @@ class Reconciler:
             stored = (body.get("status") or {}).get("modelRollout")
             state.model_rollout = stored if isinstance(stored, int) else None
             state.rollout_read = True
+        before = state.applied_spec
+        if before is not None and _model_source(before) != _model_source(agent.spec):
+            # Another model (uri, format): the pods roll for it anyway, and its version
+            # numbers are its own: a rollout for the old one's says nothing of them.
+            state.model_rollout = None
         self._follow_refusals(key, state, agent)
         if agent.model_rollout != state.model_rollout:
             agent = dataclasses.replace(agent, model_rollout=state.model_rollout)
@@ -611,10 +618,20 @@ class Reconciler:
         process: the pods are replaced (their template carries the version), the way a
         template change replaces them.
         """
+        # Only pods of the current template count: an older pod's refusal is of a
+        # version a rollout already answers (its report outlives it by a while).
+        current = {
+            name
+            for name, pod in state.pods.items()
+            if not pod["metadata"].get("deletionTimestamp")
+            and (pod["metadata"].get("annotations") or {}).get(constants.ANNOTATION_RESTART_HASH)
+            == state.restart_hash
+        }
         wanted = [
             r.refused
-            for r in self._fresh_reports(agent).values()
-            if r.refused is not None
+            for name, r in self._fresh_reports(agent).items()
+            if name in current
+            and r.refused is not None
             and r.refused.incompatible
             and r.refused.version is not None
             and r.refused.version != state.model_rollout
@@ -679,10 +696,10 @@ class Reconciler:
                 desired.remove(obj)
                 continue
             if isinstance(result, kube.ApiError) and not result.transient:
-                # Rejected for good (e.g. a claim asked to shrink): the other children
-                # are still applied and pruned; the pass reports it.
+                # Rejected for good (e.g. a claim asked to shrink, a policy refusing an
+                # update): the other children are still applied and pruned, this one
+                # is left as it is (still desired: never pruned); the pass reports it.
                 rejected = rejected or result
-                desired.remove(obj)
                 continue
             if isinstance(result, BaseException):
                 raise result
@@ -988,6 +1005,10 @@ def _pod_view(
         model_version=report.model_version if report is not None else None,
         refused=None if refused is None else f"version {refused.version}: {refused.reason}",
     )
+
+
+def _model_source(agent_spec: spec.AgentSpec) -> tuple[str, str]:
+    return agent_spec.model.uri, agent_spec.model.format.value
 
 
 def _pod_index(pod: Mapping[str, Any]) -> int:

@@ -214,7 +214,9 @@ def compute(
 
     # Progressing
     removing = len(observed.pods) - len(wanted) + observed.removing
-    converged = len(ready) == desired_pods and len(updated) == desired_pods and not removing
+    # Ready counts the pods wanted; Progressing also waits for those to go to be gone.
+    settled = len(ready) == desired_pods and len(updated) == desired_pods
+    converged = settled and not removing
     if not converged:
         message = f"{len(ready)}/{desired_pods} actor pods ready"
         if removing:
@@ -235,7 +237,7 @@ def compute(
 
     # Ready
     stream_ok = observed.stream_ready is True
-    all_ok = converged and stream_ok and (sinks_ok or not agent_spec.sinks) and not problems
+    all_ok = settled and stream_ok and (sinks_ok or not agent_spec.sinks) and not problems
     if all_ok:
         conds.set(Cond.READY, TRUE, "Ready", f"{ready_actors}/{desired_actors} actors ready")
     elif unschedulable:
@@ -248,7 +250,7 @@ def compute(
         )
     else:
         reasons = []
-        if not converged:
+        if not settled:
             reasons.append(f"{len(ready)}/{desired_pods} actor pods ready")
         if not stream_ok:
             reasons.append("stream not ready")
@@ -280,7 +282,7 @@ def compute(
         "readyPods": len(ready),
         "selector": selector,
         "modelVersion": min(versions) if versions else None,
+        # null removes a rollout of a model the Agent no longer runs (merge patch).
+        "modelRollout": observed.model_rollout,
     }
-    if observed.model_rollout is not None:
-        status["modelRollout"] = observed.model_rollout
     return status

@@ -167,6 +167,9 @@ class Agent:
         # Sends what waited in the outbox its time though no call came since (the last
         # episodes of a remote client that went quiet, a slice resized to nothing).
         self._tick_stop = threading.Event()
+        # Held by the ticker from taking the outbox to handing it on, so `flush` (which
+        # takes it too) never drains the routers before what the ticker took is in.
+        self._tick_lock = threading.Lock()
         self._ticker = threading.Thread(target=self._tick, name="relayrl-outbox", daemon=True)
         self._ticker.start()
 
@@ -427,12 +430,13 @@ class Agent:
 
     def _tick(self) -> None:
         while not self._tick_stop.wait(_OUTBOX_SECONDS):
-            with self._lock:
-                if self._closed:
-                    return
-                ready = self._outbox_take(time.perf_counter())
-            if ready is not None:
-                self._routers.submit(ready)
+            with self._tick_lock:
+                with self._lock:
+                    if self._closed:
+                        return
+                    ready = self._outbox_take(time.perf_counter())
+                if ready is not None:
+                    self._routers.submit(ready)
 
     def _outbox_add(self, chunk: pool_mod.Chunk) -> None:
         if not self._outbox:
@@ -540,10 +544,11 @@ class Agent:
 
     def flush(self) -> None:
         """Cut every in-progress trajectory, write everything queued and flush the sink."""
-        with self._lock:
-            ready = self._take_all(cut_partial=True)
-        if ready is not None:
-            self._routers.submit(ready)
+        with self._tick_lock:
+            with self._lock:
+                ready = self._take_all(cut_partial=True)
+            if ready is not None:
+                self._routers.submit(ready)
         self._routers.drain()
         if self.sink is not None:
             self.sink.flush()

@@ -122,7 +122,7 @@ class App:
             remote is not None
             and self.remote_address is not None
             and not remote.alive
-            and not self._stop.is_set()
+            and not remote.stopping
         ):
             return False, "the remote endpoint stopped serving"
         return True, "ok"

@@ -92,10 +92,8 @@ class PathWatcher(_Watcher):
         await self.check()
 
     async def _check(self) -> None:
-        version = None
         try:
             meta = model.read_metadata(self.path)
-            version = meta.version
             if meta.version == self.agent.get_model_version():
                 self.refused = None
                 return
@@ -108,15 +106,19 @@ class PathWatcher(_Watcher):
                     self.agent.get_model_version(),
                 )
                 return
-            await self.agent.areload_model(self.path)
+            try:
+                await self.agent.areload_model(self.path)
+            except errors.RelayRLError as err:
+                # Reported only when the version was read and then did not load: a
+                # directory read while it is being written is not a refusal.
+                self._refuse(meta.version, err)
+                raise
             self.refused = None
         except errors.RelayRLError as err:
             self.agent.metrics.model_reloads.labels("failed").inc()
-            self._refuse(version, err)
             log.error("hot reload from %s failed, keeping the current model: %s", self.path, err)
-        except Exception as err:  # whatever else a half-written directory raises: poll on
+        except Exception:  # whatever else a half-written directory raises: poll on
             self.agent.metrics.model_reloads.labels("failed").inc()
-            self._refuse(version, err)
             log.exception("hot reload from %s failed, keeping the current model", self.path)
 
 

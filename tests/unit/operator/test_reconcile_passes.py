@@ -548,6 +548,15 @@ async def test_a_model_the_pods_cannot_take_in_place_rolls_them_once() -> None:
             assert again._states[KEY].restart_hash == state.restart_hash
         finally:
             await again.stop()
+
+        # Another model: its versions are its own, the rollout of the old one is dropped
+        # (null in the status patch), so its version 3 can be rolled for too.
+        second = agent_body(generation=2)
+        second["spec"]["model"]["uri"] = "objectstore://models/cartpole-big"
+        rec.agent_event("MODIFIED", second)
+        await settle(rec)
+        assert state.model_rollout is None
+        assert api.status[-1]["modelRollout"] is None
     finally:
         await rec.stop()
 
@@ -567,7 +576,7 @@ async def test_a_model_that_does_not_load_is_shown_not_rolled_for() -> None:
         rec._reported(KEY)
         await settle(rec)
         assert state.restart_hash == hash_before
-        assert "modelRollout" not in api.status[-1]
+        assert api.status[-1]["modelRollout"] is None
         conditions = {c["type"]: c for c in api.status[-1]["conditions"]}
         assert conditions["ModelReady"]["reason"] == "ReloadFailed"
         assert "version 3: cannot load model.onnx" in conditions["ModelReady"]["message"]
@@ -608,5 +617,27 @@ async def test_a_change_writes_the_config_before_the_pods_roll() -> None:
         rec.agent_event("MODIFIED", second)
         await settle(rec)
         assert api.log.index(("end", "ConfigMap")) < api.log.index(("start", "StatefulSet"))
+    finally:
+        await rec.stop()
+
+
+async def test_a_child_rejected_on_update_is_left_in_place_not_pruned() -> None:
+    """E.g. a policy refusing an update of a sink's Deployment: it keeps running."""
+    api = Rejecting("Deployment")
+    api.fixed = True  # the first apply is taken
+    rec = reconcile.Reconciler(api, settings.Settings(), None, workers=1)  # type: ignore[arg-type]
+    await rec.start()
+    try:
+        first = agent_body()
+        rec.agent_event("ADDED", first)
+        await settle(rec)
+        api.fixed = False
+        second = copy.deepcopy(first)
+        second["metadata"].update(generation=2, resourceVersion="2")
+        second["spec"]["template"] = {"image": "ghcr.io/relayrl-fleet/runtime:0.2.0"}
+        rec.agent_event("MODIFIED", second)
+        await settle(rec)
+        assert api.deleted == []
+        assert api.status[-1]["phase"] == "Failed"
     finally:
         await rec.stop()

@@ -171,11 +171,14 @@ def test_independent_reload_takes_actors_added_and_removed_meanwhile(
     )
     real_load = loader.load_policy
     loading, release = threading.Event(), threading.Event()
+    loads: list[object] = []
 
     def slow_load(*args: object, **kwargs: object) -> object:
         if threading.current_thread().name == "reload":
-            loading.set()
-            assert release.wait(10)
+            loads.append(args)
+            if len(loads) == 2:  # the first per-actor copy (the first: the new model)
+                loading.set()
+                assert release.wait(10)
         return real_load(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(loader, "load_policy", slow_load)

@@ -205,7 +205,8 @@ class EnvDriver:
                 cut += rest
                 rebuilt.append(rest)
         # Every new env first: a factory that fails leaves the driver and the agent as
-        # they were (the resize can be tried again), not half resized.
+        # they were (the resize can be tried again), not half resized. For that while,
+        # the envs being replaced and their successors exist side by side.
         fresh: list[_Block] = []
         try:
             for ids in [*rebuilt, *([added] if added else [])]:

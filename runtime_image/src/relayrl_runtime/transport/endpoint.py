@@ -123,6 +123,11 @@ class RemoteEndpoint:
             self._thread.join()
 
     @property
+    def stopping(self) -> bool:
+        """Whether `stop` was called (the thread then ends on purpose)."""
+        return self._stop.is_set()
+
+    @property
     def alive(self) -> bool:
         """Whether the serving thread runs."""
         return self._thread is not None and self._thread.is_alive()
