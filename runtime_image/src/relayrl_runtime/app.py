@@ -556,6 +556,9 @@ class App:
             try:
                 return drv.run(max_steps=cfg.limits.max_env_steps, stop=self._drv_stop)
             finally:
+                # With the rewards the last actions got (a failed agent has none to cut).
+                with contextlib.suppress(errors.RelayRLError):
+                    drv.end_episodes()
                 drv.close()
 
         self._source_task = _off_loop(run, "relayrl-env-driver")

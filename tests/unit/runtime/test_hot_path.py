@@ -119,6 +119,25 @@ def test_driver_resize_keeps_ids_and_cuts_what_it_must(
             assert not row["terminated"]
 
 
+def test_every_step_keeps_its_reward_across_runs_and_at_the_end(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    """CartPole pays 1 a step: no recorded step may say 0 (a run picking up where the
+    last one stopped, and the episodes in progress when the driver stops for good)."""
+    sink = local.LocalFileSink(tmp_path / "out")
+    a = agent_mod.Agent(models["onnx"], actor_count=4, sink=sink)
+    drv = driver.EnvDriver(a, gym.make("CartPole-v1", 4), [0, 1, 2, 3], seed=0)
+    first = drv.run(max_steps=40)
+    second = drv.run(max_steps=40)
+    assert drv.end_episodes() == 4
+    drv.close()
+    a.shutdown()
+    table = _table(sink)
+    assert table.num_rows == first.steps + second.steps
+    assert set(table["reward"].to_pylist()) == {1.0}
+    assert sum(table["cut"].to_pylist()) == 4
+
+
 def test_a_resize_whose_env_factory_fails_changes_nothing(
     models: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -303,8 +303,6 @@ class EnvDriver:
         with self._requests_lock:
             self._start()
             self._running = True
-        # The first request carries no reward (there was no previous action).
-        first = True
         steps = episodes = 0
         env_steps = agent.metrics.env_steps
         episode_counter = agent.metrics.episodes
@@ -334,11 +332,11 @@ class EnvDriver:
                     obs = obs.astype(dtype)
                 # Episodes that ended in the last env step are flagged by this request
                 # (`ended`): one agent call per step.
-                result = request_action(
-                    ids, obs, reward=0.0 if first else self._rewards, ended=self._ended
-                )
+                # Each copy's reward for its previous action: 0 after a reset (and an
+                # actor without a recorded step ignores it), the held one when a run
+                # goes on where an earlier one stopped.
+                result = request_action(ids, obs, reward=self._rewards, ended=self._ended)
                 self._ended = None
-                first = False
                 if len(blocks) == 1:
                     obs, reward, terminated, truncated, _ = blocks[0].env.step(result.actions)
                 else:
@@ -395,6 +393,17 @@ class EnvDriver:
             np.concatenate([np.asarray(p[2], dtype=np.bool_) for p in parts]),
             np.concatenate([np.asarray(p[3], dtype=np.bool_) for p in parts]),
         )
+
+    def end_episodes(self) -> int:
+        """Cut every in-progress trajectory, with the reward its last action got.
+
+        For a driver stopping for good: the agent's own flush at shutdown would record
+        0 there (it never got that reward; this driver holds it). Returns trajectories
+        finished.
+        """
+        if self._obs is None or not len(self.actor_ids):
+            return 0
+        return self.agent.cut_trajectories(self.actor_ids, self._rewards)
 
     def close(self) -> None:
         """Close the environments."""
