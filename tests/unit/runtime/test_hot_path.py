@@ -129,13 +129,15 @@ def test_every_step_keeps_its_reward_across_runs_and_at_the_end(
     drv = driver.EnvDriver(a, gym.make("CartPole-v1", 4), [0, 1, 2, 3], seed=0)
     first = drv.run(max_steps=40)
     second = drv.run(max_steps=40)
-    assert drv.end_episodes() == 4
+    # Every copy whose episode did not end in the last step has one in progress.
+    in_progress = drv.end_episodes()
+    assert in_progress <= 4
     drv.close()
     a.shutdown()
     table = _table(sink)
     assert table.num_rows == first.steps + second.steps
     assert set(table["reward"].to_pylist()) == {1.0}
-    assert sum(table["cut"].to_pylist()) == 4
+    assert sum(table["cut"].to_pylist()) == in_progress
 
 
 def test_a_resize_whose_env_factory_fails_changes_nothing(
