@@ -7,9 +7,10 @@ passes through paths that are slow or awkward to reach there.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -100,6 +101,17 @@ def agent_body(generation: int = 1, **spec: Any) -> dict[str, Any]:
     return body
 
 
+@contextlib.asynccontextmanager
+async def running(api: Recorder, streams: Any = None) -> AsyncIterator[reconcile.Reconciler]:
+    """A started reconciler with one worker, against this stand-in apiserver (and NATS)."""
+    rec = reconcile.Reconciler(api, settings.Settings(), streams, workers=1)  # type: ignore[arg-type]
+    await rec.start()
+    try:
+        yield rec
+    finally:
+        await rec.stop()
+
+
 async def settle(rec: reconcile.Reconciler, seconds: float = 0.3) -> None:
     await asyncio.sleep(seconds)
     assert rec.healthy
@@ -107,9 +119,7 @@ async def settle(rec: reconcile.Reconciler, seconds: float = 0.3) -> None:
 
 async def test_removing_a_sink_with_a_claim_deletes_the_deployment_and_keeps_the_claim() -> None:
     api = Recorder()
-    rec = reconcile.Reconciler(api, settings.Settings(), None, workers=1)  # type: ignore[arg-type]
-    await rec.start()
-    try:
+    async with running(api, None) as rec:
         first = agent_body()
         first["spec"]["sinks"][0]["arrow"]["storage"] = {"size": "1Gi"}
         rec.agent_event("ADDED", first)
@@ -129,16 +139,12 @@ async def test_removing_a_sink_with_a_claim_deletes_the_deployment_and_keeps_the
         assert state.applied_generation == 2
         assert api.deleted == [("Deployment", sink)]  # once; the claim and its data stay
         assert api.status[-1]["observedGeneration"] == 2
-    finally:
-        await rec.stop()
 
 
 async def test_unreachable_nats_is_retried_with_growing_delays() -> None:
     api = Recorder()
     nats = FailingStreams()
-    rec = reconcile.Reconciler(api, settings.Settings(), nats, workers=1)  # type: ignore[arg-type]
-    await rec.start()
-    try:
+    async with running(api, nats) as rec:
         rec.agent_event("ADDED", agent_body())
         await settle(rec, 3.2)
         # 0.5 s doubling (with jitter 0.8-1.2x): at most 4 attempts in 3.2 s, not one
@@ -148,8 +154,6 @@ async def test_unreachable_nats_is_retried_with_growing_delays() -> None:
         stream = next(c for c in status["conditions"] if c["type"] == "StreamReady")
         assert stream["status"] == "False"
         assert "cannot reach NATS" in stream["message"]
-    finally:
-        await rec.stop()
 
 
 async def test_a_pass_while_the_last_status_write_is_on_its_way_writes_nothing(
@@ -164,9 +168,7 @@ async def test_a_pass_while_the_last_status_write_is_on_its_way_writes_nothing(
     clock = [datetime(2026, 11, 22, 1, 0, 0, tzinfo=UTC)]
     monkeypatch.setattr(status, "datetime", SimpleNamespace(now=lambda tz=None: clock[0]))
     api = Recorder()
-    rec = reconcile.Reconciler(api, settings.Settings(), None, workers=1)  # type: ignore[arg-type]
-    await rec.start()
-    try:
+    async with running(api, None) as rec:
         body = agent_body()
         rec.agent_event("ADDED", body)
         await settle(rec)
@@ -198,8 +200,6 @@ async def test_a_pass_while_the_last_status_write_is_on_its_way_writes_nothing(
         for t in kept:
             assert after[t]["lastTransitionTime"] == before[t]["lastTransitionTime"]
         assert after["Paused"]["lastTransitionTime"] == "2026-11-22T01:00:05Z"
-    finally:
-        await rec.stop()
 
 
 def sink_deployment(*conditions: dict[str, str]) -> dict[str, Any]:
@@ -317,9 +317,7 @@ async def test_an_agent_with_an_invalid_spec_can_still_be_deleted() -> None:
     # Agent stays Terminating for good. Its stream is left alone (no NATS call).
     api = Recorder()
     nats = FailingStreams()
-    rec = reconcile.Reconciler(api, settings.Settings(), nats, workers=1)  # type: ignore[arg-type]
-    await rec.start()
-    try:
+    async with running(api, nats) as rec:
         body = agent_body()
         body["spec"]["trajectories"] = {"nats": {"url": "nats://:4222"}}
         body["metadata"]["deletionTimestamp"] = "2026-11-22T12:00:00Z"
@@ -327,8 +325,6 @@ async def test_an_agent_with_an_invalid_spec_can_still_be_deleted() -> None:
         await settle(rec)
         assert {"metadata": {"finalizers": [], "resourceVersion": "1"}} in api.patches
         assert nats.attempts == 0
-    finally:
-        await rec.stop()
 
 
 class Rejecting(Recorder):
@@ -370,9 +366,7 @@ class Streams(FailingStreams):
 async def test_a_rejected_child_leaves_the_agent_watched_and_the_rest_applied() -> None:
     api = Rejecting("PersistentVolumeClaim")
     nats = Streams()
-    rec = reconcile.Reconciler(api, settings.Settings(), nats, workers=1)  # type: ignore[arg-type]
-    await rec.start()
-    try:
+    async with running(api, nats) as rec:
         first = agent_body()
         first["spec"]["sinks"][0]["arrow"]["storage"] = {"size": "1Gi"}
         rec.agent_event("ADDED", first)
@@ -410,8 +404,6 @@ async def test_a_rejected_child_leaves_the_agent_watched_and_the_rest_applied() 
         await settle(rec)
         assert api.status[-1]["phase"] != "Failed"
         assert state.error is None
-    finally:
-        await rec.stop()
 
 
 def pod_meta(state: Any) -> dict[str, Any]:
@@ -446,9 +438,7 @@ def crashing_pod(state: Any) -> dict[str, Any]:
 async def test_another_nats_server_gets_the_stream_in_the_same_pass() -> None:
     api = Recorder()
     nats = Streams()
-    rec = reconcile.Reconciler(api, settings.Settings(), nats, workers=1)  # type: ignore[arg-type]
-    await rec.start()
-    try:
+    async with running(api, nats) as rec:
         first = agent_body()
         rec.agent_event("ADDED", first)
         await settle(rec)
@@ -469,8 +459,6 @@ async def test_another_nats_server_gets_the_stream_in_the_same_pass() -> None:
         await settle(rec)
         assert len(nats.ensured) == 2
         assert "retainOnDelete false -> true" in rec._states[KEY].applied_message
-    finally:
-        await rec.stop()
 
 
 class Reporting(Streams):
@@ -504,17 +492,21 @@ def ready_pod(state: Any) -> dict[str, Any]:
     return pod
 
 
+async def with_a_ready_pod(rec: reconcile.Reconciler) -> Any:
+    """The example Agent, reconciled, with its one actor pod ready; its state."""
+    rec.agent_event("ADDED", agent_body())
+    await settle(rec)
+    state = rec._states[KEY]
+    rec.child_event("ADDED", ready_pod(state))
+    await settle(rec)
+    return state
+
+
 async def test_a_model_the_pods_cannot_take_in_place_rolls_them_once() -> None:
     api = Rejecting("none")
     nats = Reporting()
-    rec = reconcile.Reconciler(api, settings.Settings(), nats, workers=1)  # type: ignore[arg-type]
-    await rec.start()
-    try:
-        rec.agent_event("ADDED", agent_body())
-        await settle(rec)
-        state = rec._states[KEY]
-        rec.child_event("ADDED", ready_pod(state))
-        await settle(rec)
+    async with running(api, nats) as rec:
+        state = await with_a_ready_pod(rec)
         hash_before = state.restart_hash
         api.applied.clear()
 
@@ -538,16 +530,12 @@ async def test_a_model_the_pods_cannot_take_in_place_rolls_them_once() -> None:
         assert [e["reason"] for e in api.events].count("ModelRollout") == 1
 
         # An operator started afresh reads the rollout from status: no roll either.
-        again = reconcile.Reconciler(api, settings.Settings(), nats, workers=1)  # type: ignore[arg-type]
         body = agent_body()
         body["status"] = api.status[-1]
-        await again.start()
-        try:
+        async with running(api, nats) as again:
             again.agent_event("ADDED", body)
             await settle(again)
             assert again._states[KEY].restart_hash == state.restart_hash
-        finally:
-            await again.stop()
 
         # Another model: its versions are its own, the rollout of the old one is dropped
         # (null in the status patch), so its version 3 can be rolled for too.
@@ -557,20 +545,13 @@ async def test_a_model_the_pods_cannot_take_in_place_rolls_them_once() -> None:
         await settle(rec)
         assert state.model_rollout is None
         assert api.status[-1]["modelRollout"] is None
-    finally:
-        await rec.stop()
 
 
 async def test_a_model_that_does_not_load_is_shown_not_rolled_for() -> None:
     api = Rejecting("none")
     nats = Reporting()
-    rec = reconcile.Reconciler(api, settings.Settings(), nats, workers=1)  # type: ignore[arg-type]
-    await rec.start()
-    try:
-        rec.agent_event("ADDED", agent_body())
-        await settle(rec)
-        state = rec._states[KEY]
-        rec.child_event("ADDED", ready_pod(state))
+    async with running(api, nats) as rec:
+        state = await with_a_ready_pod(rec)
         hash_before = state.restart_hash
         nats.pod_reports = {"cartpole-actors-0": refusing(3, incompatible=False)}
         rec._reported(KEY)
@@ -583,8 +564,6 @@ async def test_a_model_that_does_not_load_is_shown_not_rolled_for() -> None:
         assert "they run version 2" in conditions["ModelReady"]["message"]
         assert conditions["Degraded"]["status"] == "True"
         assert api.status[-1]["phase"] == "Degraded"
-    finally:
-        await rec.stop()
 
 
 class Timed(Recorder):
@@ -604,9 +583,7 @@ class Timed(Recorder):
 
 async def test_a_change_writes_the_config_before_the_pods_roll() -> None:
     api = Timed()
-    rec = reconcile.Reconciler(api, settings.Settings(), None, workers=1)  # type: ignore[arg-type]
-    await rec.start()
-    try:
+    async with running(api, None) as rec:
         first = agent_body()
         rec.agent_event("ADDED", first)
         await settle(rec)
@@ -617,17 +594,13 @@ async def test_a_change_writes_the_config_before_the_pods_roll() -> None:
         rec.agent_event("MODIFIED", second)
         await settle(rec)
         assert api.log.index(("end", "ConfigMap")) < api.log.index(("start", "StatefulSet"))
-    finally:
-        await rec.stop()
 
 
 async def test_a_child_rejected_on_update_is_left_in_place_not_pruned() -> None:
     """E.g. a policy refusing an update of a sink's Deployment: it keeps running."""
     api = Rejecting("Deployment")
     api.fixed = True  # the first apply is taken
-    rec = reconcile.Reconciler(api, settings.Settings(), None, workers=1)  # type: ignore[arg-type]
-    await rec.start()
-    try:
+    async with running(api, None) as rec:
         first = agent_body()
         rec.agent_event("ADDED", first)
         await settle(rec)
@@ -639,5 +612,3 @@ async def test_a_child_rejected_on_update_is_left_in_place_not_pruned() -> None:
         await settle(rec)
         assert api.deleted == []
         assert api.status[-1]["phase"] == "Failed"
-    finally:
-        await rec.stop()
