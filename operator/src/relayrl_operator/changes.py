@@ -78,14 +78,10 @@ def _trajectories(old: spec.TrajectoriesSpec, new: spec.TrajectoriesSpec, sinks:
         )
     rest = old.model_copy(update={"nats": a.model_copy(update={"retain_on_delete": False})})
     if rest != new.model_copy(update={"nats": b.model_copy(update={"retain_on_delete": False})}):
-        pods = "actor and sink pods" if sinks and _sinks_follow(a, b) else "actor pods"
+        # Sink pods read how to reach NATS and which stream.
+        pods = "actor and sink pods" if sinks and connection(a) != connection(b) else "actor pods"
         out.append(f"trajectories changed: rolling update of the {pods}")
     return out
-
-
-def _sinks_follow(a: spec.NatsSpec, b: spec.NatsSpec) -> bool:
-    """Whether sink pods read a changed field: how to reach NATS, and which stream."""
-    return connection(a) != connection(b)
 
 
 def connection(nats: spec.NatsSpec) -> tuple[object, ...]:

@@ -623,9 +623,7 @@ class Reconciler:
         current = {
             name
             for name, pod in state.pods.items()
-            if not pod["metadata"].get("deletionTimestamp")
-            and (pod["metadata"].get("annotations") or {}).get(constants.ANNOTATION_RESTART_HASH)
-            == state.restart_hash
+            if not pod["metadata"].get("deletionTimestamp") and _runs(pod, state.restart_hash)
         }
         wanted = [
             r.refused
@@ -673,13 +671,12 @@ class Reconciler:
             # A change to a running Agent: the config first. A pod the StatefulSet
             # replaces meanwhile must mount the new one, or it runs the old settings
             # while it counts as updated (its restart hash is the new template's).
-            results = list(
-                await asyncio.gather(self._client.apply(desired[0]), return_exceptions=True)
-            )
-            failed = results[0]
-            rejected_for_good = isinstance(failed, kube.ApiError) and not failed.transient
-            if isinstance(failed, BaseException) and not rejected_for_good:
-                raise failed  # retried before the pods are touched
+            try:
+                results.append(await self._client.apply(desired[0]))
+            except kube.ApiError as err:
+                if err.transient:
+                    raise  # retried before the pods are touched
+                results.append(err)  # rejected for good: reported with the rest
         results += await asyncio.gather(
             *(self._client.apply(obj) for obj in desired[len(results) :]), return_exceptions=True
         )
@@ -836,10 +833,9 @@ class Reconciler:
                 sink_pods.setdefault(str(component), []).append(pod)
                 continue
             if pod["metadata"].get("deletionTimestamp"):
-                annotations = pod["metadata"].get("annotations") or {}
                 if _pod_index(pod) >= agent.spec.pods():
                     removing += 1
-                elif annotations.get(constants.ANNOTATION_RESTART_HASH) != restart:
+                elif not _runs(pod, restart):
                     replacing += 1
                 continue
             report = reports.get(pod["metadata"]["name"])
@@ -983,7 +979,6 @@ def _pod_view(
     report: reporting.PodReport | None,
     model_rollout: int | None,
 ) -> status.PodView:
-    meta = pod["metadata"]
     index = _pod_index(pod)
     conditions = {c["type"]: c for c in (pod.get("status") or {}).get("conditions") or []}
     ready = conditions.get("Ready", {}).get("status") == "True"
@@ -992,14 +987,13 @@ def _pod_view(
     if scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable":
         unschedulable = scheduled.get("message") or "no node fits"
     failing = _waiting_failure(pod)
-    annotations = meta.get("annotations") or {}
     refused = report.refused if report is not None else None
     if refused is not None and refused.incompatible and refused.version == model_rollout:
         refused = None  # the rolling update for it replaces this pod
     return status.PodView(
         index=index,
         ready=ready,
-        current=annotations.get(constants.ANNOTATION_RESTART_HASH) == restart_hash,
+        current=_runs(pod, restart_hash),
         unschedulable=unschedulable,
         failing=failing,
         model_version=report.model_version if report is not None else None,
@@ -1009,6 +1003,12 @@ def _pod_view(
 
 def _model_source(agent_spec: spec.AgentSpec) -> tuple[str, str]:
     return agent_spec.model.uri, agent_spec.model.format.value
+
+
+def _runs(pod: Mapping[str, Any], restart_hash: str) -> bool:
+    """Whether an actor pod was made from the current template (its restart hash)."""
+    annotations = pod["metadata"].get("annotations") or {}
+    return bool(annotations.get(constants.ANNOTATION_RESTART_HASH) == restart_hash)
 
 
 def _pod_index(pod: Mapping[str, Any]) -> int:

@@ -38,9 +38,15 @@ class _Watcher:
         self._checking = asyncio.Lock()
         self.refused: reporting.Refusal | None = None
 
-    def _refuse(self, version: int | None, err: Exception) -> None:
-        incompatible = isinstance(err, errors.ModelIncompatibleError)
-        self.refused = reporting.Refusal(version, str(err), incompatible)
+    async def _reload(self, agent: agent_mod.Agent, path: Path, version: int | None) -> None:
+        """Load `version` from `path` into the agent; a refusal is kept, then raised."""
+        try:
+            await agent.areload_model(path)
+        except errors.RelayRLError as err:
+            incompatible = isinstance(err, errors.ModelIncompatibleError)
+            self.refused = reporting.Refusal(version, str(err), incompatible)
+            raise
+        self.refused = None
 
     async def check(self) -> None:
         """Reload if the source holds a version other than the running one."""
@@ -106,14 +112,9 @@ class PathWatcher(_Watcher):
                     self.agent.get_model_version(),
                 )
                 return
-            try:
-                await self.agent.areload_model(self.path)
-            except errors.RelayRLError as err:
-                # Reported only when the version was read and then did not load: a
-                # directory read while it is being written is not a refusal.
-                self._refuse(meta.version, err)
-                raise
-            self.refused = None
+            # Only a version read and then not loaded is a refusal: a directory read
+            # while it is being written is not.
+            await self._reload(self.agent, self.path, meta.version)
         except errors.RelayRLError as err:
             self.agent.metrics.model_reloads.labels("failed").inc()
             log.error("hot reload from %s failed, keeping the current model: %s", self.path, err)
@@ -165,12 +166,7 @@ class RegistryWatcher(_Watcher):
             if entry.version == self.agent.get_model_version():
                 self.refused = None
                 return
-            try:
-                await self.agent.areload_model(path)
-            except errors.RelayRLError as err:
-                self._refuse(entry.version, err)
-                raise
-            self.refused = None
+            await self._reload(self.agent, path, entry.version)
         except errors.RelayRLError as err:
             self.agent.metrics.model_reloads.labels("failed").inc()
             log.error("hot reload from %s failed, keeping the current model: %s", self.ref, err)

@@ -224,7 +224,7 @@ class Reporter:
     async def run(self) -> None:
         """Report until cancelled."""
         kv: Any = None
-        sent_version: tuple[int | None, Refusal | None] | None = None
+        sent: tuple[int | None, Refusal | None] | None = None  # model version, refusal
         sent_at: float | None = None
         failures = 0
         while True:
@@ -233,7 +233,7 @@ class Reporter:
             due = (
                 sent_at is None
                 or now - sent_at >= self.interval
-                or (report.model_version, report.refused) != sent_version
+                or (report.model_version, report.refused) != sent
             )
             if due:
                 try:
@@ -246,6 +246,6 @@ class Reporter:
                         log.warning("status report failed (%s), retrying", err)
                 else:
                     failures = 0
-                    sent_version, sent_at = (report.model_version, report.refused), now
+                    sent, sent_at = (report.model_version, report.refused), now
                     self.reports += 1
             await asyncio.sleep(self.check)
