@@ -145,6 +145,7 @@ class PodRunner(threading.Thread):
         self.pod = {**pod, "status": {**(pod.get("status") or {}), "podIP": self.pod_ip}}
         self._volume_dirs: dict[str, Path] = {}
         self._volumes_checked = 0.0
+        self._annotations = dict(meta.get("annotations") or {})
         self.namespace = str(meta["namespace"])
         self.pod_name = str(meta["name"])
         self.dir = node.pod_dir(self.namespace, self.pod_name, self.uid)
@@ -156,6 +157,14 @@ class PodRunner(threading.Thread):
         self.init_containers: list[Container] = []
         self.phase = "Pending"
         self.initialized = False
+
+    def updated(self, pod: Json) -> None:
+        """The pod object changed (any thread): new annotations make its ConfigMap and
+        Secret volumes refresh at the next tick, as a kubelet's pod sync does."""
+        annotations = (pod.get("metadata") or {}).get("annotations") or {}
+        if annotations != self._annotations:
+            self._annotations = dict(annotations)
+            self._volumes_checked = float("-inf")
 
     def request_delete(self, grace: float | None) -> None:
         """Stop the pod (grace seconds, or the pod's own) and delete it; any thread."""

@@ -573,6 +573,8 @@ class ProcessNode:
         if deleting:
             grace = meta.get("deletionGracePeriodSeconds")
             runner.request_delete(float(grace) if grace is not None else None)
+        else:
+            runner.updated(pod)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,10 +23,16 @@ def describe(old: spec.AgentSpec | None, new: spec.AgentSpec) -> list[str]:
     for key, (before, after) in _pairs(old, new).items():
         if key == "paused":
             out.append("paused: actor pods scaled to zero" if after else "resumed: actor pods back")
-        elif key == "actors" or key == "actorsPerPod":
+        elif key == "actors":
             out.append(
                 f"{key} {before} -> {after}: scaled to {new.pods()} actor pods; running "
                 "pods adjust their actor slices without a restart"
+            )
+        elif key == "actorsPerPod":
+            out.append(
+                f"{key} {before} -> {after}: scaled to {new.pods()} actor pods; running "
+                "pods hand actors over without a restart (each gives up the actors it "
+                "loses before any pod takes new ones)"
             )
         elif key == "routers":
             out.append(f"routers {before} -> {after}: rescaled in running pods (hot)")

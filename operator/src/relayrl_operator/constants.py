@@ -32,7 +32,12 @@ COMPONENT_POSTGRES_SINK: Final = "postgres-sink"
 
 # Annotations.
 ANNOTATION_RESTART_HASH: Final = f"{spec.GROUP}/restart-hash"
+# On the runtime ConfigMap: the revision of its config (`relayrl_runtime.config.revision`,
+# what pods report applying). On an actor pod: the revision the operator last asked its
+# kubelet to mount (a pod update makes the kubelet refresh the volume at once).
 ANNOTATION_CONFIG_HASH: Final = f"{spec.GROUP}/config-hash"
+# On the runtime ConfigMap: the actor layout it holds (relayrl_operator.handover).
+ANNOTATION_ACTOR_LAYOUT: Final = f"{spec.GROUP}/actor-layout"
 # On the actor pod template: the model version the pods were rolled for, because the
 # running ones could not hot-reload it (status.modelRollout).
 ANNOTATION_MODEL_ROLLOUT: Final = f"{spec.GROUP}/model-rollout"

@@ -41,6 +41,7 @@ from typing import Any, Protocol
 from relayrl_operator import (
     changes,
     constants,
+    handover,
     kube,
     metrics,
     peering,
@@ -58,7 +59,7 @@ from relayrl_operator.builders import (
     sinks,
     statefulset,
 )
-from relayrl_runtime import reporting, spec
+from relayrl_runtime import config, reporting, spec
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +159,10 @@ class _State:
     # the Agent's status once, so an operator restart does not roll them again.
     model_rollout: int | None = None
     rollout_read: bool = False
+    # The actor layout the runtime ConfigMap holds (its annotation, from our apply or
+    # the watch), and since when a slice handover has waited (relayrl_operator.handover).
+    config_layout: handover.Layout | None = None
+    handover_since: float | None = None
 
 
 class Reconciler:
@@ -188,6 +193,9 @@ class Reconciler:
         self._tasks: list[asyncio.Task[None]] = []
         self._timers: set[asyncio.TimerHandle] = set()
         self._events: set[asyncio.Task[None]] = set()
+        # Whether the child watches have listed the pods (and ConfigMaps) once: until
+        # then the cache may lack running pods (set by the watches' owner).
+        self._children_listed: Callable[[], bool] = lambda: True
         self._podmonitors = False  # whether Agents get PodMonitors now
         self._podmonitor_api = False  # what the last check of the API found
         self._resyncs = 0
@@ -219,6 +227,10 @@ class Reconciler:
         self._tasks = []
         if self._events:  # Events already on their way get a moment to land
             await asyncio.wait(set(self._events), timeout=5)
+
+    def set_children_listed(self, listed: Callable[[], bool]) -> None:
+        """Tell the reconciler how to know the child watches have listed everything."""
+        self._children_listed = listed
 
     @property
     def active(self) -> bool:
@@ -304,6 +316,11 @@ class Reconciler:
                 state.deployments.pop(name, None)
             else:
                 state.deployments[name] = dict(body)
+        if kind == "ConfigMap" and not deleted:
+            annotations = meta.get("annotations") or {}
+            state.config_layout = handover.Layout.decode(
+                annotations.get(constants.ANNOTATION_ACTOR_LAYOUT)
+            )
         if kind != "Pod":
             child = (kind, name)
             generation = meta.get("generation")
@@ -542,6 +559,10 @@ class Reconciler:
         add_finalizer = constants.FINALIZER not in (meta.get("finalizers") or [])
         if state.error_generation != generation:
             state.error = None  # a new spec: try it
+        handing_over = await self._handing_over(key, state, agent)
+        layout = configmap.layout(agent, handing_over=handing_over)
+        if state.config_layout is not None and state.config_layout != layout:
+            state.needs_apply = True  # a handover's step 1 or 2 (or someone's edit)
 
         if state.needs_apply:
             state.needs_apply = False
@@ -551,7 +572,7 @@ class Reconciler:
             try:
                 added, applied = await asyncio.gather(
                     self._add_finalizer(agent, meta) if add_finalizer else asyncio.sleep(0),
-                    self._apply_children(agent, state),
+                    self._apply_children(agent, state, handing_over=handing_over),
                     return_exceptions=True,
                 )
             finally:
@@ -648,10 +669,89 @@ class Reconciler:
         log.info("agent %s/%s: %s", *key, message)
         self._event(agent, "Normal", "ModelRollout", message)
 
-    def desired_children(self, agent: common.AgentRef) -> list[dict[str, Any]]:
+    async def _handing_over(self, key: Key, state: _State, agent: common.AgentRef) -> bool:
+        """Whether the runtime config must say sliceHandover now (relayrl_operator.handover).
+
+        True from a layout change that moves actors between pods until every running
+        actor pod has applied the handover config (or TIMEOUT_SECONDS passed).
+        """
+        if self._streams is None or agent.spec.environment.remote is not None:
+            return False  # no pod reports to wait for; remote clients bring their actors
+        current = state.config_layout
+        written = (state.body or {}).get("status") or {}
+        if (
+            current is None
+            and state.applied_generation is None
+            and written.get("observedGeneration") is not None
+        ):
+            # An Agent this operator process has not applied yet (it restarted) and no
+            # watch event of its ConfigMap so far: read what the pods were given.
+            current = state.config_layout = await self._read_layout(agent)
+        if current is None:
+            return False  # a new ConfigMap: every pod starts with its slice
+        now = time.monotonic()
+        if not current.handover and not handover.moves(current, configmap.layout(agent)):
+            state.handover_since = None
+            return False
+        if state.handover_since is None:
+            state.handover_since = now
+            self._enqueue_later(key, handover.TIMEOUT_SECONDS + 0.5)
+        if not current.handover:
+            return True  # step 1
+        if not self._children_listed():
+            # Just started: a running pod may be missing from the cache yet.
+            self._enqueue_later(key, 1.0)
+            return True
+        waiting = self._handover_waiting(state, agent)
+        if waiting and now - state.handover_since < handover.TIMEOUT_SECONDS:
+            return True
+        if waiting:
+            message = (
+                f"actor slice handover: {', '.join(waiting)} did not report the handover "
+                f"config within {handover.TIMEOUT_SECONDS:.0f}s; giving every pod its new "
+                "slice anyway (an actor may run in two pods until they apply it)"
+            )
+            log.warning("agent %s/%s: %s", *key, message)
+            self._event(agent, "Warning", "SliceHandoverTimeout", message)
+        state.handover_since = None
+        return False  # step 2
+
+    def _handover_waiting(self, state: _State, agent: common.AgentRef) -> list[str]:
+        """The running actor pods that may still run actors outside their new slice."""
+        rendered = configmap.build(agent, handing_over=True)["data"][constants.CONFIG_KEY]
+        revision = config.revision(rendered.encode())
+        reports = self._fresh_reports(agent)
+        pods = agent.spec.pods()
+        waiting = []
+        for name, pod in state.pods.items():
+            labels = pod["metadata"].get("labels") or {}
+            if labels.get(constants.LABEL_COMPONENT) != constants.COMPONENT_ACTORS:
+                continue
+            if not pod["status"].get("running"):
+                continue  # not started: it reads the config as it is when it starts
+            report = reports.get(name)
+            if (
+                pod["metadata"].get("deletionTimestamp")
+                or _pod_index(pod) >= pods
+                or report is None
+                or report.config_revision != revision
+            ):
+                waiting.append(name)
+        return sorted(waiting)
+
+    async def _read_layout(self, agent: common.AgentRef) -> handover.Layout | None:
+        cm = await self._client.get(kube.CONFIGMAP, agent.namespace, common.configmap_name(agent))
+        if cm is None:
+            return None
+        annotations = cm["metadata"].get("annotations") or {}
+        return handover.Layout.decode(annotations.get(constants.ANNOTATION_ACTOR_LAYOUT))
+
+    def desired_children(
+        self, agent: common.AgentRef, *, handing_over: bool = False
+    ) -> list[dict[str, Any]]:
         """Every child manifest the Agent should have now."""
         out = [
-            configmap.build(agent),
+            configmap.build(agent, handing_over=handing_over),
             statefulset.build(agent, self._settings),
             services.build_headless(agent),
             pdb.build(agent),
@@ -664,8 +764,10 @@ class Reconciler:
             out.append(monitoring.build(agent))
         return out
 
-    async def _apply_children(self, agent: common.AgentRef, state: _State) -> None:
-        desired = self.desired_children(agent)
+    async def _apply_children(
+        self, agent: common.AgentRef, state: _State, *, handing_over: bool = False
+    ) -> None:
+        desired = self.desired_children(agent, handing_over=handing_over)
         results: list[Any] = []
         if state.applied_generation is not None:
             # A change to a running Agent: the config first. A pod the StatefulSet
@@ -710,6 +812,15 @@ class Reconciler:
             generation = result.obj.get("metadata", {}).get("generation")
             if generation is not None:
                 state.child_generations[child] = generation
+            if obj is desired[0]:
+                annotations = result.obj.get("metadata", {}).get("annotations") or {}
+                state.config_layout = handover.Layout.decode(
+                    annotations.get(constants.ANNOTATION_ACTOR_LAYOUT)
+                )
+                if before is not None and before != result.resource_version:
+                    await self._refresh_config_volumes(
+                        agent, state, annotations.get(constants.ANNOTATION_CONFIG_HASH, "")
+                    )
         now = {(obj["kind"], obj["metadata"]["name"]) for obj in desired}
         # What may exist but is not desired: what we applied before, and any optional
         # child this Agent could have had that the watch shows (after a restart).
@@ -730,6 +841,35 @@ class Reconciler:
         state.applied_at = time.monotonic()
         if rejected is not None:
             raise rejected
+
+    async def _refresh_config_volumes(
+        self, agent: common.AgentRef, state: _State, revision: str
+    ) -> None:
+        """Annotate the running actor pods with the new config's revision.
+
+        A pod update makes its kubelet sync the pod and refresh its ConfigMap volume
+        at once, instead of at its next periodic sync (up to a minute or two): the
+        hot fields take effect in seconds. Best effort: the periodic sync still comes.
+        """
+        names = [
+            name
+            for name, pod in state.pods.items()
+            if (pod["metadata"].get("labels") or {}).get(constants.LABEL_COMPONENT)
+            == constants.COMPONENT_ACTORS
+            and not pod["metadata"].get("deletionTimestamp")
+        ]
+        patch = {"metadata": {"annotations": {constants.ANNOTATION_CONFIG_HASH: revision}}}
+        results = await asyncio.gather(
+            *(self._client.merge_patch(kube.POD, agent.namespace, n, patch) for n in names),
+            return_exceptions=True,
+        )
+        for name, result in zip(names, results, strict=True):
+            if isinstance(result, kube.ApiError) and result.status == 404:
+                continue  # gone meanwhile
+            if isinstance(result, Exception):
+                log.info(
+                    "pod %s/%s: config refresh not requested: %s", agent.namespace, name, result
+                )
 
     def _optional_children(self, agent: common.AgentRef) -> set[tuple[str, str]]:
         out = {(kube.SERVICE.kind, common.remote_service_name(agent))}
@@ -840,6 +980,12 @@ class Reconciler:
                 continue
             report = reports.get(pod["metadata"]["name"])
             pods.append(_pod_view(pod, restart, report, state.model_rollout))
+        layout = state.config_layout
+        handing_over = (
+            tuple(self._handover_waiting(state, agent))
+            if layout is not None and layout.handover
+            else None
+        )
         sink_views = []
         for name in sinks.desired_names(agent):
             deployment = state.deployments.get(name)
@@ -855,6 +1001,7 @@ class Reconciler:
             replacing=replacing,
             removing=removing,
             model_rollout=state.model_rollout,
+            handover=handing_over,
         )
 
     async def _write_status(self, agent: common.AgentRef, state: _State) -> None:
@@ -966,6 +1113,10 @@ def _pod_summary(pod: Mapping[str, Any]) -> dict[str, Any]:
                 for cs in st.get("containerStatuses") or []
                 if (cs.get("state") or {}).get("waiting")
             ],
+            # Whether a container runs (a slice handover waits for such pods only).
+            "running": any(
+                (cs.get("state") or {}).get("running") for cs in st.get("containerStatuses") or []
+            ),
         },
     }
     if meta.get("deletionTimestamp"):

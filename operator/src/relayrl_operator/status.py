@@ -65,6 +65,9 @@ class Observed:
     removing: int = 0
     # The model version the actor pods were rolled for (status.modelRollout).
     model_rollout: int | None = None
+    # During an actor slice handover (relayrl_operator.handover): the running pods it
+    # waits for (empty: about to finish); None otherwise.
+    handover: Sequence[str] | None = None
 
 
 @dataclass
@@ -216,11 +219,15 @@ def compute(
     removing = len(observed.pods) - len(wanted) + observed.removing
     # Ready counts the pods wanted; Progressing also waits for those to go to be gone.
     settled = len(ready) == desired_pods and len(updated) == desired_pods
-    converged = settled and not removing
+    converged = settled and not removing and observed.handover is None
     if not converged:
         message = f"{len(ready)}/{desired_pods} actor pods ready"
         if removing:
             message += f", {removing} being removed"
+        if observed.handover is not None:
+            message += ", actors moving between pods"
+            if observed.handover:
+                message += f" (waiting for {', '.join(observed.handover)} to give up theirs)"
         # The updated count only while pods of an older template remain (running, or
         # terminating to be replaced): a new Agent's pods are current from the start,
         # and counting them as they are created would be one more status write per

@@ -102,6 +102,10 @@ class App:
         self._endpoint: endpoint.RemoteEndpoint | None = None
         self._driver: driver.EnvDriver | None = None
         self._watcher: reload.PathWatcher | reload.RegistryWatcher | None = None
+        self._config_watcher: live.ConfigWatcher | None = None
+        # The global actor indices this process runs: its slice, or under a slice
+        # handover the part of it that it ran before (config.slice_handover).
+        self._actors: list[int] = []
         self._nc: Any = None
         self._source_task: asyncio.Future[driver.DriverStats] | None = None
 
@@ -230,6 +234,7 @@ class App:
                 poll_seconds=self.config_poll_seconds,
                 loaded=self.config_bytes,
             )
+            self._config_watcher = watcher
             tasks.append(asyncio.create_task(watcher.run()))
         if self.uses_nats:
             tasks.append(asyncio.create_task(self._report()))
@@ -422,7 +427,13 @@ class App:
             ready=self.ready()[0],
             time=time.time(),
             refused=None if self._watcher is None else self._watcher.refused,
+            config_revision=self._config_revision(),
         )
+
+    def _config_revision(self) -> str | None:
+        if self._config_watcher is not None:
+            return self._config_watcher.revision
+        return None if self.config_bytes is None else config.revision(self.config_bytes)
 
     async def _report(self) -> None:
         """Report this pod's status to NATS (its own connection unless one is open)."""
@@ -442,11 +453,20 @@ class App:
 
     # -------------------------------------------------------------- live config
 
-    def _slice_ids(self, cfg: config.RuntimeConfig) -> list[int]:
+    def _ids(self, actors: list[int]) -> list[int]:
         # Each env copy is one agent actor: actor a's copies get ids a*k .. a*k+k-1, so
         # an actor keeps its ids (its global index) whatever slice it falls in.
         copies = self._env_copies()
-        return [a * copies + j for a in cfg.actor_slice() for j in range(copies)]
+        return [a * copies + j for a in actors for j in range(copies)]
+
+    def _slice(self, cfg: config.RuntimeConfig) -> list[int]:
+        """The global actors to run under `cfg`, given those run now."""
+        if cfg.slice_handover:
+            # Actors move between pods: give up what is no longer ours, take nothing
+            # new until the operator clears the handover (every pod has given up).
+            running = set(self._actors)
+            return [a for a in cfg.actor_slice() if a in running]
+        return list(cfg.actor_slice())
 
     async def apply_config(self, old: config.RuntimeConfig, new: config.RuntimeConfig) -> None:
         """Apply the hot fields of a changed config (`live.ConfigWatcher` calls this)."""
@@ -462,28 +482,35 @@ class App:
                 log.info("routers scaled to %d", routers)
             except errors.RelayRLError as err:
                 log.error("routers: could not scale to %d: %s", new.routers, err)
-        if self._slice_ids(old) != self._slice_ids(new):
+        actors = self._slice(new)
+        failed: errors.RelayRLError | None = None
+        if actors != self._actors:
             if self._driver is None:
-                log.info(
-                    "actors: %s; this process's actors come from remote clients",
-                    list(new.actor_slice()),
-                )
+                self._actors = actors
+                log.info("actors: %s; this process's actors come from remote clients", actors)
             else:
                 try:
-                    await asyncio.to_thread(self._driver.resize, self._slice_ids(new))
-                    log.info(
-                        "actors: now running global actors %s (%d env copies)",
-                        list(new.actor_slice()),
-                        len(self._driver.actor_ids),
-                    )
+                    await asyncio.to_thread(self._driver.resize, self._ids(actors))
                 except errors.RelayRLError as err:
-                    log.error("actors: could not apply the new slice: %s", err)
+                    failed = err
+                else:
+                    self._actors = actors
+                    log.info(
+                        "actors: now running global actors %s (%d env copies)%s",
+                        actors,
+                        len(self._driver.actor_ids),
+                        " (slice handover: taking no new ones yet)" if new.slice_handover else "",
+                    )
         if new.model.version != old.model.version and self._watcher is not None:
             log.info(
                 "model.version: %s",
                 "newest" if new.model.version is None else new.model.version,
             )
             await self._watcher.follow(new.model.version)
+        if failed is not None:
+            # Raised after the rest is applied: the config watcher logs it and does not
+            # count this config as applied (a slice handover waits for it).
+            raise errors.RelayRLError(f"actors: could not apply the slice {actors}: {failed}")
 
     def _env_copies(self) -> int:
         env = self.cfg.environment
@@ -495,7 +522,9 @@ class App:
 
     def _build_agent(self, model_path: Path) -> agent_mod.Agent:
         cfg = self.cfg
-        ids = self._slice_ids(cfg)
+        # Started during a slice handover: its actors may still run in another pod.
+        self._actors = [] if cfg.slice_handover else list(cfg.actor_slice())
+        ids = self._ids(self._actors)
         return agent_mod.Agent(
             model_path,
             actor_count=len(ids),

@@ -11,6 +11,7 @@ Light on purpose (pydantic and yaml only): the operator imports it.
 from __future__ import annotations
 
 import enum
+import hashlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -36,7 +37,13 @@ ENV_BIND_ADDRESS: Final = "RELAYRL_BIND_ADDRESS"
 
 # Paths (wire names) of the fields a running process applies from its mounted config
 # file without a restart (`live`); a change to any other field needs a new pod.
-HOT_FIELDS: Final = (("model", "version"), ("routers",), ("actors",), ("actorsPerPod",))
+HOT_FIELDS: Final = (
+    ("model", "version"),
+    ("routers",),
+    ("actors",),
+    ("actorsPerPod",),
+    ("sliceHandover",),
+)
 # Fields the rendered config carries for the reader's sake that no runtime reads (the
 # operator's finalizer does): a change to them neither restarts nor reloads anything.
 UNUSED_FIELDS: Final = (("trajectories", "nats", "retainOnDelete"),)
@@ -127,6 +134,14 @@ class RuntimeConfig(spec.SpecModel):
         ge=0,
         description=f"Which slice of actors this process runs; {ENV_POD_INDEX} overrides it.",
     )
+    slice_handover: bool | None = Field(
+        default=None,
+        description=(
+            "Set by the operator while actors move between pods (an actorsPerPod change): "
+            "run only those actors of this pod's slice that it already runs (none at "
+            "start), so no actor runs in two pods at once. Cleared once every pod has."
+        ),
+    )
     routers: int = Field(default=1, ge=1, le=64, description="Router workers.")
     device: spec.Device = Field(default=spec.Device.CPU, description="Inference device.")
     model: spec.ModelSpec = Field(description="The policy.")
@@ -149,10 +164,17 @@ class RuntimeConfig(spec.SpecModel):
     )
 
     def actor_slice(self) -> range:
-        """Global actor indices this process runs."""
+        """Global actor indices of this process's slice (under `slice_handover` it runs
+        only those it already ran)."""
         per_pod = self.actors_per_pod or self.actors
         start = min(self.pod_index * per_pod, self.actors)
         return range(start, min(start + per_pod, self.actors))
+
+
+def revision(data: bytes) -> str:
+    """A config file's revision: what a pod reports it applied, and the operator compares
+    with the ConfigMap it wrote."""
+    return hashlib.sha256(data).hexdigest()[:16]
 
 
 def bind_host(cfg: RuntimeConfig, environ: Mapping[str, str] | None = None) -> str:

@@ -9,7 +9,9 @@ edit in place, and compares the bytes with the last ones it saw.
 A valid new config is split: the `config.HOT_FIELDS` (the operator's list in
 `relayrl_operator.builders.configmap` must match it) are applied without a restart;
 a change to any other field is logged as a warning that a restart is needed (the
-operator rolls the pods for those). An invalid file is logged and ignored.
+operator rolls the pods for those). An invalid file is logged and ignored. The
+revision of the file last applied in full (`revision`) goes into the pod's status
+report: during a slice handover the operator waits for every pod to report it.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ def with_hot_fields(
             "actors": new.actors,
             "actors_per_pod": new.actors_per_pod,
             "routers": new.routers,
+            "slice_handover": new.slice_handover,
             "model": running.model.model_copy(update={"version": new.model.version}),
         }
     )
@@ -86,6 +89,9 @@ class ConfigWatcher:
         # The bytes `running` was read from: a change made before the watcher started
         # is still a change.
         self._seen = self._read() if loaded is None else loaded
+        # The revision (`config.revision`) of the file as last applied in full: the
+        # pod reports it, and the operator waits for it during a slice handover.
+        self.revision = None if self._seen is None else config.revision(self._seen)
         self.applied = 0
 
     def _read(self) -> bytes | None:
@@ -130,6 +136,7 @@ class ConfigWatcher:
             )
         hot = [".".join(p) for p in changed if _is_hot(p)]
         if not hot:
+            self.revision = config.revision(data)
             return
         old, target = self.running, with_hot_fields(self.running, new)
         log.info("config %s changed; applying %s", self.path, ", ".join(hot))
@@ -137,5 +144,7 @@ class ConfigWatcher:
             await self.apply(old, target)
         except Exception:  # keep watching: the next change may apply
             log.exception("config %s: applying %s failed", self.path, ", ".join(hot))
+        else:
+            self.revision = config.revision(data)
         self.running = target
         self.applied += 1

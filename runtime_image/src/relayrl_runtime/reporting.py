@@ -6,15 +6,19 @@ gone drops out by itself) under the key `<namespace>.<agent>.<pod>`::
 
     {"pod": "cartpole-0", "modelVersion": 3, "actors": 16, "ready": true,
      "time": 1767225600.25,
-     "refused": {"version": 4, "reason": "reload refused: ...", "incompatible": true}}
+     "refused": {"version": 4, "reason": "reload refused: ...", "incompatible": true},
+     "configRevision": "9f86d081884c7d65"}
 
 `actors` counts the agent's actors (env copies, as the `relayrl_runtime_actors` metric),
 `ready` is the pod's readiness, `time` the Unix time of the report in seconds,
-`refused` the last hot reload that failed (null once one succeeds; see `Refusal`).
+`refused` the last hot reload that failed (null once one succeeds; see `Refusal`),
+`configRevision` the revision of the mounted config the pod last applied in full
+(`config.revision`; null without a config file, absent from older runtimes).
 `Reporter` (run by the runtime process, `app`) puts a report every `INTERVAL_SECONDS`
-and at once when the model version or the refusal changes. The operator follows the
-bucket with a key watcher to set `status.modelVersion` (and to roll the pods for a
-refused version, see `Refusal`); `read_reports` is a one-off snapshot of one Agent.
+and at once when the model version, the refusal or the config revision changes. The
+operator follows the bucket with a key watcher to set `status.modelVersion`, to roll
+the pods for a refused version (see `Refusal`) and to finish a slice handover
+(`relayrl_operator.handover`); `read_reports` is a one-off snapshot of one Agent.
 
 Light on purpose (nats-py and the standard library only): the operator imports it.
 """
@@ -62,6 +66,14 @@ def key_filter(namespace: str, agent: str) -> str:
     return key(namespace, agent, "x")[:-1] + "*"
 
 
+def _optional_str(raw: Any) -> str | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, str):
+        raise TypeError(f"expected a string or null, got {type(raw).__name__}")
+    return raw
+
+
 @dataclasses.dataclass(frozen=True)
 class Refusal:
     """The last model version a pod would not or could not hot-reload, and why.
@@ -106,6 +118,7 @@ class PodReport:
     ready: bool
     time: float
     refused: Refusal | None = None
+    config_revision: str | None = None
 
     def to_json(self) -> bytes:
         """The bucket value."""
@@ -117,6 +130,7 @@ class PodReport:
                 "ready": self.ready,
                 "time": self.time,
                 "refused": None if self.refused is None else self.refused.to_wire(),
+                "configRevision": self.config_revision,
             }
         ).encode()
 
@@ -133,6 +147,7 @@ class PodReport:
                 ready=bool(raw["ready"]),
                 time=float(raw["time"]),
                 refused=Refusal.from_wire(raw.get("refused")),
+                config_revision=_optional_str(raw.get("configRevision")),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"not a pod report: {err}") from err
@@ -224,7 +239,8 @@ class Reporter:
     async def run(self) -> None:
         """Report until cancelled."""
         kv: Any = None
-        sent: tuple[int | None, Refusal | None] | None = None  # model version, refusal
+        # What the last report said that is sent again at once when it changes.
+        sent: tuple[int | None, Refusal | None, str | None] | None = None
         sent_at: float | None = None
         failures = 0
         while True:
@@ -233,7 +249,7 @@ class Reporter:
             due = (
                 sent_at is None
                 or now - sent_at >= self.interval
-                or (report.model_version, report.refused) != sent
+                or (report.model_version, report.refused, report.config_revision) != sent
             )
             if due:
                 try:
@@ -246,6 +262,7 @@ class Reporter:
                         log.warning("status report failed (%s), retrying", err)
                 else:
                     failures = 0
-                    sent, sent_at = (report.model_version, report.refused), now
+                    sent = (report.model_version, report.refused, report.config_revision)
+                    sent_at = now
                     self.reports += 1
             await asyncio.sleep(self.check)

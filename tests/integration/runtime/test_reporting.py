@@ -47,12 +47,19 @@ async def test_reporter_puts_reports_and_reports_version_changes_at_once(
     try:
         js = nc.jetstream()
         assert await reporting.read_reports(js, "ns", "cartpole") == {}
-        state = {"version": 1}
+        state: dict[str, Any] = {"version": 1, "revision": "aaaa"}
 
         def snapshot() -> reporting.PodReport:
-            return reporting.PodReport("cartpole-0", state["version"], 4, True, time.time())
+            return reporting.PodReport(
+                "cartpole-0",
+                state["version"],
+                4,
+                True,
+                time.time(),
+                config_revision=state["revision"],
+            )
 
-        # A long interval: only the version change can explain a second report.
+        # A long interval: only a change can explain a second or third report.
         reporter = reporting.Reporter(js, "ns", "cartpole", snapshot, interval=3600, check=0.05)
         task = asyncio.create_task(reporter.run())
         try:
@@ -74,6 +81,12 @@ async def test_reporter_puts_reports_and_reports_version_changes_at_once(
                 await asyncio.sleep(0.01)
             await asyncio.sleep(0.2)  # and no third report follows
             assert reporter.reports == 2
+            # A config applied (a slice handover waits for it): reported at once too.
+            state["revision"] = "bbbb"
+            third = await _wait_report(
+                js, "revision bbbb", lambda r: r["cartpole-0"].config_revision == "bbbb"
+            )
+            assert third["cartpole-0"].model_version == 2
         finally:
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
@@ -95,6 +108,7 @@ async def test_reporter_puts_reports_and_reports_version_changes_at_once(
             "ready",
             "time",
             "refused",
+            "configRevision",
         }
     finally:
         await asyncio.wait_for(nc.close(), 10)  # never hang a failed test

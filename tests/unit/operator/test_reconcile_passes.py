@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 import yaml
 
-from relayrl_operator import constants, kube, reconcile, settings, status
+from relayrl_operator import constants, handover, kube, reconcile, settings, status
 from relayrl_operator.builders import common
-from relayrl_runtime import reporting
+from relayrl_runtime import config, reporting
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "cartpole-cpu" / "agent.yaml"
 KEY = ("ml", "cartpole")
@@ -612,3 +612,217 @@ async def test_a_child_rejected_on_update_is_left_in_place_not_pruned() -> None:
         await settle(rec)
         assert api.deleted == []
         assert api.status[-1]["phase"] == "Failed"
+
+
+# ------------------------------------------------------------ slice handover
+
+
+class Versioned(Rejecting):
+    """Keeps each applied object; its resourceVersion moves when its content changes."""
+
+    def __init__(self) -> None:
+        super().__init__("none")
+        self.objects: dict[tuple[str, str], dict[str, Any]] = {}
+        self.versions: dict[tuple[str, str], int] = {}
+        self.pod_patches: list[tuple[str, dict[str, Any]]] = []
+        self.gets: list[tuple[str, str]] = []
+
+    async def get(self, kind: kube.Kind, namespace: str, name: str) -> dict[str, Any] | None:
+        self.gets.append((kind.kind, name))
+        return copy.deepcopy(self.objects.get((kind.kind, name)))
+
+    async def apply(self, obj: dict[str, Any]) -> Applied:
+        key = (obj["kind"], obj["metadata"]["name"])
+        created = key not in self.objects
+        if created or self.objects[key] != obj:
+            self.versions[key] = self.versions.get(key, 0) + 1
+        self.objects[key] = copy.deepcopy(obj)
+        await super().apply(obj)
+        result = Applied(obj)
+        result.resource_version = str(self.versions[key])
+        result.created = created
+        return result
+
+    async def merge_patch(self, *args: Any, sub: str | None = None) -> dict[str, Any]:
+        if args[0].kind == "Pod":
+            self.pod_patches.append((args[2], args[3]))
+            return {}
+        return await super().merge_patch(*args, sub=sub)
+
+    def config(self) -> dict[str, Any]:
+        return self.objects[("ConfigMap", "cartpole-runtime")]
+
+    def layout(self) -> handover.Layout | None:
+        annotations = self.config()["metadata"]["annotations"]
+        return handover.Layout.decode(annotations[constants.ANNOTATION_ACTOR_LAYOUT])
+
+    def revision(self) -> str:
+        return str(self.config()["metadata"]["annotations"][constants.ANNOTATION_CONFIG_HASH])
+
+    def rendered(self) -> dict[str, Any]:
+        data: dict[str, Any] = yaml.safe_load(self.config()["data"][constants.CONFIG_KEY])
+        return data
+
+
+def actor_pod(state: Any, index: int, *, deleting: bool = False) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "namespace": "ml",
+        "name": f"cartpole-actors-{index}",
+        "labels": {
+            constants.LABEL_AGENT: "cartpole",
+            constants.LABEL_COMPONENT: constants.COMPONENT_ACTORS,
+        },
+        "annotations": {constants.ANNOTATION_RESTART_HASH: state.restart_hash},
+    }
+    if deleting:
+        meta["deletionTimestamp"] = "2026-11-22T00:00:00Z"
+    return {
+        "kind": "Pod",
+        "metadata": meta,
+        "status": {
+            "conditions": [{"type": "Ready", "status": "True"}],
+            "containerStatuses": [{"state": {"running": {"startedAt": "2026-11-22T00:00:00Z"}}}],
+        },
+    }
+
+
+def report(index: int, revision: str) -> reporting.PodReport:
+    return reporting.PodReport(
+        f"cartpole-actors-{index}", 1, 4, True, time.time(), config_revision=revision
+    )
+
+
+def progressing(api: Versioned) -> dict[str, Any]:
+    return next(c for c in api.status[-1]["conditions"] if c["type"] == "Progressing")
+
+
+def change(body: dict[str, Any], generation: int, **spec: Any) -> dict[str, Any]:
+    new = copy.deepcopy(body)
+    new["metadata"].update(generation=generation, resourceVersion=str(generation))
+    new["spec"].update(spec)
+    return new
+
+
+async def test_an_actors_per_pod_change_hands_actors_over_before_pods_take_new_ones() -> None:
+    api = Versioned()
+    nats = Reporting()
+    async with running(api, nats) as rec:
+        first = agent_body()  # 16 actors, 4 per pod: 4 pods
+        rec.agent_event("ADDED", first)
+        await settle(rec)
+        state = rec._states[KEY]
+        assert api.layout() == handover.Layout(16, 4)
+        assert "sliceHandover" not in api.rendered()
+        plain = api.revision()
+        assert plain == config.revision(api.config()["data"][constants.CONFIG_KEY].encode())
+        for i in range(4):
+            rec.child_event("ADDED", actor_pod(state, i))
+            nats.pod_reports[f"cartpole-actors-{i}"] = report(i, plain)
+        await settle(rec)
+
+        # 8 per pod: actor 4 moves from pod 1 to pod 0 (and so on). Step 1: every pod
+        # keeps only what it already runs of its new slice.
+        second = change(first, 2, actorsPerPod=8)
+        rec.agent_event("MODIFIED", second)
+        await settle(rec)
+        assert api.layout() == handover.Layout(16, 8, handover=True)
+        assert api.rendered()["sliceHandover"] is True
+        assert api.rendered()["actorsPerPod"] == 8
+        step1 = api.revision()
+        # The running pods are asked to mount it at once (their kubelets sync on it).
+        patched = {name: patch for name, patch in api.pod_patches}
+        assert set(patched) == {f"cartpole-actors-{i}" for i in range(4)}
+        assert {
+            p["metadata"]["annotations"][constants.ANNOTATION_CONFIG_HASH] for p in patched.values()
+        } == {step1}
+        message = progressing(api)["message"]
+        assert "actors moving between pods" in message
+        assert "hand actors over" in message
+
+        # Pods 0 and 1 applied it; pods 2 and 3 (past the new count) still run.
+        for i in (0, 1):
+            nats.pod_reports[f"cartpole-actors-{i}"] = report(i, step1)
+        rec._reported(KEY)
+        await settle(rec)
+        assert api.layout() == handover.Layout(16, 8, handover=True)
+        assert "waiting for cartpole-actors-2, cartpole-actors-3" in progressing(api)["message"]
+
+        # Terminating is not enough: gone.
+        rec.child_event("MODIFIED", actor_pod(state, 2, deleting=True))
+        rec.child_event("DELETED", actor_pod(state, 3))
+        await settle(rec)
+        assert api.layout() == handover.Layout(16, 8, handover=True)
+        rec.child_event("DELETED", actor_pod(state, 2))
+        await settle(rec)
+        # Step 2: each pod takes its whole new slice.
+        assert api.layout() == handover.Layout(16, 8)
+        assert "sliceHandover" not in api.rendered()
+        assert state.handover_since is None
+        assert "actors moving" not in progressing(api)["message"]
+
+        # A change of actors alone moves no actor: no handover.
+        third = change(second, 3, actors=12)
+        rec.agent_event("MODIFIED", third)
+        await settle(rec)
+        assert api.layout() == handover.Layout(12, 8)
+        assert not [e for e in api.events if e["reason"] == "SliceHandoverTimeout"]
+
+
+async def test_a_handover_a_pod_never_confirms_ends_after_the_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(handover, "TIMEOUT_SECONDS", 0.5)
+    api = Versioned()
+    nats = Reporting()
+    async with running(api, nats) as rec:
+        first = agent_body()
+        rec.agent_event("ADDED", first)
+        await settle(rec)
+        state = rec._states[KEY]
+        for i in range(4):
+            rec.child_event("ADDED", actor_pod(state, i))
+        await settle(rec)
+        rec.agent_event("MODIFIED", change(first, 2, actorsPerPod=2))
+        await settle(rec)
+        assert api.layout() == handover.Layout(16, 2, handover=True)
+        await settle(rec, 1.0)  # no pod reports (NATS unreachable from the pods, say)
+        assert api.layout() == handover.Layout(16, 2)
+        warnings = [e for e in api.events if e["reason"] == "SliceHandoverTimeout"]
+        assert len(warnings) == 1
+        assert warnings[0]["type"] == "Warning"
+        assert "cartpole-actors-0, cartpole-actors-1" in warnings[0]["message"]
+
+
+async def test_a_restarted_operator_finishes_a_handover_it_did_not_start() -> None:
+    api = Versioned()
+    nats = Reporting()
+    async with running(api, nats) as rec:
+        first = agent_body()
+        rec.agent_event("ADDED", first)
+        await settle(rec)
+        rec.agent_event("MODIFIED", change(first, 2, actorsPerPod=8))
+        await settle(rec)
+        step1 = api.revision()
+    # A new operator process sees the Agent (with status) before any ConfigMap event:
+    # it reads the ConfigMap to learn a handover is under way, and keeps it.
+    async with running(api, nats) as rec:
+        listed = False
+        rec.set_children_listed(lambda: listed)
+        body = change(first, 2, actorsPerPod=8)
+        body["status"] = {"observedGeneration": 2}
+        rec.agent_event("ADDED", body)
+        await settle(rec)
+        state = rec._states[KEY]
+        assert api.gets == [("ConfigMap", "cartpole-runtime")]
+        # Its pod watch has not listed the running pods yet: no pod known is no proof.
+        assert api.layout() == handover.Layout(16, 8, handover=True)
+        for i in range(2):
+            rec.child_event("ADDED", actor_pod(state, i))
+            nats.pod_reports[f"cartpole-actors-{i}"] = report(i, "older")
+        listed = True
+        await settle(rec, 1.5)
+        assert api.layout() == handover.Layout(16, 8, handover=True)
+        nats.pod_reports = {f"cartpole-actors-{i}": report(i, step1) for i in range(2)}
+        rec._reported(KEY)
+        await settle(rec)
+        assert api.layout() == handover.Layout(16, 8)

@@ -2,14 +2,15 @@
 
 All pods share it; each finds its actor slice from its pod index. Some fields are
 applied by running pods without a restart (`HOT_FIELDS`); the actor pods carry a hash
-of the rest (`restart_hash`) so a change there rolls them.
+of the rest (`restart_hash`) so a change there rolls them. While actors move between
+pods the config says `sliceHandover` (relayrl_operator.handover).
 """
 
 from __future__ import annotations
 
 from typing import Any, Final
 
-from relayrl_operator import constants
+from relayrl_operator import constants, handover
 from relayrl_operator.builders import common
 from relayrl_runtime import config
 
@@ -18,7 +19,12 @@ from relayrl_runtime import config
 HOT_FIELDS: Final = config.HOT_FIELDS
 
 
-def runtime_config(agent: common.AgentRef) -> config.RuntimeConfig:
+def layout(agent: common.AgentRef, *, handing_over: bool = False) -> handover.Layout:
+    """How the Agent's actors are spread over its pods."""
+    return handover.Layout(agent.spec.actors, agent.actors_per_pod, handing_over)
+
+
+def runtime_config(agent: common.AgentRef, *, handing_over: bool = False) -> config.RuntimeConfig:
     """The runtime config for the Agent's actor pods."""
     s = agent.spec
     return config.RuntimeConfig(
@@ -32,6 +38,7 @@ def runtime_config(agent: common.AgentRef) -> config.RuntimeConfig:
         environment=s.environment,
         trajectories=s.trajectories,
         server=config.ServerConfig(port=constants.PORT_METRICS),
+        slice_handover=True if handing_over else None,
     )
 
 
@@ -50,15 +57,20 @@ def restart_hash(agent: common.AgentRef) -> str:
     return common.digest(data)
 
 
-def build(agent: common.AgentRef) -> dict[str, Any]:
-    """The ConfigMap manifest."""
-    rendered = config.dump(runtime_config(agent))
+def build(agent: common.AgentRef, *, handing_over: bool = False) -> dict[str, Any]:
+    """The ConfigMap manifest (`handing_over`: step 1 of a slice handover)."""
+    rendered = config.dump(runtime_config(agent, handing_over=handing_over))
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {
             **common.metadata(agent, common.configmap_name(agent), constants.COMPONENT_ACTORS),
-            "annotations": {constants.ANNOTATION_CONFIG_HASH: common.digest(rendered)},
+            "annotations": {
+                constants.ANNOTATION_CONFIG_HASH: config.revision(rendered.encode()),
+                constants.ANNOTATION_ACTOR_LAYOUT: layout(
+                    agent, handing_over=handing_over
+                ).encode(),
+            },
         },
         "data": {constants.CONFIG_KEY: rendered},
     }

@@ -104,6 +104,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         for kind in reconcile.WATCHED_CHILDREN
         for namespace in (memo.namespaces or [None])
     )
+    listing = [w for w in memo.watches.watches if w.kind in (kube.POD, kube.CONFIGMAP)]
+    memo.reconciler.set_children_listed(lambda: all(w.listed.is_set() for w in listing))
     memo.watches.start()
 
 
