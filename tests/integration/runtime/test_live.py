@@ -112,6 +112,56 @@ def test_config_file_changes_apply_without_restart(models: dict[str, Path], tmp_
         assert all(r["policy_version"] == 1 for t in mine for r in t)
 
 
+def test_a_slice_handover_gives_actors_up_and_takes_none_until_cleared(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    # Pod 0 of 2 actors per pod: global actors 0 and 1.
+    cfg = _config(models["onnx"], out, podIndex=0)
+    proc = helpers.RuntimeProcess(tmp_path, cfg, mounted=True)
+
+    def running(actors: list[int]) -> bool:
+        return f"now running global actors {actors}" in proc.logs()
+
+    try:
+        proc.wait_ready()
+        assert helpers.metric(proc.metrics(), "relayrl_runtime_actors") == 4
+        # 1 per pod, handing over: its new slice is actor 0, which it runs: it gives up 1.
+        proc.update_config({**cfg, "actorsPerPod": 1, "sliceHandover": True})
+        helpers.wait_for("actor 1 given up", lambda: running([0]))
+        # 4 per pod, still handing over: actors 1-3 may run elsewhere; it takes none.
+        proc.update_config({**cfg, "actorsPerPod": 4, "sliceHandover": True})
+        helpers.wait_for(
+            "the handover config applied",
+            lambda: proc.logs().count("applying") >= 2,
+        )
+        before = _steps(proc)
+        helpers.wait_for("env steps", lambda: _steps(proc) > before + 100)
+        assert helpers.metric(proc.metrics(), "relayrl_runtime_actors") == 2
+        # Cleared: it takes its whole slice.
+        proc.update_config({**cfg, "actorsPerPod": 4})
+        helpers.wait_for("actors 0-3", lambda: running([0, 1, 2, 3]))
+        assert helpers.metric(proc.metrics(), "relayrl_runtime_actors") == 8
+        assert proc.terminate() == 0, proc.logs()
+    finally:
+        proc.kill()
+    table = pa.concat_tables([pq.read_table(f) for f in out.glob("*.parquet")])
+    assert set(table["actor_id"].to_pylist()) == set(range(8))
+
+    # A process that starts during a handover runs nothing until it is cleared.
+    cfg = _config(models["onnx"], tmp_path / "out2", podIndex=1, sliceHandover=True)
+    (tmp_path / "second").mkdir()
+    second = helpers.RuntimeProcess(tmp_path / "second", cfg, mounted=True)
+    try:
+        second.wait_ready()
+        assert helpers.metric(second.metrics(), "relayrl_runtime_actors") == 0
+        second.update_config({**cfg, "sliceHandover": None})
+        helpers.wait_for("actors 2-3", lambda: "now running global actors [2, 3]" in second.logs())
+        assert second.terminate() == 0, second.logs()
+    finally:
+        second.kill()
+
+
 def test_invalid_config_change_is_ignored(models: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "out"
     cfg = _config(models["onnx"], out)
