@@ -26,6 +26,8 @@ from typing import Final
 
 # How long step 1 may wait for every pod's report before the plain layout is written.
 TIMEOUT_SECONDS: Final = 60.0
+# How often the reconciler looks at a handover under way besides its events.
+CHECK_SECONDS: Final = 1.0
 
 _HANDOVER: Final = "handover"
 

@@ -163,6 +163,7 @@ class _State:
     # the watch), and since when a slice handover has waited (relayrl_operator.handover).
     config_layout: handover.Layout | None = None
     handover_since: float | None = None
+    handover_check: float = 0.0  # when the pass the handover asked for is due
 
 
 class Reconciler:
@@ -695,13 +696,15 @@ class Reconciler:
             return False
         if state.handover_since is None:
             state.handover_since = now
-            self._enqueue_later(key, handover.TIMEOUT_SECONDS + 0.5)
+        if state.handover_check <= now:
+            # Looked at again while it lasts: the last pod may go, or the time run out,
+            # with no event to say so (a paused Agent has no pods to report).
+            state.handover_check = now + handover.CHECK_SECONDS
+            self._enqueue_later(key, handover.CHECK_SECONDS)
         if not current.handover:
             return True  # step 1
         if not self._children_listed():
-            # Just started: a running pod may be missing from the cache yet.
-            self._enqueue_later(key, 1.0)
-            return True
+            return True  # just started: a running pod may be missing from the cache yet
         waiting = self._handover_waiting(state, agent)
         if waiting and now - state.handover_since < handover.TIMEOUT_SECONDS:
             return True

@@ -772,6 +772,7 @@ async def test_a_handover_a_pod_never_confirms_ends_after_the_timeout(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(handover, "TIMEOUT_SECONDS", 0.5)
+    monkeypatch.setattr(handover, "CHECK_SECONDS", 0.2)
     api = Versioned()
     nats = Reporting()
     async with running(api, nats) as rec:
@@ -791,6 +792,22 @@ async def test_a_handover_a_pod_never_confirms_ends_after_the_timeout(
         assert len(warnings) == 1
         assert warnings[0]["type"] == "Warning"
         assert "cartpole-actors-0, cartpole-actors-1" in warnings[0]["message"]
+
+
+async def test_a_handover_with_no_pod_running_ends_without_an_event_to_wake_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(handover, "CHECK_SECONDS", 0.2)
+    api = Versioned()
+    nats = Reporting()
+    async with running(api, nats) as rec:
+        first = change(agent_body(), 1, paused=True)
+        rec.agent_event("ADDED", first)
+        await settle(rec)
+        rec.agent_event("MODIFIED", change(first, 2, actorsPerPod=2))
+        await settle(rec, 0.6)
+        assert api.layout() == handover.Layout(16, 2)
+        assert not [e for e in api.events if e["reason"] == "SliceHandoverTimeout"]
 
 
 async def test_a_restarted_operator_finishes_a_handover_it_did_not_start() -> None:
