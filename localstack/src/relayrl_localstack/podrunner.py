@@ -146,6 +146,7 @@ class PodRunner(threading.Thread):
         self._volume_dirs: dict[str, Path] = {}
         self._volumes_checked = 0.0
         self._annotations = dict(meta.get("annotations") or {})
+        self._sync = threading.Event()  # a pod update asks for a volume refresh
         self.namespace = str(meta["namespace"])
         self.pod_name = str(meta["name"])
         self.dir = node.pod_dir(self.namespace, self.pod_name, self.uid)
@@ -164,7 +165,7 @@ class PodRunner(threading.Thread):
         annotations = (pod.get("metadata") or {}).get("annotations") or {}
         if annotations != self._annotations:
             self._annotations = dict(annotations)
-            self._volumes_checked = float("-inf")
+            self._sync.set()
 
     def request_delete(self, grace: float | None) -> None:
         """Stop the pod (grace seconds, or the pod's own) and delete it; any thread."""
@@ -223,7 +224,8 @@ class PodRunner(threading.Thread):
         self._report()
         while not self._stopping():
             now = time.monotonic()
-            if now - self._volumes_checked >= VOLUME_REFRESH_SECONDS:
+            if now - self._volumes_checked >= VOLUME_REFRESH_SECONDS or self._sync.is_set():
+                self._sync.clear()
                 self._refresh_volumes()
                 self._volumes_checked = now
             for container in self.containers:

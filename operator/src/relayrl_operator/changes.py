@@ -31,8 +31,9 @@ def describe(old: spec.AgentSpec | None, new: spec.AgentSpec) -> list[str]:
         elif key == "actorsPerPod":
             out.append(
                 f"{key} {before} -> {after}: scaled to {new.pods()} actor pods; running "
-                "pods hand actors over without a restart (each gives up the actors it "
-                "loses before any pod takes new ones)"
+                "pods adjust their actor slices without a restart, and hand actors over "
+                "(an actor that moves to another pod starts there once its old pod has "
+                "given it up)"
             )
         elif key == "routers":
             out.append(f"routers {before} -> {after}: rescaled in running pods (hot)")

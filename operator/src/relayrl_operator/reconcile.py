@@ -163,7 +163,12 @@ class _State:
     # the watch), and since when a slice handover has waited (relayrl_operator.handover).
     config_layout: handover.Layout | None = None
     handover_since: float | None = None
+    handover_revision: str | None = None  # the handover config that clock is for
     handover_check: float = 0.0  # when the pass the handover asked for is due
+    config_revision: str | None = None  # of the ConfigMap (its config-hash annotation)
+    layout_attempted: handover.Layout | None = None  # of our last ConfigMap apply
+    # The config revision each actor pod was last asked to mount (_push_config).
+    pushed: dict[str, str] = field(default_factory=dict)
 
 
 class Reconciler:
@@ -265,6 +270,7 @@ class Reconciler:
                 state.stale = state.body is not None
                 state.needs_apply = True
                 state.stream_ready = None
+                state.handover_since = None
                 self.enqueue(key)
             self._active.set()
         metrics.ACTIVE.set(1 if self._active.is_set() else 0)
@@ -307,6 +313,7 @@ class Reconciler:
         if kind == "Pod":
             if deleted:
                 state.pods.pop(name, None)
+                state.pushed.pop(name, None)
             else:
                 summary = _pod_summary(body)
                 relevant = state.pods.get(name) != summary
@@ -318,10 +325,14 @@ class Reconciler:
             else:
                 state.deployments[name] = dict(body)
         if kind == "ConfigMap" and not deleted:
-            annotations = meta.get("annotations") or {}
-            state.config_layout = handover.Layout.decode(
-                annotations.get(constants.ANNOTATION_ACTOR_LAYOUT)
-            )
+            ours = state.child_versions.get((kind, name))
+            if ours is None or ours == meta.get("resourceVersion"):
+                # Not an older event of it arriving late: that would undo a handover step.
+                annotations = meta.get("annotations") or {}
+                state.config_layout = handover.Layout.decode(
+                    annotations.get(constants.ANNOTATION_ACTOR_LAYOUT)
+                )
+                state.config_revision = annotations.get(constants.ANNOTATION_CONFIG_HASH)
         if kind != "Pod":
             child = (kind, name)
             generation = meta.get("generation")
@@ -562,8 +573,9 @@ class Reconciler:
             state.error = None  # a new spec: try it
         handing_over = await self._handing_over(key, state, agent)
         layout = configmap.layout(agent, handing_over=handing_over)
-        if state.config_layout is not None and state.config_layout != layout:
-            state.needs_apply = True  # a handover's step 1 or 2 (or someone's edit)
+        last = state.layout_attempted or state.config_layout
+        if last is not None and last != layout:
+            state.needs_apply = True  # a handover's step 1 or 2
 
         if state.needs_apply:
             state.needs_apply = False
@@ -676,36 +688,61 @@ class Reconciler:
         True from a layout change that moves actors between pods until every running
         actor pod has applied the handover config (or TIMEOUT_SECONDS passed).
         """
-        if self._streams is None or agent.spec.environment.remote is not None:
-            return False  # no pod reports to wait for; remote clients bring their actors
         current = state.config_layout
         written = (state.body or {}).get("status") or {}
         if (
             current is None
             and state.applied_generation is None
             and written.get("observedGeneration") is not None
+            and self._streams is not None
         ):
             # An Agent this operator process has not applied yet (it restarted) and no
             # watch event of its ConfigMap so far: read what the pods were given.
             current = state.config_layout = await self._read_layout(agent)
-        if current is None:
-            return False  # a new ConfigMap: every pod starts with its slice
-        now = time.monotonic()
-        if not current.handover and not handover.moves(current, configmap.layout(agent)):
+        if (
+            self._streams is None  # no pod reports to wait for
+            or agent.spec.environment.remote is not None  # remote clients bring actors
+            or current is None  # a new ConfigMap: every pod starts with its slice
+            or (not current.handover and not handover.moves(current, configmap.layout(agent)))
+        ):
             state.handover_since = None
             return False
-        if state.handover_since is None:
-            state.handover_since = now
+        revision = self._handover_revision(agent)
+        now = time.monotonic()
+        if state.handover_since is None or state.handover_revision != revision:
+            # A new target (another layout, a new model version...) starts the clock anew.
+            state.handover_since, state.handover_revision = now, revision
         if state.handover_check <= now:
             # Looked at again while it lasts: the last pod may go, or the time run out,
-            # with no event to say so (a paused Agent has no pods to report).
+            # with no event to say so.
             state.handover_check = now + handover.CHECK_SECONDS
             self._enqueue_later(key, handover.CHECK_SECONDS)
+        listed = self._children_listed()
+        reports = self._fresh_reports(agent)
+        running = _running_actor_pods(state)
         if not current.handover:
+            if listed and not running:
+                state.handover_since = None
+                return False  # nothing runs an actor now: every pod starts with its slice
+            old = sorted(n for n in running if n in reports and not reports[n].config_revision)
+            if old:
+                # A runtime older than handovers (a pinned image) would refuse the config.
+                log.info(
+                    "agent %s/%s: no slice handover: %s run a runtime that cannot take one",
+                    *key,
+                    ", ".join(old),
+                )
+                state.handover_since = None
+                return False
             return True  # step 1
-        if not self._children_listed():
-            return True  # just started: a running pod may be missing from the cache yet
-        waiting = self._handover_waiting(state, agent)
+        if state.config_revision is not None:
+            await self._push_config(agent, state, state.config_revision)
+        if listed:
+            waiting = [
+                n for n in running if n not in reports or reports[n].config_revision != revision
+            ]
+        else:
+            waiting = ["pods not listed yet"]  # just started: the cache may lack some
         if waiting and now - state.handover_since < handover.TIMEOUT_SECONDS:
             return True
         if waiting:
@@ -719,28 +756,20 @@ class Reconciler:
         state.handover_since = None
         return False  # step 2
 
-    def _handover_waiting(self, state: _State, agent: common.AgentRef) -> list[str]:
-        """The running actor pods that may still run actors outside their new slice."""
+    def _handover_revision(self, agent: common.AgentRef) -> str:
+        """The revision of the Agent's handover config (what its pods report applying)."""
         rendered = configmap.build(agent, handing_over=True)["data"][constants.CONFIG_KEY]
-        revision = config.revision(rendered.encode())
+        return config.revision(rendered.encode())
+
+    def _handover_waiting(self, state: _State, agent: common.AgentRef) -> list[str]:
+        """The running actor pods that have not reported the handover config."""
+        revision = self._handover_revision(agent)
         reports = self._fresh_reports(agent)
-        pods = agent.spec.pods()
-        waiting = []
-        for name, pod in state.pods.items():
-            labels = pod["metadata"].get("labels") or {}
-            if labels.get(constants.LABEL_COMPONENT) != constants.COMPONENT_ACTORS:
-                continue
-            if not pod["status"].get("running"):
-                continue  # not started: it reads the config as it is when it starts
-            report = reports.get(name)
-            if (
-                pod["metadata"].get("deletionTimestamp")
-                or _pod_index(pod) >= pods
-                or report is None
-                or report.config_revision != revision
-            ):
-                waiting.append(name)
-        return sorted(waiting)
+        return [
+            n
+            for n in _running_actor_pods(state)
+            if n not in reports or reports[n].config_revision != revision
+        ]
 
     async def _read_layout(self, agent: common.AgentRef) -> handover.Layout | None:
         cm = await self._client.get(kube.CONFIGMAP, agent.namespace, common.configmap_name(agent))
@@ -771,6 +800,7 @@ class Reconciler:
         self, agent: common.AgentRef, state: _State, *, handing_over: bool = False
     ) -> None:
         desired = self.desired_children(agent, handing_over=handing_over)
+        state.layout_attempted = configmap.layout(agent, handing_over=handing_over)
         results: list[Any] = []
         if state.applied_generation is not None:
             # A change to a running Agent: the config first. A pod the StatefulSet
@@ -820,10 +850,10 @@ class Reconciler:
                 state.config_layout = handover.Layout.decode(
                     annotations.get(constants.ANNOTATION_ACTOR_LAYOUT)
                 )
-                if before is not None and before != result.resource_version:
-                    await self._refresh_config_volumes(
-                        agent, state, annotations.get(constants.ANNOTATION_CONFIG_HASH, "")
-                    )
+                revision = annotations.get(constants.ANNOTATION_CONFIG_HASH)
+                if state.config_revision is not None and revision != state.config_revision:
+                    await self._push_config(agent, state, revision or "")
+                state.config_revision = revision
         now = {(obj["kind"], obj["metadata"]["name"]) for obj in desired}
         # What may exist but is not desired: what we applied before, and any optional
         # child this Agent could have had that the watch shows (after a restart).
@@ -845,14 +875,13 @@ class Reconciler:
         if rejected is not None:
             raise rejected
 
-    async def _refresh_config_volumes(
-        self, agent: common.AgentRef, state: _State, revision: str
-    ) -> None:
-        """Annotate the running actor pods with the new config's revision.
+    async def _push_config(self, agent: common.AgentRef, state: _State, revision: str) -> None:
+        """Annotate the actor pods with the config revision they should mount.
 
         A pod update makes its kubelet sync the pod and refresh its ConfigMap volume
         at once, instead of at its next periodic sync (up to a minute or two): the
-        hot fields take effect in seconds. Best effort: the periodic sync still comes.
+        hot fields take effect in seconds. Each pod is asked once per revision (a
+        failed request is asked again on a later call); the periodic sync still comes.
         """
         names = [
             name
@@ -860,6 +889,9 @@ class Reconciler:
             if (pod["metadata"].get("labels") or {}).get(constants.LABEL_COMPONENT)
             == constants.COMPONENT_ACTORS
             and not pod["metadata"].get("deletionTimestamp")
+            and (pod["metadata"].get("annotations") or {}).get(constants.ANNOTATION_CONFIG_HASH)
+            != revision
+            and state.pushed.get(name) != revision
         ]
         patch = {"metadata": {"annotations": {constants.ANNOTATION_CONFIG_HASH: revision}}}
         results = await asyncio.gather(
@@ -873,6 +905,8 @@ class Reconciler:
                 log.info(
                     "pod %s/%s: config refresh not requested: %s", agent.namespace, name, result
                 )
+            else:
+                state.pushed[name] = revision
 
     def _optional_children(self, agent: common.AgentRef) -> set[tuple[str, str]]:
         out = {(kube.SERVICE.kind, common.remote_service_name(agent))}
@@ -1103,7 +1137,9 @@ def _pod_summary(pod: Mapping[str, Any]) -> dict[str, Any]:
             "name": meta["name"],
             "labels": meta.get("labels") or {},
             "annotations": {
-                k: v for k, v in annotations.items() if k == constants.ANNOTATION_RESTART_HASH
+                k: v
+                for k, v in annotations.items()
+                if k in (constants.ANNOTATION_RESTART_HASH, constants.ANNOTATION_CONFIG_HASH)
             },
         },
         "status": {
@@ -1152,6 +1188,17 @@ def _pod_view(
         failing=failing,
         model_version=report.model_version if report is not None else None,
         refused=None if refused is None else f"version {refused.version}: {refused.reason}",
+    )
+
+
+def _running_actor_pods(state: _State) -> list[str]:
+    """The actor pods with a container running (terminating ones too), by name."""
+    return sorted(
+        name
+        for name, pod in state.pods.items()
+        if (pod["metadata"].get("labels") or {}).get(constants.LABEL_COMPONENT)
+        == constants.COMPONENT_ACTORS
+        and pod["status"].get("running")
     )
 
 

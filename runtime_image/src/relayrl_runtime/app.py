@@ -211,6 +211,7 @@ class App:
         Background tasks go into `tasks` as they start (the drain cancels them); returns
         the source's future (None for the remote endpoint).
         """
+        self._reread_config()
         cfg = self.cfg
         model_path, watcher_factory = await self._resolve_model(cache)
         self.sink = self._build_sink()
@@ -453,6 +454,23 @@ class App:
 
     # -------------------------------------------------------------- live config
 
+    def _reread_config(self) -> None:
+        """Take the hot fields of the mounted config as it is now, before the actors
+        are made: it may have changed since the process read it (a slice handover
+        began while it started)."""
+        if self.config_path is None or self.config_bytes is None:
+            return
+        try:
+            data = self.config_path.read_bytes()
+            if data == self.config_bytes:
+                return
+            new = config.parse(data, str(self.config_path))
+        except (OSError, spec.InvalidSpecError) as err:
+            log.warning("config %s: keeping the one read at start: %s", self.config_path, err)
+            return
+        self.cfg = live.with_hot_fields(self.cfg, new)
+        self.config_bytes = data
+
     def _ids(self, actors: list[int]) -> list[int]:
         # Each env copy is one agent actor: actor a's copies get ids a*k .. a*k+k-1, so
         # an actor keeps its ids (its global index) whatever slice it falls in.
@@ -474,7 +492,7 @@ class App:
         if agent is None or agent.closed:
             return
         self.cfg = new
-        if new.routers != old.routers:
+        if new.routers != agent.router_scale:
             try:
                 routers = await asyncio.to_thread(
                     agent.scale_throughput, new.routers - agent.router_scale
@@ -578,6 +596,10 @@ class App:
 
         # An empty slice still gets a driver: a live config change may give it actors.
         venv = await asyncio.to_thread(make_env, len(ids)) if len(ids) else None
+        if venv is None and cfg.slice_handover and self._env_copies():
+            # Started during a slice handover: no actors yet, but the environment must
+            # be one that can be made (else the pod would be ready, running none).
+            await asyncio.to_thread(lambda: make_env(1).close())
         drv = driver.EnvDriver(agent, venv, ids, seed=cfg.policy.seed, make_env=make_env)
         self._driver = drv
 

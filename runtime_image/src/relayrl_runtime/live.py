@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, Final
@@ -29,6 +30,9 @@ log = logging.getLogger(__name__)
 HOT_FIELDS: Final = config.HOT_FIELDS
 
 Apply = Callable[[config.RuntimeConfig, config.RuntimeConfig], Awaitable[None]]
+
+# A config whose hot fields could not all be applied is tried again after this long.
+RETRY_SECONDS: Final = 10.0
 
 
 def _flatten(data: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
@@ -93,6 +97,7 @@ class ConfigWatcher:
         # pod reports it, and the operator waits for it during a slice handover.
         self.revision = None if self._seen is None else config.revision(self._seen)
         self.applied = 0
+        self._retry_at: float | None = None  # set while the last apply failed
 
     def _read(self) -> bytes | None:
         try:
@@ -110,7 +115,8 @@ class ConfigWatcher:
     async def check(self) -> None:
         """Read the file once; apply it if its content changed."""
         data = self._read()
-        if data is None or data == self._seen:
+        retry = self._retry_at is not None and time.monotonic() >= self._retry_at
+        if data is None or (data == self._seen and not retry):
             return
         self._seen = data
         try:
@@ -136,15 +142,26 @@ class ConfigWatcher:
             )
         hot = [".".join(p) for p in changed if _is_hot(p)]
         if not hot:
+            self._retry_at = None
             self.revision = config.revision(data)
             return
         old, target = self.running, with_hot_fields(self.running, new)
         log.info("config %s changed; applying %s", self.path, ", ".join(hot))
         try:
             await self.apply(old, target)
-        except Exception:  # keep watching: the next change may apply
-            log.exception("config %s: applying %s failed", self.path, ", ".join(hot))
-        else:
-            self.revision = config.revision(data)
+        except Exception:  # keep watching; tried again, or with the next change
+            log.exception(
+                "config %s: applying %s failed; trying again in %.0fs",
+                self.path,
+                ", ".join(hot),
+                RETRY_SECONDS,
+            )
+            # Not counted as applied: the revision stays, and the fields stay changed
+            # against the running config (a later file with only a cold change still
+            # applies them).
+            self._retry_at = time.monotonic() + RETRY_SECONDS
+            return
+        self._retry_at = None
+        self.revision = config.revision(data)
         self.running = target
         self.applied += 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Iterable
 from datetime import UTC, datetime, timedelta
@@ -692,6 +693,10 @@ def report(index: int, revision: str) -> reporting.PodReport:
     )
 
 
+def annotated(revision: str) -> dict[str, Any]:
+    return {"metadata": {"annotations": {constants.ANNOTATION_CONFIG_HASH: revision}}}
+
+
 def progressing(api: Versioned) -> dict[str, Any]:
     return next(c for c in api.status[-1]["conditions"] if c["type"] == "Progressing")
 
@@ -747,18 +752,33 @@ async def test_an_actors_per_pod_change_hands_actors_over_before_pods_take_new_o
         assert api.layout() == handover.Layout(16, 8, handover=True)
         assert "waiting for cartpole-actors-2, cartpole-actors-3" in progressing(api)["message"]
 
-        # Terminating is not enough: gone.
+        # Pod 3 is gone; pod 2, terminating, has applied it (it runs nothing now).
         rec.child_event("MODIFIED", actor_pod(state, 2, deleting=True))
         rec.child_event("DELETED", actor_pod(state, 3))
         await settle(rec)
         assert api.layout() == handover.Layout(16, 8, handover=True)
-        rec.child_event("DELETED", actor_pod(state, 2))
+        nats.pod_reports["cartpole-actors-2"] = report(2, step1)
+        rec._reported(KEY)
         await settle(rec)
-        # Step 2: each pod takes its whole new slice.
+        # Step 2: each pod takes its whole new slice, and is asked to mount it.
         assert api.layout() == handover.Layout(16, 8)
         assert "sliceHandover" not in api.rendered()
         assert state.handover_since is None
         assert "actors moving" not in progressing(api)["message"]
+        step2 = [name for name, p in api.pod_patches if p == annotated(api.revision())]
+        assert step2 == ["cartpole-actors-0", "cartpole-actors-1"]
+
+        # A late watch event of the step-1 ConfigMap undoes nothing.
+        stale = copy.deepcopy(api.config())
+        stale["metadata"]["annotations"][constants.ANNOTATION_ACTOR_LAYOUT] = handover.Layout(
+            16, 8, handover=True
+        ).encode()
+        stale["metadata"]["resourceVersion"] = "2"
+        api.applied.clear()
+        rec.child_event("MODIFIED", stale)
+        await settle(rec)
+        assert api.layout() == handover.Layout(16, 8)
+        assert state.config_layout == handover.Layout(16, 8)
 
         # A change of actors alone moves no actor: no handover.
         third = change(second, 3, actors=12)
@@ -810,6 +830,24 @@ async def test_a_handover_with_no_pod_running_ends_without_an_event_to_wake_it(
         assert not [e for e in api.events if e["reason"] == "SliceHandoverTimeout"]
 
 
+async def test_no_handover_for_pods_whose_runtime_predates_it() -> None:
+    api = Versioned()
+    nats = Reporting()
+    async with running(api, nats) as rec:
+        first = agent_body()
+        rec.agent_event("ADDED", first)
+        await settle(rec)
+        state = rec._states[KEY]
+        rec.child_event("ADDED", actor_pod(state, 0))
+        nats.pod_reports["cartpole-actors-0"] = report(0, "")
+        nats.pod_reports["cartpole-actors-0"] = dataclasses.replace(
+            nats.pod_reports["cartpole-actors-0"], config_revision=None
+        )
+        rec.agent_event("MODIFIED", change(first, 2, actorsPerPod=8))
+        await settle(rec)
+        assert api.layout() == handover.Layout(16, 8)  # it would refuse sliceHandover
+
+
 async def test_a_restarted_operator_finishes_a_handover_it_did_not_start() -> None:
     api = Versioned()
     nats = Reporting()
@@ -817,11 +855,14 @@ async def test_a_restarted_operator_finishes_a_handover_it_did_not_start() -> No
         first = agent_body()
         rec.agent_event("ADDED", first)
         await settle(rec)
+        rec.child_event("ADDED", actor_pod(rec._states[KEY], 0))
         rec.agent_event("MODIFIED", change(first, 2, actorsPerPod=8))
         await settle(rec)
         step1 = api.revision()
+        assert api.layout() == handover.Layout(16, 8, handover=True)
     # A new operator process sees the Agent (with status) before any ConfigMap event:
     # it reads the ConfigMap to learn a handover is under way, and keeps it.
+    api.pod_patches.clear()
     async with running(api, nats) as rec:
         listed = False
         rec.set_children_listed(lambda: listed)
@@ -839,6 +880,11 @@ async def test_a_restarted_operator_finishes_a_handover_it_did_not_start() -> No
         listed = True
         await settle(rec, 1.5)
         assert api.layout() == handover.Layout(16, 8, handover=True)
+        # It asks the pods' kubelets to mount step 1 (the operator before it may not have).
+        assert sorted(n for n, p in api.pod_patches if p == annotated(step1)) == [
+            "cartpole-actors-0",
+            "cartpole-actors-1",
+        ]
         nats.pod_reports = {f"cartpole-actors-{i}": report(i, step1) for i in range(2)}
         rec._reported(KEY)
         await settle(rec)

@@ -116,6 +116,50 @@ async def test_kubelet_symlink_swap_is_seen(tmp_path: Path) -> None:
     assert [new.actors for _, new in rec.calls] == [8]
 
 
+class Failing(Recorder):
+    """An apply that fails (a slice the env factory cannot make) until told otherwise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail = True
+
+    async def __call__(self, old: config.RuntimeConfig, new: config.RuntimeConfig) -> None:
+        await super().__call__(old, new)
+        if self.fail:
+            raise RuntimeError("env factory failed")
+
+
+async def test_a_failed_apply_is_not_reported_and_is_tried_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(live, "RETRY_SECONDS", 0.0)
+    path = tmp_path / "runtime.yaml"
+    _write(path, BASE)
+    rec = Failing()
+    watcher = _watcher(path, rec)
+    started = watcher.revision
+    assert started == config.revision(path.read_bytes())
+    handover = {**BASE, "actorsPerPod": 4, "sliceHandover": True}
+    _write(path, handover)
+    await watcher.check()
+    assert len(rec.calls) == 1
+    assert watcher.revision == started  # not applied: the operator keeps waiting
+    # A later file that changes only a cold field still carries the failed hot ones.
+    _write(path, {**handover, "trajectories": {"maxLength": 60}})
+    await watcher.check()
+    assert len(rec.calls) == 2
+    assert rec.calls[-1][1].slice_handover is True
+    assert watcher.revision == started
+    # Tried again with the same file (here at once), and counted once it works.
+    rec.fail = False
+    await watcher.check()
+    assert len(rec.calls) == 3
+    assert watcher.revision == config.revision(path.read_bytes())
+    assert watcher.running.actors_per_pod == 4
+    await watcher.check()
+    assert len(rec.calls) == 3  # nothing new
+
+
 def test_changed_fields_use_wire_names() -> None:
     a = config.from_mapping(BASE, environ={})
     b = config.from_mapping({**BASE, "actorsPerPod": 5, "server": {"port": 1}}, environ={})
