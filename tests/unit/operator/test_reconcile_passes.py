@@ -701,6 +701,19 @@ def progressing(api: Versioned) -> dict[str, Any]:
     return next(c for c in api.status[-1]["conditions"] if c["type"] == "Progressing")
 
 
+async def with_running_pods(rec: reconcile.Reconciler, count: int) -> tuple[dict[str, Any], Any]:
+    """The example Agent (16 actors, 4 per pod) reconciled, and `count` of its actor
+    pods running: its body and state."""
+    body = agent_body()
+    rec.agent_event("ADDED", body)
+    await settle(rec)
+    state = rec._states[KEY]
+    for i in range(count):
+        rec.child_event("ADDED", actor_pod(state, i))
+    await settle(rec)
+    return body, state
+
+
 def change(body: dict[str, Any], generation: int, **spec: Any) -> dict[str, Any]:
     new = copy.deepcopy(body)
     new["metadata"].update(generation=generation, resourceVersion=str(generation))
@@ -712,18 +725,13 @@ async def test_an_actors_per_pod_change_hands_actors_over_before_pods_take_new_o
     api = Versioned()
     nats = Reporting()
     async with running(api, nats) as rec:
-        first = agent_body()  # 16 actors, 4 per pod: 4 pods
-        rec.agent_event("ADDED", first)
-        await settle(rec)
-        state = rec._states[KEY]
+        first, state = await with_running_pods(rec, 4)  # 16 actors, 4 per pod
         assert api.layout() == handover.Layout(16, 4)
         assert "sliceHandover" not in api.rendered()
         plain = api.revision()
         assert plain == config.revision(api.config()["data"][constants.CONFIG_KEY].encode())
         for i in range(4):
-            rec.child_event("ADDED", actor_pod(state, i))
             nats.pod_reports[f"cartpole-actors-{i}"] = report(i, plain)
-        await settle(rec)
 
         # 8 per pod: actor 4 moves from pod 1 to pod 0 (and so on). Step 1: every pod
         # keeps only what it already runs of its new slice.
@@ -796,13 +804,7 @@ async def test_a_handover_a_pod_never_confirms_ends_after_the_timeout(
     api = Versioned()
     nats = Reporting()
     async with running(api, nats) as rec:
-        first = agent_body()
-        rec.agent_event("ADDED", first)
-        await settle(rec)
-        state = rec._states[KEY]
-        for i in range(4):
-            rec.child_event("ADDED", actor_pod(state, i))
-        await settle(rec)
+        first, _ = await with_running_pods(rec, 4)
         rec.agent_event("MODIFIED", change(first, 2, actorsPerPod=2))
         await settle(rec)
         assert api.layout() == handover.Layout(16, 2, handover=True)
@@ -834,14 +836,9 @@ async def test_no_handover_for_pods_whose_runtime_predates_it() -> None:
     api = Versioned()
     nats = Reporting()
     async with running(api, nats) as rec:
-        first = agent_body()
-        rec.agent_event("ADDED", first)
-        await settle(rec)
-        state = rec._states[KEY]
-        rec.child_event("ADDED", actor_pod(state, 0))
-        nats.pod_reports["cartpole-actors-0"] = report(0, "")
+        first, _ = await with_running_pods(rec, 1)
         nats.pod_reports["cartpole-actors-0"] = dataclasses.replace(
-            nats.pod_reports["cartpole-actors-0"], config_revision=None
+            report(0, ""), config_revision=None
         )
         rec.agent_event("MODIFIED", change(first, 2, actorsPerPod=8))
         await settle(rec)
@@ -852,10 +849,7 @@ async def test_a_restarted_operator_finishes_a_handover_it_did_not_start() -> No
     api = Versioned()
     nats = Reporting()
     async with running(api, nats) as rec:
-        first = agent_body()
-        rec.agent_event("ADDED", first)
-        await settle(rec)
-        rec.child_event("ADDED", actor_pod(rec._states[KEY], 0))
+        first, _ = await with_running_pods(rec, 1)
         rec.agent_event("MODIFIED", change(first, 2, actorsPerPod=8))
         await settle(rec)
         step1 = api.revision()
