@@ -184,12 +184,13 @@ class Agent:
             model_format=self._format,
             version=version,
             metadata=self._model_metadata,
+            # Independent mode copies it for each actor, from the bytes loaded: the file
+            # may be rewritten in place while this version runs.
+            keep_graph=self.mode is spec.ModelMode.INDEPENDENT,
         )
 
     def _clone_policy(self) -> policy.Policy:
-        source = Path(self._policy.source)
-        meta = self._policy.metadata
-        return loader.load_policy(source, self.device, metadata=meta)
+        return loader.copy_policy(self._policy, self.device)
 
     @property
     def current_policy(self) -> policy.Policy:
@@ -222,7 +223,7 @@ class Agent:
             independent = self.mode is spec.ModelMode.INDEPENDENT
 
             def copy() -> policy.Policy:
-                return loader.load_policy(Path(new.source), self.device, metadata=new.metadata)
+                return loader.copy_policy(new, self.device)
 
             if independent:
                 with self._lock:

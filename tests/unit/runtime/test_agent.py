@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 
 from relayrl_runtime import agent as agent_mod
 from relayrl_runtime import errors, spec, trajectory
-from relayrl_runtime.inference import loader
+from relayrl_runtime.inference import export, loader, model
 from relayrl_runtime.sinks import local
 
 
@@ -162,6 +163,31 @@ def test_independent_mode_matches_shared(models: dict[str, Path]) -> None:
     own.shutdown()
 
 
+@pytest.mark.parametrize("fmt", list(spec.ModelFormat))
+def test_independent_copies_come_from_the_model_loaded_not_the_file_now(
+    models: dict[str, Path], tmp_path: Path, fmt: spec.ModelFormat
+) -> None:
+    """A model file rewritten in place (a pinned version, or before the watcher sees
+    it): actors added later still run the version the agent runs."""
+    live = tmp_path / "model"
+    shutil.copytree(models[fmt.value], live)
+    newer = tmp_path / "newer"
+    export.export_mlp(newer, fmt, seed=1, version=2)
+    own = agent_mod.Agent(live, actor_count=8, sample=False, model_mode=spec.ModelMode.INDEPENDENT)
+    graph = model.read_metadata(live).graph_file()
+    obs = _obs(8)
+    before = own.request_action(list(range(8)), obs).aux["logits"]
+    (live / graph).write_bytes((newer / graph).read_bytes())
+    added = [own.new_actor() for _ in range(8)]
+    after = own.request_action(added, obs)
+    assert after.version == 1
+    np.testing.assert_array_equal(after.aux["logits"], before)
+    own.shutdown()
+    other = agent_mod.Agent(newer, actor_count=8, sample=False)
+    assert not np.array_equal(other.request_action(list(range(8)), obs).aux["logits"], before)
+    other.shutdown()
+
+
 def test_independent_reload_takes_actors_added_and_removed_meanwhile(
     models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -169,19 +195,19 @@ def test_independent_reload_takes_actors_added_and_removed_meanwhile(
     own = agent_mod.Agent(
         models["onnx"], actor_count=3, sample=False, model_mode=spec.ModelMode.INDEPENDENT
     )
-    real_load = loader.load_policy
+    real_copy = loader.copy_policy
     loading, release = threading.Event(), threading.Event()
-    loads: list[object] = []
+    copies: list[object] = []
 
-    def slow_load(*args: object, **kwargs: object) -> object:
+    def slow_copy(*args: object, **kwargs: object) -> object:
         if threading.current_thread().name == "reload":
-            loads.append(args)
-            if len(loads) == 2:  # the first per-actor copy (the first: the new model)
+            copies.append(args)
+            if len(copies) == 1:  # the first per-actor copy
                 loading.set()
                 assert release.wait(10)
-        return real_load(*args, **kwargs)  # type: ignore[arg-type]
+        return real_copy(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(loader, "load_policy", slow_load)
+    monkeypatch.setattr(loader, "copy_policy", slow_copy)
     versions: list[int] = []
     reload = threading.Thread(
         target=lambda: versions.append(own.reload_model(models["onnx_v2"])), name="reload"

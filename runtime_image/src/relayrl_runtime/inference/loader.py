@@ -26,12 +26,14 @@ def load_policy(
     model_format: spec.ModelFormat | None = None,
     version: int | None = None,
     metadata: model.ModelMetadata | None = None,
+    keep_graph: bool = False,
 ) -> policy.Policy:
     """Load and validate a model.
 
     `path` is a model directory with `relayrl-model.json`, or a graph file together
     with explicit `metadata`. `model_format` and `version`, when given, must agree with
     the directory's metadata (for a single file, `version` overrides the metadata's).
+    `keep_graph`: the policy keeps the graph's bytes, for `copy_policy`.
     """
     if path.is_dir():
         if metadata is not None:
@@ -61,26 +63,46 @@ def load_policy(
         )
     if not graph.is_file():
         raise errors.ModelLoadError(f"{graph}: expected the model graph file, got nothing")
-    backend = _open_backend(graph, device, meta)
+    data = None
+    if keep_graph:
+        try:
+            data = graph.read_bytes()
+        except OSError as err:
+            raise errors.ModelLoadError(f"{graph}: cannot read the model graph: {err}") from err
+    return _open(graph, device, meta, data)
+
+
+def copy_policy(source: policy.Policy, device: spec.Device) -> policy.Policy:
+    """Another instance of a loaded policy (its own backend), from the bytes it kept;
+    from its file when it kept none."""
+    if source.graph is None:
+        return load_policy(Path(source.source), device, metadata=source.metadata)
+    return _open(Path(source.source), device, source.metadata, source.graph)
+
+
+def _open(
+    path: Path, device: spec.Device, meta: model.ModelMetadata, data: bytes | None
+) -> policy.Policy:
+    backend = _open_backend(path, device, meta, data)
     try:
-        _validate(backend, meta, str(graph))
+        _validate(backend, meta, str(path))
     except BaseException:
         backend.close()
         raise
-    return policy.Policy(backend, meta, source=str(graph))
+    return policy.Policy(backend, meta, source=str(path), graph=data)
 
 
 def _open_backend(
-    graph: Path, device: spec.Device, meta: model.ModelMetadata
+    graph: Path, device: spec.Device, meta: model.ModelMetadata, data: bytes | None
 ) -> backend_mod.Backend:
     names = [o.name for o in meta.outputs]
     if meta.format is spec.ModelFormat.ONNX:
         from relayrl_runtime.inference import onnx
 
-        return onnx.OnnxBackend(graph, device, names)
+        return onnx.OnnxBackend(graph, device, names, data)
     from relayrl_runtime.inference import torchscript
 
-    return torchscript.TorchScriptBackend(graph, device, names)
+    return torchscript.TorchScriptBackend(graph, device, names, data)
 
 
 def _validate(backend: backend_mod.Backend, meta: model.ModelMetadata, where: str) -> None:

@@ -34,7 +34,14 @@ _PROVIDERS = {
 class OnnxBackend:
     """An onnxruntime InferenceSession bound to one device."""
 
-    def __init__(self, path: Path, device: spec.Device, output_names: Sequence[str]) -> None:
+    def __init__(
+        self,
+        path: Path,
+        device: spec.Device,
+        output_names: Sequence[str],
+        graph: bytes | None = None,
+    ) -> None:
+        """Load `path`, or the bytes `graph` read from it (named `path` in errors)."""
         try:
             import onnxruntime
         except ImportError as err:  # pragma: no cover - depends on the install
@@ -56,7 +63,7 @@ class OnnxBackend:
         options.log_severity_level = 3
         try:
             self._session: Any = onnxruntime.InferenceSession(
-                str(path), sess_options=options, providers=[provider]
+                str(path) if graph is None else graph, sess_options=options, providers=[provider]
             )
         except Exception as err:  # onnxruntime raises its own untyped exceptions
             raise errors.ModelLoadError(f"{path}: not a loadable ONNX model: {err}") from err

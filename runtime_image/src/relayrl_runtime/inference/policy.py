@@ -55,11 +55,18 @@ class Policy:
     """A loaded, validated model ready to act."""
 
     def __init__(
-        self, backend: backend_mod.Backend, metadata: model.ModelMetadata, source: str
+        self,
+        backend: backend_mod.Backend,
+        metadata: model.ModelMetadata,
+        source: str,
+        graph: bytes | None = None,
     ) -> None:
         self.backend = backend
         self.metadata = metadata
         self.source = source
+        # The graph file's bytes as loaded, when kept: copies (independent mode) are made
+        # from them, not from the file, which may have been rewritten since.
+        self.graph = graph
         self.version = metadata.version
         self._obs_shape = metadata.input.item_shape
         self._obs_dtype = np.dtype(metadata.input.dtype)

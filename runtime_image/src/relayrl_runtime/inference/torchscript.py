@@ -7,6 +7,7 @@ tuple of tensors in metadata output order, or a dict keyed by output name.
 
 from __future__ import annotations
 
+import io
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +22,14 @@ from relayrl_runtime import errors, spec
 class TorchScriptBackend:
     """A `torch.jit` module in eval mode on one device."""
 
-    def __init__(self, path: Path, device: spec.Device, output_names: Sequence[str]) -> None:
+    def __init__(
+        self,
+        path: Path,
+        device: spec.Device,
+        output_names: Sequence[str],
+        graph: bytes | None = None,
+    ) -> None:
+        """Load `path`, or the bytes `graph` read from it (named `path` in errors)."""
         try:
             import torch
         except ImportError as err:  # pragma: no cover - depends on the install
@@ -41,7 +49,8 @@ class TorchScriptBackend:
                 # TorchScript files are what this backend exists to load.
                 warnings.simplefilter("ignore", FutureWarning)
                 warnings.simplefilter("ignore", DeprecationWarning)
-                module = torch.jit.load(str(path), map_location=device.value)  # type: ignore[no-untyped-call]
+                source = str(path) if graph is None else io.BytesIO(graph)
+                module = torch.jit.load(source, map_location=device.value)  # type: ignore[no-untyped-call]
         except Exception as err:  # torch raises RuntimeError and friends for bad files
             raise errors.ModelLoadError(f"{path}: not a loadable TorchScript model: {err}") from err
         module.eval()
