@@ -738,9 +738,7 @@ class Reconciler:
         if state.config_revision is not None:
             await self._push_config(agent, state, state.config_revision)
         if listed:
-            waiting = [
-                n for n in running if n not in reports or reports[n].config_revision != revision
-            ]
+            waiting = self._handover_waiting(state, agent, revision)
         else:
             waiting = ["pods not listed yet"]  # just started: the cache may lack some
         if waiting and now - state.handover_since < handover.TIMEOUT_SECONDS:
@@ -761,9 +759,8 @@ class Reconciler:
         rendered = configmap.build(agent, handing_over=True)["data"][constants.CONFIG_KEY]
         return config.revision(rendered.encode())
 
-    def _handover_waiting(self, state: _State, agent: common.AgentRef) -> list[str]:
-        """The running actor pods that have not reported the handover config."""
-        revision = self._handover_revision(agent)
+    def _handover_waiting(self, state: _State, agent: common.AgentRef, revision: str) -> list[str]:
+        """The running actor pods that have not reported this handover config."""
         reports = self._fresh_reports(agent)
         return [
             n
@@ -1019,8 +1016,8 @@ class Reconciler:
             pods.append(_pod_view(pod, restart, report, state.model_rollout))
         layout = state.config_layout
         handing_over = (
-            tuple(self._handover_waiting(state, agent))
-            if layout is not None and layout.handover
+            tuple(self._handover_waiting(state, agent, state.handover_revision))
+            if layout is not None and layout.handover and state.handover_revision is not None
             else None
         )
         sink_views = []
