@@ -997,6 +997,10 @@ class Reconciler:
             else statefulset.restart_hash(agent, self._settings)
         )
         reports = self._fresh_reports(agent)
+        layout = state.config_layout
+        handover_revision = (
+            state.handover_revision if layout is not None and layout.handover else None
+        )
         pods = []
         replacing = removing = 0
         sink_pods: dict[str, list[Mapping[str, Any]]] = {}
@@ -1013,11 +1017,10 @@ class Reconciler:
                     replacing += 1
                 continue
             report = reports.get(pod["metadata"]["name"])
-            pods.append(_pod_view(pod, restart, report, state.model_rollout))
-        layout = state.config_layout
+            pods.append(_pod_view(pod, restart, report, state.model_rollout, handover_revision))
         handing_over = (
-            tuple(self._handover_waiting(state, agent, state.handover_revision))
-            if layout is not None and layout.handover and state.handover_revision is not None
+            tuple(self._handover_waiting(state, agent, handover_revision))
+            if handover_revision is not None
             else None
         )
         sink_views = []
@@ -1165,6 +1168,7 @@ def _pod_view(
     restart_hash: str,
     report: reporting.PodReport | None,
     model_rollout: int | None,
+    handover_revision: str | None = None,
 ) -> status.PodView:
     index = _pod_index(pod)
     conditions = {c["type"]: c for c in (pod.get("status") or {}).get("conditions") or []}
@@ -1185,6 +1189,13 @@ def _pod_view(
         failing=failing,
         model_version=report.model_version if report is not None else None,
         refused=None if refused is None else f"version {refused.version}: {refused.reason}",
+        # In step 1 of a handover a pod runs only the actors of its new slice it ran
+        # before: as many as it says.
+        handover_actors=report.actors
+        if report is not None
+        and handover_revision is not None
+        and report.config_revision == handover_revision
+        else None,
     )
 
 

@@ -35,6 +35,9 @@ class PodView:
     # A model version the pod failed to hot-reload, and why, unless a rolling update
     # for it is under way (reported by the runtime).
     refused: str | None = None
+    # During step 1 of an actor slice handover, once the pod applied it: the actors it
+    # runs (reported), which may be fewer than its slice.
+    handover_actors: int | None = None
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,11 @@ def _slice_size(index: int, actors: int, per_pod: int) -> int:
     return max(0, min(per_pod, actors - index * per_pod))
 
 
+def _pod_actors(pod: PodView, actors: int, per_pod: int) -> int:
+    size = _slice_size(pod.index, actors, per_pod)
+    return size if pod.handover_actors is None else min(size, pod.handover_actors)
+
+
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
@@ -119,7 +127,7 @@ def compute(
     per_pod = agent_spec.actors_per_pod or max(agent_spec.actors, 1)
     wanted = [p for p in observed.pods if p.index < desired_pods]
     ready = [p for p in wanted if p.ready]
-    ready_actors = sum(_slice_size(p.index, desired_actors, per_pod) for p in ready)
+    ready_actors = sum(_pod_actors(p, desired_actors, per_pod) for p in ready)
     updated = [p for p in wanted if p.current]
     unschedulable = [p for p in wanted if p.unschedulable]
     failing = [p for p in wanted if p.failing]

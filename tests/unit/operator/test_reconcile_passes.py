@@ -687,9 +687,9 @@ def actor_pod(state: Any, index: int, *, deleting: bool = False) -> dict[str, An
     }
 
 
-def report(index: int, revision: str) -> reporting.PodReport:
+def report(index: int, revision: str, actors: int = 4) -> reporting.PodReport:
     return reporting.PodReport(
-        f"cartpole-actors-{index}", 1, 4, True, time.time(), config_revision=revision
+        f"cartpole-actors-{index}", 1, actors, True, time.time(), config_revision=revision
     )
 
 
@@ -752,13 +752,16 @@ async def test_an_actors_per_pod_change_hands_actors_over_before_pods_take_new_o
         assert "actors moving between pods" in message
         assert "hand actors over" in message
 
-        # Pods 0 and 1 applied it; pods 2 and 3 (past the new count) still run.
-        for i in (0, 1):
-            nats.pod_reports[f"cartpole-actors-{i}"] = report(i, step1)
+        # Pods 0 and 1 applied it; pods 2 and 3 (past the new count) still run. Pod 0
+        # keeps actors 0-3 of its new 0-7, pod 1 none of its new 8-15: status counts
+        # what runs, not the slices.
+        nats.pod_reports["cartpole-actors-0"] = report(0, step1, actors=4)
+        nats.pod_reports["cartpole-actors-1"] = report(1, step1, actors=0)
         rec._reported(KEY)
         await settle(rec)
         assert api.layout() == handover.Layout(16, 8, handover=True)
         assert "waiting for cartpole-actors-2, cartpole-actors-3" in progressing(api)["message"]
+        assert api.status[-1]["readyActors"] == 4
 
         # Pod 3 is gone; pod 2, terminating, has applied it (it runs nothing now).
         rec.child_event("MODIFIED", actor_pod(state, 2, deleting=True))
@@ -775,6 +778,7 @@ async def test_an_actors_per_pod_change_hands_actors_over_before_pods_take_new_o
         assert "actors moving" not in progressing(api)["message"]
         step2 = [name for name, p in api.pod_patches if p == annotated(api.revision())]
         assert step2 == ["cartpole-actors-0", "cartpole-actors-1"]
+        assert api.status[-1]["readyActors"] == 16  # their slices, once they take them
 
         # A late watch event of the step-1 ConfigMap undoes nothing.
         stale = copy.deepcopy(api.config())
