@@ -243,3 +243,24 @@ async def test_after_a_failed_commit_the_final_commit_commits_nothing(tmp_path: 
     again = arrow_stream.ArrowStreamWriter(tmp_path, trajectories.AGENT)
     assert await again.open() == 0, "a restart resumes before the failed file's messages"
     await again.close()
+
+
+async def test_ipc_files_take_dictionaries_that_differ_between_messages(tmp_path: Path) -> None:
+    """An IPC file has one dictionary per column: such columns are written as values,
+    or the second message's would fail the file (and its commit, after every restart)."""
+    w = arrow_stream.ArrowStreamWriter(tmp_path, trajectories.AGENT, spec.SinkFormat.ARROW)
+    assert await w.open() == 0
+    words = (["left", "right"], ["up", "down", "up"])
+    for seq, values in enumerate(words, start=1):
+        table = pa.Table.from_batches([trajectories.batch(1, seq)])
+        tag = pa.array([values[i % len(values)] for i in range(table.num_rows)])
+        table = table.append_column("aux_tag", tag.dictionary_encode())
+        w.check(table)
+        await w.add(service.Delivery(seq, DAY1, table, 1, table.nbytes))
+    await w.commit(w.seal(2))
+    [(first, last, path)] = arrow_stream.committed_files(tmp_path)
+    assert (first, last) == (1, 2)
+    written = pa.ipc.open_file(path).read_all()
+    assert written.schema.field("aux_tag").type == pa.string()
+    assert set(written.column("aux_tag").to_pylist()) == {"left", "right", "up", "down"}
+    await w.close()

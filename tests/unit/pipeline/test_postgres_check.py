@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+
 import pyarrow as pa
 import pytest
 
@@ -84,3 +86,25 @@ def test_a_column_type_copy_cannot_write_is_refused_before_the_commit(column: pa
     with pytest.raises(service.InvalidMessageError, match="COPY cannot write its columns") as err:
         writer({}).check(table().slice(0, 1).append_column("aux_odd", pa.chunked_array([column])))
     assert err.value.reason == "schema-mismatch"
+
+
+def test_a_timestamp_microseconds_cannot_hold_is_refused_on_any_row() -> None:
+    """COPY writes microseconds: a nanosecond part on row 3 would fail the encoding at
+    commit, after the one-row probe passed, every time."""
+    w = writer({})
+    ns = pa.timestamp("ns", tz="UTC")
+    w.check(pa.table({"aux_at": pa.array([1_000, 2_000, 3_000], ns)}))
+    for column in (
+        pa.array([1_000, 2_000, 3_001], ns),
+        pa.array([1_000, 2_000, 3_001], ns).dictionary_encode(),
+    ):
+        with pytest.raises(service.InvalidMessageError, match=r"column aux_at: .*microseconds"):
+            w.check(pa.table({"aux_at": column}))
+
+
+async def test_an_encoding_that_failed_stops_the_commit_for_good() -> None:
+    """Awaited again on every retry, it fails again: the sink exits, it never spins."""
+    failed: concurrent.futures.Future[memoryview] = concurrent.futures.Future()
+    failed.set_exception(OverflowError("too big"))
+    with pytest.raises(service.PermanentError, match="message 42 failed: OverflowError"):
+        await postgres._encoded(42, failed)

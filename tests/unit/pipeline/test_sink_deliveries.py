@@ -11,8 +11,12 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow as pa
+import pytest
+
 from relayrl_runtime import streams
 from relayrl_runtime.sinks import service
+from support import trajectories
 
 
 @dataclass
@@ -126,3 +130,79 @@ async def test_a_dead_letter_during_a_commit_is_acked_once_the_commit_is_done() 
     assert bad.acks == 1
     await svc._ack_dead_letters()
     assert bad.acks == 1
+
+
+async def test_a_redelivery_after_a_lost_delivery_does_not_hide_the_gap() -> None:
+    """Delivery 11 (stream 11) is lost in flight; 12 is a redelivery of stream 5 (its
+    ack wait ran out); 13 brings stream 12. Counting 12 as the next would take 12 and
+    later drop stream 11 as seen: lost."""
+    svc = sink(last_seen=10)
+    svc._last_dseq = 10
+    assert await svc._handle(None, delivery(consumer=12, stream=5)) is True  # type: ignore[arg-type]
+    assert await svc._handle(None, delivery(consumer=13, stream=12)) is False  # type: ignore[arg-type]
+    assert svc._last_seen == 10
+
+
+class FailingWriter(NoWriter):
+    pending = True
+
+    def check(self, table: pa.Table) -> None:
+        pass
+
+    async def add(self, delivery: Any) -> None:
+        raise OSError("disk gone")
+
+
+async def test_a_message_the_writer_fails_to_take_is_never_committed() -> None:
+    """The final commit on the way out must not cover it (nor anything after)."""
+    svc = service.SinkService(
+        FailingWriter(),  # type: ignore[arg-type]
+        streams.ConnectOptions(),
+        service.ServiceConfig(namespace="ml", agent="cartpole", http_port=None),
+    )
+    svc._last_seen, svc._last_dseq = 10, 10
+    good = Ackable(Metadata(Sequence(11, 11)), data=trajectory_message())
+    good.headers = {streams.HEADER_SCHEMA_VERSION: "1"}
+    with pytest.raises(OSError, match="disk gone"):
+        await svc._handle(None, good)  # type: ignore[arg-type]
+    assert svc._last_seen == 10
+    assert svc._commit_failed
+    await svc._final_commit()  # commits nothing, says why
+    assert good.acks == 0
+
+
+def trajectory_message() -> bytes:
+    sink_ = pa.BufferOutputStream()
+    batch = trajectories.batch(1, 0)
+    with pa.ipc.new_stream(sink_, batch.schema) as w:
+        w.write_batch(batch)
+    return bytes(sink_.getvalue().to_pybytes())
+
+
+def test_running_out_of_memory_is_not_the_messages_fault(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pyarrow's ArrowMemoryError is an ArrowException too: it must not dead-letter."""
+
+    def no_memory(*args: Any) -> Any:
+        raise pa.ArrowMemoryError("malloc of 1 GiB failed")
+
+    monkeypatch.setattr(pa.ipc, "open_stream", no_memory)
+    with pytest.raises(MemoryError):
+        service.decode(trajectory_message(), {streams.HEADER_SCHEMA_VERSION: "1"})
+
+
+class Holding(NoWriter):
+    def __init__(self, hold: float) -> None:
+        self.hold_seconds = hold
+
+
+def test_the_ack_wait_stays_above_what_a_writer_holds() -> None:
+    def ack_wait(hold: float) -> float:
+        svc = service.SinkService(
+            Holding(hold),  # type: ignore[arg-type]
+            streams.ConnectOptions(),
+            service.ServiceConfig(namespace="ml", agent="cartpole", http_port=None),
+        )
+        return svc.ack_wait_seconds()
+
+    assert ack_wait(0.2) == 600.0
+    assert ack_wait(3600.0) == 7260.0  # a file open for an hour

@@ -100,6 +100,22 @@ def _physical(t: pa.DataType) -> pa.DataType:
 _ORIGIN_FILE: Final = "_stream"
 
 
+def _without_dictionaries(table: pa.Table) -> pa.Table:
+    """Dictionary columns as their values' type, for the Arrow IPC file format.
+
+    An IPC file holds one dictionary per column for all its batches (no replacement,
+    no delta), so a message whose dictionary differs from an earlier one in the file
+    could not be written, after every restart again.
+    """
+    if not any(pa.types.is_dictionary(t) for t in table.schema.types):
+        return table
+    for i, f in enumerate(table.schema):
+        if pa.types.is_dictionary(f.type):
+            plain = f.type.value_type
+            table = table.set_column(i, f.with_type(plain), table.column(i).cast(plain))
+    return table
+
+
 def partition_dir(root: Path, agent: str, day: dt.date) -> Path:
     """Where one agent's files of one (UTC) day go."""
     return agent_dir(root, agent) / f"date={day.isoformat()}"
@@ -288,6 +304,10 @@ class ArrowStreamWriter:
     kind = "arrow"
     pipelined = True
 
+    @property
+    def hold_seconds(self) -> float:
+        return self.rotate_seconds
+
     def __init__(
         self,
         root: Path,
@@ -418,6 +438,8 @@ class ArrowStreamWriter:
             # Hive layout: the agent lives in the path (the service checked every row
             # names this sink's Agent), not in the files.
             table = table.drop_columns([PARTITION_COLUMN])
+        if self.format is spec.SinkFormat.ARROW:
+            table = _without_dictionaries(table)
         f = self._file
         if f is not None and (
             f.day != day or not f.schema.equals(table.schema, check_metadata=True)

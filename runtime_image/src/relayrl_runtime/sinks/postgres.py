@@ -474,6 +474,38 @@ def _beyond_bigint(col: pa.ChunkedArray) -> int | None:
     return top if top is not None and top > _BIGINT_MAX else None
 
 
+def _check_times(table: pa.Table) -> None:
+    """Refuse timestamps COPY's encoder cannot turn into microseconds without loss (a
+    nanosecond part, a year past 294,000): found on any row, not just the first."""
+    for f in table.schema:
+        t = f.type.value_type if pa.types.is_dictionary(f.type) else f.type
+        if not pa.types.is_timestamp(t) or t.unit == "us":
+            continue
+        col = table.column(f.name)
+        try:
+            col = col.cast(t) if col.type != t else col
+            col.cast(pa.timestamp("us", tz=t.tz))
+        except pa.ArrowInvalid as err:
+            raise service.InvalidMessageError(
+                service.DeadLetterReason.SCHEMA_MISMATCH,
+                f"column {f.name}: {err}; Postgres keeps microseconds",
+            ) from err
+
+
+async def _encoded(seq: int, encoding: concurrent.futures.Future[memoryview]) -> memoryview:
+    """A message's COPY rows, encoded on the pool. An encoding that failed fails the
+    same way every time it is awaited: retrying the commit cannot help, so the sink
+    stops (exit 2) with the reason, and the message comes again after the restart."""
+    try:
+        return await asyncio.wrap_future(encoding)
+    except asyncio.CancelledError:
+        raise
+    except Exception as err:
+        raise service.PermanentError(
+            f"postgres: encoding the rows of message {seq} failed: {type(err).__name__}: {err}"
+        ) from err
+
+
 # The columns the sink writes itself, ahead of a message's own.
 OWN_COLUMNS: Final = ("stream_seq", "schema_version")
 
@@ -486,6 +518,9 @@ def copy_columns(schema: pa.Schema) -> list[str]:
 # ----------------------------------------------------------------------- writer
 
 
+_Encoding = tuple[int, "concurrent.futures.Future[memoryview]"]  # a message's seq, its rows
+
+
 @dataclasses.dataclass(frozen=True)
 class _Sealed:
     """One transaction's worth of rows and the offset they move to.
@@ -495,7 +530,7 @@ class _Sealed:
     """
 
     ticket: int
-    groups: list[tuple[pa.Schema, list[concurrent.futures.Future[memoryview]]]]
+    groups: list[tuple[pa.Schema, list[_Encoding]]]
     last_seq: int
 
 
@@ -504,6 +539,10 @@ class PostgresWriter:
 
     kind = "postgres"
     pipelined = True
+
+    @property
+    def hold_seconds(self) -> float:
+        return self.linger_seconds
 
     def __init__(
         self,
@@ -534,7 +573,7 @@ class PostgresWriter:
         # Schemas whose rows COPY's encoder was seen to write (messages nearly always
         # share one): each new one is tried on a row first.
         self._encodable: set[pa.Schema] = set()
-        self._groups: list[tuple[pa.Schema, list[concurrent.futures.Future[memoryview]]]] = []
+        self._groups: list[tuple[pa.Schema, list[_Encoding]]] = []
         self._rows = 0
         self._since = 0.0
         self._last_added = 0
@@ -622,6 +661,7 @@ class PostgresWriter:
                     f"{self.schema_name}.{self.table}",
                 )
         self._check_encodable(table)
+        _check_times(table)
         for name, typ in wanted:
             self._expected.setdefault(name, typ)
 
@@ -653,7 +693,10 @@ class PostgresWriter:
             # One COPY has one column list: a new schema starts a new group.
             self._groups.append((table.schema, []))
         self._groups[-1][1].append(
-            self._pool.submit(encode_copy, table, delivery.seq, delivery.schema_version)
+            (
+                delivery.seq,
+                self._pool.submit(encode_copy, table, delivery.seq, delivery.schema_version),
+            )
         )
         self._rows += table.num_rows
         self._last_added = delivery.seq
@@ -680,8 +723,8 @@ class PostgresWriter:
         async with self._order:
             await self._order.wait_for(lambda: self._done_ticket == sealed.ticket - 1)
         groups = [
-            (schema, [await asyncio.wrap_future(f) for f in futures])
-            for schema, futures in sealed.groups
+            (schema, [await _encoded(seq, f) for seq, f in encodings])
+            for schema, encodings in sealed.groups
         ]
         await self._in_db(lambda: self._commit(groups, sealed.last_seq))
         self._committed = sealed.last_seq
@@ -888,6 +931,10 @@ class PostgresWriter:
                         f"expected {self._committed}: is another sink writing?"
                     )
                 for schema, payloads in groups:
+                    if not set(schema.names) <= self._columns.keys():
+                        # Read first (forgotten after a lost connection): ALTER takes an
+                        # exclusive lock on the table even for a column it has.
+                        self._columns = self._table_columns(conn)
                     if not set(schema.names) <= self._columns.keys():
                         self._add_columns(conn, schema)
                         self._columns = self._table_columns(conn)

@@ -144,6 +144,12 @@ class Writer(Protocol):
     pipelined: bool
     """Whether commits may run while the next batch is fetched and added."""
 
+    @property
+    def hold_seconds(self) -> float:
+        """How long an added message may wait before `due` says commit (a file's time,
+        a batch's linger): the consumer's ack wait is kept well above it."""
+        ...
+
     def due(self, now: float) -> bool:
         """Whether what was added should be committed now (size, time, batch end)."""
         ...
@@ -229,7 +235,8 @@ class ServiceConfig:
     fetch_batch: int = 256
     fetch_max_bytes: int = 8 << 20
     fetch_timeout: float = 0.5
-    # Ack wait is long: a writer holds messages until its commit (file rotation).
+    # Ack wait is long: a writer holds messages until its commit (file rotation). It
+    # is raised above twice the writer's `hold_seconds` when that is longer.
     ack_wait_seconds: float = 600.0
     max_ack_pending: int = 100_000
     create_stream: bool = True
@@ -258,6 +265,8 @@ def decode(
     version = int(raw)
     try:
         table = pa.ipc.open_stream(pa.py_buffer(msg_data)).read_all()
+    except MemoryError:  # pyarrow's ArrowMemoryError is an ArrowException too
+        raise
     except (pa.ArrowInvalid, pa.ArrowException, OSError) as err:
         raise InvalidMessageError(DeadLetterReason.INVALID_ARROW, str(err)) from err
     meta = table.schema.metadata or {}
@@ -290,6 +299,8 @@ def decode(
     if agent is not None and "agent" in columns and table.num_rows:
         try:
             names = _distinct_text(table.column("agent"))
+        except MemoryError:
+            raise
         except (pa.ArrowException, IndexError) as err:  # e.g. a dictionary index out of range
             raise InvalidMessageError(DeadLetterReason.INVALID_ARROW, str(err)) from err
         if names != {agent}:
@@ -335,6 +346,11 @@ def _distinct_text(col: pa.ChunkedArray) -> set[str]:
     return out
 
 
+# The last commit on the way out, all of it: within the pod's termination grace period
+# (relayrl_operator.constants), so the kubelet does not kill it midway.
+FINAL_COMMIT_SECONDS: Final = 45.0
+
+
 class SinkService:
     """Runs one writer against one Agent's stream until stopped."""
 
@@ -371,6 +387,14 @@ class SinkService:
         # The last message that was only dead-lettered, when no commit has acked it yet.
         self._dead_unacked: Msg | None = None
         self._max_msg = 0  # the stream's largest message (0: unknown)
+
+    def ack_wait_seconds(self) -> float:
+        """The consumer's ack wait: past it, JetStream delivers a message again.
+
+        Messages are acked at commit, so a writer holding them longer (a file open for
+        an hour) would have every one delivered again, over and over, while it waits.
+        """
+        return max(self.config.ack_wait_seconds, 2 * self.writer.hold_seconds + 60)
 
     # --------------------------------------------------------------- lifecycle
 
@@ -473,11 +497,17 @@ class SinkService:
                 self.writer.kind,
             )
             return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + FINAL_COMMIT_SECONDS
+
+        def left() -> float:
+            return max(0.0, deadline - loop.time())
+
         try:
-            await asyncio.wait_for(self._drain_commits(), timeout=60)
+            await asyncio.wait_for(self._drain_commits(), timeout=left())
             if self.writer.pending:
-                await asyncio.wait_for(self._commit(), timeout=60)
-                await asyncio.wait_for(self._drain_commits(), timeout=60)
+                await asyncio.wait_for(self._commit(), timeout=left())
+                await asyncio.wait_for(self._drain_commits(), timeout=left())
         except Exception:
             # Not committed means not acked: the messages come again after restart.
             log.exception("%s sink: final commit failed", self.writer.kind)
@@ -499,7 +529,7 @@ class SinkService:
                 deliver_policy=nats.js.api.DeliverPolicy.BY_START_SEQUENCE,
                 opt_start_seq=start,
                 ack_policy=nats.js.api.AckPolicy.ALL,
-                ack_wait=self.config.ack_wait_seconds,
+                ack_wait=self.ack_wait_seconds(),
                 max_ack_pending=self.config.max_ack_pending,
                 max_deliver=-1,
                 filter_subject=self.subject,
@@ -618,9 +648,11 @@ class SinkService:
         meta = msg.metadata
         dseq, seq = meta.sequence.consumer, meta.sequence.stream
         if seq <= self._last_seen:
-            # A redelivery: already taken. (Whether JetStream gives it a new consumer
-            # sequence or keeps the old one, the gap check below stays right.)
-            self._last_dseq = max(self._last_dseq, dseq)
+            # A redelivery: already taken. JetStream gives it the next consumer
+            # sequence; it counts as the next delivery only when it is that: a
+            # redelivery right after a delivery lost in flight must not hide the gap.
+            if dseq == self._last_dseq + 1:
+                self._last_dseq = dseq
             self.metrics.redeliveries.inc()
             return True
         if dseq != self._last_dseq + 1:
@@ -637,25 +669,32 @@ class SinkService:
             return False
         self._last_dseq = dseq
         self.metrics.lag.set(meta.num_pending)
-        self._last_seen = seq
-        self._last_msg = msg
         self._avg_size += 0.2 * (len(msg.data) - self._avg_size)
+        # The position moves past a message only once it is taken (added or
+        # dead-lettered): a commit after a failure here must not cover it.
         try:
             table, version = self._checked(msg, seq)
         except InvalidMessageError as err:
             await self._dead_letter(js, msg, seq, err)
+            self._last_seen, self._last_msg = seq, msg
             self._dead_unacked = msg
             await self._ack_dead_letters()
             return True
-        await self.writer.add(
-            Delivery(
-                seq=seq,
-                time=meta.timestamp,
-                table=table,
-                schema_version=version,
-                size=len(msg.data),
+        try:
+            await self.writer.add(
+                Delivery(
+                    seq=seq,
+                    time=meta.timestamp,
+                    table=table,
+                    schema_version=version,
+                    size=len(msg.data),
+                )
             )
-        )
+        except BaseException:
+            # Part of it may be in the writer now: nothing may be committed after this.
+            self._commit_failed = True
+            raise
+        self._last_seen, self._last_msg = seq, msg
         self._uncommitted[0] += 1
         self._uncommitted[1] += table.num_rows
         self._uncommitted[2] += len(msg.data)
