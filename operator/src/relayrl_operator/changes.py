@@ -15,25 +15,42 @@ def _pairs(old: spec.AgentSpec, new: spec.AgentSpec) -> dict[str, tuple[object, 
     return {k: (a.get(k), b.get(k)) for k in b if a.get(k) != b.get(k)}
 
 
-def describe(old: spec.AgentSpec | None, new: spec.AgentSpec) -> list[str]:
-    """One line per changed top-level field, saying how it was applied."""
+# Fields only the actor pods use: while paused there are none to apply them to.
+_ACTOR_FIELDS = frozenset({"actors", "actorsPerPod", "routers", "model", "environment"})
+
+
+def describe(
+    old: spec.AgentSpec | None, new: spec.AgentSpec, *, handover: bool = False
+) -> list[str]:
+    """One line per changed top-level field, saying how it was applied.
+
+    `handover`: the change moves actors between running pods in two steps
+    (relayrl_operator.handover).
+    """
     if old is None:
         return []
     out: list[str] = []
     for key, (before, after) in _pairs(old, new).items():
         if key == "paused":
             out.append("paused: actor pods scaled to zero" if after else "resumed: actor pods back")
+        elif new.paused and key in _ACTOR_FIELDS:
+            change = f"{key} {before} -> {after}" if key.startswith("actors") else f"{key} changed"
+            out.append(f"{change}: paused, so the actor pods start with it when resumed")
         elif key == "actors":
             out.append(
                 f"{key} {before} -> {after}: scaled to {new.pods()} actor pods; running "
                 "pods adjust their actor slices without a restart"
             )
         elif key == "actorsPerPod":
+            moved = (
+                ", and hand actors over (an actor that moves to another pod starts there "
+                "once its old pod has given it up)"
+                if handover
+                else ""
+            )
             out.append(
                 f"{key} {before} -> {after}: scaled to {new.pods()} actor pods; running "
-                "pods adjust their actor slices without a restart, and hand actors over "
-                "(an actor that moves to another pod starts there once its old pod has "
-                "given it up)"
+                f"pods adjust their actor slices without a restart{moved}"
             )
         elif key == "routers":
             out.append(f"routers {before} -> {after}: rescaled in running pods (hot)")

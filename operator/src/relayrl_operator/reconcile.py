@@ -271,6 +271,7 @@ class Reconciler:
                 state.needs_apply = True
                 state.stream_ready = None
                 state.handover_since = None
+                state.config_layout = None  # a peer may have moved it: read it again
                 self.enqueue(key)
             self._active.set()
         metrics.ACTIVE.set(1 if self._active.is_set() else 0)
@@ -612,7 +613,7 @@ class Reconciler:
             else:
                 state.error = state.error_generation = None
             if not rejected and state.applied_generation != generation:
-                lines = changes.describe(before, agent_spec)
+                lines = changes.describe(before, agent_spec, handover=handing_over)
                 if lines:
                     state.applied_message = "; ".join(lines)
                     self._event(agent, "Normal", "SpecApplied", state.applied_message)
@@ -692,12 +693,11 @@ class Reconciler:
         written = (state.body or {}).get("status") or {}
         if (
             current is None
-            and state.applied_generation is None
             and written.get("observedGeneration") is not None
             and self._streams is not None
         ):
-            # An Agent this operator process has not applied yet (it restarted) and no
-            # watch event of its ConfigMap so far: read what the pods were given.
+            # An Agent whose ConfigMap this process has not seen (it restarted, or a
+            # peer acted while it was paused): read what the pods were given.
             current = state.config_layout = await self._read_layout(agent)
         if (
             self._streams is None  # no pod reports to wait for
@@ -712,9 +712,10 @@ class Reconciler:
         if state.handover_since is None or state.handover_revision != revision:
             # A new target (another layout, a new model version...) starts the clock anew.
             state.handover_since, state.handover_revision = now, revision
-        if state.handover_check <= now:
+        if state.handover_check <= now and state.error is None:
             # Looked at again while it lasts: the last pod may go, or the time run out,
-            # with no event to say so.
+            # with no event to say so. (Not while a child is rejected for good: that
+            # waits for a spec change or a repair, not for time.)
             state.handover_check = now + handover.CHECK_SECONDS
             self._enqueue_later(key, handover.CHECK_SECONDS)
         listed = self._children_listed()
@@ -727,11 +728,13 @@ class Reconciler:
             old = sorted(n for n in running if n in reports and not reports[n].config_revision)
             if old:
                 # A runtime older than handovers (a pinned image) would refuse the config.
-                log.info(
-                    "agent %s/%s: no slice handover: %s run a runtime that cannot take one",
-                    *key,
-                    ", ".join(old),
+                message = (
+                    f"no actor slice handover: {', '.join(old)} run a runtime too old to "
+                    "take one; every pod gets its new slice at once (an actor may run in "
+                    "two pods until they all apply it)"
                 )
+                log.warning("agent %s/%s: %s", *key, message)
+                self._event(agent, "Warning", "SliceHandoverUnsupported", message)
                 state.handover_since = None
                 return False
             return True  # step 1
@@ -778,7 +781,8 @@ class Reconciler:
     def desired_children(
         self, agent: common.AgentRef, *, handing_over: bool = False
     ) -> list[dict[str, Any]]:
-        """Every child manifest the Agent should have now."""
+        """Every child manifest the Agent should have now: the runtime config first, the
+        actor workload second (`_apply_children` relies on both)."""
         out = [
             configmap.build(agent, handing_over=handing_over),
             statefulset.build(agent, self._settings),
@@ -808,7 +812,10 @@ class Reconciler:
             except kube.ApiError as err:
                 if err.transient:
                     raise  # retried before the pods are touched
-                results.append(err)  # rejected for good: reported with the rest
+                # Rejected for good: reported with the rest. The actor workload stays as
+                # it is too, so its pods keep a template and replica count that match
+                # the config they have.
+                results += [err, err]
         results += await asyncio.gather(
             *(self._client.apply(obj) for obj in desired[len(results) :]), return_exceptions=True
         )
@@ -1017,7 +1024,16 @@ class Reconciler:
                     replacing += 1
                 continue
             report = reports.get(pod["metadata"]["name"])
-            pods.append(_pod_view(pod, restart, report, state.model_rollout, handover_revision))
+            pods.append(
+                _pod_view(
+                    pod,
+                    restart,
+                    report,
+                    state.model_rollout,
+                    handover_revision,
+                    agent.spec.environment.copies_per_actor(),
+                )
+            )
         handing_over = (
             tuple(self._handover_waiting(state, agent, handover_revision))
             if handover_revision is not None
@@ -1169,6 +1185,7 @@ def _pod_view(
     report: reporting.PodReport | None,
     model_rollout: int | None,
     handover_revision: str | None = None,
+    copies: int = 1,
 ) -> status.PodView:
     index = _pod_index(pod)
     conditions = {c["type"]: c for c in (pod.get("status") or {}).get("conditions") or []}
@@ -1190,8 +1207,8 @@ def _pod_view(
         model_version=report.model_version if report is not None else None,
         refused=None if refused is None else f"version {refused.version}: {refused.reason}",
         # In step 1 of a handover a pod runs only the actors of its new slice it ran
-        # before: as many as it says.
-        handover_actors=report.actors
+        # before. It reports its environment copies: `copies` for each actor.
+        handover_actors=report.actors // max(1, copies)
         if report is not None
         and handover_revision is not None
         and report.config_revision == handover_revision

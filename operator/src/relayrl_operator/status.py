@@ -252,7 +252,11 @@ def compute(
 
     # Ready
     stream_ok = observed.stream_ready is True
-    all_ok = settled and stream_ok and (sinks_ok or not agent_spec.sinks) and not problems
+    # Step 1 of a slice handover: a moved actor runs nowhere until step 2.
+    moving = observed.handover is not None and ready_actors < desired_actors
+    all_ok = (
+        settled and not moving and stream_ok and (sinks_ok or not agent_spec.sinks) and not problems
+    )
     if all_ok:
         conds.set(Cond.READY, TRUE, "Ready", f"{ready_actors}/{desired_actors} actors ready")
     elif unschedulable:
@@ -267,6 +271,10 @@ def compute(
         reasons = []
         if not settled:
             reasons.append(f"{len(ready)}/{desired_pods} actor pods ready")
+        elif moving:
+            reasons.append(
+                f"{ready_actors}/{desired_actors} actors running, the rest moving between pods"
+            )
         if not stream_ok:
             reasons.append("stream not ready")
         if agent_spec.sinks and not sinks_ok:

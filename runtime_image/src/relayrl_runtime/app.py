@@ -531,12 +531,7 @@ class App:
             raise errors.RelayRLError(f"actors: could not apply the slice {actors}: {failed}")
 
     def _env_copies(self) -> int:
-        env = self.cfg.environment
-        if env.gymnasium is not None:
-            return env.gymnasium.envs_per_actor
-        if env.python is not None:
-            return env.python.envs_per_actor
-        return 0
+        return self.cfg.environment.copies_per_actor()
 
     def _build_agent(self, model_path: Path) -> agent_mod.Agent:
         cfg = self.cfg

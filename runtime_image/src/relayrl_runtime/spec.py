@@ -421,6 +421,11 @@ class EnvironmentSpec(SpecModel):
         default=None, description="Load a custom environment from a Python entry point."
     )
 
+    def copies_per_actor(self) -> int:
+        """Environment copies each actor steps in its pod (0: remote clients bring them)."""
+        local = self.gymnasium or self.python
+        return local.envs_per_actor if local is not None else 0
+
 
 # --------------------------------------------------------------------- trajectories
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from relayrl_operator import cli, metrics, peering, reconcile, settings
+from relayrl_operator import cli, handover, metrics, peering, reconcile, settings
 
 NOW = dt.datetime(2026, 11, 21, 12, 0, 0, tzinfo=dt.UTC)
 ME = "relayrl-operator-7c9f-abcde"
@@ -111,6 +111,7 @@ async def test_a_paused_reconciler_keeps_its_queue_and_acts_on_resume() -> None:
         await asyncio.sleep(0.2)
         assert passes == []  # standby: nothing done, the key waits
         rec._states[("ml", "a")].needs_apply = False
+        rec._states[("ml", "a")].config_layout = handover.Layout(8, 4)
         peers.blocking = []
         await rec._check_peers()
         await asyncio.sleep(0.2)
@@ -119,6 +120,8 @@ async def test_a_paused_reconciler_keeps_its_queue_and_acts_on_resume() -> None:
         assert passes == [("ml", "a")]
         # Resuming compares every Agent's children again: a peer may have changed them.
         assert rec._states[("ml", "a")].needs_apply
+        # And reads its ConfigMap's layout again: a peer may be mid-handover.
+        assert rec._states[("ml", "a")].config_layout is None
     finally:
         await rec.stop()
 

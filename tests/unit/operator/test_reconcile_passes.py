@@ -615,6 +615,30 @@ async def test_a_child_rejected_on_update_is_left_in_place_not_pruned() -> None:
         assert api.status[-1]["phase"] == "Failed"
 
 
+async def test_a_config_rejected_on_update_leaves_the_actor_pods_as_they_are() -> None:
+    """A template (and so pods) of the new spec beside the old config would run new
+    pods on settings their restart hash says they have not."""
+    api = Rejecting("ConfigMap")
+    api.fixed = True
+    async with running(api, None) as rec:
+        first = agent_body()
+        rec.agent_event("ADDED", first)
+        await settle(rec)
+        api.fixed = False
+        api.applied.clear()
+        second = copy.deepcopy(first)
+        second["metadata"].update(generation=2, resourceVersion="2")
+        second["spec"]["template"] = {"image": "ghcr.io/relayrl-fleet/runtime:0.2.0"}
+        rec.agent_event("MODIFIED", second)
+        await settle(rec)
+        kinds = {kind for kind, _ in api.applied}
+        assert "StatefulSet" not in kinds
+        assert "Service" in kinds  # the rest is kept up
+        assert api.deleted == []
+        assert api.status[-1]["phase"] == "Failed"
+        assert any("ConfigMap is invalid" in c["message"] for c in api.status[-1]["conditions"])
+
+
 # ------------------------------------------------------------ slice handover
 
 
@@ -701,6 +725,10 @@ def progressing(api: Versioned) -> dict[str, Any]:
     return next(c for c in api.status[-1]["conditions"] if c["type"] == "Progressing")
 
 
+def ready(api: Versioned) -> dict[str, Any]:
+    return next(c for c in api.status[-1]["conditions"] if c["type"] == "Ready")
+
+
 async def with_running_pods(rec: reconcile.Reconciler, count: int) -> tuple[dict[str, Any], Any]:
     """The example Agent (16 actors, 4 per pod) reconciled, and `count` of its actor
     pods running: its body and state."""
@@ -754,14 +782,17 @@ async def test_an_actors_per_pod_change_hands_actors_over_before_pods_take_new_o
 
         # Pods 0 and 1 applied it; pods 2 and 3 (past the new count) still run. Pod 0
         # keeps actors 0-3 of its new 0-7, pod 1 none of its new 8-15: status counts
-        # what runs, not the slices.
-        nats.pod_reports["cartpole-actors-0"] = report(0, step1, actors=4)
+        # what runs, not the slices. (Pods report environment copies, 4 per actor.)
+        assert "moving" not in ready(api)["message"]  # the pods still run their actors
+        nats.pod_reports["cartpole-actors-0"] = report(0, step1, actors=4 * 4)
         nats.pod_reports["cartpole-actors-1"] = report(1, step1, actors=0)
         rec._reported(KEY)
         await settle(rec)
         assert api.layout() == handover.Layout(16, 8, handover=True)
         assert "waiting for cartpole-actors-2, cartpole-actors-3" in progressing(api)["message"]
         assert api.status[-1]["readyActors"] == 4
+        assert ready(api)["status"] == "False"  # (the example's sinks do not run here)
+        assert "4/16 actors running, the rest moving between pods" in ready(api)["message"]
 
         # Pod 3 is gone; pod 2, terminating, has applied it (it runs nothing now).
         rec.child_event("MODIFIED", actor_pod(state, 2, deleting=True))
@@ -779,6 +810,7 @@ async def test_an_actors_per_pod_change_hands_actors_over_before_pods_take_new_o
         step2 = [name for name, p in api.pod_patches if p == annotated(api.revision())]
         assert step2 == ["cartpole-actors-0", "cartpole-actors-1"]
         assert api.status[-1]["readyActors"] == 16  # their slices, once they take them
+        assert "moving" not in ready(api)["message"]
 
         # A late watch event of the step-1 ConfigMap undoes nothing.
         stale = copy.deepcopy(api.config())
@@ -847,6 +879,10 @@ async def test_no_handover_for_pods_whose_runtime_predates_it() -> None:
         rec.agent_event("MODIFIED", change(first, 2, actorsPerPod=8))
         await settle(rec)
         assert api.layout() == handover.Layout(16, 8)  # it would refuse sliceHandover
+        [warning] = [e for e in api.events if e["reason"] == "SliceHandoverUnsupported"]
+        assert "cartpole-actors-0 run a runtime too old" in warning["message"]
+        [applied] = [e for e in api.events if e["reason"] == "SpecApplied"]
+        assert "hand actors over" not in applied["message"]
 
 
 async def test_a_restarted_operator_finishes_a_handover_it_did_not_start() -> None:

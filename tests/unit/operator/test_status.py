@@ -47,6 +47,29 @@ def test_all_pods_stream_and_sinks_ready_is_ready() -> None:
     }
 
 
+def test_actors_moving_between_pods_are_not_ready_until_they_run_again() -> None:
+    """Step 1 of a slice handover (10 actors, 2 -> 4 per pod): pod 0 keeps actors 0-1
+    of its new 0-3, pod 1 none of its new 4-7, pod 2 none of 8-9 (it ran 4-5)."""
+    s = make_spec({"spec": {"actors": 10, "actorsPerPod": 4}})
+    running = (2, 0, 0)
+    pods = [
+        status.PodView(i, ready=True, current=True, handover_actors=n)
+        for i, n in enumerate(running)
+    ]
+    moving = status.Observed(pods, ARROW_READY, stream_ready=True, handover=())
+    result = compute(s, moving)
+    assert result["readyActors"] == 2
+    assert result["phase"] == "Progressing"
+    ready = conditions(result)["Ready"]
+    assert (ready["status"], ready["message"]) == (
+        "False",
+        "2/10 actors running, the rest moving between pods",
+    )
+    # Step 2: every pod takes its whole slice.
+    result = compute(s, status.Observed(ready_pods(3), ARROW_READY, stream_ready=True))
+    assert (result["readyActors"], result["phase"]) == (10, "Ready")
+
+
 def test_ready_actors_count_only_ready_slices() -> None:
     s = make_spec({"spec": {"actors": 10, "actorsPerPod": 4}})
     pods = [
@@ -171,6 +194,20 @@ def test_changes_say_how_each_field_was_applied() -> None:
         ),
     )
     assert added == ["sink postgres added"]
+
+
+def test_changes_say_what_did_not_happen_yet_or_at_all() -> None:
+    old = make_spec({"spec": {"actors": 8, "actorsPerPod": 2}})
+    wider = make_spec({"spec": {"actors": 8, "actorsPerPod": 4}})
+    [handed] = changes.describe(old, wider, handover=True)
+    assert "hand actors over" in handed
+    [at_once] = changes.describe(old, wider)  # no pods ran, or they could not take one
+    assert "hand actors over" not in at_once
+    paused = make_spec({"spec": {"paused": True}})
+    for patch in ({"actors": 12}, {"actorsPerPod": 2}, {"model": {"version": 2}}):
+        later = make_spec({"spec": {"paused": True, **patch}})
+        [line] = changes.describe(paused, later)
+        assert line.endswith("paused, so the actor pods start with it when resumed"), line
 
 
 def test_a_new_agents_status_does_not_change_as_its_pods_are_created() -> None:
