@@ -167,6 +167,9 @@ class _State:
     handover_check: float = 0.0  # when the pass the handover asked for is due
     config_revision: str | None = None  # of the ConfigMap (its config-hash annotation)
     layout_attempted: handover.Layout | None = None  # of our last ConfigMap apply
+    config_rejected: bool = False  # our last ConfigMap apply was rejected for good
+    # The layout a SliceHandoverUnsupported Warning was posted for (once per change).
+    unsupported_warned: handover.Layout | None = None
     # The config revision each actor pod was last asked to mount (_push_config).
     pushed: dict[str, str] = field(default_factory=dict)
 
@@ -712,9 +715,9 @@ class Reconciler:
         if state.handover_since is None or state.handover_revision != revision:
             # A new target (another layout, a new model version...) starts the clock anew.
             state.handover_since, state.handover_revision = now, revision
-        if state.handover_check <= now and state.error is None:
+        if state.handover_check <= now and not state.config_rejected:
             # Looked at again while it lasts: the last pod may go, or the time run out,
-            # with no event to say so. (Not while a child is rejected for good: that
+            # with no event to say so. (Not while the apiserver refuses the config: that
             # waits for a spec change or a repair, not for time.)
             state.handover_check = now + handover.CHECK_SECONDS
             self._enqueue_later(key, handover.CHECK_SECONDS)
@@ -733,8 +736,11 @@ class Reconciler:
                     "take one; every pod gets its new slice at once (an actor may run in "
                     "two pods until they all apply it)"
                 )
-                log.warning("agent %s/%s: %s", *key, message)
-                self._event(agent, "Warning", "SliceHandoverUnsupported", message)
+                target = configmap.layout(agent)
+                if state.unsupported_warned != target:  # once, not on every pass
+                    state.unsupported_warned = target
+                    log.warning("agent %s/%s: %s", *key, message)
+                    self._event(agent, "Warning", "SliceHandoverUnsupported", message)
                 state.handover_since = None
                 return False
             return True  # step 1
@@ -803,10 +809,13 @@ class Reconciler:
         desired = self.desired_children(agent, handing_over=handing_over)
         state.layout_attempted = configmap.layout(agent, handing_over=handing_over)
         results: list[Any] = []
-        if state.applied_generation is not None:
-            # A change to a running Agent: the config first. A pod the StatefulSet
-            # replaces meanwhile must mount the new one, or it runs the old settings
-            # while it counts as updated (its restart hash is the new template's).
+        written = (state.body or {}).get("status") or {}
+        state.config_rejected = False
+        if state.applied_generation is not None or written.get("observedGeneration") is not None:
+            # A change to a running Agent (applied by this process, or by an operator
+            # before it): the config first. A pod the StatefulSet replaces meanwhile
+            # must mount the new one, or it runs the old settings while it counts as
+            # updated (its restart hash is the new template's).
             try:
                 results.append(await self._client.apply(desired[0]))
             except kube.ApiError as err:
@@ -816,6 +825,7 @@ class Reconciler:
                 # it is too, so its pods keep a template and replica count that match
                 # the config they have.
                 results += [err, err]
+                state.config_rejected = True
         results += await asyncio.gather(
             *(self._client.apply(obj) for obj in desired[len(results) :]), return_exceptions=True
         )

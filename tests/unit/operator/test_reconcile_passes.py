@@ -885,6 +885,61 @@ async def test_no_handover_for_pods_whose_runtime_predates_it() -> None:
         assert "hand actors over" not in applied["message"]
 
 
+async def test_a_resumed_operator_finishes_a_handover_a_peer_started() -> None:
+    """Paused with 8 per pod applied; meanwhile a peer went to 4 and back to 8, and is
+    in step 1 of that. What this operator remembers (8 per pod, no handover) would end
+    the peer's step 1 at once: it reads the ConfigMap again."""
+    api = Versioned()
+    nats = Reporting()
+    async with running(api, nats) as rec:
+        first, state = await with_running_pods(rec, 0)
+        rec.agent_event("MODIFIED", change(first, 2, actorsPerPod=8))  # no pods: at once
+        await settle(rec)
+        assert api.layout() == handover.Layout(16, 8)
+        for i in range(2):
+            rec.child_event("ADDED", actor_pod(state, i))
+            nats.pod_reports[f"cartpole-actors-{i}"] = report(i, api.revision())
+        await settle(rec)
+
+        peers = Peers()
+        peers.blocking = ["relayrl-operator-peer"]
+        rec._peers = peers  # type: ignore[assignment]
+        await rec._check_peers()
+        assert not rec.active
+        body = change(first, 4, actorsPerPod=8)
+        body["status"] = {"observedGeneration": 4}
+        api.objects[("Agent", "cartpole")] = body
+        api.config()["metadata"]["annotations"][constants.ANNOTATION_ACTOR_LAYOUT] = (
+            handover.Layout(16, 8, handover=True).encode()
+        )
+        api.gets.clear()
+        peers.blocking = []
+        await rec._check_peers()
+        await settle(rec)
+        assert ("ConfigMap", "cartpole-runtime") in api.gets
+        assert api.layout() == handover.Layout(16, 8, handover=True)
+
+
+async def test_the_warning_for_an_old_runtime_comes_once_per_change() -> None:
+    """Even while every pass meets it again (the config refused, so still the old layout)."""
+    api = Versioned()
+    nats = Reporting()
+    async with running(api, nats) as rec:
+        first, _ = await with_running_pods(rec, 1)
+        nats.pod_reports["cartpole-actors-0"] = dataclasses.replace(
+            report(0, ""), config_revision=None
+        )
+        api.kind = "ConfigMap"  # refused for good from now on
+        rec.agent_event("MODIFIED", change(first, 2, actorsPerPod=8))
+        await settle(rec)
+        for _ in range(2):
+            rec._reported(KEY)
+            await settle(rec)
+        assert rec._states[KEY].config_layout == handover.Layout(16, 4)
+        warnings = [e for e in api.events if e["reason"] == "SliceHandoverUnsupported"]
+        assert len(warnings) == 1
+
+
 async def test_a_restarted_operator_finishes_a_handover_it_did_not_start() -> None:
     api = Versioned()
     nats = Reporting()

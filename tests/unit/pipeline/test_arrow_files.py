@@ -264,3 +264,21 @@ async def test_ipc_files_take_dictionaries_that_differ_between_messages(tmp_path
     assert written.schema.field("aux_tag").type == pa.string()
     assert set(written.column("aux_tag").to_pylist()) == {"left", "right", "up", "down"}
     await w.close()
+
+
+def test_ipc_refuses_what_its_files_could_not_take_before_any_file(tmp_path: Path) -> None:
+    """Dead-lettered at the check, not failing the file (and the sink) in `add`."""
+    w = arrow_stream.ArrowStreamWriter(tmp_path, trajectories.AGENT, spec.SinkFormat.ARROW)
+    base = pa.Table.from_batches([trajectories.batch(1, 1)]).slice(0, 2)
+    words = pa.array(["a", "b"])
+    nested = pa.array([[0], [1]], pa.list_(pa.int32()))
+    inner = pa.ListArray.from_arrays(
+        pa.array([0, 1, 2]), pa.DictionaryArray.from_arrays(pa.array([0, 1], pa.int32()), words)
+    )
+    with pytest.raises(service.InvalidMessageError, match=r"\['aux_tags'\] hold dictionaries"):
+        w.check(base.append_column("aux_tags", inner))
+    bad = pa.DictionaryArray.from_arrays(pa.array([0, 5], pa.int32()), words, safe=False)
+    with pytest.raises(IndexError):  # the service dead-letters it (invalid-arrow)
+        w.check(base.append_column("aux_tag", bad))
+    w.check(base.append_column("aux_list", nested))  # no dictionary: fine
+    assert not list(tmp_path.rglob("*"))

@@ -205,4 +205,4 @@ def test_the_ack_wait_stays_above_what_a_writer_holds() -> None:
         return svc.ack_wait_seconds()
 
     assert ack_wait(0.2) == 600.0
-    assert ack_wait(3600.0) == 7260.0  # a file open for an hour
+    assert ack_wait(3600.0) == 4560.0  # a file open for an hour

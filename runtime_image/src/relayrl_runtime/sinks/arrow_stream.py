@@ -116,6 +116,32 @@ def _without_dictionaries(table: pa.Table) -> pa.Table:
     return table
 
 
+def _check_ipc(table: pa.Table) -> None:
+    """Refuse what an IPC file could not take from this message on (see
+    `_without_dictionaries`): a dictionary inside a list or struct, whose dictionary
+    may differ from the file's, or a dictionary column that cannot be decoded."""
+    nested = [
+        f.name
+        for f in table.schema
+        if not pa.types.is_dictionary(f.type) and _holds_dictionary(f.type)
+    ]
+    if nested:
+        raise service.InvalidMessageError(
+            service.DeadLetterReason.SCHEMA_MISMATCH,
+            f"columns {nested} hold dictionaries inside: an Arrow IPC file keeps one "
+            "dictionary per column for all its messages",
+        )
+    if PARTITION_COLUMN in table.schema.names:
+        table = table.drop_columns([PARTITION_COLUMN])  # as `add` writes it
+    _without_dictionaries(table)  # an index past its dictionary fails here
+
+
+def _holds_dictionary(t: pa.DataType) -> bool:
+    return pa.types.is_dictionary(t) or any(
+        _holds_dictionary(t.field(i).type) for i in range(t.num_fields)
+    )
+
+
 def partition_dir(root: Path, agent: str, day: dt.date) -> Path:
     """Where one agent's files of one (UTC) day go."""
     return agent_dir(root, agent) / f"date={day.isoformat()}"
@@ -409,9 +435,11 @@ class ArrowStreamWriter:
 
         A column type Parquet has no form for (a union, say) would fail the file's
         commit, after every restart again: such a message is dead-lettered instead.
-        Each new schema is tried once, on one row (about 0.1 ms).
+        Each new schema is tried once, on one row (about 0.1 ms). For Arrow IPC files,
+        the dictionary columns `add` writes as values must turn into values.
         """
-        if self.format is not spec.SinkFormat.PARQUET:
+        if self.format is spec.SinkFormat.ARROW:
+            _check_ipc(table)
             return
         schema = table.schema
         if self._writable is not None and self._writable.equals(schema, check_metadata=True):

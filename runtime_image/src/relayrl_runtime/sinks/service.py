@@ -236,7 +236,8 @@ class ServiceConfig:
     fetch_max_bytes: int = 8 << 20
     fetch_timeout: float = 0.5
     # Ack wait is long: a writer holds messages until its commit (file rotation). It
-    # is raised above twice the writer's `hold_seconds` when that is longer.
+    # is raised to 1.25 times the writer's `hold_seconds` plus a minute when that is
+    # longer.
     ack_wait_seconds: float = 600.0
     max_ack_pending: int = 100_000
     create_stream: bool = True
@@ -394,7 +395,7 @@ class SinkService:
         Messages are acked at commit, so a writer holding them longer (a file open for
         an hour) would have every one delivered again, over and over, while it waits.
         """
-        return max(self.config.ack_wait_seconds, 2 * self.writer.hold_seconds + 60)
+        return max(self.config.ack_wait_seconds, 1.25 * self.writer.hold_seconds + 60)
 
     # --------------------------------------------------------------- lifecycle
 
