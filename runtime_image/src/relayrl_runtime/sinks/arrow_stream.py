@@ -120,20 +120,19 @@ def _check_ipc(table: pa.Table) -> None:
     """Refuse what an IPC file could not take from this message on (see
     `_without_dictionaries`): a dictionary inside a list or struct, whose dictionary
     may differ from the file's, or a dictionary column that cannot be decoded."""
-    nested = [
-        f.name
-        for f in table.schema
-        if not pa.types.is_dictionary(f.type) and _holds_dictionary(f.type)
-    ]
+    nested = []
+    for f in table.schema:
+        if pa.types.is_dictionary(f.type):
+            if f.name != PARTITION_COLUMN:  # (that one is not written)
+                table.column(f.name).cast(f.type.value_type)  # a bad index fails here
+        elif _holds_dictionary(f.type):
+            nested.append(f.name)
     if nested:
         raise service.InvalidMessageError(
             service.DeadLetterReason.SCHEMA_MISMATCH,
             f"columns {nested} hold dictionaries inside: an Arrow IPC file keeps one "
             "dictionary per column for all its messages",
         )
-    if PARTITION_COLUMN in table.schema.names:
-        table = table.drop_columns([PARTITION_COLUMN])  # as `add` writes it
-    _without_dictionaries(table)  # an index past its dictionary fails here
 
 
 def _holds_dictionary(t: pa.DataType) -> bool:
