@@ -24,7 +24,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -222,21 +222,30 @@ class Agent:
             dropped: list[policy.Policy] = []
             independent = self.mode is spec.ModelMode.INDEPENDENT
 
-            def copy() -> policy.Policy:
-                return loader.copy_policy(new, self.device)
+            def copy_for(rows: Iterable[int]) -> None:
+                """Per-actor copies into `own`; a failure closes the new model and every
+                copy made, and leaves the agent as it was (all on the old model)."""
+                try:
+                    for row in rows:
+                        own[row] = loader.copy_policy(new, self.device)
+                except BaseException:
+                    for p in [new, *own.values()]:
+                        p.close()
+                    raise
 
             if independent:
                 with self._lock:
                     rows = list(self._own)
-                own = {row: copy() for row in rows}  # slow: off the lock
+                copy_for(rows)  # slow: off the lock
             with self._lock:
                 old, old_own = self._policy, self._own
-                self._policy = new
                 if independent:
-                    # Actors added or removed while the copies loaded.
+                    # Actors added or removed while the copies loaded; the new ones get
+                    # their copies before the swap.
+                    copy_for(row for row in old_own if row not in own)
                     dropped = [own.pop(row) for row in list(own) if row not in old_own]
-                    own.update({row: copy() for row in old_own if row not in own})
                     self._own = own
+                self._policy = new
             old.close()
             for p in [*old_own.values(), *dropped]:
                 p.close()

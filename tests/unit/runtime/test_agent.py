@@ -7,6 +7,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -15,7 +16,7 @@ import pytest
 
 from relayrl_runtime import agent as agent_mod
 from relayrl_runtime import errors, spec, trajectory
-from relayrl_runtime.inference import export, loader, model
+from relayrl_runtime.inference import export, loader, model, policy
 from relayrl_runtime.sinks import local
 
 
@@ -222,6 +223,41 @@ def test_independent_reload_takes_actors_added_and_removed_meanwhile(
     result = own.request_action([1, 2, added], _obs(3))
     assert result.version == 2
     assert len(own._own) == 3
+    own.shutdown()
+
+
+def test_an_independent_reload_whose_copy_fails_leaves_every_actor_on_the_old_model(
+    models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The copy for an actor added while the others loaded fails (out of GPU memory,
+    say): no swap, the version reported is the one the actors run, nothing leaks."""
+    own = agent_mod.Agent(
+        models["onnx"], actor_count=2, sample=False, model_mode=spec.ModelMode.INDEPENDENT
+    )
+    real_copy = loader.copy_policy
+    made: list[Any] = []
+
+    def failing_copy(source: Any, *args: Any, **kwargs: Any) -> Any:
+        if source.version != 2:
+            return real_copy(source, *args, **kwargs)  # a new actor's, of the old model
+        if len(made) == 0:
+            own.new_actor()  # added while the copies load: its copy comes under the lock
+        if len(made) == 2:
+            raise MemoryError("out of device memory")
+        made.append(real_copy(source, *args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(loader, "copy_policy", failing_copy)
+    closed: list[Any] = []
+    monkeypatch.setattr(policy.Policy, "close", lambda self: closed.append(self))
+    with pytest.raises(MemoryError):
+        own.reload_model(models["onnx_v2"])
+    assert own.get_model_version() == 1
+    assert own.request_action([0, 1, 2], _obs(3)).version == 1
+    assert all(p.version == 1 for p in own._own.values())
+    assert len(closed) == len(made) + 1  # every copy made, and the new model
+    assert all(p.version == 2 for p in closed)
+    monkeypatch.undo()
     own.shutdown()
 
 

@@ -173,7 +173,7 @@ class ActorPool:
         self._capacity = 0
         self._horizon = 0
         self._stride = 1
-        self._dense: IntArray = np.zeros(0, dtype=np.int64)
+        self._dense: IntArray | None = np.zeros(0, dtype=np.int64)  # None: to rebuild
         self._lookups: dict[bytes, IntArray] = {}
         self._bases: dict[int, tuple[IntArray, IntArray]] = {}
         self._stamps = np.zeros(3, dtype=np.int64)
@@ -336,14 +336,22 @@ class ActorPool:
             raise errors.UnknownActorError([actor_id]) from None
 
     def _invalidate(self) -> None:
-        ids = [i for i in self._id_to_row if 0 <= i < _DENSE_LIMIT]
-        size = max(ids, default=-1) + 1
-        dense = np.full(size, -1, dtype=np.int64)
-        if ids:
-            dense[np.asarray(ids, dtype=np.int64)] = [self._id_to_row[i] for i in ids]
-        self._dense = dense
+        # The dense table is rebuilt at the next lookup, not here: removing actors one
+        # by one (a client gone idle) would rebuild it from every id each time.
+        self._dense = None
         self._lookups.clear()
         self._bases.clear()
+
+    def _dense_rows(self) -> IntArray:
+        dense = self._dense
+        if dense is None:
+            ids = [i for i in self._id_to_row if 0 <= i < _DENSE_LIMIT]
+            size = max(ids, default=-1) + 1
+            dense = np.full(size, -1, dtype=np.int64)
+            if ids:
+                dense[np.asarray(ids, dtype=np.int64)] = [self._id_to_row[i] for i in ids]
+            self._dense = dense
+        return dense
 
     def rows_for(self, ids: IntArray) -> IntArray:
         """Rows of these actor ids (validated: known and unique).
@@ -358,7 +366,7 @@ class ActorPool:
         if rows is not None:
             self._lookups[key] = rows  # most recently used last
             return rows
-        dense = self._dense
+        dense = self._dense_rows()
         n = len(ids)
         if n <= _SMALL:
             # A few ids (an episode end): plain Python beats several numpy calls.
