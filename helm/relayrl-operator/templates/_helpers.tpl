@@ -1,12 +1,15 @@
 {{/* Names and labels shared by every template of the chart. */}}
 
+{{- /* At most 44 characters: names add suffixes to it ("-metrics" for a Service,
+at most 63; "-nats" for a StatefulSet, whose pods' controller-revision-hash label
+adds 11 more and must stay within 63). */ -}}
 {{- define "relayrl.fullname" -}}
 {{- if .Values.fullnameOverride -}}
-{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- .Values.fullnameOverride | trunc 44 | trimSuffix "-" -}}
 {{- else if contains .Chart.Name .Release.Name -}}
-{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- .Release.Name | trunc 44 | trimSuffix "-" -}}
 {{- else -}}
-{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 44 | trimSuffix "-" -}}
 {{- end -}}
 {{- end -}}
 

@@ -800,7 +800,7 @@ class Reconciler:
             out.append(remote)
         out += sinks.build_all(agent, self._settings)
         if self._podmonitors:
-            out.append(monitoring.build(agent))
+            out.append(monitoring.build(agent, self._settings.monitor_labels))
         return out
 
     async def _apply_children(

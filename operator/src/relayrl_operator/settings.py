@@ -6,6 +6,7 @@ environment variables and hands it to the reconciler.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from typing import Final
 ENV_RUNTIME_IMAGE: Final = "RELAYRL_RUNTIME_IMAGE"
 ENV_IMAGE_PULL_POLICY: Final = "RELAYRL_IMAGE_PULL_POLICY"
 ENV_RESYNC_SECONDS: Final = "RELAYRL_RESYNC_SECONDS"
+ENV_MONITOR_LABELS: Final = "RELAYRL_MONITOR_LABELS"
 
 DEFAULT_RUNTIME_IMAGE: Final = "ghcr.io/relayrl-fleet/runtime:0.1.0"
 
@@ -26,8 +28,12 @@ class Settings:
     image_pull_policy: str = "IfNotPresent"
     # Level-based resync period: how often actual children are compared with desired.
     resync_seconds: float = 30.0
-    # Extra labels on every child (e.g. from the chart).
+    # Extra labels on every actor and sink workload (none by default).
     extra_labels: Mapping[str, str] = field(default_factory=dict)
+    # Extra labels on each Agent's PodMonitor, for a Prometheus that selects monitors
+    # by label (kube-prometheus-stack: release=<its release>); the chart's
+    # monitoring.labels.
+    monitor_labels: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -44,4 +50,22 @@ class Settings:
             runtime_image=env.get(ENV_RUNTIME_IMAGE, DEFAULT_RUNTIME_IMAGE),
             image_pull_policy=env.get(ENV_IMAGE_PULL_POLICY, "IfNotPresent"),
             resync_seconds=resync,
+            monitor_labels=_labels(ENV_MONITOR_LABELS, env.get(ENV_MONITOR_LABELS, "")),
         )
+
+
+def _labels(name: str, raw: str) -> dict[str, str]:
+    """A JSON object of label names to string values ("" or "null": none)."""
+    if not raw.strip():
+        return {}
+    try:
+        value = json.loads(raw)
+    except ValueError as err:
+        raise ValueError(f"{name}: expected a JSON object of labels, got {raw!r}") from err
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise ValueError(f"{name}: expected a JSON object of string labels, got {raw!r}")
+    return value

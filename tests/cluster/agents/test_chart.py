@@ -30,8 +30,11 @@ from nats.js.api import StorageType
 from prometheus_client import CollectorRegistry
 
 from relayrl_localstack import testing
+from relayrl_operator import constants, settings
 from relayrl_operator import metrics as operator_metrics
+from relayrl_operator.builders import common, monitoring
 from relayrl_runtime import metrics as runtime_metrics
+from relayrl_runtime import spec
 from relayrl_runtime.sinks import service as sink_service
 from relayrl_runtime.transport import publisher
 from support import fleet, natsserver, specs
@@ -162,6 +165,41 @@ def test_monitoring_queries_name_exported_metrics() -> None:
         for rule in group["rules"]
     }
     assert {"RelayRLAgentDegraded", "RelayRLPublishFailures", "RelayRLSinkLag"} <= alerts
+
+
+def test_monitoring_labels_reach_each_agents_podmonitor() -> None:
+    """kube-prometheus-stack selects monitors by its release label: the chart's
+    monitoring.labels go to the operator, which puts them on every PodMonitor."""
+    docs = fleet.render_chart(None, "default", "--set", "monitoring.labels.release=prometheus")
+    [deployment] = [d for d in docs if d["kind"] == "Deployment"]
+    env = {
+        e["name"]: e["value"]
+        for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        if "value" in e
+    }
+    cfg = settings.Settings.from_env(env)
+    assert cfg.monitor_labels == {"release": "prometheus"}
+    parsed = spec.parse_agent(specs.base_manifest())
+    agent = common.AgentRef(
+        name=parsed.metadata.name, namespace="ml", uid="u1", generation=1, spec=parsed.spec
+    )
+    labels = monitoring.build(agent, cfg.monitor_labels)["metadata"]["labels"]
+    assert labels["release"] == "prometheus"
+    assert labels[constants.LABEL_AGENT] == "cartpole"
+
+
+def test_a_long_release_name_still_gives_valid_names() -> None:
+    release = "r" * 53  # the longest helm takes
+    rendered = fleet.helm(
+        "template", release, str(CHART), "--set", "nats.enabled=true", stderr=False
+    )
+    docs = [d for d in yaml.safe_load_all(rendered) if d]
+    assert docs
+    for d in docs:
+        name = d["metadata"]["name"]
+        if d["kind"] in ("Service", "StatefulSet", "Deployment", "Pod"):
+            limit = 52 if d["kind"] == "StatefulSet" else 63  # + "-" + revision hash
+            assert len(name) <= limit, (d["kind"], name)
 
 
 @pytest.mark.parametrize("values", CI_VALUES, ids=[p.stem for p in CI_VALUES])

@@ -261,3 +261,21 @@ def test_sink_deployments_consume_the_stream_and_follow_the_template_placement()
     assert constants.GPU_RESOURCE not in json.dumps(pg)
     assert pg["spec"]["strategy"] == {"type": "Recreate"}
     assert sinks.desired_names(agent) == ["cartpole-arrow-sink", "cartpole-postgres-sink"]
+
+
+def test_monitor_labels_come_from_the_environment_as_a_json_object() -> None:
+    name = settings.ENV_MONITOR_LABELS
+    assert settings.Settings.from_env({}).monitor_labels == {}
+    cfg = settings.Settings.from_env({name: '{"release": "kube-prometheus"}'})
+    assert cfg.monitor_labels == {"release": "kube-prometheus"}
+    for bad in ("release=prometheus", '{"replicas": 3}', '["release"]'):
+        with pytest.raises(ValueError, match=f"{name}: expected a JSON object"):
+            settings.Settings.from_env({name: bad})
+
+
+def test_monitor_labels_never_replace_the_agents_own() -> None:
+    labels = monitoring.build(make_agent(), {constants.LABEL_AGENT: "other", "release": "p"})[
+        "metadata"
+    ]["labels"]
+    assert labels[constants.LABEL_AGENT] == "cartpole"
+    assert labels["release"] == "p"
