@@ -52,6 +52,9 @@ from relayrl_runtime.transport import endpoint, publisher
 # How long the first NATS connection may take when the model comes from the registry
 # (nothing can run before it); later disconnects are retried forever.
 _NATS_CONNECT_SECONDS = 60.0
+# A registry model not there yet is looked for again after 1 s, doubling up to 30 s.
+_MODEL_WAIT_SECONDS = 1.0
+_MODEL_WAIT_MAX_SECONDS = 30.0
 # How long closing a NATS connection may take on the way out.
 _NATS_CLOSE_SECONDS = 5.0
 # How long the background tasks (watchers, reporter) may take to end once cancelled.
@@ -97,6 +100,7 @@ class App:
         self.remote_address: str | None = None
         self.reporter: reporting.Reporter | None = None
         self._failed: str | None = None
+        self._waiting: str | None = None  # why the model is not loaded yet, while it waits
         self._stop = asyncio.Event()
         self._drv_stop = threading.Event()
         self._endpoint: endpoint.RemoteEndpoint | None = None
@@ -136,7 +140,7 @@ class App:
         if self._failed is not None:
             return False, f"failed: {self._failed}"
         if self.agent is None or self.agent.closed:
-            return False, "model not loaded"
+            return False, self._waiting or "model not loaded"
         if self.sink is not None and not self.sink.connected:
             return False, "sink not connected"
         return True, f"ready: model version {self.agent.get_model_version()}"
@@ -375,7 +379,25 @@ class App:
             except streams.ConnectError as err:
                 raise errors.ModelLoadError(f"model registry: {err}") from err
             self._nc = nc
-            path, entry = await registry.fetch(nc, ref, cache)
+            delay = _MODEL_WAIT_SECONDS
+            while True:
+                try:
+                    path, entry = await registry.fetch(nc, ref, cache)
+                    break
+                except errors.ModelMissingError as err:
+                    # Not pushed yet, or a pinned version that is not there: wait (not
+                    # ready) rather than exit into a crash loop. SIGTERM ends the wait.
+                    self._waiting = f"waiting for the model: {err}"
+                    log.warning(
+                        "%s; push it, or change model.version; looking again in %.0fs",
+                        err,
+                        delay,
+                    )
+                    await asyncio.sleep(delay)
+                    delay = min(2 * delay, _MODEL_WAIT_MAX_SECONDS)
+                    self._reread_config()  # model.version may have changed meanwhile
+                    ref = registry.ModelRef.parse(m.uri, self.cfg.model.version)
+            self._waiting = None
             log.info("model %s version %s fetched from the registry", ref.key, entry.version)
 
             def registry_watcher(a: agent_mod.Agent) -> reload.RegistryWatcher:

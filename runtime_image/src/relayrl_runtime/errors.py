@@ -49,6 +49,10 @@ class ModelLoadError(RelayRLError):
     kind = "model_load"
 
 
+class ModelMissingError(ModelLoadError):
+    """The registry has no such model (or version, or bucket) yet: it may be pushed."""
+
+
 class ModelMetadataError(ModelLoadError):
     """A model directory whose metadata is invalid or disagrees with the graph."""
 

@@ -101,7 +101,7 @@ async def object_store(nc: Any, bucket: str, create: bool = False) -> Any:
         return await js.object_store(bucket)
     except js_errors.BucketNotFoundError:
         if not create:
-            raise errors.ModelLoadError(
+            raise errors.ModelMissingError(
                 f"model registry: bucket {bucket!r} does not exist"
             ) from None
         return await js.create_object_store(bucket)
@@ -134,7 +134,7 @@ async def info(nc: Any, ref: ModelRef) -> Entry:
     try:
         return _entry(await store.get_info(ref.key))
     except js_errors.NotFoundError:
-        raise errors.ModelLoadError(
+        raise errors.ModelMissingError(
             f"model registry: no object {ref.key!r} in bucket {ref.bucket!r}"
         ) from None
 
@@ -145,7 +145,7 @@ async def fetch(nc: Any, ref: ModelRef, cache: Path) -> tuple[Path, Entry]:
     try:
         result = await store.get(ref.key)
     except js_errors.NotFoundError:
-        raise errors.ModelLoadError(
+        raise errors.ModelMissingError(
             f"model registry: no object {ref.key!r} in bucket {ref.bucket!r}"
         ) from None
     entry = _entry(result.info)

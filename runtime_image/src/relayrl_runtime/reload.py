@@ -34,6 +34,8 @@ class _Watcher:
     any other failed reload in status.
     """
 
+    agent: agent_mod.Agent
+
     def __init__(self) -> None:
         self._checking = asyncio.Lock()
         self.refused: reporting.Refusal | None = None
@@ -47,6 +49,14 @@ class _Watcher:
             self.refused = reporting.Refusal(version, str(err), incompatible)
             raise
         self.refused = None
+
+    def _missing(self, version: int | None, reason: str) -> None:
+        """The wanted version is not in the source: the pod keeps its model and reports
+        so (status shows it) until the version appears or is no longer wanted."""
+        refusal = reporting.Refusal(version, reason, incompatible=False)
+        if refusal != self.refused:
+            log.warning("%s; keeping model version %d", reason, self.agent.get_model_version())
+        self.refused = refusal
 
     async def check(self) -> None:
         """Reload if the source holds a version other than the running one."""
@@ -104,12 +114,10 @@ class PathWatcher(_Watcher):
                 self.refused = None
                 return
             if self.version is not None and meta.version != self.version:
-                log.warning(
-                    "model.version %d is pinned but %s holds version %d; keeping version %d",
+                self._missing(
                     self.version,
-                    self.path,
-                    meta.version,
-                    self.agent.get_model_version(),
+                    f"model.version {self.version} is pinned but {self.path} holds "
+                    f"version {meta.version}",
                 )
                 return
             # Only a version read and then not loaded is a refusal: a directory read
@@ -156,8 +164,14 @@ class RegistryWatcher(_Watcher):
 
     async def _check(self) -> None:
         try:
-            entry = await registry.info(self.nc, self.ref)
+            try:
+                entry = await registry.info(self.nc, self.ref)
+            except errors.ModelMissingError as err:
+                self._missing(self.ref.version, str(err))
+                return
             if entry.digest == self._digest:
+                if entry.version == self.agent.get_model_version():
+                    self.refused = None  # e.g. back to a version it runs
                 return
             path, entry = await registry.fetch(self.nc, self.ref, self.cache)
             # Whatever the load below makes of this version, it is not tried again (a

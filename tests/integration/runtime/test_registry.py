@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 from pathlib import Path
 
+import nats
 import pyarrow as pa
 import pyarrow.parquet as pq
 from integration.runtime import helpers
 
+from relayrl_runtime import config, reporting
 from support import natsserver
 
 
@@ -18,6 +21,17 @@ def _cli(*args: str) -> str:
     )
     assert done.returncode == 0, done.stderr
     return done.stdout
+
+
+def _reports(url: str, namespace: str, agent: str) -> dict[str, reporting.PodReport]:
+    async def read() -> dict[str, reporting.PodReport]:
+        nc = await nats.connect(url)
+        try:
+            return await reporting.read_reports(nc.jetstream(), namespace, agent)
+        finally:
+            await nc.close()
+
+    return asyncio.run(read())
 
 
 def test_push_list_and_hot_reload_from_registry(
@@ -92,15 +106,85 @@ def test_pinned_version_and_missing_model(
         assert proc.terminate() == 0
     finally:
         proc.kill()
+    # A model not pushed yet (an Agent applied first): the pod waits for it, not
+    # ready and saying why, instead of exiting into a crash loop; then starts on it.
     missing = tmp_path / "missing"
     missing.mkdir()
     cfg["model"] = {"uri": "objectstore://models/nope", "format": "onnx"}
     proc = helpers.RuntimeProcess(missing, cfg)
     try:
-        assert proc.proc.wait(60) == 2
+
+        def waiting() -> bool:
+            assert proc.proc.poll() is None, proc.logs()
+            status, body = helpers.http_get(proc.port, "/readyz")
+            return status == 503 and "waiting for the model" in body
+
+        helpers.wait_for("/readyz says it waits", waiting)
+        assert "no object 'nope' in bucket 'models'" in helpers.http_get(proc.port, "/readyz")[1]
+        _cli("model", "push", "--nats", url, "--bucket", "models", "--name", "nope",
+             str(models["onnx_v2"]))  # fmt: skip
+        proc.wait_ready(timeout=90)
+        assert helpers.metric(proc.metrics(), "relayrl_runtime_model_version") == 2
+        assert proc.terminate() == 0
     finally:
         proc.kill()
-    assert "no object 'nope' in bucket 'models'" in proc.logs()
+    # A pinned version that is not there: SIGTERM ends the wait at once (exit 0).
+    unpinned = tmp_path / "unpinned"
+    unpinned.mkdir()
+    cfg["model"] = {"uri": "objectstore://models/cp", "format": "onnx", "version": 9}
+    proc = helpers.RuntimeProcess(unpinned, cfg)
+    try:
+        helpers.wait_for("the wait", lambda: "no object 'cp@v9'" in proc.logs())
+        assert proc.terminate(timeout=15) == 0
+    finally:
+        proc.kill()
+
+
+def test_a_pinned_version_missing_from_the_registry_is_reported_and_kept_out(
+    nats_server: natsserver.NatsServer, models: dict[str, Path], tmp_path: Path
+) -> None:
+    """Changed live to a version nobody pushed: the pod keeps its model and its status
+    report names the version it could not take; pushed, it is taken."""
+    url = nats_server.url
+    _cli("model", "push", "--nats", url, "--bucket", "m2", "--name", "cp", str(models["onnx"]))
+    cfg = {
+        "agent": "pinned",
+        "namespace": "ns",
+        "actors": 1,
+        "model": {"uri": "objectstore://m2/cp", "format": "onnx", "version": 1},
+        "environment": {"gymnasium": {"id": "CartPole-v1"}},
+        "trajectories": {"nats": {"url": url}},
+        "localSink": {"path": str(tmp_path / "out")},
+        "reload": {"pollSeconds": 0.2},
+    }
+    env = {config.ENV_POD_NAME: "pinned-0"}
+    proc = helpers.RuntimeProcess(tmp_path, cfg, env=env, mounted=True)
+
+    def report() -> reporting.PodReport | None:
+        return _reports(url, "ns", "pinned").get("pinned-0")
+
+    try:
+        proc.wait_ready()
+        proc.update_config({**cfg, "model": {**cfg["model"], "version": 2}})
+        refused = helpers.wait_for(
+            "a report of version 2 missing",
+            lambda: (r := report()) is not None and r.refused is not None and r,
+        )
+        assert refused.model_version == 1
+        assert refused.refused is not None
+        assert (refused.refused.version, refused.refused.incompatible) == (2, False)
+        assert "no object 'cp@v2'" in refused.refused.reason
+        assert helpers.metric(proc.metrics(), "relayrl_runtime_model_version") == 1
+        assert proc.logs().count("no object 'cp@v2'") == 1  # said once, not every poll
+        _cli("model", "push", "--nats", url, "--bucket", "m2", "--name", "cp",
+             str(models["onnx_v2"]))  # fmt: skip
+        helpers.wait_for(
+            "a version 2 report, nothing refused",
+            lambda: (r := report()) is not None and r.model_version == 2 and r.refused is None,
+        )
+        assert proc.terminate() == 0
+    finally:
+        proc.kill()
 
 
 def test_registry_commands_fail_clearly_and_in_time(models: dict[str, Path]) -> None:
