@@ -149,7 +149,8 @@ class RegistryWatcher(_Watcher):
         self.ref = ref
         self.cache = cache
         self.poll_seconds = poll_seconds
-        self._digest = digest
+        self._digest = digest  # the last object looked at (loaded or refused)
+        self._running = digest  # the one the agent runs
 
     async def run(self) -> None:
         """Poll until cancelled; transient registry errors are retried at the next poll."""
@@ -178,9 +179,19 @@ class RegistryWatcher(_Watcher):
             # model that did not load once will not the next time): a newer one is.
             self._digest = entry.digest
             if entry.version == self.agent.get_model_version():
+                if entry.digest != self._running:
+                    # Other bytes under the version it runs: a version names one model
+                    # (the steps record it), so they are not loaded; a new number is.
+                    log.warning(
+                        "%s holds other content for version %d than this pod runs; keeping"
+                        " what runs (push changed weights as a new version)",
+                        self.ref.key,
+                        entry.version,
+                    )
                 self.refused = None
                 return
             await self._reload(self.agent, path, entry.version)
+            self._running = entry.digest
         except errors.RelayRLError as err:
             self.agent.metrics.model_reloads.labels("failed").inc()
             log.error("hot reload from %s failed, keeping the current model: %s", self.ref, err)

@@ -124,6 +124,21 @@ def test_postgres_stop_and_start(
     _check(pg_pipeline, pg, (arrow, pgsink), {13: report["batches"]})
 
 
+def test_an_idle_postgres_sink_is_not_ready_while_postgres_is_down(
+    pg_pipeline: pipeline.Pipeline, pg: postgres.PostgresServer
+) -> None:
+    """Nothing to commit, so no commit finds out: the sink asks Postgres now and then."""
+    sink = pg_pipeline.postgres_sink()
+    sink.start()
+    sink.wait_ready()
+    pg.stop("fast")
+    pipeline.wait_until("not ready", lambda: sink.get("/readyz")[0] == 503, 30)
+    pg.start()
+    sink.wait_ready(60)
+    assert sink.alive(), sink.logs()
+    assert sink.terminate() == 0, sink.logs()
+
+
 def test_sigterm_of_the_publisher_flushes(
     pg_pipeline: pipeline.Pipeline, pg: postgres.PostgresServer
 ) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import time
 from pathlib import Path
 
 import nats
@@ -11,7 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from integration.runtime import helpers
 
-from relayrl_runtime import config, reporting
+from relayrl_runtime import config, reporting, spec
+from relayrl_runtime.inference import export
 from support import natsserver
 
 
@@ -208,3 +210,35 @@ def test_registry_commands_fail_clearly_and_in_time(models: dict[str, Path]) -> 
         assert done.returncode == 2, (args, done.stderr)
         assert message in done.stderr, (args, done.stderr)
         assert "Traceback" not in done.stderr, done.stderr
+
+
+def test_other_weights_under_the_running_version_are_not_loaded(
+    nats_server: natsserver.NatsServer, models: dict[str, Path], tmp_path: Path
+) -> None:
+    """A version number names one model (the steps record it): re-pushed with other
+    weights, the running pod keeps what it runs and says why."""
+    url = nats_server.url
+    _cli("model", "push", "--nats", url, "--bucket", "m3", "--name", "cp", str(models["onnx"]))
+    cfg = {
+        "agent": "same",
+        "actors": 1,
+        "model": {"uri": "objectstore://m3/cp", "format": "onnx"},
+        "environment": {"gymnasium": {"id": "CartPole-v1"}},
+        "trajectories": {"nats": {"url": url}},
+        "localSink": {"path": str(tmp_path / "out")},
+        "reload": {"pollSeconds": 0.2},
+    }
+    other = tmp_path / "other"
+    export.export_mlp(other, spec.ModelFormat.ONNX, seed=7, version=1)
+    proc = helpers.RuntimeProcess(tmp_path, cfg)
+    try:
+        proc.wait_ready()
+        _cli("model", "push", "--nats", url, "--bucket", "m3", "--name", "cp", str(other))
+        helpers.wait_for("the warning", lambda: "holds other content for version 1" in proc.logs())
+        time.sleep(1.0)  # several polls
+        assert proc.logs().count("holds other content") == 1
+        assert helpers.metric(proc.metrics(), "relayrl_runtime_model_version") == 1
+        assert 'model_reloads_total{result="ok"}' not in proc.metrics()  # none loaded
+        assert proc.terminate() == 0
+    finally:
+        proc.kill()

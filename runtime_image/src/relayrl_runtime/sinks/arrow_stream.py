@@ -529,6 +529,16 @@ class ArrowStreamWriter:
             if not f.committed:
                 await asyncio.wrap_future(self._finish.submit(self._finish_file, f), loop=loop)
 
+    async def probe(self) -> None:
+        """The output directory is there and writable (a volume gone, say, is not)."""
+
+        def check() -> None:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if not os.access(self.root, os.W_OK | os.X_OK):
+                raise PermissionError(f"{self.root}: not writable")
+
+        await asyncio.to_thread(check)
+
     async def close(self) -> None:
         for write, _ in list(self._writes):
             with contextlib.suppress(Exception):

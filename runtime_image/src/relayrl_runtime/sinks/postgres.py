@@ -732,6 +732,17 @@ class PostgresWriter:
             self._done_ticket = sealed.ticket
             self._order.notify_all()
 
+    async def probe(self) -> None:
+        """A round trip on the sink's connection (made again if it was lost)."""
+        await self._in_db(self._ping)
+
+    def _ping(self) -> None:
+        try:
+            self._connect().execute("SELECT 1")
+        except (psycopg.OperationalError, psycopg.InterfaceError):
+            self._disconnect()
+            raise
+
     async def close(self) -> None:
         self._groups = []
         await self._in_db(self._disconnect)

@@ -72,6 +72,8 @@ FIXED_COLUMNS: Final = {
 }
 # How often the consume loop looks at the writer's commit deadline while nothing arrives.
 _TICK_SECONDS: Final = 0.05
+# While nothing arrives, the storage is checked this often (/readyz follows it).
+PROBE_SECONDS: Final = 5.0
 # nats-py reads the socket in pieces of this size, and its stream reader stops reading
 # at twice that. Its 32 KiB default makes a 1 MB message 32 reads, each re-growing the
 # parser's buffer and pausing the socket: about a fifth of the sink's event loop CPU.
@@ -165,6 +167,10 @@ class Writer(Protocol):
     @property
     def pending(self) -> bool:
         """Whether something was added since the last commit."""
+        ...
+
+    async def probe(self) -> None:
+        """Raise when the storage cannot take a commit now (checked while idle)."""
         ...
 
     async def close(self) -> None:
@@ -388,6 +394,7 @@ class SinkService:
         # The last message that was only dead-lettered, when no commit has acked it yet.
         self._dead_unacked: Msg | None = None
         self._max_msg = 0  # the stream's largest message (0: unknown)
+        self._next_probe = 0.0
 
     def ack_wait_seconds(self) -> float:
         """The consumer's ack wait: past it, JetStream delivers a message again.
@@ -617,6 +624,7 @@ class SinkService:
                     fetcher.result()  # raises what ended it
                     return
                 msgs = []
+                await self._probe()
             if msgs is None:
                 return
             gap = False
@@ -797,6 +805,7 @@ class SinkService:
         start = time.monotonic()
         await self._retry("commit", lambda: self.writer.commit(sealed))
         self.metrics.commit_seconds.observe(time.monotonic() - start)
+        self._failing.discard("storage")  # a commit went through
         self.metrics.committed_seq.set(last)
         # Counted when committed: the metrics say what is durable.
         messages, rows, size = counts
@@ -808,6 +817,25 @@ class SinkService:
             # after a crash the writer's record, not the ack, decides where to resume.
             with contextlib.suppress(Exception):
                 await msg.ack()
+
+    async def _probe(self) -> None:
+        """While idle, ask the storage now and then whether a commit could go through:
+        with nothing to commit, no commit would find out it is gone (/readyz)."""
+        now = time.monotonic()
+        if now < self._next_probe or self.writer.pending or self._inflight is not None:
+            return
+        self._next_probe = now + PROBE_SECONDS
+        try:
+            await asyncio.wait_for(self.writer.probe(), PROBE_SECONDS)
+        except Exception as err:
+            if "storage" not in self._failing:
+                log.warning("%s sink: storage check failed: %s", self.writer.kind, err)
+            self._failing.add("storage")
+            self.metrics.errors.labels(self.writer.kind, "storage").inc()
+            return
+        if "storage" in self._failing:
+            log.info("%s sink: storage answers again", self.writer.kind)
+        self._failing.discard("storage")
 
     # ----------------------------------------------------------------- helpers
 
