@@ -38,12 +38,21 @@ def _check(
 ) -> None:
     want = trajectories.expected(produced) if isinstance(produced, dict) else produced
     assert want.num_rows > 0
-    pipeline.wait_until(
-        "arrow sink caught up", lambda: pipeline.arrow_rows(p.arrow_dir) >= want.num_rows, 120
-    )
-    pipeline.wait_until(
-        "postgres sink caught up", lambda: pipeline.postgres_rows(pg.dsn) >= want.num_rows, 120
-    )
+    try:
+        pipeline.wait_until(
+            "arrow sink caught up", lambda: pipeline.arrow_rows(p.arrow_dir) >= want.num_rows, 120
+        )
+        pipeline.wait_until(
+            "postgres sink caught up",
+            lambda: pipeline.postgres_rows(pg.dsn) >= want.num_rows,
+            120,
+        )
+    except AssertionError as err:
+        logs = "\n".join(f"--- {s.kind} sink:\n{s.logs()[-6000:]}" for s in sinks)
+        raise AssertionError(
+            f"{err} (want {want.num_rows} rows; arrow has {pipeline.arrow_rows(p.arrow_dir)},"
+            f" postgres {pipeline.postgres_rows(pg.dsn)})\n{logs}"
+        ) from None
     for s in sinks:
         assert s.terminate() == 0, s.logs()
     pipeline.assert_same(pipeline.read_arrow(p.arrow_dir), want, "arrow")

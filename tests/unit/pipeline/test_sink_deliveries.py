@@ -206,3 +206,32 @@ def test_the_ack_wait_stays_above_what_a_writer_holds() -> None:
 
     assert ack_wait(0.2) == 600.0
     assert ack_wait(3600.0) == 4560.0  # a file open for an hour
+
+
+class Idle:
+    """A pull subscription with nothing to deliver."""
+
+    async def fetch(self, batch: int, **kwargs: float) -> list[Any]:
+        await asyncio.sleep(0.01)
+        raise TimeoutError
+
+
+@dataclass
+class Connection:
+    stats: dict[str, int] = field(default_factory=lambda: {"reconnects": 0})
+
+
+async def test_a_reconnect_re_positions_the_consumer_even_with_nothing_after_it() -> None:
+    """Deliveries in flight when the connection dropped are lost; at the stream's tail
+    no later delivery shows the gap, and the ack wait is long: start again at once."""
+    svc = sink(last_seen=10)
+    nc = Connection()
+    svc._nc = nc  # type: ignore[assignment]
+    svc._reconnects = svc._reconnect_count()
+    out: asyncio.Queue[Any] = asyncio.Queue()
+    fetching = asyncio.create_task(svc._fetch_loop(Idle(), out))  # type: ignore[arg-type]
+    await asyncio.sleep(0.1)
+    assert out.empty()  # idle: nothing to do
+    nc.stats["reconnects"] += 1
+    assert await asyncio.wait_for(out.get(), 5) is None  # re-position
+    await asyncio.wait_for(fetching, 5)

@@ -395,6 +395,7 @@ class SinkService:
         self._dead_unacked: Msg | None = None
         self._max_msg = 0  # the stream's largest message (0: unknown)
         self._next_probe = 0.0
+        self._reconnects = 0  # the connection's reconnect count when the consumer was made
 
     def ack_wait_seconds(self) -> float:
         """The consumer's ack wait: past it, JetStream delivers a message again.
@@ -544,6 +545,7 @@ class SinkService:
             ),
         )
         self._last_dseq = 0
+        self._reconnects = self._reconnect_count()
         log.info(
             "%s sink: consumer %s starts at sequence %d", self.writer.kind, self.durable, start
         )
@@ -590,6 +592,12 @@ class SinkService:
             except (nats.errors.TimeoutError, TimeoutError):
                 # Nothing new (nats-py raises either kind). A lost pull request shows
                 # up as a delivery gap later, which re-positions the consumer.
+                if self._reconnect_count() != self._reconnects:
+                    # Deliveries in flight when the connection dropped are lost: with
+                    # nothing after them (the stream's tail), no gap would show them
+                    # before the ack wait. Start again after the last one taken.
+                    await out.put(None)
+                    return
                 continue
             except (nats.errors.Error, nats.js.errors.Error, OSError) as err:
                 # Disconnected, server restarting, consumer gone: wait, then re-position
@@ -644,6 +652,10 @@ class SinkService:
             if gap:
                 self.metrics.repositions.inc()
                 return
+
+    def _reconnect_count(self) -> int:
+        nc = self._nc
+        return int(nc.stats.get("reconnects", 0)) if nc is not None else 0
 
     def _batch_size(self) -> int:
         # nats-py's fetch has no byte bound, and a pull of hundreds of 1 MB messages
