@@ -34,7 +34,7 @@ import dataclasses
 import logging
 import time
 import zlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -332,11 +332,7 @@ class Reconciler:
             ours = state.child_versions.get((kind, name))
             if ours is None or ours == meta.get("resourceVersion"):
                 # Not an older event of it arriving late: that would undo a handover step.
-                annotations = meta.get("annotations") or {}
-                state.config_layout = handover.Layout.decode(
-                    annotations.get(constants.ANNOTATION_ACTOR_LAYOUT)
-                )
-                state.config_revision = annotations.get(constants.ANNOTATION_CONFIG_HASH)
+                state.config_revision = _take_config_meta(state, meta)
         if kind != "Pod":
             child = (kind, name)
             generation = meta.get("generation")
@@ -693,12 +689,7 @@ class Reconciler:
         actor pod has applied the handover config (or TIMEOUT_SECONDS passed).
         """
         current = state.config_layout
-        written = (state.body or {}).get("status") or {}
-        if (
-            current is None
-            and written.get("observedGeneration") is not None
-            and self._streams is not None
-        ):
+        if current is None and _has_status(state) and self._streams is not None:
             # An Agent whose ConfigMap this process has not seen (it restarted, or a
             # peer acted while it was paused): read what the pods were given.
             current = state.config_layout = await self._read_layout(agent)
@@ -747,7 +738,7 @@ class Reconciler:
         if state.config_revision is not None:
             await self._push_config(agent, state, state.config_revision)
         if listed:
-            waiting = self._handover_waiting(state, agent, revision)
+            waiting = _handover_waiting(running, reports, revision)
         else:
             waiting = ["pods not listed yet"]  # just started: the cache may lack some
         if waiting and now - state.handover_since < handover.TIMEOUT_SECONDS:
@@ -767,15 +758,6 @@ class Reconciler:
         """The revision of the Agent's handover config (what its pods report applying)."""
         rendered = configmap.build(agent, handing_over=True)["data"][constants.CONFIG_KEY]
         return config.revision(rendered.encode())
-
-    def _handover_waiting(self, state: _State, agent: common.AgentRef, revision: str) -> list[str]:
-        """The running actor pods that have not reported this handover config."""
-        reports = self._fresh_reports(agent)
-        return [
-            n
-            for n in _running_actor_pods(state)
-            if n not in reports or reports[n].config_revision != revision
-        ]
 
     async def _read_layout(self, agent: common.AgentRef) -> handover.Layout | None:
         cm = await self._client.get(kube.CONFIGMAP, agent.namespace, common.configmap_name(agent))
@@ -809,9 +791,8 @@ class Reconciler:
         desired = self.desired_children(agent, handing_over=handing_over)
         state.layout_attempted = configmap.layout(agent, handing_over=handing_over)
         results: list[Any] = []
-        written = (state.body or {}).get("status") or {}
         state.config_rejected = False
-        if state.applied_generation is not None or written.get("observedGeneration") is not None:
+        if state.applied_generation is not None or _has_status(state):
             # A change to a running Agent (applied by this process, or by an operator
             # before it): the config first. A pod the StatefulSet replaces meanwhile
             # must mount the new one, or it runs the old settings while it counts as
@@ -860,11 +841,7 @@ class Reconciler:
             if generation is not None:
                 state.child_generations[child] = generation
             if obj is desired[0]:
-                annotations = result.obj.get("metadata", {}).get("annotations") or {}
-                state.config_layout = handover.Layout.decode(
-                    annotations.get(constants.ANNOTATION_ACTOR_LAYOUT)
-                )
-                revision = annotations.get(constants.ANNOTATION_CONFIG_HASH)
+                revision = _take_config_meta(state, result.obj.get("metadata", {}))
                 if state.config_revision is not None and revision != state.config_revision:
                     await self._push_config(agent, state, revision or "")
                 state.config_revision = revision
@@ -899,10 +876,8 @@ class Reconciler:
         """
         names = [
             name
-            for name, pod in state.pods.items()
-            if (pod["metadata"].get("labels") or {}).get(constants.LABEL_COMPONENT)
-            == constants.COMPONENT_ACTORS
-            and not pod["metadata"].get("deletionTimestamp")
+            for name, pod in _actor_pods(state)
+            if not pod["metadata"].get("deletionTimestamp")
             and (pod["metadata"].get("annotations") or {}).get(constants.ANNOTATION_CONFIG_HASH)
             != revision
             and state.pushed.get(name) != revision
@@ -1045,7 +1020,7 @@ class Reconciler:
                 )
             )
         handing_over = (
-            tuple(self._handover_waiting(state, agent, handover_revision))
+            tuple(_handover_waiting(_running_actor_pods(state), reports, handover_revision))
             if handover_revision is not None
             else None
         )
@@ -1226,15 +1201,38 @@ def _pod_view(
     )
 
 
+def _take_config_meta(state: _State, meta: Mapping[str, Any]) -> str | None:
+    """Keep the actor layout of the runtime ConfigMap with this metadata; its revision."""
+    annotations = meta.get("annotations") or {}
+    state.config_layout = handover.Layout.decode(annotations.get(constants.ANNOTATION_ACTOR_LAYOUT))
+    revision: str | None = annotations.get(constants.ANNOTATION_CONFIG_HASH)
+    return revision
+
+
+def _has_status(state: _State) -> bool:
+    """Whether an operator (this process or one before it) has written the Agent's status."""
+    written = (state.body or {}).get("status") or {}
+    return written.get("observedGeneration") is not None
+
+
+def _handover_waiting(
+    running: Iterable[str], reports: Mapping[str, reporting.PodReport], revision: str
+) -> list[str]:
+    """The running actor pods that have not reported this handover config."""
+    return [n for n in running if n not in reports or reports[n].config_revision != revision]
+
+
+def _actor_pods(state: _State) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    """The Agent's actor pods (summaries) by name."""
+    for name, pod in state.pods.items():
+        labels = pod["metadata"].get("labels") or {}
+        if labels.get(constants.LABEL_COMPONENT) == constants.COMPONENT_ACTORS:
+            yield name, pod
+
+
 def _running_actor_pods(state: _State) -> list[str]:
     """The actor pods with a container running (terminating ones too), by name."""
-    return sorted(
-        name
-        for name, pod in state.pods.items()
-        if (pod["metadata"].get("labels") or {}).get(constants.LABEL_COMPONENT)
-        == constants.COMPONENT_ACTORS
-        and pod["status"].get("running")
-    )
+    return sorted(name for name, pod in _actor_pods(state) if pod["status"].get("running"))
 
 
 def _model_source(agent_spec: spec.AgentSpec) -> tuple[str, str]:

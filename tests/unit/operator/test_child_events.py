@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from unit.operator.pods import actor_pod
+
 from relayrl_operator import constants, reconcile, settings
 from relayrl_operator.builders import common, statefulset
 from relayrl_runtime import spec
@@ -102,23 +104,6 @@ def test_only_events_that_can_change_status_or_need_repair_queue_a_pass() -> Non
     assert drained(rec) == 1
     rec.child_event("DELETED", pod("True"))
     assert drained(rec) == 1
-
-
-def actor_pod(index: int, restart_hash: str, terminating: bool) -> dict[str, Any]:
-    meta: dict[str, Any] = {
-        "namespace": "ml",
-        "name": f"cartpole-actors-{index}",
-        "labels": {
-            constants.LABEL_AGENT: "cartpole",
-            constants.LABEL_COMPONENT: constants.COMPONENT_ACTORS,
-            constants.LABEL_POD_INDEX: str(index),
-        },
-        "annotations": {constants.ANNOTATION_RESTART_HASH: restart_hash},
-    }
-    if terminating:
-        meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"
-    ready = {"type": "Ready", "status": "True"}
-    return {"kind": "Pod", "metadata": meta, "status": {"conditions": [ready]}}
 
 
 def test_a_terminating_pod_of_an_older_template_counts_as_being_replaced() -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-import dataclasses
 import time
 from collections.abc import AsyncIterator, Iterable
 from datetime import UTC, datetime, timedelta
@@ -19,6 +18,7 @@ from typing import Any
 
 import pytest
 import yaml
+from unit.operator.pods import actor_pod
 
 from relayrl_operator import constants, handover, kube, reconcile, settings, status
 from relayrl_operator.builders import common
@@ -689,29 +689,9 @@ class Versioned(Rejecting):
         return data
 
 
-def actor_pod(state: Any, index: int, *, deleting: bool = False) -> dict[str, Any]:
-    meta: dict[str, Any] = {
-        "namespace": "ml",
-        "name": f"cartpole-actors-{index}",
-        "labels": {
-            constants.LABEL_AGENT: "cartpole",
-            constants.LABEL_COMPONENT: constants.COMPONENT_ACTORS,
-        },
-        "annotations": {constants.ANNOTATION_RESTART_HASH: state.restart_hash},
-    }
-    if deleting:
-        meta["deletionTimestamp"] = "2026-11-22T00:00:00Z"
-    return {
-        "kind": "Pod",
-        "metadata": meta,
-        "status": {
-            "conditions": [{"type": "Ready", "status": "True"}],
-            "containerStatuses": [{"state": {"running": {"startedAt": "2026-11-22T00:00:00Z"}}}],
-        },
-    }
-
-
-def report(index: int, revision: str, actors: int = 4) -> reporting.PodReport:
+def report(index: int, revision: str | None, actors: int = 4) -> reporting.PodReport:
+    """Pod `index`'s status report; a `revision` of None is a runtime older than
+    slice handovers (it reports none)."""
     return reporting.PodReport(
         f"cartpole-actors-{index}", 1, actors, True, time.time(), config_revision=revision
     )
@@ -737,7 +717,7 @@ async def with_running_pods(rec: reconcile.Reconciler, count: int) -> tuple[dict
     await settle(rec)
     state = rec._states[KEY]
     for i in range(count):
-        rec.child_event("ADDED", actor_pod(state, i))
+        rec.child_event("ADDED", actor_pod(i, state.restart_hash))
     await settle(rec)
     return body, state
 
@@ -795,8 +775,8 @@ async def test_an_actors_per_pod_change_hands_actors_over_before_pods_take_new_o
         assert "4/16 actors running, the rest moving between pods" in ready(api)["message"]
 
         # Pod 3 is gone; pod 2, terminating, has applied it (it runs nothing now).
-        rec.child_event("MODIFIED", actor_pod(state, 2, deleting=True))
-        rec.child_event("DELETED", actor_pod(state, 3))
+        rec.child_event("MODIFIED", actor_pod(2, state.restart_hash, terminating=True))
+        rec.child_event("DELETED", actor_pod(3, state.restart_hash))
         await settle(rec)
         assert api.layout() == handover.Layout(16, 8, handover=True)
         nats.pod_reports["cartpole-actors-2"] = report(2, step1)
@@ -873,9 +853,7 @@ async def test_no_handover_for_pods_whose_runtime_predates_it() -> None:
     nats = Reporting()
     async with running(api, nats) as rec:
         first, _ = await with_running_pods(rec, 1)
-        nats.pod_reports["cartpole-actors-0"] = dataclasses.replace(
-            report(0, ""), config_revision=None
-        )
+        nats.pod_reports["cartpole-actors-0"] = report(0, None)
         rec.agent_event("MODIFIED", change(first, 2, actorsPerPod=8))
         await settle(rec)
         assert api.layout() == handover.Layout(16, 8)  # it would refuse sliceHandover
@@ -897,7 +875,7 @@ async def test_a_resumed_operator_finishes_a_handover_a_peer_started() -> None:
         await settle(rec)
         assert api.layout() == handover.Layout(16, 8)
         for i in range(2):
-            rec.child_event("ADDED", actor_pod(state, i))
+            rec.child_event("ADDED", actor_pod(i, state.restart_hash))
             nats.pod_reports[f"cartpole-actors-{i}"] = report(i, api.revision())
         await settle(rec)
 
@@ -926,9 +904,7 @@ async def test_the_warning_for_an_old_runtime_comes_once_per_change() -> None:
     nats = Reporting()
     async with running(api, nats) as rec:
         first, _ = await with_running_pods(rec, 1)
-        nats.pod_reports["cartpole-actors-0"] = dataclasses.replace(
-            report(0, ""), config_revision=None
-        )
+        nats.pod_reports["cartpole-actors-0"] = report(0, None)
         api.kind = "ConfigMap"  # refused for good from now on
         rec.agent_event("MODIFIED", change(first, 2, actorsPerPod=8))
         await settle(rec)
@@ -964,7 +940,7 @@ async def test_a_restarted_operator_finishes_a_handover_it_did_not_start() -> No
         # Its pod watch has not listed the running pods yet: no pod known is no proof.
         assert api.layout() == handover.Layout(16, 8, handover=True)
         for i in range(2):
-            rec.child_event("ADDED", actor_pod(state, i))
+            rec.child_event("ADDED", actor_pod(i, state.restart_hash))
             nats.pod_reports[f"cartpole-actors-{i}"] = report(i, "older")
         listed = True
         await settle(rec, 1.5)
