@@ -100,7 +100,13 @@ class Sink(Proc):
     """A `relayrl-sink` process with its HTTP port."""
 
     def __init__(
-        self, kind: str, nats_url: str, log_dir: Path, extra: list[str], env: dict[str, str]
+        self,
+        kind: str,
+        nats_url: str,
+        log_dir: Path,
+        extra: list[str],
+        env: dict[str, str],
+        name: str | None = None,
     ):
         self.kind = kind
         self.port = free_port()
@@ -119,7 +125,7 @@ class Sink(Proc):
             str(self.port),
             *extra,
         ]
-        super().__init__(f"sink-{kind}", cmd, log_dir, env)
+        super().__init__(name or f"sink-{kind}", cmd, log_dir, env)
 
     def get(self, path: str) -> tuple[int, str]:
         try:
@@ -168,6 +174,7 @@ class Pipeline:
             self.work,
             ["--path", str(self.arrow_dir), *extra],
             self.env,
+            self._sink_name("arrow"),
         )
         self.procs.append(sink)
         return sink
@@ -180,9 +187,16 @@ class Pipeline:
         env = dict(self.env)
         # The DSN comes from a mounted-Secret-style file, as in a pod.
         env["RELAYRL_PG_DSN_FILE"] = str(dsn_file)
-        sink = Sink("postgres", self.nats.url, self.work, list(extra), env)
+        sink = Sink(
+            "postgres", self.nats.url, self.work, list(extra), env, self._sink_name("postgres")
+        )
         self.procs.append(sink)
         return sink
+
+    def _sink_name(self, kind: str) -> str:
+        """sink-<kind>, then sink-<kind>-2, ...: each sink's log in a file of its own."""
+        n = sum(1 for p in self.procs if isinstance(p, Sink) and p.kind == kind)
+        return f"sink-{kind}" if n == 0 else f"sink-{kind}-{n + 1}"
 
     def producer(self, producer_id: int, *args: str) -> Producer:
         p = Producer(producer_id, self.nats.url, self.work, list(args), self.env)

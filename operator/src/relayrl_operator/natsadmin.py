@@ -29,7 +29,7 @@ from nats.aio.client import Client as NATS
 
 from relayrl_operator import kube
 from relayrl_operator.builders import common
-from relayrl_runtime import reporting, spec, streams
+from relayrl_runtime import aio, reporting, spec, streams
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +67,11 @@ class NatsStreams:
 
     async def close(self) -> None:
         """Stop the watchers, close every connection, remove the credential files."""
-        for task in self._watchers.values():
-            task.cancel()
-        for task in self._watchers.values():
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        watchers = list(self._watchers.values())
+        await aio.cancel_and_wait(*watchers)
+        for task in watchers:
+            if not task.cancelled() and task.exception() is not None:
+                log.warning("status bucket watch ended: %r", task.exception())
         self._watchers.clear()
         for nc in self._conns.values():
             with contextlib.suppress(Exception):

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final
 
 from relayrl_operator import kube, metrics
+from relayrl_runtime import aio
 
 log = logging.getLogger(__name__)
 
@@ -251,10 +252,10 @@ def running(tasks: Sequence[asyncio.Task[None]]) -> bool:
 
 
 async def cancel(tasks: Iterable[asyncio.Task[None]]) -> None:
-    """Cancel tasks and wait until each has ended."""
+    """Cancel tasks and wait until each has ended; raise what one of them raised."""
     tasks = list(tasks)
+    await aio.cancel_and_wait(*tasks)
     for task in tasks:
-        task.cancel()
-    for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        failed = None if task.cancelled() else task.exception()
+        if failed is not None:
+            raise failed

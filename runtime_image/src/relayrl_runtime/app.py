@@ -32,6 +32,7 @@ import numpy as np
 
 from relayrl_runtime import agent as agent_mod
 from relayrl_runtime import (
+    aio,
     config,
     errors,
     httpserver,
@@ -151,7 +152,7 @@ class App:
 
     def _arm_watchdog(self) -> None:
         if self.exit_watchdog:
-            watchdog.arm(self.cfg.drain_seconds + _EXIT_GRACE_SECONDS)
+            watchdog.arm(self.cfg.drain_seconds + _EXIT_GRACE_SECONDS, asyncio.get_running_loop())
 
     # --------------------------------------------------------------------- run
 
@@ -187,9 +188,9 @@ class App:
             starting = asyncio.create_task(self._start(cache, tasks))
             await asyncio.wait([starting, stopped], return_when=asyncio.FIRST_COMPLETED)
             if not starting.done():
-                starting.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await starting
+                await aio.cancel_and_wait(starting)
+                if not starting.cancelled():
+                    starting.result()  # ended anyway: its error counts; its source drains
                 log.info("stopped while starting")
             else:
                 code = await self._serve(starting.result(), stopped)
@@ -649,17 +650,14 @@ def main(config_path: Path) -> int:
 
 async def _cancel(tasks: list[asyncio.Task[Any]]) -> None:
     """Cancel the background tasks and wait (a little) for them to end."""
+    pending = await aio.cancel_and_wait(*tasks, give_up_after=_CANCEL_SECONDS)
     for task in tasks:
-        task.cancel()
-    if not tasks:
-        return
-    done, pending = await asyncio.wait(tasks, timeout=_CANCEL_SECONDS)
-    for task in done:
+        if task in pending:
+            log.error("background task %s did not end when cancelled", task.get_name())
+            continue
         err = None if task.cancelled() else task.exception()
         if err is not None:  # a background task that failed must not stop the drain
             log.error("background task %s failed", task.get_name(), exc_info=err)
-    for task in pending:
-        log.error("background task %s did not end when cancelled", task.get_name())
 
 
 def _ended_late(source: asyncio.Future[Any]) -> None:

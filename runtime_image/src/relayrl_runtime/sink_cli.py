@@ -20,7 +20,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from relayrl_runtime import logs, spec, streams
+from relayrl_runtime import logs, spec, streams, watchdog
 from relayrl_runtime.sinks import service
 
 
@@ -133,7 +133,8 @@ def build(args: argparse.Namespace) -> service.SinkService:
 
 
 async def _run(svc: service.SinkService) -> None:
-    svc.install_signal_handlers()
+    loop = asyncio.get_running_loop()
+    svc.install_signal_handlers(lambda: watchdog.arm(service.EXIT_SECONDS, loop))
     await svc.run()
 
 
@@ -148,6 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A bad --agent or --nats-url, an unreadable --dsn-file: say which, no traceback.
         log.error("relayrl-sink %s: %s", args.command, err)
         return 2
+    watchdog.install_stack_dump()
     try:
         asyncio.run(_run(svc))
     except (service.PermanentError, streams.ConnectError) as err:

@@ -127,7 +127,7 @@ def test_sigterm_of_the_runtime_flushes_every_step(
     pipeline.wait_until("arrow", lambda: pipeline.arrow_rows(pg_pipeline.arrow_dir) >= steps)
     pipeline.wait_until("postgres", lambda: pipeline.postgres_rows(pg.dsn) >= steps)
     for s in (arrow, pgsink):
-        assert s.terminate() == 0
+        assert s.terminate() == 0, s.logs()
     arrow_table = _read_arrow_like(pg_pipeline.arrow_dir, published.schema)
     pipeline.assert_same(arrow_table, published, "arrow")
     pg_table = trajectories.sort(pipeline.read_postgres(pg.dsn, published.schema))

@@ -60,7 +60,7 @@ def test_arrow_sink_writes_a_partitioned_dataset(arrow_pipeline: pipeline.Pipeli
     want = trajectories.expected({1: report["batches"]})
     root = arrow_pipeline.arrow_dir
     pipeline.wait_until("all rows", lambda: pipeline.arrow_rows(root) == want.num_rows)
-    assert sink.terminate() == 0
+    assert sink.terminate() == 0, sink.logs()
 
     pipeline.assert_same(pipeline.read_arrow(root), want, "arrow sink")
     files = arrow_stream.committed_files(root)
@@ -118,7 +118,7 @@ def test_postgres_sink_writes_rows_once_and_migrates(
     report = producer.result()
     want = trajectories.expected({3: report["batches"]})
     pipeline.wait_until("all rows", lambda: pipeline.postgres_rows(pg.dsn) == want.num_rows)
-    assert sink.terminate() == 0
+    assert sink.terminate() == 0, sink.logs()
     pipeline.assert_same(pipeline.read_postgres(pg.dsn), want, "postgres sink")
 
     with psycopg.connect(pg.dsn) as conn:
@@ -140,7 +140,7 @@ def test_postgres_sink_writes_rows_once_and_migrates(
     # A restart migrates nothing and writes nothing again.
     sink.start()
     sink.wait_ready()
-    assert sink.terminate() == 0
+    assert sink.terminate() == 0, sink.logs()
     assert pipeline.postgres_rows(pg.dsn) == want.num_rows
 
 
@@ -233,7 +233,7 @@ async def test_bad_messages_go_to_the_dead_letter_subject(
     assert pgsink.alive()
     assert arrow.metric("relayrl_sink_dead_letters_total") == 5
     for s in (arrow, pgsink):
-        assert s.terminate() == 0
+        assert s.terminate() == 0, s.logs()
     pipeline.assert_same(pipeline.read_arrow(root), want, "arrow")
     pipeline.assert_same(pipeline.read_postgres(pg.dsn), want, "postgres")
 
@@ -277,7 +277,7 @@ async def test_postgres_dead_letters_a_column_type_its_table_cannot_take(
     want = first.num_rows + extra.num_rows + last.num_rows
     pipeline.wait_until("pg rows", lambda: pipeline.postgres_rows(pg.dsn) == want)
     assert pgsink.alive()
-    assert pgsink.terminate() == 0
+    assert pgsink.terminate() == 0, pgsink.logs()
     with psycopg.connect(pg.dsn) as conn:
         row = conn.execute("SELECT count(aux_extra) FROM relayrl.steps").fetchone()
     assert row == (extra.num_rows,)
@@ -333,7 +333,7 @@ async def test_two_agents_sharing_a_table_with_clashing_column_types(
     assert (dead[0].headers or {})[streams.HEADER_DEAD_REASON] == "schema-mismatch"
     assert other.alive()
     for s in (mine, other):
-        assert s.terminate() == 0
+        assert s.terminate() == 0, s.logs()
 
 
 @pytest.mark.parametrize("running", [False, True], ids=["sinks-stopped", "sinks-running"])
@@ -370,7 +370,7 @@ async def test_a_stream_made_anew_is_taken_from_its_start(
             assert len(await _dead_letters(js, 2)) == 2  # one from each sink
         else:
             for s in (arrow, pgsink):
-                assert s.terminate() == 0
+                assert s.terminate() == 0, s.logs()
         await js.delete_stream(streams.stream_name(pipeline.NAMESPACE, pipeline.AGENT))
         if running:
             # Made again (as the operator would for an Agent made again).
@@ -389,7 +389,7 @@ async def test_a_stream_made_anew_is_taken_from_its_start(
     for s in (arrow, pgsink):
         if running:
             assert s.alive()
-        assert s.terminate() == 0
+        assert s.terminate() == 0, s.logs()
     pipeline.assert_same(pipeline.read_arrow(root), trajectories.sort(new), "arrow")
     aside = list((root / f"agent={pipeline.AGENT}").glob("_replaced-*/date=*/part-*"))
     assert sum(pq.ParquetFile(p).metadata.num_rows for p in aside) == old_rows
@@ -430,7 +430,7 @@ async def test_a_bad_message_near_max_payload_is_dead_lettered_cut_short(
             root = p.arrow_dir
             pipeline.wait_until("arrow rows", lambda: pipeline.arrow_rows(root) == want.num_rows)
             assert arrow.alive()
-            assert arrow.terminate() == 0
+            assert arrow.terminate() == 0, arrow.logs()
         finally:
             p.close()
 
@@ -460,4 +460,4 @@ def test_health_ready_and_metrics(arrow_pipeline: pipeline.Pipeline) -> None:
     pipeline.wait_until("not ready", lambda: sink.get("/readyz")[0] == 503, 30)
     arrow_pipeline.nats.start()
     sink.wait_ready(30)
-    assert sink.terminate() == 0
+    assert sink.terminate() == 0, sink.logs()

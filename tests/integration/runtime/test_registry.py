@@ -105,7 +105,7 @@ def test_pinned_version_and_missing_model(
     try:
         proc.wait_ready()
         assert helpers.metric(proc.metrics(), "relayrl_runtime_model_version") == 1
-        assert proc.terminate() == 0
+        assert proc.terminate() == 0, proc.logs()
     finally:
         proc.kill()
     # A model not pushed yet (an Agent applied first): the pod waits for it, not
@@ -127,7 +127,7 @@ def test_pinned_version_and_missing_model(
              str(models["onnx_v2"]))  # fmt: skip
         proc.wait_ready(timeout=90)
         assert helpers.metric(proc.metrics(), "relayrl_runtime_model_version") == 2
-        assert proc.terminate() == 0
+        assert proc.terminate() == 0, proc.logs()
     finally:
         proc.kill()
     # A pinned version that is not there: SIGTERM ends the wait at once (exit 0).
@@ -184,7 +184,7 @@ def test_a_pinned_version_missing_from_the_registry_is_reported_and_kept_out(
             "a version 2 report, nothing refused",
             lambda: (r := report()) is not None and r.model_version == 2 and r.refused is None,
         )
-        assert proc.terminate() == 0
+        assert proc.terminate() == 0, proc.logs()
     finally:
         proc.kill()
 
@@ -239,6 +239,6 @@ def test_other_weights_under_the_running_version_are_not_loaded(
         assert proc.logs().count("holds other content") == 1
         assert helpers.metric(proc.metrics(), "relayrl_runtime_model_version") == 1
         assert 'model_reloads_total{result="ok"}' not in proc.metrics()  # none loaded
-        assert proc.terminate() == 0
+        assert proc.terminate() == 0, proc.logs()
     finally:
         proc.kill()

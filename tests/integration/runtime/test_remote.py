@@ -92,7 +92,7 @@ def test_bad_frames_get_error_replies_and_others_are_served(remote_runtime) -> N
     finally:
         raw.close()
         good.close()
-    assert proc.terminate() == 0
+    assert proc.terminate() == 0, proc.logs()
 
 
 def test_idle_client_actors_are_removed_and_flushed(

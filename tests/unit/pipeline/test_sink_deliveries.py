@@ -14,7 +14,7 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from relayrl_runtime import streams
+from relayrl_runtime import aio, streams
 from relayrl_runtime.sinks import service
 from support import trajectories
 
@@ -235,3 +235,62 @@ async def test_a_reconnect_re_positions_the_consumer_even_with_nothing_after_it(
     nc.stats["reconnects"] += 1
     assert await asyncio.wait_for(out.get(), 5) is None  # re-position
     await asyncio.wait_for(fetching, 5)
+
+
+class LosesOneCancel:
+    """A pull subscription whose fetch once swallows a cancel, as nats-py's fetch does on
+    Python 3.11 when a reply and the cancel land together (tests/unit/runtime/test_aio.py
+    sets up that race itself)."""
+
+    def __init__(self) -> None:
+        self.lost = False
+        self.fetches = 0
+
+    async def fetch(self, batch: int, **kwargs: float) -> list[Any]:
+        self.fetches += 1
+        try:
+            await asyncio.sleep(0.2)
+        except asyncio.CancelledError:
+            if self.lost:
+                raise
+            self.lost = True
+        raise TimeoutError
+
+    async def unsubscribe(self) -> None:
+        pass
+
+
+class Quiet(NoWriter):
+    pending = False
+
+    async def probe(self) -> None:
+        pass
+
+
+async def test_stopping_ends_the_fetch_even_when_a_cancel_is_lost() -> None:
+    """A sink on SIGTERM stops its fetch loop; a fetch that lost the cancel fetched on
+    forever, and the sink never exited (nor, when re-positioning, took anything more)."""
+    svc = sink(last_seen=10)
+    svc.writer = Quiet()  # type: ignore[assignment]
+    sub = LosesOneCancel()
+
+    async def nothing(*args: Any) -> None:
+        pass
+
+    async def position(js: Any) -> LosesOneCancel:
+        return sub
+
+    svc._open_stream = nothing  # type: ignore[method-assign]
+    svc._position = position  # type: ignore[method-assign,assignment]
+    consuming = asyncio.create_task(svc._consume(None))  # type: ignore[arg-type]
+    await asyncio.sleep(0.1)
+    assert sub.fetches == 1
+    svc.stopping.set()  # what SIGTERM does
+    # Not wait_for: its own cancel at the timeout would end the loop and hide the hang.
+    await asyncio.wait({consuming}, timeout=10)
+    try:
+        assert consuming.done(), "the sink still waits for its fetch loop"
+    finally:
+        await aio.cancel_and_wait(consuming)
+    assert sub.lost
+    consuming.result()

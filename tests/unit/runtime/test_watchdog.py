@@ -49,3 +49,20 @@ def test_watchdog_leaves_a_process_that_exits_in_time_alone() -> None:
     assert done.returncode == 0, done.stderr
     assert took < 20, took
     assert done.stderr == ""
+
+
+def test_watchdog_shows_what_a_stuck_task_awaits() -> None:
+    # An event loop idle in its selector shows nothing in the thread stacks: the task
+    # stacks say which await never ends.
+    done, _ = _run(
+        "import asyncio\n"
+        "async def waits_for_a_fetch_loop():\n"
+        "    await asyncio.Event().wait()\n"
+        "async def main():\n"
+        "    watchdog.arm(1.0, asyncio.get_running_loop())\n"
+        "    await waits_for_a_fetch_loop()\n"
+        "asyncio.run(main())\n"
+    )
+    assert done.returncode == watchdog.EXIT_CODE, done.stderr
+    assert "asyncio task" in done.stderr, done.stderr
+    assert "waits_for_a_fetch_loop" in done.stderr, done.stderr

@@ -47,7 +47,7 @@ import pyarrow.compute as pc
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from relayrl_runtime import streams, trajectory
+from relayrl_runtime import aio, streams, trajectory
 from relayrl_runtime.inference import model
 
 log = logging.getLogger(__name__)
@@ -356,6 +356,9 @@ def _distinct_text(col: pa.ChunkedArray) -> set[str]:
 # The last commit on the way out, all of it: within the pod's termination grace period
 # (relayrl_operator.constants), so the kubelet does not kill it midway.
 FINAL_COMMIT_SECONDS: Final = 45.0
+# All of the way out after SIGTERM: past it, the process writes its stacks and exits
+# (watchdog) rather than sit until the kubelet kills it with nothing in its log.
+EXIT_SECONDS: Final = 55.0
 
 
 class SinkService:
@@ -407,11 +410,17 @@ class SinkService:
 
     # --------------------------------------------------------------- lifecycle
 
-    def install_signal_handlers(self) -> None:
-        """SIGTERM/SIGINT start a graceful drain."""
+    def install_signal_handlers(self, on_signal: Callable[[], None] | None = None) -> None:
+        """SIGTERM/SIGINT start a graceful drain (and call `on_signal`)."""
         loop = asyncio.get_running_loop()
+
+        def stop() -> None:
+            self.stopping.set()
+            if on_signal is not None:
+                on_signal()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stopping.set)
+            loop.add_signal_handler(sig, stop)
 
     async def run(self) -> None:
         """Open the writer, connect, consume until `stopping`; commit and ack on the way out."""
@@ -572,11 +581,13 @@ class SinkService:
             try:
                 await self._take(js, fetched, fetcher)
             finally:
-                fetcher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await fetcher
+                # A cancel alone may be lost inside the fetch (aio): cancel until it ends.
+                await aio.cancel_and_wait(fetcher)
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
+            failed = None if fetcher.cancelled() else fetcher.exception()
+            if failed is not None:
+                raise failed  # what ended the fetching (after the consumer must move)
 
     async def _fetch_loop(
         self,

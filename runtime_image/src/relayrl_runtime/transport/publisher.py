@@ -40,7 +40,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from nats.aio.client import Client as NATS
 
-from relayrl_runtime import streams, trajectory
+from relayrl_runtime import aio, streams, trajectory
 from relayrl_runtime.sinks import base
 
 log = logging.getLogger(__name__)
@@ -381,9 +381,10 @@ class NatsPublisher:
         stopping = asyncio.create_task(self._stop.wait())
         done, _ = await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if connecting not in done:
-            connecting.cancel()
-            with contextlib.suppress(asyncio.CancelledError, streams.ConnectError):
-                await connecting
+            await aio.cancel_and_wait(connecting)
+            if not connecting.cancelled() and connecting.exception() is None:
+                with contextlib.suppress(Exception):  # connected after all: close it
+                    await connecting.result().close()
             return
         nc = connecting.result()
         js = nc.jetstream(timeout=self.config.ack_timeout)
@@ -391,14 +392,15 @@ class NatsPublisher:
         try:
             await stopping
         finally:
-            sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sender
+            await aio.cancel_and_wait(sender)
             with contextlib.suppress(Exception):
                 await nc.flush(timeout=2)
             with contextlib.suppress(Exception):
                 await nc.close()
             self.metrics.connected.set(0)
+        failed = None if sender.cancelled() else sender.exception()
+        if failed is not None:
+            raise failed
 
     async def _connect(self) -> NATS:
         async def disconnected() -> None:
@@ -547,9 +549,10 @@ class NatsPublisher:
 
 async def _cancel_leftovers() -> None:
     tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    await aio.cancel_and_wait(*tasks)
     for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+        if not task.cancelled():
+            task.exception()  # retrieved: ended is all that matters here
 
 
 def _estimate(batch: pa.RecordBatch) -> int:
