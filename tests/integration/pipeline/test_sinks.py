@@ -461,3 +461,46 @@ def test_health_ready_and_metrics(arrow_pipeline: pipeline.Pipeline) -> None:
     arrow_pipeline.nats.start()
     sink.wait_ready(30)
     assert sink.terminate() == 0, sink.logs()
+
+
+async def test_dead_letters_at_the_streams_tail_are_not_dead_lettered_again_after_a_restart(
+    pg_pipeline: pipeline.Pipeline,
+) -> None:
+    """Dead letters after the last data message are recorded by both sinks (a commit
+    with no data), so the sinks restarted later resume after them."""
+    arrow = pg_pipeline.arrow_sink("--rotate-seconds", "1")
+    pgsink = pg_pipeline.postgres_sink()
+    for s in (arrow, pgsink):
+        s.start()
+        s.wait_ready()
+    nc = await nats.connect(pg_pipeline.nats.url)
+    try:
+        js = nc.jetstream()
+        v = {streams.HEADER_SCHEMA_VERSION: "1"}
+        data = await js.publish(
+            SUBJECT, _ipc(pa.Table.from_batches([trajectories.batch(4, 0)])), headers=v
+        )
+        for s in (arrow, pgsink):  # committed: what follows is after the last data
+            pipeline.wait_until(
+                f"{s.name} to commit {data.seq}",
+                lambda s=s: s.metric("relayrl_sink_committed_sequence") == data.seq,
+            )
+        await js.publish(SUBJECT, b"not arrow", headers=v)
+        last = await js.publish(SUBJECT, b"not arrow either", headers=v)
+        for s in (arrow, pgsink):
+            pipeline.wait_until(
+                f"{s.name} to record {last.seq}",
+                lambda s=s: s.metric("relayrl_sink_committed_sequence") == last.seq,
+            )
+            assert s.metric("relayrl_sink_dead_letters_total") == 2
+            assert s.terminate() == 0, s.logs()
+        for s in (arrow, pgsink):
+            before = len(s.log_path.read_bytes())
+            s.start()
+            s.wait_ready()
+            logged = s.log_path.read_bytes()[before:].decode()
+            assert f"starts at sequence {last.seq + 1}\n" in logged, logged
+            assert s.metric("relayrl_sink_dead_letters_total") == 0
+            assert s.terminate() == 0, s.logs()
+    finally:
+        await nc.close()

@@ -7,6 +7,7 @@ import datetime as dt
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
@@ -282,3 +283,41 @@ def test_ipc_refuses_what_its_files_could_not_take_before_any_file(tmp_path: Pat
         w.check(base.append_column("aux_tag", bad))
     w.check(base.append_column("aux_list", nested))  # no dictionary: fine
     assert not list(tmp_path.rglob("*"))
+
+
+async def test_dead_letters_after_the_last_file_are_recorded_beside_it(tmp_path: Path) -> None:
+    """A commit with no data (only dead letters since the last file) has no file name to
+    record its sequence in: a small file beside the partitions does, which dataset
+    readers skip and a stream made anew sets aside with the files."""
+    w = arrow_stream.ArrowStreamWriter(tmp_path, trajectories.AGENT)
+    assert await w.open() == 0
+    await w.add(_delivery(1, DAY1))
+    await w.commit(w.seal(1))
+    await w.commit(w.seal(3))  # 2 and 3 were dead letters
+    await w.close()
+    w = arrow_stream.ArrowStreamWriter(tmp_path, trajectories.AGENT)
+    assert await w.open() == 3
+    await w.commit(w.seal(2))  # an older position never moves it back
+    await w.add(_delivery(4, DAY1))
+    await w.commit(w.seal(4))
+    await w.close()
+    w = arrow_stream.ArrowStreamWriter(tmp_path, trajectories.AGENT)
+    assert await w.open() == 4
+    assert ds.dataset(tmp_path, format="parquet", partitioning="hive").to_table().num_rows == (
+        2 * pa.Table.from_batches([trajectories.batch(1, 1)]).num_rows
+    )
+    assert await w.restart(4) == 0
+    await w.close()
+    w = arrow_stream.ArrowStreamWriter(tmp_path, trajectories.AGENT)
+    assert await w.open() == 0, "the old stream's position went aside with its files"
+    await w.close()
+
+
+async def test_a_garbled_done_file_is_named(tmp_path: Path) -> None:
+    done = arrow_stream.agent_dir(tmp_path, trajectories.AGENT) / "_done"
+    done.parent.mkdir(parents=True)
+    done.write_text("12x\n")
+    w = arrow_stream.ArrowStreamWriter(tmp_path, trajectories.AGENT)
+    with pytest.raises(service.PermanentError, match=r"_done: expected a stream sequence"):
+        await w.open()
+    await w.close()

@@ -89,9 +89,21 @@ async def test_a_redelivery_is_taken_as_seen() -> None:
 
 
 class IdleWriter(NoWriter):
-    """A writer holding nothing: every delivery here is dead-lettered."""
+    """A writer holding nothing: every delivery here is dead-lettered. It records the
+    sequences its commits cover."""
 
     pending = False
+    pipelined = False
+
+    def __init__(self) -> None:
+        self.committed: list[int] = []
+
+    def seal(self, last_seq: int) -> int:
+        return last_seq
+
+    async def commit(self, sealed: object) -> None:
+        assert isinstance(sealed, int)
+        self.committed.append(sealed)
 
 
 @dataclass
@@ -123,6 +135,7 @@ async def test_a_dead_letter_during_a_commit_is_acked_once_the_commit_is_done() 
     svc._inflight = asyncio.create_task(commit())
     bad = Ackable(Metadata(Sequence(1, 11)), data=b"not arrow")
     assert await svc._handle(None, bad) is True  # type: ignore[arg-type]
+    await svc._ack_dead_letters()
     assert bad.acks == 0, "acking now would ack the messages the commit holds"
     running.set_result(None)
     await svc._drain_commits()
@@ -130,6 +143,31 @@ async def test_a_dead_letter_during_a_commit_is_acked_once_the_commit_is_done() 
     assert bad.acks == 1
     await svc._ack_dead_letters()
     assert bad.acks == 1
+
+
+async def test_a_dead_letter_after_the_last_data_message_is_recorded_before_its_ack() -> None:
+    """Acked but not recorded, it was dead-lettered again after a restart (a duplicate
+    on the dead-letter subject once its message id had left the duplicate window)."""
+    writer = IdleWriter()
+    svc = service.SinkService(
+        writer,  # type: ignore[arg-type]
+        streams.ConnectOptions(),
+        service.ServiceConfig(namespace="ml", agent="cartpole", http_port=None),
+    )
+    svc._last_seen = 10
+
+    async def dead_letter(*args: Any) -> None:
+        pass
+
+    svc._dead_letter = dead_letter  # type: ignore[method-assign]
+    first = Ackable(Metadata(Sequence(1, 11)), data=b"not arrow")
+    second = Ackable(Metadata(Sequence(2, 12)), data=b"not arrow either")
+    for bad in (first, second):
+        assert await svc._handle(None, bad) is True  # type: ignore[arg-type]
+    assert writer.committed == []  # one record for the batch, not one per message
+    await svc._ack_dead_letters()
+    assert writer.committed == [12]
+    assert (first.acks, second.acks) == (0, 1)  # AckPolicy.ALL: the last covers both
 
 
 async def test_a_redelivery_after_a_lost_delivery_does_not_hide_the_gap() -> None:

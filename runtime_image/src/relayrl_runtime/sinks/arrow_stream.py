@@ -98,6 +98,9 @@ def _physical(t: pa.DataType) -> pa.DataType:
 # Beside an Agent's date partitions: which stream (name@created) their sequences count
 # in. Names starting with "_" are skipped by dataset readers.
 _ORIGIN_FILE: Final = "_stream"
+# Beside them too: the last sequence done without a file (dead letters after the last
+# data message), so that a restart does not dead-letter them again.
+_DONE_FILE: Final = "_done"
 
 
 def _without_dictionaries(table: pa.Table) -> pa.Table:
@@ -364,6 +367,7 @@ class ArrowStreamWriter:
             1, thread_name_prefix="arrow-sink-commit"
         )
         self.files_committed = 0
+        self._done = 0  # what the _done file says
         # The last schema found writable as Parquet (messages nearly always share one).
         self._writable: pa.Schema | None = None
 
@@ -383,33 +387,45 @@ class ArrowStreamWriter:
             log.info("removing uncommitted %s", tmp)
             tmp.unlink()
         files = committed_files(self.root, self.agent)
-        return max((last for _, last, _ in files), default=0)
+        done = await self._read_beside(_DONE_FILE) or "0"
+        if not done.isdigit():
+            raise service.PermanentError(
+                f"{agent_dir(self.root, self.agent) / _DONE_FILE}: expected a stream"
+                f" sequence, found {done[:40]!r}"
+            )
+        self._done = int(done)
+        return max(self._done, max((last for _, last, _ in files), default=0))
 
-    def _origin_path(self) -> Path:
-        return agent_dir(self.root, self.agent) / _ORIGIN_FILE
-
-    async def origin(self) -> str | None:
-        """The stream the files' sequences belong to (a small file beside them)."""
+    async def _read_beside(self, name: str) -> str | None:
+        """A small file beside the partitions, stripped (None: absent or empty)."""
         try:
-            text = await asyncio.to_thread(self._origin_path().read_text)
+            text = await asyncio.to_thread((agent_dir(self.root, self.agent) / name).read_text)
         except FileNotFoundError:
             return None
         return text.strip() or None
 
-    async def set_origin(self, origin: str) -> None:
-        """Write the origin file: temp name, fsync, rename, fsync the directory."""
-        path = self._origin_path()
+    async def _write_beside(self, name: str, text: str) -> None:
+        """Write a small file beside the partitions: temp name, fsync, rename, fsync the
+        directory."""
+        path = agent_dir(self.root, self.agent) / name
 
         def write() -> None:
-            tmp = path.with_name(f"{_TEMP_PREFIX}{_ORIGIN_FILE}-{secrets.token_hex(8)}")
+            tmp = path.with_name(f"{_TEMP_PREFIX}{name}-{secrets.token_hex(8)}")
             with open(tmp, "w") as f:
-                f.write(origin + "\n")
+                f.write(text + "\n")
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
             _fsync_dir(path.parent)
 
         await asyncio.to_thread(write)
+
+    async def origin(self) -> str | None:
+        """The stream the files' sequences belong to (a small file beside them)."""
+        return await self._read_beside(_ORIGIN_FILE)
+
+    async def set_origin(self, origin: str) -> None:
+        await self._write_beside(_ORIGIN_FILE, origin)
 
     async def restart(self, stale: int) -> int:
         """Move this Agent's files of the old stream under `_replaced-<time>` (which
@@ -424,8 +440,14 @@ class ArrowStreamWriter:
                 os.replace(path, target)
                 _fsync_dir(target.parent)
                 _fsync_dir(path.parent)
+            done = agent_dir(self.root, self.agent) / _DONE_FILE
+            if done.exists():
+                aside.mkdir(parents=True, exist_ok=True)
+                os.replace(done, aside / _DONE_FILE)
+                _fsync_dir(done.parent)
 
         await asyncio.to_thread(move)
+        self._done = 0
         log.warning("moved files of sequences up to %d to %s", stale, aside)
         return 0
 
@@ -524,6 +546,10 @@ class ArrowStreamWriter:
             # name records them, so a restart does not dead-letter them again.
             last = sealed.files[-1]
             last.last_seq = max(last.last_seq, sealed.last_seq)
+        elif sealed.last_seq > self._done:
+            # Only dead letters since the last file: no name to record them in.
+            await self._write_beside(_DONE_FILE, str(sealed.last_seq))
+            self._done = sealed.last_seq
         loop = asyncio.get_running_loop()
         for f in sealed.files:
             if not f.committed:

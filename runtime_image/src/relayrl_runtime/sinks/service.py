@@ -523,7 +523,7 @@ class SinkService:
 
         try:
             await asyncio.wait_for(self._drain_commits(), timeout=left())
-            if self.writer.pending:
+            if self.writer.pending or self._dead_unacked is not None:
                 await asyncio.wait_for(self._commit(), timeout=left())
                 await asyncio.wait_for(self._drain_commits(), timeout=left())
         except Exception:
@@ -653,7 +653,7 @@ class SinkService:
                     break
             if self._inflight is not None and self._inflight.done():
                 await self._drain_commits()  # raises what the commit raised
-                await self._ack_dead_letters()
+            await self._ack_dead_letters()
             # Commit when the writer says so, or before unacked messages reach the
             # consumer's max_ack_pending (the server would stop delivering). A commit
             # still running is waited for: that bounds what a writer holds (backpressure).
@@ -709,8 +709,7 @@ class SinkService:
         except InvalidMessageError as err:
             await self._dead_letter(js, msg, seq, err)
             self._last_seen, self._last_msg = seq, msg
-            self._dead_unacked = msg
-            await self._ack_dead_letters()
+            self._dead_unacked = msg  # recorded and acked after this batch (_take)
             return True
         try:
             await self.writer.add(
@@ -733,18 +732,18 @@ class SinkService:
         return True
 
     async def _ack_dead_letters(self) -> None:
-        """Ack a dead-lettered message once nothing before it waits for a commit.
+        """Record and ack dead letters after the last data message, once nothing before
+        them waits for a commit.
 
-        A commit acks through the last message taken, dead letters included; this is
-        for dead letters after the last data message (acked alone, they would come
-        again every ack-wait for good).
+        A commit records and acks through the last message taken, dead letters
+        included. Dead letters after the last data message would wait for the next
+        data message: unacked, they came again every ack-wait; acked but not recorded,
+        a restart dead-lettered them again. A commit with no data records them (the
+        writer keeps the sequence) and acks them.
         """
-        msg = self._dead_unacked
-        if msg is None or self.writer.pending or self._inflight is not None:
+        if self._dead_unacked is None or self.writer.pending or self._inflight is not None:
             return
-        self._dead_unacked = None
-        with contextlib.suppress(Exception):  # best effort, as a commit's ack
-            await msg.ack()
+        await self._commit()
 
     def _checked(self, msg: Msg, seq: int) -> tuple[pa.Table, int]:
         """Decode and check one message; InvalidMessageError when it cannot be taken.
