@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from integration.runtime import helpers
 
 from relayrl_runtime import errors
 from relayrl_runtime.transport import client, wire
+from support import tcpproxy
 
 CLIENT = Path(__file__).with_name("remote_client.py")
 
@@ -139,3 +141,47 @@ def test_idle_client_actors_are_removed_and_flushed(
     assert set(table["actor_id"].to_pylist()) == set(summary["ids"])
     trajectories = helpers.trajectories(table)
     assert all(t[-1]["terminated"] or t[-1]["truncated"] for t in trajectories.values())
+
+
+def test_a_client_that_reconnects_keeps_its_actors(models: dict[str, Path], tmp_path: Path) -> None:
+    """A network blip between a simulator and the pod: the client's socket reconnects.
+
+    Under a new ZMQ identity its old one went quiet, and the idle sweep removed the
+    actors it was still stepping. The connection is cut half-open (the pod's side stays
+    open and silent, as after a partition), so the reconnect must also take the id over.
+    """
+    zport = helpers.free_port()
+    cfg = {
+        "agent": "remote",
+        "actors": 0,
+        "model": {"uri": str(models["onnx"]), "format": "onnx"},
+        "environment": {"remote": {"port": zport}},
+        "localSink": {"path": str(tmp_path / "out")},
+        "limits": {"remoteClientIdleSeconds": 1},
+    }
+    proc = helpers.RuntimeProcess(tmp_path, cfg)
+    proxy = tcpproxy.TcpProxy("127.0.0.1", zport)
+    try:
+        proc.wait_ready()
+        with client.RemoteClient(f"tcp://127.0.0.1:{proxy.port}", timeout=5) as c:
+            ids = c.new_actors(2)
+            obs = np.zeros((2, 4), np.float32)
+            for _ in range(5):
+                c.request_action(ids, obs, reward=np.zeros(2))
+            proxy.cut(keep_upstream=True)
+            deadline = time.monotonic() + 3.0  # three idle timeouts
+            steps = 0
+            while time.monotonic() < deadline:
+                c.request_action(ids, obs, reward=np.ones(2))
+                steps += 1
+                time.sleep(0.05)
+            assert proxy.accepted == 2  # it did reconnect
+            text = proc.metrics()
+            assert helpers.metric(text, "relayrl_runtime_remote_idle_clients_total") == 0
+            assert helpers.metric(text, "relayrl_runtime_actors") == 2
+            c.remove_actors(ids)
+        assert proc.terminate() == 0, proc.logs()
+    finally:
+        proxy.close()
+        proc.kill()
+    assert steps > 10

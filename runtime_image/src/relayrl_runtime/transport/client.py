@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import secrets
 import struct
 from collections.abc import Sequence
 from typing import Any
@@ -27,6 +28,8 @@ import zmq
 from relayrl_runtime.transport import wire
 
 _REWARD_HEAD = struct.Struct("<BBI")  # float64 code, 1 dim, length
+# Routing ids ZMQ makes itself start with a zero byte; ours never do.
+ROUTING_ID_PREFIX = b"relayrl:"
 _VERSION = struct.Struct("<q")
 
 
@@ -48,6 +51,11 @@ class RemoteClient:
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        # The endpoint knows a client (and the actors it owns) by its routing id. Left
+        # to ZMQ, a reconnect (a network blip) gets a new one: the old id then goes
+        # quiet, and its actors are removed after the idle timeout while still in use.
+        self.routing_id = ROUTING_ID_PREFIX + secrets.token_bytes(8)
+        self._sock.setsockopt(zmq.ROUTING_ID, self.routing_id)
         # A blocking receive with a timeout: one call per reply instead of poll + recv.
         self._sock.setsockopt(zmq.RCVTIMEO, self.timeout_ms)
         self._sock.connect(address)

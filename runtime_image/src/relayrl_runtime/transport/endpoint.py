@@ -12,9 +12,10 @@ a malformed, oversized or otherwise bad message gets an error reply and a counte
 the other clients' messages in the same batch are served as usual (a batch that fails is
 answered request by request). Format and socket calls: `wire`.
 
-Clients that create actors own them. A client that sends nothing for
-`client_idle_seconds` is considered gone (it crashed, or disconnected without calling
-REMOVE_ACTORS): its actors are removed, which flushes their partial trajectories.
+Clients that create actors own them, known by their ZMQ routing id (`client` sets its
+own, so a reconnect keeps it). A client that sends nothing for `client_idle_seconds` is
+considered gone (it crashed, or disconnected without calling REMOVE_ACTORS): its actors
+are removed, which flushes their partial trajectories.
 """
 
 from __future__ import annotations
@@ -141,6 +142,10 @@ class RemoteEndpoint:
         ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
+        # A client reconnecting under its routing id (client.py) takes the id over,
+        # even while its old connection is not yet known to be dead (half-open after
+        # a network partition): else the new connection would be refused.
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         if "[" in self.bind:
             sock.setsockopt(zmq.IPV6, 1)
         try:
