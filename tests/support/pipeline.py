@@ -155,6 +155,13 @@ class Sink(Proc):
         return total
 
 
+def start_ready(*sinks: Sink) -> None:
+    """Start each sink and wait until it answers ready, in turn."""
+    for s in sinks:
+        s.start()
+        s.wait_ready()
+
+
 class Pipeline:
     """Starts producers and sinks for one test and tears them down."""
 

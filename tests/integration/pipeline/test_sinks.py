@@ -174,9 +174,7 @@ async def test_bad_messages_go_to_the_dead_letter_subject(
 ) -> None:
     arrow = pg_pipeline.arrow_sink("--rotate-seconds", "1")
     pgsink = pg_pipeline.postgres_sink()
-    for s in (arrow, pgsink):
-        s.start()
-        s.wait_ready()
+    pipeline.start_ready(arrow, pgsink)
     nc = await nats.connect(pg_pipeline.nats.url)
     try:
         js = nc.jetstream()
@@ -306,9 +304,7 @@ async def test_two_agents_sharing_a_table_with_clashing_column_types(
     fits = _as_agent(pa.Table.from_batches([trajectories.batch(8, 1)]), "other")
     mine = pg_pipeline.postgres_sink()
     other = pg_pipeline.postgres_sink("--agent", "other")
-    for s in (mine, other):
-        s.start()
-        s.wait_ready()
+    pipeline.start_ready(mine, other)
     other_subject = streams.trajectories_subject(pipeline.NAMESPACE, "other")
     v = {streams.HEADER_SCHEMA_VERSION: "1"}
     nc = await nats.connect(pg_pipeline.nats.url)
@@ -353,9 +349,7 @@ async def test_a_stream_made_anew_is_taken_from_its_start(
     old_rows = sum(t.num_rows for t in old)
     arrow = pg_pipeline.arrow_sink("--rotate-seconds", "0.5")
     pgsink = pg_pipeline.postgres_sink()
-    for s in (arrow, pgsink):
-        s.start()
-        s.wait_ready()
+    pipeline.start_ready(arrow, pgsink)
     nc = await nats.connect(pg_pipeline.nats.url)
     try:
         js = nc.jetstream()
@@ -377,9 +371,7 @@ async def test_a_stream_made_anew_is_taken_from_its_start(
             config = streams.stream_config(pipeline.NAMESPACE, pipeline.AGENT)
             await streams.ensure_stream(js, config)
         else:
-            for s in (arrow, pgsink):  # they make the stream again, empty
-                s.start()
-                s.wait_ready()
+            pipeline.start_ready(arrow, pgsink)  # they make the stream again, empty
         await js.publish(SUBJECT, _ipc(new), headers={v: "1"})
         pipeline.wait_until("new arrow rows", lambda: pipeline.arrow_rows(root) == new.num_rows)
         want = old_rows + new.num_rows
@@ -470,9 +462,7 @@ async def test_dead_letters_at_the_streams_tail_are_not_dead_lettered_again_afte
     with no data), so the sinks restarted later resume after them."""
     arrow = pg_pipeline.arrow_sink("--rotate-seconds", "1")
     pgsink = pg_pipeline.postgres_sink()
-    for s in (arrow, pgsink):
-        s.start()
-        s.wait_ready()
+    pipeline.start_ready(arrow, pgsink)
     nc = await nats.connect(pg_pipeline.nats.url)
     try:
         js = nc.jetstream()

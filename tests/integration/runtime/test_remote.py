@@ -97,12 +97,9 @@ def test_bad_frames_get_error_replies_and_others_are_served(remote_runtime) -> N
     assert proc.terminate() == 0, proc.logs()
 
 
-def test_idle_client_actors_are_removed_and_flushed(
-    models: dict[str, Path], tmp_path: Path
-) -> None:
-    zport = helpers.free_port()
-    out = tmp_path / "out"
-    cfg = {
+def _quick_idle_config(models: dict[str, Path], out: Path, zport: int) -> dict[str, object]:
+    """A remote-endpoint runtime that takes a client quiet for 1 s as gone."""
+    return {
         "agent": "remote",
         "actors": 0,
         "model": {"uri": str(models["onnx"]), "format": "onnx"},
@@ -110,6 +107,14 @@ def test_idle_client_actors_are_removed_and_flushed(
         "localSink": {"path": str(out)},
         "limits": {"remoteClientIdleSeconds": 1},
     }
+
+
+def test_idle_client_actors_are_removed_and_flushed(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    zport = helpers.free_port()
+    out = tmp_path / "out"
+    cfg = _quick_idle_config(models, out, zport)
     proc = helpers.RuntimeProcess(tmp_path, cfg)
     try:
         proc.wait_ready()
@@ -151,14 +156,7 @@ def test_a_client_that_reconnects_keeps_its_actors(models: dict[str, Path], tmp_
     open and silent, as after a partition), so the reconnect must also take the id over.
     """
     zport = helpers.free_port()
-    cfg = {
-        "agent": "remote",
-        "actors": 0,
-        "model": {"uri": str(models["onnx"]), "format": "onnx"},
-        "environment": {"remote": {"port": zport}},
-        "localSink": {"path": str(tmp_path / "out")},
-        "limits": {"remoteClientIdleSeconds": 1},
-    }
+    cfg = _quick_idle_config(models, tmp_path / "out", zport)
     proc = helpers.RuntimeProcess(tmp_path, cfg)
     proxy = tcpproxy.TcpProxy("127.0.0.1", zport)
     try:
@@ -169,13 +167,16 @@ def test_a_client_that_reconnects_keeps_its_actors(models: dict[str, Path], tmp_
             for _ in range(5):
                 c.request_action(ids, obs, reward=np.zeros(2))
             proxy.cut(keep_upstream=True)
+            # The socket reconnects by itself; a request sent before it notices the cut
+            # would go down the dead connection (and time out).
+            helpers.wait_for("the client's reconnect", lambda: proxy.accepted == 2)
             deadline = time.monotonic() + 3.0  # three idle timeouts
             steps = 0
             while time.monotonic() < deadline:
                 c.request_action(ids, obs, reward=np.ones(2))
                 steps += 1
                 time.sleep(0.05)
-            assert proxy.accepted == 2  # it did reconnect
+            assert proxy.accepted == 2  # no further reconnect
             text = proc.metrics()
             assert helpers.metric(text, "relayrl_runtime_remote_idle_clients_total") == 0
             assert helpers.metric(text, "relayrl_runtime_actors") == 2

@@ -289,11 +289,17 @@ async def test_dead_letters_after_the_last_file_are_recorded_beside_it(tmp_path:
     """A commit with no data (only dead letters since the last file) has no file name to
     record its sequence in: a small file beside the partitions does, which dataset
     readers skip and a stream made anew sets aside with the files."""
+    own = arrow_stream.agent_dir(tmp_path, trajectories.AGENT)
+    own.mkdir(parents=True)
+    crashed = own / f"{arrow_stream._TEMP_PREFIX}_done-0123{arrow_stream._TEMP_SUFFIX}"
+    crashed.write_text("7\n")  # a crash while writing the small file
     w = arrow_stream.ArrowStreamWriter(tmp_path, trajectories.AGENT)
     assert await w.open() == 0
+    assert not crashed.exists()
     await w.add(_delivery(1, DAY1))
     await w.commit(w.seal(1))
     await w.commit(w.seal(3))  # 2 and 3 were dead letters
+    assert not _temp_files(tmp_path)
     await w.close()
     w = arrow_stream.ArrowStreamWriter(tmp_path, trajectories.AGENT)
     assert await w.open() == 3
@@ -313,10 +319,11 @@ async def test_dead_letters_after_the_last_file_are_recorded_beside_it(tmp_path:
     await w.close()
 
 
-async def test_a_garbled_done_file_is_named(tmp_path: Path) -> None:
+@pytest.mark.parametrize("garbled", ["12x", "\u00b2"])  # "²" passes str.isdigit()
+async def test_a_garbled_done_file_is_named(tmp_path: Path, garbled: str) -> None:
     done = arrow_stream.agent_dir(tmp_path, trajectories.AGENT) / "_done"
     done.parent.mkdir(parents=True)
-    done.write_text("12x\n")
+    done.write_text(garbled + "\n")
     w = arrow_stream.ArrowStreamWriter(tmp_path, trajectories.AGENT)
     with pytest.raises(service.PermanentError, match=r"_done: expected a stream sequence"):
         await w.open()

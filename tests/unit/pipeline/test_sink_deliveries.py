@@ -97,13 +97,31 @@ class IdleWriter(NoWriter):
 
     def __init__(self) -> None:
         self.committed: list[int] = []
+        self.acked: list[Ackable] = []  # none of these may be acked before a commit
 
     def seal(self, last_seq: int) -> int:
         return last_seq
 
     async def commit(self, sealed: object) -> None:
         assert isinstance(sealed, int)
+        assert all(m.acks == 0 for m in self.acked), "acked before its commit"
         self.committed.append(sealed)
+
+
+def dead_lettering_sink(writer: IdleWriter) -> service.SinkService:
+    """A sink positioned at 11 whose dead letters go nowhere (no NATS)."""
+    svc = service.SinkService(
+        writer,  # type: ignore[arg-type]
+        streams.ConnectOptions(),
+        service.ServiceConfig(namespace="ml", agent="cartpole", http_port=None),
+    )
+    svc._last_seen = 10
+
+    async def dead_letter(*args: Any) -> None:
+        pass
+
+    svc._dead_letter = dead_letter  # type: ignore[method-assign]
+    return svc
 
 
 @dataclass
@@ -116,17 +134,7 @@ class Ackable(Delivery):
 
 async def test_a_dead_letter_during_a_commit_is_acked_once_the_commit_is_done() -> None:
     """Else nothing acks it (no later message), and it comes back every ack-wait."""
-    svc = service.SinkService(
-        IdleWriter(),  # type: ignore[arg-type]
-        streams.ConnectOptions(),
-        service.ServiceConfig(namespace="ml", agent="cartpole", http_port=None),
-    )
-    svc._last_seen = 10
-
-    async def dead_letter(*args: Any) -> None:
-        pass
-
-    svc._dead_letter = dead_letter  # type: ignore[method-assign]
+    svc = dead_lettering_sink(IdleWriter())
     running = asyncio.get_running_loop().create_future()
 
     async def commit() -> None:
@@ -149,19 +157,10 @@ async def test_a_dead_letter_after_the_last_data_message_is_recorded_before_its_
     """Acked but not recorded, it was dead-lettered again after a restart (a duplicate
     on the dead-letter subject once its message id had left the duplicate window)."""
     writer = IdleWriter()
-    svc = service.SinkService(
-        writer,  # type: ignore[arg-type]
-        streams.ConnectOptions(),
-        service.ServiceConfig(namespace="ml", agent="cartpole", http_port=None),
-    )
-    svc._last_seen = 10
-
-    async def dead_letter(*args: Any) -> None:
-        pass
-
-    svc._dead_letter = dead_letter  # type: ignore[method-assign]
+    svc = dead_lettering_sink(writer)
     first = Ackable(Metadata(Sequence(1, 11)), data=b"not arrow")
     second = Ackable(Metadata(Sequence(2, 12)), data=b"not arrow either")
+    writer.acked = [first, second]
     for bad in (first, second):
         assert await svc._handle(None, bad) is True  # type: ignore[arg-type]
     assert writer.committed == []  # one record for the batch, not one per message

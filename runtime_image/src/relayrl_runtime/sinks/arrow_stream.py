@@ -383,12 +383,15 @@ class ArrowStreamWriter:
         """
         own = agent_dir(self.root, self.agent)
         await asyncio.to_thread(own.mkdir, parents=True, exist_ok=True)
-        for tmp in own.glob(f"date=*/{_TEMP_PREFIX}*{_TEMP_SUFFIX}"):
+        for tmp in [
+            *own.glob(f"date=*/{_TEMP_PREFIX}*{_TEMP_SUFFIX}"),
+            *own.glob(f"{_TEMP_PREFIX}*{_TEMP_SUFFIX}"),  # of the small files beside them
+        ]:
             log.info("removing uncommitted %s", tmp)
             tmp.unlink()
         files = committed_files(self.root, self.agent)
         done = await self._read_beside(_DONE_FILE) or "0"
-        if not done.isdigit():
+        if not (done.isascii() and done.isdigit()):
             raise service.PermanentError(
                 f"{agent_dir(self.root, self.agent) / _DONE_FILE}: expected a stream"
                 f" sequence, found {done[:40]!r}"
@@ -410,12 +413,16 @@ class ArrowStreamWriter:
         path = agent_dir(self.root, self.agent) / name
 
         def write() -> None:
-            tmp = path.with_name(f"{_TEMP_PREFIX}{name}-{secrets.token_hex(8)}")
-            with open(tmp, "w") as f:
-                f.write(text + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            tmp = path.with_name(f"{_TEMP_PREFIX}{name}-{secrets.token_hex(8)}{_TEMP_SUFFIX}")
+            try:
+                with open(tmp, "w") as f:
+                    f.write(text + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)  # a full disk, say: retried, never left behind
+                raise
             _fsync_dir(path.parent)
 
         await asyncio.to_thread(write)

@@ -583,9 +583,10 @@ class SinkService:
             finally:
                 # A cancel alone may be lost inside the fetch (aio): cancel until it ends.
                 await aio.cancel_and_wait(fetcher)
+                # Read even when _take raised (else asyncio logs it as never retrieved).
+                failed = None if fetcher.cancelled() else fetcher.exception()
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
-            failed = None if fetcher.cancelled() else fetcher.exception()
             if failed is not None:
                 raise failed  # what ended the fetching (after the consumer must move)
 

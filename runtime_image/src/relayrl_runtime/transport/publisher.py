@@ -382,9 +382,12 @@ class NatsPublisher:
         done, _ = await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if connecting not in done:
             await aio.cancel_and_wait(connecting)
-            if not connecting.cancelled() and connecting.exception() is None:
+            failed = None if connecting.cancelled() else connecting.exception()
+            if not connecting.cancelled() and failed is None:
                 with contextlib.suppress(Exception):  # connected after all: close it
                     await connecting.result().close()
+            elif failed is not None and not isinstance(failed, streams.ConnectError):
+                log.warning("publisher: connecting failed while stopping: %r", failed)
             return
         nc = connecting.result()
         js = nc.jetstream(timeout=self.config.ack_timeout)
