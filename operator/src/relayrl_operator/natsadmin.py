@@ -70,8 +70,9 @@ class NatsStreams:
         watchers = list(self._watchers.values())
         await aio.cancel_and_wait(*watchers)
         for task in watchers:
-            if not task.cancelled() and task.exception() is not None:
-                log.warning("status bucket watch ended: %r", task.exception())
+            failed = aio.failure(task)
+            if failed is not None:
+                log.warning("status bucket watch ended: %r", failed)
         self._watchers.clear()
         for nc in self._conns.values():
             with contextlib.suppress(Exception):

@@ -256,6 +256,6 @@ async def cancel(tasks: Iterable[asyncio.Task[None]]) -> None:
     tasks = list(tasks)
     await aio.cancel_and_wait(*tasks)
     for task in tasks:
-        failed = None if task.cancelled() else task.exception()
+        failed = aio.failure(task)
         if failed is not None:
             raise failed

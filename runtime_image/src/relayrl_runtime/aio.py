@@ -26,8 +26,8 @@ async def cancel_and_wait(
     """Cancel `tasks` and wait until every one has ended, cancelling again as needed.
 
     Gives up after `give_up_after` seconds (None: never) and returns the tasks still running.
-    What the tasks raised is left on them (read it with `task.exception()`); a
-    cancellation of the caller itself still propagates.
+    What the tasks raised is left on them (read it with `failure`); a cancellation of
+    the caller itself still propagates.
     """
     loop = asyncio.get_running_loop()
     deadline = None if give_up_after is None else loop.time() + give_up_after
@@ -40,3 +40,9 @@ async def cancel_and_wait(
             task.cancel()
         _, pending = await asyncio.wait(pending, timeout=min(left, recancel_seconds))
     return pending
+
+
+def failure(task: asyncio.Future[Any]) -> BaseException | None:
+    """What an ended task raised; None when it returned or was cancelled (read, so
+    asyncio does not log it as never retrieved)."""
+    return None if task.cancelled() else task.exception()

@@ -655,14 +655,14 @@ async def _cancel(tasks: list[asyncio.Task[Any]]) -> None:
         if task in pending:
             log.error("background task %s did not end when cancelled", task.get_name())
             continue
-        err = None if task.cancelled() else task.exception()
+        err = aio.failure(task)
         if err is not None:  # a background task that failed must not stop the drain
             log.error("background task %s failed", task.get_name(), exc_info=err)
 
 
 def _ended_late(source: asyncio.Future[Any]) -> None:
     """Retrieve the outcome of a source that stopped after the drain gave up on it."""
-    err = None if source.cancelled() else source.exception()
+    err = aio.failure(source)
     if err is not None:
         log.warning("environment driver ended after the drain: %r", err)
 

@@ -25,6 +25,35 @@ def _cli(*args: str) -> str:
     return done.stdout
 
 
+_POLL = {"pollSeconds": 0.2}
+
+
+def _config(
+    agent: str,
+    uri: str,
+    url: str,
+    tmp_path: Path,
+    *,
+    actors: int = 1,
+    version: int | None = None,
+    **extra: object,
+) -> dict[str, object]:
+    """A CartPole runtime on a registry model (ONNX; `version` pins it), publishing
+    through `url` and recording under tmp_path/out; `extra` adds top-level fields."""
+    model: dict[str, object] = {"uri": uri, "format": "onnx"}
+    if version is not None:
+        model["version"] = version
+    return {
+        "agent": agent,
+        "actors": actors,
+        "model": model,
+        "environment": {"gymnasium": {"id": "CartPole-v1"}},
+        "trajectories": {"nats": {"url": url}},
+        "localSink": {"path": str(tmp_path / "out")},
+        **extra,
+    }
+
+
 def _reports(url: str, namespace: str, agent: str) -> dict[str, reporting.PodReport]:
     async def read() -> dict[str, reporting.PodReport]:
         nc = await nats.connect(url)
@@ -44,15 +73,7 @@ def test_push_list_and_hot_reload_from_registry(
         "model", "push", "--nats", url, "--bucket", "models", "--name", "cp", str(models["onnx"])
     )
     assert "version 1" in out
-    cfg = {
-        "agent": "cartpole",
-        "actors": 2,
-        "model": {"uri": "objectstore://models/cp", "format": "onnx"},
-        "environment": {"gymnasium": {"id": "CartPole-v1"}},
-        "trajectories": {"nats": {"url": url}},
-        "localSink": {"path": str(tmp_path / "out")},
-        "reload": {"pollSeconds": 0.2},
-    }
+    cfg = _config("cartpole", "objectstore://models/cp", url, tmp_path, actors=2, reload=_POLL)
     proc = helpers.RuntimeProcess(tmp_path, cfg)
     try:
         proc.wait_ready()
@@ -93,14 +114,7 @@ def test_pinned_version_and_missing_model(
     url = nats_server.url
     for m in ("onnx", "onnx_v2"):
         _cli("model", "push", "--nats", url, "--bucket", "models", "--name", "cp", str(models[m]))
-    cfg = {
-        "agent": "pinned",
-        "actors": 1,
-        "model": {"uri": "objectstore://models/cp", "format": "onnx", "version": 1},
-        "environment": {"gymnasium": {"id": "CartPole-v1"}},
-        "trajectories": {"nats": {"url": url}},
-        "localSink": {"path": str(tmp_path / "out")},
-    }
+    cfg = _config("pinned", "objectstore://models/cp", url, tmp_path, version=1)
     proc = helpers.RuntimeProcess(tmp_path, cfg)
     try:
         proc.wait_ready()
@@ -149,16 +163,9 @@ def test_a_pinned_version_missing_from_the_registry_is_reported_and_kept_out(
     report names the version it could not take; pushed, it is taken."""
     url = nats_server.url
     _cli("model", "push", "--nats", url, "--bucket", "m2", "--name", "cp", str(models["onnx"]))
-    cfg = {
-        "agent": "pinned",
-        "namespace": "ns",
-        "actors": 1,
-        "model": {"uri": "objectstore://m2/cp", "format": "onnx", "version": 1},
-        "environment": {"gymnasium": {"id": "CartPole-v1"}},
-        "trajectories": {"nats": {"url": url}},
-        "localSink": {"path": str(tmp_path / "out")},
-        "reload": {"pollSeconds": 0.2},
-    }
+    cfg = _config(
+        "pinned", "objectstore://m2/cp", url, tmp_path, version=1, namespace="ns", reload=_POLL
+    )
     env = {config.ENV_POD_NAME: "pinned-0"}
     proc = helpers.RuntimeProcess(tmp_path, cfg, env=env, mounted=True)
 
@@ -219,15 +226,7 @@ def test_other_weights_under_the_running_version_are_not_loaded(
     weights, the running pod keeps what it runs and says why."""
     url = nats_server.url
     _cli("model", "push", "--nats", url, "--bucket", "m3", "--name", "cp", str(models["onnx"]))
-    cfg = {
-        "agent": "same",
-        "actors": 1,
-        "model": {"uri": "objectstore://m3/cp", "format": "onnx"},
-        "environment": {"gymnasium": {"id": "CartPole-v1"}},
-        "trajectories": {"nats": {"url": url}},
-        "localSink": {"path": str(tmp_path / "out")},
-        "reload": {"pollSeconds": 0.2},
-    }
+    cfg = _config("same", "objectstore://m3/cp", url, tmp_path, reload=_POLL)
     other = tmp_path / "other"
     export.export_mlp(other, spec.ModelFormat.ONNX, seed=7, version=1)
     proc = helpers.RuntimeProcess(tmp_path, cfg)

@@ -22,12 +22,17 @@ async def _looping_on_wait_for(first: asyncio.Future[int], rounds: list[int]) ->
         rounds.append(1)
 
 
-async def _a_task_that_lost_its_cancel() -> tuple[asyncio.Task[None], list[int]]:
-    loop = asyncio.get_running_loop()
-    reply: asyncio.Future[int] = loop.create_future()
+async def _waiting_for_a_reply() -> tuple[asyncio.Task[None], asyncio.Future[int], list[int]]:
+    """A fetch-like loop, now waiting on its first reply (not yet set)."""
+    reply: asyncio.Future[int] = asyncio.get_running_loop().create_future()
     rounds: list[int] = []
     task = asyncio.create_task(_looping_on_wait_for(reply, rounds))
     await asyncio.sleep(0)  # the task now waits on `reply`
+    return task, reply, rounds
+
+
+async def _a_task_that_lost_its_cancel() -> tuple[asyncio.Task[None], list[int]]:
+    task, reply, rounds = await _waiting_for_a_reply()
     reply.set_result(1)
     task.cancel()  # same loop iteration as the reply
     await asyncio.sleep(0.05)
@@ -45,11 +50,7 @@ async def test_one_cancel_can_be_lost_in_wait_for_on_this_python() -> None:
 
 
 async def test_cancel_and_wait_cancels_again_when_its_cancel_is_lost() -> None:
-    loop = asyncio.get_running_loop()
-    reply: asyncio.Future[int] = loop.create_future()
-    rounds: list[int] = []
-    task = asyncio.create_task(_looping_on_wait_for(reply, rounds))
-    await asyncio.sleep(0)  # the task now waits on `reply`
+    task, reply, rounds = await _waiting_for_a_reply()
     reply.set_result(1)
     # No await in between: cancel_and_wait's own first cancel meets the reply.
     await asyncio.wait_for(aio.cancel_and_wait(task, recancel_seconds=0.1), 10)

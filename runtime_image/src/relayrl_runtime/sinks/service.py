@@ -584,7 +584,7 @@ class SinkService:
                 # A cancel alone may be lost inside the fetch (aio): cancel until it ends.
                 await aio.cancel_and_wait(fetcher)
                 # Read even when _take raised (else asyncio logs it as never retrieved).
-                failed = None if fetcher.cancelled() else fetcher.exception()
+                failed = aio.failure(fetcher)
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
             if failed is not None:

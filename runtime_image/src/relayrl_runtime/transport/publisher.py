@@ -382,7 +382,7 @@ class NatsPublisher:
         done, _ = await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if connecting not in done:
             await aio.cancel_and_wait(connecting)
-            failed = None if connecting.cancelled() else connecting.exception()
+            failed = aio.failure(connecting)
             if not connecting.cancelled() and failed is None:
                 with contextlib.suppress(Exception):  # connected after all: close it
                     await connecting.result().close()
@@ -401,7 +401,7 @@ class NatsPublisher:
             with contextlib.suppress(Exception):
                 await nc.close()
             self.metrics.connected.set(0)
-        failed = None if sender.cancelled() else sender.exception()
+        failed = aio.failure(sender)
         if failed is not None:
             raise failed
 
@@ -554,8 +554,7 @@ async def _cancel_leftovers() -> None:
     tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
     await aio.cancel_and_wait(*tasks)
     for task in tasks:
-        if not task.cancelled():
-            task.exception()  # retrieved: ended is all that matters here
+        aio.failure(task)  # retrieved: ended is all that matters here
 
 
 def _estimate(batch: pa.RecordBatch) -> int:
