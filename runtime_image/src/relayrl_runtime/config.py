@@ -132,6 +132,7 @@ class RuntimeConfig(spec.SpecModel):
     pod_index: int = Field(
         default=0,
         ge=0,
+        le=(1 << 31) - 1,  # remote clients' actor ids start at pod_index << 32 (int64)
         description=f"Which slice of actors this process runs; {ENV_POD_INDEX} overrides it.",
     )
     slice_handover: bool | None = Field(

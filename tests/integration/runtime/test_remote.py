@@ -28,6 +28,7 @@ def remote_runtime(models: dict[str, Path], tmp_path: Path):  # type: ignore[no-
     cfg = {
         "agent": "remote",
         "actors": 0,
+        "podIndex": 1,
         "model": {"uri": str(models["onnx"]), "format": "onnx"},
         "environment": {"remote": {"port": zport, "maxFrameBytes": 4096, "maxClients": 8}},
         "localSink": {"path": str(tmp_path / "out")},
@@ -55,7 +56,10 @@ def test_clients_in_separate_processes(remote_runtime, tmp_path: Path) -> None: 
     assert proc.terminate() == 0, proc.logs()
     table = pa.concat_tables([pq.read_table(f) for f in out.glob("*.parquet")])
     assert table.num_rows == 3 * 300 * 2
-    assert len(set(table["actor_id"].to_pylist())) == 6
+    # Pod 1 gives out actor ids from 1 << 32 on, apart from every other pod's.
+    first = 1 << 32
+    assert set(table["actor_id"].to_pylist()) == set(range(first, first + 6))
+    assert sorted(i for s in summaries for i in s["ids"]) == list(range(first, first + 6))
 
 
 def test_bad_frames_get_error_replies_and_others_are_served(remote_runtime) -> None:  # type: ignore[no-untyped-def]

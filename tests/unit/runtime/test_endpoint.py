@@ -229,6 +229,25 @@ def test_new_actors_beyond_the_bound_are_refused_by_name(
     assert a.actor_count == 0
 
 
+def test_actor_ids_come_from_the_pods_range_and_are_not_given_out_twice(
+    models: dict[str, Path],
+) -> None:
+    a = agent_mod.Agent(models["onnx"], actor_count=0, seed=0)
+    first = 5 << endpoint.REMOTE_ID_BITS
+    ep = endpoint.RemoteEndpoint(a, "tcp://127.0.0.1:0", first_actor_id=first)
+    address = ep.start()
+    try:
+        with client.RemoteClient(address, timeout=10) as c, client.RemoteClient(address) as d:
+            assert c.new_actors(2) == [first, first + 1]
+            assert d.new_actors(1) == [first + 2]
+            c.remove_actors([first, first + 1])
+            assert c.new_actors(1) == [first + 3]
+            assert sorted(a.get_actor_ids()) == [first + 2, first + 3]
+    finally:
+        ep.stop()
+        a.shutdown()
+
+
 def test_client_packs_changed_ids_and_rewards_again(
     models: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -51,6 +51,9 @@ _IDS_CACHE: Final = 1024
 # Actors remote clients may hold at once (all clients together): a NEW_ACTORS count is
 # any u32, and each actor's trajectory buffer is allocated at once.
 MAX_REMOTE_ACTORS: Final = 65_536
+# Remote clients' actors in the pod of index p get ids p << 32, p << 32 + 1, ... (never
+# reused while the process runs), so no two pods of an Agent give out the same actor id.
+REMOTE_ID_BITS: Final = 32
 _IDS_CACHE_BYTES: Final = 1024
 
 
@@ -79,6 +82,7 @@ class RemoteEndpoint:
         max_frame_bytes: int = 1 << 20,
         max_clients: int = 1024,
         client_idle_seconds: float = 60.0,
+        first_actor_id: int = 0,
     ) -> None:
         self.agent = agent
         self.bind = bind
@@ -87,6 +91,7 @@ class RemoteEndpoint:
         self.client_idle_seconds = client_idle_seconds
         self.metrics = agent.metrics
         self._owners: dict[bytes, set[int]] = {}
+        self._next_actor_id = first_actor_id
         self._last_seen: dict[bytes, float] = {}
         self._stop = threading.Event()
         self._bound = threading.Event()
@@ -495,7 +500,8 @@ class RemoteEndpoint:
                 raise errors.InvalidArgumentError.mismatch(
                     "clients", f"at most {self.max_clients} remote clients", len(self._owners) + 1
                 )
-            ids = agent.new_actors(count)
+            ids = agent.new_actors(count, range(self._next_actor_id, self._next_actor_id + count))
+            self._next_actor_id += count
             self._owners.setdefault(req.identity, set()).update(ids)
             self.metrics.remote_clients.set(len(self._owners))
             return [wire.pack_array(np.asarray(ids, dtype=np.int64))]
