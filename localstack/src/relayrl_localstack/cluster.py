@@ -14,6 +14,10 @@ Choices (why they differ from a production cluster):
   names so the bootstrap RBAC roles apply to them as in a kubeadm cluster.
 - Authorization: ``Node,RBAC``, so the RBAC manifests of the chart are really
   enforced for service accounts.
+- Admission: the default plugins plus ``OwnerReferencesPermissionEnforcement``, which
+  stricter distributions turn on: a client that sets ``blockOwnerDeletion`` on an owner
+  reference needs ``update`` on the owner's ``finalizers`` subresource, so the chart's
+  RBAC is checked for that too.
 - ``--endpoint-reconciler-type=none``: the apiserver's address is loopback, which the
   ``kubernetes`` Service's endpoints may not hold.
 - etcd runs with ``--unsafe-no-fsync``: the data is thrown away after the run.
@@ -252,6 +256,7 @@ class LocalCluster:
                 f"--tls-private-key-file={creds.serving_key}",
                 f"--token-auth-file={token_file}",
                 "--authorization-mode=Node,RBAC",
+                "--enable-admission-plugins=OwnerReferencesPermissionEnforcement",
                 f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
                 f"--service-account-key-file={creds.sa_public_key}",
                 f"--service-account-signing-key-file={creds.sa_private_key}",

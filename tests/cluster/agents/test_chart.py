@@ -338,6 +338,15 @@ def test_helm_install_runs_the_operator_that_makes_an_agent_ready(
         ).items
         assert actor_pods
         assert {p.spec.node_name for p in actor_pods} <= set(k8s.kwok_nodes)
+        # The chart's RBAC is all the operator asks for: nothing it did was refused.
+        operator_log = k8s.node.log_path(namespace, pods[0].metadata.name, "operator")
+        assert operator_log is not None
+        refused = [
+            line
+            for line in operator_log.read_text(errors="replace").splitlines()
+            if "forbidden" in line.lower() or "permission" in line.lower()
+        ]
+        assert not refused, "\n".join(refused[:5])
         agents.delete("cartpole")
         testing.wait_for(
             lambda: (

@@ -66,6 +66,12 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.persistence.diffbase_storage = NoDiffBase()
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
+    if memo.namespaces:
+        # Watching named namespaces, the operator has no cluster-scoped RBAC (the chart
+        # gives it Roles only). Kopf would otherwise list the cluster's namespaces and
+        # CRDs to discover them, be refused, and log the refusals as errors while it
+        # retried for minutes before it fell back to the named namespaces.
+        settings.scanning.disabled = True
     # One operator acts at a time (Kopf peering): one of a higher priority pauses the
     # others, and operators of equal priority all pause. Kopf pauses its watches; the
     # reconciler, which also acts on its own, follows the same peering objects.
