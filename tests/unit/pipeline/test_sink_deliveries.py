@@ -8,6 +8,7 @@ fault tests with a real nats-server cover the re-positioning itself).
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -331,3 +332,49 @@ async def test_stopping_ends_the_fetch_even_when_a_cancel_is_lost() -> None:
         await aio.cancel_and_wait(consuming)
     assert sub.lost
     consuming.result()
+
+
+class StorageDown(NoWriter):
+    """A writer holding data whose every commit fails as with Postgres down."""
+
+    pending = True
+    pipelined = False
+
+    def __init__(self) -> None:
+        self.attempts = 0
+
+    def seal(self, last_seq: int) -> int:
+        return last_seq
+
+    async def commit(self, sealed: object) -> None:
+        self.attempts += 1
+        raise OSError("connection refused")
+
+
+async def test_the_final_commit_gives_up_within_its_budget_and_acks_nothing(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On SIGTERM with the database down the commit is retried, but only until the budget
+    is spent: the pod must exit within its grace period, and what was not committed stays
+    unacked (it comes again after the restart)."""
+    monkeypatch.setattr(service, "FINAL_COMMIT_SECONDS", 0.5)
+    writer = StorageDown()
+    svc = service.SinkService(
+        writer,  # type: ignore[arg-type]
+        streams.ConnectOptions(),
+        service.ServiceConfig(
+            namespace="ml",
+            agent="cartpole",
+            http_port=None,
+            retry=streams.Backoff(initial=0.05, maximum=0.05),
+        ),
+    )
+    taken = Ackable(Metadata(Sequence(11, 11)))
+    svc._last_seen, svc._last_msg = 11, taken  # type: ignore[assignment]
+    svc.stopping.set()
+    start = time.monotonic()
+    await asyncio.wait_for(svc._final_commit(), 10)
+    assert 0.5 <= time.monotonic() - start < 2.0
+    assert writer.attempts > 3  # retried while the budget lasted
+    assert taken.acks == 0
+    assert "final commit failed" in caplog.text
