@@ -248,17 +248,21 @@ def host_operator_paused(operator: fleet.Operator) -> Iterator[None]:
 
 @pytest.mark.timeout(420)
 @pytest.mark.usefixtures("host_operator_paused")
+@pytest.mark.parametrize("scope", ["namespaced", "clusterwide"])
 def test_helm_install_runs_the_operator_that_makes_an_agent_ready(
     agent_crd: testing.ClusterHandle,
     namespace: str,
     nats: natsserver.NatsServer,
     tmp_path: Path,
+    scope: str,
 ) -> None:
+    """`namespaced`: Roles in the watched namespace; `clusterwide` (the chart's default):
+    a ClusterRole, and the operator acts on Agents in every namespace."""
     k8s = agent_crd
     release = f"op-{secrets.token_hex(3)}"
     placement = testing.process_node_placement()
     values = {
-        "watchNamespaces": [namespace],
+        "watchNamespaces": [namespace] if scope == "namespaced" else [],
         # Process-node pods share the host's network: each listens on its own address.
         "nats": {"enabled": True, "bindPodIP": True},
         "nodeSelector": placement["nodeSelector"],
@@ -301,8 +305,12 @@ def test_helm_install_runs_the_operator_that_makes_an_agent_ready(
                 "json",
             ).stdout
         )
-        selector = binding["spec"]["matchResources"]["namespaceSelector"]
-        assert selector["matchExpressions"][0]["values"] == [namespace]
+        if scope == "namespaced":
+            selector = binding["spec"]["matchResources"]["namespaceSelector"]
+            assert selector["matchExpressions"][0]["values"] == [namespace]
+        else:
+            matching = binding["spec"].get("matchResources") or {}
+            assert not (matching.get("namespaceSelector") or {}).get("matchExpressions")
 
         # `helm test`: its pod (on the process node) reaches the operator's metrics
         # through the metrics Service's name.
