@@ -19,6 +19,7 @@ import asyncio
 import json
 import re
 import secrets
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,7 @@ def test_helm_lint_defaults_and_ci_values() -> None:
         ("operator.logFormat=xml", "/operator/logFormat"),
         ("operator.workers=0", "/operator/workers"),
         ("nats.storageSize=lots", "/nats/storageSize"),
+        ("nats.syncInterval=sometimes", "/nats/syncInterval"),
         ("operator.bogus=1", "bogus"),
         ("watchNamespaces[0]=Not_A_Namespace", "/watchNamespaces/0"),
     ],
@@ -264,7 +266,12 @@ def test_helm_install_runs_the_operator_that_makes_an_agent_ready(
     values = {
         "watchNamespaces": [namespace] if scope == "namespaced" else [],
         # Process-node pods share the host's network: each listens on its own address.
-        "nats": {"enabled": True, "bindPodIP": True},
+        "nats": {
+            "enabled": True,
+            "bindPodIP": True,
+            # The namespaced install fsyncs every message; the other keeps the default.
+            "syncInterval": "always" if scope == "namespaced" else "",
+        },
         "nodeSelector": placement["nodeSelector"],
         "tolerations": placement["tolerations"],
         "operator": {"bindPodIP": True, "logFormat": "text", "resyncSeconds": 5},
@@ -333,6 +340,9 @@ def test_helm_install_runs_the_operator_that_makes_an_agent_ready(
         assert result.returncode == 0, f"{result.stderr}\n{agents.pod_logs()}"
         nats_pod = k8s.pod(namespace, f"{release}-relayrl-operator-nats-0")
         assert asyncio.run(jetstream_file_store_works(f"nats://{nats_pod['status']['podIP']}:4222"))
+        with urllib.request.urlopen(f"http://{nats_pod['status']['podIP']}:8222/varz") as r:
+            jetstream = json.load(r)["jetstream"]["config"]
+        assert jetstream.get("sync_always", False) is (scope == "namespaced"), jetstream
 
         manifest = specs.merge_patch(
             specs.base_manifest(), {"spec": {"trajectories": {"nats": {"url": nats.url}}}}
