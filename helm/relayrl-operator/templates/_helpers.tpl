@@ -31,6 +31,11 @@ app.kubernetes.io/part-of: relayrl-fleet
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- with .Values.commonLabels }}
+{{- range $key, $_ := . }}
+{{- if or (hasPrefix "app.kubernetes.io/" $key) (eq $key "helm.sh/chart") }}
+{{- fail (printf "commonLabels.%s: expected a label the chart does not set itself (app.kubernetes.io/* and helm.sh/chart are the chart's)" $key) }}
+{{- end }}
+{{- end }}
 {{ toYaml . }}
 {{- end }}
 {{- end -}}

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 import kopf
@@ -35,10 +36,25 @@ def _setup_logging(level: str, fmt: str) -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
+def _settings(
+    args: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> settings.Settings:
+    """The environment's settings, with what the flags override."""
+    cfg = settings.Settings.from_env(environ)
+    if args.runtime_image:
+        cfg = dataclasses.replace(cfg, runtime_image=args.runtime_image)
+    return cfg
+
+
+def _http_url(host: str, port: int, path: str) -> str:
+    """An http URL; an IPv6 address goes in brackets."""
+    return f"http://[{host}]:{port}{path}" if ":" in host else f"http://{host}:{port}{path}"
+
+
 def _run(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level, args.log_format)
     try:
-        cfg = settings.Settings.from_env()
+        cfg = _settings(args)
     except ValueError as err:
         print(f"relayrl-operator: error: {err}", file=sys.stderr)
         return 2
@@ -48,12 +64,6 @@ def _run(args: argparse.Namespace) -> int:
     if args.metrics_port >= 0:
         prometheus_client.start_http_server(
             args.metrics_port, addr=args.bind, registry=metrics.REGISTRY
-        )
-    if args.runtime_image:
-        cfg = settings.Settings(
-            runtime_image=args.runtime_image,
-            image_pull_policy=cfg.image_pull_policy,
-            resync_seconds=cfg.resync_seconds,
         )
     memo = kopf.Memo()
     memo.config = cfg
@@ -71,7 +81,7 @@ def _run(args: argparse.Namespace) -> int:
             peering_name=None if args.standalone else "relayrl-operator",
             identity=cast(Any, memo.identity),
             priority=args.priority,
-            liveness_endpoint=f"http://{args.bind}:{args.health_port}/healthz",
+            liveness_endpoint=_http_url(args.bind, args.health_port, "/healthz"),
             memo=memo,
         )
     )

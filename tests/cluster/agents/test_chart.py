@@ -93,6 +93,26 @@ def test_schema_refuses_bad_values(setting: str, message: str) -> None:
     assert message in out
 
 
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        (
+            "operator.metricsPort=8081",
+            "operator.metricsPort, operator.healthPort: expected two different ports, got 8081",
+        ),
+        (
+            "commonLabels.app\\.kubernetes\\.io/component=x",
+            "commonLabels.app.kubernetes.io/component: expected a label the chart does not set",
+        ),
+    ],
+)
+def test_values_the_schema_cannot_judge_fail_the_render_by_name(setting: str, message: str) -> None:
+    """Two ports that must differ; a common label that would duplicate one of the chart's
+    own keys in every object (and, for name or instance, override its selectors)."""
+    out = fleet.helm("template", "x", str(CHART), "--set", setting, check=False)
+    assert message in out, out
+
+
 def test_every_values_key_has_a_schema_entry() -> None:
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     schema = json.loads((CHART / "values.schema.json").read_text())

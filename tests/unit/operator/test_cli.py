@@ -1,0 +1,33 @@
+"""The `relayrl-operator run` command's settings: flags over the environment."""
+
+from __future__ import annotations
+
+import argparse
+
+from relayrl_operator import cli, settings
+
+
+def _args(**overrides: object) -> argparse.Namespace:
+    return argparse.Namespace(**{"runtime_image": None, **overrides})
+
+
+def test_the_runtime_image_flag_keeps_the_other_settings() -> None:
+    env = {
+        settings.ENV_RUNTIME_IMAGE: "registry.example/runtime:env",
+        settings.ENV_IMAGE_PULL_POLICY: "Always",
+        settings.ENV_RESYNC_SECONDS: "12",
+        settings.ENV_MONITOR_LABELS: '{"release": "prometheus"}',
+    }
+    from_env = cli._settings(_args(), env)
+    assert from_env.runtime_image == "registry.example/runtime:env"
+    flagged = cli._settings(_args(runtime_image="registry.example/runtime:flag"), env)
+    assert flagged.runtime_image == "registry.example/runtime:flag"
+    assert flagged.image_pull_policy == "Always"
+    assert flagged.resync_seconds == 12.0
+    assert dict(flagged.monitor_labels) == {"release": "prometheus"}
+
+
+def test_the_health_url_brackets_an_ipv6_address() -> None:
+    assert cli._http_url("10.0.0.7", 8081, "/healthz") == "http://10.0.0.7:8081/healthz"
+    assert cli._http_url("fd00::7", 8081, "/healthz") == "http://[fd00::7]:8081/healthz"
+    assert cli._http_url("::", 8081, "/healthz") == "http://[::]:8081/healthz"
