@@ -320,13 +320,6 @@ class Client:
                 return None
             raise
 
-    async def list(self, kind: Kind, namespace: str, selector: str = "") -> list[dict[str, Any]]:
-        """Objects of a kind in a namespace, filtered by a label selector."""
-        params = {"labelSelector": selector} if selector else None
-        result = await self.request("GET", kind.path(namespace), params=params)
-        items: list[dict[str, Any]] = result.get("items", [])
-        return items
-
     async def delete(self, kind: Kind, namespace: str, name: str) -> bool:
         """Delete an object (dependents in the background); False if it was not there."""
         try:
