@@ -110,6 +110,29 @@ def test_bad_input_leaves_state_unchanged(models: dict[str, Path]) -> None:
     a.shutdown()
 
 
+def test_actor_ids_far_from_zero_take_the_dense_lookup(models: dict[str, Path]) -> None:
+    """A remote endpoint's ids start at pod_index << 32: the dense id -> row table starts
+    at the smallest id, so they do not fall back to a dict lookup per id."""
+    a = agent_mod.Agent(models["onnx"], actor_count=0)
+    first = 5 << 32
+    ids = a.new_actors(3, range(first, first + 3))
+    a.request_action(ids[::-1], _obs(3))
+    base, dense = a._pool._dense_rows()
+    assert (base, len(dense)) == (first, 3)
+    pool = a._pool
+    assert pool.rows_for(np.asarray([first + 2, first])).tolist() == [
+        pool.row_of(first + 2),
+        pool.row_of(first),
+    ]
+    with pytest.raises(errors.UnknownActorError, match=str(first + 7)):
+        a.request_action([first, first + 7], _obs(2))
+    with pytest.raises(errors.UnknownActorError, match=str(first - 1)):
+        a.request_action([first - 1, first], _obs(2))
+    with pytest.raises(errors.InvalidArgumentError, match="at most once"):
+        a.request_action([first + 1, first + 1], _obs(2))
+    a.shutdown()
+
+
 def test_actor_lifecycle(models: dict[str, Path], sink: local.LocalFileSink) -> None:
     a = agent_mod.Agent(models["onnx"], actor_count=2, sink=sink)
     assert a.new_actor() == 2

@@ -243,6 +243,14 @@ def test_actor_ids_come_from_the_pods_range_and_are_not_given_out_twice(
             c.remove_actors([first, first + 1])
             assert c.new_actors(1) == [first + 3]
             assert sorted(a.get_actor_ids()) == [first + 2, first + 3]
+            # The range's end: the last id is given out, nothing past it.
+            end = (6 << endpoint.REMOTE_ID_BITS) - 1
+            ep._next_actor_id = end
+            with pytest.raises(errors.RemoteError, match=r"NEW_ACTORS.count: expected at most 1"):
+                c.new_actors(2)
+            assert c.new_actors(1) == [end]
+            with pytest.raises(errors.RemoteError, match=r"at most 0 more actors"):
+                c.new_actors(1)
     finally:
         ep.stop()
         a.shutdown()

@@ -34,7 +34,8 @@ from relayrl_runtime import errors, trajectory
 
 _INITIAL_ROWS = 8
 _INITIAL_HORIZON = 64
-# Actor ids below this resolve to rows through a dense array (8 bytes per id).
+# Actor ids within this of the smallest one resolve to rows through a dense array (8
+# bytes per id); a remote endpoint's ids start high (pod_index << 32).
 _DENSE_LIMIT = 1 << 20
 # Id arrays remembered by `rows_for` (drivers send the same full id array every step,
 # remote clients their own few ids), least recently used forgotten first.
@@ -174,6 +175,7 @@ class ActorPool:
         self._horizon = 0
         self._stride = 1
         self._dense: IntArray | None = np.zeros(0, dtype=np.int64)  # None: to rebuild
+        self._dense_base = 0  # the actor id of the dense array's first entry
         self._lookups: dict[bytes, IntArray] = {}
         self._bases: dict[int, tuple[IntArray, IntArray]] = {}
         self._stamps = np.zeros(3, dtype=np.int64)
@@ -342,37 +344,39 @@ class ActorPool:
         self._lookups.clear()
         self._bases.clear()
 
-    def _dense_rows(self) -> IntArray:
+    def _dense_rows(self) -> tuple[int, IntArray]:
+        """The dense table and the actor id of its first entry."""
         dense = self._dense
         if dense is None:
-            ids = [i for i in self._id_to_row if 0 <= i < _DENSE_LIMIT]
-            size = max(ids, default=-1) + 1
+            base = min(self._id_to_row, default=0)
+            ids = [i for i in self._id_to_row if base <= i < base + _DENSE_LIMIT]
+            size = max(ids, default=base - 1) - base + 1
             dense = np.full(size, -1, dtype=np.int64)
             if ids:
-                dense[np.asarray(ids, dtype=np.int64)] = [self._id_to_row[i] for i in ids]
-            self._dense = dense
-        return dense
+                dense[np.asarray(ids, dtype=np.int64) - base] = [self._id_to_row[i] for i in ids]
+            self._dense, self._dense_base = dense, base
+        return self._dense_base, dense
 
     def rows_for(self, ids: IntArray) -> IntArray:
         """Rows of these actor ids (validated: known and unique).
 
         Drivers send the same few id arrays again and again: those are remembered by
-        their bytes. Otherwise ids below `_DENSE_LIMIT` resolve through a dense
-        id -> row array (one gather), others through the dict, and duplicates are found
-        with a bincount over rows.
+        their bytes. Otherwise ids within `_DENSE_LIMIT` of the smallest resolve through
+        a dense id -> row array (one gather), others through the dict, and duplicates are
+        found with a bincount over rows.
         """
         key = ids.tobytes()
         rows = self._lookups.pop(key, None)
         if rows is not None:
             self._lookups[key] = rows  # most recently used last
             return rows
-        dense = self._dense_rows()
+        base, dense = self._dense_rows()
         n = len(ids)
         if n <= _SMALL:
             # A few ids (an episode end): plain Python beats several numpy calls.
             listed = ids.tolist()
-            if listed and min(listed) >= 0 and max(listed) < len(dense):
-                rows = dense[ids]
+            if listed and min(listed) >= base and max(listed) < base + len(dense):
+                rows = dense[ids - base if base else ids]
                 found = rows.tolist()
                 if min(found) < 0:
                     raise errors.UnknownActorError(
@@ -383,8 +387,8 @@ class ActorPool:
                         "actor_ids", "each actor at most once per request", listed
                     )
                 return self._remember(key, rows)
-        if n and int(ids.min()) >= 0 and int(ids.max()) < len(dense):
-            rows = dense[ids]
+        if n and int(ids.min()) >= base and int(ids.max()) < base + len(dense):
+            rows = dense[ids - base if base else ids]
             if (rows < 0).any():
                 unknown = ids[rows < 0].tolist()
                 raise errors.UnknownActorError(unknown)

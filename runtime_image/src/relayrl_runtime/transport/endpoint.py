@@ -51,8 +51,9 @@ _IDS_CACHE: Final = 1024
 # Actors remote clients may hold at once (all clients together): a NEW_ACTORS count is
 # any u32, and each actor's trajectory buffer is allocated at once.
 MAX_REMOTE_ACTORS: Final = 65_536
-# Remote clients' actors in the pod of index p get ids p << 32, p << 32 + 1, ... (never
-# reused while the process runs), so no two pods of an Agent give out the same actor id.
+# Remote clients' actors in the pod of index p get ids (p << 32), (p << 32) + 1, ...
+# (never reused while the process runs, and never past the range: NEW_ACTORS is refused
+# once the 2**32 ids are given out), so no two pods of an Agent give out the same id.
 REMOTE_ID_BITS: Final = 32
 _IDS_CACHE_BYTES: Final = 1024
 
@@ -92,6 +93,7 @@ class RemoteEndpoint:
         self.metrics = agent.metrics
         self._owners: dict[bytes, set[int]] = {}
         self._next_actor_id = first_actor_id
+        self._actor_id_end = first_actor_id + (1 << REMOTE_ID_BITS)
         self._last_seen: dict[bytes, float] = {}
         self._stop = threading.Event()
         self._bound = threading.Event()
@@ -494,6 +496,14 @@ class RemoteEndpoint:
                     "NEW_ACTORS.count",
                     f"at most {MAX_REMOTE_ACTORS - held} more actors "
                     f"({MAX_REMOTE_ACTORS} for all remote clients, {held} held)",
+                    count,
+                )
+            left = self._actor_id_end - self._next_actor_id
+            if count > left:
+                raise errors.InvalidArgumentError.mismatch(
+                    "NEW_ACTORS.count",
+                    f"at most {left} more actors: this pod has given out all but {left} of"
+                    f" its {1 << REMOTE_ID_BITS} actor ids (a restarted pod starts again)",
                     count,
                 )
             if req.identity not in self._owners and len(self._owners) >= self.max_clients:
