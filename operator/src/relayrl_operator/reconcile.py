@@ -291,10 +291,27 @@ class Reconciler:
         meta = body["metadata"]
         key = (meta["namespace"], meta["name"])
         if event_type == "DELETED":
-            self._states.pop(key, None)
+            self._forget(key)
             return
         _store(self._states.setdefault(key, _State()), body)
         self.enqueue(key)
+
+    def _forget(self, key: Key) -> None:
+        """Forget a deleted Agent, but not what the watches told of its children.
+
+        They can outlive it: orphaned (deleted with propagationPolicy Orphan), or not yet
+        collected. An Agent made again under its name adopts them, and its status must
+        count the pods already running, which send no event when it does.
+        """
+        old = self._states.pop(key, None)
+        if old is not None and (old.pods or old.deployments or old.seen):
+            self._states[key] = _State(
+                pods=old.pods,
+                deployments=old.deployments,
+                seen=old.seen,
+                child_generations=old.child_generations,
+                child_versions=old.child_versions,
+            )
 
     def child_event(self, event_type: str, body: Mapping[str, Any]) -> None:
         """A child object changed; refresh caches, repair drift, recompute status."""
@@ -516,7 +533,7 @@ class Reconciler:
         body = await self._client.get(kube.AGENT, *key)
         if body is None:
             log.info("agent %s/%s was deleted while this operator was paused", *key)
-            self._states.pop(key, None)
+            self._forget(key)
             return False
         _store(state, body)
         # Another operator may have written status while this one was paused (and

@@ -120,3 +120,30 @@ def test_a_terminating_pod_of_an_older_template_counts_as_being_replaced() -> No
     # A terminating pod of the current template (a scale-down, a deleted pod) is not.
     rec.child_event("MODIFIED", actor_pod(0, current, terminating=True))
     assert rec.observe(agent, st).replacing == 0
+
+
+def test_an_agent_made_again_under_its_name_sees_the_pods_it_adopts() -> None:
+    """Deleted with its children orphaned, then created again: the pods keep running and
+    send no event, so the new Agent's status must count them from the cache."""
+    rec = reconciler()
+    agent_spec = spec.parse_agent(specs.base_manifest()).spec
+    current = statefulset.restart_hash(
+        common.AgentRef("cartpole", "ml", "uid-1", 1, agent_spec), settings.Settings()
+    )
+    rec.child_event("ADDED", actor_pod(0, current, terminating=False))
+    rec.child_event("ADDED", child("ConfigMap", "cartpole-runtime", resourceVersion="4"))
+    rec.agent_event("DELETED", {"metadata": {"namespace": "ml", "name": "cartpole"}})
+    # Forgotten as an Agent; its children's cache stays.
+    assert state(rec).body is None
+    rec.agent_event(
+        "ADDED",
+        {"metadata": {"namespace": "ml", "name": "cartpole", "uid": "uid-2", "generation": 1}},
+    )
+    st = state(rec)
+    again = common.AgentRef("cartpole", "ml", "uid-2", 1, agent_spec)
+    assert [p.index for p in rec.observe(again, st).pods] == [0]
+    assert ("ConfigMap", "cartpole-runtime") in st.seen
+    # The last child gone: nothing is kept of a deleted Agent.
+    rec.agent_event("DELETED", {"metadata": {"namespace": "ml", "name": "cartpole"}})
+    rec.child_event("DELETED", actor_pod(0, current, terminating=False))
+    assert KEY not in rec._states
