@@ -376,6 +376,65 @@ def test_helm_install_runs_the_operator_that_makes_an_agent_ready(
         ).items
         assert actor_pods
         assert {p.spec.node_name for p in actor_pods} <= set(k8s.kwok_nodes)
+
+        # Deleted with its children orphaned and made again under its name, the Agent
+        # adopts them: a new owner reference takes `delete` on the child too
+        # (OwnerReferencesPermissionEnforcement).
+        agents.api.delete_namespaced_custom_object(
+            spec.GROUP,
+            spec.VERSION,
+            namespace,
+            spec.PLURAL,
+            "cartpole",
+            propagation_policy="Orphan",
+        )
+        testing.wait_for(
+            lambda: (
+                not k8s.exists(
+                    agents.api.get_namespaced_custom_object,
+                    spec.GROUP,
+                    spec.VERSION,
+                    namespace,
+                    spec.PLURAL,
+                    "cartpole",
+                )
+            ),
+            timeout=60,
+            what="the Agent gone, its children orphaned",
+        )
+        uid = agents.create(manifest)["metadata"]["uid"]
+        agents.wait_phase("cartpole", "Ready", timeout=120)
+
+        def owners() -> dict[str, set[str]]:
+            children = json.loads(
+                k8s.kubectl(
+                    "get",
+                    "configmaps,statefulsets,services,poddisruptionbudgets",
+                    "-n",
+                    namespace,
+                    "-l",
+                    f"{constants.LABEL_MANAGED_BY}={constants.OPERATOR_NAME}",
+                    "-o",
+                    "json",
+                ).stdout
+            )["items"]
+            out: dict[str, set[str]] = {}
+            for child in children:
+                refs = child["metadata"].get("ownerReferences") or []
+                out.setdefault(child["kind"], set()).update(r["uid"] for r in refs)
+            return out
+
+        testing.wait_for(
+            lambda: (
+                owners()
+                == {
+                    k: {uid} for k in ("ConfigMap", "StatefulSet", "Service", "PodDisruptionBudget")
+                }
+            ),
+            timeout=30,
+            what=f"the orphaned children owned by the new Agent {uid}",
+        )
+
         # The chart's RBAC is all the operator asks for: RBAC refused it nothing. (A
         # cluster-wide one may also meet other tests' namespaces being deleted: the
         # apiserver's 403s for those are not RBAC's.)
@@ -389,6 +448,7 @@ def test_helm_install_runs_the_operator_that_makes_an_agent_ready(
                 for sign in (
                     "is forbidden: User",
                     "cannot set blockOwnerDeletion",
+                    "cannot set an ownerRef",
                     "Not enough permissions",
                 )
             )
