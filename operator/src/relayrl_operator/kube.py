@@ -1,4 +1,4 @@
-"""A small asyncio Kubernetes client: server-side apply, get, list, delete, status patch.
+"""A small asyncio Kubernetes client: server-side apply, get, watch, delete, status patch.
 
 The reconciler applies every desired child with server-side apply (field manager
 `relayrl-operator`, force): the apiserver computes the diff, a child that is already
@@ -310,6 +310,23 @@ class Client:
             raise ApiError(503, "Unavailable", f"watch {path}: {err!r}") from err
         finally:
             metrics.API_REQUESTS.labels("watch", resource_of(path), code).inc()
+
+    async def can(self, verb: str, resource: str, group: str = "") -> bool:
+        """Whether this client may `verb` `resource` in every namespace (a
+        SelfSubjectAccessReview, which every authenticated user may ask for)."""
+        review = {
+            "apiVersion": "authorization.k8s.io/v1",
+            "kind": "SelfSubjectAccessReview",
+            "spec": {"resourceAttributes": {"verb": verb, "resource": resource, "group": group}},
+        }
+        try:
+            out = await self.request(
+                "POST", "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews", body=review
+            )
+        except ApiError as err:
+            log.warning("cannot ask whether this client may %s %s: %s", verb, resource, err)
+            return False
+        return bool((out.get("status") or {}).get("allowed"))
 
     async def get(self, kind: Kind, namespace: str, name: str) -> dict[str, Any] | None:
         """An object, or None when it does not exist."""

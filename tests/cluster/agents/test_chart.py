@@ -31,9 +31,10 @@ from nats.js.api import StorageType
 from prometheus_client import CollectorRegistry
 
 from relayrl_localstack import testing
-from relayrl_operator import constants, settings
+from relayrl_operator import constants, kube, settings
 from relayrl_operator import metrics as operator_metrics
 from relayrl_operator.builders import common, monitoring
+from relayrl_operator.handlers import lifecycle
 from relayrl_runtime import metrics as runtime_metrics
 from relayrl_runtime import spec
 from relayrl_runtime.sinks import service as sink_service
@@ -258,6 +259,15 @@ async def jetstream_file_store_works(url: str) -> bool:
         await nc.close()
 
 
+async def may_discover(kubeconfig: Path) -> bool:
+    """What the operator decides at startup about Kopf's discovery, for these credentials."""
+    client = kube.Client.from_config(str(kubeconfig))
+    try:
+        return await lifecycle._may_discover(client)
+    finally:
+        await client.close()
+
+
 @pytest.fixture
 def host_operator_paused(operator: fleet.Operator) -> Iterator[None]:
     """Stop the session's host-process operator, so only the chart's one reconciles."""
@@ -322,6 +332,19 @@ def test_helm_install_runs_the_operator_that_makes_an_agent_ready(
         ).items
         assert [p.spec.node_name for p in pods] == [k8s.process_node]
         assert pods[0].spec.service_account_name == f"{release}-relayrl-operator"
+        # The chart grants no cluster-wide list/watch of namespaces and CRDs, so a
+        # namespaced operator switches Kopf's discovery off (it asks the apiserver);
+        # with cluster-wide rights, as the admin has, it keeps it.
+        token = k8s.kubectl(
+            "create", "token", f"{release}-relayrl-operator", "-n", namespace
+        ).stdout.strip()
+        as_operator = yaml.safe_load(k8s.kubeconfig.read_text())
+        for user in as_operator["users"]:
+            user["user"] = {"token": token}
+        operator_kubeconfig = tmp_path / "operator.kubeconfig"
+        operator_kubeconfig.write_text(yaml.safe_dump(as_operator))
+        assert asyncio.run(may_discover(operator_kubeconfig)) is False
+        assert asyncio.run(may_discover(k8s.kubeconfig)) is True
         # The finalizer policy (the cluster serves its API), scoped to the watched namespace.
         binding = json.loads(
             k8s.kubectl(

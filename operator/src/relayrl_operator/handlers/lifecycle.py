@@ -6,14 +6,17 @@ same instance; the cleanup handler cancels and awaits its tasks.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from typing import Any
+from typing import Any, Final
 
 import kopf
 
 from relayrl_operator import constants, kube, peering, reconcile, watch
 
 log = logging.getLogger(__name__)
+
+CRD_GROUP: Final = "apiextensions.k8s.io"
 
 
 class NoDiffBase(kopf.DiffBaseStorage):
@@ -53,6 +56,16 @@ def login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
     )
 
 
+async def _may_discover(client: kube.Client) -> bool:
+    """Whether Kopf may watch the cluster's namespaces and CRDs (its discovery)."""
+    checks = [
+        (verb, resource, group)
+        for resource, group in (("namespaces", ""), ("customresourcedefinitions", CRD_GROUP))
+        for verb in ("list", "watch")
+    ]
+    return all(await asyncio.gather(*(client.can(*check) for check in checks)))
+
+
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     """Configure Kopf, start the reconciler and the watches of its children."""
@@ -66,12 +79,6 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.persistence.diffbase_storage = NoDiffBase()
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
-    if memo.namespaces:
-        # Watching named namespaces, the operator has no cluster-scoped RBAC (the chart
-        # gives it Roles only). Kopf would otherwise list the cluster's namespaces and
-        # CRDs to discover them, be refused, and log the refusals as errors while it
-        # retried for minutes before it fell back to the named namespaces.
-        settings.scanning.disabled = True
     # One operator acts at a time (Kopf peering): one of a higher priority pauses the
     # others, and operators of equal priority all pause. Kopf pauses its watches; the
     # reconciler, which also acts on its own, follows the same peering objects.
@@ -80,6 +87,18 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
 
     client = kube.Client.from_config(memo.kubeconfig)
     memo.client = client
+    if memo.namespaces and not await _may_discover(client):
+        # Watching named namespaces with Roles only (the chart's namespaced install),
+        # Kopf would list the cluster's namespaces and CRDs to discover them, be
+        # refused, and log the refusals as errors while it retried for minutes before
+        # it fell back to the named namespaces. Without discovery it serves those and
+        # the Agent CRD as they are at startup.
+        settings.scanning.disabled = True
+        log.info(
+            "no cluster-wide list/watch of namespaces and CRDs: watching %s as named; an"
+            " Agent CRD installed or replaced later takes an operator restart",
+            ", ".join(memo.namespaces),
+        )
     peers = None
     if not settings.peering.standalone:
         peers = peering.Peering(
