@@ -35,6 +35,9 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- if or (hasPrefix "app.kubernetes.io/" $key) (eq $key "helm.sh/chart") }}
 {{- fail (printf "commonLabels.%s: expected a label the chart does not set itself (app.kubernetes.io/* and helm.sh/chart are the chart's)" $key) }}
 {{- end }}
+{{- if or (hasKey $.Values.monitoring.labels $key) (eq $key $.Values.monitoring.dashboardLabel) }}
+{{- fail (printf "commonLabels.%s: expected a label not also set by monitoring.labels or monitoring.dashboardLabel (an object would carry it twice)" $key) }}
+{{- end }}
 {{- end }}
 {{ toYaml . }}
 {{- end }}

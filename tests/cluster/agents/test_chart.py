@@ -105,6 +105,14 @@ def test_schema_refuses_bad_values(setting: str, message: str) -> None:
             "commonLabels.app\\.kubernetes\\.io/component=x",
             "commonLabels.app.kubernetes.io/component: expected a label the chart does not set",
         ),
+        (
+            "commonLabels.release=a,monitoring.labels.release=b",
+            "commonLabels.release: expected a label not also set by monitoring.labels",
+        ),
+        (
+            "commonLabels.grafana_dashboard=x",
+            "commonLabels.grafana_dashboard: expected a label not also set by monitoring.labels",
+        ),
     ],
 )
 def test_values_the_schema_cannot_judge_fail_the_render_by_name(setting: str, message: str) -> None:
