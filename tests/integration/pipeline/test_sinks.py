@@ -8,7 +8,9 @@ subject with a reason while good ones keep flowing; /metrics, /healthz and /read
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import itertools
+import logging
 from pathlib import Path
 
 import duckdb
@@ -21,7 +23,7 @@ import pytest
 from nats.aio.msg import Msg
 
 from relayrl_runtime import streams
-from relayrl_runtime.sinks import arrow_stream
+from relayrl_runtime.sinks import arrow_stream, service
 from relayrl_runtime.sinks import postgres as pg_sink
 from support import natsserver, pipeline, postgres, trajectories
 
@@ -167,6 +169,39 @@ async def test_each_agents_table_in_one_schema_gets_made(pg: postgres.PostgresSe
         "table_migrations",
     ]
     assert recorded == [("cartpole_steps", 2), ("pendulum_steps", 2)]
+
+
+async def test_a_column_already_in_the_table_is_not_altered_again(
+    pg: postgres.PostgresServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After a lost connection the writer forgets the table's columns; it reads them
+    again before adding any, because ALTER TABLE takes an exclusive lock on the table
+    (stopping every other sink's COPY into it) even for a column that is there."""
+    writer = pg_sink.PostgresWriter(lambda: pg.dsn, stream="S", consumer="c", table="alter_once")
+    assert await writer.open() == 0
+    try:
+        wide = pa.Table.from_batches([trajectories.batch(2, 0)])
+        wide = wide.append_column("extra_metric", pa.array([1.5] * wide.num_rows))
+        for seq in (1, 2):
+            if seq == 2:
+                writer._columns = {}  # as after a lost connection
+                caplog.clear()
+            now = dt.datetime.now(dt.UTC)
+            await writer.add(service.Delivery(seq, now, wide, 1, 0))
+            with caplog.at_level(logging.INFO, logger=pg_sink.__name__):
+                await writer.commit(writer.seal(seq))
+            added = [r.getMessage() for r in caplog.records if "added column" in r.getMessage()]
+            if seq == 1:  # the table's columns a trajectory message brings, and one more
+                assert "postgres: added column extra_metric double precision" in added
+            else:
+                assert added == []
+    finally:
+        await writer.close()
+    with psycopg.connect(pg.dsn) as conn:
+        rows = conn.execute(
+            "SELECT count(*), count(extra_metric) FROM relayrl.alter_once"
+        ).fetchone()
+    assert rows == (2 * wide.num_rows, 2 * wide.num_rows)
 
 
 async def test_bad_messages_go_to_the_dead_letter_subject(
