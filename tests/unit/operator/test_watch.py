@@ -168,3 +168,31 @@ async def test_a_failing_handler_does_not_lose_the_event() -> None:
     await run_until_quiet(w, server)
     assert calls == ["5", "5"]
     assert [p["resourceVersion"] for p in server.watch_params] == ["1", "1", "5"]
+
+
+async def test_stopping_ends_a_task_that_loses_a_cancel_and_reports_a_failure() -> None:
+    """The operator stops its watches and NATS watchers with `watch.cancel`: a task whose
+    await swallowed the first cancel (asyncio.wait_for on Python 3.11) still ends."""
+    lost: list[bool] = []
+
+    async def stubborn() -> None:
+        while True:
+            try:
+                await asyncio.sleep(0.05)
+            except asyncio.CancelledError:
+                if lost:
+                    raise
+                lost.append(True)
+
+    async def broken() -> None:
+        raise RuntimeError("watch failed")
+
+    quiet = asyncio.create_task(stubborn())
+    await asyncio.sleep(0.01)
+    await asyncio.wait_for(watch.cancel([quiet]), 10)
+    assert quiet.cancelled()
+    assert lost == [True]
+    failing = asyncio.create_task(broken())
+    await asyncio.sleep(0)
+    with pytest.raises(RuntimeError, match="watch failed"):
+        await watch.cancel([failing])
