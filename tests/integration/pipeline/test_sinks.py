@@ -37,6 +37,14 @@ def _ipc(table: pa.Table) -> bytes:
     return bytes(out.getvalue().to_pybytes())
 
 
+def _both_sinks(p: pipeline.Pipeline) -> tuple[pipeline.Sink, pipeline.Sink]:
+    """An Arrow sink committing every second and a Postgres sink, started and ready."""
+    arrow = p.arrow_sink("--rotate-seconds", "1")
+    pgsink = p.postgres_sink()
+    pipeline.start_ready(arrow, pgsink)
+    return arrow, pgsink
+
+
 async def _dead_letters(
     js: nats.js.JetStreamContext, want: int, agent: str = pipeline.AGENT, tries: int = 30
 ) -> list[Msg]:
@@ -207,17 +215,12 @@ async def test_a_column_already_in_the_table_is_not_altered_again(
 async def test_bad_messages_go_to_the_dead_letter_subject(
     pg_pipeline: pipeline.Pipeline, pg: postgres.PostgresServer
 ) -> None:
-    arrow = pg_pipeline.arrow_sink("--rotate-seconds", "1")
-    pgsink = pg_pipeline.postgres_sink()
-    pipeline.start_ready(arrow, pgsink)
+    arrow, pgsink = _both_sinks(pg_pipeline)
     nc = await nats.connect(pg_pipeline.nats.url)
     try:
         js = nc.jetstream()
         good = trajectories.batch(4, 0)
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_stream(sink, good.schema) as w:
-            w.write_batch(good)
-        valid = sink.getvalue().to_pybytes()
+        valid = _ipc(pa.Table.from_batches([good]))
         v = streams.HEADER_SCHEMA_VERSION
         garbage = await js.publish(SUBJECT, b"not arrow at all", headers={v: "1"})
         unknown = await js.publish(SUBJECT, valid, headers={v: "99"})
@@ -226,10 +229,7 @@ async def test_bad_messages_go_to_the_dead_letter_subject(
         superscript = await js.publish(SUBJECT, valid, headers={v: "\u00b2"})
         schema = pa.schema([*good.schema, good.schema.field("reward")], good.schema.metadata)
         doubled = pa.RecordBatch.from_arrays([*good.columns, good.column("reward")], schema=schema)
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_stream(sink, doubled.schema) as w:
-            w.write_batch(doubled)
-        doubled_ipc = sink.getvalue().to_pybytes()
+        doubled_ipc = _ipc(pa.Table.from_batches([doubled]))
         twice = await js.publish(SUBJECT, doubled_ipc, headers={v: "1"})
         await js.publish(SUBJECT, valid, headers={v: "1"})
 
@@ -495,9 +495,7 @@ async def test_dead_letters_at_the_streams_tail_are_not_dead_lettered_again_afte
 ) -> None:
     """Dead letters after the last data message are recorded by both sinks (a commit
     with no data), so the sinks restarted later resume after them."""
-    arrow = pg_pipeline.arrow_sink("--rotate-seconds", "1")
-    pgsink = pg_pipeline.postgres_sink()
-    pipeline.start_ready(arrow, pgsink)
+    arrow, pgsink = _both_sinks(pg_pipeline)
     nc = await nats.connect(pg_pipeline.nats.url)
     try:
         js = nc.jetstream()

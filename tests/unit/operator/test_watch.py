@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from relayrl_operator import kube, watch
+from support import cancels
 
 
 def cm(name: str, version: str) -> dict[str, Any]:
@@ -173,25 +174,16 @@ async def test_a_failing_handler_does_not_lose_the_event() -> None:
 async def test_stopping_ends_a_task_that_loses_a_cancel_and_reports_a_failure() -> None:
     """The operator stops its watches and NATS watchers with `watch.cancel`: a task whose
     await swallowed the first cancel (asyncio.wait_for on Python 3.11) still ends."""
-    lost: list[bool] = []
-
-    async def stubborn() -> None:
-        while True:
-            try:
-                await asyncio.sleep(0.05)
-            except asyncio.CancelledError:
-                if lost:
-                    raise
-                lost.append(True)
+    stubborn = cancels.LosesOneCancel()
 
     async def broken() -> None:
         raise RuntimeError("watch failed")
 
-    quiet = asyncio.create_task(stubborn())
+    quiet = asyncio.create_task(stubborn.run())
     await asyncio.sleep(0.01)
     await asyncio.wait_for(watch.cancel([quiet]), 10)
     assert quiet.cancelled()
-    assert lost == [True]
+    assert stubborn.lost
     failing = asyncio.create_task(broken())
     await asyncio.sleep(0)
     with pytest.raises(RuntimeError, match="watch failed"):

@@ -13,6 +13,7 @@ from typing import Any
 
 from relayrl_runtime import streams
 from relayrl_runtime.transport import publisher
+from support import cancels
 
 
 class Connection:
@@ -34,26 +35,17 @@ async def test_stopping_ends_a_send_loop_that_loses_a_cancel() -> None:
         streams.ConnectOptions(), publisher.PublisherConfig(namespace="ml", agent="cartpole")
     )
     nc = Connection()
-    rounds: list[str] = []
+    sender = cancels.LosesOneCancel()
 
     async def connect() -> Connection:
         return nc
 
-    async def send_loop(js: object) -> None:
-        while True:
-            try:
-                await asyncio.sleep(0.05)
-            except asyncio.CancelledError:
-                if rounds:
-                    raise
-                rounds.append("lost")  # the first cancel is swallowed, as by wait_for
-
     pub._connect = connect  # type: ignore[method-assign]
-    pub._send_loop = send_loop  # type: ignore[method-assign,assignment]
+    pub._send_loop = sender.run  # type: ignore[method-assign,assignment]
     pub._stop = asyncio.Event()
     main = asyncio.create_task(pub._main())
     await asyncio.sleep(0.2)
     pub._stop.set()
     await asyncio.wait_for(main, 10)
-    assert rounds == ["lost"]
+    assert sender.lost
     assert nc.closed

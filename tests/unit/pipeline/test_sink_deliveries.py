@@ -17,7 +17,7 @@ import pytest
 
 from relayrl_runtime import aio, streams
 from relayrl_runtime.sinks import service
-from support import trajectories
+from support import cancels, trajectories
 
 
 @dataclass
@@ -275,23 +275,17 @@ async def test_a_reconnect_re_positions_the_consumer_even_with_nothing_after_it(
     await asyncio.wait_for(fetching, 5)
 
 
-class LosesOneCancel:
+class LosesOneCancel(cancels.LosesOneCancel):
     """A pull subscription whose fetch once swallows a cancel, as nats-py's fetch does on
-    Python 3.11 when a reply and the cancel land together (tests/unit/runtime/test_aio.py
-    sets up that race itself)."""
+    Python 3.11 when a reply and the cancel land together."""
 
     def __init__(self) -> None:
-        self.lost = False
+        super().__init__()
         self.fetches = 0
 
     async def fetch(self, batch: int, **kwargs: float) -> list[Any]:
         self.fetches += 1
-        try:
-            await asyncio.sleep(0.2)
-        except asyncio.CancelledError:
-            if self.lost:
-                raise
-            self.lost = True
+        await self.wait(0.2)
         raise TimeoutError
 
     async def unsubscribe(self) -> None:
