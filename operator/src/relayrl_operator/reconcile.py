@@ -2,7 +2,7 @@
 
 The watches only feed this module (Kopf's Agent handler in handlers/, and the child
 watches of relayrl_operator.watch): they store the latest Agent and child objects in
-memory and enqueue the Agent's key. A pool of workers takes keys
+memory (relayrl_operator.cache) and enqueue the Agent's key. A pool of workers takes keys
 from the queue; one key is never worked on by two workers at once, and a key that is
 enqueued again while it is worked on is coalesced into one more pass. So one slow
 Agent holds one worker, never the others. The periodic resync's routine checks wait
@@ -15,11 +15,14 @@ A pass (`_reconcile`):
    finds a child missing from the cache, or comes round to an Agent whose children
    were last applied FULL_APPLY_EVERY periods ago or more (for what a watch can miss:
    a deletion while it was reconnecting, an edited PodMonitor);
-   children no longer desired (a removed sink, the remote Service) are deleted;
+   children no longer desired (a removed sink, the remote Service) are deleted
+   (relayrl_operator.children);
 3. the JetStream stream and model bucket are ensured through NATS: on the Agent's
    first pass, after a failure, and when a resync's listing of the streams (one per
    server for all Agents) finds them missing or changed;
-4. status is computed from the cached children and patched when it changed.
+4. status is computed from the cached children (relayrl_operator.views, then
+   relayrl_operator.status) and patched when it changed; Events say what happened
+   (relayrl_operator.events).
 Transient failures are retried with a jittered, growing, bounded delay; permanent
 ones are shown in status (phase Failed). A spec the apiserver let through but we
 cannot build waits for the next spec change. A child the apiserver rejects is tried
@@ -34,36 +37,31 @@ import dataclasses
 import logging
 import time
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 from relayrl_operator import (
+    cache,
     changes,
+    children,
     constants,
+    events,
     handover,
     kube,
     metrics,
     peering,
     settings,
     status,
+    views,
     watch,
     workqueue,
 )
-from relayrl_operator.builders import (
-    common,
-    configmap,
-    monitoring,
-    pdb,
-    services,
-    sinks,
-    statefulset,
-)
+from relayrl_operator.builders import common, configmap, monitoring, statefulset
 from relayrl_runtime import config, reporting, spec
 
 log = logging.getLogger(__name__)
 
-Key = tuple[str, str]  # (namespace, name)
+Key = cache.Key
 
 # A resync re-applies an Agent's children when it has not applied them for this many
 # rounds (each Agent's turn comes once in as many rounds): so every child is compared
@@ -88,20 +86,6 @@ METADATA_ONLY: frozenset[kube.Kind] = frozenset(
     {kube.STATEFULSET, kube.CONFIGMAP, kube.SERVICE, kube.PDB}
 )
 
-# Kinds the operator may have created for an Agent and may need to delete again.
-_PRUNABLE = (kube.SERVICE, kube.DEPLOYMENT, kube.PODMONITOR)
-
-_FAILING_REASONS = frozenset(
-    {
-        "CrashLoopBackOff",
-        "ImagePullBackOff",
-        "ErrImagePull",
-        "CreateContainerConfigError",
-        "CreateContainerError",
-        "InvalidImageName",
-    }
-)
-
 
 class Streams(Protocol):
     """Creates and removes an Agent's JetStream stream and model bucket."""
@@ -120,58 +104,6 @@ class Streams(Protocol):
 
     def reports(self, namespace: str, agent: str) -> Mapping[str, reporting.PodReport]:
         """The latest report of each pod of an Agent, by pod name."""
-
-
-@dataclass
-class _State:
-    """What the reconciler remembers about one Agent between passes."""
-
-    body: dict[str, Any] | None = None
-    # The parsed spec of the body's (uid, generation), and the restart hash its pods
-    # must carry: the spec only changes with the generation, and most passes come from
-    # pod and StatefulSet events, so neither is recomputed on them.
-    agent: common.AgentRef | None = None
-    restart_hash: str = ""
-    applied_generation: int | None = None
-    applying_generation: int | None = None  # set while a pass applies this generation
-    applied_spec: spec.AgentSpec | None = None
-    applied: set[tuple[str, str]] = field(default_factory=set)  # (kind, name) last applied
-    applied_at: float = 0.0  # time.monotonic() of the last apply
-    needs_apply: bool = True
-    failures: int = 0
-    stale: bool = False  # body cached before a pause: read the Agent again before acting
-    nats_failures: int = 0  # stream/bucket attempts failed in a row
-    stream_ready: bool | None = None
-    stream_message: str = ""
-    error: str | None = None
-    error_generation: int | None = None
-    applied_message: str = ""
-    # The status this operator last wrote, and for which Agent (uid): newer than the
-    # body's until the write's watch event arrives.
-    last_status: dict[str, Any] | None = None
-    status_uid: str | None = None
-    pods: dict[str, dict[str, Any]] = field(default_factory=dict)
-    deployments: dict[str, dict[str, Any]] = field(default_factory=dict)
-    child_generations: dict[tuple[str, str], int] = field(default_factory=dict)
-    child_versions: dict[tuple[str, str], str] = field(default_factory=dict)
-    seen: set[tuple[str, str]] = field(default_factory=set)  # (kind, name) the watch has
-    # The model version the actor pods were rolled for (status.modelRollout); read from
-    # the Agent's status once, so an operator restart does not roll them again.
-    model_rollout: int | None = None
-    rollout_read: bool = False
-    # The actor layout the runtime ConfigMap holds (its annotation, from our apply or
-    # the watch), and since when a slice handover has waited (relayrl_operator.handover).
-    config_layout: handover.Layout | None = None
-    handover_since: float | None = None
-    handover_revision: str | None = None  # the handover config that clock is for
-    handover_check: float = 0.0  # when the pass the handover asked for is due
-    config_revision: str | None = None  # of the ConfigMap (its config-hash annotation)
-    layout_attempted: handover.Layout | None = None  # of our last ConfigMap apply
-    config_rejected: bool = False  # our last ConfigMap apply was rejected for good
-    # The layout a SliceHandoverUnsupported Warning was posted for (once per change).
-    unsupported_warned: handover.Layout | None = None
-    # The config revision each actor pod was last asked to mount (_push_config).
-    pushed: dict[str, str] = field(default_factory=dict)
 
 
 class Reconciler:
@@ -193,7 +125,7 @@ class Reconciler:
         self._settings = cfg
         self._streams = streams
         self._workers = workers
-        self._states: dict[Key, _State] = {}
+        self._states: dict[Key, cache.AgentState] = {}
         self._queue: workqueue.WorkQueue[Key] = workqueue.WorkQueue()
         self._busy: set[Key] = set()
         # Keys enqueued while their pass ran: one more pass each, urgent unless only the
@@ -201,11 +133,11 @@ class Reconciler:
         self._again: dict[Key, bool] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._timers: set[asyncio.TimerHandle] = set()
-        self._events: set[asyncio.Task[None]] = set()
+        self._events = events.Events(client)
+        self._children = children.Children(client, cfg)
         # Whether the child watches have listed the pods (and ConfigMaps) once: until
         # then the cache may lack running pods (set by the watches' owner).
         self._children_listed: Callable[[], bool] = lambda: True
-        self._podmonitors = False  # whether Agents get PodMonitors now
         self._podmonitor_api = False  # what the last check of the API found
         self._resyncs = 0
 
@@ -213,8 +145,8 @@ class Reconciler:
 
     async def start(self) -> None:
         """Start the workers and the periodic resync."""
-        self._podmonitors = await self._client.has_api(monitoring.API_VERSION)
-        self._podmonitor_api = self._podmonitors
+        self._children.podmonitors = await self._client.has_api(monitoring.API_VERSION)
+        self._podmonitor_api = self._children.podmonitors
         if self._streams is not None:
             self._streams.set_listener(self._reported)
         loop = asyncio.get_running_loop()
@@ -234,8 +166,7 @@ class Reconciler:
             handle.cancel()
         await watch.cancel(self._tasks)
         self._tasks = []
-        if self._events:  # Events already on their way get a moment to land
-            await asyncio.wait(set(self._events), timeout=5)
+        await self._events.drain(within=5)  # Events on their way get a moment to land
 
     def set_children_listed(self, listed: Callable[[], bool]) -> None:
         """Tell the reconciler how to know the child watches have listed everything."""
@@ -293,86 +224,28 @@ class Reconciler:
         if event_type == "DELETED":
             self._forget(key)
             return
-        _store(self._states.setdefault(key, _State()), body)
+        cache.store(self._states.setdefault(key, cache.AgentState()), body)
         self.enqueue(key)
 
     def _forget(self, key: Key) -> None:
-        """Forget a deleted Agent, but not what the watches told of its children.
-
-        They can outlive it: orphaned (deleted with propagationPolicy Orphan), or not yet
-        collected. An Agent made again under its name adopts them, and its status must
-        count the pods already running, which send no event when it does.
-        """
+        """Forget a deleted Agent, but not what the watches told of its children."""
         old = self._states.pop(key, None)
-        if old is not None and (old.pods or old.deployments or old.seen):
-            self._states[key] = _State(
-                pods=old.pods,
-                deployments=old.deployments,
-                seen=old.seen,
-                child_generations=old.child_generations,
-                child_versions=old.child_versions,
-            )
+        kept = cache.after_delete(old) if old is not None else None
+        if kept is not None:
+            self._states[key] = kept
 
     def child_event(self, event_type: str, body: Mapping[str, Any]) -> None:
         """A child object changed; refresh caches, repair drift, recompute status."""
         meta = body["metadata"]
-        labels = meta.get("labels") or {}
-        agent = labels.get(constants.LABEL_AGENT)
+        agent = (meta.get("labels") or {}).get(constants.LABEL_AGENT)
         if agent is None:
             return
         key = (meta["namespace"], agent)
         # After a restart, children can be listed before their Agent: keep them.
-        state = self._states.setdefault(key, _State())
-        kind, name = body.get("kind", ""), meta["name"]
-        deleted = event_type == "DELETED"
-        # Whether a pass could come out differently: status reads pods and sink
-        # Deployments; any other child matters only when deleted or edited (drift).
-        # At a thousand Agents most child events are the controllers' status updates
-        # (StatefulSet replicas, PodDisruptionBudget counts, a pod's scheduling steps)
-        # that change nothing status shows.
-        relevant = deleted
-        if kind == "Pod":
-            if deleted:
-                state.pods.pop(name, None)
-                state.pushed.pop(name, None)
-            else:
-                summary = _pod_summary(body)
-                relevant = state.pods.get(name) != summary
-                state.pods[name] = summary
-        elif kind == "Deployment":
-            relevant = True
-            if deleted:
-                state.deployments.pop(name, None)
-            else:
-                state.deployments[name] = dict(body)
-        if kind == "ConfigMap" and not deleted:
-            ours = state.child_versions.get((kind, name))
-            if ours is None or ours == meta.get("resourceVersion"):
-                # Not an older event of it arriving late: that would undo a handover step.
-                state.config_revision = _take_config_meta(state, meta)
-        if kind != "Pod":
-            child = (kind, name)
-            generation = meta.get("generation")
-            if generation is None:
-                # ConfigMaps and Services have no generation: the resourceVersion our
-                # last apply returned tells our own writes from someone else's.
-                known = state.child_versions.get(child)
-                edited = known is not None and known != meta.get("resourceVersion")
-            else:
-                previous = state.child_generations.get(child)
-                edited = previous is not None and previous != generation
-            if deleted or edited:
-                # Deleted or changed by someone: server-side apply puts our fields back.
-                state.needs_apply = True
-                relevant = True
-            if deleted:
-                state.seen.discard(child)
-            else:
-                state.seen.add(child)
-                if generation is not None:
-                    state.child_generations[child] = generation
+        state = self._states.setdefault(key, cache.AgentState())
+        relevant = cache.note_child(state, event_type, body)
         if state.body is None:
-            if deleted and not state.pods and not state.deployments:
+            if event_type == "DELETED" and not state.pods and not state.deployments:
                 self._states.pop(key, None)  # the last child of a deleted Agent
             return
         if relevant:
@@ -413,14 +286,14 @@ class Reconciler:
                 continue  # standby; resuming compares every Agent anyway
             # The Prometheus Operator may have been installed (or removed) since: then
             # every Agent's children change (a PodMonitor more or less). A PodMonitor
-            # apply that found no API (see _apply_children) does not count as a change.
+            # apply that found no API (see children.Children.apply) does not count as a change.
             api = self._podmonitor_api
             try:
                 api = await self._client.has_api(monitoring.API_VERSION)
             except kube.ApiError as err:
                 log.info("cannot check for %s: %s", monitoring.API_VERSION, err)
             monitoring_changed = api != self._podmonitor_api
-            self._podmonitor_api = self._podmonitors = api
+            self._podmonitor_api = self._children.podmonitors = api
             self._resyncs += 1
             lost = await self._lost_streams()
             now = time.monotonic()
@@ -528,14 +401,14 @@ class Reconciler:
         finally:
             metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
 
-    async def _refresh(self, key: Key, state: _State) -> bool:
+    async def _refresh(self, key: Key, state: cache.AgentState) -> bool:
         """Read a stale Agent again; False (and forgotten) when it no longer exists."""
         body = await self._client.get(kube.AGENT, *key)
         if body is None:
             log.info("agent %s/%s was deleted while this operator was paused", *key)
             self._forget(key)
             return False
-        _store(state, body)
+        cache.store(state, body)
         # Another operator may have written status while this one was paused (and
         # rolled the pods for a model: status.modelRollout).
         state.last_status = state.status_uid = None
@@ -544,7 +417,7 @@ class Reconciler:
 
     # ------------------------------------------------------------------ one pass
 
-    async def _reconcile(self, key: Key, state: _State) -> None:
+    async def _reconcile(self, key: Key, state: cache.AgentState) -> None:
         body = state.body
         assert body is not None
         meta = body["metadata"]
@@ -602,7 +475,7 @@ class Reconciler:
             try:
                 added, applied = await asyncio.gather(
                     self._add_finalizer(agent, meta) if add_finalizer else asyncio.sleep(0),
-                    self._apply_children(agent, state, handing_over=handing_over),
+                    self._children.apply(agent, state, handing_over=handing_over),
                     return_exceptions=True,
                 )
             finally:
@@ -632,7 +505,7 @@ class Reconciler:
                 lines = changes.describe(before, agent_spec, handover=handing_over)
                 if lines:
                     state.applied_message = "; ".join(lines)
-                    self._event(agent, "Normal", "SpecApplied", state.applied_message)
+                    self._events.post(agent, "Normal", "SpecApplied", state.applied_message)
                 state.applied_generation = generation
                 state.applied_spec = agent_spec
         elif add_finalizer:
@@ -662,7 +535,7 @@ class Reconciler:
         reports = self._streams.reports(agent.namespace, agent.name)
         return {pod: r for pod, r in reports.items() if r.time > fresh_after}
 
-    def _follow_refusals(self, key: Key, state: _State, agent: common.AgentRef) -> None:
+    def _follow_refusals(self, key: Key, state: cache.AgentState, agent: common.AgentRef) -> None:
         """Roll the actor pods for a model version the running ones cannot hot-reload.
 
         A version whose layout differs from the running model's loads fine in a new
@@ -674,7 +547,7 @@ class Reconciler:
         current = {
             name
             for name, pod in state.pods.items()
-            if not pod["metadata"].get("deletionTimestamp") and _runs(pod, state.restart_hash)
+            if not pod["metadata"].get("deletionTimestamp") and views.runs(pod, state.restart_hash)
         }
         wanted = [
             r.refused
@@ -697,16 +570,18 @@ class Reconciler:
         )
         state.applied_message = message
         log.info("agent %s/%s: %s", *key, message)
-        self._event(agent, "Normal", "ModelRollout", message)
+        self._events.post(agent, "Normal", "ModelRollout", message)
 
-    async def _handing_over(self, key: Key, state: _State, agent: common.AgentRef) -> bool:
+    async def _handing_over(
+        self, key: Key, state: cache.AgentState, agent: common.AgentRef
+    ) -> bool:
         """Whether the runtime config must say sliceHandover now (relayrl_operator.handover).
 
         True from a layout change that moves actors between pods until every running
         actor pod has applied the handover config (or TIMEOUT_SECONDS passed).
         """
         current = state.config_layout
-        if current is None and _has_status(state) and self._streams is not None:
+        if current is None and cache.has_status(state) and self._streams is not None:
             # An Agent whose ConfigMap this process has not seen (it restarted, or a
             # peer acted while it was paused): read what the pods were given.
             current = state.config_layout = await self._read_layout(agent)
@@ -731,7 +606,7 @@ class Reconciler:
             self._enqueue_later(key, handover.CHECK_SECONDS)
         listed = self._children_listed()
         reports = self._fresh_reports(agent)
-        running = _running_actor_pods(state)
+        running = cache.running_actor_pods(state)
         if not current.handover:
             if listed and not running:
                 state.handover_since = None
@@ -748,14 +623,14 @@ class Reconciler:
                 if state.unsupported_warned != target:  # once, not on every pass
                     state.unsupported_warned = target
                     log.warning("agent %s/%s: %s", *key, message)
-                    self._event(agent, "Warning", "SliceHandoverUnsupported", message)
+                    self._events.post(agent, "Warning", "SliceHandoverUnsupported", message)
                 state.handover_since = None
                 return False
             return True  # step 1
         if state.config_revision is not None:
-            await self._push_config(agent, state, state.config_revision)
+            await self._children.push_config(agent, state, state.config_revision)
         if listed:
-            waiting = _handover_waiting(running, reports, revision)
+            waiting = views.handover_waiting(running, reports, revision)
         else:
             waiting = ["pods not listed yet"]  # just started: the cache may lack some
         if waiting and now - state.handover_since < handover.TIMEOUT_SECONDS:
@@ -767,7 +642,7 @@ class Reconciler:
                 "slice anyway (an actor may run in two pods until they apply it)"
             )
             log.warning("agent %s/%s: %s", *key, message)
-            self._event(agent, "Warning", "SliceHandoverTimeout", message)
+            self._events.post(agent, "Warning", "SliceHandoverTimeout", message)
         state.handover_since = None
         return False  # step 2
 
@@ -783,144 +658,6 @@ class Reconciler:
         annotations = cm["metadata"].get("annotations") or {}
         return handover.Layout.decode(annotations.get(constants.ANNOTATION_ACTOR_LAYOUT))
 
-    def desired_children(
-        self, agent: common.AgentRef, *, handing_over: bool = False
-    ) -> list[dict[str, Any]]:
-        """Every child manifest the Agent should have now: the runtime config first, the
-        actor workload second (`_apply_children` relies on both)."""
-        out = [
-            configmap.build(agent, handing_over=handing_over),
-            statefulset.build(agent, self._settings),
-            services.build_headless(agent),
-            pdb.build(agent),
-        ]
-        remote = services.build_remote(agent)
-        if remote is not None:
-            out.append(remote)
-        out += sinks.build_all(agent, self._settings)
-        if self._podmonitors:
-            out.append(monitoring.build(agent, self._settings.monitor_labels))
-        return out
-
-    async def _apply_children(
-        self, agent: common.AgentRef, state: _State, *, handing_over: bool = False
-    ) -> None:
-        desired = self.desired_children(agent, handing_over=handing_over)
-        state.layout_attempted = configmap.layout(agent, handing_over=handing_over)
-        results: list[Any] = []
-        state.config_rejected = False
-        if state.applied_generation is not None or _has_status(state):
-            # A change to a running Agent (applied by this process, or by an operator
-            # before it): the config first. A pod the StatefulSet replaces meanwhile
-            # must mount the new one, or it runs the old settings while it counts as
-            # updated (its restart hash is the new template's).
-            try:
-                results.append(await self._client.apply(desired[0]))
-            except kube.ApiError as err:
-                if err.transient:
-                    raise  # retried before the pods are touched
-                # Rejected for good: reported with the rest. The actor workload stays as
-                # it is too, so its pods keep a template and replica count that match
-                # the config they have.
-                results += [err, err]
-                state.config_rejected = True
-        results += await asyncio.gather(
-            *(self._client.apply(obj) for obj in desired[len(results) :]), return_exceptions=True
-        )
-        rejected: kube.ApiError | None = None
-        for obj, result in zip(list(desired), results, strict=True):
-            if (
-                isinstance(result, kube.ApiError)
-                and result.status == 404
-                and obj["kind"] == kube.PODMONITOR.kind
-            ):
-                # The Prometheus Operator's CRDs went away: no PodMonitors until they
-                # are back (checked on every resync).
-                self._podmonitors = False
-                desired.remove(obj)
-                continue
-            if isinstance(result, kube.ApiError) and not result.transient:
-                # Rejected for good (e.g. a claim asked to shrink, a policy refusing an
-                # update): the other children are still applied and pruned, this one
-                # is left as it is (still desired: never pruned); the pass reports it.
-                rejected = rejected or result
-                continue
-            if isinstance(result, BaseException):
-                raise result
-            child = (obj["kind"], obj["metadata"]["name"])
-            before = state.child_versions.get(child)
-            state.child_versions[child] = result.resource_version
-            if result.created:
-                metrics.CHILDREN.labels(obj["kind"], "created").inc()
-            elif before is not None and before != result.resource_version:
-                metrics.CHILDREN.labels(obj["kind"], "updated").inc()
-            generation = result.obj.get("metadata", {}).get("generation")
-            if generation is not None:
-                state.child_generations[child] = generation
-            if obj is desired[0]:
-                revision = _take_config_meta(state, result.obj.get("metadata", {}))
-                if state.config_revision is not None and revision != state.config_revision:
-                    await self._push_config(agent, state, revision or "")
-                state.config_revision = revision
-        now = {(obj["kind"], obj["metadata"]["name"]) for obj in desired}
-        # What may exist but is not desired: what we applied before, and any optional
-        # child this Agent could have had that the watch shows (after a restart).
-        candidates = state.applied | (self._optional_children(agent) & state.seen)
-        prunable = {k.kind: k for k in _PRUNABLE}
-        for kind_name, name in sorted(candidates - now):
-            kind = prunable.get(kind_name)
-            if kind is None:
-                # A sink's claim that is no longer used keeps its data: the Agent's owner
-                # reference collects it with the Agent, or the user deletes it.
-                log.info("kept %s %s/%s: no longer used", kind_name, agent.namespace, name)
-            elif await self._client.delete(kind, agent.namespace, name):
-                metrics.CHILDREN.labels(kind_name, "deleted").inc()
-                log.info("deleted %s %s/%s: no longer desired", kind_name, agent.namespace, name)
-            state.child_generations.pop((kind_name, name), None)
-            state.child_versions.pop((kind_name, name), None)
-        state.applied = now
-        state.applied_at = time.monotonic()
-        if rejected is not None:
-            raise rejected
-
-    async def _push_config(self, agent: common.AgentRef, state: _State, revision: str) -> None:
-        """Annotate the actor pods with the config revision they should mount.
-
-        A pod update makes its kubelet sync the pod and refresh its ConfigMap volume
-        at once, instead of at its next periodic sync (up to a minute or two): the
-        hot fields take effect in seconds. Each pod is asked once per revision (a
-        failed request is asked again on a later call); the periodic sync still comes.
-        """
-        names = [
-            name
-            for name, pod in _actor_pods(state)
-            if not pod["metadata"].get("deletionTimestamp")
-            and (pod["metadata"].get("annotations") or {}).get(constants.ANNOTATION_CONFIG_HASH)
-            != revision
-            and state.pushed.get(name) != revision
-        ]
-        patch = {"metadata": {"annotations": {constants.ANNOTATION_CONFIG_HASH: revision}}}
-        results = await asyncio.gather(
-            *(self._client.merge_patch(kube.POD, agent.namespace, n, patch) for n in names),
-            return_exceptions=True,
-        )
-        for name, result in zip(names, results, strict=True):
-            if isinstance(result, kube.ApiError) and result.status == 404:
-                continue  # gone meanwhile
-            if isinstance(result, Exception):
-                log.info(
-                    "pod %s/%s: config refresh not requested: %s", agent.namespace, name, result
-                )
-            else:
-                state.pushed[name] = revision
-
-    def _optional_children(self, agent: common.AgentRef) -> set[tuple[str, str]]:
-        out = {(kube.SERVICE.kind, common.remote_service_name(agent))}
-        out |= {(kube.DEPLOYMENT.kind, n) for n in sinks.possible_names(agent)}
-        if self._podmonitors:
-            out.add((kube.PODMONITOR.kind, agent.name))
-        return out
-
     async def _add_finalizer(self, agent: common.AgentRef, meta: Mapping[str, Any]) -> None:
         finalizers = [*meta.get("finalizers", []), constants.FINALIZER]
         await self._client.merge_patch(
@@ -930,7 +667,7 @@ class Reconciler:
             {"metadata": {"finalizers": finalizers, "resourceVersion": meta["resourceVersion"]}},
         )
 
-    async def _finalize(self, key: Key, state: _State) -> None:
+    async def _finalize(self, key: Key, state: cache.AgentState) -> None:
         assert state.body is not None
         meta = state.body["metadata"]
         finalizers = meta.get("finalizers") or []
@@ -959,16 +696,18 @@ class Reconciler:
         )
         log.info("finalized %s/%s", *key)
 
-    def _rejected(self, key: Key, state: _State, agent: common.AgentRef, message: str) -> None:
+    def _rejected(
+        self, key: Key, state: cache.AgentState, agent: common.AgentRef, message: str
+    ) -> None:
         """A child the apiserver refuses for good: said once per spec and message."""
         if state.error == message and state.error_generation == agent.generation:
             return
         state.error, state.error_generation = message, agent.generation
         metrics.RECONCILES.labels("permanent_error").inc()
         log.warning("agent %s/%s: %s", *key, message)
-        self._event(agent, "Warning", "ReconcileFailed", message)
+        self._events.post(agent, "Warning", "ReconcileFailed", message)
 
-    async def _fail(self, key: Key, state: _State, generation: int, message: str) -> None:
+    async def _fail(self, key: Key, state: cache.AgentState, generation: int, message: str) -> None:
         state.error = message
         state.error_generation = generation
         metrics.RECONCILES.labels("permanent_error").inc()
@@ -993,12 +732,12 @@ class Reconciler:
         agent = common.AgentRef(
             meta["name"], meta["namespace"], meta["uid"], generation, agent_spec
         )
-        self._event(agent, "Warning", "ReconcileFailed", message)
+        self._events.post(agent, "Warning", "ReconcileFailed", message)
         await self._write_status(agent, state)
 
     # -------------------------------------------------------------------- status
 
-    def observe(self, agent: common.AgentRef, state: _State) -> status.Observed:
+    def observe(self, agent: common.AgentRef, state: cache.AgentState) -> status.Observed:
         """Turn cached pods and Deployments into the facts status depends on."""
         restart = (
             state.restart_hash
@@ -1006,60 +745,9 @@ class Reconciler:
             else statefulset.restart_hash(agent, self._settings)
         )
         reports = self._fresh_reports(agent)
-        layout = state.config_layout
-        handover_revision = (
-            state.handover_revision if layout is not None and layout.handover else None
-        )
-        pods = []
-        replacing = removing = 0
-        sink_pods: dict[str, list[Mapping[str, Any]]] = {}
-        for pod in state.pods.values():
-            labels = pod["metadata"].get("labels") or {}
-            component = labels.get(constants.LABEL_COMPONENT)
-            if component != constants.COMPONENT_ACTORS:
-                sink_pods.setdefault(str(component), []).append(pod)
-                continue
-            if pod["metadata"].get("deletionTimestamp"):
-                if _pod_index(pod) >= agent.spec.pods():
-                    removing += 1
-                elif not _runs(pod, restart):
-                    replacing += 1
-                continue
-            report = reports.get(pod["metadata"]["name"])
-            pods.append(
-                _pod_view(
-                    pod,
-                    restart,
-                    report,
-                    state.model_rollout,
-                    handover_revision,
-                    agent.spec.environment.copies_per_actor(),
-                )
-            )
-        handing_over = (
-            tuple(_handover_waiting(_running_actor_pods(state), reports, handover_revision))
-            if handover_revision is not None
-            else None
-        )
-        sink_views = []
-        for name in sinks.desired_names(agent):
-            deployment = state.deployments.get(name)
-            if deployment is not None:
-                sink_views.append(_sink_view(deployment, sink_pods))
-        return status.Observed(
-            pods=pods,
-            sinks=sink_views,
-            stream_ready=state.stream_ready if self._streams is not None else None,
-            stream_message=state.stream_message,
-            error=state.error,
-            applied=state.applied_message,
-            replacing=replacing,
-            removing=removing,
-            model_rollout=state.model_rollout,
-            handover=handing_over,
-        )
+        return views.observe(agent, state, restart, reports, streams=self._streams is not None)
 
-    async def _write_status(self, agent: common.AgentRef, state: _State) -> None:
+    async def _write_status(self, agent: common.AgentRef, state: cache.AgentState) -> None:
         assert state.body is not None
         # The status as it stands: our last write, when there is one for this Agent. The
         # body lags it until the write's watch event arrives; conditions computed from
@@ -1091,214 +779,8 @@ class Reconciler:
         if old_phase != new["phase"] and not first:
             kind = "Warning" if new["phase"] in ("Degraded", "Failed") else "Normal"
             ready = next(c for c in new["conditions"] if c["type"] == "Ready")
-            self._event(agent, kind, f"Phase{new['phase']}", ready["message"])
-
-    def _event(self, agent: common.AgentRef, kind: str, reason: str, message: str) -> None:
-        """Post an Event without holding up the pass (events are best effort)."""
-        task = asyncio.get_running_loop().create_task(
-            self._post_event(agent, kind, reason, message), name=f"event {agent.name} {reason}"
-        )
-        self._events.add(task)
-        task.add_done_callback(self._events.discard)
-
-    async def _post_event(
-        self, agent: common.AgentRef, kind: str, reason: str, message: str
-    ) -> None:
-        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        event = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {"generateName": f"{agent.name}.", "namespace": agent.namespace},
-            "involvedObject": {
-                "apiVersion": spec.API_VERSION,
-                "kind": spec.KIND,
-                "name": agent.name,
-                "namespace": agent.namespace,
-                "uid": agent.uid,
-            },
-            "type": kind,
-            "reason": reason,
-            "message": message[:1024],
-            "source": {"component": constants.OPERATOR_NAME},
-            "firstTimestamp": now,
-            "lastTimestamp": now,
-            "count": 1,
-        }
-        try:
-            await self._client.request(
-                "POST", f"/api/v1/namespaces/{agent.namespace}/events", body=event
-            )
-        except kube.ApiError as err:  # events are best effort; never fail a reconcile
-            log.debug("event for %s/%s not posted: %s", agent.namespace, agent.name, err)
-
-
-def _store(state: _State, body: Mapping[str, Any]) -> None:
-    """Keep an Agent as read (a watch event, or a GET after a pause)."""
-    meta = body["metadata"]
-    # managedFields are the bulk of a stored Agent and nothing here reads them.
-    state.body = {**body, "metadata": {k: v for k, v in meta.items() if k != "managedFields"}}
-    state.stale = False
-    # Our own finalizer and status writes come back as events during a pass: only
-    # a generation neither applied nor being applied needs the children applied.
-    done = (state.applied_generation, state.applying_generation, state.error_generation)
-    if meta.get("generation") not in done:
-        state.needs_apply = True
-
-
-def _pod_summary(pod: Mapping[str, Any]) -> dict[str, Any]:
-    """The part of a pod that status reads (the cache holds one per pod of every Agent)."""
-    meta = pod["metadata"]
-    st = pod.get("status") or {}
-    annotations = meta.get("annotations") or {}
-    summary: dict[str, Any] = {
-        "metadata": {
-            "name": meta["name"],
-            "labels": meta.get("labels") or {},
-            "annotations": {
-                k: v
-                for k, v in annotations.items()
-                if k in (constants.ANNOTATION_RESTART_HASH, constants.ANNOTATION_CONFIG_HASH)
-            },
-        },
-        "status": {
-            "conditions": [
-                {k: c[k] for k in ("type", "status", "reason", "message") if k in c}
-                for c in st.get("conditions") or []
-            ],
-            "containerStatuses": [
-                {"state": {"waiting": (cs.get("state") or {}).get("waiting")}}
-                for cs in st.get("containerStatuses") or []
-                if (cs.get("state") or {}).get("waiting")
-            ],
-            # Whether a container runs (a slice handover waits for such pods only).
-            "running": any(
-                (cs.get("state") or {}).get("running") for cs in st.get("containerStatuses") or []
-            ),
-        },
-    }
-    if meta.get("deletionTimestamp"):
-        summary["metadata"]["deletionTimestamp"] = meta["deletionTimestamp"]
-    return summary
-
-
-def _pod_view(
-    pod: Mapping[str, Any],
-    restart_hash: str,
-    report: reporting.PodReport | None,
-    model_rollout: int | None,
-    handover_revision: str | None = None,
-    copies: int = 1,
-) -> status.PodView:
-    index = _pod_index(pod)
-    conditions = {c["type"]: c for c in (pod.get("status") or {}).get("conditions") or []}
-    ready = conditions.get("Ready", {}).get("status") == "True"
-    scheduled = conditions.get("PodScheduled", {})
-    unschedulable = None
-    if scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable":
-        unschedulable = scheduled.get("message") or "no node fits"
-    failing = _waiting_failure(pod)
-    refused = report.refused if report is not None else None
-    if refused is not None and refused.incompatible and refused.version == model_rollout:
-        refused = None  # the rolling update for it replaces this pod
-    return status.PodView(
-        index=index,
-        ready=ready,
-        current=_runs(pod, restart_hash),
-        unschedulable=unschedulable,
-        failing=failing,
-        model_version=report.model_version if report is not None else None,
-        refused=None if refused is None else f"version {refused.version}: {refused.reason}",
-        # In step 1 of a handover a pod runs only the actors of its new slice it ran
-        # before. It reports its environment copies: `copies` for each actor.
-        handover_actors=report.actors // max(1, copies)
-        if report is not None
-        and handover_revision is not None
-        and report.config_revision == handover_revision
-        else None,
-    )
-
-
-def _take_config_meta(state: _State, meta: Mapping[str, Any]) -> str | None:
-    """Keep the actor layout of the runtime ConfigMap with this metadata; its revision."""
-    annotations = meta.get("annotations") or {}
-    state.config_layout = handover.Layout.decode(annotations.get(constants.ANNOTATION_ACTOR_LAYOUT))
-    revision: str | None = annotations.get(constants.ANNOTATION_CONFIG_HASH)
-    return revision
-
-
-def _has_status(state: _State) -> bool:
-    """Whether an operator (this process or one before it) has written the Agent's status."""
-    written = (state.body or {}).get("status") or {}
-    return written.get("observedGeneration") is not None
-
-
-def _handover_waiting(
-    running: Iterable[str], reports: Mapping[str, reporting.PodReport], revision: str
-) -> list[str]:
-    """The running actor pods that have not reported this handover config."""
-    return [n for n in running if n not in reports or reports[n].config_revision != revision]
-
-
-def _actor_pods(state: _State) -> Iterator[tuple[str, Mapping[str, Any]]]:
-    """The Agent's actor pods (summaries) by name."""
-    for name, pod in state.pods.items():
-        labels = pod["metadata"].get("labels") or {}
-        if labels.get(constants.LABEL_COMPONENT) == constants.COMPONENT_ACTORS:
-            yield name, pod
-
-
-def _running_actor_pods(state: _State) -> list[str]:
-    """The actor pods with a container running (terminating ones too), by name."""
-    return sorted(name for name, pod in _actor_pods(state) if pod["status"].get("running"))
+            self._events.post(agent, kind, f"Phase{new['phase']}", ready["message"])
 
 
 def _model_source(agent_spec: spec.AgentSpec) -> tuple[str, str]:
     return agent_spec.model.uri, agent_spec.model.format.value
-
-
-def _runs(pod: Mapping[str, Any], restart_hash: str) -> bool:
-    """Whether an actor pod was made from the current template (its restart hash)."""
-    annotations = pod["metadata"].get("annotations") or {}
-    return bool(annotations.get(constants.ANNOTATION_RESTART_HASH) == restart_hash)
-
-
-def _pod_index(pod: Mapping[str, Any]) -> int:
-    """An actor pod's ordinal: its label, else the end of its StatefulSet name."""
-    meta = pod["metadata"]
-    index_label = (meta.get("labels") or {}).get(constants.LABEL_POD_INDEX)
-    return int(index_label) if index_label is not None else int(meta["name"].rsplit("-", 1)[1])
-
-
-def _waiting_failure(pod: Mapping[str, Any]) -> str | None:
-    """The failure a pod's containers report while waiting (CrashLoopBackOff, ...)."""
-    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
-        waiting = (cs.get("state") or {}).get("waiting") or {}
-        if waiting.get("reason") in _FAILING_REASONS:
-            return f"{waiting['reason']}: {waiting.get('message', '')}".rstrip(": ")
-    return None
-
-
-def _sink_view(
-    deployment: Mapping[str, Any], pods: Mapping[str, list[Mapping[str, Any]]]
-) -> status.SinkView:
-    meta = deployment["metadata"]
-    st = deployment.get("status") or {}
-    want = (deployment.get("spec") or {}).get("replicas", 1)
-    ready = (
-        st.get("observedGeneration", 0) >= meta.get("generation", 0)
-        and st.get("availableReplicas", 0) >= want
-        and st.get("updatedReplicas", 0) >= want
-    )
-    message = failing = ""
-    for cond in st.get("conditions") or []:
-        if cond.get("type") == "Available" and cond.get("status") != "True":
-            message = cond.get("message", "")
-        # A starting Deployment is unavailable for a while; one whose rollout passed its
-        # progress deadline is failing.
-        if cond.get("type") == "Progressing" and cond.get("reason") == "ProgressDeadlineExceeded":
-            failing = cond.get("message", "") or "rollout exceeded its progress deadline"
-    component = (meta.get("labels") or {}).get(constants.LABEL_COMPONENT, meta["name"])
-    for pod in pods.get(component, []):
-        if not pod["metadata"].get("deletionTimestamp"):
-            failing = _waiting_failure(pod) or failing
-    return status.SinkView(component=component, ready=ready, message=message, failing=failing)

@@ -20,7 +20,7 @@ import pytest
 import yaml
 from unit.operator.pods import actor_pod
 
-from relayrl_operator import constants, handover, kube, reconcile, settings, status
+from relayrl_operator import constants, handover, kube, reconcile, settings, status, views
 from relayrl_operator.builders import common
 from relayrl_runtime import config, reporting
 
@@ -224,7 +224,7 @@ UNAVAILABLE = {
 
 
 def test_a_sink_is_failing_only_when_its_pod_or_rollout_fails() -> None:
-    starting = reconcile._sink_view(sink_deployment(UNAVAILABLE), {})
+    starting = views.sink_view(sink_deployment(UNAVAILABLE), {})
     assert (starting.ready, starting.failing) == (False, "")
     assert "minimum availability" in starting.message
     pod = {
@@ -235,11 +235,11 @@ def test_a_sink_is_failing_only_when_its_pod_or_rollout_fails() -> None:
             ]
         },
     }
-    crashing = reconcile._sink_view(
+    crashing = views.sink_view(
         sink_deployment(UNAVAILABLE), {constants.COMPONENT_ARROW_SINK: [pod]}
     )
     assert crashing.failing == "CrashLoopBackOff: back-off"
-    stuck = reconcile._sink_view(
+    stuck = views.sink_view(
         sink_deployment(
             UNAVAILABLE,
             {
