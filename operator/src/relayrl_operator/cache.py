@@ -1,11 +1,12 @@
 """The reconciler's memory of each Agent: its body, its children, its passes' marks.
 
-The watches write into it (Kopf's Agent events through `store`, the child watches
-through `note_child`) and the passes read it: which children exist and with which
-generation or resourceVersion (to tell drift from the operator's own writes), a
-summary of every pod (what status reads), and what the last passes applied, wrote
-and are waiting for. Used only by relayrl_operator.reconcile and the modules it
-calls (children, observe); nothing here makes a request.
+The reconciler writes into it what the watches bring (an Agent through `store`, also
+after reading one again when it resumes; a child through `note_child`), and the
+passes read it: which children exist and with which generation or resourceVersion
+(to tell drift from the operator's own writes), a summary of every pod (what status
+reads), and what the last passes applied, wrote and are waiting for. Used only by
+relayrl_operator.reconcile and the modules it calls (children, views); nothing here
+makes a request.
 """
 
 from __future__ import annotations

@@ -5,8 +5,9 @@ new spec, drift, a resync's turn, a slice handover's step). Builds every desired
 manifest with the pure builders, server-side applies them (the runtime ConfigMap
 first on a running Agent), records what each apply returned in the Agent's memory
 (relayrl_operator.cache: generations and resourceVersions, to tell drift from our
-own writes), deletes the optional children no longer desired, and asks the actor
-pods to mount a new runtime config at once.
+own writes), and deletes the optional children no longer desired. `push_config`
+asks the actor pods to mount a new runtime config at once: after an apply that
+changed it, and on each pass of a slice handover.
 """
 
 from __future__ import annotations

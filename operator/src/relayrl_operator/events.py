@@ -1,9 +1,10 @@
 """Kubernetes Events about Agents, posted without holding up a pass.
 
 The reconciler says what happened to an Agent (a spec applied, a phase changed, a
-child rejected, a handover timed out) through `Events.post`: each Event is its own
-task, best effort (one that cannot be posted is logged at debug level, never retried),
-and `drain` gives those under way a moment to land when the operator stops.
+child rejected, a handover timed out) through `Events.post`. Each Event is its own
+task, best effort: one the apiserver refuses, or that cannot reach it, is logged at
+debug level and never retried. `drain` gives those under way a moment to land when
+the operator stops.
 """
 
 from __future__ import annotations
@@ -64,5 +65,5 @@ class Events:
             await self._client.request(
                 "POST", f"/api/v1/namespaces/{agent.namespace}/events", body=event
             )
-        except (kube.ApiError, OSError, TimeoutError) as err:  # best effort: never retried
+        except (kube.ApiError, OSError) as err:  # best effort: never retried
             log.debug("event for %s/%s not posted: %s", agent.namespace, agent.name, err)
