@@ -136,6 +136,11 @@ class RuntimeMetrics:
             f"{PREFIX}_model_reloads", "Model reload attempts by result.", ["result"], registry=r
         )
         self.actors = prom.Gauge(f"{PREFIX}_actors", "Actors in the pool.", registry=r)
+        self.buffer_bytes = prom.Gauge(
+            f"{PREFIX}_trajectory_buffer_bytes",
+            "Bytes the pool holds for trajectories in progress (grows, never shrinks).",
+            registry=r,
+        )
         self.routers = prom.Gauge(f"{PREFIX}_routers", "Router workers running.", registry=r)
         self.router_queue = prom.Gauge(
             f"{PREFIX}_router_queue_depth", "Finished batches waiting for a router.", registry=r

@@ -75,3 +75,36 @@ def test_encode_round_trips() -> None:
     both = trajectory.concat([steps, steps])
     assert both.rows == 6
     assert both.trajectories == 2
+
+
+def test_the_pool_holds_what_process_md_sizes_a_pod_for() -> None:
+    """docs/process.md, "Memory": bytes per step, and rows x (maxLength + 1) of them
+    once one trajectory has run to maxLength."""
+    from relayrl_runtime.actors import pool
+
+    def layout(obs: tuple[int, ...], dtype: str, actions: int) -> trajectory.Layout:
+        logits = trajectory.AuxField("logits", (actions,), "float32")
+        return trajectory.Layout("a", obs, dtype, model.ActionKind.DISCRETE, actions, (logits,))
+
+    cartpole = layout((4,), "float32", 2)
+    assert pool.record_dtype(cartpole).itemsize == 66
+    assert pool.record_dtype(layout((84, 84, 4), "uint8", 6)).itemsize == 28_294
+    actors = pool.ActorPool(cartpole, max_length=1000, run_prefix=0)
+    sizes: list[int] = []
+    actors.on_resize = sizes.append
+    actors.add(range(64))
+    one = np.array([5], dtype=np.int64)
+    for _ in range(700):  # one actor's long episode; the other 63 take no step
+        actors.record(
+            one,
+            np.zeros((1, 4), np.float32),
+            np.zeros(1, np.int64),
+            None,
+            {"logits": np.zeros((1, 2), np.float32)},
+            (1, 0, 0),
+            0.0,
+        )
+    assert actors.buffer_bytes == 64 * (1000 + 1) * 66
+    # Told of each growth: rows 8 -> 16 -> 32 -> 64, then the horizon 64 -> 128 ... -> 1000.
+    assert sizes[-1] == actors.buffer_bytes
+    assert sizes == sorted(sizes)

@@ -24,7 +24,7 @@ episode id is drawn when its previous episode ends (or when it is added).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -188,7 +188,14 @@ class ActorPool:
         self._segment: npt.NDArray[np.int32] = np.zeros(0, dtype=np.int32)
         self._step0: IntArray = np.zeros(0, dtype=np.int64)
         self._buf: npt.NDArray[np.void] = np.zeros(0, dtype=self._dtype)
+        # Told the buffer's new size in bytes after each (re)allocation (a metric).
+        self.on_resize: Callable[[int], None] | None = None
         self._alloc(_INITIAL_ROWS, min(max_length, _INITIAL_HORIZON))
+
+    @property
+    def buffer_bytes(self) -> int:
+        """Bytes held for the trajectories in progress (docs/process.md, "Memory")."""
+        return int(self._buf.nbytes)
 
     # ------------------------------------------------------------------ storage
 
@@ -234,6 +241,8 @@ class ActorPool:
         self._f_aux = tuple((name, buf[field]) for name, field in self._aux_fields)
         self._lookups.clear()
         self._bases.clear()
+        if self.on_resize is not None:
+            self.on_resize(self.buffer_bytes)
 
     def _lengths_all(self) -> IntArray:
         rows = self._capacity
