@@ -170,13 +170,21 @@ class Operator:
         *,
         priority: int | None = None,
         namespaces: Sequence[str] = (),
+        pod_ip: str | None = None,
     ) -> None:
         """``resync_seconds`` is short for tests; None keeps the operator's default.
 
         With a ``priority`` the operator runs with Kopf peering at that priority
         (the peering object must exist); without one, standalone.
+
+        Without a ``pod_ip`` it listens on 127.0.0.1. With one it is told that IP as
+        the chart tells it (POD_IP) and picks its listen address itself, as in a pod:
+        every address of that IP's family; it is then reached at that family's
+        loopback address.
         """
         self.kubeconfig = kubeconfig
+        self.pod_ip = pod_ip
+        self.host = "[::1]" if pod_ip is not None and ":" in pod_ip else "127.0.0.1"
         self.log = log
         self.resync_seconds = resync_seconds
         self.priority = priority
@@ -202,8 +210,7 @@ class Operator:
                         else ["--priority", str(self.priority)]
                     ),
                     *(arg for ns in self.namespaces for arg in ("--namespace", ns)),
-                    "--bind",
-                    "127.0.0.1",
+                    *(["--bind", "127.0.0.1"] if self.pod_ip is None else []),
                     "--metrics-port",
                     str(self.metrics_port),
                     "--health-port",
@@ -223,6 +230,7 @@ class Operator:
                         if self.resync_seconds is not None
                         else {}
                     ),
+                    **({"POD_IP": self.pod_ip} if self.pod_ip is not None else {}),
                 },
             )
         testing.wait_for(self._healthy, timeout=60, what=f"operator healthy (log: {self.log})")
@@ -233,7 +241,9 @@ class Operator:
         if self.proc.poll() is not None:
             raise AssertionError(f"operator exited {self.proc.returncode}:\n{self.logs()}")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=2):
+            with urllib.request.urlopen(
+                f"http://{self.host}:{self.health_port}/healthz", timeout=2
+            ):
                 return True
         except OSError:
             return False
@@ -261,7 +271,7 @@ class Operator:
     def metrics(self) -> str:
         """Its /metrics page."""
 
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        url = f"http://{self.host}:{self.metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=5) as resp:
             return str(resp.read().decode())
 

@@ -107,9 +107,15 @@ class Sink(Proc):
         extra: list[str],
         env: dict[str, str],
         name: str | None = None,
+        host: str = "127.0.0.1",
     ):
+        """``host`` is its --http-host; "::" (every address) is reached at ::1."""
         self.kind = kind
         self.port = free_port()
+        reach = "::1" if host == "::" else host
+        self.url = (
+            f"http://[{reach}]:{self.port}" if ":" in reach else f"http://{reach}:{self.port}"
+        )
         cmd = [
             str(BIN / "relayrl-sink"),
             kind,
@@ -120,7 +126,7 @@ class Sink(Proc):
             "--nats-url",
             nats_url,
             "--http-host",
-            "127.0.0.1",
+            host,
             "--http-port",
             str(self.port),
             *extra,
@@ -129,7 +135,7 @@ class Sink(Proc):
 
     def get(self, path: str) -> tuple[int, str]:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=2) as r:
+            with urllib.request.urlopen(f"{self.url}{path}", timeout=2) as r:
                 return r.status, r.read().decode()
         except urllib.error.HTTPError as err:
             return err.code, err.read().decode()
@@ -174,7 +180,7 @@ class Pipeline:
         self.env = dict(os.environ)
         self.env["PYTHONUNBUFFERED"] = "1"
 
-    def arrow_sink(self, *extra: str) -> Sink:
+    def arrow_sink(self, *extra: str, host: str = "127.0.0.1") -> Sink:
         sink = Sink(
             "arrow",
             self.nats.url,
@@ -182,6 +188,7 @@ class Pipeline:
             ["--path", str(self.arrow_dir), *extra],
             self.env,
             self._sink_name("arrow"),
+            host,
         )
         self.procs.append(sink)
         return sink

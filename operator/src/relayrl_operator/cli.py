@@ -13,16 +13,20 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import os
 import re
 import sys
 from collections.abc import Mapping, Sequence
-from typing import Any, cast
+from typing import Any, Final, cast
 
 import kopf
 import prometheus_client
 
 from relayrl_operator import crd, kube, metrics, natsadmin, peering, settings
 from relayrl_runtime import argtypes, logs
+
+# The pod's IP, from the downward API (the chart sets it).
+ENV_POD_IP: Final = "POD_IP"
 
 
 def _setup_logging(level: str, fmt: str) -> None:
@@ -46,6 +50,18 @@ def _settings(
     return cfg
 
 
+def _bind(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> str:
+    """Where the HTTP endpoints listen: `--bind`, else every address of the pod's family.
+
+    The kubelet probes a pod at its IP, which in an IPv6 cluster 0.0.0.0 does not take:
+    `::` then (the chart passes the pod IP as POD_IP).
+    """
+    if args.bind:
+        return str(args.bind)
+    environ = os.environ if environ is None else environ
+    return "::" if ":" in environ.get(ENV_POD_IP, "") else "0.0.0.0"
+
+
 def _http_url(host: str, port: int, path: str) -> str:
     """An http URL; an IPv6 address goes in brackets."""
     return f"http://[{host}]:{port}{path}" if ":" in host else f"http://{host}:{port}{path}"
@@ -61,10 +77,9 @@ def _run(args: argparse.Namespace) -> int:
     # Registers the handlers with Kopf's default registry.
     from relayrl_operator import handlers  # noqa: F401
 
+    bind = _bind(args)
     if args.metrics_port >= 0:
-        prometheus_client.start_http_server(
-            args.metrics_port, addr=args.bind, registry=metrics.REGISTRY
-        )
+        prometheus_client.start_http_server(args.metrics_port, addr=bind, registry=metrics.REGISTRY)
     memo = kopf.Memo()
     memo.config = cfg
     memo.kubeconfig = args.kubeconfig
@@ -81,7 +96,7 @@ def _run(args: argparse.Namespace) -> int:
             peering_name=None if args.standalone else "relayrl-operator",
             identity=cast(Any, memo.identity),
             priority=args.priority,
-            liveness_endpoint=_http_url(args.bind, args.health_port, "/healthz"),
+            liveness_endpoint=_http_url(bind, args.health_port, "/healthz"),
             memo=memo,
         )
     )
@@ -120,7 +135,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--workers", type=argtypes.at_least_one, default=16, help="parallel reconciles (default 16)"
     )
     run.add_argument("--runtime-image", help="runtime image for actor and sink pods")
-    run.add_argument("--bind", default="0.0.0.0", help="address of the HTTP endpoints")
+    run.add_argument(
+        "--bind",
+        help="address of the HTTP endpoints (default: every address, :: when $POD_IP is"
+        " an IPv6 address, else 0.0.0.0)",
+    )
     run.add_argument("--metrics-port", type=int, default=8080, help="/metrics port (-1: off)")
     run.add_argument("--health-port", type=int, default=8081, help="/healthz port")
     run.add_argument("--standalone", action="store_true", help="no peering: act even if others run")

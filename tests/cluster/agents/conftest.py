@@ -48,7 +48,9 @@ def operator(
     fleet.wait_finalizer_policy(agent_crd.api)
     # pytest's temporary directories: kept for the last few runs, then removed.
     log = tmp_path_factory.mktemp("operator") / "operator.log"
-    op = fleet.Operator(agent_crd.kubeconfig, log)
+    # Told an IPv6 pod IP, as in an IPv6 cluster: it listens on "::" by itself (its
+    # probes and metrics are then reached at ::1).
+    op = fleet.Operator(agent_crd.kubeconfig, log, pod_ip="fd00:10::7")
     op.start()
     yield op
     op.stop()

@@ -11,6 +11,7 @@ import contextlib
 import datetime as dt
 import itertools
 import logging
+import urllib.request
 from pathlib import Path
 
 import duckdb
@@ -487,6 +488,24 @@ def test_health_ready_and_metrics(arrow_pipeline: pipeline.Pipeline) -> None:
     pipeline.wait_until("not ready", lambda: sink.get("/readyz")[0] == 503, 30)
     arrow_pipeline.nats.start()
     sink.wait_ready(30)
+    assert sink.terminate() == 0, sink.logs()
+
+
+@pytest.mark.parametrize("host", ["::1", "::"])
+def test_the_http_endpoints_listen_on_an_ipv6_address(
+    arrow_pipeline: pipeline.Pipeline, host: str
+) -> None:
+    """As in an IPv6 cluster, where the operator passes the pod's IPv6 address; "::"
+    takes IPv4 connections too."""
+    sink = arrow_pipeline.arrow_sink(host=host)
+    sink.start()
+    sink.wait_ready()
+    assert sink.get("/healthz")[0] == 200
+    assert "relayrl_sink_rows_total" in sink.get("/metrics")[1]
+    if host == "::":
+        url = f"http://127.0.0.1:{sink.port}/healthz"
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            assert resp.status == 200
     assert sink.terminate() == 0, sink.logs()
 
 

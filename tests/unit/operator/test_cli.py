@@ -31,3 +31,10 @@ def test_the_health_url_brackets_an_ipv6_address() -> None:
     assert cli._http_url("10.0.0.7", 8081, "/healthz") == "http://10.0.0.7:8081/healthz"
     assert cli._http_url("fd00::7", 8081, "/healthz") == "http://[fd00::7]:8081/healthz"
     assert cli._http_url("::", 8081, "/healthz") == "http://[::]:8081/healthz"
+
+
+def test_the_endpoints_listen_on_every_address_of_the_pods_family() -> None:
+    assert cli._bind(_args(bind=None), {}) == "0.0.0.0"
+    assert cli._bind(_args(bind=None), {cli.ENV_POD_IP: "10.244.1.7"}) == "0.0.0.0"
+    assert cli._bind(_args(bind=None), {cli.ENV_POD_IP: "fd00:10:244::7"}) == "::"
+    assert cli._bind(_args(bind="10.244.1.7"), {cli.ENV_POD_IP: "fd00::7"}) == "10.244.1.7"

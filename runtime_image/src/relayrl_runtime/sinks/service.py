@@ -31,6 +31,7 @@ import http.server
 import logging
 import re
 import signal
+import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -939,8 +940,13 @@ def serve_http(service: SinkService, host: str, port: int) -> http.server.Thread
         def log_message(self, format: str, *args: object) -> None:
             log.debug("http: %s", format % args)
 
-    server = http.server.ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = True
+    class Server(http.server.ThreadingHTTPServer):
+        # An IPv6 host (a pod IP in an IPv6 cluster, or "::") needs an IPv6 socket; "::"
+        # takes IPv4 too where the kernel maps it (net.ipv6.bindv6only=0, the default).
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        daemon_threads = True
+
+    server = Server((host, port), Handler)
     threading.Thread(target=server.serve_forever, name="sink-http", daemon=True).start()
     return server
 

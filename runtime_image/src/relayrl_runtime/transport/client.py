@@ -58,6 +58,9 @@ class RemoteClient:
         self._sock.setsockopt(zmq.ROUTING_ID, self.routing_id)
         # A blocking receive with a timeout: one call per reply instead of poll + recv.
         self._sock.setsockopt(zmq.RCVTIMEO, self.timeout_ms)
+        # IPv6 addresses too (an IPv6 cluster's pods and Services): without it ZMQ
+        # takes a connect to one and never sends a byte.
+        self._sock.setsockopt(zmq.IPV6, 1)
         self._sock.connect(address)
         self._ids = itertools.count(1)
         # Simulators send the same ids (and often the same scalar reward) every step:
