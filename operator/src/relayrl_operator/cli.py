@@ -54,7 +54,8 @@ def _bind(args: argparse.Namespace, environ: Mapping[str, str] | None = None) ->
     """Where the HTTP endpoints listen: `--bind`, else every address of the pod's family.
 
     The kubelet probes a pod at its IP, which in an IPv6 cluster 0.0.0.0 does not take:
-    `::` then (the chart passes the pod IP as POD_IP).
+    `::` then (the chart passes the pod IP as POD_IP). Kopf serves /healthz through
+    asyncio, which makes an IPv6 listener IPv6-only; /metrics on `::` takes IPv4 too.
     """
     if args.bind:
         return str(args.bind)
@@ -137,8 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--runtime-image", help="runtime image for actor and sink pods")
     run.add_argument(
         "--bind",
-        help="address of the HTTP endpoints (default: every address, :: when $POD_IP is"
-        " an IPv6 address, else 0.0.0.0)",
+        help="address of the HTTP endpoints (default: 0.0.0.0; :: when $POD_IP is an IPv6"
+        " address, where /healthz then takes IPv6 connections only)",
     )
     run.add_argument("--metrics-port", type=int, default=8080, help="/metrics port (-1: off)")
     run.add_argument("--health-port", type=int, default=8081, help="/healthz port")

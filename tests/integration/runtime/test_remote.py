@@ -36,7 +36,8 @@ def remote_runtime(models: dict[str, Path], tmp_path: Path):  # type: ignore[no-
     proc = helpers.RuntimeProcess(tmp_path, cfg)
     try:
         proc.wait_ready()
-        yield proc, f"tcp://127.0.0.1:{zport}", tmp_path / "out"
+        # By name: a runtime listening on IPv4 only is reached at "localhost" too.
+        yield proc, f"tcp://localhost:{zport}", tmp_path / "out"
     finally:
         proc.kill()
 

@@ -913,6 +913,25 @@ def _widen_nats_reads() -> None:
 # --------------------------------------------------------------------- http
 
 
+def _listen_family(host: str) -> tuple[socket.AddressFamily, str]:
+    """The socket family to listen on `host` with, and the host without brackets.
+
+    An IPv6 address (a pod IP in an IPv6 cluster) needs an IPv6 socket; "::" takes IPv4
+    too where the kernel maps it (net.ipv6.bindv6only=0, the default). A name takes
+    the family it resolves to first.
+    """
+    host = host.removeprefix("[").removesuffix("]")
+    if ":" in host:
+        return socket.AF_INET6, host
+    if not host or host.replace(".", "").isdigit():
+        return socket.AF_INET, host
+    try:
+        found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError:
+        return socket.AF_INET, host  # the bind says what is wrong with it
+    return found[0][0], host
+
+
 def serve_http(service: SinkService, host: str, port: int) -> http.server.ThreadingHTTPServer:
     """Serve /metrics, /healthz (loop alive) and /readyz (consuming) in a thread."""
 
@@ -940,10 +959,10 @@ def serve_http(service: SinkService, host: str, port: int) -> http.server.Thread
         def log_message(self, format: str, *args: object) -> None:
             log.debug("http: %s", format % args)
 
+    family, host = _listen_family(host)
+
     class Server(http.server.ThreadingHTTPServer):
-        # An IPv6 host (a pod IP in an IPv6 cluster, or "::") needs an IPv6 socket; "::"
-        # takes IPv4 too where the kernel maps it (net.ipv6.bindv6only=0, the default).
-        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        address_family = family
         daemon_threads = True
 
     server = Server((host, port), Handler)

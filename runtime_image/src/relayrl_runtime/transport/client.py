@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import secrets
+import socket
 import struct
 from collections.abc import Sequence
 from typing import Any
@@ -31,6 +32,26 @@ _REWARD_HEAD = struct.Struct("<BBI")  # float64 code, 1 dim, length
 # Routing ids ZMQ makes itself start with a zero byte; ours never do.
 ROUTING_ID_PREFIX = b"relayrl:"
 _VERSION = struct.Struct("<q")
+
+
+def wants_ipv6(address: str) -> bool:
+    """Whether to connect with ZMQ's IPv6 option: to an IPv6 address, or a name that
+    has IPv6 addresses only (a Service in an IPv6 cluster).
+
+    Without the option ZMQ takes a connect to an IPv6 address and never sends a byte.
+    With it ZMQ tries a name's IPv6 address first, and "localhost" (::1 first in many
+    images) would then miss a runtime listening on IPv4 only: so only when needed.
+    """
+    if not address.startswith("tcp://"):
+        return False
+    host = address.removeprefix("tcp://").rsplit(":", 1)[0]
+    if host.startswith("["):
+        return True
+    try:
+        found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError:
+        return False  # not resolvable yet: ZMQ retries the name itself
+    return bool(found) and all(family == socket.AF_INET6 for family, *_ in found)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,9 +79,8 @@ class RemoteClient:
         self._sock.setsockopt(zmq.ROUTING_ID, self.routing_id)
         # A blocking receive with a timeout: one call per reply instead of poll + recv.
         self._sock.setsockopt(zmq.RCVTIMEO, self.timeout_ms)
-        # IPv6 addresses too (an IPv6 cluster's pods and Services): without it ZMQ
-        # takes a connect to one and never sends a byte.
-        self._sock.setsockopt(zmq.IPV6, 1)
+        if wants_ipv6(address):
+            self._sock.setsockopt(zmq.IPV6, 1)
         self._sock.connect(address)
         self._ids = itertools.count(1)
         # Simulators send the same ids (and often the same scalar reward) every step:
