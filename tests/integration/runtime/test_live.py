@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from integration.runtime import helpers
 
 from relayrl_runtime import config
@@ -179,7 +180,12 @@ def test_invalid_config_change_is_ignored(models: dict[str, Path], tmp_path: Pat
         proc.kill()
 
 
-def test_bind_address_from_environment(models: dict[str, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("address", ["127.0.0.2", "::1"], ids=["ipv4", "ipv6"])
+def test_bind_address_from_environment(
+    models: dict[str, Path], tmp_path: Path, address: str
+) -> None:
+    """The pod IP the operator passes moves both servers: IPv6 too, as in an IPv6 cluster."""
+    host = f"[{address}]" if ":" in address else address
     zport = helpers.free_port()
     cfg = {
         "agent": "remote",
@@ -189,15 +195,13 @@ def test_bind_address_from_environment(models: dict[str, Path], tmp_path: Path) 
         "localSink": {"path": str(tmp_path / "out")},
     }
     # server.host is 127.0.0.1 in the config; the environment moves both servers.
-    proc = helpers.RuntimeProcess(
-        tmp_path, cfg, env={config.ENV_BIND_ADDRESS: "127.0.0.2"}, host="127.0.0.2"
-    )
+    proc = helpers.RuntimeProcess(tmp_path, cfg, env={config.ENV_BIND_ADDRESS: address}, host=host)
     try:
         proc.wait_ready()
-        assert helpers.http_get(proc.port, "/healthz", "127.0.0.2")[0] == 200
+        assert helpers.http_get(proc.port, "/healthz", host)[0] == 200
         # Nothing listens on the config's host: the connection is refused.
         assert helpers.http_get(proc.port, "/healthz", "127.0.0.1")[0] == 0
-        with client.RemoteClient(f"tcp://127.0.0.2:{zport}", timeout=30) as c:
+        with client.RemoteClient(f"tcp://{host}:{zport}", timeout=30) as c:
             ids = c.new_actors(1)
             result = c.request_action(ids, np.zeros((1, 4), np.float32))
             assert result.version == 1

@@ -15,7 +15,7 @@ import pytest
 import zmq
 from integration.runtime import helpers
 
-from relayrl_runtime import config, errors
+from relayrl_runtime import errors
 from relayrl_runtime.transport import client, wire
 from support import tcpproxy
 
@@ -62,32 +62,6 @@ def test_clients_in_separate_processes(remote_runtime, tmp_path: Path) -> None: 
     first = 1 << 32
     assert set(table["actor_id"].to_pylist()) == set(range(first, first + 6))
     assert sorted(i for s in summaries for i in s["ids"]) == list(range(first, first + 6))
-
-
-def test_a_runtime_on_an_ipv6_address_serves_clients_and_probes(
-    models: dict[str, Path], tmp_path: Path
-) -> None:
-    """As in an IPv6 cluster, where the pod IP the runtime listens on is IPv6."""
-    zport = helpers.free_port()
-    cfg = {
-        "agent": "remote",
-        "actors": 0,
-        "model": {"uri": str(models["onnx"]), "format": "onnx"},
-        "environment": {"remote": {"port": zport}},
-        "localSink": {"path": str(tmp_path / "out")},
-    }
-    proc = helpers.RuntimeProcess(tmp_path, cfg, env={config.ENV_BIND_ADDRESS: "::1"}, host="[::1]")
-    try:
-        proc.wait_ready()
-        result = tmp_path / "client.json"
-        child = subprocess.Popen(
-            [sys.executable, str(CLIENT), f"tcp://[::1]:{zport}", "50", str(result)]
-        )
-        assert child.wait(120) == 0
-        assert helpers.metric(proc.metrics(), "relayrl_runtime_actions_total") == 50 * 2
-        assert proc.terminate() == 0, proc.logs()
-    finally:
-        proc.kill()
 
 
 def test_bad_frames_get_error_replies_and_others_are_served(remote_runtime) -> None:  # type: ignore[no-untyped-def]
