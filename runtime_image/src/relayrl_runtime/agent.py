@@ -150,9 +150,9 @@ class Agent:
         self._source = model_ref if not isinstance(model_ref, policy.Policy) else None
         self.layout = trajectory.Layout.from_metadata(name, self._policy.metadata)
         run_prefix = int.from_bytes(os.urandom(4), "little")
-        self._pool = pool_mod.ActorPool(self.layout, max_length, run_prefix)
-        self.metrics.buffer_bytes.set(self._pool.buffer_bytes)
-        self._pool.on_resize = self.metrics.buffer_bytes.set
+        self._pool = pool_mod.ActorPool(
+            self.layout, max_length, run_prefix, on_resize=self.metrics.buffer_bytes.set
+        )
         self._pool.check_new_ids(ids)
         # Independent mode: one policy instance per actor row (RelayRL's per-actor model).
         self._own: dict[int, policy.Policy] = {}

@@ -158,7 +158,13 @@ def to_steps(layout: trajectory.Layout, chunks: list[Chunk]) -> trajectory.Steps
 class ActorPool:
     """Actor rows plus their in-progress trajectories."""
 
-    def __init__(self, layout: trajectory.Layout, max_length: int, run_prefix: int) -> None:
+    def __init__(
+        self,
+        layout: trajectory.Layout,
+        max_length: int,
+        run_prefix: int,
+        on_resize: Callable[[int], None] | None = None,
+    ) -> None:
         if max_length < 1:
             raise errors.InvalidArgumentError.mismatch("max_length", ">= 1", max_length)
         self.layout = layout
@@ -188,8 +194,8 @@ class ActorPool:
         self._segment: npt.NDArray[np.int32] = np.zeros(0, dtype=np.int32)
         self._step0: IntArray = np.zeros(0, dtype=np.int64)
         self._buf: npt.NDArray[np.void] = np.zeros(0, dtype=self._dtype)
-        # Told the buffer's new size in bytes after each (re)allocation (a metric).
-        self.on_resize: Callable[[int], None] | None = None
+        # Told the buffer's size in bytes at each (re)allocation, the first one included.
+        self.on_resize = on_resize
         self._alloc(_INITIAL_ROWS, min(max_length, _INITIAL_HORIZON))
 
     @property

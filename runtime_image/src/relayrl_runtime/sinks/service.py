@@ -918,13 +918,9 @@ def _listen_family(host: str) -> tuple[socket.AddressFamily, str]:
 
     An IPv6 address (a pod IP in an IPv6 cluster) needs an IPv6 socket; "::" takes IPv4
     too where the kernel maps it (net.ipv6.bindv6only=0, the default). A name takes
-    the family it resolves to first.
+    the family it resolves to first; "" (every IPv4 address) resolves to nothing.
     """
     host = host.removeprefix("[").removesuffix("]")
-    if ":" in host:
-        return socket.AF_INET6, host
-    if not host or host.replace(".", "").isdigit():
-        return socket.AF_INET, host
     try:
         found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except OSError:
