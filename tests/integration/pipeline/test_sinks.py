@@ -7,6 +7,7 @@ subject with a reason while good ones keep flowing; /metrics, /healthz and /read
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import itertools
@@ -174,6 +175,7 @@ async def test_each_agents_table_in_one_schema_gets_made(pg: postgres.PostgresSe
         "cartpole_steps",
         "pendulum_steps",
         "schema_migrations",
+        "sink_message_ids",
         "sink_offsets",
         "table_migrations",
     ]
@@ -546,3 +548,68 @@ async def test_dead_letters_at_the_streams_tail_are_not_dead_lettered_again_afte
             assert s.terminate() == 0, s.logs()
     finally:
         await nc.close()
+
+
+async def test_a_message_jetstream_stored_twice_is_written_once(
+    pg_pipeline: pipeline.Pipeline, pg: postgres.PostgresServer
+) -> None:
+    """A publish whose ack was lost, sent again after the stream's duplicate window (a
+    long outage): JetStream stores the retry as a second message. Both sinks skip it by
+    its Nats-Msg-Id, after a kill -9 too (the ids are kept with the data).
+
+    The window is half a second here (15 minutes in a real stream), so the copies are
+    made by publishing the same id again after it.
+    """
+    v = streams.HEADER_SCHEMA_VERSION
+    tables = [pa.Table.from_batches([trajectories.batch(7, i)]) for i in range(3)]
+    payloads = [_ipc(t) for t in tables]
+
+    def headers(i: int) -> dict[str, str]:
+        return {v: "1", streams.HEADER_MSG_ID: f"pod-7-1-c0ffee-{i + 1}"}
+
+    nc = await nats.connect(pg_pipeline.nats.url)
+    try:
+        js = nc.jetstream()
+        config = streams.stream_config(pipeline.NAMESPACE, pipeline.AGENT)
+        config.duplicate_window = 0.5
+        await streams.ensure_stream(js, config)
+        # Told not to make the stream: they would set its window back to 15 minutes.
+        arrow = pg_pipeline.arrow_sink("--rotate-seconds", "0.5", "--no-create-stream")
+        pgsink = pg_pipeline.postgres_sink("--no-create-stream")
+        pipeline.start_ready(arrow, pgsink)
+
+        async def store(i: int) -> int:
+            """Publish message i, as a new stream message even when sent before."""
+            for _ in range(40):
+                ack = await js.publish(SUBJECT, payloads[i], headers=headers(i))
+                if not ack.duplicate:
+                    return ack.seq
+                await asyncio.sleep(0.25)  # the server forgets ids a little after the window
+            raise AssertionError(f"message {i} was still taken for a duplicate")
+
+        await store(0)
+        await store(1)
+        first = tables[0].num_rows + tables[1].num_rows
+        root = pg_pipeline.arrow_dir
+        pipeline.wait_until("arrow rows", lambda: pipeline.arrow_rows(root) == first)
+        pipeline.wait_until("pg rows", lambda: pipeline.postgres_rows(pg.dsn) == first)
+        for s in (arrow, pgsink):
+            s.kill9()  # the ids must come back from the files and the table
+        await asyncio.sleep(1.0)
+        copies = [await store(0), await store(2), await store(1)]  # the last at the tail
+        info = await js.stream_info(streams.stream_name(pipeline.NAMESPACE, pipeline.AGENT))
+        assert info.state.messages == 5
+        pipeline.start_ready(arrow, pgsink)
+        for s in (arrow, pgsink):
+            pipeline.wait_until(
+                f"{s.kind} sink past the copies",
+                lambda s=s: s.metric("relayrl_sink_committed_sequence") == copies[-1],  # type: ignore[misc]
+            )
+            assert s.metric("relayrl_sink_duplicates_total") == 2, s.logs()
+    finally:
+        await nc.close()
+    for s in (arrow, pgsink):
+        assert s.terminate() == 0, s.logs()
+    want = trajectories.sort(pa.concat_tables(tables))
+    pipeline.assert_same(pipeline.read_arrow(root), want, "arrow")
+    pipeline.assert_same(pipeline.read_postgres(pg.dsn), want, "postgres")

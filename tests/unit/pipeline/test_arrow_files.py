@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from relayrl_runtime import sink_cli, spec, streams
-from relayrl_runtime.sinks import arrow_stream, service
+from relayrl_runtime.sinks import arrow_stream, message_ids, service
 from support import trajectories
 
 DAY1 = dt.datetime(2026, 3, 1, 23, 59, tzinfo=dt.UTC)
@@ -326,5 +327,71 @@ async def test_a_garbled_done_file_is_named(tmp_path: Path, garbled: str) -> Non
     done.write_text(garbled + "\n")
     w = arrow_stream.ArrowStreamWriter(tmp_path, trajectories.AGENT)
     with pytest.raises(service.PermanentError, match=r"_done: expected a stream sequence"):
+        await w.open()
+    await w.close()
+
+
+def _with_id(d: service.Delivery, msg_id: str) -> service.Delivery:
+    return dataclasses.replace(d, msg_id=msg_id)
+
+
+async def test_message_ids_are_committed_with_their_file_and_read_back(tmp_path: Path) -> None:
+    """The ids snapshot is durable before its file; one whose file never got its name
+    (a crash between the two) is not used, else its messages would count as written."""
+    own = arrow_stream.agent_dir(tmp_path, trajectories.AGENT)
+    w = arrow_stream.ArrowStreamWriter(tmp_path, trajectories.AGENT)
+    assert await w.open() == 0
+    await w.add(_with_id(_delivery(1, DAY1), "pod-1-a-1"))
+    await w.add(_with_id(_delivery(2, DAY1), "pod-1-a-2"))
+    await w.add(_with_id(_delivery(3, DAY2), "pod-2-b-1"))  # a new day: two files
+    await w.commit(w.seal(3))
+    assert sorted(p.name for p in own.glob("_ids-*")) == [arrow_stream._ids_name(3)]
+    assert {"pod-1-a-1", "pod-1-a-2", "pod-2-b-1"} <= set(_written(w.committed_ids))
+    await w.add(_with_id(_delivery(4, DAY2), "pod-1-a-3"))
+    await w.commit(w.seal(5))  # 5 was a dead letter
+    await w.close()
+    assert sorted(p.name for p in own.glob("_ids-*")) == [arrow_stream._ids_name(5)]
+
+    # A crash after the next snapshot was written and before its file was renamed.
+    crashed = own / arrow_stream._ids_name(6)
+    crashed.write_text(
+        message_ids.MessageIds.from_rows([("pod-1-a", [1, 4], DAY2.timestamp())]).to_json()
+    )
+    w = arrow_stream.ArrowStreamWriter(tmp_path, trajectories.AGENT)
+    assert await w.open() == 5
+    assert not crashed.exists()
+    assert "pod-1-a-3" in w.committed_ids
+    assert "pod-1-a-4" not in w.committed_ids, "its message was never committed"
+    assert "pod-2-b-1" in w.committed_ids
+
+    # A stream made anew: the files go aside, the ids stay under position 0.
+    assert await w.restart(5) == 0
+    assert [p.name for p in own.glob("_ids-*")] == [arrow_stream._ids_name(0)]
+    await w.close()
+    w = arrow_stream.ArrowStreamWriter(tmp_path, trajectories.AGENT)
+    assert await w.open() == 0
+    assert "pod-1-a-3" in w.committed_ids
+    await w.close()
+
+
+def _written(ids: message_ids.MessageIds) -> list[str]:
+    return [
+        f"{p}-{n}"
+        for p, runs in ids.producers.items()
+        for a, b in zip(runs.starts, runs.ends, strict=True)
+        for n in range(a, b + 1)
+    ]
+
+
+async def test_a_garbled_ids_snapshot_is_named(tmp_path: Path) -> None:
+    w = arrow_stream.ArrowStreamWriter(tmp_path, trajectories.AGENT)
+    await w.open()
+    await w.add(_with_id(_delivery(1, DAY1), "pod-1-a-1"))
+    await w.commit(w.seal(1))
+    await w.close()
+    snapshot = arrow_stream.agent_dir(tmp_path, trajectories.AGENT) / arrow_stream._ids_name(1)
+    snapshot.write_text("[1, 2")
+    w = arrow_stream.ArrowStreamWriter(tmp_path, trajectories.AGENT)
+    with pytest.raises(service.PermanentError, match=r"_ids-0+1\.json: expected the sink's"):
         await w.open()
     await w.close()

@@ -8,6 +8,7 @@ fault tests with a real nats-server cover the re-positioning itself).
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,7 +17,7 @@ import pyarrow as pa
 import pytest
 
 from relayrl_runtime import aio, streams
-from relayrl_runtime.sinks import service
+from relayrl_runtime.sinks import message_ids, service
 from support import cancels, trajectories
 
 
@@ -372,3 +373,65 @@ async def test_the_final_commit_gives_up_within_its_budget_and_acks_nothing(
     assert writer.attempts > 3  # retried while the budget lasted
     assert taken.acks == 0
     assert "final commit failed" in caplog.text
+
+
+class RecordingWriter(IdleWriter):
+    """Takes good messages (recording their ids) and commits whatever is added."""
+
+    def __init__(self, written: list[str]) -> None:
+        super().__init__()
+        self.added: list[str | None] = []
+        self.committed_ids = message_ids.MessageIds()
+        for msg_id in written:
+            self.committed_ids.add(msg_id, 0.0)
+
+    @property
+    def pending(self) -> bool:  # type: ignore[override]
+        return False  # the test commits by hand
+
+    def check(self, table: pa.Table) -> None:
+        pass
+
+    async def add(self, delivery: service.Delivery) -> None:
+        self.added.append(delivery.msg_id)
+
+
+async def test_a_copy_of_a_message_written_before_is_skipped_and_recorded() -> None:
+    """JetStream stores a retry twice when its duplicate window passed since the first
+    copy (a lost ack, then a long outage): the sink drops the copy by its message id,
+    whether the first was written before a restart or earlier in this run."""
+    writer = RecordingWriter(written=["pod-1-a-1"])  # committed before a restart
+    svc = dead_lettering_sink(writer)
+    svc._ids = writer.committed_ids.copy()  # as `run` does after `open`
+    table = pa.Table.from_batches([trajectories.batch(1, 0)])
+    out = pa.BufferOutputStream()
+    with pa.ipc.new_stream(out, table.schema) as w:
+        w.write_table(table)
+    data = out.getvalue().to_pybytes()
+
+    def msg(dseq: int, seq: int, msg_id: str | None) -> Ackable:
+        headers = {streams.HEADER_SCHEMA_VERSION: "1"}
+        if msg_id is not None:
+            headers[streams.HEADER_MSG_ID] = msg_id
+        when = dt.datetime(2026, 3, 1, tzinfo=dt.UTC)
+        return Ackable(Metadata(Sequence(dseq, seq), timestamp=when), data=data, headers=headers)
+
+    batch = [
+        msg(1, 11, "pod-1-a-1"),  # a copy of one committed before
+        msg(2, 12, "pod-1-a-2"),
+        msg(3, 13, "pod-1-a-2"),  # a copy of one taken in this run
+        msg(4, 14, None),  # no id: never taken for a copy
+        msg(5, 15, None),
+        msg(6, 16, "pod-1-a-3"),
+        msg(7, 17, "pod-1-a-1"),  # a copy after the last data message
+    ]
+    for m in batch:
+        assert await svc._handle(None, m) is True  # type: ignore[arg-type]
+    assert writer.added == ["pod-1-a-2", None, None, "pod-1-a-3"]
+    assert svc.metrics.duplicates._value.get() == 3
+    assert svc._last_seen == 17
+    # Like a dead letter at the tail: recorded by a commit before its ack.
+    assert writer.committed == []
+    await svc._ack_dead_letters()
+    assert writer.committed == [17]
+    assert batch[-1].acks == 1

@@ -11,7 +11,10 @@ Exactly once (issue 4): a file is written under a hidden temporary name, fsynced
 renamed to `part-<first seq>-<last seq>.<ext>` and its directory fsynced; only then are
 its messages acked. The stream sequences in the committed file names are the sink's
 record: on start it resumes after the highest one and deletes leftover temporary files,
-so a crash at any point neither skips nor repeats a message.
+so a crash at any point neither skips nor repeats a message. The ids of the messages
+written (`message_ids`) are kept beside the partitions, in `_ids-<last seq>.json`, made
+durable just before the file whose last sequence it names: on start the sink takes the
+newest one its files reach.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import pyarrow.ipc
 import pyarrow.parquet as pq
 
 from relayrl_runtime import spec
-from relayrl_runtime.sinks import service
+from relayrl_runtime.sinks import message_ids, service
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +104,12 @@ _ORIGIN_FILE: Final = "_stream"
 # Beside them too: the last sequence done without a file (dead letters after the last
 # data message), so that a restart does not dead-letter them again.
 _DONE_FILE: Final = "_done"
+# Beside them too: the message ids written up to the sequence in the name (MessageIds).
+_IDS: Final = re.compile(r"^_ids-(\d{20})\.json$")
+
+
+def _ids_name(seq: int) -> str:
+    return f"_ids-{seq:020d}.json"
 
 
 def _without_dictionaries(table: pa.Table) -> pa.Table:
@@ -210,6 +219,7 @@ class _OpenFile:
         # A create or write that failed leaves the file unusable: `finish` refuses it.
         self.failed: BaseException | None = None
         self.committed = False
+        self.ids: list[tuple[str, float]] = []  # (Nats-Msg-Id, stream time) of its messages
         # The pid alone is not unique across pods (the sink is pid 1 in each): a second
         # writer by mistake must never write into this one's file.
         unique = f"{os.getpid()}-{secrets.token_hex(4)}"
@@ -368,6 +378,7 @@ class ArrowStreamWriter:
         )
         self.files_committed = 0
         self._done = 0  # what the _done file says
+        self.committed_ids = message_ids.MessageIds()
         # The last schema found writable as Parquet (messages nearly always share one).
         self._writable: pa.Schema | None = None
 
@@ -397,7 +408,40 @@ class ArrowStreamWriter:
                 f" sequence, found {done[:40]!r}"
             )
         self._done = int(done)
-        return max(self._done, max((last for _, last, _ in files), default=0))
+        committed = max(self._done, max((last for _, last, _ in files), default=0))
+        self.committed_ids = await asyncio.to_thread(self._load_ids, committed)
+        return committed
+
+    def _snapshots(self) -> list[tuple[int, Path]]:
+        """(sequence, path) of the `_ids-*` files beside the partitions, by sequence."""
+        found = []
+        for path in agent_dir(self.root, self.agent).glob("_ids-*.json"):
+            m = _IDS.match(path.name)
+            if m:
+                found.append((int(m.group(1)), path))
+        return sorted(found)
+
+    def _load_ids(self, committed: int) -> message_ids.MessageIds:
+        """The newest ids snapshot at or below `committed`; the others are removed (one
+        above it was written for a file whose rename never happened)."""
+        snapshots = self._snapshots()
+        usable = [(seq, path) for seq, path in snapshots if seq <= committed]
+        ids = message_ids.MessageIds()
+        if usable:
+            path = usable[-1][1]
+            try:
+                ids = message_ids.MessageIds.from_json(path.read_text())
+            except ValueError as err:
+                raise service.PermanentError(
+                    f"{path}: expected the sink's message ids (JSON, version "
+                    f"{message_ids.FORMAT_VERSION}): {err}"
+                ) from err
+        keep = usable[-1][1] if usable else None
+        for _, path in snapshots:
+            if path != keep:
+                path.unlink(missing_ok=True)
+        log.info("message ids of %d producer(s) read", len(ids))
+        return ids
 
     async def _read_beside(self, name: str) -> str | None:
         """A small file beside the partitions, stripped (None: absent or empty)."""
@@ -439,6 +483,9 @@ class ArrowStreamWriter:
         dataset readers skip, as they skip names starting with "_"); resume from 0."""
         stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
         aside = agent_dir(self.root, self.agent) / f"_replaced-{stamp}"
+        # The ids stay: a copy of a message written from the old stream, published again
+        # to the new one, is still a copy. Kept under the new stream's position first.
+        await self._write_beside(_ids_name(0), self.committed_ids.to_json())
 
         def move() -> None:
             for _, _, path in committed_files(self.root, self.agent):
@@ -452,6 +499,9 @@ class ArrowStreamWriter:
                 aside.mkdir(parents=True, exist_ok=True)
                 os.replace(done, aside / _DONE_FILE)
                 _fsync_dir(done.parent)
+            for seq, path in self._snapshots():
+                if seq:
+                    path.unlink()
 
         await asyncio.to_thread(move)
         self._done = 0
@@ -511,6 +561,8 @@ class ArrowStreamWriter:
             # so the loop goes on while they finish.
             self._hand_over(f.create, 0)
         f.last_seq = delivery.seq
+        if delivery.msg_id is not None:
+            f.ids.append((delivery.msg_id, delivery.time.timestamp()))
         ready = f.take(table, delivery.size)
         if ready is None:
             return
@@ -559,8 +611,21 @@ class ArrowStreamWriter:
             self._done = sealed.last_seq
         loop = asyncio.get_running_loop()
         for f in sealed.files:
-            if not f.committed:
-                await asyncio.wrap_future(self._finish.submit(self._finish_file, f), loop=loop)
+            if f.committed:
+                continue
+            ids, touched, forgotten = self.committed_ids.merged(f.ids)
+            if touched or forgotten:
+                # Durable before the file: once its name is there, so are its ids.
+                await self._write_beside(_ids_name(f.last_seq), ids.to_json())
+            await asyncio.wrap_future(self._finish.submit(self._finish_file, f), loop=loop)
+            self.committed_ids = ids
+            if touched or forgotten:
+                await asyncio.to_thread(self._drop_snapshots_before, f.last_seq)
+
+    def _drop_snapshots_before(self, seq: int) -> None:
+        for older, path in self._snapshots():
+            if older < seq:
+                path.unlink(missing_ok=True)
 
     async def probe(self) -> None:
         """The output directory is there and writable (a volume gone, say, is not)."""

@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from psycopg import sql
 
-from relayrl_runtime.sinks import service
+from relayrl_runtime.sinks import message_ids, service
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,21 @@ MIGRATIONS: Final = (
         3,
         "the stream (name@created) each offset counts in, to tell a stream made anew",
         ("ALTER TABLE {schema}.sink_offsets ADD COLUMN IF NOT EXISTS stream_origin text",),
+    ),
+    Migration(
+        4,
+        "message ids written per producer, to skip a copy JetStream stored twice",
+        (
+            """CREATE TABLE IF NOT EXISTS {schema}.sink_message_ids (
+                stream text NOT NULL,
+                consumer text NOT NULL,
+                producer text NOT NULL,
+                runs bigint[] NOT NULL,
+                last_stored timestamptz NOT NULL,
+                PRIMARY KEY (stream, consumer, producer))""",
+            "COMMENT ON TABLE {schema}.sink_message_ids IS "
+            "'Nats-Msg-Id numbers written per producer: [start, end, start, end, ...]'",
+        ),
     ),
 )
 
@@ -532,6 +547,7 @@ class _Sealed:
     ticket: int
     groups: list[tuple[pa.Schema, list[_Encoding]]]
     last_seq: int
+    msg_ids: list[tuple[str, float]]  # (Nats-Msg-Id, stream time) of its messages
 
 
 class PostgresWriter:
@@ -574,6 +590,8 @@ class PostgresWriter:
         # share one): each new one is tried on a row first.
         self._encodable: set[pa.Schema] = set()
         self._groups: list[tuple[pa.Schema, list[_Encoding]]] = []
+        self._msg_ids: list[tuple[str, float]] = []
+        self.committed_ids = message_ids.MessageIds()
         self._rows = 0
         self._since = 0.0
         self._last_added = 0
@@ -700,6 +718,8 @@ class PostgresWriter:
         )
         self._rows += table.num_rows
         self._last_added = delivery.seq
+        if delivery.msg_id is not None:
+            self._msg_ids.append((delivery.msg_id, delivery.time.timestamp()))
 
     def due(self, now: float) -> bool:
         return bool(self._groups) and (
@@ -709,8 +729,8 @@ class PostgresWriter:
     def seal(self, last_seq: int) -> object:
         """Take everything added so far as one transaction; later adds start the next."""
         self._ticket += 1
-        sealed = _Sealed(self._ticket, self._groups, last_seq)
-        self._groups, self._rows = [], 0
+        sealed = _Sealed(self._ticket, self._groups, last_seq, self._msg_ids)
+        self._groups, self._rows, self._msg_ids = [], 0, []
         return sealed
 
     async def commit(self, sealed: object) -> None:
@@ -726,7 +746,7 @@ class PostgresWriter:
             (schema, [await _encoded(seq, f) for seq, f in encodings])
             for schema, encodings in sealed.groups
         ]
-        await self._in_db(lambda: self._commit(groups, sealed.last_seq))
+        await self._in_db(lambda: self._commit(groups, sealed.last_seq, sealed.msg_ids))
         self._committed = sealed.last_seq
         async with self._order:
             self._done_ticket = sealed.ticket
@@ -744,7 +764,7 @@ class PostgresWriter:
             raise
 
     async def close(self) -> None:
-        self._groups = []
+        self._groups, self._msg_ids = [], []
         await self._in_db(self._disconnect)
         self._pool.shutdown(wait=True)
         self._db.shutdown(wait=True)
@@ -827,10 +847,21 @@ class PostgresWriter:
                     (self.stream, self.consumer),
                 ).fetchone()
                 self._columns = self._table_columns(conn)
+                written = conn.execute(
+                    sql.SQL(
+                        "SELECT producer, runs, extract(epoch FROM last_stored) "
+                        "FROM {schema}.sink_message_ids WHERE stream = %s AND consumer = %s"
+                    ).format(**self._ids()),
+                    (self.stream, self.consumer),
+                ).fetchall()
         except BaseException:
             self._disconnect()
             raise
         assert row is not None
+        self.committed_ids = message_ids.MessageIds.from_rows(
+            (str(p), list(runs), float(stored)) for p, runs, stored in written
+        )
+        log.info("postgres: message ids of %d producer(s) read", len(self.committed_ids))
         return int(row[0])
 
     def _migrate(self, conn: psycopg.Connection[Any]) -> None:
@@ -919,9 +950,16 @@ class PostgresWriter:
             )
             log.info("postgres: added column %s %s", f.name, sql_type(f.type))
 
-    def _commit(self, groups: list[tuple[pa.Schema, list[memoryview]]], last_seq: int) -> None:
+    def _commit(
+        self,
+        groups: list[tuple[pa.Schema, list[memoryview]]],
+        last_seq: int,
+        msg_ids: list[tuple[str, float]],
+    ) -> None:
         conn = self._connect()
         ids = self._ids()
+        # Added to a copy, kept once the transaction that stores them has committed.
+        written, touched, forgotten = self.committed_ids.merged(msg_ids)
         try:
             with conn.transaction():
                 row = conn.execute(
@@ -935,6 +973,7 @@ class PostgresWriter:
                 if stored >= last_seq:
                     # An earlier attempt committed but its answer was lost: done already.
                     log.info("postgres: batch up to %d was already committed", last_seq)
+                    self.committed_ids = written
                     return
                 if stored != self._committed:
                     raise service.PermanentError(
@@ -958,6 +997,7 @@ class PostgresWriter:
                         for p in payloads:
                             copy.write(p)
                         copy.write(_COPY_TRAILER)
+                self._store_ids(conn, written, touched, forgotten)
                 conn.execute(
                     sql.SQL(
                         "UPDATE {schema}.sink_offsets SET last_seq = %s, updated_at = now() "
@@ -965,6 +1005,7 @@ class PostgresWriter:
                     ).format(**ids),
                     (last_seq, self.stream, self.consumer),
                 )
+            self.committed_ids = written
         except (psycopg.OperationalError, psycopg.InterfaceError):
             self._disconnect()
             self._columns = {}  # an ALTER may have been rolled back: read the table again
@@ -975,3 +1016,36 @@ class PostgresWriter:
             # restart reads the table again and dead-letters what it cannot take.
             self._columns = {}
             raise service.PermanentError(f"postgres: COPY failed: {err}") from err
+
+    def _store_ids(
+        self,
+        conn: psycopg.Connection[Any],
+        written: message_ids.MessageIds,
+        touched: set[str],
+        forgotten: list[str],
+    ) -> None:
+        """Write the changed producers' message ids (inside the commit's transaction)."""
+        ids = self._ids()
+        if touched:
+            with conn.cursor() as cur:
+                cur.executemany(
+                    sql.SQL(
+                        "INSERT INTO {schema}.sink_message_ids "
+                        "(stream, consumer, producer, runs, last_stored) "
+                        "VALUES (%s, %s, %s, %s, to_timestamp(%s)) "
+                        "ON CONFLICT (stream, consumer, producer) DO UPDATE "
+                        "SET runs = EXCLUDED.runs, last_stored = EXCLUDED.last_stored"
+                    ).format(**ids),
+                    [
+                        (self.stream, self.consumer, producer, runs, stored)
+                        for producer, runs, stored in written.rows(sorted(touched))
+                    ],
+                )
+        if forgotten:
+            conn.execute(
+                sql.SQL(
+                    "DELETE FROM {schema}.sink_message_ids "
+                    "WHERE stream = %s AND consumer = %s AND producer = ANY(%s)"
+                ).format(**ids),
+                (self.stream, self.consumer, forgotten),
+            )

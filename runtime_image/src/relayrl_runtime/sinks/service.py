@@ -12,6 +12,9 @@ JetStream's own idea of what was acked never decides what is written. While runn
 first deliveries arrive in stream order; a redelivery (a sequence already seen) is
 skipped, and a gap in the consumer's delivery sequence (a message lost in flight, e.g.
 across a nats-server restart) re-creates the consumer after the last sequence seen.
+A message whose `Nats-Msg-Id` the writer has written already (a copy JetStream stored
+twice, after an outage longer than its duplicate window) is skipped: each writer keeps
+`message_ids.MessageIds` in the same durable step as its data.
 
 A fetch task keeps one pull ahead of the loop (runtime_image/docs/pipeline.md, "How a
 sink keeps up"), and pipelined writers commit while the next batch is added; both keep
@@ -50,6 +53,7 @@ from nats.aio.msg import Msg
 
 from relayrl_runtime import aio, streams, trajectory
 from relayrl_runtime.inference import model
+from relayrl_runtime.sinks import message_ids
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +112,7 @@ class Delivery:
     table: pa.Table
     schema_version: int
     size: int
+    msg_id: str | None = None  # Nats-Msg-Id, for the writer's message_ids
 
 
 class Writer(Protocol):
@@ -118,6 +123,10 @@ class Writer(Protocol):
     async def open(self) -> int:
         """Prepare storage; return the last stream sequence already committed (0: none)."""
         ...
+
+    committed_ids: message_ids.MessageIds
+    """The message ids written by what is committed (read after `open`); a commit adds
+    those of its deliveries, in the same durable step as their data."""
 
     async def origin(self) -> str | None:
         """Which stream (name and creation time) the committed position belongs to."""
@@ -203,6 +212,12 @@ class SinkMetrics:
         )
         self.redeliveries = prom.Counter(
             f"{PREFIX}_redeliveries", "Deliveries skipped as already seen.", labels, registry=r
+        ).labels(kind)
+        self.duplicates = prom.Counter(
+            f"{PREFIX}_duplicates",
+            "Messages skipped as copies of one written before (same Nats-Msg-Id).",
+            labels,
+            registry=r,
         ).labels(kind)
         self.repositions = prom.Counter(
             f"{PREFIX}_repositions",
@@ -395,8 +410,11 @@ class SinkService:
         self._last_seen = 0
         self._last_dseq = 0
         self._last_msg: Msg | None = None
-        # The last message that was only dead-lettered, when no commit has acked it yet.
+        # The last message taken without data (dead-lettered, or a duplicate skipped),
+        # when no commit has recorded and acked it yet.
         self._dead_unacked: Msg | None = None
+        # Ids of the messages written: committed (the writer's) plus added since.
+        self._ids = message_ids.MessageIds()
         self._max_msg = 0  # the stream's largest message (0: unknown)
         self._next_probe = 0.0
         self._reconnects = 0  # the connection's reconnect count when the consumer was made
@@ -436,6 +454,7 @@ class SinkService:
         try:
             committed = await self._retry("open", self.writer.open)
             self._last_seen = committed
+            self._ids = self.writer.committed_ids.copy()
             self.metrics.committed_seq.set(committed)
             log.info("%s sink: committed up to stream sequence %d", self.writer.kind, committed)
             _widen_nats_reads()
@@ -704,6 +723,19 @@ class SinkService:
         self._last_dseq = dseq
         self.metrics.lag.set(meta.num_pending)
         self._avg_size += 0.2 * (len(msg.data) - self._avg_size)
+        msg_id = msg.headers.get(streams.HEADER_MSG_ID) if msg.headers else None
+        if msg_id in self._ids:
+            log.warning(
+                "%s sink: message %d skipped: %s=%s was written before",
+                self.writer.kind,
+                seq,
+                streams.HEADER_MSG_ID,
+                msg_id,
+            )
+            self.metrics.duplicates.inc()
+            self._last_seen, self._last_msg = seq, msg
+            self._dead_unacked = msg  # recorded and acked after this batch (_take)
+            return True
         # The position moves past a message only once it is taken (added or
         # dead-lettered): a commit after a failure here must not cover it.
         try:
@@ -721,12 +753,15 @@ class SinkService:
                     table=table,
                     schema_version=version,
                     size=len(msg.data),
+                    msg_id=msg_id,
                 )
             )
         except BaseException:
             # Part of it may be in the writer now: nothing may be committed after this.
             self._commit_failed = True
             raise
+        if msg_id is not None:
+            self._ids.add(msg_id, meta.timestamp.timestamp())
         self._last_seen, self._last_msg = seq, msg
         self._uncommitted[0] += 1
         self._uncommitted[1] += table.num_rows
@@ -734,8 +769,8 @@ class SinkService:
         return True
 
     async def _ack_dead_letters(self) -> None:
-        """Record and ack dead letters after the last data message, once nothing before
-        them waits for a commit.
+        """Record and ack dead letters (and skipped duplicates) after the last data
+        message, once nothing before them waits for a commit.
 
         A commit records and acks through the last message taken, dead letters
         included. Dead letters after the last data message would wait for the next
@@ -801,6 +836,7 @@ class SinkService:
         last, msg = self._last_seen, self._last_msg
         self._dead_unacked = None  # this commit's ack covers it
         counts, self._uncommitted = self._uncommitted, [0, 0, 0]
+        self._ids.forget_idle()
         if self._commit_failed:
             raise PermanentError("a commit failed before: nothing after it is committed")
         sealed = self.writer.seal(last)
