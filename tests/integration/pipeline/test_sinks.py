@@ -144,10 +144,14 @@ def test_postgres_sink_writes_rows_once_and_migrates(
         seqs = conn.execute(
             "SELECT count(DISTINCT stream_seq), max(stream_seq) FROM relayrl.steps"
         ).fetchone()
+        ids = conn.execute("SELECT producer, runs FROM relayrl.sink_message_ids").fetchall()
     assert versions == [m.version for m in pg_sink.MIGRATIONS if not m.per_table]
     assert table_versions == [("steps", m.version) for m in pg_sink.MIGRATIONS if m.per_table]
     assert seqs is not None
     assert offsets == [("RELAYRL_default_cartpole", "relayrl-sink-postgres", seqs[1])]
+    # The publisher's message ids, as one run: messages 1..n of its one process.
+    assert len(ids) == 1
+    assert ids[0][1] == [1, seqs[0]]
 
     # A restart migrates nothing and writes nothing again.
     sink.start()
@@ -565,7 +569,12 @@ async def test_a_message_jetstream_stored_twice_is_written_once(
     payloads = [_ipc(t) for t in tables]
 
     def headers(i: int) -> dict[str, str]:
-        return {v: "1", streams.HEADER_MSG_ID: f"pod-7-1-c0ffee-{i + 1}"}
+        producer = "pod-7-1-c0ffee"  # as the runtime's publisher names itself
+        return {
+            v: "1",
+            streams.HEADER_PRODUCER: producer,
+            streams.HEADER_MSG_ID: f"{producer}-{i + 1}",
+        }
 
     nc = await nats.connect(pg_pipeline.nats.url)
     try:

@@ -16,6 +16,20 @@ def test_publisher_ids_split_into_producer_and_number() -> None:
         assert message_ids.split(other) is None, other
 
 
+def test_only_the_runtime_publishers_ids_are_tracked() -> None:
+    mine = {"Nats-Msg-Id": "pod-1-x-3", "Relayrl-Producer": "pod-1-x"}
+    assert message_ids.tracked(mine) == "pod-1-x-3"
+    for other in (
+        {"Nats-Msg-Id": "pod-1-x-3"},
+        {"Nats-Msg-Id": "pod-1-x-3", "Relayrl-Producer": "pod-1"},
+        {"Nats-Msg-Id": "batch-7", "Relayrl-Producer": "pod-1-x"},
+        {"Relayrl-Producer": "pod-1-x"},
+        {},
+        None,
+    ):
+        assert message_ids.tracked(other) is None, other
+
+
 def test_in_order_messages_keep_one_run_and_any_order_is_remembered_exactly() -> None:
     ids = MessageIds()
     for n in range(1, 1001):

@@ -413,8 +413,14 @@ async def test_a_copy_of_a_message_written_before_is_skipped_and_recorded() -> N
         headers = {streams.HEADER_SCHEMA_VERSION: "1"}
         if msg_id is not None:
             headers[streams.HEADER_MSG_ID] = msg_id
+            headers[streams.HEADER_PRODUCER] = msg_id.rsplit("-", 1)[0]
         when = dt.datetime(2026, 3, 1, tzinfo=dt.UTC)
         return Ackable(Metadata(Sequence(dseq, seq), timestamp=when), data=data, headers=headers)
+
+    def foreign(dseq: int, msg_id: str) -> Ackable:
+        m = msg(dseq, dseq + 10, None)
+        m.headers[streams.HEADER_MSG_ID] = msg_id
+        return m
 
     batch = [
         msg(1, 11, "pod-1-a-1"),  # a copy of one committed before
@@ -422,16 +428,17 @@ async def test_a_copy_of_a_message_written_before_is_skipped_and_recorded() -> N
         msg(3, 13, "pod-1-a-2"),  # a copy of one taken in this run
         msg(4, 14, None),  # no id: never taken for a copy
         msg(5, 15, None),
-        msg(6, 16, "pod-1-a-3"),
-        msg(7, 17, "pod-1-a-1"),  # a copy after the last data message
+        foreign(6, "pod-1-a-2"),  # the same id, not from the runtime's publisher
+        msg(7, 17, "pod-1-a-3"),
+        msg(8, 18, "pod-1-a-1"),  # a copy after the last data message
     ]
     for m in batch:
         assert await svc._handle(None, m) is True  # type: ignore[arg-type]
-    assert writer.added == ["pod-1-a-2", None, None, "pod-1-a-3"]
+    assert writer.added == ["pod-1-a-2", None, None, None, "pod-1-a-3"]
     assert svc.metrics.duplicates._value.get() == 3
-    assert svc._last_seen == 17
+    assert svc._last_seen == 18
     # Like a dead letter at the tail: recorded by a commit before its ack.
     assert writer.committed == []
     await svc._ack_dead_letters()
-    assert writer.committed == [17]
+    assert writer.committed == [18]
     assert batch[-1].acks == 1

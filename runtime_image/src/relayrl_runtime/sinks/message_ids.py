@@ -2,10 +2,12 @@
 
 JetStream drops a message whose id it saw within the stream's duplicate window (15
 minutes). A publish whose ack was lost, then an outage longer than that, stores the
-retry as a second message: the sinks are the last place to tell. The publisher's ids
-are `<producer>-<n>`, `n` counting from 1 in each process, so a sink keeps, per
-producer, the runs of `n` it has written: one run while messages come in order, a few
-more while retries arrive out of order. Ids of another form are not tracked.
+retry as a second message: the sinks are the last place to tell. The runtime's
+publisher names itself in `Relayrl-Producer` and numbers its messages `<producer>-<n>`,
+`n` counting from 1 in each process, so a sink keeps, per producer, the runs of `n` it
+has written: one run while messages come in order, a few more while retries arrive out
+of order. Other messages (another publisher's ids) are not tracked: nothing is ever
+skipped on an id whose meaning the sink does not know.
 
 A producer is forgotten once nothing of it was stored for `forget_seconds` (stream
 time; 7 days, the stream's default age limit). Each sink records the memory in the
@@ -17,14 +19,25 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final
+
+from relayrl_runtime import streams
 
 FORGET_SECONDS: Final = 7 * 24 * 3600.0
 # Runs kept per producer. Messages in order make one; more than this many gaps that
 # never fill (they do not arise from the publisher) forget the oldest run.
 MAX_RUNS: Final = 1024
 FORMAT_VERSION: Final = 1
+
+
+def tracked(headers: Mapping[str, str] | None) -> str | None:
+    """A message's id when the runtime's publisher made it (`<Relayrl-Producer>-<n>`)."""
+    if not headers:
+        return None
+    msg_id = headers.get(streams.HEADER_MSG_ID)
+    key = split(msg_id)
+    return msg_id if key is not None and key[0] == headers.get(streams.HEADER_PRODUCER) else None
 
 
 def split(msg_id: str | None) -> tuple[str, int] | None:

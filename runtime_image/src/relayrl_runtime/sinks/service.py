@@ -723,7 +723,7 @@ class SinkService:
         self._last_dseq = dseq
         self.metrics.lag.set(meta.num_pending)
         self._avg_size += 0.2 * (len(msg.data) - self._avg_size)
-        msg_id = msg.headers.get(streams.HEADER_MSG_ID) if msg.headers else None
+        msg_id = message_ids.tracked(msg.headers)
         if msg_id in self._ids:
             log.warning(
                 "%s sink: message %d skipped: %s=%s was written before",
