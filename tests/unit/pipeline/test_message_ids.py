@@ -82,6 +82,20 @@ def test_merged_leaves_the_original_as_it_was() -> None:
     assert ids.producers["a"].flat() == [1, 1]
 
 
+def test_a_copy_shares_nothing() -> None:
+    """The service adds what is not committed yet to its copy of the writer's ids: had
+    they shared a producer's runs, the writer's next snapshot would record those ids
+    as written, and after a crash their messages would be skipped, lost."""
+    committed = MessageIds()
+    committed.add("p-1", 0.0)
+    taken = committed.copy()
+    taken.add("p-2", 1.0)
+    taken.add("q-1", 1.0)
+    assert ["p-2" in committed, "q-1" in committed] == [False, False]
+    assert committed.to_json() == MessageIds.from_rows([("p", [1, 1], 0.0)]).to_json()
+    assert committed.merged([("r-1", 0.0)])[0].producers["p"].flat() == [1, 1]
+
+
 def test_idle_producers_are_forgotten_by_stream_time() -> None:
     ids = MessageIds(forget_seconds=1000)
     ids.add("old-1", 0.0)

@@ -435,6 +435,12 @@ async def test_a_copy_of_a_message_written_before_is_skipped_and_recorded() -> N
     for m in batch:
         assert await svc._handle(None, m) is True  # type: ignore[arg-type]
     assert writer.added == ["pod-1-a-2", None, None, None, "pod-1-a-3"]
+    # Taken, not committed: the writer's record must not have them (its next commit
+    # would store them, and after a crash they would be skipped: lost).
+    assert ["pod-1-a-2" in writer.committed_ids, "pod-1-a-3" in writer.committed_ids] == [
+        False,
+        False,
+    ]
     assert svc.metrics.duplicates._value.get() == 3
     assert svc._last_seen == 18
     # Like a dead letter at the tail: recorded by a commit before its ack.

@@ -162,7 +162,8 @@ class MessageIds:
     def merged(self, ids: Iterable[tuple[str, float]]) -> tuple[MessageIds, set[str], list[str]]:
         """A copy with `ids` (message id, stream time) added and idle producers
         forgotten, this one unchanged (a commit that fails leaves it as it was); with
-        the producers changed and those forgotten."""
+        the producers changed and those forgotten. The producers not changed are shared
+        with this one: neither may be added to afterwards (`copy` for that)."""
         out = MessageIds(
             dict(self.producers), forget_seconds=self.forget_seconds, max_runs=self.max_runs
         )
@@ -182,7 +183,15 @@ class MessageIds:
         return out, touched - set(forgotten), forgotten
 
     def copy(self) -> MessageIds:
-        return self.merged(())[0]
+        """A copy sharing nothing: the service adds to its copy what the writer has not
+        committed yet, so the writer's must never see those."""
+        out = MessageIds(
+            {p: r.copy() for p, r in self.producers.items()},
+            forget_seconds=self.forget_seconds,
+            max_runs=self.max_runs,
+        )
+        out.newest, out._swept = self.newest, self._swept
+        return out
 
     # ----------------------------------------------------------- storage forms
 

@@ -109,7 +109,6 @@ class PublisherConfig:
     stream_settings: streams.StreamSettings = dataclasses.field(
         default_factory=streams.StreamSettings
     )
-    producer_id: str | None = None
     retry: streams.Backoff = dataclasses.field(
         default_factory=lambda: streams.Backoff(initial=0.05, maximum=2.0)
     )
@@ -138,7 +137,9 @@ class NatsPublisher:
         self.metrics = metrics if metrics is not None else PublisherMetrics()
         self.subject = streams.trajectories_subject(config.namespace, config.agent)
         self.stream = streams.stream_name(config.namespace, config.agent, config.stream)
-        self.producer_id = config.producer_id or _default_producer_id()
+        # Never configurable: numbering starts at 1 in every process, so an id reused
+        # by a later process would have the sinks skip its messages as copies.
+        self.producer_id = _default_producer_id()
         self._lock = threading.Condition()
         # Batches waiting to be packed, and their estimated encoded size.
         self._pending: list[pa.RecordBatch] = []
