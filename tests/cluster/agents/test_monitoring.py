@@ -66,11 +66,12 @@ def alert_expressions(groups: dict[str, Any]) -> list[str]:
 
 
 def panel_expressions(panels: list[dict[str, Any]]) -> Iterator[tuple[str, str]]:
-    """(panel title, expr) of every target, rows' nested panels included."""
+    """(panel title and target, expr) of every target, rows' nested panels included."""
     for panel in panels:
-        for target in panel.get("targets") or []:
+        for i, target in enumerate(panel.get("targets") or []):
             if target.get("expr"):
-                yield panel.get("title", "?"), str(target["expr"])
+                where = f"{panel.get('title', '?')} [{target.get('refId', i)}]"
+                yield where, str(target["expr"])
         yield from panel_expressions(panel.get("panels") or [])
 
 

@@ -210,6 +210,12 @@ class SinkMetrics:
             ["sink", "reason"],
             registry=r,
         )
+        for reason in (
+            DeadLetterReason.INVALID_ARROW,
+            DeadLetterReason.UNKNOWN_SCHEMA_VERSION,
+            DeadLetterReason.SCHEMA_MISMATCH,
+        ):
+            self.dead_letters.labels(kind, reason)  # at 0 from the start: increase() sees the first
         self.redeliveries = prom.Counter(
             f"{PREFIX}_redeliveries", "Deliveries skipped as already seen.", labels, registry=r
         ).labels(kind)
