@@ -135,14 +135,16 @@ class MessageIds:
         key = split(msg_id)
         if key is None:
             return None
-        producer, n = key
+        self._note(*key, stored)
+        return key[0]
+
+    def _note(self, producer: str, n: int, stored: float) -> None:
         runs = self.producers.get(producer)
         if runs is None:
             runs = self.producers[producer] = Runs([], [], stored)
         runs.add(n, self.max_runs)
         runs.stored = max(runs.stored, stored)
         self.newest = max(self.newest, stored)
-        return producer
 
     def forget_idle(self) -> list[str]:
         """Drop producers with nothing stored for `forget_seconds`; their names.
@@ -164,32 +166,30 @@ class MessageIds:
         forgotten, this one unchanged (a commit that fails leaves it as it was); with
         the producers changed and those forgotten. The producers not changed are shared
         with this one: neither may be added to afterwards (`copy` for that)."""
-        out = MessageIds(
-            dict(self.producers), forget_seconds=self.forget_seconds, max_runs=self.max_runs
-        )
-        out.newest, out._swept = self.newest, self._swept
+        out = self._like(dict(self.producers))
         touched: set[str] = set()
         for msg_id, stored in ids:
             key = split(msg_id)
             if key is None:
                 continue
-            if key[0] not in touched:
-                runs = out.producers.get(key[0])
+            producer, n = key
+            if producer not in touched:
+                runs = out.producers.get(producer)
                 if runs is not None:
-                    out.producers[key[0]] = runs.copy()  # copied before it changes
-                touched.add(key[0])
-            out.add(msg_id, stored)
+                    out.producers[producer] = runs.copy()  # copied before it changes
+                touched.add(producer)
+            out._note(producer, n, stored)
         forgotten = out.forget_idle()
         return out, touched - set(forgotten), forgotten
 
     def copy(self) -> MessageIds:
         """A copy sharing nothing: the service adds to its copy what the writer has not
         committed yet, so the writer's must never see those."""
-        out = MessageIds(
-            {p: r.copy() for p, r in self.producers.items()},
-            forget_seconds=self.forget_seconds,
-            max_runs=self.max_runs,
-        )
+        return self._like({p: r.copy() for p, r in self.producers.items()})
+
+    def _like(self, producers: dict[str, Runs]) -> MessageIds:
+        """`producers` with this one's settings and stream clock."""
+        out = MessageIds(producers, forget_seconds=self.forget_seconds, max_runs=self.max_runs)
         out.newest, out._swept = self.newest, self._swept
         return out
 

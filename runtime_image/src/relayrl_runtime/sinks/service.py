@@ -93,6 +93,7 @@ class DeadLetterReason:
     INVALID_ARROW: Final = "invalid-arrow"
     UNKNOWN_SCHEMA_VERSION: Final = "unknown-schema-version"
     SCHEMA_MISMATCH: Final = "schema-mismatch"
+    ALL: Final = (INVALID_ARROW, UNKNOWN_SCHEMA_VERSION, SCHEMA_MISMATCH)
 
 
 class InvalidMessageError(Exception):
@@ -195,42 +196,27 @@ class SinkMetrics:
         self.registry = registry if registry is not None else prom.CollectorRegistry()
         r = self.registry
         labels = ["sink"]
-        self.messages = prom.Counter(
-            f"{PREFIX}_messages", "Messages committed.", labels, registry=r
-        ).labels(kind)
-        self.rows = prom.Counter(f"{PREFIX}_rows", "Steps committed.", labels, registry=r).labels(
-            kind
-        )
-        self.bytes = prom.Counter(
-            f"{PREFIX}_bytes", "Message payload bytes committed.", labels, registry=r
-        ).labels(kind)
+
+        def counter(name: str, doc: str) -> prom.Counter:
+            """A counter of this sink (the `sink` label set to its kind)."""
+            return prom.Counter(f"{PREFIX}_{name}", doc, labels, registry=r).labels(kind)
+
+        self.messages = counter("messages", "Messages committed.")
+        self.rows = counter("rows", "Steps committed.")
+        self.bytes = counter("bytes", "Message payload bytes committed.")
         self.dead_letters = prom.Counter(
             f"{PREFIX}_dead_letters",
             "Messages sent to the dead-letter subject.",
             ["sink", "reason"],
             registry=r,
         )
-        for reason in (
-            DeadLetterReason.INVALID_ARROW,
-            DeadLetterReason.UNKNOWN_SCHEMA_VERSION,
-            DeadLetterReason.SCHEMA_MISMATCH,
-        ):
+        for reason in DeadLetterReason.ALL:
             self.dead_letters.labels(kind, reason)  # at 0 from the start: increase() sees the first
-        self.redeliveries = prom.Counter(
-            f"{PREFIX}_redeliveries", "Deliveries skipped as already seen.", labels, registry=r
-        ).labels(kind)
-        self.duplicates = prom.Counter(
-            f"{PREFIX}_duplicates",
-            "Messages skipped as copies of one written before (same Nats-Msg-Id).",
-            labels,
-            registry=r,
-        ).labels(kind)
-        self.repositions = prom.Counter(
-            f"{PREFIX}_repositions",
-            "Consumer re-creations after a delivery gap.",
-            labels,
-            registry=r,
-        ).labels(kind)
+        self.redeliveries = counter("redeliveries", "Deliveries skipped as already seen.")
+        self.duplicates = counter(
+            "duplicates", "Messages skipped as copies of one written before (same Nats-Msg-Id)."
+        )
+        self.repositions = counter("repositions", "Consumer re-creations after a delivery gap.")
         self.lag = prom.Gauge(
             f"{PREFIX}_lag_messages",
             "Messages in the stream not yet delivered.",
