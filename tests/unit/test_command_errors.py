@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -93,30 +94,47 @@ def test_a_sink_port_in_use_is_named(tmp_path: Path) -> None:
     assert "Traceback" not in done.stderr, done.stderr
 
 
+def _runtime_listening(
+    tmp_path: Path, host: str, port: int, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    config = tmp_path / "runtime.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "agent": "a",
+                "actors": 1,
+                "model": {"uri": str(tmp_path / "model"), "format": "onnx"},
+                "environment": {"gymnasium": {"id": "CartPole-v1"}},
+                "localSink": {"path": str(tmp_path / "out")},
+                "server": {"host": host, "port": port},
+            }
+        )
+    )
+    return subprocess.run(
+        [str(BIN / "relayrl-runtime"), "run", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
+
+
 def test_a_runtime_port_in_use_is_named(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        config = tmp_path / "runtime.yaml"
-        config.write_text(
-            yaml.safe_dump(
-                {
-                    "agent": "a",
-                    "actors": 1,
-                    "model": {"uri": str(tmp_path / "model"), "format": "onnx"},
-                    "environment": {"gymnasium": {"id": "CartPole-v1"}},
-                    "localSink": {"path": str(tmp_path / "out")},
-                    "server": {"host": "127.0.0.1", "port": port},
-                }
-            )
-        )
-        done = subprocess.run(
-            [str(BIN / "relayrl-runtime"), "run", "--config", str(config)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        done = _runtime_listening(tmp_path, "127.0.0.1", port)
     assert done.returncode == 2, done.stderr
     assert f"server.port: cannot listen on 127.0.0.1:{port}" in done.stderr, done.stderr
+
+
+def test_a_runtime_listen_address_not_of_this_host_is_named(tmp_path: Path) -> None:
+    # 192.0.2.1 is a documentation address: no interface here has it.
+    done = _runtime_listening(tmp_path, "192.0.2.1", 0)
+    assert done.returncode == 2, done.stderr
+    assert "server.host: cannot listen on 192.0.2.1:0" in done.stderr, done.stderr
+    done = _runtime_listening(tmp_path, "127.0.0.1", 0, {"RELAYRL_BIND_ADDRESS": "192.0.2.1"})
+    assert done.returncode == 2, done.stderr
+    assert "RELAYRL_BIND_ADDRESS: cannot listen on 192.0.2.1:0" in done.stderr, done.stderr

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import logging
 import signal
@@ -143,7 +144,7 @@ class App:
         if self.agent is None or self.agent.closed:
             return False, self._waiting or "model not loaded"
         if self.sink is not None and not self.sink.connected:
-            return False, "sink not connected"
+            return False, f"sink not connected: {self.sink.waiting or 'not yet'}"
         return True, f"ready: model version {self.agent.get_model_version()}"
 
     def stop(self) -> None:
@@ -169,8 +170,11 @@ class App:
         try:
             self.http_port = await server.start()
         except OSError as err:
+            # A port taken is the port's fault; a name or address not of this host, the host's.
+            port_fault = err.errno in (errno.EADDRINUSE, errno.EACCES)
+            field = "server.port" if port_fault else config.bind_field()
             raise errors.InvalidArgumentError(
-                f"server.port: cannot listen on {self.bind_host}:{cfg.server.port}:"
+                f"{field}: cannot listen on {self.bind_host}:{cfg.server.port}:"
                 f" {err.strerror or err}"
             ) from err
         log.info("http server on %s:%d", self.bind_host, self.http_port)
@@ -217,8 +221,9 @@ class App:
         the source's future (None for the remote endpoint).
         """
         self._reread_config()
-        cfg = self.cfg
         model_path, watcher_factory = await self._resolve_model(cache)
+        # Waiting for the model re-reads the config: what follows starts from the newest.
+        cfg = self.cfg
         self.sink = self._build_sink()
         self.agent = await asyncio.to_thread(self._build_agent, model_path)
         log.info(
@@ -402,7 +407,7 @@ class App:
             log.info("model %s version %s fetched from the registry", ref.key, entry.version)
 
             def registry_watcher(a: agent_mod.Agent) -> reload.RegistryWatcher:
-                return reload.RegistryWatcher(a, nc, ref, cache, poll, entry.digest)
+                return reload.RegistryWatcher(a, nc, ref, cache, poll, entry.digest, path)
 
             return path, registry_watcher
         path = Path(m.uri.removeprefix("file://"))

@@ -184,6 +184,12 @@ def bind_host(cfg: RuntimeConfig, environ: Mapping[str, str] | None = None) -> s
     return environ.get(ENV_BIND_ADDRESS, "").strip() or cfg.server.host
 
 
+def bind_field(environ: Mapping[str, str] | None = None) -> str:
+    """Where the listen address comes from, for an error about it."""
+    environ = os.environ if environ is None else environ
+    return ENV_BIND_ADDRESS if environ.get(ENV_BIND_ADDRESS, "").strip() else "server.host"
+
+
 def pod_name(cfg: RuntimeConfig, environ: Mapping[str, str] | None = None) -> str:
     """This pod's name: `RELAYRL_POD_NAME`, else `<agent>-<pod index>` (StatefulSet naming)."""
     environ = os.environ if environ is None else environ

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import shutil
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -153,9 +154,23 @@ async def fetch(nc: Any, ref: ModelRef, cache: Path) -> tuple[Path, Entry]:
     target = cache / f"{ref.name}-v{entry.version}-{digest}"
     if not (target / model.METADATA_FILE).exists():
         tmp = cache / f".{target.name}.partial"
-        unpack(bytes(result.data or b""), tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            unpack(bytes(result.data or b""), tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         tmp.rename(target)
     return target, entry
+
+
+def prune(cache: Path, keep: Path) -> None:
+    """Remove every model directory under `cache` but `keep` (the one running): a loaded
+    model no longer reads its files, and a pod that follows a trainer's pushes would
+    otherwise fill its disk with past versions."""
+    for entry in cache.iterdir():
+        if entry != keep:
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 async def connect(url: str, deadline: float = CONNECT_SECONDS) -> Any:

@@ -40,10 +40,15 @@ class _Watcher:
         self._checking = asyncio.Lock()
         self.refused: reporting.Refusal | None = None
 
-    async def _reload(self, agent: agent_mod.Agent, path: Path, version: int | None) -> None:
-        """Load `version` from `path` into the agent; a refusal is kept, then raised."""
+    async def _reload(
+        self, agent: agent_mod.Agent, path: Path, version: int | None, pinned: int | None = None
+    ) -> None:
+        """Load `version` from `path` into the agent; a refusal is kept, then raised.
+
+        `pinned`: the version the loader must find (the path may have changed since its
+        metadata was read)."""
         try:
-            await agent.areload_model(path)
+            await agent.areload_model(path, pinned)
         except errors.RelayRLError as err:
             incompatible = isinstance(err, errors.ModelIncompatibleError)
             self.refused = reporting.Refusal(version, str(err), incompatible)
@@ -122,7 +127,7 @@ class PathWatcher(_Watcher):
                 return
             # Only a version read and then not loaded is a refusal: a directory read
             # while it is being written is not.
-            await self._reload(self.agent, self.path, meta.version)
+            await self._reload(self.agent, self.path, meta.version, self.version)
         except errors.RelayRLError as err:
             self.agent.metrics.model_reloads.labels("failed").inc()
             log.error("hot reload from %s failed, keeping the current model: %s", self.path, err)
@@ -142,6 +147,7 @@ class RegistryWatcher(_Watcher):
         cache: Path,
         poll_seconds: float,
         digest: str,
+        path: Path,
     ) -> None:
         super().__init__()
         self.agent = agent
@@ -151,6 +157,7 @@ class RegistryWatcher(_Watcher):
         self.poll_seconds = poll_seconds
         self._digest = digest  # the last object looked at (loaded or refused)
         self._running = digest  # the one the agent runs
+        self._path = path  # where it was unpacked (under `cache`)
 
     async def run(self) -> None:
         """Poll until cancelled; transient registry errors are retried at the next poll."""
@@ -175,23 +182,10 @@ class RegistryWatcher(_Watcher):
                     self.refused = None  # e.g. back to a version it runs
                 return
             path, entry = await registry.fetch(self.nc, self.ref, self.cache)
-            # Whatever the load below makes of this version, it is not tried again (a
-            # model that did not load once will not the next time): a newer one is.
-            self._digest = entry.digest
-            if entry.version == self.agent.get_model_version():
-                if entry.digest != self._running:
-                    # Other bytes under the version it runs: a version names one model
-                    # (the steps record it), so they are not loaded; a new number is.
-                    log.warning(
-                        "%s holds other content for version %d than this pod runs; keeping"
-                        " what runs (push changed weights as a new version)",
-                        self.ref.key,
-                        entry.version,
-                    )
-                self.refused = None
-                return
-            await self._reload(self.agent, path, entry.version)
-            self._running = entry.digest
+            try:
+                await self._take(path, entry)
+            finally:
+                registry.prune(self.cache, keep=self._path)
         except errors.RelayRLError as err:
             self.agent.metrics.model_reloads.labels("failed").inc()
             log.error("hot reload from %s failed, keeping the current model: %s", self.ref, err)
@@ -201,3 +195,23 @@ class RegistryWatcher(_Watcher):
             )
         except Exception as err:  # nats-py raises its own error types for transient faults
             log.warning("model registry poll failed (%r), retrying", err)
+
+    async def _take(self, path: Path, entry: registry.Entry) -> None:
+        """Load a fetched version unless the agent runs it already."""
+        # Whatever the load below makes of this version, it is not tried again (a
+        # model that did not load once will not the next time): a newer one is.
+        self._digest = entry.digest
+        if entry.version == self.agent.get_model_version():
+            if entry.digest != self._running:
+                # Other bytes under the version it runs: a version names one model
+                # (the steps record it), so they are not loaded; a new number is.
+                log.warning(
+                    "%s holds other content for version %d than this pod runs; keeping"
+                    " what runs (push changed weights as a new version)",
+                    self.ref.key,
+                    entry.version,
+                )
+            self.refused = None
+            return
+        await self._reload(self.agent, path, entry.version)
+        self._running, self._path = entry.digest, path

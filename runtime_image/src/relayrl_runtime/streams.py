@@ -185,12 +185,15 @@ async def ensure_stream(
             info = await js.add_stream(config)
             log.info("created stream %s", config.name)
             return info
-        except nats.js.errors.BadRequestError:
-            # Created concurrently by another process: fall through to the update.
-            pass
-    else:
-        if not config_differs(config, info.config):
-            return info
+        except nats.js.errors.BadRequestError as err_add:
+            # Created concurrently by another process (then updated below), or refused
+            # (e.g. another stream holds the subjects): that refusal is the error.
+            try:
+                info = await js.stream_info(config.name)
+            except nats.js.errors.NotFoundError:
+                raise err_add from None
+    if not config_differs(config, info.config):
+        return info
     return await js.update_stream(config)
 
 

@@ -189,6 +189,41 @@ async def test_a_busy_stream_is_retried_not_a_failure() -> None:
     assert got.equals(trajectories.sort(pa.Table.from_batches(batches)))
 
 
+async def test_a_stream_jetstream_refuses_keeps_the_publisher_not_ready_and_nothing_lost(
+    nats_server: natsserver.NatsServer,
+) -> None:
+    """Another stream holds the Agent's subjects, so its own cannot be made: the
+    publisher says so (not ready), publishes on, and makes its stream once the other is
+    gone; every message is stored, and the Agent's stream holds those after that."""
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        await js.add_stream(name="OTHER", subjects=[SUBJECT])
+        pub = _publisher(nats_server.url)
+        pub.start()
+        wait_until("the refusal", lambda: "refused" in (pub.waiting or ""), 20)
+        assert not pub.connected
+        assert f"stream {STREAM}: JetStream refused to create or update it" in (pub.waiting or "")
+        first = trajectories.batch(1, 0)
+        pub.write(first)
+        wait_until("the first message stored", lambda: pub.acked_messages == 1, 20)
+        assert (pub.waiting or "").startswith(
+            f"messages are stored in stream OTHER, not {STREAM}; stream {STREAM}: JetStream"
+            " refused to create or update it: nats: BadRequestError: code=400"
+        ), pub.waiting
+        await js.delete_stream("OTHER")
+        wait_until("the stream made", lambda: pub.connected, 20)
+        second = trajectories.batch(1, 1)
+        pub.write(second)
+        pub.close(timeout=20)
+        assert pub.acked_messages == 2
+    finally:
+        await nc.close()
+    msgs = await _stream_messages(nats_server.url)
+    got = pa.concat_tables(pa.ipc.open_stream(m.data).read_all() for m in msgs)
+    assert trajectories.sort(got).equals(trajectories.sort(pa.Table.from_batches([second])))
+
+
 async def test_close_with_nats_gone_raises_instead_of_dropping(
     nats_server: natsserver.NatsServer,
 ) -> None:

@@ -74,10 +74,17 @@ def test_push_list_and_hot_reload_from_registry(
     )
     assert "version 1" in out
     cfg = _config("cartpole", "objectstore://models/cp", url, tmp_path, actors=2, reload=_POLL)
-    proc = helpers.RuntimeProcess(tmp_path, cfg)
+    tmp = tmp_path / "tmp"  # where the process unpacks the versions it fetches
+    tmp.mkdir()
+    proc = helpers.RuntimeProcess(tmp_path, cfg, env={"TMPDIR": str(tmp)})
+
+    def unpacked() -> list[str]:
+        return sorted(p.name for p in tmp.glob("relayrl-models-*/*"))
+
     try:
         proc.wait_ready()
         assert helpers.metric(proc.metrics(), "relayrl_runtime_model_version") == 1
+        assert [name.split("-")[:2] for name in unpacked()] == [["cp", "v1"]]
         _cli(
             "model",
             "push",
@@ -97,13 +104,21 @@ def test_push_list_and_hot_reload_from_registry(
             "steps with version 2",
             lambda: helpers.metric(proc.metrics(), "relayrl_runtime_env_steps_total") > 1000,
         )
+        # Past versions leave the disk once the next one runs, and so does one refused.
+        assert [name.split("-")[:2] for name in unpacked()] == [["cp", "v2"]]
+        _cli("model", "push", "--nats", url, "--bucket", "models", "--name", "cp",
+             str(models["onnx_v3_wide"]))  # fmt: skip
+        helpers.wait_for(
+            "the refusal", lambda: 'model_reloads_total{result="failed"} 1.0' in proc.metrics()
+        )
+        assert [name.split("-")[:2] for name in unpacked()] == [["cp", "v2"]]
         assert proc.terminate() == 0, proc.logs()
     finally:
         proc.kill()
     listing = _cli("model", "list", "--nats", url, "--bucket", "models")
     keys = [line.split("\t")[0] for line in listing.splitlines()]
-    assert keys == ["cp", "cp@v1", "cp@v2"]
-    assert "version=2" in listing.splitlines()[0]
+    assert keys == ["cp", "cp@v1", "cp@v2", "cp@v3"]
+    assert "version=3" in listing.splitlines()[0]
     table = pa.concat_tables([pq.read_table(f) for f in (tmp_path / "out").glob("*.parquet")])
     assert set(table["policy_version"].to_pylist()) == {1, 2}
 
@@ -190,6 +205,32 @@ def test_a_pinned_version_missing_from_the_registry_is_reported_and_kept_out(
         helpers.wait_for(
             "a version 2 report, nothing refused",
             lambda: (r := report()) is not None and r.model_version == 2 and r.refused is None,
+        )
+        assert proc.terminate() == 0, proc.logs()
+    finally:
+        proc.kill()
+
+
+def test_a_config_changed_while_waiting_for_the_model_is_followed_after(
+    nats_server: natsserver.NatsServer, models: dict[str, Path], tmp_path: Path
+) -> None:
+    """Pinned to a version not pushed yet, then moved to one that is: the pod starts on
+    it and still follows the pin when it comes back to the first version."""
+    url = nats_server.url
+    _cli("model", "push", "--nats", url, "--bucket", "m4", "--name", "cp", str(models["onnx"]))
+    cfg = _config("back", "objectstore://m4/cp", url, tmp_path, version=2, reload=_POLL)
+    proc = helpers.RuntimeProcess(tmp_path, cfg, mounted=True)
+    try:
+        helpers.wait_for("the wait", lambda: "no object 'cp@v2'" in proc.logs())
+        proc.update_config({**cfg, "model": {**cfg["model"], "version": 1}})
+        proc.wait_ready(timeout=90)
+        assert helpers.metric(proc.metrics(), "relayrl_runtime_model_version") == 1
+        _cli("model", "push", "--nats", url, "--bucket", "m4", "--name", "cp",
+             str(models["onnx_v2"]))  # fmt: skip
+        proc.update_config(cfg)  # version 2 again, the bytes the pod started waiting on
+        helpers.wait_for(
+            "model version 2",
+            lambda: helpers.metric(proc.metrics(), "relayrl_runtime_model_version") == 2,
         )
         assert proc.terminate() == 0, proc.logs()
     finally:

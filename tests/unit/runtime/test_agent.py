@@ -452,6 +452,10 @@ class _Refusing:
         return self.inner.connected
 
     @property
+    def waiting(self) -> str | None:
+        return self.inner.waiting
+
+    @property
     def failure(self) -> str | None:
         return self.final if self.attempts > self.refusals else None
 

@@ -29,6 +29,11 @@ class TrajectorySink(Protocol):
         ...
 
     @property
+    def waiting(self) -> str | None:
+        """Why the sink cannot take batches now; None when it can."""
+        ...
+
+    @property
     def failure(self) -> str | None:
         """Why the sink can take no batch ever again; None while it still may."""
         ...

@@ -59,7 +59,15 @@ class LocalFileSink:
 
     @property
     def connected(self) -> bool:
-        return not self._closed and os.access(self.directory, os.W_OK)
+        return self.waiting is None
+
+    @property
+    def waiting(self) -> str | None:
+        if self._closed:
+            return f"{self.directory}: sink is closed"
+        if not os.access(self.directory, os.W_OK):
+            return f"{self.directory}: not writable"
+        return None
 
     @property
     def failure(self) -> str | None:

@@ -157,6 +157,11 @@ class NatsPublisher:
         self._wake: asyncio.Event | None = None
         self._stop: asyncio.Event | None = None
         self._nc: NATS | None = None
+        # Whether the stream takes messages: made or checked, or one acked. Until then
+        # /readyz says why not (`waiting`).
+        self._stream_ok = not config.create_stream
+        self._stream_problem: str | None = None
+        self._stored_in: str | None = None  # the stream that acked, if another one
         self._max_payload = config.max_message_bytes
         self.acked_messages = 0
         self.acked_steps = 0
@@ -165,9 +170,25 @@ class NatsPublisher:
 
     @property
     def connected(self) -> bool:
-        """Whether NATS is connected now (feeds /readyz)."""
+        """Whether NATS is connected now and the stream takes messages (feeds /readyz)."""
+        return self.waiting is None
+
+    @property
+    def waiting(self) -> str | None:
+        """Why the publisher cannot deliver now; None when it can."""
+        if self._closed:
+            return f"publisher to {self.subject} is closed"
         nc = self._nc
-        return nc is not None and nc.is_connected and not self._closed
+        if nc is None or not nc.is_connected:
+            return "not connected to NATS"
+        if not self._stream_ok:
+            elsewhere = self._stored_in and (
+                f"messages are stored in stream {self._stored_in}, not {self.stream}"
+            )
+            return "; ".join(filter(None, (elsewhere, self._stream_problem))) or (
+                f"making stream {self.stream}"
+            )
+        return None
 
     @property
     def failure(self) -> str | None:
@@ -392,11 +413,16 @@ class NatsPublisher:
             return
         nc = connecting.result()
         js = nc.jetstream(timeout=self.config.ack_timeout)
-        sender = asyncio.create_task(self._send_loop(js))
+        tasks = [asyncio.create_task(self._send_loop(js))]
+        if not self._stream_ok:
+            # Tried again beside the sender: the stream may exist as it is (made by the
+            # operator, for a runtime allowed to publish but not to manage streams).
+            tasks.append(asyncio.create_task(self._ensure_stream(js)))
+        sender = tasks[0]
         try:
             await stopping
         finally:
-            await aio.cancel_and_wait(sender)
+            await aio.cancel_and_wait(*tasks)
             with contextlib.suppress(Exception):
                 await nc.flush(timeout=2)
             with contextlib.suppress(Exception):
@@ -423,27 +449,49 @@ class NatsPublisher:
         self._max_payload = nc.max_payload
         self.metrics.connected.set(1)
         if self.config.create_stream:
-            js = nc.jetstream()
-            settings = dataclasses.replace(
-                self.config.stream_settings,
-                max_msg_bytes=max(self.config.stream_settings.max_msg_bytes, nc.max_payload),
-            )
-            cfg = streams.stream_config(
-                self.config.namespace, self.config.agent, self.config.stream, settings
-            )
-            for delay in self.config.retry.delays():
-                try:
-                    await streams.ensure_stream(js, cfg)
-                    break
-                except (nats.errors.Error, TimeoutError) as err:
-                    log.warning("publisher: creating stream %s failed: %s", cfg.name, err)
-                    await asyncio.sleep(delay)
+            # One try before the first message (it may need the stream's new settings).
+            await self._try_stream(nc.jetstream())
         log.info(
             "publisher: connected to %s, publishing on %s",
             nc.connected_url.netloc if nc.connected_url else "?",
             self.subject,
         )
         return nc
+
+    async def _ensure_stream(self, js: nats.js.JetStreamContext) -> None:
+        """Create or update the stream until done (a refusal may be fixed meanwhile: a
+        stream holding its subjects deleted, say), or until a message is stored in it."""
+        for delay in self.config.retry.delays():
+            if self._stream_ok or await self._try_stream(js):
+                return
+            await asyncio.sleep(delay)
+
+    async def _try_stream(self, js: nats.js.JetStreamContext) -> bool:
+        """One attempt at the stream; False to try again."""
+        settings = dataclasses.replace(
+            self.config.stream_settings,
+            max_msg_bytes=max(self.config.stream_settings.max_msg_bytes, self._max_payload),
+        )
+        cfg = streams.stream_config(
+            self.config.namespace, self.config.agent, self.config.stream, settings
+        )
+        try:
+            await streams.ensure_stream(js, cfg)
+        except (nats.errors.Error, TimeoutError) as err:
+            # A 4xx answer (e.g. another stream holds the subjects) is not transient,
+            # but publishing goes on all the same: to the stream as it is, if any.
+            refused = isinstance(err, nats.js.errors.APIError) and err.code in range(400, 500)
+            what = "JetStream refused to create or update it" if refused else "no answer"
+            self._stream_note(f"stream {cfg.name}: {what}: {err or type(err).__name__}")
+            return False
+        self._stream_ok, self._stream_problem = True, None
+        return True
+
+    def _stream_note(self, problem: str) -> None:
+        """Why the stream does not take messages yet: logged when it changes, and /readyz."""
+        if problem != self._stream_problem:
+            log.warning("publisher: %s; not ready until a message is stored in it", problem)
+        self._stream_problem = problem
 
     async def _send_loop(self, js: nats.js.JetStreamContext) -> None:
         assert self._wake is not None
@@ -524,7 +572,7 @@ class NatsPublisher:
                     raise
                 if ack.duplicate:
                     self.metrics.duplicates.inc()
-                self._acked(message)
+                self._acked(message, ack.stream)
                 return
         except asyncio.CancelledError:
             raise
@@ -536,11 +584,17 @@ class NatsPublisher:
         finally:
             slots.release()
 
-    def _acked(self, message: _Message) -> None:
+    def _acked(self, message: _Message, stream: str) -> None:
         self.metrics.ack_seconds.observe(time.monotonic() - message.first_attempt)
         self.metrics.messages.inc()
         self.metrics.bytes.inc(len(message.payload))
         self.metrics.steps.inc(message.steps)
+        if stream == self.stream:
+            self._stream_ok = True
+        elif stream != self._stored_in:
+            # Stored (so kept), but where the Agent's sinks do not read.
+            log.warning("publisher: messages are stored in stream %s, not %s", stream, self.stream)
+            self._stored_in = stream
         with self._lock:
             del self._unacked[message.msg_id]
             self._backlog_bytes -= len(message.payload)
