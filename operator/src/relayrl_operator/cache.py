@@ -70,6 +70,8 @@ class AgentState:
     config_rejected: bool = False  # our last ConfigMap apply was rejected for good
     # The layout a SliceHandoverUnsupported Warning was posted for (once per change).
     unsupported_warned: handover.Layout | None = None
+    # The Warning last posted because a deleted Agent's stream could not be removed.
+    cleanup_warned: str | None = None
     # The config revision each actor pod was last asked to mount (children.Children.push_config).
     pushed: dict[str, str] = field(default_factory=dict)
 

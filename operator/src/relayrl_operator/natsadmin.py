@@ -3,7 +3,13 @@
 Names and stream settings come from `relayrl_runtime.streams`, the one place the
 runtime, the sinks and the operator share. Connections are cached per server URL and
 credential; credentials and TLS material are read from the Agent's Secrets through
-the apiserver and written to a private temporary directory for nats-py.
+the apiserver and written to a private temporary directory for nats-py. A server
+named by a bare Service name (`nats://nats:4222`) is the one in the Agent's
+namespace, as for its pods. A server that could not be reached is not asked again
+for `RETRY_SECONDS` (the passes of its Agents fail at once meanwhile, so many Agents
+on a server that is away do not queue for it); a connection that has been
+reconnecting for `STALE_SECONDS` is opened anew, with its Secrets read again (rotated
+credentials or certificates are taken).
 
 Each connection also watches the `relayrl-status` key-value bucket, where actor pods
 report the model version they run (`relayrl_runtime.reporting`); the latest report of
@@ -18,6 +24,7 @@ import base64
 import contextlib
 import logging
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +39,9 @@ from relayrl_operator.builders import common
 from relayrl_runtime import aio, reporting, spec, streams
 
 log = logging.getLogger(__name__)
+
+RETRY_SECONDS = 5.0
+STALE_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -56,6 +66,11 @@ class NatsStreams:
         # One connection per key however many workers ask at once; a slow server
         # holds up only the Agents that use it.
         self._connecting: dict[_ConnKey, asyncio.Lock] = {}
+        # A failed connect, until it may be tried again: (monotonic time, its error).
+        self._failed: dict[_ConnKey, tuple[float, Exception]] = {}
+        # Since when each connection has been reconnecting (monotonic time).
+        self._down_since: dict[_ConnKey, float] = {}
+        self._closing: set[asyncio.Task[None]] = set()  # connections given up on
 
     def set_listener(self, listener: Callable[[tuple[str, str]], None]) -> None:
         """Call `listener((namespace, agent))` when a pod of that Agent reports."""
@@ -74,6 +89,8 @@ class NatsStreams:
             if failed is not None:
                 log.warning("status bucket watch ended: %r", failed)
         self._watchers.clear()
+        if self._closing:
+            await asyncio.wait(set(self._closing))
         for nc in self._conns.values():
             with contextlib.suppress(Exception):
                 await nc.close()
@@ -142,18 +159,65 @@ class NatsStreams:
     async def _connect(self, agent: common.AgentRef) -> NATS:
         nats_spec = agent.spec.trajectories.nats
         key = _conn_key(agent)
-        nc = self._conns.get(key)
-        if nc is not None and not nc.is_closed:
+        nc = self._usable(key)
+        if nc is not None:
             return nc
+        self._raise_if_failed(key)
         async with self._connecting.setdefault(key, asyncio.Lock()):
-            nc = self._conns.get(key)
-            if nc is not None and not nc.is_closed:
+            nc = self._usable(key)
+            if nc is not None:
                 return nc
-            return await self._open(key, nats_spec)
+            self._raise_if_failed(key)  # the attempt this one waited for
+            try:
+                return await self._open(key, nats_spec)
+            except Exception as err:
+                self._failed[key] = (time.monotonic() + RETRY_SECONDS, err)
+                raise
+
+    def _usable(self, key: _ConnKey) -> NATS | None:
+        """The cached connection, unless closed or reconnecting for too long."""
+        nc = self._conns.get(key)
+        if nc is None or nc.is_closed:
+            return None
+        since = self._down_since.get(key)
+        if since is not None and time.monotonic() - since > STALE_SECONDS:
+            log.info("nats %s: reconnecting for %.0fs; opening it anew", key.url, STALE_SECONDS)
+            del self._conns[key]
+            task = asyncio.get_running_loop().create_task(_close_quietly(nc))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+            return None
+        return nc
+
+    def _raise_if_failed(self, key: _ConnKey) -> None:
+        failed = self._failed.get(key)
+        if failed is None:
+            return
+        until, err = failed
+        if time.monotonic() >= until:
+            del self._failed[key]
+            return
+        raise streams.ConnectError(
+            f"{err or type(err).__name__} (tried again in at most {RETRY_SECONDS:.0f}s)"
+        ) from err
 
     async def _open(self, key: _ConnKey, nats_spec: spec.NatsSpec) -> NATS:
         options = await self._options(key, nats_spec)
-        nc = await streams.connect(options, deadline=self._deadline)
+
+        async def disconnected() -> None:
+            self._down_since.setdefault(key, time.monotonic())
+
+        async def reconnected() -> None:
+            self._down_since.pop(key, None)
+
+        nc = await streams.connect(
+            options,
+            deadline=self._deadline,
+            disconnected_cb=disconnected,
+            reconnected_cb=reconnected,
+        )
+        self._down_since.pop(key, None)
+        self._failed.pop(key, None)
         self._conns[key] = nc
         old = self._watchers.pop(key, None)
         if old is not None:
@@ -216,9 +280,13 @@ class NatsStreams:
             ):
                 if secret_key in data:
                     values[option] = str(self._write(key, secret_key, data[secret_key]))
-        return streams.ConnectOptions(
-            servers=streams.split_servers(nats_spec.url), name="relayrl-operator", **values
-        )
+        given = streams.split_servers(nats_spec.url)
+        servers = tuple(in_namespace(s, key.namespace) for s in given)
+        names = {_host(s) for s, q in zip(given, servers, strict=True) if s != q}
+        if len(names) == 1:
+            # The pods connect to the bare name: its certificate is checked against it.
+            values["tls_hostname"] = names.pop()
+        return streams.ConnectOptions(servers=servers, name="relayrl-operator", **values)
 
     async def _secret(self, namespace: str, name: str) -> dict[str, bytes]:
         secret = await self._client.get(kube.SECRET, namespace, name)
@@ -233,6 +301,31 @@ class NatsStreams:
         path.write_bytes(content)
         path.chmod(0o600)
         return path
+
+
+async def _close_quietly(nc: NATS) -> None:
+    with contextlib.suppress(Exception):
+        await nc.close()
+
+
+def in_namespace(server: str, namespace: str) -> str:
+    """A server URL as the Agent's pods resolve it: a bare name (no dot) is a Service in
+    their namespace, not in the operator's. IP addresses, `localhost` and names with a
+    dot are left as they are."""
+    host = _host(server)
+    if not host or host.startswith("[") or "." in host or host == "localhost":
+        return server
+    scheme, _, rest = server.partition("://")
+    userinfo, at, hostport = rest.rpartition("@")
+    return f"{scheme}://{userinfo}{at}{host}.{namespace}.svc{hostport.removeprefix(host)}"
+
+
+def _host(server: str) -> str:
+    """The host of a server URL as written (an IPv6 address with its brackets)."""
+    hostport = server.partition("://")[2].rpartition("@")[2]
+    if hostport.startswith("["):
+        return hostport[: hostport.find("]") + 1]
+    return hostport.split(":", 1)[0].split("/", 1)[0]
 
 
 def _conn_key(agent: common.AgentRef) -> _ConnKey:

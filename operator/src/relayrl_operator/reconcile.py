@@ -40,6 +40,8 @@ import zlib
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
+import nats.js.errors
+
 from relayrl_operator import (
     cache,
     changes,
@@ -57,7 +59,7 @@ from relayrl_operator import (
     workqueue,
 )
 from relayrl_operator.builders import common, configmap, monitoring, statefulset
-from relayrl_runtime import config, reporting, spec
+from relayrl_runtime import config, reporting, spec, streams
 
 log = logging.getLogger(__name__)
 
@@ -461,14 +463,24 @@ class Reconciler:
         add_finalizer = constants.FINALIZER not in (meta.get("finalizers") or [])
         if state.error_generation != generation:
             state.error = None  # a new spec: try it
-        handing_over = await self._handing_over(key, state, agent)
+        # Taken before the first await: a spec change that arrives meanwhile asks again
+        # (this pass applies the generation it read), and our own writes of this
+        # generation coming back do not.
+        apply, state.needs_apply = state.needs_apply, False
+        if apply:
+            state.applying_generation = generation
+        try:
+            handing_over = await self._handing_over(key, state, agent)
+        except BaseException:
+            state.applying_generation = None
+            state.needs_apply = state.needs_apply or apply
+            raise
         layout = configmap.layout(agent, handing_over=handing_over)
         last = state.layout_attempted or state.config_layout
         if last is not None and last != layout:
-            state.needs_apply = True  # a handover's step 1 or 2
+            apply = True  # a handover's step 1 or 2
 
-        if state.needs_apply:
-            state.needs_apply = False
+        if apply:
             # The finalizer guards the NATS stream and bucket (ensured below), not the
             # children (owner references collect those): both requests go out at once.
             state.applying_generation = generation
@@ -519,7 +531,9 @@ class Reconciler:
             except Exception as err:  # any NATS failure is shown and retried
                 metrics.ERRORS.labels("nats").inc()
                 state.stream_ready = False
-                state.stream_message = f"cannot reach NATS: {err}"
+                refused = isinstance(err, nats.js.errors.APIError)
+                what = "NATS refused the stream or bucket" if refused else "cannot reach NATS"
+                state.stream_message = f"{what}: {err}"
                 # Its own count: the pass itself succeeds (status is written), which
                 # resets `failures`, and the retries must still back off.
                 state.nats_failures += 1
@@ -687,7 +701,11 @@ class Reconciler:
         else:
             agent = common.AgentRef(meta["name"], meta["namespace"], meta["uid"], 0, agent_spec)
             if self._streams is not None and not agent_spec.trajectories.nats.retain_on_delete:
-                await self._streams.remove(agent)
+                try:
+                    await self._streams.remove(agent)
+                except Exception as err:  # NATS away, a Secret gone: said, and tried again
+                    self._cleanup_failed(key, state, agent, err)
+                    return
         remaining = [f for f in finalizers if f != constants.FINALIZER]
         await self._client.merge_patch(
             kube.AGENT,
@@ -695,6 +713,32 @@ class Reconciler:
             {"metadata": {"finalizers": remaining, "resourceVersion": meta["resourceVersion"]}},
         )
         log.info("finalized %s/%s", *key)
+
+    def _cleanup_failed(
+        self, key: Key, state: cache.AgentState, agent: common.AgentRef, err: Exception
+    ) -> None:
+        """The stream and bucket of a deleted Agent could not be removed: the delete waits
+        (tried again with growing delays), and a Warning says how not to wait."""
+        nats_spec = agent.spec.trajectories.nats
+        stream = streams.stream_name(agent.namespace, agent.name, nats_spec.stream)
+        bucket = streams.model_bucket(agent.namespace, agent.name)
+        message = (
+            f"cannot remove stream {stream} and model bucket {bucket} at {nats_spec.url}:"
+            f" {err or type(err).__name__}; the delete waits for it (set"
+            " spec.trajectories.nats.retainOnDelete: true to leave them and delete now)"
+        )
+        metrics.ERRORS.labels("nats").inc()
+        state.nats_failures += 1
+        delay = kube.retry_delay(state.nats_failures)
+        if message != state.cleanup_warned:
+            state.cleanup_warned = message
+            log.warning("agent %s/%s: %s", *key, message)
+            self._events.post(agent, "Warning", "CleanupFailed", message)
+        else:
+            log.info(
+                "agent %s/%s: removing its stream failed again; retrying in %.1fs", *key, delay
+            )
+        self._enqueue_later(key, delay)
 
     def _rejected(
         self, key: Key, state: cache.AgentState, agent: common.AgentRef, message: str

@@ -954,3 +954,81 @@ async def test_a_restarted_operator_finishes_a_handover_it_did_not_start() -> No
         rec._reported(KEY)
         await settle(rec)
         assert api.layout() == handover.Layout(16, 8)
+
+
+class Pausing(Versioned):
+    """Holds every GET until `go` is set: a request a pass awaits, long enough for an
+    event to arrive meanwhile."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting = asyncio.Event()
+        self.go = asyncio.Event()
+
+    async def get(self, kind: kube.Kind, namespace: str, name: str) -> dict[str, Any] | None:
+        self.waiting.set()
+        await self.go.wait()
+        return await super().get(kind, namespace, name)
+
+
+async def test_a_spec_change_arriving_while_a_pass_awaits_is_applied() -> None:
+    api = Pausing()
+    api.go.set()
+    async with running(api, Reporting()) as rec:
+        first, _ = await with_running_pods(rec, 0)
+    # A restarted operator reads the ConfigMap in its first pass (what layout it holds);
+    # a new model version arrives while it waits for the answer.
+    api.go.clear()
+    api.waiting.clear()
+    async with running(api, Reporting()) as rec:
+        body = change(first, 2)
+        body["status"] = {"observedGeneration": 2}
+        rec.agent_event("ADDED", body)
+        await asyncio.wait_for(api.waiting.wait(), 5)
+        rec.agent_event(
+            "MODIFIED", change(first, 3, model={**first["spec"]["model"], "version": 7})
+        )
+        api.go.set()
+        await settle(rec)
+        assert api.rendered()["model"].get("version") == 7
+        assert api.status[-1]["observedGeneration"] == 3
+
+
+class Unremovable(FailingStreams):
+    """NATS that cannot be reached to remove a stream; counts the attempts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.removals = 0
+
+    async def remove(self, agent: common.AgentRef) -> None:
+        self.removals += 1
+        raise ConnectionRefusedError("connection refused")
+
+
+async def test_a_delete_waiting_on_nats_says_so_once_and_can_be_told_not_to_wait() -> None:
+    api = Rejecting("none")
+    nats = Unremovable()
+    async with running(api, nats) as rec:
+        body = agent_body()
+        body["metadata"]["deletionTimestamp"] = "2026-11-22T12:00:00Z"
+        rec.agent_event("MODIFIED", body)
+        await settle(rec, 2.5)
+        assert nats.removals >= 2  # tried again, with growing delays
+        assert not any("finalizers" in p.get("metadata", {}) for p in api.patches)
+        warnings = [e for e in api.events if e["reason"] == "CleanupFailed"]
+        assert len(warnings) == 1, warnings
+        assert warnings[0]["message"].startswith(
+            "cannot remove stream RELAYRL_ml_cartpole and model bucket relayrl-ml-cartpole-models"
+            " at nats://nats:4222: connection refused; the delete waits"
+        )
+        assert "retainOnDelete: true" in warnings[0]["message"]
+        # The user says to keep the stream and bucket: the delete goes on.
+        retained = change(body, 2, trajectories={**body["spec"]["trajectories"]})
+        retained["spec"]["trajectories"]["nats"] = {
+            **body["spec"]["trajectories"]["nats"],
+            "retainOnDelete": True,
+        }
+        rec.agent_event("MODIFIED", retained)
+        await settle(rec)
+        assert {"metadata": {"finalizers": [], "resourceVersion": "2"}} in api.patches

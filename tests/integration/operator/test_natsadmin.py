@@ -1,0 +1,134 @@
+"""The operator's NATS side (`natsadmin.NatsStreams`) against a real nats-server.
+
+The apiserver is a stand-in here (it only serves the Agent's credentials Secret); the
+cluster tests run the same code against a real control plane.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from pathlib import Path
+from typing import Any
+
+import nats
+import nats.js.errors
+import pytest
+import yaml
+
+from relayrl_operator import natsadmin
+from relayrl_operator.builders import common
+from relayrl_runtime import spec, streams
+from support import natsserver
+
+EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "cartpole-cpu" / "agent.yaml"
+
+
+class Secrets:
+    """Serves Secrets by name, as the apiserver would; counts the reads."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, dict[str, str]] = {}
+        self.reads = 0
+
+    async def get(self, kind: Any, namespace: str, name: str) -> dict[str, Any] | None:
+        self.reads += 1
+        values = self.data.get(name)
+        if values is None:
+            return None
+        return {"data": {k: base64.b64encode(v.encode()).decode() for k, v in values.items()}}
+
+
+def agent(url: str, credentials: str | None = None) -> common.AgentRef:
+    body = yaml.safe_load(EXAMPLE.read_text())
+    nats: dict[str, Any] = {"url": url}
+    if credentials is not None:
+        nats["credentialsSecret"] = {"name": credentials}
+    body["spec"]["trajectories"] = {**body["spec"]["trajectories"], "nats": nats}
+    return common.AgentRef("cartpole", "ml", "u1", 1, spec.parse_spec(body["spec"]))
+
+
+def test_a_bare_service_name_is_the_one_in_the_agents_namespace() -> None:
+    cases = {
+        "nats://nats:4222": "nats://nats.ml.svc:4222",
+        "tls://u:p@nats": "tls://u:p@nats.ml.svc",
+        "nats://nats.other:4222": "nats://nats.other:4222",
+        "nats://nats.:4222": "nats://nats.:4222",
+        "nats://127.0.0.1:4222": "nats://127.0.0.1:4222",
+        "nats://[::1]:4222": "nats://[::1]:4222",
+        "nats://localhost:4222": "nats://localhost:4222",
+    }
+    assert {url: natsadmin.in_namespace(url, "ml") for url in cases} == cases
+
+
+async def test_an_unreachable_server_is_asked_once_and_its_agents_fail_at_once() -> None:
+    url = f"nats://127.0.0.1:{natsserver.free_port()}"
+    admin = natsadmin.NatsStreams(Secrets(), connect_deadline=1.0)  # type: ignore[arg-type]
+    try:
+        started = time.monotonic()
+        with pytest.raises(streams.ConnectError, match=r"not reachable within 1\.0s"):
+            await admin.ensure(agent(url))
+        assert time.monotonic() - started >= 1.0
+        # Twenty more Agents on it, all at once: none waits for another attempt.
+        started = time.monotonic()
+        results = await asyncio.gather(
+            *(admin.ensure(agent(url)) for _ in range(20)), return_exceptions=True
+        )
+        assert time.monotonic() - started < 0.5
+        assert all(isinstance(r, streams.ConnectError) for r in results)
+        assert "tried again in at most 5s" in str(results[0])
+    finally:
+        await admin.close()
+
+
+# nats-py leaves the socket of each refused reconnect attempt open for the garbage
+# collector, which warns about it (nats/aio/client.py, `_attempt_reconnect`).
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+async def test_rotated_credentials_are_taken_once_the_old_ones_stop_working(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(natsadmin, "STALE_SECONDS", 1.0)
+    monkeypatch.setattr(natsadmin, "RETRY_SECONDS", 0.2)
+    conf = 'authorization {{ user: "operator", password: "{}" }}'
+    with natsserver.NatsServer(extra_config=conf.format("first")) as srv:
+        secrets = Secrets()
+        secrets.data["nats-auth"] = {"user": "operator", "password": "first"}
+        admin = natsadmin.NatsStreams(secrets, connect_deadline=2.0)  # type: ignore[arg-type]
+        try:
+            a = agent(srv.url, credentials="nats-auth")
+            assert "ready" in await admin.ensure(a)
+            # The password is rotated: the Secret and the server both change.
+            srv.stop()
+            text = srv.config_file.read_text().replace('"first"', '"second"')
+            srv.config_file.write_text(text)
+            secrets.data["nats-auth"]["password"] = "second"
+            srv.start()
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    assert "ready" in await asyncio.wait_for(admin.ensure(a), 5)
+                    break
+                except (Exception, TimeoutError):
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.3)
+            assert secrets.reads >= 2  # read again for the new connection
+        finally:
+            await admin.close()
+
+
+async def test_a_stream_nats_refuses_is_reported_as_refused(
+    nats_server: natsserver.NatsServer,
+) -> None:
+    """Another stream holds the Agent's subjects: the error is that refusal, not the
+    "stream not found" of the update tried after it."""
+    nc = await nats.connect(nats_server.url)
+    admin = natsadmin.NatsStreams(Secrets())  # type: ignore[arg-type]
+    try:
+        await nc.jetstream().add_stream(name="OTHER", subjects=["relayrl.ml.cartpole.>"])
+        with pytest.raises(nats.js.errors.BadRequestError, match="overlap"):
+            await admin.ensure(agent(nats_server.url))
+    finally:
+        await admin.close()
+        await nc.close()
