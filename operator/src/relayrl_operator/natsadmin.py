@@ -103,7 +103,8 @@ class NatsStreams:
         config = _stream_config(agent)
         await streams.ensure_stream(js, config)
         bucket = streams.model_bucket(agent.namespace, agent.name)
-        await streams.ensure_object_store(js, bucket)
+        owner = streams.models_description(agent.namespace, agent.name)
+        await streams.ensure_object_store(js, bucket, description=owner)
         return f"stream {config.name} and model bucket {bucket} ready"
 
     async def verify(self, agents: Iterable[common.AgentRef]) -> set[tuple[str, str]]:
@@ -146,15 +147,48 @@ class NatsStreams:
         return {key for key, _ in wanted.values()}
 
     async def remove(self, agent: common.AgentRef) -> None:
-        """Delete the stream and the model bucket (absent ones are fine)."""
+        """Delete the stream and the model bucket (absent ones are fine).
+
+        What is another Agent's stays: a stream that holds other subjects (the same
+        `trajectories.nats.stream` given to two Agents), a bucket whose description
+        names another Agent (`relayrl-team-a-x-models` is both team-a/x's and
+        team/a-x's name).
+        """
         js = (await self._connect(agent)).jetstream()
-        nats_spec = agent.spec.trajectories.nats
-        name = streams.stream_name(agent.namespace, agent.name, nats_spec.stream)
-        await streams.delete_stream(js, name)
+        config = _stream_config(agent)
+        assert config.name is not None
         bucket = streams.model_bucket(agent.namespace, agent.name)
-        with contextlib.suppress(nats.js.errors.NotFoundError):
-            await js.delete_object_store(bucket)
-        log.info("removed stream %s and bucket %s", name, bucket)
+        stream_info = await _info(js, config.name)
+        if stream_info is not None:
+            foreign = streams.foreign_subjects(config, stream_info.config)
+            if foreign:
+                log.warning(
+                    "agent %s/%s: leaving stream %s: it holds %s, another Agent's subjects",
+                    agent.namespace,
+                    agent.name,
+                    config.name,
+                    ", ".join(foreign),
+                )
+            else:
+                await streams.delete_stream(js, config.name)
+        bucket_info = await _info(js, streams.object_store_stream(bucket))
+        if bucket_info is not None:
+            owner = bucket_info.config.description or ""
+            others = f"{streams.MODELS_DESCRIPTION} of Agent "
+            if owner.startswith(others) and owner != streams.models_description(
+                agent.namespace, agent.name
+            ):
+                log.warning(
+                    "agent %s/%s: leaving model bucket %s: %s",
+                    agent.namespace,
+                    agent.name,
+                    bucket,
+                    owner,
+                )
+            else:
+                with contextlib.suppress(nats.js.errors.NotFoundError):
+                    await js.delete_object_store(bucket)
+        log.info("removed what was left of stream %s and bucket %s", config.name, bucket)
 
     async def _connect(self, agent: common.AgentRef) -> NATS:
         nats_spec = agent.spec.trajectories.nats
@@ -301,6 +335,15 @@ class NatsStreams:
         path.write_bytes(content)
         path.chmod(0o600)
         return path
+
+
+async def _info(js: Any, stream: str) -> nats.js.api.StreamInfo | None:
+    """A stream's info; None when there is no such stream."""
+    try:
+        info: nats.js.api.StreamInfo = await js.stream_info(stream)
+    except nats.js.errors.NotFoundError:
+        return None
+    return info
 
 
 async def _close_quietly(nc: NATS) -> None:

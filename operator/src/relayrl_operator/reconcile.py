@@ -531,9 +531,12 @@ class Reconciler:
             except Exception as err:  # any NATS failure is shown and retried
                 metrics.ERRORS.labels("nats").inc()
                 state.stream_ready = False
-                refused = isinstance(err, nats.js.errors.APIError)
-                what = "NATS refused the stream or bucket" if refused else "cannot reach NATS"
-                state.stream_message = f"{what}: {err}"
+                if isinstance(err, streams.StreamConflictError):
+                    state.stream_message = str(err)
+                elif isinstance(err, nats.js.errors.APIError):
+                    state.stream_message = f"NATS refused the stream or bucket: {err}"
+                else:
+                    state.stream_message = f"cannot reach NATS: {err}"
                 # Its own count: the pass itself succeeds (status is written), which
                 # resets `failures`, and the retries must still back off.
                 state.nats_failures += 1

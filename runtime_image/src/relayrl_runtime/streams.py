@@ -169,13 +169,43 @@ def stream_config(
     )
 
 
+class StreamConflictError(Exception):
+    """A stream of the wanted name holds subjects that are not the Agent's."""
+
+
+def foreign_subjects(want: nats.js.api.StreamConfig, have: nats.js.api.StreamConfig) -> list[str]:
+    """The subjects of `have` outside `want`'s: another Agent's (or someone else's)."""
+    roots = [s.removesuffix(".>") for s in want.subjects or []]
+    return [
+        s for s in have.subjects or [] if not any(s == r or s.startswith(f"{r}.") for r in roots)
+    ]
+
+
+def check_owner(want: nats.js.api.StreamConfig, have: nats.js.api.StreamConfig) -> None:
+    """Raise `StreamConflictError` when the stream named as `want` is not the Agent's.
+
+    Two Agents given the same `trajectories.nats.stream` would otherwise share it: the
+    second would take the first one's subjects over, and deleting either would delete
+    both Agents' trajectories.
+    """
+    foreign = foreign_subjects(want, have)
+    if foreign:
+        raise StreamConflictError(
+            f"stream {have.name} holds {', '.join(foreign)}, not this Agent's subjects"
+            f" ({', '.join(want.subjects or [])}): it is another Agent's (or made by hand);"
+            " give this Agent a trajectories.nats.stream of its own"
+        )
+
+
 async def ensure_stream(
     js: nats.js.JetStreamContext, config: nats.js.api.StreamConfig
 ) -> nats.js.api.StreamInfo:
     """Create the stream, or update it to `config` if it differs (idempotent).
 
     An existing stream that already has the config is left alone: the operator checks
-    every Agent's stream each resync, and an update rewrites the stream's metadata.
+    every Agent's stream each resync, and an update rewrites the stream's metadata. One
+    that holds other subjects is not the Agent's and is not touched
+    (`StreamConflictError`).
     """
     assert config.name is not None
     try:
@@ -192,6 +222,7 @@ async def ensure_stream(
                 info = await js.stream_info(config.name)
             except nats.js.errors.NotFoundError:
                 raise err_add from None
+    check_owner(config, info.config)
     if not config_differs(config, info.config):
         return info
     return await js.update_stream(config)
@@ -243,8 +274,19 @@ async def delete_stream(js: nats.js.JetStreamContext, name: str) -> bool:
         return False
 
 
+MODELS_DESCRIPTION: Final = "RelayRL models"
+
+
+def models_description(namespace: str, agent: str) -> str:
+    """The description of an Agent's model bucket: whose it is."""
+    return f"{MODELS_DESCRIPTION} of Agent {namespace}/{agent}"
+
+
 async def ensure_object_store(
-    js: nats.js.JetStreamContext, bucket: str, replicas: int = 1
+    js: nats.js.JetStreamContext,
+    bucket: str,
+    replicas: int = 1,
+    description: str = MODELS_DESCRIPTION,
 ) -> nats.js.object_store.ObjectStore:
     """Open the bucket, creating it (file storage) if it is missing."""
     try:
@@ -254,7 +296,7 @@ async def ensure_object_store(
             bucket=bucket,
             storage=nats.js.api.StorageType.FILE,
             replicas=replicas,
-            description="RelayRL models",
+            description=description,
         )
         return await js.create_object_store(bucket, config=config)
 

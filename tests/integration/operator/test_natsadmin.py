@@ -40,13 +40,30 @@ class Secrets:
         return {"data": {k: base64.b64encode(v.encode()).decode() for k, v in values.items()}}
 
 
-def agent(url: str, credentials: str | None = None) -> common.AgentRef:
+def agent(
+    url: str,
+    credentials: str | None = None,
+    *,
+    namespace: str = "ml",
+    name: str = "cartpole",
+    stream: str | None = None,
+) -> common.AgentRef:
     body = yaml.safe_load(EXAMPLE.read_text())
     nats: dict[str, Any] = {"url": url}
     if credentials is not None:
         nats["credentialsSecret"] = {"name": credentials}
+    if stream is not None:
+        nats["stream"] = stream
     body["spec"]["trajectories"] = {**body["spec"]["trajectories"], "nats": nats}
-    return common.AgentRef("cartpole", "ml", "u1", 1, spec.parse_spec(body["spec"]))
+    return common.AgentRef(name, namespace, "u1", 1, spec.parse_spec(body["spec"]))
+
+
+async def _streams(url: str) -> set[str]:
+    nc = await nats.connect(url)
+    try:
+        return {str(i.config.name) for i in await nc.jetstream().streams_info()}
+    finally:
+        await nc.close()
 
 
 def test_a_bare_service_name_is_the_one_in_the_agents_namespace() -> None:
@@ -132,3 +149,35 @@ async def test_a_stream_nats_refuses_is_reported_as_refused(
     finally:
         await admin.close()
         await nc.close()
+
+
+async def test_agents_sharing_a_stream_name_or_a_bucket_name_keep_each_others(
+    nats_server: natsserver.NatsServer,
+) -> None:
+    url = nats_server.url
+    admin = natsadmin.NatsStreams(Secrets())  # type: ignore[arg-type]
+    try:
+        # The same trajectories.nats.stream for two Agents: the second is refused, and
+        # deleting it leaves the first one's stream.
+        first = agent(url, name="first", stream="shared")
+        second = agent(url, name="second", stream="shared")
+        await admin.ensure(first)
+        with pytest.raises(streams.StreamConflictError, match=r"holds relayrl\.ml\.first\.>"):
+            await admin.ensure(second)
+        await admin.remove(second)
+        assert "shared" in await _streams(url)
+        # team-a/x and team/a-x both name their model bucket relayrl-team-a-x-models:
+        # deleting the one that did not make it leaves it.
+        maker, namesake = (
+            agent(url, namespace="team-a", name="x"),
+            agent(url, namespace="team", name="a-x"),
+        )
+        await admin.ensure(maker)
+        await admin.remove(namesake)
+        assert "OBJ_relayrl-team-a-x-models" in await _streams(url)
+        await admin.remove(maker)
+        assert "OBJ_relayrl-team-a-x-models" not in await _streams(url)
+        await admin.remove(first)
+        assert "shared" not in await _streams(url)
+    finally:
+        await admin.close()

@@ -487,7 +487,15 @@ class SinkService:
         tells, stored with the position (sequences alone cannot: a stream that lost its
         tail in a crash also ends before the position, and starting over would repeat).
         """
-        info = await self._retry("stream", lambda: js.stream_info(self.stream))
+        want = streams.stream_config(self.config.namespace, self.config.agent, self.config.stream)
+
+        async def owned() -> nats.js.api.StreamInfo:
+            # Another Agent's stream of the same name: not consumed (not ready, said).
+            info = await js.stream_info(self.stream)
+            streams.check_owner(want, info.config)
+            return info
+
+        info = await self._retry("stream", owned)
         self._max_msg = info.config.max_msg_size or 0
         created = info.created.isoformat() if info.created is not None else ""
         origin = f"{self.stream}@{created}"
