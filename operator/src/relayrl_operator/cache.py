@@ -70,6 +70,9 @@ class AgentState:
     config_rejected: bool = False  # our last ConfigMap apply was rejected for good
     # The layout a SliceHandoverUnsupported Warning was posted for (once per change).
     unsupported_warned: handover.Layout | None = None
+    # Children the apiserver refused for good in the last apply (kind, name): one never
+    # created is not missing from the watch, and asks for no re-apply on a resync.
+    rejected_children: set[tuple[str, str]] = field(default_factory=set)
     # The Warning last posted because a deleted Agent's stream could not be removed.
     cleanup_warned: str | None = None
     # The config revision each actor pod was last asked to mount (children.Children.push_config).

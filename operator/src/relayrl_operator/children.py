@@ -94,6 +94,7 @@ class Children:
             *(self._client.apply(obj) for obj in desired[len(results) :]), return_exceptions=True
         )
         rejected: kube.ApiError | None = None
+        state.rejected_children = set()
         for obj, result in zip(list(desired), results, strict=True):
             if (
                 isinstance(result, kube.ApiError)
@@ -110,6 +111,7 @@ class Children:
                 # update): the other children are still applied and pruned, this one
                 # is left as it is (still desired: never pruned); the pass reports it.
                 rejected = rejected or result
+                state.rejected_children.add((obj["kind"], obj["metadata"]["name"]))
                 continue
             if isinstance(result, BaseException):
                 raise result

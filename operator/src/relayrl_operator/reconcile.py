@@ -309,7 +309,8 @@ class Reconciler:
                 # happens. A resync re-applies an Agent's children when the cache is
                 # missing a watched one, and on the Agent's turn (once in
                 # FULL_APPLY_EVERY rounds) when they were applied long enough ago.
-                missing = any(kind in _WATCHED_KINDS for kind, _ in state.applied - state.seen)
+                unseen = state.applied - state.seen - state.rejected_children
+                missing = any(kind in _WATCHED_KINDS for kind, _ in unseen)
                 turn = zlib.crc32("/".join(key).encode()) % FULL_APPLY_EVERY
                 if (
                     monitoring_changed

@@ -15,11 +15,12 @@ import hashlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Self
 
 import pydantic
 import yaml
 from pydantic import Field
+from pydantic_core import PydanticCustomError
 
 from relayrl_runtime import spec
 
@@ -163,6 +164,22 @@ class RuntimeConfig(spec.SpecModel):
         gt=0,
         description="Longest SIGTERM drain (stop stepping, flush, close the sink); then exit 3.",
     )
+
+    @pydantic.model_validator(mode="after")
+    def _no_step_limit_for_remote_clients(self) -> Self:
+        # Not a CRD rule (the runtime config is no custom resource): checked here only.
+        if self.environment.remote is not None and self.limits.max_env_steps is not None:
+            raise PydanticCustomError(
+                "rule",
+                "{message}",
+                {
+                    "message": "expected unset with environment.remote: it counts the steps of"
+                    " environments in the pod, and remote clients step their own"
+                    " (limits.maxSeconds bounds a remote run)",
+                    "field": "limits.maxEnvSteps",
+                },
+            )
+        return self
 
     def actor_slice(self) -> range:
         """Global actor indices of this process's slice (under `slice_handover` it runs

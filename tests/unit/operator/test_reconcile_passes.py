@@ -1032,3 +1032,23 @@ async def test_a_delete_waiting_on_nats_says_so_once_and_can_be_told_not_to_wait
         rec.agent_event("MODIFIED", retained)
         await settle(rec)
         assert {"metadata": {"finalizers": [], "resourceVersion": "2"}} in api.patches
+
+
+async def test_a_child_refused_at_creation_is_not_applied_again_on_every_resync() -> None:
+    api = Rejecting("PodDisruptionBudget")
+    api_settings = settings.Settings(resync_seconds=0.2)
+    rec = reconcile.Reconciler(api, api_settings, Streams(), workers=1)  # type: ignore[arg-type]
+    await rec.start()
+    try:
+        rec.agent_event("ADDED", agent_body())
+        await settle(rec)
+        state = rec._states[KEY]
+        for kind, name in set(api.applied):  # the watch sees each child made
+            rec.child_event("ADDED", {"kind": kind, "metadata": {**pod_meta(state), "name": name}})
+        await settle(rec)
+        assert state.applied - state.seen == {("PodDisruptionBudget", "cartpole-actors")}
+        applied = len(api.applied)
+        await asyncio.sleep(1.0)  # five resyncs
+        assert len(api.applied) == applied
+    finally:
+        await rec.stop()

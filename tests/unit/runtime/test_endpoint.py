@@ -240,6 +240,10 @@ def test_actor_ids_come_from_the_pods_range_and_are_not_given_out_twice(
         with client.RemoteClient(address, timeout=10) as c, client.RemoteClient(address) as d:
             assert c.new_actors(2) == [first, first + 1]
             assert d.new_actors(1) == [first + 2]
+            # A client removes its own actors only; the refusal removes nothing.
+            with pytest.raises(errors.RemoteError, match=r"REMOVE_ACTORS.ids: expected actors"):
+                d.remove_actors([first, first + 2])
+            assert sorted(a.get_actor_ids()) == [first, first + 1, first + 2]
             c.remove_actors([first, first + 1])
             assert c.new_actors(1) == [first + 3]
             assert sorted(a.get_actor_ids()) == [first + 2, first + 3]

@@ -172,3 +172,14 @@ def test_a_bad_pod_index_from_the_environment_names_the_variable() -> None:
     with pytest.raises(spec.InvalidSpecError, match=r"podIndex: "):
         config.from_mapping({**BASE, "podIndex": "abc"}, {})
     assert config.from_mapping(BASE, {"RELAYRL_POD_INDEX": "3"}).pod_index == 3
+
+
+def test_a_step_limit_for_remote_clients_is_refused_by_name() -> None:
+    remote = {**BASE, "environment": {"remote": {}}}
+    with pytest.raises(
+        spec.InvalidSpecError,
+        match=r"^limits\.maxEnvSteps: expected unset with environment\.remote",
+    ):
+        config.from_mapping({**remote, "limits": {"maxEnvSteps": 100}}, {})
+    assert config.from_mapping({**remote, "limits": {"maxSeconds": 5}}, {}).limits.max_seconds == 5
+    assert config.from_mapping({**BASE, "limits": {"maxEnvSteps": 100}}, {})

@@ -522,13 +522,18 @@ class RemoteEndpoint:
                 raise errors.UnknownActorError(
                     [i for i in ids.tolist() if not agent.has_actors([i])]
                 )
+            owned = self._owners.get(req.identity, set())
+            others = [i for i in ids.tolist() if i not in owned]
+            if others:
+                # A client owns what it created; another's actors are its own to remove.
+                raise errors.InvalidArgumentError.mismatch(
+                    "REMOVE_ACTORS.ids", "actors this client created", others
+                )
             for actor_id in ids.tolist():
                 agent.remove_actor(actor_id)
-            owned = self._owners.get(req.identity)
-            if owned is not None:
-                owned.difference_update(ids.tolist())
-                if not owned:
-                    del self._owners[req.identity]
+            owned.difference_update(ids.tolist())
+            if not owned:
+                self._owners.pop(req.identity, None)
             self.metrics.remote_clients.set(len(self._owners))
             return []
         if op == wire.Op.FLAG_LAST_ACTION:
