@@ -90,7 +90,11 @@ def direct_children(name: str, namespace: str, nats_url: str) -> list[dict[str, 
 async def nats_children(js: Any, namespace: str, name: str) -> None:
     """One Agent's stream and model bucket, made as the operator makes them."""
     await streams.ensure_stream(js, streams.stream_config(namespace, name))
-    await streams.ensure_object_store(js, streams.model_bucket(namespace, name))
+    await streams.ensure_object_store(
+        js,
+        streams.model_bucket(namespace, name),
+        description=streams.models_description(namespace, name),
+    )
 
 
 async def bounded(jobs: list[Callable[[], Awaitable[Any]]], limit: int = CONCURRENCY) -> None:

@@ -5,11 +5,12 @@ runtime, the sinks and the operator share. Connections are cached per server URL
 credential; credentials and TLS material are read from the Agent's Secrets through
 the apiserver and written to a private temporary directory for nats-py. A server
 named by a bare Service name (`nats://nats:4222`) is the one in the Agent's
-namespace, as for its pods. A server that could not be reached is not asked again
-for `RETRY_SECONDS` (the passes of its Agents fail at once meanwhile, so many Agents
-on a server that is away do not queue for it); a connection that has been
-reconnecting for `STALE_SECONDS` is opened anew, with its Secrets read again (rotated
-credentials or certificates are taken).
+namespace, as for its pods. While a server is away the passes of its Agents fail at
+once rather than wait out a request: a connection that is reconnecting, a connect that
+failed within `RETRY_SECONDS`, and one under way to a server that failed before all
+answer so, so many Agents on that server do not hold the workers. A connection that
+has been reconnecting for `STALE_SECONDS` is opened anew, with its Secrets read again
+(rotated credentials or certificates are taken).
 
 Each connection also watches the `relayrl-status` key-value bucket, where actor pods
 report the model version they run (`relayrl_runtime.reporting`); the latest report of
@@ -196,8 +197,9 @@ class NatsStreams:
         nc = self._usable(key)
         if nc is not None:
             return nc
-        self._raise_if_failed(key)
-        async with self._connecting.setdefault(key, asyncio.Lock()):
+        lock = self._connecting.setdefault(key, asyncio.Lock())
+        self._raise_if_failed(key, lock)
+        async with lock:
             nc = self._usable(key)
             if nc is not None:
                 return nc
@@ -209,40 +211,49 @@ class NatsStreams:
                 raise
 
     def _usable(self, key: _ConnKey) -> NATS | None:
-        """The cached connection, unless closed or reconnecting for too long."""
+        """The cached connection while it is connected; None when there is none to use.
+
+        One that is reconnecting fails the request at once (NATS is away: a request
+        would only wait out its timeout, holding a worker); after `STALE_SECONDS` it
+        is opened anew.
+        """
         nc = self._conns.get(key)
         if nc is None or nc.is_closed:
             return None
-        since = self._down_since.get(key)
-        if since is not None and time.monotonic() - since > STALE_SECONDS:
-            log.info("nats %s: reconnecting for %.0fs; opening it anew", key.url, STALE_SECONDS)
-            del self._conns[key]
-            task = asyncio.get_running_loop().create_task(_close_quietly(nc))
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
-            return None
-        return nc
+        if nc.is_connected:
+            return nc
+        since = self._down_since.setdefault(key, time.monotonic())
+        if time.monotonic() - since <= STALE_SECONDS:
+            raise streams.ConnectError(f"nats {key.url}: disconnected, reconnecting")
+        log.info("nats %s: reconnecting for %.0fs; opening it anew", key.url, STALE_SECONDS)
+        del self._conns[key]
+        task = asyncio.get_running_loop().create_task(_close_quietly(nc))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+        return None
 
-    def _raise_if_failed(self, key: _ConnKey) -> None:
+    def _raise_if_failed(self, key: _ConnKey, lock: asyncio.Lock | None = None) -> None:
+        """Fail at once, as the last attempt did, while that failure is recent or while
+        another attempt at a server that failed is under way (`lock` held)."""
         failed = self._failed.get(key)
         if failed is None:
             return
         until, err = failed
-        if time.monotonic() >= until:
-            del self._failed[key]
-            return
-        raise streams.ConnectError(
-            f"{err or type(err).__name__} (tried again in at most {RETRY_SECONDS:.0f}s)"
-        ) from err
+        if time.monotonic() < until or (lock is not None and lock.locked()):
+            # The same text as the attempt's: status does not change with each pass.
+            raise streams.ConnectError(str(err) or type(err).__name__) from err
 
     async def _open(self, key: _ConnKey, nats_spec: spec.NatsSpec) -> NATS:
         options = await self._options(key, nats_spec)
+        opened: list[NATS] = []  # the callbacks speak for this connection only
 
         async def disconnected() -> None:
-            self._down_since.setdefault(key, time.monotonic())
+            if opened and self._conns.get(key) is opened[0]:
+                self._down_since.setdefault(key, time.monotonic())
 
         async def reconnected() -> None:
-            self._down_since.pop(key, None)
+            if opened and self._conns.get(key) is opened[0]:
+                self._down_since.pop(key, None)
 
         nc = await streams.connect(
             options,
@@ -250,6 +261,7 @@ class NatsStreams:
             disconnected_cb=disconnected,
             reconnected_cb=reconnected,
         )
+        opened.append(nc)
         self._down_since.pop(key, None)
         self._failed.pop(key, None)
         self._conns[key] = nc
@@ -316,9 +328,11 @@ class NatsStreams:
                     values[option] = str(self._write(key, secret_key, data[secret_key]))
         given = streams.split_servers(nats_spec.url)
         servers = tuple(in_namespace(s, key.namespace) for s in given)
-        names = {_host(s) for s, q in zip(given, servers, strict=True) if s != q}
-        if len(names) == 1:
+        names = {_host(s) for s in given}
+        if len(names) == 1 and servers != given:
             # The pods connect to the bare name: its certificate is checked against it.
+            # (nats-py takes one name for all servers: several bare names are checked
+            # as written here, <name>.<namespace>.svc.)
             values["tls_hostname"] = names.pop()
         return streams.ConnectOptions(servers=servers, name="relayrl-operator", **values)
 

@@ -184,8 +184,12 @@ class RegistryWatcher(_Watcher):
             path, entry = await registry.fetch(self.nc, self.ref, self.cache)
             try:
                 await self._take(path, entry)
-            finally:
+            except asyncio.CancelledError:
+                raise  # the load may go on in its thread: its files stay
+            except BaseException:
                 registry.prune(self.cache, keep=self._path)
+                raise
+            registry.prune(self.cache, keep=self._path)
         except errors.RelayRLError as err:
             self.agent.metrics.model_reloads.labels("failed").inc()
             log.error("hot reload from %s failed, keeping the current model: %s", self.ref, err)

@@ -1003,7 +1003,8 @@ class Unremovable(FailingStreams):
 
     async def remove(self, agent: common.AgentRef) -> None:
         self.removals += 1
-        raise ConnectionRefusedError("connection refused")
+        # The text varies from one attempt to the next, as a real error's does.
+        raise ConnectionRefusedError("connection refused" + " again" * (self.removals - 1))
 
 
 async def test_a_delete_waiting_on_nats_says_so_once_and_can_be_told_not_to_wait() -> None:

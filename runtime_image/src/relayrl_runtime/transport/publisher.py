@@ -157,10 +157,13 @@ class NatsPublisher:
         self._wake: asyncio.Event | None = None
         self._stop: asyncio.Event | None = None
         self._nc: NATS | None = None
-        # Whether the stream takes messages: made or checked, or one acked. Until then
-        # /readyz says why not (`waiting`).
+        # Whether the stream takes messages: made or checked, or one acked. Until then,
+        # if JetStream refused it or another stream took the messages, /readyz says so
+        # (`waiting`). No answer does not hold readiness: a runtime allowed to publish
+        # but not to manage streams gets none, and its stream may well be there.
         self._stream_ok = not config.create_stream
         self._stream_problem: str | None = None
+        self._stream_refused = False
         self._stored_in: str | None = None  # the stream that acked, if another one
         self._max_payload = config.max_message_bytes
         self.acked_messages = 0
@@ -181,13 +184,11 @@ class NatsPublisher:
         nc = self._nc
         if nc is None or not nc.is_connected:
             return "not connected to NATS"
-        if not self._stream_ok:
+        if not self._stream_ok and (self._stream_refused or self._stored_in):
             elsewhere = self._stored_in and (
                 f"messages are stored in stream {self._stored_in}, not {self.stream}"
             )
-            return "; ".join(filter(None, (elsewhere, self._stream_problem))) or (
-                f"making stream {self.stream}"
-            )
+            return "; ".join(filter(None, (elsewhere, self._stream_problem)))
         return None
 
     @property
@@ -481,20 +482,24 @@ class NatsPublisher:
             # A 4xx answer (e.g. another stream holds the subjects) is not transient,
             # but publishing goes on all the same: to the stream as it is, if any.
             if isinstance(err, streams.StreamConflictError):
-                self._stream_note(str(err))
+                self._stream_note(str(err), refused=True)
                 return False
             refused = isinstance(err, nats.js.errors.APIError) and err.code in range(400, 500)
             what = "JetStream refused to create or update it" if refused else "no answer"
-            self._stream_note(f"stream {cfg.name}: {what}: {err or type(err).__name__}")
+            self._stream_note(
+                f"stream {cfg.name}: {what}: {err or type(err).__name__}", refused=refused
+            )
             return False
         self._stream_ok, self._stream_problem = True, None
         return True
 
-    def _stream_note(self, problem: str) -> None:
-        """Why the stream does not take messages yet: logged when it changes, and /readyz."""
+    def _stream_note(self, problem: str, *, refused: bool) -> None:
+        """Why the stream may not take messages: logged when it changes; a refusal holds
+        /readyz until a message is stored in the stream."""
         if problem != self._stream_problem:
-            log.warning("publisher: %s; not ready until a message is stored in it", problem)
+            log.warning("publisher: %s; trying again", problem)
         self._stream_problem = problem
+        self._stream_refused = self._stream_refused or refused
 
     async def _send_loop(self, js: nats.js.JetStreamContext) -> None:
         assert self._wake is not None
