@@ -38,6 +38,15 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0) -> Any:
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
+def wait_for_model(proc: Any, version: int, timeout: float = 30.0) -> None:
+    """Until the runtime process's metrics say it runs model `version`."""
+    wait_for(
+        f"model version {version}",
+        lambda: metric(proc.metrics(), "relayrl_runtime_model_version") == version,
+        timeout,
+    )
+
+
 def http_get(port: int, path: str, host: str = "127.0.0.1") -> tuple[int, str]:
     try:
         with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=5) as resp:

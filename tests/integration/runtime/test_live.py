@@ -82,10 +82,7 @@ def test_config_file_changes_apply_without_restart(models: dict[str, Path], tmp_
         assert helpers.metric(proc.metrics(), "relayrl_runtime_model_version") == 1
         cfg = {**cfg, "model": {**cfg["model"], "version": 2}}
         proc.update_config(cfg)
-        helpers.wait_for(
-            "model version 2",
-            lambda: helpers.metric(proc.metrics(), "relayrl_runtime_model_version") == 2,
-        )
+        helpers.wait_for_model(proc, 2)
         before = _steps(proc)
         helpers.wait_for("env steps with version 2", lambda: _steps(proc) > before + 100)
         assert proc.proc.pid == pid

@@ -91,10 +91,7 @@ def test_path_hot_reload_in_running_process(models: dict[str, Path], tmp_path: P
         old = tmp_path / "old"
         live.rename(old)
         staged.rename(live)
-        helpers.wait_for(
-            "model version 2",
-            lambda: helpers.metric(proc.metrics(), "relayrl_runtime_model_version") == 2,
-        )
+        helpers.wait_for_model(proc, 2)
         assert proc.terminate() == 0, proc.logs()
     finally:
         proc.kill()

@@ -96,10 +96,7 @@ def test_push_list_and_hot_reload_from_registry(
             "cp",
             str(models["onnx_v2"]),
         )
-        helpers.wait_for(
-            "model version 2",
-            lambda: helpers.metric(proc.metrics(), "relayrl_runtime_model_version") == 2,
-        )
+        helpers.wait_for_model(proc, 2)
         helpers.wait_for(
             "steps with version 2",
             lambda: helpers.metric(proc.metrics(), "relayrl_runtime_env_steps_total") > 1000,
@@ -228,10 +225,7 @@ def test_a_config_changed_while_waiting_for_the_model_is_followed_after(
         _cli("model", "push", "--nats", url, "--bucket", "m4", "--name", "cp",
              str(models["onnx_v2"]))  # fmt: skip
         proc.update_config(cfg)  # version 2 again, the bytes the pod started waiting on
-        helpers.wait_for(
-            "model version 2",
-            lambda: helpers.metric(proc.metrics(), "relayrl_runtime_model_version") == 2,
-        )
+        helpers.wait_for_model(proc, 2)
         assert proc.terminate() == 0, proc.logs()
     finally:
         proc.kill()
