@@ -133,6 +133,43 @@ def test_lifecycle_create_scale_pause_resume_delete(
 
 
 @pytest.mark.usefixtures("operator")
+def test_a_delete_waiting_on_nats_says_so_and_can_be_told_not_to_wait(
+    agents: fleet.Agents, namespace: str
+) -> None:
+    k8s = agents.k8s
+
+    def exists() -> bool:
+        return k8s.exists(
+            client.CustomObjectsApi(k8s.api).get_namespaced_custom_object,
+            "relayrl.io",
+            "v1alpha1",
+            namespace,
+            "agents",
+            "cartpole",
+        )
+
+    with natsserver.NatsServer() as own:
+        agents.create(manifest(own.url))
+        agents.wait_phase("cartpole", "Ready")
+        own.stop()  # the stream and bucket cannot be removed now
+        agents.delete("cartpole")
+        testing.wait_for(
+            lambda: events(k8s, namespace, "CleanupFailed"),
+            timeout=60,
+            what="the CleanupFailed Warning",
+        )
+        (message,) = events(k8s, namespace, "CleanupFailed")
+        assert message.startswith(f"cannot remove stream RELAYRL_{namespace}_cartpole"), message
+        assert "retainOnDelete: true" in message
+        assert exists()  # the delete waits
+        # The user tells it to keep them: the delete goes on, and they stay.
+        agents.patch("cartpole", {"spec": {"trajectories": {"nats": {"retainOnDelete": True}}}})
+        testing.wait_for(lambda: not exists(), timeout=60, what="agent gone")
+        own.start()
+        assert stream_exists(own.url, namespace, "cartpole")
+
+
+@pytest.mark.usefixtures("operator")
 def test_the_finalizer_comes_with_the_create_or_else_from_the_operator(
     agents: fleet.Agents, nats: natsserver.NatsServer
 ) -> None:
