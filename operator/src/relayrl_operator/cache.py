@@ -73,8 +73,8 @@ class AgentState:
     # Children the apiserver refused for good in the last apply (kind, name): one never
     # created is not missing from the watch, and asks for no re-apply on a resync.
     rejected_children: set[tuple[str, str]] = field(default_factory=set)
-    # The Warning posted (once) because a deleted Agent's stream could not be removed.
-    cleanup_warned: str | None = None
+    # Whether the Warning that a deleted Agent's stream could not be removed was posted.
+    cleanup_warned: bool = False
     # The config revision each actor pod was last asked to mount (children.Children.push_config).
     pushed: dict[str, str] = field(default_factory=dict)
 

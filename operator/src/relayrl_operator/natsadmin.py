@@ -175,10 +175,7 @@ class NatsStreams:
         bucket_info = await _info(js, streams.object_store_stream(bucket))
         if bucket_info is not None:
             owner = bucket_info.config.description or ""
-            others = f"{streams.MODELS_DESCRIPTION} of Agent "
-            if owner.startswith(others) and owner != streams.models_description(
-                agent.namespace, agent.name
-            ):
+            if streams.models_of_another(owner, agent.namespace, agent.name):
                 log.warning(
                     "agent %s/%s: leaving model bucket %s: %s",
                     agent.namespace,

@@ -734,8 +734,8 @@ class Reconciler:
         metrics.ERRORS.labels("nats").inc()
         state.nats_failures += 1
         delay = kube.retry_delay(state.nats_failures)
-        if state.cleanup_warned is None:  # once for the delete: the error's text varies
-            state.cleanup_warned = message
+        if not state.cleanup_warned:  # once for the delete: the error's text varies
+            state.cleanup_warned = True
             log.warning("agent %s/%s: %s", *key, message)
             self._events.post(agent, "Warning", "CleanupFailed", message)
         else:

@@ -143,8 +143,9 @@ class App:
             return False, f"failed: {self._failed}"
         if self.agent is None or self.agent.closed:
             return False, self._waiting or "model not loaded"
-        if self.sink is not None and not self.sink.connected:
-            return False, f"sink not connected: {self.sink.waiting or 'not yet'}"
+        waiting = self.sink.waiting if self.sink is not None else None
+        if waiting is not None:
+            return False, f"sink not connected: {waiting}"
         return True, f"ready: model version {self.agent.get_model_version()}"
 
     def stop(self) -> None:

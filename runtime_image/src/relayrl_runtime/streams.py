@@ -275,11 +275,19 @@ async def delete_stream(js: nats.js.JetStreamContext, name: str) -> bool:
 
 
 MODELS_DESCRIPTION: Final = "RelayRL models"
+_MODELS_OF: Final = f"{MODELS_DESCRIPTION} of Agent "
 
 
 def models_description(namespace: str, agent: str) -> str:
     """The description of an Agent's model bucket: whose it is."""
-    return f"{MODELS_DESCRIPTION} of Agent {namespace}/{agent}"
+    return f"{_MODELS_OF}{namespace}/{agent}"
+
+
+def models_of_another(description: str, namespace: str, agent: str) -> bool:
+    """Whether a bucket so described is another Agent's (one naming no Agent is not)."""
+    return description.startswith(_MODELS_OF) and (
+        description != models_description(namespace, agent)
+    )
 
 
 async def ensure_object_store(

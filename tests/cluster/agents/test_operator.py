@@ -70,6 +70,17 @@ def stream_exists(url: str, namespace: str, agent: str) -> bool:
     return jetstream(url, check)
 
 
+def agent_exists(k8s: testing.ClusterHandle, namespace: str, name: str) -> bool:
+    return k8s.exists(
+        client.CustomObjectsApi(k8s.api).get_namespaced_custom_object,
+        "relayrl.io",
+        "v1alpha1",
+        namespace,
+        "agents",
+        name,
+    )
+
+
 def events(k8s: testing.ClusterHandle, namespace: str, reason: str) -> list[str]:
     items = k8s.core.list_namespaced_event(namespace).items
     return [e.message for e in items if e.reason == reason]
@@ -116,18 +127,7 @@ def test_lifecycle_create_scale_pause_resume_delete(
     # Delete: the finalizer removes the stream, garbage collection the children.
     agents.delete("cartpole")
     testing.wait_for(
-        lambda: (
-            not k8s.exists(
-                client.CustomObjectsApi(k8s.api).get_namespaced_custom_object,
-                "relayrl.io",
-                "v1alpha1",
-                namespace,
-                "agents",
-                "cartpole",
-            )
-        ),
-        timeout=60,
-        what="agent gone",
+        lambda: not agent_exists(k8s, namespace, "cartpole"), timeout=60, what="agent gone"
     )
     assert not stream_exists(nats.url, namespace, "cartpole")
 
@@ -139,14 +139,7 @@ def test_a_delete_waiting_on_nats_says_so_and_can_be_told_not_to_wait(
     k8s = agents.k8s
 
     def exists() -> bool:
-        return k8s.exists(
-            client.CustomObjectsApi(k8s.api).get_namespaced_custom_object,
-            "relayrl.io",
-            "v1alpha1",
-            namespace,
-            "agents",
-            "cartpole",
-        )
+        return agent_exists(k8s, namespace, "cartpole")
 
     with natsserver.NatsServer() as own:
         agents.create(manifest(own.url))

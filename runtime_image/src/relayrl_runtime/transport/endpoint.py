@@ -523,15 +523,16 @@ class RemoteEndpoint:
                     [i for i in ids.tolist() if not agent.has_actors([i])]
                 )
             owned = self._owners.get(req.identity, set())
-            others = [i for i in ids.tolist() if i not in owned]
+            wanted = ids.tolist()
+            others = [i for i in wanted if i not in owned]
             if others:
                 # A client owns what it created; another's actors are its own to remove.
                 raise errors.InvalidArgumentError.mismatch(
                     "REMOVE_ACTORS.ids", "actors this client created", others
                 )
-            for actor_id in ids.tolist():
+            for actor_id in wanted:
                 agent.remove_actor(actor_id)
-            owned.difference_update(ids.tolist())
+            owned.difference_update(wanted)
             if not owned:
                 self._owners.pop(req.identity, None)
             self.metrics.remote_clients.set(len(self._owners))

@@ -478,12 +478,12 @@ class NatsPublisher:
         )
         try:
             await streams.ensure_stream(js, cfg)
-        except (nats.errors.Error, TimeoutError, streams.StreamConflictError) as err:
+        except streams.StreamConflictError as err:
+            self._stream_note(str(err), refused=True)
+            return False
+        except (nats.errors.Error, TimeoutError) as err:
             # A 4xx answer (e.g. another stream holds the subjects) is not transient,
             # but publishing goes on all the same: to the stream as it is, if any.
-            if isinstance(err, streams.StreamConflictError):
-                self._stream_note(str(err), refused=True)
-                return False
             refused = isinstance(err, nats.js.errors.APIError) and err.code in range(400, 500)
             what = "JetStream refused to create or update it" if refused else "no answer"
             self._stream_note(
