@@ -145,6 +145,10 @@ class Agent:
         self._outbox: list[pool_mod.Chunk] = []
         self._outbox_rows = 0
         self._outbox_since = 0.0
+        # Batches taken from the outbox under the lock and not yet in the routers' queue
+        # (the hand-off happens off the lock); `shutdown` waits for them.
+        self._handoffs = 0
+        self._handed = threading.Condition(self._lock)
 
         self._policy = self._load(model_ref, model_version)
         self._source = model_ref if not isinstance(model_ref, policy.Policy) else None
@@ -287,7 +291,7 @@ class Agent:
         n = len(ids)
         rewards: Any = reward
         if type(reward) is not np.ndarray or reward.dtype != np.float64:
-            rewards = _per_actor("reward", reward, n, np.float64)
+            rewards = _rewards(reward, n)
         elif reward.shape != (n,):
             raise errors.InvalidArgumentError.mismatch(
                 "reward.shape", f"scalar or [{n}]", list(reward.shape)
@@ -298,7 +302,7 @@ class Agent:
             try:
                 rows = self._pool.rows_for(ids)
                 pol = self._policy
-                pol.check_obs(obs, n)
+                obs = pol.check_obs(obs, n)
                 m = pol.check_mask(np.asarray(mask), n) if mask is not None else None
             except errors.RelayRLError as err:
                 self.metrics.request_errors.labels(err.kind).inc()
@@ -326,7 +330,7 @@ class Agent:
         mt.requests.value += 1
         mt.actions.value += n
         if ready is not None:
-            self._routers.submit(ready)
+            self._hand_off(ready)
         return result
 
     def _end_at(self, rows: npt.NDArray[np.int64], rewards: Any, ended: Ended) -> None:
@@ -387,7 +391,7 @@ class Agent:
         """
         ids = _ids(actor_ids)
         n = len(ids)
-        rewards = _per_actor("reward", reward, n, np.float64)
+        rewards = _rewards(reward, n)
         term_arr = _flags("terminated", terminated, n)
         trunc_arr = _flags("truncated", truncated, n)
         return self._flag_last(ids, rewards, term_arr, trunc_arr, cut=False)
@@ -400,7 +404,7 @@ class Agent:
         """
         ids = _ids(actor_ids)
         n = len(ids)
-        rewards = _per_actor("reward", reward, n, np.float64)
+        rewards = _rewards(reward, n)
         no = np.zeros(n, dtype=np.bool_)
         return self._flag_last(ids, rewards, no, ~no, cut=True)
 
@@ -423,7 +427,7 @@ class Agent:
             self._outbox_add(done)
             ready = self._outbox_take(time.perf_counter())
         if ready is not None:
-            self._routers.submit(ready)
+            self._hand_off(ready)
         return done.trajectories
 
     # Finished trajectories wait in a small outbox and go to the routers in batches of
@@ -448,7 +452,7 @@ class Agent:
                         return
                     ready = self._outbox_take(time.perf_counter())
                 if ready is not None:
-                    self._routers.submit(ready)
+                    self._hand_off(ready)
 
     def _outbox_add(self, chunk: pool_mod.Chunk) -> None:
         if not self._outbox:
@@ -468,7 +472,18 @@ class Agent:
         chunks = self._outbox
         self._outbox = []
         self._outbox_rows = 0
+        self._handoffs += 1  # the caller hands them to `_hand_off` once off the lock
         return chunks
+
+    def _hand_off(self, chunks: list[pool_mod.Chunk]) -> None:
+        """Queue chunks taken by `_outbox_take` for the routers (may block: backpressure)."""
+        try:
+            self._routers.submit(chunks)
+        finally:
+            with self._lock:
+                self._handoffs -= 1
+                if not self._handoffs:
+                    self._handed.notify_all()
 
     # ------------------------------------------------------------------ actors
 
@@ -514,7 +529,7 @@ class Agent:
                 self._outbox_add(partial)
             ready = self._outbox_take(time.perf_counter())
         if ready is not None:
-            self._routers.submit(ready)
+            self._hand_off(ready)
 
     def set_actor_id(self, current_id: int, new_id: int) -> None:
         """Rename an actor; its in-progress trajectory continues under the new id."""
@@ -555,12 +570,18 @@ class Agent:
     # --------------------------------------------------------------- lifecycle
 
     def flush(self) -> None:
-        """Cut every in-progress trajectory, write everything queued and flush the sink."""
+        """Write every finished trajectory and flush the sink.
+
+        Episodes in progress go on: their steps are written when they end (or are cut by
+        the max length, a removal or `shutdown`), and the reward of their last action
+        still comes with the next request.
+        """
         with self._tick_lock:
             with self._lock:
-                ready = self._take_all(cut_partial=True)
+                self._check_open()
+                ready = self._take_all(cut_partial=False)
             if ready is not None:
-                self._routers.submit(ready)
+                self._hand_off(ready)
         self._routers.drain()
         if self.sink is not None:
             self.sink.flush()
@@ -572,6 +593,11 @@ class Agent:
                 return
             self._closed = True
             ready = self._take_all(cut_partial=flush)
+            if ready is not None:
+                self._handoffs -= 1  # handed on below, by this thread
+            # What other threads took from the outbox goes into the queue before it closes.
+            while self._handoffs:
+                self._handed.wait()
         self._tick_stop.set()
         if self._ticker is not threading.current_thread():
             self._ticker.join()  # what it took goes to the routers before they stop
@@ -663,9 +689,25 @@ def _ids(actor_ids: ActorIds) -> npt.NDArray[np.int64]:
     if type(actor_ids) is np.ndarray and actor_ids.dtype == np.int64 and actor_ids.ndim == 1:
         return actor_ids  # type: ignore[return-value]
     arr = np.asarray(actor_ids)
+    if arr.size == 0:  # `[]` comes as float64: no ids is still a valid request
+        return np.zeros(0, dtype=np.int64)
     if arr.dtype.kind not in "iu":
         raise errors.InvalidArgumentError.mismatch("actor_ids", "integer ids", arr.dtype)
     return arr.astype(np.int64, copy=False).reshape(-1)
+
+
+def _rewards(value: Floats | None, n: int) -> Any:
+    """Rewards as `_per_actor` takes them; None (no reward, as RelayRL's optional last
+    reward) is 0.0, and a None among numbers is refused rather than recorded as NaN."""
+    if value is None:
+        return np.float64(0.0)
+    if type(value) is not np.ndarray and np.ndim(value) == 1:
+        missing = [i for i, v in enumerate(value) if v is None]  # type: ignore[arg-type]
+        if missing:
+            raise errors.InvalidArgumentError.mismatch(
+                "reward", "a number for each actor", f"None at positions {missing}"
+            )
+    return _per_actor("reward", value, n, np.float64)
 
 
 def _per_actor(field: str, value: Any, n: int, dtype: type[np.generic]) -> Any:

@@ -555,3 +555,135 @@ def test_a_local_sink_whose_write_failed_is_done_and_says_why(
     assert "NotADirectoryError" in str(sink.failure)
     assert a.metrics.sink_errors._value.get() == 1
     assert sink.files == []
+
+
+def test_no_reward_is_zero_and_none_among_rewards_is_refused(
+    models: dict[str, Path], sink: local.LocalFileSink
+) -> None:
+    """RelayRL's last reward is optional: None is no reward (0.0), never a NaN row."""
+    a = agent_mod.Agent(models["onnx"], actor_count=2, sink=sink)
+    a.request_action([0, 1], _obs(2))
+    a.request_action([0, 1], _obs(2, 1), reward=None)  # type: ignore[arg-type]
+    with pytest.raises(errors.InvalidArgumentError, match=r"^reward: .*None at positions \[1\]"):
+        a.request_action([0, 1], _obs(2, 2), reward=[1.0, None])  # type: ignore[list-item]
+    with pytest.raises(errors.InvalidArgumentError, match=r"^reward: .*None at positions \[0\]"):
+        a.flag_last_action([0, 1], [None, 2.0])  # type: ignore[list-item]
+    assert a.flag_last_action([0, 1], None) == 2  # type: ignore[arg-type]
+    a.shutdown()
+    rewards = _read(sink)["reward"].to_pylist()
+    assert rewards == [0.0, 0.0, 0.0, 0.0]
+
+
+def test_a_batch_handed_on_while_another_thread_shuts_down_is_written(
+    models: dict[str, Path], sink: local.LocalFileSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A finished trajectory leaves the lock before it reaches the routers' queue; a
+    shutdown in between waits for it instead of stopping the routers ahead of it."""
+    monkeypatch.setattr(agent_mod, "_OUTBOX_ROWS", 1)  # every finished episode goes on
+    a = agent_mod.Agent(models["onnx"], actor_count=2, router_scale=1, sink=sink)
+    submit = a._routers.submit
+    entered, go = threading.Event(), threading.Event()
+
+    def slow_submit(chunks: list[Any]) -> None:
+        if not entered.is_set():  # the first hand-off only: the shutdown's own goes on
+            entered.set()
+            assert go.wait(10)
+        submit(chunks)
+
+    monkeypatch.setattr(a._routers, "submit", slow_submit)
+    a.request_action([0, 1], _obs(2))
+    a.request_action([0, 1], _obs(2, 1))
+    errors_seen: list[BaseException] = []
+
+    def finish() -> None:
+        try:
+            a.flag_last_action([0])
+        except BaseException as err:
+            errors_seen.append(err)
+
+    ender = threading.Thread(target=finish)
+    ender.start()
+    assert entered.wait(10)
+    stopper = threading.Thread(target=a.shutdown)
+    stopper.start()
+    stopper.join(0.5)
+    assert stopper.is_alive(), "shutdown did not wait for the batch being handed on"
+    go.set()
+    ender.join(10)
+    stopper.join(10)
+    assert not ender.is_alive()
+    assert not stopper.is_alive()
+    assert errors_seen == []
+    table = _read(sink)
+    # Actor 0's finished episode (2 steps) and actor 1's, cut by the shutdown (2 steps).
+    assert table.num_rows == 4
+    assert table.filter(pa.compute.equal(table["actor_id"], 0))["terminated"].to_pylist() == [
+        False,
+        True,
+    ]
+
+
+def test_renamed_ids_are_not_handed_out_again(models: dict[str, Path]) -> None:
+    a = agent_mod.Agent(models["onnx"], actor_count=2)
+    a.set_actor_id(1, 5)
+    a.remove_actor(5)
+    assert a.new_actors(4) == [6, 7, 8, 9]
+    a.shutdown()
+
+
+def test_actor_ids_come_in_the_order_actors_were_added(models: dict[str, Path]) -> None:
+    """A new actor takes a freed row but is listed last: callers pair obs rows with it."""
+    a = agent_mod.Agent(models["onnx"], actor_count=4)
+    a.remove_actor(0)
+    assert a.new_actor() == 4
+    assert a.get_actor_ids() == [1, 2, 3, 4]
+    a.set_actor_id(2, 20)  # a renamed actor keeps its place
+    a.new_actors(2, [0, 50])
+    assert a.get_actor_ids() == [1, 20, 3, 4, 0, 50]
+    a.shutdown()
+
+
+def test_flush_writes_finished_episodes_and_leaves_running_ones_whole(
+    models: dict[str, Path], sink: local.LocalFileSink
+) -> None:
+    a = agent_mod.Agent(models["onnx"], actor_count=2, sink=sink)
+    a.request_action([0, 1], _obs(2), reward=0.0)
+    a.request_action([0, 1], _obs(2, 1), reward=1.0)
+    a.flag_last_action([1], 5.0)
+    a.flush()
+    assert _read(sink)["actor_id"].to_pylist() == [1, 1]  # the finished one, no cut
+    a.request_action([0], _obs(1, 2), reward=2.0)
+    a.flag_last_action([0], 3.0)
+    a.shutdown()
+    table = _read(sink)
+    rows = table.filter(pa.compute.equal(table["actor_id"], 0)).to_pylist()
+    assert len({r["episode_id"] for r in rows}) == 1
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert [r["reward"] for r in rows] == [1.0, 2.0, 3.0]
+    assert not any(r["cut"] for r in rows)
+    with pytest.raises(errors.AgentClosedError):
+        a.flush()
+
+
+def test_list_observations_and_empty_id_lists(models: dict[str, Path]) -> None:
+    a = agent_mod.Agent(models["onnx"], actor_count=1)
+    assert a.request_action([0], [[0.0, 0.1, 0.2, 0.3]]).actions.shape == (1,)  # type: ignore[arg-type]
+    with pytest.raises(errors.InvalidArgumentError, match=r"^obs.shape: expected \[1, 4\]"):
+        a.request_action([0], [[0.0, 0.1, 0.2]])  # type: ignore[arg-type]
+    with pytest.raises(errors.InvalidArgumentError, match=r"^obs: expected an array"):
+        a.request_action([0], [[0.0, 0.1], [0.2]])  # type: ignore[arg-type]
+    empty = agent_mod.Agent(models["onnx"], actor_count=0)
+    assert empty.request_action(
+        empty.get_actor_ids(), np.zeros((0, 4), np.float32)
+    ).actions.shape == (0,)
+    assert empty.flag_last_action([]) == 0
+    assert empty.has_actors([])
+    a.shutdown()
+    empty.shutdown()
+
+
+def test_stopped_routers_refuse_a_batch(models: dict[str, Path]) -> None:
+    a = agent_mod.Agent(models["onnx"], actor_count=1)
+    a.shutdown()
+    with pytest.raises(errors.AgentClosedError, match="shut down"):
+        a._routers.submit([])

@@ -188,6 +188,9 @@ class ActorPool:
         # Masks are only written once some request carried one (records start all True).
         self._masked = False
         self._ids: IntArray = np.zeros(0, dtype=np.int64)
+        # When each row's actor was added (a counter): `actor_ids` lists in that order.
+        self._born: IntArray = np.zeros(0, dtype=np.int64)
+        self._next_born = 0
         self._active: BoolArray = np.zeros(0, dtype=np.bool_)
         self._pos: IntArray = np.zeros(0, dtype=np.int64)
         self._episode: IntArray = np.zeros(0, dtype=np.int64)
@@ -227,6 +230,7 @@ class ActorPool:
 
         lengths = self._lengths_all()
         self._ids = grow(self._ids, -1)
+        self._born = grow(self._born, 0)
         self._active = grow(self._active, False)
         self._episode = grow(self._episode, 0)
         self._segment = grow(self._segment, 0)
@@ -272,8 +276,12 @@ class ActorPool:
 
     @property
     def actor_ids(self) -> list[int]:
-        """Ids of all actors, in creation order of their rows."""
-        return [int(i) for i in self._ids[: self._rows][self._active[: self._rows]]]
+        """Ids of all actors, in the order they were added (a renamed actor keeps its
+        place): a row freed by a removal and taken by a new actor does not move the new
+        one ahead of older ones."""
+        rows = np.flatnonzero(self._active[: self._rows])
+        rows = rows[np.argsort(self._born[rows], kind="stable")]
+        return [int(i) for i in self._ids[rows]]
 
     def __len__(self) -> int:
         return len(self._id_to_row)
@@ -310,6 +318,8 @@ class ActorPool:
                 row = self._rows
                 self._rows += 1
             self._ids[row] = actor_id
+            self._born[row] = self._next_born
+            self._next_born += 1
             self._active[row] = True
             self._id_to_row[actor_id] = row
             self._next_id = max(self._next_id, actor_id + 1)
@@ -336,13 +346,15 @@ class ActorPool:
         return out
 
     def rename(self, old: int, new: int) -> None:
-        """Give an actor a new id; its trajectory continues under the new id."""
+        """Give an actor a new id; its trajectory continues under the new id. Ids are
+        not recycled: the new id counts as used, as the old one stays used."""
         row = self.row_of(old)
         if new in self._id_to_row:
             raise errors.DuplicateActorError(f"new_id: expected an unused id, got {new}")
         del self._id_to_row[old]
         self._id_to_row[new] = row
         self._ids[row] = new
+        self._next_id = max(self._next_id, new + 1)
         self._invalidate()
 
     def row_of(self, actor_id: int) -> int:

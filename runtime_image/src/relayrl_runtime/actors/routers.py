@@ -88,6 +88,8 @@ class RouterPool:
 
     def submit(self, chunks: list[pool.Chunk]) -> None:
         """Queue finished trajectories; blocks while the queue is full (backpressure)."""
+        if self._closed:  # no router would take them: refused, not lost unseen
+            raise errors.AgentClosedError("routers: the agent is shut down")
         self._metrics.trajectories.inc(sum(c.trajectories for c in chunks))
         self._metrics.steps_recorded.inc(sum(c.rows for c in chunks))
         self._queue.put(chunks)

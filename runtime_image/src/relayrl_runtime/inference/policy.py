@@ -91,13 +91,22 @@ class Policy:
         """Dtype observations must have."""
         return self._obs_dtype
 
-    def check_obs(self, obs: npt.NDArray[np.generic], rows: int) -> None:
-        """Raise `InvalidArgumentError` unless obs is `rows` observations of the model's kind."""
+    def check_obs(self, obs: npt.NDArray[np.generic], rows: int) -> npt.NDArray[np.generic]:
+        """`obs` as `rows` observations of the model's kind; `InvalidArgumentError` unless
+        it is one (a nested list of numbers is taken, as an array of the model's dtype)."""
         expected = (rows, *self._obs_shape)
+        if type(obs) is not np.ndarray:
+            try:
+                obs = np.asarray(obs, dtype=self._obs_dtype)
+            except (TypeError, ValueError) as err:
+                raise errors.InvalidArgumentError.mismatch(
+                    "obs", f"an array of shape {list(expected)}", f"{type(obs).__name__} ({err})"
+                ) from None
         if obs.shape != expected:
             raise errors.InvalidArgumentError.mismatch("obs.shape", list(expected), list(obs.shape))
         if obs.dtype != self._obs_dtype:
             raise errors.InvalidArgumentError.mismatch("obs.dtype", self._obs_dtype, obs.dtype)
+        return obs
 
     def check_mask(self, mask: npt.NDArray[np.generic], rows: int) -> npt.NDArray[np.bool_]:
         """Validate an action mask; returns it as bool."""
