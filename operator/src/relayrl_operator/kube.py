@@ -4,7 +4,9 @@ The reconciler applies every desired child with server-side apply (field manager
 `relayrl-operator`, force): the apiserver computes the diff, a child that is already
 right costs no write, a deleted one is re-created and a hand-edited field of ours is
 taken back. Credentials come from the kubeconfig or the in-cluster service account,
-loaded once at startup with the `kubernetes` package; requests go through aiohttp.
+loaded with the `kubernetes` package, whose refresh hook is asked again every
+`TOKEN_RECHECK_SECONDS` (the kubelet rewrites a pod's token file before it expires; an
+exec plugin's credential expires); requests go through aiohttp.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import asyncio
 import json
 import logging
 import random
+import re
 import ssl
+import time
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -29,6 +33,10 @@ log = logging.getLogger(__name__)
 # Retry delays for transient errors: 0.5 s doubling up to 60 s, with jitter.
 BACKOFF_BASE: Final = 0.5
 BACKOFF_MAX: Final = 60.0
+
+# How often a bearer token is read again through the configuration's refresh hook (the
+# hook itself re-reads a service-account token file once a minute at most).
+TOKEN_RECHECK_SECONDS: Final = 30.0
 
 # A watch that has sent nothing (not even a bookmark) for this long is given up.
 WATCH_IDLE_SECONDS: Final = 150
@@ -101,12 +109,21 @@ def load_configuration(kubeconfig: str | None = None) -> Any:
     return cfg
 
 
+_SCHEME: Final = re.compile(r"^\s*bearer\s+", re.IGNORECASE)
+
+
 def bearer_token(cfg: Any) -> str | None:
-    """The bearer token of a loaded configuration, without its "Bearer " prefix."""
+    """The bearer token of a loaded configuration, without its scheme: a kubeconfig's
+    comes as "Bearer x", the in-cluster service account's as "bearer x"."""
     token = cfg.api_key.get("authorization") or cfg.api_key.get("BearerToken")
     if not token:
         return None
-    return str(token).removeprefix("Bearer ").strip()
+    return _SCHEME.sub("", str(token)).strip() or None
+
+
+def _authorization(cfg: Any) -> dict[str, str]:
+    token = bearer_token(cfg)
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 @dataclass(frozen=True)
@@ -161,10 +178,21 @@ def resource_of(path: str) -> str:
 class Client:
     """An aiohttp session bound to one apiserver and credential."""
 
-    def __init__(self, host: str, headers: Mapping[str, str], ssl_context: ssl.SSLContext | bool):
+    def __init__(
+        self,
+        host: str,
+        headers: Mapping[str, str],
+        ssl_context: ssl.SSLContext | bool,
+        config: Any = None,
+    ):
         self._host = host.rstrip("/")
+        # Sent with every request (the sessions keep none): a refreshed token replaces
+        # the whole mapping, from a worker thread.
         self._headers = dict(headers)
         self._ssl = ssl_context
+        # The `kubernetes` configuration the token came from, when it can refresh it.
+        self._config = config if getattr(config, "refresh_api_key_hook", None) else None
+        self._token_due = time.monotonic() + TOKEN_RECHECK_SECONDS
         self._session: aiohttp.ClientSession | None = None
         # Watches hold their connection for minutes: a pool of their own, so they
         # never take the slots requests wait for, however many namespaces are watched.
@@ -173,11 +201,11 @@ class Client:
     @classmethod
     def from_config(cls, kubeconfig: str | None = None) -> Client:
         """Credentials from a kubeconfig file, or from the pod's service account."""
-        cfg = load_configuration(kubeconfig)
-        headers: dict[str, str] = {}
-        token = bearer_token(cfg)
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
+        return cls.from_configuration(load_configuration(kubeconfig))
+
+    @classmethod
+    def from_configuration(cls, cfg: Any) -> Client:
+        """A client for a loaded `kubernetes.client.Configuration`."""
         context: ssl.SSLContext | bool = False
         if cfg.host.startswith("https"):
             context = ssl.create_default_context(cafile=cfg.ssl_ca_cert)
@@ -186,7 +214,28 @@ class Client:
                 context.verify_mode = ssl.CERT_NONE
             if cfg.cert_file:
                 context.load_cert_chain(cfg.cert_file, cfg.key_file)
-        return cls(cfg.host, headers, context)
+        return cls(cfg.host, _authorization(cfg), context, cfg)
+
+    async def _check_token(self) -> None:
+        """Every `TOKEN_RECHECK_SECONDS`, the token as the configuration's hook has it now
+        (it may read a file or run an exec plugin: in a worker thread)."""
+        if self._config is None or time.monotonic() < self._token_due:
+            return
+        self._token_due = time.monotonic() + TOKEN_RECHECK_SECONDS
+        cfg = self._config
+
+        def reload() -> dict[str, str]:
+            cfg.refresh_api_key_hook(cfg)
+            return _authorization(cfg)
+
+        try:
+            headers = await asyncio.to_thread(reload)
+        except Exception as err:  # keep the token in use; the next check tries again
+            log.warning("could not refresh the API credentials: %s", err)
+            return
+        if headers and headers != self._headers:
+            log.info("API credentials refreshed")
+            self._headers = headers
 
     async def close(self) -> None:
         """Close the HTTP sessions."""
@@ -207,7 +256,6 @@ class Client:
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
             self._session = aiohttp.ClientSession(
-                headers=self._headers,
                 connector=aiohttp.TCPConnector(ssl=self._ssl, limit=64),
                 timeout=aiohttp.ClientTimeout(total=30),
             )
@@ -235,8 +283,11 @@ class Client:
         content_type: str,
         accept: str | None = None,
     ) -> tuple[int, dict[str, Any]]:
+        await self._check_token()
         data = None if body is None else json.dumps(body)
-        headers = {"Content-Type": content_type} if data is not None else {}
+        headers = dict(self._headers)
+        if data is not None:
+            headers["Content-Type"] = content_type
         if accept is not None:
             headers["Accept"] = accept
         code = "error"
@@ -279,18 +330,18 @@ class Client:
         path = kind.path(namespace)
         if self._watch_session is None:
             self._watch_session = aiohttp.ClientSession(
-                headers=self._headers,
                 connector=aiohttp.TCPConnector(ssl=self._ssl, limit=0),
                 # With bookmarks the server writes at least every minute or so: a
                 # silence this long is a dead connection.
                 timeout=aiohttp.ClientTimeout(total=None, connect=30, sock_read=WATCH_IDLE_SECONDS),
             )
+        await self._check_token()
         code = "error"
         try:
             async with self._watch_session.get(
                 self._host + path,
                 params={**params, "watch": "true"},
-                headers={"Accept": accept},
+                headers={**self._headers, "Accept": accept},
             ) as resp:
                 code = str(resp.status)
                 if resp.status >= 400:
