@@ -48,12 +48,13 @@ FINALIZER: Final = f"{spec.GROUP}/finalizer"
 CONTAINER_RUNTIME: Final = "runtime"
 CONTAINER_SINK: Final = "sink"
 CONFIG_KEY: Final = "runtime.yaml"
-CONFIG_DIR: Final = "/etc/relayrl"
-NATS_CREDENTIALS_DIR: Final = "/etc/relayrl/nats"
-NATS_TLS_DIR: Final = "/etc/relayrl/nats-tls"
-POSTGRES_SECRET_DIR: Final = "/etc/relayrl/postgres"
+CONFIG_DIR: Final = spec.CONFIG_DIR
+NATS_CREDENTIALS_DIR: Final = f"{CONFIG_DIR}/nats"
+NATS_TLS_DIR: Final = f"{CONFIG_DIR}/nats-tls"
+POSTGRES_SECRET_DIR: Final = f"{CONFIG_DIR}/postgres"
+SCRATCH_DIR: Final = spec.SCRATCH_DIR
 
-PORT_METRICS: Final = 9090
+PORT_METRICS: Final = spec.METRICS_PORT
 PORT_NAME_METRICS: Final = "metrics"
 PORT_NAME_REMOTE: Final = "remote"
 

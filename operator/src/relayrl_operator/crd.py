@@ -118,7 +118,15 @@ def openapi_schema() -> dict[str, Any]:
                     f"metadata.name must be at most {spec.MAX_NAME_LENGTH} characters "
                     "(child object names are derived from it)"
                 ),
-            }
+            },
+            {
+                "rule": f"self.metadata.name.matches('{spec.AGENT_NAME}')",
+                "message": (
+                    "metadata.name must be lower-case letters, digits and '-', starting"
+                    " with a letter and ending alphanumeric (it names the Agent's Services"
+                    " and NATS subjects)"
+                ),
+            },
         ],
     }
 

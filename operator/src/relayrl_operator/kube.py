@@ -150,8 +150,16 @@ class ApiError(Exception):
 
     @property
     def transient(self) -> bool:
-        """Worth retrying: conflicts, throttling and server-side failures."""
+        """Worth retrying: conflicts, throttling and server-side failures, but not a
+        manifest server-side apply cannot merge (a key listed twice: a 500 that the
+        same manifest gets again every time)."""
+        if self.status >= 500 and _UNMERGEABLE in self.message:
+            return False
         return self.status in (409, 429) or self.status >= 500
+
+
+# What the apiserver says (with a 500) of an apply whose manifest repeats a list key.
+_UNMERGEABLE: Final = "failed to create typed patch object"
 
 
 def retry_delay(failures: int) -> float:

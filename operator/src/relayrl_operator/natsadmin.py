@@ -155,10 +155,18 @@ class NatsStreams:
         names another Agent (`relayrl-team-a-x-models` is both team-a/x's and
         team/a-x's name).
         """
-        js = (await self._connect(agent)).jetstream()
-        config = _stream_config(agent)
+        try:
+            config = _stream_config(agent)
+        except ValueError as err:
+            # A name no stream could be made for: an Agent from before the CRD refused
+            # such names (`cart.pole`). There is nothing of its to delete.
+            log.info(
+                "agent %s/%s: no stream or bucket to remove: %s", agent.namespace, agent.name, err
+            )
+            return
         assert config.name is not None
         bucket = streams.model_bucket(agent.namespace, agent.name)
+        js = (await self._connect(agent)).jetstream()
         stream_info = await _info(js, config.name)
         if stream_info is not None:
             foreign = streams.foreign_subjects(config, stream_info.config)

@@ -39,6 +39,21 @@ SINGULAR: Final = "agent"
 # "-<ordinal>" plus a 10-character revision hash label; 40 leaves room for all.
 MAX_NAME_LENGTH: Final = 40
 
+# The port of the runtime's and the sinks' HTTP server (/metrics, /healthz, /readyz).
+METRICS_PORT: Final = 9090
+# Environment variables the operator sets in the Agent's containers itself.
+OPERATOR_ENV: Final = (
+    "RELAYRL_POD_INDEX",
+    "RELAYRL_POD_NAME",
+    "RELAYRL_NAMESPACE",
+    "RELAYRL_BIND_ADDRESS",
+    "RELAYRL_NATS_CREDENTIALS_DIR",
+    "RELAYRL_NATS_TLS_DIR",
+)
+# Where the operator mounts volumes of its own in the Agent's containers.
+SCRATCH_DIR: Final = "/tmp"
+CONFIG_DIR: Final = "/etc/relayrl"
+
 GPU_RESOURCE: Final = "nvidia.com/gpu"
 
 # What nats-py can connect to: nats:// or tls:// URLs, comma separated (a trailing comma
@@ -206,6 +221,8 @@ Quantity = Annotated[
 ]
 
 _DNS_LABEL: Final = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# Agent names: DNS-1035 labels, as Service names are (and NATS subject tokens: no dot).
+AGENT_NAME: Final = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 # Secret and claim names: DNS subdomains (labels joined by dots).
 _DNS_SUBDOMAIN: Final = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 _SQL_IDENT: Final = r"^[a-z_][a-z0-9_]{0,62}$"
@@ -370,6 +387,15 @@ class GymnasiumEnv(SpecModel):
 
 class RemoteEnv(SpecModel):
     """Environments outside the pod, connecting over ZMQ with the client library."""
+
+    rules = (
+        Rule(
+            cel=f"self.port != {METRICS_PORT}",
+            message=f"port {METRICS_PORT} is the runtime's metrics port: choose another",
+            holds=lambda r: r.port != METRICS_PORT,
+            field="port",
+        ),
+    )
 
     port: int = Field(default=5555, ge=1024, le=65535, description="TCP port of the ZMQ endpoint.")
     max_frame_bytes: int = Field(
@@ -563,6 +589,21 @@ class ArrowStorage(SpecModel):
 class ArrowSink(SpecModel):
     """Write trajectories to Parquet or Arrow IPC files."""
 
+    rules = (
+        Rule(
+            cel=(
+                f"!(self.path in ['{SCRATCH_DIR}', '{SCRATCH_DIR}/', '{CONFIG_DIR}'])"
+                f" && !self.path.startsWith('{CONFIG_DIR}/')"
+            ),
+            message=(
+                f"{SCRATCH_DIR} and {CONFIG_DIR} are the sink's own mounts: choose another"
+                " directory"
+            ),
+            holds=lambda a: _own_mount(a.path) is None,
+            field="path",
+        ),
+    )
+
     format: SinkFormat = Field(default=SinkFormat.PARQUET, description="parquet or arrow.")
     compression: ParquetCompression = Field(
         default=ParquetCompression.SNAPPY,
@@ -680,6 +721,15 @@ class Resources(SpecModel):
 class EnvVar(SpecModel):
     """An extra environment variable for the runtime container."""
 
+    rules = (
+        Rule(
+            cel=f"!(self.name in {list(OPERATOR_ENV)})",
+            message=f"set by the operator, not the template: {', '.join(OPERATOR_ENV)}",
+            holds=lambda e: e.name not in OPERATOR_ENV,
+            field="name",
+        ),
+    )
+
     name: str = Field(
         min_length=1,
         max_length=256,
@@ -687,6 +737,20 @@ class EnvVar(SpecModel):
         description="Variable name.",
     )
     value: str = Field(default="", max_length=32768, description="Variable value.")
+
+
+def _own_mount(path: str) -> str | None:
+    """The operator's mount `path` falls on, if any."""
+    bare = path.rstrip("/") or "/"
+    if bare == SCRATCH_DIR:
+        return SCRATCH_DIR
+    if bare == CONFIG_DIR or bare.startswith(CONFIG_DIR + "/"):
+        return CONFIG_DIR
+    return None
+
+
+def _unique_names(env: Sequence[EnvVar]) -> bool:
+    return len({e.name for e in env}) == len(env)
 
 
 def _no_gpu_in(resources: Resources | None) -> bool:
@@ -712,6 +776,12 @@ class PodTemplate(SpecModel):
             message="set GPUs with spec.gpusPerPod, not template.resources",
             holds=lambda t: _no_gpu_in(t.resources),
             field="resources",
+        ),
+        Rule(
+            cel="self.env.all(e, self.env.filter(f, f.name == e.name).size() == 1)",
+            message="each variable name at most once",
+            holds=lambda t: _unique_names(t.env),
+            field="env",
         ),
     )
 
@@ -923,7 +993,7 @@ class ObjectMeta(BaseModel):
     name: str = Field(
         min_length=1,
         max_length=MAX_NAME_LENGTH,
-        pattern=_DNS_LABEL,
+        pattern=AGENT_NAME,
         description="Agent name.",
     )
     namespace: str | None = None
@@ -989,6 +1059,9 @@ def _is_bad_key(e: Mapping[str, Any]) -> bool:
 # What each pattern asks for, in words (the apiserver can only quote the pattern).
 _PATTERN_WORDS: Final = {
     _DNS_LABEL: "lower-case letters, digits and '-', starting and ending alphanumeric",
+    AGENT_NAME: (
+        "lower-case letters, digits and '-', starting with a letter and ending alphanumeric"
+    ),
     _DNS_SUBDOMAIN: (
         "lower-case letters, digits, '-' and '.', each dot-separated part starting and"
         " ending alphanumeric"

@@ -109,6 +109,17 @@ async def test_an_unreachable_server_is_asked_once_and_its_agents_fail_at_once()
         await admin.close()
 
 
+async def test_an_agent_whose_name_no_subject_takes_has_nothing_to_remove() -> None:
+    """An Agent from before the CRD refused dotted names: its finalizer lets it go
+    (no stream could be made for it) instead of waiting on NATS for good."""
+    url = f"nats://127.0.0.1:{natsserver.free_port()}"  # nothing listens: never asked
+    admin = natsadmin.NatsStreams(Secrets(), connect_deadline=1.0)  # type: ignore[arg-type]
+    try:
+        await admin.remove(agent(url, name="cart.pole"))
+    finally:
+        await admin.close()
+
+
 async def test_a_server_gone_under_a_connection_fails_passes_at_once(
     nats_server: natsserver.NatsServer,
 ) -> None:

@@ -279,3 +279,42 @@ def test_monitor_labels_never_replace_the_agents_own() -> None:
     ]["labels"]
     assert labels[constants.LABEL_AGENT] == "cartpole"
     assert labels["release"] == "p"
+
+
+def test_containers_have_no_two_env_vars_ports_or_mounts_of_one_name() -> None:
+    """Server-side apply refuses a container listing a key twice (a 500 from the
+    apiserver); the spec rules keep an Agent's own entries apart from the operator's."""
+    agent = make_agent(
+        {
+            "spec": {
+                "environment": {"gymnasium": None, "remote": {"port": 6000}},
+                "trajectories": {
+                    "nats": {"credentialsSecret": {"name": "n"}, "tls": {"secretName": "t"}}
+                },
+                "template": {"env": [{"name": "OMP_NUM_THREADS", "value": "1"}]},
+                "sinks": [
+                    {"arrow": {"path": "/data/t", "storage": {"size": "5Gi"}}},
+                    {"postgres": {"dsnSecret": {"name": "pg", "key": "url"}}},
+                ],
+            }
+        }
+    )
+    workloads = [statefulset.build(agent, SETTINGS), *sinks.build_all(agent, SETTINGS)]
+    containers = [
+        c
+        for w in workloads
+        if w["kind"] != "PersistentVolumeClaim"
+        for c in w["spec"]["template"]["spec"]["containers"]
+    ]
+    assert len(containers) == 3
+    for c in containers:
+        for key, field in (
+            ("env", "name"),
+            ("ports", "containerPort"),
+            ("volumeMounts", "mountPath"),
+        ):
+            values = [item[field] for item in c[key]]
+            assert len(values) == len(set(values)), f"{c['name']} {key}: {values}"
+    runtime_env = {e["name"] for e in containers[0]["env"]}
+    assert runtime_env - {"OMP_NUM_THREADS"} <= set(spec.OPERATOR_ENV)
+    assert set(spec.OPERATOR_ENV) <= runtime_env  # every reserved name is one it sets

@@ -23,3 +23,23 @@ from relayrl_operator import kube
 )
 def test_resource_of_names_the_resource_and_subresource(path: str, resource: str) -> None:
     assert kube.resource_of(path) == resource
+
+
+@pytest.mark.parametrize(
+    ("status", "message", "transient"),
+    [
+        (409, "the object has been modified", True),
+        (429, "too many requests", True),
+        (503, "etcd is away", True),
+        (422, "spec.replicas: Invalid value", False),
+        (
+            500,
+            "failed to create typed patch object (fleet/x-actors; apps/v1, Kind=StatefulSet):"
+            ' .spec.template.spec.containers[name="runtime"].env: duplicate entries for key'
+            ' [name="A"]',
+            False,
+        ),
+    ],
+)
+def test_which_refusals_are_worth_another_try(status: int, message: str, transient: bool) -> None:
+    assert kube.ApiError(status, "", message).transient is transient

@@ -76,7 +76,11 @@ def _deployment(
         "ports": [{"name": constants.PORT_NAME_METRICS, "containerPort": constants.PORT_METRICS}],
         "readinessProbe": common.http_probe("/readyz", period=2),
         "livenessProbe": common.http_probe("/healthz", period=10, failures=6),
-        "volumeMounts": [*mounts, *nats_mounts, {"name": "tmp", "mountPath": "/tmp"}],
+        "volumeMounts": [
+            *mounts,
+            *nats_mounts,
+            {"name": "tmp", "mountPath": constants.SCRATCH_DIR},
+        ],
         "securityContext": common.restricted_security_context(),
     }
     return {

@@ -52,7 +52,7 @@ def _volumes(agent: common.AgentRef) -> tuple[list[dict[str, Any]], list[dict[st
     ]
     mounts: list[dict[str, Any]] = [
         {"name": "config", "mountPath": constants.CONFIG_DIR, "readOnly": True},
-        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "tmp", "mountPath": constants.SCRATCH_DIR},
     ]
     nats = agent.spec.trajectories.nats
     if nats.credentials_secret is not None:
