@@ -45,6 +45,22 @@ BIN = Path(sys.executable).parent
             ["relayrl-sink", "arrow", "--agent", "a", "--path", "/x", "--log-level", "loud"],
             "invalid choice",
         ),
+        (
+            ["relayrl-sink", "arrow", "--agent", "a", "--path", "/x", "--compression-level", "3"],
+            "--compression/--compression-level: codec snappy with level 3",
+        ),
+        (
+            ["relayrl-sink", "arrow", "--agent", "a", "--path", "/x", "--http-port", "70000"],
+            "argument --http-port: expected a port in 0..65535, got 70000",
+        ),
+        (
+            ["relayrl-sink", "arrow", "--agent", "a", "--path", "/x", "--rotate-bytes", "0"],
+            "argument --rotate-bytes: expected an integer >= 1, got 0",
+        ),
+        (
+            ["relayrl-sink", "postgres", "--agent", "a", "--table", "Steps"],
+            "argument --table: expected lower-case letters",
+        ),
         (["relayrl-operator", "run", "--workers", "0"], "expected a whole number >= 1"),
         (["relayrl-runtime", "model", "export", "/tmp/x", "--version", "0"], "expected a whole"),
         (["relayrl-runtime", "model", "export", "/tmp/x", "--hidden", "64,a"], "layer widths"),

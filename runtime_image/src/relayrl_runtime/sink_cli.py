@@ -16,12 +16,40 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from relayrl_runtime import logs, spec, streams, watchdog
 from relayrl_runtime.sinks import service
+
+
+def _at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port in 0..65535, got {value}")
+    return value
+
+
+def _sql_name(text: str) -> str:
+    # Unquoted, as the operator passes them: a name Postgres keeps as written.
+    if not re.fullmatch(spec.SQL_IDENT, text):
+        raise argparse.ArgumentTypeError(
+            f"expected lower-case letters, digits and '_', not starting with a digit,"
+            f" at most 63 characters, got {text!r}"
+        )
+    return text
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,8 +64,8 @@ def _parser() -> argparse.ArgumentParser:
         help=f"NATS server URL(s), comma separated (default ${streams.ENV_NATS_URL}).",
     )
     common.add_argument("--http-host", default="0.0.0.0")
-    common.add_argument("--http-port", type=int, default=9090, help="0: any free port.")
-    common.add_argument("--fetch-batch", type=int, default=256)
+    common.add_argument("--http-port", type=_port, default=9090, help="0: any free port.")
+    common.add_argument("--fetch-batch", type=_at_least(1), default=256)
     common.add_argument(
         "--no-create-stream",
         action="store_true",
@@ -52,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     arrow.add_argument(
         "--format", choices=[f.value for f in spec.SinkFormat], default=spec.SinkFormat.PARQUET
     )
-    arrow.add_argument("--rotate-bytes", type=int, default=128 << 20)
+    arrow.add_argument("--rotate-bytes", type=_at_least(1), default=128 << 20)
     arrow.add_argument("--rotate-seconds", type=float, default=300.0)
     arrow.add_argument(
         "--compression",
@@ -64,7 +92,10 @@ def _parser() -> argparse.ArgumentParser:
         "--compression-level", type=int, default=None, help="Parquet codec level (its default)."
     )
     arrow.add_argument(
-        "--row-group-rows", type=int, default=256 * 1024, help="Rows per Parquet row group."
+        "--row-group-rows",
+        type=_at_least(1),
+        default=256 * 1024,
+        help="Rows per Parquet row group.",
     )
 
     pg = sub.add_parser("postgres", parents=[common], help="Write PostgreSQL rows.")
@@ -74,9 +105,11 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="File with the libpq DSN (a mounted Secret); default $RELAYRL_PG_DSN(_FILE).",
     )
-    pg.add_argument("--schema", default="relayrl", help="Database schema the sink owns.")
-    pg.add_argument("--table", default="steps")
-    pg.add_argument("--batch-rows", type=int, default=50_000)
+    pg.add_argument(
+        "--schema", type=_sql_name, default="relayrl", help="Database schema the sink owns."
+    )
+    pg.add_argument("--table", type=_sql_name, default="steps")
+    pg.add_argument("--batch-rows", type=_at_least(1), default=50_000)
     return p
 
 
@@ -98,17 +131,23 @@ def build(args: argparse.Namespace) -> service.SinkService:
     if args.command == "arrow":
         from relayrl_runtime.sinks import arrow_stream
 
+        parquet = arrow_stream.ParquetSettings(
+            compression=args.compression,
+            compression_level=args.compression_level,
+            row_group_rows=args.row_group_rows,
+        )
+        if args.format == spec.SinkFormat.PARQUET:
+            try:
+                parquet.check()
+            except ValueError as err:
+                raise ValueError(f"--compression/--compression-level: {err}") from None
         writer = arrow_stream.ArrowStreamWriter(
             args.path,
             args.agent,
             spec.SinkFormat(args.format),
             rotate_bytes=args.rotate_bytes,
             rotate_seconds=args.rotate_seconds,
-            parquet=arrow_stream.ParquetSettings(
-                compression=args.compression,
-                compression_level=args.compression_level,
-                row_group_rows=args.row_group_rows,
-            ),
+            parquet=parquet,
         )
     else:
         from relayrl_runtime.sinks import postgres

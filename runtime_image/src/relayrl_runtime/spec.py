@@ -225,7 +225,7 @@ _DNS_LABEL: Final = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 AGENT_NAME: Final = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 # Secret and claim names: DNS subdomains (labels joined by dots).
 _DNS_SUBDOMAIN: Final = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
-_SQL_IDENT: Final = r"^[a-z_][a-z0-9_]{0,62}$"
+SQL_IDENT: Final = r"^[a-z_][a-z0-9_]{0,62}$"
 _GYM_ID: Final = r"^[A-Za-z0-9_./:-]+$"
 _ENTRY_POINT: Final = r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$"
 _SECRET_KEY: Final = r"^[-._a-zA-Z0-9]+$"
@@ -635,11 +635,11 @@ class PostgresSink(SpecModel):
     dsn_secret: SecretKeyRef = Field(description="Secret key holding the libpq connection string.")
     schema_name: str = Field(
         default="relayrl",
-        pattern=_SQL_IDENT,
+        pattern=SQL_IDENT,
         description="Database schema the sink creates and migrates.",
     )
     table: str = Field(
-        default="steps", pattern=_SQL_IDENT, description="Table the steps are written to."
+        default="steps", pattern=SQL_IDENT, description="Table the steps are written to."
     )
     batch_rows: int = Field(default=10_000, ge=1, le=1_000_000, description="Rows per COPY batch.")
 
@@ -1066,7 +1066,7 @@ _PATTERN_WORDS: Final = {
         "lower-case letters, digits, '-' and '.', each dot-separated part starting and"
         " ending alphanumeric"
     ),
-    _SQL_IDENT: (
+    SQL_IDENT: (
         "a SQL name: lower-case letters, digits and '_', not starting with a digit,"
         " at most 63 characters"
     ),

@@ -238,9 +238,19 @@ async def test_bad_messages_go_to_the_dead_letter_subject(
         doubled = pa.RecordBatch.from_arrays([*good.columns, good.column("reward")], schema=schema)
         doubled_ipc = _ipc(pa.Table.from_batches([doubled]))
         twice = await js.publish(SUBJECT, doubled_ipc, headers={v: "1"})
+        # A column whose first row is fine and whose others index past its dictionary:
+        # the writers' checks of one row take it; their writes would fail on it.
+        n = good.num_rows
+        tag = pa.DictionaryArray.from_arrays(
+            pa.array([0] + [7] * (n - 1), pa.int32()), pa.array(["x"]), safe=False
+        )
+        past_ipc = _ipc(
+            pa.Table.from_batches([good.append_column(pa.field("aux_tag", tag.type), tag)])
+        )
+        past = await js.publish(SUBJECT, past_ipc, headers={v: "1"})
         await js.publish(SUBJECT, valid, headers={v: "1"})
 
-        dead = await _dead_letters(js, 10, tries=50)
+        dead = await _dead_letters(js, 12, tries=50)
         reasons = sorted(
             (
                 (m.headers or {})[streams.HEADER_DEAD_SINK],
@@ -258,9 +268,10 @@ async def test_bad_messages_go_to_the_dead_letter_subject(
                 ("unknown-schema-version", missing.seq),
                 ("unknown-schema-version", superscript.seq),
                 ("schema-mismatch", twice.seq),
+                ("invalid-arrow", past.seq),
             )
         )
-        assert all(m.data in (b"not arrow at all", valid, doubled_ipc) for m in dead)
+        assert all(m.data in (b"not arrow at all", valid, doubled_ipc, past_ipc) for m in dead)
     finally:
         await nc.close()
 
@@ -271,7 +282,7 @@ async def test_bad_messages_go_to_the_dead_letter_subject(
     pipeline.wait_until("pg rows", lambda: pipeline.postgres_rows(pg.dsn) == want.num_rows)
     assert arrow.alive()
     assert pgsink.alive()
-    assert arrow.metric("relayrl_sink_dead_letters_total") == 5
+    assert arrow.metric("relayrl_sink_dead_letters_total") == 6
     for s in (arrow, pgsink):
         assert s.terminate() == 0, s.logs()
     pipeline.assert_same(pipeline.read_arrow(root), want, "arrow")

@@ -114,7 +114,7 @@ def test_sink_cli_parquet_flags() -> None:
             "--path",
             "/nonexistent",
             "--compression",
-            "snappy",
+            "zstd",
             "--compression-level",
             "3",
             "--row-group-rows",
@@ -123,7 +123,7 @@ def test_sink_cli_parquet_flags() -> None:
     )
     writer = sink_cli.build(args).writer
     assert isinstance(writer, arrow_stream.ArrowStreamWriter)
-    assert writer.parquet == arrow_stream.ParquetSettings("snappy", 3, 5000)
+    assert writer.parquet == arrow_stream.ParquetSettings("zstd", 3, 5000)
 
 
 async def test_a_sealed_file_commits_while_the_next_one_is_written(tmp_path: Path) -> None:

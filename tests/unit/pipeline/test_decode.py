@@ -90,6 +90,20 @@ def test_the_agent_column_is_checked_row_by_row() -> None:
         assert err.value.reason == "invalid-arrow"
 
 
+def test_a_dictionary_index_past_its_dictionary_in_any_column_is_not_valid_arrow() -> None:
+    """Not the agent column: an extra one the sinks keep. Its first row is fine, so the
+    writers' one-row checks pass it; the write itself would fail, on every restart."""
+    batch = trajectories.batch(1, 0)
+    n = batch.num_rows
+    tag = pa.DictionaryArray.from_arrays(
+        pa.array([0] + [7] * (n - 1), pa.int32()), pa.array(["x"]), safe=False
+    )
+    bad = batch.append_column(pa.field("aux_tag", tag.type), tag)
+    with pytest.raises(service.InvalidMessageError, match="Dictionary indices") as err:
+        service.decode(_ipc(bad), {V: "1"})
+    assert err.value.reason == "invalid-arrow"
+
+
 @pytest.mark.parametrize("column", ["reward", "logp", "terminated", "obs_time", "obs", "action"])
 def test_a_version_1_message_without_a_fixed_column_is_refused(column: str) -> None:
     batch = trajectories.batch(1, 0).drop_columns([column])

@@ -92,6 +92,23 @@ class ParquetSettings:
             "column_encoding": dict.fromkeys(delta, "DELTA_BINARY_PACKED"),
         }
 
+    def check(self) -> None:
+        """Raise ValueError unless pyarrow writes with this codec and level (snappy and
+        none take no level): found at startup, not as a refusal of every message."""
+        one = pa.table({"x": [1]})
+        try:  # pyarrow says no at the first write
+            with pq.ParquetWriter(
+                pa.BufferOutputStream(),
+                one.schema,
+                compression=self.compression,
+                compression_level=self.compression_level,
+            ) as writer:
+                writer.write_table(one)
+        except (pa.ArrowException, ValueError) as err:
+            raise ValueError(
+                f"codec {self.compression} with level {self.compression_level}: {err}"
+            ) from None
+
 
 def _physical(t: pa.DataType) -> pa.DataType:
     """The integer type a timestamp is stored as; other types as they are."""

@@ -280,6 +280,10 @@ def decode(
     version = int(raw)
     try:
         table = pa.ipc.open_stream(pa.py_buffer(msg_data)).read_all()
+        # Every value, not just the buffers' sizes: a dictionary index past its
+        # dictionary (in any column) would fail the write, again after each restart.
+        # About 15 µs for a 6,400-step message.
+        table.validate(full=True)
     except MemoryError:  # pyarrow's ArrowMemoryError is an ArrowException too
         raise
     except (pa.ArrowInvalid, pa.ArrowException, OSError) as err:
@@ -364,6 +368,9 @@ def _distinct_text(col: pa.ChunkedArray) -> set[str]:
 # The last commit on the way out, all of it: within the pod's termination grace period
 # (relayrl_operator.constants), so the kubelet does not kill it midway.
 FINAL_COMMIT_SECONDS: Final = 45.0
+# Each attempt to connect to NATS at startup; between them the heartbeat moves and a
+# SIGTERM is seen.
+CONNECT_ATTEMPT_SECONDS: Final = 5.0
 # All of the way out after SIGTERM: past it, the process writes its stacks and exits
 # (watchdog) rather than sit until the kubelet kills it with nothing in its log.
 EXIT_SECONDS: Final = 55.0
@@ -443,6 +450,7 @@ class SinkService:
                     f"--http-host/--http-port: cannot listen on {self.config.http_host}:"
                     f"{self.config.http_port}: {err.strerror or err}"
                 ) from err
+        final_commit_failed: BaseException | None = None
         try:
             committed = await self._retry("open", self.writer.open)
             self._last_seen = committed
@@ -450,24 +458,60 @@ class SinkService:
             self.metrics.committed_seq.set(committed)
             log.info("%s sink: committed up to stream sequence %d", self.writer.kind, committed)
             _widen_nats_reads()
-            nc = await streams.connect(self.options)
+            nc = await self._connect()
             self._nc = nc
             try:
                 js = nc.jetstream()
                 await self._consume(js)
             finally:
-                await self._final_commit()
+                final_commit_failed = await self._final_commit()
                 # Not drain(): a pending pull request would hold it for drain_timeout.
                 with contextlib.suppress(Exception):
                     await nc.flush(timeout=2)
                 with contextlib.suppress(Exception):
                     await nc.close()
+        except _Stopped as stop:
+            log.info("%s sink: stopped while %s was being retried", self.writer.kind, stop)
         finally:
             self.ready = False
             await self.writer.close()
             if self.http is not None:
                 self.http.shutdown()
                 self.http.server_close()
+        if final_commit_failed is not None:
+            raise PermanentError(
+                f"the final commit failed ({final_commit_failed}); nothing of it was acked,"
+                " it comes again after a restart"
+            )
+
+    async def _connect(self) -> NATS:
+        """The NATS connection, tried again and again until it is up: the heartbeat
+        moves meanwhile (a NATS that is away is no reason for the liveness probe to
+        restart the sink), and a SIGTERM ends the wait (`_Stopped`)."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                nc = await streams.connect(self.options, deadline=CONNECT_ATTEMPT_SECONDS)
+            except streams.ConnectError as err:
+                self._failing.add("connect")
+                self.metrics.errors.labels(self.writer.kind, "connect").inc()
+                log.log(
+                    logging.WARNING if attempt <= 3 or attempt % 10 == 0 else logging.DEBUG,
+                    "%s sink: %s (attempt %d); trying again",
+                    self.writer.kind,
+                    err,
+                    attempt,
+                )
+                self.heartbeat = time.monotonic()
+                if self.stopping.is_set():
+                    raise _Stopped("connect") from None
+                continue
+            self._failing.discard("connect")
+            if self.stopping.is_set():
+                await nc.close()
+                raise _Stopped("connect")
+            return nc
 
     async def _open_stream(self, js: nats.js.JetStreamContext) -> None:
         """Make the stream if this sink is told to, then compare it with the position's."""
@@ -527,14 +571,15 @@ class SinkService:
             and nc.is_connected
         )
 
-    async def _final_commit(self) -> None:
+    async def _final_commit(self) -> BaseException | None:
+        """Commit what is written; returns why it failed, if it did."""
         if self._commit_failed:
             log.warning(
                 "%s sink: a commit failed; what came after it is not committed either"
                 " (it comes again after the restart)",
                 self.writer.kind,
             )
-            return
+            return None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + FINAL_COMMIT_SECONDS
 
@@ -546,9 +591,11 @@ class SinkService:
             if self.writer.pending or self._dead_unacked is not None:
                 await asyncio.wait_for(self._commit(), timeout=left())
                 await asyncio.wait_for(self._drain_commits(), timeout=left())
-        except Exception:
+        except Exception as err:
             # Not committed means not acked: the messages come again after restart.
             log.exception("%s sink: final commit failed", self.writer.kind)
+            return err
+        return None
 
     # ----------------------------------------------------------------- consume
 
@@ -910,7 +957,7 @@ class SinkService:
                 raise
             except Exception as err:
                 if self.stopping.is_set() and where not in {"commit", "deadletter"}:
-                    raise
+                    raise _Stopped(where) from err
                 self._failing.add(where)
                 self.metrics.errors.labels(self.writer.kind, where).inc()
                 log.warning(
@@ -928,6 +975,10 @@ class SinkService:
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.stopping.wait(), seconds)
+
+
+class _Stopped(Exception):
+    """Told to stop while something (named) was being retried: a clean stop."""
 
 
 class PermanentError(Exception):

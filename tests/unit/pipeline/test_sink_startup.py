@@ -1,0 +1,70 @@
+"""A sink started while NATS is away: alive (its heartbeat moves), not ready, and a
+SIGTERM ends it at once with exit 0, not after the watchdog."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from relayrl_runtime import streams
+from relayrl_runtime.sinks import arrow_stream, service
+from support import pipeline
+
+
+def _closed_port_url() -> str:
+    return f"nats://127.0.0.1:{pipeline.free_port()}"  # nothing listens there
+
+
+async def test_the_heartbeat_moves_while_nats_is_away_and_a_stop_ends_the_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(service, "CONNECT_ATTEMPT_SECONDS", 0.3)
+    svc = service.SinkService(
+        arrow_stream.ArrowStreamWriter(tmp_path, "cartpole"),
+        streams.ConnectOptions(servers=(_closed_port_url(),)),
+        service.ServiceConfig(namespace="ml", agent="cartpole", http_port=None),
+    )
+    run = asyncio.create_task(svc.run())
+    started = svc.heartbeat
+    await asyncio.sleep(1.5)
+    assert not run.done()
+    assert svc.heartbeat > started + 0.5, "the heartbeat stood still while connecting"
+    assert not svc.ready
+    svc.stopping.set()
+    await asyncio.wait_for(run, timeout=3)  # a clean stop: no exception
+
+
+def test_a_sigterm_while_nats_is_away_exits_0_at_once(tmp_path: Path) -> None:
+    sink = pipeline.Sink(
+        "arrow", _closed_port_url(), tmp_path, ["--path", str(tmp_path / "out")], dict(os.environ)
+    )
+    sink.start()
+    try:
+        pipeline.wait_until("/healthz", lambda: sink.get("/healthz")[0] == 200, 30)
+        status, body = sink.get("/readyz")
+        assert status == 503, body
+        started = time.monotonic()
+        assert sink.terminate(timeout=20) == 0, sink.logs()
+        # One connect attempt at most (5 s), not the 55 s watchdog.
+        assert time.monotonic() - started < 10, sink.logs()
+        assert "Traceback" not in sink.logs()
+    finally:
+        sink.stop()
+
+
+def test_a_sigterm_while_postgres_is_away_exits_0_without_a_traceback(tmp_path: Path) -> None:
+    """Stopped while the writer's open is being retried: a clean stop, not the
+    connection error's traceback and exit 1."""
+    env = {**os.environ, "RELAYRL_PG_DSN": f"postgresql://127.0.0.1:{pipeline.free_port()}/x"}
+    sink = pipeline.Sink("postgres", _closed_port_url(), tmp_path, [], env)
+    sink.start()
+    try:
+        pipeline.wait_until("a failed open", lambda: "open failed (attempt 2)" in sink.logs(), 30)
+        assert sink.terminate(timeout=20) == 0, sink.logs()
+        assert "Traceback" not in sink.logs()
+    finally:
+        sink.stop()
