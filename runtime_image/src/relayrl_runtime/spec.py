@@ -390,7 +390,7 @@ class RemoteEnv(SpecModel):
 
     rules = (
         Rule(
-            cel=f"self.port != {METRICS_PORT}",
+            cel=f"!has(self.port) || self.port != {METRICS_PORT}",
             message=f"port {METRICS_PORT} is the runtime's metrics port: choose another",
             holds=lambda r: r.port != METRICS_PORT,
             field="port",
@@ -592,8 +592,8 @@ class ArrowSink(SpecModel):
     rules = (
         Rule(
             cel=(
-                f"!(self.path in ['{SCRATCH_DIR}', '{SCRATCH_DIR}/', '{CONFIG_DIR}'])"
-                f" && !self.path.startsWith('{CONFIG_DIR}/')"
+                f"!has(self.path) || (!(self.path in ['{SCRATCH_DIR}', '{SCRATCH_DIR}/',"
+                f" '{CONFIG_DIR}']) && !self.path.startsWith('{CONFIG_DIR}/'))"
             ),
             message=(
                 f"{SCRATCH_DIR} and {CONFIG_DIR} are the sink's own mounts: choose another"
@@ -778,7 +778,11 @@ class PodTemplate(SpecModel):
             field="resources",
         ),
         Rule(
-            cel="self.env.all(e, self.env.filter(f, f.name == e.name).size() == 1)",
+            # No default in the schema: a template without env has no such key.
+            cel=(
+                "!has(self.env)"
+                " || self.env.all(e, self.env.filter(f, f.name == e.name).size() == 1)"
+            ),
             message="each variable name at most once",
             holds=lambda t: _unique_names(t.env),
             field="env",

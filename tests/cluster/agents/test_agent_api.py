@@ -139,6 +139,10 @@ ACCEPTED = [
             "resources": {"requests": {"cpu": "1.5", "memory": "1e9"}, "limits": {"cpu": 2}}
         }
     },
+    # Beside the operator's own env names, ports and mounts.
+    {"template": {"env": [{"name": "A", "value": "1"}, {"name": "RELAYRL_NATS_URL"}]}},
+    {"environment": {"gymnasium": None, "remote": {"port": 6000}}},
+    {"sinks": [{"arrow": {"path": "/tmp/trajectories"}}]},
 ]
 
 
