@@ -126,6 +126,28 @@ def test_sink_cli_parquet_flags() -> None:
     assert writer.parquet == arrow_stream.ParquetSettings("zstd", 3, 5000)
 
 
+async def test_wide_rows_end_a_row_group_by_bytes_not_only_by_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Memory held for a Parquet row group is bounded by bytes too: 256k rows of image
+    observations would be tens of gigabytes."""
+    monkeypatch.setattr(arrow_stream, "_ROW_GROUP_BYTES", 1 << 20)
+    w = arrow_stream.ArrowStreamWriter(tmp_path, trajectories.AGENT)
+    await w.open()
+    most = 0
+    for seq in range(1, 13):
+        d = _delivery(seq, DAY1)
+        d = dataclasses.replace(d, size=300_000)  # as a message of wide rows would be
+        await w.add(d)
+        assert w._file is not None
+        most = max(most, w._file.buffered_bytes)
+    assert most < (1 << 20)
+    await w.commit(w.seal(12))
+    [(_, _, path)] = arrow_stream.committed_files(tmp_path)
+    assert pq.ParquetFile(path).metadata.num_row_groups == 3  # 4 messages each
+    await w.close()
+
+
 async def test_a_sealed_file_commits_while_the_next_one_is_written(tmp_path: Path) -> None:
     w = arrow_stream.ArrowStreamWriter(tmp_path, trajectories.AGENT)
     await w.open()

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import nats.js.api
 import pyarrow as pa
 import pytest
 
@@ -449,3 +450,68 @@ async def test_a_copy_of_a_message_written_before_is_skipped_and_recorded() -> N
     await svc._ack_dead_letters()
     assert writer.committed == [18]
     assert batch[-1].acks == 1
+
+
+class OriginWriter(NoWriter):
+    """A writer whose stored origin is the stream's, as before a NATS node crash."""
+
+    def __init__(self, origin: str) -> None:
+        self._origin = origin
+
+    async def origin(self) -> str:
+        return self._origin
+
+
+class OneStream:
+    """JetStream as far as `_check_stream` asks: the Agent's stream, ending at `last`."""
+
+    def __init__(self, last: int, created: dt.datetime) -> None:
+        self.info = nats.js.api.StreamInfo(
+            config=streams.stream_config("ml", "cartpole"),
+            state=nats.js.api.StreamState(
+                messages=last, bytes=0, first_seq=1, last_seq=last, consumer_count=0
+            ),
+            created=created,
+        )
+
+    async def stream_info(self, name: str) -> nats.js.api.StreamInfo:
+        return self.info
+
+
+@pytest.mark.parametrize(("last", "lost"), [(20, False), (7, True)])
+async def test_a_stream_ending_before_the_position_is_said_to_have_lost_its_tail(
+    last: int, lost: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    created = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
+    js = OneStream(last, created)
+    svc = service.SinkService(
+        OriginWriter(f"{js.info.config.name}@{created.isoformat()}"),  # type: ignore[arg-type]
+        streams.ConnectOptions(),
+        service.ServiceConfig(namespace="ml", agent="cartpole", http_port=None),
+    )
+    svc._last_seen = 12
+    await svc._check_stream(js)  # type: ignore[arg-type]
+    counted = svc.metrics.errors.labels("arrow", "stream-tail-lost")._value.get()
+    assert counted == (1 if lost else 0)
+    assert ("NATS lost its tail; new messages numbered 8-12 are skipped" in caplog.text) is lost
+    assert svc._last_seen == 12  # the same stream: the position stays
+
+
+async def test_lag_follows_the_stream_while_nothing_is_delivered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A commit retried for an hour (Postgres down) holds up the fetching: the lag must
+    grow with the stream, not stay at its last delivery's value."""
+    monkeypatch.setattr(service, "LAG_REFRESH_SECONDS", 0.05)
+    js = OneStream(2010, dt.datetime(2026, 11, 1, tzinfo=dt.UTC))
+    svc = sink(last_seen=10)
+    svc.metrics.lag.set(0)  # what the last delivery said
+    follow = asyncio.create_task(svc._follow_lag(js))  # type: ignore[arg-type]
+    try:
+        for _ in range(100):
+            if svc.metrics.lag._value.get() == 2000:
+                break
+            await asyncio.sleep(0.02)
+        assert svc.metrics.lag._value.get() == 2000
+    finally:
+        await aio.cancel_and_wait(follow)

@@ -59,6 +59,9 @@ DELTA_COLUMNS: Final = ("step", "obs_time", "action_time")
 # Message bytes queued to the encode thread before `add` waits (bounds memory; about
 # two Parquet row groups of CartPole steps).
 _MAX_QUEUED_BYTES: Final = 64 << 20
+# A Parquet row group also ends at this many message bytes: wide rows (images) would
+# otherwise gather gigabytes before `ROW_GROUP_ROWS` (CartPole's 256k rows are 27 MB).
+_ROW_GROUP_BYTES: Final = _MAX_QUEUED_BYTES // 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -279,7 +282,10 @@ class _OpenFile:
         self.buffered.append(table)
         self.buffered_rows += table.num_rows
         self.buffered_bytes += nbytes
-        if self.buffered_rows < self.parquet.row_group_rows:
+        if (
+            self.buffered_rows < self.parquet.row_group_rows
+            and self.buffered_bytes < _ROW_GROUP_BYTES
+        ):
             return None
         ready = (self.buffered, self.buffered_bytes)
         self.buffered, self.buffered_rows, self.buffered_bytes = [], 0, 0

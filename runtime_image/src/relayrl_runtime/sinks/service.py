@@ -371,6 +371,9 @@ FINAL_COMMIT_SECONDS: Final = 45.0
 # Each attempt to connect to NATS at startup; between them the heartbeat moves and a
 # SIGTERM is seen.
 CONNECT_ATTEMPT_SECONDS: Final = 5.0
+# How stale `lag_messages` may get while nothing is delivered before it is asked of
+# the stream instead.
+LAG_REFRESH_SECONDS: Final = 10.0
 # All of the way out after SIGTERM: past it, the process writes its stacks and exits
 # (watchdog) rather than sit until the kubelet kills it with nothing in its log.
 EXIT_SECONDS: Final = 55.0
@@ -408,6 +411,7 @@ class SinkService:
         self._nc: NATS | None = None
         self._last_seen = 0
         self._last_dseq = 0
+        self._lag_at = 0.0  # when `lag_messages` was last set (monotonic)
         self._last_msg: Msg | None = None
         # The last message taken without data (dead-lettered, or a duplicate skipped),
         # when no commit has recorded and acked it yet.
@@ -460,10 +464,12 @@ class SinkService:
             _widen_nats_reads()
             nc = await self._connect()
             self._nc = nc
+            js = nc.jetstream()
+            lag = asyncio.create_task(self._follow_lag(js))
             try:
-                js = nc.jetstream()
                 await self._consume(js)
             finally:
+                await aio.cancel_and_wait(lag)
                 final_commit_failed = await self._final_commit()
                 # Not drain(): a pending pull request would hold it for drain_timeout.
                 with contextlib.suppress(Exception):
@@ -483,6 +489,22 @@ class SinkService:
                 f"the final commit failed ({final_commit_failed}); nothing of it was acked,"
                 " it comes again after a restart"
             )
+
+    async def _follow_lag(self, js: nats.js.JetStreamContext) -> None:
+        """Keep `lag_messages` true while no delivery sets it (a commit being retried
+        holds up the fetching): the stream's last sequence less the last one taken."""
+        while True:
+            await asyncio.sleep(LAG_REFRESH_SECONDS)
+            if time.monotonic() - self._lag_at < LAG_REFRESH_SECONDS:
+                continue  # deliveries keep it
+            try:
+                info = await js.stream_info(self.stream)
+            except Exception as err:  # NATS away too: the gauge keeps its last value
+                log.debug("%s sink: stream info for the lag: %s", self.writer.kind, err)
+                continue
+            last = info.state.last_seq if info.state is not None else 0
+            self.metrics.lag.set(max(0, last - self._last_seen))
+            self._lag_at = time.monotonic()
 
     async def _connect(self) -> NATS:
         """The NATS connection, tried again and again until it is up: the heartbeat
@@ -545,6 +567,23 @@ class SinkService:
         origin = f"{self.stream}@{created}"
         stored = await self._retry("origin", self.writer.origin)
         if stored == origin:
+            last = info.state.last_seq if info.state is not None else 0
+            if last < self._last_seen:
+                # The same stream, ending before what was committed: a NATS node crash
+                # lost its unsynced tail. New messages take the lost sequences again,
+                # and this position skips them: said loudly, as there is no telling them
+                # apart here (pipeline.md, "Delivery").
+                self.metrics.errors.labels(self.writer.kind, "stream-tail-lost").inc()
+                log.error(
+                    "%s sink: stream %s ends at sequence %d, but %d was committed: NATS"
+                    " lost its tail; new messages numbered %d-%d are skipped",
+                    self.writer.kind,
+                    self.stream,
+                    last,
+                    self._last_seen,
+                    last + 1,
+                    self._last_seen,
+                )
             return
         if stored is not None and self._last_seen > 0:
             log.warning(
@@ -769,6 +808,7 @@ class SinkService:
             return False
         self._last_dseq = dseq
         self.metrics.lag.set(meta.num_pending)
+        self._lag_at = time.monotonic()
         self._avg_size += 0.2 * (len(msg.data) - self._avg_size)
         msg_id = message_ids.tracked(msg.headers)
         if msg_id in self._ids:
