@@ -687,3 +687,29 @@ def test_stopped_routers_refuse_a_batch(models: dict[str, Path]) -> None:
     a.shutdown()
     with pytest.raises(errors.AgentClosedError, match="shut down"):
         a._routers.submit([])
+
+
+def test_routers_scaled_down_and_up_at_once_end_at_the_asked_number(
+    models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A router that has just retired is alive for a moment more: it must not be counted
+    as running, or the next scale-up starts one router too few."""
+    a = agent_mod.Agent(models["onnx"], router_scale=4)
+    routers = a._routers
+    task_done = routers._queue.task_done
+
+    def slow_task_done() -> None:  # a retired router stays alive a while after it
+        time.sleep(0.3)
+        task_done()
+
+    monkeypatch.setattr(routers._queue, "task_done", slow_task_done)
+    a.scale_throughput(-3)
+    deadline = time.monotonic() + 5
+    while routers._retiring and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert a.scale_throughput(+3) == 4
+    time.sleep(1.0)  # the retired ones are gone by now
+    assert len([t for t in routers._threads if t.is_alive()]) == 4
+    assert a.router_scale == 4
+    a.shutdown()
+    assert a.router_scale == 0

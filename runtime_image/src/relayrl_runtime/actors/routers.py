@@ -55,6 +55,9 @@ class RouterPool:
         self._lock = threading.Lock()
         self._next_name = 0
         self._closed = False
+        # Routers started and not yet retired, and how many of them are asked to retire:
+        # counted under the lock (a retired thread is still alive for a moment).
+        self._running = 0
         self._retiring = 0
         metrics_.router_queue.set_function(self._queue.qsize)
         self.scale_to(routers)
@@ -63,7 +66,7 @@ class RouterPool:
     def size(self) -> int:
         """Routers running (not counting ones asked to retire)."""
         with self._lock:
-            return sum(t.is_alive() for t in self._threads) - self._retiring
+            return self._running - self._retiring
 
     def scale_to(self, routers: int) -> int:
         """Run exactly `routers` workers."""
@@ -72,13 +75,14 @@ class RouterPool:
             if self._closed:
                 raise errors.AgentClosedError("routers: the agent is shut down")
             self._threads = [t for t in self._threads if t.is_alive()]
-            current = len(self._threads) - self._retiring
+            current = self._running - self._retiring
             for _ in range(routers - current):
                 self._next_name += 1
                 thread = threading.Thread(
                     target=self._run, name=f"relayrl-router-{self._next_name}", daemon=True
                 )
                 self._threads.append(thread)
+                self._running += 1
                 thread.start()
             for _ in range(current - routers):
                 self._retiring += 1
@@ -104,7 +108,8 @@ class RouterPool:
         with self._lock:
             self._closed = True
             alive = [t for t in self._threads if t.is_alive()]
-            for _ in range(len(alive) - self._retiring):
+            for _ in range(self._running - self._retiring):
+                self._retiring += 1
                 self._queue.put(_RETIRE)
         for thread in alive:
             thread.join()
@@ -116,6 +121,7 @@ class RouterPool:
             if item is _RETIRE:
                 with self._lock:
                     self._retiring -= 1
+                    self._running -= 1
                 self._queue.task_done()
                 return
             items: list[list[pool.Chunk]] = [item]  # type: ignore[list-item]
@@ -141,6 +147,7 @@ class RouterPool:
             if retire:
                 with self._lock:
                     self._retiring -= 1
+                    self._running -= 1
                 self._queue.task_done()
                 return
 
