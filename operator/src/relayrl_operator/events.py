@@ -12,12 +12,35 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
+from typing import Protocol
 
 from relayrl_operator import constants, kube
-from relayrl_operator.builders import common
 from relayrl_runtime import spec
 
 log = logging.getLogger(__name__)
+
+
+class Involved(Protocol):
+    """The Agent an Event is about (an `AgentRef`, or one whose spec does not parse)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def namespace(self) -> str: ...
+
+    @property
+    def uid(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class Subject:
+    """An Agent known by its identity alone."""
+
+    name: str
+    namespace: str
+    uid: str
 
 
 class Events:
@@ -27,7 +50,7 @@ class Events:
         self._client = client
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def post(self, agent: common.AgentRef, kind: str, reason: str, message: str) -> None:
+    def post(self, agent: Involved, kind: str, reason: str, message: str) -> None:
         """Post an Event (`kind` Normal or Warning) without waiting for it."""
         task = asyncio.get_running_loop().create_task(
             self._post(agent, kind, reason, message), name=f"event {agent.name} {reason}"
@@ -40,7 +63,7 @@ class Events:
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=within)
 
-    async def _post(self, agent: common.AgentRef, kind: str, reason: str, message: str) -> None:
+    async def _post(self, agent: Involved, kind: str, reason: str, message: str) -> None:
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         event = {
             "apiVersion": "v1",

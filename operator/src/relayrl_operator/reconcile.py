@@ -38,7 +38,7 @@ import logging
 import time
 import zlib
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import nats.js.errors
 
@@ -756,32 +756,23 @@ class Reconciler:
         self._events.post(agent, "Warning", "ReconcileFailed", message)
 
     async def _fail(self, key: Key, state: cache.AgentState, generation: int, message: str) -> None:
+        """A stored spec the operator cannot read: status says so (once, not at every
+        pass), with one Warning Event for each new message."""
         state.error = message
         state.error_generation = generation
         metrics.RECONCILES.labels("permanent_error").inc()
         log.warning("agent %s/%s: %s", *key, message)
         assert state.body is not None
         meta = state.body["metadata"]
-        try:
-            agent_spec = spec.parse_spec(state.body.get("spec") or {})
-        except spec.InvalidSpecError:
-            agent_spec = None
-        if agent_spec is None:
-            patch = {
-                "status": {
-                    "observedGeneration": generation,
-                    "phase": spec.Phase.FAILED.value,
-                    "conditions": [],
-                }
-            }
-            await self._client.merge_patch(kube.AGENT, *key, patch, sub="status")
-            state.last_status, state.status_uid = patch["status"], meta["uid"]
+        written = state.last_status if state.status_uid == meta["uid"] else None
+        current = written if written is not None else state.body.get("status") or {}
+        new = status.invalid(generation, message, current.get("conditions") or [])
+        if {k: current.get(k) for k in new} == new:
             return
-        agent = common.AgentRef(
-            meta["name"], meta["namespace"], meta["uid"], generation, agent_spec
-        )
-        self._events.post(agent, "Warning", "ReconcileFailed", message)
-        await self._write_status(agent, state)
+        await self._client.merge_patch(kube.AGENT, *key, {"status": new}, sub="status")
+        state.last_status, state.status_uid = new, meta["uid"]
+        subject = events.Subject(meta["name"], meta["namespace"], meta["uid"])
+        self._events.post(subject, "Warning", "InvalidSpec", message)
 
     # -------------------------------------------------------------------- status
 
@@ -826,8 +817,19 @@ class Reconciler:
         first = old_phase is None and new["phase"] == spec.Phase.PROGRESSING
         if old_phase != new["phase"] and not first:
             kind = "Warning" if new["phase"] in ("Degraded", "Failed") else "Normal"
-            ready = next(c for c in new["conditions"] if c["type"] == "Ready")
-            self._events.post(agent, kind, f"Phase{new['phase']}", ready["message"])
+            # The condition that says why: Ready's message would say "8/8 actors ready"
+            # of an Agent degraded by a model its pods could not load.
+            why = _PHASE_REASON.get(new["phase"], spec.ConditionType.READY)
+            said = next(c for c in new["conditions"] if c["type"] == why)
+            self._events.post(agent, kind, f"Phase{new['phase']}", said["message"])
+
+
+# The condition whose message a phase's Event carries (Ready's for the others).
+_PHASE_REASON: Final = {
+    spec.Phase.DEGRADED.value: spec.ConditionType.DEGRADED,
+    spec.Phase.FAILED.value: spec.ConditionType.DEGRADED,
+    spec.Phase.PAUSED.value: spec.ConditionType.PAUSED,
+}
 
 
 def _model_source(agent_spec: spec.AgentSpec) -> tuple[str, str]:

@@ -97,6 +97,27 @@ class _Conditions:
         )
 
 
+def invalid(
+    generation: int,
+    message: str,
+    previous: Iterable[Mapping[str, Any]] = (),
+    now: datetime | None = None,
+) -> dict[str, Any]:
+    """The status of an Agent whose stored spec the operator cannot read (a rule the
+    apiserver did not check when it was stored): Failed, and why, on its conditions.
+    The other fields keep what they said: nothing is applied until the spec is fixed."""
+    stamp = (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    conds = _Conditions({c["type"]: c for c in previous if "type" in c}, generation, stamp)
+    conds.set(Cond.READY, FALSE, "InvalidSpec", message)
+    conds.set(Cond.PROGRESSING, FALSE, "InvalidSpec", "nothing is applied until the spec is fixed")
+    conds.set(Cond.DEGRADED, TRUE, "InvalidSpec", message)
+    return {
+        "observedGeneration": generation,
+        "phase": spec.Phase.FAILED.value,
+        "conditions": conds.out,
+    }
+
+
 def _slice_size(index: int, actors: int, per_pod: int) -> int:
     return max(0, min(per_pod, actors - index * per_pod))
 

@@ -328,6 +328,40 @@ async def test_an_agent_with_an_invalid_spec_can_still_be_deleted() -> None:
         assert nats.attempts == 0
 
 
+async def test_an_invalid_stored_spec_says_why_once() -> None:
+    """Stored before a stricter rule: phase Failed with the reason on its conditions,
+    one Warning, and no status write at every later pass."""
+    api = Rejecting("none")  # records Events
+    rec = reconcile.Reconciler(
+        api,  # type: ignore[arg-type]
+        settings.Settings(resync_seconds=0.2),
+        Streams(),  # type: ignore[arg-type]
+        workers=1,
+    )
+    await rec.start()
+    try:
+        body = agent_body()
+        body["spec"]["trajectories"] = {"nats": {"url": "nats://:4222"}}
+        rec.agent_event("MODIFIED", body)
+        await settle(rec)
+        assert len(api.status) == 1
+        written = api.status[0]
+        assert written["phase"] == "Failed"
+        ready = next(c for c in written["conditions"] if c["type"] == "Ready")
+        assert ready["status"] == "False"
+        assert ready["reason"] == "InvalidSpec"
+        assert "invalid spec: spec.trajectories.nats.url" in ready["message"]
+        assert [e["reason"] for e in api.events] == ["InvalidSpec"]
+        # Later passes (an event, the resyncs) find it said already.
+        rec.agent_event("MODIFIED", body)
+        await asyncio.sleep(1.0)  # five resyncs
+        assert len(api.status) == 1
+        assert len(api.events) == 1
+        assert not api.applied  # nothing applied meanwhile
+    finally:
+        await rec.stop()
+
+
 class Rejecting(Recorder):
     """An apiserver that refuses one kind of child for good (a 422, as for a claim
     asked to shrink), until `fixed`."""
@@ -565,6 +599,11 @@ async def test_a_model_that_does_not_load_is_shown_not_rolled_for() -> None:
         assert "they run version 2" in conditions["ModelReady"]["message"]
         assert conditions["Degraded"]["status"] == "True"
         assert api.status[-1]["phase"] == "Degraded"
+        # The Event says why, not "1/1 actors ready" (Ready's message).
+        await settle(rec)
+        [degraded] = [e for e in api.events if e["reason"] == "PhaseDegraded"]
+        assert "could not hot-reload model version 3" in degraded["message"]
+        assert degraded["type"] == "Warning"
 
 
 class Timed(Recorder):
