@@ -35,9 +35,13 @@ class PodView:
     # A model version the pod failed to hot-reload, and why, unless a rolling update
     # for it is under way (reported by the runtime).
     refused: str | None = None
-    # During step 1 of an actor slice handover, once the pod applied it: the actors it
-    # runs (reported), which may be fewer than its slice.
-    handover_actors: int | None = None
+    # The actors it runs, as it reports them, when that may be fewer than its slice:
+    # during step 1 of an actor slice handover (once the pod applied it), and while it
+    # has not applied the current runtime config (`applying`).
+    reported_actors: int | None = None
+    # Ready, and reporting an older runtime config than the ConfigMap's: a hot change
+    # (actors, routers, ...) not taken by this pod yet.
+    applying: bool = False
 
 
 @dataclass(frozen=True)
@@ -124,7 +128,7 @@ def _slice_size(index: int, actors: int, per_pod: int) -> int:
 
 def _pod_actors(pod: PodView, actors: int, per_pod: int) -> int:
     size = _slice_size(pod.index, actors, per_pod)
-    return size if pod.handover_actors is None else min(size, pod.handover_actors)
+    return size if pod.reported_actors is None else min(size, pod.reported_actors)
 
 
 def _plural(n: int, word: str) -> str:
@@ -150,6 +154,7 @@ def compute(
     ready = [p for p in wanted if p.ready]
     ready_actors = sum(_pod_actors(p, desired_actors, per_pod) for p in ready)
     updated = [p for p in wanted if p.current]
+    applying = [p for p in ready if p.applying]
     unschedulable = [p for p in wanted if p.unschedulable]
     failing = [p for p in wanted if p.failing]
     versions = {p.model_version for p in ready if p.model_version is not None}
@@ -248,11 +253,13 @@ def compute(
     removing = len(observed.pods) - len(wanted) + observed.removing
     # Ready counts the pods wanted; Progressing also waits for those to go to be gone.
     settled = len(ready) == desired_pods and len(updated) == desired_pods
-    converged = settled and not removing and observed.handover is None
+    converged = settled and not removing and observed.handover is None and not applying
     if not converged:
         message = f"{len(ready)}/{desired_pods} actor pods ready"
         if removing:
             message += f", {removing} being removed"
+        if applying:
+            message += f", {_plural(len(applying), 'pod')} applying the new runtime config"
         if observed.handover is not None:
             message += ", actors moving between pods"
             if observed.handover:
@@ -275,8 +282,15 @@ def compute(
     stream_ok = observed.stream_ready is True
     # Step 1 of a slice handover: a moved actor runs nowhere until step 2.
     moving = observed.handover is not None and ready_actors < desired_actors
+    # A hot change of actors some pods have not taken yet.
+    catching_up = bool(applying) and ready_actors < desired_actors
     all_ok = (
-        settled and not moving and stream_ok and (sinks_ok or not agent_spec.sinks) and not problems
+        settled
+        and not moving
+        and not catching_up
+        and stream_ok
+        and (sinks_ok or not agent_spec.sinks)
+        and not problems
     )
     if all_ok:
         conds.set(Cond.READY, TRUE, "Ready", f"{ready_actors}/{desired_actors} actors ready")
@@ -295,6 +309,11 @@ def compute(
         elif moving:
             reasons.append(
                 f"{ready_actors}/{desired_actors} actors running, the rest moving between pods"
+            )
+        elif catching_up:
+            reasons.append(
+                f"{ready_actors}/{desired_actors} actors running,"
+                f" {_plural(len(applying), 'pod')} applying the new runtime config"
             )
         if not stream_ok:
             reasons.append("stream not ready")

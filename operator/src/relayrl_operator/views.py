@@ -66,6 +66,7 @@ def observe(
                 state.model_rollout,
                 handover_revision,
                 agent.spec.environment.copies_per_actor(),
+                config_revision=state.config_revision,
             )
         )
     handing_over = (
@@ -99,7 +100,12 @@ def pod_view(
     model_rollout: int | None,
     handover_revision: str | None = None,
     copies: int = 1,
+    *,
+    config_revision: str | None = None,
 ) -> status.PodView:
+    """One actor pod's facts. `config_revision`: the runtime ConfigMap's; a ready pod
+    that reports another has not taken a hot change yet (a pod that reports none, of an
+    older runtime, is taken to run the current one)."""
     index = pod_index(pod)
     conditions = {c["type"]: c for c in (pod.get("status") or {}).get("conditions") or []}
     ready = conditions.get("Ready", {}).get("status") == "True"
@@ -111,6 +117,19 @@ def pod_view(
     refused = report.refused if report is not None else None
     if refused is not None and refused.incompatible and refused.version == model_rollout:
         refused = None  # the rolling update for it replaces this pod
+    handing_over = (
+        report is not None
+        and handover_revision is not None
+        and report.config_revision == handover_revision
+    )
+    applying = (
+        ready
+        and handover_revision is None  # a handover follows the pods' reports itself
+        and report is not None
+        and report.config_revision is not None
+        and config_revision is not None
+        and report.config_revision != config_revision
+    )
     return status.PodView(
         index=index,
         ready=ready,
@@ -120,12 +139,12 @@ def pod_view(
         model_version=report.model_version if report is not None else None,
         refused=None if refused is None else f"version {refused.version}: {refused.reason}",
         # In step 1 of a handover a pod runs only the actors of its new slice it ran
-        # before. It reports its environment copies: `copies` for each actor.
-        handover_actors=report.actors // max(1, copies)
-        if report is not None
-        and handover_revision is not None
-        and report.config_revision == handover_revision
+        # before; before it takes a hot change, the actors of its old slice. It reports
+        # its environment copies: `copies` for each actor.
+        reported_actors=report.actors // max(1, copies)
+        if report is not None and (handing_over or applying)
         else None,
+        applying=applying,
     )
 
 

@@ -768,6 +768,43 @@ def change(body: dict[str, Any], generation: int, **spec: Any) -> dict[str, Any]
     return new
 
 
+async def test_a_hot_change_is_progress_until_the_pods_report_taking_it() -> None:
+    """`kubectl scale` changes the runtime config only: status must not say Converged,
+    nor count the new slices, before the pods report the new config."""
+    api = Versioned()
+    nats = Reporting()
+    async with running(api, nats) as rec:
+        first, _ = await with_running_pods(rec, 4)  # 16 actors, 4 per pod
+        fewer = change(first, 2, actors=14)  # pod 3 runs 2
+        rec.agent_event("MODIFIED", fewer)
+        await settle(rec)
+        taken = api.revision()
+        for i in range(4):  # 4 copies per actor (the example's envsPerActor)
+            nats.pod_reports[f"cartpole-actors-{i}"] = report(
+                i, taken, actors=4 * (4 if i < 3 else 2)
+            )
+        rec._reported(KEY)
+        await settle(rec)
+        assert api.status[-1]["readyActors"] == 14
+        assert progressing(api)["status"] == "False"
+
+        more = change(fewer, 3, actors=16)  # pod 3 is to run 4
+        rec.agent_event("MODIFIED", more)
+        await settle(rec)
+        assert api.status[-1]["desiredActors"] == 16
+        assert api.status[-1]["readyActors"] == 14  # pod 3 still runs its 2
+        assert progressing(api)["status"] == "True"
+        assert "4 pods applying the new runtime config" in progressing(api)["message"]
+        assert "14/16 actors running" in ready(api)["message"]
+        for i in range(4):
+            nats.pod_reports[f"cartpole-actors-{i}"] = report(i, api.revision(), actors=16)
+        rec._reported(KEY)
+        await settle(rec)
+        assert api.status[-1]["readyActors"] == 16
+        assert progressing(api)["status"] == "False"
+        assert "applying" not in ready(api)["message"]
+
+
 async def test_an_actors_per_pod_change_hands_actors_over_before_pods_take_new_ones() -> None:
     api = Versioned()
     nats = Reporting()
@@ -828,7 +865,15 @@ async def test_an_actors_per_pod_change_hands_actors_over_before_pods_take_new_o
         assert "actors moving" not in progressing(api)["message"]
         step2 = [name for name, p in api.pod_patches if p == annotated(api.revision())]
         assert step2 == ["cartpole-actors-0", "cartpole-actors-1"]
-        assert api.status[-1]["readyActors"] == 16  # their slices, once they take them
+        # What runs until the pods take step 2 (they report the step-1 config).
+        assert api.status[-1]["readyActors"] == 4
+        assert "2 pods applying the new runtime config" in progressing(api)["message"]
+        for i in range(2):
+            nats.pod_reports[f"cartpole-actors-{i}"] = report(i, api.revision(), actors=8 * 4)
+        rec._reported(KEY)
+        await settle(rec)
+        assert api.status[-1]["readyActors"] == 16  # their slices, now they took them
+        assert "applying" not in progressing(api)["message"]
         assert "moving" not in ready(api)["message"]
 
         # A late watch event of the step-1 ConfigMap undoes nothing.

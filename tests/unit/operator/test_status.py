@@ -53,7 +53,7 @@ def test_actors_moving_between_pods_are_not_ready_until_they_run_again() -> None
     s = make_spec({"spec": {"actors": 10, "actorsPerPod": 4}})
     running = (2, 0, 0)
     pods = [
-        status.PodView(i, ready=True, current=True, handover_actors=n)
+        status.PodView(i, ready=True, current=True, reported_actors=n)
         for i, n in enumerate(running)
     ]
     moving = status.Observed(pods, ARROW_READY, stream_ready=True, handover=())
