@@ -61,6 +61,45 @@ BIN = Path(sys.executable).parent
             ["relayrl-sink", "postgres", "--agent", "a", "--table", "Steps"],
             "argument --table: expected lower-case letters",
         ),
+        (
+            [
+                "relayrl-runtime",
+                "model",
+                "push",
+                "/m",
+                "--nats",
+                "nats://n:4222",
+                "--bucket",
+                "my.models",
+                "--name",
+                "cp",
+            ],
+            "--bucket: expected letters, digits, '_' and '-'",
+        ),
+        (
+            [
+                "relayrl-runtime",
+                "model",
+                "push",
+                "/m",
+                "--nats",
+                "nats://n:4222",
+                "--bucket",
+                "models",
+                "--name",
+                "team/cp",
+            ],
+            "--name: expected letters",
+        ),
+        (
+            ["relayrl-runtime", "model", "list", "--nats", "nats://n:4222", "--bucket", "a.b"],
+            "--bucket: expected",
+        ),
+        (["relayrl-runtime", "simulate", "--address", "tcp://localhost"], "expected tcp://"),
+        (
+            ["relayrl-runtime", "simulate", "--address", "tcp://h:5555", "--envs", "0"],
+            "argument --envs: expected a whole number >= 1",
+        ),
         (["relayrl-operator", "run", "--workers", "0"], "expected a whole number >= 1"),
         (["relayrl-runtime", "model", "export", "/tmp/x", "--version", "0"], "expected a whole"),
         (["relayrl-runtime", "model", "export", "/tmp/x", "--hidden", "64,a"], "layer widths"),
@@ -154,3 +193,45 @@ def test_a_runtime_listen_address_not_of_this_host_is_named(tmp_path: Path) -> N
     done = _runtime_listening(tmp_path, "127.0.0.1", 0, {"RELAYRL_BIND_ADDRESS": "192.0.2.1"})
     assert done.returncode == 2, done.stderr
     assert "RELAYRL_BIND_ADDRESS: cannot listen on 192.0.2.1:0" in done.stderr, done.stderr
+
+
+def test_a_model_uri_naming_a_file_is_refused_by_name(tmp_path: Path) -> None:
+    graph = tmp_path / "policy.onnx"
+    graph.write_bytes(b"not read")
+    cfg = tmp_path / "runtime.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "agent": "a",
+                "actors": 1,
+                "model": {"uri": str(graph), "format": "onnx"},
+                "environment": {"gymnasium": {"id": "CartPole-v1"}},
+                "localSink": {"path": str(tmp_path / "out")},
+            }
+        )
+    )
+    done = subprocess.run(
+        [str(BIN / "relayrl-runtime"), "run", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "RELAYRL_BIND_ADDRESS": "127.0.0.1"},
+    )
+    assert done.returncode == 2, done.stderr
+    assert "model.uri: expected a model directory" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_nats_secrets_named_in_a_config_must_be_mounted() -> None:
+    """Run by hand, a config that names a TLS or credentials Secret without it mounted
+    is refused, rather than connecting in plain text or without credentials."""
+    from relayrl_runtime import spec
+
+    tls = spec.NatsSpec.model_validate({"url": "tls://n:4222", "tls": {"secretName": "nats-tls"}})
+    with pytest.raises(streams.ConnectError, match="tls: Secret 'nats-tls' is named but"):
+        streams.nats_spec_options(tls, {})
+    creds = spec.NatsSpec.model_validate({"credentialsSecret": {"name": "nats-creds"}})
+    with pytest.raises(streams.ConnectError, match="credentialsSecret: Secret 'nats-creds'"):
+        streams.nats_spec_options(creds, {})
+    assert streams.nats_spec_options(creds, {"RELAYRL_NATS_TOKEN": "t"}).token == "t"

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import nats.errors
 import numpy as np
 
 from relayrl_runtime import agent as agent_mod
@@ -47,6 +48,7 @@ from relayrl_runtime import (
     watchdog,
 )
 from relayrl_runtime.envs import driver, gym, python
+from relayrl_runtime.inference import model as model_mod
 from relayrl_runtime.sinks import base as sink_base
 from relayrl_runtime.sinks import local
 from relayrl_runtime.transport import endpoint, publisher
@@ -391,13 +393,24 @@ class App:
                 try:
                     path, entry = await registry.fetch(nc, ref, cache)
                     break
-                except errors.ModelMissingError as err:
-                    # Not pushed yet, or a pinned version that is not there: wait (not
-                    # ready) rather than exit into a crash loop. SIGTERM ends the wait.
-                    self._waiting = f"waiting for the model: {err}"
+                except (
+                    errors.ModelMissingError,
+                    errors.ModelLoadError,
+                    TimeoutError,
+                    OSError,
+                    nats.errors.Error,
+                ) as err:
+                    # Not pushed yet, a pinned version that is not there, an archive no
+                    # runtime can unpack, or NATS not answering: wait (not ready) rather
+                    # than exit into a crash loop. SIGTERM ends the wait.
+                    what = str(err) or registry.describe(err)
+                    self._waiting = f"waiting for the model: {what}"
                     log.warning(
-                        "%s; push it, or change model.version; looking again in %.0fs",
-                        err,
+                        "%s; %s; looking again in %.0fs",
+                        what,
+                        "push it, or change model.version"
+                        if isinstance(err, errors.RelayRLError)
+                        else "the model registry did not answer",
                         delay,
                     )
                     await asyncio.sleep(delay)
@@ -412,6 +425,12 @@ class App:
 
             return path, registry_watcher
         path = Path(m.uri.removeprefix("file://"))
+        if path.is_file():  # the metadata a single graph file needs has no place here
+            raise errors.InvalidArgumentError.mismatch(
+                "model.uri",
+                f"a model directory (with {model_mod.METADATA_FILE}) holding the graph",
+                f"the file {path}",
+            )
 
         def path_watcher(a: agent_mod.Agent) -> reload.PathWatcher:
             return reload.PathWatcher(a, path, poll, m.version)

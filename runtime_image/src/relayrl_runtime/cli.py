@@ -17,6 +17,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import nats.errors
+
 from relayrl_runtime import argtypes, errors, spec
 
 
@@ -28,6 +30,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
     except (errors.RelayRLError, spec.InvalidSpecError, OSError) as err:
         print(f"relayrl-runtime: error: {err}", file=sys.stderr)
+        return 2
+    except (nats.errors.Error, TimeoutError) as err:  # e.g. a server without JetStream
+        from relayrl_runtime import registry
+
+        print(f"relayrl-runtime: error: NATS: {registry.describe(err)}", file=sys.stderr)
         return 2
     return code
 
@@ -57,14 +64,18 @@ def _parser() -> argparse.ArgumentParser:
         "--address", required=True, type=_zmq_address, help="the endpoint, tcp://HOST:PORT"
     )
     sim.add_argument("--env", default="CartPole-v1", help="gymnasium environment id")
-    sim.add_argument("--envs", type=int, default=4, help="environment copies (one actor each)")
-    sim.add_argument("--steps", type=int, default=None, help="stop after this many env steps")
-    sim.add_argument("--seconds", type=float, default=None, help="stop after this long")
+    sim.add_argument(
+        "--envs", type=argtypes.at_least_one, default=4, help="environment copies (one actor each)"
+    )
+    sim.add_argument(
+        "--steps", type=argtypes.at_least_one, default=None, help="stop after this many env steps"
+    )
+    sim.add_argument("--seconds", type=_seconds, default=None, help="stop after this long")
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument(
-        "--connect-timeout", type=float, default=300.0, help="wait this long for the runtime"
+        "--connect-timeout", type=_seconds, default=300.0, help="wait this long for the runtime"
     )
-    sim.add_argument("--report-seconds", type=float, default=10.0, help="progress line period")
+    sim.add_argument("--report-seconds", type=_seconds, default=10.0, help="progress line period")
     sim.set_defaults(func=_simulate)
 
     model = sub.add_parser("model", help="model directories and the model registry")
@@ -85,6 +96,11 @@ def _parser() -> argparse.ArgumentParser:
     push.add_argument("--nats", required=True, help="NATS URL")
     push.add_argument("--bucket", required=True)
     push.add_argument("--name", required=True)
+    push.add_argument(
+        "--force",
+        action="store_true",
+        help="replace other content under the same version, or push below the newest",
+    )
     push.set_defaults(func=_push)
     lst = msub.add_parser("list", help="list models in a registry bucket")
     lst.add_argument("--nats", required=True)
@@ -107,9 +123,27 @@ def _widths(value: str) -> list[int]:
 
 
 def _zmq_address(value: str) -> str:
-    if not value.startswith(("tcp://", "ipc://")) or value.endswith("//"):
+    if value.startswith("ipc://") and len(value) > len("ipc://"):
+        return value
+    host, _, port = value.removeprefix("tcp://").rpartition(":")
+    if (
+        not value.startswith("tcp://")
+        or not host
+        or not port.isdigit()
+        or not 0 < int(port) < 65536
+    ):
         raise argparse.ArgumentTypeError(f"expected tcp://HOST:PORT, got {value!r}")
     return value
+
+
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {value!r}")
+    return seconds
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -123,7 +157,10 @@ def _simulate(args: argparse.Namespace) -> int:
 
     try:
         return simulate.main(args)
-    except (TimeoutError, ValueError) as err:
+    except ValueError as err:  # a bad --env: what was asked for cannot run
+        print(f"relayrl-runtime: error: {err}", file=sys.stderr)
+        return 2
+    except TimeoutError as err:  # no runtime answered
         print(f"relayrl-runtime: error: {err}", file=sys.stderr)
         return 1
 
@@ -148,12 +185,15 @@ def _push(args: argparse.Namespace) -> int:
     from relayrl_runtime import registry
     from relayrl_runtime.inference import model
 
-    model.read_metadata(args.directory)  # a bad directory fails before any connection
+    # A bad name or directory fails before any connection.
+    registry.check_names(args.bucket, args.name)
+    model.read_metadata(args.directory)
+    registry.pack(args.directory)
 
     async def go() -> registry.Entry:
         nc = await registry.connect(args.nats, args.connect_timeout)
         try:
-            return await registry.push(nc, args.bucket, args.name, args.directory)
+            return await registry.push(nc, args.bucket, args.name, args.directory, args.force)
         finally:
             await nc.close()
 
@@ -164,6 +204,11 @@ def _push(args: argparse.Namespace) -> int:
 
 def _list(args: argparse.Namespace) -> int:
     from relayrl_runtime import registry
+
+    if not registry.BUCKET_NAME.fullmatch(args.bucket):
+        raise errors.InvalidArgumentError.mismatch(
+            "--bucket", "letters, digits, '_' and '-'", repr(args.bucket)
+        )
 
     async def go() -> list[registry.Entry]:
         nc = await registry.connect(args.nats, args.connect_timeout)

@@ -6,17 +6,29 @@
 version, and `<name>@v<version>` keeps every pushed version (for pinned `model.version`).
 Each object is a gzip'd tar of the directory; its description is JSON
 `{"version": N, "format": "onnx"}`, so listing needs no download.
+
+A version names one model: the steps a runtime records carry it. So a push of version
+N refuses other bytes where `<name>@vN` is stored already, and a version below the
+newest, unless forced (a deliberate rollback). Packing is reproducible (no times or
+owners in the archive), so pushing the same directory again changes nothing.
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import dataclasses
+import gzip
+import hashlib
 import io
 import json
+import os
+import re
 import shutil
 import tarfile
+from collections.abc import Awaitable
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, TypeVar
 from urllib.parse import urlparse
 
 from nats.js import api
@@ -28,6 +40,17 @@ from relayrl_runtime.inference import model
 SCHEME = "objectstore"
 # How long the registry commands wait for NATS before they give up.
 CONNECT_SECONDS = 30.0
+# A download gets this long plus a second for every FETCH_BYTES_PER_SECOND of the
+# object: an object replaced while it is read never ends its read (its chunks go).
+FETCH_SECONDS: Final = 60.0
+FETCH_BYTES_PER_SECOND: Final = 10 << 20
+# Bucket names NATS takes; model names the model URI takes (no '@v<digits>' suffix,
+# which would read as another name's version).
+BUCKET_NAME: Final = re.compile(r"^[A-Za-z0-9_-]+$")
+MODEL_NAME: Final = re.compile(r"^[A-Za-z0-9_.-]+$")
+_VERSIONED: Final = re.compile(r"@v\d+$")
+
+_T = TypeVar("_T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,15 +94,57 @@ def versioned_key(name: str, version: int) -> str:
     return f"{name}@v{version}"
 
 
+def check_names(bucket: str, name: str) -> None:
+    """Raise InvalidArgumentError unless NATS takes the bucket and a model URI the name."""
+    if not BUCKET_NAME.fullmatch(bucket):
+        raise errors.InvalidArgumentError.mismatch(
+            "--bucket", "letters, digits, '_' and '-'", repr(bucket)
+        )
+    if not MODEL_NAME.fullmatch(name) or _VERSIONED.search(name):
+        raise errors.InvalidArgumentError.mismatch(
+            "--name",
+            "letters, digits, '_', '-' and '.', not ending in @v<digits>",
+            repr(name),
+        )
+
+
 def pack(directory: Path) -> bytes:
-    """A gzip'd tar of the model directory's regular files (validated metadata first)."""
-    model.read_metadata(directory)
+    """A gzip'd tar of the model directory's files (validated metadata first).
+
+    Symbolic links are followed (a checkpoint linked in is packed as its content), and
+    the archive holds no times, owners or modes: the same files give the same bytes.
+    """
+    meta = model.read_metadata(directory)
+    files: list[tuple[str, Path]] = []
+    for root, dirs, names in os.walk(directory):
+        dirs.sort()
+        for file_name in sorted(names):
+            path = Path(root) / file_name
+            if path.is_file():  # follows a link; skips sockets, broken links
+                files.append((path.relative_to(directory).as_posix(), path))
+    graph = meta.graph_file()
+    if graph not in {arcname for arcname, _ in files}:
+        raise errors.ModelMetadataError(
+            f"{directory / model.METADATA_FILE}: file: expected {graph!r} in the"
+            f" directory, got no such file"
+        )
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for path in sorted(directory.iterdir()):
-            if path.is_file():
-                tar.add(path, arcname=path.name)
+    with (
+        gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as zipped,
+        tarfile.open(fileobj=zipped, mode="w", format=tarfile.PAX_FORMAT) as tar,
+    ):
+        for arcname, path in files:
+            info = tarfile.TarInfo(arcname)
+            data = path.read_bytes()
+            info.size = len(data)
+            info.mode = 0o644
+            tar.addfile(info, io.BytesIO(data))
     return buf.getvalue()
+
+
+def digest_of(data: bytes) -> str:
+    """The digest the object store records for `data`."""
+    return "SHA-256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).decode()
 
 
 def unpack(data: bytes, destination: Path) -> Path:
@@ -95,45 +160,113 @@ def unpack(data: bytes, destination: Path) -> Path:
     return destination
 
 
+async def _nats(bucket: str, request: Awaitable[_T]) -> _T:
+    """A registry request; a refusal no retry changes (a bad name, a bad request) as
+    RelayRLError. Not-found passes as it is; so do timeouts and "JetStream not
+    available" (503), which may pass."""
+    try:
+        return await request
+    except js_errors.NotFoundError:
+        raise
+    except (js_errors.InvalidBucketNameError, js_errors.BadRequestError) as err:
+        raise errors.RelayRLError(
+            f"model registry: bucket {bucket!r}: NATS refused: {describe(err)}"
+        ) from err
+
+
+def describe(err: BaseException) -> str:
+    """An error of nats-py in words (some have no message of their own)."""
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
 async def object_store(nc: Any, bucket: str, create: bool = False) -> Any:
     """The bucket's object store (created when asked and missing)."""
     js = nc.jetstream()
     try:
-        return await js.object_store(bucket)
+        return await _nats(bucket, js.object_store(bucket))
     except js_errors.BucketNotFoundError:
         if not create:
             raise errors.ModelMissingError(
                 f"model registry: bucket {bucket!r} does not exist"
             ) from None
-        return await js.create_object_store(bucket)
+        return await _nats(bucket, js.create_object_store(bucket))
 
 
-async def push(nc: Any, bucket: str, name: str, directory: Path) -> Entry:
-    """Upload a model directory as the newest version of `name`."""
+class VersionConflictError(errors.RelayRLError):
+    """A push that would give a version number to other bytes, or go back in versions."""
+
+    kind = "version_conflict"
+
+
+async def push(nc: Any, bucket: str, name: str, directory: Path, force: bool = False) -> Entry:
+    """Upload a model directory as the newest version of `name`.
+
+    Refused (`VersionConflictError`) without `force`: other bytes for a version already
+    stored, and a version below the newest one. The same directory again is a no-op.
+    """
+    check_names(bucket, name)
     meta = model.read_metadata(directory)
     data = pack(directory)
+    digest = digest_of(data)
     store = await object_store(nc, bucket, create=True)
+    versioned = versioned_key(name, meta.version)
+    stored = await _info_of(store, bucket, versioned)
+    newest = await _info_of(store, bucket, name)
+    if not force:
+        if stored is not None and stored.digest != digest:
+            raise VersionConflictError(
+                f"model registry: {versioned} in bucket {bucket!r} holds other content:"
+                f" give changed weights a new version (model export --version, or"
+                f" 'version' in {model.METADATA_FILE}), or push with --force"
+            )
+        if newest is not None and newest.version is not None and newest.version > meta.version:
+            raise VersionConflictError(
+                f"model registry: {name} is at version {newest.version} in bucket"
+                f" {bucket!r}, above {meta.version}: pods pin an older version with"
+                f" model.version; push with --force to make it the newest again"
+            )
     description = json.dumps({"version": meta.version, "format": meta.format.value})
-    for key in (versioned_key(name, meta.version), name):
-        info = await store.put(key, data, meta=api.ObjectMeta(name=key, description=description))
-    return Entry(name, meta.version, meta.format.value, int(info.size or 0), str(info.digest))
+    for key, current in ((versioned, stored), (name, newest)):
+        if current is not None and current.digest == digest and current.version == meta.version:
+            continue  # already there, as it is
+        await _nats(
+            bucket,
+            store.put(key, data, meta=api.ObjectMeta(name=key, description=description)),
+        )
+    return Entry(name, meta.version, meta.format.value, len(data), digest)
+
+
+async def _info_of(store: Any, bucket: str, key: str) -> Entry | None:
+    try:
+        return _entry(await _nats(bucket, store.get_info(key)))
+    except js_errors.NotFoundError:
+        return None
 
 
 async def list_models(nc: Any, bucket: str) -> list[Entry]:
     """Every object in the bucket, sorted by key."""
     store = await object_store(nc, bucket)
     try:
-        infos = await store.list()
+        infos = await _nats(bucket, store.list())
     except js_errors.NotFoundError:
         return []
-    return sorted((_entry(i) for i in infos if not i.deleted), key=lambda e: e.key)
+    return sorted((_entry(i) for i in infos if not i.deleted), key=_list_order)
+
+
+def _list_order(e: Entry) -> tuple[str, int, int]:
+    """By name, the newest-version object first, then its versions in number order."""
+    base, _, number = e.key.rpartition("@v")
+    if base and number.isdigit():
+        return base, 1, int(number)
+    return e.key, 0, 0
 
 
 async def info(nc: Any, ref: ModelRef) -> Entry:
     """Metadata of the wanted object (no download)."""
     store = await object_store(nc, ref.bucket)
     try:
-        return _entry(await store.get_info(ref.key))
+        return _entry(await _nats(ref.bucket, store.get_info(ref.key)))
     except js_errors.NotFoundError:
         raise errors.ModelMissingError(
             f"model registry: no object {ref.key!r} in bucket {ref.bucket!r}"
@@ -144,7 +277,16 @@ async def fetch(nc: Any, ref: ModelRef, cache: Path) -> tuple[Path, Entry]:
     """Download and unpack the wanted version under `cache`; returns (directory, entry)."""
     store = await object_store(nc, ref.bucket)
     try:
-        result = await store.get(ref.key)
+        size = int((await _nats(ref.bucket, store.get_info(ref.key))).size or 0)
+        budget = FETCH_SECONDS + size / FETCH_BYTES_PER_SECOND
+        try:
+            result = await asyncio.wait_for(_nats(ref.bucket, store.get(ref.key)), budget)
+        except TimeoutError:
+            # Replaced while read (a push meanwhile): its old chunks are gone.
+            raise TimeoutError(
+                f"model registry: {ref.key} in {ref.bucket!r} not read within {budget:.0f}s"
+                " (replaced meanwhile?); trying again"
+            ) from None
     except js_errors.NotFoundError:
         raise errors.ModelMissingError(
             f"model registry: no object {ref.key!r} in bucket {ref.bucket!r}"

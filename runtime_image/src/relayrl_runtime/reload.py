@@ -5,9 +5,11 @@ worker thread (`Agent.areload_model`) and the swap between two requests, so no r
 fails during a reload. A version that fails to load or does not fit the running agent
 is logged and counted, and the agent keeps its current model.
 
-For a path, publish a new version by writing a new directory and renaming it over the
-old one (or writing `relayrl-model.json` last): the watcher reloads when the metadata
-file changes and its version differs from the running one.
+For a path, publish a new version in one step: write it to a directory of its own and
+point a symbolic link at it (`ln -s v4 tmp && mv -T tmp model`, with `model.uri` the
+link). The watcher reloads when the metadata file changes and its version differs from
+the running one. Rewriting the files in place works only when `relayrl-model.json` is
+written last and the next version is not written while this one loads.
 """
 
 from __future__ import annotations
@@ -181,7 +183,14 @@ class RegistryWatcher(_Watcher):
                 if entry.version == self.agent.get_model_version():
                     self.refused = None  # e.g. back to a version it runs
                 return
-            path, entry = await registry.fetch(self.nc, self.ref, self.cache)
+            try:
+                path, entry = await registry.fetch(self.nc, self.ref, self.cache)
+            except errors.ModelLoadError as err:
+                # Not a model archive any runtime can unpack: reported, and not fetched
+                # again until the object changes.
+                self._digest = entry.digest
+                self.refused = reporting.Refusal(entry.version, str(err), incompatible=False)
+                raise
             try:
                 await self._take(path, entry)
             except asyncio.CancelledError:

@@ -14,6 +14,7 @@ Progress goes to stdout as one JSON line every ``report_seconds``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import signal
@@ -121,8 +122,9 @@ def run(
             result = remote.request_action(ids, obs.astype(np.float32, copy=False), reward=rewards)
             summary.versions.add(result.version)
             for i, env in enumerate(copies):
+                action = result.actions[i]  # a vector for continuous actions
                 obs[i], rewards[i], terminated[i], truncated[i], _ = env.step(
-                    result.actions[i].item()
+                    action.item() if action.ndim == 0 else action
                 )
             returns += rewards
             ended = terminated | truncated
@@ -145,8 +147,10 @@ def run(
             if now - last_report >= report_seconds:
                 last_report = now
                 print(summary.line("progress"), file=out, flush=True)
-        remote.remove_actors(ids)
     finally:
+        # Whatever ended the run, its actors go now (not at the idle timeout).
+        with contextlib.suppress(Exception):
+            remote.remove_actors(ids)
         remote.close()
         for env in copies:
             env.close()

@@ -341,7 +341,7 @@ class ModelSpec(SpecModel):
         max_length=2048,
         description=(
             "Where the model is: an absolute path or file:// URI of a model directory "
-            "(with relayrl-model.json) or file, or objectstore://<bucket>/<name> for the "
+            "(with relayrl-model.json), or objectstore://<bucket>/<name> for the "
             "NATS JetStream object store used as the model registry."
         ),
     )

@@ -555,5 +555,26 @@ def nats_spec_options(
     environ: Mapping[str, str] | None = None,
     name: str | None = None,
 ) -> ConnectOptions:
-    """Connect options for an Agent's `trajectories.nats`, secrets from the mounted dirs."""
-    return ConnectOptions.from_env(environ, servers=nats_spec.url, name=name)
+    """Connect options for an Agent's `trajectories.nats`, secrets from the mounted dirs.
+
+    The spec names Secrets; the process reads them where they are mounted (the
+    operator mounts them and sets the variables). A config that names one with nothing
+    mounted is refused, rather than connecting without TLS or credentials."""
+    env = os.environ if environ is None else environ
+    if nats_spec.tls is not None and not env.get(ENV_NATS_TLS_DIR):
+        raise ConnectError(
+            f"tls: Secret {nats_spec.tls.secret_name!r} is named but {ENV_NATS_TLS_DIR}"
+            " names no directory it is mounted in"
+        )
+    creds = (
+        ENV_NATS_CREDENTIALS_DIR,
+        ENV_NATS_USER,
+        ENV_NATS_TOKEN,
+        ENV_NATS_CREDS_FILE,
+    )
+    if nats_spec.credentials_secret is not None and not any(env.get(k) for k in creds):
+        raise ConnectError(
+            f"credentialsSecret: Secret {nats_spec.credentials_secret.name!r} is named but"
+            f" {ENV_NATS_CREDENTIALS_DIR} names no directory it is mounted in"
+        )
+    return ConnectOptions.from_env(env, servers=nats_spec.url, name=name)

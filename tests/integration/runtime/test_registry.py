@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import nats
+import nats.js.api
 import pyarrow as pa
 import pyarrow.parquet as pq
 from integration.runtime import helpers
@@ -267,12 +268,92 @@ def test_other_weights_under_the_running_version_are_not_loaded(
     proc = helpers.RuntimeProcess(tmp_path, cfg)
     try:
         proc.wait_ready()
-        _cli("model", "push", "--nats", url, "--bucket", "m3", "--name", "cp", str(other))
+        # Refused unless forced: the number already names other weights.
+        push = ["model", "push", "--nats", url, "--bucket", "m3", "--name", "cp", str(other)]
+        done = subprocess.run(
+            [str(helpers.RUNTIME), *push],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 2, done.stderr
+        assert "cp@v1 in bucket 'm3' holds other content" in done.stderr
+        _cli(
+            "model", "push", "--nats", url, "--bucket", "m3", "--name", "cp", "--force", str(other)
+        )
         helpers.wait_for("the warning", lambda: "holds other content for version 1" in proc.logs())
         time.sleep(1.0)  # several polls
         assert proc.logs().count("holds other content") == 1
         assert helpers.metric(proc.metrics(), "relayrl_runtime_model_version") == 1
         assert 'model_reloads_total{result="ok"}' not in proc.metrics()  # none loaded
+        assert proc.terminate() == 0, proc.logs()
+    finally:
+        proc.kill()
+
+
+def test_a_push_keeps_versions_apart_and_goes_forward(
+    nats_server: natsserver.NatsServer, tmp_path: Path
+) -> None:
+    """The same directory again is a no-op; a version below the newest is refused
+    unless forced (a rollback), and then is the newest."""
+    url = nats_server.url
+    v1, v2 = tmp_path / "v1", tmp_path / "v2"
+    export.export_mlp(v1, spec.ModelFormat.ONNX, seed=1, version=1)
+    export.export_mlp(v2, spec.ModelFormat.ONNX, seed=2, version=2)
+    push = ["model", "push", "--nats", url, "--bucket", "m5", "--name", "cp"]
+    _cli(*push, str(v1))
+    _cli(*push, str(v2))
+    listing = _cli("model", "list", "--nats", url, "--bucket", "m5")
+    _cli(*push, str(v2))  # again: nothing changes
+    assert _cli("model", "list", "--nats", url, "--bucket", "m5") == listing
+    done = subprocess.run(
+        [str(helpers.RUNTIME), *push, str(v1)], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 2, done.stderr
+    assert "cp is at version 2 in bucket 'm5', above 1" in done.stderr
+    _cli(*push, "--force", str(v1))
+    lines = _cli("model", "list", "--nats", url, "--bucket", "m5").splitlines()
+    assert [line.split("\t")[:2] for line in lines] == [
+        ["cp", "version=1"],
+        ["cp@v1", "version=1"],
+        ["cp@v2", "version=2"],
+    ]
+
+
+def test_an_object_no_runtime_can_unpack_is_reported_and_fetched_once(
+    nats_server: natsserver.NatsServer, models: dict[str, Path], tmp_path: Path
+) -> None:
+    """Put by hand (not through `model push`): the pod keeps its model, reports the
+    refusal, and does not download the object again at every poll."""
+    url = nats_server.url
+    _cli("model", "push", "--nats", url, "--bucket", "m6", "--name", "cp", str(models["onnx"]))
+    cfg = _config("unpack", "objectstore://m6/cp", url, tmp_path, namespace="ns", reload=_POLL)
+    env = {config.ENV_POD_NAME: "unpack-0"}
+    proc = helpers.RuntimeProcess(tmp_path, cfg, env=env, mounted=True)
+    try:
+        proc.wait_ready()
+
+        async def put_garbage() -> None:
+            nc = await nats.connect(url)
+            try:
+                store = await nc.jetstream().object_store("m6")
+                meta = nats.js.api.ObjectMeta(
+                    name="cp", description='{"version": 2, "format": "onnx"}'
+                )
+                await store.put("cp", b"not a tar archive", meta=meta)
+            finally:
+                await nc.close()
+
+        asyncio.run(put_garbage())
+        helpers.wait_for("the refusal", lambda: "not a packed model directory" in proc.logs())
+        time.sleep(1.0)  # several polls
+        assert proc.logs().count("not a packed model directory") == 1
+        report = _reports(url, "ns", "unpack").get("unpack-0")
+        assert report is not None
+        assert report.refused is not None
+        assert report.refused.version == 2
+        assert helpers.metric(proc.metrics(), "relayrl_runtime_model_version") == 1
         assert proc.terminate() == 0, proc.logs()
     finally:
         proc.kill()
