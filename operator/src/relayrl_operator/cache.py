@@ -45,6 +45,10 @@ class AgentState:
     stream_message: str = ""
     error: str | None = None
     error_generation: int | None = None
+    # Applying the children failed, transiently, more than once in a row (shown in
+    # status while the retries go on), and the message an ApplyFailing Warning said.
+    apply_failing: str | None = None
+    apply_failing_warned: str | None = None
     applied_message: str = ""
     # The status this operator last wrote, and for which Agent (uid): newer than the
     # body's until the write's watch event arrives.

@@ -497,7 +497,10 @@ class Reconciler:
             for result in (added, None if rejected else applied):
                 if isinstance(result, BaseException):
                     state.needs_apply = True
+                    if state.failures and isinstance(result, Exception):
+                        await self._apply_failing(agent, state, result)
                     raise result
+            state.apply_failing = state.apply_failing_warned = None
             before = state.applied_spec
             if (
                 state.applied_generation != generation
@@ -544,6 +547,23 @@ class Reconciler:
                 self._enqueue_later(key, kube.retry_delay(state.nats_failures))
 
         await self._write_status(agent, state)
+
+    async def _apply_failing(
+        self, agent: common.AgentRef, state: cache.AgentState, err: Exception
+    ) -> None:
+        """Applying the children failed again (a webhook that is down, throttling): say
+        so in status and once in a Warning, before the retry backs off. Status would
+        otherwise stand still, Ready, for as long as it lasts."""
+        state.apply_failing = f"applying children keeps failing: {err}; retrying"
+        if state.apply_failing_warned != state.apply_failing:
+            state.apply_failing_warned = state.apply_failing
+            self._events.post(agent, "Warning", "ApplyFailing", state.apply_failing)
+        try:
+            await self._write_status(agent, state)
+        except Exception as status_err:  # the apiserver may be what fails
+            log.debug(
+                "agent %s/%s: status not written: %s", agent.namespace, agent.name, status_err
+            )
 
     def _fresh_reports(self, agent: common.AgentRef) -> dict[str, reporting.PodReport]:
         """The pods' reports of the last `reporting.MAX_AGE_SECONDS`, by pod name."""

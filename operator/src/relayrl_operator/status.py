@@ -63,6 +63,8 @@ class Observed:
     stream_ready: bool | None = None  # None: not checked yet
     stream_message: str = ""
     error: str | None = None  # a permanent error applying children (shown, not retried)
+    # Applying the children keeps failing, transiently (retried meanwhile).
+    apply_failing: str | None = None
     applied: str = ""  # how the last spec change was applied, for the Progressing message
     # Actor pods of an older template that are terminating (not in `pods`): a rollout
     # is replacing them.
@@ -235,6 +237,8 @@ def compute(
     problems = []
     if observed.error:
         problems.append(observed.error)
+    if observed.apply_failing:
+        problems.append(observed.apply_failing)
     if failing:
         problems.append(f"{_plural(len(failing), 'actor pod')} failing: {failing[0].failing}")
     problems += [f"sink {s.component} failing: {s.failing}" for s in sinks_down if s.failing]

@@ -85,6 +85,7 @@ def observe(
         stream_ready=state.stream_ready if streams else None,
         stream_message=state.stream_message,
         error=state.error,
+        apply_failing=state.apply_failing,
         applied=state.applied_message,
         replacing=replacing,
         removing=removing,

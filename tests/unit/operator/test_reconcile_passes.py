@@ -383,6 +383,36 @@ class Rejecting(Recorder):
         return {}
 
 
+class WebhookDown(Rejecting):
+    """An apiserver whose admission webhook for Deployments is down: a 500 every time
+    (transient: retried), until `fixed`."""
+
+    async def apply(self, obj: dict[str, Any]) -> Applied:
+        if obj["kind"] == "Deployment" and not self.fixed:
+            raise kube.ApiError(
+                500, "InternalError", 'failed calling webhook "check.example": connection refused'
+            )
+        return await Recorder.apply(self, obj)
+
+
+async def test_an_apply_that_keeps_failing_shows_in_status_and_one_warning() -> None:
+    api = WebhookDown("Deployment")
+    async with running(api, Streams()) as rec:
+        rec.agent_event("ADDED", agent_body())
+        await asyncio.sleep(2.5)  # the first try and a few backed-off retries
+        assert api.status, "status stood still while the applies failed"
+        degraded = next(c for c in api.status[-1]["conditions"] if c["type"] == "Degraded")
+        assert degraded["status"] == "True"
+        assert "applying children keeps failing" in degraded["message"]
+        assert 'failed calling webhook "check.example"' in degraded["message"]
+        assert [e["reason"] for e in api.events].count("ApplyFailing") == 1
+        api.fixed = True
+        await asyncio.sleep(3.0)  # the next retry goes through
+        degraded = next(c for c in api.status[-1]["conditions"] if c["type"] == "Degraded")
+        assert "applying children" not in degraded["message"]
+        assert [e["reason"] for e in api.events].count("ApplyFailing") == 1
+
+
 class Streams(FailingStreams):
     """NATS that answers; remembers the server of each ensure."""
 
