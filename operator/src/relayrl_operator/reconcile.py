@@ -416,6 +416,9 @@ class Reconciler:
         # rolled the pods for a model: status.modelRollout).
         state.last_status = state.status_uid = None
         state.rollout_read = False
+        # And applied changes, with their SpecApplied Events: not told again from the
+        # spec this one applied last.
+        state.applied_spec = None
         return True
 
     # ------------------------------------------------------------------ one pass

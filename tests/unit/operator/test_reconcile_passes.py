@@ -265,18 +265,25 @@ class Peers:
 
 
 class AgentsOnServer(Recorder):
-    """The Recorder, plus the Agents the apiserver holds now (for GETs)."""
+    """The Recorder, plus the Agents the apiserver holds now (for GETs) and the Events."""
 
     def __init__(self) -> None:
         super().__init__()
+        self.events: list[dict[str, Any]] = []
         self.agents: dict[str, dict[str, Any]] = {}
 
     async def get(self, kind: kube.Kind, namespace: str, name: str) -> dict[str, Any] | None:
         return self.agents.get(name)
 
+    async def request(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        if kwargs.get("body", {}).get("kind") == "Event":
+            self.events.append(kwargs["body"])
+        return {}
+
 
 async def test_resuming_reads_each_agent_again_and_forgets_deleted_ones() -> None:
-    """While paused, a peer deleted one Agent and changed another; the cache knows neither."""
+    """While paused, a peer deleted one Agent and changed another; the cache knows neither.
+    The peer told of its change (SpecApplied): this operator does not again."""
     api = AgentsOnServer()
     peers = Peers()
     rec = reconcile.Reconciler(
@@ -299,7 +306,7 @@ async def test_resuming_reads_each_agent_again_and_forgets_deleted_ones() -> Non
         # Meanwhile the peer: "gone" deleted, "cartpole" scaled to generation 2.
         changed = copy.deepcopy(kept)
         changed["metadata"].update(generation=2, resourceVersion="7")
-        changed["spec"]["actors"] = 16
+        changed["spec"]["actors"] = 12
         api.agents = {"cartpole": changed}
         api.applied.clear()
         peers.blocking = []
@@ -308,7 +315,8 @@ async def test_resuming_reads_each_agent_again_and_forgets_deleted_ones() -> Non
         assert ("ml", "gone") not in rec._states
         assert not any(name.startswith("gone") for _, name in api.applied)
         assert rec._states[KEY].applied_generation == 2
-        assert api.status[-1]["desiredActors"] == 16
+        assert api.status[-1]["desiredActors"] == 12
+        assert not [e for e in api.events if e["reason"] == "SpecApplied"]
     finally:
         await rec.stop()
 
