@@ -15,6 +15,7 @@ from relayrl_operator import settings
 from relayrl_runtime import streams
 
 BIN = Path(sys.executable).parent
+PUSH = ["relayrl-runtime", "model", "push", "/m", "--nats", "nats://n:4222"]
 
 
 @pytest.mark.parametrize(
@@ -62,35 +63,10 @@ BIN = Path(sys.executable).parent
             "argument --table: expected lower-case letters",
         ),
         (
-            [
-                "relayrl-runtime",
-                "model",
-                "push",
-                "/m",
-                "--nats",
-                "nats://n:4222",
-                "--bucket",
-                "my.models",
-                "--name",
-                "cp",
-            ],
+            [*PUSH, "--bucket", "my.models", "--name", "cp"],
             "--bucket: expected letters, digits, '_' and '-'",
         ),
-        (
-            [
-                "relayrl-runtime",
-                "model",
-                "push",
-                "/m",
-                "--nats",
-                "nats://n:4222",
-                "--bucket",
-                "models",
-                "--name",
-                "team/cp",
-            ],
-            "--name: expected letters",
-        ),
+        ([*PUSH, "--bucket", "models", "--name", "team/cp"], "--name: expected letters"),
         (
             ["relayrl-runtime", "model", "list", "--nats", "nats://n:4222", "--bucket", "a.b"],
             "--bucket: expected",

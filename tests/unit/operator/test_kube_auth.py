@@ -16,6 +16,7 @@ from kubernetes.config import incluster_config
 
 from relayrl_operator import kube
 from relayrl_operator.handlers import lifecycle
+from support import webstub
 
 # Not a certificate any connection checks: the loader only wants a non-empty file.
 _CA = "-----BEGIN CERTIFICATE-----\nnot checked here\n-----END CERTIFICATE-----\n"
@@ -45,15 +46,8 @@ async def recorder() -> AsyncIterator[tuple[str, list[str]]]:
 
     app = web.Application()
     app.router.add_get("/api/v1/namespaces/ml/configmaps/c", answer)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        yield f"http://127.0.0.1:{port}", seen
-    finally:
-        await runner.cleanup()
+    async with webstub.serving(app) as url:
+        yield url, seen
 
 
 def _rotated_a_minute_later(

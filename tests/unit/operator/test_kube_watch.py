@@ -16,6 +16,7 @@ import pytest
 from aiohttp import web
 
 from relayrl_operator import kube
+from support import webstub
 
 EVENTS: list[dict[str, Any]] = [
     {"type": "ADDED", "object": {"metadata": {"name": "a", "resourceVersion": "1"}}},
@@ -52,15 +53,8 @@ async def server() -> AsyncIterator[str]:
 
     app = web.Application()
     app.router.add_get("/api/v1/namespaces/ml/configmaps", watch)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
+    async with webstub.serving(app) as url:
+        yield url
 
 
 async def test_events_are_whole_however_the_answer_is_cut(server: str) -> None:
