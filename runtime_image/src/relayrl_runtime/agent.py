@@ -351,7 +351,9 @@ class Agent:
                 "ended.positions", f"positions in [0, {len(rows)})", listed
             )
         r = rewards[positions] if isinstance(rewards, np.ndarray) else rewards
-        done = self._pool.flag_last(rows[positions], r, terminated, truncated)
+        # Truncated means cut without a terminal state: a time limit reached on the
+        # terminal step (gymnasium sets both) is terminated.
+        done = self._pool.flag_last(rows[positions], r, terminated, truncated & ~terminated)
         if done is not None:
             self._outbox_add(done)
 
@@ -393,8 +395,16 @@ class Agent:
         n = len(ids)
         rewards = _rewards(reward, n)
         term_arr = _flags("terminated", terminated, n)
-        trunc_arr = _flags("truncated", truncated, n)
+        trunc_arr = _flags("truncated", truncated, n) & ~term_arr  # as in `_end_at`
         return self._flag_last(ids, rewards, term_arr, trunc_arr, cut=False)
+
+    def drop_last_steps(self, actor_ids: ActorIds) -> None:
+        """Forget each actor's last recorded step: its action never reached the env (the
+        env raised). The reward of the step before stays as it was given."""
+        ids = _ids(actor_ids)
+        with self._lock:
+            self._check_open()
+            self._pool.drop_last(self._pool.rows_for(ids))
 
     def cut_trajectories(self, actor_ids: ActorIds, reward: Floats = 0.0) -> int:
         """Cut these actors' in-progress trajectories (truncated and cut); episodes end.

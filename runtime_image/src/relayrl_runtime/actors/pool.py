@@ -631,6 +631,11 @@ class ActorPool:
             cut=np.ones(len(meta), np.bool_) if cut else np.zeros(len(meta), np.bool_),
         )
 
+    def drop_last(self, rows: IntArray) -> None:
+        """Forget the last recorded step of these rows (none for a row without one)."""
+        base = rows * self._stride
+        self._pos[rows] = np.maximum(self._pos[rows] - 1, base)
+
     def flush(self) -> Chunk | None:
         """Cut every in-progress trajectory (at shutdown); episodes end here."""
         lengths = self._lengths_all()[: self._rows]

@@ -121,6 +121,8 @@ class EnvDriver:
         self._running = False
         # Episodes that ended in the last env step, flagged with the next request.
         self._ended: agent_mod.Ended | None = None
+        # A step recorded whose env step has not returned (see `run`).
+        self._pending = False
         # Per-copy state, aligned with `actor_ids` (the blocks' ids concatenated).
         self._obs: npt.NDArray[Any] | None = None
         self._rewards: npt.NDArray[np.float64] = np.zeros(0, dtype=np.float64)
@@ -208,9 +210,13 @@ class EnvDriver:
         # they were (the resize can be tried again), not half resized. For that while,
         # the envs being replaced and their successors exist side by side.
         fresh: list[_Block] = []
+        first_obs: list[Any] = []
         try:
             for ids in [*rebuilt, *([added] if added else [])]:
                 fresh.append(self._new_block(ids))
+                # Reset here too: an env that fails at its reset fails the resize
+                # before anything changed, as one that fails to be made does.
+                first_obs.append(fresh[-1].env.reset(seed=self._next_seed())[0])
         except BaseException:
             for block in fresh:
                 block.env.close()
@@ -226,8 +232,7 @@ class EnvDriver:
             agent.remove_actor(actor_id)
         if added:
             agent.new_actors(len(added), added)
-        for block in fresh:
-            obs, _ = block.env.reset(seed=self._next_seed())
+        for block, obs in zip(fresh, first_obs, strict=True):
             for k, actor in enumerate(block.ids.tolist()):
                 obs_by_id[actor] = obs[k]
         for actor in cut:
@@ -329,6 +334,12 @@ class EnvDriver:
                 ids = self.actor_ids
                 n = len(ids)
                 if obs.dtype != dtype:
+                    if not np.can_cast(obs.dtype, dtype, "same_kind"):
+                        raise errors.InvalidArgumentError.mismatch(
+                            "environment: observations",
+                            f"values the model's {dtype} input holds (same kind)",
+                            f"{obs.dtype}, which a cast would wrap or truncate",
+                        )
                     obs = obs.astype(dtype)
                 # Episodes that ended in the last env step are flagged by this request
                 # (`ended`): one agent call per step.
@@ -337,10 +348,14 @@ class EnvDriver:
                 # goes on where an earlier one stopped.
                 result = request_action(ids, obs, reward=self._rewards, ended=self._ended)
                 self._ended = None
+                # Recorded, not stepped yet: an env that raises now leaves steps whose
+                # actions never ran (`end_episodes` drops them).
+                self._pending = True
                 if len(blocks) == 1:
                     obs, reward, terminated, truncated, _ = blocks[0].env.step(result.actions)
                 else:
                     obs, reward, terminated, truncated = self._step_blocks(result.actions)
+                self._pending = False
                 self._obs = obs
                 rewards = self._rewards = np.asarray(reward, dtype=np.float64)
                 ep_return = self._ep_return
@@ -403,6 +418,9 @@ class EnvDriver:
         """
         if self._obs is None or not len(self.actor_ids):
             return 0
+        if self._pending:  # the env raised in its step: those actions never ran
+            self.agent.drop_last_steps(self.actor_ids)
+            self._pending = False
         return self.agent.cut_trajectories(self.actor_ids, self._rewards)
 
     def close(self) -> None:

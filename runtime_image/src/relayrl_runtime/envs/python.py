@@ -66,6 +66,12 @@ def _check_same_step(env: Any) -> None:
     """
     metadata = getattr(env, "metadata", None)
     mode = metadata.get("autoreset_mode") if isinstance(metadata, Mapping) else None
+    inner = env
+    for _ in range(16):  # or an attribute, on the env or under its wrappers
+        if mode is not None or inner is None:
+            break
+        mode = getattr(inner, "autoreset_mode", None)
+        inner = getattr(inner, "env", None)
     if mode is None:
         return
     name = str(getattr(mode, "value", mode))

@@ -1,0 +1,182 @@
+"""What the env driver records when an env misbehaves: a step that raises, a time
+limit reached on a terminal step, observations of another dtype, a reset that fails
+in a resize, a vector env that resets on the next step (no servers)."""
+
+from __future__ import annotations
+
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import gymnasium
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from relayrl_runtime import agent as agent_mod
+from relayrl_runtime import errors
+from relayrl_runtime.envs import driver, gym, python
+from relayrl_runtime.sinks import local
+
+
+def _table(sink: local.LocalFileSink) -> pa.Table:
+    table = pa.concat_tables([pq.read_table(f) for f in sink.files])
+    return table.sort_by(
+        [("actor_id", "ascending"), ("episode_id", "ascending"), ("step", "ascending")]
+    )
+
+
+class Counting:
+    """A vector env of `n` copies: obs count the steps, reward is 10 x the step, an
+    episode ends after `length` steps (terminated, and truncated too when
+    `limit_too`: a time limit reached on the terminal step), and the step numbered
+    `raise_at` raises."""
+
+    def __init__(
+        self, n: int, length: int = 5, raise_at: int | None = None, limit_too: bool = False
+    ) -> None:
+        self.num_envs = n
+        self.length = length
+        self.raise_at = raise_at
+        self.limit_too = limit_too
+        self.steps = 0
+        self.t = np.zeros(n, dtype=np.int64)
+        self.dtype: Any = np.float32
+
+    def _obs(self) -> np.ndarray:
+        return np.repeat(self.t[:, None], 4, axis=1).astype(self.dtype)
+
+    def reset(self, seed: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+        self.t[:] = 0
+        return self._obs(), {}
+
+    def step(self, actions: Any) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
+        self.steps += 1
+        if self.steps == self.raise_at:
+            raise RuntimeError("the simulator crashed")
+        self.t += 1
+        reward = np.full(self.num_envs, 10.0 * self.steps)
+        done = self.t >= self.length
+        truncated = done.copy() if self.limit_too else np.zeros(self.num_envs, bool)
+        self.t[done] = 0  # same-step autoreset
+        return self._obs(), reward, done.copy(), truncated, {}
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_step_the_env_raised_in_is_not_recorded(models: dict[str, Path], tmp_path: Path) -> None:
+    """Its action never ran: no row for it, and the row before keeps its own reward."""
+    sink = local.LocalFileSink(tmp_path / "out")
+    a = agent_mod.Agent(models["onnx"], actor_count=2, sink=sink)
+    env = Counting(2, length=100, raise_at=4)
+    drv = driver.EnvDriver(a, env, [0, 1], seed=0)
+    with pytest.raises(RuntimeError, match="crashed"):
+        drv.run(max_steps=100)
+    drv.end_episodes()  # what the runtime does on its way out
+    a.shutdown()
+    table = _table(sink)
+    rows = table.filter(pa.compute.equal(table["actor_id"], 0)).to_pylist()
+    # Steps 1-3 ran (rewards 10, 20, 30); the fourth request's action never did.
+    assert [r["reward"] for r in rows] == [10.0, 20.0, 30.0]
+    assert rows[-1]["cut"]
+    assert table.num_rows == 2 * 3
+
+
+def test_a_time_limit_on_a_terminal_step_is_terminated_not_truncated(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    sink = local.LocalFileSink(tmp_path / "out")
+    a = agent_mod.Agent(models["onnx"], actor_count=2, sink=sink)
+    drv = driver.EnvDriver(a, Counting(2, length=5, limit_too=True), [0, 1], seed=0)
+    drv.run(max_steps=2 * 12)
+    drv.end_episodes()
+    a.shutdown()
+    rows = _table(sink).to_pylist()
+    ends = [r for r in rows if r["terminated"]]
+    assert ends
+    assert not any(r["truncated"] for r in ends)
+    # The same through the API: a remote client ending with both flags.
+    sink2 = local.LocalFileSink(tmp_path / "api")
+    b = agent_mod.Agent(models["onnx"], actor_count=1, sink=sink2)
+    b.request_action([0], np.zeros((1, 4), np.float32))
+    b.flag_last_action([0], 1.0, terminated=True, truncated=True)
+    b.shutdown()
+    [last] = _table(sink2).to_pylist()
+    assert (last["terminated"], last["truncated"]) == (True, False)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "taken"), [(np.float64, True), (np.int64, True), (np.complex128, False)]
+)
+def test_observations_of_another_dtype_are_cast_only_within_their_kind(
+    models: dict[str, Path], dtype: Any, taken: bool
+) -> None:
+    a = agent_mod.Agent(models["onnx"], actor_count=1)
+    env = Counting(1)
+    env.dtype = dtype
+    drv = driver.EnvDriver(a, env, [0], seed=0)
+    if taken:
+        assert drv.run(max_steps=3).steps == 3
+    else:
+        with pytest.raises(errors.InvalidArgumentError, match=r"^environment: observations"):
+            drv.run(max_steps=3)
+    a.shutdown()
+
+
+def test_a_resize_whose_new_env_fails_at_reset_changes_nothing(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    sink = local.LocalFileSink(tmp_path / "out")
+    a = agent_mod.Agent(models["onnx"], actor_count=2, actor_ids=[10, 11], sink=sink)
+    failing = {"on": False}
+
+    class FailsAtReset(Counting):
+        def reset(self, seed: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+            if failing["on"]:
+                raise RuntimeError("no licence for a new simulator")
+            return super().reset(seed)
+
+    def make(count: int) -> driver.VecEnv:
+        return FailsAtReset(count)
+
+    drv = driver.EnvDriver(a, make(2), [10, 11], seed=0, make_env=make)
+    first = drv.run(max_steps=10)
+    failing["on"] = True
+    for wanted in ([10], [10, 11, 12]):
+        with pytest.raises(RuntimeError, match="licence"):
+            drv.resize(wanted)
+        assert a.get_actor_ids() == [10, 11]
+        assert drv.actor_ids.tolist() == [10, 11]
+    second = drv.run(max_steps=10)  # steps on with the actors it had
+    failing["on"] = False
+    drv.resize([10])
+    assert a.get_actor_ids() == [10]
+    third = drv.run(max_steps=5)
+    drv.end_episodes()
+    drv.close()
+    a.shutdown()
+    assert _table(sink).num_rows == first.steps + second.steps + third.steps
+
+
+def test_a_vector_env_that_resets_on_the_next_step_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """It says so by attribute only (its metadata is empty): still refused."""
+
+    def make_env(num_envs: int = 1) -> Any:
+        env = gymnasium.vector.SyncVectorEnv(
+            [lambda: gymnasium.make("CartPole-v1")] * num_envs,
+            autoreset_mode=gymnasium.vector.AutoresetMode.NEXT_STEP,
+        )
+        env.metadata = {}
+        return env
+
+    module = types.ModuleType("next_step_envs")
+    module.make = make_env  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "next_step_envs", module)
+    with pytest.raises(errors.InvalidArgumentError, match="autoreset_mode"):
+        python.make("next_step_envs:make", 2)
+    assert gym.make("CartPole-v1", 2).num_envs == 2  # the driver's own are same-step
