@@ -147,6 +147,11 @@ class RuntimeMetrics:
         )
         self.env_steps = FastCounter(f"{PREFIX}_env_steps", "Environment steps taken by drivers.")
         self.episodes = FastCounter(f"{PREFIX}_episodes", "Episodes finished in drivers.")
+        self.nonfinite_observations = prom.Counter(
+            f"{PREFIX}_nonfinite_observations",
+            "Env observations (rows) holding NaN or infinity, recorded and acted on as given.",
+            registry=r,
+        )
         self.remote_requests = prom.Counter(
             f"{PREFIX}_remote_requests", "Remote frames served by op.", ["op"], registry=r
         )

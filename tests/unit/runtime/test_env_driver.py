@@ -180,3 +180,22 @@ def test_a_vector_env_that_resets_on_the_next_step_is_refused(
     with pytest.raises(errors.InvalidArgumentError, match="autoreset_mode"):
         python.make("next_step_envs:make", 2)
     assert gym.make("CartPole-v1", 2).num_envs == 2  # the driver's own are same-step
+
+
+def test_observations_with_nan_are_counted_and_said(
+    models: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    a = agent_mod.Agent(models["onnx"], actor_count=2, actor_ids=[7, 8])
+
+    class OneNan(Counting):
+        def _obs(self) -> np.ndarray:
+            obs = super()._obs()
+            if self.steps == 2:
+                obs[1, 2] = np.nan
+            return obs
+
+    drv = driver.EnvDriver(a, OneNan(2, length=100), [7, 8], seed=0)
+    drv.run(max_steps=2 * 5)
+    assert a.metrics.nonfinite_observations._value.get() == 1
+    assert "NaN or infinity for actors [8] (1 so far)" in caplog.text
+    a.shutdown()

@@ -123,6 +123,7 @@ class EnvDriver:
         self._ended: agent_mod.Ended | None = None
         # A step recorded whose env step has not returned (see `run`).
         self._pending = False
+        self._nonfinite_seen = 0  # observation rows with NaN or infinity
         # Per-copy state, aligned with `actor_ids` (the blocks' ids concatenated).
         self._obs: npt.NDArray[Any] | None = None
         self._rewards: npt.NDArray[np.float64] = np.zeros(0, dtype=np.float64)
@@ -305,6 +306,7 @@ class EnvDriver:
         """Run until `max_steps` env steps, `max_seconds`, or `stop` is set."""
         agent = self.agent
         dtype = agent.current_policy.obs_dtype
+        floats = dtype.kind == "f"
         with self._requests_lock:
             self._start()
             self._running = True
@@ -341,6 +343,8 @@ class EnvDriver:
                             f"{obs.dtype}, which a cast would wrap or truncate",
                         )
                     obs = obs.astype(dtype)
+                if floats and not np.isfinite(obs).all():
+                    self._nonfinite(ids, obs)
                 # Episodes that ended in the last env step are flagged by this request
                 # (`ended`): one agent call per step.
                 # Each copy's reward for its previous action: 0 after a reset (and an
@@ -392,6 +396,24 @@ class EnvDriver:
             mean_length=float(np.mean(self._lengths)) if self._lengths else None,
             seconds=seconds,
         )
+
+    def _nonfinite(self, ids: npt.NDArray[np.int64], obs: npt.NDArray[Any]) -> None:
+        """Count observations holding NaN or infinity (an env's bug, acted on as given:
+        a discrete policy then picks its first action), and say which actors had them,
+        at the first and every 1000th."""
+        bad = ~np.isfinite(obs.reshape(len(obs), -1)).all(axis=1)
+        count = int(bad.sum())
+        self._nonfinite_seen += count
+        self.agent.metrics.nonfinite_observations.inc(count)
+        if (
+            self._nonfinite_seen == count
+            or self._nonfinite_seen // 1000 > (self._nonfinite_seen - count) // 1000
+        ):
+            log.warning(
+                "environment: observations with NaN or infinity for actors %s (%d so far)",
+                ids[bad].tolist()[:10],
+                self._nonfinite_seen,
+            )
 
     def _step_blocks(
         self, actions: npt.NDArray[Any]
