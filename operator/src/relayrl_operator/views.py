@@ -142,8 +142,9 @@ def pod_view(
         # In step 1 of a handover a pod runs only the actors of its new slice it ran
         # before; before it takes a hot change, the actors of its old slice. It reports
         # its environment copies: `copies` for each actor.
+        # (Remote-simulator Agents: the actors are the clients', not the slices'.)
         reported_actors=report.actors // max(1, copies)
-        if report is not None and (handing_over or applying)
+        if report is not None and copies > 0 and (handing_over or applying)
         else None,
         applying=applying,
     )

@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import tarfile
+import zlib
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, Final, TypeVar
@@ -43,7 +44,7 @@ CONNECT_SECONDS = 30.0
 # A download gets this long plus a second for every FETCH_BYTES_PER_SECOND of the
 # object: an object replaced while it is read never ends its read (its chunks go).
 FETCH_SECONDS: Final = 60.0
-FETCH_BYTES_PER_SECOND: Final = 10 << 20
+FETCH_BYTES_PER_SECOND: Final = 1 << 20
 # Bucket names NATS takes; model names the model URI takes (no '@v<digits>' suffix,
 # which would read as another name's version).
 BUCKET_NAME: Final = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -153,7 +154,9 @@ def unpack(data: bytes, destination: Path) -> Path:
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
             tar.extractall(destination, filter="data")
-    except (tarfile.TarError, OSError) as err:
+    except (tarfile.TarError, EOFError, zlib.error) as err:
+        # Only what the bytes are: a full or read-only cache is this pod's fault, and
+        # is tried again rather than reported as the object's.
         raise errors.ModelLoadError(
             f"registry object: not a packed model directory: {err}"
         ) from err
@@ -220,6 +223,17 @@ async def push(nc: Any, bucket: str, name: str, directory: Path, force: bool = F
                 f" give changed weights a new version (model export --version, or"
                 f" 'version' in {model.METADATA_FILE}), or push with --force"
             )
+        if (
+            newest is not None
+            and newest.version == meta.version
+            and newest.digest != digest
+            and stored is None
+        ):
+            raise VersionConflictError(
+                f"model registry: {name} in bucket {bucket!r} holds other content as"
+                f" version {meta.version}: give changed weights a new version, or push"
+                f" with --force"
+            )
         if newest is not None and newest.version is not None and newest.version > meta.version:
             raise VersionConflictError(
                 f"model registry: {name} is at version {newest.version} in bucket"
@@ -279,8 +293,11 @@ async def fetch(nc: Any, ref: ModelRef, cache: Path) -> tuple[Path, Entry]:
     try:
         size = int((await _nats(ref.bucket, store.get_info(ref.key))).size or 0)
         budget = FETCH_SECONDS + size / FETCH_BYTES_PER_SECOND
+        received = io.BytesIO()  # written chunk by chunk (nats-py joins bytes otherwise)
         try:
-            result = await asyncio.wait_for(_nats(ref.bucket, store.get(ref.key)), budget)
+            result = await asyncio.wait_for(
+                _nats(ref.bucket, store.get(ref.key, writeinto=received)), budget
+            )
         except TimeoutError:
             # Replaced while read (a push meanwhile): its old chunks are gone.
             raise TimeoutError(
@@ -298,7 +315,7 @@ async def fetch(nc: Any, ref: ModelRef, cache: Path) -> tuple[Path, Entry]:
         tmp = cache / f".{target.name}.partial"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            unpack(bytes(result.data or b""), tmp)
+            unpack(received.getvalue(), tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -592,8 +592,8 @@ class ArrowSink(SpecModel):
     rules = (
         Rule(
             cel=(
-                f"!has(self.path) || (!(self.path in ['{SCRATCH_DIR}', '{SCRATCH_DIR}/',"
-                f" '{CONFIG_DIR}']) && !self.path.startsWith('{CONFIG_DIR}/'))"
+                f"!has(self.path) || (!self.path.matches('^{SCRATCH_DIR}/*$')"
+                f" && self.path != '{CONFIG_DIR}' && !self.path.startsWith('{CONFIG_DIR}/'))"
             ),
             message=(
                 f"{SCRATCH_DIR} and {CONFIG_DIR} are the sink's own mounts: choose another"

@@ -312,6 +312,25 @@ def test_a_push_keeps_versions_apart_and_goes_forward(
     )
     assert done.returncode == 2, done.stderr
     assert "cp is at version 2 in bucket 'm5', above 1" in done.stderr
+    # The versioned object gone (deleted by hand): other bytes as the newest's version
+    # are still refused.
+    other2 = tmp_path / "other2"
+    export.export_mlp(other2, spec.ModelFormat.ONNX, seed=9, version=2)
+
+    async def delete_versioned() -> None:
+        nc = await nats.connect(url)
+        try:
+            await (await nc.jetstream().object_store("m5")).delete("cp@v2")
+        finally:
+            await nc.close()
+
+    asyncio.run(delete_versioned())
+    done = subprocess.run(
+        [str(helpers.RUNTIME), *push, str(other2)], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 2, done.stderr
+    assert "holds other content as version 2" in done.stderr
+    _cli(*push, str(v2))  # the same bytes again: the versioned object is back
     _cli(*push, "--force", str(v1))
     lines = _cli("model", "list", "--nats", url, "--bucket", "m5").splitlines()
     assert [line.split("\t")[:2] for line in lines] == [

@@ -1175,3 +1175,16 @@ async def test_a_child_refused_at_creation_is_not_applied_again_on_every_resync(
         assert len(api.applied) == applied
     finally:
         await rec.stop()
+
+
+def test_a_remote_simulator_pod_applying_a_config_counts_its_slice() -> None:
+    """A remote-simulator pod's actors are its clients' (often none): a pod that has
+    not taken a new config yet must not count what it reports as its actors."""
+    pod = actor_pod(0, "h")
+    pod["status"] = {"conditions": [{"type": "Ready", "status": "True"}]}
+    remote = report(0, "old", actors=0)
+    view = views.pod_view(pod, "h", remote, None, copies=0, config_revision="new")
+    assert view.applying
+    assert view.reported_actors is None
+    env = views.pod_view(pod, "h", remote, None, copies=4, config_revision="new")
+    assert env.reported_actors == 0

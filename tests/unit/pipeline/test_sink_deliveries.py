@@ -503,7 +503,18 @@ async def test_lag_follows_the_stream_while_nothing_is_delivered(
     """A commit retried for an hour (Postgres down) holds up the fetching: the lag must
     grow with the stream, not stay at its last delivery's value."""
     monkeypatch.setattr(service, "LAG_REFRESH_SECONDS", 0.05)
-    js = OneStream(2010, dt.datetime(2026, 11, 1, tzinfo=dt.UTC))
+
+    class Consumer:
+        """The sink's consumer: 2,000 of its subject's messages not delivered (the
+        stream's dead letters beside them are not its own)."""
+
+        async def consumer_info(self, stream: str, durable: str) -> Any:
+            assert durable == "relayrl-sink-arrow"
+            return nats.js.api.ConsumerInfo(
+                name=durable, stream_name=stream, config=None, created=None, num_pending=2000
+            )
+
+    js = Consumer()
     svc = sink(last_seen=10)
     svc.metrics.lag.set(0)  # what the last delivery said
     follow = asyncio.create_task(svc._follow_lag(js))  # type: ignore[arg-type]

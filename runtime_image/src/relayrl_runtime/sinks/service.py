@@ -492,18 +492,18 @@ class SinkService:
 
     async def _follow_lag(self, js: nats.js.JetStreamContext) -> None:
         """Keep `lag_messages` true while no delivery sets it (a commit being retried
-        holds up the fetching): the stream's last sequence less the last one taken."""
+        holds up the fetching): the consumer's pending count, as a delivery says it
+        (of this sink's subject: not the dead letters beside it in the stream)."""
         while True:
             await asyncio.sleep(LAG_REFRESH_SECONDS)
             if time.monotonic() - self._lag_at < LAG_REFRESH_SECONDS:
                 continue  # deliveries keep it
             try:
-                info = await js.stream_info(self.stream)
+                info = await js.consumer_info(self.stream, self.durable)
             except Exception as err:  # NATS away too: the gauge keeps its last value
-                log.debug("%s sink: stream info for the lag: %s", self.writer.kind, err)
+                log.debug("%s sink: consumer info for the lag: %s", self.writer.kind, err)
                 continue
-            last = info.state.last_seq if info.state is not None else 0
-            self.metrics.lag.set(max(0, last - self._last_seen))
+            self.metrics.lag.set(info.num_pending or 0)
             self._lag_at = time.monotonic()
 
     async def _connect(self) -> NATS:
