@@ -787,8 +787,7 @@ class Reconciler:
         log.warning("agent %s/%s: %s", *key, message)
         assert state.body is not None
         meta = state.body["metadata"]
-        written = state.last_status if state.status_uid == meta["uid"] else None
-        current = written if written is not None else state.body.get("status") or {}
+        _, current = _status_now(state, meta["uid"])
         new = status.invalid(generation, message, current.get("conditions") or [])
         if {k: current.get(k) for k in new} == new:
             return
@@ -811,12 +810,7 @@ class Reconciler:
 
     async def _write_status(self, agent: common.AgentRef, state: cache.AgentState) -> None:
         assert state.body is not None
-        # The status as it stands: our last write, when there is one for this Agent. The
-        # body lags it until the write's watch event arrives; conditions computed from
-        # the body then would move a lastTransitionTime back, and every write's event
-        # would cause another write.
-        written = state.last_status if state.status_uid == agent.uid else None
-        current = written if written is not None else state.body.get("status") or {}
+        written, current = _status_now(state, agent.uid)
         selector = ",".join(
             f"{k}={v}" for k, v in common.selector_labels(agent, constants.COMPONENT_ACTORS).items()
         )
@@ -845,6 +839,18 @@ class Reconciler:
             why = _PHASE_REASON.get(new["phase"], spec.ConditionType.READY)
             said = next(c for c in new["conditions"] if c["type"] == why)
             self._events.post(agent, kind, f"Phase{new['phase']}", said["message"])
+
+
+def _status_now(
+    state: cache.AgentState, uid: str
+) -> tuple[dict[str, Any] | None, Mapping[str, Any]]:
+    """Our last status write for this Agent (None if none), and the status as it stands:
+    that write, else the body's. The body lags our write until its watch event arrives;
+    conditions computed from the body then would move a lastTransitionTime back, and
+    every write's event would cause another write."""
+    assert state.body is not None
+    written = state.last_status if state.status_uid == uid else None
+    return written, written if written is not None else state.body.get("status") or {}
 
 
 # The condition whose message a phase's Event carries (Ready's for the others).

@@ -205,10 +205,7 @@ def _push(args: argparse.Namespace) -> int:
 def _list(args: argparse.Namespace) -> int:
     from relayrl_runtime import registry
 
-    if not registry.BUCKET_NAME.fullmatch(args.bucket):
-        raise errors.InvalidArgumentError.mismatch(
-            "--bucket", "letters, digits, '_' and '-'", repr(args.bucket)
-        )
+    registry.check_bucket(args.bucket)
 
     async def go() -> list[registry.Entry]:
         nc = await registry.connect(args.nats, args.connect_timeout)

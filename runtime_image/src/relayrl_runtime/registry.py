@@ -95,12 +95,17 @@ def versioned_key(name: str, version: int) -> str:
     return f"{name}@v{version}"
 
 
-def check_names(bucket: str, name: str) -> None:
-    """Raise InvalidArgumentError unless NATS takes the bucket and a model URI the name."""
+def check_bucket(bucket: str) -> None:
+    """Raise InvalidArgumentError unless NATS takes the bucket name."""
     if not BUCKET_NAME.fullmatch(bucket):
         raise errors.InvalidArgumentError.mismatch(
             "--bucket", "letters, digits, '_' and '-'", repr(bucket)
         )
+
+
+def check_names(bucket: str, name: str) -> None:
+    """Raise InvalidArgumentError unless NATS takes the bucket and a model URI the name."""
+    check_bucket(bucket)
     if not MODEL_NAME.fullmatch(name) or _VERSIONED.search(name):
         raise errors.InvalidArgumentError.mismatch(
             "--name",

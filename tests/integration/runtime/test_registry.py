@@ -18,12 +18,13 @@ from relayrl_runtime.inference import export
 from support import natsserver
 
 
-def _cli(*args: str) -> str:
+def _cli(*args: str, code: int = 0) -> str:
+    """Run the runtime's command; its stdout (its stderr when `code` is not 0)."""
     done = subprocess.run(
         [str(helpers.RUNTIME), *args], capture_output=True, text=True, timeout=60, check=False
     )
-    assert done.returncode == 0, done.stderr
-    return done.stdout
+    assert done.returncode == code, done.stderr
+    return done.stdout if code == 0 else done.stderr
 
 
 _POLL = {"pollSeconds": 0.2}
@@ -270,15 +271,7 @@ def test_other_weights_under_the_running_version_are_not_loaded(
         proc.wait_ready()
         # Refused unless forced: the number already names other weights.
         push = ["model", "push", "--nats", url, "--bucket", "m3", "--name", "cp", str(other)]
-        done = subprocess.run(
-            [str(helpers.RUNTIME), *push],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        assert done.returncode == 2, done.stderr
-        assert "cp@v1 in bucket 'm3' holds other content" in done.stderr
+        assert "cp@v1 in bucket 'm3' holds other content" in _cli(*push, code=2)
         _cli(
             "model", "push", "--nats", url, "--bucket", "m3", "--name", "cp", "--force", str(other)
         )
@@ -307,11 +300,7 @@ def test_a_push_keeps_versions_apart_and_goes_forward(
     listing = _cli("model", "list", "--nats", url, "--bucket", "m5")
     _cli(*push, str(v2))  # again: nothing changes
     assert _cli("model", "list", "--nats", url, "--bucket", "m5") == listing
-    done = subprocess.run(
-        [str(helpers.RUNTIME), *push, str(v1)], capture_output=True, text=True, check=False
-    )
-    assert done.returncode == 2, done.stderr
-    assert "cp is at version 2 in bucket 'm5', above 1" in done.stderr
+    assert "cp is at version 2 in bucket 'm5', above 1" in _cli(*push, str(v1), code=2)
     # The versioned object gone (deleted by hand): other bytes as the newest's version
     # are still refused.
     other2 = tmp_path / "other2"
@@ -325,11 +314,7 @@ def test_a_push_keeps_versions_apart_and_goes_forward(
             await nc.close()
 
     asyncio.run(delete_versioned())
-    done = subprocess.run(
-        [str(helpers.RUNTIME), *push, str(other2)], capture_output=True, text=True, check=False
-    )
-    assert done.returncode == 2, done.stderr
-    assert "holds other content as version 2" in done.stderr
+    assert "holds other content as version 2" in _cli(*push, str(other2), code=2)
     _cli(*push, str(v2))  # the same bytes again: the versioned object is back
     _cli(*push, "--force", str(v1))
     lines = _cli("model", "list", "--nats", url, "--bucket", "m5").splitlines()
