@@ -27,10 +27,15 @@ help: ## Show the targets
 
 # ------------------------------------------------------------------ environment
 
+# .created is written once the interpreter and uv are in place: a venv whose creation was
+# interrupted (python there, pip or uv not yet) has none and is made again from scratch
+# (--clear). One with .installed was complete (made before .created existed): kept.
 $(VENV)/.installed: $(PY_PROJECTS) requirements-dev.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 is needed"'
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@test -x $(BIN)/uv || $(BIN)/pip install --quiet --disable-pip-version-check uv
+	@test -f $(VENV)/.created || test -f $@ || { \
+		$(PYTHON) -m venv --clear $(VENV) && \
+		$(BIN)/pip install --quiet --disable-pip-version-check uv; }
+	@touch $(VENV)/.created
 	# Bytecode compiled once, here: uv leaves it to the first import, and where
 	# PYTHONDONTWRITEBYTECODE is set no import ever caches it, so every process a test
 	# starts (operator, sinks, runtimes) would compile its imports anew, 1-2 s each.
@@ -41,7 +46,7 @@ $(VENV)/.installed: $(PY_PROJECTS) requirements-dev.txt
 venv: $(VENV)/.installed ## Create .venv with the runtime (every backend), operator and local stack (editable) and the test tools
 
 .PHONY: system-deps
-system-deps: ## Install the Debian packages of the real test servers (PostgreSQL, Prometheus) if missing
+system-deps: ## Install the Debian packages of the real test servers (PostgreSQL, Prometheus) and shellcheck if missing
 	hack/system-deps.sh
 
 .PHONY: k8s-bins
@@ -67,7 +72,7 @@ test: venv system-deps k8s-bins lint ## Install what is missing, then lint, type
 	$(BIN)/pytest tests
 
 .PHONY: test-unit
-test-unit: venv ## Only the hermetic unit tests
+test-unit: venv system-deps k8s-bins ## Only the unit tests (no servers; the workflow lint needs actionlint and shellcheck)
 	$(BIN)/pytest tests/unit
 
 .PHONY: crds

@@ -27,6 +27,11 @@ set -euo pipefail
 export GOTOOLCHAIN=local
 # Static binaries, as upstream releases them.
 export CGO_ENABLED=0
+# The wrapper modules are main modules inside this git checkout, so `go build` would
+# stamp VCS info into them and fail where git cannot read the checkout ("error
+# obtaining VCS status", e.g. dubious ownership). The stamp is not wanted anyway:
+# the versions are set by -ldflags. Appended, so a caller's GOFLAGS still apply.
+export GOFLAGS="${GOFLAGS:+${GOFLAGS} }-buildvcs=false"
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=versions.env
