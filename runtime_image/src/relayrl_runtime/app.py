@@ -403,7 +403,7 @@ class App:
                     # Not pushed yet, a pinned version that is not there, an archive no
                     # runtime can unpack, or NATS not answering: wait (not ready) rather
                     # than exit into a crash loop. SIGTERM ends the wait.
-                    what = str(err) or registry.describe(err)
+                    what = str(err) or streams.describe(err)
                     self._waiting = f"waiting for the model: {what}"
                     log.warning(
                         "%s; %s; looking again in %.0fs",
@@ -442,13 +442,17 @@ class App:
         ls = cfg.local_sink
         if ls is None:
             nats_spec = cfg.trajectories.nats
+            self._nats_options()  # refused now, by name, if the Secrets are not there
             pub = publisher.NatsPublisher(
-                self._nats_options(),
+                self._nats_options,  # read again for each new connection
                 publisher.PublisherConfig(
                     namespace=cfg.namespace,
                     agent=cfg.agent,
                     stream=nats_spec.stream,
                     max_message_bytes=nats_spec.max_batch_bytes,
+                    # Acks not in by the end of the drain: said and exit 3, before
+                    # the watchdog ends the process without a word.
+                    close_seconds=self.cfg.drain_seconds,
                 ),
                 publisher.PublisherMetrics(self.metrics.registry),
             )

@@ -32,9 +32,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"relayrl-runtime: error: {err}", file=sys.stderr)
         return 2
     except (nats.errors.Error, TimeoutError) as err:  # e.g. a server without JetStream
-        from relayrl_runtime import registry
+        from relayrl_runtime import streams
 
-        print(f"relayrl-runtime: error: NATS: {registry.describe(err)}", file=sys.stderr)
+        print(f"relayrl-runtime: error: NATS: {streams.describe(err)}", file=sys.stderr)
         return 2
     return code
 

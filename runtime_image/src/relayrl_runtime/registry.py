@@ -178,14 +178,8 @@ async def _nats(bucket: str, request: Awaitable[_T]) -> _T:
         raise
     except (js_errors.InvalidBucketNameError, js_errors.BadRequestError) as err:
         raise errors.RelayRLError(
-            f"model registry: bucket {bucket!r}: NATS refused: {describe(err)}"
+            f"model registry: bucket {bucket!r}: NATS refused: {streams.describe(err)}"
         ) from err
-
-
-def describe(err: BaseException) -> str:
-    """An error of nats-py in words (some have no message of their own)."""
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 async def object_store(nc: Any, bucket: str, create: bool = False) -> Any:

@@ -511,6 +511,12 @@ def _tls_dir(path: Path) -> dict[str, str]:
 Callback = Callable[[], Awaitable[None]]
 
 
+def describe(err: BaseException) -> str:
+    """An error of nats-py in words (some have no message of their own)."""
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
 async def connect(
     options: ConnectOptions,
     *,
@@ -518,6 +524,7 @@ async def connect(
     disconnected_cb: Callback | None = None,
     reconnected_cb: Callback | None = None,
     closed_cb: Callback | None = None,
+    error_cb: Callable[[Exception], Awaitable[None]] | None = None,
 ) -> NATS:
     """Connect; the first connection is retried until `deadline` seconds (None: forever).
 
@@ -527,6 +534,8 @@ async def connect(
 
     async def log_error(err: Exception) -> None:
         log.warning("nats: %s", str(err) or type(err).__name__)
+        if error_cb is not None:
+            await error_cb(err)
 
     nc = NATS()
     # With unlimited reconnects nats-py retries the first connection on its own too

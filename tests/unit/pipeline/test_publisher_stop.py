@@ -9,11 +9,18 @@ would wait for the I/O thread until its 30 s join gave up.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
+import time
 from typing import Any
 
+import pytest
+
 from relayrl_runtime import streams
+from relayrl_runtime.sinks import base
 from relayrl_runtime.transport import publisher
-from support import cancels
+from support import cancels, trajectories
+from support.natsserver import free_port
 
 
 class Connection:
@@ -37,7 +44,7 @@ async def test_stopping_ends_a_send_loop_that_loses_a_cancel() -> None:
     nc = Connection()
     sender = cancels.LosesOneCancel()
 
-    async def connect() -> Connection:
+    async def connect(closed: asyncio.Event) -> Connection:
         return nc
 
     pub._connect = connect  # type: ignore[method-assign]
@@ -48,4 +55,64 @@ async def test_stopping_ends_a_send_loop_that_loses_a_cancel() -> None:
     pub._stop.set()
     await asyncio.wait_for(main, 10)
     assert sender.lost
+    assert nc.closed
+
+
+def test_close_with_a_full_backlog_and_nats_away_raises_in_its_timeout() -> None:
+    """The pending message joins a full backlog at close (by one message over the
+    bound): close's wait for acks is the only one, and it ends at its timeout."""
+    pub = publisher.NatsPublisher(
+        streams.ConnectOptions(servers=(f"nats://127.0.0.1:{free_port()}",)),
+        publisher.PublisherConfig(
+            namespace="ml",
+            agent="cartpole",
+            max_message_bytes=64 << 10,
+            max_backlog_bytes=64 << 10,
+        ),
+    )
+    pub.start()
+    blocked = threading.Event()
+
+    def produce() -> None:
+        with contextlib.suppress(base.SinkError):  # closed under it
+            for i in range(100):
+                pub.write(trajectories.batch(9, i, trajectories=4, length=50))
+            blocked.set()  # never: the backlog fills first
+
+    writer = threading.Thread(target=produce, daemon=True)
+    writer.start()
+    time.sleep(1.0)
+    assert writer.is_alive()  # the writer waits for room
+    assert not blocked.is_set()
+    with pub._lock:
+        # One message in the backlog, and pending behind it more than the room left.
+        assert len(pub._backlog) == 1
+        pending = sum(b.nbytes for b in pub._pending)
+        assert pub._backlog_bytes + pending > pub.config.max_backlog_bytes
+    started = time.monotonic()
+    with pytest.raises(base.SinkError, match="not acked after 2"):
+        pub.close(timeout=2)
+    assert time.monotonic() - started < 10
+    writer.join(5)
+    assert not writer.is_alive()
+
+
+async def test_a_send_loop_that_fails_ends_the_publisher_at_once() -> None:
+    """Not at shutdown only: writers learn it (the runtime exits) while it happens."""
+    pub = publisher.NatsPublisher(
+        streams.ConnectOptions(), publisher.PublisherConfig(namespace="ml", agent="cartpole")
+    )
+    nc = Connection()
+
+    async def connect(closed: asyncio.Event) -> Connection:
+        return nc
+
+    async def broken(js: object) -> None:
+        raise RuntimeError("the encoder broke")
+
+    pub._connect = connect  # type: ignore[method-assign,assignment]
+    pub._send_loop = broken  # type: ignore[method-assign,assignment]
+    pub._stop = asyncio.Event()
+    with pytest.raises(RuntimeError, match="the encoder broke"):
+        await asyncio.wait_for(pub._main(), 5)
     assert nc.closed

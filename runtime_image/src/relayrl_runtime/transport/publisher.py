@@ -23,14 +23,15 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import secrets
 import socket
 import threading
 import time
-from collections.abc import Iterator
-from typing import Final
+from collections.abc import Callable, Iterator
+from typing import Any, Final
 
 import nats.errors
 import nats.js
@@ -45,14 +46,27 @@ from relayrl_runtime.sinks import base
 
 log = logging.getLogger(__name__)
 
-# JetStream answers a publish with these when it is busy, not because of the message.
-_BUSY_CODES: Final = frozenset({408, 429})
+# JetStream answers a publish with these when it is busy, not because of the message:
+# 408 and 429 (its queues are full), 409 (a replicated stream still storing the same
+# message id, when a retry overtakes the first attempt).
+_BUSY_CODES: Final = frozenset({408, 409, 429})
 
 PREFIX: Final = "relayrl_publisher"
-# Arrow IPC framing per record batch (message header, padding) and the schema message;
-# counted so a message stays under the bound without encoding it twice.
-_BATCH_OVERHEAD: Final = 1024
+# Arrow IPC framing per record batch: a fixed part, and per buffer an entry in the
+# batch's header, a field node for every other one, and up to 7 bytes of padding.
+# Counted so a message stays under the bound without encoding it twice; the encoded
+# size decides all the same (`_pack`).
+_BATCH_FRAMING: Final = 256
+_BUFFER_FRAMING: Final = 32
+# The schema message (and the dictionaries) at the start of each message.
 _SCHEMA_OVERHEAD: Final = 8192
+# A connection whose options are made anew (`NatsPublisher(connect=<callable>)`): how
+# long one attempt at connecting may take before the options are read again, and how
+# many refusals of its credentials in a row end a connection nats-py keeps retrying.
+_CONNECT_SECONDS: Final = 30.0
+_AUTH_REFUSALS: Final = 3
+# NATS's header block around the `key: value` lines: "NATS/1.0\r\n" and "\r\n".
+_HEADER_BLOCK: Final = 12
 
 
 class PublisherMetrics:
@@ -106,6 +120,8 @@ class PublisherConfig:
     # Create or update the stream on connect (standalone use; under the operator it
     # exists already and the runtime may lack the permission).
     create_stream: bool = True
+    # How long `close` waits for acks before it raises (the runtime passes its drain).
+    close_seconds: float = 60.0
     stream_settings: streams.StreamSettings = dataclasses.field(
         default_factory=streams.StreamSettings
     )
@@ -128,10 +144,12 @@ class NatsPublisher:
 
     def __init__(
         self,
-        connect: streams.ConnectOptions,
+        connect: streams.ConnectOptions | Callable[[], streams.ConnectOptions],
         config: PublisherConfig,
         metrics: PublisherMetrics | None = None,
     ) -> None:
+        # Options, or how to make them: then read again for every new connection (a
+        # mounted Secret's credentials may have changed since).
         self.options = connect
         self.config = config
         self.metrics = metrics if metrics is not None else PublisherMetrics()
@@ -165,6 +183,8 @@ class NatsPublisher:
         self._stream_problem: str | None = None
         self._stream_refused = False
         self._stored_in: str | None = None  # the stream that acked, if another one
+        self._stream_missing = False  # JetStream said no stream takes the subject
+        self._ensuring: asyncio.Task[None] | None = None
         self._max_payload = config.max_message_bytes
         self.acked_messages = 0
         self.acked_steps = 0
@@ -184,6 +204,8 @@ class NatsPublisher:
         nc = self._nc
         if nc is None or not nc.is_connected:
             return "not connected to NATS"
+        if self._stream_missing:
+            return f"no stream stores {self.subject} (stream {self.stream} deleted?)"
         if not self._stream_ok and (self._stream_refused or self._stored_in):
             elsewhere = self._stored_in and (
                 f"messages are stored in stream {self._stored_in}, not {self.stream}"
@@ -228,12 +250,16 @@ class NatsPublisher:
                 self._pending.append(piece)
                 self._pending_bytes += size
         for group in sealed:
-            self._enqueue(self._encode(group))
+            for message in self._pack(group):
+                self._enqueue(message)
         self._poke()
 
     def flush(self, timeout: float | None = None) -> None:
-        """Send what is pending and wait until JetStream acked every message."""
-        self._seal_pending()
+        """Send what is pending and wait until JetStream acked every message.
+
+        The pending message joins the backlog even when it is full (by one message at
+        most), so the wait below is the only one, bounded by `timeout`."""
+        self._seal_pending(block=False)
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             while self._backlog or self._unacked:
@@ -247,12 +273,13 @@ class NatsPublisher:
                     )
                 self._lock.wait(0.1 if left is None else min(left, 0.1))
 
-    def close(self, timeout: float | None = 60.0) -> None:
-        """Flush (bounded by `timeout`), then disconnect. Unacked data raises, never vanishes."""
+    def close(self, timeout: float | None = None) -> None:
+        """Flush (bounded by `timeout`, default `close_seconds`), then disconnect.
+        Unacked data raises, never vanishes."""
         error: BaseException | None = None
         try:
             if self._thread is not None:
-                self.flush(timeout)
+                self.flush(self.config.close_seconds if timeout is None else timeout)
         except base.SinkError as err:
             error = err
         finally:
@@ -265,10 +292,12 @@ class NatsPublisher:
 
     # ------------------------------------------------------------------- packing
 
+    def _limit(self) -> int:
+        """The most bytes a message may take, as NATS counts them (headers included)."""
+        return max(1, min(self.config.max_message_bytes, self._max_payload))
+
     def _budget(self) -> int:
-        return max(1, min(self.config.max_message_bytes, self._max_payload)) - (
-            streams.HEADER_ROOM_BYTES + _SCHEMA_OVERHEAD
-        )
+        return self._limit() - (streams.HEADER_ROOM_BYTES + _SCHEMA_OVERHEAD)
 
     def _split(self, batch: pa.RecordBatch) -> Iterator[tuple[pa.RecordBatch, int]]:
         """Cut a batch bigger than one message at trajectory ends (rows as a last resort).
@@ -285,8 +314,9 @@ class NatsPublisher:
         if size <= budget:
             yield batch, size
             return
-        per_row = max(1.0, (size - _BATCH_OVERHEAD) / batch.num_rows)
-        max_rows = max(1, int((budget - _BATCH_OVERHEAD) / per_row))
+        framing = _framing(batch.schema)
+        per_row = max(1.0, (size - framing) / batch.num_rows)
+        max_rows = max(1, int((budget - framing) / per_row))
         ends = _trajectory_ends(batch)
         start = 0
         while start < batch.num_rows:
@@ -297,7 +327,7 @@ class NatsPublisher:
                 # The last trajectory end that fits; none fits: cut the trajectory.
                 fitting = [e for e in ends if start < e <= limit]
                 stop = fitting[-1] if fitting else limit
-            yield batch.slice(start, stop - start), int(per_row * (stop - start)) + _BATCH_OVERHEAD
+            yield batch.slice(start, stop - start), int(per_row * (stop - start)) + framing
             start = stop
 
     def _take_pending(self) -> list[pa.RecordBatch]:
@@ -308,23 +338,44 @@ class NatsPublisher:
         with self._lock:
             group = self._take_pending() if self._pending else []
         if group:
-            self._enqueue(self._encode(group), block)
+            for message in self._pack(group):
+                self._enqueue(message, block)
         self._poke()
 
+    def _pack(self, group: list[pa.RecordBatch]) -> list[_Message]:
+        """Encode `group` as one message, or as several where one would exceed the
+        bound (the size estimate is a guess; a server's max_payload may have shrunk).
+        A single step bigger than the bound cannot be sent: the publisher fails."""
+        message = self._encode(group)
+        limit = self._limit()
+        if wire_size(message) <= limit:
+            with self._lock:
+                self._seq += 1
+                message.msg_id = f"{self.producer_id}-{self._seq}"
+                message.headers[streams.HEADER_MSG_ID] = message.msg_id
+            return [message]
+        halves = _halves(group)
+        if halves is None:
+            err = base.SinkError(
+                f"one step takes {len(message.payload)} bytes, more than a message may"
+                f" ({limit} bytes: NATS max_payload and trajectories.maxBatchBytes)"
+            )
+            with self._lock:  # for good: every later step of this model is as big
+                self._failed = err
+                self._lock.notify_all()
+            raise err
+        return [m for half in halves for m in self._pack(half)]
+
     def _encode(self, group: list[pa.RecordBatch]) -> _Message:
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_stream(sink, group[0].schema) as writer:
-            for b in group:
-                writer.write_batch(b)
-        payload = sink.getvalue().to_pybytes()
+        """The message of `group`; its id is given by `_pack` once it fits."""
+        payload = encode(group)
         steps = sum(b.num_rows for b in group)
         policy = pc.min_max(pa.chunked_array([b.column("policy_version") for b in group]))
         ends = sum(len(_trajectory_ends(b)) for b in group)
         meta = group[0].schema.metadata or {}
         version = meta.get(trajectory.META_SCHEMA_VERSION, str(trajectory.SCHEMA_VERSION).encode())
-        with self._lock:
-            self._seq += 1
-            msg_id = f"{self.producer_id}-{self._seq}"
+        # Room for the id `_pack` gives it: the producer's, a dash and up to 20 digits.
+        msg_id = f"{self.producer_id}-{'0' * 20}"
         headers = {
             streams.HEADER_MSG_ID: msg_id,
             streams.HEADER_SCHEMA_VERSION: version.decode(),
@@ -399,9 +450,22 @@ class NatsPublisher:
             self._thread = None
 
     async def _main(self) -> None:
+        """Connect and deliver until stopped. A connection nats-py gives up on (closed
+        after some server errors: an authorization violation, an expired credential)
+        is replaced by a new one, with the credentials read again; the messages it
+        had not acked are sent again, under the same ids."""
         assert self._stop is not None
-        connecting = asyncio.create_task(self._connect())
         stopping = asyncio.create_task(self._stop.wait())
+        try:
+            while await self._connection(stopping):
+                self._resend_unacked()
+        finally:
+            await aio.cancel_and_wait(stopping)
+
+    async def _connection(self, stopping: asyncio.Task[Any]) -> bool:
+        """One connection's life: True when NATS closed it, False when stopped."""
+        closed = asyncio.Event()
+        connecting = asyncio.create_task(self._connect(closed))
         done, _ = await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if connecting not in done:
             await aio.cancel_and_wait(connecting)
@@ -411,41 +475,102 @@ class NatsPublisher:
                     await connecting.result().close()
             elif failed is not None and not isinstance(failed, streams.ConnectError):
                 log.warning("publisher: connecting failed while stopping: %r", failed)
-            return
+            return False
         nc = connecting.result()
         js = nc.jetstream(timeout=self.config.ack_timeout)
-        tasks = [asyncio.create_task(self._send_loop(js))]
+        sender = asyncio.create_task(self._send_loop(js))
         if not self._stream_ok:
             # Tried again beside the sender: the stream may exist as it is (made by the
             # operator, for a runtime allowed to publish but not to manage streams).
-            tasks.append(asyncio.create_task(self._ensure_stream(js)))
-        sender = tasks[0]
+            self._ensuring = asyncio.create_task(self._ensure_stream(js))
+        lost = asyncio.create_task(closed.wait())
         try:
-            await stopping
+            # The sender ends only by failing: that ends the publisher at once.
+            await asyncio.wait({stopping, lost, sender}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            await aio.cancel_and_wait(*tasks)
-            with contextlib.suppress(Exception):
-                await nc.flush(timeout=2)
+            ensuring, self._ensuring = self._ensuring, None
+            await aio.cancel_and_wait(sender, lost, *([ensuring] if ensuring else []))
+            if not closed.is_set():
+                with contextlib.suppress(Exception):
+                    await nc.flush(timeout=2)
             with contextlib.suppress(Exception):
                 await nc.close()
             self.metrics.connected.set(0)
+            self._nc = None
         failed = aio.failure(sender)
         if failed is not None:
             raise failed
+        if stopping.done():
+            return False
+        log.warning(
+            "publisher: NATS closed the connection (%s); connecting again",
+            streams.describe(nc.last_error) if nc.last_error else "no error given",
+        )
+        return True
 
-    async def _connect(self) -> NATS:
+    def _resend_unacked(self) -> None:
+        """Messages sent on a lost connection and not acked go first on the next."""
+        with self._lock:
+            self._backlog.extendleft(reversed(list(self._unacked.values())))
+            self._unacked.clear()
+
+    async def _connect(self, closed: asyncio.Event | None = None) -> NATS:
+        """Connect, with the options read again for each attempt of `_CONNECT_SECONDS`
+        (a Secret fixed meanwhile is used). Once connected, nats-py reconnects on its
+        own, with the credentials it has: refused `_AUTH_REFUSALS` times in a row, the
+        connection is closed, so that `_main` makes a new one with them read again."""
+        refusals = 0
+        made: list[NATS] = []
+        closing: set[asyncio.Task[None]] = set()
+
         async def disconnected() -> None:
             self.metrics.connected.set(0)
             if not self._closed:
                 log.warning("publisher: disconnected from NATS; holding the backlog")
 
         async def reconnected() -> None:
+            nonlocal refusals
+            refusals = 0
             self.metrics.connected.set(1)
+            self._max_payload = made[0].max_payload  # another server may take less
             log.info("publisher: reconnected to NATS")
 
-        nc = await streams.connect(
-            self.options, disconnected_cb=disconnected, reconnected_cb=reconnected
-        )
+        async def gone() -> None:
+            if closed is not None:
+                closed.set()
+
+        async def refused(err: Exception) -> None:
+            nonlocal refusals
+            if not made or not _refuses_credentials(err):
+                return
+            refusals += 1
+            if refusals == _AUTH_REFUSALS and isinstance(self.options, streams.ConnectOptions):
+                log.error("publisher: NATS refuses its credentials; fix them, it keeps trying")
+            elif refusals == _AUTH_REFUSALS:
+                log.warning("publisher: NATS refuses its credentials; reading them again")
+                # Not awaited here: nats-py's reconnect loop awaits this callback, and
+                # close() cancels that loop. closed_cb then has `_main` connect anew.
+                closing.add(asyncio.create_task(made[0].close()))
+
+        while True:
+            options = (
+                self.options if isinstance(self.options, streams.ConnectOptions) else self.options()
+            )
+            try:
+                nc = await streams.connect(
+                    options,
+                    deadline=None
+                    if isinstance(self.options, streams.ConnectOptions)
+                    else _CONNECT_SECONDS,
+                    disconnected_cb=disconnected,
+                    reconnected_cb=reconnected,
+                    closed_cb=gone,
+                    error_cb=refused,
+                )
+                break
+            except streams.ConnectError as err:
+                log.warning("publisher: %s; trying again with the options read again", err)
+        made.append(nc)
         self._nc = nc
         self._max_payload = nc.max_payload
         self.metrics.connected.set(1)
@@ -544,6 +669,12 @@ class NatsPublisher:
         try:
             message.first_attempt = time.monotonic()
             for delay in self.config.retry.delays():
+                nc = self._nc
+                if nc is not None and wire_size(message) > nc.max_payload:
+                    # Packed for a larger max_payload (before the first connect, or
+                    # another server since): never sent, so new ids are safe.
+                    self._repack(message, nc.max_payload)
+                    return
                 try:
                     ack = await js.publish(
                         self.subject,
@@ -551,6 +682,9 @@ class NatsPublisher:
                         timeout=self.config.ack_timeout,
                         headers=dict(message.headers),
                     )
+                except nats.errors.MaxPayloadError:
+                    self._repack(message, self._max_payload)
+                    return
                 except (
                     nats.errors.TimeoutError,
                     nats.errors.ConnectionClosedError,
@@ -564,6 +698,8 @@ class NatsPublisher:
                     TimeoutError,
                     OSError,
                 ) as err:
+                    if isinstance(err, nats.js.errors.NoStreamResponseError):
+                        self._stream_gone(js)
                     self.metrics.retries.inc()
                     log.debug("publish %s failed (%s); retry in %.2fs", message.msg_id, err, delay)
                     await asyncio.sleep(delay)
@@ -592,13 +728,43 @@ class NatsPublisher:
         finally:
             slots.release()
 
+    def _repack(self, message: _Message, max_payload: int) -> None:
+        """Put `message` back as smaller messages, first in line."""
+        self._max_payload = max_payload
+        pieces = self._pack(decode(message.payload))
+        log.info(
+            "publisher: message %s (%d bytes) is over NATS's max_payload of %d: sent as %d",
+            message.msg_id,
+            wire_size(message),
+            max_payload,
+            len(pieces),
+        )
+        with self._lock:
+            del self._unacked[message.msg_id]
+            self._backlog.extendleft(reversed(pieces))
+            self._backlog_bytes += sum(len(p.payload) for p in pieces) - len(message.payload)
+            self.metrics.backlog_bytes.set(self._backlog_bytes)
+            self.metrics.backlog_messages.set(len(self._backlog) + len(self._unacked))
+        self._poke()
+
+    def _stream_gone(self, js: nats.js.JetStreamContext) -> None:
+        """No stream takes the subject (deleted, or never made): /readyz says so until a
+        message is stored, and the stream is made again where the publisher may."""
+        if self._stream_missing:
+            return
+        self._stream_missing = True
+        self._stream_ok = False
+        log.warning("publisher: no stream stores %s; trying to make %s", self.subject, self.stream)
+        if self.config.create_stream and (self._ensuring is None or self._ensuring.done()):
+            self._ensuring = asyncio.create_task(self._ensure_stream(js))
+
     def _acked(self, message: _Message, stream: str) -> None:
         self.metrics.ack_seconds.observe(time.monotonic() - message.first_attempt)
         self.metrics.messages.inc()
         self.metrics.bytes.inc(len(message.payload))
         self.metrics.steps.inc(message.steps)
         if stream == self.stream:
-            self._stream_ok = True
+            self._stream_ok, self._stream_missing = True, False
         elif stream != self._stored_in:
             # Stored (so kept), but where the Agent's sinks do not read.
             log.warning("publisher: messages are stored in stream %s, not %s", stream, self.stream)
@@ -620,17 +786,73 @@ async def _cancel_leftovers() -> None:
         aio.failure(task)  # retrieved: ended is all that matters here
 
 
+def encode(group: list[pa.RecordBatch]) -> bytes:
+    """Record batches of one schema as one Arrow IPC stream."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, group[0].schema) as writer:
+        for b in group:
+            writer.write_batch(b)
+    return bytes(sink.getvalue().to_pybytes())
+
+
+def decode(payload: bytes) -> list[pa.RecordBatch]:
+    """The record batches of a message `encode` made."""
+    return list(pa.ipc.open_stream(payload))
+
+
+def wire_size(message: _Message) -> int:
+    """A message's size as NATS counts it against max_payload: payload and headers."""
+    headers = sum(len(k) + len(v) + 4 for k, v in message.headers.items())
+    return len(message.payload) + _HEADER_BLOCK + headers
+
+
+@functools.lru_cache(maxsize=64)
+def _framing(schema: pa.Schema) -> int:
+    """Estimated IPC framing of one record batch of `schema`."""
+    return _BATCH_FRAMING + _BUFFER_FRAMING * sum(_buffers(f.type) for f in schema)
+
+
+def _buffers(t: pa.DataType) -> int:
+    """Buffers an array of type `t` has in IPC (children included)."""
+    if pa.types.is_fixed_size_list(t):
+        return 1 + _buffers(t.value_type)
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return 2 + _buffers(t.value_type)
+    if pa.types.is_struct(t):
+        return 1 + sum(_buffers(t.field(i).type) for i in range(t.num_fields))
+    if pa.types.is_dictionary(t):
+        return _buffers(t.index_type)
+    if pa.types.is_string(t) or pa.types.is_binary(t):
+        return 3
+    return 2
+
+
+def _halves(group: list[pa.RecordBatch]) -> list[list[pa.RecordBatch]] | None:
+    """`group` in two, at a trajectory end near the middle where there is one; None for
+    a single row."""
+    if len(group) > 1:
+        middle = len(group) // 2
+        return [group[:middle], group[middle:]]
+    batch = group[0]
+    if batch.num_rows < 2:
+        return None
+    middle = batch.num_rows // 2
+    ends = [e for e in _trajectory_ends(batch) if 0 < e < batch.num_rows]
+    cut = min(ends, key=lambda e: abs(e - middle)) if ends else middle
+    return [[batch.slice(0, cut)], [batch.slice(cut)]]
+
+
 def _estimate(batch: pa.RecordBatch) -> int:
     """Upper bound of a batch's encoded size: its buffers whole, in microseconds.
 
     For a slice the buffers hold more than the slice; `_exact_size` then counts only
     the ranges it uses (pyarrow's `nbytes`, about 0.2 ms per CartPole batch).
     """
-    return int(batch.get_total_buffer_size()) + _BATCH_OVERHEAD
+    return int(batch.get_total_buffer_size()) + _framing(batch.schema)
 
 
 def _exact_size(batch: pa.RecordBatch) -> int:
-    return int(batch.nbytes) + _BATCH_OVERHEAD
+    return int(batch.nbytes) + _framing(batch.schema)
 
 
 def _trajectory_ends(batch: pa.RecordBatch) -> list[int]:
@@ -638,6 +860,15 @@ def _trajectory_ends(batch: pa.RecordBatch) -> list[int]:
     ends = pc.or_(batch.column("terminated"), batch.column("truncated"))
     idx = pc.indices_nonzero(ends).to_numpy()
     return [int(i) + 1 for i in idx]
+
+
+def _refuses_credentials(err: Exception) -> bool:
+    """Whether nats-py reports the server refusing the connection's credentials."""
+    text = str(err).lower()
+    return isinstance(err, nats.errors.AuthorizationError) or any(
+        t in text
+        for t in ("authorization violation", "authentication expired", "authentication revoked")
+    )
 
 
 def _default_producer_id() -> str:
