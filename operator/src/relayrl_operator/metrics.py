@@ -22,7 +22,7 @@ RECONCILE_SECONDS: Final = prom.Histogram(
 )
 AGENTS: Final = prom.Gauge(
     "relayrl_operator_agents",
-    "Agents known to the operator, by phase.",
+    "Agents known to the operator, by phase (exported while it acts, not on standby).",
     ["phase"],
     registry=REGISTRY,
 )
@@ -34,7 +34,8 @@ CHILDREN: Final = prom.Counter(
 )
 ERRORS: Final = prom.Counter(
     "relayrl_operator_errors",
-    "Errors while reconciling, by kind (api, nats, spec).",
+    "Errors while reconciling, by kind (api, nats, spec: once per spec and message,"
+    " watch: a child watch failed and is retried).",
     ["kind"],
     registry=REGISTRY,
 )

@@ -197,6 +197,9 @@ class Reconciler:
                 "pausing: peers %s outrank or equal priority %d", blocking, self._peers.priority
             )
             self._active.clear()
+            # Counted by the operator that acts: a standby's counts would go stale, and
+            # a sum over both would count every Agent twice.
+            metrics.AGENTS.clear()
         elif not blocking and not self._active.is_set():
             log.warning("resuming: no peer outranks priority %d now", self._peers.priority)
             # While paused Kopf's Agent watch was stopped, and a peer may have changed
@@ -210,6 +213,7 @@ class Reconciler:
                 state.config_layout = None  # a peer may have moved it: read it again
                 self.enqueue(key)
             self._active.set()
+            self._count_phases()
         metrics.ACTIVE.set(1 if self._active.is_set() else 0)
 
     @property
@@ -345,9 +349,13 @@ class Reconciler:
             return set(agents)
 
     def _count_phases(self) -> None:
+        """Agents by the phase their status shows (our last write, else the stored one:
+        an unchanged status is not written again after a restart)."""
         counts = dict.fromkeys((p.value for p in spec.Phase), 0)
         for state in self._states.values():
-            phase = (state.last_status or {}).get("phase")
+            if state.body is None:
+                continue
+            phase = _status_now(state, state.body["metadata"].get("uid", ""))[1].get("phase")
             if phase in counts:
                 counts[phase] += 1
         for phase, n in counts.items():
@@ -437,7 +445,6 @@ class Reconciler:
                 agent_spec = spec.parse_spec(body.get("spec") or {})
             except spec.InvalidSpecError as err:
                 state.agent = None
-                metrics.ERRORS.labels("spec").inc()
                 await self._fail(key, state, generation, f"invalid spec: {err}")
                 return
             agent = common.AgentRef(
@@ -780,11 +787,13 @@ class Reconciler:
 
     async def _fail(self, key: Key, state: cache.AgentState, generation: int, message: str) -> None:
         """A stored spec the operator cannot read: status says so (once, not at every
-        pass), with one Warning Event for each new message."""
-        state.error = message
-        state.error_generation = generation
-        metrics.RECONCILES.labels("permanent_error").inc()
-        log.warning("agent %s/%s: %s", *key, message)
+        pass), with one Warning Event for each new message. Each pass parses the spec
+        again (nothing else can be done with it), but counts and logs it once."""
+        if state.error != message or state.error_generation != generation:
+            state.error, state.error_generation = message, generation
+            metrics.ERRORS.labels("spec").inc()
+            metrics.RECONCILES.labels("permanent_error").inc()
+            log.warning("agent %s/%s: %s", *key, message)
         assert state.body is not None
         meta = state.body["metadata"]
         _, current = _status_now(state, meta["uid"])

@@ -16,7 +16,9 @@ from prometheus_client import core, registry
 
 PREFIX: Final = "relayrl_runtime"
 
-# Inference latency buckets: 50us .. 1s (batched CPU MLPs sit at the low end).
+# Inference latency buckets: 50us .. 10s (batched CPU MLPs sit at the low end; big
+# CNN or GPU policies, cold caches and large batches reach seconds, which a top bucket
+# of 1s would show as 1s at any quantile).
 _LATENCY_BUCKETS: Final = (
     5e-5,
     1e-4,
@@ -30,7 +32,11 @@ _LATENCY_BUCKETS: Final = (
     5e-2,
     0.1,
     0.25,
+    0.5,
     1.0,
+    2.5,
+    5.0,
+    10.0,
 )
 _BATCH_BUCKETS: Final = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 

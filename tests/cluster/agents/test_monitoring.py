@@ -4,10 +4,13 @@
   `monitoring.prometheusRule=true`;
 - an Agent runs end to end (actor and sink pods as processes on the process node), a
   real Prometheus scrapes the operator and every pod, and every query of the chart's
-  Grafana dashboards returns data; every alert expression is accepted by the query API.
+  Grafana dashboards returns data for that Agent, as every template variable lists it;
+  every alert expression is accepted by the query API.
 
-Prometheus scrapes static targets labelled `namespace` and `pod`, the labels the
-Prometheus Operator's PodMonitor adds in a cluster, which the dashboards and alerts use.
+Prometheus scrapes static targets labelled as the Prometheus Operator labels a
+PodMonitor's targets in a cluster: `namespace`, `pod`, and the pod labels the Agent's
+PodMonitor copies (`podTargetLabels`, sanitized: `relayrl_io_agent`,
+`app_kubernetes_io_component`), which the dashboards and alerts use.
 `hack/system-deps.sh` installs the package; the test fails loudly without it.
 """
 
@@ -28,6 +31,7 @@ import yaml
 
 from relayrl_localstack import testing
 from relayrl_operator import constants
+from relayrl_operator.builders import monitoring
 from support import fleet, natsserver, postgres, specs
 
 REPO = Path(__file__).resolve().parents[3]
@@ -75,17 +79,40 @@ def panel_expressions(panels: list[dict[str, Any]]) -> Iterator[tuple[str, str]]
         yield from panel_expressions(panel.get("panels") or [])
 
 
+def with_values(where: str, expr: str, variables: dict[str, str]) -> str:
+    """`expr` with Grafana's variables replaced by concrete values."""
+    for name, value in variables.items():
+        expr = re.sub(rf"\$(?:{name}\b|\{{{name}\}})", value, expr)
+    assert "$" not in expr, f"{where}: unknown variable in {expr}"
+    return expr
+
+
 def dashboard_queries(variables: dict[str, str]) -> list[tuple[str, str]]:
     """Every dashboard query with Grafana's variables replaced by concrete values."""
     out = []
     for path in DASHBOARDS:
         dashboard = json.loads(path.read_text())
         for title, expr in panel_expressions(dashboard.get("panels") or []):
-            for name, value in variables.items():
-                expr = re.sub(rf"\$(?:{name}\b|\{{{name}\}})", value, expr)
-            assert "$" not in expr, f"{path.name} '{title}': unknown variable in {expr}"
-            out.append((f"{path.name} '{title}'", expr))
+            where = f"{path.name} '{title}'"
+            out.append((where, with_values(where, expr, variables)))
     assert out, "no dashboard queries found"
+    return out
+
+
+def variable_queries() -> list[tuple[str, str, str, str]]:
+    """(dashboard, variable, PromQL, label) of every `label_values(expr, label)` template
+    variable: the values Grafana offers are those of `label` in that query's result."""
+    out = []
+    for path in DASHBOARDS:
+        dashboard = json.loads(path.read_text())
+        for variable in dashboard.get("templating", {}).get("list", []):
+            if variable.get("type") != "query":
+                continue
+            query = variable["query"]
+            text = str(query["query"] if isinstance(query, dict) else query)
+            found = re.fullmatch(r"label_values\((.*),\s*(\w+)\)", text)
+            assert found, f"{path.name} ${variable['name']}: not label_values(expr, label): {text}"
+            out.append((path.name, variable["name"], found.group(1), found.group(2)))
     return out
 
 
@@ -152,8 +179,8 @@ class Prometheus:
         return self.api("query", query=expr)
 
 
-def scrape_config(operator_port: int, pods: list[tuple[str, str, str]]) -> dict[str, Any]:
-    """prometheus.yml: the operator and every (namespace, pod, port) as static targets."""
+def scrape_config(operator_port: int, pods: list[tuple[dict[str, str], str]]) -> dict[str, Any]:
+    """prometheus.yml: the operator and every (target labels, address) as static targets."""
     return {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "scrape_configs": [
@@ -164,12 +191,21 @@ def scrape_config(operator_port: int, pods: list[tuple[str, str, str]]) -> dict[
             {
                 "job_name": "relayrl-pods",
                 "static_configs": [
-                    {"targets": [address], "labels": {"namespace": ns, "pod": pod}}
-                    for ns, pod, address in pods
+                    {"targets": [address], "labels": labels} for labels, address in pods
                 ],
             },
         ],
     }
+
+
+def target_labels(pod: Any) -> dict[str, str]:
+    """The labels the Prometheus Operator gives the pod's target under the Agent's
+    PodMonitor: namespace, pod, and each of its podTargetLabels (sanitized)."""
+    labels = {"namespace": pod.metadata.namespace, "pod": pod.metadata.name}
+    for label in monitoring.POD_TARGET_LABELS:
+        assert label in (pod.metadata.labels or {}), f"{pod.metadata.name}: no label {label}"
+        labels[monitoring.target_label(label)] = pod.metadata.labels[label]
+    return labels
 
 
 def metrics_address(pod: Any) -> str:
@@ -238,7 +274,15 @@ def test_prometheus_scrapes_a_running_fleet_and_every_dashboard_query_has_data(
     ).items
     assert {p.spec.node_name for p in pods} == {k8s.process_node}
     assert len(pods) == 4, [p.metadata.name for p in pods]  # two actor pods, two sinks
-    targets = [(namespace, p.metadata.name, metrics_address(p)) for p in pods]
+    targets = [(target_labels(p), metrics_address(p)) for p in pods]
+    components = {
+        labels[monitoring.target_label(constants.LABEL_COMPONENT)] for labels, _ in targets
+    }
+    assert components == {
+        constants.COMPONENT_ACTORS,
+        constants.COMPONENT_ARROW_SINK,
+        constants.COMPONENT_POSTGRES_SINK,
+    }
 
     config = tmp_path / "prometheus.yml"
     config.write_text(yaml.safe_dump(scrape_config(operator.metrics_port, targets)))
@@ -256,7 +300,8 @@ def test_prometheus_scrapes_a_running_fleet_and_every_dashboard_query_has_data(
             seen = [(t["scrapeUrl"], t["health"], t["lastError"]) for t in prom.targets()]
             raise AssertionError(f"targets: {seen}\n{prom.logs()}") from err
 
-        queries = dashboard_queries({"namespace": namespace, "__rate_interval": RATE_INTERVAL})
+        variables = {"namespace": namespace, "agent": "cartpole", "__rate_interval": RATE_INTERVAL}
+        queries = dashboard_queries(variables)
         empty = dict(queries)
         failed: dict[str, Any] = {}
 
@@ -275,6 +320,15 @@ def test_prometheus_scrapes_a_running_fleet_and_every_dashboard_query_has_data(
         except TimeoutError as err:
             raise AssertionError(f"dashboard queries without data: {empty}") from err
         assert not failed, f"dashboard queries Prometheus refused: {failed}"
+
+        # Each template variable offers the value the queries above were given.
+        for dashboard, name, selector, label in variable_queries():
+            where = f"{dashboard} ${name}"
+            expr = with_values(where, selector, variables)
+            body = prom.query(f"group by ({label}) ({expr})")
+            assert body["status"] == "success", f"{where}: {body}"
+            offered = {r["metric"].get(label) for r in body["data"]["result"]}
+            assert variables[name] in offered, f"{where}: offers {offered}, not {variables[name]}"
 
         for expr in alert_expressions(rule_groups(namespace)):
             body = prom.query(expr)

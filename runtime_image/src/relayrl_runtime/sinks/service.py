@@ -96,6 +96,23 @@ class DeadLetterReason:
     ALL: Final = (INVALID_ARROW, UNKNOWN_SCHEMA_VERSION, SCHEMA_MISMATCH)
 
 
+# The `where` label of `relayrl_sink_errors_total`: each step that can fail and be
+# retried, and the one detected loss.
+ERROR_PLACES: Final = (
+    "open",
+    "connect",
+    "stream",
+    "origin",
+    "restart",
+    "consumer",
+    "fetch",
+    "commit",
+    "deadletter",
+    "storage",
+    "stream-tail-lost",
+)
+
+
 class InvalidMessageError(Exception):
     """A message no writer can take; it goes to the dead-letter subject."""
 
@@ -234,8 +251,13 @@ class SinkMetrics:
             registry=r,
         ).labels(kind)
         self.errors = prom.Counter(
-            f"{PREFIX}_errors", "Transient errors retried.", ["sink", "where"], registry=r
+            f"{PREFIX}_errors",
+            "Transient errors retried (where: the step), and stream tails found lost.",
+            ["sink", "where"],
+            registry=r,
         )
+        for where in ERROR_PLACES:
+            self.errors.labels(kind, where)  # at 0 from the start: increase() sees the first
         self.kind = kind
 
 
