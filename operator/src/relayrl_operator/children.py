@@ -13,9 +13,13 @@ changed it, and on each pass of a slice handover.
 from __future__ import annotations
 
 import asyncio
+import copy
+import decimal
 import logging
 import time
-from typing import Any
+from typing import Any, cast
+
+from kubernetes.utils import quantity
 
 from relayrl_operator import cache, constants, kube, metrics, settings
 from relayrl_operator.builders import (
@@ -63,6 +67,37 @@ class Children:
             out.append(monitoring.build(agent, self._settings.monitor_labels))
         return out
 
+    async def _claim_as_grown(self, claim: dict[str, Any], err: kube.ApiError) -> Any:
+        """A claim grown beyond `storage.size` (by hand, or an expansion controller)
+        refuses the smaller size for good: applied at the size it has instead, so the
+        Agent does not fail at every pass. Anything else: `err` as it was."""
+        if err.transient:
+            return err
+        meta = claim["metadata"]
+        try:
+            live = await self._client.get(kube.PVC, meta["namespace"], meta["name"])
+        except kube.ApiError as failed:
+            return failed
+        want = claim["spec"]["resources"]["requests"]["storage"]
+        has = (((live or {}).get("spec") or {}).get("resources") or {}).get("requests", {})
+        size = has.get("storage")
+        if size is None or _bytes(size) <= _bytes(want):
+            return err
+        log.info(
+            "claim %s/%s holds %s, more than storage.size %s: kept at %s",
+            meta["namespace"],
+            meta["name"],
+            size,
+            want,
+            size,
+        )
+        grown = copy.deepcopy(claim)
+        grown["spec"]["resources"]["requests"]["storage"] = size
+        try:
+            return await self._client.apply(grown)
+        except kube.ApiError as again:
+            return again
+
     async def apply(
         self, agent: common.AgentRef, state: cache.AgentState, *, handing_over: bool = False
     ) -> None:
@@ -93,6 +128,9 @@ class Children:
         results += await asyncio.gather(
             *(self._client.apply(obj) for obj in desired[len(results) :]), return_exceptions=True
         )
+        for i, (obj, result) in enumerate(zip(desired, results, strict=True)):
+            if obj["kind"] == kube.PVC.kind and isinstance(result, kube.ApiError):
+                results[i] = await self._claim_as_grown(obj, result)
         rejected: kube.ApiError | None = None
         state.rejected_children = set()
         for obj, result in zip(list(desired), results, strict=True):
@@ -190,3 +228,8 @@ class Children:
         if self.podmonitors:
             out.add((kube.PODMONITOR.kind, agent.name))
         return out
+
+
+def _bytes(size: str) -> decimal.Decimal:
+    """A storage quantity (`5Gi`, `5G`, `5368709120`) as a number."""
+    return cast(decimal.Decimal, quantity.parse_quantity(size))  # type: ignore[no-untyped-call]

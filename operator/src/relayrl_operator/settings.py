@@ -13,11 +13,14 @@ from dataclasses import dataclass, field
 from typing import Final
 
 ENV_RUNTIME_IMAGE: Final = "RELAYRL_RUNTIME_IMAGE"
+ENV_RUNTIME_IMAGE_CUDA: Final = "RELAYRL_RUNTIME_IMAGE_CUDA"
 ENV_IMAGE_PULL_POLICY: Final = "RELAYRL_IMAGE_PULL_POLICY"
 ENV_RESYNC_SECONDS: Final = "RELAYRL_RESYNC_SECONDS"
 ENV_MONITOR_LABELS: Final = "RELAYRL_MONITOR_LABELS"
 
 DEFAULT_RUNTIME_IMAGE: Final = "ghcr.io/relayrl-fleet/runtime:0.1.0"
+# The CUDA build of the same image (runtime_image/Dockerfile, VARIANT=cuda).
+DEFAULT_RUNTIME_IMAGE_CUDA: Final = "ghcr.io/relayrl-fleet/runtime:0.1.0-cuda"
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,9 @@ class Settings:
     """What every reconcile needs to know about the operator's installation."""
 
     runtime_image: str = DEFAULT_RUNTIME_IMAGE
+    # For actors of Agents with device cuda (the CPU image's torch and onnxruntime
+    # cannot use a GPU); sinks always run the CPU image.
+    runtime_image_cuda: str = DEFAULT_RUNTIME_IMAGE_CUDA
     image_pull_policy: str = "IfNotPresent"
     # Level-based resync period: how often actual children are compared with desired.
     resync_seconds: float = 30.0
@@ -48,6 +54,7 @@ class Settings:
             raise ValueError(f"{ENV_RESYNC_SECONDS}: expected seconds >= 1, got {raw!r}")
         return cls(
             runtime_image=env.get(ENV_RUNTIME_IMAGE, DEFAULT_RUNTIME_IMAGE),
+            runtime_image_cuda=env.get(ENV_RUNTIME_IMAGE_CUDA, DEFAULT_RUNTIME_IMAGE_CUDA),
             image_pull_policy=env.get(ENV_IMAGE_PULL_POLICY, "IfNotPresent"),
             resync_seconds=resync,
             monitor_labels=_labels(ENV_MONITOR_LABELS, env.get(ENV_MONITOR_LABELS, "")),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final, Self
@@ -213,6 +214,9 @@ def pod_name(cfg: RuntimeConfig, environ: Mapping[str, str] | None = None) -> st
     return environ.get(ENV_POD_NAME, "").strip() or f"{cfg.agent}-{cfg.pod_index}"
 
 
+_ORDINAL: Final = re.compile(r"-(\d+)$")
+
+
 def from_mapping(
     data: Mapping[str, Any], environ: Mapping[str, str] | None = None
 ) -> RuntimeConfig:
@@ -220,6 +224,12 @@ def from_mapping(
     environ = os.environ if environ is None else environ
     merged = dict(data)
     override = environ.get(ENV_POD_INDEX, "").strip()  # empty: unset, as for the others
+    if not override and ENV_POD_INDEX in environ:
+        # Set by the operator from the pod-index label, which clusters before 1.28 do
+        # not put on pods: the ordinal ending the StatefulSet pod's name says the same.
+        ordinal = _ORDINAL.search(environ.get(ENV_POD_NAME, ""))
+        if ordinal is not None:
+            override = ordinal.group(1)
     if override:
         merged["podIndex"] = override
     try:

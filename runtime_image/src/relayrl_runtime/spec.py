@@ -230,6 +230,10 @@ _GYM_ID: Final = r"^[A-Za-z0-9_./:-]+$"
 _ENTRY_POINT: Final = r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$"
 _SECRET_KEY: Final = r"^[-._a-zA-Z0-9]+$"
 _STREAM_NAME: Final = r"^[A-Za-z0-9_-]+$"
+# Label values (labels, node selectors): at most 63 characters, alphanumeric at both
+# ends, '-', '_' and '.' between; empty is one too.
+_LABEL_VALUE: Final = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+LabelValue = Annotated[str, pydantic.StringConstraints(max_length=63, pattern=_LABEL_VALUE)]
 _ABSOLUTE_PATH: Final = r"^/"
 _ENV_NAME: Final = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
@@ -538,7 +542,10 @@ class NatsSpec(SpecModel):
     )
     retain_on_delete: bool = Field(
         default=False,
-        description="Keep the stream and model bucket when the Agent is deleted.",
+        description=(
+            "Keep the stream, the model bucket and an arrow sink's claim made from"
+            " storage.size when the Agent is deleted."
+        ),
     )
 
 
@@ -559,6 +566,41 @@ class TrajectoriesSpec(SpecModel):
 
 
 # ---------------------------------------------------------------------------- sinks
+
+
+class Resources(SpecModel):
+    """Compute resources of a container."""
+
+    requests: dict[str, Quantity] = Field(
+        default_factory=dict,
+        description="Minimum resources, e.g. cpu: 500m.",
+        json_schema_extra=_EMPTY_OBJECT_DEFAULT,
+    )
+    limits: dict[str, Quantity] = Field(
+        default_factory=dict,
+        description="Maximum resources, e.g. memory: 2Gi.",
+        json_schema_extra=_EMPTY_OBJECT_DEFAULT,
+    )
+
+
+def _no_gpu_in(resources: Resources | None) -> bool:
+    return resources is None or (
+        GPU_RESOURCE not in resources.limits and GPU_RESOURCE not in resources.requests
+    )
+
+
+def _no_gpu_rule(message: str) -> Rule:
+    """No GPUs in `resources` (they come from spec.gpusPerPod, on actor pods only)."""
+    return Rule(
+        cel=(
+            "!has(self.resources) || "
+            "(!('nvidia.com/gpu' in self.resources.limits) && "
+            "!('nvidia.com/gpu' in self.resources.requests))"
+        ),
+        message=message,
+        holds=lambda m: _no_gpu_in(m.resources),
+        field="resources",
+    )
 
 
 class ArrowStorage(SpecModel):
@@ -602,6 +644,7 @@ class ArrowSink(SpecModel):
             holds=lambda a: _own_mount(a.path) is None,
             field="path",
         ),
+        _no_gpu_rule("a sink uses no GPU"),
     )
 
     format: SinkFormat = Field(default=SinkFormat.PARQUET, description="parquet or arrow.")
@@ -627,10 +670,16 @@ class ArrowSink(SpecModel):
     rotate_seconds: int = Field(
         default=300, ge=1, le=86400, description="Start a new file after this many seconds."
     )
+    resources: Resources | None = Field(
+        default=None,
+        description="Compute resources of the sink container (none: the namespace's defaults).",
+    )
 
 
 class PostgresSink(SpecModel):
     """Write trajectory steps as PostgreSQL rows."""
+
+    rules = (_no_gpu_rule("a sink uses no GPU"),)
 
     dsn_secret: SecretKeyRef = Field(description="Secret key holding the libpq connection string.")
     schema_name: str = Field(
@@ -642,6 +691,10 @@ class PostgresSink(SpecModel):
         default="steps", pattern=SQL_IDENT, description="Table the steps are written to."
     )
     batch_rows: int = Field(default=10_000, ge=1, le=1_000_000, description="Rows per COPY batch.")
+    resources: Resources | None = Field(
+        default=None,
+        description="Compute resources of the sink container (none: the namespace's defaults).",
+    )
 
 
 class SinkSpec(SpecModel):
@@ -703,21 +756,6 @@ class Toleration(SpecModel):
     )
 
 
-class Resources(SpecModel):
-    """Compute resources of the actor container."""
-
-    requests: dict[str, Quantity] = Field(
-        default_factory=dict,
-        description="Minimum resources, e.g. cpu: 500m.",
-        json_schema_extra=_EMPTY_OBJECT_DEFAULT,
-    )
-    limits: dict[str, Quantity] = Field(
-        default_factory=dict,
-        description="Maximum resources, e.g. memory: 2Gi.",
-        json_schema_extra=_EMPTY_OBJECT_DEFAULT,
-    )
-
-
 class EnvVar(SpecModel):
     """An extra environment variable for the runtime container."""
 
@@ -753,12 +791,6 @@ def _unique_names(env: Sequence[EnvVar]) -> bool:
     return len({e.name for e in env}) == len(env)
 
 
-def _no_gpu_in(resources: Resources | None) -> bool:
-    return resources is None or (
-        GPU_RESOURCE not in resources.limits and GPU_RESOURCE not in resources.requests
-    )
-
-
 class PodTemplate(SpecModel):
     """Overrides for the Agent's pods.
 
@@ -767,16 +799,7 @@ class PodTemplate(SpecModel):
     """
 
     rules = (
-        Rule(
-            cel=(
-                "!has(self.resources) || "
-                "(!('nvidia.com/gpu' in self.resources.limits) && "
-                "!('nvidia.com/gpu' in self.resources.requests))"
-            ),
-            message="set GPUs with spec.gpusPerPod, not template.resources",
-            holds=lambda t: _no_gpu_in(t.resources),
-            field="resources",
-        ),
+        _no_gpu_rule("set GPUs with spec.gpusPerPod, not template.resources"),
         Rule(
             # No default in the schema: a template without env has no such key.
             cel=(
@@ -800,7 +823,7 @@ class PodTemplate(SpecModel):
     image_pull_policy: PullPolicy | None = Field(
         default=None, description="Image pull policy of the actor and sink containers."
     )
-    node_selector: dict[str, str] = Field(
+    node_selector: dict[str, LabelValue] = Field(
         default_factory=dict, description="Node labels the actor and sink pods must match."
     )
     tolerations: list[Toleration] = Field(
@@ -815,13 +838,22 @@ class PodTemplate(SpecModel):
         "Affinity rules of the actor and sink pods (core/v1 Affinity)."
     )
     priority_class_name: str | None = Field(
-        default=None, max_length=253, description="PriorityClass of the actor and sink pods."
+        default=None,
+        max_length=253,
+        pattern=_DNS_SUBDOMAIN,
+        description="PriorityClass of the actor and sink pods.",
     )
     runtime_class_name: str | None = Field(
-        default=None, max_length=253, description="RuntimeClass of the actor pods (e.g. nvidia)."
+        default=None,
+        max_length=253,
+        pattern=_DNS_SUBDOMAIN,
+        description="RuntimeClass of the actor pods (e.g. nvidia).",
     )
     service_account_name: str | None = Field(
-        default=None, max_length=253, description="ServiceAccount the actor and sink pods run as."
+        default=None,
+        max_length=253,
+        pattern=_DNS_SUBDOMAIN,
+        description="ServiceAccount the actor and sink pods run as.",
     )
     resources: Resources | None = Field(
         default=None, description="CPU and memory of the runtime container."
@@ -829,7 +861,7 @@ class PodTemplate(SpecModel):
     env: list[EnvVar] = Field(
         default_factory=list, max_length=128, description="Extra environment variables."
     )
-    labels: dict[str, str] = Field(
+    labels: dict[str, LabelValue] = Field(
         default_factory=dict, description="Extra labels on the actor pods."
     )
     annotations: dict[str, str] = Field(
@@ -1078,6 +1110,10 @@ _PATTERN_WORDS: Final = {
     _ENTRY_POINT: "module.path:callable",
     _SECRET_KEY: "letters, digits and - . _",
     _STREAM_NAME: "letters, digits, '_' and '-'",
+    _LABEL_VALUE: (
+        "a label value: at most 63 letters, digits, '-', '_' and '.', starting and ending"
+        " alphanumeric"
+    ),
     _ABSOLUTE_PATH: "an absolute path",
     _ENV_NAME: "letters, digits and '_', not starting with a digit",
 }

@@ -88,6 +88,65 @@ def test_cpu_agent_never_asks_for_gpus() -> None:
     assert constants.GPU_RESOURCE not in manifest
 
 
+def test_cuda_actors_run_the_cuda_image_and_sinks_the_cpu_one() -> None:
+    cfg = settings.Settings(runtime_image="rt:1", runtime_image_cuda="rt:1-cuda")
+    agent = make_agent({"spec": {"device": "cuda", "gpusPerPod": 1, "sinks": [{"arrow": {}}]}})
+    actors = statefulset.build(agent, cfg)["spec"]["template"]["spec"]["containers"][0]
+    assert actors["image"] == "rt:1-cuda"
+    (arrow,) = sinks.build_all(agent, cfg)
+    assert arrow["spec"]["template"]["spec"]["containers"][0]["image"] == "rt:1"
+    cpu = statefulset.build(make_agent(), cfg)["spec"]["template"]["spec"]["containers"][0]
+    assert cpu["image"] == "rt:1"
+    mine = make_agent({"spec": {"device": "cuda", "gpusPerPod": 1, "template": {"image": "m:2"}}})
+    assert (
+        statefulset.build(mine, cfg)["spec"]["template"]["spec"]["containers"][0]["image"] == "m:2"
+    )
+    env = {settings.ENV_RUNTIME_IMAGE: "a:1", settings.ENV_RUNTIME_IMAGE_CUDA: "a:1-gpu"}
+    assert settings.Settings.from_env(env).runtime_image_cuda == "a:1-gpu"
+
+
+def test_sink_resources_reach_their_container_only() -> None:
+    agent = make_agent(
+        {
+            "spec": {
+                "template": {"resources": {"requests": {"cpu": "4"}}},
+                "sinks": [
+                    {"arrow": {"resources": {"requests": {"memory": "1Gi"}}}},
+                    {"postgres": {"dsnSecret": {"name": "pg", "key": "url"}}},
+                ],
+            }
+        }
+    )
+    arrow, pg = (
+        d["spec"]["template"]["spec"]["containers"][0] for d in sinks.build_all(agent, SETTINGS)
+    )
+    assert arrow["resources"] == {"requests": {"memory": "1Gi"}}
+    assert "resources" not in pg  # the template's are the actors'
+
+
+def test_the_pdb_never_blocks_drains_for_pods_that_are_not_ready() -> None:
+    spec_ = pdb.build(make_agent({"spec": {"actors": 8, "actorsPerPod": 2}}))["spec"]
+    assert spec_["maxUnavailable"] == 1
+    assert spec_["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+
+
+def test_a_created_claim_is_kept_with_the_stream_when_the_spec_says_retain() -> None:
+    storage = {"sinks": [{"arrow": {"storage": {"size": "5Gi"}}}]}
+    owned = sinks.build_all(make_agent({"spec": storage}), SETTINGS)[0]
+    assert owned["kind"] == "PersistentVolumeClaim"
+    assert owned["metadata"]["ownerReferences"]
+    kept = sinks.build_all(
+        make_agent({"spec": {**storage, "trajectories": {"nats": {"retainOnDelete": True}}}}),
+        SETTINGS,
+    )
+    assert kept[0]["kind"] == "PersistentVolumeClaim"
+    assert "ownerReferences" not in kept[0]["metadata"]
+    # The Deployment reading it is still the Agent's.
+    assert kept[1]["metadata"]["ownerReferences"]
+    podspec = kept[1]["spec"]["template"]["spec"]
+    assert podspec["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
+
+
 def test_template_overrides_reach_the_pod() -> None:
     agent = make_agent(
         {
@@ -279,6 +338,59 @@ def test_monitor_labels_never_replace_the_agents_own() -> None:
     ]["labels"]
     assert labels[constants.LABEL_AGENT] == "cartpole"
     assert labels["release"] == "p"
+
+
+def test_podmonitor_puts_each_pods_agent_and_component_on_its_series() -> None:
+    """Without podTargetLabels the series of two Agents in one namespace would only
+    differ by pod; the labels it copies are ones every actor and sink pod carries."""
+    agent = make_agent(
+        {
+            "spec": {
+                "sinks": [
+                    {"arrow": {"storage": {"size": "1Gi"}}},
+                    {"postgres": {"dsnSecret": {"name": "pg"}}},
+                ]
+            }
+        }
+    )
+    monitor = monitoring.build(agent)
+    assert monitor["kind"] == "PodMonitor"
+    assert monitor["spec"]["selector"] == {"matchLabels": {constants.LABEL_AGENT: "cartpole"}}
+    target_labels = monitor["spec"]["podTargetLabels"]
+    assert target_labels == ["relayrl.io/agent", "app.kubernetes.io/component"]
+    assert target_labels == [constants.LABEL_AGENT, constants.LABEL_COMPONENT]
+    templates = [statefulset.build(agent, SETTINGS)["spec"]["template"]] + [
+        o["spec"]["template"] for o in sinks.build_all(agent, SETTINGS) if o["kind"] == "Deployment"
+    ]
+    components = set()
+    for template in templates:
+        pod_labels = template["metadata"]["labels"]
+        selector = monitor["spec"]["selector"]["matchLabels"]
+        assert selector.items() <= pod_labels.items()
+        assert set(target_labels) <= set(pod_labels)
+        assert pod_labels[constants.LABEL_AGENT] == "cartpole"
+        components.add(pod_labels[constants.LABEL_COMPONENT])
+        ports = {p["name"] for c in template["spec"]["containers"] for p in c.get("ports", [])}
+        assert monitor["spec"]["podMetricsEndpoints"][0]["port"] in ports
+    assert components == {
+        constants.COMPONENT_ACTORS,
+        constants.COMPONENT_ARROW_SINK,
+        constants.COMPONENT_POSTGRES_SINK,
+    }
+
+
+@pytest.mark.parametrize(
+    ("pod_label", "series_label"),
+    [
+        ("relayrl.io/agent", "relayrl_io_agent"),
+        ("app.kubernetes.io/component", "app_kubernetes_io_component"),
+        ("team", "team"),
+        ("a-b.c/d_e9", "a_b_c_d_e9"),
+    ],
+)
+def test_pod_labels_become_sanitized_series_labels(pod_label: str, series_label: str) -> None:
+    """As the Prometheus Operator names them (the names the chart's dashboards query)."""
+    assert monitoring.target_label(pod_label) == series_label
 
 
 def test_containers_have_no_two_env_vars_ports_or_mounts_of_one_name() -> None:

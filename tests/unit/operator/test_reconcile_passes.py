@@ -20,9 +20,9 @@ import pytest
 import yaml
 from unit.operator.pods import actor_pod
 
-from relayrl_operator import constants, handover, kube, reconcile, settings, status, views
+from relayrl_operator import constants, handover, kube, metrics, reconcile, settings, status, views
 from relayrl_operator.builders import common
-from relayrl_runtime import config, reporting
+from relayrl_runtime import config, reporting, spec
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "cartpole-cpu" / "agent.yaml"
 KEY = ("ml", "cartpole")
@@ -65,6 +65,9 @@ class Recorder:
     async def has_api(self, api_version: str) -> bool:
         return False
 
+    async def get(self, kind: kube.Kind, namespace: str, name: str) -> dict[str, Any] | None:
+        return None
+
 
 class FailingStreams:
     """NATS that is never reachable; counts the attempts."""
@@ -103,9 +106,12 @@ def agent_body(generation: int = 1, **spec: Any) -> dict[str, Any]:
 
 
 @contextlib.asynccontextmanager
-async def running(api: Recorder, streams: Any = None) -> AsyncIterator[reconcile.Reconciler]:
+async def running(
+    api: Recorder, streams: Any = None, resync_seconds: float = 30.0
+) -> AsyncIterator[reconcile.Reconciler]:
     """A started reconciler with one worker, against this stand-in apiserver (and NATS)."""
-    rec = reconcile.Reconciler(api, settings.Settings(), streams, workers=1)  # type: ignore[arg-type]
+    cfg = settings.Settings(resync_seconds=resync_seconds)
+    rec = reconcile.Reconciler(api, cfg, streams, workers=1)  # type: ignore[arg-type]
     await rec.start()
     try:
         yield rec
@@ -340,14 +346,8 @@ async def test_an_invalid_stored_spec_says_why_once() -> None:
     """Stored before a stricter rule: phase Failed with the reason on its conditions,
     one Warning, and no status write at every later pass."""
     api = Rejecting("none")  # records Events
-    rec = reconcile.Reconciler(
-        api,  # type: ignore[arg-type]
-        settings.Settings(resync_seconds=0.2),
-        Streams(),  # type: ignore[arg-type]
-        workers=1,
-    )
-    await rec.start()
-    try:
+    errors_before = spec_errors()
+    async with running(api, Streams(), resync_seconds=0.2) as rec:
         body = agent_body()
         body["spec"]["trajectories"] = {"nats": {"url": "nats://:4222"}}
         rec.agent_event("MODIFIED", body)
@@ -366,8 +366,51 @@ async def test_an_invalid_stored_spec_says_why_once() -> None:
         assert len(api.status) == 1
         assert len(api.events) == 1
         assert not api.applied  # nothing applied meanwhile
-    finally:
-        await rec.stop()
+        # Counted once too: an alert on the error rate would fire for one bad Agent.
+        assert spec_errors() == errors_before + 1
+        assert phase_count("Failed") == 1
+
+
+def spec_errors() -> float:
+    value = metrics.REGISTRY.get_sample_value("relayrl_operator_errors_total", {"kind": "spec"})
+    return value or 0.0
+
+
+def phase_count(phase: str) -> float | None:
+    return metrics.REGISTRY.get_sample_value("relayrl_operator_agents", {"phase": phase})
+
+
+async def test_agents_are_counted_by_the_status_they_show_after_a_restart() -> None:
+    """A restarted operator writes no status that is as it should be already; the
+    Agents it found so are still counted (an alert on Failed Agents must not resolve
+    when the operator restarts). A paused operator counts none."""
+    api = Rejecting("none")
+    body = agent_body()
+    body["spec"]["trajectories"] = {"nats": {"url": "nats://:4222"}}
+    message = "invalid spec: " + str(_parse_error(body["spec"]))
+    body["status"] = status.invalid(1, message, [])  # as the operator before wrote it
+    async with running(api, Streams(), resync_seconds=0.2) as rec:
+        rec.agent_event("MODIFIED", body)
+        await settle(rec, 0.6)  # passes and resyncs
+        assert not api.status  # nothing to write
+        assert phase_count("Failed") == 1
+
+        async def blockers() -> list[str]:
+            return ["relayrl-operator-peer"]
+
+        rec._peers = SimpleNamespace(blockers=blockers, priority=0)  # type: ignore[assignment]
+        await rec._check_peers()  # a peer of equal priority appeared
+        assert not rec.active
+        await asyncio.sleep(0.5)
+        assert phase_count("Failed") is None  # a standby exports no counts
+
+
+def _parse_error(agent_spec: dict[str, Any]) -> Exception:
+    try:
+        spec.parse_spec(agent_spec)
+    except spec.InvalidSpecError as err:
+        return err
+    raise AssertionError("the spec parsed")
 
 
 class Rejecting(Recorder):
@@ -389,6 +432,46 @@ class Rejecting(Recorder):
         if kwargs.get("body", {}).get("kind") == "Event":
             self.events.append(kwargs["body"])
         return {}
+
+
+class GrownClaim(Rejecting):
+    """A claim grown by hand to 8Gi: the apiserver refuses any smaller size."""
+
+    def __init__(self) -> None:
+        super().__init__("PersistentVolumeClaim")
+        self.claims: list[str] = []
+
+    async def apply(self, obj: dict[str, Any]) -> Applied:
+        if obj["kind"] == self.kind:
+            size = obj["spec"]["resources"]["requests"]["storage"]
+            self.claims.append(size)
+            if size != "8Gi":
+                raise kube.ApiError(
+                    422,
+                    "Invalid",
+                    "PersistentVolumeClaim is invalid: spec.resources.requests.storage:"
+                    " Forbidden: field can not be less than status.capacity",
+                )
+        return await Recorder.apply(self, obj)
+
+    async def get(self, kind: kube.Kind, namespace: str, name: str) -> dict[str, Any] | None:
+        assert kind == kube.PVC
+        return {"spec": {"resources": {"requests": {"storage": "8Gi"}}}}
+
+
+async def test_a_claim_grown_by_hand_is_applied_at_its_size_not_failed() -> None:
+    api = GrownClaim()
+    async with running(api, Streams()) as rec:
+        body = agent_body()
+        body["spec"]["sinks"][0]["arrow"]["storage"] = {"size": "5Gi"}
+        rec.agent_event("ADDED", body)
+        await settle(rec)
+        assert api.claims[:2] == ["5Gi", "8Gi"]
+        assert api.status
+        assert api.status[-1]["phase"] != "Failed"
+        for condition in api.status[-1]["conditions"]:
+            assert "PersistentVolumeClaim is invalid" not in condition["message"]
+        assert not [e for e in api.events if e.get("type") == "Warning"]
 
 
 class WebhookDown(Rejecting):

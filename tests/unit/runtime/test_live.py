@@ -174,6 +174,18 @@ def test_a_bad_pod_index_from_the_environment_names_the_variable() -> None:
     assert config.from_mapping(BASE, {"RELAYRL_POD_INDEX": "3"}).pod_index == 3
 
 
+def test_a_pod_index_label_the_cluster_does_not_set_is_read_from_the_pod_name() -> None:
+    """Before Kubernetes 1.28 pods have no pod-index label: the variable the operator
+    sets from it is empty, and every pod would run slice 0."""
+    env = {"RELAYRL_POD_INDEX": "", "RELAYRL_POD_NAME": "cartpole-actors-2"}
+    assert config.from_mapping(BASE, env).pod_index == 2
+    # Not set at all (a process started by hand): the file says.
+    assert config.from_mapping({**BASE, "podIndex": 1}, {"RELAYRL_POD_NAME": "x-7"}).pod_index == 1
+    # Set: it wins over the name.
+    env["RELAYRL_POD_INDEX"] = "1"
+    assert config.from_mapping(BASE, env).pod_index == 1
+
+
 def test_a_step_limit_for_remote_clients_is_refused_by_name() -> None:
     remote = {**BASE, "environment": {"remote": {}}}
     with pytest.raises(

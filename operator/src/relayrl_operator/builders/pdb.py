@@ -17,6 +17,9 @@ def build(agent: common.AgentRef) -> dict[str, Any]:
         "metadata": common.metadata(agent, common.actors_name(agent), component),
         "spec": {
             "maxUnavailable": 1,
+            # Pods that are not ready (NATS away, a model missing, GPUs pending) never
+            # count against the budget, or they would block every node drain.
+            "unhealthyPodEvictionPolicy": "AlwaysAllow",
             "selector": {"matchLabels": common.selector_labels(agent, component)},
         },
     }

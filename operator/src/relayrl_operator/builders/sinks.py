@@ -63,6 +63,7 @@ def _deployment(
     args: list[str],
     volumes: list[dict[str, Any]],
     mounts: list[dict[str, Any]],
+    resources: spec.Resources | None,
 ) -> dict[str, Any]:
     template = agent.spec.template or spec.PodTemplate()
     nats_volumes, nats_mounts = _nats_volumes(agent)
@@ -83,6 +84,12 @@ def _deployment(
         ],
         "securityContext": common.restricted_security_context(),
     }
+    if resources is not None:
+        container["resources"] = {
+            k: dict(v)
+            for k, v in (("requests", resources.requests), ("limits", resources.limits))
+            if v
+        }
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -99,7 +106,12 @@ def _deployment(
                     "containers": [container],
                     "volumes": [*volumes, *nats_volumes, {"name": "tmp", "emptyDir": {}}],
                     "terminationGracePeriodSeconds": constants.TERMINATION_GRACE_SECONDS,
-                    "securityContext": {"runAsNonRoot": True, "fsGroup": 10001},
+                    "securityContext": {
+                        "runAsNonRoot": True,
+                        "fsGroup": 10001,
+                        # Not every file of a full volume at each start: its root tells.
+                        "fsGroupChangePolicy": "OnRootMismatch",
+                    },
                     "enableServiceLinks": False,
                     **common.scheduling(agent, actor_pods=False),
                 },
@@ -122,10 +134,15 @@ def build_arrow(
             "persistentVolumeClaim": {"claimName": storage.existing_claim},
         }
     elif storage is not None and storage.size is not None:
+        meta = common.metadata(agent, name, component)
+        if agent.spec.trajectories.nats.retain_on_delete:
+            # Kept with the stream: no owner, so deleting the Agent leaves the files
+            # (an Agent made again under the name uses the claim again).
+            del meta["ownerReferences"]
         claim: dict[str, Any] = {
             "apiVersion": "v1",
             "kind": "PersistentVolumeClaim",
-            "metadata": common.metadata(agent, name, component),
+            "metadata": meta,
             "spec": {
                 "accessModes": ["ReadWriteOnce"],
                 "resources": {"requests": {"storage": storage.size}},
@@ -151,7 +168,7 @@ def build_arrow(
         str(sink.rotate_seconds),
     ]
     mounts = [{"name": "data", "mountPath": sink.path}]
-    out.append(_deployment(agent, cfg, component, args, [volume], mounts))
+    out.append(_deployment(agent, cfg, component, args, [volume], mounts, sink.resources))
     return out
 
 
@@ -174,7 +191,7 @@ def build_postgres(
     ]
     volumes = [{"name": "postgres", "secret": {"secretName": secret.name}}]
     mounts = [{"name": "postgres", "mountPath": constants.POSTGRES_SECRET_DIR, "readOnly": True}]
-    return _deployment(agent, cfg, component, args, volumes, mounts)
+    return _deployment(agent, cfg, component, args, volumes, mounts, sink.resources)
 
 
 def build_all(agent: common.AgentRef, cfg: settings.Settings) -> list[dict[str, Any]]:

@@ -80,6 +80,13 @@ def _ports(agent: common.AgentRef) -> list[dict[str, Any]]:
     return ports
 
 
+def _image(agent: common.AgentRef, cfg: settings.Settings) -> str:
+    """The operator's runtime image for this Agent's device."""
+    if agent.spec.device == spec.Device.CUDA:
+        return cfg.runtime_image_cuda
+    return cfg.runtime_image
+
+
 def build(agent: common.AgentRef, cfg: settings.Settings) -> dict[str, Any]:
     """The StatefulSet manifest."""
     template = agent.spec.template or spec.PodTemplate()
@@ -88,7 +95,7 @@ def build(agent: common.AgentRef, cfg: settings.Settings) -> dict[str, Any]:
     volumes, mounts = _volumes(agent)
     container: dict[str, Any] = {
         "name": constants.CONTAINER_RUNTIME,
-        "image": template.image or cfg.runtime_image,
+        "image": template.image or _image(agent, cfg),
         "imagePullPolicy": str(template.image_pull_policy or cfg.image_pull_policy),
         "command": ["relayrl-runtime"],
         "args": ["run", "--config", f"{constants.CONFIG_DIR}/{constants.CONFIG_KEY}"],
