@@ -58,7 +58,7 @@ from relayrl_operator import (
     watch,
     workqueue,
 )
-from relayrl_operator.builders import common, configmap, monitoring, statefulset
+from relayrl_operator.builders import common, configmap, monitoring, sinks, statefulset
 from relayrl_runtime import config, reporting, spec, streams
 
 log = logging.getLogger(__name__)
@@ -327,7 +327,8 @@ class Reconciler:
                 # Urgent when there is something to repair; otherwise a check that finds
                 # nothing to do nearly always, behind every pass that something asked for.
                 self.enqueue(key, background=not (state.needs_apply or key in lost))
-            self._count_phases()
+            if self._active.is_set():  # not paused while this resync awaited
+                self._count_phases()
 
     async def _lost_streams(self) -> set[Key]:
         """The Agents whose stream or bucket went missing or was changed behind our back.
@@ -734,6 +735,8 @@ class Reconciler:
             )
         else:
             agent = common.AgentRef(meta["name"], meta["namespace"], meta["uid"], 0, agent_spec)
+            if agent_spec.trajectories.nats.retain_on_delete:
+                await self._keep_claims(agent)
             if self._streams is not None and not agent_spec.trajectories.nats.retain_on_delete:
                 try:
                     await self._streams.remove(agent)
@@ -747,6 +750,23 @@ class Reconciler:
             {"metadata": {"finalizers": remaining, "resourceVersion": meta["resourceVersion"]}},
         )
         log.info("finalized %s/%s", *key)
+
+    async def _keep_claims(self, agent: common.AgentRef) -> None:
+        """retainOnDelete keeps the claims the Agent's sinks made: their owner reference
+        goes before the Agent does (set while deleting, no apply has taken it off)."""
+        for obj in sinks.build_all(agent, self._settings):
+            if obj["kind"] != kube.PVC.kind:
+                continue
+            try:
+                await self._client.merge_patch(
+                    kube.PVC,
+                    agent.namespace,
+                    obj["metadata"]["name"],
+                    {"metadata": {"ownerReferences": None}},
+                )
+            except kube.ApiError as err:
+                if err.status != 404:
+                    raise
 
     def _cleanup_failed(
         self, key: Key, state: cache.AgentState, agent: common.AgentRef, err: Exception

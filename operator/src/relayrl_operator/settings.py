@@ -54,7 +54,9 @@ class Settings:
             raise ValueError(f"{ENV_RESYNC_SECONDS}: expected seconds >= 1, got {raw!r}")
         return cls(
             runtime_image=env.get(ENV_RUNTIME_IMAGE, DEFAULT_RUNTIME_IMAGE),
-            runtime_image_cuda=env.get(ENV_RUNTIME_IMAGE_CUDA, DEFAULT_RUNTIME_IMAGE_CUDA),
+            # Unset: the CUDA build of whichever image RELAYRL_RUNTIME_IMAGE names.
+            runtime_image_cuda=env.get(ENV_RUNTIME_IMAGE_CUDA)
+            or env.get(ENV_RUNTIME_IMAGE, DEFAULT_RUNTIME_IMAGE) + "-cuda",
             image_pull_policy=env.get(ENV_IMAGE_PULL_POLICY, "IfNotPresent"),
             resync_seconds=resync,
             monitor_labels=_labels(ENV_MONITOR_LABELS, env.get(ENV_MONITOR_LABELS, "")),

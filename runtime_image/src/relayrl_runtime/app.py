@@ -300,6 +300,11 @@ class App:
         one that never returns cannot hold the process open.
         """
         self._arm_watchdog()
+        if isinstance(self.sink, publisher.NatsPublisher):
+            # Routers waiting on a full backlog (NATS away) go on, so they can stop;
+            # acks not in by the end of the drain are named, and the exit is 3, before
+            # the watchdog ends the process without a word.
+            self.sink.drain_by(time.monotonic() + self.cfg.drain_seconds)
         # Timeouts below may come out negative: wait_for then only takes what is done.
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.cfg.drain_seconds
@@ -450,9 +455,6 @@ class App:
                     agent=cfg.agent,
                     stream=nats_spec.stream,
                     max_message_bytes=nats_spec.max_batch_bytes,
-                    # Acks not in by the end of the drain: said and exit 3, before
-                    # the watchdog ends the process without a word.
-                    close_seconds=self.cfg.drain_seconds,
                 ),
                 publisher.PublisherMetrics(self.metrics.registry),
             )

@@ -364,3 +364,31 @@ async def test_a_deleted_stream_is_made_again(
     msgs = await _stream_messages(nats_server.url)
     got = trajectories.sort(pa.concat_tables(pa.ipc.open_stream(m.data).read_all() for m in msgs))
     assert got.equals(trajectories.sort(pa.Table.from_batches(batches[10:])))
+
+
+async def test_connecting_after_attempts_that_timed_out_keeps_the_connection(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each attempt that times out is closed; its close must not end the connection
+    that finally works."""
+    monkeypatch.setattr(publisher, "_CONNECT_SECONDS", 1.0)
+    with natsserver.NatsServer() as srv:
+        srv.stop()
+        cfg = publisher.PublisherConfig(
+            namespace="default", agent=trajectories.AGENT, max_message_bytes=64 << 10
+        )
+        pub = publisher.NatsPublisher(lambda: streams.ConnectOptions(servers=(srv.url,)), cfg)
+        pub.start()
+        batches = [trajectories.batch(4, i) for i in range(10)]
+        for b in batches:
+            pub.write(b)
+        await asyncio.sleep(2.5)  # two attempts time out
+        srv.start()
+        pub.flush(timeout=30)
+        await asyncio.sleep(1.0)
+        pub.close(timeout=30)
+        assert "NATS closed the connection" not in caplog.text
+        msgs = await _stream_messages(srv.url)
+        assert sum(int((m.headers or {})[streams.HEADER_STEPS]) for m in msgs) == sum(
+            b.num_rows for b in batches
+        )

@@ -103,6 +103,9 @@ def test_cuda_actors_run_the_cuda_image_and_sinks_the_cpu_one() -> None:
     )
     env = {settings.ENV_RUNTIME_IMAGE: "a:1", settings.ENV_RUNTIME_IMAGE_CUDA: "a:1-gpu"}
     assert settings.Settings.from_env(env).runtime_image_cuda == "a:1-gpu"
+    # Only the CPU image named: its CUDA build, not the default registry's.
+    only = {settings.ENV_RUNTIME_IMAGE: "mine/rt:2"}
+    assert settings.Settings.from_env(only).runtime_image_cuda == "mine/rt:2-cuda"
 
 
 def test_sink_resources_reach_their_container_only() -> None:

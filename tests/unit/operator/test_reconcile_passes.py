@@ -342,6 +342,21 @@ async def test_an_agent_with_an_invalid_spec_can_still_be_deleted() -> None:
         assert nats.attempts == 0
 
 
+async def test_retain_set_while_deleting_keeps_the_claim_the_agent_made() -> None:
+    """The Agent's owner reference on its claim would have the garbage collector delete
+    it with the Agent: it comes off before the finalizer does."""
+    api = Recorder()
+    async with running(api, Streams()) as rec:
+        body = agent_body()
+        body["spec"]["sinks"][0]["arrow"]["storage"] = {"size": "5Gi"}
+        body["spec"]["trajectories"]["nats"]["retainOnDelete"] = True
+        body["metadata"]["deletionTimestamp"] = "2026-11-22T12:00:00Z"
+        rec.agent_event("MODIFIED", body)
+        await settle(rec)
+        assert api.patches[0] == {"metadata": {"ownerReferences": None}}
+        assert api.patches[-1]["metadata"]["finalizers"] == []
+
+
 async def test_an_invalid_stored_spec_says_why_once() -> None:
     """Stored before a stricter rule: phase Failed with the reason on its conditions,
     one Warning, and no status write at every later pass."""

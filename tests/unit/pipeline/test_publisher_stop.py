@@ -116,3 +116,33 @@ async def test_a_send_loop_that_fails_ends_the_publisher_at_once() -> None:
     with pytest.raises(RuntimeError, match="the encoder broke"):
         await asyncio.wait_for(pub._main(), 5)
     assert nc.closed
+
+
+def test_a_drain_lets_blocked_writers_go_and_close_ends_at_its_deadline() -> None:
+    """NATS away, the backlog full, routers waiting in `write`: the runtime's drain
+    must be able to stop them (they are joined before the sink closes), and close
+    then says what was not acked by the drain's end."""
+    pub = publisher.NatsPublisher(
+        streams.ConnectOptions(servers=(f"nats://127.0.0.1:{free_port()}",)),
+        publisher.PublisherConfig(
+            namespace="ml", agent="cartpole", max_message_bytes=64 << 10, max_backlog_bytes=64 << 10
+        ),
+    )
+    pub.start()
+    done = threading.Event()
+
+    def produce() -> None:
+        for i in range(40):
+            pub.write(trajectories.batch(9, i, trajectories=4, length=50))
+        done.set()
+
+    writer = threading.Thread(target=produce, daemon=True)
+    writer.start()
+    time.sleep(1.0)
+    assert not done.is_set()  # waiting for room
+    pub.drain_by(time.monotonic() + 2)
+    assert done.wait(5), "the writer still waits after the drain began"
+    started = time.monotonic()
+    with pytest.raises(base.SinkError, match="not acked"):
+        pub.close()
+    assert time.monotonic() - started < 5

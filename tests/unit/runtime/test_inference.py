@@ -116,6 +116,25 @@ def test_cuda_without_cuda_is_an_error_not_a_fallback(models: dict[str, Path]) -
             loader.load_policy(models["torchscript"], spec.Device.CUDA)
 
 
+def test_a_cuda_provider_whose_libraries_did_not_load_is_an_error(
+    models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """onnxruntime-gpu lists CUDA as available when compiled in, and runs the session
+    on the CPU when the CUDA libraries are missing: that must not pass for cuda."""
+
+    class FallsBack(onnxruntime.InferenceSession):  # type: ignore[misc]
+        def __init__(self, path: object, sess_options: object = None, **kw: object) -> None:
+            super().__init__(path, sess_options=sess_options, providers=["CPUExecutionProvider"])
+
+    available = onnxruntime.get_available_providers()
+    monkeypatch.setattr(
+        onnxruntime, "get_available_providers", lambda: [*available, "CUDAExecutionProvider"]
+    )
+    monkeypatch.setattr(onnxruntime, "InferenceSession", FallsBack)
+    with pytest.raises(errors.DeviceUnavailableError, match="did not load"):
+        loader.load_policy(models["onnx"], spec.Device.CUDA)
+
+
 def test_mask_is_applied_to_logits(models: dict[str, Path]) -> None:
     pol = loader.load_policy(models["onnx"])
     obs = np.random.default_rng(0).standard_normal((256, 4)).astype(np.float32)

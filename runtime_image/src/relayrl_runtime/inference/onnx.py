@@ -12,6 +12,7 @@ pass at one row.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +22,8 @@ import numpy as np
 import numpy.typing as npt
 
 from relayrl_runtime import errors, spec
+
+log = logging.getLogger(__name__)
 
 # Batches of at most this many rows use a cached IOBinding (one per batch shape).
 _BOUND_ROWS = 16
@@ -49,6 +52,14 @@ class OnnxBackend:
                 "format onnx: onnxruntime is not installed (pip install relayrl-runtime[onnx])"
             ) from err
         provider = _PROVIDERS[device]
+        preload = getattr(onnxruntime, "preload_dlls", None)
+        if device is spec.Device.CUDA and preload is not None:
+            # onnxruntime-gpu finds the CUDA libraries of torch's nvidia-* wheels (the
+            # cuda image's) only when they are loaded first.
+            try:
+                preload()
+            except Exception as err:  # its own errors; loading below says what is missing
+                log.warning("onnxruntime could not preload the CUDA libraries: %s", err)
         available = onnxruntime.get_available_providers()
         if provider not in available:
             raise errors.DeviceUnavailableError(
@@ -67,6 +78,14 @@ class OnnxBackend:
             )
         except Exception as err:  # onnxruntime raises its own untyped exceptions
             raise errors.ModelLoadError(f"{path}: not a loadable ONNX model: {err}") from err
+        # Compiled in is not loaded: without its libraries onnxruntime falls back to
+        # another provider, and a cuda Agent would run on the CPU without a word.
+        running = self._session.get_providers()
+        if not running or running[0] != provider:
+            raise errors.DeviceUnavailableError(
+                f"device: expected {device.value} ({provider}), onnxruntime runs {running}"
+                " (its libraries did not load)"
+            )
         self._device = device
         inputs = self._session.get_inputs()
         if len(inputs) != 1:

@@ -120,7 +120,7 @@ class PublisherConfig:
     # Create or update the stream on connect (standalone use; under the operator it
     # exists already and the runtime may lack the permission).
     create_stream: bool = True
-    # How long `close` waits for acks before it raises (the runtime passes its drain).
+    # How long `close` waits for acks before it raises, unless `drain_by` set an end.
     close_seconds: float = 60.0
     stream_settings: streams.StreamSettings = dataclasses.field(
         default_factory=streams.StreamSettings
@@ -137,6 +137,8 @@ class _Message:
     headers: dict[str, str]
     steps: int
     first_attempt: float = 0.0
+    # Handed to a connection at least once: JetStream may hold it (its ack lost).
+    sent: bool = False
 
 
 class NatsPublisher:
@@ -169,6 +171,8 @@ class NatsPublisher:
         self._backlog_bytes = 0
         self._unacked: dict[str, _Message] = {}
         self._closed = False
+        # Set by `drain_by`: writers no longer wait for room, close waits until then.
+        self._drain_deadline: float | None = None
         self._failed: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -273,13 +277,28 @@ class NatsPublisher:
                     )
                 self._lock.wait(0.1 if left is None else min(left, 0.1))
 
+    def drain_by(self, deadline: float) -> None:
+        """The process drains, until `deadline` (time.monotonic()): writers blocked on
+        a full backlog go on (the backlog passes its bound by what the routers still
+        hold, so they can stop), and `close` waits for acks until then."""
+        with self._lock:
+            self._drain_deadline = deadline
+            self._lock.notify_all()
+
     def close(self, timeout: float | None = None) -> None:
-        """Flush (bounded by `timeout`, default `close_seconds`), then disconnect.
-        Unacked data raises, never vanishes."""
+        """Flush (bounded by `timeout`; default: until the `drain_by` deadline, else
+        `close_seconds`), then disconnect. Unacked data raises, never vanishes."""
+        if timeout is None:
+            deadline = self._drain_deadline
+            timeout = (
+                self.config.close_seconds
+                if deadline is None
+                else max(0.0, deadline - time.monotonic())
+            )
         error: BaseException | None = None
         try:
             if self._thread is not None:
-                self.flush(self.config.close_seconds if timeout is None else timeout)
+                self.flush(timeout)
         except base.SinkError as err:
             error = err
         finally:
@@ -395,7 +414,12 @@ class NatsPublisher:
             # I/O loop itself never waits here (it delivers the acks): its lingering
             # partial message may overshoot the bound by one message.
             limit = self.config.max_backlog_bytes
-            while block and self._backlog_bytes and self._backlog_bytes + size > limit:
+            while (
+                block
+                and self._drain_deadline is None
+                and self._backlog_bytes
+                and self._backlog_bytes + size > limit
+            ):
                 self._check_open()
                 self._lock.wait(0.1)
             waited = time.monotonic() - start
@@ -488,8 +512,11 @@ class NatsPublisher:
             # The sender ends only by failing: that ends the publisher at once.
             await asyncio.wait({stopping, lost, sender}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            ensuring, self._ensuring = self._ensuring, None
+            ensuring = self._take_ensuring()
             await aio.cancel_and_wait(sender, lost, *([ensuring] if ensuring else []))
+            late = self._take_ensuring()  # started by a delivery meanwhile
+            if late is not None:
+                await aio.cancel_and_wait(late)
             if not closed.is_set():
                 with contextlib.suppress(Exception):
                     await nc.flush(timeout=2)
@@ -507,6 +534,10 @@ class NatsPublisher:
             streams.describe(nc.last_error) if nc.last_error else "no error given",
         )
         return True
+
+    def _take_ensuring(self) -> asyncio.Task[None] | None:
+        task, self._ensuring = self._ensuring, None
+        return task
 
     def _resend_unacked(self) -> None:
         """Messages sent on a lost connection and not acked go first on the next."""
@@ -536,7 +567,9 @@ class NatsPublisher:
             log.info("publisher: reconnected to NATS")
 
         async def gone() -> None:
-            if closed is not None:
+            # The connection returned, not an attempt that timed out (closed by
+            # streams.connect): that would end the next one at once.
+            if closed is not None and made:
                 closed.set()
 
         async def refused(err: Exception) -> None:
@@ -552,11 +585,15 @@ class NatsPublisher:
                 # close() cancels that loop. closed_cb then has `_main` connect anew.
                 closing.add(asyncio.create_task(made[0].close()))
 
-        while True:
-            options = (
-                self.options if isinstance(self.options, streams.ConnectOptions) else self.options()
-            )
+        for delay in self.config.retry.delays():
             try:
+                # Read again each time: a Secret fixed meanwhile is used, and one
+                # broken meanwhile (a bad certificate, a missing key) is waited out.
+                options = (
+                    self.options
+                    if isinstance(self.options, streams.ConnectOptions)
+                    else self.options()
+                )
                 nc = await streams.connect(
                     options,
                     deadline=None
@@ -570,6 +607,9 @@ class NatsPublisher:
                 break
             except streams.ConnectError as err:
                 log.warning("publisher: %s; trying again with the options read again", err)
+            except Exception as err:  # the options: InvalidArgumentError, ssl.SSLError, OSError
+                log.error("publisher: cannot connect: %s; trying again in %.1fs", err, delay)
+                await asyncio.sleep(delay)
         made.append(nc)
         self._nc = nc
         self._max_payload = nc.max_payload
@@ -672,9 +712,10 @@ class NatsPublisher:
                 nc = self._nc
                 if nc is not None and wire_size(message) > nc.max_payload:
                     # Packed for a larger max_payload (before the first connect, or
-                    # another server since): never sent, so new ids are safe.
+                    # for another server): sent as smaller messages.
                     self._repack(message, nc.max_payload)
                     return
+                sent, message.sent = message.sent, True
                 try:
                     ack = await js.publish(
                         self.subject,
@@ -682,7 +723,8 @@ class NatsPublisher:
                         timeout=self.config.ack_timeout,
                         headers=dict(message.headers),
                     )
-                except nats.errors.MaxPayloadError:
+                except nats.errors.MaxPayloadError:  # refused before it was sent
+                    message.sent = sent
                     self._repack(message, self._max_payload)
                     return
                 except (
@@ -729,8 +771,19 @@ class NatsPublisher:
             slots.release()
 
     def _repack(self, message: _Message, max_payload: int) -> None:
-        """Put `message` back as smaller messages, first in line."""
+        """Put `message` back as smaller messages, first in line, under new ids.
+
+        Safe when it was never sent. One sent before (to a server that took its size)
+        whose ack was lost may be stored already: its steps may then be stored twice,
+        which is said, rather than hold it for good where no server takes it."""
         self._max_payload = max_payload
+        if message.sent:
+            log.warning(
+                "publisher: message %s was sent to a server with a larger max_payload and"
+                " not acked; sent again in pieces under new ids, its steps may be stored"
+                " twice",
+                message.msg_id,
+            )
         pieces = self._pack(decode(message.payload))
         log.info(
             "publisher: message %s (%d bytes) is over NATS's max_payload of %d: sent as %d",
@@ -753,9 +806,12 @@ class NatsPublisher:
         if self._stream_missing:
             return
         self._stream_missing = True
+        if not self.config.create_stream:
+            log.warning("publisher: no stream stores %s (stream %s)", self.subject, self.stream)
+            return
         self._stream_ok = False
         log.warning("publisher: no stream stores %s; trying to make %s", self.subject, self.stream)
-        if self.config.create_stream and (self._ensuring is None or self._ensuring.done()):
+        if self._ensuring is None or self._ensuring.done():
             self._ensuring = asyncio.create_task(self._ensure_stream(js))
 
     def _acked(self, message: _Message, stream: str) -> None:
@@ -763,8 +819,9 @@ class NatsPublisher:
         self.metrics.messages.inc()
         self.metrics.bytes.inc(len(message.payload))
         self.metrics.steps.inc(message.steps)
+        self._stream_missing = False  # some stream stores the subject
         if stream == self.stream:
-            self._stream_ok, self._stream_missing = True, False
+            self._stream_ok = True
         elif stream != self._stored_in:
             # Stored (so kept), but where the Agent's sinks do not read.
             log.warning("publisher: messages are stored in stream %s, not %s", stream, self.stream)
