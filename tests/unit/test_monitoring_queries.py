@@ -15,16 +15,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import prometheus_client as prom
 import pytest
-from prometheus_client import metrics as prom_metrics
 
 from relayrl_operator import constants
 from relayrl_operator import metrics as operator_metrics
 from relayrl_operator.builders import monitoring
 from relayrl_runtime import metrics as runtime_metrics
-from relayrl_runtime.sinks import service as sink_service
-from relayrl_runtime.transport import publisher
+from support.metricnames import exported_labels
 
 CHART = Path(__file__).resolve().parents[2] / "helm" / "relayrl-operator"
 DASHBOARDS = {p.stem: json.loads(p.read_text()) for p in sorted(CHART.glob("dashboards/*.json"))}
@@ -35,45 +32,6 @@ GRAFANA_VARIABLES = frozenset({"__rate_interval", "__interval", "__range"})
 TARGET_LABELS = frozenset({"namespace", "pod", "container", "job", "instance", "endpoint"})
 POD_LABELS = frozenset(monitoring.target_label(label) for label in monitoring.POD_TARGET_LABELS)
 AGENT_LABEL = monitoring.target_label(constants.LABEL_AGENT)
-SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
-
-
-def metric_objects() -> list[object]:
-    """The collectors the operator, runtime, publisher and sinks register (fresh ones)."""
-    return [
-        *vars(operator_metrics).values(),
-        *vars(runtime_metrics.RuntimeMetrics(prom.CollectorRegistry())).values(),
-        *vars(publisher.PublisherMetrics(prom.CollectorRegistry())).values(),
-        *vars(sink_service.SinkMetrics("arrow", prom.CollectorRegistry())).values(),
-        *vars(sink_service.SinkMetrics("postgres", prom.CollectorRegistry())).values(),
-    ]
-
-
-def exported_labels() -> dict[str, set[str]]:
-    """Every sample name the operator, runtime, publisher and sinks expose: the labels
-    its metric is declared with (`le` on a histogram's buckets)."""
-    declared = {
-        obj._name: set(obj._labelnames)  # no public API lists a metric's label names
-        for obj in metric_objects()
-        if isinstance(obj, prom_metrics.MetricWrapperBase)
-    }
-    registries = [
-        operator_metrics.REGISTRY,
-        *(
-            obj
-            for obj in metric_objects()
-            if isinstance(obj, prom.CollectorRegistry) and obj is not operator_metrics.REGISTRY
-        ),
-    ]
-    names: dict[str, set[str]] = {}
-    for registry in registries:
-        for family in registry.collect():
-            for suffix in SUFFIXES.get(family.type, ("",)):
-                labels = declared.get(family.name, set()) | {
-                    label for sample in family.samples for label in sample.labels
-                }
-                names[family.name + suffix] = labels | ({"le"} if suffix == "_bucket" else set())
-    return names
 
 
 def panels(items: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:

@@ -19,8 +19,9 @@ ENV_RESYNC_SECONDS: Final = "RELAYRL_RESYNC_SECONDS"
 ENV_MONITOR_LABELS: Final = "RELAYRL_MONITOR_LABELS"
 
 DEFAULT_RUNTIME_IMAGE: Final = "ghcr.io/relayrl-fleet/runtime:0.1.0"
-# The CUDA build of the same image (runtime_image/Dockerfile, VARIANT=cuda).
-DEFAULT_RUNTIME_IMAGE_CUDA: Final = "ghcr.io/relayrl-fleet/runtime:0.1.0-cuda"
+# The CUDA build of an image (runtime_image/Dockerfile, VARIANT=cuda) is tagged so.
+CUDA_TAG_SUFFIX: Final = "-cuda"
+DEFAULT_RUNTIME_IMAGE_CUDA: Final = DEFAULT_RUNTIME_IMAGE + CUDA_TAG_SUFFIX
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ class Settings:
             runtime_image=env.get(ENV_RUNTIME_IMAGE, DEFAULT_RUNTIME_IMAGE),
             # Unset: the CUDA build of whichever image RELAYRL_RUNTIME_IMAGE names.
             runtime_image_cuda=env.get(ENV_RUNTIME_IMAGE_CUDA)
-            or env.get(ENV_RUNTIME_IMAGE, DEFAULT_RUNTIME_IMAGE) + "-cuda",
+            or env.get(ENV_RUNTIME_IMAGE, DEFAULT_RUNTIME_IMAGE) + CUDA_TAG_SUFFIX,
             image_pull_policy=env.get(ENV_IMAGE_PULL_POLICY, "IfNotPresent"),
             resync_seconds=resync,
             monitor_labels=_labels(ENV_MONITOR_LABELS, env.get(ENV_MONITOR_LABELS, "")),

@@ -28,44 +28,19 @@ import nats
 import pytest
 import yaml
 from nats.js.api import StorageType
-from prometheus_client import CollectorRegistry
 
 from relayrl_localstack import testing
 from relayrl_operator import constants, kube, settings
-from relayrl_operator import metrics as operator_metrics
 from relayrl_operator.builders import common, monitoring
 from relayrl_operator.handlers import lifecycle
-from relayrl_runtime import metrics as runtime_metrics
 from relayrl_runtime import spec
-from relayrl_runtime.sinks import service as sink_service
-from relayrl_runtime.transport import publisher
 from support import fleet, natsserver, specs
+from support.metricnames import exported_labels
 
 REPO = Path(__file__).resolve().parents[3]
 CHART = REPO / "helm" / "relayrl-operator"
 CI_VALUES = sorted((CHART / "ci").glob("*.yaml"))
 MONITORING_GROUP = "monitoring.coreos.com/"
-
-
-def exported_metric_names() -> set[str]:
-    """Every sample name the operator, runtime, publisher and sinks can expose."""
-    registries = [
-        operator_metrics.REGISTRY,
-        runtime_metrics.RuntimeMetrics(CollectorRegistry()).registry,
-        publisher.PublisherMetrics(CollectorRegistry()).registry,
-        sink_service.SinkMetrics("postgres", CollectorRegistry()).registry,
-    ]
-    suffixes = {
-        "counter": ("_total",),
-        "histogram": ("_bucket", "_sum", "_count"),
-        "gauge": ("",),
-    }
-    names: set[str] = set()
-    for registry in registries:
-        for family in registry.collect():
-            for suffix in suffixes.get(family.type, ("",)):
-                names.add(family.name + suffix)
-    return names
 
 
 def test_helm_lint_defaults_and_ci_values() -> None:
@@ -182,7 +157,7 @@ def test_monitoring_queries_name_exported_metrics() -> None:
         # relayrl_io_agent is a label (the PodMonitor's copy of relayrl.io/agent).
         names |= set(re.findall(r"\brelayrl_(?!io_)[a-z_]+", expr))
     assert names, "no RelayRL metric in the rules and dashboards"
-    unknown = names - exported_metric_names()
+    unknown = names - set(exported_labels())
     assert not unknown, f"queries name metrics nothing exports: {sorted(unknown)}"
     titles = {p["title"] for d in dashboards for p in d["panels"]}
     for wanted in ("Actions per second", "Inference latency", "Trajectories per second"):

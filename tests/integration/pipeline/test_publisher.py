@@ -26,8 +26,8 @@ def _publisher(url: str, **kw: int | float) -> publisher.NatsPublisher:
     return publisher.NatsPublisher(streams.ConnectOptions(servers=(url,)), cfg)
 
 
-async def _stream_messages(url: str) -> list[Msg]:
-    nc = await nats.connect(url)
+async def _stream_messages(url: str, **auth: str) -> list[Msg]:
+    nc = await nats.connect(url, **auth)
     try:
         js = nc.jetstream()
         info = await js.stream_info(STREAM)
@@ -38,6 +38,11 @@ async def _stream_messages(url: str) -> list[Msg]:
         return out
     finally:
         await nc.close()
+
+
+def _stored_steps(msgs: list[Msg]) -> pa.Table:
+    """The steps the messages hold, sorted as `trajectories.sort` sorts."""
+    return trajectories.sort(pa.concat_tables(pa.ipc.open_stream(m.data).read_all() for m in msgs))
 
 
 async def test_packs_whole_trajectories_with_headers(nats_server: natsserver.NatsServer) -> None:
@@ -172,7 +177,7 @@ async def test_backpressure_while_nats_is_away_then_everything_once(
     assert not writer.is_alive()
     pub.close(timeout=60)
     msgs = await _stream_messages(nats_server.url)
-    got = trajectories.sort(pa.concat_tables(pa.ipc.open_stream(m.data).read_all() for m in msgs))
+    got = _stored_steps(msgs)
     assert got.equals(trajectories.sort(pa.Table.from_batches(batches)))
 
 
@@ -187,7 +192,7 @@ async def test_a_busy_stream_is_retried_not_a_failure() -> None:
         pub.close(timeout=120)  # raises if any message was refused
         assert pub.metrics.retries._value.get() > 0, "the server never pushed back"
         msgs = await _stream_messages(srv.url)
-    got = trajectories.sort(pa.concat_tables(pa.ipc.open_stream(m.data).read_all() for m in msgs))
+    got = _stored_steps(msgs)
     assert got.equals(trajectories.sort(pa.Table.from_batches(batches)))
 
 
@@ -279,10 +284,7 @@ async def test_messages_packed_for_a_larger_max_payload_are_sent_in_pieces() -> 
         pub.close(timeout=60)
         msgs = await _stream_messages(srv.url)
         assert max(len(m.data) for m in msgs) <= 64 << 10
-        got = trajectories.sort(
-            pa.concat_tables(pa.ipc.open_stream(m.data).read_all() for m in msgs)
-        )
-        assert got.equals(trajectories.sort(pa.Table.from_batches(batches)))
+        assert _stored_steps(msgs).equals(trajectories.sort(pa.Table.from_batches(batches)))
 
 
 # nats-py leaves the socket of a refused reconnect attempt unclosed when it gives the
@@ -328,18 +330,8 @@ async def test_a_connection_nats_closes_is_replaced_with_the_credentials_read_ag
         pub.close(timeout=30)
         assert pub.failure == f"publisher to {SUBJECT} is closed"  # closed, not failed
 
-        nc = await nats.connect(srv.url, user="actor", password="second")
-        try:
-            js = nc.jetstream()
-            sub = await js.pull_subscribe(SUBJECT, durable=None, stream=STREAM)
-            info = await js.stream_info(STREAM)
-            msgs = await sub.fetch(info.state.messages, timeout=5)
-        finally:
-            await nc.close()
-        got = trajectories.sort(
-            pa.concat_tables(pa.ipc.open_stream(m.data).read_all() for m in msgs)
-        )
-        assert got.equals(trajectories.sort(pa.Table.from_batches(batches)))
+        msgs = await _stream_messages(srv.url, user="actor", password="second")
+        assert _stored_steps(msgs).equals(trajectories.sort(pa.Table.from_batches(batches)))
 
 
 async def test_a_deleted_stream_is_made_again(
@@ -362,7 +354,7 @@ async def test_a_deleted_stream_is_made_again(
     assert pub.connected
     pub.close(timeout=30)
     msgs = await _stream_messages(nats_server.url)
-    got = trajectories.sort(pa.concat_tables(pa.ipc.open_stream(m.data).read_all() for m in msgs))
+    got = _stored_steps(msgs)
     assert got.equals(trajectories.sort(pa.Table.from_batches(batches[10:])))
 
 

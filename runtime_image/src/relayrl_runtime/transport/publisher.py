@@ -153,6 +153,10 @@ class NatsPublisher:
         # Options, or how to make them: then read again for every new connection (a
         # mounted Secret's credentials may have changed since).
         self.options = connect
+        self._rereads = not isinstance(connect, streams.ConnectOptions)
+        self._read_options: Callable[[], streams.ConnectOptions] = (
+            connect if not isinstance(connect, streams.ConnectOptions) else lambda: connect
+        )
         self.config = config
         self.metrics = metrics if metrics is not None else PublisherMetrics()
         self.subject = streams.trajectories_subject(config.namespace, config.agent)
@@ -577,7 +581,7 @@ class NatsPublisher:
             if not made or not _refuses_credentials(err):
                 return
             refusals += 1
-            if refusals == _AUTH_REFUSALS and isinstance(self.options, streams.ConnectOptions):
+            if refusals == _AUTH_REFUSALS and not self._rereads:
                 log.error("publisher: NATS refuses its credentials; fix them, it keeps trying")
             elif refusals == _AUTH_REFUSALS:
                 log.warning("publisher: NATS refuses its credentials; reading them again")
@@ -589,16 +593,9 @@ class NatsPublisher:
             try:
                 # Read again each time: a Secret fixed meanwhile is used, and one
                 # broken meanwhile (a bad certificate, a missing key) is waited out.
-                options = (
-                    self.options
-                    if isinstance(self.options, streams.ConnectOptions)
-                    else self.options()
-                )
                 nc = await streams.connect(
-                    options,
-                    deadline=None
-                    if isinstance(self.options, streams.ConnectOptions)
-                    else _CONNECT_SECONDS,
+                    self._read_options(),
+                    deadline=_CONNECT_SECONDS if self._rereads else None,
                     disconnected_cb=disconnected,
                     reconnected_cb=reconnected,
                     closed_cb=gone,
