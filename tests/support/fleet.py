@@ -225,6 +225,8 @@ class Operator:
                     # Its temporary files (NATS credentials) beside its log, so that they
                     # go with the log's directory even when a test kills the operator.
                     "TMPDIR": str(self.log.parent),
+                    # Pods on the process node share its network namespace.
+                    "RELAYRL_POD_LISTEN": "podIP",
                     **(
                         {"RELAYRL_RESYNC_SECONDS": str(self.resync_seconds)}
                         if self.resync_seconds is not None

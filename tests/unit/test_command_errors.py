@@ -101,6 +101,29 @@ def test_a_bad_resync_period_is_named(raw: str) -> None:
     assert settings.Settings.from_env({"RELAYRL_RESYNC_SECONDS": "5"}).resync_seconds == 5
 
 
+@pytest.mark.parametrize("raw", ["pod-ip", "0.0.0.0", "podip"])
+def test_a_bad_pod_listen_setting_is_named(raw: str) -> None:
+    with pytest.raises(
+        ValueError, match=f"RELAYRL_POD_LISTEN: expected 'all' or 'podIP', got '{raw}'"
+    ):
+        settings.Settings.from_env({"RELAYRL_POD_LISTEN": raw})
+
+
+@pytest.mark.parametrize(
+    ("env", "listen"),
+    [
+        ({}, "0.0.0.0"),
+        ({"RELAYRL_POD_LISTEN": "all", "POD_IP": "10.244.1.7"}, "0.0.0.0"),
+        ({"RELAYRL_POD_LISTEN": " ", "POD_IP": "fd00:10:244::7"}, "::"),
+        ({"RELAYRL_POD_LISTEN": "podIP", "POD_IP": "fd00:10:244::7"}, "podIP"),
+    ],
+)
+def test_pods_listen_on_every_address_of_the_clusters_family(
+    env: dict[str, str], listen: str
+) -> None:
+    assert settings.Settings.from_env(env).pod_listen == listen
+
+
 @pytest.mark.parametrize("url", ["nats://:4222", "nats://h:99999", "nats://a:1, http://b:2"])
 def test_connect_options_refuse_a_url_nats_cannot_use(url: str) -> None:
     with pytest.raises(streams.ConnectError, match="nats URL: expected"):

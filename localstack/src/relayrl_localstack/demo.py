@@ -179,7 +179,12 @@ def install_operator(stack: Stack, repo: Path, clock: Clock) -> None:
         "tolerations": placement["tolerations"],
         # The process node gives every pod its own loopback address: bind it, so the
         # operator's ports do not take 8080/8081 on every address of the machine.
-        "operator": {"bindPodIP": True, "logFormat": "text", "resyncSeconds": 10},
+        "operator": {
+            "bindPodIP": True,
+            "agentPodsBindPodIP": True,
+            "logFormat": "text",
+            "resyncSeconds": 10,
+        },
     }
     values_file = stack.directory / "operator-values.yaml"
     values_file.write_text(yaml.safe_dump(values))

@@ -17,6 +17,13 @@ ENV_RUNTIME_IMAGE_CUDA: Final = "RELAYRL_RUNTIME_IMAGE_CUDA"
 ENV_IMAGE_PULL_POLICY: Final = "RELAYRL_IMAGE_PULL_POLICY"
 ENV_RESYNC_SECONDS: Final = "RELAYRL_RESYNC_SECONDS"
 ENV_MONITOR_LABELS: Final = "RELAYRL_MONITOR_LABELS"
+ENV_POD_LISTEN: Final = "RELAYRL_POD_LISTEN"
+# The operator's own pod IP (the chart's downward API): its family is the cluster's.
+ENV_POD_IP: Final = "POD_IP"
+
+# What RELAYRL_POD_LISTEN takes: every address of the pod's family, or its pod IP only.
+LISTEN_ALL: Final = "all"
+LISTEN_POD_IP: Final = "podIP"
 
 DEFAULT_RUNTIME_IMAGE: Final = "ghcr.io/relayrl-fleet/runtime:0.1.0"
 # The CUDA build of an image (runtime_image/Dockerfile, VARIANT=cuda) is tagged so.
@@ -41,6 +48,11 @@ class Settings:
     # by label (kube-prometheus-stack: release=<its release>); the chart's
     # monitoring.labels.
     monitor_labels: Mapping[str, str] = field(default_factory=dict)
+    # Where actor and sink pods listen: an address ("0.0.0.0", or "::" in an IPv6
+    # cluster), so that `kubectl port-forward` (which connects to localhost in the pod)
+    # reaches them, or LISTEN_POD_IP for nodes whose pods share one network namespace
+    # and so need an address each (the local stack's process node).
+    pod_listen: str = "0.0.0.0"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -61,7 +73,22 @@ class Settings:
             image_pull_policy=env.get(ENV_IMAGE_PULL_POLICY, "IfNotPresent"),
             resync_seconds=resync,
             monitor_labels=_labels(ENV_MONITOR_LABELS, env.get(ENV_MONITOR_LABELS, "")),
+            pod_listen=_pod_listen(env.get(ENV_POD_LISTEN, ""), env.get(ENV_POD_IP, "")),
         )
+
+
+def _pod_listen(raw: str, pod_ip: str) -> str:
+    """RELAYRL_POD_LISTEN ("all" or "podIP"; empty is "all") as `Settings.pod_listen`.
+
+    "all" is the wildcard of the operator's own pod IP family: a pod in an IPv6 cluster
+    cannot listen on 0.0.0.0 for its Service's traffic.
+    """
+    value = raw.strip() or LISTEN_ALL
+    if value == LISTEN_POD_IP:
+        return LISTEN_POD_IP
+    if value == LISTEN_ALL:
+        return "::" if ":" in pod_ip else "0.0.0.0"
+    raise ValueError(f"{ENV_POD_LISTEN}: expected {LISTEN_ALL!r} or {LISTEN_POD_IP!r}, got {raw!r}")
 
 
 def _labels(name: str, raw: str) -> dict[str, str]:

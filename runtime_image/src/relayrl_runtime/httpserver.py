@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import Callable
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,13 @@ class HttpServer:
 
     async def start(self) -> int:
         """Listen; returns the bound port (useful with port 0)."""
-        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        if self.host.strip("[]") == "::":
+            # asyncio makes its IPv6 sockets IPv6-only; "::" (every address of an IPv6
+            # pod) should also take IPv4, as `kubectl port-forward` may connect to
+            # 127.0.0.1. One dual-stack socket, so that port 0 gives one port.
+            self._server = await asyncio.start_server(self._handle, sock=_dual_stack(self.port))
+        else:
+            self._server = await asyncio.start_server(self._handle, self.host, self.port)
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 
@@ -76,3 +83,19 @@ class HttpServer:
             ok, why = (self._healthy if path == "/healthz" else self._ready)()
             return (200 if ok else 503), "text/plain", (why + "\n").encode()
         return 404, "text/plain", b"not found\n"
+
+
+def _dual_stack(port: int) -> socket.socket:
+    """A listening socket on every IPv6 and (where the kernel maps them) IPv4 address."""
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        with contextlib.suppress(OSError):  # a kernel without IPv4 mapping: IPv6 only
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(("::", port))
+        sock.listen(128)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock

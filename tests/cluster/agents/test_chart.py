@@ -195,6 +195,24 @@ def test_monitoring_labels_reach_each_agents_podmonitor() -> None:
     assert labels[constants.LABEL_AGENT] == "cartpole"
 
 
+@pytest.mark.parametrize(
+    ("values", "listen"),
+    [((), "0.0.0.0"), (("--set", "operator.agentPodsBindPodIP=true"), settings.LISTEN_POD_IP)],
+    ids=["default", "pod-ip"],
+)
+def test_agent_pods_listen_where_the_chart_says(values: tuple[str, ...], listen: str) -> None:
+    """By default actor and sink pods listen on every address (`kubectl port-forward`
+    reaches them); on nodes whose pods share a network namespace, on their pod IP."""
+    docs = fleet.render_chart(None, "default", *values)
+    [deployment] = [d for d in docs if d["kind"] == "Deployment"]
+    env = {
+        e["name"]: e["value"]
+        for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        if "value" in e
+    }
+    assert settings.Settings.from_env(env).pod_listen == listen
+
+
 def test_a_long_release_name_still_gives_valid_names() -> None:
     release = "r" * 53  # the longest helm takes
     rendered = fleet.helm(
@@ -288,7 +306,12 @@ def test_helm_install_runs_the_operator_that_makes_an_agent_ready(
         },
         "nodeSelector": placement["nodeSelector"],
         "tolerations": placement["tolerations"],
-        "operator": {"bindPodIP": True, "logFormat": "text", "resyncSeconds": 5},
+        "operator": {
+            "bindPodIP": True,
+            "agentPodsBindPodIP": True,
+            "logFormat": "text",
+            "resyncSeconds": 5,
+        },
     }
     values_file = tmp_path / "values.yaml"
     values_file.write_text(yaml.safe_dump(values))

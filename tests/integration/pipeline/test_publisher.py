@@ -287,6 +287,34 @@ async def test_messages_packed_for_a_larger_max_payload_are_sent_in_pieces() -> 
         assert _stored_steps(msgs).equals(trajectories.sort(pa.Table.from_batches(batches)))
 
 
+async def test_the_stream_is_left_as_the_operator_made_it_on_a_server_taking_more() -> None:
+    """A server whose max_payload is above the stream's message bound: the publisher's
+    messages stay under its own bound, so it leaves the stream's bound alone (else it
+    and the operator would each set theirs in turn)."""
+    with natsserver.NatsServer(max_payload=32 << 20) as srv:
+        nc = await nats.connect(srv.url)
+        try:
+            js = nc.jetstream()
+            want = streams.stream_config("default", trajectories.AGENT)
+            await streams.ensure_stream(js, want)
+            pub = _publisher(srv.url)
+            pub.start()
+            batch = trajectories.batch(5, 0)
+            pub.write(batch)
+            pub.close(timeout=60)
+            info = await js.stream_info(STREAM)
+            assert info.config.max_msg_size == want.max_msg_size
+            assert info.state.messages == 1
+            # A publisher configured for larger messages makes room for them.
+            big = _publisher(srv.url, max_message_bytes=16 << 20)
+            big.start()
+            big.write(trajectories.batch(5, 1))
+            big.close(timeout=60)
+            assert (await js.stream_info(STREAM)).config.max_msg_size == 16 << 20
+        finally:
+            await nc.close()
+
+
 # nats-py leaves the socket of a refused reconnect attempt unclosed when it gives the
 # connection up; collected later, it warns. Its own, and only here.
 @pytest.mark.filterwarnings("ignore::ResourceWarning")

@@ -177,12 +177,23 @@ def test_invalid_config_change_is_ignored(models: dict[str, Path], tmp_path: Pat
         proc.kill()
 
 
-@pytest.mark.parametrize("address", ["127.0.0.2", "::1"], ids=["ipv4", "ipv6"])
+@pytest.mark.parametrize(
+    ("address", "reached_at"),
+    [
+        ("127.0.0.2", ["127.0.0.2"]),
+        ("::1", ["[::1]"]),
+        # What the operator passes by default: `kubectl port-forward` connects to
+        # localhost inside the pod, so that must answer too (IPv4 and IPv6 for "::").
+        ("0.0.0.0", ["127.0.0.1"]),
+        ("::", ["[::1]", "127.0.0.1"]),
+    ],
+    ids=["ipv4", "ipv6", "ipv4-any", "ipv6-any"],
+)
 def test_bind_address_from_environment(
-    models: dict[str, Path], tmp_path: Path, address: str
+    models: dict[str, Path], tmp_path: Path, address: str, reached_at: list[str]
 ) -> None:
-    """The pod IP the operator passes moves both servers: IPv6 too, as in an IPv6 cluster."""
-    host = f"[{address}]" if ":" in address else address
+    """The address the operator passes moves both servers: a pod IP (IPv6 too, as in an
+    IPv6 cluster) or every address of a family."""
     zport = helpers.free_port()
     cfg = {
         "agent": "remote",
@@ -192,16 +203,21 @@ def test_bind_address_from_environment(
         "localSink": {"path": str(tmp_path / "out")},
     }
     # server.host is 127.0.0.1 in the config; the environment moves both servers.
-    proc = helpers.RuntimeProcess(tmp_path, cfg, env={config.ENV_BIND_ADDRESS: address}, host=host)
+    proc = helpers.RuntimeProcess(
+        tmp_path, cfg, env={config.ENV_BIND_ADDRESS: address}, host=reached_at[0]
+    )
     try:
         proc.wait_ready()
-        assert helpers.http_get(proc.port, "/healthz", host)[0] == 200
-        # Nothing listens on the config's host: the connection is refused.
-        assert helpers.http_get(proc.port, "/healthz", "127.0.0.1")[0] == 0
-        with client.RemoteClient(f"tcp://{host}:{zport}", timeout=30) as c:
-            ids = c.new_actors(1)
-            result = c.request_action(ids, np.zeros((1, 4), np.float32))
-            assert result.version == 1
+        if "127.0.0.1" not in reached_at:
+            # Nothing listens on the config's host: the connection is refused.
+            assert helpers.http_get(proc.port, "/healthz", "127.0.0.1")[0] == 0
+        for host in reached_at:
+            assert helpers.http_get(proc.port, "/healthz", host)[0] == 200, host
+            with client.RemoteClient(f"tcp://{host}:{zport}", timeout=30) as c:
+                ids = c.new_actors(1)
+                result = c.request_action(ids, np.zeros((1, 4), np.float32))
+                assert result.version == 1
+                c.remove_actors(ids)
         assert proc.terminate() == 0, proc.logs()
     finally:
         proc.kill()

@@ -68,6 +68,33 @@ def test_statefulset_has_one_pod_per_actor_slice_and_runs_the_runtime() -> None:
     }
 
 
+@pytest.mark.parametrize(
+    ("listen", "bind"),
+    [
+        ("0.0.0.0", {"value": "0.0.0.0"}),
+        ("::", {"value": "::"}),
+        (settings.LISTEN_POD_IP, {"valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}),
+    ],
+)
+def test_actor_and_sink_pods_listen_where_the_settings_say(
+    listen: str, bind: dict[str, Any]
+) -> None:
+    """Every address by default, so that `kubectl port-forward` reaches a pod; the pod
+    IP only where pods share a network namespace (the local stack's process node)."""
+    cfg = settings.Settings(pod_listen=listen)
+    agent = make_agent(
+        {"spec": {"sinks": [{"arrow": {}}, {"postgres": {"dsnSecret": {"name": "pg"}}}]}}
+    )
+    containers = [statefulset.build(agent, cfg)["spec"]["template"]["spec"]["containers"][0]]
+    containers += [
+        d["spec"]["template"]["spec"]["containers"][0] for d in sinks.build_all(agent, cfg)
+    ]
+    assert len(containers) == 3
+    for container in containers:
+        [env] = [e for e in container["env"] if e["name"] == constants.ENV_BIND_ADDRESS]
+        assert env == {"name": constants.ENV_BIND_ADDRESS, **bind}, container["name"]
+
+
 def test_paused_agent_scales_actor_pods_to_zero() -> None:
     assert (
         statefulset.build(make_agent({"spec": {"paused": True}}), SETTINGS)["spec"]["replicas"] == 0

@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from relayrl_operator import constants
+from relayrl_operator import constants, settings
 from relayrl_runtime import spec
 
 
@@ -123,16 +123,22 @@ def field_env(name: str, path: str) -> dict[str, Any]:
     return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}
 
 
-def pod_env() -> list[dict[str, Any]]:
-    """Who and where the process is: pod name, namespace, and the address to bind.
+def pod_env(listen: str) -> list[dict[str, Any]]:
+    """Who and where the process is: pod name, namespace, and the address to listen on.
 
-    Binding to the pod IP rather than 0.0.0.0 changes nothing in a cluster and lets
-    pods share ports on the local stack's process node (one loopback IP per pod).
+    ``listen`` is `Settings.pod_listen`: an address, or "podIP" for the pod's own IP
+    (downward API), which lets pods share ports on the local stack's process node (one
+    loopback IP per pod) but keeps `kubectl port-forward` out.
     """
+    bind = (
+        field_env(constants.ENV_BIND_ADDRESS, "status.podIP")
+        if listen == settings.LISTEN_POD_IP
+        else {"name": constants.ENV_BIND_ADDRESS, "value": listen}
+    )
     return [
         field_env(constants.ENV_POD_NAME, "metadata.name"),
         field_env(constants.ENV_NAMESPACE, "metadata.namespace"),
-        field_env(constants.ENV_BIND_ADDRESS, "status.podIP"),
+        bind,
     ]
 
 

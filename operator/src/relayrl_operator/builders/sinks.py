@@ -73,7 +73,7 @@ def _deployment(
         "imagePullPolicy": str(template.image_pull_policy or cfg.image_pull_policy),
         "command": ["relayrl-sink"],
         "args": args + _common_args(agent),
-        "env": [*common.pod_env(), *common.nats_env(agent)],
+        "env": [*common.pod_env(cfg.pod_listen), *common.nats_env(agent)],
         "ports": [{"name": constants.PORT_NAME_METRICS, "containerPort": constants.PORT_METRICS}],
         "readinessProbe": common.http_probe("/readyz", period=2),
         "livenessProbe": common.http_probe("/healthz", period=10, failures=6),

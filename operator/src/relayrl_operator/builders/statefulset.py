@@ -15,12 +15,12 @@ from relayrl_operator.builders import common, configmap
 from relayrl_runtime import spec
 
 
-def _env(agent: common.AgentRef) -> list[dict[str, Any]]:
+def _env(agent: common.AgentRef, cfg: settings.Settings) -> list[dict[str, Any]]:
     env = [
         common.field_env(
             constants.ENV_POD_INDEX, f"metadata.labels['{constants.LABEL_POD_INDEX}']"
         ),
-        *common.pod_env(),
+        *common.pod_env(cfg.pod_listen),
     ]
     env += common.nats_env(agent)
     template = agent.spec.template
@@ -99,7 +99,7 @@ def build(agent: common.AgentRef, cfg: settings.Settings) -> dict[str, Any]:
         "imagePullPolicy": str(template.image_pull_policy or cfg.image_pull_policy),
         "command": ["relayrl-runtime"],
         "args": ["run", "--config", f"{constants.CONFIG_DIR}/{constants.CONFIG_KEY}"],
-        "env": _env(agent),
+        "env": _env(agent, cfg),
         "ports": _ports(agent),
         "readinessProbe": common.http_probe("/readyz", period=2),
         "livenessProbe": common.http_probe("/healthz", period=10, failures=6),

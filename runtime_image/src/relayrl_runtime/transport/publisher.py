@@ -631,9 +631,11 @@ class NatsPublisher:
 
     async def _try_stream(self, js: nats.js.JetStreamContext) -> bool:
         """One attempt at the stream; False to try again."""
+        # Room for the largest message this publisher sends: no more, so that a server
+        # taking larger payloads than that does not make it undo the operator's setting.
         settings = dataclasses.replace(
             self.config.stream_settings,
-            max_msg_bytes=max(self.config.stream_settings.max_msg_bytes, self._max_payload),
+            max_msg_bytes=max(self.config.stream_settings.max_msg_bytes, self._limit()),
         )
         cfg = streams.stream_config(
             self.config.namespace, self.config.agent, self.config.stream, settings
