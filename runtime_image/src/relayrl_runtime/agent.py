@@ -184,12 +184,15 @@ class Agent:
     def _load(self, ref: ModelRef, version: int | None) -> policy.Policy:
         if isinstance(ref, policy.Policy):
             return ref
+        path = Path(ref)
+        single = path.is_file()
         return loader.load_policy(
-            Path(ref),
+            path,
             self.device,
             model_format=self._format,
             version=version,
-            metadata=self._model_metadata,
+            # A directory brings its own; a single file takes the start's (its layout).
+            metadata=self._model_metadata if single else None,
             # Independent mode copies it for each actor, from the bytes loaded: the file
             # may be rewritten in place while this version runs.
             keep_graph=self.mode is spec.ModelMode.INDEPENDENT,
@@ -216,6 +219,19 @@ class Agent:
         refused (`ModelIncompatibleError`): the trajectories this agent records have
         the layout of the model it started with.
         """
+        if (
+            version is None
+            and not isinstance(model_ref, policy.Policy)
+            and Path(model_ref).is_file()
+        ):
+            # The metadata given at the start names the version the agent runs: other
+            # weights under it would record their steps as the old policy's.
+            raise errors.InvalidArgumentError.mismatch(
+                "version",
+                f"the version of the weights in {model_ref} (a single graph file has no"
+                f" {model.METADATA_FILE} to say it)",
+                None,
+            )
         with self._reload_lock:
             self._check_open()
             new = self._load(model_ref, version)

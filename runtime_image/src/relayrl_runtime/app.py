@@ -21,6 +21,7 @@ import contextlib
 import errno
 import functools
 import logging
+import shutil
 import signal
 import tempfile
 import threading
@@ -187,8 +188,14 @@ class App:
         try:
             cache = self.model_cache
             if cache is None:
-                cache_dir = tempfile.TemporaryDirectory(prefix="relayrl-models-")
-                cache = Path(cache_dir.name)
+                # One directory a pod, emptied first: a process before this one in the
+                # pod (killed, out of memory) could not remove its copies, and /tmp is
+                # the pod's emptyDir, which outlives its containers.
+                cache_dir = cache = Path(tempfile.gettempdir()) / (
+                    f"relayrl-models-{cfg.namespace}-{config.pod_name(cfg)}"
+                )
+                await asyncio.to_thread(shutil.rmtree, cache, True)
+                cache.mkdir(parents=True)
             # SIGTERM is heeded while starting too (the first NATS connection alone may
             # take a minute): what has started is drained as usual.
             stopped = asyncio.create_task(self._stop.wait())
@@ -212,7 +219,7 @@ class App:
                     await asyncio.wait_for(self._nc.close(), _NATS_CLOSE_SECONDS)
             await server.close()
             if cache_dir is not None:
-                cache_dir.cleanup()
+                shutil.rmtree(cache_dir, ignore_errors=True)
         return code
 
     async def _start(
@@ -437,8 +444,30 @@ class App:
                 f"the file {path}",
             )
 
+        delay = _MODEL_WAIT_SECONDS
+        while (pinned := self.cfg.model.version) is not None:
+            try:
+                held = model_mod.read_metadata(path).version
+            except errors.RelayRLError:
+                break  # the load below says what is wrong with the directory
+            if held == pinned:
+                break
+            # The path moved on (a trainer publishing there) before this pod (re)started:
+            # wait for the pinned version (not ready) rather than exit into a crash loop.
+            what = f"model.version {pinned} is pinned but {path} holds version {held}"
+            self._waiting = f"waiting for the model: {what}"
+            log.warning(
+                "%s; publish it there, or change model.version; looking again in %.0fs",
+                what,
+                delay,
+            )
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, _MODEL_WAIT_MAX_SECONDS)
+            self._reread_config()
+        self._waiting = None
+
         def path_watcher(a: agent_mod.Agent) -> reload.PathWatcher:
-            return reload.PathWatcher(a, path, poll, m.version)
+            return reload.PathWatcher(a, path, poll, self.cfg.model.version)
 
         return path, path_watcher
 

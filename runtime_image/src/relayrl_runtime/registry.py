@@ -311,15 +311,23 @@ async def fetch(nc: Any, ref: ModelRef, cache: Path) -> tuple[Path, Entry]:
     digest = entry.digest.split("=", 1)[-1].replace("/", "_")[:16]
     target = cache / f"{ref.name}-v{entry.version}-{digest}"
     if not (target / model.METADATA_FILE).exists():
-        tmp = cache / f".{target.name}.partial"
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            unpack(received.getvalue(), tmp)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        tmp.rename(target)
+        # In a thread: a large model takes seconds to unpack, and the event loop
+        # serves /healthz, /metrics and the pod's reports meanwhile.
+        await asyncio.to_thread(
+            _unpack_into, received.getvalue(), tmp=cache / f".{target.name}.partial", target=target
+        )
     return target, entry
+
+
+def _unpack_into(data: bytes, tmp: Path, target: Path) -> None:
+    """Unpack under a temporary name, then rename to `target` (never half there)."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        unpack(data, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    tmp.rename(target)
 
 
 def prune(cache: Path, keep: Path) -> None:

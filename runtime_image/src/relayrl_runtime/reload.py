@@ -57,6 +57,12 @@ class _Watcher:
             raise
         self.refused = None
 
+    def _failed(self, err: errors.RelayRLError) -> None:
+        """Count a reload that failed; one the agent refused as incompatible it counted
+        itself (result "rejected"), so each attempt has one result."""
+        if not isinstance(err, errors.ModelIncompatibleError):
+            self.agent.metrics.model_reloads.labels("failed").inc()
+
     def _missing(self, version: int | None, reason: str) -> None:
         """The wanted version is not in the source: the pod keeps its model and reports
         so (status shows it) until the version appears or is no longer wanted."""
@@ -90,7 +96,9 @@ class PathWatcher(_Watcher):
         self.poll_seconds = poll_seconds
         # A pinned version (config model.version): only that version is loaded.
         self.version = version
-        self._seen = self._signature()
+        # Nothing seen yet: the first poll checks whatever the path holds, as a version
+        # published while the agent loaded the one before it is new to the agent.
+        self._seen: tuple[int, int, int] | None = None
 
     def _signature(self) -> tuple[int, int, int] | None:
         try:
@@ -117,21 +125,32 @@ class PathWatcher(_Watcher):
     async def _check(self) -> None:
         try:
             meta = model.read_metadata(self.path)
-            if meta.version == self.agent.get_model_version():
-                self.refused = None
-                return
+            running = self.agent.get_model_version()
             if self.version is not None and meta.version != self.version:
-                self._missing(
-                    self.version,
-                    f"model.version {self.version} is pinned but {self.path} holds "
-                    f"version {meta.version}",
-                )
+                if running == self.version:
+                    # Runs the pinned version; the path moved on: nothing is wrong.
+                    self.refused = None
+                    log.info(
+                        "%s holds version %d; model.version %d is pinned and runs",
+                        self.path,
+                        meta.version,
+                        self.version,
+                    )
+                else:
+                    self._missing(
+                        self.version,
+                        f"model.version {self.version} is pinned but {self.path} holds "
+                        f"version {meta.version}",
+                    )
+                return
+            if meta.version == running:
+                self.refused = None
                 return
             # Only a version read and then not loaded is a refusal: a directory read
             # while it is being written is not.
             await self._reload(self.agent, self.path, meta.version, self.version)
         except errors.RelayRLError as err:
-            self.agent.metrics.model_reloads.labels("failed").inc()
+            self._failed(err)
             log.error("hot reload from %s failed, keeping the current model: %s", self.path, err)
         except Exception:  # whatever else a half-written directory raises: poll on
             self.agent.metrics.model_reloads.labels("failed").inc()
@@ -173,34 +192,40 @@ class RegistryWatcher(_Watcher):
         await self.check()
 
     async def _check(self) -> None:
+        ref = self.ref
         try:
             try:
-                entry = await registry.info(self.nc, self.ref)
+                entry = await registry.info(self.nc, ref)
             except errors.ModelMissingError as err:
-                self._missing(self.ref.version, str(err))
+                self._missing(ref.version, str(err))
                 return
             if entry.digest == self._digest:
                 if entry.version == self.agent.get_model_version():
                     self.refused = None  # e.g. back to a version it runs
                 return
             try:
-                path, entry = await registry.fetch(self.nc, self.ref, self.cache)
+                path, entry = await registry.fetch(self.nc, ref, self.cache)
             except errors.ModelLoadError as err:
                 # Not a model archive any runtime can unpack: reported, and not fetched
                 # again until the object changes.
                 self._digest = entry.digest
                 self.refused = reporting.Refusal(entry.version, str(err), incompatible=False)
                 raise
+            if self.ref != ref:
+                # The pin moved while this version downloaded (`follow`): it is not what
+                # is wanted now, and follow's own check comes next.
+                await asyncio.to_thread(registry.prune, self.cache, self._path)
+                return
             try:
                 await self._take(path, entry)
             except asyncio.CancelledError:
                 raise  # the load may go on in its thread: its files stay
             except BaseException:
-                registry.prune(self.cache, keep=self._path)
+                await asyncio.to_thread(registry.prune, self.cache, self._path)
                 raise
-            registry.prune(self.cache, keep=self._path)
+            await asyncio.to_thread(registry.prune, self.cache, self._path)
         except errors.RelayRLError as err:
-            self.agent.metrics.model_reloads.labels("failed").inc()
+            self._failed(err)
             log.error("hot reload from %s failed, keeping the current model: %s", self.ref, err)
         except (TimeoutError, OSError, ConnectionError) as err:
             log.warning(

@@ -237,3 +237,35 @@ def test_bind_host_prefers_the_environment() -> None:
     assert config.bind_host(cfg, {}) == "0.0.0.0"
     assert config.bind_host(cfg, {config.ENV_BIND_ADDRESS: "127.0.0.7"}) == "127.0.0.7"
     assert config.bind_host(cfg, {config.ENV_BIND_ADDRESS: " "}) == "0.0.0.0"
+
+
+def test_a_pinned_version_the_path_does_not_hold_is_waited_for(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    """The path moved on while the pod was down (a trainer publishing there): a pod
+    restarted with the old pin waits, not ready and saying why, instead of exiting
+    into a crash loop; a new pin starts it. Its model cache, one per pod under TMPDIR,
+    is emptied of what a killed process before it left, and removed at exit."""
+    live = tmp_path / "model"
+    shutil.copytree(models["onnx_v2"], live)
+    tmp = tmp_path / "podtmp"
+    left = tmp / "relayrl-models-default-cartpole-1" / "cp-v1-left-by-a-killed-process"
+    left.mkdir(parents=True)
+    cfg = _config(live, tmp_path / "out")
+    proc = helpers.RuntimeProcess(tmp_path, cfg, mounted=True, env={"TMPDIR": str(tmp)})
+    try:
+
+        def waiting() -> bool:
+            assert proc.proc.poll() is None, proc.logs()
+            status, body = helpers.http_get(proc.port, "/readyz")
+            return status == 503 and "model.version 1 is pinned" in body
+
+        helpers.wait_for("/readyz says it waits", waiting)
+        assert not left.exists()
+        proc.update_config({**cfg, "model": {**cfg["model"], "version": 2}})
+        proc.wait_ready(timeout=90)
+        assert helpers.metric(proc.metrics(), "relayrl_runtime_model_version") == 2
+        assert proc.terminate() == 0, proc.logs()
+    finally:
+        proc.kill()
+    assert list(tmp.glob("relayrl-models-*")) == []

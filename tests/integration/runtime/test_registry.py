@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import nats
 import nats.js.api
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from integration.runtime import helpers
 
-from relayrl_runtime import config, reporting, spec
+from relayrl_runtime import agent as agent_mod
+from relayrl_runtime import config, registry, reload, reporting, spec
 from relayrl_runtime.inference import export
 from support import natsserver
 
@@ -108,8 +112,10 @@ def test_push_list_and_hot_reload_from_registry(
         _cli("model", "push", "--nats", url, "--bucket", "models", "--name", "cp",
              str(models["onnx_v3_wide"]))  # fmt: skip
         helpers.wait_for(
-            "the refusal", lambda: 'model_reloads_total{result="failed"} 1.0' in proc.metrics()
+            "the refusal", lambda: 'model_reloads_total{result="rejected"} 1.0' in proc.metrics()
         )
+        # Counted once, under the result that says why.
+        assert 'model_reloads_total{result="failed"}' not in proc.metrics()
         assert [name.split("-")[:2] for name in unpacked()] == [["cp", "v2"]]
         assert proc.terminate() == 0, proc.logs()
     finally:
@@ -361,3 +367,70 @@ def test_an_object_no_runtime_can_unpack_is_reported_and_fetched_once(
         assert proc.terminate() == 0, proc.logs()
     finally:
         proc.kill()
+
+
+def test_a_pin_set_while_a_newer_version_downloads_keeps_it_out(
+    nats_server: natsserver.NatsServer,
+    models: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A poll is fetching the newest version (2) when the operator pins version 1 (to
+    keep 2 out): 2 is never swapped in, not even for a moment, and the download
+    unpacks off the event loop."""
+    unpacked_on: list[str] = []
+    real_unpack = registry.unpack
+
+    def unpack(data: bytes, destination: Path) -> Path:
+        unpacked_on.append(threading.current_thread().name)
+        return real_unpack(data, destination)
+
+    monkeypatch.setattr(registry, "unpack", unpack)
+
+    async def main() -> list[int]:
+        nc = await nats.connect(nats_server.url)
+        try:
+            await registry.push(nc, "pins", "cp", models["onnx"])
+            cache = tmp_path / "cache"
+            cache.mkdir()
+            ref = registry.ModelRef.parse("objectstore://pins/cp")
+            path, entry = await registry.fetch(nc, ref, cache)
+            agent = agent_mod.Agent(path, actor_count=1)
+            loaded: list[int] = []
+            real_reload = agent.reload_model
+
+            def reload_model(p: Path, version: int | None = None) -> int:
+                loaded.append(real_reload(p, version))
+                return loaded[-1]
+
+            agent.reload_model = reload_model  # type: ignore[method-assign]
+            try:
+                watcher = reload.RegistryWatcher(agent, nc, ref, cache, 60, entry.digest, path)
+                await registry.push(nc, "pins", "cp", models["onnx_v2"])
+                real_fetch = registry.fetch
+                fetching = asyncio.Event()
+
+                async def slow_fetch(*args: Any) -> Any:
+                    fetching.set()
+                    await asyncio.sleep(0.5)  # a large model
+                    return await real_fetch(*args)
+
+                monkeypatch.setattr(registry, "fetch", slow_fetch)
+                poll = asyncio.create_task(watcher.check())
+                await fetching.wait()
+                await watcher.follow(1)
+                await poll
+                assert agent.get_model_version() == 1
+                assert watcher.refused is None
+                # Unpinned again: version 2 comes in.
+                await watcher.follow(None)
+                assert agent.get_model_version() == 2
+                return loaded
+            finally:
+                agent.shutdown()
+        finally:
+            await nc.close()
+
+    assert asyncio.run(main()) == [2]
+    assert unpacked_on
+    assert threading.main_thread().name not in unpacked_on

@@ -713,3 +713,77 @@ def test_routers_scaled_down_and_up_at_once_end_at_the_asked_number(
     assert a.router_scale == 4
     a.shutdown()
     assert a.router_scale == 0
+
+
+def test_scaling_routers_down_never_waits_for_a_busy_sink(models: dict[str, Path]) -> None:
+    """Every router holds a batch its sink has not taken and the queue is full (NATS
+    away, say): a scale-down must not wait for a router (it held the agent's lock, so
+    every request waited too). The busy routers stop after their writes."""
+    release = threading.Event()
+    written: list[int] = []
+
+    class HeldSink:
+        failure = None
+
+        def write(self, record: pa.RecordBatch) -> None:
+            release.wait(60)
+            written.append(record.num_rows)
+
+        def flush(self) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    a = agent_mod.Agent(
+        models["onnx"], actor_count=1, router_scale=2, sink=HeldSink(), queue_size=1
+    )
+    routers = a._routers
+    stop = threading.Event()
+    produced: list[int] = []
+
+    def produce() -> None:  # one-step trajectories until stopped (blocks on a full queue)
+        while not stop.is_set():
+            a.request_action([0], _obs(1))
+            a.flag_last_action([0])
+            produced.append(1)
+
+    producer = threading.Thread(target=produce, daemon=True)
+    producer.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not routers._queue.full() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert routers._queue.full()
+        scaled = threading.Event()
+        scaler = threading.Thread(target=lambda: (a.scale_throughput(-1), scaled.set()))
+        scaler.start()
+        assert scaled.wait(20), "the scale-down waited for the sink"
+        assert a.router_scale == 1
+    finally:
+        stop.set()
+        release.set()
+    producer.join(30)
+    a.shutdown()
+    assert a.router_scale == 0
+    assert sum(written) == len(produced)  # every trajectory written, once
+    assert len([t for t in routers._threads if t.is_alive()]) == 0
+
+
+def test_a_single_graph_file_reloads_under_a_version_given_with_it(
+    models: dict[str, Path],
+) -> None:
+    """An agent built from one graph file and explicit metadata: a new file without a
+    version would record its steps under the old one, so it is refused by name; with a
+    version, or as a model directory (its own metadata), it loads."""
+    meta = model.read_metadata(models["onnx"])
+    a = agent_mod.Agent(models["onnx"] / meta.graph_file(), actor_count=1, model_metadata=meta)
+    try:
+        v2 = models["onnx_v2"] / model.read_metadata(models["onnx_v2"]).graph_file()
+        with pytest.raises(errors.InvalidArgumentError, match="version: expected the version"):
+            a.reload_model(v2)
+        assert a.get_model_version() == 1
+        assert a.reload_model(v2, version=2) == 2
+        assert a.reload_model(models["onnx"]) == 1  # a directory: its metadata's version
+    finally:
+        a.shutdown()

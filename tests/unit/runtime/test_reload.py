@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import types
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -32,5 +34,86 @@ def test_a_pinned_path_never_loads_another_version(
         assert agent.get_model_version() == 1
         assert watcher.refused is not None
         assert "version: expected 3, got 2" in watcher.refused.reason
+    finally:
+        agent.shutdown()
+
+
+def _link(path: Path, target: Path) -> None:
+    """Point `path` at `target` in one step, as a trainer publishes (ln -s + mv -T)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.symlink_to(target)
+    tmp.replace(path)
+
+
+def _poll_until(watcher: reload.PathWatcher, done: Callable[[], bool]) -> None:
+    async def main() -> None:
+        task = asyncio.create_task(watcher.run())
+        try:
+            for _ in range(200):
+                if done():
+                    return
+                await asyncio.sleep(0.02)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    asyncio.run(main())
+
+
+def test_a_version_published_while_the_agent_loads_is_taken(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    """The path moves to version 2 after the agent loaded version 1 and before the
+    watcher starts (a pod starting while its trainer publishes): the first poll sees it."""
+    live = tmp_path / "model"
+    _link(live, models["onnx"])
+    agent = agent_mod.Agent(live, actor_count=1)
+    try:
+        _link(live, models["onnx_v2"])
+        watcher = reload.PathWatcher(agent, live, poll_seconds=0.02)
+        _poll_until(watcher, lambda: agent.get_model_version() == 2)
+        assert agent.get_model_version() == 2
+        assert watcher.refused is None
+    finally:
+        agent.shutdown()
+
+
+def test_a_pin_is_reported_missing_or_met_by_what_runs(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    live = tmp_path / "model"
+    _link(live, models["onnx"])
+    agent = agent_mod.Agent(live, actor_count=1)
+    try:
+        watcher = reload.PathWatcher(agent, live, poll_seconds=60)
+        # Pinned to 2 while the path holds the running 1: version 2 is missing.
+        asyncio.run(watcher.follow(2))
+        assert agent.get_model_version() == 1
+        assert watcher.refused is not None
+        assert "model.version 2 is pinned" in watcher.refused.reason
+        # Pinned to the running 1 while the path moves on to 2: nothing is wrong.
+        asyncio.run(watcher.follow(1))
+        _link(live, models["onnx_v2"])
+        asyncio.run(watcher.check())
+        assert agent.get_model_version() == 1
+        assert watcher.refused is None
+    finally:
+        agent.shutdown()
+
+
+def test_an_incompatible_version_counts_once(models: dict[str, Path], tmp_path: Path) -> None:
+    live = tmp_path / "model"
+    _link(live, models["onnx"])
+    agent = agent_mod.Agent(live, actor_count=1)
+    try:
+        watcher = reload.PathWatcher(agent, live, poll_seconds=60)
+        _link(live, models["onnx_wide"])
+        asyncio.run(watcher.check())
+        assert watcher.refused is not None
+        assert watcher.refused.incompatible
+        reloads = agent.metrics.model_reloads
+        assert reloads.labels("rejected")._value.get() == 1
+        assert reloads.labels("failed")._value.get() == 0
     finally:
         agent.shutdown()

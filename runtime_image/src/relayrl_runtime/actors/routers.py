@@ -23,7 +23,9 @@ from relayrl_runtime.sinks import base
 
 log = logging.getLogger(__name__)
 
-_RETIRE: Final = object()
+# Wakes a router waiting on an empty queue to look at the retire count; never waited
+# for: with the queue full every router is busy and looks after its write.
+_WAKE: Final = object()
 _COALESCE_ROWS: Final = 65_536
 # A refused write is tried again after these pauses (doubling up to the maximum); the
 # first three attempts and every _LOUD_EVERY-th (5 minutes apart at the maximum) are
@@ -84,9 +86,7 @@ class RouterPool:
                 self._threads.append(thread)
                 self._running += 1
                 thread.start()
-            for _ in range(current - routers):
-                self._retiring += 1
-                self._queue.put(_RETIRE)
+            self._ask_to_retire(current - routers)
             self._metrics.routers.set(routers)
         return routers
 
@@ -108,33 +108,47 @@ class RouterPool:
         with self._lock:
             self._closed = True
             alive = [t for t in self._threads if t.is_alive()]
-            for _ in range(self._running - self._retiring):
-                self._retiring += 1
-                self._queue.put(_RETIRE)
+            self._ask_to_retire(self._running - self._retiring)
         for thread in alive:
             thread.join()
         self._metrics.routers.set(0)
 
+    def _ask_to_retire(self, count: int) -> None:
+        """Ask `count` routers to stop (with the lock held). Never blocks: a put on a
+        full queue would hold the agent (its lock) until a router finished a write,
+        which lasts as long as the sink keeps refusing."""
+        self._retiring += max(0, count)
+        for _ in range(count):
+            try:
+                self._queue.put_nowait(_WAKE)
+            except queue.Full:
+                break  # every router has work: each looks at the count after it
+
+    def _retired(self) -> bool:
+        """Whether this router takes one of the retirements asked for (then it stops)."""
+        with self._lock:
+            if self._retiring == 0:
+                return False
+            self._retiring -= 1
+            self._running -= 1
+            return True
+
     def _run(self) -> None:
-        while True:
+        while not self._retired():
             item = self._queue.get()
-            if item is _RETIRE:
-                with self._lock:
-                    self._retiring -= 1
-                    self._running -= 1
+            if item is _WAKE:
                 self._queue.task_done()
-                return
+                continue
             items: list[list[pool.Chunk]] = [item]  # type: ignore[list-item]
             chunks = list(items[0])
             rows = sum(c.rows for c in chunks)
-            retire = False
             while rows < _COALESCE_ROWS:
                 try:
                     more = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if more is _RETIRE:
-                    retire = True
+                if more is _WAKE:
+                    self._queue.task_done()
                     break
                 items.append(more)  # type: ignore[arg-type]
                 chunks += more  # type: ignore[arg-type]
@@ -144,12 +158,6 @@ class RouterPool:
             finally:
                 for _ in items:
                     self._queue.task_done()
-            if retire:
-                with self._lock:
-                    self._retiring -= 1
-                    self._running -= 1
-                self._queue.task_done()
-                return
 
     def _write(self, chunks: list[pool.Chunk]) -> None:
         if self.sink is None:
