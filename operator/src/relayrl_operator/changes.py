@@ -6,6 +6,8 @@ user who changed a field can see whether pods restarted for it.
 
 from __future__ import annotations
 
+from typing import Final
+
 from relayrl_runtime import spec
 
 
@@ -16,7 +18,10 @@ def _pairs(old: spec.AgentSpec, new: spec.AgentSpec) -> dict[str, tuple[object, 
 
 
 # Fields only the actor pods use: while paused there are none to apply them to.
-_ACTOR_FIELDS = frozenset({"actors", "actorsPerPod", "routers", "model", "environment"})
+_ACTOR_FIELDS = frozenset(
+    {"actors", "actorsPerPod", "routers", "model", "environment", "device", "gpusPerPod"}
+)
+_PAUSED: Final = "paused, so the actor pods start with it when resumed"
 
 
 def describe(
@@ -35,7 +40,7 @@ def describe(
             out.append("paused: actor pods scaled to zero" if after else "resumed: actor pods back")
         elif new.paused and key in _ACTOR_FIELDS:
             change = f"{key} {before} -> {after}" if key.startswith("actors") else f"{key} changed"
-            out.append(f"{change}: paused, so the actor pods start with it when resumed")
+            out.append(f"{change}: {_PAUSED}")
         elif key == "actors":
             out.append(
                 f"{key} {before} -> {after}: scaled to {new.pods()} actor pods; running "
@@ -65,7 +70,10 @@ def describe(
         elif key == "sinks":
             out += _sinks(old, new)
         elif key == "trajectories":
-            out += _trajectories(old.trajectories, new.trajectories, bool(new.sinks))
+            out += _trajectories(old.trajectories, new.trajectories, bool(new.sinks), new.paused)
+        elif key == "template" and new.paused:
+            sinks = "; sink pods roll where their image or placement changed" if new.sinks else ""
+            out.append(f"template changed: {_PAUSED}{sinks}")
         elif key == "template" and new.sinks:
             out.append(
                 "template changed: rolling update of the actor pods, and of the sink pods "
@@ -86,7 +94,9 @@ def _sinks(old: spec.AgentSpec, new: spec.AgentSpec) -> list[str]:
     return out
 
 
-def _trajectories(old: spec.TrajectoriesSpec, new: spec.TrajectoriesSpec, sinks: bool) -> list[str]:
+def _trajectories(
+    old: spec.TrajectoriesSpec, new: spec.TrajectoriesSpec, sinks: bool, paused: bool
+) -> list[str]:
     a, b = old.nats, new.nats
     out = []
     if a.retain_on_delete != b.retain_on_delete:
@@ -103,8 +113,13 @@ def _trajectories(old: spec.TrajectoriesSpec, new: spec.TrajectoriesSpec, sinks:
     rest = old.model_copy(update={"nats": a.model_copy(update={"retain_on_delete": False})})
     if rest != new.model_copy(update={"nats": b.model_copy(update={"retain_on_delete": False})}):
         # Sink pods read how to reach NATS and which stream.
-        pods = "actor and sink pods" if sinks and connection(a) != connection(b) else "actor pods"
-        out.append(f"trajectories changed: rolling update of the {pods}")
+        sink_pods = sinks and connection(a) != connection(b)
+        if paused:
+            also = "; the sink pods roll" if sink_pods else ""
+            out.append(f"trajectories changed: {_PAUSED}{also}")
+        else:
+            pods = "actor and sink pods" if sink_pods else "actor pods"
+            out.append(f"trajectories changed: rolling update of the {pods}")
     return out
 
 

@@ -277,6 +277,15 @@ def compute(
         if observed.applied:
             message = f"{observed.applied}; {message}"
         conds.set(Cond.PROGRESSING, TRUE, "Rolling", message)
+    elif starting_sinks := [s.component for s in sinks_down if not s.failing]:
+        # A sink rolling (its settings changed) or starting: not converged yet, and
+        # `kubectl wait --for=condition=Progressing=false` must not return. Only once
+        # the actor pods settled, so that a new Agent's status does not change as each
+        # of its children comes up. A failing sink is Degraded instead.
+        message = f"sink pods not available yet: {', '.join(starting_sinks)}"
+        if observed.applied:
+            message = f"{observed.applied}; {message}"
+        conds.set(Cond.PROGRESSING, TRUE, "Rolling", message)
     else:
         conds.set(
             Cond.PROGRESSING, FALSE, "Converged", observed.applied or "all actor pods up to date"

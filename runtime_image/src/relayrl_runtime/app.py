@@ -551,7 +551,8 @@ class App:
         except (OSError, spec.InvalidSpecError) as err:
             log.warning("config %s: keeping the one read at start: %s", self.config_path, err)
             return
-        self.cfg = live.with_hot_fields(self.cfg, new)
+        moved = live.moves_model(live.changed_fields(self.cfg, new))
+        self.cfg = live.with_hot_fields(self.cfg, new, model=not moved)
         self.config_bytes = data
 
     def _ids(self, actors: list[int]) -> list[int]:

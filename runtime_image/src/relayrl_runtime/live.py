@@ -58,18 +58,27 @@ def _is_hot(path: tuple[str, ...]) -> bool:
 
 
 def with_hot_fields(
-    running: config.RuntimeConfig, new: config.RuntimeConfig
+    running: config.RuntimeConfig, new: config.RuntimeConfig, *, model: bool = True
 ) -> config.RuntimeConfig:
-    """`running` with the hot fields taken from `new`."""
+    """`running` with the hot fields taken from `new` (without `model.version` when
+    `model` is False)."""
+    version = new.model.version if model else running.model.version
     return running.model_copy(
         update={
             "actors": new.actors,
             "actors_per_pod": new.actors_per_pod,
             "routers": new.routers,
             "slice_handover": new.slice_handover,
-            "model": running.model.model_copy(update={"version": new.model.version}),
+            "model": running.model.model_copy(update={"version": version}),
         }
     )
+
+
+def moves_model(changed: list[tuple[str, ...]]) -> bool:
+    """Whether a cold `model` field changed (its uri, format...): then the new
+    `model.version` names a version of the new model, which this process, still on
+    the old one until it restarts, must not look for in the old one."""
+    return any(p[:1] == ("model",) and not _is_hot(p) for p in changed)
 
 
 class ConfigWatcher:
@@ -132,7 +141,12 @@ class ConfigWatcher:
             )
             return
         changed = changed_fields(self.running, new)
-        cold = [".".join(p) for p in changed if not _is_hot(p) and p not in config.UNUSED_FIELDS]
+        moved = moves_model(changed)
+
+        def hot_now(p: tuple[str, ...]) -> bool:
+            return _is_hot(p) and not (moved and p[:1] == ("model",))
+
+        cold = [".".join(p) for p in changed if not hot_now(p) and p not in config.UNUSED_FIELDS]
         if cold:
             log.warning(
                 "config %s changed fields that need a restart to take effect: %s",
@@ -140,12 +154,12 @@ class ConfigWatcher:
                 ", ".join(cold),
                 extra={"restart_fields": ",".join(cold)},
             )
-        hot = [".".join(p) for p in changed if _is_hot(p)]
+        hot = [".".join(p) for p in changed if hot_now(p)]
         if not hot:
             self._retry_at = None
             self.revision = config.revision(data)
             return
-        old, target = self.running, with_hot_fields(self.running, new)
+        old, target = self.running, with_hot_fields(self.running, new, model=not moved)
         log.info("config %s changed; applying %s", self.path, ", ".join(hot))
         try:
             await self.apply(old, target)

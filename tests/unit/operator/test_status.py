@@ -130,6 +130,9 @@ def test_a_starting_sink_is_progress_and_a_failing_one_degrades() -> None:
     assert result["phase"] == "Progressing"
     assert conditions(result)["Degraded"]["status"] == "False"
     assert "minimum availability" in conditions(result)["SinksReady"]["message"]
+    # Progressing says the same as the phase (a sink rolling after a settings change).
+    assert conditions(result)["Progressing"]["status"] == "True"
+    assert "arrow-sink" in conditions(result)["Progressing"]["message"]
     crashing = status.SinkView(
         "arrow-sink",
         ready=False,
@@ -204,10 +207,25 @@ def test_changes_say_what_did_not_happen_yet_or_at_all() -> None:
     [at_once] = changes.describe(old, wider)  # no pods ran, or they could not take one
     assert "hand actors over" not in at_once
     paused = make_spec({"spec": {"paused": True}})
-    for patch in ({"actors": 12}, {"actorsPerPod": 2}, {"model": {"version": 2}}):
+    for patch in (
+        {"actors": 12},
+        {"actorsPerPod": 2},
+        {"model": {"version": 2}},
+        {"device": "cuda", "gpusPerPod": 1},
+        {"template": {"env": [{"name": "A", "value": "1"}]}},
+        {"trajectories": {"maxLength": 10}},
+    ):
         later = make_spec({"spec": {"paused": True, **patch}})
-        [line] = changes.describe(paused, later)
-        assert line.endswith("paused, so the actor pods start with it when resumed"), line
+        lines = changes.describe(paused, later)
+        assert all("rolling update of the actor pods" not in line for line in lines), lines
+        assert any("paused, so the actor pods start with it when resumed" in x for x in lines)
+    # What the sinks take while paused still rolls them.
+    elsewhere = make_spec(
+        {"spec": {"paused": True, "trajectories": {"nats": {"url": "nats://other:4222"}}}}
+    )
+    assert any(
+        line.endswith("; the sink pods roll") for line in changes.describe(paused, elsewhere)
+    )
 
 
 def test_a_new_agents_status_does_not_change_as_its_pods_are_created() -> None:

@@ -160,6 +160,32 @@ async def test_a_failed_apply_is_not_reported_and_is_tried_again(
     assert len(rec.calls) == 3  # nothing new
 
 
+async def test_a_version_of_another_model_waits_for_the_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """model.uri and model.version changed together name a version of the new model:
+    the process, on the old model until the rolling update replaces it, must not load
+    that number from the old one (its steps would carry the new model's version)."""
+    path = tmp_path / "runtime.yaml"
+    _write(path, BASE)
+    rec = Recorder()
+    w = _watcher(path, rec)
+    _write(
+        path, {**BASE, "routers": 2, "model": {**BASE["model"], "uri": "/models/b", "version": 2}}
+    )
+    with caplog.at_level(logging.WARNING):
+        await w.check()
+    [(_, applied)] = rec.calls
+    assert applied.routers == 2
+    assert applied.model.version == 1
+    assert applied.model.uri == "/models/cp"
+    assert "model.uri, model.version" in caplog.text
+    # The version alone, with the model as it runs: applied.
+    _write(path, {**BASE, "routers": 2, "model": {**BASE["model"], "version": 3}})
+    await w.check()
+    assert rec.calls[-1][1].model.version == 3
+
+
 def test_changed_fields_use_wire_names() -> None:
     a = config.from_mapping(BASE, environ={})
     b = config.from_mapping({**BASE, "actorsPerPod": 5, "server": {"port": 1}}, environ={})
