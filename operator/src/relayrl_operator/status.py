@@ -161,7 +161,9 @@ def compute(
     failing = [p for p in wanted if p.failing]
     versions = {p.model_version for p in ready if p.model_version is not None}
     pinned = agent_spec.model.version
-    refused = [p for p in ready if p.refused]
+    # Pods of an older template are being replaced: what they could not load says
+    # nothing about the spec their replacements run (a changed model.uri, say).
+    refused = [p for p in ready if p.refused and p.current]
     model_problem = ""
     if refused:
         running = f"; they run version {min(versions)}" if versions else ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime
 from typing import Any
 
@@ -142,6 +143,22 @@ def test_a_starting_sink_is_progress_and_a_failing_one_degrades() -> None:
     result = compute(s, status.Observed(ready_pods(1), (crashing,), stream_ready=True))
     assert result["phase"] == "Degraded"
     assert "sink arrow-sink failing: CrashLoopBackOff" in conditions(result)["Degraded"]["message"]
+
+
+def test_a_refusal_counts_only_from_pods_of_the_current_template() -> None:
+    s = make_spec({"spec": {"actors": 8, "actorsPerPod": 4}})
+    why = "version 2: model.version 2 is pinned but /models/a holds version 1"
+    rolling = [
+        status.PodView(0, ready=True, current=False, model_version=1, refused=why),
+        status.PodView(1, ready=True, current=True, model_version=2),
+    ]
+    result = compute(s, status.Observed(rolling, ARROW_READY, stream_ready=True))
+    assert result["phase"] == "Progressing"
+    assert conditions(result)["Degraded"]["status"] == "False"
+    current = [dataclasses.replace(p, current=True) for p in rolling]
+    result = compute(s, status.Observed(current, ARROW_READY, stream_ready=True))
+    assert result["phase"] == "Degraded"
+    assert "could not hot-reload model version 2" in conditions(result)["Degraded"]["message"]
 
 
 def test_permanent_error_fails_the_agent() -> None:
