@@ -260,6 +260,12 @@ def compute(
     # Ready counts the pods wanted; Progressing also waits for those to go to be gone.
     settled = len(ready) == desired_pods and len(updated) == desired_pods
     converged = settled and not removing and observed.handover is None and not applying
+    # A sink rolling (its settings changed) or starting is progress too, so that
+    # `kubectl wait --for=condition=Progressing=false` does not return before it is up;
+    # named only once the actor pods settled, so that a new Agent's status does not
+    # change as each of its children comes up. A failing sink is Degraded instead.
+    starting_sinks = [s.component for s in sinks_down if not s.failing]
+    message: str | None = None
     if not converged:
         message = f"{len(ready)}/{desired_pods} actor pods ready"
         if removing:
@@ -276,15 +282,9 @@ def compute(
         # Agent that says nothing new.
         if len(updated) < len(wanted) or observed.replacing:
             message += f", {len(updated)}/{desired_pods} updated"
-        if observed.applied:
-            message = f"{observed.applied}; {message}"
-        conds.set(Cond.PROGRESSING, TRUE, "Rolling", message)
-    elif starting_sinks := [s.component for s in sinks_down if not s.failing]:
-        # A sink rolling (its settings changed) or starting: not converged yet, and
-        # `kubectl wait --for=condition=Progressing=false` must not return. Only once
-        # the actor pods settled, so that a new Agent's status does not change as each
-        # of its children comes up. A failing sink is Degraded instead.
+    elif starting_sinks:
         message = f"sink pods not available yet: {', '.join(starting_sinks)}"
+    if message is not None:
         if observed.applied:
             message = f"{observed.applied}; {message}"
         conds.set(Cond.PROGRESSING, TRUE, "Rolling", message)

@@ -415,19 +415,13 @@ class App:
                     # Not pushed yet, a pinned version that is not there, an archive no
                     # runtime can unpack, or NATS not answering: wait (not ready) rather
                     # than exit into a crash loop. SIGTERM ends the wait.
-                    what = str(err) or streams.describe(err)
-                    self._waiting = f"waiting for the model: {what}"
-                    log.warning(
-                        "%s; %s; looking again in %.0fs",
-                        what,
+                    delay = await self._wait_for_model(
+                        str(err) or streams.describe(err),
                         "push it, or change model.version"
                         if isinstance(err, errors.RelayRLError)
                         else "the model registry did not answer",
                         delay,
                     )
-                    await asyncio.sleep(delay)
-                    delay = min(2 * delay, _MODEL_WAIT_MAX_SECONDS)
-                    self._reread_config()  # model.version may have changed meanwhile
                     ref = registry.ModelRef.parse(m.uri, self.cfg.model.version)
             self._waiting = None
             log.info("model %s version %s fetched from the registry", ref.key, entry.version)
@@ -454,22 +448,27 @@ class App:
                 break
             # The path moved on (a trainer publishing there) before this pod (re)started:
             # wait for the pinned version (not ready) rather than exit into a crash loop.
-            what = f"model.version {pinned} is pinned but {path} holds version {held}"
-            self._waiting = f"waiting for the model: {what}"
-            log.warning(
-                "%s; publish it there, or change model.version; looking again in %.0fs",
-                what,
+            delay = await self._wait_for_model(
+                reload.pin_not_held(pinned, path, held),
+                "publish it there, or change model.version",
                 delay,
             )
-            await asyncio.sleep(delay)
-            delay = min(2 * delay, _MODEL_WAIT_MAX_SECONDS)
-            self._reread_config()
         self._waiting = None
 
         def path_watcher(a: agent_mod.Agent) -> reload.PathWatcher:
             return reload.PathWatcher(a, path, poll, self.cfg.model.version)
 
         return path, path_watcher
+
+    async def _wait_for_model(self, what: str, hint: str, delay: float) -> float:
+        """One wait for a model not there yet: /readyz says `what`, the log says it and
+        `hint`; then the config is read again (model.version may have changed). Returns
+        the next delay (doubling up to a maximum). SIGTERM ends the wait."""
+        self._waiting = f"waiting for the model: {what}"
+        log.warning("%s; %s; looking again in %.0fs", what, hint, delay)
+        await asyncio.sleep(delay)
+        self._reread_config()
+        return min(2 * delay, _MODEL_WAIT_MAX_SECONDS)
 
     def _build_sink(self) -> sink_base.TrajectorySink:
         cfg = self.cfg
@@ -551,8 +550,7 @@ class App:
         except (OSError, spec.InvalidSpecError) as err:
             log.warning("config %s: keeping the one read at start: %s", self.config_path, err)
             return
-        moved = live.moves_model(live.changed_fields(self.cfg, new))
-        self.cfg = live.with_hot_fields(self.cfg, new, model=not moved)
+        self.cfg = live.with_hot_fields(self.cfg, new)
         self.config_bytes = data
 
     def _ids(self, actors: list[int]) -> list[int]:

@@ -58,11 +58,12 @@ def _is_hot(path: tuple[str, ...]) -> bool:
 
 
 def with_hot_fields(
-    running: config.RuntimeConfig, new: config.RuntimeConfig, *, model: bool = True
+    running: config.RuntimeConfig, new: config.RuntimeConfig
 ) -> config.RuntimeConfig:
-    """`running` with the hot fields taken from `new` (without `model.version` when
-    `model` is False)."""
-    version = new.model.version if model else running.model.version
+    """`running` with the hot fields taken from `new` (`model.version` only where the
+    rest of the model is unchanged, see `_moves_model`)."""
+    moved = _moves_model(changed_fields(running, new))
+    version = running.model.version if moved else new.model.version
     return running.model_copy(
         update={
             "actors": new.actors,
@@ -74,7 +75,7 @@ def with_hot_fields(
     )
 
 
-def moves_model(changed: list[tuple[str, ...]]) -> bool:
+def _moves_model(changed: list[tuple[str, ...]]) -> bool:
     """Whether a cold `model` field changed (its uri, format...): then the new
     `model.version` names a version of the new model, which this process, still on
     the old one until it restarts, must not look for in the old one."""
@@ -141,7 +142,7 @@ class ConfigWatcher:
             )
             return
         changed = changed_fields(self.running, new)
-        moved = moves_model(changed)
+        moved = _moves_model(changed)
 
         def hot_now(p: tuple[str, ...]) -> bool:
             return _is_hot(p) and not (moved and p[:1] == ("model",))
@@ -159,7 +160,7 @@ class ConfigWatcher:
             self._retry_at = None
             self.revision = config.revision(data)
             return
-        old, target = self.running, with_hot_fields(self.running, new, model=not moved)
+        old, target = self.running, with_hot_fields(self.running, new)
         log.info("config %s changed; applying %s", self.path, ", ".join(hot))
         try:
             await self.apply(old, target)

@@ -27,6 +27,11 @@ from relayrl_runtime.inference import model
 log = logging.getLogger(__name__)
 
 
+def pin_not_held(pinned: int, path: Path, held: int) -> str:
+    """Why a pinned version is not loaded from a model path."""
+    return f"model.version {pinned} is pinned but {path} holds version {held}"
+
+
 class _Watcher:
     """What both watchers share: one check at a time, and the last reload refused.
 
@@ -137,11 +142,7 @@ class PathWatcher(_Watcher):
                         self.version,
                     )
                 else:
-                    self._missing(
-                        self.version,
-                        f"model.version {self.version} is pinned but {self.path} holds "
-                        f"version {meta.version}",
-                    )
+                    self._missing(self.version, pin_not_held(self.version, self.path, meta.version))
                 return
             if meta.version == running:
                 self.refused = None
@@ -211,13 +212,11 @@ class RegistryWatcher(_Watcher):
                 self._digest = entry.digest
                 self.refused = reporting.Refusal(entry.version, str(err), incompatible=False)
                 raise
-            if self.ref != ref:
-                # The pin moved while this version downloaded (`follow`): it is not what
-                # is wanted now, and follow's own check comes next.
-                await asyncio.to_thread(registry.prune, self.cache, self._path)
-                return
             try:
-                await self._take(path, entry)
+                # Unless the pin moved while this version downloaded (`follow`): it is
+                # not what is wanted now, and follow's own check comes next.
+                if self.ref == ref:
+                    await self._take(path, entry)
             except asyncio.CancelledError:
                 raise  # the load may go on in its thread: its files stay
             except BaseException:

@@ -156,6 +156,16 @@ class RuntimeProcess:
 
         wait_for("/readyz", ready, timeout)
 
+    def wait_waiting(self, reason: str, timeout: float = 30.0) -> None:
+        """Until /readyz answers 503 naming `reason`, the process alive meanwhile."""
+
+        def waiting() -> bool:
+            assert self.proc.poll() is None, self.logs()
+            status, body = http_get(self.port, "/readyz", self.host)
+            return status == 503 and reason in body
+
+        wait_for(f"/readyz to say {reason!r}", waiting, timeout)
+
     def metrics(self) -> str:
         status, body = http_get(self.port, "/metrics", self.host)
         assert status == 200

@@ -254,13 +254,7 @@ def test_a_pinned_version_the_path_does_not_hold_is_waited_for(
     cfg = _config(live, tmp_path / "out")
     proc = helpers.RuntimeProcess(tmp_path, cfg, mounted=True, env={"TMPDIR": str(tmp)})
     try:
-
-        def waiting() -> bool:
-            assert proc.proc.poll() is None, proc.logs()
-            status, body = helpers.http_get(proc.port, "/readyz")
-            return status == 503 and "model.version 1 is pinned" in body
-
-        helpers.wait_for("/readyz says it waits", waiting)
+        proc.wait_waiting("model.version 1 is pinned")
         assert not left.exists()
         proc.update_config({**cfg, "model": {**cfg["model"], "version": 2}})
         proc.wait_ready(timeout=90)

@@ -149,13 +149,7 @@ def test_pinned_version_and_missing_model(
     cfg["model"] = {"uri": "objectstore://models/nope", "format": "onnx"}
     proc = helpers.RuntimeProcess(missing, cfg)
     try:
-
-        def waiting() -> bool:
-            assert proc.proc.poll() is None, proc.logs()
-            status, body = helpers.http_get(proc.port, "/readyz")
-            return status == 503 and "waiting for the model" in body
-
-        helpers.wait_for("/readyz says it waits", waiting)
+        proc.wait_waiting("waiting for the model")
         assert "no object 'nope' in bucket 'models'" in helpers.http_get(proc.port, "/readyz")[1]
         _cli("model", "push", "--nats", url, "--bucket", "models", "--name", "nope",
              str(models["onnx_v2"]))  # fmt: skip
