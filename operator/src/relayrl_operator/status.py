@@ -32,6 +32,9 @@ class PodView:
     unschedulable: str | None = None  # the scheduler's message while it cannot place the pod
     failing: str | None = None  # e.g. "CrashLoopBackOff: ..." for a container that keeps failing
     model_version: int | None = None  # reported by the runtime, when it reports
+    # It runs another model.uri than the spec's (reported by the runtime): a rollout to
+    # the spec's model has not replaced it yet. Its version numbers another model's.
+    previous_model: bool = False
     # A model version the pod failed to hot-reload, and why, unless a rolling update
     # for it is under way (reported by the runtime).
     refused: str | None = None
@@ -159,7 +162,12 @@ def compute(
     applying = [p for p in ready if p.applying]
     unschedulable = [p for p in wanted if p.unschedulable]
     failing = [p for p in wanted if p.failing]
-    versions = {p.model_version for p in ready if p.model_version is not None}
+    # Versions number one model's builds: a pod still on the model a rollout moves
+    # away from says nothing about which version of the spec's model runs.
+    on_old_model = [p for p in ready if p.previous_model]
+    versions = {
+        p.model_version for p in ready if p.model_version is not None and not p.previous_model
+    }
     pinned = agent_spec.model.version
     # Pods of an older template are being replaced: what they could not load says
     # nothing about the spec their replacements run (a changed model.uri, say).
@@ -211,6 +219,18 @@ def compute(
         conds.set(Cond.MODEL_READY, FALSE, "NotLoaded", "no actor pod has loaded the model yet")
     elif refused:
         conds.set(Cond.MODEL_READY, FALSE, "ReloadFailed", model_problem)
+    elif on_old_model:
+        others = f"; the others run model version {min(versions)}" if versions else ""
+        if len(versions) > 1:
+            others = f"; the others run model versions {sorted(versions)}"
+        conds.set(
+            Cond.MODEL_READY,
+            FALSE,
+            "Rolling",
+            f"{_plural(len(on_old_model), 'ready pod')} still"
+            f" run{'s' if len(on_old_model) == 1 else ''} the previous model,"
+            f" not {agent_spec.model.uri}{others}",
+        )
     elif len(versions) > 1:
         conds.set(
             Cond.MODEL_READY,

@@ -67,6 +67,7 @@ def observe(
                 handover_revision,
                 agent.spec.environment.copies_per_actor(),
                 config_revision=state.config_revision,
+                model_uri=agent.spec.model.uri,
             )
         )
     handing_over = (
@@ -103,10 +104,13 @@ def pod_view(
     copies: int = 1,
     *,
     config_revision: str | None = None,
+    model_uri: str | None = None,
 ) -> status.PodView:
     """One actor pod's facts. `config_revision`: the runtime ConfigMap's; a ready pod
     that reports another has not taken a hot change yet (a pod that reports none, of an
-    older runtime, is taken to run the current one)."""
+    older runtime, is taken to run the current one). `model_uri`: the spec's; a pod
+    that reports another runs the model a rollout is moving away from (one that
+    reports none, of an older runtime, is taken to run the spec's)."""
     index = pod_index(pod)
     conditions = {c["type"]: c for c in (pod.get("status") or {}).get("conditions") or []}
     ready = conditions.get("Ready", {}).get("status") == "True"
@@ -138,6 +142,10 @@ def pod_view(
         unschedulable=unschedulable,
         failing=failing,
         model_version=report.model_version if report is not None else None,
+        previous_model=report is not None
+        and report.model_uri is not None
+        and model_uri is not None
+        and report.model_uri != model_uri,
         refused=None if refused is None else f"version {refused.version}: {refused.reason}",
         # In step 1 of a handover a pod runs only the actors of its new slice it ran
         # before; before it takes a hot change, the actors of its old slice. It reports

@@ -511,6 +511,7 @@ class App:
             time=time.time(),
             refused=None if self._watcher is None else self._watcher.refused,
             config_revision=self._config_revision(),
+            model_uri=self.cfg.model.uri,
         )
 
     def _config_revision(self) -> str | None:

@@ -119,6 +119,9 @@ class PodReport:
     time: float
     refused: Refusal | None = None
     config_revision: str | None = None
+    # The model.uri it runs: until a rolling update restarts it, a pod keeps the model
+    # it started with, whatever spec.model.uri says now.
+    model_uri: str | None = None
 
     def to_json(self) -> bytes:
         """The bucket value."""
@@ -131,6 +134,7 @@ class PodReport:
                 "time": self.time,
                 "refused": None if self.refused is None else self.refused.to_wire(),
                 "configRevision": self.config_revision,
+                "modelUri": self.model_uri,
             }
         ).encode()
 
@@ -148,6 +152,7 @@ class PodReport:
                 time=float(raw["time"]),
                 refused=Refusal.from_wire(raw.get("refused")),
                 config_revision=_optional_str(raw.get("configRevision")),
+                model_uri=_optional_str(raw.get("modelUri")),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"not a pod report: {err}") from err

@@ -1003,7 +1003,12 @@ class AgentStatus(SpecModel):
     desired_pods: int | None = Field(default=None, ge=0, description="Actor pods wanted.")
     ready_pods: int | None = Field(default=None, ge=0, description="Actor pods ready.")
     model_version: int | None = Field(
-        default=None, ge=0, description="Model version the ready pods run."
+        default=None,
+        ge=0,
+        description=(
+            "Lowest version of spec.model.uri that ready pods run (pods still on a "
+            "model a rollout replaces are not counted)."
+        ),
     )
     model_rollout: int | None = Field(
         default=None,

@@ -194,6 +194,7 @@ def test_a_pinned_version_missing_from_the_registry_is_reported_and_kept_out(
             lambda: (r := report()) is not None and r.refused is not None and r,
         )
         assert refused.model_version == 1
+        assert refused.model_uri == "objectstore://m2/cp"
         assert refused.refused is not None
         assert (refused.refused.version, refused.refused.incompatible) == (2, False)
         assert "no object 'cp@v2'" in refused.refused.reason

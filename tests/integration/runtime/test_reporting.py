@@ -92,7 +92,9 @@ async def test_reporter_puts_reports_and_reports_version_changes_at_once(
             assert task.cancelled()
         # Another Agent's reports are not mixed in; the bucket keeps one value per key.
         kv = await reporting.ensure_bucket(js)
-        other = reporting.PodReport("other-0", 5, 1, False, time.time())
+        other = reporting.PodReport(
+            "other-0", 5, 1, False, time.time(), model_uri="objectstore://models/other"
+        )
         await reporting.put_report(kv, "ns", "other", other)
         assert set(await reporting.read_reports(js, "ns", "cartpole")) == {"cartpole-0"}
         assert (await reporting.read_reports(js, "ns", "other"))["other-0"] == other
@@ -108,6 +110,7 @@ async def test_reporter_puts_reports_and_reports_version_changes_at_once(
             "time",
             "refused",
             "configRevision",
+            "modelUri",
         }
     finally:
         await asyncio.wait_for(nc.close(), 10)  # never hang a failed test

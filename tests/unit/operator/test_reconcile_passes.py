@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Iterable
 from datetime import UTC, datetime, timedelta
@@ -1286,3 +1287,17 @@ def test_a_remote_simulator_pod_applying_a_config_counts_its_slice() -> None:
     assert view.reported_actors is None
     env = views.pod_view(pod, "h", remote, None, copies=4, config_revision="new")
     assert env.reported_actors == 0
+
+
+def test_a_pod_reporting_another_model_uri_runs_the_previous_model() -> None:
+    pod = actor_pod(0, "old")
+    pod["status"] = {"conditions": [{"type": "Ready", "status": "True"}]}
+    spec_uri = "objectstore://relayrl-models/new"
+
+    def view(uri: str | None) -> status.PodView:
+        sent = dataclasses.replace(report(0, "r"), model_uri=uri)
+        return views.pod_view(pod, "h", sent, None, model_uri=spec_uri)
+
+    assert view("objectstore://relayrl-models/old").previous_model
+    assert not view(spec_uri).previous_model
+    assert not view(None).previous_model  # a runtime that does not report it

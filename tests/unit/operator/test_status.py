@@ -180,6 +180,32 @@ def test_model_version_comes_from_pod_reports() -> None:
     assert conditions(rolling)["ModelReady"]["reason"] == "Rolling"
 
 
+def test_pods_on_the_model_a_rollout_replaces_do_not_give_the_model_version() -> None:
+    # spec.model.uri moved to another model: pod 0, not replaced yet, runs version 7
+    # of the old one; pod 1 runs version 2 of the spec's.
+    s = make_spec({"spec": {"actors": 8, "actorsPerPod": 4}})
+    old = status.PodView(0, True, False, model_version=7, previous_model=True)
+    new = status.PodView(1, True, True, model_version=2)
+    result = compute(s, status.Observed([old, new], ARROW_READY, stream_ready=True))
+    assert result["modelVersion"] == 2
+    model = conditions(result)["ModelReady"]
+    assert (model["status"], model["reason"]) == ("False", "Rolling")
+    assert model["message"] == (
+        f"1 ready pod still runs the previous model, not {s.model.uri};"
+        " the others run model version 2"
+    )
+    # None runs the spec's model yet: no version of it runs.
+    result = compute(s, status.Observed([old], ARROW_READY, stream_ready=True))
+    assert result["modelVersion"] is None
+    assert conditions(result)["ModelReady"]["message"] == (
+        f"1 ready pod still runs the previous model, not {s.model.uri}"
+    )
+    done = [dataclasses.replace(new, index=0), new]
+    done = compute(s, status.Observed(done, ARROW_READY, stream_ready=True))
+    assert done["modelVersion"] == 2
+    assert conditions(done)["ModelReady"]["status"] == "True"
+
+
 def test_transition_time_is_kept_while_status_does_not_change() -> None:
     s = make_spec()
     first = compute(s, status.Observed((), ARROW_READY, stream_ready=True))
