@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import gzip
 import hashlib
@@ -28,12 +29,16 @@ import shutil
 import tarfile
 import zlib
 from collections.abc import Awaitable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, TypeVar
 from urllib.parse import urlparse
 
 from nats.js import api
 from nats.js import errors as js_errors
+from nats.js import object_store as object_store_api
+from nats.js.kv import MSG_ROLLUP_SUBJECT
+from nats.nuid import NUID
 
 from relayrl_runtime import errors, streams
 from relayrl_runtime.inference import model
@@ -50,6 +55,9 @@ FETCH_BYTES_PER_SECOND: Final = 1 << 20
 BUCKET_NAME: Final = re.compile(r"^[A-Za-z0-9_-]+$")
 MODEL_NAME: Final = re.compile(r"^[A-Za-z0-9_.-]+$")
 _VERSIONED: Final = re.compile(r"@v\d+$")
+# nats-server's refusal of a publish whose expected last subject sequence is stale.
+_WRONG_LAST_SEQUENCE: Final = 10071
+_NUID: Final = NUID()
 
 _T = TypeVar("_T")
 
@@ -170,16 +178,26 @@ def unpack(data: bytes, destination: Path) -> Path:
 
 async def _nats(bucket: str, request: Awaitable[_T]) -> _T:
     """A registry request; a refusal no retry changes (a bad name, a bad request) as
-    RelayRLError. Not-found passes as it is; so do timeouts and "JetStream not
-    available" (503), which may pass."""
+    RelayRLError. Not-found passes as it is; so do timeouts, "JetStream not available"
+    (503) and a guarded write another writer got to first, which may pass."""
     try:
         return await request
     except js_errors.NotFoundError:
         raise
-    except (js_errors.InvalidBucketNameError, js_errors.BadRequestError) as err:
-        raise errors.RelayRLError(
-            f"model registry: bucket {bucket!r}: NATS refused: {streams.describe(err)}"
-        ) from err
+    except js_errors.APIError as err:
+        if err.err_code == _WRONG_LAST_SEQUENCE:
+            raise
+        if isinstance(err, js_errors.BadRequestError):
+            raise _refused(bucket, err) from err
+        raise
+    except js_errors.InvalidBucketNameError as err:
+        raise _refused(bucket, err) from err
+
+
+def _refused(bucket: str, err: Exception) -> errors.RelayRLError:
+    return errors.RelayRLError(
+        f"model registry: bucket {bucket!r}: NATS refused: {streams.describe(err)}"
+    )
 
 
 async def object_store(nc: Any, bucket: str, create: bool = False) -> Any:
@@ -201,60 +219,160 @@ class VersionConflictError(errors.RelayRLError):
     kind = "version_conflict"
 
 
+# A push that finds its objects changed by another push between reading them and
+# writing its own starts again (the rules decide afresh); this many times at most.
+PUSH_ATTEMPTS: Final = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class _Current:
+    """An object as a push read it: its meta message's sequence, for a guarded write."""
+
+    entry: Entry | None  # None: not there (never put, or deleted)
+    sequence: int  # 0: no meta message
+    nuid: str | None  # where its chunks are, to remove once replaced
+
+
+class _Raced(Exception):
+    """Another push changed the object after this one read it."""
+
+
 async def push(nc: Any, bucket: str, name: str, directory: Path, force: bool = False) -> Entry:
     """Upload a model directory as the newest version of `name`.
 
     Refused (`VersionConflictError`) without `force`: other bytes for a version already
     stored, and a version below the newest one. The same directory again is a no-op.
+    Pushes from several places at once are serialised: each object is written only if
+    it is as the push read it (its meta message's sequence), else the push reads again
+    and checks again, so a push never replaces a newer version pushed meanwhile.
     """
     check_names(bucket, name)
     meta = model.read_metadata(directory)
     data = pack(directory)
     digest = digest_of(data)
-    store = await object_store(nc, bucket, create=True)
+    await object_store(nc, bucket, create=True)
+    js = nc.jetstream()
     versioned = versioned_key(name, meta.version)
-    stored = await _info_of(store, bucket, versioned)
-    newest = await _info_of(store, bucket, name)
-    if not force:
-        if stored is not None and stored.digest != digest:
-            raise VersionConflictError(
-                f"model registry: {versioned} in bucket {bucket!r} holds other content:"
-                f" give changed weights a new version (model export --version, or"
-                f" 'version' in {model.METADATA_FILE}), or push with --force"
-            )
-        if (
-            newest is not None
-            and newest.version == meta.version
-            and newest.digest != digest
-            and stored is None
-        ):
-            raise VersionConflictError(
-                f"model registry: {name} in bucket {bucket!r} holds other content as"
-                f" version {meta.version}: give changed weights a new version, or push"
-                f" with --force"
-            )
-        if newest is not None and newest.version is not None and newest.version > meta.version:
-            raise VersionConflictError(
-                f"model registry: {name} is at version {newest.version} in bucket"
-                f" {bucket!r}, above {meta.version}: pods pin an older version with"
-                f" model.version; push with --force to make it the newest again"
-            )
     description = json.dumps({"version": meta.version, "format": meta.format.value})
-    for key, current in ((versioned, stored), (name, newest)):
-        if current is not None and current.digest == digest and current.version == meta.version:
-            continue  # already there, as it is
+    for _ in range(PUSH_ATTEMPTS):
+        stored = await _read(js, bucket, versioned)
+        newest = await _read(js, bucket, name)
+        if not force:
+            _check_push(bucket, name, meta.version, digest, stored.entry, newest.entry)
+        try:
+            for key, current in ((versioned, stored), (name, newest)):
+                have = current.entry
+                if have is not None and have.digest == digest and have.version == meta.version:
+                    continue  # already there, as it is
+                await _put_guarded(js, bucket, key, data, description, current)
+        except _Raced:
+            continue
+        return Entry(name, meta.version, meta.format.value, len(data), digest)
+    raise errors.RelayRLError(
+        f"model registry: {name} in bucket {bucket!r} was changed by other pushes"
+        f" {PUSH_ATTEMPTS} times while this one wrote: push again once they are done"
+    )
+
+
+def _check_push(
+    bucket: str,
+    name: str,
+    version: int,
+    digest: str,
+    stored: Entry | None,
+    newest: Entry | None,
+) -> None:
+    versioned = versioned_key(name, version)
+    if stored is not None and stored.digest != digest:
+        raise VersionConflictError(
+            f"model registry: {versioned} in bucket {bucket!r} holds other content:"
+            f" give changed weights a new version (model export --version, or"
+            f" 'version' in {model.METADATA_FILE}), or push with --force"
+        )
+    if (
+        newest is not None
+        and newest.version == version
+        and newest.digest != digest
+        and stored is None
+    ):
+        raise VersionConflictError(
+            f"model registry: {name} in bucket {bucket!r} holds other content as"
+            f" version {version}: give changed weights a new version, or push"
+            f" with --force"
+        )
+    if newest is not None and newest.version is not None and newest.version > version:
+        raise VersionConflictError(
+            f"model registry: {name} is at version {newest.version} in bucket"
+            f" {bucket!r}, above {version}: pods pin an older version with"
+            f" model.version; push with --force to make it the newest again"
+        )
+
+
+def _meta_subject(bucket: str, key: str) -> str:
+    encoded = base64.urlsafe_b64encode(key.encode()).decode()
+    return object_store_api.OBJ_META_PRE_TEMPLATE.format(bucket=bucket, obj=encoded)
+
+
+async def _read(js: Any, bucket: str, key: str) -> _Current:
+    """The object `key` as it is now, with its meta message's sequence."""
+    stream = streams.object_store_stream(bucket)
+    try:
+        msg = await _nats(bucket, js.get_last_msg(stream, _meta_subject(bucket, key)))
+    except js_errors.NotFoundError:
+        return _Current(None, 0, None)
+    try:
+        info = api.ObjectInfo.from_response(json.loads(msg.data))
+    except (ValueError, TypeError, KeyError) as err:
+        raise errors.RelayRLError(
+            f"model registry: {key} in bucket {bucket!r}: unreadable object metadata: {err}"
+        ) from err
+    return _Current(None if info.deleted else _entry(info), msg.seq, info.nuid or None)
+
+
+async def _put_guarded(
+    js: Any, bucket: str, key: str, data: bytes, description: str, current: _Current
+) -> None:
+    """Write `data` as object `key` (the object store's layout: chunks, then one meta
+    message rolling up the old) only if its meta message is still `current`'s; raises
+    `_Raced` otherwise, its chunks removed."""
+    stream = streams.object_store_stream(bucket)
+    chunk_size = object_store_api.OBJ_DEFAULT_CHUNK_SIZE
+    nuid = _NUID.next().decode()
+    chunks = object_store_api.OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=bucket, obj=nuid)
+    info = api.ObjectInfo(
+        name=key,
+        bucket=bucket,
+        nuid=nuid,
+        size=len(data),
+        mtime=datetime.now(UTC).isoformat(),
+        chunks=-(-len(data) // chunk_size),
+        digest=digest_of(data),
+        description=description,
+        options=api.ObjectMetaOptions(max_chunk_size=chunk_size),
+    )
+    try:
+        for start in range(0, len(data), chunk_size):
+            await _nats(bucket, js.publish(chunks, data[start : start + chunk_size]))
         await _nats(
             bucket,
-            store.put(key, data, meta=api.ObjectMeta(name=key, description=description)),
+            js.publish(
+                _meta_subject(bucket, key),
+                json.dumps(info.as_dict()).encode(),
+                headers={
+                    api.Header.ROLLUP: MSG_ROLLUP_SUBJECT,
+                    api.Header.EXPECTED_LAST_SUBJECT_SEQUENCE: str(current.sequence),
+                },
+            ),
         )
-    return Entry(name, meta.version, meta.format.value, len(data), digest)
-
-
-async def _info_of(store: Any, bucket: str, key: str) -> Entry | None:
-    try:
-        return _entry(await _nats(bucket, store.get_info(key)))
-    except js_errors.NotFoundError:
-        return None
+    except BaseException as err:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(js.purge_stream(stream, subject=chunks), CONNECT_SECONDS)
+        if isinstance(err, js_errors.APIError) and err.err_code == _WRONG_LAST_SEQUENCE:
+            raise _Raced from err
+        raise
+    if current.nuid is not None:  # the replaced object's chunks
+        old = object_store_api.OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=bucket, obj=current.nuid)
+        await _nats(bucket, js.purge_stream(stream, subject=old))
 
 
 async def list_models(nc: Any, bucket: str) -> list[Entry]:

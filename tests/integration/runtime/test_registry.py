@@ -18,7 +18,7 @@ from integration.runtime import helpers
 
 from relayrl_runtime import agent as agent_mod
 from relayrl_runtime import config, registry, reload, reporting, spec
-from relayrl_runtime.inference import export
+from relayrl_runtime.inference import export, model
 from support import natsserver
 
 
@@ -324,6 +324,96 @@ def test_a_push_keeps_versions_apart_and_goes_forward(
         ["cp@v1", "version=1"],
         ["cp@v2", "version=2"],
     ]
+
+
+async def _stream_messages(nc: Any, bucket: str) -> int:
+    info = await nc.jetstream().stream_info(f"OBJ_{bucket}")
+    return int(info.state.messages)
+
+
+def test_a_push_overtaken_by_another_reads_again_and_never_goes_back(
+    nats_server: natsserver.NatsServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another push lands between a push's read of the newest version and its write:
+    the write is refused by NATS, and the push checks again against what is there."""
+    dirs = {}
+    for version in (1, 2, 3, 4):
+        dirs[version] = tmp_path / f"v{version}"
+        export.export_mlp(dirs[version], spec.ModelFormat.ONNX, seed=version, version=version)
+    real_read = registry._read
+    # Versions to push (forced) from elsewhere after the next read of "cp".
+    cut_in: list[int] = []
+
+    async def main() -> None:
+        nc, other = await nats.connect(nats_server.url), await nats.connect(nats_server.url)
+
+        async def read(js: Any, bucket: str, key: str) -> Any:
+            current = await real_read(js, bucket, key)
+            if key == "cp" and cut_in:
+                await registry.push(other, bucket, "cp", dirs[cut_in.pop()], force=True)
+            return current
+
+        monkeypatch.setattr(registry, "_read", read)
+        try:
+            await registry.push(nc, "race", "cp", dirs[1])
+            cut_in.append(3)
+            with pytest.raises(registry.VersionConflictError, match=r"at version 3 .* above 2"):
+                await registry.push(nc, "race", "cp", dirs[2])
+            assert not cut_in
+            newest = await registry.info(nc, registry.ModelRef("race", "cp"))
+            assert newest.version == 3
+            # Overtaken by a rollback to 2: checked again, and written as the newest.
+            cut_in.append(2)
+            entry = await registry.push(nc, "race", "cp", dirs[4])
+            newest = await registry.info(nc, registry.ModelRef("race", "cp"))
+            assert (newest.version, newest.digest) == (4, entry.digest)
+            fetched, _ = await registry.fetch(nc, registry.ModelRef("race", "cp"), tmp_path / "c")
+            assert model.read_metadata(fetched).version == 4
+            keys = [e.key for e in await registry.list_models(nc, "race")]
+            assert keys == ["cp", "cp@v1", "cp@v2", "cp@v3", "cp@v4"]
+            # One meta message and one chunk each: the refused writes' chunks and the
+            # replaced objects' are gone.
+            assert await _stream_messages(nc, "race") == 2 * len(keys)
+        finally:
+            await nc.close()
+            await other.close()
+
+    asyncio.run(main())
+
+
+def test_pushes_at_once_leave_the_highest_version_newest(
+    nats_server: natsserver.NatsServer, tmp_path: Path
+) -> None:
+    versions = range(1, 7)
+    for version in versions:
+        export.export_mlp(tmp_path / f"v{version}", spec.ModelFormat.ONNX, seed=version,
+                          version=version)  # fmt: skip
+
+    async def push(version: int) -> str:
+        nc = await nats.connect(nats_server.url)
+        try:
+            await registry.push(nc, "many", "cp", tmp_path / f"v{version}")
+            return "pushed"
+        except registry.VersionConflictError as err:
+            return str(err)
+        finally:
+            await nc.close()
+
+    async def main() -> None:
+        said = dict(zip(versions, await asyncio.gather(*(push(v) for v in versions)), strict=True))
+        assert said[6] == "pushed"
+        for version, outcome in said.items():  # pushed, or refused for a higher one
+            assert outcome == "pushed" or f", above {version}:" in outcome, outcome
+        nc = await nats.connect(nats_server.url)
+        try:
+            newest = await registry.info(nc, registry.ModelRef("many", "cp"))
+            assert newest.version == 6
+            keys = [e.key for e in await registry.list_models(nc, "many")]
+            assert await _stream_messages(nc, "many") == 2 * len(keys)
+        finally:
+            await nc.close()
+
+    asyncio.run(main())
 
 
 def test_an_object_no_runtime_can_unpack_is_reported_and_fetched_once(
