@@ -73,3 +73,23 @@ def test_invalid_agents_are_rejected_by_the_apiserver_on_their_field(
         if result.returncode == 0 or case.field not in result.stderr:
             failures.append(f"{case.id}: exit {result.returncode}: {result.stderr.strip()}")
     assert failures == []
+
+
+@pytest.mark.timeout(180)
+def test_the_apiserver_takes_the_label_keys_the_spec_model_takes(
+    k8s: ClusterHandle, agent_crd: str, namespace: str
+) -> None:
+    disagree = []
+    for key, valid in specs.LABEL_KEYS:
+        manifest = specs.merge_patch(
+            specs.base_manifest(), {"spec": {"template": {"nodeSelector": {key: "x"}}}}
+        )
+        result = k8s.kubectl(
+            "create", "-n", namespace, "--dry-run=server", "-f", "-",
+            check=False, input_text=yaml.safe_dump(manifest),
+        )  # fmt: skip
+        if (result.returncode == 0) != valid or (
+            not valid and "spec.template.nodeSelector: Invalid value" not in result.stderr
+        ):
+            disagree.append(f"{key!r}: exit {result.returncode}: {result.stderr.strip()}")
+    assert disagree == []

@@ -29,6 +29,23 @@ def merge_patch(target: Any, patch: Any) -> Any:
     return out
 
 
+# Label keys, and whether Kubernetes takes them: the spec model and the CRD must agree.
+LABEL_KEYS: list[tuple[str, bool]] = [
+    ("team", True),
+    ("app.kubernetes.io/name", True),
+    ("Team_A.b-1", True),
+    ("a" * 63, True),
+    ("a" * 64, False),
+    ("-team", False),
+    ("example.com/", False),
+    ("/team", False),
+    ("a/b/c", False),
+    ("Example.com/team", False),
+    (f"{'a' * 253}/team", True),
+    (f"{'a' * 254}/team", False),
+]
+
+
 @dataclass(frozen=True)
 class InvalidCase:
     """One invalid manifest and where and how it must be rejected."""

@@ -234,6 +234,13 @@ _STREAM_NAME: Final = r"^[A-Za-z0-9_-]+$"
 # ends, '-', '_' and '.' between; empty is one too.
 _LABEL_VALUE: Final = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
 LabelValue = Annotated[str, pydantic.StringConstraints(max_length=63, pattern=_LABEL_VALUE)]
+# Label and annotation keys: qualified names, a name of at most 63 characters after an
+# optional DNS subdomain prefix (at most 253) and '/'.
+_QUALIFIED_NAME: Final = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
+_PREFIX_MAX: Final = 253
 _ABSOLUTE_PATH: Final = r"^/"
 _ENV_NAME: Final = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
@@ -791,6 +798,28 @@ def _unique_names(env: Sequence[EnvVar]) -> bool:
     return len({e.name for e in env}) == len(env)
 
 
+def _qualified(key: str) -> bool:
+    prefix, _, _ = key.rpartition("/")
+    return re.fullmatch(_QUALIFIED_NAME, key) is not None and len(prefix) <= _PREFIX_MAX
+
+
+def _keys_rule(field: str, attribute: str, what: str) -> Rule:
+    """Every key of the map `field` a qualified name, as Kubernetes takes them."""
+    return Rule(
+        cel=(
+            f"!has(self.{field}) || self.{field}.all(k, k.matches(r'{_QUALIFIED_NAME}')"
+            f" && (!k.contains('/') || k.indexOf('/') <= {_PREFIX_MAX}))"
+        ),
+        message=(
+            f"{what} keys: expected an optional DNS subdomain prefix and '/', then at most"
+            " 63 letters, digits, '-', '_' and '.', starting and ending alphanumeric"
+            " (e.g. example.com/team)"
+        ),
+        holds=lambda t: all(_qualified(k) for k in getattr(t, attribute)),
+        field=field,
+    )
+
+
 class PodTemplate(SpecModel):
     """Overrides for the Agent's pods.
 
@@ -810,6 +839,9 @@ class PodTemplate(SpecModel):
             holds=lambda t: _unique_names(t.env),
             field="env",
         ),
+        _keys_rule("labels", "labels", "label"),
+        _keys_rule("nodeSelector", "node_selector", "label"),
+        _keys_rule("annotations", "annotations", "annotation"),
     )
 
     image: str | None = Field(
@@ -824,7 +856,9 @@ class PodTemplate(SpecModel):
         default=None, description="Image pull policy of the actor and sink containers."
     )
     node_selector: dict[str, LabelValue] = Field(
-        default_factory=dict, description="Node labels the actor and sink pods must match."
+        default_factory=dict,
+        max_length=64,
+        description="Node labels the actor and sink pods must match.",
     )
     tolerations: list[Toleration] = Field(
         default_factory=list,
@@ -862,10 +896,10 @@ class PodTemplate(SpecModel):
         default_factory=list, max_length=128, description="Extra environment variables."
     )
     labels: dict[str, LabelValue] = Field(
-        default_factory=dict, description="Extra labels on the actor pods."
+        default_factory=dict, max_length=64, description="Extra labels on the actor pods."
     )
     annotations: dict[str, str] = Field(
-        default_factory=dict, description="Extra annotations on the actor pods."
+        default_factory=dict, max_length=64, description="Extra annotations on the actor pods."
     )
 
 

@@ -141,3 +141,15 @@ def test_pattern_errors_say_what_is_expected_in_words() -> None:
             " digit, at most 63 characters (got 'steps; drop table x')",
         ),
     )
+
+
+@pytest.mark.parametrize(("key", "valid"), specs.LABEL_KEYS)
+def test_label_keys_are_qualified_names(key: str, valid: bool) -> None:
+    manifest = specs.merge_patch(
+        specs.base_manifest(), {"spec": {"template": {"labels": {key: "x"}}}}
+    )
+    if valid:
+        spec.parse_agent(manifest)
+    else:
+        with pytest.raises(spec.InvalidSpecError, match=r"spec\.template\.labels: label keys"):
+            spec.parse_agent(manifest)
