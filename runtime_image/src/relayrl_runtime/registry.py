@@ -57,7 +57,6 @@ MODEL_NAME: Final = re.compile(r"^[A-Za-z0-9_.-]+$")
 _VERSIONED: Final = re.compile(r"@v\d+$")
 # nats-server's refusal of a publish whose expected last subject sequence is stale.
 _WRONG_LAST_SEQUENCE: Final = 10071
-_NUID: Final = NUID()
 
 _T = TypeVar("_T")
 
@@ -337,7 +336,9 @@ async def _put_guarded(
     `_Raced` otherwise, its chunks removed."""
     stream = streams.object_store_stream(bucket)
     chunk_size = object_store_api.OBJ_DEFAULT_CHUNK_SIZE
-    nuid = _NUID.next().decode()
+    # A generator per write: trainers forked from one launcher would repeat the ids of
+    # one made at import, and write their chunks on the same subject.
+    nuid = NUID().next().decode()
     chunks = object_store_api.OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=bucket, obj=nuid)
     info = api.ObjectInfo(
         name=key,
@@ -350,9 +351,18 @@ async def _put_guarded(
         description=description,
         options=api.ObjectMetaOptions(max_chunk_size=chunk_size),
     )
+
+    async def drop_chunks() -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(js.purge_stream(stream, subject=chunks), CONNECT_SECONDS)
+
     try:
         for start in range(0, len(data), chunk_size):
             await _nats(bucket, js.publish(chunks, data[start : start + chunk_size]))
+    except BaseException:
+        await drop_chunks()
+        raise
+    try:
         await _nats(
             bucket,
             js.publish(
@@ -364,15 +374,32 @@ async def _put_guarded(
                 },
             ),
         )
-    except BaseException as err:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(js.purge_stream(stream, subject=chunks), CONNECT_SECONDS)
-        if isinstance(err, js_errors.APIError) and err.err_code == _WRONG_LAST_SEQUENCE:
+    except js_errors.APIError as err:  # refused: not stored
+        await drop_chunks()
+        if err.err_code == _WRONG_LAST_SEQUENCE:
             raise _Raced from err
         raise
+    except BaseException as err:
+        # No answer (a timeout, a cancel, a lost connection): the meta message may be
+        # stored all the same, and then its chunks must stay. Removed only when the
+        # object is known not to be this write.
+        written = await _written(js, bucket, key, nuid)
+        if written is False:
+            await drop_chunks()
+        if not written or not isinstance(err, Exception):
+            raise
     if current.nuid is not None:  # the replaced object's chunks
         old = object_store_api.OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=bucket, obj=current.nuid)
         await _nats(bucket, js.purge_stream(stream, subject=old))
+
+
+async def _written(js: Any, bucket: str, key: str, nuid: str) -> bool | None:
+    """Whether object `key` is the write with chunks at `nuid`; None: cannot tell."""
+    try:
+        now = await asyncio.wait_for(_read(js, bucket, key), CONNECT_SECONDS)
+    except Exception:
+        return None
+    return now.nuid == nuid
 
 
 async def list_models(nc: Any, bucket: str) -> list[Entry]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import subprocess
 import threading
 import time
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import nats
+import nats.errors
 import nats.js.api
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -414,6 +416,97 @@ def test_pushes_at_once_leave_the_highest_version_newest(
             await nc.close()
 
     asyncio.run(main())
+
+
+def test_a_write_whose_answer_is_lost_keeps_what_was_stored(
+    nats_server: natsserver.NatsServer, tmp_path: Path
+) -> None:
+    """The meta message's ack does not come back (a timeout under load): stored, the
+    object keeps its chunks and the push succeeds; not stored, the push fails and its
+    chunks are removed."""
+    dirs = {}
+    for version in (1, 2):
+        dirs[version] = tmp_path / f"v{version}"
+        export.export_mlp(dirs[version], spec.ModelFormat.ONNX, seed=version, version=version)
+
+    async def main() -> None:
+        nc = await nats.connect(nats_server.url)
+        real_jetstream = nc.jetstream
+        lose: dict[str, bool] = {}  # meta subject -> stored before the answer is lost
+
+        class LossyJetStream:
+            def __init__(self) -> None:
+                self._js = real_jetstream()
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(self._js, name)
+
+            async def publish(self, subject: str, payload: bytes = b"", **kw: Any) -> Any:
+                if subject in lose:
+                    if lose.pop(subject):
+                        await self._js.publish(subject, payload, **kw)
+                    raise nats.errors.TimeoutError
+                return await self._js.publish(subject, payload, **kw)
+
+        nc.jetstream = LossyJetStream  # type: ignore[method-assign]
+        try:
+            await registry.push(nc, "lossy", "cp", dirs[1])
+            lose[registry._meta_subject("lossy", "cp@v2")] = False
+            with pytest.raises(nats.errors.TimeoutError):
+                await registry.push(nc, "lossy", "cp", dirs[2])
+            # cp and cp@v1: a meta message and a chunk each; nothing of the lost write.
+            assert await _stream_messages(nc, "lossy") == 4
+            lose[registry._meta_subject("lossy", "cp@v2")] = True
+            assert (await registry.push(nc, "lossy", "cp", dirs[2])).version == 2
+            for ref in (registry.ModelRef("lossy", "cp"), registry.ModelRef("lossy", "cp", 2)):
+                _, entry = await registry.fetch(nc, ref, tmp_path / "cache")
+                assert entry.version == 2, ref
+        finally:
+            await nc.close()
+
+    asyncio.run(main())
+
+
+def _push_in_a_forked_child(url: str, name: str, directory: Path) -> None:
+    async def push() -> None:
+        nc = await nats.connect(url)
+        try:
+            await registry.push(nc, "forked", name, directory)
+        finally:
+            await nc.close()
+
+    asyncio.run(push())
+
+
+def test_trainers_forked_from_one_process_write_apart(
+    nats_server: natsserver.NatsServer, tmp_path: Path
+) -> None:
+    """Two trainers forked from one launcher (multiprocessing's default on Linux) push a
+    model each: each object reads back as its own bytes."""
+    for version in (1, 2):
+        export.export_mlp(tmp_path / f"v{version}", spec.ModelFormat.ONNX, seed=version,
+                          version=version)  # fmt: skip
+    fork = multiprocessing.get_context("fork")
+    for name, version in (("a", 1), ("b", 2)):
+        child = fork.Process(
+            target=_push_in_a_forked_child, args=(nats_server.url, name, tmp_path / f"v{version}")
+        )
+        child.start()
+        child.join(60)
+        assert child.exitcode == 0, name
+
+    async def fetch_both() -> list[int | None]:
+        nc = await nats.connect(nats_server.url)
+        try:
+            got = []
+            for name in ("a", "b"):
+                ref = registry.ModelRef("forked", name)
+                got.append((await registry.fetch(nc, ref, tmp_path / "cache"))[1].version)
+            return got
+        finally:
+            await nc.close()
+
+    assert asyncio.run(fetch_both()) == [1, 2]
 
 
 def test_an_object_no_runtime_can_unpack_is_reported_and_fetched_once(
