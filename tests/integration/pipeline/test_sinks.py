@@ -289,6 +289,99 @@ async def test_bad_messages_go_to_the_dead_letter_subject(
     pipeline.assert_same(pipeline.read_postgres(pg.dsn), want, "postgres")
 
 
+async def test_messages_that_would_stop_a_sink_are_dead_lettered_and_it_keeps_going(
+    pg_pipeline: pipeline.Pipeline, pg: postgres.PostgresServer
+) -> None:
+    """Each of these once stopped a sink (exit 2, or out of memory) at its write, and
+    again after every restart: now the sink that cannot take it dead-letters it."""
+    arrow, pgsink = _both_sinks(pg_pipeline)
+
+    def message(k: int) -> pa.Table:
+        return pa.Table.from_batches([trajectories.batch(4, k)])
+
+    def with_column(t: pa.Table, name: str, values: pa.Array) -> pa.Table:
+        return t.append_column(name, values)
+
+    n = message(0).num_rows
+    no_agent = message(1).drop_columns(["agent"])
+    zeros = pa.table({"aux_zeros": pa.nulls(service.MAX_DECODED_BYTES // 8 + 1, pa.int64())
+                      .fill_null(0)})  # fmt: skip
+    bomb_out = pa.BufferOutputStream()
+    options = pa.ipc.IpcWriteOptions(compression="zstd")
+    with pa.ipc.new_stream(bomb_out, zeros.schema, options=options) as w:
+        w.write_table(zeros)
+    bomb = bytes(bomb_out.getvalue().to_pybytes())
+    del zeros
+    nul = with_column(message(2), "aux_note", pa.array(["a\x00b"] * n))
+    early = message(3)
+    i = early.schema.get_field_index("obs_time")
+    micros = [-(2**62)] * n
+    early = early.set_column(
+        i, early.schema.field(i), pa.array(micros, pa.int64()).cast(early.schema.field(i).type)
+    )
+    seconds = pa.array([0] * (n - 1) + [2**62], pa.int64()).cast(pa.timestamp("s"))
+    far = with_column(message(4), "aux_t", seconds)
+    long_a, long_b = "aux_" + "x" * 70 + "_a", "aux_" + "x" * 70 + "_b"
+    long_names = with_column(
+        with_column(message(5), long_a, pa.array([1.0] * n)), long_b, pa.array([2.0] * n)
+    )
+    good = message(6)
+    nc = await nats.connect(pg_pipeline.nats.url)
+    try:
+        js = nc.jetstream()
+        v = {streams.HEADER_SCHEMA_VERSION: "1"}
+        seq = {}
+        for name, payload in (
+            ("no agent", _ipc(no_agent)),
+            ("bomb", bomb),
+            ("nul", _ipc(nul)),
+            ("early", _ipc(early)),
+            ("far", _ipc(far)),
+            ("long names", _ipc(long_names)),
+            ("good", _ipc(good)),
+        ):
+            seq[name] = (await js.publish(SUBJECT, payload, headers=v)).seq
+        dead = await _dead_letters(js, 8, tries=60)
+    finally:
+        await nc.close()
+    reasons = sorted(
+        (
+            (m.headers or {})[streams.HEADER_DEAD_SINK],
+            int((m.headers or {})[streams.HEADER_ORIGINAL_SEQUENCE]),
+            (m.headers or {})[streams.HEADER_DEAD_REASON],
+        )
+        for m in dead
+    )
+    assert reasons == sorted(
+        [
+            ("arrow", seq["no agent"], "schema-mismatch"),
+            ("arrow", seq["bomb"], "invalid-arrow"),
+            ("arrow", seq["far"], "schema-mismatch"),
+            ("postgres", seq["no agent"], "schema-mismatch"),
+            ("postgres", seq["bomb"], "invalid-arrow"),
+            ("postgres", seq["nul"], "schema-mismatch"),
+            ("postgres", seq["early"], "schema-mismatch"),
+            ("postgres", seq["far"], "schema-mismatch"),
+        ]
+    )
+    root = pg_pipeline.arrow_dir
+    pipeline.wait_until("arrow rows", lambda: pipeline.arrow_rows(root) == 4 * n)
+    pipeline.wait_until("pg rows", lambda: pipeline.postgres_rows(pg.dsn) == 2 * n)
+    assert arrow.alive()
+    assert pgsink.alive()
+    for sink in (arrow, pgsink):
+        assert sink.terminate() == 0, sink.logs()
+    # The long names, each in a column of its own (Postgres keeps 63 bytes of a name).
+    a, b = pg_sink.column_name(long_a), pg_sink.column_name(long_b)
+    with psycopg.connect(pg.dsn) as conn:
+        row = conn.execute(
+            psycopg.sql.SQL("SELECT sum({a}), sum({b}) FROM relayrl.steps").format(
+                a=psycopg.sql.Identifier(a), b=psycopg.sql.Identifier(b)
+            )
+        ).fetchone()
+    assert row == (1.0 * n, 2.0 * n)
+
+
 async def test_postgres_dead_letters_a_column_type_its_table_cannot_take(
     pg_pipeline: pipeline.Pipeline, pg: postgres.PostgresServer
 ) -> None:

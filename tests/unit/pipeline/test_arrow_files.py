@@ -417,3 +417,18 @@ async def test_a_garbled_ids_snapshot_is_named(tmp_path: Path) -> None:
     with pytest.raises(service.PermanentError, match=r"_ids-0+1\.json: expected the sink's"):
         await w.open()
     await w.close()
+
+
+def test_seconds_parquet_would_overflow_in_milliseconds_are_refused(tmp_path: Path) -> None:
+    good = pa.Table.from_batches([trajectories.batch(2, 0)])
+    n = good.num_rows
+    parquet = arrow_stream.ArrowStreamWriter(tmp_path, trajectories.AGENT)
+    fine = pa.array([0] * n, pa.int64()).cast(pa.timestamp("s"))
+    parquet.check(good.append_column("aux_t", fine))
+    far = pa.array([0] * (n - 1) + [2**62], pa.int64()).cast(pa.timestamp("s"))
+    for column in (far, far.dictionary_encode()):
+        with pytest.raises(service.InvalidMessageError, match=r"aux_t: .*Parquet keeps milli"):
+            parquet.check(good.append_column("aux_t", column))
+    # Arrow IPC files keep seconds.
+    ipc = arrow_stream.ArrowStreamWriter(tmp_path, trajectories.AGENT, spec.SinkFormat.ARROW)
+    ipc.check(good.append_column("aux_t", far))

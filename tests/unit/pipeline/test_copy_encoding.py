@@ -99,3 +99,7 @@ def test_dsn_sources(tmp_path: pytest.TempPathFactory) -> None:
     assert postgres.read_dsn("host=flag", {}) == "host=flag"
     with pytest.raises(Exception, match="no DSN"):
         postgres.read_dsn(None, {})
+    # An empty Secret: libpq would take "" as its defaults, another database perhaps.
+    secret.write_text("\n")
+    with pytest.raises(OSError, match="empty, expected a DSN"):
+        postgres.read_dsn(None, {postgres.ENV_DSN_FILE: str(secret)})

@@ -122,3 +122,55 @@ def test_a_fixed_column_of_another_type_or_with_nulls_is_refused() -> None:
     with_nulls = batch.set_column(i, pa.field("reward", pa.float64()), nulls)
     with pytest.raises(service.InvalidMessageError, match="column reward has 1 null"):
         service.decode(_ipc(with_nulls), {V: "1"})
+
+
+def test_the_agent_column_is_required_and_text() -> None:
+    batch = trajectories.batch(1, 0)
+    with pytest.raises(service.InvalidMessageError, match=r"missing columns \['agent'\]"):
+        service.decode(_ipc(batch.drop_columns(["agent"])), {V: "1"})
+    i = batch.schema.get_field_index("agent")
+    numbered = batch.set_column(i, "agent", pa.array([7] * batch.num_rows, pa.int64()))
+    with pytest.raises(service.InvalidMessageError, match="column agent is int64"):
+        service.decode(_ipc(numbered), {V: "1"})
+    plain = batch.set_column(i, "agent", pa.array([trajectories.AGENT] * batch.num_rows))
+    service.decode(_ipc(plain), {V: "1"}, trajectories.AGENT)
+
+
+def _compressed(table: pa.Table, codec: str | None = "zstd") -> bytes:
+    sink = pa.BufferOutputStream()
+    options = pa.ipc.IpcWriteOptions(compression=codec)
+    with pa.ipc.new_stream(sink, table.schema, options=options) as w:
+        w.write_table(table)
+    return bytes(sink.getvalue().to_pybytes())
+
+
+def test_what_a_message_decodes_to_is_read_from_its_headers() -> None:
+    table = pa.Table.from_batches([trajectories.batch(2, 0)] * 3)
+    plain = service.ipc_decoded_bytes(_compressed(table, None))
+    assert abs(plain - table.nbytes) < table.nbytes // 10  # its buffers, padded
+    for codec in ("zstd", "lz4"):
+        assert service.ipc_decoded_bytes(_compressed(table, codec)) == plain
+    with pytest.raises(ValueError, match="not Arrow IPC headers"):
+        service.ipc_decoded_bytes(_ipc(table.to_batches()[0])[:100])
+
+
+def test_a_compressed_message_decoding_past_the_bound_is_refused_unread() -> None:
+    batch = trajectories.batch(1, 0)
+    table = pa.Table.from_batches([batch])
+    table, _ = service.decode(_compressed(table), {V: "1"}, trajectories.AGENT)  # fine
+    rows = service.MAX_DECODED_BYTES // 8 + 1
+    zeros = pa.table({"aux_zeros": pa.nulls(rows, pa.int64()).fill_null(0)})
+    bomb = _compressed(zeros)
+    assert len(bomb) < 1 << 20
+    with pytest.raises(service.InvalidMessageError, match=r"decode to .* bytes, more than") as err:
+        service.decode(bomb, {V: "1"}, trajectories.AGENT)
+    assert err.value.reason == "invalid-arrow"
+
+
+def test_a_dead_letter_copy_fits_with_headers_counted_in_bytes() -> None:
+    headers = {"Relayrl-Dead-Letter-Detail": "\U0001f600" * 250}  # 1,000 bytes, 250 chars
+    data = b"x" * 10_000
+    payload = service.fit_dead_letter(data, headers, 10_000 + 600)
+    size = len(payload) + sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items())
+    assert size + len(b"NATS/1.0\r\n\r\n") <= 10_000 + 600
+    assert streams.HEADER_DEAD_TRUNCATED in headers

@@ -65,7 +65,7 @@ def test_a_uint64_beyond_bigint_is_refused_by_name() -> None:
 def test_a_column_named_like_the_sinks_own_or_unnamed_is_refused(name: str) -> None:
     good = table()
     odd = good.append_column(name, pa.array([1] * good.num_rows, pa.int64()))
-    with pytest.raises(service.InvalidMessageError, match="the sink's own or empty") as err:
+    with pytest.raises(service.InvalidMessageError, match="the sink's own, empty") as err:
         writer({}).check(odd)
     assert err.value.reason == service.DeadLetterReason.SCHEMA_MISMATCH
 
@@ -108,3 +108,44 @@ async def test_an_encoding_that_failed_stops_the_commit_for_good() -> None:
     failed.set_exception(OverflowError("too big"))
     with pytest.raises(service.PermanentError, match="message 42 failed: OverflowError"):
         await postgres._encoded(42, failed)
+
+
+def test_text_with_a_nul_is_refused_in_values_and_names() -> None:
+    good = table()
+    n = good.num_rows
+    w = writer({})
+    w.check(good.append_column("aux_note", pa.array(["fine"] * n)))
+    for column in (pa.array(["a\x00b"] * n), pa.array(["a\x00b"] * n).dictionary_encode()):
+        with pytest.raises(service.InvalidMessageError, match="column aux_note holds text with"):
+            w.check(good.append_column("aux_note", column))
+    with pytest.raises(service.InvalidMessageError, match="hold a NUL"):
+        w.check(good.append_column("aux_\x00", pa.array([1.0] * n)))
+
+
+def test_a_time_before_postgres_first_is_refused() -> None:
+    good = table()
+    i = good.schema.get_field_index("obs_time")
+    early = good.column(i).cast(pa.int64()).to_pylist()
+    early[-1] = -(2**62)  # on the last row: the first would pass
+    column = pa.array(early, pa.int64()).cast(good.schema.field(i).type)
+    with pytest.raises(service.InvalidMessageError, match=r"obs_time holds .* before 4713 BC"):
+        writer({}).check(good.set_column(i, good.schema.field(i), column))
+
+
+def test_names_past_63_bytes_go_to_their_own_columns() -> None:
+    long_a, long_b = "aux_" + "x" * 60 + "a", "aux_" + "x" * 60 + "b"
+    assert postgres.column_name("aux_short") == "aux_short"
+    a, b = postgres.column_name(long_a), postgres.column_name(long_b)
+    assert a != b
+    assert len(a.encode()) == len(b.encode()) == 63
+    assert postgres.column_name(long_a) == a  # the same every time
+    wide = "aux_" + "\u00e9" * 40  # 84 bytes: cut on a whole character
+    assert len(postgres.column_name(wide).encode()) <= 63
+    good = table()
+    n = good.num_rows
+    both = good.append_column(long_a, pa.array([1.0] * n)).append_column(
+        long_b, pa.array([2.0] * n)
+    )
+    w = writer({})
+    w.check(both)
+    assert postgres.with_column_names(both).schema.names[-2:] == [a, b]

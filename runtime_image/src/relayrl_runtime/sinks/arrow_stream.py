@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.ipc
 import pyarrow.parquet as pq
 
@@ -146,6 +147,44 @@ def _without_dictionaries(table: pa.Table) -> pa.Table:
             plain = f.type.value_type
             table = table.set_column(i, f.with_type(plain), table.column(i).cast(plain))
     return table
+
+
+def _nested(t: pa.DataType) -> bool:
+    return bool(
+        pa.types.is_list(t)
+        or pa.types.is_large_list(t)
+        or pa.types.is_fixed_size_list(t)
+        or pa.types.is_dictionary(t)
+    )
+
+
+def _check_seconds(table: pa.Table) -> None:
+    """Parquet keeps no seconds: a timestamp[s] or time32[s] column is written in
+    milliseconds, which a value far from 1970 overflows (on any row, not just the one
+    `check` writes). Such a message is dead-lettered rather than failing its file."""
+    for f in table.schema:
+        leaf = f.type
+        while _nested(leaf):
+            leaf = leaf.value_type
+        if pa.types.is_timestamp(leaf) and leaf.unit == "s":
+            wanted: pa.DataType = pa.timestamp("ms", tz=leaf.tz)
+        elif pa.types.is_time32(leaf) and leaf.unit == "s":
+            wanted = pa.time32("ms")
+        else:
+            continue
+        col: pa.ChunkedArray | pa.Array = table.column(f.name)
+        while _nested(col.type):  # the values, as the writer sees them
+            if pa.types.is_dictionary(col.type):
+                col = col.cast(col.type.value_type)
+            else:
+                col = pc.list_flatten(col)
+        try:
+            col.cast(wanted)
+        except pa.ArrowInvalid as err:
+            raise service.InvalidMessageError(
+                service.DeadLetterReason.SCHEMA_MISMATCH,
+                f"column {f.name}: {err}; Parquet keeps milliseconds",
+            ) from err
 
 
 def _check_ipc(table: pa.Table) -> None:
@@ -542,6 +581,7 @@ class ArrowStreamWriter:
         if self.format is spec.SinkFormat.ARROW:
             _check_ipc(table)
             return
+        _check_seconds(table)
         schema = table.schema
         if self._writable is not None and self._writable.equals(schema, check_metadata=True):
             return

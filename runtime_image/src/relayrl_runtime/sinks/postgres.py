@@ -24,6 +24,7 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import functools
+import hashlib
 import logging
 import os
 import struct
@@ -49,6 +50,10 @@ ENV_DSN_FILE: Final = "RELAYRL_PG_DSN_FILE"
 # Advisory lock key for migrations ("relayrl" in ASCII, fits a bigint).
 _MIGRATION_LOCK: Final = 0x72656C6179726C
 _PG_EPOCH_US: Final = 946_684_800_000_000  # 2000-01-01 in Unix microseconds
+# Postgres's first timestamp, 4713-11-24 BC 00:00 UTC, in Unix microseconds.
+_PG_FIRST_US: Final = -210_866_803_200_000_000
+# The bytes of a name Postgres keeps (NAMEDATALEN - 1).
+_NAME_BYTES: Final = 63
 _COPY_HEADER: Final = b"PGCOPY\n\xff\r\n\x00" + struct.pack("!ii", 0, 0)
 _COPY_TRAILER: Final = struct.pack("!h", -1)
 _BIGINT_MAX: Final = 2**63 - 1
@@ -138,9 +143,13 @@ MIGRATIONS: Final = (
 def read_dsn_file(path: Path, source: str) -> str:
     """The DSN in a file; one that cannot be read is an OSError naming `source` and it."""
     try:
-        return path.read_text().strip()
+        dsn = path.read_text().strip()
     except OSError as err:
         raise OSError(f"{source} {path}: {err.strerror or err}") from err
+    if not dsn:
+        # libpq would take an empty DSN as "the defaults": another database, perhaps.
+        raise OSError(f"{source} {path}: empty, expected a DSN (postgresql://...)")
+    return dsn
 
 
 def read_dsn(dsn: str | None = None, environ: Mapping[str, str] | None = None) -> str:
@@ -491,20 +500,47 @@ def _beyond_bigint(col: pa.ChunkedArray) -> int | None:
 
 def _check_times(table: pa.Table) -> None:
     """Refuse timestamps COPY's encoder cannot turn into microseconds without loss (a
-    nanosecond part, a year past 294,000): found on any row, not just the first."""
+    nanosecond part, a year past 294,000) and times before Postgres's first (4713 BC):
+    found on any row, not just the first."""
     for f in table.schema:
         t = f.type.value_type if pa.types.is_dictionary(f.type) else f.type
-        if not pa.types.is_timestamp(t) or t.unit == "us":
+        if not pa.types.is_timestamp(t):
             continue
         col = table.column(f.name)
         try:
             col = col.cast(t) if col.type != t else col
-            col.cast(pa.timestamp("us", tz=t.tz))
+            micros = col.cast(pa.timestamp("us", tz=t.tz)).cast(pa.int64())
         except pa.ArrowInvalid as err:
             raise service.InvalidMessageError(
                 service.DeadLetterReason.SCHEMA_MISMATCH,
                 f"column {f.name}: {err}; Postgres keeps microseconds",
             ) from err
+        first = pc.min(micros).as_py() if len(micros) else None
+        if first is not None and first < _PG_FIRST_US:
+            raise service.InvalidMessageError(
+                service.DeadLetterReason.SCHEMA_MISMATCH,
+                f"column {f.name} holds {first} µs since 1970, before 4713 BC,"
+                f" the first time Postgres takes",
+            )
+
+
+def _check_text(table: pa.Table) -> None:
+    """Refuse text with a NUL character, which Postgres text cannot hold."""
+    for f in table.schema:
+        col = table.column(f.name)
+        if pa.types.is_dictionary(f.type):
+            if not _is_text(f.type.value_type):
+                continue
+            values = [chunk.dictionary for chunk in col.chunks]
+        elif _is_text(f.type):
+            values = col.chunks
+        else:
+            continue
+        if any(pc.any(pc.match_substring(v, "\x00")).as_py() for v in values if len(v)):
+            raise service.InvalidMessageError(
+                service.DeadLetterReason.SCHEMA_MISMATCH,
+                f"column {f.name} holds text with a NUL character, which Postgres text cannot hold",
+            )
 
 
 async def _encoded(seq: int, encoding: concurrent.futures.Future[memoryview]) -> memoryview:
@@ -523,6 +559,24 @@ async def _encoded(seq: int, encoding: concurrent.futures.Future[memoryview]) ->
 
 # The columns the sink writes itself, ahead of a message's own.
 OWN_COLUMNS: Final = ("stream_seq", "schema_version")
+
+
+def column_name(name: str) -> str:
+    """The table column an Arrow column goes to: its name, or for a name past the 63
+    bytes Postgres keeps (it would cut it, and two names could cut to one), its start
+    and a hash of all of it."""
+    raw = name.encode()
+    if len(raw) <= _NAME_BYTES:
+        return name
+    head = raw[: _NAME_BYTES - 9].decode(errors="ignore")  # whole characters
+    return f"{head}_{hashlib.sha256(raw).hexdigest()[:8]}"
+
+
+def with_column_names(table: pa.Table) -> pa.Table:
+    """`table` with its columns named as the table's (`column_name`); no copy."""
+    names = table.schema.names
+    columns = [column_name(n) for n in names]
+    return table if columns == names else table.rename_columns(columns)
 
 
 def copy_columns(schema: pa.Schema) -> list[str]:
@@ -655,11 +709,17 @@ class PostgresWriter:
         COPY would fail on it every time, holding up every message after it; so it
         would on a column named like the sink's own ones, or without a name.
         """
-        clash = [n for n in table.schema.names if n in OWN_COLUMNS or not n]
+        clash = [n for n in table.schema.names if n in OWN_COLUMNS or not n or "\x00" in n]
         if clash:
             raise service.InvalidMessageError(
                 service.DeadLetterReason.SCHEMA_MISMATCH,
-                f"column names {clash} are the sink's own or empty",
+                f"column names {clash} are the sink's own, empty or hold a NUL",
+            )
+        table = with_column_names(table)
+        if len(set(table.schema.names)) != table.num_columns:
+            raise service.InvalidMessageError(
+                service.DeadLetterReason.SCHEMA_MISMATCH,
+                f"column names {table.schema.names} name one table column twice",
             )
         wanted, unsigned = _column_types(table.schema)
         for name in unsigned:
@@ -680,6 +740,7 @@ class PostgresWriter:
                 )
         self._check_encodable(table)
         _check_times(table)
+        _check_text(table)
         for name, typ in wanted:
             self._expected.setdefault(name, typ)
 
@@ -704,7 +765,7 @@ class PostgresWriter:
         self._encodable.add(table.schema)
 
     async def add(self, delivery: service.Delivery) -> None:
-        table = delivery.table
+        table = with_column_names(delivery.table)
         if not self._groups:
             self._since = time.monotonic()
         if not self._groups or not table.schema.equals(self._groups[-1][0], check_metadata=False):

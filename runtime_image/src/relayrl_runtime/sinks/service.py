@@ -35,10 +35,11 @@ import logging
 import re
 import signal
 import socket
+import struct
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Final, Protocol, TypeVar
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from typing import Any, Final, Protocol, TypeVar
 
 import nats.aio.client
 import nats.errors
@@ -75,6 +76,11 @@ FIXED_COLUMNS: Final = {
     )
     if f.name not in ("agent", "obs", "action", "mask")
 }
+# What one message may decode to: an uncompressed one is as big as its payload; a
+# compressed one is read only below this.
+MAX_DECODED_BYTES: Final = 256 << 20
+# Columns every message has besides FIXED_COLUMNS, whose types depend on the model.
+_VALUE_COLUMNS: Final = ("agent", "obs", "action")
 # How often the consume loop looks at the writer's commit deadline while nothing arrives.
 _TICK_SECONDS: Final = 0.05
 # While nothing arrives, the storage is checked this often (/readyz follows it).
@@ -301,6 +307,17 @@ def decode(
         )
     version = int(raw)
     try:
+        decoded = ipc_decoded_bytes(msg_data)
+    except ValueError as err:
+        raise InvalidMessageError(DeadLetterReason.INVALID_ARROW, str(err)) from err
+    if decoded > MAX_DECODED_BYTES:
+        # Read first, it could take all the memory there is, after every restart again.
+        raise InvalidMessageError(
+            DeadLetterReason.INVALID_ARROW,
+            f"its batches decode to {decoded} bytes, more than the {MAX_DECODED_BYTES}"
+            f" a message may (compressed buffers)",
+        )
+    try:
         table = pa.ipc.open_stream(pa.py_buffer(msg_data)).read_all()
         # Every value, not just the buffers' sizes: a dictionary index past its
         # dictionary (in any column) would fail the write, again after each restart.
@@ -321,7 +338,7 @@ def decode(
     if len(columns) != len(table.schema.names):
         twice = sorted({n for n in table.schema.names if table.schema.names.count(n) > 1})
         raise InvalidMessageError(DeadLetterReason.SCHEMA_MISMATCH, f"columns {twice} twice")
-    missing = [c for c in (*FIXED_COLUMNS, "obs", "action") if c not in columns]
+    missing = [c for c in (*FIXED_COLUMNS, *_VALUE_COLUMNS) if c not in columns]
     if missing:
         raise InvalidMessageError(DeadLetterReason.SCHEMA_MISMATCH, f"missing columns {missing}")
     for name, want in FIXED_COLUMNS.items():
@@ -331,13 +348,19 @@ def decode(
                 DeadLetterReason.SCHEMA_MISMATCH,
                 f"column {name} is {have}; schema version {version} has {want}",
             )
-    for name in (*FIXED_COLUMNS, "obs", "action"):
+    agent_type = table.schema.field("agent").type
+    if not _is_text_column(agent_type):
+        raise InvalidMessageError(
+            DeadLetterReason.SCHEMA_MISMATCH,
+            f"column agent is {agent_type}; schema version {version} has text",
+        )
+    for name in (*FIXED_COLUMNS, *_VALUE_COLUMNS):
         nulls = table.column(name).null_count
         if nulls:
             raise InvalidMessageError(
                 DeadLetterReason.SCHEMA_MISMATCH, f"column {name} has {nulls} null value(s)"
             )
-    if agent is not None and "agent" in columns and table.num_rows:
+    if agent is not None and table.num_rows:
         try:
             names = _distinct_text(table.column("agent"))
         except MemoryError:
@@ -352,6 +375,88 @@ def decode(
     return table, version
 
 
+def _is_text_column(t: pa.DataType) -> bool:
+    """Text, or a dictionary of text."""
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    return bool(pa.types.is_string(t) or pa.types.is_large_string(t))
+
+
+class _Flat:
+    """Just enough of a flatbuffer reader for Arrow IPC message headers: a table's
+    fields (by index) as scalars, tables and vectors. Out of range: struct.error."""
+
+    def __init__(self, buf: bytes) -> None:
+        self.buf = buf
+
+    def root(self) -> int:
+        return self._u32(0)
+
+    def field(self, table: int, index: int) -> int | None:
+        """Where field `index` of the table at `table` is, or None when absent."""
+        vtable = table - struct.unpack_from("<i", self.buf, table)[0]
+        vt_size = struct.unpack_from("<H", self.buf, vtable)[0]
+        if 4 + 2 * index >= vt_size:
+            return None
+        at = struct.unpack_from("<H", self.buf, vtable + 4 + 2 * index)[0]
+        return table + at if at else None
+
+    def u8(self, at: int) -> int:
+        return int(struct.unpack_from("<B", self.buf, at)[0])
+
+    def target(self, at: int) -> int:
+        """The table or vector an offset field points to."""
+        return at + self._u32(at)
+
+    def structs(self, vector: int, fmt: str) -> Iterator[tuple[Any, ...]]:
+        size = struct.calcsize(fmt)
+        for i in range(self._u32(vector)):
+            yield struct.unpack_from(fmt, self.buf, vector + 4 + i * size)
+
+    def _u32(self, at: int) -> int:
+        return int(struct.unpack_from("<I", self.buf, at)[0])
+
+
+_DICTIONARY_BATCH, _RECORD_BATCH = 2, 3  # Arrow's MessageHeader union
+
+
+def ipc_decoded_bytes(data: bytes) -> int:
+    """The bytes an Arrow IPC stream's batches decode to, from its headers alone: the
+    body for uncompressed buffers, the length each compressed buffer says it holds.
+    Raises ValueError for headers that are not Arrow's."""
+    total = 0
+    try:
+        for message in pa.ipc.MessageReader.open_stream(pa.py_buffer(data)):
+            flat = _Flat(message.metadata.to_pybytes())
+            root = flat.root()
+            kind, header = flat.field(root, 1), flat.field(root, 2)
+            if kind is None or header is None:
+                continue
+            batch = flat.target(header)
+            if flat.u8(kind) == _DICTIONARY_BATCH:
+                data_field = flat.field(batch, 1)
+                if data_field is None:
+                    continue
+                batch = flat.target(data_field)
+            elif flat.u8(kind) != _RECORD_BATCH:
+                continue
+            buffers = flat.field(batch, 2)
+            if buffers is None:
+                continue
+            compressed = flat.field(batch, 3) is not None
+            body = message.body if compressed and message.body is not None else b""
+            for offset, length in flat.structs(flat.target(buffers), "<qq"):
+                if not compressed or length < 8:
+                    total += max(0, length)
+                    continue
+                # A compressed buffer starts with its decoded length (-1: stored as is).
+                (decoded,) = struct.unpack_from("<q", body, offset)
+                total += length - 8 if decoded < 0 else decoded
+    except (struct.error, pa.ArrowException) as err:
+        raise ValueError(f"not Arrow IPC headers: {err}") from err
+    return total
+
+
 def fit_dead_letter(data: bytes, headers: dict[str, str], max_payload: int) -> bytes:
     """The payload of a dead-letter copy: all of `data`, or its start when headers and
     data together would pass the server's max_payload (which it answers by closing the
@@ -359,7 +464,9 @@ def fit_dead_letter(data: bytes, headers: dict[str, str], max_payload: int) -> b
     """
     if max_payload <= 0:
         return data
-    headers_size = len(b"NATS/1.0\r\n\r\n") + sum(len(k) + len(v) + 4 for k, v in headers.items())
+    headers_size = len(b"NATS/1.0\r\n\r\n") + sum(
+        len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items()
+    )
     room = max_payload - headers_size - 128  # 128: the truncation header and slack
     if len(data) <= room:
         return data
@@ -926,7 +1033,12 @@ class SinkService:
             streams.HEADER_DEAD_SINK: self.writer.kind,
             streams.HEADER_ORIGINAL_SUBJECT: msg.subject,
             streams.HEADER_ORIGINAL_SEQUENCE: str(seq),
-            "Relayrl-Dead-Letter-Detail": str(err)[:1000].replace("\r", " ").replace("\n", " "),
+            # ASCII: the text may quote the message (its column names, values).
+            "Relayrl-Dead-Letter-Detail": str(err)
+            .replace("\r", " ")
+            .replace("\n", " ")
+            .encode("ascii", "backslashreplace")
+            .decode()[:1000],
         }
         limits = [self._max_msg, self._nc.max_payload if self._nc is not None else 0]
         payload = fit_dead_letter(msg.data, headers, min((n for n in limits if n > 0), default=0))
