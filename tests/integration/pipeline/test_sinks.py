@@ -382,6 +382,55 @@ async def test_messages_that_would_stop_a_sink_are_dead_lettered_and_it_keeps_go
     assert row == (1.0 * n, 2.0 * n)
 
 
+async def test_rows_postgres_refuses_at_commit_are_dead_lettered_and_the_rest_written(
+    pg_pipeline: pipeline.Pipeline, pg: postgres.PostgresServer
+) -> None:
+    """A constraint added to the table by hand refuses one message's rows: no check can
+    foresee it. The commit finds that message, dead-letters it and commits the others;
+    before, the sink exited 2 and met the same message after every restart."""
+    pgsink = pg_pipeline.postgres_sink()
+    pgsink.start()
+    pgsink.wait_ready()
+    first = pa.Table.from_batches([trajectories.batch(4, 0)])
+    nc = await nats.connect(pg_pipeline.nats.url)
+    try:
+        js = nc.jetstream()
+        v = {streams.HEADER_SCHEMA_VERSION: "1"}
+        await js.publish(SUBJECT, _ipc(first), headers=v)
+        pipeline.wait_until("first rows", lambda: pipeline.postgres_rows(pg.dsn) == first.num_rows)
+        with psycopg.connect(pg.dsn, autocommit=True) as conn:
+            conn.execute("ALTER TABLE relayrl.steps ADD CONSTRAINT small CHECK (reward < 100)")
+        bad = pa.Table.from_batches([trajectories.batch(4, 1)])
+        i = bad.schema.get_field_index("reward")
+        rewards = bad.column(i).to_pylist()
+        rewards[-1] = 1000.0
+        bad = bad.set_column(i, bad.schema.field(i), pa.array(rewards, bad.schema.field(i).type))
+        good = [pa.Table.from_batches([trajectories.batch(4, k)]) for k in (2, 3)]
+        # In one batch (one transaction) with the good ones around it.
+        before = await js.publish(SUBJECT, _ipc(good[0]), headers=v)
+        refused = await js.publish(SUBJECT, _ipc(bad), headers=v)
+        await js.publish(SUBJECT, _ipc(good[1]), headers=v)
+        dead = await _dead_letters(js, 1)
+    finally:
+        await nc.close()
+    assert before.seq + 1 == refused.seq
+    headers = dead[0].headers or {}
+    assert headers[streams.HEADER_ORIGINAL_SEQUENCE] == str(refused.seq)
+    assert headers[streams.HEADER_DEAD_REASON] == "schema-mismatch"
+    assert "Postgres refused its rows" in headers["Relayrl-Dead-Letter-Detail"]
+    assert "small" in headers["Relayrl-Dead-Letter-Detail"]
+    assert dead[0].data == _ipc(bad)
+    want = first.num_rows + good[0].num_rows + good[1].num_rows
+    pipeline.wait_until("pg rows", lambda: pipeline.postgres_rows(pg.dsn) == want)
+    assert pgsink.alive()
+    assert pgsink.metric("relayrl_sink_messages_total") == 3
+    assert pgsink.metric("relayrl_sink_rows_total") == want
+    assert pgsink.terminate() == 0, pgsink.logs()
+    with psycopg.connect(pg.dsn) as conn:
+        row = conn.execute("SELECT max(reward) < 100 FROM relayrl.steps").fetchone()
+    assert row == (True,)
+
+
 async def test_postgres_dead_letters_a_column_type_its_table_cannot_take(
     pg_pipeline: pipeline.Pipeline, pg: postgres.PostgresServer
 ) -> None:

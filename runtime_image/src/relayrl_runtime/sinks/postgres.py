@@ -601,7 +601,15 @@ class _Sealed:
     ticket: int
     groups: list[tuple[pa.Schema, list[_Encoding]]]
     last_seq: int
-    msg_ids: list[tuple[str, float]]  # (Nats-Msg-Id, stream time) of its messages
+    # (stream sequence, Nats-Msg-Id, stream time) of its messages that carry an id.
+    msg_ids: list[tuple[int, str, float]]
+    rows: dict[int, int]  # rows of each message, by stream sequence
+
+    def without(self, seqs: set[int]) -> None:
+        """Leave out the messages `seqs` (refused by Postgres, dead-lettered)."""
+        for _, encodings in self.groups:
+            encodings[:] = [e for e in encodings if e[0] not in seqs]
+        self.msg_ids[:] = [m for m in self.msg_ids if m[0] not in seqs]
 
 
 class PostgresWriter:
@@ -644,7 +652,8 @@ class PostgresWriter:
         # share one): each new one is tried on a row first.
         self._encodable: set[pa.Schema] = set()
         self._groups: list[tuple[pa.Schema, list[_Encoding]]] = []
-        self._msg_ids: list[tuple[str, float]] = []
+        self._msg_ids: list[tuple[int, str, float]] = []
+        self._rows_of: dict[int, int] = {}  # rows of each message added, by sequence
         self.committed_ids = message_ids.MessageIds()
         self._rows = 0
         self._since = 0.0
@@ -778,9 +787,10 @@ class PostgresWriter:
             )
         )
         self._rows += table.num_rows
+        self._rows_of[delivery.seq] = table.num_rows
         self._last_added = delivery.seq
         if delivery.msg_id is not None:
-            self._msg_ids.append((delivery.msg_id, delivery.time.timestamp()))
+            self._msg_ids.append((delivery.seq, delivery.msg_id, delivery.time.timestamp()))
 
     def due(self, now: float) -> bool:
         return bool(self._groups) and (
@@ -790,8 +800,8 @@ class PostgresWriter:
     def seal(self, last_seq: int) -> object:
         """Take everything added so far as one transaction; later adds start the next."""
         self._ticket += 1
-        sealed = _Sealed(self._ticket, self._groups, last_seq, self._msg_ids)
-        self._groups, self._rows, self._msg_ids = [], 0, []
+        sealed = _Sealed(self._ticket, self._groups, last_seq, self._msg_ids, self._rows_of)
+        self._groups, self._rows, self._msg_ids, self._rows_of = [], 0, [], {}
         return sealed
 
     async def commit(self, sealed: object) -> None:
@@ -804,10 +814,18 @@ class PostgresWriter:
         async with self._order:
             await self._order.wait_for(lambda: self._done_ticket == sealed.ticket - 1)
         groups = [
-            (schema, [await _encoded(seq, f) for seq, f in encodings])
+            (schema, [(seq, await _encoded(seq, f)) for seq, f in encodings])
             for schema, encodings in sealed.groups
         ]
-        await self._in_db(lambda: self._commit(groups, sealed.last_seq, sealed.msg_ids))
+        msg_ids = [(msg_id, at) for _, msg_id, at in sealed.msg_ids]
+        try:
+            await self._in_db(lambda: self._commit(groups, sealed.last_seq, msg_ids))
+        except service.RowsRefused as refused:
+            # Left out once the service has dead-lettered them; committed without them.
+            seqs = {seq for seq, _ in refused.messages}
+            refused.rows = {seq: sealed.rows.get(seq, 0) for seq in seqs}
+            refused.leave_out = lambda: sealed.without(seqs)
+            raise
         self._committed = sealed.last_seq
         async with self._order:
             self._done_ticket = sealed.ticket
@@ -825,7 +843,7 @@ class PostgresWriter:
             raise
 
     async def close(self) -> None:
-        self._groups, self._msg_ids = [], []
+        self._groups, self._msg_ids, self._rows_of = [], [], {}
         await self._in_db(self._disconnect)
         self._pool.shutdown(wait=True)
         self._db.shutdown(wait=True)
@@ -1013,7 +1031,7 @@ class PostgresWriter:
 
     def _commit(
         self,
-        groups: list[tuple[pa.Schema, list[memoryview]]],
+        groups: list[tuple[pa.Schema, list[tuple[int, memoryview]]]],
         last_seq: int,
         msg_ids: list[tuple[str, float]],
     ) -> None:
@@ -1042,22 +1060,7 @@ class PostgresWriter:
                         f"expected {self._committed}: is another sink writing?"
                     )
                 for schema, payloads in groups:
-                    if not set(schema.names) <= self._columns.keys():
-                        # Read first (forgotten after a lost connection): ALTER takes an
-                        # exclusive lock on the table even for a column it has.
-                        self._columns = self._table_columns(conn)
-                    if not set(schema.names) <= self._columns.keys():
-                        self._add_columns(conn, schema)
-                        self._columns = self._table_columns(conn)
-                    cols = sql.SQL(", ").join(sql.Identifier(c) for c in copy_columns(schema))
-                    stmt = sql.SQL(
-                        "COPY {schema}.{table} ({cols}) FROM STDIN (FORMAT BINARY)"
-                    ).format(cols=cols, **ids)
-                    with conn.cursor() as cur, cur.copy(stmt) as copy:
-                        copy.write(_COPY_HEADER)
-                        for p in payloads:
-                            copy.write(p)
-                        copy.write(_COPY_TRAILER)
+                    self._copy(conn, schema, [p for _, p in payloads])
                 self._store_ids(conn, written, touched, forgotten)
                 conn.execute(
                     sql.SQL(
@@ -1071,12 +1074,65 @@ class PostgresWriter:
             self._disconnect()
             self._columns = {}  # an ALTER may have been rolled back: read the table again
             raise
+        except (psycopg.errors.DataError, psycopg.errors.IntegrityError) as err:
+            # Rows the table refuses (a value out of range, a constraint an operator
+            # added): which messages hold them, each tried on its own.
+            self._columns = {}
+            refused = self._refused(conn, groups)
+            if not refused:
+                raise service.PermanentError(f"postgres: COPY failed: {err}") from err
+            raise service.RowsRefused(refused) from err
         except psycopg.Error as err:
             # Not the connection: the data (say, a column another sink made in another
             # type since this one read the table). Retrying the same COPY cannot work; a
             # restart reads the table again and dead-letters what it cannot take.
             self._columns = {}
             raise service.PermanentError(f"postgres: COPY failed: {err}") from err
+
+    def _copy(
+        self, conn: psycopg.Connection[Any], schema: pa.Schema, payloads: list[memoryview]
+    ) -> None:
+        """COPY rows of one column list (the columns added first if the table lacks any)."""
+        if not set(schema.names) <= self._columns.keys():
+            # Read first (forgotten after a lost connection): ALTER takes an exclusive
+            # lock on the table even for a column it has.
+            self._columns = self._table_columns(conn)
+        if not set(schema.names) <= self._columns.keys():
+            self._add_columns(conn, schema)
+            self._columns = self._table_columns(conn)
+        cols = sql.SQL(", ").join(sql.Identifier(c) for c in copy_columns(schema))
+        stmt = sql.SQL("COPY {schema}.{table} ({cols}) FROM STDIN (FORMAT BINARY)").format(
+            cols=cols, **self._ids()
+        )
+        with conn.cursor() as cur, cur.copy(stmt) as copy:
+            copy.write(_COPY_HEADER)
+            for p in payloads:
+                copy.write(p)
+            copy.write(_COPY_TRAILER)
+
+    def _refused(
+        self,
+        conn: psycopg.Connection[Any],
+        groups: list[tuple[pa.Schema, list[tuple[int, memoryview]]]],
+    ) -> list[tuple[int, str]]:
+        """The messages whose rows the table refuses, and why: each COPY'd on its own
+        under a savepoint, in a transaction rolled back after."""
+        refused: list[tuple[int, str]] = []
+        try:
+            with conn.transaction(force_rollback=True):
+                for schema, payloads in groups:
+                    for seq, payload in payloads:
+                        try:
+                            with conn.transaction():
+                                self._copy(conn, schema, [payload])
+                        except (psycopg.errors.DataError, psycopg.errors.IntegrityError) as err:
+                            refused.append((seq, f"Postgres refused its rows: {err}"))
+        except (psycopg.OperationalError, psycopg.InterfaceError):
+            self._disconnect()
+            raise
+        finally:
+            self._columns = {}  # the ALTERs were rolled back
+        return refused
 
     def _store_ids(
         self,

@@ -957,7 +957,7 @@ class SinkService:
         try:
             table, version = self._checked(msg, seq)
         except InvalidMessageError as err:
-            await self._dead_letter(js, msg, seq, err)
+            await self._dead_letter(js, msg.data, msg.subject, seq, err)
             self._last_seen, self._last_msg = seq, msg
             self._dead_unacked = msg  # recorded and acked after this batch (_take)
             return True
@@ -1023,15 +1023,43 @@ class SinkService:
         log.error("%s sink: message %d failed its checks", self.writer.kind, seq, exc_info=err)
         return InvalidMessageError(DeadLetterReason.INVALID_ARROW, f"{type(err).__name__}: {err}")
 
+    async def _dead_letter_stored(self, seq: int, reason: str) -> int:
+        """Dead-letter message `seq` of the stream, read back from it (a message whose
+        rows the storage refused at commit); returns its size."""
+        if self._nc is None:
+            raise streams.ConnectError("not connected to NATS")
+        js = self._nc.jetstream()
+
+        async def read() -> nats.js.api.RawStreamMsg | None:
+            try:
+                return await js.get_msg(self.stream, seq)
+            except nats.js.errors.NotFoundError:  # gone from the stream (its limits)
+                return None
+
+        stored = await self._retry("deadletter", read)
+        if stored is None:
+            data, subject = b"", ""
+            reason += "; the message is no longer in the stream: no copy"
+        else:
+            data, subject = stored.data or b"", stored.subject or ""
+        err = InvalidMessageError(DeadLetterReason.SCHEMA_MISMATCH, reason)
+        await self._dead_letter(js, data, subject, seq, err)
+        return len(data)
+
     async def _dead_letter(
-        self, js: nats.js.JetStreamContext, msg: Msg, seq: int, err: InvalidMessageError
+        self,
+        js: nats.js.JetStreamContext,
+        data: bytes,
+        subject: str,
+        seq: int,
+        err: InvalidMessageError,
     ) -> None:
         log.warning("%s sink: message %d dead-lettered: %s", self.writer.kind, seq, err)
         headers = {
             streams.HEADER_MSG_ID: f"deadletter-{self.writer.kind}-{self.stream}-{seq}",
             streams.HEADER_DEAD_REASON: err.reason,
             streams.HEADER_DEAD_SINK: self.writer.kind,
-            streams.HEADER_ORIGINAL_SUBJECT: msg.subject,
+            streams.HEADER_ORIGINAL_SUBJECT: subject,
             streams.HEADER_ORIGINAL_SEQUENCE: str(seq),
             # ASCII: the text may quote the message (its column names, values).
             "Relayrl-Dead-Letter-Detail": str(err)
@@ -1041,7 +1069,7 @@ class SinkService:
             .decode()[:1000],
         }
         limits = [self._max_msg, self._nc.max_payload if self._nc is not None else 0]
-        payload = fit_dead_letter(msg.data, headers, min((n for n in limits if n > 0), default=0))
+        payload = fit_dead_letter(data, headers, min((n for n in limits if n > 0), default=0))
         await self._retry(
             "deadletter",
             lambda: js.publish(self.deadletter, payload, headers=headers),
@@ -1084,7 +1112,23 @@ class SinkService:
         self, sealed: object, last: int, msg: Msg | None, counts: list[int]
     ) -> None:
         start = time.monotonic()
-        await self._retry("commit", lambda: self.writer.commit(sealed))
+
+        async def commit() -> None:
+            while True:
+                try:
+                    await self.writer.commit(sealed)
+                    return
+                except RowsRefused as refused:
+                    # Dead-lettered before the commit moves the position past them: a
+                    # crash in between sees them again (the copy's id dedups it).
+                    for seq, reason in refused.messages:
+                        size = await self._dead_letter_stored(seq, reason)
+                        counts[0] -= 1
+                        counts[1] -= refused.rows.get(seq, 0)
+                        counts[2] -= size
+                    refused.leave_out()
+
+        await self._retry("commit", commit)
         self.metrics.commit_seconds.observe(time.monotonic() - start)
         self._failing.discard("storage")  # a commit went through
         self.metrics.committed_seq.set(last)
@@ -1155,10 +1199,25 @@ class _Stopped(Exception):
     """Told to stop while something (named) was being retried: a clean stop."""
 
 
+class RowsRefused(Exception):
+    """A commit the storage refused for the rows of some of its messages (a value out
+    of its range, a constraint on the table): `messages` are (sequence, reason). The
+    service dead-letters them, then calls `leave_out` (the writer's: it takes them out
+    of the sealed batch) and commits the batch again. `rows` counts each one's rows,
+    for the metrics."""
+
+    def __init__(self, messages: list[tuple[int, str]]) -> None:
+        self.messages = messages
+        self.rows: dict[int, int] = {}
+        self.leave_out: Callable[[], None] = lambda: None
+        super().__init__(f"refused the rows of messages {[seq for seq, _ in messages]}")
+
+
 class PermanentError(Exception):
     """A failure no retry can fix (a file write that failed midway, a COPY Postgres
-    refused): the sink exits 2 with nothing of it acked. Connection and credential
-    problems are retried instead, /readyz answering 503 meanwhile."""
+    refused with no message's rows to blame): the sink exits 2 with nothing of it
+    acked. Connection and credential problems are retried instead, /readyz answering
+    503 meanwhile."""
 
 
 def _widen_nats_reads() -> None:
