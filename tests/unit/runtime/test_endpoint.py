@@ -5,6 +5,7 @@ reused frames."""
 from __future__ import annotations
 
 import json
+import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,62 @@ def test_lone_requests_get_replies_and_bad_ones_errors(
         assert wire.unpack_array(reply[1], "actions").shape == (1,)
         with pytest.raises(errors.RemoteError, match="unknown_actor"):
             good.request_action([999], OBS)
+        # An array with no elements and dims numpy cannot index, through the general
+        # parser (flags set): once, it ended the endpoint for every client.
+        empty = bytes([wire.CODES[np.dtype(np.float32)], 3]) + struct.pack(
+            "<III", 2**32 - 1, 2**32 - 1, 0
+        )
+        flagged[0] = wire.header(wire.Op.REQUEST_ACTION, 10, flags=2)
+        bad.send_multipart([flagged[0], wire.pack_array(np.asarray(ids)), empty, b"", b""])
+        reply = bad.recv_multipart()
+        assert json.loads(reply[1])["kind"] == "malformed"
+        assert "obs.shape" in json.loads(reply[1])["message"]
+        assert good.request_action(ids, OBS).actions.shape == (1,)
+        # A frame past twice the message bound: its connection ends, unread; others go on.
+        huge = raw(address)
+        huge.setsockopt(zmq.RCVTIMEO, 500)
+        huge.send_multipart(
+            [ok_header, wire.pack_array(np.asarray(ids)), b"x" * 3 * 4096, b"", b""]
+        )
+        with pytest.raises(zmq.Again):
+            huge.recv_multipart()
+        assert good.request_action(ids, OBS).actions.shape == (1,)
+
+
+def test_requests_whose_rows_do_not_match_their_ids_are_refused_each(
+    served: tuple[agent_mod.Agent, str], raw: Callable[[str], zmq.Socket[bytes]]
+) -> None:
+    """One request's extra row must not make up another's missing one in a batch."""
+    _, address = served
+    with client.RemoteClient(address, timeout=10) as owner:
+        ids = owner.new_actors(3)
+        two_rows, no_rows = raw(address), raw(address)
+        for step in range(20):
+            two_rows.send_multipart(
+                _action_request(2 * step, [ids[0]], np.zeros((2, 4), np.float32))
+            )
+            no_rows.send_multipart(
+                _action_request(2 * step + 1, [ids[1]], np.zeros((0, 4), np.float32))
+            )
+            for sock in (two_rows, no_rows):
+                reply = sock.recv_multipart()
+                assert wire.parse_header(reply[0])[1] & wire.FLAG_ERROR
+                body = json.loads(reply[1])
+                assert body["kind"] == "invalid_argument"
+                assert "obs.shape" in body["message"]
+        # A reward of one value for two actors, and a mask of one row for two.
+        frames = _action_request(99, ids[1:], np.zeros((2, 4), np.float32))
+        frames[0] = wire.header(wire.Op.REQUEST_ACTION, 99, flags=2)  # the general parser
+        for i, field, value in (
+            (3, "reward.shape", np.ones(1)),
+            (4, "mask.shape", np.ones((1, 2), bool)),
+        ):
+            sent = list(frames)
+            sent[i] = wire.pack_array(value)
+            no_rows.send_multipart(sent)
+            body = json.loads(no_rows.recv_multipart()[1])
+            assert (body["kind"], field in body["message"]) == ("invalid_argument", True), body
+        assert owner.request_action(ids, np.zeros((3, 4), np.float32)).actions.shape == (3,)
 
 
 def test_requests_of_several_clients_are_each_answered(

@@ -153,6 +153,9 @@ class RemoteEndpoint:
         # even while its old connection is not yet known to be dead (half-open after
         # a network partition): else the new connection would be refused.
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        # ZMQ takes in a whole message before it is handed over: a frame past twice the
+        # message bound ends its connection instead (one up to it gets `too_large`).
+        sock.setsockopt(zmq.MAXMSGSIZE, 2 * self.max_frame_bytes)
         if "[" in self.bind:
             sock.setsockopt(zmq.IPV6, 1)
         try:
@@ -196,10 +199,10 @@ class RemoteEndpoint:
                             batch.append(recv(sock))
                         try:
                             replies = self._handle(batch, now)
-                        except Exception:  # a bug must not end the endpoint for every client
+                        except Exception as err:  # a bug must not end the endpoint
                             log.exception("remote endpoint: %d messages not served", len(batch))
                             self.metrics.remote_errors.labels("internal").inc()
-                            replies = []
+                            replies = [_internal_error(m, err) for m in batch]
                         for reply in replies:
                             send(sock, reply)
                 if now >= next_sweep:
@@ -401,20 +404,39 @@ class RemoteEndpoint:
         except errors.RelayRLError as err:
             self.metrics.remote_errors.labels(err.kind).inc()
             return [identity, *wire.error_frames(op, request_id, err.kind, str(err))]
+        except Exception as err:  # a bug must not end the endpoint for every client
+            log.exception("remote endpoint: a message could not be read")
+            self.metrics.remote_errors.labels("internal").inc()
+            return [identity, *wire.error_frames(op, request_id, "internal", repr(err))]
 
     def _decode_request_action(self, req: _Request) -> None:
-        # Shapes, dtypes and actor ids are checked by `request_action` itself (a batch
-        # that fails is retried request by request, so a bad one fails alone).
+        # Dtypes, the rest of the shapes and the actor ids are checked by
+        # `request_action` itself (a batch that fails is retried request by request,
+        # so a bad one fails alone). The row counts are checked here: concatenated
+        # into a batch, one request's extra row would make up another's missing one.
         if len(req.frames) != 4:
             raise wire.WireError(
                 f"REQUEST_ACTION: expected 4 payload frames (ids, obs, reward, mask), "
                 f"got {len(req.frames)}"
             )
-        req.ids = _ids(req.frames[0])
-        req.obs = wire.unpack_array(req.frames[1], "obs")
+        req.ids = ids = _ids(req.frames[0])
+        n = len(ids)
+        req.obs = obs = wire.unpack_array(req.frames[1], "obs")
+        if obs.ndim == 0 or obs.shape[0] != n:
+            raise errors.InvalidArgumentError.mismatch(
+                "obs.shape", f"[{n}, ...] (a row per actor id)", list(obs.shape)
+            )
         reward = wire.optional_array(req.frames[2], "reward")
+        if reward is not None and reward.shape not in ((), (n,)):
+            raise errors.InvalidArgumentError.mismatch(
+                "reward.shape", f"scalar or [{n}]", list(reward.shape)
+            )
         req.reward = 0.0 if reward is None else reward.astype(np.float64, copy=False)
-        req.mask = wire.optional_array(req.frames[3], "mask")
+        req.mask = mask = wire.optional_array(req.frames[3], "mask")
+        if mask is not None and (mask.ndim == 0 or mask.shape[0] != n):
+            raise errors.InvalidArgumentError.mismatch(
+                "mask.shape", f"[{n}, ...] (a row per actor id)", list(mask.shape)
+            )
 
     def _request_actions(self, run: list[_Request]) -> list[list[bytes]]:
         self._actions_pending += len(run)
@@ -557,6 +579,16 @@ def tcp_address(host: str, port: int) -> str:
     if ":" in host:
         return f"tcp://[{host}]:{port}"
     return f"tcp://{host}:{port}"
+
+
+def _internal_error(msg: list[bytes], err: Exception) -> list[bytes]:
+    """An "internal" error reply to a message, to its op and request id when its header
+    says them."""
+    head = msg[1] if len(msg) > 1 else b""
+    op = request_id = 0
+    if len(head) == wire.HEADER.size:
+        op, request_id = head[5], _REQUEST_ID.unpack_from(head, 8)[0]
+    return [msg[0], *wire.error_frames(op, request_id, "internal", repr(err))]
 
 
 def _expect(req: _Request, frames: int) -> None:

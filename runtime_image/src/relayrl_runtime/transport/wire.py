@@ -164,7 +164,10 @@ def _unpack_array(frame: bytes, field: str) -> npt.NDArray[Any]:
             f"{field}: shape {list(shape)} {dtype} needs {count * dtype.itemsize} bytes, "
             f"got {len(frame) - start}"
         )
-    return np.frombuffer(frame, dtype=dtype, count=count, offset=start).reshape(shape)
+    try:
+        return np.frombuffer(frame, dtype=dtype, count=count, offset=start).reshape(shape)
+    except ValueError as err:  # e.g. an empty array with dims past what numpy indexes
+        raise WireError(f"{field}.shape: {list(shape)} is no array numpy can make") from err
 
 
 def optional_array(frame: bytes, field: str) -> npt.NDArray[Any] | None:
