@@ -306,7 +306,10 @@ class App:
         and the process exits 3. The blocking steps run on daemon threads (`_off_loop`):
         one that never returns cannot hold the process open.
         """
-        self._arm_watchdog()
+        try:
+            self._arm_watchdog()
+        except (OverflowError, ValueError):  # never let it keep the drain from running
+            log.exception("drain: the exit watchdog could not be armed")
         if isinstance(self.sink, publisher.NatsPublisher):
             # Routers waiting on a full backlog (NATS away) go on, so they can stop;
             # acks not in by the end of the drain are named, and the exit is 3, before

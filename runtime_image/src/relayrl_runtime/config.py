@@ -163,6 +163,7 @@ class RuntimeConfig(spec.SpecModel):
     drain_seconds: float = Field(
         default=30.0,
         gt=0,
+        le=3600,
         description="Longest SIGTERM drain (stop stepping, flush, close the sink); then exit 3.",
     )
 

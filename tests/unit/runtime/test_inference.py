@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -249,3 +251,88 @@ def test_a_running_agent_takes_only_a_model_it_records_the_same_way() -> None:
     )
     wider = _meta(inputs=[{"name": "obs", "shape": [-1, 4], "dtype": "float32"}])
     assert base.compatible_with(wider) == "inputs: expected [3] float32, got [4] float32"
+
+
+class _DropsTheBatchOfOne(torch.nn.Module):
+    """A common slip: `squeeze(0)` drops the batch dimension of a batch of one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logits = torch.nn.Linear(4, 2)
+        self.value = torch.nn.Linear(4, 1)
+
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.logits(obs).squeeze(0), self.value(obs).squeeze(0)
+
+
+def test_a_graph_that_fails_on_a_batch_of_one_is_refused_at_load(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    squeezed = _edit_metadata(models["torchscript"], tmp_path / "squeeze", {})
+    graph = model.read_metadata(squeezed).graph_file()
+    with warnings.catch_warnings():  # torch.jit is deprecated, and still what it loads
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.script(_DropsTheBatchOfOne()).save(str(squeezed / graph))
+    with pytest.raises(errors.ModelMetadataError, match=r"outputs\.logits\.shape.*batch of 1"):
+        loader.load_policy(squeezed)
+
+
+def test_both_files_come_from_where_the_link_pointed_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The link moves to version 3 after the metadata (version 2) was read: the graph
+    must still be version 2's."""
+    for version in (2, 3):
+        export.export_mlp(tmp_path / f"v{version}", spec.ModelFormat.ONNX, seed=version,
+                          version=version)  # fmt: skip
+    link = tmp_path / "model"
+    link.symlink_to(tmp_path / "v2")
+    real = model.read_metadata
+
+    def read_then_move(path: Path) -> model.ModelMetadata:
+        meta = real(path)
+        (tmp_path / "next").symlink_to(tmp_path / "v3")
+        (tmp_path / "next").replace(link)
+        return meta
+
+    monkeypatch.setattr(model, "read_metadata", read_then_move)
+    pol = loader.load_policy(link)
+    monkeypatch.setattr(model, "read_metadata", real)
+    obs = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    want = loader.load_policy(tmp_path / "v2").backend.run(obs)[0]
+    assert pol.version == 2
+    np.testing.assert_allclose(pol.backend.run(obs)[0], want)
+
+
+@pytest.mark.parametrize(
+    ("action", "says"),
+    [
+        ({"logStd": float("nan")}, "action.logStd: Input should be a finite number"),
+        ({"logStd": 1e6}, "action.logStd"),
+        ({"low": float("inf")}, "action.low: Input should be a finite number"),
+        ({"low": 1.0, "high": -1.0}, "action.low: expected at most action.high"),
+    ],
+)
+def test_action_settings_that_give_no_usable_action_are_refused(
+    tmp_path: Path, action: dict[str, float], says: str
+) -> None:
+    export.export_mlp(tmp_path / "m", spec.ModelFormat.ONNX, seed=1, version=1)
+    meta = json.loads((tmp_path / "m" / model.METADATA_FILE).read_text())
+    meta["action"].update(action)
+    (tmp_path / "m" / model.METADATA_FILE).write_text(json.dumps(meta))
+    with pytest.raises(errors.ModelMetadataError, match=re.escape(says)):
+        model.read_metadata(tmp_path / "m")
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_an_action_the_mask_forbids_is_never_chosen(sample: bool) -> None:
+    """The model masks too, and gives every allowed action -inf: an allowed one still."""
+    logits = np.tile(np.array([[0.0, -np.inf, -np.inf]], np.float32), (64, 1))
+    mask = np.tile(np.array([[False, True, True]]), (64, 1))
+    actions = policy._discrete(logits, mask, np.random.default_rng(0), sample)
+    assert set(actions.tolist()) <= {1, 2}
+    if sample:
+        assert set(actions.tolist()) == {1, 2}
+    else:
+        assert set(actions.tolist()) == {1}

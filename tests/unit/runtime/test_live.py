@@ -221,3 +221,11 @@ def test_a_step_limit_for_remote_clients_is_refused_by_name() -> None:
         config.from_mapping({**remote, "limits": {"maxEnvSteps": 100}}, {})
     assert config.from_mapping({**remote, "limits": {"maxSeconds": 5}}, {}).limits.max_seconds == 5
     assert config.from_mapping({**BASE, "limits": {"maxEnvSteps": 100}}, {})
+
+
+@pytest.mark.parametrize("value", [1e10, float("inf"), float("nan"), 0])
+def test_a_drain_time_past_an_hour_or_not_a_time_is_refused_by_name(value: float) -> None:
+    """1e10 s once made the drain's watchdog raise before anything was flushed."""
+    with pytest.raises(spec.InvalidSpecError, match=r"^drainSeconds: "):
+        config.from_mapping({**BASE, "drainSeconds": value}, {})
+    assert config.from_mapping({**BASE, "drainSeconds": 3600}, {}).drain_seconds == 3600

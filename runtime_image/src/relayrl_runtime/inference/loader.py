@@ -9,6 +9,7 @@ reaches a running agent.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Final
 
 import numpy as np
 
@@ -16,7 +17,8 @@ from relayrl_runtime import errors, spec
 from relayrl_runtime.inference import backend as backend_mod
 from relayrl_runtime.inference import model, policy
 
-_DUMMY_BATCH = 2
+# The batch sizes a model is tried on before it is taken.
+_DUMMY_BATCHES: Final = (1, 3)
 
 
 def load_policy(
@@ -36,6 +38,10 @@ def load_policy(
     `keep_graph`: the policy keeps the graph's bytes, for `copy_policy`.
     """
     if path.is_dir():
+        # Both files from one directory: a link moved to another version between
+        # reading the metadata and the graph would pair one's version with the other's
+        # weights.
+        path = path.resolve()
         if metadata is not None:
             raise errors.InvalidArgumentError.mismatch(
                 "metadata", f"None for a model directory (it has {model.METADATA_FILE})", "a value"
@@ -122,7 +128,19 @@ def _validate(backend: backend_mod.Backend, meta: model.ModelMetadata, where: st
                 f"{where}: inputs[0].shape: metadata says {list(expected)}, "
                 f"graph has {[-1 if d is None else d for d in shape]}"
             )
-    dummy = np.zeros((_DUMMY_BATCH, *meta.input.item_shape), dtype=meta.input.dtype)
+    # Batches of one and of several, of values other than zero: a graph that drops
+    # the batch dimension of one row (a squeeze) or fails on real values would pass a
+    # single batch of zeros, and fail the first step after a hot reload, and again
+    # after every restart.
+    rng = np.random.default_rng(0)
+    for batch in _DUMMY_BATCHES:
+        dummy = rng.standard_normal((batch, *meta.input.item_shape)).astype(meta.input.dtype)
+        _check_forward(backend, meta, where, dummy)
+
+
+def _check_forward(
+    backend: backend_mod.Backend, meta: model.ModelMetadata, where: str, dummy: Any
+) -> None:
     try:
         outputs = backend.run(dummy)
     except errors.RelayRLError:
@@ -135,12 +153,13 @@ def _validate(backend: backend_mod.Backend, meta: model.ModelMetadata, where: st
         raise errors.ModelMetadataError(
             f"{where}: outputs: metadata lists {len(meta.outputs)}, graph returned {len(outputs)}"
         )
+    batch = len(dummy)
     for out, tensor in zip(meta.outputs, outputs, strict=True):
-        want = (_DUMMY_BATCH, *out.item_shape)
+        want = (batch, *out.item_shape)
         if tuple(tensor.shape) != want:
             raise errors.ModelMetadataError(
                 f"{where}: outputs.{out.name}.shape: metadata says {list(out.shape)}, "
-                f"graph gives {list(tensor.shape)} for a batch of {_DUMMY_BATCH}"
+                f"graph gives {list(tensor.shape)} for a batch of {batch}"
             )
         if str(tensor.dtype) != out.dtype:
             raise errors.ModelMetadataError(

@@ -93,9 +93,19 @@ class ActionSpec(_Model):
     output: str = Field(min_length=1, description="Logits (discrete) or mean (continuous).")
     size: int = Field(ge=1, description="Number of actions (discrete) or action dims.")
     log_std_output: str | None = Field(default=None, description="Continuous: log-std output.")
-    log_std: float = Field(default=0.0, description="Continuous: fixed log-std otherwise.")
-    low: float | None = Field(default=None, description="Continuous: clip actions below.")
-    high: float | None = Field(default=None, description="Continuous: clip actions above.")
+    log_std: float = Field(
+        default=0.0,
+        ge=-20.0,
+        le=20.0,
+        allow_inf_nan=False,
+        description="Continuous: fixed log-std otherwise (a std of e^-20 to e^20).",
+    )
+    low: float | None = Field(
+        default=None, allow_inf_nan=False, description="Continuous: clip actions below."
+    )
+    high: float | None = Field(
+        default=None, allow_inf_nan=False, description="Continuous: clip actions above."
+    )
 
 
 class ModelMetadata(_Model):
@@ -117,6 +127,9 @@ class ModelMetadata(_Model):
         if len(set(names)) != len(names):
             raise ValueError(f"outputs: expected unique names, got {names}")
         by_name = {o.name: o for o in self.outputs}
+        low, high = self.action.low, self.action.high
+        if low is not None and high is not None and low > high:
+            raise ValueError(f"action.low: expected at most action.high ({high}), got {low}")
         head = by_name.get(self.action.output)
         if head is None:
             raise ValueError(f"action.output: expected one of {names}, got {self.action.output!r}")

@@ -180,11 +180,22 @@ def _discrete(
     z: npt.NDArray[Any] = logits
     if mask is not None:
         z = np.where(mask, z, -np.inf)
+    chosen: npt.NDArray[np.int64]
     if not sample:
-        return np.asarray(np.argmax(z, axis=1), dtype=np.int64)
-    # Gumbel-max: argmax(z - log(-log(U))) is a sample from softmax(z).
-    g = _gumbel(rng, z.size).reshape(z.shape)
-    chosen: npt.NDArray[np.int64] = (z - g).argmax(axis=1)
+        chosen = np.asarray(np.argmax(z, axis=1), dtype=np.int64)
+    else:
+        # Gumbel-max: argmax(z - log(-log(U))) is a sample from softmax(z).
+        g = _gumbel(rng, z.size).reshape(z.shape)
+        chosen = (z - g).argmax(axis=1)
+    if mask is not None:
+        ok = np.take_along_axis(mask, chosen[:, None], axis=1)[:, 0]
+        if not ok.all():
+            # Every allowed logit -inf (the model masks too, and disagrees): argmax
+            # lands on index 0, allowed or not. An allowed action instead: the first,
+            # or one at random when sampling (its log-probability stays -inf).
+            for row in np.flatnonzero(~ok):
+                allowed = np.flatnonzero(mask[row])
+                chosen[row] = allowed[rng.integers(len(allowed))] if sample else allowed[0]
     return chosen
 
 
