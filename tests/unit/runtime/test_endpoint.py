@@ -353,3 +353,28 @@ def test_client_packs_changed_ids_and_rewards_again(
         (first, 3, 4.0),
         (second, 0, 8.0),
     ]
+
+
+def test_observations_with_nan_or_infinity_are_counted(
+    served: tuple[agent_mod.Agent, str], raw: Callable[[str], zmq.Socket[bytes]]
+) -> None:
+    a, address = served
+
+    def counted() -> float:
+        name = "relayrl_runtime_nonfinite_observations_total"
+        return a.metrics.registry.get_sample_value(name) or 0.0
+
+    with client.RemoteClient(address, timeout=10) as c:
+        ids = c.new_actors(3)
+        obs = np.zeros((3, 4), np.float32)
+        obs[0, 1], obs[2, 3] = np.nan, np.inf
+        c.request_action(ids, obs)  # the short path
+        assert counted() == 2
+        frames = _action_request(5, ids, obs)
+        frames[0] = wire.header(wire.Op.REQUEST_ACTION, 5, flags=2)  # the general parser
+        sock = raw(address)
+        sock.send_multipart(frames)
+        assert not wire.parse_header(sock.recv_multipart()[0])[1] & wire.FLAG_ERROR
+        assert counted() == 4
+        c.request_action(ids, np.zeros((3, 4), np.float32))
+        assert counted() == 4

@@ -281,6 +281,8 @@ class RemoteEndpoint:
             if ids is None:
                 ids = self._cache_ids(msg[2])
             obs = wire.unpack_array(msg[3], "obs")
+            if obs.dtype.kind == "f" and not np.isfinite(obs).all():
+                self._nonfinite(obs)
             frame = msg[4]
             reward: Any = 0.0
             if frame:
@@ -426,6 +428,8 @@ class RemoteEndpoint:
             raise errors.InvalidArgumentError.mismatch(
                 "obs.shape", f"[{n}, ...] (a row per actor id)", list(obs.shape)
             )
+        if obs.dtype.kind == "f" and not np.isfinite(obs).all():
+            self._nonfinite(obs)
         reward = wire.optional_array(req.frames[2], "reward")
         if reward is not None and reward.shape not in ((), (n,)):
             raise errors.InvalidArgumentError.mismatch(
@@ -437,6 +441,12 @@ class RemoteEndpoint:
             raise errors.InvalidArgumentError.mismatch(
                 "mask.shape", f"[{n}, ...] (a row per actor id)", list(mask.shape)
             )
+
+    def _nonfinite(self, obs: Any) -> None:
+        """Count observation rows holding NaN or infinity (acted on as given, as the
+        environment driver's are)."""
+        rows = obs.reshape(len(obs), -1) if obs.ndim else obs.reshape(1, 1)
+        self.agent.metrics.nonfinite_observations.inc(int((~np.isfinite(rows).all(axis=1)).sum()))
 
     def _request_actions(self, run: list[_Request]) -> list[list[bytes]]:
         self._actions_pending += len(run)
