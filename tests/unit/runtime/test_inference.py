@@ -336,3 +336,14 @@ def test_an_action_the_mask_forbids_is_never_chosen(sample: bool) -> None:
         assert set(actions.tolist()) == {1, 2}
     else:
         assert set(actions.tolist()) == {1}
+
+
+def test_a_forward_pass_that_fails_says_which_model(models: dict[str, Path]) -> None:
+    pol = loader.load_policy(models["onnx"])
+
+    def fails(obs: np.ndarray) -> None:
+        raise RuntimeError("shape mismatch in layer 3")
+
+    pol.backend.run = fails  # type: ignore[method-assign]
+    with pytest.raises(errors.ModelLoadError, match=r"model version 1 \(.*\): the forward pass"):
+        pol.act(np.zeros((2, 4), np.float32), None, np.random.default_rng(0), sample=False)

@@ -135,9 +135,17 @@ class Policy:
         sample: bool,
     ) -> PolicyOutput:
         """One forward pass for the batch; obs and mask are already validated."""
-        outputs = self.backend.run(obs)
-        head = outputs[self._head]
         n = obs.shape[0]
+        try:
+            outputs = self.backend.run(obs)
+        except errors.RelayRLError:
+            raise
+        except Exception as err:  # the backend's own types (onnxruntime, torch)
+            raise errors.ModelLoadError(
+                f"model version {self.version} ({self.source}): the forward pass of"
+                f" {n} rows failed: {type(err).__name__}: {err}"
+            ) from err
+        head = outputs[self._head]
         if head.shape != (n, self._size):
             raise errors.ModelMetadataError(
                 f"outputs.{self.metadata.action.output}: expected shape {[n, self._size]}, "
