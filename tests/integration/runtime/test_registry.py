@@ -109,8 +109,12 @@ def test_push_list_and_hot_reload_from_registry(
             "steps with version 2",
             lambda: helpers.metric(proc.metrics(), "relayrl_runtime_env_steps_total") > 1000,
         )
-        # Past versions leave the disk once the next one runs, and so does one refused.
-        assert [name.split("-")[:2] for name in unpacked()] == [["cp", "v2"]]
+        # Past versions leave the disk once the next one runs (just after the swap), and
+        # so does one refused.
+        helpers.wait_for(
+            "version 1 off the disk",
+            lambda: [name.split("-")[:2] for name in unpacked()] == [["cp", "v2"]],
+        )
         _cli("model", "push", "--nats", url, "--bucket", "models", "--name", "cp",
              str(models["onnx_v3_wide"]))  # fmt: skip
         helpers.wait_for(

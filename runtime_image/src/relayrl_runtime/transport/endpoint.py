@@ -40,6 +40,9 @@ _POLL_MS: Final = 50
 _VERSION: Final = struct.Struct("<q")
 _COUNT: Final = struct.Struct("<I")
 _REQUEST_ID: Final = struct.Struct("<I")
+# Frames up to this size (or four times the message bound) are taken in and answered
+# `too_large`; past it ZMQ ends the connection without holding the frame in memory.
+_UNREAD_FRAME_FLOOR: Final = 16 << 20
 _MAGIC_VERSION: Final = wire.MAGIC + bytes([wire.VERSION])
 _OPS: Final = frozenset(int(o) for o in wire.Op)
 # The first 8 header bytes of a REQUEST_ACTION without flags: its reply header is the
@@ -153,9 +156,9 @@ class RemoteEndpoint:
         # even while its old connection is not yet known to be dead (half-open after
         # a network partition): else the new connection would be refused.
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        # ZMQ takes in a whole message before it is handed over: a frame past twice the
-        # message bound ends its connection instead (one up to it gets `too_large`).
-        sock.setsockopt(zmq.MAXMSGSIZE, 2 * self.max_frame_bytes)
+        # ZMQ takes in a whole message before it is handed over: a frame past this ends
+        # its connection instead (one below it, past the bound, gets `too_large`).
+        sock.setsockopt(zmq.MAXMSGSIZE, unread_frame_bytes(self.max_frame_bytes))
         if "[" in self.bind:
             sock.setsockopt(zmq.IPV6, 1)
         try:
@@ -589,6 +592,11 @@ def tcp_address(host: str, port: int) -> str:
     if ":" in host:
         return f"tcp://[{host}]:{port}"
     return f"tcp://{host}:{port}"
+
+
+def unread_frame_bytes(max_frame_bytes: int) -> int:
+    """The frame size past which ZMQ drops the connection rather than take it in."""
+    return max(_UNREAD_FRAME_FLOOR, 4 * max_frame_bytes)
 
 
 def _internal_error(msg: list[bytes], err: Exception) -> list[bytes]:
