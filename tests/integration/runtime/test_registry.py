@@ -122,7 +122,10 @@ def test_push_list_and_hot_reload_from_registry(
         )
         # Counted once, under the result that says why.
         assert 'model_reloads_total{result="failed"}' not in proc.metrics()
-        assert [name.split("-")[:2] for name in unpacked()] == [["cp", "v2"]]
+        helpers.wait_for(  # counted as the load is refused, removed just after
+            "version 3 off the disk",
+            lambda: [name.split("-")[:2] for name in unpacked()] == [["cp", "v2"]],
+        )
         assert proc.terminate() == 0, proc.logs()
     finally:
         proc.kill()
