@@ -105,7 +105,22 @@ class NatsStreams:
         await streams.ensure_stream(js, config)
         bucket = streams.model_bucket(agent.namespace, agent.name)
         owner = streams.models_description(agent.namespace, agent.name)
-        await streams.ensure_object_store(js, bucket, description=owner)
+        # The bucket's name joins namespace and Agent with '-', which both may hold:
+        # team-a/x and team/a-x name one bucket. It is the one's that made it; the
+        # other is told so rather than share it (and lose its models when the first
+        # Agent's delete removes the bucket).
+        info = await _info(js, streams.object_store_stream(bucket))
+        if info is None:
+            await streams.ensure_object_store(js, bucket, description=owner)
+        else:
+            described = info.config.description or ""
+            if streams.models_of_another(described, agent.namespace, agent.name):
+                maker = described.removeprefix(streams.MODELS_DESCRIPTION + " of Agent ")
+                raise streams.StreamConflictError(
+                    f"model bucket {bucket} is Agent {maker}'s: its name is this Agent's"
+                    f" too (namespace and name joined by '-'); give this Agent another"
+                    f" name, or delete {maker}"
+                )
         return f"stream {config.name} and model bucket {bucket} ready"
 
     async def verify(self, agents: Iterable[common.AgentRef]) -> set[tuple[str, str]]:

@@ -209,16 +209,33 @@ async def test_agents_sharing_a_stream_name_or_a_bucket_name_keep_each_others(
         await admin.remove(second)
         assert "shared" in await _streams(url)
         # team-a/x and team/a-x both name their model bucket relayrl-team-a-x-models:
-        # deleting the one that did not make it leaves it.
+        # the one that did not make it is told so (its stream is ready, its status
+        # says why it is not), rather than share it and lose its models when the
+        # maker's delete removes the bucket; deleting it leaves the bucket.
         maker, namesake = (
             agent(url, namespace="team-a", name="x"),
             agent(url, namespace="team", name="a-x"),
         )
         await admin.ensure(maker)
+        assert "ready" in await admin.ensure(maker)  # its own, again
+        with pytest.raises(
+            streams.StreamConflictError,
+            match=r"model bucket relayrl-team-a-x-models is Agent team-a/x's",
+        ):
+            await admin.ensure(namesake)
         await admin.remove(namesake)
         assert "OBJ_relayrl-team-a-x-models" in await _streams(url)
         await admin.remove(maker)
         assert "OBJ_relayrl-team-a-x-models" not in await _streams(url)
+        # The maker gone, the namesake makes a bucket of its own.
+        assert "ready" in await admin.ensure(namesake)
+        nc = await nats.connect(url)
+        try:
+            info = await nc.jetstream().stream_info("OBJ_relayrl-team-a-x-models")
+        finally:
+            await nc.close()
+        assert info.config.description == streams.models_description("team", "a-x")
+        await admin.remove(namesake)
         await admin.remove(first)
         assert "shared" not in await _streams(url)
     finally:
