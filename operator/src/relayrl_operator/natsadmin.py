@@ -115,7 +115,7 @@ class NatsStreams:
         else:
             described = info.config.description or ""
             if streams.models_of_another(described, agent.namespace, agent.name):
-                maker = described.removeprefix(streams.MODELS_DESCRIPTION + " of Agent ")
+                maker = streams.models_agent(described)
                 raise streams.StreamConflictError(
                     f"model bucket {bucket} is Agent {maker}'s: its name is this Agent's"
                     f" too (namespace and name joined by '-'); give this Agent another"

@@ -263,7 +263,7 @@ async def push(nc: Any, bucket: str, name: str, directory: Path, force: bool = F
                 have = current.entry
                 if have is not None and have.digest == digest and have.version == meta.version:
                     continue  # already there, as it is
-                await _put_guarded(js, bucket, key, data, description, current)
+                await _put_guarded(js, bucket, key, data, digest, description, current)
         except _Raced:
             continue
         return Entry(name, meta.version, meta.format.value, len(data), digest)
@@ -329,7 +329,13 @@ async def _read(js: Any, bucket: str, key: str) -> _Current:
 
 
 async def _put_guarded(
-    js: Any, bucket: str, key: str, data: bytes, description: str, current: _Current
+    js: Any,
+    bucket: str,
+    key: str,
+    data: bytes,
+    digest: str,
+    description: str,
+    current: _Current,
 ) -> None:
     """Write `data` as object `key` (the object store's layout: chunks, then one meta
     message rolling up the old) only if its meta message is still `current`'s; raises
@@ -347,7 +353,7 @@ async def _put_guarded(
         size=len(data),
         mtime=datetime.now(UTC).isoformat(),
         chunks=-(-len(data) // chunk_size),
-        digest=digest_of(data),
+        digest=digest,
         description=description,
         options=api.ObjectMetaOptions(max_chunk_size=chunk_size),
     )

@@ -283,11 +283,15 @@ def models_description(namespace: str, agent: str) -> str:
     return f"{_MODELS_OF}{namespace}/{agent}"
 
 
+def models_agent(description: str) -> str | None:
+    """The `<namespace>/<agent>` a model bucket's description names, if any."""
+    return description.removeprefix(_MODELS_OF) if description.startswith(_MODELS_OF) else None
+
+
 def models_of_another(description: str, namespace: str, agent: str) -> bool:
     """Whether a bucket so described is another Agent's (one naming no Agent is not)."""
-    return description.startswith(_MODELS_OF) and (
-        description != models_description(namespace, agent)
-    )
+    owner = models_agent(description)
+    return owner is not None and owner != f"{namespace}/{agent}"
 
 
 async def ensure_object_store(

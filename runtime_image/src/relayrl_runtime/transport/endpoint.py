@@ -284,8 +284,7 @@ class RemoteEndpoint:
             if ids is None:
                 ids = self._cache_ids(msg[2])
             obs = wire.unpack_array(msg[3], "obs")
-            if obs.dtype.kind == "f" and not np.isfinite(obs).all():
-                self._nonfinite(obs)
+            self._count_nonfinite(obs)
             frame = msg[4]
             reward: Any = 0.0
             if frame:
@@ -431,8 +430,7 @@ class RemoteEndpoint:
             raise errors.InvalidArgumentError.mismatch(
                 "obs.shape", f"[{n}, ...] (a row per actor id)", list(obs.shape)
             )
-        if obs.dtype.kind == "f" and not np.isfinite(obs).all():
-            self._nonfinite(obs)
+        self._count_nonfinite(obs)
         reward = wire.optional_array(req.frames[2], "reward")
         if reward is not None and reward.shape not in ((), (n,)):
             raise errors.InvalidArgumentError.mismatch(
@@ -445,9 +443,11 @@ class RemoteEndpoint:
                 "mask.shape", f"[{n}, ...] (a row per actor id)", list(mask.shape)
             )
 
-    def _nonfinite(self, obs: Any) -> None:
+    def _count_nonfinite(self, obs: Any) -> None:
         """Count observation rows holding NaN or infinity (acted on as given, as the
         environment driver's are)."""
+        if obs.dtype.kind != "f" or np.isfinite(obs).all():
+            return
         rows = obs.reshape(len(obs), -1) if obs.ndim else obs.reshape(1, 1)
         self.agent.metrics.nonfinite_observations.inc(int((~np.isfinite(rows).all(axis=1)).sum()))
 
