@@ -151,6 +151,12 @@ class Agent:
         self._handed = threading.Condition(self._lock)
 
         self._policy = self._load(model_ref, model_version)
+        # The version before the running one, kept from a hot reload until the next one
+        # starts: a version that fails at run time is replaced by it (`_roll_back`).
+        self._previous: policy.Policy | None = None
+        # Versions that failed at run time, with why: the watchers do not load them again.
+        self._run_failures: dict[int, str] = {}
+        self._swaps = 0  # models swapped in so far (reloads and replacements)
         self._source = model_ref if not isinstance(model_ref, policy.Policy) else None
         self.layout = trajectory.Layout.from_metadata(name, self._policy.metadata)
         run_prefix = int.from_bytes(os.urandom(4), "little")
@@ -210,6 +216,16 @@ class Agent:
         """Version of the policy that answers new requests."""
         return self._policy.version
 
+    @property
+    def model_swaps(self) -> int:
+        """How many times another model took over (a reload, or a failed version's
+        replacement): a watcher looks again when it changed."""
+        return self._swaps
+
+    def run_failure(self, version: int) -> str | None:
+        """Why `version` was replaced after it failed at run time (None: it did not)."""
+        return self._run_failures.get(version)
+
     def reload_model(self, model_ref: ModelRef, version: int | None = None) -> int:
         """Swap in a new model version without stopping; returns the new version.
 
@@ -218,6 +234,11 @@ class Agent:
         chose it. A model with a different observation, action or output layout is
         refused (`ModelIncompatibleError`): the trajectories this agent records have
         the layout of the model it started with.
+
+        The version replaced stays loaded until the next reload starts: a new version
+        whose forward pass fails on a request is replaced by it (`run_failure` then
+        says why), and that request is answered by it. So between reloads the agent
+        holds two models, as it does while one loads.
         """
         if (
             version is None
@@ -234,6 +255,10 @@ class Agent:
             )
         with self._reload_lock:
             self._check_open()
+            with self._lock:
+                previous, self._previous = self._previous, None
+            if previous is not None:
+                previous.close()  # before the load: never three models at once
             new = self._load(model_ref, version)
             why = self._policy.metadata.compatible_with(new.metadata)
             if why is not None:
@@ -268,7 +293,8 @@ class Agent:
                     dropped = [own.pop(row) for row in list(own) if row not in old_own]
                     self._own = own
                 self._policy = new
-            old.close()
+                self._previous = old
+                self._swaps += 1
             for p in [*old_own.values(), *dropped]:
                 p.close()
             self.metrics.model_version.set(new.version)
@@ -327,10 +353,17 @@ class Agent:
                 self._end_at(rows, rewards, ended)
             t_obs = time.time_ns() // 1000
             t0 = time.perf_counter()
-            if self._shared or n == 0:
-                out = pol.act(obs, m, self._rng, self.sample)
-            else:
-                out = self._act_independent(rows, obs, m)
+            try:
+                if self._shared or n == 0:
+                    out = pol.act(obs, m, self._rng, self.sample)
+                else:
+                    out = self._act_independent(rows, obs, m)
+            except errors.ModelRunError as err:
+                self._roll_back(err)
+                if self._shared or n == 0:
+                    out = self._policy.act(obs, m, self._rng, self.sample)
+                else:
+                    out = self._act_independent(rows, obs, m)
             elapsed = time.perf_counter() - t0
             stamps = (out.version, t_obs, time.time_ns() // 1000)
             result = ActionResult(out.actions, out.outputs, out.version, self.layout, m, out.logp)
@@ -348,6 +381,24 @@ class Agent:
         if ready is not None:
             self._hand_off(ready)
         return result
+
+    def _roll_back(self, err: errors.ModelRunError) -> None:
+        """Replace the running version, which failed on a request, by the one before it;
+        with none kept, `err` is raised. Called with the lock held."""
+        bad, previous = self._policy, self._previous
+        if previous is None:
+            raise err
+        own = {row: loader.copy_policy(previous, self.device) for row in self._own}
+        old_own = self._own
+        self._policy, self._own, self._previous = previous, own, None
+        self._swaps += 1
+        why = f"failed at run time, so the agent went back to version {previous.version}: {err}"
+        self._run_failures[bad.version] = why
+        for p in [bad, *old_own.values()]:
+            p.close()
+        self.metrics.model_version.set(previous.version)
+        self.metrics.model_reloads.labels("rolled_back").inc()
+        log.error("model version %d %s", bad.version, why)
 
     def _end_at(self, rows: npt.NDArray[np.int64], rewards: Any, ended: Ended) -> None:
         positions, terminated, truncated = ended
@@ -634,9 +685,10 @@ class Agent:
             self.sink.close()
         if self._executor is not None:
             self._executor.shutdown(wait=True)
-        self._policy.close()
-        for p in self._own.values():
+        for p in [self._policy, *self._own.values()]:
             p.close()
+        if self._previous is not None:
+            self._previous.close()
 
     @property
     def closed(self) -> bool:

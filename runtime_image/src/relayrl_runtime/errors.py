@@ -68,6 +68,14 @@ class ModelIncompatibleError(ModelMetadataError):
     kind = "model_incompatible"
 
 
+class ModelRunError(ModelLoadError):
+    """A model that loaded but failed on a request: its forward pass raised, or gave
+    outputs of another shape than its metadata says. The agent goes back to the version
+    it ran before, if it has one (`Agent.request_action`)."""
+
+    kind = "model_run"
+
+
 class DeviceUnavailableError(ModelLoadError):
     """A device (cuda) asked for on a host that cannot provide it: never a silent fallback."""
 

@@ -3,7 +3,9 @@
 The process (`app`) runs one watcher as an asyncio task it owns. Loading happens in a
 worker thread (`Agent.areload_model`) and the swap between two requests, so no request
 fails during a reload. A version that fails to load or does not fit the running agent
-is logged and counted, and the agent keeps its current model.
+is logged and counted, and the agent keeps its current model. One that loads and then
+fails on a request is replaced by the version before it (`Agent.request_action`); the
+watchers report it and do not load it again.
 
 For a path, publish a new version in one step: write it to a directory of its own and
 point a symbolic link at it (`ln -s v4 tmp && mv -T tmp model`, with `model.uri` the
@@ -68,13 +70,21 @@ class _Watcher:
         if not isinstance(err, errors.ModelIncompatibleError):
             self.agent.metrics.model_reloads.labels("failed").inc()
 
-    def _missing(self, version: int | None, reason: str) -> None:
-        """The wanted version is not in the source: the pod keeps its model and reports
-        so (status shows it) until the version appears or is no longer wanted."""
+    def _keep(self, version: int | None, reason: str) -> None:
+        """The wanted version is not in the source, or failed at run time: the pod keeps
+        its model and reports so (status shows it) until the source holds another
+        version or this one is no longer wanted."""
         refusal = reporting.Refusal(version, reason, incompatible=False)
         if refusal != self.refused:
             log.warning("%s; keeping model version %d", reason, self.agent.get_model_version())
         self.refused = refusal
+
+    def _ran_badly(self, version: int | None) -> bool:
+        """Whether `version` failed at run time in this agent (then kept out, reported)."""
+        why = None if version is None else self.agent.run_failure(version)
+        if why is not None:
+            self._keep(version, f"model version {version} {why}")
+        return why is not None
 
     async def check(self) -> None:
         """Reload if the source holds a version other than the running one."""
@@ -104,6 +114,9 @@ class PathWatcher(_Watcher):
         # Nothing seen yet: the first poll checks whatever the path holds, as a version
         # published while the agent loaded the one before it is new to the agent.
         self._seen: tuple[int, int, int] | None = None
+        # The agent's model swaps at the last check: a version that failed at run time
+        # and was replaced is looked at again (and reported) though the path is unchanged.
+        self._swaps: int | None = None
 
     def _signature(self) -> tuple[int, int, int] | None:
         try:
@@ -117,9 +130,10 @@ class PathWatcher(_Watcher):
         while True:
             await asyncio.sleep(self.poll_seconds)
             sig = self._signature()
-            if sig is None or sig == self._seen:
+            swaps = self.agent.model_swaps
+            if sig is None or (sig == self._seen and swaps == self._swaps):
                 continue
-            self._seen = sig
+            self._seen, self._swaps = sig, swaps
             await self.check()
 
     async def follow(self, version: int | None) -> None:
@@ -142,10 +156,12 @@ class PathWatcher(_Watcher):
                         self.version,
                     )
                 else:
-                    self._missing(self.version, pin_not_held(self.version, self.path, meta.version))
+                    self._keep(self.version, pin_not_held(self.version, self.path, meta.version))
                 return
             if meta.version == running:
                 self.refused = None
+                return
+            if self._ran_badly(meta.version):
                 return
             # Only a version read and then not loaded is a refusal: a directory read
             # while it is being written is not.
@@ -198,7 +214,9 @@ class RegistryWatcher(_Watcher):
             try:
                 entry = await registry.info(self.nc, ref)
             except errors.ModelMissingError as err:
-                self._missing(ref.version, str(err))
+                self._keep(ref.version, str(err))
+                return
+            if self._ran_badly(entry.version):
                 return
             if entry.digest == self._digest:
                 if entry.version == self.agent.get_model_version():

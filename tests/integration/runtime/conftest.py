@@ -8,6 +8,7 @@ import pytest
 
 from relayrl_runtime import spec
 from relayrl_runtime.inference import export
+from support import badmodels
 
 
 @pytest.fixture(scope="session")
@@ -22,4 +23,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     # Another observation width: no running agent of the others can take it in place.
     out["onnx_v3_wide"] = root / "onnx_v3_wide"
     export.export_mlp(out["onnx_v3_wide"], spec.ModelFormat.ONNX, obs_dim=6, version=3)
+    # Loads (batches of 1 and 3 rows), then fails on batches of more than 3 rows.
+    out["onnx_v2_failing"] = root / "onnx_v2_failing"
+    badmodels.export_failing(out["onnx_v2_failing"], version=2, max_rows=3, seed=1)
     return out

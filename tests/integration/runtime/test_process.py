@@ -12,6 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 from integration.runtime import helpers
 
+from relayrl_runtime import spec
+from relayrl_runtime.inference import export
+
 
 def _config(model: Path, fmt: str, out: Path, **extra: object) -> dict[str, object]:
     return {
@@ -97,6 +100,53 @@ def test_path_hot_reload_in_running_process(models: dict[str, Path], tmp_path: P
         proc.kill()
     table = pa.concat_tables([pq.read_table(f) for f in out.glob("*.parquet")])
     assert set(table["policy_version"].to_pylist()) == {1, 2}
+
+
+def test_a_version_that_fails_at_run_time_gives_way_to_the_one_before(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    """Version 2 passes the load check (1 and 3 rows) and fails on the process's
+    batches of 6: the process goes back to version 1 and keeps it, loses no step, and
+    takes a good version 3 later."""
+    live = tmp_path / "model"
+    live.symlink_to(models["onnx"])
+    out = tmp_path / "out"
+    proc = helpers.RuntimeProcess(tmp_path, _config(live, "onnx", out))
+
+    def point_at(target: Path) -> None:
+        tmp = tmp_path / "model.tmp"
+        tmp.symlink_to(target)
+        tmp.replace(live)
+
+    try:
+        proc.wait_ready()
+        point_at(models["onnx_v2_failing"])
+        helpers.wait_for(
+            "the replacement",
+            lambda: 'model_reloads_total{result="rolled_back"} 1.0' in proc.metrics(),
+        )
+        steps = helpers.metric(proc.metrics(), "relayrl_runtime_env_steps_total")
+        helpers.wait_for(
+            "more steps",
+            lambda: helpers.metric(proc.metrics(), "relayrl_runtime_env_steps_total") > steps + 500,
+        )
+        text = proc.metrics()
+        assert helpers.metric(text, "relayrl_runtime_model_version") == 1
+        assert 'model_reloads_total{result="ok"} 1.0' in text  # version 2, once
+        assert helpers.http_get(proc.port, "/readyz")[0] == 200
+        v3 = tmp_path / "v3"
+        export.export_mlp(v3, spec.ModelFormat.ONNX, seed=2, version=3)
+        point_at(v3)
+        helpers.wait_for_model(proc, 3)
+        assert proc.terminate() == 0, proc.logs()
+    finally:
+        proc.kill()
+    logs = proc.logs()
+    assert "model version 2 failed at run time, so the agent went back to version 1" in logs
+    assert "the forward pass of 6 rows failed" in logs
+    table = pa.concat_tables([pq.read_table(f) for f in out.glob("*.parquet")])
+    assert set(table["policy_version"].to_pylist()) == {1, 3}
+    assert table.num_rows == helpers.logged(logs, "env_steps"), logs
 
 
 def test_bad_config_and_corrupt_model_fail_clearly(models: dict[str, Path], tmp_path: Path) -> None:

@@ -619,3 +619,54 @@ def test_a_pin_set_while_a_newer_version_downloads_keeps_it_out(
     assert asyncio.run(main()) == [2]
     assert unpacked_on
     assert threading.main_thread().name not in unpacked_on
+
+
+def test_a_version_that_fails_at_run_time_is_reported_and_not_fetched_again(
+    nats_server: natsserver.NatsServer, models: dict[str, Path], tmp_path: Path
+) -> None:
+    """Version 2 loads and fails on the pod's batches of 4: the pod goes back to
+    version 1, reports version 2 with why (the operator's ModelReady says it), and
+    does not load it again at the next polls; version 3 is taken as usual."""
+    url = nats_server.url
+
+    def push(name: str) -> None:
+        _cli("model", "push", "--nats", url, "--bucket", "m9", "--name", "cp", str(models[name]))
+
+    push("onnx")
+    cfg = _config(
+        "runfail", "objectstore://m9/cp", url, tmp_path, actors=4, namespace="ns", reload=_POLL
+    )
+    env = {config.ENV_POD_NAME: "runfail-0"}
+    proc = helpers.RuntimeProcess(tmp_path, cfg, env=env, mounted=True)
+
+    def report() -> reporting.PodReport | None:
+        return _reports(url, "ns", "runfail").get("runfail-0")
+
+    try:
+        proc.wait_ready()
+        push("onnx_v2_failing")
+        refused = helpers.wait_for(
+            "a report of version 2 replaced",
+            lambda: (r := report()) is not None and r.refused is not None and r,
+        )
+        assert refused.model_version == 1
+        assert refused.refused is not None
+        assert (refused.refused.version, refused.refused.incompatible) == (2, False)
+        assert refused.refused.reason.startswith(
+            "model version 2 failed at run time, so the agent went back to version 1:"
+        )
+        time.sleep(1.0)  # several polls
+        text = proc.metrics()
+        assert 'model_reloads_total{result="ok"} 1.0' in text
+        assert 'model_reloads_total{result="rolled_back"} 1.0' in text
+        assert helpers.metric(text, "relayrl_runtime_model_version") == 1
+        export.export_mlp(tmp_path / "v3", spec.ModelFormat.ONNX, seed=2, version=3)
+        _cli("model", "push", "--nats", url, "--bucket", "m9", "--name", "cp",
+             str(tmp_path / "v3"))  # fmt: skip
+        helpers.wait_for_model(proc, 3)
+        helpers.wait_for("the report cleared", lambda: (r := report()) and r.refused is None)
+        assert proc.terminate() == 0, proc.logs()
+    finally:
+        proc.kill()
+    table = pa.concat_tables([pq.read_table(f) for f in (tmp_path / "out").glob("*.parquet")])
+    assert set(table["policy_version"].to_pylist()) == {1, 3}

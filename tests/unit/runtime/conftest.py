@@ -8,6 +8,7 @@ import pytest
 
 from relayrl_runtime import spec
 from relayrl_runtime.inference import export
+from support import badmodels
 
 
 @pytest.fixture(scope="session")
@@ -22,4 +23,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     export.export_mlp(out["onnx_v2"], spec.ModelFormat.ONNX, seed=1, version=2)
     out["onnx_wide"] = root / "onnx_wide"
     export.export_mlp(out["onnx_wide"], spec.ModelFormat.ONNX, obs_dim=6, version=3)
+    # Loads (batches of 1 and 3 rows), then fails on 4 rows or on a value above 100.
+    out["failing_v2"] = root / "failing_v2"
+    badmodels.export_failing(out["failing_v2"], version=2, max_rows=3, max_abs=100.0)
     return out

@@ -284,6 +284,61 @@ def test_an_independent_reload_whose_copy_fails_leaves_every_actor_on_the_old_mo
     own.shutdown()
 
 
+@pytest.mark.parametrize("mode", list(spec.ModelMode))
+def test_a_version_that_fails_at_run_time_is_replaced_by_the_one_before(
+    models: dict[str, Path], sink: local.LocalFileSink, mode: spec.ModelMode
+) -> None:
+    """Version 2 loads (its check runs 1 and 3 rows) and then fails on a request: the
+    request is answered by version 1, which runs from then on; nothing is lost."""
+    a = agent_mod.Agent(models["onnx"], actor_count=4, sink=sink, model_mode=mode)
+    a.request_action([0, 1, 2, 3], _obs(4))
+    assert a.reload_model(models["failing_v2"]) == 2
+    assert a.request_action([0, 1, 2], _obs(3)).version == 2  # fine on 3 rows
+    big = _obs(4)
+    big[3, 0] = 1000.0  # over the limit in either mode (independent: one row a pass)
+    result = a.request_action([0, 1, 2, 3], big)
+    assert result.version == 1
+    assert a.get_model_version() == 1
+    why = a.run_failure(2)
+    assert why is not None
+    assert why.startswith("failed at run time, so the agent went back to version 1:")
+    assert "model version 2" in why
+    assert "the forward pass of" in why
+    assert a.run_failure(1) is None
+    reloads = a.metrics.model_reloads
+    assert reloads.labels("rolled_back")._value.get() == 1
+    assert a.metrics.model_version._value.get() == 1
+    assert a.request_action([0, 1, 2, 3], big).version == 1
+    if mode is spec.ModelMode.INDEPENDENT:
+        assert {p.version for p in a._own.values()} == {1}
+    a.flag_last_action([0, 1, 2, 3])
+    a.shutdown()
+    table = _read(sink)
+    assert table.num_rows == 4 + 3 + 4 + 4
+    assert table["policy_version"].to_pylist().count(2) == 3
+
+
+def test_a_failure_with_no_version_before_is_raised(models: dict[str, Path]) -> None:
+    """The version the agent started with has none before it; nor has one that came
+    after a replacement (the version before is kept once)."""
+    a = agent_mod.Agent(models["failing_v2"], actor_count=4)
+    with pytest.raises(errors.ModelRunError, match=r"model version 2 .*the forward pass of 4"):
+        a.request_action([0, 1, 2, 3], _obs(4))
+    assert a.get_model_version() == 2
+    a.shutdown()
+    b = agent_mod.Agent(models["onnx"], actor_count=4)
+    b.reload_model(models["failing_v2"])
+    b.request_action([0, 1, 2, 3], _obs(4))  # back to 1
+    assert b.reload_model(models["failing_v2"]) == 2  # the agent loads it if told to
+    b.request_action([0, 1, 2, 3], _obs(4))  # back to 1 again
+    assert b.metrics.model_reloads.labels("rolled_back")._value.get() == 2
+    # Version 1 kept nothing before it: its failure (faked here) is raised.
+    b.current_policy.backend.run = lambda obs: 1 / 0  # type: ignore[method-assign]
+    with pytest.raises(errors.ModelRunError, match=r"model version 1 .*ZeroDivisionError"):
+        b.request_action([0, 1, 2, 3], _obs(4))
+    b.shutdown()
+
+
 def test_reload_records_versions_and_refuses_other_layouts(
     models: dict[str, Path], sink: local.LocalFileSink
 ) -> None:

@@ -8,11 +8,12 @@ import types
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from relayrl_runtime import agent as agent_mod
-from relayrl_runtime import reload
-from relayrl_runtime.inference import model
+from relayrl_runtime import reload, spec
+from relayrl_runtime.inference import export, model
 
 
 def test_a_pinned_path_never_loads_another_version(
@@ -115,5 +116,39 @@ def test_an_incompatible_version_counts_once(models: dict[str, Path], tmp_path: 
         reloads = agent.metrics.model_reloads
         assert reloads.labels("rejected")._value.get() == 1
         assert reloads.labels("failed")._value.get() == 0
+    finally:
+        agent.shutdown()
+
+
+def test_a_version_that_failed_at_run_time_is_reported_and_not_loaded_again(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    """The path moves to version 2, which loads and then fails on a request: the agent
+    goes back to version 1, the watcher reports version 2 (the path has not changed
+    since) and does not load it again; version 3 is loaded as usual."""
+    live = tmp_path / "model"
+    _link(live, models["onnx"])
+    agent = agent_mod.Agent(live, actor_count=4)
+    obs = np.zeros((4, 4), np.float32)
+    try:
+        watcher = reload.PathWatcher(agent, live, poll_seconds=0.02)
+        _link(live, models["failing_v2"])
+        _poll_until(watcher, lambda: agent.get_model_version() == 2)
+        assert agent.request_action([0, 1, 2, 3], obs).version == 1
+        _poll_until(watcher, lambda: watcher.refused is not None)
+        assert watcher.refused is not None
+        assert watcher.refused.version == 2
+        assert not watcher.refused.incompatible
+        assert watcher.refused.reason.startswith(
+            "model version 2 failed at run time, so the agent went back to version 1:"
+        )
+        _poll_until(watcher, lambda: False)  # more polls: nothing more happens
+        assert agent.get_model_version() == 1
+        assert agent.metrics.model_reloads.labels("ok")._value.get() == 1
+        export.export_mlp(tmp_path / "v3", spec.ModelFormat.ONNX, seed=2, version=3)
+        _link(live, tmp_path / "v3")
+        _poll_until(watcher, lambda: agent.get_model_version() == 3)
+        assert agent.request_action([0, 1, 2, 3], obs).version == 3
+        assert watcher.refused is None
     finally:
         agent.shutdown()

@@ -141,15 +141,16 @@ class Policy:
         except errors.RelayRLError:
             raise
         except Exception as err:  # the backend's own types (onnxruntime, torch)
-            raise errors.ModelLoadError(
+            raise errors.ModelRunError(
                 f"model version {self.version} ({self.source}): the forward pass of"
                 f" {n} rows failed: {type(err).__name__}: {err}"
             ) from err
         head = outputs[self._head]
         if head.shape != (n, self._size):
-            raise errors.ModelMetadataError(
-                f"outputs.{self.metadata.action.output}: expected shape {[n, self._size]}, "
-                f"got {list(head.shape)}"
+            raise errors.ModelRunError(
+                f"model version {self.version} ({self.source}):"
+                f" outputs.{self.metadata.action.output}: expected shape {[n, self._size]},"
+                f" got {list(head.shape)}"
             )
         named = dict(zip(self._names, outputs, strict=True))
         if self._discrete:
