@@ -775,3 +775,57 @@ async def test_a_message_jetstream_stored_twice_is_written_once(
     want = trajectories.sort(pa.concat_tables(tables))
     pipeline.assert_same(pipeline.read_arrow(root), want, "arrow")
     pipeline.assert_same(pipeline.read_postgres(pg.dsn), want, "postgres")
+
+
+async def test_messages_a_parquet_file_cannot_hold_together_are_written_apart(
+    arrow_pipeline: pipeline.Pipeline,
+) -> None:
+    """No check foresees these: each message's int8 dictionary holds 100 values, fine
+    alone, and two of them are more than an int8 index reaches, so their file cannot be
+    written. Before, the Arrow sink exited 2, and again after every restart. Now it takes
+    the file's messages again one by one: those that fit alone are written, and one that
+    does not even alone (two batches of 100 values each) is dead-lettered."""
+    arrow = arrow_pipeline.arrow_sink("--rotate-seconds", "2")
+    pipeline.start_ready(arrow)
+    tag = pa.dictionary(pa.int8(), pa.string())
+
+    def tagged(k: int, distinct: int) -> pa.RecordBatch:
+        b = trajectories.batch(4, k, trajectories=2)
+        values = [f"{k}-{i % distinct}" for i in range(b.num_rows)]
+        return b.append_column("aux_tag", pa.array(values).cast(tag))
+
+    published = [
+        pa.Table.from_batches([tagged(0, 10)]),
+        pa.Table.from_batches([tagged(1, 100)]),
+        pa.Table.from_batches([tagged(2, 10)]),
+        pa.Table.from_batches([tagged(3, 100), tagged(4, 100)]),  # never fits
+        pa.Table.from_batches([tagged(5, 100)]),
+        pa.Table.from_batches([tagged(6, 10)]),
+    ]
+    nc = await nats.connect(arrow_pipeline.nats.url)
+    try:
+        js = nc.jetstream()
+        v = {streams.HEADER_SCHEMA_VERSION: "1"}
+        seqs = [(await js.publish(SUBJECT, _ipc(t), headers=v)).seq for t in published]
+        dead = await _dead_letters(js, 1)
+    finally:
+        await nc.close()
+    headers = dead[0].headers or {}
+    assert headers[streams.HEADER_ORIGINAL_SEQUENCE] == str(seqs[3])
+    assert headers[streams.HEADER_DEAD_SINK] == "arrow"
+    assert "Arrow could not write it" in headers["Relayrl-Dead-Letter-Detail"]
+    assert dead[0].data == _ipc(published[3])
+    written = [t for i, t in enumerate(published) if i != 3]
+    want = sum(t.num_rows for t in written)
+    root = arrow_pipeline.arrow_dir
+    pipeline.wait_until("arrow rows", lambda: pipeline.arrow_rows(root) == want)
+    assert arrow.alive()
+    assert arrow.metric("relayrl_sink_messages_total") == 5
+    assert arrow.metric("relayrl_sink_rows_total") == want
+    assert arrow.metric("relayrl_sink_dead_letters_total") == 1
+    assert arrow.terminate() == 0, arrow.logs()
+    assert "could not be written together" in arrow.logs()
+    # Every row of the written messages once, none of the dead letter's.
+    files = sorted(root.glob("agent=*/date=*/part-*.parquet"))
+    tags = sorted(t for f in files for t in pq.read_table(f).column("aux_tag").to_pylist())
+    assert tags == sorted(t for m in written for t in m.column("aux_tag").to_pylist())

@@ -175,10 +175,90 @@ async def test_a_failed_write_is_never_committed(tmp_path: Path) -> None:
 
     w._file.writer.write_table = disk_full
     await w.add(_delivery(2, DAY1))
-    with pytest.raises(service.PermanentError, match="No space left"):
+    with pytest.raises(service.PermanentError, match="No space left") as failed:
         await w.commit(w.seal(2))
+    assert type(failed.value) is service.PermanentError  # the disk's: no message to blame
     assert arrow_stream.committed_files(tmp_path) == []
     assert not _temp_files(tmp_path)  # dropped; a restart reads the messages again
+    await w.close()
+
+
+def _snapshots(root: Path) -> list[str]:
+    return sorted(p.name for p in root.rglob("_ids-*.json"))
+
+
+def _tagged(seq: int, when: dt.datetime, *tags: int) -> service.Delivery:
+    """A message with an int8 dictionary column: one batch per count of distinct values
+    in `tags`. Two batches (or messages) of 100 values are more than one file can take."""
+    kind = pa.dictionary(pa.int8(), pa.string())
+    batches = []
+    for k, distinct in enumerate(tags):
+        b = trajectories.batch(1, seq * 10 + k, trajectories=2)
+        values = [f"{seq}-{k}-{i % distinct}" for i in range(b.num_rows)]
+        batches.append(b.append_column("aux_tag", pa.array(values).cast(kind)))
+    table = pa.Table.from_batches(batches)
+    return service.Delivery(
+        seq=seq, time=when, table=table, schema_version=1, size=table.nbytes, msg_id=f"p-{seq}"
+    )
+
+
+async def test_a_file_arrow_refuses_of_one_message_is_left_out_and_its_sequence_kept(
+    tmp_path: Path,
+) -> None:
+    """The refused file of one message ends the commit (a new day split it from the
+    file before): it is left out, and its sequence is recorded though no file names it."""
+    w = arrow_stream.ArrowStreamWriter(tmp_path, trajectories.AGENT)
+    await w.open()
+    await w.add(_tagged(1, DAY1, 10))
+    await w.add(_tagged(2, DAY1, 10))
+    await w.add(_tagged(3, DAY2, 100, 100))
+    sealed = w.seal(3)
+    with pytest.raises(service.RowsRefused) as refused:
+        await w.commit(sealed)
+    assert [seq for seq, _ in refused.value.messages] == [3]
+    assert refused.value.messages[0][1].startswith("Arrow could not write it: ")
+    assert refused.value.rows == {3: 200}
+    refused.value.leave_out()
+    await w.commit(sealed)
+    assert [(a, b) for a, b, _ in arrow_stream.committed_files(tmp_path)] == [(1, 2)]
+    assert not _temp_files(tmp_path)
+    assert "p-3" not in w.committed_ids
+    await w.close()
+    again = arrow_stream.ArrowStreamWriter(tmp_path, trajectories.AGENT)
+    assert await again.open() == 3
+    await again.close()
+
+
+async def test_a_file_arrow_refuses_of_several_messages_asks_for_them_again(
+    tmp_path: Path,
+) -> None:
+    w = arrow_stream.ArrowStreamWriter(tmp_path, trajectories.AGENT)
+    await w.open()
+    await w.add(_tagged(1, DAY1, 10))
+    await w.add(_tagged(2, DAY2, 100))  # each fine alone, not together
+    await w.add(_tagged(3, DAY2, 100))
+    sealed = w.seal(3)
+    with pytest.raises(service.WriteRefused) as refused:
+        await w.commit(sealed)
+    r = refused.value
+    assert (r.first, r.last, r.messages) == (2, 3, 2)
+    assert "larger index type" in r.reason
+    assert r.committed[:2] == [1, 100]
+    assert r.committed_seq == 1
+    await w.add(_tagged(4, DAY2, 10))  # taken meanwhile: dropped by the reset
+    await r.reset()
+    assert not w.pending
+    await _encoded(w)
+    assert not _temp_files(tmp_path)
+    assert [(a, b) for a, b, _ in arrow_stream.committed_files(tmp_path)] == [(1, 1)]
+    assert "p-1" in w.committed_ids
+    assert "p-2" not in w.committed_ids
+    assert _snapshots(tmp_path) == ["_ids-00000000000000000001.json"]  # not the refused one's
+    for seq in (2, 3):  # again, one to a file: both fit
+        await w.add(_tagged(seq, DAY2, 100))
+        await w.commit(w.seal(seq))
+    files = arrow_stream.committed_files(tmp_path)
+    assert [(a, b) for a, b, _ in files] == [(1, 1), (2, 2), (3, 3)]
     await w.close()
 
 

@@ -15,6 +15,10 @@ so a crash at any point neither skips nor repeats a message. The ids of the mess
 written (`message_ids`) are kept beside the partitions, in `_ids-<last seq>.json`, made
 durable just before the file whose last sequence it names: on start the sink takes the
 newest one its files reach.
+
+A file Arrow cannot write for the data in it (no check foresaw it) is dropped: a file of
+one message has that message dead-lettered (`service.RowsRefused`), a file of more has
+the service take its messages again, in smaller files (`service.WriteRefused`).
 """
 
 from __future__ import annotations
@@ -206,6 +210,26 @@ def _check_ipc(table: pa.Table) -> None:
         )
 
 
+class _DataRefused(Exception):
+    """A file Arrow could not write for the data in it (not for the storage)."""
+
+
+# What Arrow raises for data it cannot encode; its errors of the storage (OSError) and
+# of memory are not the messages' fault, and leave the sink as before (exit 2).
+_DATA_ERRORS: Final = (
+    pa.ArrowInvalid,
+    pa.ArrowCapacityError,
+    pa.ArrowNotImplementedError,
+    pa.ArrowTypeError,
+    pa.ArrowIndexError,
+    pa.ArrowKeyError,
+)
+
+
+def _of_data(err: BaseException | None) -> bool:
+    return isinstance(err, _DATA_ERRORS) and not isinstance(err, (OSError, MemoryError))
+
+
 def _holds_dictionary(t: pa.DataType) -> bool:
     return pa.types.is_dictionary(t) or any(
         _holds_dictionary(t.field(i).type) for i in range(t.num_fields)
@@ -267,6 +291,7 @@ class _OpenFile:
         self.day = day
         self.opened = time.monotonic()
         self.rows = 0
+        self.messages = 0
         # Message bytes handed over (event loop) and those already in the file (encode
         # thread): with the file's size, an estimate of how big it is going to be.
         self.added_bytes = 0
@@ -315,6 +340,7 @@ class _OpenFile:
         of work while the loop fetches the next, rather than waiting on it per message.
         """
         self.rows += table.num_rows
+        self.messages += 1
         self.added_bytes += nbytes
         if self.format is spec.SinkFormat.ARROW:
             return [table], nbytes
@@ -663,27 +689,60 @@ class ArrowStreamWriter:
         assert isinstance(sealed, _Sealed)
         for write in sealed.writes:
             await write  # never raises: a failed write marks its file
-        if sealed.files:
+        left = [f for f in sealed.files if not f.committed]
+        if left:
             # Sequences after the last data message (dead letters) are done too: the
             # name records them, so a restart does not dead-letter them again.
-            last = sealed.files[-1]
-            last.last_seq = max(last.last_seq, sealed.last_seq)
-        elif sealed.last_seq > self._done:
-            # Only dead letters since the last file: no name to record them in.
+            left[-1].last_seq = max(left[-1].last_seq, sealed.last_seq)
+        elif sealed.last_seq > max([self._done, *(f.last_seq for f in sealed.files)]):
+            # Only dead letters since the last file (or a file left out, its message
+            # dead-lettered): no name to record them in.
             await self._write_beside(_DONE_FILE, str(sealed.last_seq))
             self._done = sealed.last_seq
         loop = asyncio.get_running_loop()
-        for f in sealed.files:
+        for i, f in enumerate(sealed.files):
             if f.committed:
                 continue
             ids, touched, forgotten = self.committed_ids.merged(f.ids)
             if touched or forgotten:
                 # Durable before the file: once its name is there, so are its ids.
                 await self._write_beside(_ids_name(f.last_seq), ids.to_json())
-            await asyncio.wrap_future(self._finish.submit(self._finish_file, f), loop=loop)
+            try:
+                await asyncio.wrap_future(self._finish.submit(self._finish_file, f), loop=loop)
+            except _DataRefused as err:
+                if touched or forgotten:
+                    await asyncio.to_thread(self._drop_snapshot, f.last_seq)
+                raise self._refused(sealed, i, str(err)) from err
             self.committed_ids = ids
             if touched or forgotten:
                 await asyncio.to_thread(self._drop_snapshots_before, f.last_seq)
+
+    def _refused(self, sealed: _Sealed, i: int, reason: str) -> Exception:
+        """What to raise for file `i` of `sealed`, which Arrow could not write for its
+        data: a file of one message names it (RowsRefused: the service dead-letters it
+        and commits the rest of the seal); a file of more asks the service to take its
+        messages again one by one (WriteRefused), and what was not committed is dropped."""
+        f = sealed.files[i]
+        if f.messages == 1:
+            one = service.RowsRefused([(f.first_seq, f"Arrow could not write it: {reason}")])
+            one.rows = {f.first_seq: f.rows}
+            one.leave_out = lambda: sealed.files.remove(f)
+            return one
+        for later in sealed.files[i + 1 :]:
+            later.discard()
+        refused = service.WriteRefused(f.first_seq, f.last_seq, f.messages, reason, self.reset)
+        # Those before it are committed: the service counts them.
+        done = sealed.files[:i]
+        refused.committed = [
+            sum(g.messages for g in done),
+            sum(g.rows for g in done),
+            sum(g.added_bytes for g in done),
+        ]
+        refused.committed_seq = done[-1].last_seq if done else 0
+        return refused
+
+    def _drop_snapshot(self, seq: int) -> None:
+        (agent_dir(self.root, self.agent) / _ids_name(seq)).unlink(missing_ok=True)
 
     def _drop_snapshots_before(self, seq: int) -> None:
         for older, path in self._snapshots():
@@ -700,15 +759,19 @@ class ArrowStreamWriter:
 
         await asyncio.to_thread(check)
 
-    async def close(self) -> None:
+    async def reset(self) -> None:
+        """Drop everything added and not committed (the service takes it again)."""
         for write, _ in list(self._writes):
             with contextlib.suppress(Exception):
                 await write
-        # Not committed: the data comes again from the stream after a restart.
         for f in [*self._ended, *([self._file] if self._file is not None else [])]:
             f.discard()
         self._ended, self._file = [], None
         self._writes, self._queued_bytes = collections.deque(), 0
+
+    async def close(self) -> None:
+        # Not committed: the data comes again from the stream after a restart.
+        await self.reset()
         self._encode.shutdown(wait=True)
         self._finish.shutdown(wait=True)
 
@@ -717,11 +780,15 @@ class ArrowStreamWriter:
             final = f.finish()
         except service.PermanentError:
             f.discard()
+            if _of_data(f.failed):
+                raise _DataRefused(str(f.failed)) from f.failed
             raise
         except Exception as err:
+            f.discard()
+            if _of_data(err):
+                raise _DataRefused(str(err)) from err
             # Half-finished files are not retried in place: the process exits, and the
             # restart drops the temp file and reads the messages again.
-            f.discard()
             raise service.PermanentError(f"{f.temp}: {err}") from err
         f.committed = True
         self.files_committed += 1

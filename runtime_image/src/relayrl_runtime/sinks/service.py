@@ -113,6 +113,7 @@ ERROR_PLACES: Final = (
     "consumer",
     "fetch",
     "commit",
+    "write",
     "deadletter",
     "storage",
     "stream-tail-lost",
@@ -550,6 +551,10 @@ class SinkService:
         self._max_msg = 0  # the stream's largest message (0: unknown)
         self._next_probe = 0.0
         self._reconnects = 0  # the connection's reconnect count when the consumer was made
+        # Messages up to `_split_through` are committed `_split_size` at a time: a file of
+        # them could not be written (`WriteRefused`), and halving finds the one(s) to blame.
+        self._split_through = 0
+        self._split_size = 0
 
     def ack_wait_seconds(self) -> float:
         """The consumer's ack wait: past it, JetStream delivers a message again.
@@ -725,6 +730,7 @@ class SinkService:
             )
             stale = self._last_seen
             self._last_seen = await self._retry("restart", lambda: self.writer.restart(stale))
+            self._split_through = 0  # sequences of the old stream
             self.metrics.committed_seq.set(self._last_seen)
         await self._retry("origin", lambda: self.writer.set_origin(origin))
 
@@ -803,9 +809,13 @@ class SinkService:
             # (deleted and made again, so its sequences start at 1). What was taken from
             # the old one is committed first (nothing at start), then the stream is
             # made if configured and compared with the committed position.
-            if self.writer.pending:
-                await self._commit()
-            await self._drain_commits()
+            try:
+                if self.writer.pending:
+                    await self._commit()
+                await self._drain_commits()
+            except WriteRefused as before:
+                await self._rewind(before)
+                continue
             await self._open_stream(js)
             sub = await self._retry("consumer", lambda: self._position(js))
             self.ready = True
@@ -813,8 +823,11 @@ class SinkService:
             # server and the writer's threads work while this loop decodes and adds.
             fetched: asyncio.Queue[list[Msg] | None] = asyncio.Queue(1)
             fetcher = asyncio.create_task(self._fetch_loop(sub, fetched))
+            refused: WriteRefused | None = None
             try:
                 await self._take(js, fetched, fetcher)
+            except WriteRefused as err:
+                refused = err
             finally:
                 # A cancel alone may be lost inside the fetch (aio): cancel until it ends.
                 await aio.cancel_and_wait(fetcher)
@@ -822,8 +835,38 @@ class SinkService:
                 failed = aio.failure(fetcher)
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
-            if failed is not None:
+            if refused is not None:
+                await self._rewind(refused)
+            elif failed is not None:
                 raise failed  # what ended the fetching (after the consumer must move)
+
+    async def _rewind(self, refused: WriteRefused) -> None:
+        """Drop what was taken after the committed position (the refused file's messages
+        and any after them) and take it again from the stream, the refused file's
+        messages in commits of half as many: halved again while refused, down to files
+        of one, which are written alone or dead-lettered (RowsRefused). The consumer is
+        re-positioned by the caller's loop."""
+        size = max(1, refused.messages // 2)
+        if self._split_through >= refused.first:
+            size = min(size, self._split_size)
+        log.error(
+            "%s sink: messages %d-%d could not be written together (%s); taking them"
+            " again, %d to a file",
+            self.writer.kind,
+            refused.first,
+            refused.last,
+            refused.reason,
+            size,
+        )
+        self.metrics.errors.labels(self.writer.kind, "write").inc()
+        await refused.reset()
+        self._last_seen = refused.first - 1
+        self._last_msg = self._dead_unacked = None
+        self._split_through = max(self._split_through, refused.last)
+        self._split_size = size
+        self._ids = self.writer.committed_ids.copy()
+        self._uncommitted = [0, 0, 0]
+        self._commit_failed = False
 
     async def _fetch_loop(
         self,
@@ -887,6 +930,11 @@ class SinkService:
                 if not await self._handle(js, msg):
                     gap = True
                     break
+                if (
+                    self._last_seen <= self._split_through
+                    and self._uncommitted[0] >= self._split_size
+                ):
+                    await self._commit()  # messages of a refused file, fewer to a file
             if self._inflight is not None and self._inflight.done():
                 await self._drain_commits()  # raises what the commit raised
             await self._ack_dead_letters()
@@ -1128,7 +1176,16 @@ class SinkService:
                         counts[2] -= size
                     refused.leave_out()
 
-        await self._retry("commit", commit)
+        try:
+            await self._retry("commit", commit)
+        except WriteRefused as refused:
+            messages, rows, size = refused.committed
+            if refused.committed_seq:
+                self.metrics.messages.inc(messages)
+                self.metrics.rows.inc(rows)
+                self.metrics.bytes.inc(size)
+                self.metrics.committed_seq.set(refused.committed_seq)
+            raise
         self.metrics.commit_seconds.observe(time.monotonic() - start)
         self._failing.discard("storage")  # a commit went through
         self.metrics.committed_seq.set(last)
@@ -1218,6 +1275,32 @@ class PermanentError(Exception):
     refused with no message's rows to blame): the sink exits 2 with nothing of it
     acked. Connection and credential problems are retried instead, /readyz answering
     503 meanwhile."""
+
+
+class WriteRefused(PermanentError):
+    """A commit whose file could not be written, for the data of the messages in it
+    (sequences `first` to `last`), not for the storage: Arrow refused to encode them
+    together. `reset` (the writer's) drops everything it holds not committed; the
+    service then takes these messages again, half as many to a commit (and so on), so
+    that the ones to blame are dead-lettered (the writer raises RowsRefused for a file
+    of one) and the others written. It ends the sink only from its final commit (the
+    restart does the same)."""
+
+    def __init__(
+        self,
+        first: int,
+        last: int,
+        messages: int,
+        reason: str,
+        reset: Callable[[], Awaitable[None]],
+    ) -> None:
+        self.first, self.last, self.messages = first, last, messages
+        self.reason, self.reset = reason, reset
+        # Messages, rows and bytes of the files of the same commit before the refused
+        # one, which are committed, and the last sequence they hold (0: none).
+        self.committed = [0, 0, 0]
+        self.committed_seq = 0
+        super().__init__(f"messages {first}-{last} could not be written together: {reason}")
 
 
 def _widen_nats_reads() -> None:
