@@ -152,7 +152,7 @@ class Agent:
 
         self._policy = self._load(model_ref, model_version)
         # The version before the running one, kept from a hot reload until the next one
-        # starts: a version that fails at run time is replaced by it (`_roll_back`).
+        # swaps in: a version that fails at run time is replaced by it (`_roll_back`).
         self._previous: policy.Policy | None = None
         # Versions that failed at run time, with why: the watchers do not load them again.
         self._run_failures: dict[int, str] = {}
@@ -235,10 +235,11 @@ class Agent:
         refused (`ModelIncompatibleError`): the trajectories this agent records have
         the layout of the model it started with.
 
-        The version replaced stays loaded until the next reload starts: a new version
-        whose forward pass fails on a request is replaced by it (`run_failure` then
-        says why), and that request is answered by it. So between reloads the agent
-        holds two models, as it does while one loads.
+        The version replaced stays loaded until the next reload swaps in: a new version
+        whose forward pass fails on a request the version before answers is replaced by
+        it (`run_failure` then says why), and that request is answered by it. A reload
+        that fails keeps both. So the agent holds two models between reloads, and three
+        while one loads.
         """
         if (
             version is None
@@ -255,10 +256,6 @@ class Agent:
             )
         with self._reload_lock:
             self._check_open()
-            with self._lock:
-                previous, self._previous = self._previous, None
-            if previous is not None:
-                previous.close()  # before the load: never three models at once
             new = self._load(model_ref, version)
             why = self._policy.metadata.compatible_with(new.metadata)
             if why is not None:
@@ -293,9 +290,9 @@ class Agent:
                     dropped = [own.pop(row) for row in list(own) if row not in old_own]
                     self._own = own
                 self._policy = new
-                self._previous = old
+                older, self._previous = self._previous, old
                 self._swaps += 1
-            for p in [*old_own.values(), *dropped]:
+            for p in [*old_own.values(), *dropped, *([older] if older is not None else [])]:
                 p.close()
             self.metrics.model_version.set(new.version)
             self.metrics.model_reloads.labels("ok").inc()
@@ -359,7 +356,7 @@ class Agent:
                 else:
                     out = self._act_independent(rows, obs, m)
             except errors.ModelRunError as err:
-                self._roll_back(err)
+                self._roll_back(err, obs, m)
                 if self._shared or n == 0:
                     out = self._policy.act(obs, m, self._rng, self.sample)
                 else:
@@ -382,13 +379,36 @@ class Agent:
             self._hand_off(ready)
         return result
 
-    def _roll_back(self, err: errors.ModelRunError) -> None:
-        """Replace the running version, which failed on a request, by the one before it;
-        with none kept, `err` is raised. Called with the lock held."""
+    def _roll_back(
+        self,
+        err: errors.ModelRunError,
+        obs: npt.NDArray[np.generic],
+        mask: npt.NDArray[np.bool_] | None,
+    ) -> None:
+        """Replace the running version, which failed on a request, by the one before it.
+
+        `err` is raised instead when no version before is kept, or when that version
+        fails on the request too (then the request is to blame, not the new version).
+        Called with the lock held.
+        """
         bad, previous = self._policy, self._previous
-        if previous is None:
+        answered = False
+        if previous is not None:
+            try:
+                previous.act(obs, mask, self._rng, self.sample)
+                answered = True
+            except errors.ModelRunError:
+                pass
+        if previous is None or not answered:
             raise err
-        own = {row: loader.copy_policy(previous, self.device) for row in self._own}
+        own: dict[int, policy.Policy] = {}
+        try:
+            for row in self._own:  # independent mode: one copy per actor
+                own[row] = loader.copy_policy(previous, self.device)
+        except BaseException:
+            for p in own.values():
+                p.close()
+            raise
         old_own = self._own
         self._policy, self._own, self._previous = previous, own, None
         self._swaps += 1

@@ -196,6 +196,9 @@ class RegistryWatcher(_Watcher):
         self._digest = digest  # the last object looked at (loaded or refused)
         self._running = digest  # the one the agent runs
         self._path = path  # where it was unpacked (under `cache`)
+        # The object the agent ran before the last reload, and its version: the agent
+        # goes back to it if the new version fails at run time (`Agent.run_failure`).
+        self._before: tuple[str, int] | None = None
 
     async def run(self) -> None:
         """Poll until cancelled; transient registry errors are retried at the next poll."""
@@ -210,6 +213,11 @@ class RegistryWatcher(_Watcher):
 
     async def _check(self) -> None:
         ref = self.ref
+        if self._before is not None and self._before[1] == self.agent.get_model_version():
+            # Back on the version before (the last one failed at run time): it runs
+            # from memory, its files are gone, and the failed one's may go too.
+            self._running, self._path, self._before = self._before[0], self.cache, None
+            await asyncio.to_thread(registry.prune, self.cache, self._path)
         try:
             try:
                 entry = await registry.info(self.nc, ref)
@@ -268,5 +276,6 @@ class RegistryWatcher(_Watcher):
                 )
             self.refused = None
             return
+        before = (self._running, self.agent.get_model_version())
         await self._reload(self.agent, path, entry.version)
-        self._running, self._path = entry.digest, path
+        self._running, self._path, self._before = entry.digest, path, before

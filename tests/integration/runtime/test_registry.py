@@ -636,11 +636,16 @@ def test_a_version_that_fails_at_run_time_is_reported_and_not_fetched_again(
     cfg = _config(
         "runfail", "objectstore://m9/cp", url, tmp_path, actors=4, namespace="ns", reload=_POLL
     )
-    env = {config.ENV_POD_NAME: "runfail-0"}
+    tmp = tmp_path / "tmp"  # where the process unpacks the versions it fetches
+    tmp.mkdir()
+    env = {config.ENV_POD_NAME: "runfail-0", "TMPDIR": str(tmp)}
     proc = helpers.RuntimeProcess(tmp_path, cfg, env=env, mounted=True)
 
     def report() -> reporting.PodReport | None:
         return _reports(url, "ns", "runfail").get("runfail-0")
+
+    def unpacked() -> list[str]:
+        return sorted(p.name.split("-")[1] for p in tmp.glob("relayrl-models-*/*"))
 
     try:
         proc.wait_ready()
@@ -660,13 +665,22 @@ def test_a_version_that_fails_at_run_time_is_reported_and_not_fetched_again(
         assert 'model_reloads_total{result="ok"} 1.0' in text
         assert 'model_reloads_total{result="rolled_back"} 1.0' in text
         assert helpers.metric(text, "relayrl_runtime_model_version") == 1
+        # Version 1 runs from memory; version 2's files go.
+        helpers.wait_for("version 2 off the disk", lambda: unpacked() == [])
+        # Pinned to the version it went back to: it runs it, nothing to say.
+        proc.update_config({**cfg, "model": {**cfg["model"], "version": 1}})
+        helpers.wait_for("the report cleared", lambda: (r := report()) and r.refused is None)
+        proc.update_config(cfg)
+        helpers.wait_for("version 2 refused again", lambda: (r := report()) and r.refused)
         export.export_mlp(tmp_path / "v3", spec.ModelFormat.ONNX, seed=2, version=3)
         _cli("model", "push", "--nats", url, "--bucket", "m9", "--name", "cp",
              str(tmp_path / "v3"))  # fmt: skip
         helpers.wait_for_model(proc, 3)
         helpers.wait_for("the report cleared", lambda: (r := report()) and r.refused is None)
+        assert unpacked() == ["v3"]
         assert proc.terminate() == 0, proc.logs()
     finally:
         proc.kill()
+    assert "other content" not in proc.logs()
     table = pa.concat_tables([pq.read_table(f) for f in (tmp_path / "out").glob("*.parquet")])
     assert set(table["policy_version"].to_pylist()) == {1, 3}

@@ -320,7 +320,7 @@ def test_a_version_that_fails_at_run_time_is_replaced_by_the_one_before(
 
 def test_a_failure_with_no_version_before_is_raised(models: dict[str, Path]) -> None:
     """The version the agent started with has none before it; nor has one that came
-    after a replacement (the version before is kept once)."""
+    back in a replacement (the version before it was not kept)."""
     a = agent_mod.Agent(models["failing_v2"], actor_count=4)
     with pytest.raises(errors.ModelRunError, match=r"model version 2 .*the forward pass of 4"):
         a.request_action([0, 1, 2, 3], _obs(4))
@@ -337,6 +337,42 @@ def test_a_failure_with_no_version_before_is_raised(models: dict[str, Path]) -> 
     with pytest.raises(errors.ModelRunError, match=r"model version 1 .*ZeroDivisionError"):
         b.request_action([0, 1, 2, 3], _obs(4))
     b.shutdown()
+
+
+def test_a_reload_that_fails_keeps_the_version_to_go_back_to(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    """Version 2 runs (after 1); a corrupt and an incompatible version are refused;
+    version 2 then fails on a request: version 1 is still there to answer it."""
+    a = agent_mod.Agent(models["onnx"], actor_count=4)
+    assert a.reload_model(models["failing_v2"]) == 2
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(models["onnx_v2"], corrupt)
+    (corrupt / "model.onnx").write_bytes(b"not onnx")
+    with pytest.raises(errors.ModelLoadError, match="not a loadable ONNX model"):
+        a.reload_model(corrupt)
+    with pytest.raises(errors.ModelIncompatibleError):
+        a.reload_model(models["onnx_wide"])
+    assert a.request_action([0, 1, 2, 3], _obs(4)).version == 1
+    a.shutdown()
+
+
+def test_a_request_the_version_before_fails_too_replaces_nothing(
+    models: dict[str, Path],
+) -> None:
+    """Both versions fail on it: the request is to blame, and version 2 stays."""
+    a = agent_mod.Agent(models["onnx"], actor_count=4)
+    a.reload_model(models["failing_v2"])
+    previous = a._previous
+    assert previous is not None
+    previous.backend.run = lambda obs: 1 / 0  # type: ignore[method-assign]
+    with pytest.raises(errors.ModelRunError, match=r"model version 2 .*the forward pass of 4"):
+        a.request_action([0, 1, 2, 3], _obs(4))
+    assert a.get_model_version() == 2
+    assert a.run_failure(2) is None
+    assert a.metrics.model_reloads.labels("rolled_back")._value.get() == 0
+    assert a.request_action([0, 1, 2], _obs(3)).version == 2
+    a.shutdown()
 
 
 def test_reload_records_versions_and_refuses_other_layouts(
