@@ -57,6 +57,10 @@ MODEL_NAME: Final = re.compile(r"^[A-Za-z0-9_.-]+$")
 _VERSIONED: Final = re.compile(r"@v\d+$")
 # nats-server's refusal of a publish whose expected last subject sequence is stale.
 _WRONG_LAST_SEQUENCE: Final = 10071
+# Chunks no object names are a push's that was cut off before its meta message (killed,
+# its connection lost), once their last chunk is this old; younger ones may be a push
+# still writing. A push removes them (`sweep`).
+ORPHAN_SECONDS: Final = 600.0
 
 _T = TypeVar("_T")
 
@@ -266,6 +270,8 @@ async def push(nc: Any, bucket: str, name: str, directory: Path, force: bool = F
                 await _put_guarded(js, bucket, key, data, digest, description, current)
         except _Raced:
             continue
+        with contextlib.suppress(Exception):  # housekeeping: the push itself is done
+            await sweep(js, bucket)
         return Entry(name, meta.version, meta.format.value, len(data), digest)
     raise errors.RelayRLError(
         f"model registry: {name} in bucket {bucket!r} was changed by other pushes"
@@ -397,6 +403,40 @@ async def _put_guarded(
     if current.nuid is not None:  # the replaced object's chunks
         old = object_store_api.OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=bucket, obj=current.nuid)
         await _nats(bucket, js.purge_stream(stream, subject=old))
+
+
+async def sweep(js: Any, bucket: str, older_than: float | None = None) -> int:
+    """Remove the chunks of `bucket` that no object names and whose last chunk is older
+    than `older_than` seconds (default `ORPHAN_SECONDS`): those of a push cut off before
+    its meta message. Returns how many pushes' chunks were removed."""
+    if older_than is None:
+        older_than = ORPHAN_SECONDS
+    stream = streams.object_store_stream(bucket)
+    prefix = f"$O.{bucket}"
+    chunked = await _nats(bucket, js.stream_info(stream, subjects_filter=f"{prefix}.C.>"))
+    chunk_subjects = set(chunked.state.subjects or {})
+    if not chunk_subjects:
+        return 0
+    metas = await _nats(bucket, js.stream_info(stream, subjects_filter=f"{prefix}.M.>"))
+    named = set()
+    for subject in metas.state.subjects or {}:
+        msg = await _nats(bucket, js.get_last_msg(stream, subject))
+        with contextlib.suppress(ValueError, TypeError, KeyError):
+            info = api.ObjectInfo.from_response(json.loads(msg.data))
+            if not info.deleted and info.nuid:
+                named.add(f"{prefix}.C.{info.nuid}")
+    removed = 0
+    now = datetime.now(UTC)
+    for subject in sorted(chunk_subjects - named):
+        try:
+            last = await _nats(bucket, js.get_last_msg(stream, subject))
+        except js_errors.NotFoundError:
+            continue  # removed meanwhile
+        if last.time is None or (now - last.time).total_seconds() < older_than:
+            continue
+        await _nats(bucket, js.purge_stream(stream, subject=subject))
+        removed += 1
+    return removed
 
 
 async def _written(js: Any, bucket: str, key: str, nuid: str) -> bool | None:

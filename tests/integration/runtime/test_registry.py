@@ -19,7 +19,7 @@ import pytest
 from integration.runtime import helpers
 
 from relayrl_runtime import agent as agent_mod
-from relayrl_runtime import config, registry, reload, reporting, spec
+from relayrl_runtime import config, registry, reload, reporting, spec, streams
 from relayrl_runtime.inference import export, model
 from support import natsserver
 
@@ -684,3 +684,40 @@ def test_a_version_that_fails_at_run_time_is_reported_and_not_fetched_again(
     assert "other content" not in proc.logs()
     table = pa.concat_tables([pq.read_table(f) for f in (tmp_path / "out").glob("*.parquet")])
     assert set(table["policy_version"].to_pylist()) == {1, 3}
+
+
+async def test_chunks_of_a_push_cut_off_are_removed_by_a_later_push(
+    nats_server: natsserver.NatsServer,
+    models: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A push killed after its chunks and before its meta message leaves them named by
+    no object: the next push removes them once they are old enough, and leaves the
+    chunks of the objects, and of a push that may still be writing, as they are."""
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        await registry.push(nc, "m10", "cp", models["onnx"])
+        stream = streams.object_store_stream("m10")
+        old, young = "$O.m10.C.cutoffpushold", "$O.m10.C.cutoffpushyoung"
+        for _ in range(3):
+            await js.publish(old, b"x" * 1000)
+
+        async def chunk_subjects() -> set[str]:
+            info = await js.stream_info(stream, subjects_filter="$O.m10.C.>")
+            return set(info.state.subjects or {})
+
+        assert old in await chunk_subjects()
+        await asyncio.sleep(1.5)
+        await js.publish(young, b"y" * 1000)
+        monkeypatch.setattr(registry, "ORPHAN_SECONDS", 1.0)
+        await registry.push(nc, "m10", "cp", models["onnx_v2"])
+        left = await chunk_subjects()
+        assert old not in left
+        assert young in left
+        assert len(left) == 4  # cp, cp@v1, cp@v2 and the young one
+        for key in ("cp", "cp@v1", "cp@v2"):
+            store = await js.object_store("m10")
+            assert len((await store.get(key)).data or b"") > 0
+    finally:
+        await nc.close()
