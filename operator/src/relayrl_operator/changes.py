@@ -41,6 +41,9 @@ def describe(
         elif new.paused and key in _ACTOR_FIELDS:
             change = f"{key} {before} -> {after}" if key.startswith("actors") else f"{key} changed"
             out.append(f"{change}: {_PAUSED}")
+        elif key == "actors" and (new.pods() == 0 or old.pods() == 0):
+            # No running pods to adjust: all of them go, or the first ones start.
+            out.append(f"{key} {before} -> {after}: scaled to {new.pods()} actor pods")
         elif key == "actors":
             out.append(
                 f"{key} {before} -> {after}: scaled to {new.pods()} actor pods; running "

@@ -230,6 +230,11 @@ def test_changes_say_how_each_field_was_applied() -> None:
         in changes.describe(old, make_spec({"spec": {"model": {"format": "torchscript"}}}))[0]
     )
     assert "without a restart" in changes.describe(old, make_spec({"spec": {"actors": 12}}))[0]
+    none = make_spec({"spec": {"actors": 0}})
+    assert changes.describe(old, none) == [f"actors {old.actors} -> 0: scaled to 0 actor pods"]
+    assert changes.describe(none, old) == [
+        f"actors 0 -> {old.actors}: scaled to {old.pods()} actor pods"
+    ]
     assert changes.describe(old, make_spec({"spec": {"paused": True}})) == [
         "paused: actor pods scaled to zero"
     ]
