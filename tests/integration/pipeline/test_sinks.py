@@ -829,3 +829,45 @@ async def test_messages_a_parquet_file_cannot_hold_together_are_written_apart(
     files = sorted(root.glob("agent=*/date=*/part-*.parquet"))
     tags = sorted(t for f in files for t in pq.read_table(f).column("aux_tag").to_pylist())
     assert tags == sorted(t for m in written for t in m.column("aux_tag").to_pylist())
+
+
+async def test_a_refused_file_is_split_only_where_refused(
+    arrow_pipeline: pipeline.Pipeline,
+) -> None:
+    """33 messages in one file, of which the first two cannot share one: the halving
+    that finds them leaves the rest in few files, not one each, and a dead letter
+    among them is published and counted once, though its messages are taken again."""
+    arrow = arrow_pipeline.arrow_sink("--rotate-seconds", "2")
+    pipeline.start_ready(arrow)
+    tag = pa.dictionary(pa.int8(), pa.string())
+
+    def tagged(k: int, distinct: int) -> pa.Table:
+        b = trajectories.batch(4, k, trajectories=2)
+        values = [f"{k}-{i % distinct}" for i in range(b.num_rows)]
+        return pa.Table.from_batches([b.append_column("aux_tag", pa.array(values).cast(tag))])
+
+    published = [tagged(0, 100), tagged(1, 100)] + [tagged(k, 10) for k in range(2, 33)]
+    nc = await nats.connect(arrow_pipeline.nats.url)
+    try:
+        js = nc.jetstream()
+        v = {streams.HEADER_SCHEMA_VERSION: "1"}
+        for i, t in enumerate(published):
+            if i == 5:
+                await js.publish(SUBJECT, b"not arrow", headers=v)
+            await js.publish(SUBJECT, _ipc(t), headers=v)
+        await _dead_letters(js, 1)
+    finally:
+        await nc.close()
+    want = sum(t.num_rows for t in published)
+    root = arrow_pipeline.arrow_dir
+    pipeline.wait_until("arrow rows", lambda: pipeline.arrow_rows(root) == want)
+    assert arrow.metric("relayrl_sink_messages_total") == len(published)
+    assert arrow.metric("relayrl_sink_dead_letters_total") == 1
+    refused = arrow.metric('relayrl_sink_errors_total{sink="arrow",where="write"}')
+    files = arrow_stream.committed_files(root)
+    assert arrow.terminate() == 0, arrow.logs()
+    # Halved down to the pair: 16, 8, 4, 2 and 1 to a file, each range once.
+    assert 2 <= refused <= 6, arrow.logs()
+    assert len(files) <= refused + 2, files
+    tags = sorted(t for _, _, f in files for t in pq.read_table(f).column("aux_tag").to_pylist())
+    assert tags == sorted(t for m in published for t in m.column("aux_tag").to_pylist())

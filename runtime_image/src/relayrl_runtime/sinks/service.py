@@ -32,6 +32,7 @@ import dataclasses
 import datetime as dt
 import http.server
 import logging
+import math
 import re
 import signal
 import socket
@@ -551,10 +552,13 @@ class SinkService:
         self._max_msg = 0  # the stream's largest message (0: unknown)
         self._next_probe = 0.0
         self._reconnects = 0  # the connection's reconnect count when the consumer was made
-        # Messages up to `_split_through` are committed `_split_size` at a time: a file of
-        # them could not be written (`WriteRefused`), and halving finds the one(s) to blame.
-        self._split_through = 0
-        self._split_size = 0
+        # (through, size): messages of a file that could not be written (`WriteRefused`),
+        # up to `through`, are taken again `size` to a commit (`_split_size`); halving
+        # finds the one(s) to blame.
+        self._splits: list[tuple[int, int]] = []
+        # Messages up to here were taken once before a rewind: their dead letters are
+        # published and counted, their copies counted, already.
+        self._taken_through = 0
 
     def ack_wait_seconds(self) -> float:
         """The consumer's ack wait: past it, JetStream delivers a message again.
@@ -730,7 +734,7 @@ class SinkService:
             )
             stale = self._last_seen
             self._last_seen = await self._retry("restart", lambda: self.writer.restart(stale))
-            self._split_through = 0  # sequences of the old stream
+            self._splits, self._taken_through = [], 0  # sequences of the old stream
             self.metrics.committed_seq.set(self._last_seen)
         await self._retry("origin", lambda: self.writer.set_origin(origin))
 
@@ -847,8 +851,6 @@ class SinkService:
         of one, which are written alone or dead-lettered (RowsRefused). The consumer is
         re-positioned by the caller's loop."""
         size = max(1, refused.messages // 2)
-        if self._split_through >= refused.first:
-            size = min(size, self._split_size)
         log.error(
             "%s sink: messages %d-%d could not be written together (%s); taking them"
             " again, %d to a file",
@@ -860,13 +862,25 @@ class SinkService:
         )
         self.metrics.errors.labels(self.writer.kind, "write").inc()
         await refused.reset()
+        self._taken_through = max(self._taken_through, self._last_seen)
         self._last_seen = refused.first - 1
         self._last_msg = self._dead_unacked = None
-        self._split_through = max(self._split_through, refused.last)
-        self._split_size = size
+        # Only this file's messages get the smaller size; split ranges already passed go.
+        self._splits = [(t, n) for t, n in self._splits if t >= refused.first]
+        self._splits.append((refused.last, size))
         self._ids = self.writer.committed_ids.copy()
         self._uncommitted = [0, 0, 0]
         self._commit_failed = False
+
+    def _split_size(self) -> float:
+        """How many messages of a refused file the next commit holds: the size of the
+        innermost split range the last message taken is in (no limit outside them)."""
+        seq = self._last_seen
+        inside = [(through, size) for through, size in self._splits if through >= seq]
+        if not inside:
+            self._splits = []  # all passed (a file refused again makes its own)
+            return math.inf
+        return min(inside)[1]
 
     async def _fetch_loop(
         self,
@@ -930,10 +944,7 @@ class SinkService:
                 if not await self._handle(js, msg):
                     gap = True
                     break
-                if (
-                    self._last_seen <= self._split_through
-                    and self._uncommitted[0] >= self._split_size
-                ):
+                if self._splits and self._uncommitted[0] >= self._split_size():
                     await self._commit()  # messages of a refused file, fewer to a file
             if self._inflight is not None and self._inflight.done():
                 await self._drain_commits()  # raises what the commit raised
@@ -996,7 +1007,8 @@ class SinkService:
                 streams.HEADER_MSG_ID,
                 msg_id,
             )
-            self.metrics.duplicates.inc()
+            if seq > self._taken_through:
+                self.metrics.duplicates.inc()
             self._last_seen, self._last_msg = seq, msg
             self._dead_unacked = msg  # recorded and acked after this batch (_take)
             return True
@@ -1005,7 +1017,8 @@ class SinkService:
         try:
             table, version = self._checked(msg, seq)
         except InvalidMessageError as err:
-            await self._dead_letter(js, msg.data, msg.subject, seq, err)
+            if seq > self._taken_through:  # else published before a rewind
+                await self._dead_letter(js, msg.data, msg.subject, seq, err)
             self._last_seen, self._last_msg = seq, msg
             self._dead_unacked = msg  # recorded and acked after this batch (_take)
             return True
