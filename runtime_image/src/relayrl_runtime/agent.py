@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import os
 import threading
@@ -222,6 +223,12 @@ class Agent:
         replacement): a watcher looks again when it changed."""
         return self._swaps
 
+    @property
+    def previous_version(self) -> int | None:
+        """The version kept to go back to (None: none kept)."""
+        previous = self._previous
+        return None if previous is None else previous.version
+
     def run_failure(self, version: int) -> str | None:
         """Why `version` was replaced after it failed at run time (None: it did not)."""
         return self._run_failures.get(version)
@@ -356,11 +363,9 @@ class Agent:
                 else:
                     out = self._act_independent(rows, obs, m)
             except errors.ModelRunError as err:
-                self._roll_back(err, obs, m)
-                if self._shared or n == 0:
-                    out = self._policy.act(obs, m, self._rng, self.sample)
-                else:
-                    out = self._act_independent(rows, obs, m)
+                out = self._roll_back(err, obs, m)  # the version before's answer
+                if not (self._shared or n == 0):
+                    out = self._act_independent(rows, obs, m)  # by each actor's copy
             elapsed = time.perf_counter() - t0
             stamps = (out.version, t_obs, time.time_ns() // 1000)
             result = ActionResult(out.actions, out.outputs, out.version, self.layout, m, out.logp)
@@ -384,22 +389,20 @@ class Agent:
         err: errors.ModelRunError,
         obs: npt.NDArray[np.generic],
         mask: npt.NDArray[np.bool_] | None,
-    ) -> None:
-        """Replace the running version, which failed on a request, by the one before it.
+    ) -> policy.PolicyOutput:
+        """Replace the running version, which failed on a request, by the one before it;
+        returns that version's answer to the request.
 
         `err` is raised instead when no version before is kept, or when that version
         fails on the request too (then the request is to blame, not the new version).
         Called with the lock held.
         """
         bad, previous = self._policy, self._previous
-        answered = False
+        answer = None
         if previous is not None:
-            try:
-                previous.act(obs, mask, self._rng, self.sample)
-                answered = True
-            except errors.ModelRunError:
-                pass
-        if previous is None or not answered:
+            with contextlib.suppress(errors.ModelRunError):
+                answer = previous.act(obs, mask, self._rng, self.sample)
+        if previous is None or answer is None:
             raise err
         own: dict[int, policy.Policy] = {}
         try:
@@ -419,6 +422,7 @@ class Agent:
         self.metrics.model_version.set(previous.version)
         self.metrics.model_reloads.labels("rolled_back").inc()
         log.error("model version %d %s", bad.version, why)
+        return answer
 
     def _end_at(self, rows: npt.NDArray[np.int64], rewards: Any, ended: Ended) -> None:
         positions, terminated, truncated = ended

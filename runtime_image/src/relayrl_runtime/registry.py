@@ -23,6 +23,7 @@ import gzip
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -43,6 +44,8 @@ from nats.nuid import NUID
 from relayrl_runtime import errors, streams
 from relayrl_runtime.inference import model
 
+log = logging.getLogger(__name__)
+
 SCHEME = "objectstore"
 # How long the registry commands wait for NATS before they give up.
 CONNECT_SECONDS = 30.0
@@ -58,9 +61,12 @@ _VERSIONED: Final = re.compile(r"@v\d+$")
 # nats-server's refusal of a publish whose expected last subject sequence is stale.
 _WRONG_LAST_SEQUENCE: Final = 10071
 # Chunks no object names are a push's that was cut off before its meta message (killed,
-# its connection lost), once their last chunk is this old; younger ones may be a push
-# still writing. A push removes them (`sweep`).
-ORPHAN_SECONDS: Final = 600.0
+# its connection lost), once their last chunk is this old by the server's clock; younger
+# ones may be a push still writing. A push removes them (`sweep`).
+ORPHAN_SECONDS: Final = 3600.0
+# A bucket with more objects than this is not swept: the server lists at most so many
+# subjects at once, and an object left out of the list would look like no object.
+_SWEEP_MAX_OBJECTS: Final = 10_000
 
 _T = TypeVar("_T")
 
@@ -270,8 +276,10 @@ async def push(nc: Any, bucket: str, name: str, directory: Path, force: bool = F
                 await _put_guarded(js, bucket, key, data, digest, description, current)
         except _Raced:
             continue
-        with contextlib.suppress(Exception):  # housekeeping: the push itself is done
-            await sweep(js, bucket)
+        try:  # housekeeping: the push itself is done
+            await asyncio.wait_for(sweep(js, bucket), CONNECT_SECONDS)
+        except Exception as err:
+            log.warning("model registry: bucket %r not swept of cut-off pushes: %r", bucket, err)
         return Entry(name, meta.version, meta.format.value, len(data), digest)
     raise errors.RelayRLError(
         f"model registry: {name} in bucket {bucket!r} was changed by other pushes"
@@ -408,7 +416,8 @@ async def _put_guarded(
 async def sweep(js: Any, bucket: str, older_than: float | None = None) -> int:
     """Remove the chunks of `bucket` that no object names and whose last chunk is older
     than `older_than` seconds (default `ORPHAN_SECONDS`): those of a push cut off before
-    its meta message. Returns how many pushes' chunks were removed."""
+    its meta message. Ages are by the server's clock: against the newest meta message
+    (a push sweeps just after its own). Returns how many pushes' chunks were removed."""
     if older_than is None:
         older_than = ORPHAN_SECONDS
     stream = streams.object_store_stream(bucket)
@@ -418,15 +427,23 @@ async def sweep(js: Any, bucket: str, older_than: float | None = None) -> int:
     if not chunk_subjects:
         return 0
     metas = await _nats(bucket, js.stream_info(stream, subjects_filter=f"{prefix}.M.>"))
+    meta_subjects = metas.state.subjects or {}
+    if len(meta_subjects) >= _SWEEP_MAX_OBJECTS:
+        log.warning("model registry: bucket %r has too many objects to sweep", bucket)
+        return 0
     named = set()
-    for subject in metas.state.subjects or {}:
+    now: datetime | None = None
+    for subject in meta_subjects:
         msg = await _nats(bucket, js.get_last_msg(stream, subject))
+        if msg.time is not None and (now is None or msg.time > now):
+            now = msg.time
         with contextlib.suppress(ValueError, TypeError, KeyError):
             info = api.ObjectInfo.from_response(json.loads(msg.data))
             if not info.deleted and info.nuid:
                 named.add(f"{prefix}.C.{info.nuid}")
     removed = 0
-    now = datetime.now(UTC)
+    if now is None:
+        return 0
     for subject in sorted(chunk_subjects - named):
         try:
             last = await _nats(bucket, js.get_last_msg(stream, subject))

@@ -276,6 +276,12 @@ class RegistryWatcher(_Watcher):
                 )
             self.refused = None
             return
-        before = (self._running, self.agent.get_model_version())
+        # The objects of the versions the agent may go back to after this reload: the
+        # one it runs now, or (gone back meanwhile) the one it ran before.
+        known = {self.agent.get_model_version(): self._running}
+        if self._before is not None:
+            known.setdefault(self._before[1], self._before[0])
         await self._reload(self.agent, path, entry.version)
-        self._running, self._path, self._before = entry.digest, path, before
+        previous = self.agent.previous_version
+        self._running, self._path = entry.digest, path
+        self._before = (known[previous], previous) if previous in known else None

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from relayrl_runtime import agent as agent_mod
-from relayrl_runtime import reload, spec
+from relayrl_runtime import registry, reload, spec
 from relayrl_runtime.inference import export, model
 
 
@@ -150,5 +150,36 @@ def test_a_version_that_failed_at_run_time_is_reported_and_not_loaded_again(
         _poll_until(watcher, lambda: agent.get_model_version() == 3)
         assert agent.request_action([0, 1, 2, 3], obs).version == 3
         assert watcher.refused is None
+    finally:
+        agent.shutdown()
+
+
+def test_the_registry_watcher_knows_which_object_a_rollback_goes_back_to(
+    models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Version 2 (after 1) fails on a request while version 3 loads: the agent goes back
+    to 1, then takes 3, whose version before is 1. The watcher must name version 1's
+    object as the one to go back to, not version 2's."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    agent = agent_mod.Agent(models["onnx"], actor_count=4)
+    v3 = tmp_path / "v3"
+    export.export_mlp(v3, spec.ModelFormat.ONNX, seed=2, version=3)
+    ref = registry.ModelRef("b", "cp")
+    watcher = reload.RegistryWatcher(agent, None, ref, cache, 60.0, "d1", cache / "p1")
+    try:
+        asyncio.run(watcher._take(models["failing_v2"], registry.Entry("cp", 2, "onnx", 1, "d2")))
+        assert watcher._before == ("d1", 1)
+        real = agent.areload_model
+
+        async def failing_meanwhile(path: Path, version: int | None = None) -> int:
+            agent.request_action([0, 1, 2, 3], np.zeros((4, 4), np.float32))  # back to 1
+            return await real(path, version)
+
+        monkeypatch.setattr(agent, "areload_model", failing_meanwhile)
+        asyncio.run(watcher._take(v3, registry.Entry("cp", 3, "onnx", 1, "d3")))
+        assert agent.get_model_version() == 3
+        assert agent.previous_version == 1
+        assert watcher._before == ("d1", 1)
     finally:
         agent.shutdown()
