@@ -85,6 +85,16 @@ def batch(
     return pa.RecordBatch.from_arrays(columns, schema=SCHEMA)
 
 
+def tagged(producer: int, index: int, distinct: int, label: str) -> pa.RecordBatch:
+    """`batch(producer, index, trajectories=2)` with an `aux_tag` column of int8
+    dictionary type holding `distinct` values (`<label>-<i>`). Alone a batch of up to
+    127 values fits a Parquet file; two of 100 values each cannot share one (their
+    unified dictionary needs a larger index type)."""
+    b = batch(producer, index, trajectories=2)
+    values = [f"{label}-{i % distinct}" for i in range(b.num_rows)]
+    return b.append_column("aux_tag", pa.array(values).cast(pa.dictionary(pa.int8(), pa.string())))
+
+
 def expected(producers: dict[int, int], *, trajectories: int = 8, length: int = 50) -> pa.Table:
     """Everything producers {id: batches} wrote, sorted by (episode_id, step)."""
     batches = [

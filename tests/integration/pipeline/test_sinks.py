@@ -787,12 +787,9 @@ async def test_messages_a_parquet_file_cannot_hold_together_are_written_apart(
     does not even alone (two batches of 100 values each) is dead-lettered."""
     arrow = arrow_pipeline.arrow_sink("--rotate-seconds", "2")
     pipeline.start_ready(arrow)
-    tag = pa.dictionary(pa.int8(), pa.string())
 
     def tagged(k: int, distinct: int) -> pa.RecordBatch:
-        b = trajectories.batch(4, k, trajectories=2)
-        values = [f"{k}-{i % distinct}" for i in range(b.num_rows)]
-        return b.append_column("aux_tag", pa.array(values).cast(tag))
+        return trajectories.tagged(4, k, distinct, str(k))
 
     published = [
         pa.Table.from_batches([tagged(0, 10)]),
@@ -839,12 +836,9 @@ async def test_a_refused_file_is_split_only_where_refused(
     among them is published and counted once, though its messages are taken again."""
     arrow = arrow_pipeline.arrow_sink("--rotate-seconds", "2")
     pipeline.start_ready(arrow)
-    tag = pa.dictionary(pa.int8(), pa.string())
 
     def tagged(k: int, distinct: int) -> pa.Table:
-        b = trajectories.batch(4, k, trajectories=2)
-        values = [f"{k}-{i % distinct}" for i in range(b.num_rows)]
-        return pa.Table.from_batches([b.append_column("aux_tag", pa.array(values).cast(tag))])
+        return pa.Table.from_batches([trajectories.tagged(4, k, distinct, str(k))])
 
     published = [tagged(0, 100), tagged(1, 100)] + [tagged(k, 10) for k in range(2, 33)]
     nc = await nats.connect(arrow_pipeline.nats.url)

@@ -188,15 +188,11 @@ def _snapshots(root: Path) -> list[str]:
 
 
 def _tagged(seq: int, when: dt.datetime, *tags: int) -> service.Delivery:
-    """A message with an int8 dictionary column: one batch per count of distinct values
-    in `tags`. Two batches (or messages) of 100 values are more than one file can take."""
-    kind = pa.dictionary(pa.int8(), pa.string())
-    batches = []
-    for k, distinct in enumerate(tags):
-        b = trajectories.batch(1, seq * 10 + k, trajectories=2)
-        values = [f"{seq}-{k}-{i % distinct}" for i in range(b.num_rows)]
-        batches.append(b.append_column("aux_tag", pa.array(values).cast(kind)))
-    table = pa.Table.from_batches(batches)
+    """A message of one `trajectories.tagged` batch per count of distinct values in
+    `tags`: two batches (or messages) of 100 values are more than one file can take."""
+    table = pa.Table.from_batches(
+        [trajectories.tagged(1, seq * 10 + k, n, f"{seq}-{k}") for k, n in enumerate(tags)]
+    )
     return service.Delivery(
         seq=seq, time=when, table=table, schema_version=1, size=table.nbytes, msg_id=f"p-{seq}"
     )

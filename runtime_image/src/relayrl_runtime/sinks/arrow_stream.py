@@ -778,15 +778,13 @@ class ArrowStreamWriter:
     def _finish_file(self, f: _OpenFile) -> None:
         try:
             final = f.finish()
-        except service.PermanentError:
-            f.discard()
-            if _of_data(f.failed):
-                raise _DataRefused(str(f.failed)) from f.failed
-            raise
         except Exception as err:
             f.discard()
-            if _of_data(err):
-                raise _DataRefused(str(err)) from err
+            cause = f.failed or err  # a write that failed before: finish names it
+            if _of_data(cause):
+                raise _DataRefused(str(cause)) from cause
+            if isinstance(err, service.PermanentError):
+                raise
             # Half-finished files are not retried in place: the process exits, and the
             # restart drops the temp file and reads the messages again.
             raise service.PermanentError(f"{f.temp}: {err}") from err

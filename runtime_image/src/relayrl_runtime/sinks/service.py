@@ -1192,26 +1192,25 @@ class SinkService:
         try:
             await self._retry("commit", commit)
         except WriteRefused as refused:
-            messages, rows, size = refused.committed
-            if refused.committed_seq:
-                self.metrics.messages.inc(messages)
-                self.metrics.rows.inc(rows)
-                self.metrics.bytes.inc(size)
-                self.metrics.committed_seq.set(refused.committed_seq)
+            if refused.committed_seq:  # files of the commit before the refused one
+                self._count_committed(refused.committed, refused.committed_seq)
             raise
         self.metrics.commit_seconds.observe(time.monotonic() - start)
         self._failing.discard("storage")  # a commit went through
-        self.metrics.committed_seq.set(last)
-        # Counted when committed: the metrics say what is durable.
-        messages, rows, size = counts
-        self.metrics.messages.inc(messages)
-        self.metrics.rows.inc(rows)
-        self.metrics.bytes.inc(size)
+        self._count_committed(counts, last)
         if msg is not None:
             # AckPolicy.ALL: one ack covers every message up to this one. Best effort:
             # after a crash the writer's record, not the ack, decides where to resume.
             with contextlib.suppress(Exception):
                 await msg.ack()
+
+    def _count_committed(self, counts: list[int], last: int) -> None:
+        """Counted when committed: the metrics say what is durable."""
+        messages, rows, size = counts
+        self.metrics.committed_seq.set(last)
+        self.metrics.messages.inc(messages)
+        self.metrics.rows.inc(rows)
+        self.metrics.bytes.inc(size)
 
     async def _probe(self) -> None:
         """While idle, ask the storage now and then whether a commit could go through:
