@@ -282,6 +282,8 @@ class RegistryWatcher(_Watcher):
         if self._before is not None:
             known.setdefault(self._before[1], self._before[0])
         await self._reload(self.agent, path, entry.version)
-        previous = self.agent.previous_version
+        back_to = self.agent.previous_version
+        if back_to is None and self.agent.get_model_version() != entry.version:
+            back_to = self.agent.get_model_version()  # gone back before the load returned
         self._running, self._path = entry.digest, path
-        self._before = (known[previous], previous) if previous in known else None
+        self._before = (known[back_to], back_to) if back_to in known else None

@@ -183,3 +183,30 @@ def test_the_registry_watcher_knows_which_object_a_rollback_goes_back_to(
         assert watcher._before == ("d1", 1)
     finally:
         agent.shutdown()
+
+
+def test_a_rollback_before_the_reload_returns_is_followed(
+    models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Version 2 fails on a request just after it swapped in, before the watcher's
+    load returns: the watcher still knows the agent went back to version 1's object."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    agent = agent_mod.Agent(models["onnx"], actor_count=4)
+    ref = registry.ModelRef("b", "cp")
+    watcher = reload.RegistryWatcher(agent, None, ref, cache, 60.0, "d1", cache / "p1")
+    real = agent.areload_model
+
+    async def failing_at_once(path: Path, version: int | None = None) -> int:
+        loaded = await real(path, version)
+        agent.request_action([0, 1, 2, 3], np.zeros((4, 4), np.float32))  # back to 1
+        return loaded
+
+    monkeypatch.setattr(agent, "areload_model", failing_at_once)
+    try:
+        asyncio.run(watcher._take(models["failing_v2"], registry.Entry("cp", 2, "onnx", 1, "d2")))
+        assert agent.get_model_version() == 1
+        assert agent.previous_version is None
+        assert watcher._before == ("d1", 1)
+    finally:
+        agent.shutdown()
