@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import logging
 import os
 import threading
@@ -157,6 +156,9 @@ class Agent:
         self._previous: policy.Policy | None = None
         # Versions that failed at run time, with why: the watchers do not load them again.
         self._run_failures: dict[int, str] = {}
+        # The running version failed at run time with none before it to go back to
+        # (version, error): requests that fail on it raise until another swaps in.
+        self._stalled: tuple[int, str] | None = None
         self._swaps = 0  # models swapped in so far (reloads and replacements)
         self._source = model_ref if not isinstance(model_ref, policy.Policy) else None
         self.layout = trajectory.Layout.from_metadata(name, self._policy.metadata)
@@ -230,8 +232,16 @@ class Agent:
         return None if previous is None else previous.version
 
     def run_failure(self, version: int) -> str | None:
-        """Why `version` was replaced after it failed at run time (None: it did not)."""
+        """Why `version` failed at run time (None: it did not)."""
         return self._run_failures.get(version)
+
+    @property
+    def stalled(self) -> int | None:
+        """The running version, if it failed at run time with no version before it to
+        go back to (a pod that started on it): requests it fails on raise
+        `ModelRunError` until another version is loaded (`reload_model`). None: not so."""
+        stalled = self._stalled
+        return None if stalled is None else stalled[0]
 
     def reload_model(self, model_ref: ModelRef, version: int | None = None) -> int:
         """Swap in a new model version without stopping; returns the new version.
@@ -246,7 +256,7 @@ class Agent:
         whose forward pass fails on a request the version before answers is replaced by
         it (`run_failure` then says why), and that request is answered by it. A reload
         that fails keeps both. So the agent holds two models between reloads, and three
-        while one loads.
+        while one loads. A version that failed at run time is not kept to go back to.
         """
         if (
             version is None
@@ -298,6 +308,9 @@ class Agent:
                     self._own = own
                 self._policy = new
                 older, self._previous = self._previous, old
+                if old.version in self._run_failures:  # never gone back to
+                    older, self._previous = old, older
+                    self._back_from_stall(new.version)
                 self._swaps += 1
             for p in [*old_own.values(), *dropped, *([older] if older is not None else [])]:
                 p.close()
@@ -353,8 +366,6 @@ class Agent:
             except errors.RelayRLError as err:
                 self.metrics.request_errors.labels(err.kind).inc()
                 raise
-            if ended is not None:
-                self._end_at(rows, rewards, ended)
             t_obs = time.time_ns() // 1000
             t0 = time.perf_counter()
             try:
@@ -367,6 +378,10 @@ class Agent:
                 if not (self._shared or n == 0):
                     out = self._act_independent(rows, obs, m)  # by each actor's copy
             elapsed = time.perf_counter() - t0
+            # Recorded only once the actions are in: a request that fails changes no
+            # trajectory, and the same call may be made again (`envs.driver` does).
+            if ended is not None:
+                self._end_at(rows, rewards, ended)
             stamps = (out.version, t_obs, time.time_ns() // 1000)
             result = ActionResult(out.actions, out.outputs, out.version, self.layout, m, out.logp)
             if on_result is not None:
@@ -393,17 +408,23 @@ class Agent:
         """Replace the running version, which failed on a request, by the one before it;
         returns that version's answer to the request.
 
-        `err` is raised instead when no version before is kept, or when that version
-        fails on the request too (then the request is to blame, not the new version).
-        Called with the lock held.
+        `err` is raised instead when that version fails on the request too (then the
+        request is to blame, not the new version). With no version before kept (a pod
+        that started on this one), the running version is marked failed (`stalled`,
+        `run_failure`) and a `ModelRunError` saying so is raised: the watchers report it
+        and look for another. Called with the lock held.
         """
         bad, previous = self._policy, self._previous
-        answer = None
-        if previous is not None:
-            with contextlib.suppress(errors.ModelRunError):
+        try:
+            if previous is None:
+                raise self._stall(bad.version, err)
+            try:
                 answer = previous.act(obs, mask, self._rng, self.sample)
-        if previous is None or answer is None:
-            raise err
+            except errors.ModelRunError:
+                raise err from None
+        except errors.ModelRunError as raised:
+            self.metrics.request_errors.labels(raised.kind).inc()
+            raise
         own: dict[int, policy.Policy] = {}
         try:
             for row in self._own:  # independent mode: one copy per actor
@@ -423,6 +444,29 @@ class Agent:
         self.metrics.model_reloads.labels("rolled_back").inc()
         log.error("model version %d %s", bad.version, why)
         return answer
+
+    def _stall(self, version: int, err: errors.ModelRunError) -> errors.ModelStalledError:
+        """Mark the running version failed, with none to go back to; returns the error
+        to raise. Called with the lock held."""
+        if self._stalled is None:
+            self._stalled = (version, str(err))
+            self._run_failures[version] = (
+                "failed at run time, with no version before it to go back to (waiting for"
+                f" another): {err}"
+            )
+            log.error("model version %d %s", version, self._run_failures[version])
+        return errors.ModelStalledError(
+            version, f"model version {version} {self._run_failures[version]}"
+        )
+
+    def _back_from_stall(self, version: int) -> None:
+        """`version` took over from a stalled one: its failure says where it went.
+        Called with the lock held."""
+        stalled, self._stalled = self._stalled, None
+        if stalled is not None and version < stalled[0]:
+            self._run_failures[stalled[0]] = (
+                f"failed at run time, so the agent went back to version {version}: {stalled[1]}"
+            )
 
     def _end_at(self, rows: npt.NDArray[np.int64], rewards: Any, ended: Ended) -> None:
         positions, terminated, truncated = ended

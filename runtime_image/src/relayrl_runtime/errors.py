@@ -76,6 +76,16 @@ class ModelRunError(ModelLoadError):
     kind = "model_run"
 
 
+class ModelStalledError(ModelRunError):
+    """The running version failed on a request with no version before it to go back to
+    (a process that started on it): the request is refused until another version is
+    loaded. `version` is the failing one."""
+
+    def __init__(self, version: int, message: str) -> None:
+        self.version = version
+        super().__init__(message)
+
+
 class DeviceUnavailableError(ModelLoadError):
     """A device (cuda) asked for on a host that cannot provide it: never a silent fallback."""
 

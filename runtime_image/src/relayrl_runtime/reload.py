@@ -5,7 +5,9 @@ worker thread (`Agent.areload_model`) and the swap between two requests, so no r
 fails during a reload. A version that fails to load or does not fit the running agent
 is logged and counted, and the agent keeps its current model. One that loads and then
 fails on a request is replaced by the version before it (`Agent.request_action`); the
-watchers report it and do not load it again.
+watchers report it and do not load it again. A process that started on such a version
+has none before it: its requests wait (`Agent.stalled`) until the source holds another
+version, or, from the registry, the watcher loads the newest version pushed before it.
 
 For a path, publish a new version in one step: write it to a directory of its own and
 point a symbolic link at it (`ln -s v4 tmp && mv -T tmp model`, with `model.uri` the
@@ -86,6 +88,12 @@ class _Watcher:
             self._keep(version, f"model version {version} {why}")
         return why is not None
 
+    def _runs_wanted(self) -> None:
+        """The agent runs the wanted version: nothing to report, unless it failed at run
+        time with none to go back to."""
+        if not self._ran_badly(self.agent.stalled):
+            self.refused = None
+
     async def check(self) -> None:
         """Reload if the source holds a version other than the running one."""
         async with self._checking:
@@ -114,9 +122,10 @@ class PathWatcher(_Watcher):
         # Nothing seen yet: the first poll checks whatever the path holds, as a version
         # published while the agent loaded the one before it is new to the agent.
         self._seen: tuple[int, int, int] | None = None
-        # The agent's model swaps at the last check: a version that failed at run time
-        # and was replaced is looked at again (and reported) though the path is unchanged.
-        self._swaps: int | None = None
+        # The agent's model swaps, and its failing version, at the last check: a version
+        # that failed at run time is looked at again (and reported) though the path is
+        # unchanged.
+        self._state: tuple[int, int | None] | None = None
 
     def _signature(self) -> tuple[int, int, int] | None:
         try:
@@ -130,10 +139,10 @@ class PathWatcher(_Watcher):
         while True:
             await asyncio.sleep(self.poll_seconds)
             sig = self._signature()
-            swaps = self.agent.model_swaps
-            if sig is None or (sig == self._seen and swaps == self._swaps):
+            state = (self.agent.model_swaps, self.agent.stalled)
+            if sig is None or (sig == self._seen and state == self._state):
                 continue
-            self._seen, self._swaps = sig, swaps
+            self._seen, self._state = sig, state
             await self.check()
 
     async def follow(self, version: int | None) -> None:
@@ -147,8 +156,8 @@ class PathWatcher(_Watcher):
             running = self.agent.get_model_version()
             if self.version is not None and meta.version != self.version:
                 if running == self.version:
-                    # Runs the pinned version; the path moved on: nothing is wrong.
-                    self.refused = None
+                    # Runs the pinned version; the path moved on: nothing else is wrong.
+                    self._runs_wanted()
                     log.info(
                         "%s holds version %d; model.version %d is pinned and runs",
                         self.path,
@@ -159,7 +168,7 @@ class PathWatcher(_Watcher):
                     self._keep(self.version, pin_not_held(self.version, self.path, meta.version))
                 return
             if meta.version == running:
-                self.refused = None
+                self._runs_wanted()
                 return
             if self._ran_badly(meta.version):
                 return
@@ -199,6 +208,9 @@ class RegistryWatcher(_Watcher):
         # The object the agent ran before the last reload, and its version: the agent
         # goes back to it if the new version fails at run time (`Agent.run_failure`).
         self._before: tuple[str, int] | None = None
+        # Objects of earlier versions tried for a version that failed with none before
+        # it (`_go_back`): not fetched again.
+        self._tried: set[str] = set()
 
     async def run(self) -> None:
         """Poll until cancelled; transient registry errors are retried at the next poll."""
@@ -224,7 +236,13 @@ class RegistryWatcher(_Watcher):
             except errors.ModelMissingError as err:
                 self._keep(ref.version, str(err))
                 return
-            if self._ran_badly(entry.version):
+            if entry.version is not None and self.agent.run_failure(entry.version):
+                # Failed here at run time: not loaded again. A process that started on
+                # it and has none to go back to takes the newest version before it.
+                if self.agent.stalled is not None and ref.version is None:
+                    await self._go_back(self.agent.stalled)
+                if not self._ran_badly(self.agent.stalled):  # the one that blocks first
+                    self._ran_badly(entry.version)
                 return
             if entry.digest == self._digest:
                 if entry.version == self.agent.get_model_version():
@@ -258,6 +276,38 @@ class RegistryWatcher(_Watcher):
             )
         except Exception as err:  # nats-py raises its own error types for transient faults
             log.warning("model registry poll failed (%r), retrying", err)
+
+    async def _go_back(self, failed: int) -> None:
+        """Load the newest version pushed before `failed` (kept as `<name>@v<N>`) that has
+        not failed here; none: the agent goes on waiting for a new one."""
+        bucket, name = self.ref.bucket, self.ref.name
+        earlier = [
+            e
+            for e in await registry.list_models(self.nc, bucket)
+            if e.version is not None
+            and e.version < failed
+            and e.key == registry.versioned_key(name, e.version)
+            and e.digest not in self._tried
+            and self.agent.run_failure(e.version) is None
+        ]
+        if not earlier:
+            return
+        newest = max(earlier, key=lambda e: e.version or 0)
+        self._tried.add(newest.digest)
+        log.warning(
+            "model version %d failed at run time with no version before it in this pod;"
+            " loading version %d from %s",
+            failed,
+            newest.version,
+            bucket,
+        )
+        path, entry = await registry.fetch(
+            self.nc, registry.ModelRef(bucket, name, newest.version), self.cache
+        )
+        try:
+            await self._take(path, entry)
+        finally:
+            await asyncio.to_thread(registry.prune, self.cache, self._path)
 
     async def _take(self, path: Path, entry: registry.Entry) -> None:
         """Load a fetched version unless the agent runs it already."""

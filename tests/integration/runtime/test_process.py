@@ -149,6 +149,49 @@ def test_a_version_that_fails_at_run_time_gives_way_to_the_one_before(
     assert table.num_rows == helpers.logged(logs, "env_steps"), logs
 
 
+def test_a_process_that_starts_on_a_failing_version_waits_for_another(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    """Version 2 passes the load check and fails on the process's batches of 6, and the
+    process started on it: there is nothing to go back to. It does not exit (a crash
+    loop would start it on version 2 again): its steps wait, and go on when the path
+    holds version 3. Nothing is recorded twice or lost."""
+    live = tmp_path / "model"
+    live.symlink_to(models["onnx_v2_failing"])
+    out = tmp_path / "out"
+    proc = helpers.RuntimeProcess(tmp_path, _config(live, "onnx", out))
+    try:
+        proc.wait_ready()
+        helpers.wait_for(
+            "the refused request",
+            lambda: 'request_errors_total{kind="model_run"} 1.0' in proc.metrics(),
+        )
+        time.sleep(1.0)  # several polls of the path: nothing else happens
+        text = proc.metrics()
+        assert proc.proc.poll() is None, proc.logs()
+        assert helpers.metric(text, "relayrl_runtime_env_steps_total") == 0
+        assert helpers.metric(text, "relayrl_runtime_model_version") == 2
+        assert 'request_errors_total{kind="model_run"} 1.0' in text  # asked once
+        v3 = tmp_path / "v3"
+        export.export_mlp(v3, spec.ModelFormat.ONNX, seed=2, version=3)
+        tmp = tmp_path / "model.tmp"
+        tmp.symlink_to(v3)
+        tmp.replace(live)
+        helpers.wait_for_model(proc, 3)
+        helpers.wait_for(
+            "steps on version 3",
+            lambda: helpers.metric(proc.metrics(), "relayrl_runtime_env_steps_total") > 500,
+        )
+        assert proc.terminate() == 0, proc.logs()
+    finally:
+        proc.kill()
+    logs = proc.logs()
+    assert "model version 2 failed at run time, with no version before it" in logs
+    table = pa.concat_tables([pq.read_table(f) for f in out.glob("*.parquet")])
+    assert set(table["policy_version"].to_pylist()) == {3}
+    assert table.num_rows == helpers.logged(logs, "env_steps"), logs
+
+
 def test_bad_config_and_corrupt_model_fail_clearly(models: dict[str, Path], tmp_path: Path) -> None:
     bad = tmp_path / "bad"
     shutil.copytree(models["onnx"], bad)

@@ -687,6 +687,63 @@ def test_a_version_that_fails_at_run_time_is_reported_and_not_fetched_again(
     assert set(table["policy_version"].to_pylist()) == {1, 3}
 
 
+def test_a_pod_that_starts_on_a_failing_version_takes_the_one_pushed_before(
+    nats_server: natsserver.NatsServer, models: dict[str, Path], tmp_path: Path
+) -> None:
+    """The newest version (2) loads and fails on the pod's batches of 4, and the pod
+    started on it, so it has none before it in memory: it loads version 1 from the
+    registry, reports version 2 with why, does not exit or load version 2 again, and
+    takes version 3 when it is pushed. Every step is recorded."""
+    url = nats_server.url
+
+    def push(directory: Path) -> None:
+        _cli("model", "push", "--nats", url, "--bucket", "m10", "--name", "cp", str(directory))
+
+    push(models["onnx"])
+    push(models["onnx_v2_failing"])
+    cfg = _config(
+        "startfail", "objectstore://m10/cp", url, tmp_path, actors=4, namespace="ns", reload=_POLL
+    )
+    env = {config.ENV_POD_NAME: "startfail-0"}
+    proc = helpers.RuntimeProcess(tmp_path, cfg, env=env, mounted=True)
+
+    def report() -> reporting.PodReport | None:
+        return _reports(url, "ns", "startfail").get("startfail-0")
+
+    try:
+        proc.wait_ready()
+        helpers.wait_for_model(proc, 1)
+        refused = helpers.wait_for(
+            "a report of version 2",
+            lambda: (r := report()) is not None and r.model_version == 1 and r.refused and r,
+        )
+        assert refused.refused is not None
+        assert refused.refused.version == 2
+        assert refused.refused.reason.startswith(
+            "model version 2 failed at run time, so the agent went back to version 1:"
+        )
+        steps = helpers.metric(proc.metrics(), "relayrl_runtime_env_steps_total")
+        helpers.wait_for(
+            "steps on version 1",
+            lambda: helpers.metric(proc.metrics(), "relayrl_runtime_env_steps_total") > steps + 200,
+        )
+        text = proc.metrics()
+        assert 'model_reloads_total{result="ok"} 1.0' in text  # version 1, once
+        assert 'request_errors_total{kind="model_run"} 1.0' in text
+        export.export_mlp(tmp_path / "v3", spec.ModelFormat.ONNX, seed=2, version=3)
+        push(tmp_path / "v3")
+        helpers.wait_for_model(proc, 3)
+        helpers.wait_for("the report cleared", lambda: (r := report()) and r.refused is None)
+        assert proc.terminate() == 0, proc.logs()
+    finally:
+        proc.kill()
+    logs = proc.logs()
+    assert "loading version 1 from m10" in logs
+    table = pa.concat_tables([pq.read_table(f) for f in (tmp_path / "out").glob("*.parquet")])
+    assert set(table["policy_version"].to_pylist()) == {1, 3}
+    assert table.num_rows == helpers.logged(logs, "env_steps"), logs
+
+
 async def test_chunks_of_a_push_cut_off_are_removed_by_a_later_push(
     nats_server: natsserver.NatsServer,
     models: dict[str, Path],

@@ -227,6 +227,9 @@ def test_runtime_reports_its_model_version(
 async def test_runtime_publishes_to_nats_without_a_local_sink(
     nats_server: natsserver.NatsServer, models: dict[str, Path], tmp_path: Path
 ) -> None:
+    """Every step the process took is in the stream once it exits; it reported its
+    model version while it ran (a run of seconds, not of a few steps: the first report
+    follows the reporter's own connection)."""
     url = nats_server.url
     cfg: dict[str, Any] = {
         "agent": "cartpole",
@@ -235,7 +238,7 @@ async def test_runtime_publishes_to_nats_without_a_local_sink(
         "model": {"uri": str(models["onnx"]), "format": "onnx"},
         "environment": {"gymnasium": {"id": "CartPole-v1"}},
         "trajectories": {"maxLength": 20, "nats": {"url": url}},
-        "limits": {"maxEnvSteps": 400},
+        "limits": {"maxSeconds": 2.0},
     }
     proc = helpers.RuntimeProcess(tmp_path, cfg)
     try:
@@ -243,6 +246,8 @@ async def test_runtime_publishes_to_nats_without_a_local_sink(
         assert code == 0, proc.logs()
     finally:
         proc.kill()
+    taken = helpers.logged(proc.logs(), "env_steps")
+    assert taken > 0
     nc = await nats.connect(url)
     try:
         js = nc.jetstream()
@@ -250,11 +255,11 @@ async def test_runtime_publishes_to_nats_without_a_local_sink(
         assert info.state.messages > 0
         sub = await js.pull_subscribe(streams.trajectories_subject("ns", "cartpole"), "check")
         steps = 0
-        while steps < 400:
+        while steps < taken:
             for msg in await sub.fetch(100, timeout=10):
                 steps += int(msg.headers[streams.HEADER_STEPS])
                 await msg.ack()
-        assert steps == 400
+        assert steps == taken
         reports = await reporting.read_reports(js, "ns", "cartpole")
         assert reports["cartpole-0"].model_version == 1
     finally:

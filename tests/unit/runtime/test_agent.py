@@ -318,24 +318,66 @@ def test_a_version_that_fails_at_run_time_is_replaced_by_the_one_before(
     assert table["policy_version"].to_pylist().count(2) == 3
 
 
-def test_a_failure_with_no_version_before_is_raised(models: dict[str, Path]) -> None:
-    """The version the agent started with has none before it; nor has one that came
-    back in a replacement (the version before it was not kept)."""
-    a = agent_mod.Agent(models["failing_v2"], actor_count=4)
-    with pytest.raises(errors.ModelRunError, match=r"model version 2 .*the forward pass of 4"):
-        a.request_action([0, 1, 2, 3], _obs(4))
+def test_a_failure_with_no_version_before_holds_the_version_until_another_loads(
+    models: dict[str, Path], sink: local.LocalFileSink
+) -> None:
+    """The version the agent started with has none before it: a request it fails on
+    is refused (`ModelStalledError`) and records nothing, the agent says it is stalled,
+    and the same request is answered once another version is loaded. The failed
+    version is not kept to go back to."""
+    a = agent_mod.Agent(models["failing_v2"], actor_count=4, sink=sink)
+    assert a.request_action([0, 1, 2], _obs(3)).version == 2  # fine on 3 rows
+    ended = (np.array([1]), np.array([True]), np.array([False]))
+    with pytest.raises(errors.ModelStalledError, match=r"model version 2 .*the forward pass of 4"):
+        a.request_action([0, 1, 2, 3], _obs(4), reward=[1.0, 2.0, 3.0, 4.0], ended=ended)
+    assert a.stalled == 2
+    why = a.run_failure(2)
+    assert why is not None
+    assert why.startswith("failed at run time, with no version before it to go back to")
+    assert a.metrics.request_errors.labels("model_run")._value.get() == 1
     assert a.get_model_version() == 2
+    assert a.request_action([0, 1, 2], _obs(3)).version == 2  # what it answers, it answers
+    assert a.reload_model(models["onnx"]) == 1
+    assert a.stalled is None
+    assert a.previous_version is None  # version 2 is never gone back to
+    why = a.run_failure(2)
+    assert why is not None
+    assert why.startswith("failed at run time, so the agent went back to version 1:")
+    result = a.request_action([0, 1, 2, 3], _obs(4), reward=[1.0, 2.0, 3.0, 4.0], ended=ended)
+    assert result.version == 1
+    a.flag_last_action([0, 1, 2, 3])
     a.shutdown()
+    rows = _read(sink).to_pylist()
+    # Actors 0-2: two steps of version 2, one of version 1; actor 3: one of version 1.
+    assert [r["policy_version"] for r in rows if r["actor_id"] == 0] == [2, 2, 1]
+    assert [r["policy_version"] for r in rows if r["actor_id"] == 3] == [1]
+    # Actor 1's first episode ended once, with the reward of the request answered;
+    # its second by the flag_last_action above.
+    ends = [r for r in rows if r["actor_id"] == 1 and r["terminated"]]
+    assert [(r["policy_version"], r["reward"]) for r in ends] == [(2, 2.0), (1, 0.0)]
+    assert len(rows) == 3 + 3 + 4
+
+
+def test_a_version_loaded_after_a_stall_keeps_nothing_before_it(models: dict[str, Path]) -> None:
+    """Version 1 came back in a replacement, so it has none before it; its own failure
+    (faked here) stalls it, and a newer version ends the stall."""
     b = agent_mod.Agent(models["onnx"], actor_count=4)
     b.reload_model(models["failing_v2"])
     b.request_action([0, 1, 2, 3], _obs(4))  # back to 1
     assert b.reload_model(models["failing_v2"]) == 2  # the agent loads it if told to
     b.request_action([0, 1, 2, 3], _obs(4))  # back to 1 again
     assert b.metrics.model_reloads.labels("rolled_back")._value.get() == 2
-    # Version 1 kept nothing before it: its failure (faked here) is raised.
     b.current_policy.backend.run = lambda obs: 1 / 0  # type: ignore[method-assign]
-    with pytest.raises(errors.ModelRunError, match=r"model version 1 .*ZeroDivisionError"):
+    with pytest.raises(errors.ModelStalledError, match=r"model version 1 .*ZeroDivisionError"):
         b.request_action([0, 1, 2, 3], _obs(4))
+    assert b.stalled == 1
+    assert b.reload_model(models["onnx_v3"]) == 3
+    assert b.stalled is None
+    assert b.previous_version is None
+    why = b.run_failure(1)
+    assert why is not None
+    assert why.startswith("failed at run time, with no version before it")
+    assert b.request_action([0, 1, 2, 3], _obs(4)).version == 3
     b.shutdown()
 
 

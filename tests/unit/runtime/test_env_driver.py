@@ -5,6 +5,8 @@ in a resize, a vector env that resets on the next step (no servers)."""
 from __future__ import annotations
 
 import sys
+import threading
+import time
 import types
 from pathlib import Path
 from typing import Any
@@ -83,6 +85,41 @@ def test_a_step_the_env_raised_in_is_not_recorded(models: dict[str, Path], tmp_p
     assert [r["reward"] for r in rows] == [10.0, 20.0, 30.0]
     assert rows[-1]["cut"]
     assert table.num_rows == 2 * 3
+
+
+def test_a_model_that_fails_with_none_before_it_holds_the_steps_until_another_loads(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    """The agent started on version 2, which fails once an observation passes 100: the
+    driver waits on that step (no error, nothing recorded) until version 1 is loaded,
+    then goes on from it. Every step is recorded once, with its own reward."""
+    sink = local.LocalFileSink(tmp_path / "out")
+    a = agent_mod.Agent(models["failing_v2"], actor_count=2, sink=sink)
+    env = Counting(2, length=150)
+    drv = driver.EnvDriver(a, env, [0, 1], seed=0)
+    stats: list[driver.DriverStats] = []
+    runner = threading.Thread(target=lambda: stats.append(drv.run(max_steps=2 * 300)))
+    runner.start()
+    deadline = time.monotonic() + 30
+    while a.stalled is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert a.stalled == 2
+    time.sleep(0.3)
+    assert runner.is_alive()
+    assert env.steps == 101  # observations 0-100 answered; 101 was refused
+    a.reload_model(models["onnx"])
+    runner.join(30)
+    assert [s.steps for s in stats] == [600]
+    drv.end_episodes()
+    a.shutdown()
+    table = _table(sink)
+    assert table.num_rows == 600
+    for actor in (0, 1):
+        rows = table.filter(pa.compute.equal(table["actor_id"], actor)).to_pylist()
+        assert [r["reward"] for r in rows] == [10.0 * k for k in range(1, 301)]
+        assert [r["policy_version"] for r in rows] == [2] * 101 + [1] * 199
+        assert [r["obs"][0] for r in rows] == [float(k % 150) for k in range(300)]
+        assert sum(r["terminated"] for r in rows) == 2
 
 
 def test_a_time_limit_on_a_terminal_step_is_terminated_not_truncated(

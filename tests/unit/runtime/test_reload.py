@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from relayrl_runtime import agent as agent_mod
-from relayrl_runtime import registry, reload, spec
+from relayrl_runtime import errors, registry, reload, spec
 from relayrl_runtime.inference import export, model
 
 
@@ -148,6 +148,40 @@ def test_a_version_that_failed_at_run_time_is_reported_and_not_loaded_again(
         export.export_mlp(tmp_path / "v3", spec.ModelFormat.ONNX, seed=2, version=3)
         _link(live, tmp_path / "v3")
         _poll_until(watcher, lambda: agent.get_model_version() == 3)
+        assert agent.request_action([0, 1, 2, 3], obs).version == 3
+        assert watcher.refused is None
+    finally:
+        agent.shutdown()
+
+
+def test_a_version_that_failed_with_none_before_it_is_reported_until_another_comes(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    """The agent started on version 2 and it fails on a request: nothing to go back to.
+    The watcher reports it (the path has not changed), also while version 2 is pinned,
+    and loads version 3 once the path holds it; the report clears."""
+    live = tmp_path / "model"
+    _link(live, models["failing_v2"])
+    agent = agent_mod.Agent(live, actor_count=4)
+    obs = np.zeros((4, 4), np.float32)
+    try:
+        watcher = reload.PathWatcher(agent, live, poll_seconds=0.02)
+        _poll_until(watcher, lambda: False)  # the path checked: nothing to say
+        assert watcher.refused is None
+        with pytest.raises(errors.ModelStalledError):
+            agent.request_action([0, 1, 2, 3], obs)
+        _poll_until(watcher, lambda: watcher.refused is not None)
+        assert watcher.refused is not None
+        assert watcher.refused.version == 2
+        assert watcher.refused.reason.startswith(
+            "model version 2 failed at run time, with no version before it to go back to"
+        )
+        asyncio.run(watcher.follow(2))  # pinned to what runs: still reported
+        assert watcher.refused is not None
+        asyncio.run(watcher.follow(None))
+        _link(live, models["onnx_v3"])
+        _poll_until(watcher, lambda: agent.get_model_version() == 3)
+        assert agent.stalled is None
         assert agent.request_action([0, 1, 2, 3], obs).version == 3
         assert watcher.refused is None
     finally:

@@ -29,6 +29,9 @@ from relayrl_runtime import errors
 
 log = logging.getLogger(__name__)
 
+# How often a driver whose model failed with none to go back to looks for another.
+_STALL_POLL_SECONDS = 0.1
+
 
 class VecEnv(Protocol):
     """A batch of environments with same-step autoreset (gymnasium vector API)."""
@@ -350,7 +353,13 @@ class EnvDriver:
                 # Each copy's reward for its previous action: 0 after a reset (and an
                 # actor without a recorded step ignores it), the held one when a run
                 # goes on where an earlier one stopped.
-                result = request_action(ids, obs, reward=self._rewards, ended=self._ended)
+                try:
+                    result = request_action(ids, obs, reward=self._rewards, ended=self._ended)
+                except errors.ModelStalledError as err:
+                    # A request that fails records nothing: asked for again once
+                    # another version runs.
+                    self._await_model(err.version, stop)
+                    continue
                 self._ended = None
                 # Recorded, not stepped yet: an env that raises now leaves steps whose
                 # actions never ran (`end_episodes` drops them).
@@ -396,6 +405,17 @@ class EnvDriver:
             mean_length=float(np.mean(self._lengths)) if self._lengths else None,
             seconds=seconds,
         )
+
+    def _await_model(self, version: int, stop: threading.Event | None) -> None:
+        """Wait while the agent runs `version`, which failed on this step's request with
+        none to go back to (the watchers look for another), until a resize or the stop."""
+        while (
+            self.agent.stalled == version
+            and not self._requests
+            and not (stop is not None and stop.is_set())
+        ):
+            self._wake.wait(_STALL_POLL_SECONDS)
+            self._wake.clear()
 
     def _nonfinite(self, ids: npt.NDArray[np.int64], obs: npt.NDArray[Any]) -> None:
         """Count observations holding NaN or infinity (an env's bug, acted on as given:
