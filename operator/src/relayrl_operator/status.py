@@ -38,6 +38,9 @@ class PodView:
     # A model version the pod failed to hot-reload, and why, unless a rolling update
     # for it is under way (reported by the runtime).
     refused: str | None = None
+    # The version refused is the one it runs: it failed at run time, with none before
+    # it to go back to (the pod waits for another).
+    runs_refused: bool = False
     # The actors it runs, as it reports them, when that may be fewer than its slice:
     # during step 1 of an actor slice handover (once the pod applied it), and while it
     # has not applied the current runtime config (`applying`).
@@ -174,10 +177,13 @@ def compute(
     refused = [p for p in ready if p.refused and p.current]
     model_problem = ""
     if refused:
+        first = refused[0]
         running = f"; they run version {min(versions)}" if versions else ""
+        verb = "could not hot-reload"
+        if first.runs_refused:
+            verb, running = "cannot run", ""
         model_problem = (
-            f"{_plural(len(refused), 'actor pod')} could not hot-reload model "
-            f"{refused[0].refused}{running}"
+            f"{_plural(len(refused), 'actor pod')} {verb} model {first.refused}{running}"
         )
 
     # Paused

@@ -147,6 +147,9 @@ def pod_view(
         and model_uri is not None
         and report.model_uri != model_uri,
         refused=None if refused is None else f"version {refused.version}: {refused.reason}",
+        runs_refused=refused is not None
+        and report is not None
+        and refused.version == report.model_version,
         # In step 1 of a handover a pod runs only the actors of its new slice it ran
         # before; before it takes a hot change, the actors of its old slice. It reports
         # its environment copies: `copies` for each actor.

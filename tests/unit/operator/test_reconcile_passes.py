@@ -1301,3 +1301,17 @@ def test_a_pod_reporting_another_model_uri_runs_the_previous_model() -> None:
     assert view("objectstore://relayrl-models/old").previous_model
     assert not view(spec_uri).previous_model
     assert not view(None).previous_model  # a runtime that does not report it
+
+
+def test_a_pod_refusing_the_version_it_runs_cannot_run_it() -> None:
+    """The runtime reports the version it runs as refused when that version failed at
+    run time with none before it: the pod view says so; another version refused does
+    not."""
+    pod = actor_pod(0, "h")
+    pod["status"] = {"conditions": [{"type": "Ready", "status": "True"}]}
+    stalled = views.pod_view(pod, "h", refusing(2, incompatible=False, running=2), None)
+    assert stalled.refused is not None
+    assert stalled.runs_refused
+    kept = views.pod_view(pod, "h", refusing(3, incompatible=False, running=2), None)
+    assert kept.refused is not None
+    assert not kept.runs_refused

@@ -161,6 +161,19 @@ def test_a_refusal_counts_only_from_pods_of_the_current_template() -> None:
     assert "could not hot-reload model version 2" in conditions(result)["Degraded"]["message"]
 
 
+def test_a_version_failing_where_it_runs_is_said_to_fail_there() -> None:
+    """A pod that started on version 2, which failed at run time with none before it:
+    it runs version 2 and cannot run it."""
+    s = make_spec({"spec": {"actors": 4, "actorsPerPod": 4}})
+    why = "version 2: model version 2 failed at run time, with no version before it"
+    pods = [status.PodView(0, True, True, model_version=2, refused=why, runs_refused=True)]
+    result = compute(s, status.Observed(pods, ARROW_READY, stream_ready=True))
+    model = conditions(result)["ModelReady"]
+    assert (model["status"], model["reason"]) == ("False", "ReloadFailed")
+    assert model["message"] == f"1 actor pod cannot run model {why}"
+    assert result["phase"] == "Degraded"
+
+
 def test_permanent_error_fails_the_agent() -> None:
     s = make_spec()
     result = compute(s, status.Observed((), ARROW_READY, stream_ready=True, error="rejected"))
