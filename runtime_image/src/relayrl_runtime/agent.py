@@ -156,8 +156,8 @@ class Agent:
         self._previous: policy.Policy | None = None
         # Versions that failed at run time, with why: the watchers do not load them again.
         self._run_failures: dict[int, str] = {}
-        # The running version failed at run time with none before it to go back to
-        # (version, error): requests that fail on it raise until another swaps in.
+        # The running version, held as failed at run time with none before it to go
+        # back to (`hold`), and the error: until another version swaps in.
         self._stalled: tuple[int, str] | None = None
         self._swaps = 0  # models swapped in so far (reloads and replacements)
         self._source = model_ref if not isinstance(model_ref, policy.Policy) else None
@@ -237,11 +237,32 @@ class Agent:
 
     @property
     def stalled(self) -> int | None:
-        """The running version, if it failed at run time with no version before it to
-        go back to (a pod that started on it): requests it fails on raise
-        `ModelRunError` until another version is loaded (`reload_model`). None: not so."""
+        """The running version if it is held as failed at run time (`hold`); None: not."""
         stalled = self._stalled
         return None if stalled is None else stalled[0]
+
+    def hold(self, version: int, err: errors.ModelRunError) -> bool:
+        """Hold `version`, which failed on a request with none before it to try that
+        request on (`ModelRunNoFallbackError`), as failed at run time: `run_failure`
+        says so, the watchers report it and look for another version, and `stalled`
+        names it until another swaps in. False if another version runs by now.
+
+        The environment driver calls it: its requests are the pod's own. A remote
+        client's failing request holds nothing (one client cannot tell the version's
+        fault from its request's).
+        """
+        with self._lock:
+            if self._policy.version != version:
+                return False
+            if self._stalled is None:
+                self._stalled = (version, str(err))
+                why = (
+                    "failed at run time, with no version before it to go back to (waiting"
+                    f" for another): {err}"
+                )
+                self._run_failures[version] = why
+                log.error("model version %d %s", version, why)
+            return True
 
     def reload_model(self, model_ref: ModelRef, version: int | None = None) -> int:
         """Swap in a new model version without stopping; returns the new version.
@@ -409,15 +430,13 @@ class Agent:
         returns that version's answer to the request.
 
         `err` is raised instead when that version fails on the request too (then the
-        request is to blame, not the new version). With no version before kept (a pod
-        that started on this one), the running version is marked failed (`stalled`,
-        `run_failure`) and a `ModelRunError` saying so is raised: the watchers report it
-        and look for another. Called with the lock held.
+        request is to blame, not the new version); with no version before kept (a pod
+        that started on this one), `ModelRunNoFallbackError`. Called with the lock held.
         """
         bad, previous = self._policy, self._previous
         try:
             if previous is None:
-                raise self._stall(bad.version, err)
+                raise errors.ModelRunNoFallbackError(bad.version, str(err)) from err
             try:
                 answer = previous.act(obs, mask, self._rng, self.sample)
             except errors.ModelRunError:
@@ -444,20 +463,6 @@ class Agent:
         self.metrics.model_reloads.labels("rolled_back").inc()
         log.error("model version %d %s", bad.version, why)
         return answer
-
-    def _stall(self, version: int, err: errors.ModelRunError) -> errors.ModelStalledError:
-        """Mark the running version failed, with none to go back to; returns the error
-        to raise. Called with the lock held."""
-        if self._stalled is None:
-            self._stalled = (version, str(err))
-            self._run_failures[version] = (
-                "failed at run time, with no version before it to go back to (waiting for"
-                f" another): {err}"
-            )
-            log.error("model version %d %s", version, self._run_failures[version])
-        return errors.ModelStalledError(
-            version, f"model version {version} {self._run_failures[version]}"
-        )
 
     def _back_from_stall(self, version: int) -> None:
         """`version` took over from a stalled one: its failure says where it went.

@@ -76,10 +76,10 @@ class ModelRunError(ModelLoadError):
     kind = "model_run"
 
 
-class ModelStalledError(ModelRunError):
-    """The running version failed on a request with no version before it to go back to
-    (a process that started on it): the request is refused until another version is
-    loaded. `version` is the failing one."""
+class ModelRunNoFallbackError(ModelRunError):
+    """The running version failed on a request and there is no version before it to
+    try the request on: the version or the request may be to blame. `version` is the
+    one that failed. The environment driver holds the step (`Agent.hold`)."""
 
     def __init__(self, version: int, message: str) -> None:
         self.version = version

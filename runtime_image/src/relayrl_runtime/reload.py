@@ -6,8 +6,9 @@ fails during a reload. A version that fails to load or does not fit the running 
 is logged and counted, and the agent keeps its current model. One that loads and then
 fails on a request is replaced by the version before it (`Agent.request_action`); the
 watchers report it and do not load it again. A process that started on such a version
-has none before it: its requests wait (`Agent.stalled`) until the source holds another
-version, or, from the registry, the watcher loads the newest version pushed before it.
+has none before it: its environment driver holds the version (`Agent.hold`) and its
+step until the source holds another version, or, from the registry, the watcher loads
+the newest version pushed before it.
 
 For a path, publish a new version in one step: write it to a directory of its own and
 point a symbolic link at it (`ln -s v4 tmp && mv -T tmp model`, with `model.uri` the
@@ -208,8 +209,8 @@ class RegistryWatcher(_Watcher):
         # The object the agent ran before the last reload, and its version: the agent
         # goes back to it if the new version fails at run time (`Agent.run_failure`).
         self._before: tuple[str, int] | None = None
-        # Objects of earlier versions tried for a version that failed with none before
-        # it (`_go_back`): not fetched again.
+        # Objects of earlier versions that could not be loaded in place of a version
+        # that failed with none before it (`_go_back`): not fetched again.
         self._tried: set[str] = set()
 
     async def run(self) -> None:
@@ -236,16 +237,18 @@ class RegistryWatcher(_Watcher):
             except errors.ModelMissingError as err:
                 self._keep(ref.version, str(err))
                 return
-            if entry.version is not None and self.agent.run_failure(entry.version):
-                # Failed here at run time: not loaded again. A process that started on
-                # it and has none to go back to takes the newest version before it.
-                if self.agent.stalled is not None and ref.version is None:
+            newest_failed = entry.version is not None and self.agent.run_failure(entry.version)
+            if newest_failed or entry.digest == self._digest:
+                # Nothing new to load (a version that failed here at run time is not
+                # loaded again). A version held as failed with none before it (`Agent.
+                # hold`) gives way to the newest one pushed before it, if any.
+                if self._ran_badly(self.agent.stalled) and ref.version is None:
                     await self._go_back(self.agent.stalled)
-                if not self._ran_badly(self.agent.stalled):  # the one that blocks first
+                if self._ran_badly(self.agent.stalled):  # what holds the pod, first
+                    return
+                if newest_failed:
                     self._ran_badly(entry.version)
-                return
-            if entry.digest == self._digest:
-                if entry.version == self.agent.get_model_version():
+                elif entry.version == self.agent.get_model_version():
                     self.refused = None  # e.g. back to a version it runs
                 return
             try:
@@ -277,37 +280,62 @@ class RegistryWatcher(_Watcher):
         except Exception as err:  # nats-py raises its own error types for transient faults
             log.warning("model registry poll failed (%r), retrying", err)
 
-    async def _go_back(self, failed: int) -> None:
+    async def _go_back(self, failed: int | None) -> None:
         """Load the newest version pushed before `failed` (kept as `<name>@v<N>`) that has
-        not failed here; none: the agent goes on waiting for a new one."""
-        bucket, name = self.ref.bucket, self.ref.name
-        earlier = [
-            e
-            for e in await registry.list_models(self.nc, bucket)
-            if e.version is not None
-            and e.version < failed
-            and e.key == registry.versioned_key(name, e.version)
-            and e.digest not in self._tried
-            and self.agent.run_failure(e.version) is None
-        ]
-        if not earlier:
+        not failed here; none: the agent goes on waiting for a new one.
+
+        A version that cannot be loaded here (not an archive, corrupt, another layout)
+        is not tried again, and not reported: an incompatible one would have the
+        operator roll the pods, which start on the failed version again. What is
+        reported is the failed version. Transient errors are tried again at the next
+        poll."""
+        if failed is None:
             return
-        newest = max(earlier, key=lambda e: e.version or 0)
-        self._tried.add(newest.digest)
-        log.warning(
-            "model version %d failed at run time with no version before it in this pod;"
-            " loading version %d from %s",
-            failed,
-            newest.version,
-            bucket,
-        )
-        path, entry = await registry.fetch(
-            self.nc, registry.ModelRef(bucket, name, newest.version), self.cache
-        )
-        try:
-            await self._take(path, entry)
-        finally:
-            await asyncio.to_thread(registry.prune, self.cache, self._path)
+        bucket, name = self.ref.bucket, self.ref.name
+        listed = await registry.list_models(self.nc, bucket)
+        looked_at, reported = self._digest, self.refused  # the newest object's, and its
+        while True:
+            earlier = [
+                e
+                for e in listed
+                if e.version is not None
+                and e.version < failed
+                and e.key == registry.versioned_key(name, e.version)
+                and e.digest not in self._tried
+                and self.agent.run_failure(e.version) is None
+            ]
+            if not earlier:
+                return
+            newest = max(earlier, key=lambda e: e.version or 0)
+            log.warning(
+                "model version %d failed at run time with no version before it in this"
+                " pod; loading version %d from %s",
+                failed,
+                newest.version,
+                bucket,
+            )
+            try:
+                path, entry = await registry.fetch(
+                    self.nc, registry.ModelRef(bucket, name, newest.version), self.cache
+                )
+                try:
+                    await self._take(path, entry)
+                finally:
+                    await asyncio.to_thread(registry.prune, self.cache, self._path)
+                return
+            except errors.RelayRLError as err:
+                self._tried.add(newest.digest)
+                self._failed(err)
+                self.refused = reported
+                log.error(
+                    "model version %s from %s cannot replace version %d: %s",
+                    newest.version,
+                    bucket,
+                    failed,
+                    err,
+                )
+            finally:
+                self._digest = looked_at
 
     async def _take(self, path: Path, entry: registry.Entry) -> None:
         """Load a fetched version unless the agent runs it already."""

@@ -9,9 +9,7 @@ episode ends with ``flag_last_action``, and removes its actors when it stops
 
 A runtime that is not up yet (a simulator Deployment started before the actor pods)
 is waited for: connecting is retried with a growing delay up to ``connect_timeout``.
-A runtime whose model failed with no version to go back to (error kind ``model_run``)
-records nothing for the request: it is asked again, with a growing delay, until another
-version answers. Progress goes to stdout as one JSON line every ``report_seconds``.
+Progress goes to stdout as one JSON line every ``report_seconds``.
 """
 
 from __future__ import annotations
@@ -27,7 +25,6 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from relayrl_runtime import errors
 from relayrl_runtime.transport import client
 
 
@@ -81,28 +78,6 @@ def _connect(
             delay = min(delay * 2, 5.0)
 
 
-def _actions(
-    remote: client.RemoteClient,
-    ids: list[int],
-    obs: np.ndarray,
-    rewards: np.ndarray,
-    stop: threading.Event,
-    out: TextIO,
-) -> client.RemoteActionResult | None:
-    """The actions for one step; None if stopped while the runtime's model fails."""
-    delay = 0.5
-    while True:
-        try:
-            return remote.request_action(ids, obs, reward=rewards)
-        except errors.RemoteError as err:
-            if err.remote_kind != errors.ModelRunError.kind:
-                raise
-            print(json.dumps({"event": "waiting", "reason": str(err)}), file=out, flush=True)
-        if stop.wait(delay):
-            return None
-        delay = min(delay * 2, 5.0)
-
-
 def run(
     address: str,
     env_id: str = "CartPole-v1",
@@ -144,9 +119,7 @@ def run(
             now = time.monotonic()
             if seconds is not None and now - start >= seconds:
                 break
-            result = _actions(remote, ids, obs.astype(np.float32, copy=False), rewards, stop, out)
-            if result is None:
-                break
+            result = remote.request_action(ids, obs.astype(np.float32, copy=False), reward=rewards)
             summary.versions.add(result.version)
             for i, env in enumerate(copies):
                 action = result.actions[i]  # a vector for continuous actions

@@ -318,23 +318,32 @@ def test_a_version_that_fails_at_run_time_is_replaced_by_the_one_before(
     assert table["policy_version"].to_pylist().count(2) == 3
 
 
-def test_a_failure_with_no_version_before_holds_the_version_until_another_loads(
+def test_a_failure_with_no_version_before_records_nothing_and_can_be_held(
     models: dict[str, Path], sink: local.LocalFileSink
 ) -> None:
     """The version the agent started with has none before it: a request it fails on
-    is refused (`ModelStalledError`) and records nothing, the agent says it is stalled,
-    and the same request is answered once another version is loaded. The failed
-    version is not kept to go back to."""
+    raises `ModelRunNoFallbackError` and records nothing, so the same request can be
+    made again. Held (`hold`, what the env driver does), the version is reported failed
+    until another is loaded; the failed version is not kept to go back to."""
     a = agent_mod.Agent(models["failing_v2"], actor_count=4, sink=sink)
     assert a.request_action([0, 1, 2], _obs(3)).version == 2  # fine on 3 rows
     ended = (np.array([1]), np.array([True]), np.array([False]))
-    with pytest.raises(errors.ModelStalledError, match=r"model version 2 .*the forward pass of 4"):
+    with pytest.raises(
+        errors.ModelRunNoFallbackError, match=r"model version 2 .*forward pass of 4"
+    ):
         a.request_action([0, 1, 2, 3], _obs(4), reward=[1.0, 2.0, 3.0, 4.0], ended=ended)
+    assert a.metrics.request_errors.labels("model_run")._value.get() == 1
+    assert a.stalled is None  # not held: a request alone cannot tell whose fault it is
+    assert a.run_failure(2) is None
+    with pytest.raises(errors.ModelRunNoFallbackError) as failed:
+        a.request_action([0, 1, 2, 3], _obs(4))
+    assert failed.value.version == 2
+    assert not a.hold(1, failed.value)  # not the version that runs
+    assert a.hold(2, failed.value)
     assert a.stalled == 2
     why = a.run_failure(2)
     assert why is not None
     assert why.startswith("failed at run time, with no version before it to go back to")
-    assert a.metrics.request_errors.labels("model_run")._value.get() == 1
     assert a.get_model_version() == 2
     assert a.request_action([0, 1, 2], _obs(3)).version == 2  # what it answers, it answers
     assert a.reload_model(models["onnx"]) == 1
@@ -358,9 +367,9 @@ def test_a_failure_with_no_version_before_holds_the_version_until_another_loads(
     assert len(rows) == 3 + 3 + 4
 
 
-def test_a_version_loaded_after_a_stall_keeps_nothing_before_it(models: dict[str, Path]) -> None:
+def test_a_version_loaded_after_a_hold_keeps_nothing_before_it(models: dict[str, Path]) -> None:
     """Version 1 came back in a replacement, so it has none before it; its own failure
-    (faked here) stalls it, and a newer version ends the stall."""
+    (faked here) is held, and a newer version ends the hold."""
     b = agent_mod.Agent(models["onnx"], actor_count=4)
     b.reload_model(models["failing_v2"])
     b.request_action([0, 1, 2, 3], _obs(4))  # back to 1
@@ -368,8 +377,11 @@ def test_a_version_loaded_after_a_stall_keeps_nothing_before_it(models: dict[str
     b.request_action([0, 1, 2, 3], _obs(4))  # back to 1 again
     assert b.metrics.model_reloads.labels("rolled_back")._value.get() == 2
     b.current_policy.backend.run = lambda obs: 1 / 0  # type: ignore[method-assign]
-    with pytest.raises(errors.ModelStalledError, match=r"model version 1 .*ZeroDivisionError"):
+    with pytest.raises(
+        errors.ModelRunNoFallbackError, match=r"model version 1 .*ZeroDivision"
+    ) as e:
         b.request_action([0, 1, 2, 3], _obs(4))
+    assert b.hold(1, e.value)
     assert b.stalled == 1
     assert b.reload_model(models["onnx_v3"]) == 3
     assert b.stalled is None

@@ -384,3 +384,26 @@ def test_observations_with_nan_or_infinity_are_counted(
         assert counted() == 4
         c.request_action(ids, np.zeros((3, 4), np.float32))
         assert counted() == 4
+
+
+def test_a_remote_request_a_model_fails_on_holds_nothing(models: dict[str, Path]) -> None:
+    """The version the runtime started with fails on a client's request (4 rows), with
+    none before it: the client gets a `model_run` error, others are answered, and the
+    version is not held as failed (one client cannot tell its request's fault from the
+    version's)."""
+    a = agent_mod.Agent(models["failing_v2"], actor_count=0, seed=0)
+    ep = endpoint.RemoteEndpoint(a, "tcp://127.0.0.1:0")
+    address = ep.start()
+    remote = client.RemoteClient(address, timeout=10.0)
+    try:
+        ids = remote.new_actors(4)
+        with pytest.raises(errors.RemoteError, match=r"^model_run: model version 2 ") as err:
+            remote.request_action(ids, np.zeros((4, 4), np.float32))
+        assert err.value.remote_kind == "model_run"
+        assert remote.request_action(ids[:3], np.zeros((3, 4), np.float32)).version == 2
+        assert a.stalled is None
+        assert a.run_failure(2) is None
+    finally:
+        remote.close()
+        ep.stop()
+        a.shutdown()

@@ -21,6 +21,7 @@ from relayrl_runtime import agent as agent_mod
 from relayrl_runtime import errors
 from relayrl_runtime.envs import driver, gym, python
 from relayrl_runtime.sinks import local
+from support import badmodels
 
 
 def _table(sink: local.LocalFileSink) -> pa.Table:
@@ -120,6 +121,41 @@ def test_a_model_that_fails_with_none_before_it_holds_the_steps_until_another_lo
         assert [r["policy_version"] for r in rows] == [2] * 101 + [1] * 199
         assert [r["obs"][0] for r in rows] == [float(k % 150) for k in range(300)]
         assert sum(r["terminated"] for r in rows) == 2
+
+
+def test_a_held_step_that_fails_on_the_next_version_too_is_to_blame(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    """Version 2 failed on the step (held); version 1, loaded next, fails on it too: the
+    step is to blame, and the driver raises (the process exits 2). Waiting for a model
+    heeds the run's time limit."""
+    failing_v1 = tmp_path / "failing_v1"
+    badmodels.export_failing(failing_v1, version=1, max_abs=100.0)
+    a = agent_mod.Agent(models["failing_v2"], actor_count=2)
+    drv = driver.EnvDriver(a, Counting(2, length=150), [0, 1], seed=0)
+    started = time.monotonic()
+    assert drv.run(max_steps=1000, max_seconds=0.5).steps == 2 * 101
+    assert time.monotonic() - started < 5
+    assert a.stalled == 2
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            drv.run(max_steps=1000)
+        except BaseException as err:
+            failed.append(err)
+
+    runner = threading.Thread(target=run)
+    runner.start()
+    time.sleep(0.3)
+    assert runner.is_alive()  # held on version 2
+    a.reload_model(failing_v1)
+    runner.join(30)
+    [err] = failed
+    assert isinstance(err, errors.ModelRunError)
+    assert "the same step failed on model version 2 before it, so the step is to blame" in str(err)
+    assert a.stalled is None
+    a.shutdown()
 
 
 def test_a_time_limit_on_a_terminal_step_is_terminated_not_truncated(

@@ -14,6 +14,7 @@ import pytest
 from relayrl_runtime import agent as agent_mod
 from relayrl_runtime import errors, registry, reload, spec
 from relayrl_runtime.inference import export, model
+from support import badmodels
 
 
 def test_a_pinned_path_never_loads_another_version(
@@ -158,8 +159,8 @@ def test_a_version_that_failed_with_none_before_it_is_reported_until_another_com
     models: dict[str, Path], tmp_path: Path
 ) -> None:
     """The agent started on version 2 and it fails on a request: nothing to go back to.
-    The watcher reports it (the path has not changed), also while version 2 is pinned,
-    and loads version 3 once the path holds it; the report clears."""
+    Held, the watcher reports it (the path has not changed), also while version 2 is
+    pinned, and loads version 3 once the path holds it; the report clears."""
     live = tmp_path / "model"
     _link(live, models["failing_v2"])
     agent = agent_mod.Agent(live, actor_count=4)
@@ -168,8 +169,11 @@ def test_a_version_that_failed_with_none_before_it_is_reported_until_another_com
         watcher = reload.PathWatcher(agent, live, poll_seconds=0.02)
         _poll_until(watcher, lambda: False)  # the path checked: nothing to say
         assert watcher.refused is None
-        with pytest.raises(errors.ModelStalledError):
+        with pytest.raises(errors.ModelRunNoFallbackError) as failed:
             agent.request_action([0, 1, 2, 3], obs)
+        _poll_until(watcher, lambda: False)  # a failure not held: nothing to say
+        assert watcher.refused is None
+        assert agent.hold(2, failed.value)  # what the env driver does
         _poll_until(watcher, lambda: watcher.refused is not None)
         assert watcher.refused is not None
         assert watcher.refused.version == 2
@@ -242,5 +246,85 @@ def test_a_rollback_before_the_reload_returns_is_followed(
         assert agent.get_model_version() == 1
         assert agent.previous_version is None
         assert watcher._before == ("d1", 1)
+    finally:
+        agent.shutdown()
+
+
+class _Bucket:
+    """The registry functions the watcher calls, over model directories: `objects` maps
+    object keys to (entry, directory); `cp` is the newest version."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.objects: dict[str, tuple[registry.Entry, Path]] = {}
+        self.fetched: list[str] = []
+        self.timeouts: set[str] = set()  # keys whose next fetch times out
+        monkeypatch.setattr(registry, "info", self.info)
+        monkeypatch.setattr(registry, "list_models", self.list_models)
+        monkeypatch.setattr(registry, "fetch", self.fetch)
+        monkeypatch.setattr(registry, "prune", lambda cache, keep: None)
+
+    def push(self, version: int, directory: Path) -> None:
+        digest = f"d{version}"
+        key = registry.versioned_key("cp", version)
+        self.objects[key] = (registry.Entry(key, version, "onnx", 1, digest), directory)
+        self.objects["cp"] = (registry.Entry("cp", version, "onnx", 1, digest), directory)
+
+    async def info(self, nc: object, ref: registry.ModelRef) -> registry.Entry:
+        return self.objects[ref.key][0]
+
+    async def list_models(self, nc: object, bucket: str) -> list[registry.Entry]:
+        return [entry for entry, _ in self.objects.values()]
+
+    async def fetch(
+        self, nc: object, ref: registry.ModelRef, cache: Path
+    ) -> tuple[Path, registry.Entry]:
+        self.fetched.append(ref.key)
+        if ref.key in self.timeouts:
+            self.timeouts.discard(ref.key)
+            raise TimeoutError(f"{ref.key} not read in time")
+        entry, directory = self.objects[ref.key]
+        return directory, entry
+
+
+def test_a_held_version_gives_way_to_the_newest_earlier_one_that_loads(
+    models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pod started on version 3 (newest), which failed with none before it and is
+    held. Version 2 has another layout: skipped, and never reported (an incompatible
+    refusal would have the operator roll the pods onto version 3 again). Version 1's
+    fetch times out once: tried again at the next poll, then loaded."""
+    bucket = _Bucket(monkeypatch)
+    failing_v3 = tmp_path / "failing_v3"
+    badmodels.export_failing(failing_v3, version=3, max_rows=3)
+    wide_v2 = tmp_path / "wide_v2"
+    export.export_mlp(wide_v2, spec.ModelFormat.ONNX, obs_dim=6, version=2)
+    bucket.push(1, models["onnx"])
+    bucket.push(2, wide_v2)
+    bucket.push(3, failing_v3)
+    agent = agent_mod.Agent(failing_v3, actor_count=4)
+    ref = registry.ModelRef("b", "cp")
+    watcher = reload.RegistryWatcher(agent, None, ref, tmp_path, 60.0, "d3", failing_v3)
+    try:
+        with pytest.raises(errors.ModelRunNoFallbackError) as failed:
+            agent.request_action([0, 1, 2, 3], np.zeros((4, 4), np.float32))
+        assert agent.hold(3, failed.value)
+        bucket.timeouts.add("cp@v1")
+        asyncio.run(watcher.check())
+        assert bucket.fetched == ["cp@v2", "cp@v1"]
+        assert agent.get_model_version() == 3
+        assert watcher.refused is not None
+        assert (watcher.refused.version, watcher.refused.incompatible) == (3, False)
+        assert "with no version before it to go back to" in watcher.refused.reason
+        asyncio.run(watcher.check())
+        assert bucket.fetched == ["cp@v2", "cp@v1", "cp@v1"]  # version 2 not again
+        assert agent.get_model_version() == 1
+        assert agent.stalled is None
+        assert watcher.refused is not None
+        assert watcher.refused.reason.startswith(
+            "model version 3 failed at run time, so the agent went back to version 1:"
+        )
+        asyncio.run(watcher.check())  # nothing new: nothing fetched
+        assert len(bucket.fetched) == 3
+        assert agent.get_model_version() == 1
     finally:
         agent.shutdown()

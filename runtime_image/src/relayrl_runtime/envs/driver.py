@@ -317,6 +317,7 @@ class EnvDriver:
         env_steps = agent.metrics.env_steps
         episode_counter = agent.metrics.episodes
         request_action = agent.request_action
+        held: int | None = None  # the version this step failed on, held (`Agent.hold`)
         start = time.perf_counter()
         deadline = None if max_seconds is None else start + max_seconds
         try:
@@ -355,11 +356,19 @@ class EnvDriver:
                 # goes on where an earlier one stopped.
                 try:
                     result = request_action(ids, obs, reward=self._rewards, ended=self._ended)
-                except errors.ModelStalledError as err:
-                    # A request that fails records nothing: asked for again once
-                    # another version runs.
-                    self._await_model(err.version, stop)
+                except errors.ModelRunNoFallbackError as err:
+                    # A request that fails records nothing: the step is asked for again
+                    # once another version runs, unless it failed on one already.
+                    if held is not None and held != err.version:
+                        raise errors.ModelRunError(
+                            f"{err}; the same step failed on model version {held} before"
+                            " it, so the step is to blame"
+                        ) from err
+                    if agent.hold(err.version, err):
+                        held = err.version
+                        self._await_model(err.version, stop, deadline)
                     continue
+                held = None
                 self._ended = None
                 # Recorded, not stepped yet: an env that raises now leaves steps whose
                 # actions never ran (`end_episodes` drops them).
@@ -406,13 +415,16 @@ class EnvDriver:
             seconds=seconds,
         )
 
-    def _await_model(self, version: int, stop: threading.Event | None) -> None:
-        """Wait while the agent runs `version`, which failed on this step's request with
-        none to go back to (the watchers look for another), until a resize or the stop."""
+    def _await_model(
+        self, version: int, stop: threading.Event | None, deadline: float | None
+    ) -> None:
+        """Wait while the agent runs `version`, held as failed on this step's request
+        (the watchers look for another), until a resize, the stop or the deadline."""
         while (
             self.agent.stalled == version
             and not self._requests
             and not (stop is not None and stop.is_set())
+            and not (deadline is not None and time.perf_counter() >= deadline)
         ):
             self._wake.wait(_STALL_POLL_SECONDS)
             self._wake.clear()
