@@ -322,9 +322,10 @@ def test_a_failure_with_no_version_before_records_nothing_and_can_be_held(
     models: dict[str, Path], sink: local.LocalFileSink
 ) -> None:
     """The version the agent started with has none before it: a request it fails on
-    raises `ModelRunNoFallbackError` and records nothing, so the same request can be
-    made again. Held (`hold`, what the env driver does), the version is reported failed
-    until another is loaded; the failed version is not kept to go back to."""
+    raises `ModelRunNoFallbackError` and records no step (the episodes it ended stay
+    ended), so it can be made again without `ended`. Held (`hold`, what the env driver
+    does), the version is reported failed until another is loaded; the failed version
+    is not kept to go back to."""
     a = agent_mod.Agent(models["failing_v2"], actor_count=4, sink=sink)
     assert a.request_action([0, 1, 2], _obs(3)).version == 2  # fine on 3 rows
     ended = (np.array([1]), np.array([True]), np.array([False]))
@@ -352,7 +353,7 @@ def test_a_failure_with_no_version_before_records_nothing_and_can_be_held(
     why = a.run_failure(2)
     assert why is not None
     assert why.startswith("failed at run time, so the agent went back to version 1:")
-    result = a.request_action([0, 1, 2, 3], _obs(4), reward=[1.0, 2.0, 3.0, 4.0], ended=ended)
+    result = a.request_action([0, 1, 2, 3], _obs(4), reward=[1.0, 2.0, 3.0, 4.0])
     assert result.version == 1
     a.flag_last_action([0, 1, 2, 3])
     a.shutdown()
@@ -360,8 +361,8 @@ def test_a_failure_with_no_version_before_records_nothing_and_can_be_held(
     # Actors 0-2: two steps of version 2, one of version 1; actor 3: one of version 1.
     assert [r["policy_version"] for r in rows if r["actor_id"] == 0] == [2, 2, 1]
     assert [r["policy_version"] for r in rows if r["actor_id"] == 3] == [1]
-    # Actor 1's first episode ended once, with the reward of the request answered;
-    # its second by the flag_last_action above.
+    # Actor 1's first episode ended once, with the reward of the failed request; its
+    # second by the flag_last_action above.
     ends = [r for r in rows if r["actor_id"] == 1 and r["terminated"]]
     assert [(r["policy_version"], r["reward"]) for r in ends] == [(2, 2.0), (1, 0.0)]
     assert len(rows) == 3 + 3 + 4

@@ -357,8 +357,10 @@ class EnvDriver:
                 try:
                     result = request_action(ids, obs, reward=self._rewards, ended=self._ended)
                 except errors.ModelRunNoFallbackError as err:
-                    # A request that fails records nothing: the step is asked for again
-                    # once another version runs, unless it failed on one already.
+                    # A request that fails records no step, and its episode ends are
+                    # flagged: the step is asked for again once another version runs,
+                    # unless it failed on one already.
+                    self._ended = None
                     if held is not None and held != err.version:
                         raise errors.ModelRunError(
                             f"{err}; the same step failed on model version {held} before"
