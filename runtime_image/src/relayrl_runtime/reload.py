@@ -242,8 +242,9 @@ class RegistryWatcher(_Watcher):
                 # Nothing new to load (a version that failed here at run time is not
                 # loaded again). A version held as failed with none before it (`Agent.
                 # hold`) gives way to the newest one pushed before it, if any.
+                before = self.refused  # e.g. the newest, which did not load
                 if self._ran_badly(self.agent.stalled) and ref.version is None:
-                    await self._go_back(self.agent.stalled)
+                    await self._go_back(self.agent.stalled, before)
                 if self._ran_badly(self.agent.stalled):  # what holds the pod, first
                     return
                 if newest_failed:
@@ -280,7 +281,7 @@ class RegistryWatcher(_Watcher):
         except Exception as err:  # nats-py raises its own error types for transient faults
             log.warning("model registry poll failed (%r), retrying", err)
 
-    async def _go_back(self, failed: int | None) -> None:
+    async def _go_back(self, failed: int | None, before: reporting.Refusal | None) -> None:
         """Load the newest version pushed before `failed` (kept as `<name>@v<N>`) that has
         not failed here; none: the agent goes on waiting for a new one.
 
@@ -288,7 +289,8 @@ class RegistryWatcher(_Watcher):
         is not tried again, and not reported: an incompatible one would have the
         operator roll the pods, which start on the failed version again. What is
         reported is the failed version. Transient errors are tried again at the next
-        poll."""
+        poll. `before`: what was reported before the failed version; a newer version
+        that did not load is reported again once the pod went back."""
         if failed is None:
             return
         bucket, name = self.ref.bucket, self.ref.name
@@ -322,6 +324,8 @@ class RegistryWatcher(_Watcher):
                     await self._take(path, entry)
                 finally:
                     await asyncio.to_thread(registry.prune, self.cache, self._path)
+                if before is not None and before.version != failed:
+                    self.refused = before  # the newest, which did not load: still so
                 return
             except errors.RelayRLError as err:
                 self._tried.add(newest.digest)

@@ -328,3 +328,40 @@ def test_a_held_version_gives_way_to_the_newest_earlier_one_that_loads(
         assert agent.get_model_version() == 1
     finally:
         agent.shutdown()
+
+
+def test_going_back_keeps_reporting_a_newest_version_that_did_not_load(
+    models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pod started on version 2; version 3 was pushed and could not load (reported).
+    Version 2 then fails with none before it: the watcher goes back to version 1 though
+    the newest object is not the failed one, and version 3's refusal stays reported."""
+    bucket = _Bucket(monkeypatch)
+    corrupt = tmp_path / "corrupt_v3"
+    export.export_mlp(corrupt, spec.ModelFormat.ONNX, seed=2, version=3)
+    (corrupt / "model.onnx").write_bytes(b"not onnx")
+    bucket.push(1, models["onnx"])
+    bucket.push(2, models["failing_v2"])
+    agent = agent_mod.Agent(models["failing_v2"], actor_count=4)
+    ref = registry.ModelRef("b", "cp")
+    watcher = reload.RegistryWatcher(agent, None, ref, tmp_path, 60.0, "d2", models["failing_v2"])
+    try:
+        bucket.push(3, corrupt)
+        asyncio.run(watcher.check())
+        assert watcher.refused is not None
+        assert watcher.refused.version == 3
+        with pytest.raises(errors.ModelRunNoFallbackError) as failed:
+            agent.request_action([0, 1, 2, 3], np.zeros((4, 4), np.float32))
+        assert agent.hold(2, failed.value)
+        asyncio.run(watcher.check())
+        assert agent.get_model_version() == 1
+        assert bucket.fetched == ["cp", "cp@v1"]  # version 3 not fetched again
+        assert watcher.refused is not None
+        assert (watcher.refused.version, watcher.refused.incompatible) == (3, False)
+        assert "not a loadable ONNX model" in watcher.refused.reason
+        asyncio.run(watcher.check())
+        assert bucket.fetched == ["cp", "cp@v1"]
+        assert watcher.refused is not None
+        assert watcher.refused.version == 3
+    finally:
+        agent.shutdown()
