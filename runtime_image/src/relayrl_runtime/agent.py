@@ -328,10 +328,11 @@ class Agent:
                     dropped = [own.pop(row) for row in list(own) if row not in old_own]
                     self._own = own
                 self._policy = new
-                older, self._previous = self._previous, old
-                if old.version in self._run_failures:  # never gone back to
-                    older, self._previous = old, older
+                older: policy.Policy | None = old
+                if old.version in self._run_failures:  # never gone back to: closed
                     self._back_from_stall(new.version)
+                else:
+                    older, self._previous = self._previous, old
                 self._swaps += 1
             for p in [*old_own.values(), *dropped, *([older] if older is not None else [])]:
                 p.close()

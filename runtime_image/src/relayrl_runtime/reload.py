@@ -243,8 +243,10 @@ class RegistryWatcher(_Watcher):
                 # loaded again). A version held as failed with none before it (`Agent.
                 # hold`) gives way to the newest one pushed before it, if any.
                 before = self.refused  # e.g. the newest, which did not load
-                if self._ran_badly(self.agent.stalled) and ref.version is None:
-                    await self._go_back(self.agent.stalled, before)
+                held = self.agent.stalled
+                if held is not None and ref.version is None:
+                    self._ran_badly(held)  # reported while going back, too
+                    await self._go_back(held, before)
                 if self._ran_badly(self.agent.stalled):  # what holds the pod, first
                     return
                 if newest_failed:
@@ -281,7 +283,7 @@ class RegistryWatcher(_Watcher):
         except Exception as err:  # nats-py raises its own error types for transient faults
             log.warning("model registry poll failed (%r), retrying", err)
 
-    async def _go_back(self, failed: int | None, before: reporting.Refusal | None) -> None:
+    async def _go_back(self, failed: int, before: reporting.Refusal | None) -> None:
         """Load the newest version pushed before `failed` (kept as `<name>@v<N>`) that has
         not failed here; none: the agent goes on waiting for a new one.
 
@@ -291,8 +293,6 @@ class RegistryWatcher(_Watcher):
         reported is the failed version. Transient errors are tried again at the next
         poll. `before`: what was reported before the failed version; a newer version
         that did not load is reported again once the pod went back."""
-        if failed is None:
-            return
         bucket, name = self.ref.bucket, self.ref.name
         listed = await registry.list_models(self.nc, bucket)
         looked_at, reported = self._digest, self.refused  # the newest object's, and its
@@ -308,7 +308,7 @@ class RegistryWatcher(_Watcher):
             ]
             if not earlier:
                 return
-            newest = max(earlier, key=lambda e: e.version or 0)
+            newest = max(earlier, key=lambda e: e.version or 0)  # all have one
             log.warning(
                 "model version %d failed at run time with no version before it in this"
                 " pod; loading version %d from %s",

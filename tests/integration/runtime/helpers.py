@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import yaml
 
 RUNTIME = Path(sys.executable).parent / "relayrl-runtime"
@@ -79,6 +81,11 @@ def logged(logs: str, field: str) -> Any:
     if found is None:
         raise AssertionError(f"no log line with {field!r}:\n{logs}")
     return found
+
+
+def written(out: Path) -> pa.Table:
+    """Every Parquet file a runtime wrote under `out`, as one table."""
+    return pa.concat_tables([pq.read_table(f) for f in sorted(out.glob("*.parquet"))])
 
 
 def trajectories(table: Any) -> dict[tuple[int, int], list[dict[str, Any]]]:

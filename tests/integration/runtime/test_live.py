@@ -7,8 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from integration.runtime import helpers
 
@@ -93,7 +91,7 @@ def test_config_file_changes_apply_without_restart(models: dict[str, Path], tmp_
     logs = proc.logs()
     assert "routers scaled to 3" in logs
     assert "actors: now running global actors [3, 4, 5]" in logs
-    table = pa.concat_tables([pq.read_table(f) for f in out.glob("*.parquet")])
+    table = helpers.written(out)
     # Every step taken was written, by the ids of the global actors (stable across the
     # resize: actor a's copies are ids 2a and 2a+1).
     assert table.num_rows == helpers.logged(logs, "env_steps")
@@ -143,7 +141,7 @@ def test_a_slice_handover_gives_actors_up_and_takes_none_until_cleared(
         assert proc.terminate() == 0, proc.logs()
     finally:
         proc.kill()
-    table = pa.concat_tables([pq.read_table(f) for f in out.glob("*.parquet")])
+    table = helpers.written(out)
     assert set(table["actor_id"].to_pylist()) == set(range(8))
 
     # A process that starts during a handover runs nothing until it is cleared.

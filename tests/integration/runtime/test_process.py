@@ -16,6 +16,13 @@ from relayrl_runtime import spec
 from relayrl_runtime.inference import export
 
 
+def _point(link: Path, target: Path) -> None:
+    """Point the model link at `target` in one step, as a trainer publishes."""
+    tmp = link.with_name(link.name + ".tmp")
+    tmp.symlink_to(target)
+    tmp.replace(link)
+
+
 def _config(model: Path, fmt: str, out: Path, **extra: object) -> dict[str, object]:
     return {
         "agent": "cartpole",
@@ -98,7 +105,7 @@ def test_path_hot_reload_in_running_process(models: dict[str, Path], tmp_path: P
         assert proc.terminate() == 0, proc.logs()
     finally:
         proc.kill()
-    table = pa.concat_tables([pq.read_table(f) for f in out.glob("*.parquet")])
+    table = helpers.written(out)
     assert set(table["policy_version"].to_pylist()) == {1, 2}
 
 
@@ -112,15 +119,9 @@ def test_a_version_that_fails_at_run_time_gives_way_to_the_one_before(
     live.symlink_to(models["onnx"])
     out = tmp_path / "out"
     proc = helpers.RuntimeProcess(tmp_path, _config(live, "onnx", out))
-
-    def point_at(target: Path) -> None:
-        tmp = tmp_path / "model.tmp"
-        tmp.symlink_to(target)
-        tmp.replace(live)
-
     try:
         proc.wait_ready()
-        point_at(models["onnx_v2_failing"])
+        _point(live, models["onnx_v2_failing"])
         helpers.wait_for(
             "the replacement",
             lambda: 'model_reloads_total{result="rolled_back"} 1.0' in proc.metrics(),
@@ -136,7 +137,7 @@ def test_a_version_that_fails_at_run_time_gives_way_to_the_one_before(
         assert helpers.http_get(proc.port, "/readyz")[0] == 200
         v3 = tmp_path / "v3"
         export.export_mlp(v3, spec.ModelFormat.ONNX, seed=2, version=3)
-        point_at(v3)
+        _point(live, v3)
         helpers.wait_for_model(proc, 3)
         assert proc.terminate() == 0, proc.logs()
     finally:
@@ -144,7 +145,7 @@ def test_a_version_that_fails_at_run_time_gives_way_to_the_one_before(
     logs = proc.logs()
     assert "model version 2 failed at run time, so the agent went back to version 1" in logs
     assert "the forward pass of 6 rows failed" in logs
-    table = pa.concat_tables([pq.read_table(f) for f in out.glob("*.parquet")])
+    table = helpers.written(out)
     assert set(table["policy_version"].to_pylist()) == {1, 3}
     assert table.num_rows == helpers.logged(logs, "env_steps"), logs
 
@@ -174,9 +175,7 @@ def test_a_process_that_starts_on_a_failing_version_waits_for_another(
         assert 'request_errors_total{kind="model_run"} 1.0' in text  # asked once
         v3 = tmp_path / "v3"
         export.export_mlp(v3, spec.ModelFormat.ONNX, seed=2, version=3)
-        tmp = tmp_path / "model.tmp"
-        tmp.symlink_to(v3)
-        tmp.replace(live)
+        _point(live, v3)
         helpers.wait_for_model(proc, 3)
         helpers.wait_for(
             "steps on version 3",
@@ -187,7 +186,7 @@ def test_a_process_that_starts_on_a_failing_version_waits_for_another(
         proc.kill()
     logs = proc.logs()
     assert "model version 2 failed at run time, with no version before it" in logs
-    table = pa.concat_tables([pq.read_table(f) for f in out.glob("*.parquet")])
+    table = helpers.written(out)
     assert set(table["policy_version"].to_pylist()) == {3}
     assert table.num_rows == helpers.logged(logs, "env_steps"), logs
 
@@ -223,7 +222,7 @@ def test_run_limit_stops_by_itself(models: dict[str, Path], tmp_path: Path) -> N
         assert proc.proc.wait(60) == 0, proc.logs()
     finally:
         proc.kill()
-    table = pa.concat_tables([pq.read_table(f) for f in out.glob("*.parquet")])
+    table = helpers.written(out)
     assert table.num_rows == 600
 
 
@@ -284,7 +283,7 @@ def test_drain_that_overruns_exits_3_and_keeps_what_was_recorded(
     assert "shutdown did not finish" not in logs  # the watchdog was not needed
     # Nothing recorded is lost: 120 steps per actor completed, plus the action each
     # actor was given for the step that never returned.
-    table = pa.concat_tables([pq.read_table(f) for f in out.glob("*.parquet")])
+    table = helpers.written(out)
     assert table.num_rows == 2 * 121, logs
     assert '"msg": "drained: trajectories flushed, sink closed"' in logs
 

@@ -8,14 +8,13 @@ import multiprocessing
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import nats
 import nats.errors
 import nats.js.api
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from integration.runtime import helpers
 
@@ -72,6 +71,19 @@ def _reports(url: str, namespace: str, agent: str) -> dict[str, reporting.PodRep
             await nc.close()
 
     return asyncio.run(read())
+
+
+def _pod(
+    tmp_path: Path, cfg: dict[str, Any], url: str, env: dict[str, str] | None = None
+) -> tuple[helpers.RuntimeProcess, Callable[[], reporting.PodReport | None]]:
+    """The runtime as pod `<agent>-0` of namespace ns (config mounted), and a reader of
+    its latest status report."""
+    agent = str(cfg["agent"])
+    pod = f"{agent}-0"
+    proc = helpers.RuntimeProcess(
+        tmp_path, cfg, env={config.ENV_POD_NAME: pod, **(env or {})}, mounted=True
+    )
+    return proc, lambda: _reports(url, "ns", agent).get(pod)
 
 
 def test_push_list_and_hot_reload_from_registry(
@@ -134,7 +146,7 @@ def test_push_list_and_hot_reload_from_registry(
     keys = [line.split("\t")[0] for line in listing.splitlines()]
     assert keys == ["cp", "cp@v1", "cp@v2", "cp@v3"]
     assert "version=3" in listing.splitlines()[0]
-    table = pa.concat_tables([pq.read_table(f) for f in (tmp_path / "out").glob("*.parquet")])
+    table = helpers.written(tmp_path / "out")
     assert set(table["policy_version"].to_pylist()) == {1, 2}
 
 
@@ -190,11 +202,7 @@ def test_a_pinned_version_missing_from_the_registry_is_reported_and_kept_out(
     cfg = _config(
         "pinned", "objectstore://m2/cp", url, tmp_path, version=1, namespace="ns", reload=_POLL
     )
-    env = {config.ENV_POD_NAME: "pinned-0"}
-    proc = helpers.RuntimeProcess(tmp_path, cfg, env=env, mounted=True)
-
-    def report() -> reporting.PodReport | None:
-        return _reports(url, "ns", "pinned").get("pinned-0")
+    proc, report = _pod(tmp_path, cfg, url)
 
     try:
         proc.wait_ready()
@@ -525,8 +533,7 @@ def test_an_object_no_runtime_can_unpack_is_reported_and_fetched_once(
     url = nats_server.url
     _cli("model", "push", "--nats", url, "--bucket", "m6", "--name", "cp", str(models["onnx"]))
     cfg = _config("unpack", "objectstore://m6/cp", url, tmp_path, namespace="ns", reload=_POLL)
-    env = {config.ENV_POD_NAME: "unpack-0"}
-    proc = helpers.RuntimeProcess(tmp_path, cfg, env=env, mounted=True)
+    proc, report = _pod(tmp_path, cfg, url)
     try:
         proc.wait_ready()
 
@@ -545,10 +552,10 @@ def test_an_object_no_runtime_can_unpack_is_reported_and_fetched_once(
         helpers.wait_for("the refusal", lambda: "not a packed model directory" in proc.logs())
         time.sleep(1.0)  # several polls
         assert proc.logs().count("not a packed model directory") == 1
-        report = _reports(url, "ns", "unpack").get("unpack-0")
-        assert report is not None
-        assert report.refused is not None
-        assert report.refused.version == 2
+        sent = report()
+        assert sent is not None
+        assert sent.refused is not None
+        assert sent.refused.version == 2
         assert helpers.metric(proc.metrics(), "relayrl_runtime_model_version") == 1
         assert proc.terminate() == 0, proc.logs()
     finally:
@@ -639,11 +646,7 @@ def test_a_version_that_fails_at_run_time_is_reported_and_not_fetched_again(
     )
     tmp = tmp_path / "tmp"  # where the process unpacks the versions it fetches
     tmp.mkdir()
-    env = {config.ENV_POD_NAME: "runfail-0", "TMPDIR": str(tmp)}
-    proc = helpers.RuntimeProcess(tmp_path, cfg, env=env, mounted=True)
-
-    def report() -> reporting.PodReport | None:
-        return _reports(url, "ns", "runfail").get("runfail-0")
+    proc, report = _pod(tmp_path, cfg, url, env={"TMPDIR": str(tmp)})
 
     def unpacked() -> list[str]:
         return sorted(p.name.split("-")[1] for p in tmp.glob("relayrl-models-*/*"))
@@ -683,7 +686,7 @@ def test_a_version_that_fails_at_run_time_is_reported_and_not_fetched_again(
     finally:
         proc.kill()
     assert "other content" not in proc.logs()
-    table = pa.concat_tables([pq.read_table(f) for f in (tmp_path / "out").glob("*.parquet")])
+    table = helpers.written(tmp_path / "out")
     assert set(table["policy_version"].to_pylist()) == {1, 3}
 
 
@@ -704,11 +707,7 @@ def test_a_pod_that_starts_on_a_failing_version_takes_the_one_pushed_before(
     cfg = _config(
         "startfail", "objectstore://m10/cp", url, tmp_path, actors=4, namespace="ns", reload=_POLL
     )
-    env = {config.ENV_POD_NAME: "startfail-0"}
-    proc = helpers.RuntimeProcess(tmp_path, cfg, env=env, mounted=True)
-
-    def report() -> reporting.PodReport | None:
-        return _reports(url, "ns", "startfail").get("startfail-0")
+    proc, report = _pod(tmp_path, cfg, url)
 
     try:
         proc.wait_ready()
@@ -739,7 +738,7 @@ def test_a_pod_that_starts_on_a_failing_version_takes_the_one_pushed_before(
         proc.kill()
     logs = proc.logs()
     assert "loading version 1 from m10" in logs
-    table = pa.concat_tables([pq.read_table(f) for f in (tmp_path / "out").glob("*.parquet")])
+    table = helpers.written(tmp_path / "out")
     assert set(table["policy_version"].to_pylist()) == {1, 3}
     assert table.num_rows == helpers.logged(logs, "env_steps"), logs
 

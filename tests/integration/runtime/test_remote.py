@@ -9,8 +9,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import zmq
 from integration.runtime import helpers
@@ -56,7 +54,7 @@ def test_clients_in_separate_processes(remote_runtime, tmp_path: Path) -> None: 
     assert helpers.metric(text, "relayrl_runtime_actions_total") == 3 * 300 * 2
     assert helpers.metric(text, "relayrl_runtime_trajectory_buffer_bytes") > 0
     assert proc.terminate() == 0, proc.logs()
-    table = pa.concat_tables([pq.read_table(f) for f in out.glob("*.parquet")])
+    table = helpers.written(out)
     assert table.num_rows == 3 * 300 * 2
     # Pod 1 gives out actor ids from 1 << 32 on, apart from every other pod's.
     first = 1 << 32
@@ -145,7 +143,7 @@ def test_idle_client_actors_are_removed_and_flushed(
         proc.kill()
     assert "idle for over 1s: removed its 2 actors" in proc.logs()
     summary = json.loads(result.read_text())
-    table = pa.concat_tables([pq.read_table(f) for f in out.glob("*.parquet")])
+    table = helpers.written(out)
     # Every step the client took was written: the partial trajectories were flushed (cut)
     # when the actors were removed.
     assert table.num_rows == 40 * 2

@@ -721,7 +721,8 @@ class ArrowStreamWriter:
         """What to raise for file `i` of `sealed`, which Arrow could not write for its
         data: a file of one message names it (RowsRefused: the service dead-letters it
         and commits the rest of the seal); a file of more asks the service to take its
-        messages again one by one (WriteRefused), and what was not committed is dropped."""
+        messages again, half as many to a file (WriteRefused), and what was not committed
+        is dropped."""
         f = sealed.files[i]
         if f.messages == 1:
             one = service.RowsRefused([(f.first_seq, f"Arrow could not write it: {reason}")])
