@@ -704,7 +704,18 @@ def main(config_path: Path) -> int:
 
     data = config_path.read_bytes()
     cfg = config.parse(data, str(config_path))
-    logs.setup(cfg.log_format.value)
+    own = config.with_pod_fields(cfg)
+    logs.setup(own.log_format.value)
+    if own is not cfg:
+        older = live.changed_fields(cfg, own)
+        if older:
+            log.warning(
+                "config %s differs from this pod's template in %s: running the template's"
+                " (a rolling update replaces the pod)",
+                config_path,
+                ", ".join(".".join(p) for p in older),
+            )
+    cfg = own
     if cfg.device is spec.Device.CUDA:
         log.info("device cuda requested")
     watchdog.install_stack_dump()

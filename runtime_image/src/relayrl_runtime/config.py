@@ -10,8 +10,10 @@ Light on purpose (pydantic and yaml only): the operator imports it.
 
 from __future__ import annotations
 
+import copy
 import enum
 import hashlib
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -35,6 +37,11 @@ ENV_NAMESPACE: Final = "RELAYRL_NAMESPACE"
 # operator sets it from the pod IP (the local stack's process node runs several pods as
 # host processes, each with its own 127.0.0.0/8 address).
 ENV_BIND_ADDRESS: Final = "RELAYRL_BIND_ADDRESS"
+# The config's cold fields as the pod's template has them (JSON, `cold_fields`). The
+# process takes them over its file's: the file always holds the newest config, so a pod
+# of an older template that restarts during a rolling update would otherwise run the
+# new settings under its old template. Only the hot fields come from the file.
+ENV_POD_CONFIG: Final = "RELAYRL_POD_CONFIG"
 
 
 # Paths (wire names) of the fields a running process applies from its mounted config
@@ -195,6 +202,62 @@ def revision(data: bytes) -> str:
     """A config file's revision: what a pod reports it applied, and the operator compares
     with the ConfigMap it wrote."""
     return hashlib.sha256(data).hexdigest()[:16]
+
+
+def cold_fields(config: RuntimeConfig) -> dict[str, Any]:
+    """The config in wire form without its hot and unused fields: what a pod runs
+    until it is replaced (the operator puts it in the actor pods' template)."""
+    data = config.model_dump(mode="json", by_alias=True, exclude_none=True)
+    for path in (*HOT_FIELDS, *UNUSED_FIELDS):
+        node = data
+        for key in path[:-1]:
+            node = node.get(key, {})
+        node.pop(path[-1], None)
+    return data
+
+
+def with_pod_fields(
+    config: RuntimeConfig, environ: Mapping[str, str] | None = None
+) -> RuntimeConfig:
+    """`config` (a file's) with its cold fields replaced by the pod's own
+    (`RELAYRL_POD_CONFIG`), if the pod has them; the hot fields stay the file's.
+
+    `model.version` stays the file's only where the file names the same model (uri,
+    format...): otherwise it is a version of another model, and the pod runs the
+    newest of its own."""
+    environ = os.environ if environ is None else environ
+    text = environ.get(ENV_POD_CONFIG, "").strip()
+    if not text:
+        return config
+    try:
+        cold = json.loads(text)
+    except ValueError as err:
+        raise spec.InvalidSpecError([(ENV_POD_CONFIG, f"not valid JSON: {err}")]) from None
+    if not isinstance(cold, dict):
+        raise spec.InvalidSpecError([(ENV_POD_CONFIG, "expected a JSON object")])
+    data = copy.deepcopy(cold)
+    wire = config.model_dump(mode="json", by_alias=True, exclude_none=True)
+    same_model = cold_fields(config).get("model") == cold.get("model")
+    for path in HOT_FIELDS:
+        if path == ("model", "version") and not same_model:
+            continue
+        value: Any = wire
+        for key in path:
+            value = value.get(key) if isinstance(value, Mapping) else None
+        if value is None:
+            continue
+        node = data
+        for key in path[:-1]:
+            if not isinstance(node.get(key), dict):
+                node[key] = {}
+            node = node[key]
+        node[path[-1]] = value
+    try:
+        return from_mapping(data, environ)
+    except spec.InvalidSpecError as err:
+        raise spec.InvalidSpecError(
+            [(f"{path} (from {ENV_POD_CONFIG})", msg) for path, msg in err.problems]
+        ) from None
 
 
 def bind_host(cfg: RuntimeConfig, environ: Mapping[str, str] | None = None) -> str:

@@ -19,6 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+from relayrl_runtime import config
+
 RUNTIME = Path(sys.executable).parent / "relayrl-runtime"
 
 
@@ -114,7 +116,10 @@ class RuntimeProcess:
         env: dict[str, str] | None = None,
         mounted: bool = False,
         host: str = "127.0.0.1",
+        template: dict[str, Any] | None = None,
     ) -> None:
+        """`template`: the config the pod's template was made from, whose cold fields
+        the process gets in its environment, as the operator's actor pods do."""
         self.port = free_port()
         self.host = host
         self._server = {"host": "127.0.0.1", "port": self.port}
@@ -127,18 +132,25 @@ class RuntimeProcess:
         else:
             self.config = tmp / "runtime.yaml"
         self.update_config(cfg)
+        env = dict(env or {})
+        if template is not None:
+            cold = config.cold_fields(config.from_mapping(self._complete(template), {}))
+            env[config.ENV_POD_CONFIG] = json.dumps(cold)
         self.log = tmp / "runtime.log"
         self._log = self.log.open("wb")
         self.proc = subprocess.Popen(
             [str(RUNTIME), "run", "--config", str(self.config)],
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
         )
+
+    def _complete(self, cfg: dict[str, Any]) -> dict[str, Any]:
+        return {**cfg, "server": self._server, "logFormat": "json"}
 
     def update_config(self, cfg: dict[str, Any]) -> None:
         """Write the config (atomically swapped in when mounted)."""
-        text = yaml.safe_dump({**cfg, "server": self._server, "logFormat": "json"})
+        text = yaml.safe_dump(self._complete(cfg))
         if self._mount is None:
             self.config.write_text(text)
             return

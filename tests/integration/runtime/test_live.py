@@ -158,6 +158,40 @@ def test_a_slice_handover_gives_actors_up_and_takes_none_until_cleared(
         second.kill()
 
 
+def test_a_pod_of_an_older_template_keeps_its_settings_when_it_restarts(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    """During a rolling update the mounted file already holds the new config; a pod of
+    the old template that restarts runs its template's cold fields (here the sink path
+    and envs per actor) and the file's hot ones (actors, routers)."""
+    out_old, out_new = tmp_path / "old", tmp_path / "new"
+    old = _config(models["onnx"], out_old)
+    new = {
+        **_config(models["onnx"], out_new),
+        "actors": 6,
+        "actorsPerPod": 3,
+        "routers": 2,
+        "environment": {"gymnasium": {"id": "CartPole-v1", "envsPerActor": 3}},
+    }
+    proc = helpers.RuntimeProcess(tmp_path, new, mounted=True, template=old)
+    try:
+        proc.wait_ready()
+        # Pod 1 of 3 actors per pod: global actors 3, 4 and 5, with 2 envs each (not 3).
+        text = proc.metrics()
+        assert helpers.metric(text, "relayrl_runtime_actors") == 6
+        assert helpers.metric(text, "relayrl_runtime_routers") == 2
+        assert (
+            "differs from this pod's template in environment.gymnasium.envsPerActor,"
+            " localSink.path" in proc.logs()
+        )
+        helpers.wait_for("env steps", lambda: _steps(proc) > 100)
+        assert proc.terminate() == 0, proc.logs()
+    finally:
+        proc.kill()
+    assert helpers.written(out_old).num_rows > 0
+    assert not out_new.exists()
+
+
 def test_invalid_config_change_is_ignored(models: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "out"
     cfg = _config(models["onnx"], out)

@@ -226,10 +226,16 @@ def test_template_overrides_reach_the_pod() -> None:
         ({"spec": {"trajectories": {"nats": {"retainOnDelete": True}}}}, False),
     ],
 )
-def test_only_cold_fields_change_the_restart_hash(patch: dict[str, Any], restarts: bool) -> None:
-    before = configmap.restart_hash(make_agent())
-    after = configmap.restart_hash(make_agent(patch))
+def test_only_cold_fields_reach_the_pod_template(patch: dict[str, Any], restarts: bool) -> None:
+    before = configmap.pod_config(make_agent())
+    after = configmap.pod_config(make_agent(patch))
     assert (before != after) is restarts
+    assert (
+        statefulset.restart_hash(make_agent(), SETTINGS)
+        != statefulset.restart_hash(make_agent(patch), SETTINGS)
+    ) is restarts
+    env = {e["name"]: e for e in pod_spec(make_agent(patch))["containers"][0]["env"]}
+    assert env[constants.ENV_POD_CONFIG] == {"name": constants.ENV_POD_CONFIG, "value": after}
     assert (
         configmap.build(make_agent())["metadata"]["annotations"]
         != configmap.build(make_agent(patch))["metadata"]["annotations"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -229,3 +230,52 @@ def test_a_drain_time_past_an_hour_or_not_a_time_is_refused_by_name(value: float
     with pytest.raises(spec.InvalidSpecError, match=r"^drainSeconds: "):
         config.from_mapping({**BASE, "drainSeconds": value}, {})
     assert config.from_mapping({**BASE, "drainSeconds": 3600}, {}).drain_seconds == 3600
+
+
+def _pod(cfg: dict[str, Any]) -> dict[str, str]:
+    return {config.ENV_POD_CONFIG: json.dumps(config.cold_fields(config.from_mapping(cfg, {})))}
+
+
+def test_a_pod_runs_its_templates_cold_fields_and_the_files_hot_ones() -> None:
+    template = {**BASE, "environment": {"gymnasium": {"id": "CartPole-v1", "envsPerActor": 2}}}
+    file = config.from_mapping(
+        {
+            **BASE,
+            "actors": 6,
+            "actorsPerPod": 3,
+            "routers": 2,
+            "model": {**BASE["model"], "version": 4},
+        },
+        {},
+    )
+    env = {**_pod(template), config.ENV_POD_INDEX: "1"}
+    got = config.with_pod_fields(file, env)
+    assert got.environment.gymnasium is not None
+    assert got.environment.gymnasium.envs_per_actor == 2
+    assert (got.actors, got.actors_per_pod, got.routers, got.pod_index) == (6, 3, 2, 1)
+    assert got.model.version == 4
+    assert list(got.actor_slice()) == [3, 4, 5]
+    # A file of another model: its version is not one of the pod's model.
+    moved = file.model_copy(update={"model": file.model.model_copy(update={"uri": "/models/b"})})
+    got = config.with_pod_fields(moved, env)
+    assert (got.model.uri, got.model.version) == ("/models/cp", None)
+    # No pod config (a process started by hand): the file as it is.
+    assert config.with_pod_fields(file, {}) is file
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("{", r"RELAYRL_POD_CONFIG: not valid JSON"),
+        ("[1]", r"RELAYRL_POD_CONFIG: expected a JSON object"),
+        (
+            json.dumps({**config.cold_fields(config.from_mapping(BASE, {})), "drainSeconds": 0}),
+            r"drainSeconds \(from RELAYRL_POD_CONFIG\): ",
+        ),
+    ],
+    ids=["not-json", "not-an-object", "bad-field"],
+)
+def test_a_bad_pod_config_names_the_variable(value: str, message: str) -> None:
+    file = config.from_mapping(BASE, {})
+    with pytest.raises(spec.InvalidSpecError, match=message):
+        config.with_pod_fields(file, {config.ENV_POD_CONFIG: value})

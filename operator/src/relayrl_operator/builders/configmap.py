@@ -1,13 +1,15 @@
 """The ConfigMap with the rendered runtime config every actor pod of an Agent reads.
 
 All pods share it; each finds its actor slice from its pod index. Some fields are
-applied by running pods without a restart (`HOT_FIELDS`); the actor pods carry a hash
-of the rest (`restart_hash`) so a change there rolls them. While actors move between
-pods the config says `sliceHandover` (relayrl_operator.handover).
+applied by running pods without a restart (`HOT_FIELDS`); the actor pods' template
+carries the rest (`pod_config`), so a change there rolls them and a pod keeps its
+template's until it is replaced. While actors move between pods the config says
+`sliceHandover` (relayrl_operator.handover).
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, Final
 
 from relayrl_operator import constants, handover
@@ -42,19 +44,13 @@ def runtime_config(agent: common.AgentRef, *, handing_over: bool = False) -> con
     )
 
 
-def _wire(cfg: config.RuntimeConfig) -> dict[str, Any]:
-    return cfg.model_dump(mode="json", by_alias=True, exclude_none=True)
-
-
-def restart_hash(agent: common.AgentRef) -> str:
-    """Hash of the config fields that need a pod restart to take effect."""
-    data = _wire(runtime_config(agent))
-    for path in (*HOT_FIELDS, *config.UNUSED_FIELDS):
-        node = data
-        for key in path[:-1]:
-            node = node.get(key, {})
-        node.pop(path[-1], None)
-    return common.digest(data)
+def pod_config(agent: common.AgentRef) -> str:
+    """The config's cold fields as JSON, for the actor pods' template
+    (`config.ENV_POD_CONFIG`): a change to them rolls the pods, and a pod of an older
+    template that restarts runs them as they were, not as the ConfigMap has them now."""
+    return json.dumps(
+        config.cold_fields(runtime_config(agent)), sort_keys=True, separators=(",", ":")
+    )
 
 
 def build(agent: common.AgentRef, *, handing_over: bool = False) -> dict[str, Any]:

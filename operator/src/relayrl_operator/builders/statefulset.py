@@ -23,6 +23,7 @@ def _env(agent: common.AgentRef, cfg: settings.Settings) -> list[dict[str, Any]]
         *common.pod_env(cfg.pod_listen),
     ]
     env += common.nats_env(agent)
+    env.append({"name": constants.ENV_POD_CONFIG, "value": configmap.pod_config(agent)})
     template = agent.spec.template
     if template is not None:
         env += [{"name": e.name, "value": e.value} for e in template.env]
@@ -125,11 +126,10 @@ def build(agent: common.AgentRef, cfg: settings.Settings) -> dict[str, Any]:
         pod_template["metadata"]["annotations"][constants.ANNOTATION_MODEL_ROLLOUT] = str(
             agent.model_rollout
         )
-    # What a pod started from this template runs: the pod template itself and the
-    # runtime config's cold fields (the pods read the ConfigMap, which the template
-    # does not show). Status counts a pod as updated when its hash is this one.
+    # What a pod started from this template runs (the runtime config's cold fields
+    # are in its env). Status counts a pod as updated when its hash is this one.
     pod_template["metadata"]["annotations"][constants.ANNOTATION_RESTART_HASH] = common.digest(
-        {"config": configmap.restart_hash(agent), "template": pod_template}
+        pod_template
     )
     return {
         "apiVersion": "apps/v1",
