@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
 import re
@@ -30,7 +31,7 @@ import yaml
 from nats.js.api import StorageType
 
 from relayrl_localstack import testing
-from relayrl_operator import constants, kube, settings
+from relayrl_operator import children, constants, kube, reconcile, settings
 from relayrl_operator.builders import common, monitoring
 from relayrl_operator.handlers import lifecycle
 from relayrl_runtime import spec
@@ -50,6 +51,90 @@ def test_helm_lint_defaults_and_ci_values() -> None:
     for values in CI_VALUES:
         out = fleet.helm("lint", "--strict", str(CHART), "--values", str(values))
         assert "0 chart(s) failed" in out, values.name
+
+
+# Client methods that name their kind as the first argument, and the verb each needs.
+_CLIENT_VERBS = {"get": "get", "merge_patch": "patch", "delete": "delete"}
+
+
+def _client_calls() -> set[tuple[str, kube.Kind]]:
+    """(verb, kind) of every call in the operator's code that names a `kube` kind."""
+    out: set[tuple[str, kube.Kind]] = set()
+    for path in (REPO / "operator" / "src" / "relayrl_operator").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in _CLIENT_VERBS
+                and node.args
+            ):
+                continue
+            arg = node.args[0]
+            if (
+                isinstance(arg, ast.Attribute)
+                and isinstance(arg.value, ast.Name)
+                and arg.value.id == "kube"
+            ):
+                out.add((_CLIENT_VERBS[node.func.attr], getattr(kube, arg.attr)))
+    return out
+
+
+def _needed() -> set[tuple[str, kube.Kind]]:
+    """Every (verb, kind) the operator asks the apiserver for on Agents' children."""
+    needed = _client_calls()
+    assert ("get", kube.PVC) in needed, "the scan of the operator's calls found nothing"
+    maker = children.Children(None, settings.Settings())  # type: ignore[arg-type]
+    maker.podmonitors = True
+    agent = specs.merge_patch(
+        specs.base_manifest(),
+        {
+            "spec": {
+                "environment": {"gymnasium": None, "remote": {"port": 6000}},
+                "sinks": [
+                    {"arrow": {"storage": {"size": "1Gi"}}},
+                    {"postgres": {"dsnSecret": {"name": "pg"}}},
+                ],
+            }
+        },
+    )
+    parsed = spec.parse_agent(agent)
+    ref = common.AgentRef(
+        name=parsed.metadata.name, namespace="ns", uid="u", generation=1, spec=parsed.spec
+    )
+    for obj in maker.desired(ref):
+        kind = kube.kind_of(obj)
+        # Applied (server-side: create or patch); deleted to adopt an orphaned child.
+        needed |= {("create", kind), ("patch", kind), ("delete", kind)}
+    needed |= {(verb, kind) for kind in reconcile.WATCHED_CHILDREN for verb in ("list", "watch")}
+    return needed
+
+
+@pytest.mark.parametrize("scope", ["namespaced", "clusterwide"])
+def test_the_charts_rbac_grants_every_request_the_operator_makes(
+    scope: str, tmp_path: Path
+) -> None:
+    """Read from the operator's code, not listed by hand: a request added without its
+    verb in the chart fails here (the install test below meets only the paths it runs)."""
+    values = tmp_path / "values.yaml"
+    values.write_text(
+        yaml.safe_dump({"watchNamespaces": ["fleet"] if scope == "namespaced" else []})
+    )
+    role_kind = "Role" if scope == "namespaced" else "ClusterRole"
+    roles = [d for d in fleet.render_chart(values, "ops") if d["kind"] == role_kind]
+    rules = [r for role in roles for r in role.get("rules") or []]
+    assert rules, role_kind
+
+    def granted(verb: str, kind: kube.Kind) -> bool:
+        group = kind.api_version.rpartition("/")[0]
+        return any(
+            group in r.get("apiGroups", [])
+            and kind.plural in r.get("resources", [])
+            and verb in r.get("verbs", [])
+            for r in rules
+        )
+
+    missing = sorted(f"{verb} {kind.plural}" for verb, kind in _needed() if not granted(verb, kind))
+    assert not missing, f"{role_kind} lacks: {', '.join(missing)}"
 
 
 @pytest.mark.parametrize(
