@@ -1,7 +1,8 @@
 """The chart's monitoring against a real Prometheus (Debian's `prometheus` package).
 
 - `promtool check rules` on the PrometheusRule groups `helm template` renders with
-  `monitoring.prometheusRule=true`;
+  `monitoring.prometheusRule=true`, and `promtool test rules` of some of them on
+  recorded series;
 - an Agent runs end to end (actor and sink pods as processes on the process node), a
   real Prometheus scrapes the operator and every pod, and every query of the chart's
   Grafana dashboards returns data for that Agent, as every template variable lists it;
@@ -222,6 +223,93 @@ def test_promtool_accepts_the_charts_rules(tmp_path: Path) -> None:
     rules = tmp_path / "rules.yaml"
     rules.write_text(yaml.safe_dump(rule_groups("relayrl-ci")))
     output = promtool("check", "rules", str(rules))
+    assert "SUCCESS" in output, output
+
+
+def _without_annotations(groups: dict[str, Any]) -> dict[str, Any]:
+    """The rule groups with each alert's annotations dropped: `promtool test rules`
+    compares them whole, and what an alert says is not what these tests are about."""
+    return {
+        "groups": [
+            {**g, "rules": [{k: v for k, v in r.items() if k != "annotations"} for r in g["rules"]]}
+            for g in groups["groups"]
+        ]
+    }
+
+
+@pytest.mark.timeout(120)
+def test_alerts_fire_on_the_series_they_are_for_and_no_others(tmp_path: Path) -> None:
+    """`promtool test rules`: recorded series, one minute apart, and the alerts each
+    evaluation time must have (and no others)."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(yaml.safe_dump(_without_annotations(rule_groups("relayrl-ci"))))
+    errors = "relayrl_runtime_request_errors_total"
+    sink_errors = "relayrl_sink_errors_total"
+    pod = {"namespace": "fleet", "pod": "cp-actors-0"}
+
+    def series(name: str, labels: dict[str, str], values: str) -> dict[str, str]:
+        inner = ",".join(f'{k}="{v}"' for k, v in labels.items())
+        return {"series": f"{name}{{{inner}}}", "values": values}
+
+    def firing(alert: str, labels: dict[str, str], at: str) -> dict[str, Any]:
+        return {
+            "eval_time": at,
+            "alertname": alert,
+            "exp_alerts": [{"exp_labels": {"severity": "warning", **labels}}] if labels else [],
+        }
+
+    sink = {"namespace": "fleet", "pod": "cp-sink-arrow-0", "sink": "arrow"}
+    tests = {
+        "rule_files": [str(rules)],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    # A model failing on every request, from minute 0 on.
+                    series(errors, {**pod, "kind": "model_run"}, "0+3x40"),
+                    # Other request errors (a client's bad input), and model errors that
+                    # stopped: neither fires.
+                    series(
+                        errors, {**pod, "pod": "cp-actors-1", "kind": "invalid_argument"}, "0+3x40"
+                    ),
+                    series(
+                        errors, {**pod, "pod": "cp-actors-2", "kind": "model_run"}, "0+1x3 3x37"
+                    ),
+                    # A sink whose commits keep failing; another that saw the tail lost once.
+                    series(sink_errors, {**sink, "where": "commit"}, "0+1x40"),
+                    series(
+                        sink_errors,
+                        {**sink, "pod": "cp-sink-arrow-1", "where": "stream-tail-lost"},
+                        "0 0 1x38",
+                    ),
+                ],
+                "alert_rule_test": [
+                    # Failing for 5 minutes: not yet (the alert waits 10).
+                    firing("RelayRLModelRunFailures", {}, "5m"),
+                    firing("RelayRLModelRunFailures", pod, "15m"),
+                    firing("RelayRLModelRunFailures", pod, "40m"),
+                    firing("RelayRLSinkErrors", {**sink, "where": "commit"}, "25m"),
+                    {
+                        "eval_time": "10m",
+                        "alertname": "RelayRLStreamTailLost",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {
+                                    "severity": "critical",
+                                    **sink,
+                                    "pod": "cp-sink-arrow-1",
+                                }
+                            }
+                        ],
+                    },
+                ],
+            }
+        ],
+    }
+    spec = tmp_path / "tests.yaml"
+    spec.write_text(yaml.safe_dump(tests))
+    output = promtool("test", "rules", str(spec))
     assert "SUCCESS" in output, output
 
 
