@@ -550,7 +550,7 @@ class App:
             data = self.config_path.read_bytes()
             if data == self.config_bytes:
                 return
-            new = config.parse(data, str(self.config_path))
+            new = config.parse_as_run(data, str(self.config_path))
         except (OSError, spec.InvalidSpecError) as err:
             log.warning("config %s: keeping the one read at start: %s", self.config_path, err)
             return
@@ -703,24 +703,38 @@ def main(config_path: Path) -> int:
     from relayrl_runtime import logs
 
     data = config_path.read_bytes()
-    cfg = config.parse(data, str(config_path))
-    own = config.with_pod_fields(cfg)
-    logs.setup(own.log_format.value)
-    if own is not cfg:
-        older = live.changed_fields(cfg, own)
-        if older:
-            log.warning(
-                "config %s differs from this pod's template in %s: running the template's"
-                " (a rolling update replaces the pod)",
-                config_path,
-                ", ".join(".".join(p) for p in older),
-            )
-    cfg = own
+    cfg = config.parse_as_run(data, str(config_path))
+    logs.setup(cfg.log_format.value)
+    if config.pod_fields() is not None:
+        _note_template(cfg, data, config_path)
     if cfg.device is spec.Device.CUDA:
         log.info("device cuda requested")
     watchdog.install_stack_dump()
     runtime = App(cfg, config_path=config_path, config_bytes=data, exit_watchdog=True)
     return asyncio.run(runtime.run())
+
+
+def _note_template(cfg: config.RuntimeConfig, data: bytes, path: Path) -> None:
+    """Log where the mounted file's restart-only fields differ from the pod's own: a
+    pod of an older template, started again during a rolling update."""
+    try:
+        full = config.parse(data, str(path))
+    except spec.InvalidSpecError as err:
+        log.warning(
+            "config %s: this runtime cannot read all of it (%s); running this pod's"
+            " template's settings with the file's actors, routers and model version",
+            path,
+            err,
+        )
+        return
+    differ = [".".join(p) for p in live.changed_fields(full, cfg) if p not in config.HOT_FIELDS]
+    if differ:
+        log.warning(
+            "config %s differs from this pod's template in %s: running the template's"
+            " (a rolling update replaces the pod)",
+            path,
+            ", ".join(differ),
+        )
 
 
 async def _cancel(tasks: list[asyncio.Task[Any]]) -> None:

@@ -216,47 +216,73 @@ def cold_fields(config: RuntimeConfig) -> dict[str, Any]:
     return data
 
 
-def with_pod_fields(
-    config: RuntimeConfig, environ: Mapping[str, str] | None = None
-) -> RuntimeConfig:
-    """`config` (a file's) with its cold fields replaced by the pod's own
-    (`RELAYRL_POD_CONFIG`), if the pod has them; the hot fields stay the file's.
+# What names a model (as the operator tells models apart): a file naming another one
+# holds a `model.version` of that model, not of the pod's.
+_MODEL_IDENTITY: Final = ("uri", "format")
 
-    `model.version` stays the file's only where the file names the same model (uri,
-    format...): otherwise it is a version of another model, and the pod runs the
-    newest of its own."""
+
+def pod_fields(environ: Mapping[str, str] | None = None) -> dict[str, Any] | None:
+    """The pod's own cold fields (`RELAYRL_POD_CONFIG`); None where it has none (a
+    process started by hand, or by an older operator)."""
     environ = os.environ if environ is None else environ
     text = environ.get(ENV_POD_CONFIG, "").strip()
     if not text:
-        return config
+        return None
     try:
         cold = json.loads(text)
     except ValueError as err:
         raise spec.InvalidSpecError([(ENV_POD_CONFIG, f"not valid JSON: {err}")]) from None
     if not isinstance(cold, dict):
         raise spec.InvalidSpecError([(ENV_POD_CONFIG, "expected a JSON object")])
-    data = copy.deepcopy(cold)
-    wire = config.model_dump(mode="json", by_alias=True, exclude_none=True)
-    same_model = cold_fields(config).get("model") == cold.get("model")
+    return cold
+
+
+def parse_as_run(
+    text: str | bytes, source: str = "config", environ: Mapping[str, str] | None = None
+) -> RuntimeConfig:
+    """A config file as this process runs it. Where the pod has its own cold fields
+    (`pod_fields`), only the file's hot fields are read, so the file may hold fields
+    this runtime does not know (a newer operator's) or other values for the rest (a
+    rolling update under way). Else the file as `parse` reads it.
+
+    The file's `model.version` is taken only where the file names the pod's model
+    (`_MODEL_IDENTITY`); otherwise the pod runs the newest version of its own."""
+    environ = os.environ if environ is None else environ
+    pod = pod_fields(environ)
+    if pod is None:
+        return parse(text, source, environ)
+    data = _mapping(text, source)
+    merged = copy.deepcopy(pod)
+    file_model = data.get("model")
+    pod_model = pod.get("model")
+    same_model = (
+        isinstance(file_model, Mapping)
+        and isinstance(pod_model, Mapping)
+        and all(file_model.get(k) == pod_model.get(k) for k in _MODEL_IDENTITY)
+    )
     for path in HOT_FIELDS:
         if path == ("model", "version") and not same_model:
             continue
-        value: Any = wire
+        value: Any = data
         for key in path:
             value = value.get(key) if isinstance(value, Mapping) else None
         if value is None:
             continue
-        node = data
+        node = merged
         for key in path[:-1]:
             if not isinstance(node.get(key), dict):
                 node[key] = {}
             node = node[key]
         node[path[-1]] = value
     try:
-        return from_mapping(data, environ)
+        return from_mapping(merged, environ)
     except spec.InvalidSpecError as err:
+        hot = {".".join(p) for p in HOT_FIELDS}
         raise spec.InvalidSpecError(
-            [(f"{path} (from {ENV_POD_CONFIG})", msg) for path, msg in err.problems]
+            [
+                (p if p in hot or "(from " in p else f"{p} (from {ENV_POD_CONFIG})", msg)
+                for p, msg in err.problems
+            ]
         ) from None
 
 
@@ -321,13 +347,17 @@ def parse(
     text: str | bytes, source: str = "config", environ: Mapping[str, str] | None = None
 ) -> RuntimeConfig:
     """Validate the YAML (or JSON) text of a config file."""
+    return from_mapping(_mapping(text, source), environ)
+
+
+def _mapping(text: str | bytes, source: str) -> Mapping[str, Any]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise spec.InvalidSpecError([(source, f"not valid YAML: {err}")]) from None
     if not isinstance(data, Mapping):
         raise spec.InvalidSpecError([(source, "expected a mapping at the top level")])
-    return from_mapping(data, environ)
+    return data
 
 
 def dump(config: RuntimeConfig) -> str:

@@ -9,9 +9,12 @@ edit in place, and compares the bytes with the last ones it saw.
 A valid new config is split: the `config.HOT_FIELDS` (the operator's list in
 `relayrl_operator.builders.configmap` must match it) are applied without a restart;
 a change to any other field is logged as a warning that a restart is needed (the
-operator rolls the pods for those). An invalid file is logged and ignored. The
-revision of the file last applied in full (`revision`) goes into the pod's status
-report: during a slice handover the operator waits for every pod to report it.
+operator rolls the pods for those). A process with its pod's own cold fields
+(`config.parse_as_run`, the operator's actor pods) reads only the hot fields of the
+file: the rest is its template's until the pod is replaced. An invalid file is logged
+and ignored. The revision of the file last applied in full (`revision`) goes into the
+pod's status report: during a slice handover the operator waits for every pod to
+report it.
 """
 
 from __future__ import annotations
@@ -130,7 +133,7 @@ class ConfigWatcher:
             return
         self._seen = data
         try:
-            new = config.parse(data, str(self.path), self.environ)
+            new = config.parse_as_run(data, str(self.path), self.environ)
         except spec.InvalidSpecError as err:
             log.error(
                 "config %s changed but is invalid, keeping the running one: %s", self.path, err

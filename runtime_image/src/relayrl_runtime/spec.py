@@ -17,6 +17,7 @@ words by `Agent.model_validate` and by `kubectl apply`.
 from __future__ import annotations
 
 import enum
+import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -176,6 +177,27 @@ def _preserve_unknown(description: str) -> Any:
         description=description,
         json_schema_extra={"type": "object", "x-kubernetes-preserve-unknown-fields": True},
     )
+
+
+# Largest keyword arguments of an environment, as compact JSON. They go into the actor
+# pods' template (in one environment variable with the rest of the runtime config,
+# where the kernel allows 128 KiB); no schema rule can count bytes, so the operator
+# refuses a larger spec by this check.
+MAX_KWARGS_BYTES: Final = 32 * 1024
+
+
+def _bounded_kwargs(value: dict[str, Any]) -> dict[str, Any]:
+    size = len(json.dumps(value, separators=(",", ":"), default=str).encode())
+    if size > MAX_KWARGS_BYTES:
+        raise PydanticCustomError(
+            "rule",
+            "{message}",
+            {"message": f"expected at most {MAX_KWARGS_BYTES} bytes as JSON, got {size}"},
+        )
+    return value
+
+
+Kwargs = Annotated[dict[str, Any], pydantic.AfterValidator(_bounded_kwargs)]
 
 
 # Fields whose model default is built by a factory get `default: {}` in the CRD, so
@@ -394,7 +416,9 @@ class GymnasiumEnv(SpecModel):
         default=VectorMode.SYNC,
         description="sync steps all copies in the runtime process; async uses subprocesses.",
     )
-    kwargs: dict[str, Any] = _preserve_unknown("Keyword arguments passed to gymnasium.make.")
+    kwargs: Kwargs = _preserve_unknown(
+        "Keyword arguments passed to gymnasium.make (at most 32 KiB as JSON)."
+    )
 
 
 class RemoteEnv(SpecModel):
@@ -435,7 +459,9 @@ class PythonEnv(SpecModel):
     envs_per_actor: int = Field(
         default=1, ge=1, le=1024, description="Environment copies each actor steps."
     )
-    kwargs: dict[str, Any] = _preserve_unknown("Keyword arguments passed to the callable.")
+    kwargs: Kwargs = _preserve_unknown(
+        "Keyword arguments passed to the callable (at most 32 KiB as JSON)."
+    )
 
 
 class EnvironmentSpec(SpecModel):

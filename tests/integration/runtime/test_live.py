@@ -158,12 +158,14 @@ def test_a_slice_handover_gives_actors_up_and_takes_none_until_cleared(
         second.kill()
 
 
+@pytest.mark.parametrize("newer_operator", [False, True], ids=["same-runtime", "newer-fields"])
 def test_a_pod_of_an_older_template_keeps_its_settings_when_it_restarts(
-    models: dict[str, Path], tmp_path: Path
+    models: dict[str, Path], tmp_path: Path, newer_operator: bool
 ) -> None:
     """During a rolling update the mounted file already holds the new config; a pod of
     the old template that restarts runs its template's cold fields (here the sink path
-    and envs per actor) and the file's hot ones (actors, routers)."""
+    and envs per actor) and the file's hot ones (actors, routers). With `newer_operator`
+    the file also holds a field this runtime does not know (an operator upgrade)."""
     out_old, out_new = tmp_path / "old", tmp_path / "new"
     old = _config(models["onnx"], out_old)
     new = {
@@ -172,6 +174,7 @@ def test_a_pod_of_an_older_template_keeps_its_settings_when_it_restarts(
         "actorsPerPod": 3,
         "routers": 2,
         "environment": {"gymnasium": {"id": "CartPole-v1", "envsPerActor": 3}},
+        **({"newField": {"x": 1}} if newer_operator else {}),
     }
     proc = helpers.RuntimeProcess(tmp_path, new, mounted=True, template=old)
     try:
@@ -180,10 +183,13 @@ def test_a_pod_of_an_older_template_keeps_its_settings_when_it_restarts(
         text = proc.metrics()
         assert helpers.metric(text, "relayrl_runtime_actors") == 6
         assert helpers.metric(text, "relayrl_runtime_routers") == 2
-        assert (
-            "differs from this pod's template in environment.gymnasium.envsPerActor,"
-            " localSink.path" in proc.logs()
-        )
+        if newer_operator:
+            assert "this runtime cannot read all of it (newField: unknown field" in proc.logs()
+        else:
+            assert (
+                "differs from this pod's template in environment.gymnasium.envsPerActor,"
+                " localSink.path" in proc.logs()
+            )
         helpers.wait_for("env steps", lambda: _steps(proc) > 100)
         assert proc.terminate() == 0, proc.logs()
     finally:

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
+from relayrl_localstack import podspec
 from relayrl_operator import constants, settings
 from relayrl_operator.builders import (
     common,
@@ -240,6 +241,33 @@ def test_only_cold_fields_reach_the_pod_template(patch: dict[str, Any], restarts
         configmap.build(make_agent())["metadata"]["annotations"]
         != configmap.build(make_agent(patch))["metadata"]["annotations"]
     )
+
+
+def test_the_pod_config_reaches_the_process_as_written() -> None:
+    """The kubelet expands `$(NAME)` and `$$` in an env value: the operator escapes
+    them, so kwargs holding either reach the runtime unchanged."""
+    kwargs = {"sep": "$$", "tag": "run-$(RELAYRL_POD_NAME)", "cost": "$5"}
+    agent = make_agent({"spec": {"environment": {"gymnasium": {"kwargs": kwargs}}}})
+    env = {e["name"]: e.get("value", "") for e in pod_spec(agent)["containers"][0]["env"]}
+    seen = {constants.ENV_POD_NAME: "cartpole-actors-1"}
+    for name, value in env.items():  # in order, as the kubelet (and the local stack) does
+        seen[name] = podspec.expand(value, seen)
+    cold = json.loads(seen[constants.ENV_POD_CONFIG])
+    assert cold["environment"]["gymnasium"]["kwargs"] == kwargs
+
+
+def test_environment_kwargs_past_the_bound_are_refused_by_name() -> None:
+    big = {"spec": {"environment": {"gymnasium": {"kwargs": {"x": "a" * spec.MAX_KWARGS_BYTES}}}}}
+    with pytest.raises(
+        spec.InvalidSpecError,
+        match=r"spec.environment.gymnasium.kwargs: expected at most 32768 bytes",
+    ):
+        make_agent(big)
+    # At the bound, the pod config stays well inside the kernel's 128 KiB for one
+    # variable, even with every character escaped.
+    fits = {"x": "$" * (spec.MAX_KWARGS_BYTES - 12)}
+    agent = make_agent({"spec": {"environment": {"gymnasium": {"kwargs": fits}}}})
+    assert len(configmap.pod_config(agent).encode()) < 128 * 1024
 
 
 @pytest.mark.parametrize(

@@ -236,31 +236,40 @@ def _pod(cfg: dict[str, Any]) -> dict[str, str]:
     return {config.ENV_POD_CONFIG: json.dumps(config.cold_fields(config.from_mapping(cfg, {})))}
 
 
+def _run(file: dict[str, Any], env: dict[str, str]) -> config.RuntimeConfig:
+    return config.parse_as_run(yaml.safe_dump(file), "runtime.yaml", env)
+
+
 def test_a_pod_runs_its_templates_cold_fields_and_the_files_hot_ones() -> None:
     template = {**BASE, "environment": {"gymnasium": {"id": "CartPole-v1", "envsPerActor": 2}}}
-    file = config.from_mapping(
-        {
-            **BASE,
-            "actors": 6,
-            "actorsPerPod": 3,
-            "routers": 2,
-            "model": {**BASE["model"], "version": 4},
-        },
-        {},
-    )
+    model = {**BASE["model"], "version": 4}
+    file = {**BASE, "actors": 6, "actorsPerPod": 3, "routers": 2, "model": model}
     env = {**_pod(template), config.ENV_POD_INDEX: "1"}
-    got = config.with_pod_fields(file, env)
+    got = _run(file, env)
     assert got.environment.gymnasium is not None
     assert got.environment.gymnasium.envs_per_actor == 2
     assert (got.actors, got.actors_per_pod, got.routers, got.pod_index) == (6, 3, 2, 1)
     assert got.model.version == 4
     assert list(got.actor_slice()) == [3, 4, 5]
+    # The file's model run another way (mode): still the pod's model, version and all.
+    got = _run({**file, "model": {**model, "mode": "independent"}}, env)
+    assert (got.model.mode, got.model.version) == (spec.ModelMode.SHARED, 4)
     # A file of another model: its version is not one of the pod's model.
-    moved = file.model_copy(update={"model": file.model.model_copy(update={"uri": "/models/b"})})
-    got = config.with_pod_fields(moved, env)
+    got = _run({**file, "model": {**model, "uri": "/models/b"}}, env)
     assert (got.model.uri, got.model.version) == ("/models/cp", None)
     # No pod config (a process started by hand): the file as it is.
-    assert config.with_pod_fields(file, {}) is file
+    assert _run(file, {}).environment.gymnasium.envs_per_actor == 1  # type: ignore[union-attr]
+
+
+def test_a_pod_reads_only_the_hot_fields_of_a_file_a_newer_operator_wrote() -> None:
+    """An operator upgrade renders fields an older runtime does not know: a pod of the
+    old template still starts, and still takes the file's hot fields."""
+    file = {**BASE, "routers": 3, "newField": {"x": 1}, "environment": {"newKind": {}}}
+    with pytest.raises(spec.InvalidSpecError, match="newField"):
+        _run(file, {})
+    got = _run(file, _pod(BASE))
+    assert got.routers == 3
+    assert got.environment.gymnasium is not None
 
 
 @pytest.mark.parametrize(
@@ -276,6 +285,26 @@ def test_a_pod_runs_its_templates_cold_fields_and_the_files_hot_ones() -> None:
     ids=["not-json", "not-an-object", "bad-field"],
 )
 def test_a_bad_pod_config_names_the_variable(value: str, message: str) -> None:
-    file = config.from_mapping(BASE, {})
     with pytest.raises(spec.InvalidSpecError, match=message):
-        config.with_pod_fields(file, {config.ENV_POD_CONFIG: value})
+        _run(BASE, {config.ENV_POD_CONFIG: value})
+    # A bad hot field is the file's.
+    with pytest.raises(spec.InvalidSpecError, match=r"^routers: "):
+        _run({**BASE, "routers": 0}, _pod(BASE))
+
+
+async def test_a_pod_with_its_own_fields_is_not_told_of_the_files_others(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "runtime.yaml"
+    newer = {**BASE, "environment": {"gymnasium": {"id": "CartPole-v1", "envsPerActor": 3}}}
+    _write(path, newer)
+    env = _pod(BASE)
+    rec = Recorder()
+    w = live.ConfigWatcher(path, config.parse_as_run(path.read_bytes(), "f", env), rec, environ=env)
+    _write(path, {**newer, "routers": 2})
+    with caplog.at_level(logging.WARNING):
+        await w.check()
+    [(_, applied)] = rec.calls
+    assert applied.routers == 2
+    assert applied.environment.gymnasium.envs_per_actor == 1  # type: ignore[union-attr]
+    assert "need a restart" not in caplog.text

@@ -47,10 +47,14 @@ def runtime_config(agent: common.AgentRef, *, handing_over: bool = False) -> con
 def pod_config(agent: common.AgentRef) -> str:
     """The config's cold fields as JSON, for the actor pods' template
     (`config.ENV_POD_CONFIG`): a change to them rolls the pods, and a pod of an older
-    template that restarts runs them as they were, not as the ConfigMap has them now."""
-    return json.dumps(
+    template that restarts runs them as they were, not as the ConfigMap has them now.
+
+    Escaped for an env var's `value`, where the kubelet reads `$(NAME)` as a reference
+    to another variable and `$$` as `$`: every `$` is doubled."""
+    text = json.dumps(
         config.cold_fields(runtime_config(agent)), sort_keys=True, separators=(",", ":")
     )
+    return text.replace("$", "$$")
 
 
 def build(agent: common.AgentRef, *, handing_over: bool = False) -> dict[str, Any]:
