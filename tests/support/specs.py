@@ -9,9 +9,12 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    from relayrl_operator.builders import common
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 
@@ -60,6 +63,19 @@ def base_manifest() -> dict[str, Any]:
     """A valid Agent manifest the invalid cases patch."""
     data = yaml.safe_load((DATA / "invalid_agents.yaml").read_text())
     return dict(data["base"])
+
+
+def agent_ref(
+    patch: dict[str, Any] | None = None, namespace: str = "fleet", uid: str = "uid-1"
+) -> common.AgentRef:
+    """The base manifest with `patch` merged in, as the operator's builders take it."""
+    from relayrl_operator.builders import common
+    from relayrl_runtime import spec
+
+    parsed = spec.parse_agent(merge_patch(base_manifest(), patch or {}))
+    return common.AgentRef(
+        name=parsed.metadata.name, namespace=namespace, uid=uid, generation=3, spec=parsed.spec
+    )
 
 
 def invalid_cases() -> list[InvalidCase]:

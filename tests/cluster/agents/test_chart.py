@@ -32,7 +32,7 @@ from nats.js.api import StorageType
 
 from relayrl_localstack import testing
 from relayrl_operator import children, constants, kube, reconcile, settings
-from relayrl_operator.builders import common, monitoring
+from relayrl_operator.builders import monitoring
 from relayrl_operator.handlers import lifecycle
 from relayrl_runtime import spec
 from support import fleet, natsserver, specs
@@ -85,8 +85,7 @@ def _needed() -> set[tuple[str, kube.Kind]]:
     assert ("get", kube.PVC) in needed, "the scan of the operator's calls found nothing"
     maker = children.Children(None, settings.Settings())  # type: ignore[arg-type]
     maker.podmonitors = True
-    agent = specs.merge_patch(
-        specs.base_manifest(),
+    ref = specs.agent_ref(
         {
             "spec": {
                 "environment": {"gymnasium": None, "remote": {"port": 6000}},
@@ -95,11 +94,7 @@ def _needed() -> set[tuple[str, kube.Kind]]:
                     {"postgres": {"dsnSecret": {"name": "pg"}}},
                 ],
             }
-        },
-    )
-    parsed = spec.parse_agent(agent)
-    ref = common.AgentRef(
-        name=parsed.metadata.name, namespace="ns", uid="u", generation=1, spec=parsed.spec
+        }
     )
     for obj in maker.desired(ref):
         kind = kube.kind_of(obj)
@@ -271,10 +266,7 @@ def test_monitoring_labels_reach_each_agents_podmonitor() -> None:
     }
     cfg = settings.Settings.from_env(env)
     assert cfg.monitor_labels == {"release": "prometheus"}
-    parsed = spec.parse_agent(specs.base_manifest())
-    agent = common.AgentRef(
-        name=parsed.metadata.name, namespace="ml", uid="u1", generation=1, spec=parsed.spec
-    )
+    agent = specs.agent_ref(namespace="ml")
     labels = monitoring.build(agent, cfg.monitor_labels)["metadata"]["labels"]
     assert labels["release"] == "prometheus"
     assert labels[constants.LABEL_AGENT] == "cartpole"

@@ -26,11 +26,7 @@ SETTINGS = settings.Settings(runtime_image="registry.example/runtime:1")
 
 
 def make_agent(patch: dict[str, Any] | None = None) -> common.AgentRef:
-    manifest = specs.merge_patch(specs.base_manifest(), patch or {})
-    parsed = spec.parse_agent(manifest)
-    return common.AgentRef(
-        name=parsed.metadata.name, namespace="fleet", uid="uid-1", generation=3, spec=parsed.spec
-    )
+    return specs.agent_ref(patch)
 
 
 def pod_spec(agent: common.AgentRef) -> dict[str, Any]:
