@@ -371,12 +371,8 @@ class Agent:
         ids = _ids(actor_ids)
         n = len(ids)
         rewards: Any = reward
-        if type(reward) is not np.ndarray or reward.dtype != np.float64:
+        if type(reward) is not np.ndarray or reward.dtype != np.float64 or reward.shape != (n,):
             rewards = _rewards(reward, n)
-        elif reward.shape != (n,):
-            raise errors.InvalidArgumentError.mismatch(
-                "reward.shape", f"scalar or [{n}]", list(reward.shape)
-            )
         with self._lock:
             if self._closed:
                 self._check_open()
@@ -658,10 +654,16 @@ class Agent:
                     raise errors.InvalidArgumentError.mismatch(
                         "actor_ids", f"{count} ids", len(ids)
                     )
-            own = []
-            if self.mode is spec.ModelMode.INDEPENDENT:
-                own = [self._clone_policy() for _ in ids]
-            rows = self._pool.add(ids)
+            own: list[Any] = []
+            try:
+                if self.mode is spec.ModelMode.INDEPENDENT:
+                    for _ in ids:
+                        own.append(self._clone_policy())
+                rows = self._pool.add(ids)
+            except BaseException:  # e.g. MemoryError: the agent stays as it was
+                for p in own:
+                    p.close()
+                raise
             for row, p in zip(rows, own, strict=False):
                 self._own[row] = p
             self.metrics.actors.set(len(self._pool))
@@ -867,9 +869,14 @@ def _per_actor(field: str, value: Any, n: int, dtype: type[np.generic]) -> Any:
     """A scalar, or an array of length n, of dtype."""
     if type(value) is np.ndarray and value.dtype == dtype and value.shape == (n,):
         return value
-    if np.ndim(value) == 0:
-        return dtype(value)
-    arr = np.asarray(value, dtype=dtype)
+    try:
+        if np.ndim(value) == 0:
+            return dtype(value)
+        arr = np.asarray(value, dtype=dtype)
+    except (TypeError, ValueError) as err:
+        raise errors.InvalidArgumentError.mismatch(
+            field, f"a {np.dtype(dtype).name} or {n} of them", repr(value)[:200]
+        ) from err
     if arr.shape != (n,):
         raise errors.InvalidArgumentError.mismatch(
             f"{field}.shape", f"scalar or [{n}]", list(arr.shape)

@@ -661,20 +661,33 @@ class App:
             return None
         ids = np.asarray(agent.get_actor_ids(), dtype=np.int64)
 
+        if env.gymnasium is not None:
+            field, source = "environment.gymnasium", f"environment.gymnasium {env.gymnasium.id!r}"
+        else:
+            assert env.python is not None
+            field = "environment.python"
+            source = f"environment.python {env.python.entry_point!r}"
+
         def make_env(count: int) -> driver.VecEnv:
             try:
                 if env.gymnasium is not None:
                     g = env.gymnasium
-                    return gym.make(g.id, count, vector_mode=g.vector_mode, kwargs=g.kwargs)
-                assert env.python is not None
-                return python.make(env.python.entry_point, count, env.python.kwargs)
+                    venv = gym.make(g.id, count, vector_mode=g.vector_mode, kwargs=g.kwargs)
+                else:
+                    assert env.python is not None
+                    venv = python.make(env.python.entry_point, count, env.python.kwargs)
             except errors.RelayRLError:
                 raise
             except Exception as err:  # the env's own constructor: e.g. a kwarg it lacks
-                field = "environment.gymnasium" if env.gymnasium else "environment.python"
                 raise errors.InvalidArgumentError(
                     f"{field}: the environment could not be made: {type(err).__name__}: {err}"
                 ) from err
+            try:
+                driver.check_spaces(venv, agent.layout, source)
+            except errors.RelayRLError:
+                venv.close()
+                raise
+            return venv
 
         # An empty slice still gets a driver: a live config change may give it actors.
         venv = await asyncio.to_thread(make_env, len(ids)) if len(ids) else None

@@ -61,7 +61,7 @@ UNUSED_FIELDS: Final = (("trajectories", "nats", "retainOnDelete"),)
 class LocalSink(spec.SpecModel):
     """Write trajectories to local Arrow/Parquet files instead of NATS (standalone use)."""
 
-    path: str = Field(description="Directory the files are written under.")
+    path: str = Field(min_length=1, description="Directory the files are written under.")
     format: spec.SinkFormat = Field(
         default=spec.SinkFormat.PARQUET, description="parquet or arrow."
     )
@@ -79,7 +79,7 @@ class PolicyConfig(spec.SpecModel):
     sample: bool = Field(
         default=True, description="Sample actions (true) or take the most likely one (false)."
     )
-    seed: int | None = Field(default=None, description="Seed of the action sampler.")
+    seed: int | None = Field(default=None, ge=0, description="Seed of the action sampler.")
 
 
 class ReloadConfig(spec.SpecModel):
@@ -131,9 +131,18 @@ class RuntimeConfig(spec.SpecModel):
         description="Version of this config format.",
     )
     agent: str = Field(
-        min_length=1, max_length=spec.MAX_NAME_LENGTH, description="Name of the Agent."
+        min_length=1,
+        max_length=spec.MAX_NAME_LENGTH,
+        pattern=spec.AGENT_NAME,
+        description="Name of the Agent (a DNS-1035 label).",
     )
-    namespace: str = Field(default="default", description="Namespace of the Agent.")
+    namespace: str = Field(
+        default="default",
+        min_length=1,
+        max_length=63,
+        pattern=spec.DNS_LABEL,
+        description="Namespace of the Agent (a DNS-1123 label).",
+    )
     actors: int = Field(ge=0, le=100_000, description="Actors of the whole Agent.")
     actors_per_pod: int | None = Field(
         default=None, ge=1, description="Actors per pod; unset: this process runs all."

@@ -40,6 +40,9 @@ SINGULAR: Final = "agent"
 # "-<ordinal>" plus a 10-character revision hash label; 40 leaves room for all.
 MAX_NAME_LENGTH: Final = 40
 
+# Model versions travel as int64 (the wire format, the Arrow columns, Postgres bigint).
+MAX_MODEL_VERSION: Final = (1 << 63) - 1
+
 # The port of the runtime's and the sinks' HTTP server (/metrics, /healthz, /readyz).
 METRICS_PORT: Final = 9090
 # Environment variables the operator sets in the Agent's containers itself.
@@ -243,7 +246,7 @@ Quantity = Annotated[
     ),
 ]
 
-_DNS_LABEL: Final = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+DNS_LABEL: Final = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 # Agent names: DNS-1035 labels, as Service names are (and NATS subject tokens: no dot).
 AGENT_NAME: Final = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 # Secret and claim names: DNS subdomains (labels joined by dots).
@@ -383,6 +386,7 @@ class ModelSpec(SpecModel):
     version: int | None = Field(
         default=None,
         ge=1,
+        le=MAX_MODEL_VERSION,
         description=(
             "Model version to run. Unset means the newest version the registry has; "
             "a change is hot-reloaded by running pods."
@@ -1160,7 +1164,7 @@ def _is_bad_key(e: Mapping[str, Any]) -> bool:
 
 # What each pattern asks for, in words (the apiserver can only quote the pattern).
 _PATTERN_WORDS: Final = {
-    _DNS_LABEL: "lower-case letters, digits and '-', starting and ending alphanumeric",
+    DNS_LABEL: "lower-case letters, digits and '-', starting and ending alphanumeric",
     AGENT_NAME: (
         "lower-case letters, digits and '-', starting with a letter and ending alphanumeric"
     ),

@@ -933,3 +933,19 @@ def test_a_single_graph_file_reloads_under_a_version_given_with_it(
         assert a.reload_model(models["onnx"]) == 1  # a directory: its metadata's version
     finally:
         a.shutdown()
+
+
+def test_a_reward_as_a_0d_array_is_a_scalar_and_text_is_refused_by_name(
+    models: dict[str, Path], sink: local.LocalFileSink
+) -> None:
+    a = agent_mod.Agent(models["onnx"], actor_count=2, sink=sink)
+    a.request_action([0, 1], _obs(2))
+    a.request_action([0, 1], _obs(2, 1), reward=np.asarray(2.5))
+    for bad in ("x", object(), [1.0, "x"]):
+        with pytest.raises(errors.InvalidArgumentError, match=r"^reward: expected a float64"):
+            a.request_action([0, 1], _obs(2, 2), reward=bad)  # type: ignore[arg-type]
+        with pytest.raises(errors.InvalidArgumentError, match=r"^reward: expected a float64"):
+            a.flag_last_action([0, 1], bad)  # type: ignore[arg-type]
+    assert a.flag_last_action([0, 1], 1.0) == 2
+    a.shutdown()
+    assert _read(sink)["reward"].to_pylist() == [2.5, 1.0, 2.5, 1.0]

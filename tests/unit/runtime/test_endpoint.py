@@ -407,3 +407,84 @@ def test_a_remote_request_a_model_fails_on_holds_nothing(models: dict[str, Path]
         remote.close()
         ep.stop()
         a.shutdown()
+
+
+def test_a_failed_new_actors_leaves_nothing_behind(
+    served: tuple[agent_mod.Agent, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, address = served
+    from relayrl_runtime.actors import pool
+
+    real = pool.ActorPool._alloc
+
+    def alloc(self: pool.ActorPool, rows: int, horizon: int) -> None:
+        if rows > 8:
+            raise MemoryError(f"{rows} rows")
+        real(self, rows, horizon)
+
+    monkeypatch.setattr(pool.ActorPool, "_alloc", alloc)
+    with client.RemoteClient(address, timeout=10) as c:
+        with pytest.raises(errors.RemoteError, match="MemoryError"):
+            c.new_actors(16)
+        assert a.actor_count == 0
+        # The ids were not taken: the next request gets them.
+        assert c.new_actors(8) == list(range(8))
+        assert a.actor_count == 8
+
+
+def test_remove_actors_refuses_an_id_given_twice_and_removes_nothing(
+    served: tuple[agent_mod.Agent, str],
+) -> None:
+    a, address = served
+    with client.RemoteClient(address, timeout=10) as c:
+        ids = c.new_actors(3)
+        with pytest.raises(errors.RemoteError, match=r"REMOVE_ACTORS.ids: expected each actor"):
+            c.remove_actors([ids[0], ids[0]])
+        assert sorted(a.get_actor_ids()) == ids
+        c.remove_actors(ids)
+        assert a.actor_count == 0
+
+
+def test_new_actors_of_none_holds_no_client_slot(models: dict[str, Path]) -> None:
+    a = agent_mod.Agent(models["onnx"], actor_count=0, seed=0)
+    ep = endpoint.RemoteEndpoint(a, "tcp://127.0.0.1:0", max_clients=1)
+    address = ep.start()
+    try:
+        with client.RemoteClient(address, timeout=10) as c, client.RemoteClient(address) as d:
+            assert c.new_actors(0) == []
+            assert ep.clients == 0
+            assert d.new_actors(1) == [0]
+            assert ep.clients == 1
+    finally:
+        ep.stop()
+        a.shutdown()
+
+
+def test_a_worker_stepping_anothers_actors_keeps_their_owner(models: dict[str, Path]) -> None:
+    """A pool of workers may step actors one socket created (docs/wire-format.md): the
+    creator is not taken for gone while they are stepped, and is once they are not."""
+    import time
+
+    a = agent_mod.Agent(models["onnx"], actor_count=0, seed=0)
+    ep = endpoint.RemoteEndpoint(a, "tcp://127.0.0.1:0", client_idle_seconds=0.4)
+    address = ep.start()
+    try:
+        with client.RemoteClient(address, timeout=10) as owner:
+            ids = owner.new_actors(2)
+            with client.RemoteClient(address, timeout=10) as worker:
+                obs = np.zeros((2, 4), np.float32)
+                end = time.monotonic() + 1.5
+                while time.monotonic() < end:
+                    worker.request_action(ids, obs)
+                    time.sleep(0.02)
+                # One actor alone: a frame of other ids, the same owner.
+                worker.request_action(ids[:1], obs[:1])
+                worker.flag_last_action(ids, [1.0, 1.0], [True, True], [False, False])
+                assert sorted(a.get_actor_ids()) == ids
+                assert ep.clients == 1
+                time.sleep(1.2)  # no one steps them: the owner is gone
+                assert a.actor_count == 0
+                assert ep.clients == 0
+    finally:
+        ep.stop()
+        a.shutdown()

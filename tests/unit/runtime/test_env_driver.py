@@ -18,8 +18,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from relayrl_runtime import agent as agent_mod
-from relayrl_runtime import errors
+from relayrl_runtime import errors, trajectory
 from relayrl_runtime.envs import driver, gym, python
+from relayrl_runtime.inference import model
 from relayrl_runtime.sinks import local
 from support import badmodels
 
@@ -272,3 +273,66 @@ def test_observations_with_nan_are_counted_and_said(
     assert a.metrics.nonfinite_observations._value.get() == 1
     assert "NaN or infinity for actors [8] (1 so far)" in caplog.text
     a.shutdown()
+
+
+def _layout(kind: str, size: int, obs: tuple[int, ...] = (4,)) -> trajectory.Layout:
+    return trajectory.Layout(
+        agent="a",
+        obs_shape=obs,
+        obs_dtype="float32",
+        action_kind=model.ActionKind(kind),
+        action_size=size,
+    )
+
+
+@pytest.mark.parametrize(
+    ("env_id", "layout", "message"),
+    [
+        ("CartPole-v1", _layout("discrete", 2), None),
+        ("Pendulum-v1", _layout("continuous", 1, (3,)), None),
+        (
+            "CartPole-v1",
+            _layout("discrete", 3),
+            r"its action space is Discrete\(2\): expected a model with 2 discrete actions, "
+            r"got one with 3 discrete actions",
+        ),
+        (
+            "CartPole-v1",
+            _layout("continuous", 1),
+            r"expected a model with 2 discrete actions, got one with continuous actions 1 wide",
+        ),
+        (
+            "Pendulum-v1",
+            _layout("discrete", 1, (3,)),
+            r"expected a model with continuous actions 1 wide, got one with 1 discrete",
+        ),
+        (
+            "CartPole-v1",
+            _layout("discrete", 2, (6,)),
+            r"its observations are \[4\]: expected \[6\], the model's input",
+        ),
+    ],
+)
+def test_an_env_the_model_does_not_fit_is_refused_before_a_step(
+    env_id: str, layout: trajectory.Layout, message: str | None
+) -> None:
+    """An action the env cannot take used to fail in `env.step` when first sampled."""
+    for env in (gym.make(env_id, 2), gym.make_scalar(env_id, 2)):
+        try:
+            if message is None:
+                driver.check_spaces(env, layout, "environment.gymnasium")
+            else:
+                with pytest.raises(errors.InvalidArgumentError, match=message):
+                    driver.check_spaces(env, layout, "environment.gymnasium")
+        finally:
+            env.close()
+
+
+def test_discrete_actions_must_be_numbered_from_zero() -> None:
+    env = driver.ScalarEnvs(
+        [types.SimpleNamespace(action_space=gymnasium.spaces.Discrete(2, start=1))]
+    )
+    with pytest.raises(errors.InvalidArgumentError, match=r"expected actions numbered from 0"):
+        driver.check_spaces(env, _layout("discrete", 2), "environment.python 'm:f'")
+    # An env without spaces is taken as it is.
+    driver.check_spaces(driver.ScalarEnvs([object()]), _layout("discrete", 5), "x")

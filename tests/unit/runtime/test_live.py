@@ -308,3 +308,24 @@ async def test_a_pod_with_its_own_fields_is_not_told_of_the_files_others(
     assert applied.routers == 2
     assert applied.environment.gymnasium.envs_per_actor == 1  # type: ignore[union-attr]
     assert "need a restart" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("patch", "message"),
+    [
+        ({"agent": "Cart Pole"}, r"^agent: expected lower-case letters.*\(got 'Cart Pole'\)"),
+        ({"namespace": ""}, r"^namespace: String should have at least 1 character"),
+        ({"namespace": "a b/c"}, r"^namespace: expected lower-case letters"),
+        ({"policy": {"seed": -5}}, r"^policy.seed: Input should be greater than or equal to 0"),
+        ({"localSink": {"path": ""}}, r"^localSink.path: String should have at least 1"),
+        (
+            {"model": {**BASE["model"], "version": 1 << 63}},
+            r"^model.version: Input should be less than or equal to 9223372036854775807",
+        ),
+    ],
+)
+def test_values_that_would_fail_later_are_refused_by_field(
+    patch: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(spec.InvalidSpecError, match=message):
+        config.parse(yaml.safe_dump({**BASE, **patch}), "f", {})

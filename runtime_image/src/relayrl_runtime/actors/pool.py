@@ -228,15 +228,19 @@ class ActorPool:
             out[:old_rows] = arr[:old_rows]
             return out
 
-        lengths = self._lengths_all()
-        self._ids = grow(self._ids, -1)
-        self._born = grow(self._born, 0)
-        self._active = grow(self._active, False)
-        self._episode = grow(self._episode, 0)
-        self._segment = grow(self._segment, 0)
-        self._step0 = grow(self._step0, 0)
+        # Everything is allocated before anything is replaced: a failed allocation
+        # (MemoryError) leaves the pool as it was.
         pos = np.arange(rows, dtype=np.int64) * stride
-        pos[:old_rows] += lengths
+        pos[:old_rows] += self._lengths_all()
+        grown = (
+            grow(self._ids, -1),
+            grow(self._born, 0),
+            grow(self._active, False),
+            grow(self._episode, 0),
+            grow(self._segment, 0),
+            grow(self._step0, 0),
+        )
+        (self._ids, self._born, self._active, self._episode, self._segment, self._step0) = grown
         self._pos = pos
         self._buf = buf
         self._raw = buf.view(np.uint8).reshape(len(buf), self._dtype.itemsize)
@@ -308,13 +312,18 @@ class ActorPool:
     def add(self, actor_ids: Iterable[int]) -> list[int]:
         """Add actors (ids checked by `check_new_ids`); returns their rows."""
         ids = self.check_new_ids(actor_ids)
+        # Room for all of them first (one allocation, which may fail with nothing added).
+        needed = self._rows + max(0, len(ids) - len(self._free))
+        if needed > self._capacity:
+            capacity = self._capacity
+            while capacity < needed:
+                capacity *= 2
+            self._alloc(capacity, self._horizon)
         rows = []
         for actor_id in ids:
             if self._free:
                 row = self._free.pop()
             else:
-                if self._rows == self._capacity:
-                    self._alloc(self._capacity * 2, self._horizon)
                 row = self._rows
                 self._rows += 1
             self._ids[row] = actor_id

@@ -16,6 +16,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -25,7 +26,7 @@ import numpy as np
 import numpy.typing as npt
 
 from relayrl_runtime import agent as agent_mod
-from relayrl_runtime import errors
+from relayrl_runtime import errors, trajectory
 
 log = logging.getLogger(__name__)
 
@@ -483,6 +484,60 @@ class EnvDriver:
         """Close the environments."""
         for block in self._blocks:
             block.env.close()
+
+
+def check_spaces(env: VecEnv, layout: trajectory.Layout, source: str) -> None:
+    """Refuse an environment whose spaces the model does not fit (`source` names the
+    environment's field): an action the env cannot take would otherwise fail only when
+    sampled, and an observation of another shape at the first step.
+
+    Only gymnasium's Box and Discrete spaces are compared (read as their `shape` and
+    `n`); an env without spaces, or with others, is taken as it is.
+    """
+    act_space, obs_space = _spaces(env)
+    if layout.discrete:
+        model = f"one with {layout.action_size} discrete actions"
+    else:
+        model = f"one with continuous actions {layout.action_size} wide"
+    if act_space is not None:
+        shape = getattr(act_space, "shape", None)
+        n = getattr(act_space, "n", None)
+        if type(act_space).__name__ == "Discrete" and n is not None:
+            if not layout.discrete or layout.action_size != int(n):
+                raise errors.InvalidArgumentError(
+                    f"{source}: its action space is {act_space}: expected a model with "
+                    f"{int(n)} discrete actions, got {model}"
+                )
+            if int(getattr(act_space, "start", 0)) != 0:
+                raise errors.InvalidArgumentError(
+                    f"{source}: its action space is {act_space}: expected actions "
+                    f"numbered from 0 (the model's are 0 to {layout.action_size - 1})"
+                )
+        elif type(act_space).__name__ == "Box" and isinstance(shape, tuple):
+            width = math.prod(shape)
+            if layout.discrete or layout.action_size != width:
+                raise errors.InvalidArgumentError(
+                    f"{source}: its action space is {act_space}: expected a model with "
+                    f"continuous actions {width} wide, got {model}"
+                )
+    if obs_space is not None and type(obs_space).__name__ == "Box":
+        shape = getattr(obs_space, "shape", None)
+        if isinstance(shape, tuple) and tuple(shape) != tuple(layout.obs_shape):
+            raise errors.InvalidArgumentError(
+                f"{source}: its observations are {list(shape)}: expected "
+                f"{list(layout.obs_shape)}, the model's input"
+            )
+
+
+def _spaces(env: Any) -> tuple[Any, Any]:
+    """One copy's action and observation spaces, where the env says them."""
+    if isinstance(env, ScalarEnvs):
+        first = env.envs[0]
+        return getattr(first, "action_space", None), getattr(first, "observation_space", None)
+    return (
+        getattr(env, "single_action_space", None),
+        getattr(env, "single_observation_space", None),
+    )
 
 
 class ScalarEnvs:

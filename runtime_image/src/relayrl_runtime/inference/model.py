@@ -116,7 +116,7 @@ class ModelMetadata(_Model):
     )
     format: spec.ModelFormat
     file: str | None = Field(default=None, description="Graph file name inside the directory.")
-    version: int = Field(default=1, ge=1)
+    version: int = Field(default=1, ge=1, le=spec.MAX_MODEL_VERSION)
     inputs: tuple[TensorSpec, ...] = Field(min_length=1, max_length=1)
     outputs: tuple[TensorSpec, ...] = Field(min_length=1)
     action: ActionSpec

@@ -95,6 +95,10 @@ class RemoteEndpoint:
         self.client_idle_seconds = client_idle_seconds
         self.metrics = agent.metrics
         self._owners: dict[bytes, set[int]] = {}
+        self._owner_of: dict[int, bytes] = {}
+        # The one owner of an actor id frame's actors, for frames seen already (of at
+        # most `_IDS_CACHE_BYTES`); frames of several owners' actors are not kept.
+        self._frame_owner: dict[bytes, bytes] = {}
         self._next_actor_id = first_actor_id
         self._actor_id_end = first_actor_id + (1 << REMOTE_ID_BITS)
         self._last_seen: dict[bytes, float] = {}
@@ -234,6 +238,7 @@ class RemoteEndpoint:
                 continue
             removed = 0
             for actor_id in sorted(owned):
+                self._owner_of.pop(actor_id, None)
                 try:
                     self.agent.remove_actor(actor_id)
                     removed += 1
@@ -267,7 +272,7 @@ class RemoteEndpoint:
         identity = msg[0]
         self._last_seen[identity] = now
         if len(msg) != 6 or self._sock is None:
-            return self._handle_parsed(identity, msg)
+            return self._handle_parsed(identity, msg, now)
         head = msg[1]
         if (
             len(head) != wire.HEADER.size
@@ -275,7 +280,7 @@ class RemoteEndpoint:
             or len(head) + len(msg[2]) + len(msg[3]) + len(msg[4]) + len(msg[5])
             > self.max_frame_bytes
         ):
-            return self._handle_parsed(identity, msg)
+            return self._handle_parsed(identity, msg, now)
         # A well-formed REQUEST_ACTION: answered from `request_action`'s callback.
         self._actions_pending += 1
         self._owed = (identity, head)
@@ -283,6 +288,8 @@ class RemoteEndpoint:
             ids = self._ids_cache.get(msg[2])
             if ids is None:
                 ids = self._cache_ids(msg[2])
+            if self._frame_owner.get(msg[2]) != identity:
+                self._touch_owners(identity, msg[2], ids, now)
             obs = wire.unpack_array(msg[3], "obs")
             self._count_nonfinite(obs)
             frame = msg[4]
@@ -330,6 +337,26 @@ class RemoteEndpoint:
         (request_id,) = _REQUEST_ID.unpack_from(head, 8)
         return [identity, *wire.error_frames(wire.Op.REQUEST_ACTION, request_id, kind, message)]
 
+    def _touch_owners(self, identity: bytes, frame: bytes, ids: Any, now: float) -> None:
+        """A client stepping another client's actors (a pool of workers stepping actors
+        one socket created) keeps their owner from being taken for gone."""
+        owner = self._frame_owner.get(frame)
+        if owner is None:
+            owners = {self._owner_of.get(i) for i in ids.tolist()}
+            if len(owners) == 1:
+                owner = owners.pop()
+                if owner is not None and len(frame) <= _IDS_CACHE_BYTES:
+                    if len(self._frame_owner) >= _IDS_CACHE:
+                        self._frame_owner.clear()
+                    self._frame_owner[frame] = owner
+            else:
+                for other in owners:
+                    if other is not None and other != identity and other in self._last_seen:
+                        self._last_seen[other] = now
+                return
+        if owner is not None and owner != identity and owner in self._last_seen:
+            self._last_seen[owner] = now
+
     def _cache_ids(self, frame: bytes) -> Any:
         ids = _ids(frame)
         if len(frame) <= _IDS_CACHE_BYTES:
@@ -338,9 +365,9 @@ class RemoteEndpoint:
             self._ids_cache[frame] = ids
         return ids
 
-    def _handle_parsed(self, identity: bytes, msg: list[bytes]) -> list[bytes]:
+    def _handle_parsed(self, identity: bytes, msg: list[bytes], now: float) -> list[bytes]:
         """Serve one message of any kind through the general parser."""
-        req = self._parse(identity, msg[1:])
+        req = self._parse(identity, msg[1:], now)
         if isinstance(req, list):
             return req
         if req.op == wire.Op.REQUEST_ACTION:
@@ -353,7 +380,7 @@ class RemoteEndpoint:
         for msg in raw:
             identity = msg[0]
             self._last_seen[identity] = now
-            req_or_reply = self._parse(identity, msg[1:])
+            req_or_reply = self._parse(identity, msg[1:], now)
             if isinstance(req_or_reply, list):
                 replies.append(req_or_reply)
                 continue
@@ -372,7 +399,7 @@ class RemoteEndpoint:
             replies += self._request_actions(run)
         return replies
 
-    def _parse(self, identity: bytes, frames: list[bytes]) -> _Request | list[bytes]:
+    def _parse(self, identity: bytes, frames: list[bytes], now: float) -> _Request | list[bytes]:
         request_id = 0
         op = 0
         try:
@@ -404,6 +431,8 @@ class RemoteEndpoint:
             req = _Request(identity, op, request_id, frames[1:])
             if op == wire.Op.REQUEST_ACTION:
                 self._decode_request_action(req)
+                if self._frame_owner.get(req.frames[0]) != identity:
+                    self._touch_owners(identity, req.frames[0], req.ids, now)
             return req
         except errors.RelayRLError as err:
             self.metrics.remote_errors.labels(err.kind).inc()
@@ -545,36 +574,46 @@ class RemoteEndpoint:
                 raise errors.InvalidArgumentError.mismatch(
                     "clients", f"at most {self.max_clients} remote clients", len(self._owners) + 1
                 )
+            if count == 0:  # nothing to own: the client is not held as one
+                return [wire.pack_array(np.zeros(0, dtype=np.int64))]
             ids = agent.new_actors(count, range(self._next_actor_id, self._next_actor_id + count))
             self._next_actor_id += count
+            for actor_id in ids:
+                self._owner_of[actor_id] = req.identity
             self._owners.setdefault(req.identity, set()).update(ids)
             self.metrics.remote_clients.set(len(self._owners))
             return [wire.pack_array(np.asarray(ids, dtype=np.int64))]
         if op == wire.Op.REMOVE_ACTORS:
             _expect(req, 1)
             ids = _ids(req.frames[0])
-            if not agent.has_actors(ids):
-                raise errors.UnknownActorError(
-                    [i for i in ids.tolist() if not agent.has_actors([i])]
-                )
-            owned = self._owners.get(req.identity, set())
             wanted = ids.tolist()
+            if len(set(wanted)) != len(wanted):
+                raise errors.InvalidArgumentError.mismatch(
+                    "REMOVE_ACTORS.ids", "each actor at most once", wanted
+                )
+            if not agent.has_actors(ids):
+                raise errors.UnknownActorError([i for i in wanted if not agent.has_actors([i])])
+            owned = self._owners.get(req.identity, set())
             others = [i for i in wanted if i not in owned]
             if others:
                 # A client owns what it created; another's actors are its own to remove.
                 raise errors.InvalidArgumentError.mismatch(
                     "REMOVE_ACTORS.ids", "actors this client created", others
                 )
-            for actor_id in wanted:
-                agent.remove_actor(actor_id)
-            owned.difference_update(wanted)
-            if not owned:
-                self._owners.pop(req.identity, None)
-            self.metrics.remote_clients.set(len(self._owners))
+            try:
+                for actor_id in wanted:
+                    agent.remove_actor(actor_id)
+                    owned.discard(actor_id)
+                    self._owner_of.pop(actor_id, None)
+            finally:
+                if not owned:
+                    self._owners.pop(req.identity, None)
+                self.metrics.remote_clients.set(len(self._owners))
             return []
         if op == wire.Op.FLAG_LAST_ACTION:
             _expect(req, 4)
             ids = _ids(req.frames[0])
+            self._touch_owners(req.identity, req.frames[0], ids, time.monotonic())
             n = len(ids)
             reward = _vector(req.frames[1], "reward", n, np.float64)
             term = _vector(req.frames[2], "terminated", n, np.bool_)
