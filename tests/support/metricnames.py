@@ -47,8 +47,14 @@ def exported_labels() -> dict[str, set[str]]:
     for registry in registries:
         for family in registry.collect():
             for suffix in SUFFIXES.get(family.type, ("",)):
+                name = family.name + suffix
+                # The labels of this sample name only: `le` is on a histogram's buckets,
+                # not on its _sum and _count.
                 labels = declared.get(family.name, set()) | {
-                    label for sample in family.samples for label in sample.labels
+                    label
+                    for sample in family.samples
+                    if sample.name == name
+                    for label in sample.labels
                 }
-                names[family.name + suffix] = labels | ({"le"} if suffix == "_bucket" else set())
+                names[name] = labels | ({"le"} if suffix == "_bucket" else set())
     return names

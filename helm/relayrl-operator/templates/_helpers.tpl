@@ -41,6 +41,11 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end }}
 {{ toYaml . }}
 {{- end }}
+{{- range $key, $_ := .Values.monitoring.labels }}
+{{- if or (hasPrefix "app.kubernetes.io/" $key) (eq $key "helm.sh/chart") }}
+{{- fail (printf "monitoring.labels.%s: expected a label the chart does not set itself (app.kubernetes.io/* and helm.sh/chart are the chart's)" $key) }}
+{{- end }}
+{{- end }}
 {{- end -}}
 
 {{- define "relayrl.serviceAccountName" -}}

@@ -118,8 +118,8 @@ def _namespace(value: str) -> str:
     return value
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the console script."""
+def parser() -> argparse.ArgumentParser:
+    """The command line: `crd` and `run`."""
     parser = argparse.ArgumentParser(prog="relayrl-operator", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     crd_cmd = commands.add_parser("crd", help="print the Agent CustomResourceDefinition as YAML")
@@ -153,7 +153,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     run.add_argument("--log-level", type=str.lower, choices=logs.LEVELS, default="info")
     run.add_argument("--log-format", choices=["json", "text"], default="json")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script."""
+    args = parser().parse_args(argv)
     if args.command == "crd":
         sys.stdout.write(crd.render_peering() if args.peering else crd.render())
         return 0

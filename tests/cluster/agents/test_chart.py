@@ -31,7 +31,7 @@ import yaml
 from nats.js.api import StorageType
 
 from relayrl_localstack import testing
-from relayrl_operator import children, constants, kube, reconcile, settings
+from relayrl_operator import children, cli, constants, kube, reconcile, settings
 from relayrl_operator.builders import monitoring
 from relayrl_operator.handlers import lifecycle
 from relayrl_runtime import spec
@@ -168,6 +168,10 @@ def test_schema_refuses_bad_values(setting: str, message: str) -> None:
             "commonLabels.grafana_dashboard=x",
             "commonLabels.grafana_dashboard: expected a label not also set by monitoring.labels",
         ),
+        (
+            "monitoring.labels.app\\.kubernetes\\.io/name=x",
+            "monitoring.labels.app.kubernetes.io/name: expected a label the chart does not set",
+        ),
     ],
 )
 def test_values_the_schema_cannot_judge_fail_the_render_by_name(setting: str, message: str) -> None:
@@ -175,6 +179,46 @@ def test_values_the_schema_cannot_judge_fail_the_render_by_name(setting: str, me
     own keys in every object (and, for name or instance, override its selectors)."""
     out = fleet.helm("template", "x", str(CHART), "--set", setting, check=False)
     assert message in out, out
+
+
+def test_large_numbers_from_a_values_file_reach_the_operator_as_integers(
+    tmp_path: Path,
+) -> None:
+    """helm reads a values file's numbers as floats and prints a million as 1e+06, which
+    the operator's arguments refuse: the chart renders them as integers."""
+    values = tmp_path / "values.yaml"
+    values.write_text(
+        "operator:\n  peeringPriority: 1000000\n  workers: 2000000\n  resyncSeconds: 3600000\n"
+    )
+    docs = fleet.render_chart(values, "default")
+    [deployment] = [d for d in docs if d["kind"] == "Deployment"]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert "--priority=1000000" in container["args"]
+    assert "--workers=2000000" in container["args"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["RELAYRL_RESYNC_SECONDS"] == "3600000"
+    args = cli.parser().parse_args(container["args"])
+    assert (args.priority, args.workers) == (1_000_000, 2_000_000)
+
+
+@pytest.mark.parametrize(
+    ("values", "command"),
+    [
+        ((), "kubectl apply -f examples/cartpole-cpu/agent.yaml"),
+        (("--set", "watchNamespaces={ml,b}"), "kubectl -n ml apply -f examples/cartpole-cpu/"),
+        (
+            ("--set", "watchNamespaces={ml}", "--set", "nats.enabled=true"),
+            "agent.yaml | kubectl -n ml apply -f -",
+        ),
+    ],
+)
+def test_the_notes_apply_the_example_where_the_operator_watches(
+    values: tuple[str, ...], command: str
+) -> None:
+    out = fleet.helm("install", "r", str(CHART), "--dry-run=client", "-n", "x", *values)
+    assert command in out, out
+    watch = "kubectl -n ml get agents -w" if values else "kubectl get agents -w"
+    assert watch in out, out
 
 
 def test_every_values_key_has_a_schema_entry() -> None:
