@@ -79,6 +79,9 @@ class AgentState:
     rejected_children: set[tuple[str, str]] = field(default_factory=set)
     # Whether the Warning that a deleted Agent's stream could not be removed was posted.
     cleanup_warned: bool = False
+    # The uid whose finalizer this process took off: the Agent is going, and events of
+    # its children (the garbage collector's deletes) may come before its own DELETED.
+    finalized_uid: str | None = None
     # The config revision each actor pod was last asked to mount (children.Children.push_config).
     pushed: dict[str, str] = field(default_factory=dict)
 

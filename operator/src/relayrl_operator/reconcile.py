@@ -58,7 +58,7 @@ from relayrl_operator import (
     watch,
     workqueue,
 )
-from relayrl_operator.builders import common, configmap, monitoring, sinks, statefulset
+from relayrl_operator.builders import common, configmap, monitoring, statefulset
 from relayrl_runtime import config, reporting, spec, streams
 
 log = logging.getLogger(__name__)
@@ -720,53 +720,75 @@ class Reconciler:
         assert state.body is not None
         meta = state.body["metadata"]
         finalizers = meta.get("finalizers") or []
-        if constants.FINALIZER not in finalizers:
+        if constants.FINALIZER not in finalizers or state.finalized_uid == meta.get("uid"):
             return
+        raw_spec = state.body.get("spec") or {}
+        agent: common.AgentRef | None = None
         try:
-            agent_spec = spec.parse_spec(state.body.get("spec") or {})
+            agent_spec = spec.parse_spec(raw_spec)
         except spec.InvalidSpecError as err:
-            # E.g. stored before a stricter rule: which NATS holds its stream is not
-            # known for sure, so the stream and bucket stay; the delete goes on.
-            log.warning(
-                "agent %s/%s: deleting with an invalid spec; its stream and model bucket,"
-                " if any, are left in place (%s)",
-                *key,
-                err,
-            )
+            # An edit the CRD took and the operator refused (or a spec stored before a
+            # stricter rule): its NATS section alone says where the stream is.
+            try:
+                nats_spec = spec.parse_nats(raw_spec)
+            except spec.InvalidSpecError as nats_err:
+                log.warning(
+                    "agent %s/%s: deleting with an invalid NATS section; its stream and"
+                    " model bucket, if any, are left in place (%s)",
+                    *key,
+                    nats_err,
+                )
+            else:
+                log.info("agent %s/%s: deleting with an invalid spec (%s)", *key, err)
+                # Unvalidated, with its NATS section only: all the removal reads.
+                agent_spec = spec.AgentSpec.model_construct(  # type: ignore[call-arg]
+                    trajectories=spec.TrajectoriesSpec.model_construct(nats=nats_spec)
+                )
+                agent = common.AgentRef(meta["name"], meta["namespace"], meta["uid"], 0, agent_spec)
         else:
             agent = common.AgentRef(meta["name"], meta["namespace"], meta["uid"], 0, agent_spec)
-            if agent_spec.trajectories.nats.retain_on_delete:
+        if agent is not None:
+            nats_spec = agent.spec.trajectories.nats
+            if nats_spec.retain_on_delete:
                 await self._keep_claims(agent)
-            if self._streams is not None and not agent_spec.trajectories.nats.retain_on_delete:
+            if self._streams is not None and not nats_spec.retain_on_delete:
                 try:
                     await self._streams.remove(agent)
                 except Exception as err:  # NATS away, a Secret gone: said, and tried again
                     self._cleanup_failed(key, state, agent, err)
                     return
         remaining = [f for f in finalizers if f != constants.FINALIZER]
-        await self._client.merge_patch(
-            kube.AGENT,
-            *key,
-            {"metadata": {"finalizers": remaining, "resourceVersion": meta["resourceVersion"]}},
-        )
+        try:
+            await self._client.merge_patch(
+                kube.AGENT,
+                *key,
+                {"metadata": {"finalizers": remaining, "resourceVersion": meta["resourceVersion"]}},
+            )
+        except kube.ApiError as err:
+            if err.status != 404:
+                raise
+            log.info("agent %s/%s: gone before its finalizer was taken off", *key)
+        state.finalized_uid = meta.get("uid")
         log.info("finalized %s/%s", *key)
 
     async def _keep_claims(self, agent: common.AgentRef) -> None:
         """retainOnDelete keeps the claims the Agent's sinks made: their owner reference
-        goes before the Agent does (set while deleting, no apply has taken it off)."""
-        for obj in sinks.build_all(agent, self._settings):
-            if obj["kind"] != kube.PVC.kind:
-                continue
-            try:
-                await self._client.merge_patch(
-                    kube.PVC,
-                    agent.namespace,
-                    obj["metadata"]["name"],
-                    {"metadata": {"ownerReferences": None}},
-                )
-            except kube.ApiError as err:
-                if err.status != 404:
-                    raise
+        goes before the Agent does (set while deleting, no apply has taken it off).
+        Only the Arrow sink makes a claim, under its Deployment's name; one the spec
+        names (`existingClaim`) is the user's and has no owner reference of ours."""
+        name = common.sink_name(agent, constants.COMPONENT_ARROW_SINK)
+        try:
+            claim = await self._client.get(kube.PVC, agent.namespace, name)
+            if claim is None or not any(
+                ref.get("uid") == agent.uid for ref in claim["metadata"].get("ownerReferences", [])
+            ):
+                return
+            await self._client.merge_patch(
+                kube.PVC, agent.namespace, name, {"metadata": {"ownerReferences": None}}
+            )
+        except kube.ApiError as err:
+            if err.status != 404:
+                raise
 
     def _cleanup_failed(
         self, key: Key, state: cache.AgentState, agent: common.AgentRef, err: Exception

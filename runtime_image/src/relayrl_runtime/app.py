@@ -486,6 +486,7 @@ class App:
                     agent=cfg.agent,
                     stream=nats_spec.stream,
                     max_message_bytes=nats_spec.max_batch_bytes,
+                    create_stream=cfg.create_stream,
                 ),
                 publisher.PublisherMetrics(self.metrics.registry),
             )

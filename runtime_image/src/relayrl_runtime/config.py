@@ -171,6 +171,14 @@ class RuntimeConfig(spec.SpecModel):
     local_sink: LocalSink | None = Field(
         default=None, description="Write to local files instead of publishing to NATS."
     )
+    create_stream: bool = Field(
+        default=True,
+        description=(
+            "Make the trajectory stream where none stores the subject (standalone use). "
+            "The operator sets false: the stream is the Agent's, made and deleted with it, "
+            "so a pod still running after the Agent was deleted does not make it again."
+        ),
+    )
     server: ServerConfig = Field(default_factory=ServerConfig, description="HTTP endpoints.")
     policy: PolicyConfig = Field(default_factory=PolicyConfig, description="Action selection.")
     reload: ReloadConfig = Field(default_factory=ReloadConfig, description="Model hot reload.")

@@ -40,8 +40,9 @@ SINGULAR: Final = "agent"
 # "-<ordinal>" plus a 10-character revision hash label; 40 leaves room for all.
 MAX_NAME_LENGTH: Final = 40
 
-# Model versions travel as int64 (the wire format, the Arrow columns, Postgres bigint).
-MAX_MODEL_VERSION: Final = (1 << 63) - 1
+# Model versions travel as int64 (the wire format, the Arrow columns, Postgres bigint);
+# the bound is also a float64 exactly, as the apiserver reads a CRD schema's bounds.
+MAX_MODEL_VERSION: Final = (1 << 53) - 1
 
 # The port of the runtime's and the sinks' HTTP server (/metrics, /healthz, /readyz).
 METRICS_PORT: Final = 9090
@@ -1219,3 +1220,22 @@ def parse_spec(spec: Mapping[str, Any]) -> AgentSpec:
         return AgentSpec.model_validate(spec)
     except pydantic.ValidationError as err:
         raise InvalidSpecError.from_validation_error(err, root="spec") from None
+
+
+def parse_nats(spec: Mapping[str, Any]) -> NatsSpec:
+    """Just a spec's `trajectories.nats` (its defaults where the spec leaves it out):
+    where an Agent's stream is, even when the rest of its spec is invalid. Errors are
+    rooted at `spec.trajectories.nats`."""
+    section: Any = spec
+    path = "spec"
+    for key in ("trajectories", "nats"):
+        section = section.get(key) if isinstance(section, Mapping) else None
+        path = f"{path}.{key}"
+        if section is None:
+            section = {}
+        elif not isinstance(section, Mapping):
+            raise InvalidSpecError([(path, f"expected a mapping, got {type(section).__name__}")])
+    try:
+        return NatsSpec.model_validate(section)
+    except pydantic.ValidationError as err:
+        raise InvalidSpecError.from_validation_error(err, root=path) from None

@@ -147,3 +147,7 @@ def test_agent_runs_on_the_process_node_end_to_end(
         timeout=120,
         what="pods gone",
     )
+    # The stream went with the Agent, before its pods drained: they publish their last
+    # steps and do not make the stream again (it would outlive the Agent, and hand its
+    # steps to the next Agent of the name).
+    assert not natsserver.stream_exists(nats.url, namespace, "cartpole")

@@ -6,16 +6,13 @@ node in the end-to-end test); NATS is a real nats-server.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import nats
-import nats.js.errors
 import pytest
 import yaml
 from kubernetes import client
@@ -46,30 +43,6 @@ def statefulset(k8s: testing.ClusterHandle, namespace: str, name: str) -> dict[s
     return k8s.get_json(client.AppsV1Api(k8s.api).read_namespaced_stateful_set, name, namespace)
 
 
-def jetstream(url: str, action: Callable[[Any], Awaitable[T]]) -> T:
-    """Run `action(JetStream context)` on a connection of its own."""
-
-    async def run() -> T:
-        nc = await nats.connect(url)
-        try:
-            return await action(nc.jetstream())
-        finally:
-            await nc.close()
-
-    return asyncio.run(run())
-
-
-def stream_exists(url: str, namespace: str, agent: str) -> bool:
-    async def check(js: Any) -> bool:
-        try:
-            await js.stream_info(streams.stream_name(namespace, agent))
-        except nats.js.errors.NotFoundError:
-            return False
-        return True
-
-    return jetstream(url, check)
-
-
 def agent_exists(k8s: testing.ClusterHandle, namespace: str, name: str) -> bool:
     return k8s.exists(
         client.CustomObjectsApi(k8s.api).get_namespaced_custom_object,
@@ -97,7 +70,7 @@ def test_lifecycle_create_scale_pause_resume_delete(
     assert (st["readyActors"], st["desiredActors"], st["readyPods"]) == (8, 8, 2)
     assert st["selector"] == "relayrl.io/agent=cartpole,app.kubernetes.io/component=actors"
     assert conditions(agent)["StreamReady"]["status"] == "True"
-    assert stream_exists(nats.url, namespace, "cartpole")
+    assert natsserver.stream_exists(nats.url, namespace, "cartpole")
     sts = statefulset(k8s, namespace, "cartpole-actors")
     assert sts["metadata"]["ownerReferences"][0]["uid"] == agent["metadata"]["uid"]
     assert "relayrl.io/finalizer" in agent["metadata"]["finalizers"]
@@ -120,7 +93,7 @@ def test_lifecycle_create_scale_pause_resume_delete(
         timeout=30,
         what="actors scaled to zero",
     )
-    assert stream_exists(nats.url, namespace, "cartpole")
+    assert natsserver.stream_exists(nats.url, namespace, "cartpole")
     agents.patch("cartpole", {"spec": {"paused": False}})
     agents.wait_phase("cartpole", "Ready")
 
@@ -129,7 +102,7 @@ def test_lifecycle_create_scale_pause_resume_delete(
     testing.wait_for(
         lambda: not agent_exists(k8s, namespace, "cartpole"), timeout=60, what="agent gone"
     )
-    assert not stream_exists(nats.url, namespace, "cartpole")
+    assert not natsserver.stream_exists(nats.url, namespace, "cartpole")
 
 
 @pytest.mark.usefixtures("operator")
@@ -159,7 +132,7 @@ def test_a_delete_waiting_on_nats_says_so_and_can_be_told_not_to_wait(
         agents.patch("cartpole", {"spec": {"trajectories": {"nats": {"retainOnDelete": True}}}})
         testing.wait_for(lambda: not exists(), timeout=60, what="agent gone")
         own.start()
-        assert stream_exists(own.url, namespace, "cartpole")
+        assert natsserver.stream_exists(own.url, namespace, "cartpole")
 
 
 @pytest.mark.usefixtures("operator")
@@ -313,13 +286,17 @@ def test_deleted_or_edited_children_come_back(
         have = {c.name: c async for c in streams.iter_stream_configs(js)}
         return name in have and not streams.config_differs(want, have[name]) and bucket in have
 
-    jetstream(nats.url, tamper)
+    natsserver.jetstream(nats.url, tamper)
     testing.wait_for(
-        lambda: jetstream(nats.url, restored), timeout=30, what="stream config and bucket back"
+        lambda: natsserver.jetstream(nats.url, restored),
+        timeout=30,
+        what="stream config and bucket back",
     )
-    jetstream(nats.url, lambda js: js.delete_stream(name))
+    natsserver.jetstream(nats.url, lambda js: js.delete_stream(name))
     testing.wait_for(
-        lambda: stream_exists(nats.url, namespace, "cartpole"), timeout=30, what="stream back"
+        lambda: natsserver.stream_exists(nats.url, namespace, "cartpole"),
+        timeout=30,
+        what="stream back",
     )
 
 

@@ -44,6 +44,8 @@ class Recorder:
         self.deleted: list[tuple[str, str]] = []
         self.status: list[dict[str, Any]] = []
         self.patches: list[dict[str, Any]] = []
+        # What `get` finds, by (kind, name).
+        self.objects: dict[tuple[str, str], dict[str, Any]] = {}
 
     async def apply(self, obj: dict[str, Any]) -> Applied:
         self.applied.append((obj["kind"], obj["metadata"]["name"]))
@@ -67,7 +69,7 @@ class Recorder:
         return False
 
     async def get(self, kind: kube.Kind, namespace: str, name: str) -> dict[str, Any] | None:
-        return None
+        return self.objects.get((kind.kind, name))
 
 
 class FailingStreams:
@@ -343,18 +345,56 @@ async def test_an_agent_with_an_invalid_spec_can_still_be_deleted() -> None:
         assert nats.attempts == 0
 
 
-async def test_retain_set_while_deleting_keeps_the_claim_the_agent_made() -> None:
+def _claim(owner_uid: str) -> dict[str, Any]:
+    return {"metadata": {"name": "cartpole-arrow-sink", "ownerReferences": [{"uid": owner_uid}]}}
+
+
+@pytest.mark.parametrize("valid", [True, False])
+async def test_retain_set_while_deleting_keeps_the_claim_the_agent_made(valid: bool) -> None:
     """The Agent's owner reference on its claim would have the garbage collector delete
-    it with the Agent: it comes off before the finalizer does."""
+    it with the Agent: it comes off before the finalizer does, also when the rest of
+    the spec is invalid (an edit the CRD took and the operator refused)."""
     api = Recorder()
-    async with running(api, Streams()) as rec:
+    api.objects[("PersistentVolumeClaim", "cartpole-arrow-sink")] = _claim("u1")
+    nats = RemovingStreams()
+    async with running(api, nats) as rec:
         body = agent_body()
         body["spec"]["sinks"][0]["arrow"]["storage"] = {"size": "5Gi"}
         body["spec"]["trajectories"]["nats"]["retainOnDelete"] = True
+        if not valid:
+            body["spec"]["actors"] = -1
         body["metadata"]["deletionTimestamp"] = "2026-11-22T12:00:00Z"
         rec.agent_event("MODIFIED", body)
         await settle(rec)
         assert api.patches[0] == {"metadata": {"ownerReferences": None}}
+        assert api.patches[-1]["metadata"]["finalizers"] == []
+        assert nats.removed == []
+
+
+async def test_a_claim_of_another_owner_under_the_sinks_name_is_left_alone() -> None:
+    api = Recorder()
+    api.objects[("PersistentVolumeClaim", "cartpole-arrow-sink")] = _claim("someone-else")
+    async with running(api, Streams()) as rec:
+        body = agent_body()
+        body["spec"]["trajectories"]["nats"]["retainOnDelete"] = True
+        body["metadata"]["deletionTimestamp"] = "2026-11-22T12:00:00Z"
+        rec.agent_event("MODIFIED", body)
+        await settle(rec)
+        assert [p["metadata"].get("finalizers") for p in api.patches] == [[]]
+
+
+async def test_deleting_an_agent_the_operator_refused_removes_its_stream() -> None:
+    """The CRD takes edits the operator refuses (e.g. kwargs over 32 KiB): the Agent is
+    Failed, but its NATS section still says where its stream and bucket are."""
+    api = Recorder()
+    nats = RemovingStreams()
+    async with running(api, nats) as rec:
+        body = agent_body()
+        body["spec"]["environment"]["gymnasium"]["kwargs"] = {"blob": "x" * 40_000}
+        body["metadata"]["deletionTimestamp"] = "2026-11-22T12:00:00Z"
+        rec.agent_event("MODIFIED", body)
+        await settle(rec)
+        assert nats.removed == [("nats://nats:4222", "cartpole")]
         assert api.patches[-1]["metadata"]["finalizers"] == []
 
 
@@ -533,6 +573,17 @@ class Streams(FailingStreams):
 
     async def verify(self, agents: Iterable[common.AgentRef]) -> set[tuple[str, str]]:
         return set()
+
+
+class RemovingStreams(Streams):
+    """NATS that answers; remembers the Agents whose stream and bucket it removed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.removed: list[tuple[str, str]] = []
+
+    async def remove(self, agent: common.AgentRef) -> None:
+        self.removed.append((agent.spec.trajectories.nats.url, agent.name))
 
 
 async def test_a_rejected_child_leaves_the_agent_watched_and_the_rest_applied() -> None:
@@ -1315,3 +1366,32 @@ def test_a_pod_refusing_the_version_it_runs_cannot_run_it() -> None:
     kept = views.pod_view(pod, "h", refusing(3, incompatible=False, running=2), None)
     assert kept.refused is not None
     assert not kept.runs_refused
+
+
+async def test_events_of_children_after_the_finalizer_came_off_clean_up_nothing_again() -> None:
+    """The garbage collector's deletes of the children come before the Agent's own
+    DELETED event: the passes they ask for find the Agent finalized already."""
+    api = Recorder()
+    nats = RemovingStreams()
+    async with running(api, nats) as rec:
+        body = agent_body()
+        rec.agent_event("ADDED", body)
+        await settle(rec)
+        deleting = copy.deepcopy(body)
+        deleting["metadata"]["deletionTimestamp"] = "2026-11-22T12:00:00Z"
+        rec.agent_event("MODIFIED", deleting)
+        await settle(rec)
+        sts = {
+            "kind": "StatefulSet",
+            "metadata": {
+                "name": "cartpole-actors",
+                "namespace": "ml",
+                "labels": {"relayrl.io/agent": "cartpole"},
+                "generation": 1,
+            },
+        }
+        rec.child_event("DELETED", sts)
+        await settle(rec)
+    finalizer_patches = [p for p in api.patches if "finalizers" in p.get("metadata", {})]
+    assert len(nats.removed) == 1
+    assert [p["metadata"]["finalizers"] for p in finalizer_patches] == [[]]

@@ -41,6 +41,9 @@ def runtime_config(agent: common.AgentRef, *, handing_over: bool = False) -> con
         trajectories=s.trajectories,
         server=config.ServerConfig(port=constants.PORT_METRICS),
         slice_handover=True if handing_over else None,
+        # The operator makes the stream (pods publish once it is there) and deletes it
+        # with the Agent.
+        create_stream=False,
     )
 
 
