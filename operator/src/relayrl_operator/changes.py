@@ -93,8 +93,28 @@ def _sinks(old: spec.AgentSpec, new: spec.AgentSpec) -> list[str]:
     out = [f"sink {k} added" for k in sorted(after.keys() - before.keys())]
     out += [f"sink {k} removed (its data is kept)" for k in sorted(before.keys() - after.keys())]
     changed = sorted(k for k in after.keys() & before.keys() if after[k] != before[k])
-    out += [f"sink {k} settings changed: its pods rolled" for k in changed]
+    for k in changed:
+        resized = _resized(before[k].arrow, after[k].arrow)
+        if resized is not None:
+            out.append(
+                f"sink {k} storage.size {resized[0]} -> {resized[1]}: its claim asked for"
+                " the new size (a claim grows, never shrinks); no pod restarts"
+            )
+        else:
+            out.append(f"sink {k} settings changed: its pods rolled")
     return out
+
+
+def _resized(a: spec.ArrowSink | None, b: spec.ArrowSink | None) -> tuple[str, str] | None:
+    """(old, new) storage.size where that is all that changed between two Arrow sinks."""
+    if a is None or b is None or a.storage is None or b.storage is None:
+        return None
+    if a.storage.size is None or b.storage.size is None:
+        return None
+    same_size = b.storage.model_copy(update={"size": a.storage.size})
+    if b.model_copy(update={"storage": same_size}) != a:
+        return None
+    return str(a.storage.size), str(b.storage.size)
 
 
 def _trajectories(

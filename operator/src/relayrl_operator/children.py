@@ -70,7 +70,9 @@ class Children:
     async def _claim_as_grown(self, claim: dict[str, Any], err: kube.ApiError) -> Any:
         """A claim grown beyond `storage.size` (by hand, or an expansion controller)
         refuses the smaller size for good: applied at the size it has instead, so the
-        Agent does not fail at every pass. Anything else: `err` as it was."""
+        Agent does not fail at every pass. A `storage.size` below the one the claim was
+        last applied for is a shrink, and stays refused. Anything else: `err` as it
+        was."""
         if err.transient:
             return err
         meta = claim["metadata"]
@@ -82,6 +84,14 @@ class Children:
         has = (((live or {}).get("spec") or {}).get("resources") or {}).get("requests", {})
         size = has.get("storage")
         if size is None or _bytes(size) <= _bytes(want):
+            return err
+        annotations = ((live or {}).get("metadata") or {}).get("annotations") or {}
+        try:
+            asked = _bytes(annotations[constants.ANNOTATION_STORAGE_SIZE])
+        except (KeyError, TypeError, ValueError):
+            asked = None  # a claim from before the annotation, or one edited by hand
+        if asked is not None and asked != _bytes(want):
+            # storage.size itself went down (from `asked`): refused, as the claim says.
             return err
         log.info(
             "claim %s/%s holds %s, more than storage.size %s: kept at %s",
@@ -143,6 +153,16 @@ class Children:
                 # are back (the reconciler checks on every resync).
                 self.podmonitors = False
                 desired.remove(obj)
+                continue
+            if isinstance(result, kube.ApiError) and result.namespace_terminating:
+                # A child the namespace's deletion took: the Agent goes next, nothing
+                # is made again (not drift to repair, nor a rejection to report).
+                log.info(
+                    "%s %s/%s not made again: its namespace is being deleted",
+                    obj["kind"],
+                    agent.namespace,
+                    obj["metadata"]["name"],
+                )
                 continue
             if isinstance(result, kube.ApiError) and not result.transient:
                 # Rejected for good (e.g. a claim asked to shrink, a policy refusing an

@@ -42,6 +42,10 @@ ANNOTATION_ACTOR_LAYOUT: Final = f"{spec.GROUP}/actor-layout"
 # running ones could not hot-reload it (status.modelRollout).
 ANNOTATION_MODEL_ROLLOUT: Final = f"{spec.GROUP}/model-rollout"
 
+# On an Arrow sink's claim: the `storage.size` it was last applied for. A claim larger
+# than that was grown by hand (kept at its size); a smaller `storage.size` is a shrink.
+ANNOTATION_STORAGE_SIZE: Final = f"{spec.GROUP}/storage-size"
+
 FINALIZER: Final = f"{spec.GROUP}/finalizer"
 
 # The runtime container.

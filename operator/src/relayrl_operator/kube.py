@@ -157,9 +157,16 @@ class ApiError(Exception):
             return False
         return self.status in (409, 429) or self.status >= 500
 
+    @property
+    def namespace_terminating(self) -> bool:
+        """The namespace is being deleted: nothing new may be made in it."""
+        return self.status == 403 and _TERMINATING in self.message
+
 
 # What the apiserver says (with a 500) of an apply whose manifest repeats a list key.
 _UNMERGEABLE: Final = "failed to create typed patch object"
+# What the apiserver says (with a 403) of a create in a namespace being deleted.
+_TERMINATING: Final = "because it is being terminated"
 
 
 def retry_delay(failures: int) -> float:

@@ -491,11 +491,13 @@ class Rejecting(Recorder):
 
 
 class GrownClaim(Rejecting):
-    """A claim grown by hand to 8Gi: the apiserver refuses any smaller size."""
+    """A claim of 8Gi, last applied for `storage.size` `asked` (None: a claim from
+    before the operator noted it): the apiserver refuses any smaller size."""
 
-    def __init__(self) -> None:
+    def __init__(self, asked: str | None) -> None:
         super().__init__("PersistentVolumeClaim")
         self.claims: list[str] = []
+        self.asked = asked
 
     async def apply(self, obj: dict[str, Any]) -> Applied:
         if obj["kind"] == self.kind:
@@ -508,26 +510,58 @@ class GrownClaim(Rejecting):
                     "PersistentVolumeClaim is invalid: spec.resources.requests.storage:"
                     " Forbidden: field can not be less than status.capacity",
                 )
+            self.asked = obj["metadata"]["annotations"][constants.ANNOTATION_STORAGE_SIZE]
         return await Recorder.apply(self, obj)
 
     async def get(self, kind: kube.Kind, namespace: str, name: str) -> dict[str, Any] | None:
         assert kind == kube.PVC
-        return {"spec": {"resources": {"requests": {"storage": "8Gi"}}}}
+        annotations = {} if self.asked is None else {constants.ANNOTATION_STORAGE_SIZE: self.asked}
+        return {
+            "metadata": {"annotations": annotations},
+            "spec": {"resources": {"requests": {"storage": "8Gi"}}},
+        }
 
 
-async def test_a_claim_grown_by_hand_is_applied_at_its_size_not_failed() -> None:
-    api = GrownClaim()
+@pytest.mark.parametrize("asked", ["5Gi", None])
+async def test_a_claim_grown_by_hand_is_applied_at_its_size_not_failed(asked: str | None) -> None:
+    api = GrownClaim(asked)
     async with running(api, Streams()) as rec:
         body = agent_body()
         body["spec"]["sinks"][0]["arrow"]["storage"] = {"size": "5Gi"}
         rec.agent_event("ADDED", body)
         await settle(rec)
         assert api.claims[:2] == ["5Gi", "8Gi"]
+        assert api.asked == "5Gi"  # storage.size as it stands, not the claim's size
         assert api.status
         assert api.status[-1]["phase"] != "Failed"
         for condition in api.status[-1]["conditions"]:
             assert "PersistentVolumeClaim is invalid" not in condition["message"]
         assert not [e for e in api.events if e.get("type") == "Warning"]
+
+
+async def test_a_smaller_storage_size_is_a_shrink_and_fails_by_name() -> None:
+    """storage.size 8Gi -> 5Gi: the claim refuses it, and so does the Agent (Failed,
+    with the apiserver's message), rather than keep 8Gi and say nothing."""
+    api = GrownClaim("8Gi")
+    async with running(api, Streams()) as rec:
+        body = agent_body()
+        body["spec"]["sinks"][0]["arrow"]["storage"] = {"size": "8Gi"}
+        rec.agent_event("ADDED", body)
+        await settle(rec)
+        assert api.status[-1]["phase"] != "Failed"
+        second = agent_body(generation=2)
+        second["spec"]["sinks"][0]["arrow"]["storage"] = {"size": "5Gi"}
+        rec.agent_event("MODIFIED", second)
+        await settle(rec)
+        assert api.claims[-1] == "5Gi"
+        last = api.status[-1]
+        assert last["phase"] == "Failed"
+        degraded = next(c for c in last["conditions"] if c["type"] == "Degraded")
+        assert "field can not be less than status.capacity" in degraded["message"]
+        assert [e["reason"] for e in api.events if e["type"] == "Warning"] == [
+            "ReconcileFailed",
+            "PhaseFailed",
+        ]
 
 
 class WebhookDown(Rejecting):
@@ -1395,3 +1429,42 @@ async def test_events_of_children_after_the_finalizer_came_off_clean_up_nothing_
     finalizer_patches = [p for p in api.patches if "finalizers" in p.get("metadata", {})]
     assert len(nats.removed) == 1
     assert [p["metadata"]["finalizers"] for p in finalizer_patches] == [[]]
+
+
+class Terminating(Rejecting):
+    """A namespace being deleted: the apiserver refuses to make anything in it."""
+
+    async def apply(self, obj: dict[str, Any]) -> Applied:
+        if self.fixed:
+            raise kube.ApiError(
+                403,
+                "Forbidden",
+                f'{obj["kind"].lower()}s "{obj["metadata"]["name"]}" is forbidden: unable to'
+                " create new content in namespace ml because it is being terminated",
+            )
+        return await super().apply(obj)
+
+
+async def test_children_a_namespace_deletion_took_are_not_fought_for() -> None:
+    """The namespace's deletion takes the children before the Agent: their deletes look
+    like drift, and the apiserver refuses to make them again. That is no failure."""
+    api = Terminating("none")
+    async with running(api, Streams()) as rec:
+        body = agent_body()
+        rec.agent_event("ADDED", body)
+        await settle(rec)
+        api.fixed = True  # the namespace is now terminating
+        statuses = len(api.status)
+        sts = {
+            "kind": "StatefulSet",
+            "metadata": {
+                "name": "cartpole-actors",
+                "namespace": "ml",
+                "labels": {"relayrl.io/agent": "cartpole"},
+                "generation": 1,
+            },
+        }
+        rec.child_event("DELETED", sts)
+        await settle(rec)
+        assert all(s["phase"] != "Failed" for s in api.status[statuses:])
+        assert [e["reason"] for e in api.events if e["type"] == "Warning"] == []

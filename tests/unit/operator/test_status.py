@@ -258,6 +258,16 @@ def test_changes_say_how_each_field_was_applied() -> None:
         ),
     )
     assert added == ["sink postgres added"]
+    small = make_spec({"spec": {"sinks": [{"arrow": {"storage": {"size": "2Gi"}}}]}})
+    large = make_spec({"spec": {"sinks": [{"arrow": {"storage": {"size": "8Gi"}}}]}})
+    assert changes.describe(small, large) == [
+        "sink arrow storage.size 2Gi -> 8Gi: its claim asked for the new size (a claim"
+        " grows, never shrinks); no pod restarts"
+    ]
+    moved = make_spec(
+        {"spec": {"sinks": [{"arrow": {"storage": {"size": "8Gi"}, "format": "arrow"}}]}}
+    )
+    assert changes.describe(small, moved) == ["sink arrow settings changed: its pods rolled"]
 
 
 def test_changes_say_what_did_not_happen_yet_or_at_all() -> None:

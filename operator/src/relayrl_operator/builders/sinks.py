@@ -135,6 +135,7 @@ def build_arrow(
         }
     elif storage is not None and storage.size is not None:
         meta = common.metadata(agent, name, component)
+        meta["annotations"] = {constants.ANNOTATION_STORAGE_SIZE: str(storage.size)}
         if agent.spec.trajectories.nats.retain_on_delete:
             # Kept with the stream: no owner, so deleting the Agent leaves the files
             # (an Agent made again under the name uses the claim again).
