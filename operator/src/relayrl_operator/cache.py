@@ -77,8 +77,16 @@ class AgentState:
     # Children the apiserver refused for good in the last apply (kind, name): one never
     # created is not missing from the watch, and asks for no re-apply on a resync.
     rejected_children: set[tuple[str, str]] = field(default_factory=set)
+    # Of those, the ones whose name an object of another owner has (tried again at each
+    # resync: the name may be free by then).
+    foreign_children: set[tuple[str, str]] = field(default_factory=set)
     # Whether the Warning that a deleted Agent's stream could not be removed was posted.
     cleanup_warned: bool = False
+    # Since when fewer actor pods exist than the spec wants (monotonic; None: all do),
+    # when the StatefulSet's FailedCreate events were last read, and what they said.
+    pods_missing_since: float | None = None
+    not_created_checked: float = 0.0
+    not_created: str | None = None
     # The uid whose finalizer this process took off: the Agent is going, and events of
     # its children (the garbage collector's deletes) may come before its own DELETED.
     finalized_uid: str | None = None

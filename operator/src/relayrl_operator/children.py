@@ -17,6 +17,7 @@ import copy
 import decimal
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any, cast
 
 from kubernetes.utils import quantity
@@ -66,6 +67,21 @@ class Children:
         if self.podmonitors:
             out.append(monitoring.build(agent, self._settings.monitor_labels))
         return out
+
+    async def _apply(
+        self, agent: common.AgentRef, state: cache.AgentState, obj: dict[str, Any]
+    ) -> kube.Applied:
+        """Apply a child; one this process has neither applied nor seen (a new Agent's,
+        or one deleted meanwhile) is looked up first, and not applied where an object of
+        another owner has its name."""
+        child = (obj["kind"], obj["metadata"]["name"])
+        if child not in state.seen and child not in state.applied:
+            live = await self._client.get_cached(
+                kube.kind_of(obj), agent.namespace, obj["metadata"]["name"]
+            )
+            if live is not None and not _of_agent(live, agent):
+                raise kube.ForeignObjectError(obj)
+        return await self._client.apply(obj)
 
     async def _claim_as_grown(self, claim: dict[str, Any], err: kube.ApiError) -> Any:
         """A claim grown beyond `storage.size` (by hand, or an expansion controller)
@@ -126,7 +142,7 @@ class Children:
             # must mount the new one, or it runs the old settings while it counts as
             # updated (its restart hash is the new template's).
             try:
-                results.append(await self._client.apply(desired[0]))
+                results.append(await self._apply(agent, state, desired[0]))
             except kube.ApiError as err:
                 if err.transient:
                     raise  # retried before the pods are touched
@@ -136,13 +152,19 @@ class Children:
                 results += [err, err]
                 state.config_rejected = True
         results += await asyncio.gather(
-            *(self._client.apply(obj) for obj in desired[len(results) :]), return_exceptions=True
+            *(self._apply(agent, state, obj) for obj in desired[len(results) :]),
+            return_exceptions=True,
         )
         for i, (obj, result) in enumerate(zip(desired, results, strict=True)):
-            if obj["kind"] == kube.PVC.kind and isinstance(result, kube.ApiError):
+            if (
+                obj["kind"] == kube.PVC.kind
+                and isinstance(result, kube.ApiError)
+                and not isinstance(result, kube.ForeignObjectError)
+            ):
                 results[i] = await self._claim_as_grown(obj, result)
         rejected: kube.ApiError | None = None
         state.rejected_children = set()
+        state.foreign_children = set()
         for obj, result in zip(list(desired), results, strict=True):
             if (
                 isinstance(result, kube.ApiError)
@@ -170,6 +192,8 @@ class Children:
                 # is left as it is (still desired: never pruned); the pass reports it.
                 rejected = rejected or result
                 state.rejected_children.add((obj["kind"], obj["metadata"]["name"]))
+                if isinstance(result, kube.ForeignObjectError):
+                    state.foreign_children.add((obj["kind"], obj["metadata"]["name"]))
                 continue
             if isinstance(result, BaseException):
                 raise result
@@ -248,6 +272,20 @@ class Children:
         if self.podmonitors:
             out.add((kube.PODMONITOR.kind, agent.name))
         return out
+
+
+def _of_agent(live: Mapping[str, Any], agent: common.AgentRef) -> bool:
+    """Whether an object is this Agent's to apply: owned by it, or labelled as made by
+    this operator for an Agent of its name (one before it: a claim kept by
+    retainOnDelete, children the garbage collector has yet to delete)."""
+    meta = live.get("metadata") or {}
+    if any(ref.get("uid") == agent.uid for ref in meta.get("ownerReferences") or []):
+        return True
+    labels = meta.get("labels") or {}
+    return (
+        labels.get(constants.LABEL_AGENT) == agent.name
+        and labels.get(constants.LABEL_MANAGED_BY) == constants.OPERATOR_NAME
+    )
 
 
 def _bytes(size: str) -> decimal.Decimal:

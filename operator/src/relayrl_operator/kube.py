@@ -78,6 +78,7 @@ STATEFULSET: Final = Kind("apps/v1", "StatefulSet", "statefulsets")
 DEPLOYMENT: Final = Kind("apps/v1", "Deployment", "deployments")
 PDB: Final = Kind("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets")
 PODMONITOR: Final = Kind("monitoring.coreos.com/v1", "PodMonitor", "podmonitors")
+EVENT: Final = Kind("v1", "Event", "events")
 AGENT: Final = Kind(spec.API_VERSION, spec.KIND, spec.PLURAL)
 
 KINDS: Final = {
@@ -140,7 +141,7 @@ class Applied:
 
 
 class ApiError(Exception):
-    """The apiserver refused a request."""
+    """The apiserver refused a request (or, `ForeignObjectError`, the operator did)."""
 
     def __init__(self, status: int, reason: str, message: str) -> None:
         super().__init__(f"{status} {reason}: {message}")
@@ -161,6 +162,26 @@ class ApiError(Exception):
     def namespace_terminating(self) -> bool:
         """The namespace is being deleted: nothing new may be made in it."""
         return self.status == 403 and _TERMINATING in self.message
+
+
+class ForeignObjectError(ApiError):
+    """A child's name is taken by an object that is not the Agent's: it is left alone
+    (an apply would take it over, and the garbage collector delete it with the Agent)."""
+
+    def __init__(self, obj: Mapping[str, Any]) -> None:
+        meta = obj["metadata"]
+        super().__init__(
+            409,
+            "AlreadyExists",
+            f"{obj['kind']} {meta['namespace']}/{meta['name']} exists and is not this"
+            " Agent's (no owner reference to it, no relayrl.io/agent label): delete or"
+            " rename it, or give the Agent another name",
+        )
+
+    @property
+    def transient(self) -> bool:
+        """Not until the object is gone: checked again at the next apply."""
+        return False
 
 
 # What the apiserver says (with a 500) of an apply whose manifest repeats a list key.
@@ -393,6 +414,25 @@ class Client:
             log.warning("cannot ask whether this client may %s %s: %s", verb, resource, err)
             return False
         return bool((out.get("status") or {}).get("allowed"))
+
+    async def list(self, kind: Kind, namespace: str, field_selector: str) -> list[dict[str, Any]]:
+        """The objects of a kind in a namespace that match a field selector."""
+        found = await self.request(
+            "GET", kind.path(namespace), params={"fieldSelector": field_selector}
+        )
+        return list(found.get("items") or [])
+
+    async def get_cached(self, kind: Kind, namespace: str, name: str) -> dict[str, Any] | None:
+        """An object as the apiserver's watch cache has it (no etcd read; it may be a
+        moment old), or None when it does not exist."""
+        try:
+            return await self.request(
+                "GET", kind.path(namespace, name), params={"resourceVersion": "0"}
+            )
+        except ApiError as err:
+            if err.status == 404:
+                return None
+            raise
 
     async def get(self, kind: Kind, namespace: str, name: str) -> dict[str, Any] | None:
         """An object, or None when it does not exist."""

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime
 import logging
 import time
 import zlib
@@ -69,6 +70,11 @@ Key = cache.Key
 # rounds (each Agent's turn comes once in as many rounds): so every child is compared
 # with its desired state at least every 2 x FULL_APPLY_EVERY resync periods.
 FULL_APPLY_EVERY = 10
+
+# Actor pods missing this long (seconds) are explained by the StatefulSet's FailedCreate
+# events, read at most once per _NOT_CREATED_EVERY while they are missing.
+_NOT_CREATED_AFTER: Final = 30.0
+_NOT_CREATED_EVERY: Final = 30.0
 
 # Child kinds the operator watches (relayrl_operator.watch feeds `child_event`), so its
 # cache of them is current; PodMonitors are not watched (their API may not exist).
@@ -318,7 +324,7 @@ class Reconciler:
                 turn = zlib.crc32("/".join(key).encode()) % FULL_APPLY_EVERY
                 if (
                     monitoring_changed
-                    or (missing and state.applied_at < recent)
+                    or ((missing or state.foreign_children) and state.applied_at < recent)
                     or (turn == self._resyncs % FULL_APPLY_EVERY and state.applied_at < stale)
                 ):
                     state.needs_apply = True
@@ -557,7 +563,54 @@ class Reconciler:
                 state.nats_failures += 1
                 self._enqueue_later(key, kube.retry_delay(state.nats_failures))
 
+        await self._check_not_created(agent, state)
         await self._write_status(agent, state)
+
+    async def _check_not_created(self, agent: common.AgentRef, state: cache.AgentState) -> None:
+        """Say why actor pods are missing, once they have been for a while: the
+        StatefulSet's FailedCreate events (the StatefulSet itself shows nothing), read
+        at most once per `_NOT_CREATED_EVERY` while pods are missing."""
+        desired = 0 if agent.spec.paused else agent.spec.pods()
+        made = sum(
+            1
+            for _, pod in cache.actor_pods(state)
+            if views.pod_index(pod) < desired and not pod["metadata"].get("deletionTimestamp")
+        )
+        now = time.monotonic()
+        if made >= desired:
+            state.pods_missing_since = state.not_created = None
+            return
+        if state.pods_missing_since is None:
+            state.pods_missing_since = now
+        if (
+            now - state.pods_missing_since < _NOT_CREATED_AFTER
+            or now - state.not_created_checked < _NOT_CREATED_EVERY
+        ):
+            return  # looked at again on a later pass (a resync's, if none comes before)
+        state.not_created_checked = now
+        name = common.actors_name(agent)
+        try:
+            found = await self._client.list(
+                kube.EVENT,
+                agent.namespace,
+                f"involvedObject.kind=StatefulSet,involvedObject.name={name},reason=FailedCreate",
+            )
+        except kube.ApiError as err:
+            log.info("agent %s/%s: events not read: %s", agent.namespace, agent.name, err)
+            return
+        # Of this time pods have been missing (an event's last time is its latest try;
+        # the first try may come a little before the pass that saw pods missing).
+        since = time.time() - (now - state.pods_missing_since) - _NOT_CREATED_AFTER
+        items = [e for e in found if _event_time(e) >= since]
+        if not items:
+            state.not_created = None
+            return
+        latest = max(items, key=_event_time)
+        missing = desired - made
+        state.not_created = (
+            f"{missing} actor pod{'' if missing == 1 else 's'} not created: "
+            f"{latest.get('message') or 'FailedCreate'}"
+        )
 
     async def _apply_failing(
         self, agent: common.AgentRef, state: cache.AgentState, err: Exception
@@ -914,3 +967,18 @@ _PHASE_REASON: Final = {
 
 def _model_source(agent_spec: spec.AgentSpec) -> tuple[str, str]:
     return agent_spec.model.uri, agent_spec.model.format.value
+
+
+def _event_time(event: Mapping[str, Any]) -> float:
+    """When an Event last happened (seconds since the epoch; 0 when it says nothing)."""
+    for stamp in (
+        event.get("lastTimestamp"),
+        event.get("eventTime"),
+        (event.get("metadata") or {}).get("creationTimestamp"),
+    ):
+        if stamp:
+            try:
+                return datetime.datetime.fromisoformat(str(stamp)).timestamp()
+            except ValueError:
+                continue
+    return 0.0

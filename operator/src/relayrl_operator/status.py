@@ -83,6 +83,9 @@ class Observed:
     # During an actor slice handover (relayrl_operator.handover): the running pods it
     # waits for (empty: about to finish); None otherwise.
     handover: Sequence[str] | None = None
+    # Why actor pods the StatefulSet should have made are missing (its FailedCreate
+    # events: a quota, Pod Security, an admission webhook); None when none are.
+    not_created: str | None = None
 
 
 @dataclass
@@ -272,6 +275,8 @@ def compute(
     problems += [f"sink {s.component} failing: {s.failing}" for s in sinks_down if s.failing]
     if observed.stream_ready is False:
         problems.append("stream unavailable")
+    if observed.not_created:
+        problems.append(observed.not_created)
     if problems or refused:
         # A model that failed to load leaves the pods on the one they run: degraded,
         # not unready.

@@ -92,6 +92,7 @@ def observe(
         removing=removing,
         model_rollout=state.model_rollout,
         handover=handing_over,
+        not_created=state.not_created,
     )
 
 
@@ -205,6 +206,9 @@ def sink_view(
     for cond in st.get("conditions") or []:
         if cond.get("type") == "Available" and cond.get("status") != "True":
             message = cond.get("message", "")
+        # Its pod cannot be made at all (a quota, Pod Security, an admission webhook).
+        if cond.get("type") == "ReplicaFailure" and cond.get("status") == "True":
+            failing = cond.get("message", "") or "its pod cannot be created"
         # A starting Deployment is unavailable for a while; one whose rollout passed its
         # progress deadline is failing.
         if cond.get("type") == "Progressing" and cond.get("reason") == "ProgressDeadlineExceeded":

@@ -54,7 +54,13 @@ def test_helm_lint_defaults_and_ci_values() -> None:
 
 
 # Client methods that name their kind as the first argument, and the verb each needs.
-_CLIENT_VERBS = {"get": "get", "merge_patch": "patch", "delete": "delete"}
+_CLIENT_VERBS = {
+    "get": "get",
+    "get_cached": "get",
+    "list": "list",
+    "merge_patch": "patch",
+    "delete": "delete",
+}
 
 
 def _client_calls() -> set[tuple[str, kube.Kind]]:
@@ -98,8 +104,9 @@ def _needed() -> set[tuple[str, kube.Kind]]:
     )
     for obj in maker.desired(ref):
         kind = kube.kind_of(obj)
-        # Applied (server-side: create or patch); deleted to adopt an orphaned child.
-        needed |= {("create", kind), ("patch", kind), ("delete", kind)}
+        # Looked up before its first apply (is the name another owner's?); applied
+        # (server-side: create or patch); deleted to adopt an orphaned child.
+        needed |= {("get", kind), ("create", kind), ("patch", kind), ("delete", kind)}
     needed |= {(verb, kind) for kind in reconcile.WATCHED_CHILDREN for verb in ("list", "watch")}
     return needed
 

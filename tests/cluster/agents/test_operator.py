@@ -235,6 +235,59 @@ def test_gpu_agent_that_fits_nowhere_stays_pending_with_the_reason(
     assert "nvidia.com/gpu" in conditions(agent)["Ready"]["message"]
 
 
+@pytest.mark.usefixtures("operator")
+def test_an_object_of_another_owner_under_a_childs_name_is_left_as_it_is(
+    agents: fleet.Agents, nats: natsserver.NatsServer, namespace: str
+) -> None:
+    """A user's ConfigMap that has the name the Agent's runtime config would get is not
+    taken over (nor deleted with the Agent): the Agent says so, and makes its own once
+    the name is free."""
+    core = agents.k8s.core
+    theirs = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cartpole-runtime"}}
+    core.create_namespaced_config_map(namespace, {**theirs, "data": {"notes.txt": "mine"}})
+    agents.create(manifest(nats.url))
+    agent = agents.wait_phase("cartpole", "Failed")
+    message = conditions(agent)["Degraded"]["message"]
+    assert f"ConfigMap {namespace}/cartpole-runtime exists and is not this Agent's" in message
+    cm = core.read_namespaced_config_map("cartpole-runtime", namespace)
+    assert cm.data == {"notes.txt": "mine"}
+    assert not cm.metadata.owner_references
+    assert statefulset(agents.k8s, namespace, "cartpole-actors")["spec"]["replicas"] >= 1
+    core.delete_namespaced_config_map("cartpole-runtime", namespace)
+    agents.wait_phase("cartpole", "Ready", timeout=120)
+    data = core.read_namespaced_config_map("cartpole-runtime", namespace).data
+    assert constants.CONFIG_KEY in data
+
+
+@pytest.mark.usefixtures("operator")
+def test_actor_pods_a_quota_refuses_are_said_why(
+    agents: fleet.Agents, nats: natsserver.NatsServer, namespace: str
+) -> None:
+    """The StatefulSet shows nothing of pods it cannot create: its FailedCreate events
+    do, and the Agent says what they say (Degraded), not Progressing for ever."""
+    quota = {
+        "apiVersion": "v1",
+        "kind": "ResourceQuota",
+        "metadata": {"name": "no-pods"},
+        "spec": {"hard": {"pods": "0"}},
+    }
+    agents.k8s.core.create_namespaced_resource_quota(namespace, quota)
+    agents.create(manifest(nats.url, {"spec": {"sinks": None}}))
+    agent = agents.wait(
+        "cartpole",
+        "the reason pods are missing",
+        lambda a: "not created" in conditions(a).get("Degraded", {}).get("message", ""),
+        timeout=120,
+    )
+    message = conditions(agent)["Degraded"]["message"]
+    assert "actor pods not created: " in message
+    assert "exceeded quota: no-pods" in message
+    assert agent["status"]["phase"] == "Degraded"
+    agents.k8s.core.delete_namespaced_resource_quota("no-pods", namespace)
+    agent = agents.wait_phase("cartpole", "Ready", timeout=180)
+    assert "not created" not in conditions(agent)["Degraded"]["message"]
+
+
 def test_deleted_or_edited_children_come_back(
     operator: fleet.Operator, agents: fleet.Agents, nats: natsserver.NatsServer, namespace: str
 ) -> None:

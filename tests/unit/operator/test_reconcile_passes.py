@@ -46,6 +46,7 @@ class Recorder:
         self.patches: list[dict[str, Any]] = []
         # What `get` finds, by (kind, name).
         self.objects: dict[tuple[str, str], dict[str, Any]] = {}
+        self.looked_up: list[tuple[str, str]] = []
 
     async def apply(self, obj: dict[str, Any]) -> Applied:
         self.applied.append((obj["kind"], obj["metadata"]["name"]))
@@ -69,6 +70,10 @@ class Recorder:
         return False
 
     async def get(self, kind: kube.Kind, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.objects.get((kind.kind, name))
+
+    async def get_cached(self, kind: kube.Kind, namespace: str, name: str) -> dict[str, Any] | None:
+        self.looked_up.append((kind.kind, name))
         return self.objects.get((kind.kind, name))
 
 
@@ -261,6 +266,19 @@ def test_a_sink_is_failing_only_when_its_pod_or_rollout_fails() -> None:
         {},
     )
     assert "timed out progressing" in stuck.failing
+    refused = views.sink_view(
+        sink_deployment(
+            UNAVAILABLE,
+            {
+                "type": "ReplicaFailure",
+                "status": "True",
+                "reason": "FailedCreate",
+                "message": 'pods "cartpole-arrow-sink-x" is forbidden: exceeded quota: q',
+            },
+        ),
+        {},
+    )
+    assert refused.failing == 'pods "cartpole-arrow-sink-x" is forbidden: exceeded quota: q'
 
 
 class Peers:
@@ -1468,3 +1486,119 @@ async def test_children_a_namespace_deletion_took_are_not_fought_for() -> None:
         await settle(rec)
         assert all(s["phase"] != "Failed" for s in api.status[statuses:])
         assert [e["reason"] for e in api.events if e["type"] == "Warning"] == []
+
+
+async def test_an_object_of_another_owner_under_a_childs_name_is_left_alone() -> None:
+    """Applied, it would be taken over (and deleted with the Agent by the garbage
+    collector): the child is reported instead, the others applied. Once the object is
+    gone, the child is made."""
+    api = Rejecting("none")  # records Events
+    api.objects[("ConfigMap", "cartpole-runtime")] = {
+        "metadata": {"name": "cartpole-runtime", "labels": {"team": "a"}}
+    }
+    async with running(api, Streams(), resync_seconds=0.3) as rec:
+        rec.agent_event("ADDED", agent_body())
+        await settle(rec)
+        assert ("ConfigMap", "cartpole-runtime") not in api.applied
+        assert ("StatefulSet", "cartpole-actors") in api.applied
+        last = api.status[-1]
+        assert last["phase"] == "Failed"
+        degraded = next(c for c in last["conditions"] if c["type"] == "Degraded")
+        assert (
+            "ConfigMap ml/cartpole-runtime exists and is not this Agent's" in (degraded["message"])
+        )
+        assert [e["reason"] for e in api.events if e["type"] == "Warning"][:1] == [
+            "ReconcileFailed"
+        ]
+        looked_up = len(api.looked_up)
+        del api.objects[("ConfigMap", "cartpole-runtime")]
+        for _ in range(100):  # the resync applies it again
+            if ("ConfigMap", "cartpole-runtime") in api.applied:
+                break
+            await asyncio.sleep(0.05)
+        await settle(rec)
+        assert ("ConfigMap", "cartpole-runtime") in api.applied
+        assert api.status[-1]["phase"] != "Failed"
+        # Only children never applied are looked up.
+        assert set(api.looked_up[looked_up:]) <= {("ConfigMap", "cartpole-runtime")}
+
+
+async def test_an_object_labelled_for_an_agent_of_the_name_is_applied() -> None:
+    """A claim kept by retainOnDelete, or a child the garbage collector has yet to
+    delete: made by this operator for an Agent of this name, so the new one takes it."""
+    api = Recorder()
+    api.objects[("StatefulSet", "cartpole-actors")] = {
+        "metadata": {
+            "name": "cartpole-actors",
+            "labels": {
+                "relayrl.io/agent": "cartpole",
+                constants.LABEL_MANAGED_BY: "relayrl-operator",
+            },
+            "ownerReferences": [{"uid": "an-agent-before"}],
+        }
+    }
+    async with running(api, Streams()) as rec:
+        rec.agent_event("ADDED", agent_body())
+        await settle(rec)
+        assert ("StatefulSet", "cartpole-actors") in api.applied
+        assert api.status[-1]["phase"] != "Failed"
+
+
+class QuotaRefused(Recorder):
+    """An apiserver whose namespace quota refuses pods: the StatefulSet says so in
+    FailedCreate Events only (one from an hour before, of another problem)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.event_reads = 0
+
+    async def list(
+        self, kind: kube.Kind, namespace: str, field_selector: str
+    ) -> list[dict[str, Any]]:
+        assert (kind, namespace) == (kube.EVENT, "ml")
+        assert "involvedObject.name=cartpole-actors" in field_selector
+        self.event_reads += 1
+        now = datetime.now(UTC)
+        return [
+            {
+                "message": "an older problem",
+                "lastTimestamp": (now - timedelta(hours=1)).isoformat(),
+            },
+            {
+                "message": 'pods "cartpole-actors-0" is forbidden: exceeded quota: q',
+                "lastTimestamp": now.isoformat(),
+            },
+        ]
+
+
+async def test_actor_pods_the_statefulset_cannot_create_are_said_why(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(reconcile, "_NOT_CREATED_AFTER", 0.0)
+    monkeypatch.setattr(reconcile, "_NOT_CREATED_EVERY", 0.0)
+    api = QuotaRefused()
+    async with running(api, Streams(), resync_seconds=0.2) as rec:
+        rec.agent_event("ADDED", agent_body())
+        await settle(rec)
+        last = api.status[-1]
+        degraded = next(c for c in last["conditions"] if c["type"] == "Degraded")
+        assert degraded["status"] == "True"
+        assert degraded["message"] == (
+            '4 actor pods not created: pods "cartpole-actors-0" is forbidden: exceeded quota: q'
+        )
+        assert last["phase"] == "Degraded"
+        # Once the pods are made, it is not said any more, and no Event is read.
+        state = rec._states[KEY]
+        for index in range(4):
+            pod = ready_pod(state)
+            pod["metadata"]["name"] = f"cartpole-actors-{index}"
+            rec.child_event("ADDED", pod)
+            await settle(rec)
+            if index == 2:
+                assert "1 actor pod not created" in str(api.status[-1])
+        reads = api.event_reads
+        await asyncio.sleep(0.5)  # resyncs
+        await settle(rec)
+        assert "actor pod not created" not in str(api.status[-1])
+        assert api.status[-1]["phase"] != "Degraded"
+        assert api.event_reads == reads
