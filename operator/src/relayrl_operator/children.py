@@ -106,7 +106,7 @@ class Children:
             asked = _bytes(annotations[constants.ANNOTATION_STORAGE_SIZE])
         except (KeyError, TypeError, ValueError):
             asked = None  # a claim from before the annotation, or one edited by hand
-        if asked is not None and asked != _bytes(want):
+        if asked is not None and _bytes(want) < asked:
             # storage.size itself went down (from `asked`): refused, as the claim says.
             return err
         log.info(
@@ -193,7 +193,7 @@ class Children:
                 rejected = rejected or result
                 state.rejected_children.add((obj["kind"], obj["metadata"]["name"]))
                 if isinstance(result, kube.ForeignObjectError):
-                    state.foreign_children.add((obj["kind"], obj["metadata"]["name"]))
+                    state.foreign_children.add(result.child)
                 continue
             if isinstance(result, BaseException):
                 raise result
@@ -228,7 +228,9 @@ class Children:
                 log.info("deleted %s %s/%s: no longer desired", kind_name, agent.namespace, name)
             state.child_generations.pop((kind_name, name), None)
             state.child_versions.pop((kind_name, name), None)
-        state.applied = now
+        # Not one whose name another owner's object has: never pruned (that would delete
+        # the object), and looked up again before the next apply.
+        state.applied = now - state.foreign_children
         state.applied_at = time.monotonic()
         if rejected is not None:
             raise rejected

@@ -170,12 +170,13 @@ class ForeignObjectError(ApiError):
 
     def __init__(self, obj: Mapping[str, Any]) -> None:
         meta = obj["metadata"]
+        self.child = (str(obj["kind"]), str(meta["name"]))
         super().__init__(
             409,
             "AlreadyExists",
             f"{obj['kind']} {meta['namespace']}/{meta['name']} exists and is not this"
-            " Agent's (no owner reference to it, no relayrl.io/agent label): delete or"
-            " rename it, or give the Agent another name",
+            " Agent's (no owner reference to it, nor this operator's labels for an Agent"
+            " of its name): delete or rename it, or give the Agent another name",
         )
 
     @property
@@ -416,9 +417,12 @@ class Client:
         return bool((out.get("status") or {}).get("allowed"))
 
     async def list(self, kind: Kind, namespace: str, field_selector: str) -> list[dict[str, Any]]:
-        """The objects of a kind in a namespace that match a field selector."""
+        """The objects of a kind in a namespace that match a field selector, as the
+        apiserver's watch cache has them."""
         found = await self.request(
-            "GET", kind.path(namespace), params={"fieldSelector": field_selector}
+            "GET",
+            kind.path(namespace),
+            params={"fieldSelector": field_selector, "resourceVersion": "0"},
         )
         return list(found.get("items") or [])
 

@@ -449,6 +449,7 @@ class Reconciler:
         agent = state.agent
         if agent is None or agent.uid != meta["uid"] or agent.generation != generation:
             try:
+                spec.check_name(meta["name"])
                 agent_spec = spec.parse_spec(body.get("spec") or {})
             except spec.InvalidSpecError as err:
                 state.agent = None
@@ -531,7 +532,11 @@ class Reconciler:
             if rejected:
                 # Shown in status, the stream and status kept up; applied again on the
                 # next spec change, or when a child is deleted or edited (drift).
-                self._rejected(key, state, agent, f"apiserver rejected a child: {applied}")
+                if isinstance(applied, kube.ForeignObjectError):
+                    message = f"a child is not applied: {applied.message}"
+                else:
+                    message = f"apiserver rejected a child: {applied}"
+                self._rejected(key, state, agent, message)
             else:
                 state.error = state.error_generation = None
             if not rejected and state.applied_generation != generation:
@@ -571,10 +576,9 @@ class Reconciler:
         StatefulSet's FailedCreate events (the StatefulSet itself shows nothing), read
         at most once per `_NOT_CREATED_EVERY` while pods are missing."""
         desired = 0 if agent.spec.paused else agent.spec.pods()
-        made = sum(
-            1
-            for _, pod in cache.actor_pods(state)
-            if views.pod_index(pod) < desired and not pod["metadata"].get("deletionTimestamp")
+        # A terminating pod counts: its replacement is made once it is gone.
+        made = len(
+            {i for _, pod in cache.actor_pods(state) if (i := views.pod_index(pod)) < desired}
         )
         now = time.monotonic()
         if made >= desired:
@@ -595,7 +599,7 @@ class Reconciler:
                 agent.namespace,
                 f"involvedObject.kind=StatefulSet,involvedObject.name={name},reason=FailedCreate",
             )
-        except kube.ApiError as err:
+        except (kube.ApiError, OSError) as err:  # best effort: said next time
             log.info("agent %s/%s: events not read: %s", agent.namespace, agent.name, err)
             return
         # Of this time pods have been missing (an event's last time is its latest try;

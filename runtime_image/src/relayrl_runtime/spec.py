@@ -1222,6 +1222,15 @@ def parse_spec(spec: Mapping[str, Any]) -> AgentSpec:
         raise InvalidSpecError.from_validation_error(err, root="spec") from None
 
 
+def check_name(name: str) -> None:
+    """An Agent's name as the API takes it now (one stored before a stricter rule may
+    break it); errors are rooted at `metadata.name`."""
+    try:
+        ObjectMeta.model_validate({"name": name})
+    except pydantic.ValidationError as err:
+        raise InvalidSpecError.from_validation_error(err, root="metadata") from None
+
+
 def parse_nats(spec: Mapping[str, Any]) -> NatsSpec:
     """Just a spec's `trajectories.nats` (its defaults where the spec leaves it out):
     where an Agent's stream is, even when the rest of its spec is invalid. Errors are

@@ -557,6 +557,23 @@ async def test_a_claim_grown_by_hand_is_applied_at_its_size_not_failed(asked: st
         assert not [e for e in api.events if e.get("type") == "Warning"]
 
 
+async def test_a_larger_storage_size_below_a_claim_grown_by_hand_keeps_the_claim() -> None:
+    """Applied for 5Gi, grown by hand to 8Gi: storage.size 5Gi -> 6Gi is no shrink."""
+    api = GrownClaim("5Gi")
+    async with running(api, Streams()) as rec:
+        body = agent_body()
+        body["spec"]["sinks"][0]["arrow"]["storage"] = {"size": "5Gi"}
+        rec.agent_event("ADDED", body)
+        await settle(rec)
+        second = agent_body(generation=2)
+        second["spec"]["sinks"][0]["arrow"]["storage"] = {"size": "6Gi"}
+        rec.agent_event("MODIFIED", second)
+        await settle(rec)
+        assert api.claims[-2:] == ["6Gi", "8Gi"]
+        assert api.asked == "6Gi"
+        assert api.status[-1]["phase"] != "Failed"
+
+
 async def test_a_smaller_storage_size_is_a_shrink_and_fails_by_name() -> None:
     """storage.size 8Gi -> 5Gi: the claim refuses it, and so does the Agent (Failed,
     with the apiserver's message), rather than keep 8Gi and say nothing."""
@@ -1510,6 +1527,16 @@ async def test_an_object_of_another_owner_under_a_childs_name_is_left_alone() ->
         assert [e["reason"] for e in api.events if e["type"] == "Warning"][:1] == [
             "ReconcileFailed"
         ]
+        # Resyncs while it is still there: looked up again each time, never applied.
+        looked_up = len(api.looked_up)
+        for _ in range(100):
+            if api.looked_up.count(("ConfigMap", "cartpole-runtime")) >= 3:
+                break
+            await asyncio.sleep(0.05)
+        await settle(rec)
+        assert api.looked_up.count(("ConfigMap", "cartpole-runtime")) >= 3
+        assert ("ConfigMap", "cartpole-runtime") not in api.applied
+        assert api.status[-1]["phase"] == "Failed"
         looked_up = len(api.looked_up)
         del api.objects[("ConfigMap", "cartpole-runtime")]
         for _ in range(100):  # the resync applies it again
@@ -1520,7 +1547,37 @@ async def test_an_object_of_another_owner_under_a_childs_name_is_left_alone() ->
         assert ("ConfigMap", "cartpole-runtime") in api.applied
         assert api.status[-1]["phase"] != "Failed"
         # Only children never applied are looked up.
-        assert set(api.looked_up[looked_up:]) <= {("ConfigMap", "cartpole-runtime")}
+        assert set(api.looked_up[looked_up:]) == {("ConfigMap", "cartpole-runtime")}
+
+
+async def test_an_object_of_another_owner_is_not_pruned_when_the_child_is_dropped() -> None:
+    """A user's Deployment under the arrow sink's name: the sink is taken out of the
+    spec, and the Deployment, never the Agent's, stays."""
+    api = Recorder()
+    api.objects[("Deployment", "cartpole-arrow-sink")] = {
+        "metadata": {"name": "cartpole-arrow-sink"}
+    }
+    async with running(api, Streams()) as rec:
+        rec.agent_event("ADDED", agent_body())
+        await settle(rec)
+        assert api.status[-1]["phase"] == "Failed"
+        rec.agent_event("MODIFIED", agent_body(generation=2, sinks=[]))
+        await settle(rec)
+        assert ("Deployment", "cartpole-arrow-sink") not in api.deleted
+        assert api.status[-1]["phase"] != "Failed"
+
+
+async def test_an_agent_stored_under_a_name_the_api_now_refuses_is_failed_not_crashed() -> None:
+    api = Rejecting("none")
+    async with running(api, Streams()) as rec:
+        body = agent_body()
+        body["metadata"]["name"] = "cart.pole"
+        rec.agent_event("ADDED", body)
+        await settle(rec)
+        ready = next(c for c in api.status[-1]["conditions"] if c["type"] == "Ready")
+        assert ready["reason"] == "InvalidSpec"
+        assert "metadata.name: expected lower-case letters" in ready["message"]
+        assert api.applied == []
 
 
 async def test_an_object_labelled_for_an_agent_of_the_name_is_applied() -> None:
