@@ -76,7 +76,7 @@ class Children:
         another owner has its name."""
         child = (obj["kind"], obj["metadata"]["name"])
         if child not in state.seen and child not in state.applied:
-            live = await self._client.get_cached(
+            live = await self._client.get_metadata(
                 kube.kind_of(obj), agent.namespace, obj["metadata"]["name"]
             )
             if live is not None and not _of_agent(live, agent):

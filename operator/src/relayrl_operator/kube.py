@@ -185,6 +185,9 @@ class ForeignObjectError(ApiError):
         return False
 
 
+# Accept header for an object's metadata alone (smaller answers to encode and decode).
+METADATA_ONLY: Final = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
+
 # What the apiserver says (with a 500) of an apply whose manifest repeats a list key.
 _UNMERGEABLE: Final = "failed to create typed patch object"
 # What the apiserver says (with a 403) of a create in a namespace being deleted.
@@ -426,12 +429,15 @@ class Client:
         )
         return list(found.get("items") or [])
 
-    async def get_cached(self, kind: Kind, namespace: str, name: str) -> dict[str, Any] | None:
-        """An object as the apiserver's watch cache has it (no etcd read; it may be a
-        moment old), or None when it does not exist."""
+    async def get_metadata(self, kind: Kind, namespace: str, name: str) -> dict[str, Any] | None:
+        """An object's metadata as the apiserver's watch cache has it (no etcd read; it
+        may be a moment old), or None when it does not exist."""
         try:
             return await self.request(
-                "GET", kind.path(namespace, name), params={"resourceVersion": "0"}
+                "GET",
+                kind.path(namespace, name),
+                params={"resourceVersion": "0"},
+                accept=METADATA_ONLY,
             )
         except ApiError as err:
             if err.status == 404:

@@ -37,7 +37,7 @@ Handler = Callable[[str, Mapping[str, Any]], None]
 
 JSON: Final = "application/json"
 METADATA_LIST: Final = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
-METADATA: Final = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
+METADATA: Final = kube.METADATA_ONLY
 
 PAGE_SIZE: Final = 500
 # A watch that ends sooner than this without an event counts as a failure.

@@ -56,7 +56,7 @@ def test_helm_lint_defaults_and_ci_values() -> None:
 # Client methods that name their kind as the first argument, and the verb each needs.
 _CLIENT_VERBS = {
     "get": "get",
-    "get_cached": "get",
+    "get_metadata": "get",
     "list": "list",
     "merge_patch": "patch",
     "delete": "delete",

@@ -72,7 +72,9 @@ class Recorder:
     async def get(self, kind: kube.Kind, namespace: str, name: str) -> dict[str, Any] | None:
         return self.objects.get((kind.kind, name))
 
-    async def get_cached(self, kind: kube.Kind, namespace: str, name: str) -> dict[str, Any] | None:
+    async def get_metadata(
+        self, kind: kube.Kind, namespace: str, name: str
+    ) -> dict[str, Any] | None:
         self.looked_up.append((kind.kind, name))
         return self.objects.get((kind.kind, name))
 
