@@ -115,6 +115,18 @@ def agent_body(generation: int = 1, **spec: Any) -> dict[str, Any]:
     return body
 
 
+# The example Agent's StatefulSet as a watch event carries it (metadata only).
+ACTORS_STATEFULSET: dict[str, Any] = {
+    "kind": "StatefulSet",
+    "metadata": {
+        "name": "cartpole-actors",
+        "namespace": "ml",
+        "labels": {"relayrl.io/agent": "cartpole"},
+        "generation": 1,
+    },
+}
+
+
 @contextlib.asynccontextmanager
 async def running(
     api: Recorder, streams: Any = None, resync_seconds: float = 30.0
@@ -1452,16 +1464,7 @@ async def test_events_of_children_after_the_finalizer_came_off_clean_up_nothing_
         deleting["metadata"]["deletionTimestamp"] = "2026-11-22T12:00:00Z"
         rec.agent_event("MODIFIED", deleting)
         await settle(rec)
-        sts = {
-            "kind": "StatefulSet",
-            "metadata": {
-                "name": "cartpole-actors",
-                "namespace": "ml",
-                "labels": {"relayrl.io/agent": "cartpole"},
-                "generation": 1,
-            },
-        }
-        rec.child_event("DELETED", sts)
+        rec.child_event("DELETED", ACTORS_STATEFULSET)
         await settle(rec)
     finalizer_patches = [p for p in api.patches if "finalizers" in p.get("metadata", {})]
     assert len(nats.removed) == 1
@@ -1492,16 +1495,7 @@ async def test_children_a_namespace_deletion_took_are_not_fought_for() -> None:
         await settle(rec)
         api.fixed = True  # the namespace is now terminating
         statuses = len(api.status)
-        sts = {
-            "kind": "StatefulSet",
-            "metadata": {
-                "name": "cartpole-actors",
-                "namespace": "ml",
-                "labels": {"relayrl.io/agent": "cartpole"},
-                "generation": 1,
-            },
-        }
-        rec.child_event("DELETED", sts)
+        rec.child_event("DELETED", ACTORS_STATEFULSET)
         await settle(rec)
         assert all(s["phase"] != "Failed" for s in api.status[statuses:])
         assert [e["reason"] for e in api.events if e["type"] == "Warning"] == []
