@@ -59,6 +59,14 @@ PUSH = ["relayrl-runtime", "model", "push", "/m", "--nats", "nats://n:4222"]
             "argument --rotate-bytes: expected an integer >= 1, got 0",
         ),
         (
+            ["relayrl-sink", "arrow", "--agent", "a", "--path", "/x", "--rotate-seconds", "nan"],
+            "argument --rotate-seconds: expected seconds in (0, 86400], got nan",
+        ),
+        (
+            ["relayrl-sink", "arrow", "--agent", "a", "--path", "/x", "--rotate-seconds", "inf"],
+            "argument --rotate-seconds: expected seconds in (0, 86400], got inf",
+        ),
+        (
             ["relayrl-sink", "postgres", "--agent", "a", "--table", "Steps"],
             "argument --table: expected lower-case letters",
         ),

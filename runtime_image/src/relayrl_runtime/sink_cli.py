@@ -35,6 +35,18 @@ def _at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
+def _seconds(text: str) -> float:
+    """A rotation time: a finite number of seconds, at most a day (the Agent spec's bound;
+    a fraction of a second for tests)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not 0 < value <= 86400:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected seconds in (0, 86400], got {text}")
+    return value
+
+
 def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -81,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
         "--format", choices=[f.value for f in spec.SinkFormat], default=spec.SinkFormat.PARQUET
     )
     arrow.add_argument("--rotate-bytes", type=_at_least(1), default=128 << 20)
-    arrow.add_argument("--rotate-seconds", type=float, default=300.0)
+    arrow.add_argument("--rotate-seconds", type=_seconds, default=300.0)
     arrow.add_argument(
         "--compression",
         choices=[c.value for c in spec.ParquetCompression],

@@ -283,6 +283,13 @@ def test_alerts_fire_on_the_series_they_are_for_and_no_others(tmp_path: Path) ->
                         {**sink, "pod": "cp-sink-arrow-1", "where": "stream-tail-lost"},
                         "0 0 1x38",
                     ),
+                    # One whose stream keeps discarding messages it had not read: that
+                    # alert only, not RelayRLSinkErrors too.
+                    series(
+                        sink_errors,
+                        {**sink, "pod": "cp-sink-arrow-2", "where": "stream-head-expired"},
+                        "0+1x40",
+                    ),
                 ],
                 "alert_rule_test": [
                     # Failing for 5 minutes: not yet (the alert waits 10).
@@ -290,19 +297,19 @@ def test_alerts_fire_on_the_series_they_are_for_and_no_others(tmp_path: Path) ->
                     firing("RelayRLModelRunFailures", pod, "15m"),
                     firing("RelayRLModelRunFailures", pod, "40m"),
                     firing("RelayRLSinkErrors", {**sink, "where": "commit"}, "25m"),
-                    {
-                        "eval_time": "10m",
-                        "alertname": "RelayRLStreamTailLost",
-                        "exp_alerts": [
-                            {
-                                "exp_labels": {
-                                    "severity": "critical",
-                                    **sink,
-                                    "pod": "cp-sink-arrow-1",
-                                }
-                            }
-                        ],
-                    },
+                    *(
+                        {
+                            "eval_time": "10m",
+                            "alertname": alert,
+                            "exp_alerts": [
+                                {"exp_labels": {"severity": "critical", **sink, "pod": pod_name}}
+                            ],
+                        }
+                        for alert, pod_name in (
+                            ("RelayRLStreamTailLost", "cp-sink-arrow-1"),
+                            ("RelayRLStreamHeadExpired", "cp-sink-arrow-2"),
+                        )
+                    ),
                 ],
             }
         ],

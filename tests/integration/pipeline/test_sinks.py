@@ -865,3 +865,48 @@ async def test_a_refused_file_is_split_only_where_refused(
     assert len(files) <= refused + 2, files
     tags = sorted(t for _, _, f in files for t in pq.read_table(f).column("aux_tag").to_pylist())
     assert tags == sorted(t for m in published for t in m.column("aux_tag").to_pylist())
+
+
+def test_messages_the_stream_discarded_unread_are_said_lost(
+    arrow_pipeline: pipeline.Pipeline, nats_server: natsserver.NatsServer
+) -> None:
+    """The stream's limits (here max_msgs, as maxAge or a size bound would) discard
+    messages while the sink is down: it starts at the first one left, and says which
+    sequences it never read (an ERROR, `stream-head-expired`), rather than nothing."""
+    p = arrow_pipeline
+
+    async def make(js: object) -> object:
+        cfg = streams.stream_config("default", pipeline.AGENT)
+        cfg.max_msgs = 5
+        return await js.add_stream(cfg)  # type: ignore[attr-defined]
+
+    natsserver.jetstream(nats_server.url, make)
+    sink = p.arrow_sink("--rotate-seconds", "1", "--no-create-stream")
+    pipeline.start_ready(sink)
+    p.producer(1, "--count", "2", "--rate", "2").start()
+    pipeline.wait_until("rows", lambda: pipeline.arrow_rows(p.arrow_dir) >= 800, 60)
+    committed = int(sink.metric("relayrl_sink_committed_sequence"))
+    assert sink.terminate() == 0
+    later = p.producer(2, "--count", "20", "--rate", "2")
+    later.start()
+    later.result()
+
+    async def state(js: object) -> object:
+        info = await js.stream_info(f"RELAYRL_default_{pipeline.AGENT}")  # type: ignore[attr-defined]
+        return info.state
+
+    st = natsserver.jetstream(nats_server.url, state)
+    assert st.first_seq > committed + 1
+    sink.start()
+    sink.wait_ready()
+    pipeline.wait_until(
+        "caught up",
+        lambda: sink.metric("relayrl_sink_committed_sequence") >= st.last_seq,
+        60,
+    )
+    metrics = sink.get("/metrics")[1]
+    assert 'relayrl_sink_errors_total{sink="arrow",where="stream-head-expired"} 1.0' in metrics
+    said = f"discarded messages {committed + 1}-{st.first_seq - 1} before this sink read them"
+    assert said in sink.logs()
+    # What the stream still held is written, once.
+    assert pipeline.arrow_rows(p.arrow_dir) == 800 + (st.last_seq - st.first_seq + 1) * 400

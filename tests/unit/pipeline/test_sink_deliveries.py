@@ -465,11 +465,15 @@ class OriginWriter(NoWriter):
 class OneStream:
     """JetStream as far as `_check_stream` asks: the Agent's stream, ending at `last`."""
 
-    def __init__(self, last: int, created: dt.datetime) -> None:
+    def __init__(self, last: int, created: dt.datetime, first: int = 1) -> None:
         self.info = nats.js.api.StreamInfo(
             config=streams.stream_config("ml", "cartpole"),
             state=nats.js.api.StreamState(
-                messages=last, bytes=0, first_seq=1, last_seq=last, consumer_count=0
+                messages=last - first + 1,
+                bytes=0,
+                first_seq=first,
+                last_seq=last,
+                consumer_count=0,
             ),
             created=created,
         )
@@ -495,6 +499,28 @@ async def test_a_stream_ending_before_the_position_is_said_to_have_lost_its_tail
     assert counted == (1 if lost else 0)
     assert ("NATS lost its tail; new messages numbered 8-12 are skipped" in caplog.text) is lost
     assert svc._last_seen == 12  # the same stream: the position stays
+
+
+@pytest.mark.parametrize(("first", "lost"), [(13, False), (1, False), (16, True)])
+async def test_a_stream_whose_limits_discarded_unread_messages_says_so(
+    first: int, lost: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """maxAge (or a size bound) removed messages after the position while the sink was
+    down: the consumer starts at the first one left, and the gap is said, not silent."""
+    created = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
+    js = OneStream(30, created, first)
+    svc = service.SinkService(
+        OriginWriter(f"{js.info.config.name}@{created.isoformat()}"),  # type: ignore[arg-type]
+        streams.ConnectOptions(),
+        service.ServiceConfig(namespace="ml", agent="cartpole", http_port=None),
+    )
+    svc._last_seen = 12
+    await svc._check_stream(js)  # type: ignore[arg-type]
+    counted = svc.metrics.errors.labels("arrow", "stream-head-expired")._value.get()
+    assert counted == (1 if lost else 0)
+    said = "its limits discarded messages 13-15 before this sink read them"
+    assert (said in caplog.text) is lost
+    assert svc._last_seen == 12
 
 
 async def test_lag_follows_the_stream_while_nothing_is_delivered(

@@ -118,6 +118,7 @@ ERROR_PLACES: Final = (
     "deadletter",
     "storage",
     "stream-tail-lost",
+    "stream-head-expired",
 )
 
 
@@ -706,6 +707,22 @@ class SinkService:
         stored = await self._retry("origin", self.writer.origin)
         if stored == origin:
             last = info.state.last_seq if info.state is not None else 0
+            first = info.state.first_seq if info.state is not None else 0
+            if last >= first > self._last_seen + 1:
+                # The stream's limits (maxAge, a size bound) discarded messages after
+                # the committed position before this sink read them: gone, said loudly.
+                self.metrics.errors.labels(self.writer.kind, "stream-head-expired").inc()
+                log.error(
+                    "%s sink: committed up to sequence %d, but stream %s now starts at %d:"
+                    " its limits discarded messages %d-%d before this sink read them;"
+                    " their steps are lost to it",
+                    self.writer.kind,
+                    self._last_seen,
+                    self.stream,
+                    first,
+                    self._last_seen + 1,
+                    first - 1,
+                )
             if last < self._last_seen:
                 # The same stream, ending before what was committed: a NATS node crash
                 # lost its unsynced tail. New messages take the lost sequences again,
