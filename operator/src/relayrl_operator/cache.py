@@ -151,6 +151,12 @@ def note_child(state: AgentState, event_type: str, body: Mapping[str, Any]) -> b
         else:
             previous = state.child_generations.get(child)
             edited = previous is not None and previous != generation
+            # A metadata edit leaves the generation as it is: the one that matters is an
+            # owner reference taken off (the child would outlive the Agent).
+            agent = state.agent
+            if previous is not None and agent is not None and not deleted:
+                refs = meta.get("ownerReferences") or ()
+                edited = edited or not any(r.get("uid") == agent.uid for r in refs)
         if deleted or edited:
             # Deleted or changed by someone: server-side apply puts our fields back.
             state.needs_apply = True

@@ -300,7 +300,6 @@ def test_deleted_or_edited_children_come_back(
     core.delete_namespaced_config_map("cartpole-runtime", namespace)
     core.delete_namespaced_service("cartpole-actors", namespace)
     apps.patch_namespaced_stateful_set("cartpole-actors", namespace, {"spec": {"replicas": 5}})
-
     testing.wait_for(
         lambda: (
             k8s.exists(core.read_namespaced_config_map, "cartpole-runtime", namespace)
@@ -311,6 +310,20 @@ def test_deleted_or_edited_children_come_back(
         what="children repaired",
     )
     agents.wait_phase("cartpole", "Ready")
+
+    # A metadata edit (the generation stays): the owner reference taken off. Put back
+    # from its watch event, well before the periodic re-apply (applied just now, the
+    # Agent's children are not re-applied for 10 resyncs, 50 s here).
+    policy = client.PolicyV1Api(k8s.api)
+    policy.patch_namespaced_pod_disruption_budget(
+        "cartpole-actors", namespace, {"metadata": {"ownerReferences": None}}
+    )
+
+    def owned_pdb() -> bool:
+        pdb = policy.read_namespaced_pod_disruption_budget("cartpole-actors", namespace)
+        return bool(pdb.metadata.owner_references)
+
+    testing.wait_for(owned_pdb, timeout=20, what="the owner reference back")
     page = operator.metrics()
     assert 'relayrl_operator_children_total{action="created",kind="ConfigMap"}' in page
     assert 'relayrl_operator_children_total{action="updated",kind="StatefulSet"}' in page

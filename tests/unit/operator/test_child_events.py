@@ -52,6 +52,21 @@ def test_statefulset_status_change_is_not_drift_and_a_spec_edit_is() -> None:
     assert st.needs_apply
 
 
+def test_an_owner_reference_taken_off_a_workload_is_drift() -> None:
+    """A metadata edit leaves the generation as it is; without the owner reference the
+    child would outlive the Agent, so it is put back at once."""
+    rec = reconciler()
+    st = state(rec)
+    st.agent = specs.agent_ref({"metadata": {"name": "cartpole"}}, namespace="ml", uid="u1")
+    st.needs_apply = False
+    st.child_generations[("Deployment", "cartpole-arrow-sink")] = 3
+    owned = {"generation": 3, "ownerReferences": [{"kind": "Agent", "uid": "u1"}]}
+    rec.child_event("MODIFIED", child("Deployment", "cartpole-arrow-sink", **owned))
+    assert not st.needs_apply
+    rec.child_event("MODIFIED", child("Deployment", "cartpole-arrow-sink", generation=3))
+    assert st.needs_apply
+
+
 def test_a_deleted_child_is_put_back_and_leaves_the_cache() -> None:
     rec = reconciler()
     st = state(rec)
