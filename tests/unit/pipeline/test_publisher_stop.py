@@ -38,8 +38,10 @@ class Connection:
 
 
 async def test_stopping_ends_a_send_loop_that_loses_a_cancel() -> None:
+    # No stream to make: the connection is a stand-in, with no JetStream behind it.
     pub = publisher.NatsPublisher(
-        streams.ConnectOptions(), publisher.PublisherConfig(namespace="ml", agent="cartpole")
+        streams.ConnectOptions(),
+        publisher.PublisherConfig(namespace="ml", agent="cartpole", create_stream=False),
     )
     nc = Connection()
     sender = cancels.LosesOneCancel()
