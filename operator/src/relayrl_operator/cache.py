@@ -155,8 +155,7 @@ def note_child(state: AgentState, event_type: str, body: Mapping[str, Any]) -> b
             # owner reference taken off (the child would outlive the Agent).
             agent = state.agent
             if previous is not None and agent is not None and not deleted:
-                refs = meta.get("ownerReferences") or ()
-                edited = edited or not any(r.get("uid") == agent.uid for r in refs)
+                edited = edited or not common.owned_by(meta, agent)
         if deleted or edited:
             # Deleted or changed by someone: server-side apply puts our fields back.
             state.needs_apply = True

@@ -281,7 +281,7 @@ def _of_agent(live: Mapping[str, Any], agent: common.AgentRef) -> bool:
     this operator for an Agent of its name (one before it: a claim kept by
     retainOnDelete, children the garbage collector has yet to delete)."""
     meta = live.get("metadata") or {}
-    if any(ref.get("uid") == agent.uid for ref in meta.get("ownerReferences") or []):
+    if common.owned_by(meta, agent):
         return True
     labels = meta.get("labels") or {}
     return (

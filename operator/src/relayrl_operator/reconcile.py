@@ -779,32 +779,9 @@ class Reconciler:
         finalizers = meta.get("finalizers") or []
         if constants.FINALIZER not in finalizers or state.finalized_uid == meta.get("uid"):
             return
-        raw_spec = state.body.get("spec") or {}
-        agent: common.AgentRef | None = None
-        try:
-            agent_spec = spec.parse_spec(raw_spec)
-        except spec.InvalidSpecError as err:
-            # An edit the CRD took and the operator refused (or a spec stored before a
-            # stricter rule): its NATS section alone says where the stream is.
-            try:
-                nats_spec = spec.parse_nats(raw_spec)
-            except spec.InvalidSpecError as nats_err:
-                log.warning(
-                    "agent %s/%s: deleting with an invalid NATS section; its stream and"
-                    " model bucket, if any, are left in place (%s)",
-                    *key,
-                    nats_err,
-                )
-            else:
-                log.info("agent %s/%s: deleting with an invalid spec (%s)", *key, err)
-                # Unvalidated, with its NATS section only: all the removal reads.
-                agent_spec = spec.AgentSpec.model_construct(  # type: ignore[call-arg]
-                    trajectories=spec.TrajectoriesSpec.model_construct(nats=nats_spec)
-                )
-                agent = common.AgentRef(meta["name"], meta["namespace"], meta["uid"], 0, agent_spec)
-        else:
+        agent_spec = _spec_to_clean_up(key, state.body.get("spec") or {})
+        if agent_spec is not None:
             agent = common.AgentRef(meta["name"], meta["namespace"], meta["uid"], 0, agent_spec)
-        if agent is not None:
             nats_spec = agent.spec.trajectories.nats
             if nats_spec.retain_on_delete:
                 await self._keep_claims(agent)
@@ -836,9 +813,7 @@ class Reconciler:
         name = common.sink_name(agent, constants.COMPONENT_ARROW_SINK)
         try:
             claim = await self._client.get(kube.PVC, agent.namespace, name)
-            if claim is None or not any(
-                ref.get("uid") == agent.uid for ref in claim["metadata"].get("ownerReferences", [])
-            ):
+            if claim is None or not common.owned_by(claim["metadata"], agent):
                 return
             await self._client.merge_patch(
                 kube.PVC, agent.namespace, name, {"metadata": {"ownerReferences": None}}
@@ -971,6 +946,31 @@ _PHASE_REASON: Final = {
 
 def _model_source(agent_spec: spec.AgentSpec) -> tuple[str, str]:
     return agent_spec.model.uri, agent_spec.model.format.value
+
+
+def _spec_to_clean_up(key: Key, raw_spec: Mapping[str, Any]) -> spec.AgentSpec | None:
+    """The spec a deleted Agent's cleanup reads (its NATS section); None where even that
+    is invalid, and its stream and bucket are left in place."""
+    try:
+        return spec.parse_spec(raw_spec)
+    except spec.InvalidSpecError as err:
+        # An edit the CRD took and the operator refused (or a spec stored before a
+        # stricter rule): its NATS section alone says where the stream is.
+        try:
+            nats_spec = spec.parse_nats(raw_spec)
+        except spec.InvalidSpecError as nats_err:
+            log.warning(
+                "agent %s/%s: deleting with an invalid NATS section; its stream and"
+                " model bucket, if any, are left in place (%s)",
+                *key,
+                nats_err,
+            )
+            return None
+        log.info("agent %s/%s: deleting with an invalid spec (%s)", *key, err)
+        # Unvalidated, with its NATS section only: all the removal reads.
+        return spec.AgentSpec.model_construct(  # type: ignore[call-arg]
+            trajectories=spec.TrajectoriesSpec.model_construct(nats=nats_spec)
+        )
 
 
 def _event_time(event: Mapping[str, Any]) -> float:

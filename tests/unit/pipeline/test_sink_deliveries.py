@@ -482,12 +482,11 @@ class OneStream:
         return self.info
 
 
-@pytest.mark.parametrize(("last", "lost"), [(20, False), (7, True)])
-async def test_a_stream_ending_before_the_position_is_said_to_have_lost_its_tail(
-    last: int, lost: bool, caplog: pytest.LogCaptureFixture
-) -> None:
+async def _checked_at_12(last: int, first: int = 1) -> service.SinkService:
+    """A sink that committed through sequence 12 of the stream it finds again (the same
+    origin), now holding `first`..`last`, after it checked the stream."""
     created = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
-    js = OneStream(last, created)
+    js = OneStream(last, created, first)
     svc = service.SinkService(
         OriginWriter(f"{js.info.config.name}@{created.isoformat()}"),  # type: ignore[arg-type]
         streams.ConnectOptions(),
@@ -495,6 +494,14 @@ async def test_a_stream_ending_before_the_position_is_said_to_have_lost_its_tail
     )
     svc._last_seen = 12
     await svc._check_stream(js)  # type: ignore[arg-type]
+    return svc
+
+
+@pytest.mark.parametrize(("last", "lost"), [(20, False), (7, True)])
+async def test_a_stream_ending_before_the_position_is_said_to_have_lost_its_tail(
+    last: int, lost: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    svc = await _checked_at_12(last)
     counted = svc.metrics.errors.labels("arrow", "stream-tail-lost")._value.get()
     assert counted == (1 if lost else 0)
     assert ("NATS lost its tail; new messages numbered 8-12 are skipped" in caplog.text) is lost
@@ -507,15 +514,7 @@ async def test_a_stream_whose_limits_discarded_unread_messages_says_so(
 ) -> None:
     """maxAge (or a size bound) removed messages after the position while the sink was
     down: the consumer starts at the first one left, and the gap is said, not silent."""
-    created = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
-    js = OneStream(30, created, first)
-    svc = service.SinkService(
-        OriginWriter(f"{js.info.config.name}@{created.isoformat()}"),  # type: ignore[arg-type]
-        streams.ConnectOptions(),
-        service.ServiceConfig(namespace="ml", agent="cartpole", http_port=None),
-    )
-    svc._last_seen = 12
-    await svc._check_stream(js)  # type: ignore[arg-type]
+    svc = await _checked_at_12(30, first)
     counted = svc.metrics.errors.labels("arrow", "stream-head-expired")._value.get()
     assert counted == (1 if lost else 0)
     said = "its limits discarded messages 13-15 before this sink read them"

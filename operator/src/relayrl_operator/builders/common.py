@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,6 +90,11 @@ def metadata(
         "labels": labels(agent, component, extra_labels),
         "ownerReferences": [owner_reference(agent)],
     }
+
+
+def owned_by(meta: Mapping[str, Any], agent: AgentRef) -> bool:
+    """Whether an object's metadata names the Agent (this very one, by uid) as owner."""
+    return any(ref.get("uid") == agent.uid for ref in meta.get("ownerReferences") or ())
 
 
 def digest(data: Any) -> str:
