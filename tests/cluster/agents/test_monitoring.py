@@ -290,6 +290,19 @@ def test_alerts_fire_on_the_series_they_are_for_and_no_others(tmp_path: Path) ->
                         {**sink, "pod": "cp-sink-arrow-2", "where": "stream-head-expired"},
                         "0+1x40",
                     ),
+                    # A new pod that found the loss as it started, before its first
+                    # scrape: its series starts at 1 and never increases.
+                    series(
+                        sink_errors,
+                        {**sink, "pod": "cp-sink-arrow-3", "where": "stream-head-expired"},
+                        "1x80",
+                    ),
+                    # The same with a dead letter; and a pod whose old one stays at 1.
+                    series(
+                        "relayrl_sink_dead_letters_total",
+                        {**sink, "pod": "cp-sink-arrow-4", "reason": "invalid_arrow"},
+                        "1x80",
+                    ),
                 ],
                 "alert_rule_test": [
                     # Failing for 5 minutes: not yet (the alert waits 10).
@@ -305,11 +318,32 @@ def test_alerts_fire_on_the_series_they_are_for_and_no_others(tmp_path: Path) ->
                                 {"exp_labels": {"severity": "critical", **sink, "pod": pod_name}}
                             ],
                         }
-                        for alert, pod_name in (
-                            ("RelayRLStreamTailLost", "cp-sink-arrow-1"),
-                            ("RelayRLStreamHeadExpired", "cp-sink-arrow-2"),
-                        )
+                        for alert, pod_name in (("RelayRLStreamTailLost", "cp-sink-arrow-1"),)
                     ),
+                    {
+                        "eval_time": "10m",
+                        "alertname": "RelayRLStreamHeadExpired",
+                        "exp_alerts": [
+                            {"exp_labels": {"severity": "critical", **sink, "pod": pod_name}}
+                            for pod_name in ("cp-sink-arrow-2", "cp-sink-arrow-3")
+                        ],
+                    },
+                    # An hour on, the new pod's loss is old news; the other's goes on.
+                    {
+                        "eval_time": "70m",
+                        "alertname": "RelayRLStreamHeadExpired",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {
+                                    "severity": "critical",
+                                    **sink,
+                                    "pod": "cp-sink-arrow-2",
+                                }
+                            }
+                        ],
+                    },
+                    firing("RelayRLSinkDeadLetters", {**sink, "pod": "cp-sink-arrow-4"}, "10m"),
+                    firing("RelayRLSinkDeadLetters", {}, "20m"),
                 ],
             }
         ],

@@ -12,6 +12,7 @@ import contextlib
 import datetime as dt
 import itertools
 import logging
+import signal
 import urllib.request
 from pathlib import Path
 
@@ -910,3 +911,59 @@ def test_messages_the_stream_discarded_unread_are_said_lost(
     assert said in sink.logs()
     # What the stream still held is written, once.
     assert pipeline.arrow_rows(p.arrow_dir) == 800 + (st.last_seq - st.first_seq + 1) * 400
+
+
+def test_messages_discarded_while_the_sink_is_behind_are_said_lost(
+    arrow_pipeline: pipeline.Pipeline, nats_server: natsserver.NatsServer
+) -> None:
+    """The same, with the sink running but behind (stopped with SIGSTOP, as a sink stuck
+    on slow storage would be): the consumer skips what the stream discarded, without a
+    gap in its own sequence, and the sink still says which sequences it lost."""
+    p = arrow_pipeline
+
+    async def make(js: object) -> object:
+        cfg = streams.stream_config("default", pipeline.AGENT)
+        cfg.max_msgs = 5
+        return await js.add_stream(cfg)  # type: ignore[attr-defined]
+
+    natsserver.jetstream(nats_server.url, make)
+    sink = p.arrow_sink("--rotate-seconds", "1", "--no-create-stream")
+    pipeline.start_ready(sink)
+    p.producer(1, "--count", "2", "--rate", "2").start()
+    pipeline.wait_until("rows", lambda: pipeline.arrow_rows(p.arrow_dir) >= 800, 60)
+    committed = int(sink.metric("relayrl_sink_committed_sequence"))
+    assert sink.proc is not None
+    sink.proc.send_signal(signal.SIGSTOP)
+    try:
+        later = p.producer(2, "--count", "20", "--rate", "5")
+        later.start()
+        later.result()
+    finally:
+        sink.proc.send_signal(signal.SIGCONT)
+
+    async def state(js: object) -> object:
+        info = await js.stream_info(f"RELAYRL_default_{pipeline.AGENT}")  # type: ignore[attr-defined]
+        return info.state
+
+    st = natsserver.jetstream(nats_server.url, state)
+    assert st.first_seq > committed + 1
+    pipeline.wait_until(
+        "caught up",
+        lambda: sink.metric("relayrl_sink_committed_sequence") >= st.last_seq,
+        60,
+    )
+    metrics = sink.get("/metrics")[1]
+    assert 'relayrl_sink_errors_total{sink="arrow",where="stream-head-expired"} 1.0' in metrics
+    said = f"discarded messages {committed + 1}-{st.first_seq - 1} before this sink read them"
+    assert said in sink.logs()
+    assert sink.terminate() == 0
+
+    async def steps_held(js: object) -> int:
+        name = f"RELAYRL_default_{pipeline.AGENT}"
+        held = [await js.get_msg(name, seq) for seq in range(st.first_seq, st.last_seq + 1)]  # type: ignore[attr-defined]
+        return sum(int(m.headers[streams.HEADER_STEPS]) for m in held)
+
+    # Every message is written once or said lost: what the stream still held is in.
+    assert pipeline.arrow_rows(p.arrow_dir) == 800 + natsserver.jetstream(
+        nats_server.url, steps_held
+    )

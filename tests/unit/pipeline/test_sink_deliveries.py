@@ -522,6 +522,30 @@ async def test_a_stream_whose_limits_discarded_unread_messages_says_so(
     assert svc._last_seen == 12
 
 
+async def test_messages_discarded_while_the_sink_runs_are_said_lost_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A running sink that falls behind: the consumer skips what the stream's limits
+    discarded, with no gap in its own sequence. A jump of the stream sequence is
+    checked against the stream's first sequence; each lost range is said once."""
+    svc = await _checked_at_12(30, first=16)  # 13-15 found at the positioning
+    counted = svc.metrics.errors.labels("arrow", "stream-head-expired")
+    assert counted._value.get() == 1
+    js = OneStream(40, dt.datetime(2026, 11, 1, tzinfo=dt.UTC), first=25)
+    svc._last_seen = 16
+    await svc._check_discarded(js, 26)  # type: ignore[arg-type]
+    assert counted._value.get() == 2
+    assert "its limits discarded messages 17-24 before this sink read them" in caplog.text
+    # A jump over messages still in the stream (a dead letter between): nothing lost.
+    svc._last_seen = 30
+    await svc._check_discarded(js, 32)  # type: ignore[arg-type]
+    # Taken again after a rewind: the range said before is not said again.
+    svc._last_seen = 12
+    await svc._check_discarded(js, 26)  # type: ignore[arg-type]
+    assert counted._value.get() == 2
+    assert caplog.text.count("before this sink read them") == 2
+
+
 async def test_lag_follows_the_stream_while_nothing_is_delivered(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -560,6 +560,8 @@ class SinkService:
         # Messages up to here were taken once before a rewind: their dead letters are
         # published and counted, their copies counted, already.
         self._taken_through = 0
+        # Sequences up to here that the stream discarded unread were said lost already.
+        self._lost_through = 0
 
     def ack_wait_seconds(self) -> float:
         """The consumer's ack wait: past it, JetStream delivers a message again.
@@ -711,18 +713,7 @@ class SinkService:
             if last >= first > self._last_seen + 1:
                 # The stream's limits (maxAge, a size bound) discarded messages after
                 # the committed position before this sink read them: gone, said loudly.
-                self.metrics.errors.labels(self.writer.kind, "stream-head-expired").inc()
-                log.error(
-                    "%s sink: committed up to sequence %d, but stream %s now starts at %d:"
-                    " its limits discarded messages %d-%d before this sink read them;"
-                    " their steps are lost to it",
-                    self.writer.kind,
-                    self._last_seen,
-                    self.stream,
-                    first,
-                    self._last_seen + 1,
-                    first - 1,
-                )
+                self._said_lost(self._last_seen + 1, first - 1)
             if last < self._last_seen:
                 # The same stream, ending before what was committed: a NATS node crash
                 # lost its unsynced tail. New messages take the lost sequences again,
@@ -751,7 +742,8 @@ class SinkService:
             )
             stale = self._last_seen
             self._last_seen = await self._retry("restart", lambda: self.writer.restart(stale))
-            self._splits, self._taken_through = [], 0  # sequences of the old stream
+            # Sequences of the old stream:
+            self._splits, self._taken_through, self._lost_through = [], 0, 0
             self.metrics.committed_seq.set(self._last_seen)
         await self._retry("origin", lambda: self.writer.set_origin(origin))
 
@@ -1012,6 +1004,10 @@ class SinkService:
             )
             return False
         self._last_dseq = dseq
+        if seq > self._last_seen + 1 and self._last_seen > 0 and seq - 1 > self._lost_through:
+            # Sequences skipped: messages of another subject (dead letters), or ones the
+            # stream's limits discarded before this sink read them (it fell behind).
+            await self._check_discarded(js, seq)
         self.metrics.lag.set(meta.num_pending)
         self._lag_at = time.monotonic()
         self._avg_size += 0.2 * (len(msg.data) - self._avg_size)
@@ -1061,6 +1057,46 @@ class SinkService:
         self._uncommitted[1] += table.num_rows
         self._uncommitted[2] += len(msg.data)
         return True
+
+    async def _check_discarded(self, js: nats.js.JetStreamContext, seq: int) -> None:
+        """Say lost what the stream discarded between the last message taken and `seq`.
+
+        The consumer's own sequence has no gap for them: JetStream skips messages its
+        limits removed, so only the stream's first sequence tells. Asked only when the
+        stream sequence jumps, which otherwise means a dead letter in between.
+        """
+        try:
+            info = await js.stream_info(self.stream)
+        except (nats.errors.Error, nats.js.errors.Error, OSError) as err:
+            log.warning(
+                "%s sink: could not check sequences %d-%d for discarded messages: %s: %s",
+                self.writer.kind,
+                self._last_seen + 1,
+                seq - 1,
+                type(err).__name__,
+                err,
+            )
+            return
+        first = info.state.first_seq if info.state is not None else 0
+        self._said_lost(self._last_seen + 1, min(first, seq) - 1)
+
+    def _said_lost(self, first: int, last: int) -> None:
+        """Messages `first`..`last` were discarded by the stream's limits unread: an
+        ERROR and `stream-head-expired`, once for each sequence."""
+        first = max(first, self._lost_through + 1)
+        if first > last:
+            return  # said already (found at a re-positioning and while running)
+        self.metrics.errors.labels(self.writer.kind, "stream-head-expired").inc()
+        log.error(
+            "%s sink: stream %s: its limits discarded messages %d-%d before this sink read"
+            " them (it was down or behind, having read up to %d); their steps are lost to it",
+            self.writer.kind,
+            self.stream,
+            first,
+            last,
+            self._last_seen,
+        )
+        self._lost_through = max(self._lost_through, last)
 
     async def _ack_dead_letters(self) -> None:
         """Record and ack dead letters (and skipped duplicates) after the last data
