@@ -656,7 +656,7 @@ class App:
                 max_frame_bytes=env.remote.max_frame_bytes,
                 max_clients=env.remote.max_clients,
                 client_idle_seconds=cfg.limits.remote_client_idle_seconds,
-                first_actor_id=cfg.pod_index << endpoint.REMOTE_ID_BITS,
+                first_actor_id=endpoint.first_remote_id(cfg.pod_index),
             )
             self.remote_address = await asyncio.to_thread(self._endpoint.start)
             return None

@@ -99,8 +99,10 @@ class AgentClosedError(RelayRLError):
 
 
 class RemoteError(RelayRLError):
-    """An error reply from a remote runtime endpoint, carrying its kind and message."""
+    """An error reply from a remote runtime endpoint: `kind` is the runtime's (e.g.
+    "unknown_actor", "invalid_argument"), as on the wire; `remote_kind` the same."""
 
     def __init__(self, kind: str, message: str) -> None:
+        self.kind = kind
         self.remote_kind = kind
         super().__init__(f"{kind}: {message}")

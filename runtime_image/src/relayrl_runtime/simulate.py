@@ -9,6 +9,9 @@ episode ends with ``flag_last_action``, and removes its actors when it stops
 
 A runtime that is not up yet (a simulator Deployment started before the actor pods)
 is waited for: connecting is retried with a growing delay up to ``connect_timeout``.
+So is one that goes away mid-run (an actor pod restarted, rolled or drained): a
+request with no reply, or one for actors the runtime no longer has, makes a new
+client with new actors (the same wait) and starts every episode again.
 Progress goes to stdout as one JSON line every ``report_seconds``.
 """
 
@@ -25,6 +28,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from relayrl_runtime import errors
 from relayrl_runtime.transport import client
 
 
@@ -37,22 +41,25 @@ class Summary:
     total_return: float = 0.0  # of the finished episodes
     versions: set[int] = dataclasses.field(default_factory=set)
     actor_ids: list[int] = dataclasses.field(default_factory=list)
+    reconnects: int = 0
 
     @property
     def mean_return(self) -> float:
         """Mean return of the finished episodes (0 before the first ends)."""
         return self.total_return / max(1, self.episodes)
 
-    def line(self, event: str) -> str:
-        """One JSON line."""
+    def line(self, event: str, error: str | None = None) -> str:
+        """One JSON line (with `error`, what caused the event)."""
         return json.dumps(
             {
                 "event": event,
+                **({} if error is None else {"error": error}),
                 "steps": self.steps,
                 "episodes": self.episodes,
                 "mean_return": self.mean_return,
                 "versions": sorted(self.versions),
                 "actor_ids": self.actor_ids,
+                "reconnects": self.reconnects,
             },
             sort_keys=True,
         )
@@ -76,6 +83,13 @@ def _connect(
                 ) from None
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+
+def _runtime_gone(err: Exception) -> bool:
+    """Whether a failed request means the runtime's actors are gone (or unreachable)."""
+    if isinstance(err, errors.RemoteError):
+        return err.kind == errors.UnknownActorError.kind
+    return isinstance(err, TimeoutError)
 
 
 def run(
@@ -119,7 +133,25 @@ def run(
             now = time.monotonic()
             if seconds is not None and now - start >= seconds:
                 break
-            result = remote.request_action(ids, obs.astype(np.float32, copy=False), reward=rewards)
+            try:
+                result = remote.request_action(
+                    ids, obs.astype(np.float32, copy=False), reward=rewards
+                )
+            except (TimeoutError, errors.RemoteError) as err:
+                if not _runtime_gone(err):
+                    raise
+                # The runtime restarted or is away: its actors (and their episodes)
+                # are gone. New ones, from the start of new episodes.
+                print(summary.line("reconnecting", str(err)), file=out, flush=True)
+                remote.close()
+                remote, ids = _connect(address, envs, connect_timeout)
+                summary.actor_ids = ids
+                summary.reconnects += 1
+                print(summary.line("reconnected"), file=out, flush=True)
+                obs = np.stack([env.reset()[0] for env in copies])
+                rewards[:] = 0.0
+                returns[:] = 0.0
+                continue
             summary.versions.add(result.version)
             for i, env in enumerate(copies):
                 action = result.actions[i]  # a vector for continuous actions
@@ -131,12 +163,18 @@ def run(
             if ended.any():
                 # One request ends every episode that ended on this step.
                 done = np.flatnonzero(ended)
-                remote.flag_last_action(
-                    np.asarray(ids)[done],
-                    reward=rewards[done],
-                    terminated=terminated[done],
-                    truncated=truncated[done],
-                )
+                try:
+                    remote.flag_last_action(
+                        np.asarray(ids)[done],
+                        reward=rewards[done],
+                        terminated=terminated[done],
+                        truncated=truncated[done],
+                    )
+                except (TimeoutError, errors.RemoteError) as err:
+                    # The episode is over here either way; the next request finds out
+                    # whether the runtime is gone.
+                    if not _runtime_gone(err):
+                        raise
                 summary.episodes += len(done)
                 summary.total_return += float(returns[done].sum())
                 returns[done] = 0.0

@@ -312,6 +312,7 @@ def test_actor_ids_come_from_the_pods_range_and_are_not_given_out_twice(
             assert sorted(a.get_actor_ids()) == [first + 2, first + 3]
             # The range's end: the last id is given out, nothing past it.
             end = (6 << endpoint.REMOTE_ID_BITS) - 1
+            assert ep._actor_id_end == end + 1
             ep._next_actor_id = end
             with pytest.raises(errors.RemoteError, match=r"NEW_ACTORS.count: expected at most 1"):
                 c.new_actors(2)
@@ -321,6 +322,17 @@ def test_actor_ids_come_from_the_pods_range_and_are_not_given_out_twice(
     finally:
         ep.stop()
         a.shutdown()
+
+
+def test_a_new_process_starts_at_a_random_point_of_the_pods_range() -> None:
+    # A restarted pod must not hand out its predecessor's ids: a client still stepping
+    # those would step another client's new actors.
+    half = 1 << (endpoint.REMOTE_ID_BITS - 1)
+    firsts = {endpoint.first_remote_id(7) for _ in range(64)}
+    assert len(firsts) > 60
+    assert all(
+        7 << endpoint.REMOTE_ID_BITS <= f < (7 << endpoint.REMOTE_ID_BITS) + half for f in firsts
+    )
 
 
 def test_client_packs_changed_ids_and_rewards_again(
@@ -488,3 +500,68 @@ def test_a_worker_stepping_anothers_actors_keeps_their_owner(models: dict[str, P
     finally:
         ep.stop()
         a.shutdown()
+
+
+def _serve_on(models: dict[str, Path], address: str) -> tuple[agent_mod.Agent, Any, str]:
+    a = agent_mod.Agent(models["onnx"], actor_count=0, seed=0)
+    ep = endpoint.RemoteEndpoint(a, address, first_actor_id=endpoint.first_remote_id(0))
+    return a, ep, ep.start()
+
+
+def test_a_timed_out_request_is_not_sent_once_the_runtime_is_back(
+    models: dict[str, Path],
+) -> None:
+    """ZMQ keeps what a socket could not send, and sends it on reconnect: a NEW_ACTORS
+    that timed out while the runtime was away would make actors nobody holds."""
+    a, ep, address = _serve_on(models, "tcp://127.0.0.1:0")
+    ep.stop()
+    a.shutdown()
+    with client.RemoteClient(address, timeout=0.3) as c:
+        for _ in range(2):
+            with pytest.raises(TimeoutError, match="no reply to op 1 within 300 ms"):
+                c.new_actors(4)
+        a, ep, _ = _serve_on(models, address)
+        try:
+            c.timeout_ms = 10_000
+            ids = c.new_actors(1)
+            assert sorted(a.get_actor_ids()) == ids
+        finally:
+            ep.stop()
+            a.shutdown()
+
+
+def test_a_client_still_stepping_a_restarted_runtimes_ids_gets_unknown_actor(
+    models: dict[str, Path],
+) -> None:
+    a, ep, address = _serve_on(models, "tcp://127.0.0.1:0")
+    with client.RemoteClient(address, timeout=10) as old:
+        stale = old.new_actors(2)
+        ep.stop()
+        a.shutdown()
+        a, ep, _ = _serve_on(models, address)
+        try:
+            with client.RemoteClient(address, timeout=10) as new:
+                assert not set(new.new_actors(2)) & set(stale)
+            with pytest.raises(errors.RemoteError) as err:
+                old.request_action(stale, np.zeros((2, 4), np.float32))
+            assert err.value.kind == "unknown_actor"
+        finally:
+            ep.stop()
+            a.shutdown()
+
+
+def test_the_client_names_the_argument_that_does_not_fit(
+    served: tuple[agent_mod.Agent, str],
+) -> None:
+    _, address = served
+    with client.RemoteClient(address, timeout=10) as c:
+        with pytest.raises(errors.InvalidArgumentError, match=r"^count: expected 0 to"):
+            c.new_actors(-1)
+        ids = c.new_actors(2)
+        obs = np.zeros((2, 4), np.float32)
+        with pytest.raises(errors.InvalidArgumentError, match=r"reward.shape: expected \[2\]"):
+            c.request_action(ids, obs, reward=[1.0, 2.0, 3.0])
+        with pytest.raises(errors.InvalidArgumentError, match=r"terminated.shape: expected"):
+            c.flag_last_action(ids, terminated=[True, False, True])
+        c.request_action(ids, obs, reward=np.asarray([0.5]))  # one value for all
+        assert c.flag_last_action(ids, reward=[1.0, 2.0]) == 2

@@ -6,7 +6,11 @@
     client.flag_last_action(ids[:1], reward=[1.0])
 
 Synchronous, one request in flight per client (a DEALER socket); speaks `wire`.
-Errors from the runtime arrive as `errors.RemoteError` with the runtime's kind.
+Errors from the runtime arrive as `errors.RemoteError` with the runtime's kind
+(`err.kind`, e.g. "unknown_actor"). A request with no reply within `timeout` raises
+`TimeoutError`, and the socket is made anew with the same routing id, so the request
+is not sent later (say, once a restarted runtime is back); it may have run already,
+though, if the runtime was only slow.
 A simulator steps in a tight loop, so `request_action` keeps its own Python small: the
 ids and scalar-reward frames are packed once and reused while they stay the same, and
 frames go through `wire`'s direct socket calls.
@@ -26,6 +30,7 @@ import numpy as np
 import numpy.typing as npt
 import zmq
 
+from relayrl_runtime import errors
 from relayrl_runtime.transport import wire
 
 _REWARD_HEAD = struct.Struct("<BBI")  # float64 code, 1 dim, length
@@ -70,18 +75,12 @@ class RemoteClient:
         self.address = address
         self.timeout_ms = int(timeout * 1000)
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
-        self._sock = self._ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
         # The endpoint knows a client (and the actors it owns) by its routing id. Left
         # to ZMQ, a reconnect (a network blip) gets a new one: the old id then goes
         # quiet, and its actors are removed after the idle timeout while still in use.
         self.routing_id = ROUTING_ID_PREFIX + secrets.token_bytes(8)
-        self._sock.setsockopt(zmq.ROUTING_ID, self.routing_id)
-        # A blocking receive with a timeout: one call per reply instead of poll + recv.
-        self._sock.setsockopt(zmq.RCVTIMEO, self.timeout_ms)
-        if wants_ipv6(address):
-            self._sock.setsockopt(zmq.IPV6, 1)
-        self._sock.connect(address)
+        self._ipv6 = wants_ipv6(address)
+        self._sock = self._socket()
         self._ids = itertools.count(1)
         # Simulators send the same ids (and often the same scalar reward) every step:
         # their frames are packed once, and kept with what they were packed from.
@@ -90,6 +89,18 @@ class RemoteClient:
         self._ids_count = 0
         self._reward_key: tuple[float, int] | None = None
         self._reward_frame = b""
+
+    def _socket(self) -> zmq.Socket[bytes]:
+        sock = self._ctx.socket(zmq.DEALER)
+        # Closing drops what is still queued: a timed-out request is never sent later.
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTING_ID, self.routing_id)
+        # A blocking receive with a timeout: one call per reply instead of poll + recv.
+        sock.setsockopt(zmq.RCVTIMEO, self.timeout_ms)
+        if self._ipv6:
+            sock.setsockopt(zmq.IPV6, 1)
+        sock.connect(self.address)
+        return sock
 
     def close(self) -> None:
         """Close the socket."""
@@ -110,6 +121,11 @@ class RemoteClient:
             try:
                 frames = wire.recv_frames(self._sock)
             except zmq.Again:
+                # ZMQ would send a request queued while the runtime was away once it
+                # is back, and then every retry of it too: a new socket drops it. The
+                # endpoint hands the routing id (and its actors) over to the new one.
+                self._sock.close()
+                self._sock = self._socket()
                 raise TimeoutError(
                     f"{self.address}: no reply to op {op} within {self.timeout_ms} ms"
                 ) from None
@@ -125,6 +141,8 @@ class RemoteClient:
 
     def new_actors(self, count: int) -> list[int]:
         """Create actors in the runtime; returns their ids."""
+        if not 0 <= count <= 0xFFFFFFFF:
+            raise errors.InvalidArgumentError.mismatch("count", "0 to 2**32 - 1", count)
         (frame,) = self.call(wire.Op.NEW_ACTORS, [struct.pack("<I", count)])
         return [int(i) for i in wire.unpack_array(frame, "ids")]
 
@@ -152,7 +170,11 @@ class RemoteClient:
         else:
             rewards = np.asarray(reward, dtype=np.float64)
             if rewards.shape != (n,):
-                rewards = np.broadcast_to(rewards, (n,))
+                if rewards.size != 1:
+                    raise errors.InvalidArgumentError.mismatch(
+                        "reward.shape", f"[{n}] or one value for all", list(rewards.shape)
+                    )
+                rewards = np.broadcast_to(rewards.reshape(()), (n,))
             reward_frame = wire.pack_array(rewards)
         payload = [
             ids_frame,
@@ -189,16 +211,25 @@ class RemoteClient:
         """End these actors' episodes; returns the trajectories finished."""
         ids = np.asarray(actor_ids, dtype=np.int64)
 
-        def vec(value: Any, dtype: Any) -> bytes:
-            return wire.pack_array(np.broadcast_to(np.asarray(value, dtype=dtype), ids.shape))
+        def vec(value: Any, dtype: Any, field: str) -> bytes:
+            values = np.asarray(value, dtype=dtype)
+            if values.shape != ids.shape:
+                if values.size != 1:
+                    raise errors.InvalidArgumentError.mismatch(
+                        f"{field}.shape",
+                        f"{list(ids.shape)} or one value for all",
+                        list(values.shape),
+                    )
+                values = np.broadcast_to(values.reshape(()), ids.shape)
+            return wire.pack_array(values)
 
         (frame,) = self.call(
             wire.Op.FLAG_LAST_ACTION,
             [
                 wire.pack_array(ids),
-                vec(reward, np.float64),
-                vec(terminated, np.bool_),
-                vec(truncated, np.bool_),
+                vec(reward, np.float64, "reward"),
+                vec(terminated, np.bool_, "terminated"),
+                vec(truncated, np.bool_, "truncated"),
             ],
         )
         return int(struct.unpack("<I", frame)[0])

@@ -21,6 +21,7 @@ are removed, which flushes their partial trajectories.
 from __future__ import annotations
 
 import logging
+import secrets
 import struct
 import threading
 import time
@@ -54,9 +55,12 @@ _IDS_CACHE: Final = 1024
 # Actors remote clients may hold at once (all clients together): a NEW_ACTORS count is
 # any u32, and each actor's trajectory buffer is allocated at once.
 MAX_REMOTE_ACTORS: Final = 65_536
-# Remote clients' actors in the pod of index p get ids (p << 32), (p << 32) + 1, ...
-# (never reused while the process runs, and never past the range: NEW_ACTORS is refused
-# once the 2**32 ids are given out), so no two pods of an Agent give out the same id.
+# Remote clients' actors in the pod of index p get ids from the range [p << 32,
+# (p + 1) << 32), so no two pods of an Agent give out the same id. Each process starts
+# at a random point of the range's lower half (`first_remote_id`) and counts up, never
+# reusing an id and never past the range (NEW_ACTORS is refused there): a restarted pod
+# does not hand out its predecessor's ids again, so a client still stepping those gets
+# `unknown_actor` rather than another client's new actors.
 REMOTE_ID_BITS: Final = 32
 _IDS_CACHE_BYTES: Final = 1024
 
@@ -100,7 +104,8 @@ class RemoteEndpoint:
         # most `_IDS_CACHE_BYTES`); frames of several owners' actors are not kept.
         self._frame_owner: dict[bytes, bytes] = {}
         self._next_actor_id = first_actor_id
-        self._actor_id_end = first_actor_id + (1 << REMOTE_ID_BITS)
+        # The end of the pod's range that holds first_actor_id.
+        self._actor_id_end = ((first_actor_id >> REMOTE_ID_BITS) + 1) << REMOTE_ID_BITS
         self._last_seen: dict[bytes, float] = {}
         self._stop = threading.Event()
         self._bound = threading.Event()
@@ -566,8 +571,8 @@ class RemoteEndpoint:
             if count > left:
                 raise errors.InvalidArgumentError.mismatch(
                     "NEW_ACTORS.count",
-                    f"at most {left} more actors: this pod has given out all but {left} of"
-                    f" its {1 << REMOTE_ID_BITS} actor ids (a restarted pod starts again)",
+                    f"at most {left} more actors: this process has given out all but"
+                    f" {left} of its actor ids (a restarted pod has new ones)",
                     count,
                 )
             if req.identity not in self._owners and len(self._owners) >= self.max_clients:
@@ -622,6 +627,14 @@ class RemoteEndpoint:
             return [_COUNT.pack(done)]
         _expect(req, 0)
         return [_VERSION.pack(agent.get_model_version())]
+
+
+def first_remote_id(pod_index: int) -> int:
+    """The first remote actor id of a new process in the pod of `pod_index`: a random
+    point of the lower half of the pod's range, so that at least 2**31 ids follow it.
+    A process's ids meet the ones its predecessor gave out with a chance of about
+    (ids both gave out) / 2**31: one in 2**21 for a thousand each."""
+    return (pod_index << REMOTE_ID_BITS) + secrets.randbelow(1 << (REMOTE_ID_BITS - 1))
 
 
 def tcp_address(host: str, port: int) -> str:
