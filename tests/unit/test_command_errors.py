@@ -89,6 +89,14 @@ PUSH = ["relayrl-runtime", "model", "push", "/m", "--nats", "nats://n:4222"]
         (["relayrl-runtime", "model", "export", "/tmp/x", "--hidden", "64,a"], "layer widths"),
         (["relayrl-runtime", "simulate", "--address", "localhost:5555"], "expected tcp://"),
         (["relayrl-operator", "run", "--log-level", "verbose"], "invalid choice"),
+        (
+            [
+                *["relayrl-runtime", "model", "list", "--nats", "nats://n:4222", "--bucket", "b"],
+                "--connect-timeout",
+                "0",
+            ],
+            "argument --connect-timeout: expected seconds > 0, got '0'",
+        ),
     ],
 )
 def test_bad_arguments_exit_2_with_a_message(argv: list[str], message: str) -> None:

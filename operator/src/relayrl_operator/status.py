@@ -186,7 +186,7 @@ def compute(
         if first.runs_refused:
             verb, running = "cannot run", ""
         model_problem = (
-            f"{_plural(len(refused), 'actor pod')} {verb} model {first.refused}{running}"
+            f"{_plural(len(refused), 'actor pod')} {verb} {first.refused}{running}"
         )
 
     # Paused

@@ -147,8 +147,9 @@ def pod_view(
         and report.model_uri is not None
         and model_uri is not None
         and report.model_uri != model_uri,
-        refused=None if refused is None else f"version {refused.version}: {refused.reason}",
+        refused=None if refused is None else _refusal(refused),
         runs_refused=refused is not None
+        and refused.version is not None
         and report is not None
         and refused.version == report.model_version,
         # In step 1 of a handover a pod runs only the actors of its new slice it ran
@@ -160,6 +161,13 @@ def pod_view(
         else None,
         applying=applying,
     )
+
+
+def _refusal(refused: reporting.Refusal) -> str:
+    """What a pod could not load, as status says it: no version means the bucket or
+    the object is missing (the reason says which)."""
+    what = "the model" if refused.version is None else f"model version {refused.version}"
+    return f"{what}: {refused.reason}"
 
 
 def handover_waiting(

@@ -108,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
     lst.set_defaults(func=_list)
     for registry_command in (push, lst):
         registry_command.add_argument(
-            "--connect-timeout", type=float, default=30.0, help="give up on NATS after this long"
+            "--connect-timeout", type=_seconds, default=30.0, help="give up on NATS after this long"
         )
     return parser
 

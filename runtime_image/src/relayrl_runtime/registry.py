@@ -27,7 +27,9 @@ import logging
 import os
 import re
 import shutil
+import stat
 import tarfile
+import time
 import zlib
 from collections.abc import Awaitable
 from datetime import UTC, datetime
@@ -52,6 +54,9 @@ CONNECT_SECONDS = 30.0
 # A download gets this long plus a second for every FETCH_BYTES_PER_SECOND of the
 # object: an object replaced while it is read never ends its read (its chunks go).
 FETCH_SECONDS: Final = 60.0
+# A model directory read while it changes is read again, this many times at most.
+PACK_ATTEMPTS: Final = 5
+PACK_RETRY_SECONDS: Final = 1.0
 FETCH_BYTES_PER_SECOND: Final = 1 << 20
 # Bucket names NATS takes; model names the model URI takes (no '@v<digits>' suffix,
 # which would read as another name's version).
@@ -131,22 +136,37 @@ def check_names(bucket: str, name: str) -> None:
         )
 
 
-def pack(directory: Path) -> bytes:
-    """A gzip'd tar of the model directory's files (validated metadata first).
+def pack(directory: Path) -> tuple[bytes, model.ModelMetadata]:
+    """A gzip'd tar of the model directory's files, and the metadata it holds.
 
     Symbolic links are followed (a checkpoint linked in is packed as its content), and
     the archive holds no times, owners or modes: the same files give the same bytes.
+    The metadata is parsed from the bytes archived, so a push labels the object with
+    the version it holds. A directory whose files change while they are read (a
+    trainer writing the next version) is read again, up to `PACK_ATTEMPTS` times.
     """
-    meta = model.read_metadata(directory)
-    files: list[tuple[str, Path]] = []
-    for root, dirs, names in os.walk(directory):
-        dirs.sort()
-        for file_name in sorted(names):
-            path = Path(root) / file_name
-            if path.is_file():  # follows a link; skips sockets, broken links
-                files.append((path.relative_to(directory).as_posix(), path))
+    model.read_metadata(directory)  # a missing or invalid file, said before any reading
+    for attempt in range(1, PACK_ATTEMPTS + 1):
+        before = _listing(directory)
+        contents = {arcname: path.read_bytes() for arcname, (path, _) in before.items()}
+        if _listing(directory) == before:
+            break
+        if attempt == PACK_ATTEMPTS:
+            raise errors.ModelMetadataError(
+                f"{directory}: its files changed while they were read, {PACK_ATTEMPTS}"
+                " times: push once it is written (write a new directory, then rename it"
+                " into place)"
+            )
+        time.sleep(PACK_RETRY_SECONDS)
+    text = contents.get(model.METADATA_FILE)
+    if text is None:
+        raise errors.ModelMetadataError(
+            f"{directory / model.METADATA_FILE}: expected a model metadata file"
+            f" ({model.METADATA_FILE}), got none"
+        )
+    meta = model.parse_metadata(text, directory / model.METADATA_FILE)
     graph = meta.graph_file()
-    if graph not in {arcname for arcname, _ in files}:
+    if graph not in contents:
         raise errors.ModelMetadataError(
             f"{directory / model.METADATA_FILE}: file: expected {graph!r} in the"
             f" directory, got no such file"
@@ -156,13 +176,30 @@ def pack(directory: Path) -> bytes:
         gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as zipped,
         tarfile.open(fileobj=zipped, mode="w", format=tarfile.PAX_FORMAT) as tar,
     ):
-        for arcname, path in files:
+        for arcname, data in contents.items():
             info = tarfile.TarInfo(arcname)
-            data = path.read_bytes()
             info.size = len(data)
             info.mode = 0o644
             tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
+    return buf.getvalue(), meta
+
+
+def _listing(directory: Path) -> dict[str, tuple[Path, tuple[int, int, int, int]]]:
+    """Each file under `directory` (links followed), sorted, with what tells a change:
+    device, inode, size and modification time."""
+    files: dict[str, tuple[Path, tuple[int, int, int, int]]] = {}
+    for root, dirs, names in os.walk(directory):
+        dirs.sort()
+        for file_name in sorted(names):
+            path = Path(root) / file_name
+            try:
+                st = path.stat()
+            except OSError:
+                continue  # a broken link, or gone since the listing
+            if stat.S_ISREG(st.st_mode):  # skips sockets, fifos
+                key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+                files[path.relative_to(directory).as_posix()] = (path, key)
+    return files
 
 
 def digest_of(data: bytes) -> str:
@@ -256,8 +293,7 @@ async def push(nc: Any, bucket: str, name: str, directory: Path, force: bool = F
     and checks again, so a push never replaces a newer version pushed meanwhile.
     """
     check_names(bucket, name)
-    meta = model.read_metadata(directory)
-    data = pack(directory)
+    data, meta = await asyncio.to_thread(pack, directory)
     digest = digest_of(data)
     await object_store(nc, bucket, create=True)
     js = nc.jetstream()
@@ -524,6 +560,17 @@ async def fetch(nc: Any, ref: ModelRef, cache: Path) -> tuple[Path, Entry]:
         await asyncio.to_thread(
             _unpack_into, received.getvalue(), tmp=cache / f".{target.name}.partial", target=target
         )
+    held = model.read_metadata(target).version
+    if entry.version is not None and held != entry.version:
+        # Pushed by a version of `model push` that read its directory while a trainer
+        # wrote the next version: the label and the files disagree. Recorded steps
+        # would name the wrong version.
+        await asyncio.to_thread(shutil.rmtree, target, True)
+        raise errors.ModelMetadataError(
+            f"model registry: {ref.key} in {ref.bucket!r} is labelled version"
+            f" {entry.version} but its {model.METADATA_FILE} says {held}: push the model"
+            " again"
+        )
     return target, entry
 
 
@@ -566,8 +613,10 @@ def _entry(obj: Any) -> Entry:
     if obj.description:
         try:
             desc = json.loads(obj.description)
-            version = int(desc.get("version")) if desc.get("version") is not None else None
-            fmt = desc.get("format")
-        except (ValueError, TypeError):
-            pass
+        except ValueError:
+            desc = None
+        if isinstance(desc, dict):  # else put by hand: no version, waited for
+            with contextlib.suppress(ValueError, TypeError):
+                version = int(desc["version"]) if desc.get("version") is not None else None
+            fmt = desc.get("format") if isinstance(desc.get("format"), str) else None
     return Entry(obj.name, version, fmt, int(obj.size or 0), str(obj.digest or ""))

@@ -19,6 +19,7 @@ Layout of one Agent's data in NATS (issue 4, DESIGN.md "Delivery semantics"):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -555,7 +556,10 @@ async def connect(
     try:
         await asyncio.wait_for(attempt, timeout=deadline)
     except TimeoutError as err:
-        await nc.close()
+        # A client cut off before its first connect began has nothing to close (nats-py
+        # asserts): what to say is the timeout.
+        with contextlib.suppress(Exception):
+            await nc.close()
         raise ConnectError(
             f"nats {', '.join(options.servers)}: not reachable within {deadline}s"
             f" (last error: {nc.last_error or 'none'})"

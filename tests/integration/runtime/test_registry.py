@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import multiprocessing
+import shutil
 import subprocess
 import threading
 import time
@@ -552,6 +553,50 @@ def test_an_object_no_runtime_can_unpack_is_reported_and_fetched_once(
         helpers.wait_for("the refusal", lambda: "not a packed model directory" in proc.logs())
         time.sleep(1.0)  # several polls
         assert proc.logs().count("not a packed model directory") == 1
+        sent = report()
+        assert sent is not None
+        assert sent.refused is not None
+        assert sent.refused.version == 2
+        assert helpers.metric(proc.metrics(), "relayrl_runtime_model_version") == 1
+        assert proc.terminate() == 0, proc.logs()
+    finally:
+        proc.kill()
+
+
+def test_an_object_labelled_with_another_version_than_it_holds_is_refused(
+    nats_server: natsserver.NatsServer, models: dict[str, Path], tmp_path: Path
+) -> None:
+    """An object whose description and metadata disagree (a push that read its directory
+    while a trainer wrote the next version, by an older `model push`): the pod keeps its
+    model rather than record steps under the wrong version. A description that is not a
+    JSON object (put by hand) is no version: listed, not crashed on."""
+    url = nats_server.url
+    _cli("model", "push", "--nats", url, "--bucket", "m9", "--name", "cp", str(models["onnx"]))
+    cfg = _config("label", "objectstore://m9/cp", url, tmp_path, namespace="ns", reload=_POLL)
+    proc, report = _pod(tmp_path, cfg, url)
+    try:
+        proc.wait_ready()
+        # Version 1's files, and one more: other bytes than the object the pod runs.
+        copy = tmp_path / "copy"
+        shutil.copytree(models["onnx"], copy)
+        (copy / "NOTES").write_text("trained further\n")
+        data, held = registry.pack(copy)
+        assert held.version == 1
+
+        async def put(key: str, description: str) -> None:
+            nc = await nats.connect(url)
+            try:
+                store = await nc.jetstream().object_store("m9")
+                meta = nats.js.api.ObjectMeta(name=key, description=description)
+                await store.put(key, data, meta=meta)
+            finally:
+                await nc.close()
+
+        asyncio.run(put("other", "2"))
+        assert "other" in _cli("model", "list", "--nats", url, "--bucket", "m9")
+        asyncio.run(put("cp", '{"version": 2, "format": "onnx"}'))
+        said = "cp in 'm9' is labelled version 2 but its relayrl-model.json says 1"
+        helpers.wait_for("the refusal", lambda: said in proc.logs())
         sent = report()
         assert sent is not None
         assert sent.refused is not None

@@ -6,8 +6,8 @@ import dataclasses
 from datetime import UTC, datetime
 from typing import Any
 
-from relayrl_operator import changes, status
-from relayrl_runtime import spec
+from relayrl_operator import changes, status, views
+from relayrl_runtime import reporting, spec
 from support import specs
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -147,7 +147,7 @@ def test_a_starting_sink_is_progress_and_a_failing_one_degrades() -> None:
 
 def test_a_refusal_counts_only_from_pods_of_the_current_template() -> None:
     s = make_spec({"spec": {"actors": 8, "actorsPerPod": 4}})
-    why = "version 2: model.version 2 is pinned but /models/a holds version 1"
+    why = "model version 2: model.version 2 is pinned but /models/a holds version 1"
     rolling = [
         status.PodView(0, ready=True, current=False, model_version=1, refused=why),
         status.PodView(1, ready=True, current=True, model_version=2),
@@ -165,13 +165,27 @@ def test_a_version_failing_where_it_runs_is_said_to_fail_there() -> None:
     """A pod that started on version 2, which failed at run time with none before it:
     it runs version 2 and cannot run it."""
     s = make_spec({"spec": {"actors": 4, "actorsPerPod": 4}})
-    why = "version 2: model version 2 failed at run time, with no version before it"
+    why = "model version 2: model version 2 failed at run time, with no version before it"
     pods = [status.PodView(0, True, True, model_version=2, refused=why, runs_refused=True)]
     result = compute(s, status.Observed(pods, ARROW_READY, stream_ready=True))
     model = conditions(result)["ModelReady"]
     assert (model["status"], model["reason"]) == ("False", "ReloadFailed")
-    assert model["message"] == f"1 actor pod cannot run model {why}"
+    assert model["message"] == f"1 actor pod cannot run {why}"
     assert result["phase"] == "Degraded"
+
+
+def test_a_refusal_without_a_version_says_the_model_is_missing() -> None:
+    """The bucket or the object gone: the pod keeps its model, and status says what is
+    missing, not `version None`."""
+    s = make_spec({"spec": {"actors": 4, "actorsPerPod": 4}})
+    missing = reporting.Refusal(None, "model registry: bucket 'b1' does not exist", False)
+    pods = [status.PodView(0, True, True, model_version=3, refused=views._refusal(missing))]
+    result = compute(s, status.Observed(pods, ARROW_READY, stream_ready=True))
+    message = conditions(result)["ModelReady"]["message"]
+    assert message == (
+        "1 actor pod could not hot-reload the model: model registry: bucket 'b1' does not"
+        " exist; they run version 3"
+    )
 
 
 def test_permanent_error_fails_the_agent() -> None:

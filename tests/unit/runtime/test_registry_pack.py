@@ -20,12 +20,12 @@ from relayrl_runtime.inference import model
 def test_the_same_files_pack_to_the_same_bytes(models: dict[str, Path], tmp_path: Path) -> None:
     copy = tmp_path / "copy"
     shutil.copytree(models["onnx"], copy)
-    first = registry.pack(copy)
+    first = registry.pack(copy)[0]
     time.sleep(1.1)  # gzip and tar both keep times, to the second
     for path in copy.iterdir():
         os.utime(path)
-    assert registry.pack(copy) == first
-    assert registry.digest_of(first) == registry.digest_of(registry.pack(copy))
+    assert registry.pack(copy)[0] == first
+    assert registry.digest_of(first) == registry.digest_of(registry.pack(copy)[0])
 
 
 def test_a_linked_graph_is_packed_as_its_content(models: dict[str, Path], tmp_path: Path) -> None:
@@ -37,12 +37,12 @@ def test_a_linked_graph_is_packed_as_its_content(models: dict[str, Path], tmp_pa
             (linked / path.name).symlink_to(path)
         else:
             shutil.copy(path, linked / path.name)
-    with tarfile.open(fileobj=io.BytesIO(registry.pack(linked)), mode="r:gz") as tar:
+    with tarfile.open(fileobj=io.BytesIO(registry.pack(linked)[0]), mode="r:gz") as tar:
         graph = tar.getmember(meta.graph_file())
         assert graph.isfile()
         assert graph.size == (models["onnx"] / meta.graph_file()).stat().st_size
     # And it unpacks into a directory a runtime loads from.
-    out = registry.unpack(registry.pack(linked), tmp_path / "out")
+    out = registry.unpack(registry.pack(linked)[0], tmp_path / "out")
     assert model.read_metadata(out).version == meta.version
 
 
@@ -67,3 +67,67 @@ def test_names_the_registry_cannot_take_are_refused(bucket: str, name: str, fiel
     with pytest.raises(errors.InvalidArgumentError, match=f"^{field}: expected"):
         registry.check_names(bucket, name)
     registry.check_names("models", "cart-pole_v.2")
+
+
+def _write_version(directory: Path, version: int, graph: bytes) -> None:
+    """What a trainer does: the graph first, the metadata last."""
+    meta = model.read_metadata(directory)
+    (directory / meta.graph_file()).write_bytes(graph)
+    model.write_metadata(directory, meta.model_copy(update={"version": version}))
+
+
+def _archived(data: bytes) -> dict[str, bytes]:
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}  # type: ignore[union-attr]
+
+
+def test_a_directory_written_while_it_is_read_is_read_again(
+    models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A trainer writing the next version while `model push` reads: the object must not
+    be labelled with one version and hold another's files."""
+    directory = tmp_path / "m"
+    shutil.copytree(models["onnx"], directory)
+    meta = model.read_metadata(directory)
+    new_graph = (directory / meta.graph_file()).read_bytes() + b"v2"  # packed, not loaded
+    real_read = Path.read_bytes
+    writes = []
+
+    def read_bytes(self: Path) -> bytes:
+        data = real_read(self)
+        if self.name == meta.graph_file() and not writes:
+            writes.append(self)
+            time.sleep(0.01)  # a new modification time, whatever the clock's step
+            _write_version(directory, meta.version + 1, new_graph)
+        return data
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    data, packed = registry.pack(directory)
+    assert writes  # the trainer did write in the middle of the first read
+    assert packed.version == meta.version + 1
+    archived = _archived(data)
+    assert model.parse_metadata(archived[model.METADATA_FILE], "archive").version == packed.version
+    assert archived[meta.graph_file()] == new_graph
+
+
+def test_a_directory_that_keeps_changing_is_refused(
+    models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory = tmp_path / "m"
+    shutil.copytree(models["onnx"], directory)
+    graph = directory / model.read_metadata(directory).graph_file()
+    real_read = Path.read_bytes
+    touched = iter(range(1, 1000))
+
+    def read_bytes(self: Path) -> bytes:
+        if self == graph:
+            stamp = next(touched) * 1_000_000_000
+            os.utime(graph, ns=(stamp, stamp))
+        return real_read(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    monkeypatch.setattr(registry, "PACK_RETRY_SECONDS", 0.0)
+    with pytest.raises(
+        errors.ModelMetadataError, match=r"files changed while they were read, 5 times"
+    ):
+        registry.pack(directory)

@@ -213,6 +213,11 @@ def read_metadata(directory: Path) -> ModelMetadata:
         ) from None
     except (OSError, UnicodeDecodeError) as err:
         raise errors.ModelMetadataError(f"{path}: expected readable UTF-8 JSON: {err}") from err
+    return parse_metadata(text, path)
+
+
+def parse_metadata(text: str | bytes, source: object) -> ModelMetadata:
+    """Validate the text of a `relayrl-model.json`; errors name `source` (its path)."""
     try:
         return ModelMetadata.model_validate_json(text)
     except pydantic.ValidationError as err:
@@ -220,7 +225,7 @@ def read_metadata(directory: Path) -> ModelMetadata:
             f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}"
             for e in err.errors(include_url=False)
         )
-        raise errors.ModelMetadataError(f"{path}: {problems}") from None
+        raise errors.ModelMetadataError(f"{source}: {problems}") from None
 
 
 def write_metadata(directory: Path, metadata: ModelMetadata) -> Path:
