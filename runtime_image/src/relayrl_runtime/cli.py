@@ -101,6 +101,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="replace other content under the same version, or push below the newest",
     )
+    push.add_argument(
+        "--no-check",
+        action="store_true",
+        help="push without loading the model first (on a host without its backend)",
+    )
     push.set_defaults(func=_push)
     lst = msub.add_parser("list", help="list models in a registry bucket")
     lst.add_argument("--nats", required=True)
@@ -189,6 +194,18 @@ def _push(args: argparse.Namespace) -> int:
     registry.check_names(args.bucket, args.name)
     model.read_metadata(args.directory)
     registry.pack(args.directory)
+    if not args.no_check:
+        # As a runtime loads it (batches of one and three random rows through it): a
+        # model no runtime can load would become the newest, and every pod that
+        # starts on it would exit.
+        from relayrl_runtime.inference import loader
+
+        try:
+            loader.load_policy(args.directory)
+        except errors.ModelLoadError as err:
+            raise errors.ModelLoadError(
+                f"{err} (not pushed; --no-check pushes without loading it here)"
+            ) from err
 
     async def go() -> registry.Entry:
         nc = await registry.connect(args.nats, args.connect_timeout)

@@ -571,8 +571,8 @@ def test_an_object_labelled_with_another_version_than_it_holds_is_refused(
     model rather than record steps under the wrong version. A description that is not a
     JSON object (put by hand) is no version: listed, not crashed on."""
     url = nats_server.url
-    _cli("model", "push", "--nats", url, "--bucket", "m9", "--name", "cp", str(models["onnx"]))
-    cfg = _config("label", "objectstore://m9/cp", url, tmp_path, namespace="ns", reload=_POLL)
+    _cli("model", "push", "--nats", url, "--bucket", "m11", "--name", "cp", str(models["onnx"]))
+    cfg = _config("label", "objectstore://m11/cp", url, tmp_path, namespace="ns", reload=_POLL)
     proc, report = _pod(tmp_path, cfg, url)
     try:
         proc.wait_ready()
@@ -586,17 +586,18 @@ def test_an_object_labelled_with_another_version_than_it_holds_is_refused(
         async def put(key: str, description: str) -> None:
             nc = await nats.connect(url)
             try:
-                store = await nc.jetstream().object_store("m9")
+                store = await nc.jetstream().object_store("m11")
                 meta = nats.js.api.ObjectMeta(name=key, description=description)
                 await store.put(key, data, meta=meta)
             finally:
                 await nc.close()
 
         asyncio.run(put("other", "2"))
-        assert "other" in _cli("model", "list", "--nats", url, "--bucket", "m9")
+        assert "other" in _cli("model", "list", "--nats", url, "--bucket", "m11")
         asyncio.run(put("cp", '{"version": 2, "format": "onnx"}'))
-        said = "cp in 'm9' is labelled version 2 but its relayrl-model.json says 1"
+        said = "cp in 'm11' is labelled version 2 but its relayrl-model.json says 1"
         helpers.wait_for("the refusal", lambda: said in proc.logs())
+        helpers.wait_for("its report", lambda: (sent := report()) is not None and sent.refused)
         sent = report()
         assert sent is not None
         assert sent.refused is not None

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from relayrl_runtime import errors, registry
+from relayrl_runtime import cli, errors, registry
 from relayrl_runtime.inference import model
 
 
@@ -131,3 +131,23 @@ def test_a_directory_that_keeps_changing_is_refused(
         errors.ModelMetadataError, match=r"files changed while they were read, 5 times"
     ):
         registry.pack(directory)
+
+
+def test_push_refuses_a_model_that_does_not_load_before_connecting(
+    models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A truncated graph would become the newest version, and every pod that starts on
+    it would exit: `model push` loads it first, as a runtime would."""
+    broken = tmp_path / "broken"
+    shutil.copytree(models["onnx"], broken)
+    graph = broken / model.read_metadata(broken).graph_file()
+    graph.write_bytes(graph.read_bytes()[:200])
+    # Nothing listens there: a push that got past the check would say so.
+    argv = ["model", "push", str(broken), "--nats", "nats://127.0.0.1:9", "--bucket", "b"]
+    argv += ["--name", "cp", "--connect-timeout", "0.5"]
+    assert cli.main(argv) == 2
+    said = capsys.readouterr().err
+    assert "not pushed; --no-check pushes without loading it here" in said
+    assert "not reachable" not in said
+    assert cli.main([*argv, "--no-check"]) == 2
+    assert "not reachable within 0.5s" in capsys.readouterr().err
