@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime
 import pytest
 import torch
@@ -347,3 +348,32 @@ def test_a_forward_pass_that_fails_says_which_model(models: dict[str, Path]) -> 
     pol.backend.run = fails  # type: ignore[method-assign]
     with pytest.raises(errors.ModelLoadError, match=r"model version 1 \(.*\): the forward pass"):
         pol.act(np.zeros((2, 4), np.float32), None, np.random.default_rng(0), sample=False)
+
+
+def test_independent_copies_of_a_model_with_external_data_load(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    """Weights kept beside the graph (ONNX external data, as models over 2 GB must be):
+    `model.mode: independent` loads each actor's copy from the graph's bytes, which
+    must still find them."""
+    directory = tmp_path / "external"
+    shutil.copytree(models["onnx"], directory)
+    graph = directory / model.read_metadata(directory).graph_file()
+    onnx.save_model(
+        onnx.load(str(graph)),
+        str(graph),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="weights.bin",
+        size_threshold=0,
+    )
+    assert (directory / "weights.bin").stat().st_size > 0
+    kept = loader.load_policy(directory, keep_graph=True)
+    copy = loader.copy_policy(kept, spec.Device.CPU)
+    obs = np.random.default_rng(3).standard_normal((5, 4)).astype(np.float32)
+    logits, _ = export.mlp_weights(4, 2, seed=0).forward(obs)
+    for pol in (kept, copy):
+        out = pol.act(obs, None, np.random.default_rng(0), sample=False)
+        np.testing.assert_allclose(
+            np.asarray(out.outputs["logits"], np.float32), logits, rtol=1e-4, atol=1e-5
+        )

@@ -72,6 +72,12 @@ class OnnxBackend:
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        if graph is not None:
+            # A graph loaded from bytes finds the files of its external data (weights kept
+            # beside the graph, as models over 2 GB must) where it came from.
+            options.add_session_config_entry(
+                "session.model_external_initializers_file_folder_path", str(path.parent)
+            )
         try:
             self._session: Any = onnxruntime.InferenceSession(
                 str(path) if graph is None else graph, sess_options=options, providers=[provider]
