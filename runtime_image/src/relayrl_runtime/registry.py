@@ -207,6 +207,11 @@ def digest_of(data: bytes) -> str:
     return "SHA-256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).decode()
 
 
+class TornReadError(TimeoutError):
+    """An object whose chunks changed while they were read (a push replaced it): as a
+    timeout, tried again."""
+
+
 def unpack(data: bytes, destination: Path) -> Path:
     """Extract a packed model into `destination` (created); returns it."""
     destination.mkdir(parents=True, exist_ok=True)
@@ -534,24 +539,15 @@ async def fetch(nc: Any, ref: ModelRef, cache: Path) -> tuple[Path, Entry]:
     """Download and unpack the wanted version under `cache`; returns (directory, entry)."""
     store = await object_store(nc, ref.bucket)
     try:
-        size = int((await _nats(ref.bucket, store.get_info(ref.key))).size or 0)
-        budget = FETCH_SECONDS + size / FETCH_BYTES_PER_SECOND
-        received = io.BytesIO()  # written chunk by chunk (nats-py joins bytes otherwise)
-        try:
-            result = await asyncio.wait_for(
-                _nats(ref.bucket, store.get(ref.key, writeinto=received)), budget
-            )
-        except TimeoutError:
-            # Replaced while read (a push meanwhile): its old chunks are gone.
-            raise TimeoutError(
-                f"model registry: {ref.key} in {ref.bucket!r} not read within {budget:.0f}s"
-                " (replaced meanwhile?); trying again"
-            ) from None
+        obj = await _nats(ref.bucket, store.get_info(ref.key))
+        budget = FETCH_SECONDS + int(obj.size or 0) / FETCH_BYTES_PER_SECOND
+        received = io.BytesIO()  # written chunk by chunk
+        await _nats(ref.bucket, _download(nc.jetstream(), ref, obj, received, budget))
     except js_errors.NotFoundError:
         raise errors.ModelMissingError(
             f"model registry: no object {ref.key!r} in bucket {ref.bucket!r}"
         ) from None
-    entry = _entry(result.info)
+    entry = _entry(obj)
     digest = entry.digest.split("=", 1)[-1].replace("/", "_")[:16]
     target = cache / f"{ref.name}-v{entry.version}-{digest}"
     if not (target / model.METADATA_FILE).exists():
@@ -572,6 +568,50 @@ async def fetch(nc: Any, ref: ModelRef, cache: Path) -> tuple[Path, Entry]:
             " again"
         )
     return target, entry
+
+
+async def _download(js: Any, ref: ModelRef, obj: Any, into: io.BytesIO, budget: float) -> None:
+    """Read the chunks of the object `obj` describes into `into`, checking its digest.
+
+    On a subscription of its own, ended however the read ends: a read cut off (by the
+    budget, or a cancel) would otherwise leave its ordered consumer on the server and
+    its subscription on the connection, one more for every object replaced while read.
+    """
+    if obj.options is not None and obj.options.link is not None:
+        raise errors.ModelLoadError(
+            f"model registry: {ref.key} in {ref.bucket!r} is a link, not a pushed model"
+        )
+    if not obj.nuid:
+        raise errors.ModelLoadError(f"model registry: {ref.key} in {ref.bucket!r}: no chunks")
+    if not obj.size:
+        return
+    sub = await js.subscribe(
+        object_store_api.OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=ref.bucket, obj=obj.nuid),
+        ordered_consumer=True,
+    )
+    digest = hashlib.sha256()
+    try:
+        async with asyncio.timeout(budget):
+            async for msg in sub.messages:
+                into.write(msg.data)
+                digest.update(msg.data)
+                if msg.metadata.num_pending == 0:
+                    break
+    except TimeoutError:
+        # Replaced while read (a push meanwhile): its old chunks are gone.
+        raise TimeoutError(
+            f"model registry: {ref.key} in {ref.bucket!r} not read within {budget:.0f}s"
+            " (replaced meanwhile?); trying again"
+        ) from None
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+    want = str(obj.digest or "").split("=", 1)[-1]
+    if base64.urlsafe_b64decode(want + "=" * (-len(want) % 4)) != digest.digest():
+        raise TornReadError(
+            f"model registry: {ref.key} in {ref.bucket!r}: what was read does not match its"
+            " digest (replaced meanwhile?); trying again"
+        )
 
 
 def _unpack_into(data: bytes, tmp: Path, target: Path) -> None:

@@ -833,3 +833,45 @@ async def test_chunks_of_a_push_cut_off_are_removed_by_a_later_push(
             assert len((await store.get(key)).data or b"") > 0
     finally:
         await nc.close()
+
+
+async def test_a_download_cut_off_leaves_no_consumer_behind(
+    nats_server: natsserver.NatsServer,
+    models: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A download that runs out of time (an object replaced while read never ends its
+    read) or is cancelled: its subscription and its consumer on the bucket's stream go,
+    else a pod following a trainer's pushes gathers one more of each every time."""
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        await registry.push(nc, "m12", "cp", models["onnx"])
+        ref = registry.ModelRef("m12", "cp")
+        subs = len(nc._subs)
+        monkeypatch.setattr(registry, "FETCH_SECONDS", 0.0)
+        monkeypatch.setattr(registry, "FETCH_BYTES_PER_SECOND", float(1 << 40))
+        with pytest.raises(TimeoutError, match="not read within 0s"):
+            await registry.fetch(nc, ref, tmp_path / "cache")
+        monkeypatch.setattr(registry, "FETCH_SECONDS", 60.0)
+        task = asyncio.create_task(registry.fetch(nc, ref, tmp_path / "cache"))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert len(nc._subs) == subs
+        stream = streams.object_store_stream("m12")
+        for _ in range(60):  # the server drops an ordered consumer once it is left
+            if not (await js.stream_info(stream)).state.consumer_count:
+                break
+            await asyncio.sleep(0.5)
+        assert (await js.stream_info(stream)).state.consumer_count == 0
+        # And a download that is let finish still works.
+        path, entry = await registry.fetch(nc, ref, tmp_path / "cache")
+        assert entry.version == 1
+        assert model.read_metadata(path).version == 1
+        assert len(nc._subs) == subs
+    finally:
+        await nc.close()
