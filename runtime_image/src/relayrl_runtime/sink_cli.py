@@ -176,6 +176,7 @@ def build(args: argparse.Namespace) -> service.SinkService:
             dsn,
             stream=streams.stream_name(args.namespace, args.agent, args.stream),
             consumer=streams.durable_name(streams.SinkKind.POSTGRES),
+            namespace=args.namespace,
             schema_name=args.schema,
             table=args.table,
             batch_rows=args.batch_rows,

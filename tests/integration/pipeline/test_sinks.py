@@ -146,6 +146,9 @@ def test_postgres_sink_writes_rows_once_and_migrates(
             "SELECT count(DISTINCT stream_seq), max(stream_seq) FROM relayrl.steps"
         ).fetchone()
         ids = conn.execute("SELECT producer, runs FROM relayrl.sink_message_ids").fetchall()
+        # Each row names its Agent's namespace (Agents of one name in two namespaces).
+        namespaces = conn.execute("SELECT DISTINCT namespace FROM relayrl.steps").fetchall()
+    assert namespaces == [("default",)]
     assert versions == [m.version for m in pg_sink.MIGRATIONS if not m.per_table]
     assert table_versions == [("steps", m.version) for m in pg_sink.MIGRATIONS if m.per_table]
     assert seqs is not None
@@ -184,7 +187,40 @@ async def test_each_agents_table_in_one_schema_gets_made(pg: postgres.PostgresSe
         "sink_offsets",
         "table_migrations",
     ]
-    assert recorded == [("cartpole_steps", 2), ("pendulum_steps", 2)]
+    per_table = [m.version for m in pg_sink.MIGRATIONS if m.per_table]
+    assert recorded == [(t, v) for t in ("cartpole_steps", "pendulum_steps") for v in per_table]
+
+
+async def test_a_table_of_an_older_sink_gets_the_namespace_column(
+    pg: postgres.PostgresServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A steps table made before migration 5: the next sink adds the column, and the
+    rows written before keep NULL there."""
+    older = tuple(m for m in pg_sink.MIGRATIONS if m.version < 5)
+    with monkeypatch.context() as m:
+        m.setattr(pg_sink, "MIGRATIONS", older)
+        writer = pg_sink.PostgresWriter(lambda: pg.dsn, stream="S", consumer="c", table="old")
+        assert await writer.open() == 0
+        await writer.close()
+    with psycopg.connect(pg.dsn) as conn:
+        columns = conn.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'old'"
+        ).fetchall()
+    assert ("namespace",) not in columns
+    writer = pg_sink.PostgresWriter(
+        lambda: pg.dsn, stream="S", consumer="c", table="old", namespace="ml"
+    )
+    assert await writer.open() == 0
+    await writer.close()
+    with psycopg.connect(pg.dsn) as conn:
+        columns = conn.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'old'"
+        ).fetchall()
+        done = conn.execute(
+            "SELECT version FROM relayrl.table_migrations WHERE table_name = 'old'"
+        ).fetchall()
+    assert ("namespace",) in columns
+    assert [v for (v,) in done] == [m.version for m in pg_sink.MIGRATIONS if m.per_table]
 
 
 async def test_a_column_already_in_the_table_is_not_altered_again(

@@ -13,11 +13,17 @@ from support import trajectories
 
 def test_fast_path_matches_the_general_path_byte_for_byte() -> None:
     table = pa.Table.from_batches([trajectories.batch(1, 3)])
-    fast = postgres.encode_copy(table, seq=42, schema_version=1)
-    slow = postgres._encode_slow(table, 42, 1)
-    assert fast == slow
-    # Every tuple starts with its field count: stream_seq, schema_version, the columns.
-    assert struct.unpack("!h", fast[:2])[0] == 2 + table.num_columns
+    for namespace in ("fleet-a", ""):
+        fast = postgres.encode_copy(table, seq=42, schema_version=1, namespace=namespace)
+        slow = postgres._encode_slow(table, 42, 1, namespace)
+        assert fast == slow
+        # Each tuple starts with its field count: stream_seq, schema_version, namespace,
+        # the columns; the namespace follows the two numbers' fields.
+        assert struct.unpack("!h", fast[:2])[0] == 3 + table.num_columns
+        at = 2 + (4 + 8) + (4 + 2)
+        assert bytes(fast[at : at + 4 + len(namespace)]) == (
+            struct.pack("!i", len(namespace)) + namespace.encode()
+        )
 
 
 def test_variable_width_text_and_nulls_take_the_general_path() -> None:

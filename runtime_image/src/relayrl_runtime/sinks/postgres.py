@@ -137,6 +137,15 @@ MIGRATIONS: Final = (
             "'Nats-Msg-Id numbers written per producer: [start, end, start, end, ...]'",
         ),
     ),
+    Migration(
+        5,
+        "the Agent's namespace in each row: Agents of one name in two namespaces apart",
+        (
+            # Rows written before have none (NULL).
+            "ALTER TABLE {schema}.{table} ADD COLUMN IF NOT EXISTS namespace text",
+        ),
+        per_table=True,
+    ),
 )
 
 
@@ -367,6 +376,18 @@ def _scalar_field(
     return (dtype, ((("len",), dtype["v"].itemsize),)), fill_scalar
 
 
+def _constant_text(value: bytes) -> tuple[_Layout, Callable[[npt.NDArray[Any]], None]]:
+    """A text field with one value in every row: all of it in the template."""
+
+    def fill_nothing(out: npt.NDArray[Any]) -> None:
+        pass
+
+    if not value:
+        return (np.dtype([("len", ">i4")]), ((("len",), 0),)), fill_nothing
+    dtype = np.dtype([("len", ">i4"), ("v", f"S{len(value)}")])
+    return (dtype, ((("len",), len(value)), (("v",), value))), fill_nothing
+
+
 @functools.lru_cache(maxsize=64)
 def _row_template(layouts: tuple[_Layout, ...]) -> npt.NDArray[Any]:
     """One binary COPY tuple of these columns with every constant byte in place: the
@@ -383,8 +404,9 @@ def _row_template(layouts: tuple[_Layout, ...]) -> npt.NDArray[Any]:
     return template
 
 
-def encode_copy(table: pa.Table, seq: int, schema_version: int) -> memoryview:
-    """Rows of `table`, prefixed by (stream_seq, schema_version), as binary COPY tuples.
+def encode_copy(table: pa.Table, seq: int, schema_version: int, namespace: str = "") -> memoryview:
+    """Rows of `table`, prefixed by (stream_seq, schema_version, namespace), as binary
+    COPY tuples.
 
     No header or trailer: the caller frames one COPY from many of these. The rows start
     as copies of a template holding every constant byte; only the values are written.
@@ -394,22 +416,24 @@ def encode_copy(table: pa.Table, seq: int, schema_version: int) -> memoryview:
         fields = [
             _scalar_field(seq, _SCALARS[pa.int64()]),
             _scalar_field(schema_version, _SCALARS[pa.int16()]),
+            _constant_text(namespace.encode()),
             *(_field(c) for c in table.columns),
         ]
     except _Slow as why:
         log.debug("slow COPY path: %s", why)
-        return memoryview(_encode_slow(table, seq, schema_version))
+        return memoryview(_encode_slow(table, seq, schema_version, namespace))
     out = np.repeat(_row_template(tuple(layout for layout, _ in fields)), n)
     for i, (_, fill) in enumerate(fields):
         fill(out[f"c{i}"])
     return out.view(np.uint8).data
 
 
-def _encode_slow(table: pa.Table, seq: int, schema_version: int) -> bytes:
+def _encode_slow(table: pa.Table, seq: int, schema_version: int, namespace: str = "") -> bytes:
     """The general path, one value at a time: nulls and variable-width text."""
     columns: list[list[bytes | None]] = [
         [struct.pack("!q", seq)] * table.num_rows,
         [struct.pack("!h", schema_version)] * table.num_rows,
+        [namespace.encode()] * table.num_rows,
     ]
     for col in table.columns:
         columns.append(_encode_column_slow(col))
@@ -558,7 +582,7 @@ async def _encoded(seq: int, encoding: concurrent.futures.Future[memoryview]) ->
 
 
 # The columns the sink writes itself, ahead of a message's own.
-OWN_COLUMNS: Final = ("stream_seq", "schema_version")
+OWN_COLUMNS: Final = ("stream_seq", "schema_version", "namespace")
 
 
 def column_name(name: str) -> str:
@@ -628,6 +652,7 @@ class PostgresWriter:
         *,
         stream: str,
         consumer: str,
+        namespace: str = "",
         schema_name: str = "relayrl",
         table: str = "steps",
         batch_rows: int = 10_000,
@@ -636,6 +661,7 @@ class PostgresWriter:
     ) -> None:
         self.dsn = dsn
         self.stream = stream
+        self.namespace = namespace  # the Agent's, written in every row
         self.consumer = consumer
         self.schema_name = schema_name
         self.table = table
@@ -760,7 +786,7 @@ class PostgresWriter:
         if table.schema in self._encodable:
             return
         try:
-            encode_copy(table.slice(0, 1), 0, 0)
+            encode_copy(table.slice(0, 1), 0, 0, self.namespace)
         except MemoryError:
             raise
         except (service.PermanentError, pa.ArrowException, ValueError, TypeError, KeyError,
@@ -783,7 +809,9 @@ class PostgresWriter:
         self._groups[-1][1].append(
             (
                 delivery.seq,
-                self._pool.submit(encode_copy, table, delivery.seq, delivery.schema_version),
+                self._pool.submit(
+                    encode_copy, table, delivery.seq, delivery.schema_version, self.namespace
+                ),
             )
         )
         self._rows += table.num_rows
