@@ -185,9 +185,7 @@ def compute(
         verb = "could not hot-reload"
         if first.runs_refused:
             verb, running = "cannot run", ""
-        model_problem = (
-            f"{_plural(len(refused), 'actor pod')} {verb} {first.refused}{running}"
-        )
+        model_problem = f"{_plural(len(refused), 'actor pod')} {verb} {first.refused}{running}"
 
     # Paused
     if agent_spec.paused:
