@@ -6,19 +6,26 @@ cluster with ``RELAYRL_USE_EXISTING_CLUSTER=1``).
 
 from __future__ import annotations
 
+import base64
+import functools
 import json
 import os
+import secrets
 import sys
 import textwrap
+import threading
 import time
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import urllib3
+import yaml
 from kubernetes import client
 
-from relayrl_localstack import binaries, cluster, procs
+from relayrl_localstack import binaries, cluster, podrunner, processnode, procs
 from relayrl_localstack.testing import (
     ClusterHandle,
     condition,
@@ -513,3 +520,363 @@ def test_pods_on_the_process_node_have_their_own_ips_and_live_volumes(
         timeout=30,
         what="the changed ConfigMap in both pods' volumes",
     )
+
+
+@pytest.fixture
+def own_node(k8s: ClusterHandle, tmp_path: Path) -> Iterator[processnode.ProcessNode]:
+    """A process node of the test's own, whose API client a test may wrap to inject a
+    failed read without touching the session's node. Pods reach it by ``nodeName``
+    (it is tainted like the session's, so the scheduler sends it nothing)."""
+    name = f"relayrl-test-own-{secrets.token_hex(3)}"
+    with processnode.ProcessNode(
+        k8s.api, name=name, work_dir=tmp_path / "node", heartbeat_seconds=5
+    ) as node:
+        yield node
+
+
+class FailingReads:
+    """Wraps one client method: the next calls fail with the given errors, in turn."""
+
+    def __init__(self, method: Callable[..., Any], *errors: Exception) -> None:
+        self.method = method
+        self.errors = list(errors)
+        self.lock = threading.Lock()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with self.lock:
+            error = self.errors.pop(0) if self.errors else None
+        if error is not None:
+            raise error
+        return self.method(*args, **kwargs)
+
+    def spent(self) -> bool:
+        with self.lock:
+            return not self.errors
+
+
+def _transient_errors() -> list[Exception]:
+    """What a read of the apiserver can meet: a 5xx, and a dropped connection."""
+    return [
+        client.ApiException(status=500, reason="etcdserver: request timed out"),
+        urllib3.exceptions.ProtocolError("Connection aborted.", ConnectionResetError(104)),
+    ]
+
+
+def _sleeper_with_a_config_volume(node: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "sleeper"},
+        "spec": {
+            "nodeName": node,
+            "terminationGracePeriodSeconds": 1,
+            "containers": [
+                {
+                    "name": "sleeper",
+                    "image": "ignored",
+                    "command": ["sleep", "300"],
+                    "volumeMounts": [{"name": "cfg", "mountPath": "/cfg"}],
+                }
+            ],
+            "volumes": [{"name": "cfg", "configMap": {"name": "cfg"}}],
+        },
+    }
+
+
+def _pod_ip(k8s: ClusterHandle, namespace: str, name: str) -> str | None:
+    ip = k8s.pod(namespace, name)["status"].get("podIP")
+    return str(ip) if ip else None
+
+
+def _ready_pid(k8s: ClusterHandle, namespace: str, name: str) -> int | None:
+    pod = k8s.pod(namespace, name)
+    statuses = pod["status"].get("containerStatuses") or []
+    if (condition(pod, "Ready") or {}).get("status") == "True" and statuses:
+        return int(statuses[0]["containerID"].removeprefix("process://"))
+    return None
+
+
+@pytest.mark.timeout(90)
+def test_failed_api_reads_during_a_volume_refresh_keep_the_pod_running(
+    k8s: ClusterHandle, namespace: str, own_node: processnode.ProcessNode
+) -> None:
+    core = k8s.core
+    core.create_namespaced_config_map(namespace, {"metadata": {"name": "cfg"}, "data": {"v": "1"}})
+    core.create_namespaced_pod(namespace, _sleeper_with_a_config_volume(own_node.name))
+    pid = wait_for(lambda: _ready_pid(k8s, namespace, "sleeper"), timeout=30, what="the pod Ready")
+    flaky = FailingReads(own_node.core.read_namespaced_config_map, *_transient_errors())
+    own_node.core.read_namespaced_config_map = flaky
+    wait_for(flaky.spent, timeout=15, what="the refreshes to meet both failed reads")
+    # One more refresh after the failures.
+    time.sleep(2 * podrunner.VOLUME_REFRESH_SECONDS)
+    assert process_alive(pid), "the container's process was killed by a failed API read"
+    assert _ready_pid(k8s, namespace, "sleeper") == pid
+    assert k8s.pod(namespace, "sleeper")["status"]["phase"] == "Running"
+    # The volume still follows its ConfigMap.
+    core.patch_namespaced_config_map("cfg", namespace, {"data": {"v": "2"}})
+    (volume,) = own_node.work_dir.glob(f"pods/{namespace}/sleeper-*/volumes/cfg")
+    wait_for(lambda: (volume / "v").read_text() == "2", timeout=15, what="the ConfigMap change")
+
+
+@pytest.mark.timeout(90)
+def test_failed_api_reads_while_a_pod_starts_are_retried(
+    k8s: ClusterHandle, namespace: str, own_node: processnode.ProcessNode
+) -> None:
+    core = k8s.core
+    core.create_namespaced_config_map(namespace, {"metadata": {"name": "cfg"}, "data": {"v": "1"}})
+    flaky = FailingReads(own_node.core.read_namespaced_config_map, *_transient_errors())
+    own_node.core.read_namespaced_config_map = flaky
+    core.create_namespaced_pod(namespace, _sleeper_with_a_config_volume(own_node.name))
+    pid = wait_for(
+        lambda: _ready_pid(k8s, namespace, "sleeper"),
+        timeout=30,
+        what="the pod Ready after two failed reads of its ConfigMap",
+    )
+    assert flaky.spent()
+    assert process_alive(pid)
+
+
+@pytest.mark.timeout(90)
+def test_a_runner_that_fails_reports_the_pod_failed_with_the_reason(
+    k8s: ClusterHandle,
+    namespace: str,
+    own_node: processnode.ProcessNode,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(*args: Any) -> dict[str, str]:
+        raise RuntimeError("no env for you")
+
+    monkeypatch.setattr(own_node, "pod_extra_env", broken)
+    k8s.core.create_namespaced_pod(
+        namespace,
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "doomed"},
+            "spec": {
+                "nodeName": own_node.name,
+                "containers": [{"name": "c", "image": "ignored", "command": ["sleep", "300"]}],
+            },
+        },
+    )
+    pod = wait_for(
+        lambda: (p := k8s.pod(namespace, "doomed"))["status"].get("phase") == "Failed" and p,
+        timeout=30,
+        what="the pod Failed",
+    )
+    assert pod["status"]["reason"] == "ProcessNodeError"
+    assert "RuntimeError: no env for you" in pod["status"]["message"]
+    assert (condition(pod, "Ready") or {}).get("status") == "False"
+    # Deleting it still works: the node did not forget the pod.
+    k8s.core.delete_namespaced_pod("doomed", namespace)
+    wait_for(lambda: _pod_gone(k8s, namespace, "doomed"), timeout=30, what="the pod deleted")
+
+
+@pytest.mark.timeout(90)
+def test_a_secret_value_that_is_not_text_in_env_is_a_config_error_until_fixed(
+    k8s: ClusterHandle, namespace: str
+) -> None:
+    core = k8s.core
+    core.create_namespaced_secret(
+        namespace,
+        {
+            "metadata": {"name": "binary"},
+            "data": {"key": base64.b64encode(b"\xff\xfe\x00k").decode()},
+        },
+    )
+    core.create_namespaced_pod(
+        namespace,
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "reader"},
+            "spec": {
+                **process_node_placement(),
+                "terminationGracePeriodSeconds": 1,
+                "containers": [
+                    {
+                        "name": "reader",
+                        "image": "ignored",
+                        "command": ["sleep", "300"],
+                        "env": [
+                            {
+                                "name": "KEY",
+                                "valueFrom": {"secretKeyRef": {"name": "binary", "key": "key"}},
+                            }
+                        ],
+                    }
+                ],
+            },
+        },
+    )
+
+    def waiting() -> dict[str, Any] | None:
+        statuses = k8s.pod(namespace, "reader")["status"].get("containerStatuses") or []
+        return statuses[0]["state"].get("waiting") if statuses else None
+
+    state = wait_for(
+        lambda: (w := waiting()) and w.get("reason") == "CreateContainerConfigError" and w,
+        timeout=30,
+        what="the container waiting with CreateContainerConfigError",
+    )
+    assert 'key "key" of secret "binary" is not UTF-8 text' in state["message"]
+    assert k8s.pod(namespace, "reader")["status"]["phase"] == "Pending"
+    # Retried: a fixed Secret lets the pod start.
+    core.patch_namespaced_secret("binary", namespace, {"stringData": {"key": "text"}})
+    wait_for(lambda: _ready_pid(k8s, namespace, "reader"), timeout=30, what="the pod Ready")
+
+
+@pytest.mark.timeout(150)
+def test_local_cluster_starts_with_a_proxy_in_the_environment(
+    k8s: ClusterHandle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its health checks of loopback ports do not go to the user's proxy."""
+    proxy = f"http://127.0.0.1:{procs.free_port()}"  # nothing listens there
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
+        monkeypatch.setenv(name, proxy)
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    with cluster.LocalCluster(tmp_path / "cluster", bins=k8s.bins, startup_timeout=60) as local:
+        assert cluster.server_version(local.kubeconfig)["gitVersion"] == _pinned_version()
+
+
+WHOAMI = textwrap.dedent(
+    """
+    import hashlib, time, kubernetes
+    while True:
+        # Loads $KUBECONFIG again each time, as kopf does after a 401.
+        cfg = kubernetes.client.Configuration()
+        kubernetes.config.load_kube_config(client_configuration=cfg)
+        bearer = cfg.api_key.get("BearerToken") or cfg.api_key.get("authorization")
+        with kubernetes.client.ApiClient(cfg) as api:
+            review = kubernetes.client.AuthenticationV1Api(api).create_self_subject_review(
+                {"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"}
+            )
+        digest = hashlib.sha256(str(bearer).encode()).hexdigest()[:12]
+        print(review.status.user_info.username, digest, flush=True)
+        time.sleep(1)
+    """
+)
+
+
+def _jwt_claims(token: str) -> dict[str, Any]:
+    payload = token.split(".")[1]
+    claims: dict[str, Any] = json.loads(
+        base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
+    )
+    return claims
+
+
+@pytest.mark.timeout(120)
+def test_a_pods_token_is_renewed_near_its_end_and_its_kubeconfig_reads_the_file(
+    k8s: ClusterHandle,
+    namespace: str,
+    own_node: processnode.ProcessNode,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    k8s.core.create_namespaced_pod(
+        namespace,
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "whoami"},
+            "spec": {
+                "nodeName": own_node.name,
+                "terminationGracePeriodSeconds": 1,
+                "containers": [
+                    {"name": "whoami", "image": "ignored", "command": ["python", "-c", WHOAMI]}
+                ],
+            },
+        },
+    )
+    wait_for(lambda: _ready_pid(k8s, namespace, "whoami"), timeout=30, what="the pod Ready")
+    # The ServiceAccount admission plugin's volume: a token of 3607 s.
+    (token_file,) = own_node.work_dir.glob(
+        f"pods/{namespace}/whoami-*/volumes/kube-api-access-*/token"
+    )
+    (kubeconfig,) = own_node.work_dir.glob(f"pods/{namespace}/whoami-*/kubeconfig")
+    user = yaml.safe_load(kubeconfig.read_text())["users"][0]["user"]
+    assert user == {"tokenFile": str(token_file)}
+    first = token_file.read_text()
+    claims = _jwt_claims(first)
+    # The apiserver gives the kubelet's default lifetime a year: a client that read
+    # the token once keeps working after the file is renewed.
+    assert claims["exp"] - claims["iat"] > 86400
+    log = own_node.log_path(namespace, "whoami", "whoami")
+    assert log is not None
+    account = f"system:serviceaccount:{namespace}:default"
+    wait_for(lambda: account in log.read_text(), timeout=30, what="the pod authenticated")
+
+    # Fresh: no new token at each volume refresh.
+    time.sleep(3 * podrunner.VOLUME_REFRESH_SECONDS)
+    assert token_file.read_text() == first, "the token was requested again while fresh"
+
+    # Past the renewal point (here a few seconds): a new token, which the pod then uses.
+    monkeypatch.setattr(processnode, "TOKEN_RENEW_FRACTION", 0.001)
+    wait_for(lambda: token_file.read_text() != first, timeout=20, what="a renewed token")
+
+    def tokens_used() -> set[str]:
+        lines = [line.split() for line in log.read_text().splitlines()]
+        return {digest for name, digest in (x for x in lines if len(x) == 2) if name == account}
+
+    wait_for(lambda: len(tokens_used()) >= 2, timeout=20, what="the pod using the new token")
+
+
+@pytest.mark.timeout(120)
+def test_pods_of_two_process_nodes_on_one_host_get_different_addresses(
+    k8s: ClusterHandle, namespace: str, own_node: processnode.ProcessNode, tmp_path: Path
+) -> None:
+    """A second stack's node, here a process node in a process of its own."""
+    other_name = f"relayrl-test-other-{secrets.token_hex(3)}"
+    other = procs.spawn(
+        [
+            sys.executable,
+            "-m",
+            "relayrl_localstack.processnode",
+            "--kubeconfig",
+            str(k8s.kubeconfig),
+            "--name",
+            other_name,
+            "--work-dir",
+            str(tmp_path / "other"),
+        ],
+        log_path=tmp_path / "other.log",
+    )
+    try:
+        wait_for(
+            lambda: k8s.exists(k8s.core.read_node, other_name),
+            timeout=30,
+            what=f"node {other_name} registered",
+        )
+        for name, node in (("here", own_node.name), ("there", other_name)):
+            k8s.core.create_namespaced_pod(
+                namespace,
+                {
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "metadata": {"name": name},
+                    "spec": {
+                        "nodeName": node,
+                        "terminationGracePeriodSeconds": 1,
+                        "containers": [
+                            {"name": "c", "image": "ignored", "command": ["sleep", "300"]}
+                        ],
+                    },
+                },
+            )
+        ips = [
+            wait_for(
+                functools.partial(_pod_ip, k8s, namespace, name),
+                timeout=30,
+                what=f"pod {name}'s address",
+            )
+            for name in ("here", "there")
+        ]
+        assert ips[0] != ips[1]
+        for name in ("here", "there"):
+            k8s.core.delete_namespaced_pod(name, namespace)
+        for name in ("here", "there"):
+            gone = functools.partial(_pod_gone, k8s, namespace, name)
+            wait_for(gone, timeout=30, what=f"pod {name} deleted")
+    finally:
+        procs.stop_group(other.pid, grace_seconds=20, popen=other)

@@ -6,15 +6,23 @@ kwok with fake CPU and GPU nodes, and the process node. It writes
 ``<dir>/kubeconfig`` and ``<dir>/state.json`` (``<dir>`` defaults to
 ``${RELAYRL_CACHE:-~/.cache/relayrl}/localstack``) and prints the ``export
 KUBECONFIG=...`` line. ``relayrl-localstack down`` stops everything recorded in the
-state file, and leaves no process behind even if the background process died.
+state file, and leaves no process behind even if the background process died; it
+removes the cluster's data and credentials (etcd's data, the PKI, the kubeconfigs with
+their tokens) and keeps the logs (``<dir>/localstack.log``, ``<dir>/cluster/logs``).
 ``make cluster-up`` / ``make cluster-down`` call these. ``relayrl-localstack demo``
 (``make demo``) runs :mod:`relayrl_localstack.demo` on a stack of its own.
+
+The state file records each process with its start time and the boot id, and a process
+is signalled, or a stack counted as up, only while its pid still names that process: a
+state file left by a stack that was killed, or by an earlier boot, names pids that
+other programs may have by now.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import enum
 import json
 import logging
 import os
@@ -47,6 +55,43 @@ def _read_state(directory: Path) -> dict[str, Any] | None:
     if not isinstance(state, dict) or not isinstance(state.get("pid"), int):
         return None
     return state
+
+
+def _identify(state: dict[str, Any], pids: list[int]) -> None:
+    """Record each pid's start time and the boot id in ``state`` (see the module doc)."""
+    state["boot_id"] = procs.boot_id()
+    start_times = state.setdefault("start_times", {})
+    for pid in pids:
+        started = procs.start_time(pid)
+        if started is not None:
+            start_times[str(pid)] = started
+
+
+class Recorded(enum.Enum):
+    """What a process id recorded in the state file names now."""
+
+    OURS = "ours"  # the recorded process, alive
+    GONE = "gone"  # it exited; the pid is free or names another process
+    UNCHECKED = "unchecked"  # an older state file, without start times: cannot tell
+
+
+def recorded(state: dict[str, Any], pid: int) -> Recorded:
+    """Whether ``pid`` of ``state`` is still the process the state file recorded."""
+    started = (state.get("start_times") or {}).get(str(pid))
+    boot = state.get("boot_id")
+    if not isinstance(started, int) or not isinstance(boot, str):
+        return Recorded.UNCHECKED
+    if procs.is_process(pid, started, boot) and procs.group_alive(pid):
+        return Recorded.OURS
+    return Recorded.GONE
+
+
+def _unchecked_note(directory: Path, pid: int) -> str:
+    return (
+        f"{directory / STATE_FILE} is of an older format, without process start times: "
+        f"process {pid} it names is running but may not be the stack's, so it is left "
+        f"alone; if it is the stack's, stop it with: kill -TERM -- -{pid}"
+    )
 
 
 def _write_state(directory: Path, state: dict[str, Any]) -> None:
@@ -122,7 +167,7 @@ def start_stack(
 def running_state(directory: Path) -> dict[str, Any] | None:
     """The state of a stack that is up in ``directory``, if any."""
     state = _read_state(directory)
-    if state and procs.group_alive(int(state["pid"])) and state.get("ready"):
+    if state and recorded(state, int(state["pid"])) is Recorded.OURS and state.get("ready"):
         return state
     return None
 
@@ -133,6 +178,7 @@ def record(directory: Path, components: dict[str, int], cleanup: list[Path]) -> 
     if state is None:
         raise StackError(f"no local stack recorded in {directory}")
     state.setdefault("components", {}).update(components)
+    _identify(state, list(components.values()))
     state["cleanup"] = [*state.get("cleanup", []), *(str(p) for p in cleanup)]
     _write_state(directory, state)
 
@@ -173,15 +219,45 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def _stop_recorded(directory: Path, state: dict[str, Any]) -> None:
-    """Stop the background process, then anything it recorded that is still alive."""
-    procs.stop_group(int(state["pid"]), grace_seconds=60)
-    for pid in (state.get("components") or {}).values():
-        # Postgres needs a moment for its shutdown checkpoint.
-        procs.stop_group(int(pid), grace_seconds=10)
+    """Stop the background process, then anything it recorded that is still alive.
+
+    Only processes the state file still names (:func:`recorded`) are signalled; a
+    running process that an older state file names is left alone, and said so.
+    """
+    # Postgres needs a moment for its shutdown checkpoint.
+    pids = [(int(state["pid"]), 60.0)]
+    pids += [(int(pid), 10.0) for pid in (state.get("components") or {}).values()]
+    left_alone = False
+    for pid, grace in pids:
+        check = recorded(state, pid)
+        if check is Recorded.OURS:
+            procs.stop_group(pid, grace_seconds=grace)
+        elif check is Recorded.UNCHECKED and procs.group_alive(pid):
+            print(_unchecked_note(directory, pid), file=sys.stderr)
+            left_alone = True
+    if left_alone:
+        print(f"the cluster's data in {directory / 'cluster'} is kept", file=sys.stderr)
+    else:
+        _remove_cluster_data(directory)
     for path in state.get("cleanup") or []:
         shutil.rmtree(path, ignore_errors=True)
     with contextlib.suppress(FileNotFoundError):
         (directory / STATE_FILE).unlink()
+
+
+def _remove_cluster_data(directory: Path) -> None:
+    """Remove what a stopped stack leaves in ``directory`` but its logs: etcd's data, the
+    PKI, the kubeconfigs (they hold tokens), the process node's pod directories."""
+    work = directory / "cluster"
+    if work.is_dir():
+        for entry in work.iterdir():
+            if entry.name == "logs":
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+    (directory / "kubeconfig").unlink(missing_ok=True)
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -197,7 +273,11 @@ def cmd_down(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     """Print the state file; exit 1 when the stack is not running."""
     state = _read_state(args.dir)
-    if state is None or not procs.group_alive(int(state["pid"])):
+    pid = int(state["pid"]) if state is not None else 0
+    check = recorded(state, pid) if state is not None else Recorded.GONE
+    if check is not Recorded.OURS:
+        if check is Recorded.UNCHECKED and procs.group_alive(pid):
+            print(_unchecked_note(args.dir, pid), file=sys.stderr)
         print("down")
         return 1
     print(json.dumps(state, indent=2))
@@ -221,13 +301,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     work = directory / "cluster"
     shutil.rmtree(work, ignore_errors=True)
     state: dict[str, Any] = {"pid": os.getpid(), "ready": False, "components": {}}
+    _identify(state, [os.getpid()])
     _write_state(directory, state)
     bins = binaries.ensure_binaries(build=False)
     with cluster.LocalCluster(work, bins=bins) as local:
         state["components"] = local.pids()
+        _identify(state, list(state["components"].values()))
         _write_state(directory, state)
         with kwok.Kwok(local.kubeconfig, work, bins=bins) as kwok_proc:
             state["components"]["kwok"] = kwok_proc.pid
+            _identify(state, list(state["components"].values()))
             _write_state(directory, state)
             with local.api_client() as api:
                 kwok.create_nodes(
@@ -269,7 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for ready")
     up.set_defaults(func=cmd_up)
 
-    down = sub.add_parser("down", help="stop everything started by up")
+    down = sub.add_parser(
+        "down",
+        help="stop everything started by up; remove the cluster's data and credentials, "
+        "keep the logs",
+    )
     add_common(down)
     down.set_defaults(func=cmd_down)
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import ipaddress
 import json
 import logging
 import os
@@ -40,6 +41,7 @@ import tempfile
 import time
 import types
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any, Final, Self
@@ -48,7 +50,7 @@ import yaml
 from kubernetes import client, config
 
 from relayrl_localstack import binaries as binaries_mod
-from relayrl_localstack import certs, procs
+from relayrl_localstack import certs, localhttp, procs
 
 logger = logging.getLogger(__name__)
 
@@ -368,7 +370,7 @@ class LocalCluster:
                 )
             try:
                 request = urllib.request.Request(url, headers=headers)
-                with urllib.request.urlopen(request, timeout=5, context=context) as response:
+                with localhttp.urlopen(request, timeout=5, context=context) as response:
                     if response.status == 200:
                         return
                     last_error = f"HTTP {response.status}"
@@ -430,12 +432,25 @@ def api_client_for(kubeconfig: Path) -> Any:
 
     Typed ``Any``: callers pass plain dicts (the API's JSON) as request bodies, which
     every version of the client accepts, and read JSON with ``_preload_content=False``.
+    A server on loopback (the local stack's) is reached directly, never through the
+    proxy of ``https_proxy``, which the client otherwise honours.
     """
     configuration = client.Configuration()
     config.load_kube_config(  # type: ignore[no-untyped-call]
         config_file=str(kubeconfig), client_configuration=configuration
     )
+    if _is_loopback(urllib.parse.urlparse(str(configuration.host)).hostname):
+        configuration.proxy = None
     return client.ApiClient(configuration)
+
+
+def _is_loopback(host: str | None) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host or "").is_loopback
+    except ValueError:
+        return False
 
 
 def server_version(kubeconfig: Path) -> dict[str, str]:

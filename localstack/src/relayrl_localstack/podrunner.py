@@ -145,6 +145,8 @@ class PodRunner(threading.Thread):
         self.pod = {**pod, "status": {**(pod.get("status") or {}), "podIP": self.pod_ip}}
         self._volume_dirs: dict[str, Path] = {}
         self._volumes_checked = 0.0
+        # Volume name -> the error its last refresh ended with (it keeps its content).
+        self._refresh_errors: dict[str, str] = {}
         self._annotations = dict(meta.get("annotations") or {})
         self._sync = threading.Event()  # a pod update asks for a volume refresh
         self.namespace = str(meta["namespace"])
@@ -158,6 +160,9 @@ class PodRunner(threading.Thread):
         self.init_containers: list[Container] = []
         self.phase = "Pending"
         self.initialized = False
+        # The pod's status reason and message (a Failed pod says why).
+        self.reason: str | None = None
+        self.message: str | None = None
 
     def updated(self, pod: Json) -> None:
         """The pod object changed (any thread): new annotations make its ConfigMap and
@@ -183,16 +188,19 @@ class PodRunner(threading.Thread):
         return self._deleted.is_set() or self.node.stopping.is_set()
 
     def _idle_until_stopping(self) -> None:
-        """A pod that ended (Failed) keeps its status until deleted or the node stops."""
+        """A pod that ended (Failed) keeps its status until deleted or the node stops;
+        a status write that failed is tried again."""
         while not self._stopping():
+            self._report()
             self._deleted.wait(TICK * 5)
 
     def run(self) -> None:
         """Thread body: run the pod until deleted or the node stops, then clean up."""
         try:
             self._run()
-        except Exception:
+        except Exception as err:
             logger.exception("pod %s/%s: runner failed", self.namespace, self.pod_name)
+            self._fail(err)
         finally:
             self._terminate_all(
                 self._grace_seconds() if self._deleted.is_set() else min(self._grace_seconds(), 5.0)
@@ -234,6 +242,20 @@ class PodRunner(threading.Thread):
             self._report()
             self._deleted.wait(TICK)
 
+    def _fail(self, err: Exception) -> None:
+        """The runner itself failed: stop the containers and report the pod Failed with
+        the error, until it is deleted (its owner, e.g. a ReplicaSet, replaces it)."""
+        try:
+            self._terminate_all(min(self._grace_seconds(), 5.0))
+            self.phase = "Failed"
+            self.reason = "ProcessNodeError"
+            self.message = f"the process node failed running the pod: {type(err).__name__}: {err}"
+            self._idle_until_stopping()
+        except Exception:
+            logger.exception(
+                "pod %s/%s: reporting the failure failed", self.namespace, self.pod_name
+            )
+
     def _prepare(self) -> bool:
         """Materialise volumes and env; retry while referenced objects are missing."""
         while not self._stopping():
@@ -245,7 +267,7 @@ class PodRunner(threading.Thread):
             except podspec.PodSpecError as err:
                 self._set_waiting_all("CreateContainerError", str(err))
                 self.phase = "Failed"
-                self._report(reason="ProcessNodeUnsupported", message=str(err))
+                self.reason, self.message = "ProcessNodeUnsupported", str(err)
                 self._idle_until_stopping()
                 return False
             self._report()
@@ -279,15 +301,37 @@ class PodRunner(threading.Thread):
             container.state = {"waiting": {"reason": "PodInitializing"}}
 
     def _refresh_volumes(self) -> None:
-        """Update ConfigMap and Secret volumes whose objects changed (like a kubelet)."""
+        """Update ConfigMap and Secret volumes whose objects changed (like a kubelet).
+
+        A volume whose refresh fails (its object deleted, an API error) keeps its last
+        content and is tried again at the next refresh; the error is logged when it
+        first appears and when it is over.
+        """
         for volume in (self.pod.get("spec") or {}).get("volumes") or []:
-            target = self._volume_dirs.get(str(volume["name"]))
+            name = str(volume["name"])
+            target = self._volume_dirs.get(name)
             if target is None:
                 continue
-            if podspec.refresh_volume(self.pod, volume, target, self.node.sources):
+            try:
+                changed = podspec.refresh_volume(self.pod, volume, target, self.node.sources)
+            except Exception as err:
+                error = f"{type(err).__name__}: {err}"
+                if self._refresh_errors.get(name) != error:
+                    logger.warning(
+                        "pod %s/%s: volume %s keeps its last content: %s",
+                        self.namespace,
+                        self.pod_name,
+                        name,
+                        error,
+                    )
+                self._refresh_errors[name] = error
+                continue
+            if self._refresh_errors.pop(name, None) is not None:
                 logger.info(
-                    "pod %s/%s: volume %s updated", self.namespace, self.pod_name, volume["name"]
+                    "pod %s/%s: volume %s refreshed again", self.namespace, self.pod_name, name
                 )
+            if changed:
+                logger.info("pod %s/%s: volume %s updated", self.namespace, self.pod_name, name)
 
     def _set_waiting_all(self, reason: str, message: str) -> None:
         for container in self.init_containers + self.containers:
@@ -465,7 +509,7 @@ class PodRunner(threading.Thread):
         elif self.initialized:
             self.phase = "Running"
 
-    def _report(self, reason: str | None = None, message: str | None = None) -> None:
+    def _report(self) -> None:
         ready = bool(self.containers) and all(c.ready for c in self.containers)
         if self.phase in ("Succeeded", "Failed"):
             ready = False
@@ -489,10 +533,10 @@ class PodRunner(threading.Thread):
             "containerStatuses": [c.status() for c in self.containers],
             "initContainerStatuses": [c.status() for c in self.init_containers],
         }
-        if reason:
-            status["reason"] = reason
-        if message:
-            status["message"] = message
+        if self.reason:
+            status["reason"] = self.reason
+        if self.message:
+            status["message"] = self.message
         signature = json.dumps(status, sort_keys=True)
         if signature == self._last_status:
             return
@@ -514,7 +558,9 @@ class PodRunner(threading.Thread):
         for container in running:
             assert container.popen is not None
             procs.stop_group(container.popen.pid, grace_seconds=grace, popen=container.popen)
+            self._exited(container)  # its terminated state, for a pod that stays Failed
             container.popen = None
+            container.finished = True
 
     def _remove_pod(self) -> None:
         self.node.delete_pod_now(self.namespace, self.pod_name, self.uid)

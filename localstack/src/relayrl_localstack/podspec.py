@@ -46,7 +46,8 @@ MOUNT_ROOT_ENV: Final = "RELAYRL_MOUNT_ROOT"
 POD_IP: Final = "127.0.0.1"
 
 Json = dict[str, Any]
-# (namespace, name) -> object JSON, raising LookupError when absent.
+# (namespace, name) -> object JSON, raising LookupError when absent and PodConfigError
+# when it cannot be read now (an API or connection error).
 Getter = Callable[[str, str], Json]
 # (namespace, service account, audience, expirationSeconds, pod) -> token
 TokenIssuer = Callable[[str, str, str | None, int, Json], str]
@@ -55,7 +56,8 @@ ReadyPods = Callable[[str, Mapping[str, str]], list[Json]]
 
 
 class PodConfigError(Exception):
-    """A referenced ConfigMap, Secret or key is missing; retried like a kubelet does."""
+    """A referenced ConfigMap, Secret or key is missing, unusable or cannot be read now;
+    retried like a kubelet does."""
 
 
 class PodSpecError(Exception):
@@ -139,8 +141,19 @@ def _resource_field(container: Json, ref: Json) -> str:
     return str(value)
 
 
-def _decode_secret(data: Mapping[str, str]) -> dict[str, str]:
-    return {k: base64.b64decode(v).decode() for k, v in data.items()}
+def _secret_text(secret: str, key: str, value: str) -> str:
+    """A Secret value for the environment: text, else a config error naming it."""
+    try:
+        return base64.b64decode(value).decode()
+    except UnicodeDecodeError as err:
+        raise PodConfigError(
+            f'key "{key}" of secret "{secret}" is not UTF-8 text, so it cannot be an '
+            "environment variable here; mount the secret as a volume instead"
+        ) from err
+
+
+def _decode_secret(secret: str, data: Mapping[str, str]) -> dict[str, str]:
+    return {k: _secret_text(secret, k, v) for k, v in data.items()}
 
 
 def _lookup(getter: Getter, namespace: str, name: str, *, optional: bool, kind: str) -> Json | None:
@@ -265,7 +278,7 @@ def container_env(
                 optional=bool(ref.get("optional")),
                 kind="secret",
             )
-            data = _decode_secret((obj or {}).get("data") or {})
+            data = _decode_secret(str(ref["name"]), (obj or {}).get("data") or {})
         else:
             continue
         for key, value in data.items():
@@ -304,7 +317,7 @@ def _value_from(pod: Json, container: Json, value_from: Json, sources: Sources) 
             if optional:
                 return ""
             raise PodConfigError(f'key "{ref["key"]}" not found in secret "{ref["name"]}"')
-        return base64.b64decode(data[ref["key"]]).decode()
+        return _secret_text(str(ref["name"]), str(ref["key"]), data[ref["key"]])
     if value_from.get("fieldRef"):
         return field_ref(pod, str(value_from["fieldRef"]["fieldPath"]))
     if value_from.get("resourceFieldRef"):
@@ -524,7 +537,9 @@ def refresh_volume(pod: Json, volume: Json, target: Path, sources: Sources) -> b
 
     The new content is written beside ``target`` and each changed file is moved into
     place with an atomic rename, so a reader never sees a half-written file. Returns
-    whether anything changed. Other volume kinds are left alone.
+    whether anything changed. Other volume kinds are left alone. When the content
+    cannot be made (a deleted ConfigMap, an API error), ``target`` is left as it was
+    and the error is raised: the caller keeps the last content, like a kubelet.
     """
     if not any(volume.get(k) for k in ("configMap", "secret", "projected")):
         return False
@@ -533,9 +548,9 @@ def refresh_volume(pod: Json, volume: Json, target: Path, sources: Sources) -> b
         shutil.rmtree(fresh)
     try:
         materialise_volume(pod, volume, fresh, sources)
-    except PodConfigError:
+    except BaseException:
         shutil.rmtree(fresh, ignore_errors=True)
-        return False  # a deleted ConfigMap keeps the last content, like a kubelet
+        raise
     changed = False
     new_files = {p.relative_to(fresh) for p in fresh.rglob("*") if p.is_file()}
     for rel in sorted(new_files):

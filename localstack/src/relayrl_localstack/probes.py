@@ -1,9 +1,8 @@
 """Readiness and liveness probes of the process node (httpGet, tcpSocket, exec).
 
-Every pod on the process node shares the host's loopback, so probes connect to
-127.0.0.1 (or the probe's ``host``) at the probe's port: a number or the name of a
-container port. gRPC probes are not run (they pass). Used by
-:mod:`relayrl_localstack.podrunner`.
+Probes connect to the pod's own loopback address (or the probe's ``host``) at the
+probe's port: a number or the name of a container port, never through a proxy. gRPC
+probes are not run (they pass). Used by :mod:`relayrl_localstack.podrunner`.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from relayrl_localstack import podspec
+from relayrl_localstack import localhttp, podspec
 
 Json = dict[str, Any]
 
@@ -92,7 +91,7 @@ def run_probe(
                 context.check_hostname = False
                 context.verify_mode = ssl.CERT_NONE
             try:
-                with urllib.request.urlopen(request, timeout=timeout, context=context) as resp:
+                with localhttp.urlopen(request, timeout=timeout, context=context) as resp:
                     return 200 <= int(resp.status) < 400
             except urllib.error.HTTPError as err:
                 return 200 <= err.code < 400

@@ -24,11 +24,12 @@ What a container gets:
   scripts are the project's.
 - env: a small host base (PATH, HOME, LANG, TMPDIR), HOSTNAME = pod name,
   ``KUBERNETES_SERVICE_HOST/PORT`` = the real apiserver, ``KUBECONFIG`` = a
-  kubeconfig holding the pod's own service-account token when the pod mounts one
-  (so in-cluster clients such as kopf fall back to it and RBAC is exercised as the
-  pod's service account), then envFrom and env with valueFrom configMapKeyRef,
-  secretKeyRef, fieldRef (metadata.*, spec.nodeName, status.podIP = 127.0.0.1) and
-  resourceFieldRef.
+  kubeconfig whose ``tokenFile`` is the pod's own projected service-account token
+  when the pod mounts one (so in-cluster clients such as kopf fall back to it and
+  RBAC is exercised as the pod's service account; the token is renewed past 80% of
+  its lifetime, as the kubelet does), then envFrom and env with valueFrom
+  configMapKeyRef, secretKeyRef, fieldRef (metadata.*, spec.nodeName, status.podIP =
+  the pod's own address, see Ports) and resourceFieldRef.
 - volumes and mount paths: see :mod:`relayrl_localstack.podspec` (each pod has a root
   dir, exported as ``RELAYRL_MOUNT_ROOT``; mount paths named in command, args, env
   and workingDir are rewritten to their place under it).
@@ -41,6 +42,9 @@ downward API gives for ``status.podIP``, and where probes connect (at the probe'
 port: a number or a container port name). A process that binds to its pod IP (the
 downward API's ``status.podIP``) can use the same port as other pods; one that binds
 0.0.0.0 takes the port on every address and collides with other pods on that port.
+Addresses are unique on the host, across process nodes and stacks: each is held with a
+lock on a file of its own under ``${RELAYRL_CACHE:-~/.cache/relayrl}/pod-addresses``
+while a pod has it (the kernel releases the lock when the node's process ends).
 
 Lifecycle. Init containers run to completion in order. Containers are restarted per
 ``restartPolicy`` with a doubling back-off (1 s to 30 s; reset after 60 s of running),
@@ -62,7 +66,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
+import fcntl
 import json
 import logging
 import os
@@ -70,16 +76,18 @@ import shutil
 import signal
 import tempfile
 import threading
+import time
 import types
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Final, Self
 from urllib.parse import urlparse
 
+import urllib3
 import yaml
 from kubernetes import client, watch
 
-from relayrl_localstack import cluster, podrunner, podspec
+from relayrl_localstack import binaries, cluster, podrunner, podspec
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +96,10 @@ NODE_LABEL: Final = "relayrl.io/process-node"
 NODE_TAINT: Final = {"key": NODE_LABEL, "value": "true", "effect": "NoSchedule"}
 LEASE_NAMESPACE: Final = "kube-node-lease"
 LEASE_SECONDS: Final = 40
+# A pod's service-account token is renewed past this share of its lifetime, or at
+# this age, as the kubelet does.
+TOKEN_RENEW_FRACTION: Final = 0.8
+TOKEN_MAX_AGE_SECONDS: Final = 86400.0
 
 Json = dict[str, Any]
 
@@ -100,6 +112,56 @@ def now_micro() -> str:
 def _json(response: Any) -> Json:
     data: Json = json.loads(response.data)
     return data
+
+
+@contextlib.contextmanager
+def _reading(what: str) -> Iterator[None]:
+    """Turn an API error (a 5xx, a timeout) or a lost connection while reading what a
+    pod references into :class:`podspec.PodConfigError`: the pod waits and retries, and
+    a volume keeps its last content, as for a missing object."""
+    try:
+        yield
+    except client.ApiException as err:
+        raise podspec.PodConfigError(
+            f"reading {what}: API error {err.status} {err.reason}; retrying"
+        ) from err
+    except (urllib3.exceptions.HTTPError, OSError) as err:
+        raise podspec.PodConfigError(
+            f"reading {what}: no answer from the API server ({err}); retrying"
+        ) from err
+
+
+@dataclasses.dataclass(frozen=True)
+class _Token:
+    """A service-account token issued for a pod, with its lifetime (epoch seconds).
+
+    Renewed like the kubelet renews a projected token: past 80% of its lifetime, or
+    after a day, whichever comes first; until then every volume refresh reuses it.
+    """
+
+    value: str
+    issued: float
+    expires: float
+
+    def due(self, now: float) -> bool:
+        """Whether a new token should be requested now."""
+        lifetime = self.expires - self.issued
+        age = now - self.issued
+        return age >= min(lifetime * TOKEN_RENEW_FRACTION, TOKEN_MAX_AGE_SECONDS)
+
+
+def _lock_address(path: Path, holder: str) -> int | None:
+    """Take the lock on an address's file; its descriptor, or None when another pod on
+    the host holds it. The file says who holds it, for a person looking."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.write(fd, holder.encode())
+    return fd
 
 
 def _loopback(index: int) -> str:
@@ -140,9 +202,12 @@ class ProcessNode:
         self.stopping = threading.Event()
         self._runners: dict[str, podrunner.PodRunner] = {}
         self._pod_ips: dict[str, str] = {}
+        self._pod_ip_locks: dict[str, int] = {}  # pod uid -> its address's lock file
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._transitions: dict[tuple[str, str], tuple[str, str]] = {}
+        # (pod uid, namespace, account, audience, expirationSeconds) -> its token
+        self._tokens: dict[tuple[str, str, str, str, int], _Token] = {}
         self.sources = podspec.Sources(
             config_map=self._get_config_map,
             secret=self._get_secret,
@@ -226,22 +291,36 @@ class ProcessNode:
         return result
 
     def pod_ip(self, uid: str) -> str:
-        """The pod's own loopback address: 127.1.x.y, unique among running pods."""
+        """The pod's own loopback address: 127.1.x.y, unique among the host's running pods."""
         with self._lock:
             ip = self._pod_ips.get(uid)
-            if ip is None:
-                used = set(self._pod_ips.values())
-                index = next(i for i in range(1, 250 * 250) if _loopback(i) not in used)
-                ip = self._pod_ips[uid] = _loopback(index)
-            return ip
+            if ip is not None:
+                return ip
+            used = set(self._pod_ips.values())
+            locks = binaries.cache_root() / "pod-addresses"
+            locks.mkdir(parents=True, exist_ok=True)
+            for index in range(1, 250 * 250):
+                ip = _loopback(index)
+                if ip in used:
+                    continue
+                fd = _lock_address(locks / ip, f"{os.getpid()} {self.name} {uid}\n")
+                if fd is not None:
+                    self._pod_ips[uid], self._pod_ip_locks[uid] = ip, fd
+                    return ip
+            raise RuntimeError(f"no free pod address in 127.1.0.0/16 (locks in {locks})")
 
     def forget(self, uid: str) -> None:
         """Drop a finished runner."""
         with self._lock:
             self._runners.pop(uid, None)
             self._pod_ips.pop(uid, None)
+            fd = self._pod_ip_locks.pop(uid, None)
+            if fd is not None:
+                os.close(fd)  # releases the address
             for key in [k for k in self._transitions if k[0] == uid]:
                 del self._transitions[key]
+            for token_key in [k for k in self._tokens if k[0] == uid]:
+                del self._tokens[token_key]
 
     def transition_time(self, uid: str, condition: Json) -> str:
         """Keep lastTransitionTime stable until the condition's status changes."""
@@ -293,7 +372,9 @@ class ProcessNode:
                 "apiVersion": "v1",
                 "kind": "Config",
                 "clusters": [{"name": "local", "cluster": cluster}],
-                "users": [{"name": account, "user": {"token": token.read_text().strip()}}],
+                # The projected token file, renewed in place: clients that load the
+                # kubeconfig again (kopf after a 401) get the current token.
+                "users": [{"name": account, "user": {"tokenFile": str(token)}}],
                 "contexts": [
                     {
                         "name": "pod",
@@ -324,34 +405,36 @@ class ProcessNode:
 
     # -- object access for podspec.Sources
 
-    def _get(self, reader: Any, namespace: str, name: str) -> Json:
-        try:
-            return _json(reader(name, namespace, _preload_content=False))
-        except client.ApiException as err:
-            if err.status == 404:
-                raise LookupError(name) from err
-            raise
+    def _get(self, reader: Any, kind: str, namespace: str, name: str) -> Json:
+        with _reading(f'{kind} "{namespace}/{name}"'):
+            try:
+                return _json(reader(name, namespace, _preload_content=False))
+            except client.ApiException as err:
+                if err.status == 404:
+                    raise LookupError(name) from err
+                raise
 
     def _get_config_map(self, namespace: str, name: str) -> Json:
-        return self._get(self.core.read_namespaced_config_map, namespace, name)
+        return self._get(self.core.read_namespaced_config_map, "configmap", namespace, name)
 
     def _get_secret(self, namespace: str, name: str) -> Json:
-        return self._get(self.core.read_namespaced_secret, namespace, name)
+        return self._get(self.core.read_namespaced_secret, "secret", namespace, name)
 
     def _get_service(self, namespace: str, name: str) -> Json:
-        return self._get(self.core.read_namespaced_service, namespace, name)
+        return self._get(self.core.read_namespaced_service, "service", namespace, name)
 
     def _ready_pods(self, namespace: str, selector: Mapping[str, str]) -> list[Json]:
         """Ready pods on this node matching ``selector``, by name: a Service's backends."""
         labels = ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
-        found = _json(
-            self.core.list_namespaced_pod(
-                namespace,
-                label_selector=labels,
-                field_selector=f"spec.nodeName={self.name}",
-                _preload_content=False,
+        with _reading(f"pods of {namespace} selected by {labels}"):
+            found = _json(
+                self.core.list_namespaced_pod(
+                    namespace,
+                    label_selector=labels,
+                    field_selector=f"spec.nodeName={self.name}",
+                    _preload_content=False,
+                )
             )
-        )
         ready = [
             pod
             for pod in found.get("items") or []
@@ -367,9 +450,19 @@ class ProcessNode:
     def _issue_token(
         self, namespace: str, account: str, audience: str | None, expiration: int, pod: Json
     ) -> str:
+        """The pod's token for ``account``: the one issued before while it is fresh (see
+        :class:`_Token`), else a new one from the TokenRequest API."""
+        uid = str(pod["metadata"]["uid"])
+        key = (uid, namespace, account, audience or "", expiration)
+        with self._lock:
+            known = self._tokens.get(key)
+        if known is not None and not known.due(time.time()):
+            return known.value
+        issued = time.time()
         spec: Json = {
-            # At least a day: the process node does not rotate tokens.
-            "expirationSeconds": max(expiration, 86400),
+            # As asked: the apiserver gives the kubelet's default (3607 s) a year, so a
+            # client that read the token once keeps working after the file is renewed.
+            "expirationSeconds": expiration,
             "boundObjectRef": {
                 "apiVersion": "v1",
                 "kind": "Pod",
@@ -379,20 +472,22 @@ class ProcessNode:
         }
         if audience:
             spec["audiences"] = [audience]
-        try:
+        # Retried like a missing ConfigMap (a refresh keeps the last token), e.g. while
+        # the namespace is terminating or the account is not created yet.
+        with _reading(f'a token for serviceaccount "{namespace}/{account}"'):
             response = self.core.create_namespaced_service_account_token(
                 account,
                 namespace,
                 {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec},
                 _preload_content=False,
             )
-        except client.ApiException as err:
-            # Retried like a missing ConfigMap (a refresh keeps the last token), e.g.
-            # while the namespace is terminating or the account is not created yet.
-            raise podspec.PodConfigError(
-                f"token for serviceaccount {namespace}/{account}: {err.status} {err.reason}"
-            ) from err
-        return str(_json(response)["status"]["token"])
+        status = _json(response)["status"]
+        expires = datetime.datetime.fromisoformat(str(status["expirationTimestamp"]))
+        token = _Token(str(status["token"]), issued, expires.timestamp())
+        with self._lock:
+            if uid in self._runners:  # not for a pod forgotten meanwhile
+                self._tokens[key] = token
+        return token.value
 
     # -- node registration and heartbeat
 
@@ -565,9 +660,12 @@ class ProcessNode:
                 return
             runner = podrunner.PodRunner(self, pod)
             with self._lock:
-                if self.stopping.is_set():
-                    return
-                self._runners[uid] = runner
+                stopping = self.stopping.is_set()
+                if not stopping:
+                    self._runners[uid] = runner
+            if stopping:
+                self.forget(uid)  # frees the address taken for it
+                return
             runner.start()
             return
         if deleting:

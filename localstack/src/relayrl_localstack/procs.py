@@ -85,6 +85,36 @@ def group_alive(pgid: int) -> bool:
     return False
 
 
+def start_time(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks after boot (field 22 of
+    /proc/<pid>/stat); None when there is no such process.
+
+    With :func:`boot_id` it tells a process from a later one given the same pid.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Fields after the command (in parentheses, which may hold spaces) start at field 3.
+    fields = stat.rsplit(")", 1)[1].split()
+    return int(fields[22 - 3])
+
+
+def boot_id() -> str:
+    """This boot's id (/proc/sys/kernel/random/boot_id): pids and start times restart
+    with each boot."""
+    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+
+def is_process(pid: int, started: int, boot: str) -> bool:
+    """Whether ``pid`` is still the process that started at ``started`` in boot ``boot``,
+    not a later one given the same pid (a zombie still counts)."""
+    try:
+        return boot == boot_id() and start_time(pid) == started
+    except OSError:
+        return False
+
+
 def stop_group(
     pgid: int,
     *,
