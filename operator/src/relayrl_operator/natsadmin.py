@@ -289,21 +289,25 @@ class NatsStreams:
         if old is not None:
             old.cancel()
         self._watchers[key] = asyncio.get_running_loop().create_task(
-            self._watch_reports(nc), name=f"status-reports {nats_spec.url}"
+            self._watch_reports(key, nc), name=f"status-reports {nats_spec.url}"
         )
         return nc
 
-    async def _watch_reports(self, nc: NATS) -> None:
-        """Follow the status bucket for as long as the connection lives."""
+    async def _watch_reports(self, key: _ConnKey, nc: NATS) -> None:
+        """Follow the status bucket for as long as the connection lives: the reports of
+        the pods of the connection's namespace only. A connection is opened for the
+        Agents of one namespace (with their credentials): reports it carries for other
+        namespaces' pods would let whoever runs that server (an Agent may name any)
+        write another tenant's status, and roll its pods."""
         delay = 0.5
         while not nc.is_closed:
             try:
                 kv = await reporting.ensure_bucket(nc.jetstream())
-                watcher: Any = await kv.watch(">")
+                watcher: Any = await kv.watch(f"{key.namespace}.>")
                 delay = 0.5
                 async for entry in watcher:
                     if entry is not None:
-                        self._report_entry(entry)
+                        self._report_entry(key, entry)
             except asyncio.CancelledError:
                 raise
             except Exception as err:  # a NATS outage: watch again once it is back
@@ -311,9 +315,9 @@ class NatsStreams:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
 
-    def _report_entry(self, entry: Any) -> None:
+    def _report_entry(self, key: _ConnKey, entry: Any) -> None:
         parts = str(entry.key).split(".", 2)
-        if len(parts) != 3:
+        if len(parts) != 3 or parts[0] != key.namespace:
             return
         namespace, agent, pod = parts
         pods = self._reports.setdefault((namespace, agent), {})

@@ -20,7 +20,7 @@ import yaml
 
 from relayrl_operator import natsadmin
 from relayrl_operator.builders import common
-from relayrl_runtime import spec, streams
+from relayrl_runtime import reporting, spec, streams
 from support import natsserver
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "cartpole-cpu" / "agent.yaml"
@@ -240,3 +240,37 @@ async def test_agents_sharing_a_stream_name_or_a_bucket_name_keep_each_others(
         assert "shared" not in await _streams(url)
     finally:
         await admin.close()
+
+
+async def test_a_server_carries_status_reports_of_its_own_namespaces_agents_only(
+    nats_server: natsserver.NatsServer,
+) -> None:
+    """Anyone who may create an Agent may point it at a server of their own, and write
+    there a report keyed as another namespace's pod (a refusal that rolls its pods, a
+    model version): the operator takes from each connection its namespace's reports."""
+    admin = natsadmin.NatsStreams(Secrets())  # type: ignore[arg-type]
+    with natsserver.NatsServer() as theirs:
+        try:
+            await admin.ensure(agent(nats_server.url, namespace="team-a", name="victim"))
+            await admin.ensure(agent(theirs.url, namespace="team-b", name="evil"))
+            report = reporting.PodReport(
+                pod="victim-actors-0", model_version=7, actors=2, ready=True, time=time.time()
+            )
+            for url, namespace, agent_name, pod in (
+                (theirs.url, "team-a", "victim", "victim-actors-0"),  # spoofed
+                (theirs.url, "team-b", "evil", "evil-actors-0"),
+                (nats_server.url, "team-a", "victim", "victim-actors-1"),
+            ):
+                nc = await nats.connect(url)
+                try:
+                    kv = await reporting.ensure_bucket(nc.jetstream())
+                    await kv.put(reporting.key(namespace, agent_name, pod), report.to_json())
+                finally:
+                    await nc.close()
+            await _until(lambda: bool(admin.reports("team-b", "evil")), 10)
+            await _until(lambda: bool(admin.reports("team-a", "victim")), 10)
+            await asyncio.sleep(0.5)  # the spoofed one had as long
+            assert set(admin.reports("team-a", "victim")) == {"victim-actors-1"}
+            assert set(admin.reports("team-b", "evil")) == {"evil-actors-0"}
+        finally:
+            await admin.close()
