@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import traceback
 
 import pyarrow as pa
 import pytest
@@ -149,3 +150,38 @@ def test_names_past_63_bytes_go_to_their_own_columns() -> None:
     w = writer({})
     w.check(both)
     assert postgres.with_column_names(both).schema.names[-2:] == [a, b]
+
+
+@pytest.mark.parametrize(
+    ("dsn", "secret", "said"),
+    [
+        ("postgresql://relay:Pa%ssw0rdSECRET@127.0.0.1:1/db", "ssw0rdSECRET", "cannot be parsed"),
+        ("postgresql://relay:Pa@ssw0rdSECRET@127.0.0.1:1/db", "ssw0rdSECRET", "host holds '@'"),
+        ("host=127.0.0.1 password=my SECRETpass", "SECRETpass", "cannot be parsed"),
+    ],
+)
+def test_a_dsn_that_cannot_be_used_is_said_without_its_password(
+    dsn: str, secret: str, said: str
+) -> None:
+    """libpq quotes the part it could not parse, often the password; the sink logs what
+    `_connect` raises at every retry."""
+    w = postgres.PostgresWriter(lambda: dsn, stream="S", consumer="c")
+    with pytest.raises(postgres.DsnError) as err:
+        w._connect()
+    assert said in str(err.value)
+    # Nor in a traceback of it (the parse error is not chained).
+    assert secret not in "".join(traceback.format_exception(err.value))
+
+
+def test_a_password_quoted_in_a_connect_error_is_hidden(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(dsn: str, **kwargs: object) -> None:
+        raise postgres.psycopg.OperationalError('server said "hunter2-long" is wrong')
+
+    monkeypatch.setattr(postgres.psycopg, "connect", refuse)
+    w = postgres.PostgresWriter(
+        lambda: "postgresql://relay:hunter2-long@127.0.0.1:1/db", stream="S", consumer="c"
+    )
+    with pytest.raises(postgres.psycopg.OperationalError) as err:
+        w._connect()
+    assert "hunter2-long" not in str(err.value)
+    assert '"***"' in str(err.value)

@@ -38,7 +38,7 @@ import numpy.typing as npt
 import psycopg
 import pyarrow as pa
 import pyarrow.compute as pc
-from psycopg import sql
+from psycopg import conninfo, sql
 
 from relayrl_runtime.sinks import message_ids, service
 
@@ -147,6 +147,31 @@ MIGRATIONS: Final = (
         per_table=True,
     ),
 )
+
+
+class DsnError(ValueError):
+    """A DSN that cannot be used as written; its text is never shown (it holds the
+    password). Retried: the Secret may be fixed."""
+
+
+def checked_dsn(dsn: str) -> dict[str, Any]:
+    """The DSN's parts, or DsnError. libpq's own messages quote the part they could not
+    parse, often the password; these say what to fix without it."""
+    try:
+        parts = conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        raise DsnError(
+            "postgres: the DSN cannot be parsed (not shown: it holds the password):"
+            " in the URL form percent-encode the password's '%', '@', '/', ':' and '?'"
+            " (as %25, %40, %2F, %3A, %3F); in the key=value form quote values with"
+            " spaces (password='...')"
+        ) from None
+    if "@" in str(parts.get("host") or ""):
+        raise DsnError(
+            "postgres: the DSN's host holds '@' (not shown: the password's end may be in"
+            " it): percent-encode '@' in the password as %40"
+        )
+    return parts
 
 
 def read_dsn_file(path: Path, source: str) -> str:
@@ -906,15 +931,21 @@ class PostgresWriter:
         if self._conn is not None and not self._conn.closed and not self._conn.broken:
             return self._conn
         self._disconnect()
+        dsn = self.dsn()
+        password = checked_dsn(dsn).get("password") or ""
         try:
             self._conn = psycopg.connect(
-                self.dsn(),
+                dsn,
                 autocommit=True,
                 connect_timeout=max(1, int(self.connect_timeout)),
                 application_name=f"relayrl-sink-{self.kind}",
             )
         except psycopg.OperationalError as err:
-            if "authentication failed" in str(err) or "does not exist" in str(err):
+            said = str(err)
+            if len(password) >= 4 and password in said:
+                # libpq quotes what it could not use; the sink logs what it raises.
+                raise psycopg.OperationalError(said.replace(password, "***")) from None
+            if "authentication failed" in said or "does not exist" in said:
                 # Still retried (a Secret may be fixed), but said plainly.
                 log.error("postgres: %s", err)
             raise
