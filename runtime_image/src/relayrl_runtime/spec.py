@@ -72,6 +72,8 @@ _PORT: Final = (
 _HOST: Final = r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9_.-]*[A-Za-z0-9])?\.?)"
 _NATS_URL: Final = rf"(nats|tls)://([^ \t\n\f\r\v/,]+@)?{_HOST}(:{_PORT})?/?"
 NATS_URLS: Final = rf"^{_NATS_URL}(,{_NATS_URL})*,?$"
+# User info in a URL (an Agent's credentials go in a Secret instead).
+_USER_INFO: Final = r"://[^/,]*@"
 NATS_URLS_EXPECTED: Final = (
     "nats:// or tls:// URLs, comma separated, each with a host and an optional port in 1..65535"
 )
@@ -552,12 +554,20 @@ class NatsSpec(SpecModel):
             holds=lambda n: re.fullmatch(NATS_URLS, n.url) is not None,
             field="url",
         ),
+        Rule(
+            cel=f"!has(self.url) || !self.url.matches(r'{_USER_INFO}')",
+            message="expected no user:password@ in the URL (it would be copied into the"
+            " runtime ConfigMap, the sink pods' arguments, logs and Events): put the"
+            " credentials in credentialsSecret",
+            holds=lambda n: re.search(_USER_INFO, n.url) is None,
+            field="url",
+        ),
     )
 
     url: str = Field(
         default="nats://nats:4222",
         max_length=2048,
-        description="NATS server URL(s), comma separated.",
+        description="NATS server URL(s), comma separated; credentials go in credentialsSecret.",
     )
     stream: str | None = Field(
         default=None,

@@ -127,7 +127,7 @@ ACCEPTED = [
     {"trajectories": {"nats": {"url": url}}}
     for url in (
         "nats://nats.ns.svc.cluster.local.:4222",
-        "tls://user:p@ss@nats-0.nats:4443/,nats://[fd00::1]:4222,",
+        "tls://nats-0.nats:4443/,nats://[fd00::1]:4222,",
         "nats://nats",
     )
 ] + [

@@ -109,7 +109,9 @@ def test_odd_keys_are_named_not_a_crash(extra: dict[object, object], problem: tu
     [
         ("nats://nats:4222", True),
         ("nats://nats.ns.svc.cluster.local.:4222", True),  # the final dot of an FQDN
-        ("tls://user:p@ss@nats-0.nats:4443/", True),
+        ("tls://nats-0.nats:4443/", True),
+        ("tls://user:p@ss@nats-0.nats:4443/", False),  # credentials go in a Secret
+        ("nats://a:4222,nats://token@b:4222", False),
         ("nats://a:4222,nats://[fd00::1]:4222,", True),  # a trailing comma is skipped
         ("nats://nats:42x2", False),
         ("nats://:4222", False),
