@@ -204,10 +204,20 @@ def test_template_overrides_reach_the_pod() -> None:
     assert podspec["priorityClassName"] == "high"
     assert podspec["runtimeClassName"] == "nvidia"
     assert podspec["serviceAccountName"] == "actors"
+    assert "automountServiceAccountToken" not in podspec  # the account's own setting
     assert container["resources"] == {"requests": {"cpu": "500m"}, "limits": {"memory": "2Gi"}}
     assert {"name": "EXTRA", "value": "1"} in container["env"]
     assert sts["spec"]["template"]["metadata"]["labels"]["team"] == "rl"
     assert sts["spec"]["template"]["metadata"]["annotations"]["note"] == "x"
+
+
+def test_pods_of_the_default_account_get_no_api_token() -> None:
+    """The runtime and the sinks never call the Kubernetes API: no token for the
+    Agent's own code (its environments) to find."""
+    agent = make_agent({"spec": {"sinks": [{"arrow": {}}]}})
+    assert pod_spec(agent)["automountServiceAccountToken"] is False
+    for built in sinks.build_all(agent, SETTINGS):
+        assert built["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
 
 
 @pytest.mark.parametrize(

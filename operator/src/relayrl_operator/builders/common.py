@@ -190,4 +190,9 @@ def scheduling(agent: AgentRef, *, actor_pods: bool) -> dict[str, Any]:
     for key, value in fields:
         if value is not None:
             out[key] = value
+    if template.service_account_name is None:
+        # The runtime and the sinks never call the Kubernetes API: no token for the
+        # Agent's code (environments run in the actor pods) to find. A service account
+        # named in the template keeps its own setting.
+        out["automountServiceAccountToken"] = False
     return out
