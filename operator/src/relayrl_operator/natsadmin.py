@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 
 RETRY_SECONDS = 5.0
 STALE_SECONDS = 30.0
+# A connection no Agent has used for this long is closed (at a resync).
+IDLE_SECONDS = 300.0
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,8 @@ class NatsStreams:
         # Since when each connection has been reconnecting (monotonic time).
         self._down_since: dict[_ConnKey, float] = {}
         self._closing: set[asyncio.Task[None]] = set()  # connections given up on
+        # When each connection was last asked for, or named by a live Agent (monotonic).
+        self._used: dict[_ConnKey, float] = {}
 
     def set_listener(self, listener: Callable[[tuple[str, str]], None]) -> None:
         """Call `listener((namespace, agent))` when a pod of that Agent reports."""
@@ -211,9 +215,47 @@ class NatsStreams:
                     await js.delete_object_store(bucket)
         log.info("removed what was left of stream %s and bucket %s", config.name, bucket)
 
+    async def retain(self, agents: Iterable[common.AgentRef]) -> None:
+        """Let go of what no Agent here uses: connections (with their report watchers)
+        none of `agents` maps to and none asked for in `IDLE_SECONDS` (deleted Agents,
+        a changed URL or Secret), and the reports of other Agents or of pods that
+        stopped reporting (an expired report leaves no trace in the watch)."""
+        now = time.monotonic()
+        names = set()
+        for agent in agents:
+            names.add((agent.namespace, agent.name))
+            self._used[_conn_key(agent)] = now
+        known = set(self._conns) | set(self._failed) | set(self._connecting) | set(self._used)
+        for key in known:
+            lock = self._connecting.get(key)
+            if now - self._used.get(key, 0.0) > IDLE_SECONDS and not (lock and lock.locked()):
+                await self._release(key)
+        cutoff = time.time() - 2 * reporting.MAX_AGE_SECONDS
+        for agent_key in list(self._reports):
+            pods = self._reports[agent_key]
+            for pod in [p for p, r in pods.items() if r.time < cutoff]:
+                del pods[pod]
+            if agent_key not in names or not pods:
+                del self._reports[agent_key]
+
+    async def _release(self, key: _ConnKey) -> None:
+        watcher = self._watchers.pop(key, None)
+        if watcher is not None:
+            await aio.cancel_and_wait(watcher)
+        nc = self._conns.pop(key, None)
+        if nc is not None:
+            with contextlib.suppress(Exception):
+                await nc.close()
+            log.info(
+                "closed the NATS connection to %s for %s: no Agent uses it", key.url, key.namespace
+            )
+        for table in (self._connecting, self._failed, self._down_since, self._used):
+            table.pop(key, None)
+
     async def _connect(self, agent: common.AgentRef) -> NATS:
         nats_spec = agent.spec.trajectories.nats
         key = _conn_key(agent)
+        self._used[key] = time.monotonic()
         nc = self._usable(key)
         if nc is not None:
             return nc

@@ -107,6 +107,9 @@ class Streams(Protocol):
     async def verify(self, agents: Iterable[common.AgentRef]) -> set[Key]:
         """The Agents whose stream or bucket is missing or differs, or cannot be checked."""
 
+    async def retain(self, agents: Iterable[common.AgentRef]) -> None:
+        """Let go of connections and reports no Agent of these (all there are) uses."""
+
     def set_listener(self, listener: Callable[[Key], None]) -> None:
         """Be told which Agent's pods reported (to refresh its status)."""
 
@@ -308,6 +311,7 @@ class Reconciler:
             self._podmonitor_api = self._children.podmonitors = api
             self._resyncs += 1
             lost = await self._lost_streams()
+            await self._retain_streams()
             now = time.monotonic()
             # Children applied within the last period are left alone: their watch events
             # may still be on the way (a busy apiserver lags), and re-applying them
@@ -354,6 +358,16 @@ class Reconciler:
         except Exception:  # never lose the resync loop: check each Agent on its pass
             log.exception("checking the streams failed; each Agent's pass checks its own")
             return set(agents)
+
+    async def _retain_streams(self) -> None:
+        """What the NATS side keeps for Agents that are gone goes (see Streams.retain)."""
+        if self._streams is None:
+            return
+        agents = [s.agent for s in self._states.values() if s.agent is not None]
+        try:
+            await self._streams.retain(agents)
+        except Exception:  # never lose the resync loop
+            log.exception("letting go of unused NATS connections failed")
 
     def _count_phases(self) -> None:
         """Agents by the phase their status shows (our last write, else the stored one:

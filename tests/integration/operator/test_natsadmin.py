@@ -274,3 +274,46 @@ async def test_a_server_carries_status_reports_of_its_own_namespaces_agents_only
             assert set(admin.reports("team-b", "evil")) == {"evil-actors-0"}
         finally:
             await admin.close()
+
+
+async def test_what_no_agent_uses_is_let_go_at_a_resync(
+    nats_server: natsserver.NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Connections (each with a report watcher and a consumer on the server) and pod
+    reports of Agents that are gone, or of pods that stopped reporting, are dropped."""
+    admin = natsadmin.NatsStreams(Secrets())  # type: ignore[arg-type]
+    kept, gone = agent(nats_server.url, namespace="a"), agent(nats_server.url, namespace="b")
+    try:
+        for each in (kept, gone):
+            await admin.ensure(each)
+        nc = await nats.connect(nats_server.url)
+        try:
+            kv = await reporting.ensure_bucket(nc.jetstream())
+            now = time.time()
+            for namespace, pod, at in (("a", "cartpole-actors-0", now), ("b", "x-0", now)):
+                report = reporting.PodReport(
+                    pod=pod, model_version=1, actors=1, ready=True, time=at
+                )
+                await kv.put(reporting.key(namespace, "cartpole", pod), report.to_json())
+            stale = reporting.PodReport(
+                pod="cartpole-actors-9", model_version=1, actors=1, ready=True, time=now - 600
+            )
+            await kv.put(reporting.key("a", "cartpole", "cartpole-actors-9"), stale.to_json())
+        finally:
+            await nc.close()
+        await _until(lambda: len(admin.reports("a", "cartpole")) == 2, 10)
+        await _until(lambda: bool(admin.reports("b", "cartpole")), 10)
+        assert len(admin._conns) == 2
+        await admin.retain([kept])  # within IDLE_SECONDS: nothing closed yet
+        assert len(admin._conns) == 2
+        assert set(admin.reports("a", "cartpole")) == {"cartpole-actors-0"}  # stale one went
+        assert not admin.reports("b", "cartpole")
+        monkeypatch.setattr(natsadmin, "IDLE_SECONDS", 0.0)
+        await admin.retain([kept])
+        assert set(admin._conns) == {natsadmin._conn_key(kept)}
+        assert set(admin._watchers) == {natsadmin._conn_key(kept)}
+        # A deleted Agent's connection is opened again when asked for (its cleanup).
+        await admin.remove(gone)
+        assert len(admin._conns) == 2
+    finally:
+        await admin.close()

@@ -95,6 +95,9 @@ class FailingStreams:
     async def verify(self, agents: Iterable[common.AgentRef]) -> set[tuple[str, str]]:
         return {(a.namespace, a.name) for a in agents}
 
+    async def retain(self, agents: Iterable[common.AgentRef]) -> None:
+        pass
+
     def set_listener(self, listener: Any) -> None:
         pass
 
@@ -656,6 +659,29 @@ class Streams(FailingStreams):
 
     async def verify(self, agents: Iterable[common.AgentRef]) -> set[tuple[str, str]]:
         return set()
+
+
+class Retaining(Streams):
+    """NATS that answers; remembers which Agents each resync said are still there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.retained: list[set[tuple[str, str]]] = []
+
+    async def retain(self, agents: Iterable[common.AgentRef]) -> None:
+        self.retained.append({(a.namespace, a.name) for a in agents})
+
+
+async def test_each_resync_tells_the_nats_side_which_agents_are_there() -> None:
+    """So that it can close connections and drop reports of Agents that are gone."""
+    api = Recorder()
+    nats = Retaining()
+    async with running(api, nats, resync_seconds=0.2) as rec:
+        rec.agent_event("MODIFIED", agent_body())
+        await settle(rec)
+        await asyncio.sleep(0.5)  # resyncs
+        assert nats.retained
+        assert nats.retained[-1] == {("ml", "cartpole")}
 
 
 class RemovingStreams(Streams):

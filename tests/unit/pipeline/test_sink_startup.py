@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
+import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -68,3 +71,39 @@ def test_a_sigterm_while_postgres_is_away_exits_0_without_a_traceback(tmp_path: 
         assert "Traceback" not in sink.logs()
     finally:
         sink.stop()
+
+
+def test_an_idle_http_connection_is_dropped_with_its_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection that never sends a request (half-open after a node failure, a TCP
+    check holding it) must not keep a thread of the sink for good."""
+    monkeypatch.setattr(service, "HTTP_IDLE_SECONDS", 2.0)
+    svc = service.SinkService(
+        arrow_stream.ArrowStreamWriter(tmp_path, "cartpole"),
+        streams.ConnectOptions(servers=(_closed_port_url(),)),
+        service.ServiceConfig(namespace="ml", agent="cartpole", http_port=None),
+    )
+    server = service.serve_http(svc, "127.0.0.1", 0)
+    try:
+        port = server.server_address[1]
+        before = threading.active_count()
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]
+        try:
+            peak, deadline = before, time.monotonic() + 5
+            while peak < before + 20 and time.monotonic() < deadline:
+                peak = max(peak, threading.active_count())
+                time.sleep(0.01)
+            assert peak == before + 20  # one thread each, at first
+            deadline = time.monotonic() + 10
+            while threading.active_count() > before and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert threading.active_count() <= before
+        finally:
+            for sock in idle:
+                sock.close()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as answer:
+            assert answer.status == 200
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -1396,10 +1396,19 @@ def _listen_family(host: str) -> tuple[socket.AddressFamily, str]:
     return found[0][0], host
 
 
+# How long the sink's HTTP server waits for a request's lines before it drops the
+# connection (and its thread).
+HTTP_IDLE_SECONDS = 10.0
+
+
 def serve_http(service: SinkService, host: str, port: int) -> http.server.ThreadingHTTPServer:
     """Serve /metrics, /healthz (loop alive) and /readyz (consuming) in a thread."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
+        # A connection that sends nothing (half-open after a node failure, a TCP check
+        # that holds it) would hold its thread for good.
+        timeout = HTTP_IDLE_SECONDS
+
         def do_GET(self) -> None:
             if self.path == "/metrics":
                 body = prom.generate_latest(service.metrics.registry)
