@@ -805,6 +805,36 @@ class Toleration(SpecModel):
     )
 
 
+class KeyRef(SpecModel):
+    """One key of a Secret or ConfigMap in the Agent's namespace."""
+
+    name: str = Field(
+        min_length=1, max_length=253, pattern=_DNS_SUBDOMAIN, description="Object name."
+    )
+    key: str = Field(
+        min_length=1, max_length=253, pattern=_SECRET_KEY, description="Key within it."
+    )
+    optional: bool = Field(
+        default=False, description="Start the container without it when it is missing."
+    )
+
+
+class EnvVarSource(SpecModel):
+    """Where a variable's value comes from (see core/v1 EnvVarSource): a Secret's key
+    keeps a credential the Agent's environment needs out of the spec and the pod."""
+
+    rules = (
+        Rule(
+            cel=_one_of_cel("secretKeyRef", "configMapKeyRef"),
+            message="exactly one of secretKeyRef or configMapKeyRef must be set",
+            holds=_one_of("secret_key_ref", "config_map_key_ref"),
+        ),
+    )
+
+    secret_key_ref: KeyRef | None = Field(default=None, description="A key of a Secret.")
+    config_map_key_ref: KeyRef | None = Field(default=None, description="A key of a ConfigMap.")
+
+
 class EnvVar(SpecModel):
     """An extra environment variable for the runtime container."""
 
@@ -815,6 +845,12 @@ class EnvVar(SpecModel):
             holds=lambda e: e.name not in OPERATOR_ENV,
             field="name",
         ),
+        Rule(
+            cel="!has(self.valueFrom) || !has(self.value) || self.value == ''",
+            message="expected value or valueFrom, not both",
+            holds=lambda e: e.value_from is None or not e.value,
+            field="value",
+        ),
     )
 
     name: str = Field(
@@ -824,6 +860,18 @@ class EnvVar(SpecModel):
         description="Variable name.",
     )
     value: str = Field(default="", max_length=32768, description="Variable value.")
+    value_from: EnvVarSource | None = Field(
+        default=None, description="The value from a Secret's or a ConfigMap's key."
+    )
+
+    def manifest(self) -> dict[str, Any]:
+        """The variable as a container's env entry."""
+        if self.value_from is None:
+            return {"name": self.name, "value": self.value}
+        return {
+            "name": self.name,
+            "valueFrom": self.value_from.model_dump(by_alias=True, exclude_none=True),
+        }
 
 
 def _own_mount(path: str) -> str | None:

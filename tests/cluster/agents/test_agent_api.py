@@ -141,6 +141,20 @@ ACCEPTED = [
     },
     # Beside the operator's own env names, ports and mounts.
     {"template": {"env": [{"name": "A", "value": "1"}, {"name": "RELAYRL_NATS_URL"}]}},
+    # A credential the environment needs, from a Secret (or a ConfigMap) of the Agent's.
+    {
+        "template": {
+            "env": [
+                {"name": "SIM_KEY", "valueFrom": {"secretKeyRef": {"name": "sim", "key": "k"}}},
+                {
+                    "name": "SIM_HOST",
+                    "valueFrom": {
+                        "configMapKeyRef": {"name": "sim", "key": "host", "optional": True}
+                    },
+                },
+            ]
+        }
+    },
     {"environment": {"gymnasium": None, "remote": {"port": 6000}}},
     {"sinks": [{"arrow": {"path": "/tmp/trajectories"}}]},
 ]

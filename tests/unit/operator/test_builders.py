@@ -187,7 +187,10 @@ def test_template_overrides_reach_the_pod() -> None:
                     "runtimeClassName": "nvidia",
                     "serviceAccountName": "actors",
                     "resources": {"requests": {"cpu": "500m"}, "limits": {"memory": "2Gi"}},
-                    "env": [{"name": "EXTRA", "value": "1"}],
+                    "env": [
+                        {"name": "EXTRA", "value": "1"},
+                        {"name": "KEY", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}},
+                    ],
                     "labels": {"team": "rl"},
                     "annotations": {"note": "x"},
                 }
@@ -207,6 +210,10 @@ def test_template_overrides_reach_the_pod() -> None:
     assert "automountServiceAccountToken" not in podspec  # the account's own setting
     assert container["resources"] == {"requests": {"cpu": "500m"}, "limits": {"memory": "2Gi"}}
     assert {"name": "EXTRA", "value": "1"} in container["env"]
+    assert {
+        "name": "KEY",
+        "valueFrom": {"secretKeyRef": {"name": "s", "key": "k", "optional": False}},
+    } in container["env"]
     assert sts["spec"]["template"]["metadata"]["labels"]["team"] == "rl"
     assert sts["spec"]["template"]["metadata"]["annotations"]["note"] == "x"
 

@@ -26,7 +26,7 @@ def _env(agent: common.AgentRef, cfg: settings.Settings) -> list[dict[str, Any]]
     env.append({"name": constants.ENV_POD_CONFIG, "value": configmap.pod_config(agent)})
     template = agent.spec.template
     if template is not None:
-        env += [{"name": e.name, "value": e.value} for e in template.env]
+        env += [e.manifest() for e in template.env]
     return env
 
 
