@@ -655,6 +655,7 @@ class App:
                 endpoint.tcp_address(self.bind_host, env.remote.port),
                 max_frame_bytes=env.remote.max_frame_bytes,
                 max_clients=env.remote.max_clients,
+                max_actors=env.remote.max_actors,
                 client_idle_seconds=cfg.limits.remote_client_idle_seconds,
                 first_actor_id=endpoint.first_remote_id(cfg.pod_index),
             )

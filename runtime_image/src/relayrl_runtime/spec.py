@@ -450,6 +450,15 @@ class RemoteEnv(SpecModel):
     max_clients: int = Field(
         default=1024, ge=1, le=65536, description="Most remote clients served at once."
     )
+    max_actors: int = Field(
+        default=65536,
+        ge=1,
+        le=65536,
+        description=(
+            "Most actors the remote clients of one pod hold at once (all together): each"
+            " holds a trajectory buffer, so this bounds the pod's memory."
+        ),
+    )
 
 
 class PythonEnv(SpecModel):

@@ -565,3 +565,23 @@ def test_the_client_names_the_argument_that_does_not_fit(
             c.flag_last_action(ids, terminated=[True, False, True])
         c.request_action(ids, obs, reward=np.asarray([0.5]))  # one value for all
         assert c.flag_last_action(ids, reward=[1.0, 2.0]) == 2
+
+
+def test_the_pods_remote_actors_are_bounded_by_max_actors(models: dict[str, Path]) -> None:
+    """environment.remote.maxActors: the actors all clients of a pod hold together (each
+    has a trajectory buffer), so that a client cannot take the pod's memory."""
+    a = agent_mod.Agent(models["onnx"], actor_count=0, seed=0)
+    ep = endpoint.RemoteEndpoint(a, "tcp://127.0.0.1:0", max_actors=6)
+    address = ep.start()
+    try:
+        with client.RemoteClient(address, timeout=10) as c, client.RemoteClient(address) as d:
+            held = c.new_actors(4)
+            with pytest.raises(errors.RemoteError, match=r"expected at most 2 more actors") as e:
+                d.new_actors(3)
+            assert "environment.remote.maxActors" in str(e.value)
+            assert len(d.new_actors(2)) == 2
+            c.remove_actors(held)
+            assert len(d.new_actors(4)) == 4
+    finally:
+        ep.stop()
+        a.shutdown()

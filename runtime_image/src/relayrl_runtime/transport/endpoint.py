@@ -89,6 +89,7 @@ class RemoteEndpoint:
         *,
         max_frame_bytes: int = 1 << 20,
         max_clients: int = 1024,
+        max_actors: int = 65_536,
         client_idle_seconds: float = 60.0,
         first_actor_id: int = 0,
     ) -> None:
@@ -96,6 +97,7 @@ class RemoteEndpoint:
         self.bind = bind
         self.max_frame_bytes = max_frame_bytes
         self.max_clients = max_clients
+        self.max_actors = min(max_actors, MAX_REMOTE_ACTORS)
         self.client_idle_seconds = client_idle_seconds
         self.metrics = agent.metrics
         self._owners: dict[bytes, set[int]] = {}
@@ -560,11 +562,12 @@ class RemoteEndpoint:
                 )
             (count,) = _COUNT.unpack(req.frames[0])
             held = sum(len(owned) for owned in self._owners.values())
-            if held + count > MAX_REMOTE_ACTORS:
+            if held + count > self.max_actors:
                 raise errors.InvalidArgumentError.mismatch(
                     "NEW_ACTORS.count",
-                    f"at most {MAX_REMOTE_ACTORS - held} more actors "
-                    f"({MAX_REMOTE_ACTORS} for all remote clients, {held} held)",
+                    f"at most {self.max_actors - held} more actors "
+                    f"({self.max_actors} for all remote clients, environment.remote."
+                    f"maxActors; {held} held)",
                     count,
                 )
             left = self._actor_id_end - self._next_actor_id
