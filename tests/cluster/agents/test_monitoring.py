@@ -245,6 +245,7 @@ def test_alerts_fire_on_the_series_they_are_for_and_no_others(tmp_path: Path) ->
     rules.write_text(yaml.safe_dump(_without_annotations(rule_groups("relayrl-ci"))))
     errors = "relayrl_runtime_request_errors_total"
     sink_errors = "relayrl_sink_errors_total"
+    started = "relayrl_sink_start_time_seconds"
     pod = {"namespace": "fleet", "pod": "cp-actors-0"}
 
     def series(name: str, labels: dict[str, str], values: str) -> dict[str, str]:
@@ -297,12 +298,26 @@ def test_alerts_fire_on_the_series_they_are_for_and_no_others(tmp_path: Path) ->
                         {**sink, "pod": "cp-sink-arrow-3", "where": "stream-head-expired"},
                         "1x80",
                     ),
-                    # The same with a dead letter; and a pod whose old one stays at 1.
+                    # The same with a dead letter.
                     series(
                         "relayrl_sink_dead_letters_total",
                         {**sink, "pod": "cp-sink-arrow-4", "reason": "invalid_arrow"},
                         "1x80",
                     ),
+                    # A sink whose container restarted at 2h and found a loss again as it
+                    # started: its counter reads 1 before and after.
+                    series(
+                        sink_errors,
+                        {**sink, "pod": "cp-sink-arrow-5", "where": "stream-head-expired"},
+                        "1x150",
+                    ),
+                    # When each sink process started: all at 0, the restarted one again
+                    # at 2h (7200 s).
+                    *(
+                        series(started, {**sink, "pod": f"cp-sink-arrow-{i}"}, "0x150")
+                        for i in (0, 1, 2, 3, 4)
+                    ),
+                    series(started, {**sink, "pod": "cp-sink-arrow-5"}, "0x119 7200x30"),
                 ],
                 "alert_rule_test": [
                     # Failing for 5 minutes: not yet (the alert waits 10).
@@ -325,10 +340,28 @@ def test_alerts_fire_on_the_series_they_are_for_and_no_others(tmp_path: Path) ->
                         "alertname": "RelayRLStreamHeadExpired",
                         "exp_alerts": [
                             {"exp_labels": {"severity": "critical", **sink, "pod": pod_name}}
-                            for pod_name in ("cp-sink-arrow-2", "cp-sink-arrow-3")
+                            for pod_name in (
+                                "cp-sink-arrow-2",
+                                "cp-sink-arrow-3",
+                                "cp-sink-arrow-5",
+                            )
                         ],
                     },
-                    # An hour on, the new pod's loss is old news; the other's goes on.
+                    # The restarted sink's new loss, 10 minutes after its restart.
+                    {
+                        "eval_time": "2h10m",
+                        "alertname": "RelayRLStreamHeadExpired",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {
+                                    "severity": "critical",
+                                    **sink,
+                                    "pod": "cp-sink-arrow-5",
+                                }
+                            }
+                        ],
+                    },
+                    # An hour on, the new pods' losses are old news; the other's goes on.
                     {
                         "eval_time": "70m",
                         "alertname": "RelayRLStreamHeadExpired",

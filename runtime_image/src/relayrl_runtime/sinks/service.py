@@ -267,6 +267,16 @@ class SinkMetrics:
         )
         for where in ERROR_PLACES:
             self.errors.labels(kind, where)  # at 0 from the start: increase() sees the first
+        # What a sink finds as it starts (a loss, a dead letter) is counted before the
+        # first scrape: its counter starts above 0, or goes on where the process before
+        # it left off, and increase() sees nothing. The alerts also look at this.
+        self.start_time = prom.Gauge(
+            f"{PREFIX}_start_time_seconds",
+            "When this sink process started (seconds since the epoch).",
+            labels,
+            registry=r,
+        ).labels(kind)
+        self.start_time.set(time.time())
         self.kind = kind
 
 
