@@ -123,8 +123,12 @@ def start_stack(
     """
     directory.mkdir(parents=True, exist_ok=True)
     state = _read_state(directory)
-    if state:
-        _stop_recorded(directory, state)
+    if state and not _stop_recorded(directory, state):
+        # Starting would clear the directory under a stack that may still run.
+        raise StackError(
+            f"not started: a stack recorded in {directory / STATE_FILE} (older format) may"
+            f" still run there; stop it as said above, then remove {directory / STATE_FILE}"
+        )
     try:
         binaries.ensure_binaries()
     except binaries.BinariesError as err:
@@ -218,11 +222,13 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stop_recorded(directory: Path, state: dict[str, Any]) -> None:
-    """Stop the background process, then anything it recorded that is still alive.
+def _stop_recorded(directory: Path, state: dict[str, Any]) -> bool:
+    """Stop the background process, then anything it recorded that is still alive;
+    False when something was left running.
 
     Only processes the state file still names (:func:`recorded`) are signalled; a
-    running process that an older state file names is left alone, and said so.
+    running process that an older state file names is left alone, and said so: then
+    the state file, the cluster's data and the recorded directories stay too.
     """
     # Postgres needs a moment for its shutdown checkpoint.
     pids = [(int(state["pid"]), 60.0)]
@@ -236,13 +242,17 @@ def _stop_recorded(directory: Path, state: dict[str, Any]) -> None:
             print(_unchecked_note(directory, pid), file=sys.stderr)
             left_alone = True
     if left_alone:
-        print(f"the cluster's data in {directory / 'cluster'} is kept", file=sys.stderr)
-    else:
-        _remove_cluster_data(directory)
+        print(
+            f"the cluster's data in {directory / 'cluster'} and {directory / STATE_FILE} are kept",
+            file=sys.stderr,
+        )
+        return False
+    _remove_cluster_data(directory)
     for path in state.get("cleanup") or []:
         shutil.rmtree(path, ignore_errors=True)
     with contextlib.suppress(FileNotFoundError):
         (directory / STATE_FILE).unlink()
+    return True
 
 
 def _remove_cluster_data(directory: Path) -> None:

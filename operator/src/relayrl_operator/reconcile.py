@@ -971,7 +971,8 @@ def _spec_to_clean_up(key: Key, raw_spec: Mapping[str, Any]) -> spec.AgentSpec |
         # An edit the CRD took and the operator refused (or a spec stored before a
         # stricter rule): its NATS section alone says where the stream is.
         try:
-            nats_spec = spec.parse_nats(raw_spec)
+            # Credentials in the URL, refused since, are what this connection needs.
+            nats_spec = spec.parse_nats(raw_spec, url_credentials=True)
         except spec.InvalidSpecError as nats_err:
             log.warning(
                 "agent %s/%s: deleting with an invalid NATS section; its stream and"

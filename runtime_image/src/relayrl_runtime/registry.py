@@ -148,8 +148,11 @@ def pack(directory: Path) -> tuple[bytes, model.ModelMetadata]:
     model.read_metadata(directory)  # a missing or invalid file, said before any reading
     for attempt in range(1, PACK_ATTEMPTS + 1):
         before = _listing(directory)
-        contents = {arcname: path.read_bytes() for arcname, (path, _) in before.items()}
-        if _listing(directory) == before:
+        try:
+            contents = {arcname: path.read_bytes() for arcname, (path, _) in before.items()}
+        except FileNotFoundError:  # renamed over or removed since the listing: changed
+            contents = None
+        if contents is not None and _listing(directory) == before:
             break
         if attempt == PACK_ATTEMPTS:
             raise errors.ModelMetadataError(
@@ -158,6 +161,7 @@ def pack(directory: Path) -> tuple[bytes, model.ModelMetadata]:
                 " into place)"
             )
         time.sleep(PACK_RETRY_SECONDS)
+    assert contents is not None
     text = contents.get(model.METADATA_FILE)
     if text is None:
         raise errors.ModelMetadataError(

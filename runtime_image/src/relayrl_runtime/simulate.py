@@ -66,23 +66,37 @@ class Summary:
 
 
 def _connect(
-    address: str, envs: int, connect_timeout: float
-) -> tuple[client.RemoteClient, list[int]]:
-    """A client with `envs` actors, retrying while the runtime is not there yet."""
+    address: str, envs: int, connect_timeout: float, stop: threading.Event
+) -> tuple[client.RemoteClient, list[int]] | None:
+    """A client with `envs` actors, retrying while the runtime is not there yet or has
+    no room for them (another client's actors not yet gone); None once `stop` is set."""
     deadline = time.monotonic() + connect_timeout
     delay = 0.5
-    while True:
+    while not stop.is_set():
         remote = client.RemoteClient(address, timeout=5.0)
         try:
             return remote, remote.new_actors(envs)
-        except TimeoutError:
+        except (TimeoutError, errors.RemoteError) as err:
             remote.close()
+            if isinstance(err, errors.RemoteError) and err.kind != "invalid_argument":
+                raise
             if time.monotonic() + delay > deadline:
                 raise TimeoutError(
-                    f"no runtime answered at {address} within {connect_timeout:.0f} s"
+                    f"no runtime took {envs} actors at {address} within"
+                    f" {connect_timeout:.0f} s (last: {err})"
                 ) from None
-            time.sleep(delay)
+            stop.wait(delay)
             delay = min(delay * 2, 5.0)
+    return None
+
+
+def _let_go(remote: client.RemoteClient, ids: list[int]) -> None:
+    """Remove the actors, if the runtime still has them (it was only slow), so that
+    they do not count against its bounds until the idle timeout; close the client."""
+    remote.timeout_ms = 1000
+    with contextlib.suppress(Exception):
+        remote.remove_actors(ids)
+    remote.close()
 
 
 def _runtime_gone(err: Exception) -> bool:
@@ -119,7 +133,13 @@ def run(
     except gymnasium.error.Error as err:
         raise ValueError(f"env: {env_id!r}: {err}") from err
     obs = np.stack([env.reset(seed=seed + i)[0] for i, env in enumerate(copies)])
-    remote, ids = _connect(address, envs, connect_timeout)
+    connected = _connect(address, envs, connect_timeout, stop)
+    if connected is None:  # stopped before the runtime answered
+        for env in copies:
+            env.close()
+        print(Summary().line("done"), file=out, flush=True)
+        return Summary()
+    remote, ids = connected
     summary = Summary(actor_ids=ids)
     rewards = np.zeros(envs)
     returns = np.zeros(envs)
@@ -143,8 +163,12 @@ def run(
                 # The runtime restarted or is away: its actors (and their episodes)
                 # are gone. New ones, from the start of new episodes.
                 print(summary.line("reconnecting", str(err)), file=out, flush=True)
-                remote.close()
-                remote, ids = _connect(address, envs, connect_timeout)
+                _let_go(remote, ids)
+                connected = _connect(address, envs, connect_timeout, stop)
+                if connected is None:
+                    ids = []
+                    break
+                remote, ids = connected
                 summary.actor_ids = ids
                 summary.reconnects += 1
                 print(summary.line("reconnected"), file=out, flush=True)

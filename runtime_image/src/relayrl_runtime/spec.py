@@ -1298,10 +1298,13 @@ def check_name(name: str) -> None:
         raise InvalidSpecError.from_validation_error(err, root="metadata") from None
 
 
-def parse_nats(spec: Mapping[str, Any]) -> NatsSpec:
+def parse_nats(spec: Mapping[str, Any], *, url_credentials: bool = False) -> NatsSpec:
     """Just a spec's `trajectories.nats` (its defaults where the spec leaves it out):
     where an Agent's stream is, even when the rest of its spec is invalid. Errors are
-    rooted at `spec.trajectories.nats`."""
+    rooted at `spec.trajectories.nats`.
+
+    `url_credentials`: take user info in the URL, as Agents stored before that was
+    refused have it (their cleanup connects with it)."""
     section: Any = spec
     path = "spec"
     for key in ("trajectories", "nats"):
@@ -1311,7 +1314,11 @@ def parse_nats(spec: Mapping[str, Any]) -> NatsSpec:
             section = {}
         elif not isinstance(section, Mapping):
             raise InvalidSpecError([(path, f"expected a mapping, got {type(section).__name__}")])
+    url = section.get("url")
     try:
+        if url_credentials and isinstance(url, str) and re.search(_USER_INFO, url):
+            bare = NatsSpec.model_validate({**section, "url": re.sub(_USER_INFO, "://", url)})
+            return bare.model_copy(update={"url": url})
         return NatsSpec.model_validate(section)
     except pydantic.ValidationError as err:
         raise InvalidSpecError.from_validation_error(err, root=path) from None

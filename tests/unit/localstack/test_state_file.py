@@ -103,7 +103,14 @@ def test_an_older_state_file_is_not_signalled_and_down_says_so(
     assert "older format" in down.stderr
     assert f"kill -TERM -- -{pid}" in down.stderr
     assert bystander.poll() is None, "down signalled a process it could not check"
-    # What may still be in use is kept.
+    # What may still be in use is kept, the state file too.
+    assert (tmp_path / "cluster" / "etcd" / "member" / "snap" / "db").exists()
+    assert (tmp_path / cli.STATE_FILE).exists()
+    # And `up` refuses to start over it (it would clear the directory under it).
+    up = _cli("up", tmp_path)
+    assert up.returncode == 1
+    assert "not started: a stack recorded in" in up.stderr
+    assert bystander.poll() is None
     assert (tmp_path / "cluster" / "etcd" / "member" / "snap" / "db").exists()
 
 

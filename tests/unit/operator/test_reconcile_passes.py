@@ -418,6 +418,20 @@ async def test_a_claim_of_another_owner_under_the_sinks_name_is_left_alone() -> 
         assert [p["metadata"].get("finalizers") for p in api.patches] == [[]]
 
 
+async def test_deleting_an_agent_with_credentials_in_its_nats_url_removes_its_stream() -> None:
+    """Stored before user info in the URL was refused: its cleanup connects with them."""
+    api = Recorder()
+    nats = RemovingStreams()
+    async with running(api, nats) as rec:
+        body = agent_body()
+        body["spec"]["trajectories"]["nats"]["url"] = "nats://relay:s3cret@nats:4222"
+        body["metadata"]["deletionTimestamp"] = "2026-11-22T12:00:00Z"
+        rec.agent_event("MODIFIED", body)
+        await settle(rec)
+        assert nats.removed == [("nats://relay:s3cret@nats:4222", "cartpole")]
+        assert api.patches[-1]["metadata"]["finalizers"] == []
+
+
 async def test_deleting_an_agent_the_operator_refused_removes_its_stream() -> None:
     """The CRD takes edits the operator refuses (e.g. kwargs over 32 KiB): the Agent is
     Failed, but its NATS section still says where its stream and bucket are."""

@@ -156,8 +156,11 @@ def test_names_past_63_bytes_go_to_their_own_columns() -> None:
     ("dsn", "secret", "said"),
     [
         ("postgresql://relay:Pa%ssw0rdSECRET@127.0.0.1:1/db", "ssw0rdSECRET", "cannot be parsed"),
-        ("postgresql://relay:Pa@ssw0rdSECRET@127.0.0.1:1/db", "ssw0rdSECRET", "host holds '@'"),
+        ("postgresql://relay:Pa@ssw0rdSECRET@127.0.0.1:1/db", "ssw0rdSECRET", "holds '@'"),
         ("host=127.0.0.1 password=my SECRETpass", "SECRETpass", "cannot be parsed"),
+        ("postgresql://relay:S3cr/etPassw0rd@127.0.0.1:5432/app", "etPassw0rd", "holds '@'"),
+        ("postgresql://relay:S3cr/x@127.0.0.1/app", "S3cr/x", "holds '@'"),
+        ("postgresql://127.0.0.1:S3cr3t/app", "S3cr3t", "port is not a number"),
     ],
 )
 def test_a_dsn_that_cannot_be_used_is_said_without_its_password(

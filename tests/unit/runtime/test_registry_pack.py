@@ -151,3 +151,28 @@ def test_push_refuses_a_model_that_does_not_load_before_connecting(
     assert "not reachable" not in said
     assert cli.main([*argv, "--no-check"]) == 2
     assert "not reachable within 0.5s" in capsys.readouterr().err
+
+
+def test_a_file_renamed_away_while_the_directory_is_read_is_read_again(
+    models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A trainer's atomic write (a temporary file renamed over the graph) landing between
+    the listing and the read: the directory changed, and is read again."""
+    directory = tmp_path / "m"
+    shutil.copytree(models["onnx"], directory)
+    graph = directory / model.read_metadata(directory).graph_file()
+    new_graph = graph.read_bytes() + b"v2"
+    (directory / "model.onnx.tmp").write_bytes(new_graph)
+    real_read = Path.read_bytes
+    monkeypatch.setattr(registry, "PACK_RETRY_SECONDS", 0.0)
+
+    def read_bytes(self: Path) -> bytes:
+        if self.name == "model.onnx.tmp":
+            os.replace(self, graph)  # gone now: the read below fails
+        return real_read(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    data, _ = registry.pack(directory)
+    archived = _archived(data)
+    assert archived[graph.name] == new_graph
+    assert "model.onnx.tmp" not in archived

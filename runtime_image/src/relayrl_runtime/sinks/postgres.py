@@ -166,10 +166,16 @@ def checked_dsn(dsn: str) -> dict[str, Any]:
             " (as %25, %40, %2F, %3A, %3F); in the key=value form quote values with"
             " spaces (password='...')"
         ) from None
-    if "@" in str(parts.get("host") or ""):
+    if any("@" in str(parts.get(name) or "") for name in ("host", "port", "dbname")):
         raise DsnError(
-            "postgres: the DSN's host holds '@' (not shown: the password's end may be in"
-            " it): percent-encode '@' in the password as %40"
+            "postgres: the DSN's host, port or database name holds '@' (not shown: the"
+            " password's end may be in it): percent-encode '@' in the password as %40"
+            " and '/' as %2F"
+        )
+    if not all(p.strip().isdigit() for p in str(parts.get("port") or "5432").split(",")):
+        raise DsnError(
+            "postgres: the DSN's port is not a number (not shown: it may be part of the"
+            " password): percent-encode the password's '/', ':' and '@' (%2F, %3A, %40)"
         )
     return parts
 
