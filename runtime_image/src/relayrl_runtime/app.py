@@ -115,7 +115,9 @@ class App:
         # The global actor indices this process runs: its slice, or under a slice
         # handover the part of it that it ran before (config.slice_handover).
         self._actors: list[int] = []
-        self._nc: Any = None
+        # The registry's and the status reports' connection (made anew with the
+        # credentials read again when NATS refuses them: a rotated Secret).
+        self._conn: streams.RenewingConnection | None = None
         self._source_task: asyncio.Future[driver.DriverStats] | None = None
 
     @property
@@ -214,9 +216,9 @@ class App:
             code = 2
         finally:
             code = await self._drain(tasks, code)
-            if self._nc is not None:
+            if self._conn is not None:
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(self._nc.close(), _NATS_CLOSE_SECONDS)
+                    await asyncio.wait_for(self._conn.close(), _NATS_CLOSE_SECONDS)
             await server.close()
             if cache_dir is not None:
                 shutil.rmtree(cache_dir, ignore_errors=True)
@@ -398,15 +400,16 @@ class App:
         poll = self.cfg.reload.poll_seconds
         if m.uri.startswith(registry.SCHEME + "://"):
             ref = registry.ModelRef.parse(m.uri, m.version)
+            conn = streams.RenewingConnection(self._nats_options, deadline=_NATS_CONNECT_SECONDS)
             try:
-                nc = await streams.connect(self._nats_options(), deadline=_NATS_CONNECT_SECONDS)
+                await conn.open()
             except streams.ConnectError as err:
                 raise errors.ModelLoadError(f"model registry: {err}") from err
-            self._nc = nc
+            self._conn = conn
             delay = _MODEL_WAIT_SECONDS
             while True:
                 try:
-                    path, entry = await registry.fetch(nc, ref, cache)
+                    path, entry = await registry.fetch(conn.current, ref, cache)
                     break
                 except (
                     errors.ModelMissingError,
@@ -430,7 +433,11 @@ class App:
             log.info("model %s version %s fetched from the registry", ref.key, entry.version)
 
             def registry_watcher(a: agent_mod.Agent) -> reload.RegistryWatcher:
-                return reload.RegistryWatcher(a, nc, ref, cache, poll, entry.digest, path)
+                watcher = reload.RegistryWatcher(
+                    a, conn.current, ref, cache, poll, entry.digest, path
+                )
+                conn.on_renew.append(lambda nc: setattr(watcher, "nc", nc))
+                return watcher
 
             return path, registry_watcher
         path = Path(m.uri.removeprefix("file://"))
@@ -525,19 +532,21 @@ class App:
 
     async def _report(self) -> None:
         """Report this pod's status to NATS (its own connection unless one is open)."""
-        nc = self._nc
-        own = nc is None
-        if own:
-            nc = await streams.connect(self._nats_options())
+        conn = self._conn
+        own = conn is None
+        if conn is None:
+            conn = streams.RenewingConnection(self._nats_options, deadline=None)
+            await conn.open()
         try:
-            self.reporter = reporting.Reporter(
-                nc.jetstream(), self.cfg.namespace, self.cfg.agent, self._snapshot
+            reporter = self.reporter = reporting.Reporter(
+                conn.current.jetstream(), self.cfg.namespace, self.cfg.agent, self._snapshot
             )
-            await self.reporter.run()
+            conn.on_renew.append(lambda nc: setattr(reporter, "js", nc.jetstream()))
+            await reporter.run()
         finally:
             if own:
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(nc.close(), _NATS_CLOSE_SECONDS)
+                    await asyncio.wait_for(conn.close(), _NATS_CLOSE_SECONDS)
 
     # -------------------------------------------------------------- live config
 

@@ -244,6 +244,7 @@ class Reporter:
     async def run(self) -> None:
         """Report until cancelled."""
         kv: Any = None
+        kv_of: Any = None  # the JetStream context kv was opened on
         # What the last report said that is sent again at once when it changes.
         sent: tuple[int | None, Refusal | None, str | None] | None = None
         sent_at: float | None = None
@@ -258,8 +259,8 @@ class Reporter:
             )
             if due:
                 try:
-                    if kv is None:
-                        kv = await ensure_bucket(self.js)
+                    if kv is None or kv_of is not self.js:  # a connection made anew
+                        kv, kv_of = await ensure_bucket(self.js), self.js
                     await put_report(kv, self.namespace, self.agent, report)
                 except (nats.errors.Error, TimeoutError, OSError) as err:
                     failures += 1

@@ -567,6 +567,112 @@ async def connect(
     return nc
 
 
+# NATS refusing a connection's credentials this many times in a row has it made anew,
+# its options read again (a rotated Secret).
+AUTH_REFUSALS: Final = 3
+_CLOSE_SECONDS: Final = 5.0
+
+
+def refuses_credentials(err: Exception) -> bool:
+    """Whether nats-py reports the server refusing the connection's credentials."""
+    text = str(err).lower()
+    return isinstance(err, nats.errors.AuthorizationError) or any(
+        t in text
+        for t in ("authorization violation", "authentication expired", "authentication revoked")
+    )
+
+
+class RenewingConnection:
+    """A NATS connection that is made anew, with its options read again, once NATS has
+    refused its credentials `AUTH_REFUSALS` times in a row: nats-py's own reconnects
+    keep the credentials it started with, so a rotated Secret would end it for good.
+
+    `current` is the connection to use now; `on_renew` callbacks get the new one.
+    """
+
+    def __init__(self, options: Callable[[], ConnectOptions], *, deadline: float | None) -> None:
+        self._options = options
+        self._deadline = deadline
+        self._nc: NATS | None = None
+        self._refusals = 0
+        self._renewing: asyncio.Task[None] | None = None
+        self._closed = False
+        self.on_renew: list[Callable[[NATS], None]] = []
+
+    @property
+    def current(self) -> NATS:
+        assert self._nc is not None, "open() first"
+        return self._nc
+
+    async def open(self) -> NATS:
+        """Connect (ConnectError past the deadline)."""
+        self._nc = await self._connect()
+        return self._nc
+
+    async def _connect(self) -> NATS:
+        self._refusals = 0
+        made: list[NATS] = []
+
+        async def gone() -> None:
+            # nats-py gave the connection up (a server reload that changed the
+            # credentials ends it at once): make it anew, unless that is under way.
+            if made and made[0] is self._nc and not self._closed and self._renewing is None:
+                log.warning("nats: the connection was closed; connecting again")
+                self._renewing = asyncio.get_running_loop().create_task(self._renew())
+
+        nc = await connect(
+            self._options(), deadline=self._deadline, error_cb=self._error, closed_cb=gone
+        )
+        made.append(nc)
+        return nc
+
+    async def _error(self, err: Exception) -> None:
+        if not refuses_credentials(err) or self._closed:
+            return
+        self._refusals += 1
+        if self._refusals == AUTH_REFUSALS and self._renewing is None:
+            log.warning("nats: the server refuses the credentials; reading them again")
+            # Not awaited: nats-py's reconnect loop awaits this callback, and closing
+            # the connection cancels that loop.
+            self._renewing = asyncio.get_running_loop().create_task(self._renew())
+
+    async def _renew(self) -> None:
+        old = self._nc
+        try:
+            if old is not None:
+                # nats-py flushes what is pending first, into a dead socket: whatever
+                # that raises, the connection is done with.
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(old.close(), _CLOSE_SECONDS)
+            delay = 0.5
+            while not self._closed:
+                try:
+                    nc = await self._connect()
+                except Exception as err:  # ConnectError, or options that do not read
+                    log.warning("nats: connecting again failed (%s); again in %.1fs", err, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 30.0)
+                    continue
+                self._nc = nc
+                log.info("nats: connected again, with the credentials read again")
+                for callback in self.on_renew:
+                    callback(nc)
+                return
+        finally:
+            self._renewing = None
+
+    async def close(self) -> None:
+        """Close the connection (and stop renewing it)."""
+        self._closed = True
+        if self._renewing is not None:
+            self._renewing.cancel()
+            with contextlib.suppress(BaseException):
+                await self._renewing
+        if self._nc is not None:
+            with contextlib.suppress(Exception):
+                await self._nc.close()
+
+
 def nats_spec_options(
     nats_spec: spec.NatsSpec,
     environ: Mapping[str, str] | None = None,

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import datetime
 import multiprocessing
+import os
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -875,3 +877,61 @@ async def test_a_download_cut_off_leaves_no_consumer_behind(
         assert len(nc._subs) == subs
     finally:
         await nc.close()
+
+
+_PUSH = (str(helpers.RUNTIME), "model", "push")
+
+
+def test_the_registry_and_reports_follow_rotated_credentials(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    """The NATS password rotated (the Secret and the server changed together): the
+    registry's and the status reports' connection is made anew with the credentials
+    read again, so a version pushed after the rotation is loaded and reported."""
+    auth = 'authorization {{ user: actor, password: "{}" }}'
+    creds = tmp_path / "nats-credentials"
+    creds.mkdir()
+    (creds / streams.SECRET_KEY_USER).write_text("actor")
+    (creds / streams.SECRET_KEY_PASSWORD).write_text("first")
+    with natsserver.NatsServer(extra_config=auth.format("first")) as srv:
+
+        def push(directory: Path, password: str) -> None:
+            done = subprocess.run(
+                [*_PUSH, str(directory), "--nats", srv.url, "--bucket", "m13", "--name", "cp"],
+                env={**os.environ, "RELAYRL_NATS_USER": "actor", "RELAYRL_NATS_PASSWORD": password},
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            assert done.returncode == 0, done.stderr
+
+        push(models["onnx"], "first")
+        cfg = _config("rotate", "objectstore://m13/cp", srv.url, tmp_path, reload=_POLL)
+        cfg["namespace"] = "ns"
+        cfg["trajectories"] = {"nats": {"url": srv.url, "credentialsSecret": {"name": "nats"}}}
+        proc, _ = _pod(tmp_path, cfg, srv.url, env={streams.ENV_NATS_CREDENTIALS_DIR: str(creds)})
+        try:
+            proc.wait_ready()
+            (creds / streams.SECRET_KEY_PASSWORD).write_text("second")
+            srv.config_file.write_text(
+                srv.config_file.read_text().replace(auth.format("first"), auth.format("second"))
+            )
+            assert srv.proc is not None
+            srv.proc.send_signal(signal.SIGHUP)  # nats-server reloads its config
+            push(models["onnx_v2"], "second")
+            helpers.wait_for_model(proc, 2)
+
+            async def reported() -> int | None:
+                nc = await nats.connect(srv.url, user="actor", password="second")
+                try:
+                    found = await reporting.read_reports(nc.jetstream(), "ns", "rotate")
+                finally:
+                    await nc.close()
+                report = found.get("rotate-0")
+                return None if report is None else report.model_version
+
+            helpers.wait_for("version 2 reported", lambda: asyncio.run(reported()) == 2)
+            assert proc.terminate() == 0, proc.logs()
+        finally:
+            proc.kill()
