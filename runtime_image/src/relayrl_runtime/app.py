@@ -140,6 +140,13 @@ class App:
             and not remote.stopping
         ):
             return False, "the remote endpoint stopped serving"
+        env_call = None if self._driver is None else self._driver.env_call_since
+        limit = self.cfg.limits.env_call_seconds
+        if env_call is not None and time.monotonic() - env_call > limit:
+            return False, (
+                f"the environment's step or reset has not returned for"
+                f" {time.monotonic() - env_call:.0f} s (limits.envCallSeconds: {limit:.0f})"
+            )
         return True, "ok"
 
     def ready(self) -> tuple[bool, str]:
@@ -706,7 +713,9 @@ class App:
             # Started during a slice handover: no actors yet, but the environment must
             # be one that can be made (else the pod would be ready, running none).
             await asyncio.to_thread(lambda: make_env(1).close())
-        drv = driver.EnvDriver(agent, venv, ids, seed=cfg.policy.seed, make_env=make_env)
+        drv = driver.EnvDriver(
+            agent, venv, ids, seed=cfg.policy.seed, make_env=make_env, source=source
+        )
         self._driver = drv
 
         def run() -> driver.DriverStats:

@@ -105,6 +105,14 @@ class RunLimits(spec.SpecModel):
             "removed and their partial trajectories flushed."
         ),
     )
+    env_call_seconds: float = Field(
+        default=600.0,
+        gt=0,
+        description=(
+            "An environment step or reset running longer than this fails /healthz (the"
+            " pod's liveness probe): a hung environment gets its pod restarted."
+        ),
+    )
 
 
 class LogFormat(enum.StrEnum):

@@ -92,6 +92,12 @@ class DeviceUnavailableError(ModelLoadError):
     kind = "device_unavailable"
 
 
+class EnvironmentFailedError(RelayRLError):
+    """The environment raised, hung or returned what cannot be recorded (its source named)."""
+
+    kind = "environment"
+
+
 class AgentClosedError(RelayRLError):
     """The agent was shut down."""
 

@@ -158,6 +158,11 @@ class RuntimeMetrics:
             "Env observations (rows) holding NaN or infinity, recorded and acted on as given.",
             registry=r,
         )
+        self.nonfinite_rewards = prom.Counter(
+            f"{PREFIX}_nonfinite_rewards",
+            "Env rewards that are NaN or infinite, recorded as given.",
+            registry=r,
+        )
         self.remote_requests = prom.Counter(
             f"{PREFIX}_remote_requests", "Remote frames served by op.", ["op"], registry=r
         )

@@ -288,6 +288,69 @@ def test_drain_that_overruns_exits_3_and_keeps_what_was_recorded(
     assert '"msg": "drained: trajectories flushed, sink closed"' in logs
 
 
+def test_a_hung_env_fails_the_liveness_probe(models: dict[str, Path], tmp_path: Path) -> None:
+    """A step that never returns: /healthz (the pod's liveness probe) fails once it has
+    run for limits.envCallSeconds, so the kubelet restarts the pod."""
+    (tmp_path / "stuck_env.py").write_text(_STUCK_ENV)
+    cfg = _config(models["onnx"], "onnx", tmp_path / "out", drainSeconds=4)
+    cfg["limits"] = {"envCallSeconds": 1}
+    cfg["environment"] = {
+        "python": {"entryPoint": "stuck_env:StuckEnv", "envsPerActor": 1, "kwargs": {"steps": 50}}
+    }
+    proc = helpers.RuntimeProcess(tmp_path, cfg, env={"PYTHONPATH": str(tmp_path)})
+    try:
+        proc.wait_ready()
+        helpers.wait_for(
+            "the probe to fail", lambda: helpers.http_get(proc.port, "/healthz")[0] == 503
+        )
+        body = helpers.http_get(proc.port, "/healthz")[1]
+        assert "has not returned for" in body, body
+        assert "limits.envCallSeconds: 1" in body, body
+        assert proc.terminate() == 3
+    finally:
+        proc.kill()
+
+
+_RAISING_ENV = """
+import numpy as np
+
+
+class RaisingEnv:
+    def __init__(self, steps, reward=1.0):
+        self.left, self.reward = steps, reward
+
+    def reset(self, seed=None, options=None):
+        return np.zeros(4, dtype=np.float32), {}
+
+    def step(self, action):
+        if self.left == 0:
+            raise KeyError("the simulator lost its state")
+        self.left -= 1
+        return np.zeros(4, dtype=np.float32), self.reward, False, False, {}
+"""
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "said"),
+    [
+        ({"steps": 20}, "step: KeyError: 'the simulator lost its state'"),
+        ({"steps": 20, "reward": "x"}, "step: reward: expected a number, got str 'x'"),
+    ],
+)
+def test_an_env_that_raises_ends_the_run_with_exit_2_naming_it(
+    models: dict[str, Path], tmp_path: Path, kwargs: dict[str, object], said: str
+) -> None:
+    (tmp_path / "raising_env.py").write_text(_RAISING_ENV)
+    cfg = _config(models["onnx"], "onnx", tmp_path / "out")
+    cfg["environment"] = {"python": {"entryPoint": "raising_env:RaisingEnv", "kwargs": kwargs}}
+    proc = helpers.RuntimeProcess(tmp_path, cfg, env={"PYTHONPATH": str(tmp_path)})
+    try:
+        assert proc.proc.wait(60) == 2, proc.logs()
+    finally:
+        proc.kill()
+    assert f"environment.python 'raising_env:RaisingEnv': {said}" in proc.logs()
+
+
 def test_sigterm_while_starting_is_heeded(models: dict[str, Path], tmp_path: Path) -> None:
     # The model comes from a registry whose NATS is not there: start-up would keep
     # trying to connect for a minute. SIGTERM ends it at once, cleanly.

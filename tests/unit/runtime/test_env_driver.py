@@ -77,7 +77,10 @@ def test_a_step_the_env_raised_in_is_not_recorded(models: dict[str, Path], tmp_p
     a = agent_mod.Agent(models["onnx"], actor_count=2, sink=sink)
     env = Counting(2, length=100, raise_at=4)
     drv = driver.EnvDriver(a, env, [0, 1], seed=0)
-    with pytest.raises(RuntimeError, match="crashed"):
+    with pytest.raises(
+        errors.EnvironmentFailedError,
+        match="environment: step: RuntimeError: the simulator crashed",
+    ):
         drv.run(max_steps=100)
     drv.end_episodes()  # what the runtime does on its way out
     a.shutdown()
@@ -220,7 +223,7 @@ def test_a_resize_whose_new_env_fails_at_reset_changes_nothing(
     first = drv.run(max_steps=10)
     failing["on"] = True
     for wanted in ([10], [10, 11, 12]):
-        with pytest.raises(RuntimeError, match="licence"):
+        with pytest.raises(errors.EnvironmentFailedError, match="licence"):
             drv.resize(wanted)
         assert a.get_actor_ids() == [10, 11]
         assert drv.actor_ids.tolist() == [10, 11]
@@ -336,3 +339,84 @@ def test_discrete_actions_must_be_numbered_from_zero() -> None:
         driver.check_spaces(env, _layout("discrete", 2), "environment.python 'm:f'")
     # An env without spaces is taken as it is.
     driver.check_spaces(driver.ScalarEnvs([object()]), _layout("discrete", 5), "x")
+
+
+class Rewarding(Counting):
+    """Counting, with the rewards of each step given by `reward(step)`."""
+
+    def __init__(self, n: int, reward: Any) -> None:
+        super().__init__(n, length=1000)
+        self.reward = reward
+
+    def step(self, actions: Any) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
+        obs, _, done, truncated, info = super().step(actions)
+        return obs, self.reward(self.steps), done, truncated, info
+
+
+def test_rewards_nan_or_infinite_are_counted_and_said(
+    models: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    a = agent_mod.Agent(models["onnx"], actor_count=2)
+    env = Rewarding(2, lambda step: np.array([np.nan if step % 2 else 1.0, np.inf]))
+    drv = driver.EnvDriver(a, env, [0, 1], seed=0, source="environment.python 'sim:make'")
+    drv.run(max_steps=20)
+    counted = a.metrics.registry.get_sample_value("relayrl_runtime_nonfinite_rewards_total")
+    assert counted == 15  # 10 steps: 5 NaN and 10 infinite
+    assert "environment.python 'sim:make': rewards NaN or infinite for actors [0, 1]" in caplog.text
+    a.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("reward", "said"),
+    [
+        (lambda step: "x", r"reward: expected numbers, one per env copy, got str"),
+        (
+            lambda step: np.zeros(3),
+            r"reward\.shape: expected \[2\] \(one per env copy\), got \[3\]",
+        ),
+    ],
+)
+def test_rewards_that_cannot_be_recorded_name_the_source(
+    models: dict[str, Path], reward: Any, said: str
+) -> None:
+    a = agent_mod.Agent(models["onnx"], actor_count=2)
+    drv = driver.EnvDriver(
+        a, Rewarding(2, reward), [0, 1], seed=0, source="environment.python 'sim:make'"
+    )
+    with pytest.raises(
+        errors.EnvironmentFailedError, match=rf"^environment.python 'sim:make': step: {said}"
+    ):
+        drv.run(max_steps=20)
+    a.shutdown()
+
+
+def test_an_env_call_in_progress_is_timed(models: dict[str, Path]) -> None:
+    """What the liveness probe looks at: since when a step (or reset) has been running."""
+    release = threading.Event()
+
+    class Hangs(Counting):
+        def step(self, actions: Any) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
+            if self.steps == 3:
+                release.wait(30)
+            return super().step(actions)
+
+    a = agent_mod.Agent(models["onnx"], actor_count=2)
+    drv = driver.EnvDriver(a, Hangs(2, length=100), [0, 1], seed=0)
+    stop = threading.Event()
+    runner = threading.Thread(target=lambda: drv.run(stop=stop))
+    runner.start()
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            since = drv.env_call_since
+            if since is not None and time.monotonic() - since > 0.5:
+                break
+            time.sleep(0.05)
+        assert drv.env_call_since is not None
+        assert time.monotonic() - drv.env_call_since > 0.5
+    finally:
+        stop.set()
+        release.set()
+        runner.join(30)
+    assert drv.env_call_since is None
+    a.shutdown()

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from relayrl_runtime import agent as agent_mod
-from relayrl_runtime import spec
+from relayrl_runtime import errors, spec
 from relayrl_runtime.envs import driver, gym
 from relayrl_runtime.inference import export, loader, model, onnx, policy
 from relayrl_runtime.sinks import local
@@ -157,7 +157,7 @@ def test_a_resize_whose_env_factory_fails_changes_nothing(
     failing["on"] = True
     # Both removes (the vector env is rebuilt without 12, 13) and adds (20): nothing
     # of it may happen when a new env cannot be made.
-    with pytest.raises(RuntimeError, match="licence"):
+    with pytest.raises(errors.EnvironmentFailedError, match="licence"):
         drv.resize([10, 11, 20])
     assert a.get_actor_ids() == [10, 11, 12, 13]
     second = drv.run(max_steps=50)  # steps on with the actors it had

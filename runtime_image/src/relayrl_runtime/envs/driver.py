@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import numpy as np
@@ -101,7 +102,13 @@ class EnvDriver:
         *,
         seed: int | None = None,
         make_env: EnvFactory | None = None,
+        source: str = "environment",
     ) -> None:
+        self.source = source  # its errors name it (e.g. "environment.python 'pkg:make'")
+        # When the env call running now (a step or a reset) began (monotonic): the
+        # liveness probe fails for one that does not return.
+        self.env_call_since: float | None = None
+        self._nonfinite_rewards_seen = 0
         ids = np.asarray(actor_ids, dtype=np.int64).reshape(-1)
         count = 0 if env is None else env.num_envs
         if ids.shape != (count,):
@@ -218,10 +225,12 @@ class EnvDriver:
         first_obs: list[Any] = []
         try:
             for ids in [*rebuilt, *([added] if added else [])]:
-                fresh.append(self._new_block(ids))
+                with self._env_call("make"):
+                    fresh.append(self._new_block(ids))
                 # Reset here too: an env that fails at its reset fails the resize
                 # before anything changed, as one that fails to be made does.
-                first_obs.append(fresh[-1].env.reset(seed=self._next_seed())[0])
+                with self._env_call("reset"):
+                    first_obs.append(fresh[-1].env.reset(seed=self._next_seed())[0])
         except BaseException:
             for block in fresh:
                 block.env.close()
@@ -264,7 +273,8 @@ class EnvDriver:
         """Reset the initial vector env (once)."""
         if self._obs is not None or not self._blocks:
             return
-        obs, _ = self._blocks[0].env.reset(seed=self.seed)
+        with self._env_call("reset"):
+            obs, _ = self._blocks[0].env.reset(seed=self.seed)
         self._resets += 1
         self._obs = np.asarray(obs)
         n = len(self.actor_ids)
@@ -343,7 +353,7 @@ class EnvDriver:
                 if obs.dtype != dtype:
                     if not np.can_cast(obs.dtype, dtype, "same_kind"):
                         raise errors.InvalidArgumentError.mismatch(
-                            "environment: observations",
+                            f"{self.source}: observations",
                             f"values the model's {dtype} input holds (same kind)",
                             f"{obs.dtype}, which a cast would wrap or truncate",
                         )
@@ -376,13 +386,17 @@ class EnvDriver:
                 # Recorded, not stepped yet: an env that raises now leaves steps whose
                 # actions never ran (`end_episodes` drops them).
                 self._pending = True
-                if len(blocks) == 1:
-                    obs, reward, terminated, truncated, _ = blocks[0].env.step(result.actions)
-                else:
-                    obs, reward, terminated, truncated = self._step_blocks(result.actions)
+                with self._env_call("step"):
+                    if len(blocks) == 1:
+                        obs, reward, terminated, truncated, _ = blocks[0].env.step(result.actions)
+                    else:
+                        obs, reward, terminated, truncated = self._step_blocks(result.actions)
+                    rewards = self._checked_rewards(reward, n)
                 self._pending = False
                 self._obs = obs
-                rewards = self._rewards = np.asarray(reward, dtype=np.float64)
+                self._rewards = rewards
+                if not np.isfinite(rewards).all():
+                    self._nonfinite_reward(ids, rewards)
                 ep_return = self._ep_return
                 ep_return += rewards
                 self._ep_length += 1
@@ -431,6 +445,54 @@ class EnvDriver:
         ):
             self._wake.wait(_STALL_POLL_SECONDS)
             self._wake.clear()
+
+    @contextlib.contextmanager
+    def _env_call(self, what: str) -> Iterator[None]:
+        """Time an env call (for the liveness probe); what it raises names the source."""
+        self.env_call_since = time.monotonic()
+        try:
+            yield
+        except errors.EnvironmentFailedError:
+            raise
+        except Exception as err:
+            said = (
+                str(err) if isinstance(err, errors.RelayRLError) else f"{type(err).__name__}: {err}"
+            )
+            log.error("%s: %s raised", self.source, what, exc_info=err)
+            raise errors.EnvironmentFailedError(f"{self.source}: {what}: {said}") from err
+        finally:
+            self.env_call_since = None
+
+    @staticmethod
+    def _checked_rewards(reward: Any, n: int) -> npt.NDArray[np.float64]:
+        """The step's rewards as float64, one per env copy."""
+        try:
+            rewards = np.asarray(reward, dtype=np.float64)
+        except (TypeError, ValueError) as err:
+            raise errors.InvalidArgumentError.mismatch(
+                "reward", "numbers, one per env copy", f"{type(reward).__name__} ({err})"
+            ) from None
+        if rewards.shape != (n,):
+            raise errors.InvalidArgumentError.mismatch(
+                "reward.shape", f"[{n}] (one per env copy)", list(rewards.shape)
+            )
+        return rewards
+
+    def _nonfinite_reward(self, ids: npt.NDArray[np.int64], rewards: npt.NDArray[Any]) -> None:
+        """Count rewards that are NaN or infinite (recorded as given), and say which
+        actors had them, at the first and every 1000th."""
+        bad = ~np.isfinite(rewards)
+        count = int(bad.sum())
+        self._nonfinite_rewards_seen += count
+        self.agent.metrics.nonfinite_rewards.inc(count)
+        seen = self._nonfinite_rewards_seen
+        if seen == count or seen // 1000 > (seen - count) // 1000:
+            log.warning(
+                "%s: rewards NaN or infinite for actors %s (%d so far)",
+                self.source,
+                ids[bad].tolist()[:10],
+                seen,
+            )
 
     def _nonfinite(self, ids: npt.NDArray[np.int64], obs: npt.NDArray[Any]) -> None:
         """Count observations holding NaN or infinity (an env's bug, acted on as given:
@@ -563,7 +625,12 @@ class ScalarEnvs:
             if term or trunc:
                 o, _ = env.reset()
             obs.append(np.asarray(o))
-            rewards.append(float(r))
+            try:
+                rewards.append(float(r))
+            except (TypeError, ValueError):
+                raise errors.InvalidArgumentError.mismatch(
+                    "reward", "a number", f"{type(r).__name__} {r!r:.80}"
+                ) from None
             terms.append(bool(term))
             truncs.append(bool(trunc))
         return (
