@@ -46,9 +46,12 @@ ModelRef = Path | str | policy.Policy
 # Episodes that ended with the previous action: positions, terminated, truncated.
 Ended = tuple[npt.NDArray[np.intp], npt.NDArray[np.bool_], npt.NDArray[np.bool_]]
 
-# Outbox limits: rows and age before finished trajectories go to a router. Large
-# batches keep the routers' per-batch Python work (and their GIL time) small.
+# Outbox limits: rows, bytes and age before finished trajectories go to a router. Large
+# batches keep the routers' per-batch Python work (and their GIL time) small; the byte
+# limit (at most an eighth of the routers' queue bound) keeps a batch of large
+# observations a fraction of what the routers' queue holds.
 _OUTBOX_ROWS = 16384
+_OUTBOX_BYTES = 8 << 20
 _OUTBOX_SECONDS = 0.5
 
 
@@ -117,11 +120,14 @@ class Agent:
         seed: int | None = None,
         metrics_: metrics.RuntimeMetrics | None = None,
         queue_size: int = 256,
+        queue_bytes: int = routers_mod.QUEUE_BYTES,
         actor_ids: Sequence[int] | None = None,
     ) -> None:
         if actor_count < 0:
             raise errors.InvalidArgumentError.mismatch("actor_count", ">= 0", actor_count)
         routers_mod.check_scale(router_scale)
+        if queue_bytes < 1:
+            raise errors.InvalidArgumentError.mismatch("queue_bytes", ">= 1", queue_bytes)
         if max_length < 1:
             raise errors.InvalidArgumentError.mismatch("max_length", ">= 1", max_length)
         ids = list(range(actor_count)) if actor_ids is None else [int(i) for i in actor_ids]
@@ -144,6 +150,8 @@ class Agent:
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._outbox: list[pool_mod.Chunk] = []
         self._outbox_rows = 0
+        self._outbox_bytes = 0
+        self._outbox_max_bytes = min(_OUTBOX_BYTES, max(1, queue_bytes // 8))
         self._outbox_since = 0.0
         # Batches taken from the outbox under the lock and not yet in the routers' queue
         # (the hand-off happens off the lock); `shutdown` waits for them.
@@ -174,7 +182,7 @@ class Agent:
             for row in rows:
                 self._own[row] = self._clone_policy()
         self._routers = routers_mod.RouterPool(
-            self.layout, sink, self.metrics, router_scale, queue_size
+            self.layout, sink, self.metrics, router_scale, queue_size, queue_bytes
         )
         self.sink = sink
         self.metrics.model_version.set(self._policy.version)
@@ -607,6 +615,7 @@ class Agent:
             self._outbox_since = time.perf_counter()
         self._outbox.append(chunk)
         self._outbox_rows += chunk.rows
+        self._outbox_bytes += chunk.nbytes
 
     def _outbox_take(self, now: float, force: bool = False) -> list[pool_mod.Chunk] | None:
         if not self._outbox:
@@ -614,12 +623,14 @@ class Agent:
         if (
             not force
             and self._outbox_rows < _OUTBOX_ROWS
+            and self._outbox_bytes < self._outbox_max_bytes
             and now - self._outbox_since < _OUTBOX_SECONDS
         ):
             return None
         chunks = self._outbox
         self._outbox = []
         self._outbox_rows = 0
+        self._outbox_bytes = 0
         self._handoffs += 1  # the caller hands them to `_hand_off` once off the lock
         return chunks
 
@@ -712,6 +723,11 @@ class Agent:
     def router_scale(self) -> int:
         """Router workers running."""
         return self._routers.size
+
+    @property
+    def router_queue_bytes(self) -> int:
+        """Bytes of finished trajectories handed to the routers and not yet written."""
+        return self._routers.queued_bytes
 
     def scale_throughput(self, delta: int) -> int:
         """Add (+n) or remove (-n) router workers; returns the new count (at least 1)."""

@@ -62,6 +62,9 @@ _MODEL_WAIT_SECONDS = 1.0
 _MODEL_WAIT_MAX_SECONDS = 30.0
 # How long closing a NATS connection may take on the way out.
 _NATS_CLOSE_SECONDS = 5.0
+# How long past the drain deadline the publisher's close may take to return (it gives up
+# on unacked messages at the deadline itself, then stops its thread).
+_PUBLISHER_CLOSE_GRACE = 2.0
 # How long the background tasks (watchers, reporter) may take to end once cancelled.
 _CANCEL_SECONDS = 10.0
 # How much longer than `drainSeconds` the process may take to exit before the watchdog
@@ -367,16 +370,21 @@ class App:
                 late.append("the remote endpoint did not stop in time")
         if self.agent is not None:
             flush = _off_loop(functools.partial(self.agent.shutdown, True), "relayrl-shutdown")
+            # The publisher ends its own close at the deadline (what is not acked then is
+            # lost, and it says so): a moment more for it to return.
+            grace = _PUBLISHER_CLOSE_GRACE if isinstance(self.sink, publisher.NatsPublisher) else 0
             try:
                 try:
-                    await asyncio.wait_for(asyncio.shield(flush), deadline - loop.time())
+                    await asyncio.wait_for(asyncio.shield(flush), deadline + grace - loop.time())
                 except TimeoutError:
                     log.error(
                         "drain: still flushing trajectories after %.0fs, waiting for them",
                         self.cfg.drain_seconds,
                     )
-                    late.append("trajectories were flushed late")
                     await flush
+                    late.append("trajectories were flushed late")
+            except publisher.UnackedError:
+                code = code or watchdog.EXIT_CODE  # the publisher said what was lost
             except Exception:
                 log.exception("drain: flushing trajectories or closing the sink failed")
                 code = code or watchdog.EXIT_CODE

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import threading
+import time
 from pathlib import Path
 
 import nats
@@ -243,6 +244,33 @@ async def test_close_with_nats_gone_raises_instead_of_dropping(
         pub.close(timeout=2)
 
 
+async def test_a_drain_that_ends_with_nats_gone_logs_the_loss_in_one_line(
+    nats_server: natsserver.NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What the drain could not deliver is one error line (messages, steps, bytes), with
+    no traceback: NATS away at SIGTERM is expected, and the steps are lost."""
+    pub = _publisher(nats_server.url, ack_timeout=0.5, max_message_bytes=64 << 10)
+    pub.start()
+    wait_until("connected", lambda: pub.connected, 20)
+    nats_server.stop()
+    batches = [trajectories.batch(5, i) for i in range(10)]
+    for b in batches:
+        pub.write(b)
+    pub.drain_by(time.monotonic() + 1)
+    with pytest.raises(publisher.UnackedError) as raised:
+        pub.close()
+    steps = sum(b.num_rows for b in batches)
+    assert raised.value.steps == steps
+    assert raised.value.messages > 1
+    lines = [r for r in caplog.records if r.levelname == "ERROR" and r.name == publisher.__name__]
+    assert [r.getMessage() for r in lines] == [
+        f"publisher: closed with {raised.value.messages} message(s) holding {steps} steps"
+        f" ({raised.value.nbytes} bytes) not acked by the end of the drain: those steps"
+        " are lost"
+    ]
+    assert lines[0].exc_info is None
+
+
 async def test_token_and_user_password_auth(tmp_path: object) -> None:
     for conf, options in (
         ('authorization { token: "s3cret" }', streams.ConnectOptions(token="s3cret")),
@@ -360,6 +388,73 @@ async def test_a_connection_nats_closes_is_replaced_with_the_credentials_read_ag
 
         msgs = await _stream_messages(srv.url, user="actor", password="second")
         assert _stored_steps(msgs).equals(trajectories.sort(pa.Table.from_batches(batches)))
+
+
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+async def test_credentials_rotated_under_load_are_read_again_and_nothing_is_lost(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As above, but with writes going on throughout: nats-py holds publishes made while
+    it reconnects, and its close() writes them to the refused socket, which fails before
+    its closed callback runs. The connection counts as closed all the same; the next
+    one, with the credentials read again, delivers everything."""
+    creds = tmp_path / "nats-credentials"
+    creds.mkdir()
+    (creds / streams.SECRET_KEY_USER).write_text("actor")
+    (creds / streams.SECRET_KEY_PASSWORD).write_text("first")
+    auth = 'authorization {{ user: actor, password: "{}" }}'
+    with natsserver.NatsServer(extra_config=auth.format("first")) as srv:
+        env = {streams.ENV_NATS_URL: srv.url, streams.ENV_NATS_CREDENTIALS_DIR: str(creds)}
+        cfg = publisher.PublisherConfig(
+            namespace="default",
+            agent=trajectories.AGENT,
+            max_message_bytes=64 << 10,
+            # Unacked publishes are sent again soon: while nats-py reconnects they wait
+            # in its buffer, where close() finds them.
+            ack_timeout=0.5,
+        )
+        pub = publisher.NatsPublisher(lambda: streams.ConnectOptions.from_env(env), cfg)
+        pub.start()
+        written: list[pa.RecordBatch] = []
+        stop = threading.Event()
+
+        def write() -> None:
+            for i in range(4000):  # ~20 s at most; stopped well before
+                if stop.is_set():
+                    return
+                b = trajectories.batch(6, i)
+                pub.write(b)
+                written.append(b)
+                stop.wait(0.005)
+
+        writer = threading.Thread(target=write, name="writer")
+        writer.start()
+        try:
+            wait_until("some messages acked", lambda: pub.acked_messages > 5, timeout=20)
+            srv.config_file.write_text(
+                srv.config_file.read_text().replace(auth.format("first"), auth.format("second"))
+            )
+            (creds / streams.SECRET_KEY_PASSWORD).write_text("second")
+            assert srv.proc is not None
+            srv.proc.send_signal(signal.SIGHUP)
+            wait_until(
+                "the publisher to see its connection closed",
+                lambda: "NATS closed the connection" in caplog.text,
+                timeout=20,
+            )
+            wait_until("a new connection", lambda: pub.connected, timeout=20)
+            acked = pub.acked_messages
+            wait_until("acks on the new connection", lambda: pub.acked_messages > acked, 20)
+        finally:
+            stop.set()
+            writer.join(30)
+            pub.close(timeout=30)
+        assert pub.failure == f"publisher to {SUBJECT} is closed"  # closed, not failed
+        assert "never retrieved" not in caplog.text
+
+        msgs = await _stream_messages(srv.url, user="actor", password="second")
+        assert _stored_steps(msgs).equals(trajectories.sort(pa.Table.from_batches(written)))
 
 
 async def test_a_deleted_stream_is_made_again(

@@ -184,3 +184,30 @@ def test_a_stream_that_refuses_every_message_stops_the_runtime_with_exit_3(
     assert code == 3, logs[-4000:]
     assert "runtime stopping: sink failed" in logs, logs[-4000:]
     assert "maximum" in logs, logs[-4000:]  # the server's reason, passed on
+
+
+def test_sigterm_while_nats_is_away_says_what_is_lost_in_one_line(tmp_path: Path) -> None:
+    """NATS gone for good: the drain ends at drainSeconds with exit 3, and the log says
+    once how many steps were not acked (lost), with no traceback and no claim that
+    they were flushed late."""
+    with natsserver.NatsServer() as srv:
+        proc, log_path = _start_runtime(tmp_path, srv.url, actors=2, drainSeconds=4)
+        try:
+            pipeline.wait_until(
+                "the runtime publishing",
+                lambda: '"publisher: connected to' in log_path.read_text(),
+                90,
+            )
+            srv.stop()
+            time.sleep(2)  # steps recorded while NATS is away
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    logs = log_path.read_text()
+    assert code == 3, logs[-4000:]
+    assert logs.count("not acked by the end of the drain: those steps are lost") == 1, logs[-4000:]
+    assert "flushed late" not in logs, logs[-4000:]
+    assert "Traceback" not in logs, logs[-4000:]

@@ -95,6 +95,11 @@ class Chunk:
         """Number of trajectories."""
         return int(self.lengths.shape[0])
 
+    @property
+    def nbytes(self) -> int:
+        """Memory the chunk holds: its steps (the per-trajectory arrays are small)."""
+        return int(self.records.nbytes) + 64 * self.trajectories
+
     def to_steps(self, layout: trajectory.Layout) -> trajectory.Steps:
         """The per-row columns (what routers encode)."""
         lengths = self.lengths

@@ -2,9 +2,12 @@
 
 `RouterPool` owns `router_scale` threads reading one bounded queue. The agent puts
 lists of `pool.Chunk` in (finished trajectories as gathered records); a router takes what
-is queued (coalescing up to a row budget), expands the chunks into columns, encodes one
-record batch and writes it, so the request path never touches Arrow. The queue bound is
-the backpressure: when the sink is slow the queue fills and `submit` blocks the actors.
+is queued (coalescing up to a row and a byte budget), expands the chunks into columns,
+encodes one record batch and writes it, so the request path never touches Arrow. The
+queue bound is the backpressure: when the sink is slow the queue fills and `submit`
+blocks the actors. It counts batches and bytes: the bytes of the batches queued or being
+written stay under `queue_bytes` (one batch always goes in), so a sink that takes
+nothing (NATS away, its backlog full) holds the memory of large observations to that.
 Scaling up starts threads; scaling down retires routers after their current batch.
 Threads are joined on shutdown.
 """
@@ -27,6 +30,11 @@ log = logging.getLogger(__name__)
 # for: with the queue full every router is busy and looks after its write.
 _WAKE: Final = object()
 _COALESCE_ROWS: Final = 65_536
+# And bytes: a router's batch is copied twice more while it is encoded (columns, Arrow).
+_COALESCE_BYTES: Final = 32 << 20
+# The default bound of the bytes queued or being written: the order of the publisher's
+# backlog (`PublisherConfig.max_backlog_bytes`, 256 MiB), which is where an outage waits.
+QUEUE_BYTES: Final = 128 << 20
 # A refused write is tried again after these pauses (doubling up to the maximum); the
 # first three attempts and every _LOUD_EVERY-th (5 minutes apart at the maximum) are
 # logged as errors, the others at debug level.
@@ -46,13 +54,21 @@ class RouterPool:
         metrics_: metrics.RuntimeMetrics,
         routers: int = 1,
         queue_size: int = 256,
+        queue_bytes: int = QUEUE_BYTES,
     ) -> None:
         check_scale(routers)
+        if queue_bytes < 1:
+            raise errors.InvalidArgumentError.mismatch("queue_bytes", ">= 1", queue_bytes)
         self.layout = layout
         self.schema = trajectory.schema(layout)
         self.sink = sink
         self._metrics = metrics_
         self._queue: queue.Queue[object] = queue.Queue(maxsize=queue_size)
+        self._max_bytes = queue_bytes
+        # Bytes of the batches submitted and not yet written (or failed): the queue's
+        # and what the routers hold. Guarded by _room.
+        self._bytes = 0
+        self._room = threading.Condition(threading.Lock())
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
         self._next_name = 0
@@ -90,12 +106,24 @@ class RouterPool:
             self._metrics.routers.set(routers)
         return routers
 
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes of the batches submitted and not yet written (queued or being written)."""
+        return self._bytes
+
     def submit(self, chunks: list[pool.Chunk]) -> None:
-        """Queue finished trajectories; blocks while the queue is full (backpressure)."""
+        """Queue finished trajectories; blocks while the queue is full, in batches or
+        in bytes (backpressure)."""
         if self._closed:  # no router would take them: refused, not lost unseen
             raise errors.AgentClosedError("routers: the agent is shut down")
         self._metrics.trajectories.inc(sum(c.trajectories for c in chunks))
         self._metrics.steps_recorded.inc(sum(c.rows for c in chunks))
+        size = _nbytes(chunks)
+        with self._room:
+            # One batch always goes in (an empty queue takes any size).
+            while self._bytes and self._bytes + size > self._max_bytes:
+                self._room.wait()
+            self._bytes += size
         self._queue.put(chunks)
 
     def drain(self) -> None:
@@ -142,7 +170,8 @@ class RouterPool:
             items: list[list[pool.Chunk]] = [item]  # type: ignore[list-item]
             chunks = list(items[0])
             rows = sum(c.rows for c in chunks)
-            while rows < _COALESCE_ROWS:
+            size = _nbytes(chunks)
+            while rows < _COALESCE_ROWS and size < _COALESCE_BYTES:
                 try:
                     more = self._queue.get_nowait()
                 except queue.Empty:
@@ -153,9 +182,13 @@ class RouterPool:
                 items.append(more)  # type: ignore[arg-type]
                 chunks += more  # type: ignore[arg-type]
                 rows += sum(c.rows for c in more)  # type: ignore[attr-defined]
+                size += _nbytes(more)  # type: ignore[arg-type]
             try:
                 self._write(chunks)
             finally:
+                with self._room:
+                    self._bytes -= size
+                    self._room.notify_all()
                 for _ in items:
                     self._queue.task_done()
 
@@ -207,6 +240,10 @@ class RouterPool:
             else:
                 self._metrics.trajectories_written.inc(steps.trajectories)
                 return
+
+
+def _nbytes(chunks: list[pool.Chunk]) -> int:
+    return sum(c.nbytes for c in chunks)
 
 
 def _failure(sink: base.TrajectorySink) -> str | None:

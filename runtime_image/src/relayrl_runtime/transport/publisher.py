@@ -61,10 +61,9 @@ _COLUMN_FRAMING: Final = 80
 # The schema message (and the dictionaries) at the start of each message.
 _SCHEMA_OVERHEAD: Final = 8192
 # A connection whose options are made anew (`NatsPublisher(connect=<callable>)`): how
-# long one attempt at connecting may take before the options are read again, and how
-# many refusals of its credentials in a row end a connection nats-py keeps retrying.
+# long one attempt at connecting may take before the options are read again (after
+# `streams.AUTH_REFUSALS` refusals of its credentials in a row it is made anew).
 _CONNECT_SECONDS: Final = 30.0
-_AUTH_REFUSALS: Final = 3
 # NATS's header block around the `key: value` lines: "NATS/1.0\r\n" and "\r\n".
 _HEADER_BLOCK: Final = 12
 
@@ -102,6 +101,18 @@ class PublisherMetrics:
             registry=r,
         )
         self.connected = prom.Gauge(f"{PREFIX}_connected", "1 while connected to NATS.", registry=r)
+
+
+class UnackedError(base.SinkError):
+    """A flush or close stopped waiting for acks: what JetStream had not acked by then."""
+
+    def __init__(self, messages: int, steps: int, nbytes: int, when: str) -> None:
+        super().__init__(
+            f"{messages} message(s) holding {steps} steps ({nbytes} bytes) not acked {when}"
+        )
+        self.messages = messages
+        self.steps = steps
+        self.nbytes = nbytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,6 +233,12 @@ class NatsPublisher:
         return None
 
     @property
+    def backlog_bytes(self) -> int:
+        """Bytes encoded and not yet acked (bounded by `max_backlog_bytes` but while
+        draining)."""
+        return self._backlog_bytes
+
+    @property
     def failure(self) -> str | None:
         """Why publishing stopped for good (a refused message, a broken I/O loop)."""
         failed = self._failed
@@ -263,10 +280,14 @@ class NatsPublisher:
         self._poke()
 
     def flush(self, timeout: float | None = None) -> None:
-        """Send what is pending and wait until JetStream acked every message.
+        """Send what is pending and wait until JetStream acked every message; raises
+        `UnackedError` after `timeout`.
 
         The pending message joins the backlog even when it is full (by one message at
         most), so the wait below is the only one, bounded by `timeout`."""
+        self._flush(timeout, "" if timeout is None else f"after {timeout:g}s")
+
+    def _flush(self, timeout: float | None, when: str) -> None:
         self._seal_pending(block=False)
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
@@ -275,9 +296,12 @@ class NatsPublisher:
                     raise base.SinkError(f"publisher failed: {self._failed}") from self._failed
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
-                    raise base.SinkError(
-                        f"flush: {len(self._backlog) + len(self._unacked)} message(s) "
-                        f"({self._backlog_bytes} bytes) not acked after {timeout}s"
+                    messages = [*self._backlog, *self._unacked.values()]
+                    raise UnackedError(
+                        len(messages),
+                        sum(m.steps for m in messages) + sum(b.num_rows for b in self._pending),
+                        self._backlog_bytes + self._pending_bytes,
+                        when,
                     )
                 self._lock.wait(0.1 if left is None else min(left, 0.1))
 
@@ -291,18 +315,22 @@ class NatsPublisher:
 
     def close(self, timeout: float | None = None) -> None:
         """Flush (bounded by `timeout`; default: until the `drain_by` deadline, else
-        `close_seconds`), then disconnect. Unacked data raises, never vanishes."""
-        if timeout is None:
-            deadline = self._drain_deadline
-            timeout = (
-                self.config.close_seconds
-                if deadline is None
-                else max(0.0, deadline - time.monotonic())
-            )
+        `close_seconds`), then disconnect. Unacked data raises, never vanishes: what
+        is lost is logged in one error line, and raised as `UnackedError`."""
+        deadline = self._drain_deadline
+        if timeout is None and deadline is not None:
+            timeout, when = max(0.0, deadline - time.monotonic()), "by the end of the drain"
+        else:
+            timeout = self.config.close_seconds if timeout is None else timeout
+            when = f"after {timeout:g}s"
         error: BaseException | None = None
         try:
             if self._thread is not None:
-                self.flush(timeout)
+                self._flush(timeout, when)
+        except UnackedError as err:
+            # Expected (NATS away, or too slow for the drain): said once, no traceback.
+            log.error("publisher: closed with %s: those steps are lost", err)
+            error = err
         except base.SinkError as err:
             error = err
         finally:
@@ -552,7 +580,7 @@ class NatsPublisher:
     async def _connect(self, closed: asyncio.Event | None = None) -> NATS:
         """Connect, with the options read again for each attempt of `_CONNECT_SECONDS`
         (a Secret fixed meanwhile is used). Once connected, nats-py reconnects on its
-        own, with the credentials it has: refused `_AUTH_REFUSALS` times in a row, the
+        own, with the credentials it has: refused `streams.AUTH_REFUSALS` times in a row, the
         connection is closed, so that `_main` makes a new one with them read again."""
         refusals = 0
         made: list[NATS] = []
@@ -576,18 +604,37 @@ class NatsPublisher:
             if closed is not None and made:
                 closed.set()
 
+        async def give_up(nc: NATS) -> None:
+            # nats-py's close() first writes what it buffered while reconnecting to the
+            # refused attempt's socket: reset by the server, that raises before
+            # closed_cb runs. The connection is closed all the same (its state says so,
+            # it never reconnects): `_main` must connect anew in any case.
+            try:
+                await nc.close()
+            finally:
+                if closed is not None:
+                    closed.set()
+
+        def given_up(task: asyncio.Task[None]) -> None:
+            closing.discard(task)
+            failed = aio.failure(task)  # retrieved: expected of a refused socket
+            if failed is not None:
+                log.debug("publisher: closing the refused connection: %r", failed)
+
         async def refused(err: Exception) -> None:
             nonlocal refusals
-            if not made or not _refuses_credentials(err):
+            if not made or not streams.refuses_credentials(err):
                 return
             refusals += 1
-            if refusals == _AUTH_REFUSALS and not self._rereads:
+            if refusals == streams.AUTH_REFUSALS and not self._rereads:
                 log.error("publisher: NATS refuses its credentials; fix them, it keeps trying")
-            elif refusals == _AUTH_REFUSALS:
+            elif refusals == streams.AUTH_REFUSALS:
                 log.warning("publisher: NATS refuses its credentials; reading them again")
                 # Not awaited here: nats-py's reconnect loop awaits this callback, and
-                # close() cancels that loop. closed_cb then has `_main` connect anew.
-                closing.add(asyncio.create_task(made[0].close()))
+                # close() cancels that loop. `give_up` then has `_main` connect anew.
+                task = asyncio.create_task(give_up(made[0]))
+                closing.add(task)
+                task.add_done_callback(given_up)
 
         for delay in self.config.retry.delays():
             try:
@@ -900,15 +947,6 @@ def _trajectory_ends(batch: pa.RecordBatch) -> list[int]:
     ends = pc.or_(batch.column("terminated"), batch.column("truncated"))
     idx = pc.indices_nonzero(ends).to_numpy()
     return [int(i) + 1 for i in idx]
-
-
-def _refuses_credentials(err: Exception) -> bool:
-    """Whether nats-py reports the server refusing the connection's credentials."""
-    text = str(err).lower()
-    return isinstance(err, nats.errors.AuthorizationError) or any(
-        t in text
-        for t in ("authorization violation", "authentication expired", "authentication revoked")
-    )
 
 
 def _default_producer_id() -> str:
