@@ -15,6 +15,7 @@ import logging
 import signal
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import nats
@@ -904,38 +905,35 @@ async def test_a_refused_file_is_split_only_where_refused(
     assert tags == sorted(t for m in published for t in m.column("aux_tag").to_pylist())
 
 
-def test_messages_the_stream_discarded_unread_are_said_lost(
-    arrow_pipeline: pipeline.Pipeline, nats_server: natsserver.NatsServer
-) -> None:
-    """The stream's limits (here max_msgs, as maxAge or a size bound would) discard
-    messages while the sink is down: it starts at the first one left, and says which
-    sequences it never read (an ERROR, `stream-head-expired`), rather than nothing."""
-    p = arrow_pipeline
+_CAPPED_STREAM = f"RELAYRL_default_{pipeline.AGENT}"
+
+
+def _sink_on_a_capped_stream(p: pipeline.Pipeline, url: str) -> tuple[pipeline.Sink, int]:
+    """An arrow sink on a stream that keeps 5 messages (as maxAge or a size bound
+    would, fewer), after its first 2 messages (800 rows): the sink and its position."""
 
     async def make(js: object) -> object:
         cfg = streams.stream_config("default", pipeline.AGENT)
         cfg.max_msgs = 5
         return await js.add_stream(cfg)  # type: ignore[attr-defined]
 
-    natsserver.jetstream(nats_server.url, make)
+    natsserver.jetstream(url, make)
     sink = p.arrow_sink("--rotate-seconds", "1", "--no-create-stream")
     pipeline.start_ready(sink)
     p.producer(1, "--count", "2", "--rate", "2").start()
     pipeline.wait_until("rows", lambda: pipeline.arrow_rows(p.arrow_dir) >= 800, 60)
-    committed = int(sink.metric("relayrl_sink_committed_sequence"))
-    assert sink.terminate() == 0
-    later = p.producer(2, "--count", "20", "--rate", "2")
-    later.start()
-    later.result()
+    return sink, int(sink.metric("relayrl_sink_committed_sequence"))
+
+
+def _said_lost_after_catching_up(sink: pipeline.Sink, committed: int, url: str) -> Any:
+    """Once the sink has caught up: it counted one loss and named its sequences. The
+    stream's state."""
 
     async def state(js: object) -> object:
-        info = await js.stream_info(f"RELAYRL_default_{pipeline.AGENT}")  # type: ignore[attr-defined]
-        return info.state
+        return (await js.stream_info(_CAPPED_STREAM)).state  # type: ignore[attr-defined]
 
-    st = natsserver.jetstream(nats_server.url, state)
+    st: Any = natsserver.jetstream(url, state)
     assert st.first_seq > committed + 1
-    sink.start()
-    sink.wait_ready()
     pipeline.wait_until(
         "caught up",
         lambda: sink.metric("relayrl_sink_committed_sequence") >= st.last_seq,
@@ -945,6 +943,24 @@ def test_messages_the_stream_discarded_unread_are_said_lost(
     assert 'relayrl_sink_errors_total{sink="arrow",where="stream-head-expired"} 1.0' in metrics
     said = f"discarded messages {committed + 1}-{st.first_seq - 1} before this sink read them"
     assert said in sink.logs()
+    return st
+
+
+def test_messages_the_stream_discarded_unread_are_said_lost(
+    arrow_pipeline: pipeline.Pipeline, nats_server: natsserver.NatsServer
+) -> None:
+    """The stream's limits discard messages while the sink is down: it starts at the
+    first one left, and says which sequences it never read (an ERROR,
+    `stream-head-expired`), rather than nothing."""
+    p = arrow_pipeline
+    sink, committed = _sink_on_a_capped_stream(p, nats_server.url)
+    assert sink.terminate() == 0
+    later = p.producer(2, "--count", "20", "--rate", "2")
+    later.start()
+    later.result()
+    sink.start()
+    sink.wait_ready()
+    st = _said_lost_after_catching_up(sink, committed, nats_server.url)
     # What the stream still held is written, once.
     assert pipeline.arrow_rows(p.arrow_dir) == 800 + (st.last_seq - st.first_seq + 1) * 400
 
@@ -956,18 +972,7 @@ def test_messages_discarded_while_the_sink_is_behind_are_said_lost(
     on slow storage would be): the consumer skips what the stream discarded, without a
     gap in its own sequence, and the sink still says which sequences it lost."""
     p = arrow_pipeline
-
-    async def make(js: object) -> object:
-        cfg = streams.stream_config("default", pipeline.AGENT)
-        cfg.max_msgs = 5
-        return await js.add_stream(cfg)  # type: ignore[attr-defined]
-
-    natsserver.jetstream(nats_server.url, make)
-    sink = p.arrow_sink("--rotate-seconds", "1", "--no-create-stream")
-    pipeline.start_ready(sink)
-    p.producer(1, "--count", "2", "--rate", "2").start()
-    pipeline.wait_until("rows", lambda: pipeline.arrow_rows(p.arrow_dir) >= 800, 60)
-    committed = int(sink.metric("relayrl_sink_committed_sequence"))
+    sink, committed = _sink_on_a_capped_stream(p, nats_server.url)
     assert sink.proc is not None
     sink.proc.send_signal(signal.SIGSTOP)
     try:
@@ -976,27 +981,12 @@ def test_messages_discarded_while_the_sink_is_behind_are_said_lost(
         later.result()
     finally:
         sink.proc.send_signal(signal.SIGCONT)
-
-    async def state(js: object) -> object:
-        info = await js.stream_info(f"RELAYRL_default_{pipeline.AGENT}")  # type: ignore[attr-defined]
-        return info.state
-
-    st = natsserver.jetstream(nats_server.url, state)
-    assert st.first_seq > committed + 1
-    pipeline.wait_until(
-        "caught up",
-        lambda: sink.metric("relayrl_sink_committed_sequence") >= st.last_seq,
-        60,
-    )
-    metrics = sink.get("/metrics")[1]
-    assert 'relayrl_sink_errors_total{sink="arrow",where="stream-head-expired"} 1.0' in metrics
-    said = f"discarded messages {committed + 1}-{st.first_seq - 1} before this sink read them"
-    assert said in sink.logs()
+    st = _said_lost_after_catching_up(sink, committed, nats_server.url)
     assert sink.terminate() == 0
 
-    async def steps_held(js: object) -> int:
-        name = f"RELAYRL_default_{pipeline.AGENT}"
-        held = [await js.get_msg(name, seq) for seq in range(st.first_seq, st.last_seq + 1)]  # type: ignore[attr-defined]
+    async def steps_held(js: Any) -> int:
+        seqs = range(st.first_seq, st.last_seq + 1)
+        held = [await js.get_msg(_CAPPED_STREAM, seq) for seq in seqs]
         return sum(int(m.headers[streams.HEADER_STEPS]) for m in held)
 
     # Every message is written once or said lost: what the stream still held is in.
