@@ -291,14 +291,17 @@ def raw_parquet(
 
 def raw_copy(dsn: str, batches: list[pa.RecordBatch], repeat: int) -> Span:
     table = pa.Table.from_batches(batches)
-    payload = pg_sink.encode_copy(table, 1, 1)
+    payload = pg_sink.encode_copy(table, 1, 1, "default")  # the rows the sink writes
     cols = ", ".join(
         f'"{c}" {pg_sink.sql_type(f.type)}'
         for c, f in zip(table.column_names, table.schema, strict=True)
     )
     names = ", ".join(f'"{c}"' for c in pg_sink.copy_columns(table.schema))
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(f"CREATE TABLE raw_copy (stream_seq bigint, schema_version smallint, {cols})")
+        conn.execute(
+            "CREATE TABLE raw_copy"
+            f" (stream_seq bigint, schema_version smallint, namespace text, {cols})"
+        )
         clock = Clock()
         stmt = f"COPY raw_copy ({names}) FROM STDIN (FORMAT BINARY)"
         with conn.transaction(), conn.cursor() as cur, cur.copy(stmt) as copy:
