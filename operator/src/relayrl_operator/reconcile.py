@@ -143,7 +143,10 @@ class Reconciler:
         # resync asked (value: background).
         self._again: dict[Key, bool] = {}
         self._tasks: list[asyncio.Task[None]] = []
-        self._timers: set[asyncio.TimerHandle] = set()
+        # At most one retry timer per Agent: the earliest asked for. Every failed pass
+        # asks for one (a resync's, an event's too), and timers that each fire a pass
+        # that fails and asks again would multiply for as long as the fault lasts.
+        self._timers: dict[Key, asyncio.TimerHandle] = {}
         self._events = events.Events(client)
         self._children = children.Children(client, cfg)
         # Whether the child watches have listed the pods (and ConfigMaps) once: until
@@ -173,8 +176,9 @@ class Reconciler:
 
     async def stop(self) -> None:
         """Cancel and await every task this reconciler owns."""
-        for handle in self._timers:
+        for handle in self._timers.values():
             handle.cancel()
+        self._timers.clear()
         await watch.cancel(self._tasks)
         self._tasks = []
         await self._events.drain(within=5)  # Events on their way get a moment to land
@@ -283,14 +287,21 @@ class Reconciler:
         metrics.QUEUE_DEPTH.set(len(self._queue))
 
     def _enqueue_later(self, key: Key, delay: float) -> None:
+        """A pass for `key` after `delay`, unless one is due sooner already."""
         loop = asyncio.get_running_loop()
+        pending = self._timers.get(key)
+        if pending is not None:
+            if pending.when() <= loop.time() + delay:
+                return
+            pending.cancel()
 
         def fire() -> None:
-            self._timers.discard(handle)
+            if self._timers.get(key) is handle:
+                del self._timers[key]
             self.enqueue(key)
 
         handle = loop.call_later(delay, fire)
-        self._timers.add(handle)
+        self._timers[key] = handle
 
     # -------------------------------------------------------------------- workers
 

@@ -188,6 +188,25 @@ async def test_unreachable_nats_is_retried_with_growing_delays() -> None:
         assert "cannot reach NATS" in stream["message"]
 
 
+async def test_retries_asked_for_by_many_passes_fire_once() -> None:
+    """Each failed pass asks for a retry (one a resync started, one an event started):
+    an Agent has one timer, the earliest asked for, not one per failed pass, which
+    would multiply for as long as the fault lasts."""
+    async with running(Recorder()) as rec:
+        fired: list[tuple[str, str]] = []
+        rec.enqueue = lambda key, background=False: fired.append(key)  # type: ignore[method-assign]
+        key = ("ml", "cartpole")
+        for delay in (0.6, 0.2, 0.4, 0.3):
+            rec._enqueue_later(key, delay)
+        rec._enqueue_later(("ml", "other"), 0.2)
+        assert len(rec._timers) == 2
+        await asyncio.sleep(0.35)
+        assert sorted(fired) == [key, ("ml", "other")]
+        await asyncio.sleep(0.5)
+        assert len(fired) == 2  # the later ones were not kept
+        assert not rec._timers
+
+
 async def test_a_pass_while_the_last_status_write_is_on_its_way_writes_nothing(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
