@@ -272,7 +272,11 @@ def compute(
         problems.append(f"{_plural(len(failing), 'actor pod')} failing: {failing[0].failing}")
     problems += [f"sink {s.component} failing: {s.failing}" for s in sinks_down if s.failing]
     if observed.stream_ready is False:
-        problems.append("stream unavailable")
+        problems.append(
+            f"stream unavailable: {observed.stream_message}"
+            if observed.stream_message
+            else "stream unavailable"
+        )
     if observed.not_created:
         problems.append(observed.not_created)
     if problems or refused:

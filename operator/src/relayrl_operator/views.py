@@ -191,11 +191,29 @@ def pod_index(pod: Mapping[str, Any]) -> int:
 
 
 def waiting_failure(pod: Mapping[str, Any]) -> str | None:
-    """The failure a pod's containers report while waiting (CrashLoopBackOff, ...)."""
+    """The failure a pod's containers report (CrashLoopBackOff, ...), in words that stay
+    the same from one restart to the next: status (and an Event) changes only when the
+    failure does.
+
+    A crash loop is told by its last exit, not by the back-off the kubelet names (its
+    length grows at each restart); between two back-offs the container runs, not ready
+    yet, after a failed run, and that is the same failure.
+    """
     for cs in (pod.get("status") or {}).get("containerStatuses") or []:
         waiting = (cs.get("state") or {}).get("waiting") or {}
-        if waiting.get("reason") in FAILING_REASONS:
-            return f"{waiting['reason']}: {waiting.get('message', '')}".rstrip(": ")
+        last = (cs.get("lastState") or {}).get("terminated") or {}
+        exited = ""
+        if last.get("exitCode"):
+            exited = f"last exit {last['exitCode']}"
+            if last.get("reason"):
+                exited += f" ({last['reason']})"
+        reason = waiting.get("reason")
+        if reason == "CrashLoopBackOff" and exited:
+            return f"CrashLoopBackOff: {exited}"
+        if reason in FAILING_REASONS:
+            return f"{reason}: {waiting.get('message', '')}".rstrip(": ")
+        if exited and not cs.get("ready") and cs.get("restartCount", 0) > 0:
+            return f"CrashLoopBackOff: {exited}"
     return None
 
 

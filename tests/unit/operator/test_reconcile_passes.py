@@ -273,6 +273,27 @@ UNAVAILABLE = {
 }
 
 
+def test_a_crash_loop_reads_the_same_through_its_restarts() -> None:
+    """Back-off, running (not ready) after a failed run, back-off again with a longer
+    wait: one failure, said the same way, so status and its Events do not flap."""
+    last = {"terminated": {"exitCode": 2, "reason": "Error"}}
+
+    def container(state: dict[str, Any], restarts: int, ready: bool = False) -> Any:
+        status = {"state": state, "lastState": last, "restartCount": restarts, "ready": ready}
+        return {"metadata": {"name": "p"}, "status": {"containerStatuses": [status]}}
+
+    backoff = "back-off {} restarting failed container=runtime pod=p"
+    cycle = [
+        container({"waiting": {"reason": "CrashLoopBackOff", "message": backoff.format("10s")}}, 1),
+        container({"running": {"startedAt": "2026-11-24T08:00:00Z"}}, 2),
+        container({"waiting": {"reason": "CrashLoopBackOff", "message": backoff.format("20s")}}, 2),
+    ]
+    said = {views.waiting_failure(pod) for pod in cycle}
+    assert said == {"CrashLoopBackOff: last exit 2 (Error)"}
+    # Once it runs and is ready again, it is not failing.
+    assert views.waiting_failure(container({"running": {}}, 3, ready=True)) is None
+
+
 def test_a_sink_is_failing_only_when_its_pod_or_rollout_fails() -> None:
     starting = views.sink_view(sink_deployment(UNAVAILABLE), {})
     assert (starting.ready, starting.failing) == (False, "")

@@ -359,3 +359,13 @@ def test_pods_past_the_desired_count_keep_it_progressing_until_gone() -> None:
     assert conditions(draining)["Progressing"]["status"] == "True"
     done = compute(paused, status.Observed([], ARROW_READY, stream_ready=True))
     assert conditions(done)["Progressing"]["status"] == "False"
+
+
+def test_degraded_says_why_the_stream_is_unavailable() -> None:
+    """Not only that it is: the cause (a missing Secret, NATS away) is what to act on."""
+    s = make_spec()
+    why = "cannot read NATS credentials: Secret ml/nats-creds not found"
+    observed = status.Observed(ready_pods(1), ARROW_READY, stream_ready=False, stream_message=why)
+    degraded = conditions(compute(s, observed))["Degraded"]
+    assert degraded["status"] == "True"
+    assert f"stream unavailable: {why}" in degraded["message"]
