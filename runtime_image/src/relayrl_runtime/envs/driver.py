@@ -108,7 +108,6 @@ class EnvDriver:
         # When the env call running now (a step or a reset) began (monotonic): the
         # liveness probe fails for one that does not return.
         self.env_call_since: float | None = None
-        self._nonfinite_rewards_seen = 0
         ids = np.asarray(actor_ids, dtype=np.int64).reshape(-1)
         count = 0 if env is None else env.num_envs
         if ids.shape != (count,):
@@ -134,7 +133,8 @@ class EnvDriver:
         self._ended: agent_mod.Ended | None = None
         # A step recorded whose env step has not returned (see `run`).
         self._pending = False
-        self._nonfinite_seen = 0  # observation rows with NaN or infinity
+        # Rows with NaN or infinity so far: of observations, of rewards.
+        self._nonfinite_seen: dict[str, int] = {}
         # Per-copy state, aligned with `actor_ids` (the blocks' ids concatenated).
         self._obs: npt.NDArray[Any] | None = None
         self._rewards: npt.NDArray[np.float64] = np.zeros(0, dtype=np.float64)
@@ -479,38 +479,42 @@ class EnvDriver:
         return rewards
 
     def _nonfinite_reward(self, ids: npt.NDArray[np.int64], rewards: npt.NDArray[Any]) -> None:
-        """Count rewards that are NaN or infinite (recorded as given), and say which
-        actors had them, at the first and every 1000th."""
-        bad = ~np.isfinite(rewards)
-        count = int(bad.sum())
-        self._nonfinite_rewards_seen += count
-        self.agent.metrics.nonfinite_rewards.inc(count)
-        seen = self._nonfinite_rewards_seen
-        if seen == count or seen // 1000 > (seen - count) // 1000:
-            log.warning(
-                "%s: rewards NaN or infinite for actors %s (%d so far)",
-                self.source,
-                ids[bad].tolist()[:10],
-                seen,
-            )
+        """Rewards that are NaN or infinite (recorded as given)."""
+        self._count_nonfinite(
+            "rewards",
+            ids,
+            ~np.isfinite(rewards),
+            self.agent.metrics.nonfinite_rewards,
+            f"{self.source}: rewards NaN or infinite",
+        )
 
     def _nonfinite(self, ids: npt.NDArray[np.int64], obs: npt.NDArray[Any]) -> None:
-        """Count observations holding NaN or infinity (an env's bug, acted on as given:
-        a discrete policy then picks its first action), and say which actors had them,
-        at the first and every 1000th."""
-        bad = ~np.isfinite(obs.reshape(len(obs), -1)).all(axis=1)
+        """Observations holding NaN or infinity (an env's bug, acted on as given: a
+        discrete policy then picks its first action)."""
+        self._count_nonfinite(
+            "observations",
+            ids,
+            ~np.isfinite(obs.reshape(len(obs), -1)).all(axis=1),
+            self.agent.metrics.nonfinite_observations,
+            "environment: observations with NaN or infinity",
+        )
+
+    def _count_nonfinite(
+        self,
+        what: str,
+        ids: npt.NDArray[np.int64],
+        bad: npt.NDArray[np.bool_],
+        counter: Any,
+        said: str,
+    ) -> None:
+        """Count the rows `bad` marks, and say which actors had them, at the first and
+        every 1000th of `what`."""
         count = int(bad.sum())
-        self._nonfinite_seen += count
-        self.agent.metrics.nonfinite_observations.inc(count)
-        if (
-            self._nonfinite_seen == count
-            or self._nonfinite_seen // 1000 > (self._nonfinite_seen - count) // 1000
-        ):
-            log.warning(
-                "environment: observations with NaN or infinity for actors %s (%d so far)",
-                ids[bad].tolist()[:10],
-                self._nonfinite_seen,
-            )
+        before = self._nonfinite_seen.get(what, 0)
+        seen = self._nonfinite_seen[what] = before + count
+        counter.inc(count)
+        if before == 0 or seen // 1000 > before // 1000:
+            log.warning("%s for actors %s (%d so far)", said, ids[bad].tolist()[:10], seen)
 
     def _step_blocks(
         self, actions: npt.NDArray[Any]

@@ -227,6 +227,10 @@ class SinkMetrics:
             """A counter of this sink (the `sink` label set to its kind)."""
             return prom.Counter(f"{PREFIX}_{name}", doc, labels, registry=r).labels(kind)
 
+        def gauge(name: str, doc: str) -> prom.Gauge:
+            """A gauge of this sink (the `sink` label set to its kind)."""
+            return prom.Gauge(f"{PREFIX}_{name}", doc, labels, registry=r).labels(kind)
+
         self.messages = counter("messages", "Messages committed.")
         self.rows = counter("rows", "Steps committed.")
         self.bytes = counter("bytes", "Message payload bytes committed.")
@@ -243,15 +247,8 @@ class SinkMetrics:
             "duplicates", "Messages skipped as copies of one written before (same Nats-Msg-Id)."
         )
         self.repositions = counter("repositions", "Consumer re-creations after a delivery gap.")
-        self.lag = prom.Gauge(
-            f"{PREFIX}_lag_messages",
-            "Messages in the stream not yet delivered.",
-            labels,
-            registry=r,
-        ).labels(kind)
-        self.committed_seq = prom.Gauge(
-            f"{PREFIX}_committed_sequence", "Last stream sequence committed.", labels, registry=r
-        ).labels(kind)
+        self.lag = gauge("lag_messages", "Messages in the stream not yet delivered.")
+        self.committed_seq = gauge("committed_sequence", "Last stream sequence committed.")
         self.commit_seconds = prom.Histogram(
             f"{PREFIX}_commit_seconds",
             "Commit latency (fsync+rename, or COPY+COMMIT).",
@@ -270,12 +267,9 @@ class SinkMetrics:
         # What a sink finds as it starts (a loss, a dead letter) is counted before the
         # first scrape: its counter starts above 0, or goes on where the process before
         # it left off, and increase() sees nothing. The alerts also look at this.
-        self.start_time = prom.Gauge(
-            f"{PREFIX}_start_time_seconds",
-            "When this sink process started (seconds since the epoch).",
-            labels,
-            registry=r,
-        ).labels(kind)
+        self.start_time = gauge(
+            "start_time_seconds", "When this sink process started (seconds since the epoch)."
+        )
         self.start_time.set(time.time())
         self.kind = kind
 

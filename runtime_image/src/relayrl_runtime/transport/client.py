@@ -59,6 +59,19 @@ def wants_ipv6(address: str) -> bool:
     return bool(found) and all(family == socket.AF_INET6 for family, *_ in found)
 
 
+def _one_each(value: Any, dtype: Any, n: int, field: str) -> npt.NDArray[Any]:
+    """`value` as one `dtype` value for each of `n` actors: an array of n, or one value
+    for all; anything else names `field`."""
+    values = np.asarray(value, dtype=dtype)
+    if values.shape == (n,):
+        return values
+    if values.size != 1:
+        raise errors.InvalidArgumentError.mismatch(
+            f"{field}.shape", f"[{n}] or one value for all", list(values.shape)
+        )
+    return np.broadcast_to(values.reshape(()), (n,))
+
+
 @dataclasses.dataclass(frozen=True)
 class RemoteActionResult:
     """Actions (request order), their log-probabilities and the policy version."""
@@ -168,14 +181,7 @@ class RemoteClient:
                 )
             reward_frame = self._reward_frame
         else:
-            rewards = np.asarray(reward, dtype=np.float64)
-            if rewards.shape != (n,):
-                if rewards.size != 1:
-                    raise errors.InvalidArgumentError.mismatch(
-                        "reward.shape", f"[{n}] or one value for all", list(rewards.shape)
-                    )
-                rewards = np.broadcast_to(rewards.reshape(()), (n,))
-            reward_frame = wire.pack_array(rewards)
+            reward_frame = wire.pack_array(_one_each(reward, np.float64, n, "reward"))
         payload = [
             ids_frame,
             wire.pack_array(obs),
@@ -212,16 +218,7 @@ class RemoteClient:
         ids = np.asarray(actor_ids, dtype=np.int64)
 
         def vec(value: Any, dtype: Any, field: str) -> bytes:
-            values = np.asarray(value, dtype=dtype)
-            if values.shape != ids.shape:
-                if values.size != 1:
-                    raise errors.InvalidArgumentError.mismatch(
-                        f"{field}.shape",
-                        f"{list(ids.shape)} or one value for all",
-                        list(values.shape),
-                    )
-                values = np.broadcast_to(values.reshape(()), ids.shape)
-            return wire.pack_array(values)
+            return wire.pack_array(_one_each(value, dtype, len(ids), field))
 
         (frame,) = self.call(
             wire.Op.FLAG_LAST_ACTION,
