@@ -54,6 +54,11 @@ class AgentState:
     # body's until the write's watch event arrives.
     last_status: dict[str, Any] | None = None
     status_uid: str | None = None
+    # While other Agents wait for a pass, a new Agent's first status (Progressing) waits
+    # for its pods until this time.monotonic() at the latest (see reconcile); once this
+    # process has written a status for it, never again.
+    first_status_due: float | None = None
+    status_written: bool = False
     pods: dict[str, dict[str, Any]] = field(default_factory=dict)
     deployments: dict[str, dict[str, Any]] = field(default_factory=dict)
     child_generations: dict[tuple[str, str], int] = field(default_factory=dict)
@@ -94,9 +99,15 @@ class AgentState:
     pushed: dict[str, str] = field(default_factory=dict)
 
 
-def store(state: AgentState, body: Mapping[str, Any]) -> None:
-    """Keep an Agent as read (a watch event, or a GET after a pause)."""
+def store(state: AgentState, body: Mapping[str, Any]) -> bool:
+    """Keep an Agent as read (a watch event, or a GET after a pause).
+
+    Returns whether a pass could come out differently: not for this operator's own
+    status write coming back (a pass per write, at a thousand Agents a thousand passes
+    that find nothing to do).
+    """
     meta = body["metadata"]
+    before, stale = state.body, state.stale
     # managedFields are the bulk of a stored Agent and nothing here reads them.
     state.body = {**body, "metadata": {k: v for k, v in meta.items() if k != "managedFields"}}
     state.stale = False
@@ -105,6 +116,24 @@ def store(state: AgentState, body: Mapping[str, Any]) -> None:
     done = (state.applied_generation, state.applying_generation, state.error_generation)
     if meta.get("generation") not in done:
         state.needs_apply = True
+    return stale or before is None or not _own_status_back(state, before, state.body)
+
+
+def _own_status_back(state: AgentState, before: Mapping[str, Any], now: Mapping[str, Any]) -> bool:
+    """Whether `now` is `before` with this operator's last status write, and nothing else
+    changed (but the resourceVersion)."""
+    if state.last_status is None or state.status_uid != now["metadata"].get("uid"):
+        return False
+    # A merge patch takes null fields out (status.modelVersion while none is known).
+    written = {k: v for k, v in state.last_status.items() if v is not None}
+    if now.get("status") != written:
+        return False
+
+    def rest(body: Mapping[str, Any]) -> dict[str, Any]:
+        meta = {k: v for k, v in body["metadata"].items() if k != "resourceVersion"}
+        return {**{k: v for k, v in body.items() if k != "status"}, "metadata": meta}
+
+    return rest(before) == rest(now)
 
 
 def note_child(state: AgentState, event_type: str, body: Mapping[str, Any]) -> bool:

@@ -31,11 +31,17 @@ class WorkQueue(Generic[K]):
         # Each waiting key, and whether it waits in the urgent lane. A key moved up
         # leaves its old place in the background lane, skipped when reached.
         self._waiting: dict[K, bool] = {}
+        self._urgent_waiting = 0
         self._takes = 0
         self._nonempty = asyncio.Event()
 
     def __len__(self) -> int:
         return len(self._waiting)
+
+    @property
+    def urgent(self) -> int:
+        """How many keys wait in the urgent lane."""
+        return self._urgent_waiting
 
     def put(self, key: K, *, background: bool = False) -> None:
         """Queue `key` unless it waits already; an urgent put moves a background key up."""
@@ -43,9 +49,11 @@ class WorkQueue(Generic[K]):
         if urgent is None:
             self._waiting[key] = not background
             (self._background if background else self._urgent).append(key)
+            self._urgent_waiting += not background
         elif not urgent and not background:
             self._waiting[key] = True
             self._urgent.append(key)
+            self._urgent_waiting += 1
         self._nonempty.set()
 
     def get_nowait(self) -> K:
@@ -58,6 +66,7 @@ class WorkQueue(Generic[K]):
                 key = lane.popleft()
                 if self._waiting.get(key) is (lane is self._urgent):
                     del self._waiting[key]
+                    self._urgent_waiting -= lane is self._urgent
                     self._takes += 1
                     return key
         self._nonempty.clear()

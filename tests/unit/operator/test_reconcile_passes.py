@@ -381,9 +381,9 @@ async def test_resuming_reads_each_agent_again_and_forgets_deleted_ones() -> Non
     try:
         kept, gone = agent_body(), agent_body()
         gone["metadata"]["name"] = "gone"
-        for body in (kept, gone):
+        for body in (kept, gone):  # one by one: neither's first status is held back
             rec.agent_event("ADDED", body)
-        await settle(rec)
+            await settle(rec)
         peers.blocking = ["relayrl-operator-peer"]
         await rec._check_peers()
         assert not rec.active
@@ -1735,3 +1735,79 @@ async def test_actor_pods_the_statefulset_cannot_create_are_said_why(
         assert "actor pod not created" not in str(api.status[-1])
         assert api.status[-1]["phase"] != "Degraded"
         assert api.event_reads == reads
+
+
+def another_agent() -> dict[str, Any]:
+    body = agent_body()
+    body["metadata"].update(name="other", uid="u2")
+    return body
+
+
+async def test_a_new_agents_first_status_waits_while_others_wait_for_a_pass(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Applied together, the first Agent's pass finds the second waiting: its first
+    status (Progressing) is held back, for FIRST_STATUS_WAIT at most. The second's
+    pass finds nothing waiting and writes at once."""
+    monkeypatch.setattr(reconcile, "FIRST_STATUS_WAIT", 0.8)
+    api = Recorder()
+    async with running(api) as rec:
+        rec.agent_event("ADDED", agent_body())
+        rec.agent_event("ADDED", another_agent())
+        await settle(rec)
+        assert [s["phase"] for s in api.status] == ["Progressing"]
+        assert rec._states[("ml", "other")].last_status is not None
+        assert rec._states[KEY].last_status is None
+        # No event comes for it: the held status is written when its time is up.
+        await settle(rec, 0.8)
+        assert [s["phase"] for s in api.status] == ["Progressing", "Progressing"]
+        assert rec._states[KEY].last_status is not None
+        assert not rec._first_status
+
+
+async def test_a_held_first_status_is_written_on_a_pass_with_nothing_waiting() -> None:
+    api = Recorder()
+    async with running(api) as rec:
+        rec.agent_event("ADDED", agent_body())
+        rec.agent_event("ADDED", another_agent())
+        await settle(rec)
+        assert len(api.status) == 1
+        # A pod of the held Agent: its pass finds no other Agent waiting.
+        state = rec._states[KEY]
+        rec.child_event("ADDED", actor_pod(0, state.restart_hash))
+        await settle(rec)
+        assert len(api.status) == 2
+        assert state.last_status is not None
+        assert not rec._first_status  # its timer went with the write
+
+
+async def test_the_operators_own_status_write_coming_back_asks_for_no_pass() -> None:
+    api = Recorder()
+    async with running(api) as rec:
+        body = agent_body()
+        rec.agent_event("ADDED", body)
+        await settle(rec)
+        written = api.status[0]
+        assert None in written.values()  # status.modelVersion: none known yet
+        # As the watch brings it back: the merge patch took the null fields out.
+        echo = copy.deepcopy(body)
+        echo["metadata"]["resourceVersion"] = "2"
+        echo["status"] = {k: v for k, v in written.items() if v is not None}
+        rec.agent_event("MODIFIED", echo)
+        assert len(rec._queue) == 0
+        # The same status with a label changed by hand: a pass.
+        labelled = copy.deepcopy(echo)
+        labelled["metadata"]["resourceVersion"] = "3"
+        labelled["metadata"].setdefault("labels", {})["team"] = "a"
+        rec.agent_event("MODIFIED", labelled)
+        assert len(rec._queue) == 1
+        await settle(rec)
+        # Someone else's status write: a pass (its status is computed from the last
+        # write, so it finds nothing new to write).
+        other = copy.deepcopy(labelled)
+        other["metadata"]["resourceVersion"] = "4"
+        other["status"] = {"phase": "Ready"}
+        rec.agent_event("MODIFIED", other)
+        assert len(rec._queue) == 1
+        await settle(rec)
+        assert len(api.status) == 1  # computed from its last write: nothing new

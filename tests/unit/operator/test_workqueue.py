@@ -28,6 +28,21 @@ def test_urgent_keys_come_first_and_each_key_once() -> None:
     assert len(q) == 0
 
 
+def test_the_urgent_count_follows_moves_and_takes() -> None:
+    q: workqueue.WorkQueue[str] = workqueue.WorkQueue()
+    q.put("r1", background=True)
+    q.put("r2", background=True)
+    assert q.urgent == 0
+    q.put("r1")  # moved up
+    q.put("e1")
+    q.put("e1")
+    assert q.urgent == 2
+    assert taken(q, 2) == ["r1", "e1"]
+    assert q.urgent == 0
+    assert taken(q, 1) == ["r2"]
+    assert q.urgent == 0
+
+
 def test_an_urgent_put_moves_a_waiting_background_key_up_once() -> None:
     q: workqueue.WorkQueue[str] = workqueue.WorkQueue()
     for key in ("r1", "r2", "r3"):
