@@ -31,8 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import nats.errors
 import nats.js.api
 import nats.js.errors
+import nats.js.kv
 from nats.aio.client import Client as NATS
 
 from relayrl_operator import kube
@@ -45,6 +47,11 @@ RETRY_SECONDS = 5.0
 STALE_SECONDS = 30.0
 # A connection no Agent has used for this long is closed (at a resync).
 IDLE_SECONDS = 300.0
+# How often (seconds) a quiet report watch checks that the status bucket is the one it
+# follows. A server started again without its store (a new volume, a wiped disk) has
+# none; the pods make it again, and its sequences start over below the one the old
+# watch waits for: that watch would never deliver again.
+REPORTS_CHECK_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -344,11 +351,26 @@ class NatsStreams:
         delay = 0.5
         while not nc.is_closed:
             try:
-                kv = await reporting.ensure_bucket(nc.jetstream())
+                js = nc.jetstream()
+                kv = await reporting.ensure_bucket(js)
+                created = (await js.stream_info(reporting.STREAM)).created
                 watcher: Any = await kv.watch(f"{key.namespace}.>")
                 delay = 0.5
-                async for entry in watcher:
-                    if entry is not None:
+                seen = 0  # the last stream sequence delivered
+                while True:
+                    try:
+                        entry = await watcher.updates(timeout=REPORTS_CHECK_SECONDS)
+                    except nats.errors.TimeoutError:
+                        if nc.is_closed:
+                            return
+                        if await _same_bucket(js, created, seen):
+                            continue
+                        log.info("status bucket at %s gone or made again: watching anew", key.url)
+                        with contextlib.suppress(Exception):
+                            await watcher.stop()
+                        break
+                    if isinstance(entry, nats.js.kv.KeyValue.Entry):
+                        seen = max(seen, entry.revision or 0)
                         self._report_entry(key, entry)
             except asyncio.CancelledError:
                 raise
@@ -466,3 +488,19 @@ def _stream_config(agent: common.AgentRef) -> nats.js.api.StreamConfig:
     """The config an Agent's stream should have."""
     override = agent.spec.trajectories.nats.stream
     return streams.stream_config(agent.namespace, agent.name, override)
+
+
+async def _same_bucket(js: Any, created: Any, seen: int) -> bool:
+    """Whether the status bucket is still the one made at `created` whose watch has
+    delivered up to stream sequence `seen`: not deleted, not made again, its sequences
+    not started over. A server that cannot be asked now counts as the same one (the
+    watch's own reconnects cover an outage)."""
+    try:
+        info = await js.stream_info(reporting.STREAM)
+    except nats.js.errors.NotFoundError:
+        return False
+    except Exception:  # asked again at the next check
+        return True
+    if created is not None and info.created is not None and info.created != created:
+        return False
+    return int(info.state.last_seq) >= seen

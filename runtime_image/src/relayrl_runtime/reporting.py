@@ -49,7 +49,7 @@ CHECK_SECONDS: Final = 0.5
 
 _KEY_FORBIDDEN: Final = frozenset(".*> \t\r\n")
 # The stream behind the bucket, and the subject prefix of its keys.
-_STREAM: Final = f"KV_{BUCKET}"
+STREAM: Final = f"KV_{BUCKET}"
 _SUBJECT_PREFIX: Final = f"$KV.{BUCKET}."
 
 
@@ -197,7 +197,7 @@ async def read_reports(
     except (nats.js.errors.BucketNotFoundError, nats.js.errors.NotFoundError):
         return {}
     info = await js.stream_info(
-        _STREAM, subjects_filter=_SUBJECT_PREFIX + key_filter(namespace, agent)
+        STREAM, subjects_filter=_SUBJECT_PREFIX + key_filter(namespace, agent)
     )
     reports: dict[str, PodReport] = {}
     for subject in sorted(info.state.subjects or {}):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -317,3 +318,44 @@ async def test_what_no_agent_uses_is_let_go_at_a_resync(
         assert len(admin._conns) == 2
     finally:
         await admin.close()
+
+
+async def test_reports_keep_coming_after_the_server_loses_its_jetstream_state(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A server started again without its store (a new volume, a wiped disk) has
+    neither the status bucket nor the watcher's consumer. The pods make the bucket
+    again; the operator's watch must follow it, not wait at the old one's sequence."""
+    monkeypatch.setattr(natsadmin, "REPORTS_CHECK_SECONDS", 0.5)
+    admin = natsadmin.NatsStreams(Secrets())  # type: ignore[arg-type]
+    with natsserver.NatsServer() as server:
+
+        async def report(pod: str, version: int) -> None:
+            nc = await nats.connect(server.url)
+            try:
+                kv = await reporting.ensure_bucket(nc.jetstream())
+                for _ in range(5):  # a few puts: the old watch's sequences run past 1
+                    await kv.put(
+                        reporting.key("ml", "cartpole", pod),
+                        reporting.PodReport(
+                            pod=pod, model_version=version, actors=4, ready=True, time=time.time()
+                        ).to_json(),
+                    )
+            finally:
+                await nc.close()
+
+        def version(pod: str) -> int | None:
+            got = admin.reports("ml", "cartpole").get(pod)
+            return None if got is None else got.model_version
+
+        try:
+            await admin.ensure(agent(server.url))
+            await report("cartpole-actors-0", 1)
+            await _until(lambda: version("cartpole-actors-0") == 1, 10)
+            server.stop()
+            shutil.rmtree(server.store_dir)
+            server.start()
+            await report("cartpole-actors-0", 2)
+            await _until(lambda: version("cartpole-actors-0") == 2, 20)
+        finally:
+            await admin.close()
