@@ -52,6 +52,9 @@ IDLE_SECONDS = 300.0
 # none; the pods make it again, and its sequences start over below the one the old
 # watch waits for: that watch would never deliver again.
 REPORTS_CHECK_SECONDS = 30.0
+# How long a new connection waits for its report watch to bring in what the status
+# bucket holds, at most, before a pass may use it.
+REPORTS_LOAD_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -333,16 +336,33 @@ class NatsStreams:
         opened.append(nc)
         self._down_since.pop(key, None)
         self._failed.pop(key, None)
-        self._conns[key] = nc
         old = self._watchers.pop(key, None)
         if old is not None:
             old.cancel()
-        self._watchers[key] = asyncio.get_running_loop().create_task(
-            self._watch_reports(key, nc), name=f"status-reports {nats_spec.url}"
+        loaded = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        watcher = loop.create_task(
+            self._watch_reports(key, nc, loaded), name=f"status-reports {nats_spec.url}"
         )
+        self._watchers[key] = watcher
+        # The reports the bucket holds, before any pass uses the connection: a status
+        # computed without them (a restarted operator's first) would drop the model
+        # version the pods run, until they came in a moment later.
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(loaded.wait(), REPORTS_LOAD_SECONDS)
+        except BaseException:  # cancelled meanwhile: nothing of this connection stays
+            if self._watchers.get(key) is watcher:
+                del self._watchers[key]
+            watcher.cancel()
+            closing = loop.create_task(_close_quietly(nc))
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
+            raise
+        self._conns[key] = nc
         return nc
 
-    async def _watch_reports(self, key: _ConnKey, nc: NATS) -> None:
+    async def _watch_reports(self, key: _ConnKey, nc: NATS, loaded: asyncio.Event) -> None:
         """Follow the status bucket for as long as the connection lives: the reports of
         the pods of the connection's namespace only. A connection is opened for the
         Agents of one namespace (with their credentials): reports it carries for other
@@ -369,7 +389,9 @@ class NatsStreams:
                         with contextlib.suppress(Exception):
                             await watcher.stop()
                         break
-                    if isinstance(entry, nats.js.kv.KeyValue.Entry):
+                    if entry is None:  # the values the bucket held are all in
+                        loaded.set()
+                    elif isinstance(entry, nats.js.kv.KeyValue.Entry):
                         seen = max(seen, entry.revision or 0)
                         self._report_entry(key, entry)
             except asyncio.CancelledError:

@@ -359,3 +359,27 @@ async def test_reports_keep_coming_after_the_server_loses_its_jetstream_state(
             await _until(lambda: version("cartpole-actors-0") == 2, 20)
         finally:
             await admin.close()
+
+
+async def test_a_new_connection_brings_in_the_reports_before_its_first_use(
+    nats_server: natsserver.NatsServer,
+) -> None:
+    """A restarted operator's first pass of a running Agent computes status with the
+    reports its pods made before: else it writes the model version away, and back."""
+    nc = await nats.connect(nats_server.url)
+    try:
+        kv = await reporting.ensure_bucket(nc.jetstream())
+        for i in range(50):
+            pod = f"cartpole-actors-{i}"
+            report = reporting.PodReport(
+                pod=pod, model_version=3, actors=4, ready=True, time=time.time()
+            )
+            await kv.put(reporting.key("ml", "cartpole", pod), report.to_json())
+    finally:
+        await nc.close()
+    admin = natsadmin.NatsStreams(Secrets())  # type: ignore[arg-type]
+    try:
+        await admin._connect(agent(nats_server.url))
+        assert len(admin.reports("ml", "cartpole")) == 50
+    finally:
+        await admin.close()
