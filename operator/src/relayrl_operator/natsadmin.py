@@ -381,8 +381,6 @@ class NatsStreams:
                     try:
                         entry = await watcher.updates(timeout=REPORTS_CHECK_SECONDS)
                     except nats.errors.TimeoutError:
-                        if nc.is_closed:
-                            return
                         if await _same_bucket(js, created, seen):
                             continue
                         log.info("status bucket at %s gone or made again: watching anew", key.url)
@@ -519,8 +517,8 @@ async def _same_bucket(js: Any, created: Any, seen: int) -> bool:
     watch's own reconnects cover an outage)."""
     try:
         info = await js.stream_info(reporting.STREAM)
-    except nats.js.errors.NotFoundError:
-        return False
+    except (nats.js.errors.NotFoundError, nats.errors.ConnectionClosedError):
+        return False  # a closed connection: its watch ends
     except Exception:  # asked again at the next check
         return True
     if created is not None and info.created is not None and info.created != created:
