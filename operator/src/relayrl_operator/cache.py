@@ -54,10 +54,10 @@ class AgentState:
     # body's until the write's watch event arrives.
     last_status: dict[str, Any] | None = None
     status_uid: str | None = None
-    # While other Agents wait for a pass, a new Agent's first status (Progressing) waits
-    # for its pods until this time.monotonic() at the latest (see reconcile); once this
-    # process has written a status for it, never again.
-    first_status_due: float | None = None
+    # While other Agents wait for a pass, a new Agent's first status (Progressing) may
+    # wait for its pods, once (see reconcile): whether it has; and whether this process
+    # has written a status for it (then it never waits).
+    first_status_held: bool = False
     status_written: bool = False
     pods: dict[str, dict[str, Any]] = field(default_factory=dict)
     deployments: dict[str, dict[str, Any]] = field(default_factory=dict)

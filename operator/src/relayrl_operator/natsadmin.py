@@ -373,8 +373,17 @@ class NatsStreams:
             try:
                 js = nc.jetstream()
                 kv = await reporting.ensure_bucket(js)
-                created = (await js.stream_info(reporting.STREAM)).created
-                watcher: Any = await kv.watch(f"{key.namespace}.>")
+                pattern = f"{key.namespace}.>"
+                info = await js.stream_info(
+                    reporting.STREAM, subjects_filter=reporting.subject(pattern)
+                )
+                created = info.created
+                # The keys holding a value now: the reports are in once each came
+                # (the watch's own end-of-values marker can come before the last).
+                waiting = set(info.state.subjects or {})
+                if not waiting:
+                    loaded.set()
+                watcher: Any = await kv.watch(pattern)
                 delay = 0.5
                 seen = 0  # the last stream sequence delivered
                 while True:
@@ -387,11 +396,13 @@ class NatsStreams:
                         with contextlib.suppress(Exception):
                             await watcher.stop()
                         break
-                    if entry is None:  # the values the bucket held are all in
-                        loaded.set()
-                    elif isinstance(entry, nats.js.kv.KeyValue.Entry):
+                    if isinstance(entry, nats.js.kv.KeyValue.Entry):
                         seen = max(seen, entry.revision or 0)
                         self._report_entry(key, entry)
+                        if waiting:
+                            waiting.discard(reporting.subject(str(entry.key)))
+                            if not waiting:
+                                loaded.set()
             except asyncio.CancelledError:
                 raise
             except Exception as err:  # a NATS outage: watch again once it is back

@@ -914,6 +914,7 @@ class Reconciler:
             return
         await self._client.merge_patch(kube.AGENT, *key, {"status": new}, sub="status")
         state.last_status, state.status_uid = new, meta["uid"]
+        self._status_written(key, state)
         subject = events.Subject(meta["name"], meta["namespace"], meta["uid"])
         self._events.post(subject, "Warning", "InvalidSpec", message)
 
@@ -952,10 +953,7 @@ class Reconciler:
             kube.AGENT, agent.namespace, agent.name, {"status": new}, sub="status"
         )
         state.last_status, state.status_uid = new, agent.uid
-        state.status_written = True
-        held = self._first_status.pop(key, None)
-        if held is not None:
-            held.cancel()
+        self._status_written(key, state)
         # Phase changes get an Event, except a new Agent's first Progressing: every Agent
         # starts there, and at a thousand Agents those Events are a thousand apiserver
         # writes that say nothing `kubectl get agents` does not.
@@ -968,6 +966,12 @@ class Reconciler:
             said = next(c for c in new["conditions"] if c["type"] == why)
             self._events.post(agent, kind, f"Phase{new['phase']}", said["message"])
 
+    def _status_written(self, key: Key, state: cache.AgentState) -> None:
+        state.status_written = True
+        held = self._first_status.pop(key, None)
+        if held is not None:
+            held.cancel()
+
     def _hold_first_status(self, key: Key, state: cache.AgentState, new: Mapping[str, Any]) -> bool:
         """Whether to hold back a new Agent's first status, `new` (see FIRST_STATUS_WAIT):
         only a plain Progressing one, while other Agents wait for a pass, and for
@@ -978,18 +982,18 @@ class Reconciler:
             or state.status_written
         ):
             return False
-        now = time.monotonic()
-        if state.first_status_due is None:
+        if not state.first_status_held:
             if not self._queue.urgent:
                 return False
-            state.first_status_due = now + FIRST_STATUS_WAIT
+            state.first_status_held = True
 
             def due() -> None:
                 if self._first_status.pop(key, None) is not None:
                     self.enqueue(key)
 
             self._first_status[key] = asyncio.get_running_loop().call_later(FIRST_STATUS_WAIT, due)
-        return now < state.first_status_due and self._queue.urgent > 0
+        # Held while its timer waits (not by the clock: a timer may fire a little early).
+        return key in self._first_status and self._queue.urgent > 0
 
 
 def _status_now(

@@ -61,6 +61,11 @@ def key(namespace: str, agent: str, pod: str) -> str:
     return f"{namespace}.{agent}.{pod}"
 
 
+def subject(name: str) -> str:
+    """The subject in the bucket's stream that holds key `name`."""
+    return _SUBJECT_PREFIX + name
+
+
 def key_filter(namespace: str, agent: str) -> str:
     """The key pattern matching every pod of one Agent."""
     return key(namespace, agent, "x")[:-1] + "*"

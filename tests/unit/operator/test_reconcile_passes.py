@@ -1811,3 +1811,40 @@ async def test_the_operators_own_status_write_coming_back_asks_for_no_pass() -> 
         assert len(rec._queue) == 1
         await settle(rec)
         assert len(api.status) == 1  # computed from its last write: nothing new
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda m: m.update(generation=2),
+        lambda m: m.update(deletionTimestamp="2026-11-24T00:00:00Z"),
+        lambda m: m.update(finalizers=[]),
+    ],
+    ids=["spec", "deletion", "finalizers"],
+)
+async def test_a_change_arriving_with_the_operators_own_status_asks_for_a_pass(
+    edit: Any,
+) -> None:
+    api = Recorder()
+    async with running(api) as rec:
+        body = agent_body()
+        rec.agent_event("ADDED", body)
+        await settle(rec)
+        changed = copy.deepcopy(body)
+        changed["metadata"]["resourceVersion"] = "2"
+        changed["status"] = {k: v for k, v in api.status[0].items() if v is not None}
+        edit(changed["metadata"])
+        rec.agent_event("MODIFIED", changed)
+        assert len(rec._queue) == 1
+
+
+async def test_a_held_agent_deleted_leaves_no_timer() -> None:
+    api = Recorder()
+    async with running(api) as rec:
+        held = agent_body()
+        rec.agent_event("ADDED", held)
+        rec.agent_event("ADDED", another_agent())
+        await settle(rec)
+        assert set(rec._first_status) == {KEY}
+        rec.agent_event("DELETED", held)
+        assert not rec._first_status
