@@ -55,10 +55,9 @@ class AgentState:
     last_status: dict[str, Any] | None = None
     status_uid: str | None = None
     # While other Agents wait for a pass, a new Agent's first status (Progressing) may
-    # wait for its pods, once (see reconcile): whether it has; and whether this process
-    # has written a status for it (then it never waits).
-    first_status_held: bool = False
-    status_written: bool = False
+    # wait for its pods, once (see reconcile): whether that chance is taken or gone (a
+    # hold began, or this process wrote a status for the Agent).
+    first_status_settled: bool = False
     pods: dict[str, dict[str, Any]] = field(default_factory=dict)
     deployments: dict[str, dict[str, Any]] = field(default_factory=dict)
     child_generations: dict[tuple[str, str], int] = field(default_factory=dict)

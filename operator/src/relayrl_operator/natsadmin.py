@@ -299,9 +299,7 @@ class NatsStreams:
             raise streams.ConnectError(f"nats {key.url}: disconnected, reconnecting")
         log.info("nats %s: reconnecting for %.0fs; opening it anew", key.url, STALE_SECONDS)
         del self._conns[key]
-        task = asyncio.get_running_loop().create_task(_close_quietly(nc))
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+        self._close_later(nc)
         return None
 
     def _raise_if_failed(self, key: _ConnKey, lock: asyncio.Lock | None = None) -> None:
@@ -340,8 +338,7 @@ class NatsStreams:
         if old is not None:
             old.cancel()
         loaded = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        watcher = loop.create_task(
+        watcher = asyncio.get_running_loop().create_task(
             self._watch_reports(key, nc, loaded), name=f"status-reports {nats_spec.url}"
         )
         self._watchers[key] = watcher
@@ -355,12 +352,16 @@ class NatsStreams:
             if self._watchers.get(key) is watcher:
                 del self._watchers[key]
             watcher.cancel()
-            closing = loop.create_task(_close_quietly(nc))
-            self._closing.add(closing)
-            closing.add_done_callback(self._closing.discard)
+            self._close_later(nc)
             raise
         self._conns[key] = nc
         return nc
+
+    def _close_later(self, nc: NATS) -> None:
+        """Close a connection in a task of its own (`close` waits for it)."""
+        task = asyncio.get_running_loop().create_task(_close_quietly(nc))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def _watch_reports(self, key: _ConnKey, nc: NATS, loaded: asyncio.Event) -> None:
         """Follow the status bucket for as long as the connection lives: the reports of

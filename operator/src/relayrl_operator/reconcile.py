@@ -967,7 +967,7 @@ class Reconciler:
             self._events.post(agent, kind, f"Phase{new['phase']}", said["message"])
 
     def _status_written(self, key: Key, state: cache.AgentState) -> None:
-        state.status_written = True
+        state.first_status_settled = True
         held = self._first_status.pop(key, None)
         if held is not None:
             held.cancel()
@@ -976,16 +976,12 @@ class Reconciler:
         """Whether to hold back a new Agent's first status, `new` (see FIRST_STATUS_WAIT):
         only a plain Progressing one, while other Agents wait for a pass, and for
         FIRST_STATUS_WAIT at most: a pass is queued for when that time is up."""
-        if (
-            new["phase"] != spec.Phase.PROGRESSING
-            or state.apply_failing is not None
-            or state.status_written
-        ):
+        if new["phase"] != spec.Phase.PROGRESSING or state.apply_failing is not None:
             return False
-        if not state.first_status_held:
+        if not state.first_status_settled:
             if not self._queue.urgent:
                 return False
-            state.first_status_held = True
+            state.first_status_settled = True
 
             def due() -> None:
                 if self._first_status.pop(key, None) is not None:

@@ -201,12 +201,10 @@ async def read_reports(
         kv = await js.key_value(BUCKET)
     except (nats.js.errors.BucketNotFoundError, nats.js.errors.NotFoundError):
         return {}
-    info = await js.stream_info(
-        STREAM, subjects_filter=_SUBJECT_PREFIX + key_filter(namespace, agent)
-    )
+    info = await js.stream_info(STREAM, subjects_filter=subject(key_filter(namespace, agent)))
     reports: dict[str, PodReport] = {}
-    for subject in sorted(info.state.subjects or {}):
-        name = subject.removeprefix(_SUBJECT_PREFIX)
+    for held in sorted(info.state.subjects or {}):
+        name = held.removeprefix(_SUBJECT_PREFIX)
         try:
             entry = await kv.get(name)
         except nats.js.errors.KeyNotFoundError:  # deleted, or expired since
