@@ -14,6 +14,9 @@ measures, on the same machine in the same run:
   it (asked of nats-server, so the watching costs the sink nothing); the stream is
   emptied before each end-to-end phase;
 - raw Parquet write of the same rows (one writer, same compression), for reference;
+- transport only: the raw publish while a consumer process (`drain_consumer.py`) only
+  fetches and acks; with the raw Parquet write, the least a step through any sink of
+  this design costs here, printed as a ceiling;
 - runtime -> NATS -> Postgres sink: the same, until every step is committed in Postgres;
 - raw COPY of the same rows: the sink's binary COPY payload sent straight to Postgres.
 
@@ -41,10 +44,12 @@ from pathlib import Path
 from typing import Final
 
 import nats
+import nats.js.api
 import nats.js.errors
 import psycopg
 import pyarrow as pa
 import pyarrow.parquet as pq
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -146,14 +151,22 @@ def encoded_messages(batches: list[pa.RecordBatch]) -> list[tuple[bytes, dict[st
 
 
 async def raw_publish(url: str, messages: list[tuple[bytes, dict[str, str]]], repeat: int) -> Span:
-    """Every message published at once, acks collected as they come (pipelined).
+    """Every message published at once, acks collected as they come (pipelined)."""
+    nc, events = await connect_watched(url)
+    js = nc.jetstream()
+    await streams.ensure_stream(js, streams.stream_config("default", "rawbench"))
+    subject = streams.trajectories_subject("default", "rawbench")
+    clock = Clock()
+    await publish_acked(nc, events, subject, messages, repeat)
+    span = clock.stop()
+    await streams.delete_stream(js, streams.stream_name("default", "rawbench"))
+    await nc.close()
+    return span
 
-    Plain publishes with a reply subject rather than nats-py's publish_async: that one
-    leaves a future unresolved when JetStream answers an error (its reply handler raises
-    instead), and under this load nats-server answers 429 ("too many requests") when
-    the stream's ingest queue is full. Those are published again, as any client would.
-    """
-    events: list[str] = []  # what happened to the connection, should acks go missing
+
+async def connect_watched(url: str) -> tuple[NATS, list[str]]:
+    """A connection, and what happens to it (said should acks go missing)."""
+    events: list[str] = []
 
     async def on_error(err: Exception) -> None:
         events.append(f"error {err}")
@@ -162,9 +175,23 @@ async def raw_publish(url: str, messages: list[tuple[bytes, dict[str, str]]], re
         events.append("disconnected")
 
     nc = await nats.connect(url, error_cb=on_error, disconnected_cb=on_disconnect)
-    js = nc.jetstream()
-    await streams.ensure_stream(js, streams.stream_config("default", "rawbench"))
-    subject = streams.trajectories_subject("default", "rawbench")
+    return nc, events
+
+
+async def publish_acked(
+    nc: NATS,
+    events: list[str],
+    subject: str,
+    messages: list[tuple[bytes, dict[str, str]]],
+    repeat: int,
+) -> None:
+    """Publish `messages` `repeat` times, each with a reply subject, until all are acked.
+
+    Plain publishes with a reply subject rather than nats-py's publish_async: that one
+    leaves a future unresolved when JetStream answers an error (its reply handler raises
+    instead), and under this load nats-server answers 429 ("too many requests") when
+    the stream's ingest queue is full. Those are published again, as any client would.
+    """
     inbox = nc.new_inbox()
     pending: dict[str, tuple[bytes, dict[str, str]]] = {}
     refused: list[str] = []
@@ -187,7 +214,6 @@ async def raw_publish(url: str, messages: list[tuple[bytes, dict[str, str]]], re
             done.set()
 
     sub = await nc.subscribe(f"{inbox}.*", cb=on_ack)
-    clock = Clock()
     n = 0
     for _ in range(repeat):
         for payload, headers in messages:
@@ -203,14 +229,61 @@ async def raw_publish(url: str, messages: list[tuple[bytes, dict[str, str]]], re
             f"raw publish: {n - len(pending)} of {n} acks within {PHASE_DEADLINE}s;"
             f" connection: {events or 'no errors'}"
         ) from None
-    span = clock.stop()
     if refused:
         raise RuntimeError(f"raw publish: {len(refused)} refused: {refused[:3]}")
     if busy:
         print(f"  (raw publish: {busy} publishes answered 'busy' and sent again)")
     await sub.unsubscribe()
-    await streams.delete_stream(js, streams.stream_name("default", "rawbench"))
-    await nc.close()
+
+
+async def transport_only(
+    url: str, messages: list[tuple[bytes, dict[str, str]]], repeat: int
+) -> Span:
+    """Raw publish while `drain_consumer.py` fetches and acks: JetStream's store and
+    delivery and nats-py's receive, with nothing decoded or written."""
+    nc, events = await connect_watched(url)
+    js = nc.jetstream()
+    config = streams.stream_config("default", "transport")
+    await streams.ensure_stream(js, config)
+    assert config.name is not None
+    durable = "transport"
+    await js.add_consumer(
+        config.name,
+        nats.js.api.ConsumerConfig(
+            durable_name=durable, ack_policy=nats.js.api.AckPolicy.ALL, max_ack_pending=-1
+        ),
+    )
+    steps = repeat * sum(int(h[streams.HEADER_STEPS]) for _, h in messages)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(Path(__file__).with_name("drain_consumer.py")),
+        url,
+        config.name,
+        durable,
+        str(steps),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdin is not None
+        if (await asyncio.wait_for(proc.stdout.readline(), 60)).strip() != b"ready":
+            raise RuntimeError("drain consumer did not start")
+        clock = Clock(proc.pid)
+        subject = streams.trajectories_subject("default", "transport")
+        await publish_acked(nc, events, subject, messages, repeat)
+        line = await asyncio.wait_for(proc.stdout.readline(), PHASE_DEADLINE)
+        span = clock.stop()  # before it exits: its CPU is read from /proc
+        if not line.strip().isdigit() or int(line) != steps:
+            raise RuntimeError(f"drain consumer took {line!r} steps of {steps}")
+        proc.stdin.close()
+        await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await streams.delete_stream(js, config.name)
+        await nc.close()
     return span
 
 
@@ -321,6 +394,7 @@ E2E_IPC: Final = "runtime -> NATS -> Arrow sink (IPC)"
 E2E_PG: Final = "runtime -> NATS -> Postgres sink"
 PUBLISHER: Final = "publisher -> NATS (acked)"
 RAW_PARQUET: Final = "raw Parquet write (same options)"
+TRANSPORT: Final = "raw publish -> NATS -> fetch + ack"
 
 
 Round = dict[str, tuple[int, Span]]
@@ -359,6 +433,8 @@ def run_round(
         shutil.rmtree(pl.arrow_dir, ignore_errors=True)
         span = raw_parquet(batches, arrow_repeat, work / "raw.parquet", parquet)
         results[RAW_PARQUET] = (arrow_steps, span)
+        span = asyncio.run(transport_only(srv.url, messages, arrow_repeat))
+        results[TRANSPORT] = (arrow_steps, span)
 
         pgsink = pl.postgres_sink("--batch-rows", "100000")
         results[E2E_PG] = (pg_steps, run_sink_e2e(pgsink, srv.url, batches, pg_repeat))
@@ -459,6 +535,7 @@ def main() -> int:
         (PUBLISHER, RAW_JS, "raw JetStream publish"),
         (E2E_PARQUET, RAW_JS, "raw JetStream publish"),
         (E2E_IPC, RAW_JS, "raw JetStream publish"),
+        (TRANSPORT, RAW_JS, "raw JetStream publish"),
         (E2E_PG, RAW_JS, "raw JetStream publish"),
         (E2E_PG, RAW_COPY, "raw COPY"),
     ):
@@ -467,6 +544,23 @@ def main() -> int:
         print(
             f"{name:<38} / {label:<22} {spread(speed, '.2f'):>18}  {statistics.median(bound):8.2f}x"
         )
+
+    # Any sink of this design takes each message from JetStream and encodes it: the
+    # transport alone plus the raw Parquet write is the least CPU a step can cost.
+    cores = os.cpu_count() or 1
+    least = [cost(r, TRANSPORT) + cost(r, RAW_PARQUET) for r in runs]
+    ceiling = [cores / c for c in least]
+    beyond = [(cost(r, E2E_PARQUET) - c) * 1e6 for r, c in zip(runs, least, strict=True)]
+    print(
+        f"\nceiling of a Parquet pipeline here: transport + raw Parquet write ="
+        f" {spread([c * 1e6 for c in least], '.3f')} CPU us/step;"
+        f" with all {cores} cores busy at most"
+        f" {spread(ceiling, ',.0f')} steps/s,"
+        f" {spread([c / rate(r, RAW_JS) for c, r in zip(ceiling, runs, strict=True)], '.2f')}x"
+        f" of raw publish; runtime -> NATS -> Arrow sink costs"
+        f" {spread(beyond, '.3f')} us/step more (the publisher's encoding, the sink's checks"
+        " and commits)"
+    )
     return 0
 
 
