@@ -4,8 +4,9 @@
 
 `bench_pipeline.py` runs it against a raw publish of the publisher's own messages: the
 transport alone (JetStream stores each message, delivers it, and nats-py receives it
-in another process). A sink does that and more, so what this costs per step, plus the
-raw Parquet write of the same rows, is the least any sink of this design can cost here.
+in another process). A sink receives as this does and then decodes, checks and
+writes, so this process's CPU per step is the least a sink's receive costs; the bench's
+ceiling adds it to the other parts of a step (`print_ceiling`).
 
 It pulls from DURABLE (made by the bench, ack-all), counts the steps each message's
 header says it holds, acks the last message of each fetch, prints "ready" once
