@@ -160,7 +160,7 @@ class App:
             return False, self._waiting or "model not loaded"
         waiting = self.sink.waiting if self.sink is not None else None
         if waiting is not None:
-            return False, f"sink not connected: {waiting}"
+            return False, f"trajectory sink: {waiting}"
         return True, f"ready: model version {self.agent.get_model_version()}"
 
     def stop(self) -> None:

@@ -197,6 +197,46 @@ async def test_a_busy_stream_is_retried_not_a_failure() -> None:
     assert got.equals(trajectories.sort(pa.Table.from_batches(batches)))
 
 
+async def test_a_full_store_is_said_and_waited_out_with_nothing_lost_or_twice(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """nats-server's JetStream store fills up (its max_file_store): publishes are
+    answered 503; the publisher says why (/readyz, one warning), keeps every step, and
+    stores each once after nats-server comes back with room."""
+    with natsserver.NatsServer(jetstream_config="max_file_store: 1MB") as srv:
+        pub = _publisher(srv.url, max_message_bytes=64 << 10, max_backlog_bytes=16 << 20)
+        pub.start()
+        wait_until("connected", lambda: pub.connected, 20)
+        batches = [trajectories.batch(6, i) for i in range(60)]  # ~2.5 MB
+        for b in batches:
+            pub.write(b)
+        wait_until("the store full", lambda: "store is full" in (pub.waiting or ""), 30)
+        assert (pub.waiting or "").startswith(
+            "JetStream refuses messages: insufficient resources (503, 10023); the JetStream"
+            " store is full"
+        ), pub.waiting
+        assert not pub.connected
+        stored = pub.acked_steps
+        assert 0 < stored < sum(b.num_rows for b in batches)
+        warned = [
+            r.getMessage()
+            for r in caplog.records
+            if r.name == publisher.__name__ and r.levelname == "WARNING"
+        ]
+        assert len([w for w in warned if "store is full" in w]) == 1, warned
+
+        # Room again: the same store, a larger limit.
+        conf = srv.config_file.read_text()
+        srv.config_file.write_text(conf.replace("max_file_store: 1MB", "max_file_store: 64MB"))
+        srv.restart()
+        pub.flush(timeout=60)
+        assert pub.waiting is None
+        pub.close(timeout=20)
+        msgs = await _stream_messages(srv.url)
+    got = _stored_steps(msgs)
+    assert got.equals(trajectories.sort(pa.Table.from_batches(batches)))
+
+
 async def test_a_stream_jetstream_refuses_keeps_the_publisher_not_ready_and_nothing_lost(
     nats_server: natsserver.NatsServer,
 ) -> None:

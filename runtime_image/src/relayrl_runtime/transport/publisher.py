@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 # 408 and 429 (its queues are full), 409 (a replicated stream still storing the same
 # message id, when a retry overtakes the first attempt).
 _BUSY_CODES: Final = frozenset({408, 409, 429})
+# JetStream's err_codes for a store that has no room: its server's or account's
+# max_file_store (10023, "insufficient resources"), or the storage itself (10047).
+_STORE_FULL_CODES: Final = frozenset({10023, 10047})
 
 PREFIX: Final = "relayrl_publisher"
 # Arrow IPC framing per record batch: a fixed part, and per column its buffers' entries
@@ -203,6 +206,9 @@ class NatsPublisher:
         self._stream_refused = False
         self._stored_in: str | None = None  # the stream that acked, if another one
         self._stream_missing = False  # JetStream said no stream takes the subject
+        # Why JetStream answered the last publish with a server error (a full store,
+        # say), until a publish is acked: said in /readyz and logged when it changes.
+        self._refusal: str | None = None
         self._ensuring: asyncio.Task[None] | None = None
         self._max_payload = config.max_message_bytes
         self.acked_messages = 0
@@ -230,7 +236,7 @@ class NatsPublisher:
                 f"messages are stored in stream {self._stored_in}, not {self.stream}"
             )
             return "; ".join(filter(None, (elsewhere, self._stream_problem)))
-        return None
+        return self._refusal
 
     @property
     def backlog_bytes(self) -> int:
@@ -788,6 +794,8 @@ class NatsPublisher:
                 ) as err:
                     if isinstance(err, nats.js.errors.NoStreamResponseError):
                         self._stream_gone(js)
+                    elif isinstance(err, nats.js.errors.APIError):
+                        self._refused(err)  # 500 or 503: the server's own trouble
                     self.metrics.retries.inc()
                     log.debug("publish %s failed (%s); retry in %.2fs", message.msg_id, err, delay)
                     await asyncio.sleep(delay)
@@ -798,6 +806,8 @@ class NatsPublisher:
                     # 5xx, and 429: the stream's ingest queue is full (nats-server
                     # answers so under load rather than queue without bound): retry.
                     if err.code is not None and (err.code >= 500 or err.code in _BUSY_CODES):
+                        if err.code >= 500:
+                            self._refused(err)
                         self.metrics.retries.inc()
                         await asyncio.sleep(delay)
                         continue
@@ -846,6 +856,21 @@ class NatsPublisher:
             self.metrics.backlog_messages.set(len(self._backlog) + len(self._unacked))
         self._poke()
 
+    def _refused(self, err: nats.js.errors.APIError) -> None:
+        """JetStream answered a publish with a server error: kept until one is acked."""
+        refusal = f"JetStream refuses messages: {err.description} ({err.code}, {err.err_code})"
+        if err.err_code in _STORE_FULL_CODES:
+            days = streams.StreamSettings().max_age_seconds / 86400
+            refusal += (
+                f"; the JetStream store is full: raise nats-server's max_file_store or"
+                f" its volume (stream {self.stream} keeps each message {days:g} days,"
+                f" read or not). Nothing is dropped: steps wait in this pod's backlog,"
+                f" and the actors with them once it is full"
+            )
+        if refusal != self._refusal:
+            log.warning("publisher: %s; trying again", refusal)
+        self._refusal = refusal
+
     def _stream_gone(self, js: nats.js.JetStreamContext) -> None:
         """No stream takes the subject (deleted, or never made): /readyz says so until a
         message is stored, and the stream is made again where the publisher may."""
@@ -866,6 +891,9 @@ class NatsPublisher:
         self.metrics.bytes.inc(len(message.payload))
         self.metrics.steps.inc(message.steps)
         self._stream_missing = False  # some stream stores the subject
+        if self._refusal is not None:
+            log.info("publisher: JetStream stores messages again")
+            self._refusal = None
         if stream == self.stream:
             self._stream_ok = True
         elif stream != self._stored_in:
