@@ -827,7 +827,9 @@ class Reconciler:
                 try:
                     await self._streams.remove(agent)
                 except Exception as err:  # NATS away, a Secret gone: said, and tried again
-                    self._cleanup_failed(key, state, agent, err)
+                    first = self._cleanup_failed(key, state, agent, err)
+                    if first is not None:
+                        await self._cleanup_status(key, state, first)
                     return
         remaining = [f for f in finalizers if f != constants.FINALIZER]
         try:
@@ -862,9 +864,10 @@ class Reconciler:
 
     def _cleanup_failed(
         self, key: Key, state: cache.AgentState, agent: common.AgentRef, err: Exception
-    ) -> None:
+    ) -> str | None:
         """The stream and bucket of a deleted Agent could not be removed: the delete waits
-        (tried again with growing delays), and a Warning says how not to wait."""
+        (tried again with growing delays), and a Warning says how not to wait. Returns
+        its message the first time for this delete, None after."""
         nats_spec = agent.spec.trajectories.nats
         stream = streams.stream_name(agent.namespace, agent.name, nats_spec.stream)
         bucket = streams.model_bucket(agent.namespace, agent.name)
@@ -876,15 +879,31 @@ class Reconciler:
         metrics.ERRORS.labels("nats").inc()
         state.nats_failures += 1
         delay = kube.retry_delay(state.nats_failures)
+        self._enqueue_later(key, delay)
         if not state.cleanup_warned:  # once for the delete: the error's text varies
             state.cleanup_warned = True
             log.warning("agent %s/%s: %s", *key, message)
             self._events.post(agent, "Warning", "CleanupFailed", message)
-        else:
-            log.info(
-                "agent %s/%s: removing its stream failed again; retrying in %.1fs", *key, delay
-            )
-        self._enqueue_later(key, delay)
+            return message
+        log.info("agent %s/%s: removing its stream failed again; retrying in %.1fs", *key, delay)
+        return None
+
+    async def _cleanup_status(self, key: Key, state: cache.AgentState, message: str) -> None:
+        """Say in status why the delete waits: in a namespace being deleted the Warning
+        Event cannot be made, and the status can still be written. Best effort: the
+        log has said it already."""
+        assert state.body is not None
+        meta = state.body["metadata"]
+        _, current = _status_now(state, meta["uid"])
+        generation = int(meta.get("generation", 0))
+        change = status.cleanup_waiting(generation, message, current.get("conditions") or [])
+        try:
+            await self._client.merge_patch(kube.AGENT, *key, {"status": change}, sub="status")
+        except kube.ApiError as err:
+            log.info("agent %s/%s: status not written: %s", *key, err)
+            return
+        state.last_status, state.status_uid = {**current, **change}, meta["uid"]
+        self._status_written(key, state)
 
     def _rejected(
         self, key: Key, state: cache.AgentState, agent: common.AgentRef, message: str

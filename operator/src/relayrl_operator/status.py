@@ -133,6 +133,26 @@ def invalid(
     }
 
 
+def cleanup_waiting(
+    generation: int,
+    message: str,
+    previous: Iterable[Mapping[str, Any]] = (),
+    now: datetime | None = None,
+) -> dict[str, Any]:
+    """The phase and conditions of a deleted Agent whose stream and bucket cannot be
+    removed yet (its finalizer waits). A namespace being deleted takes no Events, so
+    the status says why too. Ready and Degraded change; the other conditions stay, in
+    their order."""
+    stamp = (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    before = [c for c in previous if "type" in c]
+    conds = _Conditions({c["type"]: c for c in before}, generation, stamp)
+    conds.set(Cond.READY, FALSE, "Deleting", "the Agent is being deleted")
+    conds.set(Cond.DEGRADED, TRUE, "CleanupFailed", message)
+    changed = {c["type"]: c for c in conds.out}
+    kept = [changed.pop(c["type"], c) for c in before]
+    return {"phase": spec.Phase.DEGRADED.value, "conditions": [*kept, *changed.values()]}
+
+
 def _slice_size(index: int, actors: int, per_pod: int) -> int:
     return max(0, min(per_pod, actors - index * per_pod))
 

@@ -136,6 +136,37 @@ def test_a_delete_waiting_on_nats_says_so_and_can_be_told_not_to_wait(
 
 
 @pytest.mark.usefixtures("operator")
+def test_a_namespace_deleted_while_nats_is_down_says_why_in_the_agents_status(
+    agents: fleet.Agents, namespace: str
+) -> None:
+    """A namespace being deleted takes no Events: the Agent's status says why its delete
+    (and so the namespace's) waits."""
+    k8s = agents.k8s
+    with natsserver.NatsServer() as own:
+        agents.create(manifest(own.url))
+        agents.wait_phase("cartpole", "Ready")
+        own.stop()
+        k8s.core.delete_namespace(namespace)
+        agent = agents.wait(
+            "cartpole",
+            "the delete's reason in status",
+            lambda a: conditions(a).get("Degraded", {}).get("reason") == "CleanupFailed",
+        )
+        degraded = conditions(agent)["Degraded"]
+        assert degraded["message"].startswith(
+            f"cannot remove stream RELAYRL_{namespace}_cartpole"
+        ), degraded
+        assert "retainOnDelete: true" in degraded["message"]
+        assert agent["status"]["phase"] == "Degraded"
+        assert conditions(agent)["Ready"]["reason"] == "Deleting"
+        assert not events(k8s, namespace, "CleanupFailed")  # refused in a terminating namespace
+        agents.patch("cartpole", {"spec": {"trajectories": {"nats": {"retainOnDelete": True}}}})
+        testing.wait_for(
+            lambda: not agent_exists(k8s, namespace, "cartpole"), timeout=60, what="agent gone"
+        )
+
+
+@pytest.mark.usefixtures("operator")
 def test_the_finalizer_comes_with_the_create_or_else_from_the_operator(
     agents: fleet.Agents, nats: natsserver.NatsServer
 ) -> None:

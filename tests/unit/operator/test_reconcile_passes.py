@@ -1459,6 +1459,16 @@ async def test_a_delete_waiting_on_nats_says_so_once_and_can_be_told_not_to_wait
             " at nats://nats:4222: connection refused; the delete waits"
         )
         assert "retainOnDelete: true" in warnings[0]["message"]
+        # Said in status too, once (a namespace being deleted takes no Events).
+        assert len(api.status) == 1, api.status
+        assert api.status[0]["phase"] == "Degraded"
+        conditions = {c["type"]: c for c in api.status[0]["conditions"]}
+        assert conditions["Degraded"]["reason"] == "CleanupFailed"
+        assert conditions["Degraded"]["message"] == warnings[0]["message"]
+        assert (conditions["Ready"]["status"], conditions["Ready"]["reason"]) == (
+            "False",
+            "Deleting",
+        )
         # The user says to keep the stream and bucket: the delete goes on.
         retained = change(body, 2, trajectories={**body["spec"]["trajectories"]})
         retained["spec"]["trajectories"]["nats"] = {

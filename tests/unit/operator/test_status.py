@@ -369,3 +369,30 @@ def test_degraded_says_why_the_stream_is_unavailable() -> None:
     degraded = conditions(compute(s, observed))["Degraded"]
     assert degraded["status"] == "True"
     assert f"stream unavailable: {why}" in degraded["message"]
+
+
+def test_a_delete_waiting_on_its_cleanup_changes_ready_and_degraded_only() -> None:
+    s = make_spec()
+    before = compute(s, status.Observed(ready_pods(1), ARROW_READY, stream_ready=True))
+    later = datetime(2026, 1, 2, tzinfo=UTC)
+    result = status.cleanup_waiting(4, "cannot remove stream S", before["conditions"], later)
+    assert set(result) == {"phase", "conditions"}
+    assert result["phase"] == "Degraded"
+    assert [c["type"] for c in result["conditions"]] == [c["type"] for c in before["conditions"]]
+    got, was = conditions(result), conditions(before)
+    assert (got["Ready"]["status"], got["Ready"]["reason"]) == ("False", "Deleting")
+    assert (got["Degraded"]["status"], got["Degraded"]["message"]) == (
+        "True",
+        "cannot remove stream S",
+    )
+    # A condition whose status changed moved now; the others are as they were.
+    assert was["Degraded"]["status"] == "False"
+    assert got["Degraded"]["lastTransitionTime"] == "2026-01-02T00:00:00Z"
+    assert (got["Ready"]["lastTransitionTime"] == "2026-01-02T00:00:00Z") == (
+        was["Ready"]["status"] != "False"
+    )
+    for kind in set(was) - {"Ready", "Degraded"}:
+        assert got[kind] == was[kind]
+    # No conditions before (a delete before the first status): the two it sets.
+    bare = status.cleanup_waiting(1, "m")
+    assert [c["type"] for c in bare["conditions"]] == ["Ready", "Degraded"]
