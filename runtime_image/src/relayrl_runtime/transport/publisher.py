@@ -862,8 +862,9 @@ class NatsPublisher:
         if err.err_code in _STORE_FULL_CODES:
             days = streams.StreamSettings().max_age_seconds / 86400
             refusal += (
-                f"; the JetStream store is full: raise nats-server's max_file_store or"
-                f" its volume (stream {self.stream} keeps each message {days:g} days,"
+                f"; the JetStream store is full: raise nats-server's max_file_store (or"
+                f" the account's JetStream storage limit) or its volume (stream"
+                f" {self.stream} keeps each message {days:g} days,"
                 f" read or not). Nothing is dropped: steps wait in this pod's backlog,"
                 f" and the actors with them once it is full"
             )
