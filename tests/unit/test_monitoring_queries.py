@@ -192,6 +192,7 @@ def test_alerts_cover_operator_standby_runtime_sink_and_publisher_backpressure()
     assert rules["RelayRLOperatorAbsent"] == "absent(relayrl_operator_active)"
     assert "relayrl_runtime_sink_errors_total" in rules["RelayRLRuntimeSinkErrors"]
     assert "relayrl_publisher_blocked_seconds_total" in rules["RelayRLPublisherBlocking"]
+    assert "relayrl_publisher_store_full" in rules["RelayRLJetStreamStoreFull"]
     text = RULES.read_text()
     # Prometheus templates reach the rule through Helm only escaped.
     for line in text.splitlines():

@@ -318,6 +318,13 @@ def test_alerts_fire_on_the_series_they_are_for_and_no_others(tmp_path: Path) ->
                         for i in (0, 1, 2, 3, 4)
                     ),
                     series(started, {**sink, "pod": "cp-sink-arrow-5"}, "0x119 7200x30"),
+                    # A store full from minute 3 to minute 20; another pod's for one minute.
+                    series("relayrl_publisher_store_full", pod, "0 0 0 1x17 0x20"),
+                    series(
+                        "relayrl_publisher_store_full",
+                        {**pod, "pod": "cp-actors-1"},
+                        "0 0 0 1 0x36",
+                    ),
                 ],
                 "alert_rule_test": [
                     # Failing for 5 minutes: not yet (the alert waits 10).
@@ -377,6 +384,15 @@ def test_alerts_fire_on_the_series_they_are_for_and_no_others(tmp_path: Path) ->
                     },
                     firing("RelayRLSinkDeadLetters", {**sink, "pod": "cp-sink-arrow-4"}, "10m"),
                     firing("RelayRLSinkDeadLetters", {}, "20m"),
+                    # Full for 1 minute: not yet (the alert waits 2); then, until it has room.
+                    *(
+                        {
+                            "eval_time": at,
+                            "alertname": "RelayRLJetStreamStoreFull",
+                            "exp_alerts": [{"exp_labels": {"severity": "critical", **pod}}] * n,
+                        }
+                        for at, n in (("4m", 0), ("10m", 1), ("25m", 0))
+                    ),
                 ],
             }
         ],

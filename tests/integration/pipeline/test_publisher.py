@@ -216,6 +216,7 @@ async def test_a_full_store_is_said_and_waited_out_with_nothing_lost_or_twice(
             " store is full"
         ), pub.waiting
         assert not pub.connected
+        assert pub.metrics.store_full._value.get() == 1
         stored = pub.acked_steps
         assert 0 < stored < sum(b.num_rows for b in batches)
         warned = [
@@ -231,6 +232,7 @@ async def test_a_full_store_is_said_and_waited_out_with_nothing_lost_or_twice(
         srv.restart()
         pub.flush(timeout=60)
         assert pub.waiting is None
+        assert pub.metrics.store_full._value.get() == 0
         pub.close(timeout=20)
         msgs = await _stream_messages(srv.url)
     got = _stored_steps(msgs)

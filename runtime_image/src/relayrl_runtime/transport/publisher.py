@@ -104,6 +104,11 @@ class PublisherMetrics:
             registry=r,
         )
         self.connected = prom.Gauge(f"{PREFIX}_connected", "1 while connected to NATS.", registry=r)
+        self.store_full = prom.Gauge(
+            f"{PREFIX}_store_full",
+            "1 while JetStream answers publishes that its store is full.",
+            registry=r,
+        )
 
 
 class UnackedError(base.SinkError):
@@ -871,6 +876,7 @@ class NatsPublisher:
         if refusal != self._refusal:
             log.warning("publisher: %s; trying again", refusal)
         self._refusal = refusal
+        self.metrics.store_full.set(1 if err.err_code in _STORE_FULL_CODES else 0)
 
     def _stream_gone(self, js: nats.js.JetStreamContext) -> None:
         """No stream takes the subject (deleted, or never made): /readyz says so until a
@@ -895,6 +901,7 @@ class NatsPublisher:
         if self._refusal is not None:
             log.info("publisher: JetStream stores messages again")
             self._refusal = None
+            self.metrics.store_full.set(0)
         if stream == self.stream:
             self._stream_ok = True
         elif stream != self._stored_in:
